@@ -1,0 +1,436 @@
+//! The [`LlmBackend`] trait, the request and response types of one completion call, and the
+//! wrappers that work around any backend.
+//!
+//! A backend takes a [`CompletionRequest`] by value and returns a [`Completion`] or a typed
+//! [`BackendError`](crate::BackendError). Everything the generator needs from a model goes
+//! through this one method, so a user-written backend (a company gateway, a batch API, a model
+//! running in the same process) plugs in with a few lines:
+//!
+//! ```
+//! use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
+//!
+//! /// Answers every request by shouting the last message back.
+//! #[derive(Debug)]
+//! struct Shout;
+//!
+//! #[async_trait]
+//! impl LlmBackend for Shout {
+//!     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+//!         let last = request.messages.last().map(|m| m.content.to_uppercase()).unwrap_or_default();
+//!         Ok(Completion::new(last))
+//!     }
+//! }
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::BackendError;
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The person asking.
+    User,
+    /// The model answering.
+    Assistant,
+}
+
+impl Role {
+    /// The lowercase wire name (`"system"`, `"user"`, `"assistant"`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One chat message: a role and its text, in the shape TRL and the chat APIs use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// What was written.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with the given role and content.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// Sampling settings for one kind of call (the first or the second response).
+///
+/// `None` leaves the choice to the backend. The generator copies these into every
+/// [`CompletionRequest`] it sends for that call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Sampling temperature; `0.0` is greedy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold in `(0, 1]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// The most tokens the model may generate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Sequences that end generation when produced (not included in the text).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingParams {
+    /// Sets the temperature.
+    #[must_use]
+    pub fn temperature(mut self, temperature: f32) -> Self {
+        self.temperature = Some(temperature);
+        self
+    }
+
+    /// Sets top-p.
+    #[must_use]
+    pub fn top_p(mut self, top_p: f32) -> Self {
+        self.top_p = Some(top_p);
+        self
+    }
+
+    /// Sets the token limit.
+    #[must_use]
+    pub fn max_tokens(mut self, max_tokens: u32) -> Self {
+        self.max_tokens = Some(max_tokens);
+        self
+    }
+
+    /// Adds a stop sequence.
+    #[must_use]
+    pub fn stop(mut self, stop: impl Into<String>) -> Self {
+        self.stop.push(stop.into());
+        self
+    }
+
+    /// Checks the values are in range; `what` names the setting in the error.
+    pub(crate) fn validate(&self, what: &str) -> Result<(), String> {
+        if let Some(t) = self.temperature {
+            if !t.is_finite() || t < 0.0 {
+                return Err(format!(
+                    "{what}: temperature must be a finite number >= 0, got {t}"
+                ));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !p.is_finite() || p <= 0.0 || p > 1.0 {
+                return Err(format!("{what}: top_p must be in (0, 1], got {p}"));
+            }
+        }
+        if self.max_tokens == Some(0) {
+            return Err(format!("{what}: max_tokens must be at least 1"));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(format!("{what}: a stop sequence must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// One completion call: the conversation so far, sampling settings, seed and stop sequences.
+///
+/// Taken by value by [`LlmBackend::complete`], so wrappers can pass it on without cloning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    /// The conversation, oldest first; the model answers the last message.
+    pub messages: Vec<Message>,
+    /// Sampling temperature; `None` leaves it to the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold; `None` leaves it to the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Token limit for the answer; `None` leaves it to the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Seed for backends that support reproducible sampling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+impl CompletionRequest {
+    /// A request with these messages and no sampling settings.
+    pub fn new(messages: Vec<Message>) -> Self {
+        CompletionRequest {
+            messages,
+            temperature: None,
+            top_p: None,
+            max_tokens: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+
+    /// Copies the sampling settings of `params` into this request.
+    #[must_use]
+    pub fn with_params(mut self, params: &SamplingParams) -> Self {
+        self.temperature = params.temperature;
+        self.top_p = params.top_p;
+        self.max_tokens = params.max_tokens;
+        self.stop.clone_from(&params.stop);
+        self
+    }
+
+    /// Sets the seed.
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+}
+
+/// Why the model stopped generating.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A natural end or a stop sequence.
+    #[default]
+    Stop,
+    /// The token limit was reached; the text may be cut off.
+    Length,
+    /// The provider's content filter removed or cut the text.
+    ContentFilter,
+    /// Any other reason the backend reported.
+    #[serde(untagged)]
+    Other(String),
+}
+
+/// Token counts of one call (or a sum of calls).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the request.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Usage with these counts.
+    #[must_use]
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+
+    /// Prompt plus completion tokens.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, rhs: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens + rhs.prompt_tokens,
+            completion_tokens: self.completion_tokens + rhs.completion_tokens,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, rhs: Usage) {
+        *self = *self + rhs;
+    }
+}
+
+/// What a backend returned for one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Completion {
+    /// The generated text.
+    pub text: String,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Token counts, where the backend reports them (zero otherwise).
+    pub usage: Usage,
+    /// The model that answered, as the backend names it (may be empty).
+    pub model: String,
+}
+
+impl Completion {
+    /// A completion with this text, a natural stop, no usage and no model name.
+    pub fn new(text: impl Into<String>) -> Self {
+        Completion {
+            text: text.into(),
+            ..Completion::default()
+        }
+    }
+
+    /// Sets the finish reason.
+    #[must_use]
+    pub fn with_finish_reason(mut self, reason: FinishReason) -> Self {
+        self.finish_reason = reason;
+        self
+    }
+
+    /// Sets the usage.
+    #[must_use]
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
+    }
+
+    /// Sets the model name.
+    #[must_use]
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = model.into();
+        self
+    }
+}
+
+/// A language model that completes a chat.
+///
+/// Implementations must be safe to call from many tasks at once: the generator calls
+/// [`complete`](LlmBackend::complete) from up to `concurrency` examples concurrently. Transport
+/// retries belong in a wrapper around the backend, not in the generator.
+///
+/// The trait is object safe; `Arc<dyn LlmBackend>`, `Box<dyn LlmBackend>` and `&B` all
+/// implement it by forwarding.
+#[async_trait]
+pub trait LlmBackend: Send + Sync {
+    /// Completes one request.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] whose [`kind`](BackendError::kind) says whether the call may be
+    /// retried ([`BackendError::is_retryable`]) and, where the server said so, after how long
+    /// ([`BackendError::retry_after`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// The future may be dropped at any await point (the generator drops it when its stream is
+    /// dropped); an implementation must not leave shared state inconsistent when that happens.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError>;
+
+    /// A short name of the kind of backend (`"openai"`, `"local"`, ...), used in metadata,
+    /// logs and cache keys. Defaults to `"custom"`.
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("custom")
+    }
+
+    /// The model this backend sends requests to, if it knows; used in metadata and cache keys.
+    fn model(&self) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+}
+
+macro_rules! forward_backend {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<B: LlmBackend + ?Sized> LlmBackend for $ty {
+            async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+                (**self).complete(request).await
+            }
+            fn name(&self) -> Cow<'_, str> {
+                (**self).name()
+            }
+            fn model(&self) -> Cow<'_, str> {
+                (**self).model()
+            }
+        }
+    )*};
+}
+
+forward_backend!(Arc<B>, Box<B>, &B);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _object_safe(_: &dyn LlmBackend) {}
+
+    #[test]
+    fn request_takes_params() {
+        let params = SamplingParams::default()
+            .temperature(0.7)
+            .top_p(0.9)
+            .max_tokens(64)
+            .stop("</response>");
+        let req = CompletionRequest::new(vec![Message::user("hi")])
+            .with_params(&params)
+            .with_seed(7);
+        assert_eq!(req.temperature, Some(0.7));
+        assert_eq!(req.top_p, Some(0.9));
+        assert_eq!(req.max_tokens, Some(64));
+        assert_eq!(req.seed, Some(7));
+        assert_eq!(req.stop, vec!["</response>".to_string()]);
+    }
+
+    #[test]
+    fn params_validate() {
+        assert!(SamplingParams::default().validate("x").is_ok());
+        assert!(SamplingParams::default()
+            .temperature(-1.0)
+            .validate("x")
+            .is_err());
+        assert!(SamplingParams::default()
+            .temperature(f32::NAN)
+            .validate("x")
+            .is_err());
+        assert!(SamplingParams::default().top_p(0.0).validate("x").is_err());
+        assert!(SamplingParams::default().top_p(1.5).validate("x").is_err());
+        let err = SamplingParams::default()
+            .max_tokens(0)
+            .validate("second_params")
+            .unwrap_err();
+        assert!(err.contains("second_params"), "{err}");
+    }
+
+    #[test]
+    fn finish_reason_serde() {
+        let s = serde_json::to_string(&FinishReason::ContentFilter).unwrap();
+        assert_eq!(s, "\"content_filter\"");
+        let other: FinishReason = serde_json::from_str("\"tool_calls\"").unwrap();
+        assert_eq!(other, FinishReason::Other("tool_calls".into()));
+        let len: FinishReason = serde_json::from_str("\"length\"").unwrap();
+        assert_eq!(len, FinishReason::Length);
+    }
+}
