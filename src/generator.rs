@@ -485,38 +485,60 @@ impl RmBoost {
         S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
     {
         let this = self.clone();
-        let futures = prompts.map(move |p| {
-            let this = this.clone();
-            async move {
-                match p {
-                    Ok(p) => {
-                        // Draws happen here, synchronously, before the first await.
-                        let plan = this.plan(p);
-                        run_plan(this.inner, plan).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        });
-        let n = self.inner.concurrency.get();
-        let inner = match self.inner.order {
-            OutputOrder::Completion => futures.buffer_unordered(n).boxed(),
-            OutputOrder::Input => futures.buffered(n).boxed(),
-        };
-        ExampleStream { inner, done: false }
+        drive(
+            prompts,
+            self.inner.concurrency,
+            self.inner.order,
+            move |p| {
+                // Draws happen here, synchronously, before the first await.
+                let plan = this.plan(p);
+                run_plan(this.inner.clone(), plan)
+            },
+        )
     }
 }
 
-/// What one response took: the accepted text, calls made and answers rejected.
-struct Answer<T> {
-    value: T,
-    usage: Usage,
-    model: String,
-    calls: u32,
-    reasks: u32,
+/// The stream machinery every generation method shares: runs `run` on each prompt with at most
+/// `concurrency` in flight, in `order`, passes input errors through in place, and stops after a
+/// fatal error (see [`ExampleStream`]).
+///
+/// `run` is called synchronously when the prompt is pulled from the input, so a method makes
+/// all of its random draws there, before its future first awaits.
+pub(crate) fn drive<S, F, Fut>(
+    prompts: S,
+    concurrency: NonZeroUsize,
+    order: OutputOrder,
+    run: F,
+) -> ExampleStream
+where
+    S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    F: Fn(Prompt) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<PreferenceExample, Error>> + Send + 'static,
+{
+    let futures = prompts.map(move |p| match p {
+        Ok(p) => futures::future::Either::Left(run(p)),
+        Err(e) => futures::future::Either::Right(futures::future::ready(Err(e))),
+    });
+    let n = concurrency.get();
+    let inner = match order {
+        OutputOrder::Completion => futures.buffer_unordered(n).boxed(),
+        OutputOrder::Input => futures.buffered(n).boxed(),
+    };
+    ExampleStream { inner, done: false }
 }
 
-async fn ask<T>(
+/// What one response took: the accepted text, calls made and answers rejected.
+pub(crate) struct Answer<T> {
+    pub(crate) value: T,
+    pub(crate) usage: Usage,
+    pub(crate) model: String,
+    pub(crate) calls: u32,
+    pub(crate) reasks: u32,
+}
+
+/// Sends `base` (with seed `seed + attempt`) until `accept` takes the answer or `max_reasks`
+/// re-asks are used up.
+pub(crate) async fn ask<T>(
     backend: &dyn LlmBackend,
     id: &str,
     call: &'static str,
@@ -605,7 +627,12 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
 
         let aspects = match second.value.picked_aspects {
             Some(picked) => picked,
-            None => plan.aspects.aspects.iter().map(|a| a.name.clone()).collect(),
+            None => plan
+                .aspects
+                .aspects
+                .iter()
+                .map(|a| a.name.clone())
+                .collect(),
         };
         let mut metadata = ExampleMetadata {
             method: "rmboost".into(),

@@ -83,11 +83,14 @@
 
 pub mod aspect;
 pub mod backend;
+pub mod baselines;
 mod error;
 pub mod example;
 mod generator;
 pub mod io;
 pub mod label;
+mod method;
+pub mod report;
 pub mod template;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -97,6 +100,7 @@ pub use async_trait::async_trait;
 pub use backend::{
     Completion, CompletionRequest, FinishReason, LlmBackend, Message, Role, SamplingParams, Usage,
 };
+pub use baselines::{Rlaif, Rlcd, WestOfN};
 pub use error::{BackendError, BackendErrorKind, BoxError, Error, UnusableReason};
 pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, PromptInput};
 pub use generator::{
@@ -105,4 +109,5 @@ pub use generator::{
 };
 pub use io::{read_prompts, ExampleWriter, PromptReader};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
+pub use method::{Generator, Method};
 pub use template::{DefaultTemplate, ParsedResponse, PromptTemplate, SecondContext};

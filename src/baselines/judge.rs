@@ -1,0 +1,540 @@
+//! The LLM judge shared by [`Rlaif`](super::Rlaif), [`WestOfN`](super::WestOfN) and the
+//! report's judge check: pairwise verdicts and pointwise 1–10 scores, with lenient parsers.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::render_aspects;
+use super::west_of_n::{ScoreRequest, Scored, Scorer};
+use crate::aspect::Aspect;
+use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::error::{Error, UnusableReason};
+use crate::generator::{ask, Answer};
+
+/// A pairwise judgement: which of the two answers shown is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The answer shown first ("A").
+    A,
+    /// The answer shown second ("B").
+    B,
+    /// Neither is better.
+    #[serde(rename = "tie")]
+    Tie,
+}
+
+impl Verdict {
+    /// `"A"`, `"B"` or `"tie"`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::A => "A",
+            Verdict::B => "B",
+            Verdict::Tie => "tie",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An LLM used as a judge: compares two answers ([`Verdict`]) or scores one from 1 to 10.
+///
+/// Cheap to clone. An answer with no readable verdict or score is asked again (next seed) up
+/// to [`max_reasks`](Self::max_reasks) times. `Judge` also implements [`Scorer`], so it is the
+/// default scorer of [`WestOfN`](super::WestOfN).
+///
+/// ```
+/// use rmboost::baselines::Judge;
+/// use rmboost::testing::FakeBackend;
+/// use rmboost::{Aspects, Message};
+///
+/// let judge = Judge::new(FakeBackend::new());
+/// let prompt = [Message::user("Name a prime.")];
+/// let req = judge.compare_request(&prompt, "7", "8", Aspects::general().aspects());
+/// let text = &req.messages.last().unwrap().content;
+/// assert!(text.find("<answer_a>\n7").unwrap() < text.find("<answer_b>\n8").unwrap());
+/// ```
+#[derive(Clone)]
+pub struct Judge {
+    backend: Arc<dyn LlmBackend>,
+    params: SamplingParams,
+    max_reasks: u32,
+}
+
+impl fmt::Debug for Judge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Judge")
+            .field("backend", &self.backend.name())
+            .field("params", &self.params)
+            .field("max_reasks", &self.max_reasks)
+            .finish()
+    }
+}
+
+const COMPARE_SYSTEM: &str = "You are an impartial judge of answer quality. You read a request \
+and two answers to it and decide which answer is better. Judge only what the answers say and \
+how well they serve the request: which one comes first and which one is longer are no reasons \
+to prefer it.";
+
+const SCORE_SYSTEM: &str = "You are a strict, impartial judge of answer quality. You read a \
+request and one answer to it and rate the answer. Length alone is no reason for a higher or a \
+lower rating.";
+
+fn render_request(prompt: &[Message], out: &mut String) {
+    out.push_str("Request:\n<request>\n");
+    if let [only] = prompt {
+        out.push_str(&only.content);
+    } else {
+        for (i, m) in prompt.iter().enumerate() {
+            if i > 0 {
+                out.push_str("\n\n");
+            }
+            let _ = write!(out, "[{}]\n{}", m.role, m.content);
+        }
+    }
+    out.push_str("\n</request>\n\n");
+}
+
+impl Judge {
+    /// A judge on `backend` with temperature 0, at most 256 tokens, and 2 re-asks.
+    pub fn new(backend: impl LlmBackend + 'static) -> Self {
+        Self::from_arc(Arc::new(backend))
+    }
+
+    /// Like [`new`](Self::new), for a backend already shared.
+    pub fn from_arc(backend: Arc<dyn LlmBackend>) -> Self {
+        Judge {
+            backend,
+            params: SamplingParams::default().temperature(0.0).max_tokens(256),
+            max_reasks: 2,
+        }
+    }
+
+    /// Sampling of the judge's answers. Default: temperature 0, at most 256 tokens. Checked by
+    /// the `build()` of the method that uses the judge.
+    #[must_use]
+    pub fn params(mut self, params: SamplingParams) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// How many times an answer without a readable verdict or score is asked again. Default: 2.
+    #[must_use]
+    pub fn max_reasks(mut self, max_reasks: u32) -> Self {
+        self.max_reasks = max_reasks;
+        self
+    }
+
+    /// The backend the judge calls.
+    #[must_use]
+    pub fn backend(&self) -> &Arc<dyn LlmBackend> {
+        &self.backend
+    }
+
+    pub(crate) fn validate(&self, what: &str) -> Result<(), Error> {
+        self.params.validate(what).map_err(Error::Config)
+    }
+
+    /// The request asking which of `a` (shown first) and `b` is the better answer to `prompt`
+    /// on `criteria`, ending in `<verdict>A</verdict>`, `<verdict>B</verdict>` or
+    /// `<verdict>tie</verdict>`. No seed is set.
+    #[must_use]
+    pub fn compare_request(
+        &self,
+        prompt: &[Message],
+        a: &str,
+        b: &str,
+        criteria: &[Aspect],
+    ) -> CompletionRequest {
+        let mut u = String::with_capacity(512 + a.len() + b.len());
+        u.push_str("Compare two answers to the request below on these criteria:\n");
+        render_aspects(criteria, &mut u);
+        u.push('\n');
+        render_request(prompt, &mut u);
+        u.push_str("Answer A:\n<answer_a>\n");
+        u.push_str(a);
+        u.push_str("\n</answer_a>\n\nAnswer B:\n<answer_b>\n");
+        u.push_str(b);
+        u.push_str(
+            "\n</answer_b>\n\nWhich answer is better on these criteria? Explain in at most three \
+             sentences, then end with your verdict in tags: <verdict>A</verdict> if answer A is \
+             better, <verdict>B</verdict> if answer B is better, or <verdict>tie</verdict> if \
+             neither is better.",
+        );
+        CompletionRequest::new(vec![Message::system(COMPARE_SYSTEM), Message::user(u)])
+            .with_params(&self.params)
+    }
+
+    /// The request asking for a 1–10 rating of `response` to `prompt` on `criteria`, ending in
+    /// `<score>N</score>`. No seed is set.
+    #[must_use]
+    pub fn score_request(
+        &self,
+        prompt: &[Message],
+        response: &str,
+        criteria: &[Aspect],
+    ) -> CompletionRequest {
+        let mut u = String::with_capacity(512 + response.len());
+        u.push_str("Rate the answer to the request below on these criteria:\n");
+        render_aspects(criteria, &mut u);
+        u.push('\n');
+        render_request(prompt, &mut u);
+        u.push_str("Answer:\n<answer>\n");
+        u.push_str(response);
+        u.push_str(
+            "\n</answer>\n\nRate the answer from 1 (very poor) to 10 (excellent) on these \
+             criteria. Explain in at most three sentences, then end with the rating in tags, \
+             for example <score>6</score>.",
+        );
+        CompletionRequest::new(vec![Message::system(SCORE_SYSTEM), Message::user(u)])
+            .with_params(&self.params)
+    }
+
+    /// Asks for a verdict on (`a`, `b`) with backend seed `seed` (re-ask `n` uses `seed + n`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn compare(
+        &self,
+        id: &str,
+        call: &'static str,
+        prompt: &[Message],
+        a: &str,
+        b: &str,
+        criteria: &[Aspect],
+        seed: u64,
+    ) -> Result<Answer<Verdict>, Error> {
+        let req = self.compare_request(prompt, a, b, criteria);
+        ask(
+            &*self.backend,
+            id,
+            call,
+            &req,
+            seed,
+            self.max_reasks,
+            |raw| {
+                parse_verdict(raw)
+                    .ok_or_else(|| UnusableReason::Other("no readable verdict".into()))
+            },
+        )
+        .await
+    }
+
+    pub(crate) async fn score_one(
+        &self,
+        id: &str,
+        call: &'static str,
+        prompt: &[Message],
+        response: &str,
+        criteria: &[Aspect],
+        seed: u64,
+    ) -> Result<Answer<f64>, Error> {
+        let req = self.score_request(prompt, response, criteria);
+        ask(
+            &*self.backend,
+            id,
+            call,
+            &req,
+            seed,
+            self.max_reasks,
+            |raw| {
+                parse_score(raw)
+                    .ok_or_else(|| UnusableReason::Other("no readable 1-10 score".into()))
+            },
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Scorer for Judge {
+    async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+        let a = self
+            .score_one(
+                request.id,
+                "score",
+                request.prompt,
+                request.response,
+                request.criteria,
+                request.seed,
+            )
+            .await?;
+        Ok(Scored {
+            score: a.value,
+            calls: a.calls,
+            reasks: a.reasks,
+            usage: a.usage,
+            model: a.model,
+        })
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("llm-judge")
+    }
+}
+
+/// Byte offsets of `needle` (ASCII) in `hay`, ignoring ASCII case.
+fn find_ci(hay: &str, needle: &str) -> Vec<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() || h.len() < n.len() {
+        return Vec::new();
+    }
+    (0..=h.len() - n.len())
+        .filter(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+        .collect()
+}
+
+/// The content of the last `<tag>` (to its closing tag, or to the end if there is none).
+fn last_tag<'a>(raw: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = *find_ci(raw, &open).last()? + open.len();
+    let end = find_ci(&raw[start..], &close)
+        .first()
+        .map_or(raw.len(), |e| start + e);
+    Some(&raw[start..end])
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(4)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+const TIE_WORDS: &[&str] = &[
+    "tie", "tied", "equal", "neither", "both", "same", "draw", "c",
+];
+
+/// Reads a verdict from the first words of `s` ("A", "Answer B", "a tie", "[[B]]", ...).
+fn classify(s: &str) -> Option<Verdict> {
+    let w = words(s);
+    let mut w: &[String] = &w;
+    if w.first().is_some_and(|x| x == "answer" || x == "response") {
+        w = &w[1..];
+    }
+    match w.first().map(String::as_str)? {
+        "a" if w.get(1).is_some_and(|x| TIE_WORDS.contains(&x.as_str())) => Some(Verdict::Tie),
+        "a" => Some(Verdict::A),
+        "b" => Some(Verdict::B),
+        x if TIE_WORDS.contains(&x) => Some(Verdict::Tie),
+        _ => None,
+    }
+}
+
+/// Reads a judge's pairwise verdict out of its raw answer.
+///
+/// Tried in order: the last `<verdict>...</verdict>` (closing tag optional); the last `[[A]]`,
+/// `[[B]]` or `[[C]]`/`[[tie]]`; an answer that is only the verdict (`"B"`, `"Answer A."`);
+/// the words after the last `verdict:`, `verdict is`, `better answer is`, `winner:` and
+/// similar; and a sentence "answer A is better" naming one side only. `None` when none of these
+/// gives A, B or a tie.
+///
+/// ```
+/// use rmboost::baselines::{parse_verdict, Verdict};
+///
+/// assert_eq!(parse_verdict("B covers more. <verdict>B</verdict>"), Some(Verdict::B));
+/// assert_eq!(parse_verdict("<VERDICT> answer a"), Some(Verdict::A));
+/// assert_eq!(parse_verdict("**Verdict:** a tie."), Some(Verdict::Tie));
+/// assert_eq!(parse_verdict("Overall, Answer B is better."), Some(Verdict::B));
+/// assert_eq!(parse_verdict("Both have merits."), None);
+/// ```
+#[must_use]
+pub fn parse_verdict(raw: &str) -> Option<Verdict> {
+    if let Some(inner) = last_tag(raw, "verdict") {
+        if let Some(v) = classify(inner) {
+            return Some(v);
+        }
+    }
+    let lower = raw.to_lowercase();
+    let brackets = [
+        ("[[a]]", Verdict::A),
+        ("[[b]]", Verdict::B),
+        ("[[c]]", Verdict::Tie),
+        ("[[tie]]", Verdict::Tie),
+    ];
+    if let Some((_, v)) = brackets
+        .iter()
+        .filter_map(|(p, v)| lower.rfind(p).map(|i| (i, *v)))
+        .max_by_key(|(i, _)| *i)
+    {
+        return Some(v);
+    }
+    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
+    if words(trimmed).len() <= 2 {
+        if let Some(v) = classify(trimmed) {
+            return Some(v);
+        }
+    }
+    const LEADS: &[&str] = &[
+        "verdict:",
+        "verdict is",
+        "verdict -",
+        "better answer is",
+        "better answer:",
+        "better response is",
+        "better response:",
+        "winner:",
+        "winner is",
+        "preferred answer is",
+        "i prefer",
+        "i choose",
+    ];
+    if let Some((i, lead)) = LEADS
+        .iter()
+        .filter_map(|l| lower.rfind(l).map(|i| (i, *l)))
+        .max_by_key(|(i, _)| *i)
+    {
+        if let Some(v) = classify(&lower[i + lead.len()..]) {
+            return Some(v);
+        }
+    }
+    let says = |side: &str| {
+        ["answer", "response"].iter().any(|noun| {
+            lower.contains(&format!("{noun} {side} is better"))
+                || lower.contains(&format!("{noun} {side} is the better"))
+        })
+    };
+    match (says("a"), says("b")) {
+        (true, false) => Some(Verdict::A),
+        (false, true) => Some(Verdict::B),
+        _ => None,
+    }
+}
+
+/// The number at the start of `s` (after spaces, `*`, `:`, quotes, brackets).
+fn leading_number(s: &str) -> Option<f64> {
+    let s = s.trim_start_matches(|c: char| c.is_whitespace() || "*:=\"'`[(#-".contains(c));
+    let end = s
+        .char_indices()
+        .find(|&(i, c)| !(c.is_ascii_digit() || (c == '.' && i > 0)))
+        .map_or(s.len(), |(i, _)| i);
+    s[..end].trim_end_matches('.').parse().ok()
+}
+
+/// The number just before byte `at` (skipping spaces).
+fn number_before(s: &str, at: usize) -> Option<f64> {
+    let head = s[..at].trim_end();
+    let start = head
+        .char_indices()
+        .rev()
+        .take_while(|&(_, c)| c.is_ascii_digit() || c == '.')
+        .last()
+        .map(|(i, _)| i)?;
+    head[start..].parse().ok()
+}
+
+/// Reads a 1–10 score out of a judge's raw answer.
+///
+/// Tried in order: the number in the last `<score>...</score>` (closing tag optional); the
+/// number before the last `/10` or `out of 10`; the number after the last `score:`,
+/// `rating:`, `score is` or `rating is`; an answer that is only a number. Values outside
+/// 1..=10 count as unreadable. `None` when nothing readable is found.
+///
+/// ```
+/// use rmboost::baselines::parse_score;
+///
+/// assert_eq!(parse_score("Solid. <score>7</score>"), Some(7.0));
+/// assert_eq!(parse_score("I'd give it 8.5/10."), Some(8.5));
+/// assert_eq!(parse_score("**Rating:** 3"), Some(3.0));
+/// assert_eq!(parse_score(" 9 "), Some(9.0));
+/// assert_eq!(parse_score("<score>11</score>"), None);
+/// assert_eq!(parse_score("pretty good"), None);
+/// ```
+#[must_use]
+pub fn parse_score(raw: &str) -> Option<f64> {
+    let in_range = |x: f64| (1.0..=10.0).contains(&x).then_some(x);
+    if let Some(inner) = last_tag(raw, "score") {
+        return leading_number(inner).and_then(in_range);
+    }
+    let lower = raw.to_lowercase();
+    let outs = ["/10", "/ 10", "out of 10"];
+    if let Some(i) = outs.iter().filter_map(|p| lower.rfind(p)).max() {
+        if let Some(x) = number_before(&lower, i) {
+            return in_range(x);
+        }
+    }
+    let leads = [
+        "score:",
+        "rating:",
+        "score is",
+        "rating is",
+        "score of",
+        "rating of",
+    ];
+    if let Some((i, lead)) = leads
+        .iter()
+        .filter_map(|l| lower.rfind(l).map(|i| (i, *l)))
+        .max_by_key(|(i, _)| *i)
+    {
+        if let Some(x) = leading_number(&lower[i + lead.len()..]) {
+            return in_range(x);
+        }
+    }
+    let t = lower.trim().trim_end_matches('.');
+    t.parse::<f64>().ok().and_then(in_range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let cases = [
+            ("<verdict>A</verdict>", Some(Verdict::A)),
+            ("reasoning <verdict>b</verdict>", Some(Verdict::B)),
+            ("<verdict>Tie</verdict>", Some(Verdict::Tie)),
+            (
+                "<verdict>A</verdict> wait, <verdict>B</verdict>",
+                Some(Verdict::B),
+            ),
+            ("[[A]]", Some(Verdict::A)),
+            ("Final: [[C]]", Some(Verdict::Tie)),
+            ("B", Some(Verdict::B)),
+            ("Answer A.", Some(Verdict::A)),
+            ("\"A\"", Some(Verdict::A)),
+            ("Verdict: B", Some(Verdict::B)),
+            ("The better answer is A because ...", Some(Verdict::A)),
+            ("response b is better overall", Some(Verdict::B)),
+            (
+                "Answer A is better in tone but answer B is better in facts",
+                None,
+            ),
+            ("", None),
+            ("I cannot decide.", None),
+            ("<verdict></verdict>", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_verdict(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn scores() {
+        let cases = [
+            ("<score>7</score>", Some(7.0)),
+            ("<score> 10 </score>", Some(10.0)),
+            ("<score>**4**", Some(4.0)),
+            ("Score: 6/10", Some(6.0)),
+            ("rated 7 out of 10.", Some(7.0)),
+            ("Rating: 2.", Some(2.0)),
+            ("5", Some(5.0)),
+            ("<score>0</score>", None),
+            ("<score>high</score>", None),
+            ("no number", None),
+            ("", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_score(raw), want, "{raw:?}");
+        }
+    }
+}

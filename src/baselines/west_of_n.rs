@@ -1,0 +1,554 @@
+//! West-of-N: N samples, scored one by one; the best is chosen and the worst rejected.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::{self, Stream};
+use rand::RngCore;
+use serde_json::{json, Value};
+
+use super::{accept_distinct, common_setters, default_criteria, Common, Judge, Meta};
+use crate::aspect::{Aspect, AspectSet};
+use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams, Usage};
+use crate::error::{Error, UnusableReason};
+use crate::example::{PreferenceExample, Prompt};
+use crate::generator::{ask, default_first_params, drive, example_rng, ExampleStream};
+use crate::label::Label;
+use crate::method::Method;
+
+/// What a [`Scorer`] is asked to score: one response to one prompt.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ScoreRequest<'a> {
+    /// The example's id (for errors).
+    pub id: &'a str,
+    /// The prompt conversation.
+    pub prompt: &'a [Message],
+    /// The response to score.
+    pub response: &'a str,
+    /// Which sample it is (0-based, in generation order).
+    pub index: usize,
+    /// The criteria drawn for the example.
+    pub criteria: &'a [Aspect],
+    /// A backend seed drawn for this scoring (re-ask `n` should use `seed + n`).
+    pub seed: u64,
+}
+
+/// A score and what it cost.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scored {
+    /// Higher is better. Must be finite.
+    pub score: f64,
+    /// Backend calls made to get it (0 for a scorer that calls no model).
+    pub calls: u32,
+    /// Of those, answers rejected and asked again.
+    pub reasks: u32,
+    /// Tokens used.
+    pub usage: Usage,
+    /// The model that scored, if any.
+    pub model: String,
+}
+
+impl Scored {
+    /// A score that cost no backend call (a local reward model, a heuristic).
+    #[must_use]
+    pub fn new(score: f64) -> Self {
+        Scored {
+            score,
+            ..Scored::default()
+        }
+    }
+}
+
+/// Scores one response pointwise: an LLM judge ([`Judge`], the default), a reward model, or
+/// any function of the text.
+///
+/// Object safe; `Arc<dyn Scorer>`, `Box<dyn Scorer>` and `&S` implement it by forwarding.
+///
+/// ```
+/// use rmboost::baselines::{ScoreRequest, Scored, Scorer};
+/// use rmboost::{async_trait, Error};
+///
+/// /// Prefers shorter answers (a toy).
+/// #[derive(Debug)]
+/// struct Brevity;
+///
+/// #[async_trait]
+/// impl Scorer for Brevity {
+///     async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+///         Ok(Scored::new(-(request.response.len() as f64)))
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Scorer: Send + Sync + fmt::Debug {
+    /// Scores one response.
+    ///
+    /// # Errors
+    ///
+    /// An [`Error`] carrying the request's id: [`Error::Backend`] if a model call failed,
+    /// [`Error::Unusable`] if no score could be read. The example fails with it.
+    async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error>;
+
+    /// A short name for metadata (`"llm-judge"`, `"reward-model"`, ...). Defaults to
+    /// `"custom"`.
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("custom")
+    }
+}
+
+macro_rules! forward_scorer {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Scorer + ?Sized> Scorer for $ty {
+            async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+                (**self).score(request).await
+            }
+            fn name(&self) -> Cow<'_, str> {
+                (**self).name()
+            }
+        }
+    )*};
+}
+
+forward_scorer!(Arc<S>, Box<S>, &S);
+
+struct Inner {
+    backend: Arc<dyn LlmBackend>,
+    scorer: Arc<dyn Scorer>,
+    criteria: Arc<dyn AspectSet>,
+    params: SamplingParams,
+    n: usize,
+    allow_ties: bool,
+    common: Common,
+}
+
+/// The West-of-N baseline: N samples of the policy with distinct seeds, each scored by a
+/// [`Scorer`] (by default an LLM [`Judge`] on the same backend, 1–10); the best is chosen and
+/// the worst rejected.
+///
+/// - Identical samples (after normalising white space and case) are scored once: only the first
+///   of each is kept. Fewer than 2 distinct samples fail the example
+///   ([`Error::Unusable`], call `"samples"`); the same response is never both chosen and
+///   rejected.
+/// - Ties are broken deterministically: the best is the *earliest* sample with the top score,
+///   the worst the *latest* with the bottom score. If all scores are equal the example fails
+///   (call `"score"`) unless [`allow_ties`](WestOfNBuilder::allow_ties) is set.
+/// - `label` is `"better"` when the chosen sample was generated after the rejected one.
+/// - `metadata.scores` lists each sample's score in generation order (`null` for a dropped
+///   duplicate), `metadata.chosen_index` and `metadata.rejected_index` name the two picked,
+///   `metadata.scorer` the scorer. Usage and models are grouped as `samples` and `score`.
+/// - Calls: N generations plus one scoring per distinct sample (as the scorer reports them).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), rmboost::Error> {
+/// use futures::StreamExt;
+/// use rmboost::baselines::{ScoreRequest, Scored, Scorer};
+/// use rmboost::testing::FakeBackend;
+/// use rmboost::{async_trait, Error, Prompt, WestOfN};
+///
+/// #[derive(Debug)]
+/// struct Length;
+/// #[async_trait]
+/// impl Scorer for Length {
+///     async fn score(&self, r: ScoreRequest<'_>) -> Result<Scored, Error> {
+///         Ok(Scored::new(r.response.len() as f64 + r.index as f64))
+///     }
+/// }
+///
+/// let won = WestOfN::builder().backend(FakeBackend::new()).scorer(Length).n(3).build()?;
+/// let ex = won.generate_iter(vec![Prompt::new("Say hi.")]).next().await.unwrap()?;
+/// assert_eq!(ex.metadata.method, "west-of-n");
+/// assert_eq!(ex.metadata.calls, 3); // the scorer called no model
+/// assert_eq!(ex.metadata.extra["chosen_index"], 2);
+/// assert_eq!(ex.metadata.extra["rejected_index"], 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct WestOfN {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for WestOfN {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &*self.inner;
+        f.debug_struct("WestOfN")
+            .field("backend", &i.backend.name())
+            .field("scorer", &i.scorer)
+            .field("criteria", &i.criteria)
+            .field("params", &i.params)
+            .field("n", &i.n)
+            .field("allow_ties", &i.allow_ties)
+            .field("common", &i.common)
+            .finish()
+    }
+}
+
+/// Builds a [`WestOfN`]; from [`WestOfN::builder`].
+#[must_use = "a builder does nothing until build() is called"]
+pub struct WestOfNBuilder {
+    backend: Option<Arc<dyn LlmBackend>>,
+    scorer: Option<Arc<dyn Scorer>>,
+    criteria: Arc<dyn AspectSet>,
+    params: SamplingParams,
+    n: usize,
+    allow_ties: bool,
+    common: Common,
+}
+
+impl fmt::Debug for WestOfNBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WestOfNBuilder")
+            .field("has_backend", &self.backend.is_some())
+            .field("scorer", &self.scorer)
+            .field("n", &self.n)
+            .field("common", &self.common)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WestOfNBuilder {
+    common_setters!();
+
+    /// The policy backend that writes the N samples. Required.
+    pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
+        self.backend_arc(Arc::new(backend))
+    }
+
+    /// Like [`backend`](Self::backend), for a backend already shared.
+    pub fn backend_arc(mut self, backend: Arc<dyn LlmBackend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
+    /// [`max_reasks`](Self::max_reasks) times).
+    pub fn scorer(mut self, scorer: impl Scorer + 'static) -> Self {
+        self.scorer = Some(Arc::new(scorer));
+        self
+    }
+
+    /// Scores with an LLM [`Judge`] on this backend (a shorthand for
+    /// `scorer(Judge::new(backend))`).
+    pub fn judge_backend(self, backend: impl LlmBackend + 'static) -> Self {
+        self.scorer(Judge::new(backend))
+    }
+
+    /// The criteria shown to the scorer, drawn per example. Default: all of
+    /// [`Aspects::general`](crate::Aspects::general).
+    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
+        self.criteria = Arc::new(criteria);
+        self
+    }
+
+    /// Sampling of the N samples. Default: [`default_first_params`]. Use a temperature above 0
+    /// so that the samples differ.
+    pub fn params(mut self, params: SamplingParams) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// How many samples per prompt; at least 2. Default: 4.
+    pub fn n(mut self, n: usize) -> Self {
+        self.n = n;
+        self
+    }
+
+    /// Whether an example whose samples all scored the same is kept (chosen = the earliest,
+    /// rejected = the latest). Default: `false`, it fails: such a pair carries no preference.
+    pub fn allow_ties(mut self, allow: bool) -> Self {
+        self.allow_ties = allow;
+        self
+    }
+
+    /// Validates the settings and builds the generator.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if no backend was given, `n < 2`, or a sampling value is out of range.
+    pub fn build(self) -> Result<WestOfN, Error> {
+        let backend = self
+            .backend
+            .ok_or_else(|| Error::Config("west-of-n: no backend: call backend()".into()))?;
+        if self.n < 2 {
+            return Err(Error::Config(format!(
+                "west-of-n: n must be at least 2, got {}",
+                self.n
+            )));
+        }
+        self.params
+            .validate("west-of-n params")
+            .map_err(Error::Config)?;
+        let scorer = match self.scorer {
+            Some(s) => s,
+            None => Arc::new(Judge::from_arc(backend.clone()).max_reasks(self.common.max_reasks)),
+        };
+        Ok(WestOfN {
+            inner: Arc::new(Inner {
+                backend,
+                scorer,
+                criteria: self.criteria,
+                params: self.params,
+                n: self.n,
+                allow_ties: self.allow_ties,
+                common: self.common,
+            }),
+        })
+    }
+}
+
+struct Plan {
+    id: String,
+    prompt: Vec<Message>,
+    extra: serde_json::Map<String, Value>,
+    criteria: Vec<Aspect>,
+    sample_seeds: Vec<u64>,
+    score_seeds: Vec<u64>,
+}
+
+impl WestOfN {
+    /// A builder with the defaults: no backend yet, the judge scorer, n = 4, the general
+    /// criteria, concurrency 8, completion order, seed 0, up to 3 re-asks, ties rejected.
+    pub fn builder() -> WestOfNBuilder {
+        WestOfNBuilder {
+            backend: None,
+            scorer: None,
+            criteria: Arc::new(default_criteria()),
+            params: default_first_params(),
+            n: 4,
+            allow_ties: false,
+            common: Common::default(),
+        }
+    }
+
+    /// The run seed.
+    #[must_use]
+    pub fn seed(&self) -> u64 {
+        self.inner.common.seed
+    }
+
+    /// The concurrency.
+    #[must_use]
+    pub fn concurrency(&self) -> NonZeroUsize {
+        self.inner.common.concurrency
+    }
+
+    /// Samples per prompt.
+    #[must_use]
+    pub fn n(&self) -> usize {
+        self.inner.n
+    }
+
+    fn plan(&self, prompt: Prompt) -> Plan {
+        let inner = &*self.inner;
+        let mut rng = example_rng(inner.common.seed, &prompt.id);
+        let criteria = inner.criteria.sample(&mut rng).aspects;
+        let sample_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
+        let score_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
+        let Prompt { id, input, extra } = prompt;
+        let prompt = Prompt {
+            id: String::new(),
+            input,
+            extra: serde_json::Map::new(),
+        }
+        .into_messages();
+        Plan {
+            id,
+            prompt,
+            extra,
+            criteria,
+            sample_seeds,
+            score_seeds,
+        }
+    }
+
+    /// Generates the example of one prompt.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if a call failed; [`Error::Unusable`] if a sample stayed empty, fewer
+    /// than 2 distinct samples remain, or all scores tie (unless allowed); all carry the id.
+    pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
+        let plan = self.plan(prompt);
+        run(self.inner.clone(), plan).await
+    }
+
+    /// Turns a stream of prompts into a stream of results, one per prompt, with at most
+    /// `concurrency` examples in flight (see [`RmBoost::generate`](crate::RmBoost::generate)).
+    pub fn generate<S>(&self, prompts: S) -> ExampleStream
+    where
+        S: Stream<Item = Prompt> + Send + 'static,
+    {
+        self.try_generate(futures::StreamExt::map(prompts, Ok))
+    }
+
+    /// Like [`generate`](Self::generate), for an iterator of prompts.
+    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
+    where
+        I: IntoIterator<Item = Prompt>,
+        I::IntoIter: Send + 'static,
+    {
+        self.generate(stream::iter(prompts))
+    }
+
+    /// Like [`generate`](Self::generate), for a fallible input: an `Err` item is passed through
+    /// in its place.
+    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
+    where
+        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    {
+        let this = self.clone();
+        let c = &self.inner.common;
+        drive(prompts, c.concurrency, c.order, move |p| {
+            let plan = this.plan(p);
+            run(this.inner.clone(), plan)
+        })
+    }
+}
+
+/// Best = earliest with the top score; worst = latest with the bottom score.
+fn extremes(scores: &[(usize, f64)]) -> (usize, usize) {
+    let mut best = 0;
+    let mut worst = 0;
+    for (k, &(_, s)) in scores.iter().enumerate() {
+        if s > scores[best].1 {
+            best = k;
+        }
+        if s <= scores[worst].1 {
+            worst = k;
+        }
+    }
+    (best, worst)
+}
+
+async fn run(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
+    let span = tracing::debug_span!("rmboost.west_of_n", id = %plan.id);
+    tracing::Instrument::instrument(run_inner(inner, plan), span).await
+}
+
+async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
+    let c = &inner.common;
+    let mut meta = Meta::new(Method::WestOfN, c.seed, plan.extra);
+    let req = CompletionRequest::new(plan.prompt.clone()).with_params(&inner.params);
+    // Distinct samples as (generation index, text).
+    let mut samples: Vec<(usize, String)> = Vec::with_capacity(inner.n);
+    for (i, &seed) in plan.sample_seeds.iter().enumerate() {
+        let a = ask(
+            &*inner.backend,
+            &plan.id,
+            "sample",
+            &req,
+            seed,
+            c.max_reasks,
+            |raw| accept_distinct(raw, &[]),
+        )
+        .await?;
+        meta.add("samples", &a);
+        let norm = crate::template::normalise(&a.value);
+        if samples
+            .iter()
+            .all(|(_, t)| crate::template::normalise(t) != norm)
+        {
+            samples.push((i, a.value));
+        }
+    }
+    if samples.len() < 2 {
+        return Err(Error::Unusable {
+            id: plan.id,
+            call: "samples",
+            attempts: inner.n as u32,
+            reason: UnusableReason::Other(format!(
+                "only {} distinct response among {} samples",
+                samples.len(),
+                inner.n
+            )),
+        });
+    }
+    let mut scores: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
+    for (i, text) in &samples {
+        let s = inner
+            .scorer
+            .score(ScoreRequest {
+                id: &plan.id,
+                prompt: &plan.prompt,
+                response: text,
+                index: *i,
+                criteria: &plan.criteria,
+                seed: plan.score_seeds[*i],
+            })
+            .await?;
+        if !s.score.is_finite() {
+            return Err(Error::Unusable {
+                id: plan.id,
+                call: "score",
+                attempts: 1,
+                reason: UnusableReason::Other(format!(
+                    "the scorer returned {} for sample {i}",
+                    s.score
+                )),
+            });
+        }
+        meta.add_raw("score", s.calls, s.reasks, s.usage, &s.model);
+        scores.push((*i, s.score));
+    }
+    let (best, worst) = extremes(&scores);
+    if scores[best].1 == scores[worst].1 && !inner.allow_ties {
+        return Err(Error::Unusable {
+            id: plan.id,
+            call: "score",
+            attempts: scores.len() as u32,
+            reason: UnusableReason::Other(format!(
+                "all {} distinct samples scored {}",
+                scores.len(),
+                scores[best].1
+            )),
+        });
+    }
+    let (chosen_idx, rejected_idx) = (scores[best].0, scores[worst].0);
+    let mut all: Vec<Value> = vec![Value::Null; inner.n];
+    for &(i, s) in &scores {
+        all[i] = json!(s);
+    }
+    meta.extra("scores", Value::Array(all));
+    meta.extra("chosen_index", json!(chosen_idx));
+    meta.extra("rejected_index", json!(rejected_idx));
+    meta.extra("scorer", json!(inner.scorer.name()));
+    let label = if chosen_idx > rejected_idx {
+        Label::Better
+    } else {
+        Label::Worse
+    };
+    let mut texts: Vec<Option<String>> = samples.into_iter().map(|(_, t)| Some(t)).collect();
+    let chosen = texts[best].take().expect("best is a distinct sample");
+    let rejected = texts[worst].take().expect("worst differs from best");
+    Ok(PreferenceExample {
+        id: plan.id,
+        prompt: plan.prompt,
+        chosen,
+        rejected,
+        label,
+        grade: None,
+        aspects: plan.criteria.into_iter().map(|a| a.name).collect(),
+        margin: None,
+        metadata: meta.finish(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _object_safe(_: &dyn Scorer) {}
+
+    #[test]
+    fn tie_breaking() {
+        assert_eq!(extremes(&[(0, 5.0), (1, 5.0), (2, 5.0)]), (0, 2));
+        assert_eq!(extremes(&[(0, 1.0), (1, 9.0), (2, 9.0), (3, 1.0)]), (1, 3));
+        assert_eq!(extremes(&[(0, 9.0), (2, 1.0)]), (0, 1));
+    }
+}

@@ -1,0 +1,892 @@
+//! A quality report on a preference dataset, and an optional check of its labels by an LLM
+//! judge.
+//!
+//! [`Report`] reads examples (a JSONL file written by [`ExampleWriter`](crate::ExampleWriter)
+//! in either format, or examples in memory) and, optionally, a failure ledger, and measures
+//! what tends to go wrong with synthetic preference data:
+//!
+//! - **counts**: examples, duplicate ids, the methods seen (`metadata.method`);
+//! - **label balance**: better vs worse (a skewed split teaches a reward model a shortcut; for
+//!   the baselines see [what `label` means](crate::baselines#what-label-means-for-a-baseline));
+//! - **length bias**: mean length of chosen and rejected responses in characters, their ratio
+//!   (mean chosen / mean rejected), and the share of pairs whose chosen response is strictly
+//!   longer (near 50% is unbiased);
+//! - **near-identical pairs**: pairs whose responses have a token Jaccard similarity of at
+//!   least [`NEAR_IDENTICAL_JACCARD`] (0.9): such pairs teach little and are often noise.
+//!   Tokens are maximal runs of alphanumeric characters, lowercased; the similarity is
+//!   |common tokens| / |all tokens| over the two token *sets* (two empty responses count 1.0);
+//! - **diversity**: distinct-1 and distinct-2, the number of distinct token unigrams
+//!   (bigrams, within a response) over their total number, over all chosen and rejected
+//!   responses;
+//! - **aspects**: how often each aspect name appears;
+//! - **cost**: mean backend calls per example and total tokens (`metadata.usage.total`);
+//! - **failures** (with a ledger): the ids that failed and never made it into the dataset,
+//!   by kind, and the failure rate = those ids / (distinct dataset ids + those ids).
+//!
+//! A failure ledger is a JSONL file with at least `id` and `kind` on each line (other fields,
+//! such as `message`, are ignored). An id that failed and later succeeded (on resume) counts as
+//! recovered, not failed; the kind counted is the one on the id's last ledger line.
+//!
+//! The report prints as text ([`Display`](std::fmt::Display)) and serialises to JSON
+//! ([`serde::Serialize`]); ratios are `null` in JSON when there is nothing to divide by.
+//!
+//! ```
+//! use rmboost::report::Report;
+//! use rmboost::{Label, Message, PreferenceExample};
+//!
+//! let ex = |id: &str, chosen: &str, rejected: &str, label| PreferenceExample {
+//!     id: id.into(),
+//!     prompt: vec![Message::user("q")],
+//!     chosen: chosen.into(),
+//!     rejected: rejected.into(),
+//!     label,
+//!     grade: None,
+//!     aspects: vec!["clarity".into()],
+//!     margin: None,
+//!     metadata: Default::default(),
+//! };
+//! let data = [
+//!     ex("1", "a long and careful answer", "short", Label::Better),
+//!     ex("2", "same words here", "Same words, here!", Label::Worse),
+//! ];
+//! let report = Report::from_examples(&data);
+//! assert_eq!(report.examples, 2);
+//! assert_eq!(report.labels.better_share, Some(0.5));
+//! assert_eq!(report.near_identical.pairs, 1);
+//! assert_eq!(report.aspects["clarity"], 2);
+//! println!("{report}");
+//! let json = serde_json::to_value(&report).unwrap();
+//! assert_eq!(json["length"]["chosen_longer_share"], 0.5);
+//! ```
+//!
+//! [`JudgeCheck`] samples K examples and asks an LLM judge which response is better, in both
+//! orders (exactly 2K calls), to estimate how often the constructed labels disagree with it.
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::aspect::AspectSet;
+use crate::baselines::{Judge, Verdict};
+use crate::error::Error;
+use crate::example::PreferenceExample;
+use crate::generator::example_rng;
+use crate::label::Label;
+
+/// The token Jaccard similarity at or above which a pair counts as near-identical.
+pub const NEAR_IDENTICAL_JACCARD: f64 = 0.9;
+
+/// Label counts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelBalance {
+    /// Examples labelled better.
+    pub better: u64,
+    /// Examples labelled worse.
+    pub worse: u64,
+    /// better / (better + worse).
+    pub better_share: Option<f64>,
+}
+
+/// Response lengths, in characters (Unicode scalar values).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LengthStats {
+    /// Mean length of the chosen responses.
+    pub mean_chosen_chars: Option<f64>,
+    /// Mean length of the rejected responses.
+    pub mean_rejected_chars: Option<f64>,
+    /// Mean chosen length / mean rejected length.
+    pub ratio: Option<f64>,
+    /// Share of pairs whose chosen response is strictly longer.
+    pub chosen_longer_share: Option<f64>,
+    /// Share of pairs whose responses have the same length.
+    pub equal_share: Option<f64>,
+}
+
+/// Pairs whose responses are nearly the same.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NearIdentical {
+    /// The threshold used ([`NEAR_IDENTICAL_JACCARD`]).
+    pub threshold: f64,
+    /// Pairs with a token Jaccard similarity at or above it.
+    pub pairs: u64,
+    /// pairs / examples.
+    pub share: Option<f64>,
+    /// Mean token Jaccard similarity of all pairs.
+    pub mean_jaccard: Option<f64>,
+}
+
+/// Lexical diversity of all responses (chosen and rejected).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Diversity {
+    /// Responses counted.
+    pub responses: u64,
+    /// Tokens counted.
+    pub tokens: u64,
+    /// Distinct unigrams / unigrams.
+    pub distinct_1: Option<f64>,
+    /// Distinct bigrams / bigrams (within a response).
+    pub distinct_2: Option<f64>,
+}
+
+/// Cost of the examples, from their metadata.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cost {
+    /// Mean `metadata.calls` per example.
+    pub mean_calls: Option<f64>,
+    /// Sum of `metadata.usage.total` (prompt + completion tokens).
+    pub total_tokens: u64,
+}
+
+/// Failures from a ledger.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failures {
+    /// Lines in the ledger.
+    pub ledger_lines: u64,
+    /// Distinct ids that failed and are not in the dataset.
+    pub failed: u64,
+    /// Distinct ids that failed at some point but are in the dataset.
+    pub recovered: u64,
+    /// The failed ids by kind (of their last ledger line).
+    pub by_kind: BTreeMap<String, u64>,
+    /// failed / (distinct dataset ids + failed).
+    pub rate: Option<f64>,
+}
+
+/// The quality report of a dataset; see the [module docs](self) for what each part measures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Examples read.
+    pub examples: u64,
+    /// Examples whose id appeared earlier in the dataset.
+    pub duplicate_ids: u64,
+    /// Examples by `metadata.method` (`"unknown"` when empty).
+    pub methods: BTreeMap<String, u64>,
+    /// Label balance.
+    pub labels: LabelBalance,
+    /// Length bias.
+    pub length: LengthStats,
+    /// Near-identical pairs.
+    pub near_identical: NearIdentical,
+    /// Lexical diversity.
+    pub diversity: Diversity,
+    /// How many examples name each aspect.
+    pub aspects: BTreeMap<String, u64>,
+    /// Examples with no aspect.
+    pub examples_without_aspects: u64,
+    /// Calls and tokens.
+    pub cost: Cost,
+    /// Failures, when a ledger was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Failures>,
+}
+
+/// Accumulates a [`Report`] one example (and one ledger line) at a time, so a dataset of any
+/// size can be reported in one pass; memory grows with the number of distinct ids and n-grams.
+#[derive(Debug, Default)]
+pub struct ReportBuilder {
+    examples: u64,
+    ids: HashSet<String>,
+    duplicate_ids: u64,
+    methods: BTreeMap<String, u64>,
+    better: u64,
+    worse: u64,
+    chosen_chars: u64,
+    rejected_chars: u64,
+    chosen_longer: u64,
+    equal_len: u64,
+    near_identical: u64,
+    jaccard_sum: f64,
+    responses: u64,
+    unigrams: u64,
+    bigrams: u64,
+    distinct_unigrams: HashSet<String>,
+    distinct_bigrams: HashSet<String>,
+    aspects: BTreeMap<String, u64>,
+    without_aspects: u64,
+    calls: u64,
+    tokens: u64,
+    ledger: bool,
+    ledger_lines: u64,
+    failed: HashMap<String, String>,
+}
+
+fn tokens(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The token Jaccard similarity of two texts, as the report computes it (see the
+/// [module docs](self)).
+///
+/// ```
+/// use rmboost::report::token_jaccard;
+///
+/// assert_eq!(token_jaccard("The cat sat.", "the CAT sat"), 1.0);
+/// assert_eq!(token_jaccard("a b", "b c"), 1.0 / 3.0);
+/// ```
+#[must_use]
+pub fn token_jaccard(a: &str, b: &str) -> f64 {
+    let a: HashSet<String> = tokens(a).into_iter().collect();
+    let b: HashSet<String> = tokens(b).into_iter().collect();
+    let union = a.union(&b).count();
+    if union == 0 {
+        return 1.0;
+    }
+    a.intersection(&b).count() as f64 / union as f64
+}
+
+fn ratio(num: f64, den: f64) -> Option<f64> {
+    (den > 0.0).then(|| num / den)
+}
+
+impl ReportBuilder {
+    /// An empty builder.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn add_response(&mut self, text: &str) {
+        let toks = tokens(text);
+        self.responses += 1;
+        self.unigrams += toks.len() as u64;
+        self.bigrams += toks.len().saturating_sub(1) as u64;
+        for w in toks.windows(2) {
+            self.distinct_bigrams.insert(format!("{} {}", w[0], w[1]));
+        }
+        for t in toks {
+            self.distinct_unigrams.insert(t);
+        }
+    }
+
+    /// Adds one example.
+    pub fn add(&mut self, example: &PreferenceExample) {
+        self.examples += 1;
+        if !self.ids.insert(example.id.clone()) {
+            self.duplicate_ids += 1;
+        }
+        let method = if example.metadata.method.is_empty() {
+            "unknown"
+        } else {
+            &example.metadata.method
+        };
+        *self.methods.entry(method.to_string()).or_default() += 1;
+        match example.label {
+            Label::Better => self.better += 1,
+            Label::Worse => self.worse += 1,
+        }
+        let (c, r) = (
+            example.chosen.chars().count() as u64,
+            example.rejected.chars().count() as u64,
+        );
+        self.chosen_chars += c;
+        self.rejected_chars += r;
+        if c > r {
+            self.chosen_longer += 1;
+        } else if c == r {
+            self.equal_len += 1;
+        }
+        let j = token_jaccard(&example.chosen, &example.rejected);
+        self.jaccard_sum += j;
+        if j >= NEAR_IDENTICAL_JACCARD {
+            self.near_identical += 1;
+        }
+        self.add_response(&example.chosen);
+        self.add_response(&example.rejected);
+        if example.aspects.is_empty() {
+            self.without_aspects += 1;
+        }
+        for a in &example.aspects {
+            *self.aspects.entry(a.clone()).or_default() += 1;
+        }
+        self.calls += u64::from(example.metadata.calls);
+        if let Some(u) = example.metadata.usage.get("total") {
+            self.tokens += u.total();
+        }
+    }
+
+    /// Adds one failure-ledger line: the id and the kind of failure. Adding any (even none,
+    /// with [`has_ledger`](Self::has_ledger)) makes the report include a failure section.
+    pub fn add_failure(&mut self, id: &str, kind: &str) {
+        self.ledger_lines += 1;
+        self.failed.insert(id.to_string(), kind.to_string());
+    }
+
+    /// Marks that a (possibly empty) ledger was read, so the report has a failure section.
+    pub fn has_ledger(&mut self) {
+        self.ledger = true;
+    }
+
+    /// The report of everything added.
+    #[must_use]
+    pub fn finish(self) -> Report {
+        let n = self.examples as f64;
+        let failures = (self.ledger || self.ledger_lines > 0).then(|| {
+            let mut by_kind = BTreeMap::new();
+            let mut failed = 0u64;
+            let mut recovered = 0u64;
+            for (id, kind) in &self.failed {
+                if self.ids.contains(id) {
+                    recovered += 1;
+                } else {
+                    failed += 1;
+                    *by_kind.entry(kind.clone()).or_default() += 1;
+                }
+            }
+            Failures {
+                ledger_lines: self.ledger_lines,
+                failed,
+                recovered,
+                by_kind,
+                rate: ratio(failed as f64, (self.ids.len() as u64 + failed) as f64),
+            }
+        });
+        Report {
+            examples: self.examples,
+            duplicate_ids: self.duplicate_ids,
+            methods: self.methods,
+            labels: LabelBalance {
+                better: self.better,
+                worse: self.worse,
+                better_share: ratio(self.better as f64, (self.better + self.worse) as f64),
+            },
+            length: LengthStats {
+                mean_chosen_chars: ratio(self.chosen_chars as f64, n),
+                mean_rejected_chars: ratio(self.rejected_chars as f64, n),
+                ratio: if n > 0.0 {
+                    ratio(self.chosen_chars as f64, self.rejected_chars as f64)
+                } else {
+                    None
+                },
+                chosen_longer_share: ratio(self.chosen_longer as f64, n),
+                equal_share: ratio(self.equal_len as f64, n),
+            },
+            near_identical: NearIdentical {
+                threshold: NEAR_IDENTICAL_JACCARD,
+                pairs: self.near_identical,
+                share: ratio(self.near_identical as f64, n),
+                mean_jaccard: ratio(self.jaccard_sum, n),
+            },
+            diversity: Diversity {
+                responses: self.responses,
+                tokens: self.unigrams,
+                distinct_1: ratio(self.distinct_unigrams.len() as f64, self.unigrams as f64),
+                distinct_2: ratio(self.distinct_bigrams.len() as f64, self.bigrams as f64),
+            },
+            aspects: self.aspects,
+            examples_without_aspects: self.without_aspects,
+            cost: Cost {
+                mean_calls: ratio(self.calls as f64, n),
+                total_tokens: self.tokens,
+            },
+            failures,
+        }
+    }
+}
+
+/// Reads preference examples from a JSONL file (either format); an iterator of
+/// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line gives an
+/// [`Error::Parse`] naming the file and line, and reading goes on with the next line.
+#[derive(Debug)]
+pub struct ExampleReader<R> {
+    lines: std::io::Lines<R>,
+    path: PathBuf,
+    line: u64,
+    done: bool,
+}
+
+/// Opens a JSONL file of examples.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be opened.
+pub fn read_examples(path: impl AsRef<Path>) -> Result<ExampleReader<BufReader<File>>, Error> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(ExampleReader::new(BufReader::new(file), path))
+}
+
+impl<R: BufRead> ExampleReader<R> {
+    /// Reads from `reader`; `name` is the file name used in errors.
+    pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
+        ExampleReader {
+            lines: reader.lines(),
+            path: name.into(),
+            line: 0,
+            done: false,
+        }
+    }
+
+    /// Reads the next non-blank line and parses it with `parse`.
+    fn next_with<T>(
+        &mut self,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<Result<T, Error>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let text = match self.lines.next()? {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.line += 1;
+                    return Some(Err(Error::Parse {
+                        path: self.path.clone(),
+                        line: self.line,
+                        message: "invalid UTF-8".into(),
+                    }));
+                }
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    }));
+                }
+            };
+            self.line += 1;
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Some(parse(&text).map_err(|message| Error::Parse {
+                path: self.path.clone(),
+                line: self.line,
+                message,
+            }));
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for ExampleReader<R> {
+    type Item = Result<PreferenceExample, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with(|t| {
+            serde_json::from_str(t).map_err(|e| format!("not a preference example: {e}"))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct LedgerLine {
+    id: LedgerId,
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LedgerId {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl Report {
+    /// The report of examples in memory.
+    pub fn from_examples<I>(examples: I) -> Report
+    where
+        I: IntoIterator,
+        I::Item: Borrow<PreferenceExample>,
+    {
+        let mut b = ReportBuilder::new();
+        for e in examples {
+            b.add(e.borrow());
+        }
+        b.finish()
+    }
+
+    /// The report of a JSONL dataset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be read; [`Error::Parse`] naming the file and line at
+    /// the first line that is not a preference example.
+    pub fn from_jsonl(path: impl AsRef<Path>) -> Result<Report, Error> {
+        let mut b = ReportBuilder::new();
+        add_dataset(&mut b, path.as_ref())?;
+        Ok(b.finish())
+    }
+
+    /// The report of a JSONL dataset and its failure ledger.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_jsonl`](Self::from_jsonl), for either file; a ledger line needs a string or
+    /// integer `id` and a string `kind`.
+    pub fn from_jsonl_with_ledger(
+        path: impl AsRef<Path>,
+        ledger: impl AsRef<Path>,
+    ) -> Result<Report, Error> {
+        let mut b = ReportBuilder::new();
+        add_dataset(&mut b, path.as_ref())?;
+        let ledger = ledger.as_ref();
+        let file = File::open(ledger).map_err(|source| Error::Io {
+            path: ledger.to_path_buf(),
+            source,
+        })?;
+        let mut reader = ExampleReader::new(BufReader::new(file), ledger);
+        b.has_ledger();
+        while let Some(line) = reader.next_with(|t| {
+            serde_json::from_str::<LedgerLine>(t)
+                .map_err(|e| format!("not a failure-ledger line (needs `id` and `kind`): {e}"))
+        }) {
+            let line = line?;
+            let id = match line.id {
+                LedgerId::Text(s) => s,
+                LedgerId::Number(n) => n.to_string(),
+            };
+            b.add_failure(&id, &line.kind);
+        }
+        Ok(b.finish())
+    }
+}
+
+fn add_dataset(b: &mut ReportBuilder, path: &Path) -> Result<(), Error> {
+    for ex in read_examples(path)? {
+        b.add(&ex?);
+    }
+    Ok(())
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".into(), |x| format!("{:.1}%", x * 100.0))
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.map_or_else(|| "n/a".into(), |x| format!("{x:.digits$}"))
+}
+
+fn counts(map: &BTreeMap<String, u64>) -> String {
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "examples:        {} ({} duplicate ids); methods: {}",
+            self.examples,
+            self.duplicate_ids,
+            if self.methods.is_empty() {
+                "none".into()
+            } else {
+                counts(&self.methods)
+            }
+        )?;
+        writeln!(
+            f,
+            "labels:          better {}, worse {} ({} better)",
+            self.labels.better,
+            self.labels.worse,
+            pct(self.labels.better_share)
+        )?;
+        let l = &self.length;
+        writeln!(
+            f,
+            "length (chars):  chosen {} vs rejected {} on average, ratio {}; chosen longer in {} of pairs, equal in {}",
+            num(l.mean_chosen_chars, 1),
+            num(l.mean_rejected_chars, 1),
+            num(l.ratio, 3),
+            pct(l.chosen_longer_share),
+            pct(l.equal_share)
+        )?;
+        let ni = &self.near_identical;
+        writeln!(
+            f,
+            "near-identical:  {} pairs ({}) with token Jaccard >= {}; mean Jaccard {}",
+            ni.pairs,
+            pct(ni.share),
+            ni.threshold,
+            num(ni.mean_jaccard, 3)
+        )?;
+        let d = &self.diversity;
+        writeln!(
+            f,
+            "diversity:       distinct-1 {}, distinct-2 {} over {} responses ({} tokens)",
+            num(d.distinct_1, 3),
+            num(d.distinct_2, 3),
+            d.responses,
+            d.tokens
+        )?;
+        writeln!(
+            f,
+            "aspects:         {}{}",
+            if self.aspects.is_empty() {
+                "none".into()
+            } else {
+                counts(&self.aspects)
+            },
+            if self.examples_without_aspects > 0 {
+                format!("; {} examples without", self.examples_without_aspects)
+            } else {
+                String::new()
+            }
+        )?;
+        write!(
+            f,
+            "cost:            {} calls per example, {} tokens",
+            num(self.cost.mean_calls, 2),
+            self.cost.total_tokens
+        )?;
+        if let Some(fl) = &self.failures {
+            write!(
+                f,
+                "\nfailures:        {} ids failed ({} of prompts), {} recovered, {} ledger lines",
+                fl.failed,
+                pct(fl.rate),
+                fl.recovered,
+                fl.ledger_lines
+            )?;
+            if !fl.by_kind.is_empty() {
+                write!(f, ": {}", counts(&fl.by_kind))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`JudgeCheck`] found.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct JudgeAgreement {
+    /// Examples judged.
+    pub sampled: u64,
+    /// Judge calls made (2 per example).
+    pub calls: u64,
+    /// Both judgements preferred the chosen response.
+    pub agree: u64,
+    /// Both judgements preferred the rejected response.
+    pub disagree: u64,
+    /// The judgements contradicted each other or one was a tie.
+    pub inconsistent: u64,
+    /// A judgement had no readable verdict.
+    pub unreadable: u64,
+    /// A judge call failed (a non-fatal backend error).
+    pub failed: u64,
+    /// agree / (agree + disagree).
+    pub agreement: Option<f64>,
+    /// disagree / (agree + disagree): the estimated share of wrong labels, if the judge is
+    /// right whenever it is consistent.
+    pub label_noise: Option<f64>,
+    /// The ids of the examples the judge disagreed with, to inspect.
+    pub disagreeing_ids: Vec<String>,
+}
+
+impl fmt::Display for JudgeAgreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "judge check:     {} examples, {} calls: agree {}, disagree {}, inconsistent {}, unreadable {}, failed {}; agreement {}, estimated label noise {}",
+            self.sampled,
+            self.calls,
+            self.agree,
+            self.disagree,
+            self.inconsistent,
+            self.unreadable,
+            self.failed,
+            pct(self.agreement),
+            pct(self.label_noise)
+        )
+    }
+}
+
+/// Checks a dataset's labels against an LLM judge: samples K examples (seeded) and asks the
+/// judge which response is better in both orders, (chosen, rejected) then (rejected, chosen).
+///
+/// Costs exactly 2K calls: the judge is not re-asked, an answer without a verdict is counted as
+/// unreadable. Consistent verdicts count as agreement or disagreement with the label;
+/// contradicting verdicts and ties are counted apart as inconsistent. The label-noise estimate
+/// takes the judge as right whenever it is consistent, so a weak judge inflates it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), rmboost::Error> {
+/// use rmboost::report::JudgeCheck;
+/// use rmboost::testing::ScriptedBackend;
+/// use rmboost::{Completion, Label, Message, PreferenceExample};
+///
+/// // A judge that prefers the longer answer, whichever position it is in.
+/// let judge = ScriptedBackend::from_fn(|req| {
+///     let t = &req.messages[1].content;
+///     let part = |open: &str, close: &str| t[t.find(open).unwrap()..t.find(close).unwrap()].len();
+///     let a_longer = part("<answer_a>", "</answer_a>") > part("<answer_b>", "</answer_b>");
+///     Ok(Completion::new(if a_longer { "<verdict>A</verdict>" } else { "<verdict>B</verdict>" }))
+/// });
+/// let ex = |id: &str, chosen: &str, rejected: &str| PreferenceExample {
+///     id: id.into(),
+///     prompt: vec![Message::user("q")],
+///     chosen: chosen.into(),
+///     rejected: rejected.into(),
+///     label: Label::Better,
+///     grade: None,
+///     aspects: vec![],
+///     margin: None,
+///     metadata: Default::default(),
+/// };
+/// let data = vec![ex("1", "a full answer", "short"), ex("2", "no", "a longer one")];
+/// let result = JudgeCheck::new(judge.clone()).k(2).run(&data).await?;
+/// assert_eq!((result.agree, result.disagree, result.calls), (1, 1, 4));
+/// assert_eq!(result.label_noise, Some(0.5));
+/// assert_eq!(judge.calls(), 4);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct JudgeCheck {
+    judge: Judge,
+    k: usize,
+    seed: u64,
+    concurrency: NonZeroUsize,
+    criteria: Arc<dyn AspectSet>,
+}
+
+enum Outcome {
+    Agree,
+    Disagree(String),
+    Inconsistent,
+    Unreadable,
+    Failed,
+}
+
+impl JudgeCheck {
+    /// A check with a default [`Judge`] on `backend`, K = 100, seed 0, concurrency 8, and all
+    /// of [`Aspects::general`](crate::Aspects::general) as criteria.
+    pub fn new(backend: impl crate::LlmBackend + 'static) -> Self {
+        Self::with_judge(Judge::new(backend))
+    }
+
+    /// A check with this judge (its re-ask setting is ignored: the check never re-asks).
+    #[must_use]
+    pub fn with_judge(judge: Judge) -> Self {
+        JudgeCheck {
+            judge: judge.max_reasks(0),
+            k: 100,
+            seed: 0,
+            concurrency: NonZeroUsize::new(8).expect("8 is not zero"),
+            criteria: Arc::new(crate::baselines::default_criteria()),
+        }
+    }
+
+    /// How many examples to judge (all of them if there are fewer). Default: 100.
+    #[must_use]
+    pub fn k(mut self, k: usize) -> Self {
+        self.k = k;
+        self
+    }
+
+    /// The seed of the sample and of the judge calls. Default: 0.
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// How many examples are judged at once. Default: 8.
+    #[must_use]
+    pub fn concurrency(mut self, concurrency: NonZeroUsize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// The criteria shown to the judge. Default: all of the general aspects.
+    #[must_use]
+    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
+        self.criteria = Arc::new(criteria);
+        self
+    }
+
+    /// The indices of the examples a dataset of `len` examples would be checked on, sorted.
+    #[must_use]
+    pub fn sample_indices(&self, len: usize) -> Vec<usize> {
+        let mut rng = example_rng(self.seed, "rmboost/judge-check");
+        let mut idx = rand::seq::index::sample(&mut rng, len, self.k.min(len)).into_vec();
+        idx.sort_unstable();
+        idx
+    }
+
+    /// Judges the sample of `examples`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the judge's sampling settings are invalid; the first fatal
+    /// [`Error::Backend`] (a bad key, no quota, no such model), which stops the check.
+    /// Non-fatal call failures are counted in [`JudgeAgreement::failed`].
+    pub async fn run(&self, examples: &[PreferenceExample]) -> Result<JudgeAgreement, Error> {
+        self.judge.validate("judge params")?;
+        let picked = self.sample_indices(examples.len());
+        let mut out = JudgeAgreement {
+            sampled: picked.len() as u64,
+            calls: 2 * picked.len() as u64,
+            ..JudgeAgreement::default()
+        };
+        let mut results = stream::iter(picked.into_iter().map(|i| self.check_one(&examples[i])))
+            .buffered(self.concurrency.get());
+        while let Some(outcome) = results.next().await {
+            match outcome? {
+                Outcome::Agree => out.agree += 1,
+                Outcome::Disagree(id) => {
+                    out.disagree += 1;
+                    out.disagreeing_ids.push(id);
+                }
+                Outcome::Inconsistent => out.inconsistent += 1,
+                Outcome::Unreadable => out.unreadable += 1,
+                Outcome::Failed => out.failed += 1,
+            }
+        }
+        let decided = (out.agree + out.disagree) as f64;
+        out.agreement = ratio(out.agree as f64, decided);
+        out.label_noise = ratio(out.disagree as f64, decided);
+        Ok(out)
+    }
+
+    async fn check_one(&self, ex: &PreferenceExample) -> Result<Outcome, Error> {
+        // Draws first: the criteria and both judge seeds.
+        let mut rng = example_rng(self.seed, &ex.id);
+        let seeds = [rng.next_u64(), rng.next_u64()];
+        let criteria = self.criteria.sample(&mut rng).aspects;
+        let (c, r) = (&ex.chosen, &ex.rejected);
+        let first = self
+            .judge
+            .compare(&ex.id, "judge", &ex.prompt, c, r, &criteria, seeds[0])
+            .await;
+        let second = self
+            .judge
+            .compare(&ex.id, "judge", &ex.prompt, r, c, &criteria, seeds[1])
+            .await;
+        let mut verdicts = [None, None];
+        let mut failed = false;
+        let mut unreadable = false;
+        for (slot, res) in verdicts.iter_mut().zip([first, second]) {
+            match res {
+                Ok(a) => *slot = Some(a.value),
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(Error::Unusable { .. }) => unreadable = true,
+                Err(_) => failed = true,
+            }
+        }
+        Ok(match verdicts {
+            _ if failed => Outcome::Failed,
+            _ if unreadable => Outcome::Unreadable,
+            [Some(Verdict::A), Some(Verdict::B)] => Outcome::Agree,
+            [Some(Verdict::B), Some(Verdict::A)] => Outcome::Disagree(ex.id.clone()),
+            _ => Outcome::Inconsistent,
+        })
+    }
+}
