@@ -7,7 +7,7 @@
 //! before the first call), and returns the same [`ExampleStream`](crate::ExampleStream) with
 //! bounded concurrency, either output order and a stop after a fatal error. All of them, and
 //! `RmBoost`, implement [`Generator`](crate::Generator), so a program can pick one by
-//! [`Method`](crate::Method) at run time and compare the datasets with
+//! [`Method`] at run time and compare the datasets with
 //! [`Report`](crate::report::Report).
 //!
 //! | method | calls per example (no re-asks) | how the pair is made |
@@ -169,8 +169,7 @@ pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, Unus
     if text.is_empty() {
         return Err(UnusableReason::Empty);
     }
-    let norm = crate::template::normalise(text);
-    if others.iter().any(|o| crate::template::normalise(o) == norm) {
+    if others.iter().any(|o| crate::template::same_text(text, o)) {
         return Err(UnusableReason::SameAsFirst);
     }
     Ok(text.to_string())

@@ -449,10 +449,9 @@ async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, E
         )
         .await?;
         meta.add("samples", &a);
-        let norm = crate::template::normalise(&a.value);
-        if samples
+        if !samples
             .iter()
-            .all(|(_, t)| crate::template::normalise(t) != norm)
+            .any(|(_, t)| crate::template::same_text(t, &a.value))
         {
             samples.push((i, a.value));
         }
