@@ -17,8 +17,8 @@
 //!     _ => Box::new(RmBoost::builder().backend(FakeBackend::new()).build()?),
 //! };
 //! assert_eq!(generator.method(), Method::Rlcd);
-//! let prompts = vec![Ok(Prompt::with_id("q1", "Name a colour."))];
-//! let results: Vec<_> = generator.generate_boxed(futures::stream::iter(prompts).boxed()).collect().await;
+//! let prompts = vec![Prompt::with_id("q1", "Name a colour.")];
+//! let results: Vec<_> = generator.generate_iter(prompts).collect().await;
 //! assert_eq!(results[0].as_ref().unwrap().metadata.method, "rlcd");
 //! # Ok(())
 //! # }
@@ -29,7 +29,7 @@ use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use futures::stream::BoxStream;
+use futures::stream::{self, BoxStream, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::baselines::{Rlaif, Rlcd, WestOfN};
@@ -131,6 +131,27 @@ pub trait Generator: Send + Sync + fmt::Debug {
     /// item is passed through in its place. The types' own `try_generate`, `generate` and
     /// `generate_iter` do the same for any stream or iterator.
     fn generate_boxed(&self, prompts: BoxStream<'static, Result<Prompt, Error>>) -> ExampleStream;
+}
+
+impl dyn Generator + '_ {
+    /// [`generate_boxed`](Generator::generate_boxed) for any fallible stream of prompts (such
+    /// as a JSONL reader turned into a stream): an `Err` input item is passed through in its
+    /// place.
+    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
+    where
+        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    {
+        self.generate_boxed(prompts.boxed())
+    }
+
+    /// [`generate_boxed`](Generator::generate_boxed) for an iterator of prompts.
+    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
+    where
+        I: IntoIterator<Item = Prompt>,
+        I::IntoIter: Send + 'static,
+    {
+        self.generate_boxed(stream::iter(prompts).map(Ok).boxed())
+    }
 }
 
 macro_rules! impl_generator {

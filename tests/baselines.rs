@@ -586,11 +586,7 @@ async fn same_seed_same_pairs_at_any_concurrency_and_order() {
     }
     let backend = ScriptedBackend::from_fn(model_with_rewrites);
     let g = &generators(&backend, 43, 4, OutputOrder::Input)[2];
-    let other = summarise(
-        g.generate_boxed(futures::stream::iter(prompts(20).into_iter().map(Ok)).boxed())
-            .collect()
-            .await,
-    );
+    let other = summarise(g.generate_iter(prompts(20)).collect().await);
     assert_ne!(other, r[2]);
 }
 
@@ -630,7 +626,7 @@ async fn fatal_backend_error_stops_every_method() {
         let g = &generators(&backend, 0, 2, OutputOrder::Completion)
             [Method::ALL.iter().position(|m| *m == method).unwrap()];
         let out: Vec<_> = g
-            .generate_boxed(futures::stream::iter(prompts(10).into_iter().map(Ok)).boxed())
+            .try_generate(futures::stream::iter(prompts(10).into_iter().map(Ok)))
             .collect()
             .await;
         assert_eq!(out.len(), 1, "{method}");
