@@ -304,11 +304,14 @@ pub(crate) fn status_error(
     let server = ServerError::parse(body).unwrap_or_default();
     let message = match &server.message {
         Some(m) if !m.trim().is_empty() => m.clone(),
-        _ if body.trim().is_empty() => status
-            .canonical_reason()
-            .unwrap_or("no message")
-            .to_string(),
-        _ => truncate(body.trim(), 300),
+        _ => {
+            let reason = status.canonical_reason().unwrap_or("no message");
+            if body.trim().is_empty() {
+                reason.to_string()
+            } else {
+                format!("{reason}: {}", truncate(body.trim(), 300))
+            }
+        }
     };
     let message = redact(&truncate(&message, 1000), key);
     let code = status.as_u16();

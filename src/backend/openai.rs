@@ -172,6 +172,11 @@ impl OpenAiBackend {
                 return Err(http::invalid_json(e, &http::redact(&text, key)));
             }
         };
+        if wire.choices.is_empty() {
+            if let Some(server) = ServerError::parse(&text) {
+                return Err(http::body_error(&server, key));
+            }
+        }
         let completion = wire.into_completion(&self.model)?;
         span.record(
             "finish_reason",
