@@ -30,7 +30,7 @@ fn between<'a>(t: &'a str, open: &str, close: &str) -> &'a str {
 fn model(req: &CompletionRequest) -> Result<Completion, BackendError> {
     let last = &req.messages.last().unwrap().content;
     let usage = Usage::new(10, 5);
-    if last.contains("<verdict>") {
+    if last.contains("<answer_a>") {
         let a = between(last, "<answer_a>", "</answer_a>").len();
         let b = between(last, "<answer_b>", "</answer_b>").len();
         let v = match a.cmp(&b) {
@@ -40,7 +40,7 @@ fn model(req: &CompletionRequest) -> Result<Completion, BackendError> {
         };
         return Ok(Completion::new(format!("Reasons. <verdict>{v}</verdict>")).with_usage(usage));
     }
-    if last.contains("<score>") {
+    if last.contains("<answer>") {
         let n = between(last, "<answer>", "</answer>").len();
         return Ok(Completion::new(format!("<score>{}</score>", 1 + n % 10)).with_usage(usage));
     }
@@ -452,7 +452,7 @@ async fn west_of_n_default_judge_scores_pointwise() {
     let scorings: Vec<_> = backend
         .requests()
         .into_iter()
-        .filter(|r| r.messages.last().unwrap().content.contains("<score>"))
+        .filter(|r| r.messages.last().unwrap().content.contains("<answer>"))
         .collect();
     assert_eq!(scorings.len(), 3);
     assert_ne!(ex.chosen, ex.rejected);
@@ -533,7 +533,7 @@ fn summarise(results: Vec<Result<PreferenceExample, Error>>) -> Vec<Outcome> {
 /// The RMBoost stand-in answers second-response requests with tags.
 fn model_with_rewrites(req: &CompletionRequest) -> Result<Completion, BackendError> {
     let last = &req.messages.last().unwrap().content;
-    if last.contains("</response>") && !last.contains("<verdict>") {
+    if last.contains("</response>") && !last.contains("<answer_a>") {
         let seed = req.seed.unwrap_or(0);
         return Ok(Completion::new(format!(
             "<response>rewrite {seed:x}</response>"

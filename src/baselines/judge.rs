@@ -144,9 +144,10 @@ impl Judge {
         self.params.validate(what).map_err(Error::Config)
     }
 
-    /// The request asking which of `a` (shown first) and `b` is the better answer to `prompt`
-    /// on `criteria`, ending in `<verdict>A</verdict>`, `<verdict>B</verdict>` or
-    /// `<verdict>tie</verdict>`. No seed is set.
+    /// The request asking which of `a` (shown first, between `<answer_a>` tags) and `b`
+    /// (`<answer_b>`) is the better answer to `prompt` on `criteria`, with the verdict only
+    /// (`A`, `B` or `tie`): short answers suit small models and cost few tokens, and
+    /// [`parse_verdict`] also reads tagged or explained verdicts. No seed is set.
     #[must_use]
     pub fn compare_request(
         &self,
@@ -165,17 +166,16 @@ impl Judge {
         u.push_str("\n</answer_a>\n\nAnswer B:\n<answer_b>\n");
         u.push_str(b);
         u.push_str(
-            "\n</answer_b>\n\nWhich answer is better on these criteria? Explain in at most three \
-             sentences, then end with your verdict in tags: <verdict>A</verdict> if answer A is \
-             better, <verdict>B</verdict> if answer B is better, or <verdict>tie</verdict> if \
-             neither is better.",
+            "\n</answer_b>\n\nWhich answer is better on these criteria? Reply with the verdict \
+             only: A if answer A is better, B if answer B is better, or tie if neither is.",
         );
         CompletionRequest::new(vec![Message::system(COMPARE_SYSTEM), Message::user(u)])
             .with_params(&self.params)
     }
 
-    /// The request asking for a 1–10 rating of `response` to `prompt` on `criteria`, ending in
-    /// `<score>N</score>`. No seed is set.
+    /// The request asking for a 1–10 rating of `response` (between `<answer>` tags) to
+    /// `prompt` on `criteria`, with the rating only ([`parse_score`] also reads tagged or
+    /// explained ratings). No seed is set.
     #[must_use]
     pub fn score_request(
         &self,
@@ -192,8 +192,7 @@ impl Judge {
         u.push_str(response);
         u.push_str(
             "\n</answer>\n\nRate the answer from 1 (very poor) to 10 (excellent) on these \
-             criteria. Explain in at most three sentences, then end with the rating in tags, \
-             for example <score>6</score>.",
+             criteria. Reply with the rating only: one whole number from 1 to 10.",
         );
         CompletionRequest::new(vec![Message::system(SCORE_SYSTEM), Message::user(u)])
             .with_params(&self.params)
@@ -382,6 +381,8 @@ pub fn parse_verdict(raw: &str) -> Option<Verdict> {
         "better answer:",
         "better response is",
         "better response:",
+        "better on these criteria is",
+        "better one is",
         "winner:",
         "winner is",
         "preferred answer is",
@@ -436,8 +437,9 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 ///
 /// Tried in order: the number in the last `<score>...</score>` (closing tag optional); the
 /// number before the last `/10` or `out of 10`; the number after the last `score:`,
-/// `rating:`, `score is` or `rating is`; an answer that is only a number. Values outside
-/// 1..=10 count as unreadable. `None` when nothing readable is found.
+/// `rating:`, `score is` or `rating is`; the only number in the answer (the same number
+/// repeated counts as one). Values outside 1..=10 count as unreadable. `None` when nothing
+/// readable is found.
 ///
 /// ```
 /// use rmboost::baselines::parse_score;
@@ -446,6 +448,8 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 /// assert_eq!(parse_score("I'd give it 8.5/10."), Some(8.5));
 /// assert_eq!(parse_score("**Rating:** 3"), Some(3.0));
 /// assert_eq!(parse_score(" 9 "), Some(9.0));
+/// assert_eq!(parse_score("The answer is 6."), Some(6.0));
+/// assert_eq!(parse_score("Between 6 and 7."), None);
 /// assert_eq!(parse_score("<score>11</score>"), None);
 /// assert_eq!(parse_score("pretty good"), None);
 /// ```
@@ -479,8 +483,30 @@ pub fn parse_score(raw: &str) -> Option<f64> {
             return in_range(x);
         }
     }
-    let t = lower.trim().trim_end_matches('.');
-    t.parse::<f64>().ok().and_then(in_range)
+    // Last resort: the only number in the text ("The answer is 6.", "7 - clear and right").
+    let numbers = all_numbers(&lower);
+    match numbers.split_first() {
+        Some((&first, rest)) if rest.iter().all(|&x| x == first) => in_range(first),
+        _ => None,
+    }
+}
+
+/// Every number in `s` (digits with an optional decimal part).
+fn all_numbers(s: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+        let tail = &rest[start..];
+        let len = tail
+            .char_indices()
+            .find(|&(i, c)| !(c.is_ascii_digit() || (c == '.' && i > 0)))
+            .map_or(tail.len(), |(i, _)| i);
+        if let Ok(x) = tail[..len].trim_end_matches('.').parse() {
+            out.push(x);
+        }
+        rest = &tail[len..];
+    }
+    out
 }
 
 #[cfg(test)]
@@ -505,6 +531,15 @@ mod tests {
             ("Verdict: B", Some(Verdict::B)),
             ("The better answer is A because ...", Some(Verdict::A)),
             ("response b is better overall", Some(Verdict::B)),
+            ("A:", Some(Verdict::A)),
+            (
+                "The answer that is better on these criteria is answer B.",
+                Some(Verdict::B),
+            ),
+            (
+                "The answer A is better, while the answer B is better.",
+                None,
+            ),
             (
                 "Answer A is better in tone but answer B is better in facts",
                 None,
@@ -528,6 +563,9 @@ mod tests {
             ("rated 7 out of 10.", Some(7.0)),
             ("Rating: 2.", Some(2.0)),
             ("5", Some(5.0)),
+            ("1. The answer is 1.", Some(1.0)),
+            ("The answer is 6.", Some(6.0)),
+            ("7 or 8", None),
             ("<score>0</score>", None),
             ("<score>high</score>", None),
             ("no number", None),

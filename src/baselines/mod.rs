@@ -37,7 +37,7 @@
 //! // A stand-in model: samples echo their seed; as a judge it always prefers answer A.
 //! let backend = ScriptedBackend::from_fn(|req| {
 //!     let last = &req.messages.last().unwrap().content;
-//!     if last.contains("<verdict>") {
+//!     if last.contains("<answer_a>") {
 //!         Ok(Completion::new("A is clearer. <verdict>A</verdict>"))
 //!     } else {
 //!         Ok(Completion::new(format!("sample {}", req.seed.unwrap_or(0))))
