@@ -22,6 +22,10 @@
 //! }
 //! ```
 
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod cache;
+
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
