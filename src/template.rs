@@ -400,10 +400,15 @@ mod tests {
             "Lyon is it."
         );
         assert_eq!(
-            extract_response("I will put it in <response> and </response>.\n<response>Marseille</response>"),
+            extract_response(
+                "I will put it in <response> and </response>.\n<response>Marseille</response>"
+            ),
             "Marseille"
         );
-        assert_eq!(extract_response("Paris, of course.</response>"), "Paris, of course.");
+        assert_eq!(
+            extract_response("Paris, of course.</response>"),
+            "Paris, of course."
+        );
         assert_eq!(
             extract_response("Here is the new answer:\nThe capital is Paris."),
             "The capital is Paris."

@@ -8,15 +8,11 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rmboost::backend::cache::{Cache, Cached};
 use rmboost::testing::{FakeBackend, ScriptedBackend};
-use rmboost::{
-    BackendError, Completion, CompletionRequest, LlmBackend, Message, Prompt, RmBoost,
-};
+use rmboost::{BackendError, Completion, CompletionRequest, LlmBackend, Message, Prompt, RmBoost};
 
 fn counting_fake() -> ScriptedBackend {
     let fake = FakeBackend::new();
-    ScriptedBackend::from_fn(move |req| {
-        futures::executor::block_on(fake.complete(req.clone()))
-    })
+    ScriptedBackend::from_fn(move |req| futures::executor::block_on(fake.complete(req.clone())))
 }
 
 fn prompts(n: usize) -> Vec<Prompt> {
@@ -33,7 +29,10 @@ async fn run_once(cache: &Cache, backend: &ScriptedBackend) -> Vec<String> {
         .unwrap();
     let mut lines: Vec<String> = rmb
         .generate_iter(prompts(50))
-        .map(|r| r.unwrap().to_json_line(rmboost::ExampleFormat::Conversational))
+        .map(|r| {
+            r.unwrap()
+                .to_json_line(rmboost::ExampleFormat::Conversational)
+        })
         .collect()
         .await;
     lines.sort();
@@ -84,7 +83,10 @@ async fn errors_are_not_cached() {
     assert_eq!(backend.calls(), 2);
     // A different seed is a different request.
     backend.push_text("other");
-    assert_eq!(cached.complete(req.with_seed(4)).await.unwrap().text, "other");
+    assert_eq!(
+        cached.complete(req.with_seed(4)).await.unwrap().text,
+        "other"
+    );
     assert_eq!(cache.stats().stored, 2);
 }
 

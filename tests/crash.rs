@@ -27,9 +27,7 @@ const SEED: u64 = 77;
 
 fn generator(latency: Duration) -> RmBoost {
     RmBoost::builder()
-        .backend(
-            FakeBackend::with_response_len(4000).with_latency(latency),
-        )
+        .backend(FakeBackend::with_response_len(4000).with_latency(latency))
         .aspects(Aspects::ultrafeedback())
         .concurrency(NonZeroUsize::new(6).unwrap())
         .seed(SEED)
@@ -115,8 +113,14 @@ async fn killed_five_times_then_completes_exactly_once() {
     assert_eq!(rows(&out).len(), N);
     assert_eq!(got, labels_by_id(&reference));
     // The kills landed mid-run: the file grew between them and was not done early.
-    let partial = after_kill.iter().filter(|(_, n, _)| *n > 0 && *n < N).count();
-    assert!(partial >= 3, "kills did not interrupt the run: {after_kill:?}");
+    let partial = after_kill
+        .iter()
+        .filter(|(_, n, _)| *n > 0 && *n < N)
+        .count();
+    assert!(
+        partial >= 3,
+        "kills did not interrupt the run: {after_kill:?}"
+    );
     eprintln!(
         "FIGURES crash: prompts={N} kills (ms after start, lines after kill, exited ok)={after_kill:?} torn_lines_saved={torn_lines} final_lines={} elapsed={:.1}s",
         rows(&out).len(),

@@ -76,7 +76,10 @@ async fn two_thousand_prompts_with_thirty_percent_faults() {
         let ledger = FailureLedger::read(FailureLedger::default_path(&out)).unwrap();
         assert_eq!(ledger.len() as u64, s.ledger_pending);
         for r in &ledger {
-            assert!(r.message.contains(INJECTED) || r.kind == "unusable", "{r:?}");
+            assert!(
+                r.message.contains(INJECTED) || r.kind == "unusable",
+                "{r:?}"
+            );
         }
         eprintln!("run {run}: {s}");
         let done = s.ledger_pending == 0;
@@ -86,7 +89,12 @@ async fn two_thousand_prompts_with_thirty_percent_faults() {
         }
     }
     let last = runs.last().unwrap();
-    assert_eq!(last.ledger_pending, 0, "failures left after {} runs", runs.len());
+    assert_eq!(
+        last.ledger_pending,
+        0,
+        "failures left after {} runs",
+        runs.len()
+    );
     assert!(
         runs[0].generation.failed() > 0,
         "the first run should see some failures"

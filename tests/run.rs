@@ -40,9 +40,14 @@ async fn resume_skips_done_and_keeps_draws() {
     let all = prompts(100);
 
     // Uninterrupted reference.
-    run_to_file(|p| rmb.try_generate(p), ok_stream(all.clone()), &full, RunOptions::new())
-        .await
-        .unwrap();
+    run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(all.clone()),
+        &full,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
 
     // First 30, then everything.
     let s1 = run_to_file(
@@ -54,9 +59,14 @@ async fn resume_skips_done_and_keeps_draws() {
     .await
     .unwrap();
     assert_eq!(s1.generation.examples, 30);
-    let s2 = run_to_file(|p| rmb.try_generate(p), ok_stream(all.clone()), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s2 = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(all.clone()),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s2.resumed, 30);
     assert_eq!(s2.skipped_done, 30);
     assert_eq!(s2.generation.examples, 70);
@@ -72,9 +82,14 @@ async fn duplicates_in_input_first_wins() {
     let mut ps = prompts(5);
     ps.push(Prompt::with_id("p0001", "a different text"));
     ps.push(Prompt::with_id("p0003", "again"));
-    let s = run_to_file(|p| fake(1).try_generate(p), ok_stream(ps), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| fake(1).try_generate(p),
+        ok_stream(ps),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.generation.examples, 5);
     assert_eq!(s.duplicates, 2);
     assert_eq!(s.duplicate_ids, vec!["p0001", "p0003"]);
@@ -103,8 +118,16 @@ async fn bad_lines_skip_or_stop() {
     .unwrap();
     assert_eq!(s.generation.examples, 3);
     assert_eq!(s.bad_lines, 2);
-    assert!(s.bad_line_messages[0].contains("in.jsonl:2:"), "{:?}", s.bad_line_messages);
-    assert!(s.bad_line_messages[1].contains("in.jsonl:4:"), "{:?}", s.bad_line_messages);
+    assert!(
+        s.bad_line_messages[0].contains("in.jsonl:2:"),
+        "{:?}",
+        s.bad_line_messages
+    );
+    assert!(
+        s.bad_line_messages[1].contains("in.jsonl:4:"),
+        "{:?}",
+        s.bad_line_messages
+    );
 
     let out = dir.path().join("stop.jsonl");
     let progress = Progress::new();
@@ -143,7 +166,9 @@ async fn shards_partition_the_input() {
         .unwrap();
         assert_eq!(s.generation.examples + s.other_shard, 200);
         for r in rows(&out) {
-            assert!(Shard::new(i, 3).unwrap().contains(r["id"].as_str().unwrap()));
+            assert!(Shard::new(i, 3)
+                .unwrap()
+                .contains(r["id"].as_str().unwrap()));
             assert!(seen.insert(r["id"].as_str().unwrap().to_string()));
         }
         total += s.generation.examples;
@@ -188,9 +213,14 @@ async fn failures_go_to_the_ledger_and_are_retried() {
         .backend(flaky_for(&["x3", "x7"]))
         .build()
         .unwrap();
-    let s = run_to_file(|p| rmb.try_generate(p), ok_stream(ps.clone()), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(ps.clone()),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.generation.examples, 8);
     assert_eq!(s.generation.failures.get("invalid_request"), Some(&2));
     assert_eq!(s.ledger_pending, 2);
@@ -199,15 +229,24 @@ async fn failures_go_to_the_ledger_and_are_retried() {
     ids.sort_unstable();
     assert_eq!(ids, ["x3", "x7"]);
     assert_eq!(recs[0].kind, "invalid_request");
-    assert!(recs[0].message.contains("too long for this model"), "{}", recs[0].message);
+    assert!(
+        recs[0].message.contains("too long for this model"),
+        "{}",
+        recs[0].message
+    );
     for row in std::fs::read_to_string(&out).unwrap().lines() {
         assert!(!row.contains("too long"), "error text in a row: {row}");
     }
 
     // Still failing: the ledger keeps one record each, with the count of runs.
-    let s = run_to_file(|p| rmb.try_generate(p), ok_stream(ps.clone()), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(ps.clone()),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!((s.skipped_done, s.generation.failed()), (8, 2));
     let recs = FailureLedger::read(&ledger).unwrap();
     assert_eq!(recs.len(), 2);
@@ -215,9 +254,14 @@ async fn failures_go_to_the_ledger_and_are_retried() {
 
     // Fixed: the rerun fills them in and the ledger disappears.
     let rmb = fake(0);
-    let s = run_to_file(|p| rmb.try_generate(p), ok_stream(ps), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(ps),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.generation.examples, 2);
     assert_eq!(s.ledger_pending, 0);
     assert!(!ledger.exists());
@@ -245,7 +289,14 @@ async fn fatal_error_stops_with_err_and_valid_files() {
     .await
     .unwrap_err();
     assert!(err.is_fatal());
-    assert_eq!(progress.snapshot().generation.failures.get("authentication"), Some(&1));
+    assert_eq!(
+        progress
+            .snapshot()
+            .generation
+            .failures
+            .get("authentication"),
+        Some(&1)
+    );
     // Fatal errors are not the example's fault: nothing in the ledger.
     assert!(!FailureLedger::default_path(&out).exists());
 }
@@ -280,9 +331,14 @@ async fn graceful_stop_finishes_in_flight() {
     assert_eq!(rows(&out).len() as u64, s.generation.examples);
 
     // The rerun completes the file.
-    let s = run_to_file(|p| rmb.try_generate(p), ok_stream(prompts(1000)), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(prompts(1000)),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert!(!s.interrupted);
     assert_eq!(labels_by_id(&out).len(), 1000);
 }
@@ -322,10 +378,16 @@ async fn drain_deadline_drops_slow_examples() {
 async fn second_run_on_same_output_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.jsonl");
-    let held = OutputFile::open(&out, ExampleFormat::Conversational, SyncPolicy::default()).unwrap();
-    let err = run_to_file(|p| fake(0).try_generate(p), ok_stream(prompts(3)), &out, RunOptions::new())
-        .await
-        .unwrap_err();
+    let held =
+        OutputFile::open(&out, ExampleFormat::Conversational, SyncPolicy::default()).unwrap();
+    let err = run_to_file(
+        |p| fake(0).try_generate(p),
+        ok_stream(prompts(3)),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("another run"), "{err}");
     held.close().unwrap();
 }
@@ -335,17 +397,27 @@ async fn torn_last_line_is_repaired_and_regenerated() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.jsonl");
     let rmb = fake(3);
-    run_to_file(|p| rmb.try_generate(p), ok_stream(prompts(10)), &out, RunOptions::new())
-        .await
-        .unwrap();
+    run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(prompts(10)),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     let reference = labels_by_id(&out);
     // Simulate a crash mid-write: cut the file in the middle of its last line.
     let bytes = std::fs::read(&out).unwrap();
     let cut = bytes.len() - 25;
     std::fs::write(&out, &bytes[..cut]).unwrap();
-    let s = run_to_file(|p| rmb.try_generate(p), ok_stream(prompts(10)), &out, RunOptions::new())
-        .await
-        .unwrap();
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(prompts(10)),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     assert!(s.torn_bytes > 0);
     assert_eq!((s.resumed, s.generation.examples), (9, 1));
     assert_eq!(labels_by_id(&out), reference);
@@ -357,9 +429,14 @@ async fn existing_output_policies() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.jsonl");
     let rmb = fake(0);
-    run_to_file(|p| rmb.try_generate(p), ok_stream(prompts(5)), &out, RunOptions::new())
-        .await
-        .unwrap();
+    run_to_file(
+        |p| rmb.try_generate(p),
+        ok_stream(prompts(5)),
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
     let err = run_to_file(
         |p| rmb.try_generate(p),
         ok_stream(prompts(5)),

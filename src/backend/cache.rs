@@ -101,8 +101,14 @@ pub struct CacheStats {
 type Reply = oneshot::Sender<Result<(), String>>;
 
 enum Command {
-    Put { key: [u8; 32], value: Vec<u8>, reply: Reply },
-    Clear { reply: Reply },
+    Put {
+        key: [u8; 32],
+        value: Vec<u8>,
+        reply: Reply,
+    },
+    Clear {
+        reply: Reply,
+    },
 }
 
 struct Inner {
@@ -121,11 +127,7 @@ impl Drop for Inner {
         // Closing the channel lets the writer commit what is queued and end; joining it
         // releases the database before the file can be opened again.
         self.tx = None;
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             let _ = h.join();
         }

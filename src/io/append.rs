@@ -160,7 +160,9 @@ impl AppendFile {
     /// [`Error::Io`] if the write or sync fails; [`Error::Config`] if `line` holds a newline.
     pub fn write_line(&mut self, line: &[u8]) -> Result<(), Error> {
         if line.contains(&b'\n') {
-            return Err(Error::Config("a JSONL line must not contain a newline".into()));
+            return Err(Error::Config(
+                "a JSONL line must not contain a newline".into(),
+            ));
         }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line);
@@ -227,9 +229,7 @@ impl AppendFile {
 
 /// Cuts a last line without its newline off `file`, saving it to `<path>.torn`.
 fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
-    let len = file
-        .seek(SeekFrom::End(0))
-        .map_err(|e| io_err(path, e))?;
+    let len = file.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
     if len == 0 {
         return Ok(Repair::default());
     }
@@ -397,7 +397,11 @@ mod tests {
     fn repairs_torn_tail_and_keeps_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.jsonl");
-        std::fs::write(&path, b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pro").unwrap();
+        std::fs::write(
+            &path,
+            b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pro",
+        )
+        .unwrap();
         let mut f = AppendFile::open(&path, SyncPolicy::Always).unwrap();
         assert_eq!(f.repair().torn_bytes, 14);
         f.write_line(b"{\"id\":\"c\"}").unwrap();

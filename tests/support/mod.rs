@@ -204,7 +204,10 @@ pub fn labels_by_id(path: &Path) -> HashMap<String, (String, Vec<String>)> {
             .iter()
             .map(|a| a.as_str().unwrap().to_string())
             .collect();
-        assert!(map.insert(id.clone(), (label, aspects)).is_none(), "duplicate id {id}");
+        assert!(
+            map.insert(id.clone(), (label, aspects)).is_none(),
+            "duplicate id {id}"
+        );
     }
     map
 }
