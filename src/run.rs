@@ -618,7 +618,7 @@ where
         .filter_map(future::ready)
         .boxed();
 
-    let mut results = pin!(generate(filtered));
+    let mut results = Box::pin(generate(filtered));
     let mut ledger: Option<FailureLedger> = None;
     let mut fatal: Option<Error> = None;
     let mut io_error: Option<Error> = None;

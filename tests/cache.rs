@@ -47,7 +47,7 @@ async fn second_identical_run_makes_no_calls() {
     let cache = Cache::open(&path).unwrap();
     let first = run_once(&cache, &backend).await;
     assert_eq!(backend.calls(), 100);
-    assert_eq!(cache.len().await.unwrap(), 100);
+    assert_eq!(cache.entries().await.unwrap(), 100);
 
     // Same process, then after reopening the file (a rerun after a crash).
     let again = run_once(&cache, &backend).await;
@@ -62,7 +62,7 @@ async fn second_identical_run_makes_no_calls() {
     assert_eq!(cache.stats().misses, 0);
 
     cache.clear().await.unwrap();
-    assert_eq!(cache.len().await.unwrap(), 0);
+    assert_eq!(cache.entries().await.unwrap(), 0);
     run_once(&cache, &backend).await;
     assert_eq!(backend.calls(), 200);
 }
@@ -77,7 +77,7 @@ async fn errors_are_not_cached() {
     let cached = Cached::new(backend.clone(), cache.clone());
     let req = CompletionRequest::new(vec![Message::user("q")]).with_seed(3);
     assert!(cached.complete(req.clone()).await.is_err());
-    assert_eq!(cache.len().await.unwrap(), 0);
+    assert_eq!(cache.entries().await.unwrap(), 0);
     assert_eq!(cached.complete(req.clone()).await.unwrap().text, "up");
     assert_eq!(cached.complete(req.clone()).await.unwrap().text, "up");
     assert_eq!(backend.calls(), 2);
@@ -121,7 +121,7 @@ async fn many_concurrent_callers() {
             assert!((200..=400).contains(&n), "{n}");
         }
     }
-    assert_eq!(cache.len().await.unwrap(), 200);
+    assert_eq!(cache.entries().await.unwrap(), 200);
     let before = calls.load(Ordering::SeqCst);
     assert!(before <= 400);
     assert_eq!(cache.stats().errors, 0);

@@ -246,7 +246,7 @@ impl Cache {
     /// # Errors
     ///
     /// [`Error::Io`] if the database cannot be read.
-    pub async fn len(&self) -> Result<u64, Error> {
+    pub async fn entries(&self) -> Result<u64, Error> {
         let db = self.inner.db.clone();
         let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, String> {

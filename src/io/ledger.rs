@@ -1,18 +1,4 @@
-//! The failure ledger: examples that failed after every retry, one JSON line each, beside the
-//! output (`PAIRS.failures.jsonl`).
-//!
-//! A record is `{"id", "kind", "message", "time", "runs"}`: `kind` is [`Error::kind_str`],
-//! `message` the error's text with its chain of causes (errors never carry keys), `time` an
-//! RFC 3339 UTC timestamp and `runs` how many runs this id has failed in.
-//!
-//! **Life cycle.** During a run failures are appended (crash-safe, like the output). Ids in
-//! the ledger are not in the output, so the next run retries them. At the end of a run that
-//! was not stopped by a crash, [`FailureLedger::compact`] rewrites the ledger (to a temporary
-//! file, then an atomic rename) keeping only ids that are still not in the output, one record
-//! each (the latest, with `runs` summed): the ledger then lists exactly the ids that still
-//! need work. After a crash the ledger may still name ids that have since succeeded; the next
-//! run's compaction removes them. A reader who cannot wait should take "ledger ids minus
-//! output ids".
+//! The failure ledger: [`FailureLedger`] and its [`FailureRecord`]s.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -101,7 +87,21 @@ pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
     )
 }
 
-/// An open failure ledger, appending records; see the [module docs](self).
+/// The failure ledger: examples that failed after every retry, one JSON line each, beside the
+/// output (`PAIRS.failures.jsonl`).
+///
+/// A record is `{"id", "kind", "message", "time", "runs"}`: `kind` is [`Error::kind_str`],
+/// `message` the error's text with its chain of causes (errors never carry keys), `time` an
+/// RFC 3339 UTC timestamp and `runs` how many runs this id has failed in.
+///
+/// **Life cycle.** During a run failures are appended (crash-safe, like the output). Ids in
+/// the ledger are not in the output, so the next run retries them. At the end of a run that
+/// was not stopped by a crash, [`FailureLedger::compact`] rewrites the ledger (to a temporary
+/// file, then an atomic rename) keeping only ids that are still not in the output, one record
+/// each (the latest, with `runs` summed): the ledger then lists exactly the ids that still
+/// need work. After a crash the ledger may still name ids that have since succeeded; the next
+/// run's compaction removes them. A reader who cannot wait should take "ledger ids minus
+/// output ids".
 #[derive(Debug)]
 pub struct FailureLedger {
     file: AppendFile,
