@@ -95,7 +95,7 @@ async fn duplicates_in_input_first_wins() {
     assert_eq!(s.duplicate_ids, vec!["p0001", "p0003"]);
     let r = rows(&out);
     let p1 = r.iter().find(|r| r["id"] == "p0001").unwrap();
-    assert_eq!(p1["prompt"][0]["content"], "Question number 1?");
+    assert_eq!(p1["prompt"][0]["content"], "Question number 1: why?");
 }
 
 #[tokio::test]
