@@ -145,20 +145,41 @@ impl StopSignal {
 /// on the second.
 ///
 /// After the first Ctrl-C a run finishes the examples in flight and returns; a second Ctrl-C
-/// leaves a valid file too, since every line is written whole. Must be called inside a tokio
-/// runtime; the returned task ends after the first signal if the process does not exit.
-#[must_use = "the handle can be used to abort the listener"]
-pub fn stop_on_ctrl_c(stop: StopSignal) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_err() {
-            return;
-        }
-        tracing::warn!("stopping: finishing the examples in flight (Ctrl-C again to quit now)");
-        stop.stop();
-        if tokio::signal::ctrl_c().await.is_ok() {
-            std::process::exit(130);
-        }
-    })
+/// leaves a valid file too, since every line is written whole. On Unix the handler is in place
+/// when this returns. Must be called inside a tokio runtime.
+///
+/// # Errors
+///
+/// The operating system's error if the signal handler cannot be installed.
+pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        Ok(tokio::spawn(async move {
+            if sigint.recv().await.is_none() {
+                return;
+            }
+            tracing::warn!("stopping: finishing the examples in flight (Ctrl-C again to quit now)");
+            stop.stop();
+            if sigint.recv().await.is_some() {
+                std::process::exit(130);
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_err() {
+                return;
+            }
+            tracing::warn!("stopping: finishing the examples in flight (Ctrl-C again to quit now)");
+            stop.stop();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }))
+    }
 }
 
 /// What to do with an input line that is not a valid prompt record.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::stream;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rmboost::run::{run_to_file, RunOptions};
+use rmboost::run::{run_to_file, stop_on_ctrl_c, RunOptions, StopSignal};
 use rmboost::testing::FakeBackend;
 use rmboost::{read_prompts, Aspects, RmBoost};
 use support::{labels_by_id, prompts, rows, write_input};
@@ -47,29 +47,123 @@ async fn generate(input: &Path, output: &Path, latency: Duration) {
     .unwrap();
 }
 
-/// The child's body; does nothing unless started by the parent test.
+/// The child's body; does nothing unless started by a parent test.
 #[tokio::test]
 async fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
     let dir = Path::new(&dir);
-    generate(
-        &dir.join("in.jsonl"),
-        &dir.join("out.jsonl"),
-        Duration::from_millis(8),
+    let input = dir.join("in.jsonl");
+    let output = dir.join("out.jsonl");
+    if std::env::var(CTRL_C_ENV).is_err() {
+        generate(&input, &output, Duration::from_millis(8)).await;
+        return;
+    }
+    // Ctrl-C mode: slow calls, the CLI's signal wiring, and the summary written out.
+    let stop = StopSignal::new();
+    let _listener = stop_on_ctrl_c(stop.clone()).unwrap();
+    std::fs::write(dir.join("ready"), b"").unwrap();
+    let rmb = generator(Duration::from_millis(300));
+    let s = run_to_file(
+        |p| rmb.try_generate(p),
+        stream::iter(read_prompts(&input).unwrap()),
+        &output,
+        RunOptions::new().stop_signal(stop),
     )
-    .await;
+    .await
+    .unwrap();
+    std::fs::write(
+        dir.join("summary.txt"),
+        format!(
+            "interrupted={} examples={}",
+            s.interrupted, s.generation.examples
+        ),
+    )
+    .unwrap();
+}
+
+const CTRL_C_ENV: &str = "RMBOOST_CRASH_CHILD_CTRL_C";
+
+fn child_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
 fn spawn_child(dir: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    child_command(dir).spawn().unwrap()
+}
+
+fn sigint(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
         .unwrap()
+        .success();
+    assert!(ok, "kill -INT failed");
+}
+
+fn wait_ready(dir: &Path) {
+    let ready = dir.join("ready");
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "child never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(ready).unwrap();
+}
+
+#[test]
+fn ctrl_c_once_finishes_in_flight_twice_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let out = dir.path().join("out.jsonl");
+    write_input(&input, &prompts(60));
+
+    // One Ctrl-C: the run finishes what is in flight and returns normally.
+    let mut child = child_command(dir.path())
+        .env(CTRL_C_ENV, "1")
+        .spawn()
+        .unwrap();
+    wait_ready(dir.path());
+    std::thread::sleep(Duration::from_millis(700));
+    sigint(&child);
+    assert!(
+        child.wait().unwrap().success(),
+        "graceful stop did not exit cleanly"
+    );
+    let summary = std::fs::read_to_string(dir.path().join("summary.txt")).unwrap();
+    assert!(summary.starts_with("interrupted=true"), "{summary}");
+    let n1 = labels_by_id(&out).len();
+    assert!(n1 > 0 && n1 < 60, "{n1} examples after one Ctrl-C");
+    assert!(summary.ends_with(&format!("examples={n1}")), "{summary}");
+
+    // Two Ctrl-C: exit at once with status 130, the file still valid.
+    std::fs::remove_file(dir.path().join("summary.txt")).unwrap();
+    let mut child = child_command(dir.path())
+        .env(CTRL_C_ENV, "1")
+        .spawn()
+        .unwrap();
+    wait_ready(dir.path());
+    std::thread::sleep(Duration::from_millis(400));
+    sigint(&child);
+    std::thread::sleep(Duration::from_millis(100));
+    sigint(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(!dir.path().join("summary.txt").exists());
+    let n2 = labels_by_id(&out).len(); // every line whole, no duplicate
+
+    // A plain rerun completes the file.
+    assert!(spawn_child(dir.path()).wait().unwrap().success());
+    assert_eq!(labels_by_id(&out).len(), 60);
+    eprintln!("FIGURES ctrl-c: after one Ctrl-C {n1} lines, after two {n2} lines, after rerun 60");
 }
 
 fn line_count(path: &Path) -> usize {
@@ -88,7 +182,7 @@ async fn killed_five_times_then_completes_exactly_once() {
 
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut after_kill = Vec::new();
-    for _ in 0..5 {
+    for kill in 0..5 {
         let mut child = spawn_child(dir.path());
         let wait = Duration::from_millis(rng.random_range(60..400));
         std::thread::sleep(wait);
@@ -96,9 +190,16 @@ async fn killed_five_times_then_completes_exactly_once() {
         child.kill().unwrap();
         let status = child.wait().unwrap();
         after_kill.push((wait.as_millis(), line_count(&out), status.success()));
+        if kill == 2 {
+            // A single write(2) of a line is not split by SIGKILL on a local file system, so
+            // also leave what a write cut short (a full disk, a network file system) leaves:
+            // the start of a line with an id that is not written yet.
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+            f.write_all(br#"{"id":"p0599","prompt":[{"role":"user","content":"Quest"#)
+                .unwrap();
+        }
     }
-    let torn = dir.path().join("out.jsonl.torn");
-    let torn_lines = line_count(&torn);
 
     // The last restart runs to the end.
     let status = spawn_child(dir.path()).wait().unwrap();
@@ -108,6 +209,9 @@ async fn killed_five_times_then_completes_exactly_once() {
     let reference = dir.path().join("reference.jsonl");
     generate(&input, &reference, Duration::ZERO).await;
 
+    // The torn line was cut and kept aside.
+    let torn_lines = line_count(&dir.path().join("out.jsonl.torn"));
+    assert!(torn_lines >= 1);
     let got = labels_by_id(&out); // panics on a duplicate id
     assert_eq!(got.len(), N);
     assert_eq!(rows(&out).len(), N);
