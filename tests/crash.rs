@@ -19,7 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use rmboost::run::{run_to_file, stop_on_ctrl_c, RunOptions, StopSignal};
 use rmboost::testing::FakeBackend;
 use rmboost::{read_prompts, Aspects, RmBoost};
-use support::{labels_by_id, prompts, rows, write_input};
+use support::prompts;
+use support::reliability::{labels_by_id, rows, write_input};
 
 const CHILD_ENV: &str = "RMBOOST_CRASH_CHILD";
 const N: usize = 600;

@@ -15,7 +15,8 @@ use rmboost::io::FailureLedger;
 use rmboost::run::{run_to_file, RunOptions};
 use rmboost::testing::FakeBackend;
 use rmboost::{read_prompts, RmBoost};
-use support::{labels_by_id, prompts, write_input, Faulty, SimpleRetry, INJECTED};
+use support::prompts;
+use support::reliability::{labels_by_id, write_input, Faulty, SimpleRetry, INJECTED};
 
 const N: usize = 2000;
 

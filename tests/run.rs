@@ -15,7 +15,8 @@ use rmboost::testing::{FakeBackend, ScriptedBackend};
 use rmboost::{
     read_prompts, BackendError, BackendErrorKind, Completion, Error, ExampleFormat, Prompt, RmBoost,
 };
-use support::{labels_by_id, prompts, rows, write_input};
+use support::prompts;
+use support::reliability::{labels_by_id, rows, write_input};
 
 fn fake(seed: u64) -> RmBoost {
     RmBoost::builder()

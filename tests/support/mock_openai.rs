@@ -4,7 +4,6 @@
 //! `FakeBackend`: derived from the request's seed, tagged for a second-response request.
 //!
 //! It binds 127.0.0.1 on a free port, serves keep-alive HTTP/1.1, and stops when dropped.
-#![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -192,7 +191,11 @@ fn good_text(request: &Value, filler: usize) -> String {
         .and_then(|m| m.last())
         .and_then(|m| m["content"].as_str())
         .is_some_and(|c| c.contains("</response>"));
-    let fill: String = "lorem ipsum dolor sit amet ".chars().cycle().take(filler).collect();
+    let fill: String = "lorem ipsum dolor sit amet "
+        .chars()
+        .cycle()
+        .take(filler)
+        .collect();
     if second {
         format!("<response>rewrite {} {fill}</response>", hex16(seed))
     } else {
