@@ -7,6 +7,7 @@ pub mod mock_openai;
 pub mod reliability;
 
 use futures::StreamExt;
+use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
 use rmboost::{Error, Label, PreferenceExample, Prompt, RmBoost};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,7 +16,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
 
 /// `n` distinct prompts with ids `p0000`, `p0001`, ...
 pub fn prompts(n: usize) -> Vec<Prompt> {
