@@ -308,7 +308,7 @@ async fn graceful_stop_finishes_in_flight() {
     let out = dir.path().join("o.jsonl");
     let rmb = RmBoost::builder()
         .backend(FakeBackend::new().with_latency(Duration::from_millis(20)))
-        .concurrency(NonZeroUsize::new(4).unwrap())
+        .concurrency(NonZeroUsize::new(16).unwrap())
         .build()
         .unwrap();
     let stop = StopSignal::new();
@@ -319,14 +319,14 @@ async fn graceful_stop_finishes_in_flight() {
     });
     let s = run_to_file(
         |p| rmb.try_generate(p),
-        ok_stream(prompts(1000)),
+        ok_stream(prompts(300)),
         &out,
         RunOptions::new().stop_signal(stop),
     )
     .await
     .unwrap();
     assert!(s.interrupted);
-    assert!(s.generation.examples > 0 && s.generation.examples < 1000);
+    assert!(s.generation.examples > 0 && s.generation.examples < 300);
     assert_eq!(s.dropped_in_flight, 0);
     assert_eq!(s.generation.examples, s.scheduled);
     assert_eq!(rows(&out).len() as u64, s.generation.examples);
@@ -334,14 +334,14 @@ async fn graceful_stop_finishes_in_flight() {
     // The rerun completes the file.
     let s = run_to_file(
         |p| rmb.try_generate(p),
-        ok_stream(prompts(1000)),
+        ok_stream(prompts(300)),
         &out,
         RunOptions::new(),
     )
     .await
     .unwrap();
     assert!(!s.interrupted);
-    assert_eq!(labels_by_id(&out).len(), 1000);
+    assert_eq!(labels_by_id(&out).len(), 300);
 }
 
 #[tokio::test(start_paused = true)]
