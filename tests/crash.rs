@@ -57,6 +57,29 @@ async fn crash_child() {
     let dir = Path::new(&dir);
     let input = dir.join("in.jsonl");
     let output = dir.join("out.jsonl");
+    #[cfg(feature = "cache")]
+    if std::env::var(CACHE_ENV).is_ok() {
+        use rmboost::backend::cache::{Cache, Cached};
+        let cache = Cache::open(dir.join("cache.redb")).unwrap();
+        let rmb = RmBoost::builder()
+            .backend(Cached::new(
+                FakeBackend::with_response_len(4000).with_latency(Duration::from_millis(8)),
+                cache,
+            ))
+            .concurrency(NonZeroUsize::new(6).unwrap())
+            .seed(SEED)
+            .build()
+            .unwrap();
+        run_to_file(
+            |p| rmb.try_generate(p),
+            stream::iter(read_prompts(&input).unwrap()),
+            &output,
+            RunOptions::new(),
+        )
+        .await
+        .unwrap();
+        return;
+    }
     if std::env::var(CTRL_C_ENV).is_err() {
         generate(&input, &output, Duration::from_millis(8)).await;
         return;
@@ -85,6 +108,46 @@ async fn crash_child() {
 }
 
 const CTRL_C_ENV: &str = "RMBOOST_CRASH_CHILD_CTRL_C";
+const CACHE_ENV: &str = "RMBOOST_CRASH_CHILD_CACHE";
+
+/// A child using the response cache is killed mid-run: the cache opens cleanly afterwards and
+/// holds every completion of every example already written (a completion is committed before
+/// its call returns), so a rerun repeats no call of a finished example.
+#[cfg(feature = "cache")]
+#[tokio::test]
+async fn killed_run_keeps_its_cached_completions() {
+    use rmboost::backend::cache::Cache;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    write_input(&dir.path().join("in.jsonl"), &prompts(300));
+    let mut child = child_command(dir.path())
+        .env(CACHE_ENV, "1")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let written = rows(&out);
+    let calls: u64 = written
+        .iter()
+        .map(|r| r["metadata"]["calls"].as_u64().unwrap())
+        .sum();
+    let cache = Cache::open(dir.path().join("cache.redb")).unwrap();
+    let entries = cache.entries().await.unwrap();
+    assert!(
+        !written.is_empty() && written.len() < 300,
+        "{}",
+        written.len()
+    );
+    assert!(
+        entries >= calls,
+        "{entries} cached completions < {calls} calls of written examples"
+    );
+    eprintln!(
+        "FIGURES cache crash: {} examples written ({calls} calls) before SIGKILL, {entries} completions in the cache",
+        written.len()
+    );
+}
 
 fn child_command(dir: &Path) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
