@@ -503,3 +503,20 @@ async fn standard_format_resumes_too() {
     assert_eq!((s.skipped_done, s.generation.examples), (7, 13));
     assert!(rows(&out).iter().all(|r| r["prompt"].is_string()));
 }
+
+#[tokio::test]
+async fn run_future_is_send_so_it_can_be_spawned() {
+    fn assert_send<T: Send>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.jsonl");
+    let rmb = fake(0);
+    let fut = run_to_file(
+        move |p| rmb.try_generate(p),
+        ok_stream(prompts(3)),
+        out,
+        RunOptions::new(),
+    );
+    assert_send(&fut);
+    let s = tokio::spawn(fut).await.unwrap().unwrap();
+    assert_eq!(s.generation.examples, 3);
+}
