@@ -97,7 +97,6 @@ pub struct AnthropicBackend {
 
 impl AnthropicBackend {
     /// A builder with the defaults (Anthropic's base URL, no key, no model).
-    #[must_use]
     pub fn builder() -> AnthropicBackendBuilder {
         AnthropicBackendBuilder {
             config: HttpConfig::new(DEFAULT_BASE_URL),

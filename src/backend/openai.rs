@@ -96,7 +96,6 @@ pub struct OpenAiBackend {
 
 impl OpenAiBackend {
     /// A builder with the defaults (OpenAI's base URL, no key, no model).
-    #[must_use]
     pub fn builder() -> OpenAiBackendBuilder {
         OpenAiBackendBuilder {
             config: HttpConfig::new(DEFAULT_BASE_URL),

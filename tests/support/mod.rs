@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use futures::StreamExt;
+use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
 use rmboost::{Error, Label, PreferenceExample, Prompt, RmBoost};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,7 +13,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
 
 /// `n` distinct prompts with ids `p0000`, `p0001`, ...
 pub fn prompts(n: usize) -> Vec<Prompt> {
