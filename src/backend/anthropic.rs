@@ -135,10 +135,10 @@ impl AnthropicBackend {
         }
         body.insert("messages".into(), Value::Array(messages));
         if let Some(t) = request.temperature {
-            body.insert("temperature".into(), json!(t));
+            body.insert("temperature".into(), http::f32_json(t));
         }
         if let Some(p) = request.top_p {
-            body.insert("top_p".into(), json!(p));
+            body.insert("top_p".into(), http::f32_json(p));
         }
         if !request.stop.is_empty() {
             body.insert("stop_sequences".into(), json!(request.stop));

@@ -26,10 +26,10 @@
 //!
 //! | module | feature | what |
 //! |---|---|---|
-//! | [`openai`](self) | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
-//! | [`anthropic`](self) | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
-//! | [`retry`](self) | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
-//! | [`rate_limit`](self) | `middleware` | `RateLimit`, requests and tokens per minute |
+//! | `openai` | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
+//! | `anthropic` | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
+//! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
+//! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
 //! `name()` and `model()`. Put the rate limit inside the retry so that retries are limited
