@@ -396,3 +396,54 @@ async fn judge_check_samples_k_seeded_and_stops_on_fatal() {
     let err = JudgeCheck::new(fatal).k(3).run(&data).await.unwrap_err();
     assert!(err.is_fatal(), "{err}");
 }
+
+// ---------------------------------------------------------------- with the runner
+
+/// A baseline chosen at run time, run to a file by `run::run_to_file`, then reported with the
+/// run's own failure ledger.
+#[cfg(feature = "run")]
+#[tokio::test]
+async fn report_reads_what_a_baseline_run_writes() {
+    use rmboost::io::FailureLedger;
+    use rmboost::run::{run_to_file, RunOptions};
+    use rmboost::{Generator, Method, Prompt, Rlcd};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let backend = ScriptedBackend::from_fn(|req| {
+        let user = &req.messages.last().unwrap().content;
+        if user.contains("too long") {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                "too long",
+            ));
+        }
+        Ok(Completion::new(format!("answer {}", req.seed.unwrap())).with_usage(Usage::new(3, 4)))
+    });
+    let method: Method = "rlcd".parse().unwrap();
+    assert_eq!(method, Method::Rlcd);
+    let generator: Box<dyn Generator> = Box::new(Rlcd::builder().backend(backend).build().unwrap());
+    let prompts = futures::stream::iter(vec![
+        Ok(Prompt::with_id("a", "Why?")),
+        Ok(Prompt::with_id("b", "This prompt is too long")),
+        Ok(Prompt::with_id("c", "How?")),
+    ]);
+    run_to_file(
+        |s| generator.generate_boxed(s),
+        prompts,
+        &out,
+        RunOptions::new(),
+    )
+    .await
+    .unwrap();
+    let report = Report::from_jsonl_with_ledger(&out, FailureLedger::default_path(&out)).unwrap();
+    assert_eq!(report.examples, 2);
+    assert_eq!(report.methods["rlcd"], 2);
+    assert_eq!(report.labels.better, 2);
+    close(report.cost.mean_calls, 2.0);
+    assert_eq!(report.cost.total_tokens, 2 * 2 * 7);
+    let f = report.failures.unwrap();
+    assert_eq!((f.failed, f.ledger_lines), (1, 1));
+    assert_eq!(f.by_kind["invalid_request"], 1);
+    close(f.rate, 1.0 / 3.0);
+}
