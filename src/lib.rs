@@ -80,6 +80,11 @@
 //! - `run`: [`run::run_to_file`], a whole run into a crash-safe, resumable JSONL file with a
 //!   failure ledger, graceful stop and a Ctrl-C helper.
 //! - `cache`: [`backend::cache`], a persistent response cache around any backend.
+//! - `openai`: [`backend::openai::OpenAiBackend`] for any OpenAI-compatible chat-completions
+//!   server (vLLM, llama.cpp, Ollama, OpenAI, ...).
+//! - `anthropic`: [`backend::anthropic::AnthropicBackend`] for Anthropic's Messages API.
+//! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`] and
+//!   [`backend::rate_limit::RateLimit`] around any backend, including your own.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
