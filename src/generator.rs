@@ -545,15 +545,33 @@ pub(crate) async fn ask<T>(
     base: &CompletionRequest,
     seed: u64,
     max_reasks: u32,
+    accept: impl FnMut(&str) -> Result<T, UnusableReason>,
+) -> Result<Answer<T>, Error> {
+    ask_with(backend, id, call, base, None, seed, max_reasks, accept).await
+}
+
+/// Like [`ask`], sending `reask` instead of `base` for every re-ask when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn ask_with<T>(
+    backend: &dyn LlmBackend,
+    id: &str,
+    call: &'static str,
+    base: &CompletionRequest,
+    reask: Option<&CompletionRequest>,
+    seed: u64,
+    max_reasks: u32,
     mut accept: impl FnMut(&str) -> Result<T, UnusableReason>,
 ) -> Result<Answer<T>, Error> {
     let mut usage = Usage::default();
     let mut model = String::new();
     let mut attempt: u32 = 0;
     loop {
-        let request = base
-            .clone()
-            .with_seed(seed.wrapping_add(u64::from(attempt)));
+        let request = match reask {
+            Some(r) if attempt > 0 => r,
+            _ => base,
+        }
+        .clone()
+        .with_seed(seed.wrapping_add(u64::from(attempt)));
         let completion = backend
             .complete(request)
             .await

@@ -66,6 +66,10 @@
 //!   answer, rejecting (and re-asking) empty answers, copies and meta-talk.
 //! - [`RmBoost`]: composes them into a stream of `Result<PreferenceExample, Error>` with bounded
 //!   concurrency and per-example seeding.
+//! - [`baselines`]: the paper's comparisons in the same harness, [`Rlcd`], [`Rlaif`] and
+//!   [`WestOfN`]; with `RmBoost` they implement [`Generator`], chosen at run time by [`Method`].
+//! - [`report`]: a quality report of a dataset (label balance, length bias, near-identical
+//!   pairs, diversity, aspects, failures) and a label check by an LLM judge.
 //! - [`io`]: the JSONL prompt reader and example writer.
 //!
 //! ## Determinism

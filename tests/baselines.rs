@@ -261,6 +261,14 @@ async fn rlaif_ties_and_unreadable_verdicts() {
     assert_eq!((ex.metadata.calls, ex.metadata.reasks), (5, 1));
     let j = judge.requests();
     assert_eq!(j[1].seed.unwrap(), j[0].seed.unwrap().wrapping_add(1));
+    // A greedy judge would repeat itself: the re-ask is sampled warmer, the next order is not.
+    assert_eq!(j[0].temperature, Some(0.0));
+    assert_eq!(
+        j[1].temperature,
+        Some(rmboost::baselines::REASK_TEMPERATURE)
+    );
+    assert_eq!(j[1].messages, j[0].messages);
+    assert_eq!(j[2].temperature, Some(0.0));
     assert_eq!(ex.chosen, "Sample two, longer.");
 }
 

@@ -14,7 +14,7 @@ use super::west_of_n::{ScoreRequest, Scored, Scorer};
 use crate::aspect::Aspect;
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
 use crate::error::{Error, UnusableReason};
-use crate::generator::{ask, Answer};
+use crate::generator::{ask_with, Answer};
 
 /// A pairwise judgement: which of the two answers shown is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,6 +80,9 @@ impl fmt::Debug for Judge {
     }
 }
 
+/// The lowest temperature of a judge's re-ask (see [`Judge::max_reasks`]).
+pub const REASK_TEMPERATURE: f32 = 0.7;
+
 const COMPARE_SYSTEM: &str = "You are an impartial judge of answer quality. You read a request \
 and two answers to it and decide which answer is better. Judge only what the answers say and \
 how well they serve the request: which one comes first and which one is longer are no reasons \
@@ -127,7 +130,9 @@ impl Judge {
         self
     }
 
-    /// How many times an answer without a readable verdict or score is asked again. Default: 2.
+    /// How many times an answer without a readable verdict or score is asked again, with the
+    /// next seed and a temperature of at least [`REASK_TEMPERATURE`] (a greedy judge would
+    /// repeat itself). Default: 2.
     #[must_use]
     pub fn max_reasks(mut self, max_reasks: u32) -> Self {
         self.max_reasks = max_reasks;
@@ -198,6 +203,16 @@ impl Judge {
             .with_params(&self.params)
     }
 
+    /// The request of a re-ask: at a temperature of at least [`REASK_TEMPERATURE`], since a
+    /// greedy judge would only repeat its unreadable answer. `None` when `req` is hot enough.
+    fn reask_request(&self, req: &CompletionRequest) -> Option<CompletionRequest> {
+        (req.temperature.is_some_and(|t| t < REASK_TEMPERATURE)).then(|| {
+            let mut hot = req.clone();
+            hot.temperature = Some(REASK_TEMPERATURE);
+            hot
+        })
+    }
+
     /// Asks for a verdict on (`a`, `b`) with backend seed `seed` (re-ask `n` uses `seed + n`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn compare(
@@ -211,11 +226,13 @@ impl Judge {
         seed: u64,
     ) -> Result<Answer<Verdict>, Error> {
         let req = self.compare_request(prompt, a, b, criteria);
-        ask(
+        let reask = self.reask_request(&req);
+        ask_with(
             &*self.backend,
             id,
             call,
             &req,
+            reask.as_ref(),
             seed,
             self.max_reasks,
             |raw| {
@@ -236,11 +253,13 @@ impl Judge {
         seed: u64,
     ) -> Result<Answer<f64>, Error> {
         let req = self.score_request(prompt, response, criteria);
-        ask(
+        let reask = self.reask_request(&req);
+        ask_with(
             &*self.backend,
             id,
             call,
             &req,
+            reask.as_ref(),
             seed,
             self.max_reasks,
             |raw| {

@@ -63,7 +63,7 @@ use std::num::NonZeroUsize;
 
 use serde_json::{Map, Value};
 
-pub use judge::{parse_score, parse_verdict, Judge, Verdict};
+pub use judge::{parse_score, parse_verdict, Judge, Verdict, REASK_TEMPERATURE};
 pub use rlaif::{OnInconsistent, Rlaif, RlaifBuilder};
 pub use rlcd::{Rlcd, RlcdBuilder};
 pub use west_of_n::{ScoreRequest, Scored, Scorer, WestOfN, WestOfNBuilder};
