@@ -2,7 +2,7 @@
 //! wrappers that work around any backend.
 //!
 //! A backend takes a [`CompletionRequest`] by value and returns a [`Completion`] or a typed
-//! [`BackendError`](crate::BackendError). Everything the generator needs from a model goes
+//! [`BackendError`]. Everything the generator needs from a model goes
 //! through this one method, so a user-written backend (a company gateway, a batch API, a model
 //! running in the same process) plugs in with a few lines:
 //!
