@@ -124,49 +124,49 @@ fn fake_latency() -> Option<Duration> {
 pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
     let kind = args.backend.unwrap_or_else(default_kind);
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(CliError::usage("--timeout must be a positive number of seconds"));
+        return Err(CliError::usage(
+            "--timeout must be a positive number of seconds",
+        ));
     }
     let latency = fake_latency();
-    let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) =
-        match kind {
-            BackendKind::Fake => {
-                let mut fake = FakeBackend::new();
-                if let Some(l) = latency {
-                    fake = fake.with_latency(l);
-                }
-                (Arc::new(fake), None)
+    let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) = match kind {
+        BackendKind::Fake => {
+            let mut fake = FakeBackend::new();
+            if let Some(l) = latency {
+                fake = fake.with_latency(l);
             }
-            BackendKind::FakeUnauthorized => (
-                Arc::new(ScriptedBackend::from_fn(|_| {
-                    Err(BackendError::new(
-                        BackendErrorKind::Authentication,
-                        "invalid API key",
-                    )
-                    .with_status(401))
-                })),
-                None,
-            ),
-            BackendKind::FakeUnreachable => (
-                Arc::new(ScriptedBackend::from_fn(|_| {
-                    Err(BackendError::new(
-                        BackendErrorKind::Connection,
-                        "connection refused",
-                    ))
-                })),
-                None,
-            ),
-            BackendKind::FakeFlaky => {
-                let fake = FakeBackend::new();
-                let flaky = Flaky { inner: fake };
-                (Arc::new(flaky), None)
-            }
-            BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local => {
-                return Err(CliError::fatal(format!(
-                    "backend `{}` is not available in this build of rmboost",
-                    kind.name()
-                )));
-            }
-        };
+            (Arc::new(fake), None)
+        }
+        BackendKind::FakeUnauthorized => (
+            Arc::new(ScriptedBackend::from_fn(|_| {
+                Err(
+                    BackendError::new(BackendErrorKind::Authentication, "invalid API key")
+                        .with_status(401),
+                )
+            })),
+            None,
+        ),
+        BackendKind::FakeUnreachable => (
+            Arc::new(ScriptedBackend::from_fn(|_| {
+                Err(BackendError::new(
+                    BackendErrorKind::Connection,
+                    "connection refused",
+                ))
+            })),
+            None,
+        ),
+        BackendKind::FakeFlaky => {
+            let fake = FakeBackend::new();
+            let flaky = Flaky { inner: fake };
+            (Arc::new(flaky), None)
+        }
+        BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local => {
+            return Err(CliError::fatal(format!(
+                "backend `{}` is not available in this build of rmboost",
+                kind.name()
+            )));
+        }
+    };
     let description = describe(kind, args, &*inner);
     let (metered, meter) = Meter::new(inner);
     Ok(Built {
@@ -204,10 +204,11 @@ impl LlmBackend for Flaky {
             .last()
             .is_some_and(|m| m.content.contains("</response>"));
         if !second && request.seed.unwrap_or(0) % 4 == 0 {
-            return Err(
-                BackendError::new(BackendErrorKind::InvalidRequest, "rejected by the fake")
-                    .with_status(400),
-            );
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                "rejected by the fake",
+            )
+            .with_status(400));
         }
         self.inner.complete(request).await
     }

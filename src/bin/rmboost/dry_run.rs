@@ -130,7 +130,12 @@ fn text_block(
         let _ = write!(label, ", margin {m}");
     }
     let _ = writeln!(out, "label:   {label}");
-    let names: Vec<&str> = plan.aspects.aspects.iter().map(|a| a.name.as_str()).collect();
+    let names: Vec<&str> = plan
+        .aspects
+        .aspects
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
     match plan.aspects.model_picks {
         Some(k) => {
             let _ = writeln!(

@@ -248,10 +248,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     };
     let wd = watchdog.clone();
     let result = runner::run_to_file(
-        move |prompts| {
-            rmb.try_generate(prompts)
-                .inspect(move |r| wd.observe(r))
-        },
+        move |prompts| rmb.try_generate(prompts).inspect(move |r| wd.observe(r)),
         stream::iter(reader),
         &args.output,
         options,
@@ -280,7 +277,15 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         // Nothing was written: leave no empty file behind.
         let _ = std::fs::remove_file(&args.output);
     }
-    let report = report(&args, &snapshot, &built.stats, prices, wall, status, error.clone());
+    let report = report(
+        &args,
+        &snapshot,
+        &built.stats,
+        prices,
+        wall,
+        status,
+        error.clone(),
+    );
     let report = Report {
         backend: built.description.clone(),
         ledger: ledger_path.exists().then_some(ledger_path),
@@ -289,9 +294,8 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     print!("{report}");
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-        std::fs::write(path, json + "\n").map_err(|e| {
-            CliError::fatal(format!("cannot write {}: {e}", path.display()))
-        })?;
+        std::fs::write(path, json + "\n")
+            .map_err(|e| CliError::fatal(format!("cannot write {}: {e}", path.display())))?;
     }
     match error {
         Some(message) => Err(CliError { code, message }),

@@ -148,8 +148,10 @@ impl Display {
                         ),
                     None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
                         .with_style(
-                            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} {msg}")
-                                .expect("valid template"),
+                            ProgressStyle::with_template(
+                                "{spinner} [{elapsed_precise}] {pos} {msg}",
+                            )
+                            .expect("valid template"),
                         ),
                 };
                 bar.enable_steady_tick(Duration::from_millis(200));

@@ -75,8 +75,14 @@ impl Shard {
         let (i, n) = s
             .split_once('/')
             .ok_or_else(|| format!("`{s}`: expected I/N, e.g. 0/4"))?;
-        let index: u32 = i.trim().parse().map_err(|_| format!("`{i}` is not a number"))?;
-        let count: u32 = n.trim().parse().map_err(|_| format!("`{n}` is not a number"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{i}` is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a number"))?;
         if count == 0 || index >= count {
             return Err(format!("{index}/{count}: need N >= 1 and 0 <= I < N"));
         }
@@ -498,7 +504,10 @@ mod tests {
             let id = format!("q{n}");
             assert_eq!(shards.iter().filter(|s| s.contains(&id)).count(), 1);
         }
-        assert_eq!(Shard::parse(" 1 / 3").unwrap(), Shard { index: 1, count: 3 });
+        assert_eq!(
+            Shard::parse(" 1 / 3").unwrap(),
+            Shard { index: 1, count: 3 }
+        );
     }
 
     #[test]

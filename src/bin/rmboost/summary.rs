@@ -143,7 +143,11 @@ impl fmt::Display for Report {
         if let Some(l) = &self.ledger {
             rows.push((
                 "failure ledger",
-                format!("{} ({} ids still failing)", l.display(), self.ledger_pending),
+                format!(
+                    "{} ({} ids still failing)",
+                    l.display(),
+                    self.ledger_pending
+                ),
             ));
         }
         writeln!(f, "rmboost generate: {}", self.status.text())?;
