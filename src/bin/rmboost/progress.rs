@@ -141,7 +141,7 @@ impl Display {
                     Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr())
                         .with_style(
                             ProgressStyle::with_template(
-                                "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}",
+                                "{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}",
                             )
                             .expect("valid template")
                             .progress_chars("=> "),
