@@ -21,6 +21,39 @@
 //!     }
 //! }
 //! ```
+//!
+//! # Backends and wrappers behind features
+//!
+//! | module | feature | what |
+//! |---|---|---|
+//! | [`openai`](self) | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
+//! | [`anthropic`](self) | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
+//! | [`retry`](self) | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
+//! | [`rate_limit`](self) | `middleware` | `RateLimit`, requests and tokens per minute |
+//!
+//! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
+//! `name()` and `model()`. Put the rate limit inside the retry so that retries are limited
+//! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
+
+#[cfg(feature = "anthropic")]
+pub mod anthropic;
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+mod http;
+#[cfg(feature = "openai")]
+pub mod openai;
+#[cfg(feature = "middleware")]
+pub mod rate_limit;
+#[cfg(feature = "middleware")]
+pub mod retry;
+
+#[cfg(feature = "anthropic")]
+pub use anthropic::AnthropicBackend;
+#[cfg(feature = "openai")]
+pub use openai::OpenAiBackend;
+#[cfg(feature = "middleware")]
+pub use rate_limit::RateLimit;
+#[cfg(feature = "middleware")]
+pub use retry::{Retry, RetryPolicy, RetryStats};
 
 use std::borrow::Cow;
 use std::fmt;

@@ -5,6 +5,7 @@
 //! exactly the tokens the provider bills.
 
 use std::borrow::Cow;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,13 @@ use rmboost::{
     async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend, Usage,
 };
 
+use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::openai::OpenAiBackend;
+use rmboost::backend::rate_limit::RateLimit;
+use rmboost::backend::retry::{Retry, RetryPolicy};
+
 use crate::args::{BackendArgs, BackendKind};
-use crate::setup::CliError;
+use crate::setup::{error_chain, CliError};
 
 /// Counts every completion that comes back from the provider: calls and tokens, re-asks and
 /// examples that later failed included (what the provider bills).
@@ -160,7 +166,9 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
             let flaky = Flaky { inner: fake };
             (Arc::new(flaky), None)
         }
-        BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local => {
+        BackendKind::Openai => wrap(openai(args)?, args)?,
+        BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
+        BackendKind::Local => {
             return Err(CliError::fatal(format!(
                 "backend `{}` is not available in this build of rmboost",
                 kind.name()
@@ -174,6 +182,86 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
         stats: BackendStats { meter, retries },
         description,
     })
+}
+
+/// The key's environment variable: `--api-key-env`, else `default_var` when it is set, else
+/// none (a local server needs no key) unless `required`.
+fn key_var(
+    args: &BackendArgs,
+    default_var: &str,
+    required: bool,
+) -> Result<Option<String>, CliError> {
+    if let Some(var) = &args.api_key_env {
+        return Ok(Some(var.clone()));
+    }
+    if std::env::var_os(default_var).is_some() || required {
+        return Ok(Some(default_var.to_string()));
+    }
+    Ok(None)
+}
+
+fn timeout(args: &BackendArgs) -> Duration {
+    Duration::from_secs_f64(args.timeout)
+}
+
+fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
+    let model =
+        match (&args.model, &args.base_url) {
+            (Some(m), _) => m.clone(),
+            // Servers such as llama.cpp's answer with their one model whatever the name.
+            (None, Some(_)) => "default".to_string(),
+            (None, None) => return Err(CliError::usage(
+                "--backend openai needs --model (and --base-url for a server other than OpenAI)",
+            )),
+        };
+    let mut b = OpenAiBackend::builder().model(model).timeout(timeout(args));
+    if let Some(url) = &args.base_url {
+        b = b.base_url(url.clone());
+    }
+    if let Some(var) = key_var(args, "OPENAI_API_KEY", args.base_url.is_none())? {
+        b = b.api_key_env(var);
+    }
+    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
+}
+
+fn anthropic(args: &BackendArgs) -> Result<AnthropicBackend, CliError> {
+    let Some(model) = &args.model else {
+        return Err(CliError::usage("--backend anthropic needs --model"));
+    };
+    let mut b = AnthropicBackend::builder()
+        .model(model.clone())
+        .timeout(timeout(args));
+    if let Some(url) = &args.base_url {
+        b = b.base_url(url.clone());
+    }
+    if let Some(var) = key_var(args, "ANTHROPIC_API_KEY", args.base_url.is_none())? {
+        b = b.api_key_env(var);
+    }
+    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
+}
+
+/// Puts the rate limit (`--rpm`, `--tpm`) inside the retry (`--retries`), so that retries are
+/// limited too.
+fn wrap<B: LlmBackend + 'static>(
+    backend: B,
+    args: &BackendArgs,
+) -> Result<(Arc<dyn LlmBackend>, Option<RetryCounter>), CliError> {
+    let mut limited = RateLimit::new(backend);
+    if let Some(rpm) = args.rpm {
+        let rpm =
+            NonZeroU32::new(rpm).ok_or_else(|| CliError::usage("--rpm must be at least 1"))?;
+        limited = limited.requests_per_minute(rpm);
+    }
+    if let Some(tpm) = args.tpm {
+        let tpm =
+            NonZeroU32::new(tpm).ok_or_else(|| CliError::usage("--tpm must be at least 1"))?;
+        limited = limited.tokens_per_minute(tpm);
+    }
+    let attempts = NonZeroU32::new(args.retries.saturating_add(1)).expect("at least 1");
+    let retry = Retry::with_policy(limited, RetryPolicy::default().max_attempts(attempts));
+    let stats = retry.stats();
+    let counter: RetryCounter = Arc::new(move || stats.retries());
+    Ok((Arc::new(retry), Some(counter)))
 }
 
 fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> String {
