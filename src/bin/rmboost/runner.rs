@@ -329,7 +329,7 @@ where
         .filter_map(future::ready)
         .boxed();
 
-    let mut results = std::pin::pin!(generate(filtered));
+    let mut results = Box::pin(generate(filtered));
     let mut ledger: Option<File> = None;
     let mut failed_error: Option<Error> = None;
     let mut line = Vec::with_capacity(4096);
@@ -372,6 +372,7 @@ where
             }
         }
     }
+    // Dropping the stream cancels whatever is still in flight (after a fatal error).
     drop(results);
     out.flush().map_err(io_err(output))?;
     if let Err(e) = out.sync_data() {
