@@ -80,9 +80,14 @@ impl Tick {
 
     /// "3.1 ex/s, 2 failed, 0 retries, 12.3k tokens, $0.0123, ETA 1m 05s"
     fn details(&self, total: Option<u64>) -> String {
+        let rate = self.rate();
+        let rate = if rate >= 1.0 || rate == 0.0 {
+            format!("{rate:.1} ex/s")
+        } else {
+            format!("{:.1} ex/min", rate * 60.0)
+        };
         let mut s = format!(
-            "{:.1} ex/s, {} failed, {} retries, {} tokens",
-            self.rate(),
+            "{rate}, {} failed, {} retries, {} tokens",
             self.failed,
             self.retries,
             human_count(self.tokens)
@@ -124,7 +129,12 @@ pub(crate) fn human_duration(d: Duration) -> String {
 /// How progress is shown.
 pub(crate) enum Display {
     Bar(ProgressBar),
-    Lines { every: Duration, last: Duration },
+    /// A line every `every` when something changed, and at least once a minute.
+    Lines {
+        every: Duration,
+        last: Duration,
+        shown: Option<(u64, u64)>,
+    },
     Off,
 }
 
@@ -161,6 +171,7 @@ impl Display {
             ProgressKind::Auto | ProgressKind::Log => Display::Lines {
                 every: log_interval(),
                 last: Duration::ZERO,
+                shown: None,
             },
         }
     }
@@ -175,9 +186,13 @@ impl Display {
                 bar.set_position(tick.processed);
                 bar.set_message(tick.details(total));
             }
-            Display::Lines { every, last } => {
-                if tick.elapsed >= *last + *every {
+            Display::Lines { every, last, shown } => {
+                let state = Some((tick.processed, tick.tokens));
+                let due = tick.elapsed >= *last + *every;
+                let heartbeat = tick.elapsed >= *last + (*every).max(Duration::from_secs(60));
+                if (due && state != *shown) || heartbeat {
                     *last = tick.elapsed;
+                    *shown = state;
                     notice(&progress_line(tick, total));
                 }
             }
@@ -240,6 +255,12 @@ mod tests {
             cost: Some(0.5),
             elapsed: Duration::from_secs(5),
         };
+        let slow = Tick {
+            processed: 1,
+            elapsed: Duration::from_secs(30),
+            ..Tick::default()
+        };
+        assert!(progress_line(&slow, None).contains("2.0 ex/min"));
         let line = progress_line(&tick, Some(20));
         assert_eq!(
             line,
