@@ -8,7 +8,7 @@ without cleaning up does not leave a server behind). Use --no-stdin-watch to kee
 with stdin detached (e.g. `< /dev/null` from a shell).
 
     python scripts/serve_llama.py --model PATH.gguf [--port 0] [--n-ctx 4096]
-        [--parallel 2] [--threads 2]
+        [--parallel 2] [--threads 2] [--poll 0]
 """
 
 import argparse
@@ -29,6 +29,9 @@ def parse_args(argv):
     p.add_argument("--parallel", type=int, default=2,
                    help="number of slots decoding at once (default 2)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--poll", type=int, default=0,
+                   help="busy-wait level of idle threads, 0-100 (default 0: sleep, which "
+                        "behaves far better on a machine shared with other work)")
     p.add_argument("--no-stdin-watch", action="store_true",
                    help="do not exit when standard input closes")
     return p.parse_args(argv)
@@ -57,6 +60,8 @@ def main(argv=None):
     params.n_parallel = args.parallel
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
+    params.cpuparams.poll = args.poll
+    params.cpuparams_batch.poll = args.poll
 
     stop = threading.Event()
 

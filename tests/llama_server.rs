@@ -7,16 +7,20 @@
 
 mod support;
 
-use std::collections::HashSet;
-use std::num::NonZeroU32;
+use std::collections::{HashMap, HashSet};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::StreamExt;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::rate_limit::RateLimit;
 use rmboost::backend::retry::Retry;
 use rmboost::{
-    BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams,
+    async_trait, Aspects, BackendError, BackendErrorKind, Completion, CompletionRequest,
+    DefaultTemplate, Error, FinishReason, Label, LlmBackend, Message, Prompt, PromptTemplate,
+    RmBoost, SamplingParams, Summary,
 };
 use support::LlamaServer;
 
@@ -148,4 +152,154 @@ async fn real_server_errors_are_classified() {
         .unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::NotFound, "{e:?}");
     assert!(e.is_fatal());
+}
+
+/// Records every answer by the request's messages, to check the construction rule afterwards.
+struct Recording<B> {
+    inner: B,
+    answers: Mutex<HashMap<Vec<Message>, Vec<String>>>,
+}
+
+#[async_trait]
+impl<B: LlmBackend> LlmBackend for Recording<B> {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let messages = request.messages.clone();
+        let completion = self.inner.complete(request).await?;
+        self.answers
+            .lock()
+            .unwrap()
+            .entry(messages)
+            .or_default()
+            .push(completion.text.clone());
+        Ok(completion)
+    }
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        self.inner.name()
+    }
+    fn model(&self) -> std::borrow::Cow<'_, str> {
+        self.inner.model()
+    }
+}
+
+const QUESTIONS: [&str; 24] = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Give one tip for sleeping better.",
+    "What does a thermometer measure?",
+    "Name three primary colours.",
+    "How many legs does a spider have?",
+    "What is photosynthesis, in one sentence?",
+    "Suggest a name for a pet goldfish.",
+    "Why do we need to drink water?",
+    "What is 12 times 12?",
+    "Describe a cat in one sentence.",
+    "What is the boiling point of water at sea level?",
+    "Give a synonym for happy.",
+    "What is the largest planet in the solar system?",
+    "How do you say hello in Spanish?",
+    "Why do leaves change colour in autumn?",
+    "What is a noun?",
+    "Recommend a healthy breakfast.",
+    "What causes rain?",
+    "Who wrote Romeo and Juliet?",
+    "What is the opposite of cold?",
+    "Why should we recycle plastic?",
+    "What is the main ingredient of bread?",
+    "How many days are in a leap year?",
+];
+
+/// A full RMBoost run over 24 prompts through the OpenAI backend (wrapped in `Retry`): every
+/// example produced is valid and follows the construction rule; failures are counted, and may
+/// only be unusable answers (a 135M model often ignores the answer format), never transport
+/// errors.
+#[tokio::test]
+async fn full_rmboost_run_through_the_openai_backend() {
+    let server = LlamaServer::shared();
+    let retry = Retry::new(backend(server));
+    let stats = retry.stats();
+    let recording = std::sync::Arc::new(Recording {
+        inner: retry,
+        answers: Mutex::new(HashMap::new()),
+    });
+    let rmb = RmBoost::builder()
+        .backend_arc(recording.clone())
+        .aspects(Aspects::general())
+        .concurrency(NonZeroUsize::new(4).unwrap())
+        .seed(1)
+        .first_params(SamplingParams::default().temperature(0.7).max_tokens(96))
+        .second_params(SamplingParams::default().temperature(0.7).max_tokens(192))
+        .build()
+        .unwrap();
+    let prompts: Vec<Prompt> = QUESTIONS
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Prompt::with_id(format!("q{i:02}"), *q))
+        .collect();
+    let by_id: HashMap<String, Prompt> =
+        prompts.iter().map(|p| (p.id.clone(), p.clone())).collect();
+
+    let started = Instant::now();
+    let results: Vec<Result<_, Error>> = rmb
+        .generate(futures::stream::iter(prompts.clone()))
+        .collect()
+        .await;
+    let wall = started.elapsed();
+
+    assert_eq!(results.len(), prompts.len(), "one result per prompt");
+    let mut summary = Summary::default();
+    let mut ids = HashSet::new();
+    let template = DefaultTemplate::new();
+    let answers = recording.answers.lock().unwrap();
+    for result in &results {
+        summary.record(result);
+        match result {
+            Ok(ex) => {
+                assert!(ids.insert(ex.id.clone()), "duplicate id {}", ex.id);
+                assert!(!ex.chosen.trim().is_empty(), "{}: empty chosen", ex.id);
+                assert!(!ex.rejected.trim().is_empty(), "{}: empty rejected", ex.id);
+                assert_ne!(ex.chosen, ex.rejected, "{}", ex.id);
+                assert!(!ex.aspects.is_empty(), "{}", ex.id);
+                // The construction rule: the first response is rejected when the label is
+                // "better" and chosen when it is "worse".
+                let plan = rmb.plan(by_id[&ex.id].clone());
+                assert_eq!(plan.label.label, ex.label, "{}", ex.id);
+                let first_request = rmb.first_request(&plan);
+                let firsts: Vec<String> = answers
+                    .get(&first_request.messages)
+                    .unwrap_or_else(|| panic!("{}: no first answer recorded", ex.id))
+                    .iter()
+                    .filter_map(|raw| template.accept_first(raw).ok())
+                    .collect();
+                let first_side = match ex.label {
+                    Label::Better => &ex.rejected,
+                    Label::Worse => &ex.chosen,
+                };
+                assert!(
+                    firsts.contains(first_side),
+                    "{}: label {:?} but the first response is not on its side",
+                    ex.id,
+                    ex.label
+                );
+                assert!(ex.metadata.usage["total"].total() > 0);
+            }
+            Err(e) => {
+                assert!(e.example_id().is_some(), "{e}");
+                assert!(
+                    matches!(e, Error::Unusable { .. }),
+                    "a transport failure is not expected from a local server: {e} ({:?})",
+                    std::error::Error::source(e)
+                );
+            }
+        }
+    }
+    eprintln!(
+        "RMBoost over llama.cpp: {} prompts, {summary}, backend retries {}, wall {:.1?}",
+        prompts.len(),
+        stats.retries(),
+        wall
+    );
+    assert!(
+        summary.examples * 2 >= prompts.len() as u64,
+        "fewer than half the prompts gave an example: {summary}"
+    );
 }

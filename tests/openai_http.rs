@@ -382,7 +382,8 @@ async fn an_error_object_in_a_200_body_is_classified() {
 #[tokio::test]
 async fn retry_after_header_forms_are_parsed() {
     let in_30s = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
-    let cases: Vec<(Vec<(&str, String)>, Duration, Duration)> = vec![
+    type Headers<'a> = Vec<(&'a str, String)>;
+    let cases: Vec<(Headers, Duration, Duration)> = vec![
         (
             vec![("retry-after", "7".into())],
             Duration::from_secs(7),

@@ -97,7 +97,6 @@ pub struct AnthropicBackend {
 
 impl AnthropicBackend {
     /// A builder with the defaults (Anthropic's base URL, no key, no model).
-    #[must_use]
     pub fn builder() -> AnthropicBackendBuilder {
         AnthropicBackendBuilder {
             config: HttpConfig::new(DEFAULT_BASE_URL),
@@ -136,10 +135,10 @@ impl AnthropicBackend {
         }
         body.insert("messages".into(), Value::Array(messages));
         if let Some(t) = request.temperature {
-            body.insert("temperature".into(), json!(t));
+            body.insert("temperature".into(), http::f32_json(t));
         }
         if let Some(p) = request.top_p {
-            body.insert("top_p".into(), json!(p));
+            body.insert("top_p".into(), http::f32_json(p));
         }
         if !request.stop.is_empty() {
             body.insert("stop_sequences".into(), json!(request.stop));

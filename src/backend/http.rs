@@ -181,6 +181,15 @@ pub(crate) fn transport_error(err: reqwest::Error, url: &Url) -> BackendError {
     BackendError::new(kind, format!("{what}: POST {where_}")).with_source(err.without_url())
 }
 
+/// An `f32` setting as JSON, written as its shortest decimal (`0.7`, not `0.699999988...`).
+pub(crate) fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
 /// Sends `body` as JSON to `url` and reads the whole answer as text.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
@@ -641,6 +650,13 @@ mod tests {
         assert!(c.endpoint("x").is_err());
         c.base_url = "not a url".into();
         assert!(c.endpoint("x").is_err());
+    }
+
+    #[test]
+    fn f32_settings_are_written_short() {
+        assert_eq!(serde_json::to_string(&f32_json(0.7)).unwrap(), "0.7");
+        assert_eq!(serde_json::to_string(&f32_json(0.0)).unwrap(), "0.0");
+        assert_eq!(f32_json(f32::NAN), Value::Null);
     }
 
     #[test]

@@ -26,10 +26,10 @@
 //!
 //! | module | feature | what |
 //! |---|---|---|
-//! | [`openai`](self) | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
-//! | [`anthropic`](self) | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
-//! | [`retry`](self) | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
-//! | [`rate_limit`](self) | `middleware` | `RateLimit`, requests and tokens per minute |
+//! | `openai` | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
+//! | `anthropic` | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
+//! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
+//! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
 //! `name()` and `model()`. Put the rate limit inside the retry so that retries are limited
@@ -54,6 +54,10 @@ pub use openai::OpenAiBackend;
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
 pub use retry::{Retry, RetryPolicy, RetryStats};
+
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod cache;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -96,7 +96,6 @@ pub struct OpenAiBackend {
 
 impl OpenAiBackend {
     /// A builder with the defaults (OpenAI's base URL, no key, no model).
-    #[must_use]
     pub fn builder() -> OpenAiBackendBuilder {
         OpenAiBackendBuilder {
             config: HttpConfig::new(DEFAULT_BASE_URL),
@@ -120,10 +119,10 @@ impl OpenAiBackend {
             .collect();
         body.insert("messages".into(), Value::Array(messages));
         if let Some(t) = request.temperature {
-            body.insert("temperature".into(), json!(t));
+            body.insert("temperature".into(), http::f32_json(t));
         }
         if let Some(p) = request.top_p {
-            body.insert("top_p".into(), json!(p));
+            body.insert("top_p".into(), http::f32_json(p));
         }
         if let Some(n) = request.max_tokens {
             body.insert(self.max_tokens_field.clone(), json!(n));
@@ -479,7 +478,7 @@ mod tests {
             .unwrap();
         let req = CompletionRequest {
             messages: vec![Message::system("s"), Message::user("u")],
-            temperature: Some(0.5),
+            temperature: Some(0.7),
             top_p: None,
             max_tokens: Some(8),
             seed: Some(3),
@@ -489,7 +488,7 @@ mod tests {
         assert_eq!(
             body,
             json!({"model": "m", "messages": [{"role": "system", "content": "s"},
-                {"role": "user", "content": "u"}], "temperature": 0.5, "max_tokens": 8,
+                {"role": "user", "content": "u"}], "temperature": 0.7, "max_tokens": 8,
                 "seed": 3, "stop": ["END"], "top_k": 40})
         );
     }
