@@ -11,7 +11,12 @@ use rmboost::{BackendErrorKind, Error, ExampleFormat, OutputOrder, PreferenceExa
 use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
 use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
-use crate::runner::{self, BadLinePolicy, RunOptions, Shard, StopSignal};
+use rmboost::io::FailureLedger;
+use rmboost::run::{
+    run_to_file, BadLinePolicy, ExistingOutput, Progress, RunOptions, RunSummary, Shard, StopSignal,
+};
+
+use crate::runner;
 use crate::setup::{self, error_chain, CliError, EXIT_COST, EXIT_FATAL, EXIT_INTERRUPTED};
 use crate::summary::{Report, Status, Tokens};
 
@@ -103,7 +108,7 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
     let shard = args
         .shard
         .as_deref()
-        .map(Shard::parse)
+        .map(runner::parse_shard)
         .transpose()
         .map_err(|m| CliError::usage(format!("--shard {m}")))?;
     if args.input == args.output {
@@ -116,7 +121,7 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
 fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
     let lines = runner::count_lines(&args.input)?;
     let mut todo = match shard {
-        Some(s) => lines.div_ceil(u64::from(s.count)),
+        Some(s) => lines.div_ceil(u64::from(s.count())),
         None => lines,
     };
     if !args.overwrite {
@@ -128,7 +133,7 @@ fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
     })
 }
 
-fn tick(p: &runner::RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instant) -> Tick {
+fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instant) -> Tick {
     let usage = stats.meter.usage();
     Tick {
         processed: p.generation.examples + p.generation.failed(),
@@ -160,7 +165,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let ledger_path = args
         .ledger
         .clone()
-        .unwrap_or_else(|| runner::default_ledger(&args.output));
+        .unwrap_or_else(|| FailureLedger::default_path(&args.output));
     let existed = args.output.exists();
     let total = expected_total(&args, shard);
 
@@ -185,7 +190,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         })
     };
 
-    let live = runner::Progress::new();
+    let live = Progress::new();
     let finished = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
     let cost_hit = Arc::new(AtomicBool::new(false));
@@ -230,24 +235,31 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         reason: Mutex::new(None),
         stop: stop.clone(),
     });
-    let options = RunOptions {
-        format: match args.format {
+    let mut options = RunOptions::new()
+        .format(match args.format {
             FormatKind::Conversational => ExampleFormat::Conversational,
             FormatKind::Standard => ExampleFormat::Standard,
-        },
-        overwrite: args.overwrite,
-        bad_lines: match args.on_bad_line {
+        })
+        .existing(if args.overwrite {
+            ExistingOutput::Overwrite
+        } else {
+            ExistingOutput::Resume
+        })
+        .bad_lines(match args.on_bad_line {
             BadLineKind::Skip => BadLinePolicy::Skip,
             BadLineKind::Stop => BadLinePolicy::Stop,
-        },
-        shard,
-        ledger: ledger_path.clone(),
-        limit: args.limit,
-        stop: stop.clone(),
-        progress: live.clone(),
-    };
+        })
+        .ledger(ledger_path.clone())
+        .stop_signal(stop.clone())
+        .progress(live.clone());
+    if let Some(shard) = shard {
+        options = options.shard(shard);
+    }
+    if let Some(limit) = args.limit {
+        options = options.limit(limit);
+    }
     let wd = watchdog.clone();
-    let result = runner::run_to_file(
+    let result = run_to_file(
         move |prompts| rmb.try_generate(prompts).inspect(move |r| wd.observe(r)),
         stream::iter(reader),
         &args.output,
@@ -309,7 +321,7 @@ fn is_empty_file(path: &Path) -> bool {
 
 fn report(
     args: &GenerateArgs,
-    s: &runner::RunSummary,
+    s: &RunSummary,
     stats: &BackendStats,
     prices: Option<Prices>,
     wall: Duration,
