@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use support::LlamaServer;
-use wiremock::matchers::{method, path};
+use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
@@ -67,7 +67,14 @@ async fn permanent_401_is_fatal_with_one_line_and_no_output() {
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
         .arg(&out)
-        .args(["--backend", "openai", "--model", "gpt-test", "--base-url"])
+        .args([
+            "--backend",
+            "openai",
+            "--model",
+            "gpt-test",
+            "--no-cache",
+            "--base-url",
+        ])
         .arg(format!("{}/v1", server.uri()))
         .env("OPENAI_API_KEY", KEY)
         .output()
@@ -92,7 +99,7 @@ fn a_missing_key_is_a_one_line_error() {
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
         .arg(dir.path().join("out.jsonl"))
-        .args(["--backend", "openai", "--model", "gpt-test"])
+        .args(["--backend", "openai", "--model", "gpt-test", "--no-cache"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
@@ -103,7 +110,13 @@ fn a_missing_key_is_a_one_line_error() {
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
         .arg(dir.path().join("out.jsonl"))
-        .args(["--backend", "anthropic", "--model", "claude-test"])
+        .args([
+            "--backend",
+            "anthropic",
+            "--model",
+            "claude-test",
+            "--no-cache",
+        ])
         .args(["--api-key-env", "MY_KEY_VAR"])
         .output()
         .unwrap();
@@ -163,8 +176,10 @@ fn three_prompts_against_a_real_llama_cpp_server() {
             "2",
             "--seed",
             "1",
-            "--summary-json",
+            "--cache-dir",
         ])
+        .arg(dir.path().join("cache"))
+        .arg("--summary-json")
         .arg(dir.path().join("s.json"))
         .arg("--base-url")
         .arg(server.v1())
@@ -200,4 +215,105 @@ fn three_prompts_against_a_real_llama_cpp_server() {
         assert!(!r["chosen"][0]["content"].as_str().unwrap().is_empty());
     }
     assert!(text(&o.stdout).contains("rmboost generate: completed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rerun_is_answered_from_the_response_cache() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(body_string_contains("response>"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(support::openai_body(
+                "<response>It is a thing people ask about, in short.</response>",
+                "stop",
+            )),
+        )
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(support::openai_body("A full and careful answer.", "stop")),
+        )
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 4);
+    let out = dir.path().join("out.jsonl");
+    let go = || {
+        cmd()
+            .args(["generate", "-i", &input, "-o"])
+            .arg(&out)
+            .args(["--backend", "openai", "--model", "gpt-test", "--overwrite"])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--base-url")
+            .arg(format!("{}/v1", server.uri()))
+            .arg("--summary-json")
+            .arg(dir.path().join("s.json"))
+            .env("OPENAI_API_KEY", KEY)
+            .output()
+            .unwrap()
+    };
+    let summary = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap()
+    };
+    let o = go();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert_eq!(summary()["examples_written"], 4, "{}", summary());
+    assert_eq!(summary()["cache"]["misses"], 8, "{}", summary());
+    let calls = server.received_requests().await.unwrap().len();
+    assert_eq!(calls, 8);
+
+    let o = go();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let s = summary();
+    assert_eq!(s["examples_written"], 4, "{s}");
+    assert_eq!(s["cache"]["hits"], 8, "{s}");
+    assert_eq!(s["tokens"]["total"], 0, "cache hits cost nothing: {s}");
+    assert_eq!(server.received_requests().await.unwrap().len(), calls);
+    assert!(
+        text(&o.stdout).contains("8 hits, 0 misses"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_no_key(&o);
+
+    // --clear-cache empties it first.
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(&out)
+        .args([
+            "--backend",
+            "openai",
+            "--model",
+            "gpt-test",
+            "--overwrite",
+            "--clear-cache",
+        ])
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--base-url")
+        .arg(format!("{}/v1", server.uri()))
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(server.received_requests().await.unwrap().len(), calls + 8);
 }

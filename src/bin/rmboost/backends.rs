@@ -111,6 +111,8 @@ pub(crate) struct Built {
     pub(crate) stats: BackendStats,
     /// `name` / `model` / where, for the summary (never a key).
     pub(crate) description: String,
+    /// Whether this is a real model (worth caching), not a test backend.
+    pub(crate) real: bool,
 }
 
 /// The default backend when `--backend` is not given.
@@ -181,6 +183,10 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
         backend: Arc::new(metered),
         stats: BackendStats { meter, retries },
         description,
+        real: matches!(
+            kind,
+            BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local
+        ),
     })
 }
 

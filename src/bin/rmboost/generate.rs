@@ -1,6 +1,6 @@
 //! `rmboost generate`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use rmboost::{BackendErrorKind, Error, ExampleFormat, OutputOrder, PreferenceExa
 use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
 use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
+use rmboost::backend::cache::{Cache, Cached};
 use rmboost::io::FailureLedger;
 use rmboost::run::{
     run_to_file, BadLinePolicy, ExistingOutput, Progress, RunOptions, RunSummary, Shard, StopSignal,
@@ -18,7 +19,7 @@ use rmboost::run::{
 
 use crate::runner;
 use crate::setup::{self, error_chain, CliError, EXIT_COST, EXIT_FATAL, EXIT_INTERRUPTED};
-use crate::summary::{Report, Status, Tokens};
+use crate::summary::{CacheReport, Report, Status, Tokens};
 
 /// Prices per million tokens.
 #[derive(Debug, Clone, Copy)]
@@ -150,8 +151,10 @@ fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instan
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
     let (prices, shard) = validate(&args)?;
-    if args.clear_cache || args.cache_dir.is_some() {
-        tracing::warn!("this build of rmboost has no response cache: --clear-cache and --cache-dir are ignored");
+    if args.no_cache && (args.clear_cache || args.cache_dir.is_some()) {
+        return Err(CliError::usage(
+            "--no-cache cannot be combined with --clear-cache or --cache-dir",
+        ));
     }
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
@@ -160,7 +163,8 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
-    let rmb = setup::generator(&args.gen, built.backend.clone(), order)?;
+    let (backend, cache) = with_cache(&args, &built).await?;
+    let rmb = setup::generator(&args.gen, backend, order)?;
     let stats = built.stats.clone();
     let ledger_path = args
         .ledger
@@ -300,6 +304,14 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     );
     let report = Report {
         backend: built.description.clone(),
+        cache: cache.as_ref().map(|c| {
+            let st = c.stats();
+            CacheReport {
+                path: c.path().to_path_buf(),
+                hits: st.hits,
+                misses: st.misses,
+            }
+        }),
         ledger: ledger_path.exists().then_some(ledger_path),
         ..report
     };
@@ -313,6 +325,56 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         Some(message) => Err(CliError { code, message }),
         None => Ok(code),
     }
+}
+
+/// The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
+    };
+    Some(base.join("rmboost"))
+}
+
+/// Wraps a real backend in the response cache (unless `--no-cache`); a cache that cannot be
+/// opened (another run holds it, a broken file) is reported and skipped, never fatal.
+async fn with_cache(
+    args: &GenerateArgs,
+    built: &backends::Built,
+) -> Result<(Arc<dyn rmboost::LlmBackend>, Option<Cache>), CliError> {
+    if args.no_cache || !built.real {
+        return Ok((built.backend.clone(), None));
+    }
+    let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
+        tracing::warn!("no cache directory (HOME is not set): running without the response cache");
+        return Ok((built.backend.clone(), None));
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return Err(CliError::fatal(format!(
+            "cannot create the cache directory {}: {e}",
+            dir.display()
+        )));
+    }
+    let path = dir.join("responses.redb");
+    let cache = match Cache::open(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            progress::notice(&format!(
+                "rmboost: running without the response cache: {}",
+                error_chain(&e)
+            ));
+            return Ok((built.backend.clone(), None));
+        }
+    };
+    if args.clear_cache {
+        cache
+            .clear()
+            .await
+            .map_err(|e| CliError::fatal(format!("cannot clear the cache: {}", error_chain(&e))))?;
+    }
+    let cached: Arc<dyn rmboost::LlmBackend> =
+        Arc::new(Cached::new(built.backend.clone(), cache.clone()));
+    Ok((cached, Some(cache)))
 }
 
 fn is_empty_file(path: &Path) -> bool {
@@ -364,6 +426,7 @@ fn report(
         },
         wall_time_secs: secs,
         backend: String::new(),
+        cache: None,
         seed: args.gen.seed,
         output: args.output.clone(),
         ledger: None,

@@ -44,6 +44,14 @@ pub(crate) struct Tokens {
     pub(crate) total: u64,
 }
 
+/// The response cache of a run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CacheReport {
+    pub(crate) path: PathBuf,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
 /// Everything the summary shows.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
@@ -71,6 +79,8 @@ pub(crate) struct Report {
     pub(crate) examples_per_sec: f64,
     pub(crate) wall_time_secs: f64,
     pub(crate) backend: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cache: Option<CacheReport>,
     pub(crate) seed: u64,
     pub(crate) output: PathBuf,
     /// The failure ledger, when some ids still fail.
@@ -139,6 +149,17 @@ impl fmt::Display for Report {
             human_duration(std::time::Duration::from_secs_f64(self.wall_time_secs)),
         ));
         rows.push(("backend", self.backend.clone()));
+        if let Some(c) = &self.cache {
+            rows.push((
+                "response cache",
+                format!(
+                    "{} hits, {} misses ({})",
+                    c.hits,
+                    c.misses,
+                    c.path.display()
+                ),
+            ));
+        }
         rows.push(("output", self.output.display().to_string()));
         if let Some(l) = &self.ledger {
             rows.push((
