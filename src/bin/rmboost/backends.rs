@@ -297,7 +297,7 @@ impl LlmBackend for Flaky {
             .messages
             .last()
             .is_some_and(|m| m.content.contains("</response>"));
-        if !second && request.seed.unwrap_or(0) % 4 == 0 {
+        if !second && request.seed.unwrap_or(0) & 3 == 0 {
             return Err(BackendError::new(
                 BackendErrorKind::InvalidRequest,
                 "rejected by the fake",
