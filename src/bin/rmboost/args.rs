@@ -1,0 +1,335 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  # A local OpenAI-compatible server (llama.cpp, vLLM, Ollama):
+  rmboost generate --input prompts.jsonl --output pairs.jsonl \\
+      --backend openai --base-url http://127.0.0.1:8080/v1 --model smollm2
+
+  # OpenAI, with a cost limit (key from OPENAI_API_KEY):
+  rmboost generate -i prompts.jsonl -o pairs.jsonl --backend openai --model gpt-4o-mini \\
+      --price-input 0.15 --price-output 0.60 --max-cost 5
+
+  # See what would be sent for the first three prompts, without calling a model:
+  rmboost dry-run -i prompts.jsonl -n 3
+
+Rerunning the same `generate` command resumes: examples already in the output are skipped.
+
+Exit status:
+  0    every prompt was processed (failed examples are listed in the failure ledger;
+       rerun to retry them)
+  1    a fatal error (bad key, unreachable server, unreadable input, ...): one line on stderr
+  2    bad command-line flags
+  3    stopped by --max-cost (the output is valid; rerun with a higher limit to continue)
+  130  interrupted by Ctrl-C (the first Ctrl-C finishes the examples in flight and prints
+       the summary; a second one quits at once)
+
+Environment:
+  OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys (or name another variable with --api-key-env)
+  RUST_LOG                            log filter for stderr (default: warn)";
+
+/// Synthetic preference data for reward models (RMBoost).
+#[derive(Debug, Parser)]
+#[command(
+    name = "rmboost",
+    version,
+    about = "Synthetic preference data for reward models (RMBoost)",
+    long_about = "Synthetic preference data for reward models with RMBoost: for each prompt, a \
+        first response, then a second response asked to be better or worse on a few drawn \
+        aspects. The pairs are written as JSONL for TRL's reward and DPO trainers.",
+    after_help = EXAMPLES,
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Generate preference pairs from a JSONL file of prompts (resumes by default).
+    #[command(after_help = EXAMPLES)]
+    Generate(Box<GenerateArgs>),
+    /// Show the requests a run would send for the first prompts, without calling any model.
+    #[command(visible_alias = "inspect")]
+    DryRun(Box<DryRunArgs>),
+}
+
+/// Which model backend answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendKind {
+    /// A GGUF model run in-process (feature `local`).
+    Local,
+    /// An OpenAI-compatible chat completions server (OpenAI, vLLM, llama.cpp, Ollama, ...).
+    Openai,
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// Instant deterministic answers, for tests.
+    #[value(hide = true)]
+    Fake,
+    /// Every call fails with an authentication error, for tests.
+    #[value(hide = true, name = "fake-unauthorized")]
+    FakeUnauthorized,
+    /// Every call fails with a connection error, for tests.
+    #[value(hide = true, name = "fake-unreachable")]
+    FakeUnreachable,
+    /// One first-response call in four is rejected (a non-fatal failure), for tests.
+    #[value(hide = true, name = "fake-flaky")]
+    FakeFlaky,
+}
+
+impl BackendKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            BackendKind::Local => "local",
+            BackendKind::Openai => "openai",
+            BackendKind::Anthropic => "anthropic",
+            BackendKind::Fake => "fake",
+            BackendKind::FakeUnauthorized => "fake-unauthorized",
+            BackendKind::FakeUnreachable => "fake-unreachable",
+            BackendKind::FakeFlaky => "fake-flaky",
+        }
+    }
+}
+
+/// How labels are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LabelKind {
+    /// Better or worse.
+    Bernoulli,
+    /// Slightly or much better or worse; fills the `margin` column.
+    Graded,
+}
+
+/// Output line shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FormatKind {
+    /// `prompt`, `chosen`, `rejected` as lists of chat messages.
+    Conversational,
+    /// `prompt`, `chosen`, `rejected` as plain strings.
+    Standard,
+}
+
+/// Output order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OrderKind {
+    /// As each example finishes (fastest).
+    Completion,
+    /// In input order.
+    Input,
+}
+
+/// What to do with a bad input line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BadLineKind {
+    /// Report it and go on.
+    Skip,
+    /// Stop the run with an error.
+    Stop,
+}
+
+/// How progress is shown on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProgressKind {
+    /// A bar on a terminal, periodic log lines otherwise.
+    Auto,
+    /// Periodic log lines.
+    Log,
+    /// Nothing.
+    Off,
+}
+
+/// The model and how to reach it.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Model")]
+pub(crate) struct BackendArgs {
+    /// Which backend answers [default: local when built with it, else openai].
+    #[arg(long, value_enum)]
+    pub(crate) backend: Option<BackendKind>,
+
+    /// Base URL of the API (for openai: e.g. http://127.0.0.1:8080/v1).
+    #[arg(long, value_name = "URL")]
+    pub(crate) base_url: Option<String>,
+
+    /// Model name sent to the API.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) model: Option<String>,
+
+    /// Read the API key from this environment variable
+    /// [default: OPENAI_API_KEY or ANTHROPIC_API_KEY].
+    #[arg(long, value_name = "VAR")]
+    pub(crate) api_key_env: Option<String>,
+
+    /// GGUF model file for --backend local [default: $RMBOOST_MODEL, then the cached default].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) model_path: Option<PathBuf>,
+
+    /// Transport retries per call on rate limits, server errors and timeouts.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub(crate) retries: u32,
+
+    /// Timeout of one HTTP call, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub(crate) timeout: f64,
+
+    /// Requests per minute at most.
+    #[arg(long, value_name = "N")]
+    pub(crate) rpm: Option<u32>,
+
+    /// Tokens per minute at most (estimated before each call).
+    #[arg(long, value_name = "N")]
+    pub(crate) tpm: Option<u32>,
+}
+
+/// How the examples are drawn and sampled.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Generation")]
+pub(crate) struct GenArgs {
+    /// Aspect set: qa, ultrafeedback, summarization, general, or a JSON file.
+    #[arg(long, value_name = "PRESET|FILE", default_value = "general")]
+    pub(crate) aspects: String,
+
+    /// Aspects per example: all, K, MIN-MAX, or model-picks[:K] [default: the set's own].
+    #[arg(long, value_name = "MODE")]
+    pub(crate) aspect_sampling: Option<String>,
+
+    /// Label sampler.
+    #[arg(long, value_enum, default_value_t = LabelKind::Bernoulli)]
+    pub(crate) labels: LabelKind,
+
+    /// Probability that the second response is asked to be better.
+    #[arg(long, value_name = "P", default_value_t = 0.5)]
+    pub(crate) p_better: f64,
+
+    /// Run seed: with each prompt's id it fixes every random draw.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub(crate) seed: u64,
+
+    /// Sampling temperature of both calls.
+    #[arg(long, value_name = "T", default_value_t = 0.7)]
+    pub(crate) temperature: f32,
+
+    /// Token limit of each answer [default: 512 for the first, 768 for the second].
+    #[arg(long, value_name = "N")]
+    pub(crate) max_tokens: Option<u32>,
+
+    /// Times an unusable answer (empty, a copy, meta-talk) is asked again.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub(crate) max_reasks: u32,
+
+    /// Examples generated at once.
+    #[arg(long, short = 'j', value_name = "N", default_value_t = 8)]
+    pub(crate) concurrency: usize,
+}
+
+/// `rmboost generate`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GenerateArgs {
+    /// Prompts, one JSON object per line: {"id": ..., "prompt": ...} or {"messages": [...]}.
+    #[arg(long, short, value_name = "PROMPTS.jsonl")]
+    pub(crate) input: PathBuf,
+
+    /// Where the pairs go (appended to; resumed by default).
+    #[arg(long, short, value_name = "PAIRS.jsonl")]
+    pub(crate) output: PathBuf,
+
+    /// Generate at most N examples in this run.
+    #[arg(long, value_name = "N")]
+    pub(crate) limit: Option<u64>,
+
+    /// Output line shape.
+    #[arg(long, value_enum, default_value_t = FormatKind::Conversational)]
+    pub(crate) format: FormatKind,
+
+    /// Output order.
+    #[arg(long, value_enum, default_value_t = OrderKind::Completion)]
+    pub(crate) order: OrderKind,
+
+    /// Only the ids of shard I of N (0-based), e.g. 0/4; give each shard its own output.
+    #[arg(long, value_name = "I/N")]
+    pub(crate) shard: Option<String>,
+
+    /// Start the output afresh instead of resuming (deletes its examples and ledger).
+    #[arg(long, visible_alias = "no-resume")]
+    pub(crate) overwrite: bool,
+
+    /// What to do with a bad input line.
+    #[arg(long, value_enum, default_value_t = BadLineKind::Skip)]
+    pub(crate) on_bad_line: BadLineKind,
+
+    /// Where failed examples are listed [default: PAIRS.failures.jsonl beside the output].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ledger: Option<PathBuf>,
+
+    /// Do not use the response cache.
+    #[arg(long)]
+    pub(crate) no_cache: bool,
+
+    /// Response cache directory [default: the per-user cache directory].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cache_dir: Option<PathBuf>,
+
+    /// Empty the response cache before the run.
+    #[arg(long)]
+    pub(crate) clear_cache: bool,
+
+    /// Price of a million input (prompt) tokens, for the running cost.
+    #[arg(long, value_name = "PRICE", help_heading = "Cost")]
+    pub(crate) price_input: Option<f64>,
+
+    /// Price of a million output (completion) tokens, for the running cost.
+    #[arg(long, value_name = "PRICE", help_heading = "Cost")]
+    pub(crate) price_output: Option<f64>,
+
+    /// Stop gracefully once the cost reaches this (needs a price); exit status 3.
+    #[arg(long, value_name = "AMOUNT", help_heading = "Cost")]
+    pub(crate) max_cost: Option<f64>,
+
+    /// Also write the final summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) summary_json: Option<PathBuf>,
+
+    /// How progress is shown on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressKind::Auto)]
+    pub(crate) progress: ProgressKind,
+
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
+
+    #[command(flatten)]
+    pub(crate) gen: GenArgs,
+}
+
+/// `rmboost dry-run`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DryRunArgs {
+    /// Prompts, one JSON object per line.
+    #[arg(long, short, value_name = "PROMPTS.jsonl")]
+    pub(crate) input: PathBuf,
+
+    /// How many prompts to show.
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 3)]
+    pub(crate) count: usize,
+
+    /// One JSON object per prompt instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    #[command(flatten)]
+    pub(crate) gen: GenArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,317 @@
+//! Choosing and wrapping the backend of `--backend`.
+//!
+//! Each backend plugs in with one arm of [`build`]; wrappers (retry, rate limit, cache) are
+//! applied around it in [`build`] too, and the [`Meter`] outermost-but-cache so that it counts
+//! exactly the tokens the provider bills.
+
+use std::borrow::Cow;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmboost::testing::{FakeBackend, ScriptedBackend};
+use rmboost::{
+    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend, Usage,
+};
+
+use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::openai::OpenAiBackend;
+use rmboost::backend::rate_limit::RateLimit;
+use rmboost::backend::retry::{Retry, RetryPolicy};
+
+use crate::args::{BackendArgs, BackendKind};
+use crate::setup::{error_chain, CliError};
+
+/// Counts every completion that comes back from the provider: calls and tokens, re-asks and
+/// examples that later failed included (what the provider bills).
+#[derive(Debug, Default)]
+pub(crate) struct MeterCounts {
+    calls: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl MeterCounts {
+    pub(crate) fn usage(&self) -> Usage {
+        Usage::new(
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.completion_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+/// A backend wrapper that counts calls and tokens into [`MeterCounts`].
+pub(crate) struct Meter<B> {
+    inner: B,
+    counts: Arc<MeterCounts>,
+}
+
+impl<B> Meter<B> {
+    pub(crate) fn new(inner: B) -> (Self, Arc<MeterCounts>) {
+        let counts = Arc::new(MeterCounts::default());
+        (
+            Meter {
+                inner,
+                counts: counts.clone(),
+            },
+            counts,
+        )
+    }
+}
+
+#[async_trait]
+impl<B: LlmBackend> LlmBackend for Meter<B> {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let result = self.inner.complete(request).await;
+        let c = &self.counts;
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        if let Ok(done) = &result {
+            c.prompt_tokens
+                .fetch_add(done.usage.prompt_tokens, Ordering::Relaxed);
+            c.completion_tokens
+                .fetch_add(done.usage.completion_tokens, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        self.inner.name()
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        self.inner.model()
+    }
+}
+
+/// Counts transport retries, where the backend has a retry wrapper.
+pub(crate) type RetryCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Live statistics of the wrappers, for progress and the summary.
+#[derive(Clone, Default)]
+pub(crate) struct BackendStats {
+    pub(crate) meter: Arc<MeterCounts>,
+    /// Transport retries made, where the backend has a retry wrapper.
+    pub(crate) retries: Option<RetryCounter>,
+}
+
+impl BackendStats {
+    pub(crate) fn retries(&self) -> u64 {
+        self.retries.as_ref().map_or(0, |f| f())
+    }
+}
+
+/// The backend ready to use, its description for the summary, and its live statistics.
+pub(crate) struct Built {
+    pub(crate) backend: Arc<dyn LlmBackend>,
+    pub(crate) stats: BackendStats,
+    /// `name` / `model` / where, for the summary (never a key).
+    pub(crate) description: String,
+    /// Whether this is a real model (worth caching), not a test backend.
+    pub(crate) real: bool,
+}
+
+/// The default backend when `--backend` is not given.
+fn default_kind() -> BackendKind {
+    BackendKind::Openai
+}
+
+fn fake_latency() -> Option<Duration> {
+    std::env::var("RMBOOST_FAKE_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+/// Builds the backend of `args`, wrapped in the meter (and retry, rate limit where
+/// available).
+pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
+    let kind = args.backend.unwrap_or_else(default_kind);
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(CliError::usage(
+            "--timeout must be a positive number of seconds",
+        ));
+    }
+    let latency = fake_latency();
+    let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) = match kind {
+        BackendKind::Fake => {
+            let mut fake = FakeBackend::new();
+            if let Some(l) = latency {
+                fake = fake.with_latency(l);
+            }
+            (Arc::new(fake), None)
+        }
+        BackendKind::FakeUnauthorized => (
+            Arc::new(ScriptedBackend::from_fn(|_| {
+                Err(
+                    BackendError::new(BackendErrorKind::Authentication, "invalid API key")
+                        .with_status(401),
+                )
+            })),
+            None,
+        ),
+        BackendKind::FakeUnreachable => (
+            Arc::new(ScriptedBackend::from_fn(|_| {
+                Err(BackendError::new(
+                    BackendErrorKind::Connection,
+                    "connection refused",
+                ))
+            })),
+            None,
+        ),
+        BackendKind::FakeFlaky => {
+            let fake = FakeBackend::new();
+            let flaky = Flaky { inner: fake };
+            (Arc::new(flaky), None)
+        }
+        BackendKind::Openai => wrap(openai(args)?, args)?,
+        BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
+        BackendKind::Local => {
+            return Err(CliError::fatal(format!(
+                "backend `{}` is not available in this build of rmboost",
+                kind.name()
+            )));
+        }
+    };
+    let description = describe(kind, args, &*inner);
+    let (metered, meter) = Meter::new(inner);
+    Ok(Built {
+        backend: Arc::new(metered),
+        stats: BackendStats { meter, retries },
+        description,
+        real: matches!(
+            kind,
+            BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local
+        ),
+    })
+}
+
+/// The key's environment variable: `--api-key-env`, else `default_var` when it is set, else
+/// none (a local server needs no key) unless `required`.
+fn key_var(
+    args: &BackendArgs,
+    default_var: &str,
+    required: bool,
+) -> Result<Option<String>, CliError> {
+    if let Some(var) = &args.api_key_env {
+        return Ok(Some(var.clone()));
+    }
+    if std::env::var_os(default_var).is_some() || required {
+        return Ok(Some(default_var.to_string()));
+    }
+    Ok(None)
+}
+
+fn timeout(args: &BackendArgs) -> Duration {
+    Duration::from_secs_f64(args.timeout)
+}
+
+fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
+    let model =
+        match (&args.model, &args.base_url) {
+            (Some(m), _) => m.clone(),
+            // Servers such as llama.cpp's answer with their one model whatever the name.
+            (None, Some(_)) => "default".to_string(),
+            (None, None) => return Err(CliError::usage(
+                "--backend openai needs --model (and --base-url for a server other than OpenAI)",
+            )),
+        };
+    let mut b = OpenAiBackend::builder().model(model).timeout(timeout(args));
+    if let Some(url) = &args.base_url {
+        b = b.base_url(url.clone());
+    }
+    if let Some(var) = key_var(args, "OPENAI_API_KEY", args.base_url.is_none())? {
+        b = b.api_key_env(var);
+    }
+    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
+}
+
+fn anthropic(args: &BackendArgs) -> Result<AnthropicBackend, CliError> {
+    let Some(model) = &args.model else {
+        return Err(CliError::usage("--backend anthropic needs --model"));
+    };
+    let mut b = AnthropicBackend::builder()
+        .model(model.clone())
+        .timeout(timeout(args));
+    if let Some(url) = &args.base_url {
+        b = b.base_url(url.clone());
+    }
+    if let Some(var) = key_var(args, "ANTHROPIC_API_KEY", args.base_url.is_none())? {
+        b = b.api_key_env(var);
+    }
+    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
+}
+
+/// Puts the rate limit (`--rpm`, `--tpm`) inside the retry (`--retries`), so that retries are
+/// limited too.
+fn wrap<B: LlmBackend + 'static>(
+    backend: B,
+    args: &BackendArgs,
+) -> Result<(Arc<dyn LlmBackend>, Option<RetryCounter>), CliError> {
+    let mut limited = RateLimit::new(backend);
+    if let Some(rpm) = args.rpm {
+        let rpm =
+            NonZeroU32::new(rpm).ok_or_else(|| CliError::usage("--rpm must be at least 1"))?;
+        limited = limited.requests_per_minute(rpm);
+    }
+    if let Some(tpm) = args.tpm {
+        let tpm =
+            NonZeroU32::new(tpm).ok_or_else(|| CliError::usage("--tpm must be at least 1"))?;
+        limited = limited.tokens_per_minute(tpm);
+    }
+    let attempts = NonZeroU32::new(args.retries.saturating_add(1)).expect("at least 1");
+    let retry = Retry::with_policy(limited, RetryPolicy::default().max_attempts(attempts));
+    let stats = retry.stats();
+    let counter: RetryCounter = Arc::new(move || stats.retries());
+    Ok((Arc::new(retry), Some(counter)))
+}
+
+fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> String {
+    let model = backend.model();
+    let mut s = kind.name().to_string();
+    if !model.is_empty() {
+        s.push_str(" / ");
+        s.push_str(&model);
+    }
+    if let Some(url) = &args.base_url {
+        s.push_str(" at ");
+        s.push_str(url);
+    }
+    s
+}
+
+/// The fake backend, but the first call of one seed in four is rejected as an invalid request
+/// (a permanent, non-fatal failure: the example fails and the run goes on).
+struct Flaky {
+    inner: FakeBackend,
+}
+
+#[async_trait]
+impl LlmBackend for Flaky {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let second = request
+            .messages
+            .last()
+            .is_some_and(|m| m.content.contains("</response>"));
+        if !second && request.seed.unwrap_or(0) & 3 == 0 {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                "rejected by the fake",
+            )
+            .with_status(400));
+        }
+        self.inner.complete(request).await
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        "fake".into()
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        "fake-flaky".into()
+    }
+}

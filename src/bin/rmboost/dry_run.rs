@@ -1,0 +1,161 @@
+//! `rmboost dry-run`: the requests a run would send, without calling any model.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::Arc;
+
+use rmboost::testing::FakeBackend;
+use rmboost::{CompletionRequest, ExamplePlan, OutputOrder, RmBoost};
+use serde_json::json;
+
+use crate::args::DryRunArgs;
+use crate::setup::{self, error_chain, CliError};
+
+/// What stands in for the first response in the second request shown.
+pub(crate) const FIRST_PLACEHOLDER: &str = "<first response goes here>";
+
+/// Runs `rmboost dry-run`; returns the exit status.
+pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
+    // The generator needs a backend to be built; this one is never called.
+    let rmb = setup::generator(&args.gen, Arc::new(FakeBackend::new()), OutputOrder::Input)?;
+    let reader = rmboost::read_prompts(&args.input)
+        .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut shown = 0usize;
+    let mut bad = 0u64;
+    for item in reader {
+        if shown >= args.count {
+            break;
+        }
+        let prompt = match item {
+            Ok(p) => p,
+            Err(e @ rmboost::Error::Parse { .. }) => {
+                bad += 1;
+                crate::progress::notice(&format!("rmboost: skipping a bad line: {e}"));
+                continue;
+            }
+            Err(e) => return Err(CliError::fatal(error_chain(&e))),
+        };
+        shown += 1;
+        let plan = rmb.plan(prompt);
+        let first = rmb.first_request(&plan);
+        let second = rmb.second_request(&plan, FIRST_PLACEHOLDER);
+        let text = if args.json {
+            json_line(&rmb, &plan, &first, &second)
+        } else {
+            text_block(shown, &plan, &first, &second)
+        };
+        if writeln!(out, "{text}").is_err() {
+            // A closed pipe (`| head`): stop quietly.
+            return Ok(0);
+        }
+    }
+    if shown == 0 && bad == 0 {
+        crate::progress::notice("rmboost: the input has no prompts");
+    }
+    Ok(0)
+}
+
+fn json_line(
+    rmb: &RmBoost,
+    plan: &ExamplePlan,
+    first: &CompletionRequest,
+    second: &CompletionRequest,
+) -> String {
+    let aspects: Vec<_> = plan
+        .aspects
+        .aspects
+        .iter()
+        .map(|a| json!({"name": a.name, "definition": a.definition}))
+        .collect();
+    json!({
+        "id": plan.id,
+        "seed": rmb.seed(),
+        "label": plan.label.label,
+        "grade": plan.label.grade,
+        "margin": plan.label.margin,
+        "aspects": aspects,
+        "model_picks": plan.aspects.model_picks,
+        "variant": plan.variant,
+        "first_seed": plan.first_seed,
+        "second_seed": plan.second_seed,
+        "first_request": first,
+        "second_request": second,
+        "first_placeholder": FIRST_PLACEHOLDER,
+    })
+    .to_string()
+}
+
+fn params(r: &CompletionRequest) -> String {
+    let mut s = Vec::new();
+    if let Some(t) = r.temperature {
+        s.push(format!("temperature {t}"));
+    }
+    if let Some(p) = r.top_p {
+        s.push(format!("top_p {p}"));
+    }
+    if let Some(m) = r.max_tokens {
+        s.push(format!("max_tokens {m}"));
+    }
+    if let Some(seed) = r.seed {
+        s.push(format!("seed {seed}"));
+    }
+    if !r.stop.is_empty() {
+        s.push(format!("stop {:?}", r.stop));
+    }
+    s.join(", ")
+}
+
+fn messages(out: &mut String, r: &CompletionRequest) {
+    for m in &r.messages {
+        let _ = writeln!(out, "[{}]", m.role);
+        let _ = writeln!(out, "{}", m.content.trim_end());
+    }
+}
+
+fn text_block(
+    n: usize,
+    plan: &ExamplePlan,
+    first: &CompletionRequest,
+    second: &CompletionRequest,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "=== prompt {n}: id {}", plan.id);
+    let mut label = plan.label.label.to_string();
+    if let Some(g) = plan.label.grade {
+        let _ = write!(label, " ({})", g.as_str());
+    }
+    if let Some(m) = plan.label.margin {
+        let _ = write!(label, ", margin {m}");
+    }
+    let _ = writeln!(out, "label:   {label}");
+    let names: Vec<&str> = plan
+        .aspects
+        .aspects
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    match plan.aspects.model_picks {
+        Some(k) => {
+            let _ = writeln!(
+                out,
+                "aspects: the model picks up to {k} of {}",
+                names.join(", ")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "aspects: {}", names.join(", "));
+        }
+    }
+    let _ = writeln!(out, "variant: {}", plan.variant);
+    let _ = writeln!(out, "--- first request ({})", params(first));
+    messages(&mut out, first);
+    let _ = writeln!(
+        out,
+        "--- second request ({}; the first response is shown as {FIRST_PLACEHOLDER})",
+        params(second)
+    );
+    messages(&mut out, second);
+    out
+}

@@ -1,0 +1,55 @@
+//! The `rmboost` command line (feature `cli`).
+//!
+//! `rmboost generate` turns a JSONL file of prompts into a JSONL file of preference pairs,
+//! resuming by default; `rmboost dry-run` shows the requests a run would send. Run
+//! `rmboost --help` for the flags, examples and exit statuses.
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+mod args;
+mod backends;
+mod dry_run;
+mod generate;
+mod progress;
+mod runner;
+mod setup;
+mod summary;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::setup::{CliError, EXIT_USAGE};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    progress::init_tracing();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            progress::notice(&format!("error: {e}"));
+            if e.code == EXIT_USAGE {
+                progress::notice("For more information, try '--help'.");
+            }
+            e.code
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn run(cli: Cli) -> Result<u8, CliError> {
+    match cli.command {
+        Command::DryRun(args) => dry_run::run(&args),
+        Command::Generate(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))?;
+            let result = runtime.block_on(generate::run(*args));
+            // Do not wait for work a stop left behind (an abandoned in-flight call).
+            runtime.shutdown_background();
+            result
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Turning flags into library values: aspects, labels, the generator.
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use rmboost::{
+    default_first_params, default_second_params, AspectSampling, Aspects, Bernoulli, Graded,
+    LabelSampler, LlmBackend, OutputOrder, RmBoost,
+};
+
+use crate::args::{GenArgs, LabelKind};
+
+/// Exit status: a fatal error.
+pub(crate) const EXIT_FATAL: u8 = 1;
+/// Exit status: bad flags (what clap uses too).
+pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit status: stopped by `--max-cost`.
+pub(crate) const EXIT_COST: u8 = 3;
+/// Exit status: interrupted by Ctrl-C.
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+
+/// An error that ends the program: a one-line message and an exit status.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl CliError {
+    pub(crate) fn fatal(message: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_FATAL,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<rmboost::Error> for CliError {
+    fn from(e: rmboost::Error) -> Self {
+        CliError::fatal(error_chain(&e))
+    }
+}
+
+/// An error and its causes on one line: `outer: cause: root cause`, skipping a cause whose
+/// text the outer message already contains.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    // One line, whatever the server put in its message.
+    out.replace(['\n', '\r'], " ")
+}
+
+/// Parses `--aspect-sampling`.
+pub(crate) fn parse_sampling(mode: &str, n: usize) -> Result<AspectSampling, String> {
+    let mode = mode.trim().to_ascii_lowercase().replace('_', "-");
+    let num = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}` is not a number"))
+    };
+    if mode == "all" {
+        return Ok(AspectSampling::All);
+    }
+    if let Some(rest) = mode.strip_prefix("model-picks") {
+        let max = match rest.strip_prefix(':') {
+            Some(k) => num(k)?,
+            None if rest.is_empty() => n.min(3),
+            None => return Err(format!("unknown aspect sampling `{mode}`")),
+        };
+        return Ok(AspectSampling::ModelPicks { max });
+    }
+    if let Some((a, b)) = mode.split_once('-') {
+        return Ok(AspectSampling::Subset {
+            min: num(a)?,
+            max: num(b)?,
+        });
+    }
+    match num(&mode) {
+        Ok(k) => Ok(AspectSampling::Subset { min: k, max: k }),
+        Err(_) => Err(format!(
+            "unknown aspect sampling `{mode}`: use all, K, MIN-MAX or model-picks[:K]"
+        )),
+    }
+}
+
+/// The aspect set of `--aspects` and `--aspect-sampling`.
+pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
+    let set = match Aspects::preset(&gen.aspects) {
+        Some(set) => set,
+        None => {
+            let path = std::path::Path::new(&gen.aspects);
+            if !path.exists() && !gen.aspects.contains(['/', '.', '\\']) {
+                return Err(CliError::usage(format!(
+                    "--aspects {}: not a preset ({}) nor a file",
+                    gen.aspects,
+                    Aspects::PRESETS.join(", ")
+                )));
+            }
+            Aspects::from_json_file(path)?
+        }
+    };
+    match &gen.aspect_sampling {
+        None => Ok(set),
+        Some(mode) => {
+            let sampling = parse_sampling(mode, set.aspects().len())
+                .map_err(|m| CliError::usage(format!("--aspect-sampling: {m}")))?;
+            set.with_sampling(sampling)
+                .map_err(|e| CliError::usage(format!("--aspect-sampling: {}", error_chain(&e))))
+        }
+    }
+}
+
+fn labels(gen: &GenArgs) -> Result<Arc<dyn LabelSampler>, CliError> {
+    let bad = |e: rmboost::Error| CliError::usage(format!("--p-better: {}", error_chain(&e)));
+    Ok(match gen.labels {
+        LabelKind::Bernoulli => Arc::new(Bernoulli::new(gen.p_better).map_err(bad)?),
+        LabelKind::Graded => {
+            // "Much" as often as "slightly", the library's default.
+            Arc::new(Graded::new(gen.p_better, 0.5).map_err(bad)?)
+        }
+    })
+}
+
+/// Builds the generator of these flags around `backend`.
+pub(crate) fn generator(
+    gen: &GenArgs,
+    backend: Arc<dyn LlmBackend>,
+    order: OutputOrder,
+) -> Result<RmBoost, CliError> {
+    let concurrency = NonZeroUsize::new(gen.concurrency)
+        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
+    let mut first = default_first_params().temperature(gen.temperature);
+    let mut second = default_second_params().temperature(gen.temperature);
+    if let Some(n) = gen.max_tokens {
+        first = first.max_tokens(n);
+        second = second.max_tokens(n);
+    }
+    let builder = RmBoost::builder()
+        .backend_arc(backend)
+        .aspects(aspects(gen)?)
+        .concurrency(concurrency)
+        .order(order)
+        .seed(gen.seed)
+        .first_params(first)
+        .second_params(second)
+        .max_reasks(gen.max_reasks);
+    let labels = labels(gen)?;
+    builder
+        .labels(labels)
+        .build()
+        .map_err(|e| CliError::usage(error_chain(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_modes() {
+        assert_eq!(parse_sampling("all", 5), Ok(AspectSampling::All));
+        assert_eq!(
+            parse_sampling("2", 5),
+            Ok(AspectSampling::Subset { min: 2, max: 2 })
+        );
+        assert_eq!(
+            parse_sampling("1-3", 5),
+            Ok(AspectSampling::Subset { min: 1, max: 3 })
+        );
+        assert_eq!(
+            parse_sampling("model-picks", 5),
+            Ok(AspectSampling::ModelPicks { max: 3 })
+        );
+        assert_eq!(
+            parse_sampling("model_picks:2", 5),
+            Ok(AspectSampling::ModelPicks { max: 2 })
+        );
+        assert!(parse_sampling("some", 5).is_err());
+        assert!(parse_sampling("1-x", 5).is_err());
+    }
+}

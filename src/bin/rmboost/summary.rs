@@ -1,0 +1,186 @@
+//! The final summary of `rmboost generate`: human-readable on stdout, JSON on request.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::progress::{human_count, human_duration};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    /// Every prompt was processed.
+    Completed,
+    /// `--limit` examples were generated (prompts may remain).
+    LimitReached,
+    /// `--max-cost` was reached.
+    CostLimit,
+    /// Ctrl-C.
+    Interrupted,
+    /// A fatal error.
+    Failed,
+}
+
+impl Status {
+    fn text(self) -> &'static str {
+        match self {
+            Status::Completed => "completed",
+            Status::LimitReached => "stopped at --limit",
+            Status::CostLimit => "stopped: --max-cost reached",
+            Status::Interrupted => "interrupted (Ctrl-C)",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct Tokens {
+    pub(crate) prompt: u64,
+    pub(crate) completion: u64,
+    pub(crate) total: u64,
+}
+
+/// The response cache of a run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CacheReport {
+    pub(crate) path: PathBuf,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+/// Everything the summary shows.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+    pub(crate) examples_written: u64,
+    pub(crate) better: u64,
+    pub(crate) worse: u64,
+    pub(crate) skipped_done: u64,
+    pub(crate) failed: u64,
+    pub(crate) failures: BTreeMap<String, u64>,
+    pub(crate) bad_lines: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) other_shard: u64,
+    pub(crate) reasks: u64,
+    pub(crate) retries: u64,
+    pub(crate) calls: u64,
+    /// Tokens of every call this run made (failed examples and re-asks included).
+    pub(crate) tokens: Tokens,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cost: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_cost: Option<f64>,
+    pub(crate) examples_per_sec: f64,
+    pub(crate) wall_time_secs: f64,
+    pub(crate) backend: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cache: Option<CacheReport>,
+    pub(crate) seed: u64,
+    pub(crate) output: PathBuf,
+    /// The failure ledger, when some ids still fail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ledger: Option<PathBuf>,
+    pub(crate) ledger_pending: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) bad_line_messages: Vec<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rows: Vec<(&str, String)> = Vec::new();
+        rows.push((
+            "examples written",
+            format!(
+                "{} ({} better, {} worse)",
+                self.examples_written, self.better, self.worse
+            ),
+        ));
+        rows.push((
+            "already done",
+            format!("{} (skipped, resumed from the output)", self.skipped_done),
+        ));
+        let mut failed = self.failed.to_string();
+        if !self.failures.is_empty() {
+            let kinds: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = write!(failed, " ({})", kinds.join(", "));
+        }
+        rows.push(("failed", failed));
+        if self.bad_lines > 0 {
+            rows.push(("bad input lines", self.bad_lines.to_string()));
+        }
+        if self.duplicates > 0 {
+            rows.push(("duplicate ids", format!("{} (skipped)", self.duplicates)));
+        }
+        if self.other_shard > 0 {
+            rows.push(("other shards", self.other_shard.to_string()));
+        }
+        rows.push(("re-asks", self.reasks.to_string()));
+        rows.push(("retries", self.retries.to_string()));
+        rows.push((
+            "tokens",
+            format!(
+                "{} ({} prompt + {} completion, {} calls)",
+                human_count(self.tokens.total),
+                human_count(self.tokens.prompt),
+                human_count(self.tokens.completion),
+                self.calls
+            ),
+        ));
+        if let Some(cost) = self.cost {
+            let mut s = format!("${cost:.4}");
+            if let Some(max) = self.max_cost {
+                let _ = write!(s, " (limit ${max:.2})");
+            }
+            rows.push(("cost", s));
+        }
+        rows.push(("speed", format!("{:.2} examples/s", self.examples_per_sec)));
+        rows.push((
+            "wall time",
+            human_duration(std::time::Duration::from_secs_f64(self.wall_time_secs)),
+        ));
+        rows.push(("backend", self.backend.clone()));
+        if let Some(c) = &self.cache {
+            rows.push((
+                "response cache",
+                format!(
+                    "{} hits, {} misses ({})",
+                    c.hits,
+                    c.misses,
+                    c.path.display()
+                ),
+            ));
+        }
+        rows.push(("output", self.output.display().to_string()));
+        if let Some(l) = &self.ledger {
+            rows.push((
+                "failure ledger",
+                format!(
+                    "{} ({} ids still failing)",
+                    l.display(),
+                    self.ledger_pending
+                ),
+            ));
+        }
+        writeln!(f, "rmboost generate: {}", self.status.text())?;
+        if let Some(e) = &self.error {
+            writeln!(f, "  {:<18}{e}", "error")?;
+        }
+        for (k, v) in rows {
+            writeln!(f, "  {k:<18}{v}")?;
+        }
+        for m in &self.bad_line_messages {
+            writeln!(f, "  bad line: {m}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,880 @@
+//! End-to-end tests of the `rmboost` binary (feature `cli`), with the hidden `fake` backends.
+#![cfg(feature = "cli")]
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+
+fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG")
+        .env_remove("RMBOOST_FAKE_LATENCY_MS")
+        .env_remove("RMBOOST_PROGRESS_INTERVAL_MS")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    cmd().args(args).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Dir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+
+    /// `n` prompts with ids q1..qn.
+    fn prompts(&self, name: &str, n: usize) -> String {
+        let text: String = (1..=n)
+            .map(|i| format!("{{\"id\": \"q{i}\", \"prompt\": \"Question number {i}?\"}}\n"))
+            .collect();
+        std::fs::write(self.path(name), text).unwrap();
+        self.s(name)
+    }
+}
+
+fn rows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .collect()
+}
+
+fn ids(rows: &[Value]) -> Vec<String> {
+    rows.iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_exactly_once(rows: &[Value], n: usize) {
+    let ids = ids(rows);
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), n, "every prompt once: {ids:?}");
+    assert_eq!(unique.len(), n, "no duplicates: {ids:?}");
+    for i in 1..=n {
+        assert!(unique.contains(&format!("q{i}")), "q{i} missing");
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let help = stdout(&o);
+    for needle in [
+        "generate",
+        "dry-run",
+        "Exit status:",
+        "--max-cost",
+        "OPENAI_API_KEY",
+    ] {
+        assert!(help.contains(needle), "help lacks {needle}:\n{help}");
+    }
+    let o = run(&["generate", "--help"]);
+    let help = stdout(&o);
+    for needle in [
+        "--input",
+        "--output",
+        "--backend",
+        "--aspects",
+        "--format",
+        "--limit",
+        "--concurrency",
+        "--price-input",
+        "--summary-json",
+        "--on-bad-line",
+        "local",
+        "openai",
+        "anthropic",
+    ] {
+        assert!(
+            help.contains(needle),
+            "generate --help lacks {needle}:\n{help}"
+        );
+    }
+    assert!(!help.contains("fake"), "test backends are hidden:\n{help}");
+    let o = run(&["--version"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with("rmboost "), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 3);
+    let out = d.s("out.jsonl");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["generate", "--input", &input],
+        vec!["generate", "-i", &input, "-o", &out, "--no-such-flag"],
+        vec!["generate", "-i", &input, "-o", &out, "--format", "yaml"],
+        vec!["generate", "-i", &input, "-o", &out, "--concurrency", "x"],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--concurrency",
+            "0",
+        ],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--shard",
+            "2/2",
+        ],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--max-cost",
+            "1",
+        ],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--aspects",
+            "nope",
+        ],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--p-better",
+            "2",
+        ],
+        vec![
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--aspect-sampling",
+            "9",
+        ],
+        vec!["frobnicate"],
+    ];
+    for args in cases {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("error"), "{args:?}: {}", stderr(&o));
+    }
+    assert!(!d.path("out.jsonl").exists());
+}
+
+#[test]
+fn generates_conversational_pairs_and_a_summary() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 12);
+    let out = d.path("out.jsonl");
+    let json = d.path("summary.json");
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake",
+        "--seed",
+        "7",
+        "--summary-json",
+        &d.s("summary.json"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let rows = rows(&out);
+    assert_exactly_once(&rows, 12);
+    for r in &rows {
+        assert_eq!(r["prompt"][0]["role"], "user");
+        assert_eq!(r["chosen"][0]["role"], "assistant");
+        assert_eq!(r["rejected"][0]["role"], "assistant");
+        assert!(["better", "worse"].contains(&r["label"].as_str().unwrap()));
+        assert_eq!(r["metadata"]["seed"], 7);
+    }
+    let text = stdout(&o);
+    assert!(text.starts_with("rmboost generate: completed\n"), "{text}");
+    assert!(text.contains("examples written  12 ("), "{text}");
+    assert!(text.contains("failed            0\n"), "{text}");
+    assert!(text.contains("tokens"), "{text}");
+    assert!(text.contains("examples/s"), "{text}");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["examples_written"], 12);
+    assert_eq!(s["failed"], 0);
+    assert_eq!(s["calls"], 24);
+    assert!(s["tokens"]["total"].as_u64().unwrap() > 0);
+    assert!(s.get("cost").is_none());
+    // Not a terminal: no bar, and with the default interval no progress lines in a short run.
+    assert!(!stderr(&o).contains('\r'), "{}", stderr(&o));
+}
+
+#[test]
+fn limit_then_resume_writes_each_prompt_exactly_once() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 20);
+    let out = d.s("out.jsonl");
+    let base = ["generate", "-i", &input, "-o", &out, "--backend", "fake"];
+    let o = run(&[&base[..], &["--limit", "5"]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("stopped at --limit"), "{}", stdout(&o));
+    assert_eq!(rows(&d.path("out.jsonl")).len(), 5);
+
+    let o = run(&base);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("examples written  15 ("), "{text}");
+    assert!(text.contains("already done      5 "), "{text}");
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 20);
+
+    // A third run has nothing to do.
+    let o = run(&base);
+    assert!(
+        stdout(&o).contains("examples written  0 ("),
+        "{}",
+        stdout(&o)
+    );
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 20);
+
+    // --overwrite starts afresh.
+    let o = run(&[&base[..], &["--overwrite", "--limit", "3"]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(rows(&d.path("out.jsonl")).len(), 3);
+}
+
+#[test]
+fn resume_after_a_torn_last_line() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 6);
+    let out = d.s("out.jsonl");
+    let base = ["generate", "-i", &input, "-o", &out, "--backend", "fake"];
+    assert!(run(&[&base[..], &["--limit", "3"]].concat())
+        .status
+        .success());
+    // A crash mid-write leaves half a line.
+    let mut text = std::fs::read_to_string(d.path("out.jsonl")).unwrap();
+    text.push_str("{\"id\": \"q9\", \"prompt\": [{\"ro");
+    std::fs::write(d.path("out.jsonl"), text).unwrap();
+    let o = run(&base);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 6);
+}
+
+#[test]
+fn standard_format_writes_strings() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 3);
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake",
+        "--format",
+        "standard",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for r in rows(&d.path("out.jsonl")) {
+        assert!(r["prompt"].as_str().unwrap().starts_with("Question number"));
+        assert!(r["chosen"].is_string());
+        assert!(r["rejected"].is_string());
+    }
+}
+
+#[test]
+fn aspects_from_a_json_file() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 10);
+    std::fs::write(
+        d.path("legal.json"),
+        r#"{"name": "legal", "aspects": [
+            {"name": "precision", "definition": "uses exact legal terms"},
+            {"name": "caution", "definition": "says when to ask a lawyer"},
+            {"name": "brevity", "definition": "is short"}
+        ], "sampling": {"mode": "subset", "min": 1, "max": 2}}"#,
+    )
+    .unwrap();
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake",
+        "--aspects",
+        &d.s("legal.json"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let allowed: BTreeSet<&str> = ["precision", "caution", "brevity"].into();
+    let mut seen = BTreeSet::new();
+    for r in rows(&d.path("out.jsonl")) {
+        let aspects = r["aspects"].as_array().unwrap();
+        assert!((1..=2).contains(&aspects.len()), "{aspects:?}");
+        for a in aspects {
+            let a = a.as_str().unwrap().to_string();
+            assert!(allowed.contains(a.as_str()), "{a}");
+            seen.insert(a);
+        }
+    }
+    assert!(seen.len() >= 2, "{seen:?}");
+
+    // --aspect-sampling all overrides the file's sampling.
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("all.jsonl"),
+        "--backend",
+        "fake",
+        "--aspects",
+        &d.s("legal.json"),
+        "--aspect-sampling",
+        "all",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for r in rows(&d.path("all.jsonl")) {
+        assert_eq!(r["aspects"].as_array().unwrap().len(), 3);
+    }
+
+    // A broken file is a fatal error naming the file.
+    std::fs::write(d.path("bad.json"), "{\"aspects\": 3}").unwrap();
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("bad.jsonl"),
+        "--backend",
+        "fake",
+        "--aspects",
+        &d.s("bad.json"),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn dry_run_shows_requests_and_matches_the_real_run() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 5);
+    let o = run(&["dry-run", "-i", &input, "-n", "2", "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("=== prompt 1: id q1"), "{text}");
+    assert!(text.contains("=== prompt 2: id q2"), "{text}");
+    assert!(!text.contains("id q3"), "{text}");
+    assert!(text.contains("--- first request"), "{text}");
+    assert!(text.contains("--- second request"), "{text}");
+    assert!(text.contains("<first response goes here>"), "{text}");
+    assert!(text.contains("Question number 1?"), "{text}");
+
+    let o = run(&["inspect", "-i", &input, "-n", "5", "--seed", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plans: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(plans.len(), 5);
+    for p in &plans {
+        assert_eq!(p["first_request"]["messages"][0]["role"], "user");
+        let second = p["second_request"]["messages"].to_string();
+        assert!(second.contains("<first response goes here>"), "{second}");
+        assert!(p["first_request"]["seed"].is_u64());
+    }
+
+    // The same seed gives the same labels and aspects in a real run.
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake",
+        "--seed",
+        "3",
+        "--concurrency",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = rows(&d.path("out.jsonl"));
+    for p in &plans {
+        let row = out.iter().find(|r| r["id"] == p["id"]).unwrap();
+        assert_eq!(row["label"], p["label"]);
+        let names: Vec<&Value> = p["aspects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| &a["name"])
+            .collect();
+        let got: Vec<&Value> = row["aspects"].as_array().unwrap().iter().collect();
+        assert_eq!(got, names);
+    }
+}
+
+#[test]
+fn a_bad_key_is_fatal_with_one_line_and_no_output() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 10);
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake-unauthorized",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains("authentication (HTTP 401)"), "{err}");
+    assert!(
+        stdout(&o).contains("rmboost generate: failed"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        !d.path("out.jsonl").exists(),
+        "no output file is left behind"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_fatal() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 50);
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake-unreachable",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.lines().last().unwrap().contains("unreachable"), "{err}");
+    assert!(!d.path("out.jsonl").exists());
+}
+
+#[test]
+fn unreadable_input_is_fatal() {
+    let d = Dir::new();
+    let o = run(&[
+        "generate",
+        "-i",
+        &d.s("missing.jsonl"),
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: cannot read the input: "), "{err}");
+    assert!(err.contains("missing.jsonl"), "{err}");
+}
+
+#[test]
+fn failures_go_to_the_ledger_not_the_output() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 40);
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("out.jsonl"),
+        "--backend",
+        "fake-flaky",
+        "--summary-json",
+        &d.s("s.json"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("s.json")).unwrap()).unwrap();
+    let failed = s["failed"].as_u64().unwrap();
+    assert!(failed > 0, "{s}");
+    assert_eq!(s["failures"]["invalid_request"], failed);
+    let written = rows(&d.path("out.jsonl"));
+    assert_eq!(written.len() as u64 + failed, 40);
+    let ledger = rows(&d.path("out.failures.jsonl"));
+    assert_eq!(ledger.len() as u64, failed);
+    assert_eq!(s["ledger_pending"], failed);
+    let out_ids: HashSet<String> = ids(&written).into_iter().collect();
+    for l in &ledger {
+        assert_eq!(l["kind"], "invalid_request");
+        assert!(!out_ids.contains(l["id"].as_str().unwrap()));
+    }
+    let text = stdout(&o);
+    assert!(text.contains("invalid_request"), "{text}");
+    assert!(text.contains("out.failures.jsonl"), "{text}");
+    // No error text in the data.
+    assert!(!std::fs::read_to_string(d.path("out.jsonl"))
+        .unwrap()
+        .contains("rejected by the fake"));
+}
+
+#[test]
+fn bad_lines_are_skipped_or_stop_the_run() {
+    let d = Dir::new();
+    std::fs::write(
+        d.path("in.jsonl"),
+        "{\"id\":\"q1\",\"prompt\":\"a?\"}\n{oops\n{\"id\":\"q2\",\"prompt\":\"b?\"}\n",
+    )
+    .unwrap();
+    let input = d.s("in.jsonl");
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("a.jsonl"),
+        "--backend",
+        "fake",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("bad input lines   1"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("in.jsonl:2"), "{}", stdout(&o));
+    assert_eq!(rows(&d.path("a.jsonl")).len(), 2);
+
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &d.s("b.jsonl"),
+        "--backend",
+        "fake",
+        "--on-bad-line",
+        "stop",
+        "--order",
+        "input",
+        "--concurrency",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).lines().last().unwrap().contains("in.jsonl:2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn shards_split_the_input() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 30);
+    let mut all = Vec::new();
+    for (i, name) in ["s0.jsonl", "s1.jsonl", "s2.jsonl"].iter().enumerate() {
+        let shard = format!("{i}/3");
+        let o = run(&[
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &d.s(name),
+            "--backend",
+            "fake",
+            "--shard",
+            &shard,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        if d.path(name).exists() {
+            all.extend(rows(&d.path(name)));
+        }
+    }
+    assert_exactly_once(&all, 30);
+}
+
+#[test]
+fn max_cost_stops_gracefully_and_a_rerun_finishes() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 200);
+    let out = d.s("out.jsonl");
+    let o = cmd()
+        .args([
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--concurrency",
+            "2",
+            "--price-input",
+            "1000",
+            "--price-output",
+            "1000",
+            "--max-cost",
+            "2",
+            "--summary-json",
+            &d.s("s.json"),
+        ])
+        .env("RMBOOST_FAKE_LATENCY_MS", "5")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("s.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "cost_limit");
+    assert!(s["cost"].as_f64().unwrap() >= 2.0, "{s}");
+    let written = rows(&d.path("out.jsonl")).len();
+    assert!(written > 0 && written < 200, "{written}");
+    assert!(stdout(&o).contains("--max-cost reached"), "{}", stdout(&o));
+
+    let o = run(&["generate", "-i", &input, "-o", &out, "--backend", "fake"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 200);
+}
+
+fn wait_for_lines(path: &Path, n: usize, timeout: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.lines().count() >= n) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} never reached {n} lines", path.display());
+}
+
+fn sigint(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn ctrl_c_stops_gracefully_then_a_rerun_finishes() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 300);
+    let out = d.s("out.jsonl");
+    let child = cmd()
+        .args([
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "--concurrency",
+            "4",
+        ])
+        .env("RMBOOST_FAKE_LATENCY_MS", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_lines(&d.path("out.jsonl"), 5, Duration::from_secs(20));
+    sigint(child.id());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("interrupted (Ctrl-C)"), "{text}");
+    assert!(
+        stderr(&o).contains("finishing the examples in flight"),
+        "{}",
+        stderr(&o)
+    );
+    let partial = rows(&d.path("out.jsonl")).len();
+    assert!(partial < 300, "{partial}");
+    assert!(
+        text.contains(&format!("examples written  {partial} (")),
+        "{text}"
+    );
+
+    let o = run(&["generate", "-i", &input, "-o", &out, "--backend", "fake"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 300);
+}
+
+#[test]
+fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 100);
+    let out = d.s("out.jsonl");
+    let child = cmd()
+        .args([
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "--backend",
+            "fake",
+            "-j",
+            "2",
+        ])
+        // Slow enough that the drain after the first Ctrl-C is still going at the second.
+        .env("RMBOOST_FAKE_LATENCY_MS", "1500")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sigint(child.id());
+    std::thread::sleep(Duration::from_millis(300));
+    sigint(child.id());
+    let t0 = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("quit"), "{}", stderr(&o));
+    if d.path("out.jsonl").exists() {
+        rows(&d.path("out.jsonl"));
+    }
+}
+
+#[test]
+fn progress_lines_when_stderr_is_not_a_terminal() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 40);
+    let o = cmd()
+        .args([
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--backend",
+            "fake",
+            "-j",
+            "4",
+        ])
+        .env("RMBOOST_FAKE_LATENCY_MS", "25")
+        .env("RMBOOST_PROGRESS_INTERVAL_MS", "100")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("rmboost: ")).collect();
+    assert!(!lines.is_empty(), "{err}");
+    assert!(lines[0].contains("/40 ("), "{err}");
+    assert!(lines[0].contains("ex/s"), "{err}");
+    assert!(!err.contains('\r'), "no bar drawing: {err:?}");
+
+    // --progress off: nothing.
+    let o = cmd()
+        .args([
+            "generate",
+            "-i",
+            &input,
+            "-o",
+            &d.s("off.jsonl"),
+            "--backend",
+            "fake",
+            "--progress",
+            "off",
+        ])
+        .env("RMBOOST_FAKE_LATENCY_MS", "5")
+        .env("RMBOOST_PROGRESS_INTERVAL_MS", "10")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "");
+}
+
+/// Runs the binary in a pseudo-terminal with `script` (util-linux) and checks that the bar is
+/// drawn and the summary is correct.
+#[test]
+fn progress_bar_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 30);
+    let command = format!(
+        "{BIN} generate -i {input} -o {} --backend fake -j 2",
+        d.s("out.jsonl")
+    );
+    let o = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .env("RMBOOST_FAKE_LATENCY_MS", "40")
+        .env("TERM", "xterm")
+        .env("COLUMNS", "160")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("/30"), "bar with the total: {tty:?}");
+    assert!(tty.contains("ex/s"), "bar message: {tty:?}");
+    assert!(
+        tty.contains('\r') || tty.contains("\x1b["),
+        "redrawn in place: {tty:?}"
+    );
+    assert!(
+        !tty.contains("rmboost: "),
+        "no log lines on a terminal: {tty:?}"
+    );
+    assert!(tty.contains("rmboost generate: completed"), "{tty:?}");
+    assert!(tty.contains("examples written  30 ("), "{tty:?}");
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 30);
+}
