@@ -69,7 +69,9 @@ def main():
     params.cpuparams_batch.n_threads = args.threads
     params.cache_prompt = False
     server = xllamacpp.Server(params)
-    base = "http://" + server.listening_address
+    base = server.listening_address.rstrip("/")
+    if not base.startswith("http"):
+        base = "http://" + base
     for _ in range(100):
         try:
             with urllib.request.urlopen(base + "/health", timeout=5):
