@@ -1,12 +1,108 @@
-//! rmboost (work in progress).
+//! # rmboost
+//!
+//! Synthetic preference data for training reward models with **RMBoost**
+//! (Shen et al., "Boosting Reward Model with Preference-Conditional Multi-Aspect Synthetic Data
+//! Generation"). For each prompt the generator
+//!
+//! 1. asks the model for a first response `y1`,
+//! 2. draws the label *first*: the second response must be **better** or **worse**,
+//! 3. draws the quality aspects the difference must lie in,
+//! 4. asks the model for a second response `y2` that is better or worse than `y1` on those
+//!    aspects,
+//! 5. assembles the pair by construction: better → chosen = `y2`; worse → chosen = `y1`.
+//!
+//! No judge call is needed, the label is right by construction, and the aspects vary per
+//! example.
+//!
+//! ## Quick start (offline)
+//!
+//! With the `test-util` feature's instant [`testing::FakeBackend`] standing in for a model:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), rmboost::Error> {
+//! use std::num::NonZeroUsize;
+//!
+//! use futures::StreamExt;
+//! use rmboost::testing::FakeBackend;
+//! use rmboost::{Aspects, ExampleFormat, ExampleWriter, Label, Prompt, RmBoost};
+//!
+//! let rmb = RmBoost::builder()
+//!     .backend(FakeBackend::new())
+//!     .aspects(Aspects::ultrafeedback())
+//!     .concurrency(NonZeroUsize::new(4).unwrap())
+//!     .seed(42)
+//!     .build()?;
+//!
+//! let prompts = vec![
+//!     Prompt::with_id("q1", "Explain why the sky is blue."),
+//!     Prompt::with_id("q2", "Write a haiku about rain."),
+//! ];
+//! let mut writer = ExampleWriter::new(Vec::new(), ExampleFormat::Conversational);
+//! let mut results = rmb.generate_iter(prompts);
+//! while let Some(result) = results.next().await {
+//!     let example = result?;
+//!     // The construction rule: "better" means the second response is the chosen one.
+//!     match example.label {
+//!         Label::Better => assert!(example.chosen.starts_with("rewrite")),
+//!         Label::Worse => assert!(example.rejected.starts_with("rewrite")),
+//!     }
+//!     writer.write(&example).map_err(|e| rmboost::Error::Config(e.to_string()))?;
+//! }
+//! let jsonl = String::from_utf8(writer.into_inner().unwrap()).unwrap();
+//! assert_eq!(jsonl.lines().count(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## The parts
+//!
+//! - [`LlmBackend`]: one async call from a [`CompletionRequest`] to a [`Completion`] or a typed
+//!   [`BackendError`] that says whether to retry. Write your own in a few lines.
+//! - [`LabelSampler`]: [`Bernoulli`] (balanced by default) or [`Graded`] (fills `margin`).
+//! - [`AspectSet`]: [`Aspects`] presets for long-form QA, chat (UltraFeedback), summarisation
+//!   and general use, or your own from code or JSON; subset, all, or model-picks sampling.
+//! - [`PromptTemplate`]: [`DefaultTemplate`] renders both requests and parses the second
+//!   answer, rejecting (and re-asking) empty answers, copies and meta-talk.
+//! - [`RmBoost`]: composes them into a stream of `Result<PreferenceExample, Error>` with bounded
+//!   concurrency and per-example seeding.
+//! - [`io`]: the JSONL prompt reader and example writer.
+//!
+//! ## Determinism
+//!
+//! Every random draw of an example comes from [`example_rng`]`(run seed, id)`, before the first
+//! await: labels, aspects and backend seeds do not depend on concurrency, output order,
+//! retries or resume.
+//!
+//! ## Features
+//!
+//! - `test-util`: [`testing`] backends (scripted and fake).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod aspect;
 pub mod backend;
 mod error;
+pub mod example;
+mod generator;
+pub mod io;
+pub mod label;
+pub mod template;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
+pub use aspect::{Aspect, AspectDraw, AspectSampling, AspectSet, Aspects};
 pub use async_trait::async_trait;
 pub use backend::{
     Completion, CompletionRequest, FinishReason, LlmBackend, Message, Role, SamplingParams, Usage,
 };
 pub use error::{BackendError, BackendErrorKind, BoxError, Error, UnusableReason};
+pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, PromptInput};
+pub use generator::{
+    default_first_params, default_second_params, example_rng, ExamplePlan, ExampleStream,
+    OutputOrder, RmBoost, RmBoostBuilder, Summary,
+};
+pub use io::{read_prompts, ExampleWriter, PromptReader};
+pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
+pub use template::{DefaultTemplate, ParsedResponse, PromptTemplate, SecondContext};

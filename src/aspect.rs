@@ -1,0 +1,456 @@
+//! Quality aspects: what the second response is better or worse *at*.
+//!
+//! An [`Aspects`] value is a named list of [`Aspect`]s (name + one-line definition) with a
+//! sampling mode ([`AspectSampling`]): all of them, a seeded random subset per example, or all
+//! listed with the model asked to pick a few. Four presets come with the crate
+//! ([`Aspects::long_form_qa`], [`Aspects::ultrafeedback`], [`Aspects::summarization`],
+//! [`Aspects::general`]); custom sets come from code or a JSON file ([`Aspects::from_json_file`]).
+//!
+//! ```
+//! use rmboost::{Aspect, Aspects, AspectSampling};
+//!
+//! let legal = Aspects::custom(
+//!     "legal",
+//!     vec![
+//!         Aspect::new("precision", "uses exact legal terms and cites the rule it relies on"),
+//!         Aspect::new("caution", "flags uncertainty and says when to ask a lawyer"),
+//!     ],
+//! )?
+//! .with_sampling(AspectSampling::Subset { min: 1, max: 2 })?;
+//! assert_eq!(legal.aspects().len(), 2);
+//! # Ok::<(), rmboost::Error>(())
+//! ```
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::{Rng, RngCore};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// One quality aspect: a short name and a one-line definition shown to the model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Aspect {
+    /// Short name, e.g. `"completeness"`; written into each example's `aspects` list.
+    pub name: String,
+    /// What the aspect means, in one line.
+    pub definition: String,
+}
+
+impl Aspect {
+    /// An aspect with this name and definition.
+    pub fn new(name: impl Into<String>, definition: impl Into<String>) -> Self {
+        Aspect {
+            name: name.into(),
+            definition: definition.into(),
+        }
+    }
+}
+
+/// The aspects drawn for one example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AspectDraw {
+    /// The aspects to show in the prompt.
+    pub aspects: Vec<Aspect>,
+    /// `Some(k)`: the prompt lists all `aspects` and asks the model to pick at most `k`
+    /// (it reports its pick); `None`: the response must differ on all listed aspects.
+    pub model_picks: Option<usize>,
+}
+
+/// Draws the aspects of one example from the RNG it is handed.
+pub trait AspectSet: Send + Sync + fmt::Debug {
+    /// Draws the aspects of one example.
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
+}
+
+impl<T: AspectSet + ?Sized> AspectSet for Arc<T> {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
+        (**self).sample(rng)
+    }
+}
+
+impl<T: AspectSet + ?Sized> AspectSet for Box<T> {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
+        (**self).sample(rng)
+    }
+}
+
+impl<T: AspectSet + ?Sized> AspectSet for &T {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
+        (**self).sample(rng)
+    }
+}
+
+/// How an [`Aspects`] set chooses the aspects of each example.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum AspectSampling {
+    /// Every aspect, every time.
+    All,
+    /// A uniformly drawn subset whose size is uniform in `min..=max` (`min = max = k` for a
+    /// fixed size), listed in the set's order.
+    Subset {
+        /// Smallest subset size (at least 1).
+        min: usize,
+        /// Largest subset size (at most the number of aspects).
+        max: usize,
+    },
+    /// All aspects are listed and the model picks at most `max` of them itself.
+    ModelPicks {
+        /// How many the model may pick (at least 1).
+        max: usize,
+    },
+}
+
+/// A named set of aspects with a sampling mode; implements [`AspectSet`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Aspects {
+    name: String,
+    aspects: Vec<Aspect>,
+    sampling: AspectSampling,
+}
+
+/// The JSON shapes [`Aspects::from_json_file`] accepts: a bare list, or an object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AspectsFile {
+    List(Vec<Aspect>),
+    Object {
+        #[serde(default)]
+        name: Option<String>,
+        aspects: Vec<Aspect>,
+        #[serde(default)]
+        sampling: Option<AspectSampling>,
+    },
+}
+
+impl Aspects {
+    /// A custom set, sampled as a random subset of 1 to 3 aspects (fewer if the set is smaller).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the list is empty, a name or definition is blank, or two aspects
+    /// share a name.
+    pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
+        let name = name.into();
+        for (i, a) in aspects.iter().enumerate() {
+            if a.name.trim().is_empty() {
+                return Err(Error::Config(format!(
+                    "aspect set {name:?}: aspects[{i}].name is empty"
+                )));
+            }
+            if a.definition.trim().is_empty() {
+                return Err(Error::Config(format!(
+                    "aspect set {name:?}: aspects[{i}].definition ({}) is empty",
+                    a.name
+                )));
+            }
+            if aspects[..i].iter().any(|b| b.name == a.name) {
+                return Err(Error::Config(format!(
+                    "aspect set {name:?}: aspects[{i}].name {:?} appears twice",
+                    a.name
+                )));
+            }
+        }
+        if aspects.is_empty() {
+            return Err(Error::Config(format!("aspect set {name:?} has no aspects")));
+        }
+        let max = aspects.len().min(3);
+        Ok(Aspects {
+            name,
+            aspects,
+            sampling: AspectSampling::Subset { min: 1, max },
+        })
+    }
+
+    /// Sets the sampling mode.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
+    pub fn with_sampling(mut self, sampling: AspectSampling) -> Result<Self, Error> {
+        let n = self.aspects.len();
+        let bad = match sampling {
+            AspectSampling::All => None,
+            AspectSampling::Subset { min, max } => (min == 0 || min > max || max > n).then(|| {
+                format!("subset size {min}..={max} must satisfy 1 <= min <= max <= {n}")
+            }),
+            AspectSampling::ModelPicks { max } => (max == 0 || max > n)
+                .then(|| format!("model_picks max {max} must be in 1..={n}")),
+        };
+        if let Some(why) = bad {
+            return Err(Error::Config(format!("aspect set {:?}: {why}", self.name)));
+        }
+        self.sampling = sampling;
+        Ok(self)
+    }
+
+    /// Reads a set from a JSON file: either a list of `{"name", "definition"}` objects or an
+    /// object `{"name": ..., "aspects": [...], "sampling": {"mode": "subset", "min": 1, "max": 2}}`
+    /// (`mode` is `all`, `subset` or `model_picks`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be read, [`Error::Parse`] (naming the file, line and
+    /// field) if it is not such JSON, [`Error::Config`] if the set is invalid (see
+    /// [`Aspects::custom`]).
+    pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parsed: AspectsFile = serde_json::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            line: e.line() as u64,
+            message: format!(
+                "not an aspect list ([{{\"name\", \"definition\"}}] or {{\"aspects\": [...]}}): {e}"
+            ),
+        })?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "custom".into());
+        let with_path = |e: Error| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        };
+        match parsed {
+            AspectsFile::List(list) => Aspects::custom(stem, list).map_err(with_path),
+            AspectsFile::Object {
+                name,
+                aspects,
+                sampling,
+            } => {
+                let set = Aspects::custom(name.unwrap_or(stem), aspects).map_err(with_path)?;
+                match sampling {
+                    Some(s) => set.with_sampling(s).map_err(with_path),
+                    None => Ok(set),
+                }
+            }
+        }
+    }
+
+    /// A preset by name: `qa` (or `long_form_qa`), `ultrafeedback` (or `chat`),
+    /// `summarization` (or `summarisation`, `tldr`), `general`.
+    #[must_use]
+    pub fn preset(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().replace('-', "_").as_str() {
+            "qa" | "long_form_qa" => Some(Self::long_form_qa()),
+            "ultrafeedback" | "chat" => Some(Self::ultrafeedback()),
+            "summarization" | "summarisation" | "tldr" => Some(Self::summarization()),
+            "general" => Some(Self::general()),
+            _ => None,
+        }
+    }
+
+    /// The names [`Aspects::preset`] accepts (canonical forms).
+    pub const PRESETS: [&'static str; 4] = ["qa", "ultrafeedback", "summarization", "general"];
+
+    fn preset_set(name: &str, list: &[(&str, &str)], sampling: AspectSampling) -> Self {
+        Aspects {
+            name: name.to_string(),
+            aspects: list.iter().map(|(n, d)| Aspect::new(*n, *d)).collect(),
+            sampling,
+        }
+    }
+
+    /// Long-form question answering (in the spirit of QA-Feedback): relevance, factuality,
+    /// completeness. Subsets of 1 to 2.
+    #[must_use]
+    pub fn long_form_qa() -> Self {
+        Self::preset_set(
+            "qa",
+            &[
+                ("relevance", "every sentence helps answer the question that was asked; nothing is off-topic or padded"),
+                ("factuality", "every claim is true and agrees with the passages or facts given in the question"),
+                ("completeness", "the answer covers all the information the question needs, not just part of it"),
+            ],
+            AspectSampling::Subset { min: 1, max: 2 },
+        )
+    }
+
+    /// General chat, UltraFeedback's four principles: helpfulness, honesty, truthfulness,
+    /// instruction-following. Subsets of 1 to 2.
+    #[must_use]
+    pub fn ultrafeedback() -> Self {
+        Self::preset_set(
+            "ultrafeedback",
+            &[
+                ("helpfulness", "solves the user's actual problem with useful, specific and well-organised content"),
+                ("honesty", "is open about uncertainty and limits instead of sounding more confident than it should"),
+                ("truthfulness", "states facts correctly and invents nothing: no made-up names, numbers or sources"),
+                ("instruction-following", "does exactly what was asked, respecting every stated constraint on content, format and length"),
+            ],
+            AspectSampling::Subset { min: 1, max: 2 },
+        )
+    }
+
+    /// Summarisation (the axes of Stiennon et al.): coherence, accuracy, coverage, conciseness.
+    /// Subsets of 1 to 2.
+    #[must_use]
+    pub fn summarization() -> Self {
+        Self::preset_set(
+            "summarization",
+            &[
+                ("coherence", "reads as one clear, well-ordered piece rather than a list of fragments"),
+                ("accuracy", "says only what the source says, with no distortion or added facts"),
+                ("coverage", "keeps the source's key points and leaves none of the important ones out"),
+                ("conciseness", "is short and free of repetition and unimportant detail"),
+            ],
+            AspectSampling::Subset { min: 1, max: 2 },
+        )
+    }
+
+    /// A general-purpose set for users who do not know which to pick: helpfulness, relevance,
+    /// correctness, completeness, clarity, harmlessness. Subsets of 1 to 3.
+    #[must_use]
+    pub fn general() -> Self {
+        Self::preset_set(
+            "general",
+            &[
+                ("helpfulness", "actually helps the user with what they need"),
+                ("relevance", "stays on the request and leaves out what does not belong"),
+                ("correctness", "facts, reasoning, numbers and code are right"),
+                ("completeness", "covers every part of the request"),
+                ("clarity", "is well organised and easy to follow"),
+                ("harmlessness", "avoids unsafe, offensive or misleading content"),
+            ],
+            AspectSampling::Subset { min: 1, max: 3 },
+        )
+    }
+
+    /// The set's name (the preset name or the one given).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// All aspects in the set, in order.
+    #[must_use]
+    pub fn aspects(&self) -> &[Aspect] {
+        &self.aspects
+    }
+
+    /// The sampling mode.
+    #[must_use]
+    pub fn sampling(&self) -> AspectSampling {
+        self.sampling
+    }
+}
+
+impl Default for Aspects {
+    fn default() -> Self {
+        Self::general()
+    }
+}
+
+impl AspectSet for Aspects {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
+        match self.sampling {
+            AspectSampling::All => AspectDraw {
+                aspects: self.aspects.clone(),
+                model_picks: None,
+            },
+            AspectSampling::ModelPicks { max } => AspectDraw {
+                aspects: self.aspects.clone(),
+                model_picks: Some(max),
+            },
+            AspectSampling::Subset { min, max } => {
+                let k = rng.random_range(min..=max);
+                let mut idx = rand::seq::index::sample(rng, self.aspects.len(), k).into_vec();
+                idx.sort_unstable();
+                AspectDraw {
+                    aspects: idx.into_iter().map(|i| self.aspects[i].clone()).collect(),
+                    model_picks: None,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn presets_are_valid() {
+        for name in Aspects::PRESETS {
+            let set = Aspects::preset(name).unwrap();
+            let again = Aspects::custom(set.name(), set.aspects().to_vec()).unwrap();
+            again.with_sampling(set.sampling()).unwrap();
+        }
+        assert!(Aspects::preset("nope").is_none());
+        assert_eq!(Aspects::preset("Long-Form-QA").unwrap().name(), "qa");
+    }
+
+    #[test]
+    fn subset_sizes_in_range_and_ordered() {
+        let set = Aspects::general();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut sizes = [0usize; 4];
+        for _ in 0..600 {
+            let d = set.sample(&mut rng);
+            assert!((1..=3).contains(&d.aspects.len()));
+            sizes[d.aspects.len()] += 1;
+            let pos: Vec<usize> = d
+                .aspects
+                .iter()
+                .map(|a| set.aspects().iter().position(|b| b == a).unwrap())
+                .collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
+        }
+        assert!(sizes[1] > 100 && sizes[2] > 100 && sizes[3] > 100, "{sizes:?}");
+    }
+
+    #[test]
+    fn custom_validation_names_the_field() {
+        let err = Aspects::custom("x", vec![Aspect::new("a", "")]).unwrap_err();
+        assert!(err.to_string().contains("aspects[0].definition"), "{err}");
+        let err =
+            Aspects::custom("x", vec![Aspect::new("a", "d"), Aspect::new("a", "e")]).unwrap_err();
+        assert!(err.to_string().contains("aspects[1].name"), "{err}");
+        assert!(Aspects::custom("x", vec![]).is_err());
+        let two = Aspects::custom("x", vec![Aspect::new("a", "d"), Aspect::new("b", "e")]).unwrap();
+        assert!(two
+            .clone()
+            .with_sampling(AspectSampling::Subset { min: 2, max: 3 })
+            .is_err());
+        assert!(two
+            .with_sampling(AspectSampling::ModelPicks { max: 0 })
+            .is_err());
+    }
+
+    #[test]
+    fn json_file_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("mine.json");
+        std::fs::write(&list, r#"[{"name":"wit","definition":"is funny"}]"#).unwrap();
+        let set = Aspects::from_json_file(&list).unwrap();
+        assert_eq!(set.name(), "mine");
+        assert_eq!(set.sampling(), AspectSampling::Subset { min: 1, max: 1 });
+
+        let obj = dir.path().join("obj.json");
+        std::fs::write(
+            &obj,
+            r#"{"name":"o","aspects":[{"name":"a","definition":"x"},{"name":"b","definition":"y"}],
+               "sampling":{"mode":"model_picks","max":1}}"#,
+        )
+        .unwrap();
+        let set = Aspects::from_json_file(&obj).unwrap();
+        assert_eq!(set.sampling(), AspectSampling::ModelPicks { max: 1 });
+        let d = set.sample(&mut ChaCha8Rng::seed_from_u64(0));
+        assert_eq!(d.model_picks, Some(1));
+        assert_eq!(d.aspects.len(), 2);
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\n \"aspects\": [{\"name\": 1}]\n}").unwrap();
+        let err = Aspects::from_json_file(&bad).unwrap_err();
+        assert!(matches!(err, Error::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("bad.json"), "{err}");
+    }
+}

@@ -1,0 +1,433 @@
+//! Prompt records (the input) and preference examples (the output), with their JSON shapes.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::Error as _;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::backend::{Message, Role, Usage};
+use crate::label::{Grade, Label};
+use crate::Error;
+
+/// What the model is asked: a plain string or a chat history ending in a user turn.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PromptInput {
+    /// A single user message.
+    Text(String),
+    /// A chat history (system, user and assistant turns) ending in a user turn.
+    Messages(Vec<Message>),
+}
+
+/// One input record: a stable id, the prompt, and any other fields of the input line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    /// Stable id: given in the input, or derived from a hash of the content
+    /// ([`Prompt::content_id`]).
+    pub id: String,
+    /// The prompt.
+    pub input: PromptInput,
+    /// Other fields of the input record, carried into the example's `metadata.input`.
+    pub extra: Map<String, Value>,
+}
+
+impl Prompt {
+    /// A plain-text prompt whose id is derived from its content.
+    pub fn new(text: impl Into<String>) -> Self {
+        let input = PromptInput::Text(text.into());
+        Prompt {
+            id: Self::content_id(&input),
+            input,
+            extra: Map::new(),
+        }
+    }
+
+    /// A plain-text prompt with a given id.
+    pub fn with_id(id: impl Into<String>, text: impl Into<String>) -> Self {
+        Prompt {
+            id: id.into(),
+            input: PromptInput::Text(text.into()),
+            extra: Map::new(),
+        }
+    }
+
+    /// A chat prompt; the id is `id`, or derived from the content when `None`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if `messages` is empty, does not end with a user turn, or has an empty
+    /// user turn.
+    pub fn from_messages(id: Option<String>, messages: Vec<Message>) -> Result<Self, Error> {
+        check_messages(&messages).map_err(Error::Config)?;
+        let input = PromptInput::Messages(messages);
+        Ok(Prompt {
+            id: id.unwrap_or_else(|| Self::content_id(&input)),
+            input,
+            extra: Map::new(),
+        })
+    }
+
+    /// The id derived from content: the first 16 hex digits of the SHA-256 of the prompt text
+    /// (or of the messages as JSON). Stable across runs, machines and releases.
+    #[must_use]
+    pub fn content_id(input: &PromptInput) -> String {
+        let mut h = Sha256::new();
+        match input {
+            PromptInput::Text(t) => {
+                h.update(b"text\0");
+                h.update(t.as_bytes());
+            }
+            PromptInput::Messages(ms) => {
+                h.update(b"messages\0");
+                for m in ms {
+                    h.update(m.role.as_str().as_bytes());
+                    h.update(b"\0");
+                    h.update((m.content.len() as u64).to_le_bytes());
+                    h.update(m.content.as_bytes());
+                }
+            }
+        }
+        let digest = h.finalize();
+        let mut s = String::with_capacity(16);
+        for b in &digest[..8] {
+            use fmt::Write;
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+
+    /// The prompt as chat messages (a text prompt becomes one user message).
+    #[must_use]
+    pub fn messages(&self) -> Cow<'_, [Message]> {
+        match &self.input {
+            PromptInput::Text(t) => Cow::Owned(vec![Message::user(t.clone())]),
+            PromptInput::Messages(m) => Cow::Borrowed(m),
+        }
+    }
+
+    /// Consumes the prompt and returns its messages.
+    #[must_use]
+    pub fn into_messages(self) -> Vec<Message> {
+        match self.input {
+            PromptInput::Text(t) => vec![Message::user(t)],
+            PromptInput::Messages(m) => m,
+        }
+    }
+}
+
+pub(crate) fn check_messages(messages: &[Message]) -> Result<(), String> {
+    match messages.last() {
+        None => Err("`messages` is empty".into()),
+        Some(m) if m.role != Role::User => Err(format!(
+            "`messages[{}].role` is {:?}: a prompt must end with a user turn",
+            messages.len() - 1,
+            m.role.as_str()
+        )),
+        Some(m) if m.content.trim().is_empty() => Err(format!(
+            "`messages[{}].content` is empty",
+            messages.len() - 1
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Per-example details kept next to the TRL columns.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExampleMetadata {
+    /// The generation method (`"rmboost"`, or a baseline's name).
+    pub method: String,
+    /// The run seed; with the id it determines every random draw of the example.
+    pub seed: u64,
+    /// The models that answered, by call (`"first"`, `"second"`, ...).
+    pub models: BTreeMap<String, String>,
+    /// Token usage by call, plus `"total"`.
+    pub usage: BTreeMap<String, Usage>,
+    /// Backend calls made for this example, re-asks included.
+    pub calls: u32,
+    /// Answers rejected as unusable and asked again.
+    pub reasks: u32,
+    /// Fields of the input record other than `id`, `prompt` and `messages`.
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub input: Map<String, Value>,
+    /// Anything else a method wants to record.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One preference example: a prompt, a chosen and a rejected response, and how it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferenceExample {
+    /// The input record's id.
+    pub id: String,
+    /// The prompt conversation (ends with a user turn).
+    pub prompt: Vec<Message>,
+    /// The preferred response.
+    pub chosen: String,
+    /// The other response.
+    pub rejected: String,
+    /// Whether the second response was asked to be better or worse than the first.
+    pub label: Label,
+    /// Slightly or much, for graded labels.
+    pub grade: Option<Grade>,
+    /// Names of the aspects the pair differs on.
+    pub aspects: Vec<String>,
+    /// TRL's optional `margin` column.
+    pub margin: Option<f64>,
+    /// Seed, models, usage, calls and carried input fields.
+    pub metadata: ExampleMetadata,
+}
+
+/// The two JSONL shapes of an example.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ExampleFormat {
+    /// `prompt` is a list of messages, `chosen` and `rejected` are one-message assistant lists
+    /// (TRL's conversational preference format). The default.
+    #[default]
+    Conversational,
+    /// `prompt`, `chosen` and `rejected` are plain strings (TRL's standard format). A chat
+    /// prompt of more than one message is written as `role: content` blocks.
+    Standard,
+}
+
+impl ExampleFormat {
+    /// Parses `conversational` or `standard`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "conversational" | "chat" => Some(ExampleFormat::Conversational),
+            "standard" | "plain" => Some(ExampleFormat::Standard),
+            _ => None,
+        }
+    }
+}
+
+impl PreferenceExample {
+    /// A view that serialises the example in `format`.
+    #[must_use]
+    pub fn formatted(&self, format: ExampleFormat) -> Formatted<'_> {
+        Formatted {
+            example: self,
+            format,
+        }
+    }
+
+    /// One JSON line (no trailing newline) in `format`.
+    #[must_use]
+    pub fn to_json_line(&self, format: ExampleFormat) -> String {
+        serde_json::to_string(&self.formatted(format))
+            .expect("serialising an example cannot fail: all keys are strings")
+    }
+
+    /// The prompt as one string, as the standard format writes it.
+    #[must_use]
+    pub fn prompt_text(&self) -> Cow<'_, str> {
+        match self.prompt.as_slice() {
+            [only] if only.role == Role::User => Cow::Borrowed(&only.content),
+            many => {
+                let mut s = String::new();
+                for (i, m) in many.iter().enumerate() {
+                    if i > 0 {
+                        s.push_str("\n\n");
+                    }
+                    s.push_str(m.role.as_str());
+                    s.push_str(": ");
+                    s.push_str(&m.content);
+                }
+                Cow::Owned(s)
+            }
+        }
+    }
+}
+
+/// An example paired with the format to write it in; implements [`Serialize`].
+#[derive(Debug, Clone, Copy)]
+pub struct Formatted<'a> {
+    example: &'a PreferenceExample,
+    format: ExampleFormat,
+}
+
+#[derive(Serialize)]
+struct AssistantTurn<'a> {
+    role: Role,
+    content: &'a str,
+}
+
+impl Serialize for Formatted<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.example;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &e.id)?;
+        match self.format {
+            ExampleFormat::Conversational => {
+                let turn = |content| {
+                    [AssistantTurn {
+                        role: Role::Assistant,
+                        content,
+                    }]
+                };
+                m.serialize_entry("prompt", &e.prompt)?;
+                m.serialize_entry("chosen", &turn(&e.chosen))?;
+                m.serialize_entry("rejected", &turn(&e.rejected))?;
+            }
+            ExampleFormat::Standard => {
+                m.serialize_entry("prompt", &e.prompt_text())?;
+                m.serialize_entry("chosen", &e.chosen)?;
+                m.serialize_entry("rejected", &e.rejected)?;
+            }
+        }
+        m.serialize_entry("label", &e.label)?;
+        if let Some(g) = e.grade {
+            m.serialize_entry("grade", &g)?;
+        }
+        m.serialize_entry("aspects", &e.aspects)?;
+        m.serialize_entry("margin", &e.margin)?;
+        m.serialize_entry("metadata", &e.metadata)?;
+        m.end()
+    }
+}
+
+impl Serialize for PreferenceExample {
+    /// Serialises in the conversational format.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.formatted(ExampleFormat::Conversational).serialize(s)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextOrMessages {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+#[derive(Deserialize)]
+struct WireExample {
+    id: String,
+    prompt: TextOrMessages,
+    chosen: TextOrMessages,
+    rejected: TextOrMessages,
+    label: Label,
+    #[serde(default)]
+    grade: Option<Grade>,
+    #[serde(default)]
+    aspects: Vec<String>,
+    #[serde(default)]
+    margin: Option<f64>,
+    #[serde(default)]
+    metadata: ExampleMetadata,
+}
+
+fn response_text<E: serde::de::Error>(field: &str, v: TextOrMessages) -> Result<String, E> {
+    match v {
+        TextOrMessages::Text(t) => Ok(t),
+        TextOrMessages::Messages(ms) => match <[Message; 1]>::try_from(ms) {
+            Ok([m]) if m.role == Role::Assistant => Ok(m.content),
+            _ => Err(E::custom(format!(
+                "{field} must be a string or one assistant message"
+            ))),
+        },
+    }
+}
+
+impl<'de> Deserialize<'de> for PreferenceExample {
+    /// Reads either format.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = WireExample::deserialize(d)?;
+        let prompt = match w.prompt {
+            TextOrMessages::Text(t) => vec![Message::user(t)],
+            TextOrMessages::Messages(ms) => {
+                check_messages(&ms).map_err(|m| D::Error::custom(format!("prompt: {m}")))?;
+                ms
+            }
+        };
+        Ok(PreferenceExample {
+            id: w.id,
+            prompt,
+            chosen: response_text("chosen", w.chosen)?,
+            rejected: response_text("rejected", w.rejected)?,
+            label: w.label,
+            grade: w.grade,
+            aspects: w.aspects,
+            margin: w.margin,
+            metadata: w.metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PreferenceExample {
+        let mut metadata = ExampleMetadata {
+            method: "rmboost".into(),
+            seed: 7,
+            calls: 2,
+            ..Default::default()
+        };
+        metadata.models.insert("first".into(), "m".into());
+        metadata.usage.insert("total".into(), Usage::new(10, 20));
+        metadata.input.insert("source".into(), Value::from("unit"));
+        PreferenceExample {
+            id: "ex-1".into(),
+            prompt: vec![Message::user("Why is the sky blue?")],
+            chosen: "Rayleigh scattering.".into(),
+            rejected: "Because it is.".into(),
+            label: Label::Better,
+            grade: None,
+            aspects: vec!["correctness".into()],
+            margin: None,
+            metadata,
+        }
+    }
+
+    #[test]
+    fn conversational_shape() {
+        let v: Value = serde_json::from_str(&sample().to_json_line(ExampleFormat::Conversational))
+            .unwrap();
+        assert_eq!(v["prompt"][0]["role"], "user");
+        assert_eq!(v["chosen"][0]["role"], "assistant");
+        assert_eq!(v["chosen"][0]["content"], "Rayleigh scattering.");
+        assert_eq!(v["rejected"][0]["content"], "Because it is.");
+        assert_eq!(v["label"], "better");
+        assert!(v["margin"].is_null());
+        assert_eq!(v["metadata"]["seed"], 7);
+        assert_eq!(v["metadata"]["input"]["source"], "unit");
+        assert!(v.get("grade").is_none());
+    }
+
+    #[test]
+    fn standard_shape() {
+        let v: Value =
+            serde_json::from_str(&sample().to_json_line(ExampleFormat::Standard)).unwrap();
+        assert_eq!(v["prompt"], "Why is the sky blue?");
+        assert_eq!(v["chosen"], "Rayleigh scattering.");
+    }
+
+    #[test]
+    fn round_trip_both() {
+        let mut e = sample();
+        e.grade = Some(Grade::Much);
+        e.margin = Some(3.0);
+        for f in [ExampleFormat::Conversational, ExampleFormat::Standard] {
+            let back: PreferenceExample = serde_json::from_str(&e.to_json_line(f)).unwrap();
+            assert_eq!(back, e, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn content_id_is_stable() {
+        let a = Prompt::new("hello");
+        assert_eq!(a.id, Prompt::new("hello").id);
+        assert_ne!(a.id, Prompt::new("hello ").id);
+        assert_eq!(a.id.len(), 16);
+        // Golden value: changing it breaks resume of existing datasets.
+        assert_eq!(a.id, "306f89347195cc05");
+        assert!(Prompt::from_messages(None, vec![Message::assistant("x")]).is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! The JSONL prompt reader.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::backend::Message;
+use crate::example::{check_messages, Prompt, PromptInput};
+use crate::Error;
+
+/// Reads prompt records, one JSON object per line; an iterator of `Result<Prompt, Error>`.
+///
+/// Each line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [...]}`; `id` is
+/// optional (a string or an integer; derived from the content when absent) and every other
+/// field is kept in [`Prompt::extra`]. Blank lines are skipped. A bad line (invalid JSON or
+/// UTF-8, a missing or mistyped field, longer than the limit) gives an [`Error::Parse`] naming
+/// the file, the line and the field, and reading goes on with the next line: the caller decides
+/// whether to skip it or stop.
+#[derive(Debug)]
+pub struct PromptReader<R> {
+    reader: R,
+    path: PathBuf,
+    line: u64,
+    buf: Vec<u8>,
+    max_line_bytes: usize,
+    done: bool,
+}
+
+/// Opens a JSONL prompt file.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be opened.
+pub fn read_prompts(path: impl AsRef<Path>) -> Result<PromptReader<BufReader<File>>, Error> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(PromptReader::new(BufReader::new(file), path))
+}
+
+impl<R: BufRead> PromptReader<R> {
+    /// Reads from `reader`; `name` is the file name used in errors (`<stdin>`, a path, ...).
+    pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
+        PromptReader {
+            reader,
+            path: name.into(),
+            line: 0,
+            buf: Vec::new(),
+            max_line_bytes: 16 << 20,
+            done: false,
+        }
+    }
+
+    /// Sets the longest line accepted, in bytes (default 16 MiB); a longer one is an error.
+    #[must_use]
+    pub fn max_line_bytes(mut self, max: usize) -> Self {
+        self.max_line_bytes = max;
+        self
+    }
+
+    /// The number of the last line read (1-based; 0 before the first).
+    #[must_use]
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    fn err(&self, message: impl Into<String>) -> Error {
+        Error::Parse {
+            path: self.path.clone(),
+            line: self.line,
+            message: message.into(),
+        }
+    }
+
+    /// Reads one line into `buf`, at most `max_line_bytes + 1` bytes of it; drains the rest.
+    /// Returns `Ok(None)` at end of input and whether the line was too long.
+    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
+        self.buf.clear();
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if available.is_empty() {
+                return Ok(any.then_some(too_long));
+            }
+            any = true;
+            let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (&available[..=i], true),
+                None => (available, false),
+            };
+            let n = chunk.len();
+            if !too_long {
+                let room = self.max_line_bytes + 1 - self.buf.len().min(self.max_line_bytes + 1);
+                if chunk.len() > room + usize::from(found) {
+                    too_long = true;
+                    self.buf.clear();
+                } else {
+                    self.buf.extend_from_slice(chunk);
+                }
+            }
+            self.reader.consume(n);
+            if found {
+                return Ok(Some(too_long));
+            }
+        }
+    }
+
+    fn parse(&self, text: &str) -> Result<Prompt, Error> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| self.err(format!("invalid JSON at column {}: {e}", e.column())))?;
+        let Value::Object(mut obj) = value else {
+            return Err(self.err("expected a JSON object"));
+        };
+        let id = match obj.remove("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(Value::String(_)) => return Err(self.err("field `id` is empty")),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+            Some(_) => return Err(self.err("field `id` must be a string or an integer")),
+        };
+        let input = match (obj.remove("prompt"), obj.remove("messages")) {
+            (Some(_), Some(_)) => {
+                return Err(self.err("give either `prompt` or `messages`, not both"))
+            }
+            (None, None) => {
+                return Err(self.err("missing field `prompt` (or `messages`)"));
+            }
+            (Some(Value::String(s)), None) => {
+                if s.trim().is_empty() {
+                    return Err(self.err("field `prompt` is empty"));
+                }
+                PromptInput::Text(s)
+            }
+            (Some(_), None) => return Err(self.err("field `prompt` must be a string")),
+            (None, Some(m)) => {
+                let messages: Vec<Message> = serde_json::from_value(m).map_err(|e| {
+                    self.err(format!(
+                        "field `messages` must be a list of {{\"role\", \"content\"}}: {e}"
+                    ))
+                })?;
+                check_messages(&messages).map_err(|m| self.err(format!("field {m}")))?;
+                PromptInput::Messages(messages)
+            }
+        };
+        let id = id.unwrap_or_else(|| Prompt::content_id(&input));
+        Ok(Prompt {
+            id,
+            input,
+            extra: Map::from_iter(obj),
+        })
+    }
+}
+
+impl<R: BufRead> Iterator for PromptReader<R> {
+    type Item = Result<Prompt, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let too_long = match self.read_line() {
+                Ok(None) => {
+                    self.done = true;
+                    return None;
+                }
+                Ok(Some(t)) => t,
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    }));
+                }
+            };
+            self.line += 1;
+            if too_long {
+                return Some(Err(self.err(format!(
+                    "line longer than the {} byte limit",
+                    self.max_line_bytes
+                ))));
+            }
+            let bytes = std::mem::take(&mut self.buf);
+            let result = match std::str::from_utf8(&bytes) {
+                Err(e) => Err(self.err(format!(
+                    "invalid UTF-8 at byte {} of the line",
+                    e.valid_up_to()
+                ))),
+                Ok(text) => {
+                    let text = text.trim();
+                    if text.is_empty() {
+                        self.buf = bytes;
+                        continue;
+                    }
+                    self.parse(text)
+                }
+            };
+            self.buf = bytes;
+            return Some(result);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(input: &[u8]) -> Vec<Result<Prompt, Error>> {
+        PromptReader::new(input, "in.jsonl").max_line_bytes(200).collect()
+    }
+
+    fn msg(r: &Result<Prompt, Error>) -> String {
+        r.as_ref().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn reads_both_shapes_and_carries_fields() {
+        let rows = read(
+            b"{\"id\":\"a\",\"prompt\":\"hi\",\"source\":\"x\"}\n\n{\"messages\":[{\"role\":\"user\",\"content\":\"yo\"}]}\r\n{\"id\":7,\"prompt\":\"n\"}",
+        );
+        assert_eq!(rows.len(), 3);
+        let a = rows[0].as_ref().unwrap();
+        assert_eq!(a.id, "a");
+        assert_eq!(a.extra["source"], "x");
+        let b = rows[1].as_ref().unwrap();
+        assert_eq!(b.id.len(), 16);
+        assert!(matches!(b.input, PromptInput::Messages(_)));
+        assert_eq!(rows[2].as_ref().unwrap().id, "7");
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let rows = read(
+            b"{\"prompt\":\"ok\"}\n{bad\n{\"prompt\":3}\n{\"id\":\"x\"}\n\xff\xfe\n{\"messages\":[{\"role\":\"assistant\",\"content\":\"a\"}]}\n",
+        );
+        assert_eq!(rows.len(), 6);
+        assert!(rows[0].is_ok());
+        assert!(msg(&rows[1]).starts_with("in.jsonl:2: invalid JSON"), "{}", msg(&rows[1]));
+        assert!(msg(&rows[2]).contains("in.jsonl:3: field `prompt` must be a string"));
+        assert!(msg(&rows[3]).contains("in.jsonl:4: missing field `prompt`"));
+        assert!(msg(&rows[4]).contains("in.jsonl:5: invalid UTF-8"));
+        assert!(msg(&rows[5]).contains("in.jsonl:6: field `messages[0].role`"), "{}", msg(&rows[5]));
+    }
+
+    #[test]
+    fn long_lines_are_errors_and_reading_goes_on() {
+        let mut input = b"{\"prompt\":\"".to_vec();
+        input.extend(std::iter::repeat_n(b'a', 1000));
+        input.extend_from_slice(b"\"}\n{\"prompt\":\"after\"}\n");
+        let rows = read(&input);
+        assert_eq!(rows.len(), 2);
+        assert!(msg(&rows[0]).contains("in.jsonl:1: line longer than the 200 byte limit"));
+        assert_eq!(rows[1].as_ref().unwrap().input, PromptInput::Text("after".into()));
+    }
+}

@@ -1,0 +1,311 @@
+//! Backends for tests, doc tests and benchmarks (feature `test-util`).
+//!
+//! - [`ScriptedBackend`] replays queued answers and errors (or computes them with a function),
+//!   records every request, can wait a fixed latency, and counts calls in flight.
+//! - [`FakeBackend`] answers instantly and deterministically: a first response derived from the
+//!   request's seed, and for a second-response request (one that asks for `<response>` tags) a
+//!   different, tagged answer.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
+use crate::error::{BackendError, BackendErrorKind};
+
+type Responder = dyn Fn(&CompletionRequest) -> Result<Completion, BackendError> + Send + Sync;
+
+#[derive(Default)]
+struct Script {
+    queue: VecDeque<Result<Completion, BackendError>>,
+    requests: Vec<CompletionRequest>,
+}
+
+struct Shared {
+    script: Mutex<Script>,
+    fallback: Option<Box<Responder>>,
+    latency: Option<Duration>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+/// A backend that replays a script; cheap to clone, and every clone shares the same script,
+/// records and counters (keep one clone to inspect after handing another to the generator).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use rmboost::testing::ScriptedBackend;
+/// use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
+///
+/// let backend = ScriptedBackend::new();
+/// backend.push_text("first answer");
+/// backend.push_error(BackendError::server("boom"));
+/// let req = CompletionRequest::new(vec![Message::user("hi")]);
+/// assert_eq!(backend.complete(req.clone()).await.unwrap().text, "first answer");
+/// assert!(backend.complete(req).await.unwrap_err().is_retryable());
+/// assert_eq!(backend.requests().len(), 2);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ScriptedBackend {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ScriptedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptedBackend")
+            .field("queued", &self.lock().queue.len())
+            .field("calls", &self.calls())
+            .field("latency", &self.shared.latency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ScriptedBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScriptedBackend {
+    fn build(fallback: Option<Box<Responder>>, latency: Option<Duration>) -> Self {
+        ScriptedBackend {
+            shared: Arc::new(Shared {
+                script: Mutex::new(Script::default()),
+                fallback,
+                latency,
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                calls: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// An empty script: a call with nothing queued fails with a permanent
+    /// [`BackendErrorKind::Other`] error saying the script is exhausted.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::build(None, None)
+    }
+
+    /// A backend that answers with `f` whenever nothing is queued.
+    pub fn from_fn(
+        f: impl Fn(&CompletionRequest) -> Result<Completion, BackendError> + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(Some(Box::new(f)), None)
+    }
+
+    /// The same script with every call first waiting `latency` (tokio time, so paused-clock
+    /// tests stay instant). Call before cloning or queueing.
+    #[must_use]
+    pub fn with_latency(self, latency: Duration) -> Self {
+        let shared = Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("with_latency must be called before the backend is cloned"));
+        ScriptedBackend {
+            shared: Arc::new(Shared {
+                latency: Some(latency),
+                ..shared
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Script> {
+        self.shared
+            .script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a successful answer with this text.
+    pub fn push_text(&self, text: impl Into<String>) {
+        self.push_completion(Completion::new(text).with_model("scripted"));
+    }
+
+    /// Queues a completion.
+    pub fn push_completion(&self, completion: Completion) {
+        self.lock().queue.push_back(Ok(completion));
+    }
+
+    /// Queues an error.
+    pub fn push_error(&self, error: BackendError) {
+        self.lock().queue.push_back(Err(error));
+    }
+
+    /// Every request received so far, in arrival order.
+    #[must_use]
+    pub fn requests(&self) -> Vec<CompletionRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// How many calls were made.
+    #[must_use]
+    pub fn calls(&self) -> usize {
+        self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    /// How many calls are running now.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most calls that were ever running at once.
+    #[must_use]
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How many queued answers are left.
+    #[must_use]
+    pub fn remaining(&self) -> usize {
+        self.lock().queue.len()
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl LlmBackend for ScriptedBackend {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let s = &*self.shared;
+        s.calls.fetch_add(1, Ordering::SeqCst);
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let _guard = InFlight(&s.in_flight);
+        let queued = {
+            let mut script = self.lock();
+            script.requests.push(request.clone());
+            script.queue.pop_front()
+        };
+        if let Some(latency) = s.latency {
+            tokio::time::sleep(latency).await;
+        }
+        match queued {
+            Some(answer) => answer,
+            None => match &s.fallback {
+                Some(f) => f(&request),
+                None => Err(BackendError::new(
+                    BackendErrorKind::Other,
+                    "scripted backend: script exhausted",
+                )),
+            },
+        }
+    }
+
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "scripted".into()
+    }
+
+    fn model(&self) -> std::borrow::Cow<'_, str> {
+        "scripted".into()
+    }
+}
+
+/// An instant, deterministic backend: the answer depends only on the request's seed and on
+/// whether it asks for `<response>` tags.
+///
+/// First-response requests get `"answer <seed hex> "` followed by filler up to the configured
+/// length; requests mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`,
+/// so the second response always differs from the first.
+#[derive(Debug, Clone)]
+pub struct FakeBackend {
+    filler: Arc<str>,
+    latency: Option<Duration>,
+}
+
+impl Default for FakeBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeBackend {
+    /// Short answers (about 40 bytes), no latency.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_response_len(40)
+    }
+
+    /// Answers of about `len` bytes.
+    #[must_use]
+    pub fn with_response_len(len: usize) -> Self {
+        let unit = "lorem ipsum dolor sit amet ";
+        let filler: String = unit.chars().cycle().take(len).collect();
+        FakeBackend {
+            filler: filler.into(),
+            latency: None,
+        }
+    }
+
+    /// Waits `latency` (tokio time) before each answer.
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = Some(latency);
+        self
+    }
+}
+
+#[async_trait]
+impl LlmBackend for FakeBackend {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        if let Some(latency) = self.latency {
+            tokio::time::sleep(latency).await;
+        }
+        let seed = request.seed.unwrap_or(0);
+        let second = request
+            .messages
+            .last()
+            .is_some_and(|m| m.content.contains("</response>"));
+        let prompt_len: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        let text = if second {
+            let mut t = String::with_capacity(self.filler.len() + 48);
+            t.push_str("<response>rewrite ");
+            push_hex(&mut t, seed);
+            t.push(' ');
+            t.push_str(&self.filler);
+            t.push_str("</response>");
+            t
+        } else {
+            let mut t = String::with_capacity(self.filler.len() + 24);
+            t.push_str("answer ");
+            push_hex(&mut t, seed);
+            t.push(' ');
+            t.push_str(&self.filler);
+            t
+        };
+        let usage = Usage::new((prompt_len / 4) as u64, (text.len() / 4) as u64);
+        Ok(Completion {
+            text,
+            finish_reason: crate::backend::FinishReason::Stop,
+            usage,
+            model: "fake".into(),
+        })
+    }
+
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "fake".into()
+    }
+
+    fn model(&self) -> std::borrow::Cow<'_, str> {
+        "fake".into()
+    }
+}
+
+fn push_hex(s: &mut String, v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..16).rev() {
+        s.push(HEX[((v >> (i * 4)) & 0xf) as usize] as char);
+    }
+}
