@@ -330,7 +330,7 @@ impl Sampler {
 
     /// Picks the next token.
     pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !(self.temperature > 0.0) || !self.temperature.is_finite() {
+        if self.temperature <= 0.0 || !self.temperature.is_finite() {
             return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
