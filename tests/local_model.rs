@@ -14,6 +14,13 @@ use rmboost::{CompletionRequest, FinishReason, LlmBackend, Message, SamplingPara
 fn backend() -> &'static LocalBackend {
     static BACKEND: OnceLock<LocalBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
+        // candle's thread pool waits by spinning: on a machine busy with other work (parallel
+        // test binaries, compilers, CI neighbours) two spinning threads per matmul can be 5x
+        // slower than one. Outputs do not depend on the thread count, so the tests use one
+        // unless told otherwise. Set before the first candle operation, which reads it once.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
         LocalBackend::builder().build().unwrap_or_else(|e| {
             let mut msg = format!("no model for the local-model tests: {e}");
             let mut source = std::error::Error::source(&e);

@@ -43,8 +43,13 @@
 //!   for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
 //!   types are re-encoded as Q8_0 when the model loads (about a second; see
 //!   [`LocalBackendBuilder::requantize`]). So a plain `cargo build` gets fast kernels without
-//!   `-C target-cpu=native`. candle uses as many threads as the machine has physical cores;
-//!   set `CANDLE_NUM_THREADS` to change that (it is read once per process).
+//!   `-C target-cpu=native`.
+//! - **Threads.** candle uses as many threads as the machine has physical cores; set
+//!   `CANDLE_NUM_THREADS` to change that (read once per process, at the first model
+//!   operation). Its workers wait for each other by spinning, which is fastest on an idle
+//!   machine but can be several times slower than a single thread when the cores are shared
+//!   with other busy processes (we measured 1.6 against 9.5 tokens/s on two cores under heavy
+//!   load): use `CANDLE_NUM_THREADS=1` there. Outputs do not depend on the thread count.
 //! - **Sampling.** Temperature (0 is greedy), top-p, a seed (ChaCha8: the same seed gives the
 //!   same text on every platform, for the same model file and crate version), `max_tokens`,
 //!   stop sequences (generation stops as soon as the text contains one; it and anything after
