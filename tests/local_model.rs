@@ -51,7 +51,10 @@ const DEFAULT_SYSTEM: &str =
 fn loads_the_model() {
     let b = backend();
     assert!(b.model_path().is_file());
-    assert!(b.uses_model_template(), "the GGUF's own chat template is used");
+    assert!(
+        b.uses_model_template(),
+        "the GGUF's own chat template is used"
+    );
     assert!(b.context_length() >= 2048, "{}", b.context_length());
     assert_eq!(b.name(), "local");
     assert!(!b.model().is_empty());
@@ -85,7 +88,9 @@ fn chat_template_renders_chatml_with_the_default_system_prompt() {
 fn prompt_tokens_match_llama_cpp() {
     let b = backend();
     // Special tokens are single ids; digits are split one by one (SmolLM's pre-tokenizer).
-    let ids = b.prompt_tokens(&[Message::user("Add 12345 and 678.")]).unwrap();
+    let ids = b
+        .prompt_tokens(&[Message::user("Add 12345 and 678.")])
+        .unwrap();
     assert_eq!(ids.first(), Some(&1), "starts with <|im_start|>");
     // The same conversations tokenized by llama.cpp's server (/apply-template, then /tokenize)
     // with this model file.
@@ -123,7 +128,10 @@ async fn greedy_generation_is_deterministic() {
     assert!(!first.text.trim().is_empty());
     assert!(!first.text.contains("<|im_end|>"), "{:?}", first.text);
     assert!(
-        matches!(first.finish_reason, FinishReason::Stop | FinishReason::Length),
+        matches!(
+            first.finish_reason,
+            FinishReason::Stop | FinishReason::Length
+        ),
         "{:?}",
         first.finish_reason
     );
@@ -177,7 +185,11 @@ async fn stop_sequences_are_honoured() {
     // Pick a stop sequence from the middle of the unconstrained answer: generation must end
     // right before it, with the stop sequence itself cut off.
     let words: Vec<&str> = full.text.split_whitespace().collect();
-    assert!(words.len() >= 3, "answer too short to test: {:?}", full.text);
+    assert!(
+        words.len() >= 3,
+        "answer too short to test: {:?}",
+        full.text
+    );
     let stop = words[words.len() / 2].to_string();
     let at = full.text.find(&stop).unwrap();
     let mut req = base.clone();
@@ -296,7 +308,9 @@ async fn rmboost_runs_end_to_end_on_five_prompts() {
                 let total = ex.metadata.usage["total"];
                 assert!(total.prompt_tokens > 0 && total.completion_tokens > 0);
                 assert!(!ex.metadata.models["first"].is_empty());
-                assert!(!ex.to_json_line(rmboost::ExampleFormat::Conversational).contains('\n'));
+                assert!(!ex
+                    .to_json_line(rmboost::ExampleFormat::Conversational)
+                    .contains('\n'));
             }
             Err(e) => {
                 // A 135M model may stay unusable after its re-asks; that is an `Err` with the

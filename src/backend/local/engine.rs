@@ -346,8 +346,7 @@ impl Sampler {
             total += p;
             probs.push((i as u32, p));
         }
-        let by_prob_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         // The nucleus: the most likely tokens whose mass reaches top_p. Sorting the whole
         // vocabulary for every token is slow, so sort a top slice that grows until it is enough.
         let keep = if self.top_p < 1.0 {

