@@ -130,7 +130,7 @@ impl GgufTokenizer {
 
     /// Text of generated ids, special tokens left out.
     pub(crate) fn decode(&self, ids: &[u32]) -> Result<String, BoxError> {
-        Ok(self.inner.decode(ids, true)?)
+        self.inner.decode(ids, true)
     }
 
     pub(crate) fn is_end_of_generation(&self, id: u32) -> bool {
