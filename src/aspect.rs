@@ -174,11 +174,11 @@ impl Aspects {
         let n = self.aspects.len();
         let bad = match sampling {
             AspectSampling::All => None,
-            AspectSampling::Subset { min, max } => (min == 0 || min > max || max > n).then(|| {
-                format!("subset size {min}..={max} must satisfy 1 <= min <= max <= {n}")
-            }),
-            AspectSampling::ModelPicks { max } => (max == 0 || max > n)
-                .then(|| format!("model_picks max {max} must be in 1..={n}")),
+            AspectSampling::Subset { min, max } => (min == 0 || min > max || max > n)
+                .then(|| format!("subset size {min}..={max} must satisfy 1 <= min <= max <= {n}")),
+            AspectSampling::ModelPicks { max } => {
+                (max == 0 || max > n).then(|| format!("model_picks max {max} must be in 1..={n}"))
+            }
         };
         if let Some(why) = bad {
             return Err(Error::Config(format!("aspect set {:?}: {why}", self.name)));
@@ -295,10 +295,22 @@ impl Aspects {
         Self::preset_set(
             "summarization",
             &[
-                ("coherence", "reads as one clear, well-ordered piece rather than a list of fragments"),
-                ("accuracy", "says only what the source says, with no distortion or added facts"),
-                ("coverage", "keeps the source's key points and leaves none of the important ones out"),
-                ("conciseness", "is short and free of repetition and unimportant detail"),
+                (
+                    "coherence",
+                    "reads as one clear, well-ordered piece rather than a list of fragments",
+                ),
+                (
+                    "accuracy",
+                    "says only what the source says, with no distortion or added facts",
+                ),
+                (
+                    "coverage",
+                    "keeps the source's key points and leaves none of the important ones out",
+                ),
+                (
+                    "conciseness",
+                    "is short and free of repetition and unimportant detail",
+                ),
             ],
             AspectSampling::Subset { min: 1, max: 2 },
         )
@@ -312,11 +324,20 @@ impl Aspects {
             "general",
             &[
                 ("helpfulness", "actually helps the user with what they need"),
-                ("relevance", "stays on the request and leaves out what does not belong"),
-                ("correctness", "facts, reasoning, numbers and code are right"),
+                (
+                    "relevance",
+                    "stays on the request and leaves out what does not belong",
+                ),
+                (
+                    "correctness",
+                    "facts, reasoning, numbers and code are right",
+                ),
                 ("completeness", "covers every part of the request"),
                 ("clarity", "is well organised and easy to follow"),
-                ("harmlessness", "avoids unsafe, offensive or misleading content"),
+                (
+                    "harmlessness",
+                    "avoids unsafe, offensive or misleading content",
+                ),
             ],
             AspectSampling::Subset { min: 1, max: 3 },
         )
@@ -404,7 +425,10 @@ mod tests {
                 .collect();
             assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
         }
-        assert!(sizes[1] > 100 && sizes[2] > 100 && sizes[3] > 100, "{sizes:?}");
+        assert!(
+            sizes[1] > 100 && sizes[2] > 100 && sizes[3] > 100,
+            "{sizes:?}"
+        );
     }
 
     #[test]

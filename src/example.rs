@@ -388,8 +388,8 @@ mod tests {
 
     #[test]
     fn conversational_shape() {
-        let v: Value = serde_json::from_str(&sample().to_json_line(ExampleFormat::Conversational))
-            .unwrap();
+        let v: Value =
+            serde_json::from_str(&sample().to_json_line(ExampleFormat::Conversational)).unwrap();
         assert_eq!(v["prompt"][0]["role"], "user");
         assert_eq!(v["chosen"][0]["role"], "assistant");
         assert_eq!(v["chosen"][0]["content"], "Rayleigh scattering.");

@@ -605,7 +605,12 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
 
         let aspects = match second.value.picked_aspects {
             Some(picked) => picked,
-            None => plan.aspects.aspects.iter().map(|a| a.name.clone()).collect(),
+            None => plan
+                .aspects
+                .aspects
+                .iter()
+                .map(|a| a.name.clone())
+                .collect(),
         };
         let mut metadata = ExampleMetadata {
             method: "rmboost".into(),

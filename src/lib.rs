@@ -77,6 +77,9 @@
 //! ## Features
 //!
 //! - `test-util`: [`testing`] backends (scripted and fake).
+//! - `run`: [`run::run_to_file`], a whole run into a crash-safe, resumable JSONL file with a
+//!   failure ledger, graceful stop and a Ctrl-C helper.
+//! - `cache`: [`backend::cache`], a persistent response cache around any backend.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -88,6 +91,9 @@ pub mod example;
 mod generator;
 pub mod io;
 pub mod label;
+#[cfg(feature = "run")]
+#[cfg_attr(docsrs, doc(cfg(feature = "run")))]
+pub mod run;
 pub mod template;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -103,6 +109,6 @@ pub use generator::{
     default_first_params, default_second_params, example_rng, ExamplePlan, ExampleStream,
     OutputOrder, RmBoost, RmBoostBuilder, Summary,
 };
-pub use io::{read_prompts, ExampleWriter, PromptReader};
+pub use io::{read_prompts, ExampleWriter, OutputFile, PromptReader, Resume, SyncPolicy};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
 pub use template::{DefaultTemplate, ParsedResponse, PromptTemplate, SecondContext};

@@ -9,7 +9,9 @@
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
 
 use crate::aspect::AspectDraw;
 use crate::backend::Message;
@@ -229,15 +231,14 @@ impl PromptTemplate for DefaultTemplate {
     }
 }
 
-/// Finds `needle` (ASCII, lowercase) in `hay` ignoring ASCII case; returns byte offsets.
+/// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
+/// that has no case (all our tags start with `<`), which lets the scan jump between candidates.
 fn find_all_ci(hay: &str, needle: &str) -> Vec<usize> {
     let h = hay.as_bytes();
     let n = needle.as_bytes();
-    if n.is_empty() || h.len() < n.len() {
-        return Vec::new();
-    }
-    (0..=h.len() - n.len())
-        .filter(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+    debug_assert!(!n.is_empty() && !n[0].is_ascii_alphabetic());
+    memchr::memchr_iter(n[0], h)
+        .filter(|&at| h.len() - at >= n.len() && h[at..at + n.len()].eq_ignore_ascii_case(n))
         .collect()
 }
 
@@ -325,11 +326,68 @@ const META: &[&str] = &[
     "these instructions",
 ];
 
-fn normalise(s: &str) -> String {
-    s.split_whitespace()
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Words at least one of which every [`META`] phrase without a `<` contains.
+const META_KEYS: [&str; 5] = ["answer", "response", "version", "aspects", "instructions"];
+
+/// Whether two texts are equal up to white space and letter case (no allocation).
+fn same_text(a: &str, b: &str) -> bool {
+    let mut wa = a.split_whitespace();
+    let mut wb = b.split_whitespace();
+    loop {
+        match (wa.next(), wb.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) => {
+                if x != y
+                    && !x
+                        .chars()
+                        .flat_map(char::to_lowercase)
+                        .eq(y.chars().flat_map(char::to_lowercase))
+                {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The first meta-talk phrase in `text`, ignoring ASCII case.
+///
+/// The text is lowered into a per-thread buffer and scanned once for all phrases.
+fn find_meta(text: &str) -> Option<&'static str> {
+    static MATCHER: OnceLock<AhoCorasick> = OnceLock::new();
+    thread_local! {
+        static LOWER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let matcher = MATCHER.get_or_init(|| {
+        // A full DFA without prefilter: the phrases start with common English trigrams, so a
+        // prefilter mostly finds false candidates in ordinary prose.
+        AhoCorasick::builder()
+            .kind(Some(AhoCorasickKind::DFA))
+            .prefilter(false)
+            .build(META)
+            .expect("the meta-talk phrases are valid patterns")
+    });
+    LOWER.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        buf.extend(text.bytes().map(|b| b.to_ascii_lowercase()));
+        // Every phrase contains one of these words: SIMD substring scans rule out most prose
+        // before the automaton runs.
+        let candidate = memchr::memchr(b'<', &buf).is_some()
+            || META_KEYS
+                .iter()
+                .any(|k| memchr::memmem::find(&buf, k.as_bytes()).is_some());
+        let found = if candidate {
+            matcher.find(&buf[..]).map(|m| META[m.pattern().as_usize()])
+        } else {
+            None
+        };
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        found
+    })
 }
 
 /// Rejects empty text, a copy of the first response, and meta-talk.
@@ -341,11 +399,10 @@ pub fn check_response(text: &str, first: &str) -> Result<(), UnusableReason> {
     if text.trim().is_empty() {
         return Err(UnusableReason::Empty);
     }
-    let lower = text.to_lowercase();
-    if let Some(phrase) = META.iter().find(|p| lower.contains(*p)) {
+    if let Some(phrase) = find_meta(text) {
         return Err(UnusableReason::MetaTalk(format!("contains {phrase:?}")));
     }
-    if normalise(text) == normalise(first) {
+    if same_text(text, first) {
         return Err(UnusableReason::SameAsFirst);
     }
     Ok(())
@@ -400,16 +457,37 @@ mod tests {
             "Lyon is it."
         );
         assert_eq!(
-            extract_response("I will put it in <response> and </response>.\n<response>Marseille</response>"),
+            extract_response(
+                "I will put it in <response> and </response>.\n<response>Marseille</response>"
+            ),
             "Marseille"
         );
-        assert_eq!(extract_response("Paris, of course.</response>"), "Paris, of course.");
+        assert_eq!(
+            extract_response("Paris, of course.</response>"),
+            "Paris, of course."
+        );
         assert_eq!(
             extract_response("Here is the new answer:\nThe capital is Paris."),
             "The capital is Paris."
         );
         assert_eq!(extract_response("\"Quoted answer.\""), "Quoted answer.");
         assert_eq!(extract_response("<response></response>"), "");
+    }
+
+    #[test]
+    fn meta_keys_cover_every_phrase() {
+        for p in META {
+            assert!(
+                p.contains('<') || META_KEYS.iter().any(|k| p.contains(k)),
+                "{p}"
+            );
+            assert_eq!(*p, p.to_ascii_lowercase(), "phrases are lowercase");
+            assert_eq!(
+                find_meta(&format!("Fine. {} X", p.to_uppercase())),
+                Some(*p)
+            );
+        }
+        assert_eq!(find_meta("A plain answer about rivers."), None);
     }
 
     #[test]

@@ -116,10 +116,7 @@ impl ScriptedBackend {
     }
 
     fn lock(&self) -> MutexGuard<'_, Script> {
-        self.shared
-            .script
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.script.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a successful answer with this text.

@@ -2,7 +2,7 @@
 //! wrappers that work around any backend.
 //!
 //! A backend takes a [`CompletionRequest`] by value and returns a [`Completion`] or a typed
-//! [`BackendError`](crate::BackendError). Everything the generator needs from a model goes
+//! [`BackendError`]. Everything the generator needs from a model goes
 //! through this one method, so a user-written backend (a company gateway, a batch API, a model
 //! running in the same process) plugs in with a few lines:
 //!
@@ -21,6 +21,43 @@
 //!     }
 //! }
 //! ```
+//!
+//! # Backends and wrappers behind features
+//!
+//! | module | feature | what |
+//! |---|---|---|
+//! | `openai` | `openai` | `OpenAiBackend`, any OpenAI-compatible `/v1/chat/completions` server |
+//! | `anthropic` | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
+//! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
+//! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
+//!
+//! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
+//! `name()` and `model()`. Put the rate limit inside the retry so that retries are limited
+//! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
+
+#[cfg(feature = "anthropic")]
+pub mod anthropic;
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+mod http;
+#[cfg(feature = "openai")]
+pub mod openai;
+#[cfg(feature = "middleware")]
+pub mod rate_limit;
+#[cfg(feature = "middleware")]
+pub mod retry;
+
+#[cfg(feature = "anthropic")]
+pub use anthropic::AnthropicBackend;
+#[cfg(feature = "openai")]
+pub use openai::OpenAiBackend;
+#[cfg(feature = "middleware")]
+pub use rate_limit::RateLimit;
+#[cfg(feature = "middleware")]
+pub use retry::{Retry, RetryPolicy, RetryStats};
+
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod cache;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -1,8 +1,24 @@
 //! JSONL input and output: [`PromptReader`] reads prompt records, [`ExampleWriter`] writes
-//! examples.
+//! examples to any writer; for files, [`OutputFile`] appends examples crash-safely under a
+//! lock, [`Resume`] finds the ids already written, and [`FailureLedger`] keeps the examples
+//! that failed.
+//!
+//! The crash-safety contract of the files written here:
+//!
+//! - every line is written with one `write_all` of the whole line and its newline, straight to
+//!   the operating system, so a killed process leaves at most one torn last line;
+//! - opening a file cuts a torn last line off (saving the bytes to `<file>.torn`);
+//! - a file is locked while it is open for writing, so two runs cannot append to it at once;
+//! - a [`SyncPolicy`] says when lines are forced to disk.
 
+mod append;
+mod ledger;
 mod reader;
+mod resume;
 mod writer;
 
+pub use append::{AppendFile, OutputFile, Repair, SyncPolicy};
+pub use ledger::{error_chain, FailureLedger, FailureRecord};
 pub use reader::{read_prompts, PromptReader};
+pub use resume::{IdHash, IdHasher, IdSet, Resume};
 pub use writer::ExampleWriter;

@@ -214,7 +214,9 @@ mod tests {
     use super::*;
 
     fn read(input: &[u8]) -> Vec<Result<Prompt, Error>> {
-        PromptReader::new(input, "in.jsonl").max_line_bytes(200).collect()
+        PromptReader::new(input, "in.jsonl")
+            .max_line_bytes(200)
+            .collect()
     }
 
     fn msg(r: &Result<Prompt, Error>) -> String {
@@ -243,11 +245,19 @@ mod tests {
         );
         assert_eq!(rows.len(), 6);
         assert!(rows[0].is_ok());
-        assert!(msg(&rows[1]).starts_with("in.jsonl:2: invalid JSON"), "{}", msg(&rows[1]));
+        assert!(
+            msg(&rows[1]).starts_with("in.jsonl:2: invalid JSON"),
+            "{}",
+            msg(&rows[1])
+        );
         assert!(msg(&rows[2]).contains("in.jsonl:3: field `prompt` must be a string"));
         assert!(msg(&rows[3]).contains("in.jsonl:4: missing field `prompt`"));
         assert!(msg(&rows[4]).contains("in.jsonl:5: invalid UTF-8"));
-        assert!(msg(&rows[5]).contains("in.jsonl:6: field `messages[0].role`"), "{}", msg(&rows[5]));
+        assert!(
+            msg(&rows[5]).contains("in.jsonl:6: field `messages[0].role`"),
+            "{}",
+            msg(&rows[5])
+        );
     }
 
     #[test]
@@ -258,6 +268,9 @@ mod tests {
         let rows = read(&input);
         assert_eq!(rows.len(), 2);
         assert!(msg(&rows[0]).contains("in.jsonl:1: line longer than the 200 byte limit"));
-        assert_eq!(rows[1].as_ref().unwrap().input, PromptInput::Text("after".into()));
+        assert_eq!(
+            rows[1].as_ref().unwrap().input,
+            PromptInput::Text("after".into())
+        );
     }
 }

@@ -1,0 +1,499 @@
+//! [`AnthropicBackend`]: Anthropic's Messages API (`/v1/messages`).
+//!
+//! ```no_run
+//! use rmboost::backend::anthropic::AnthropicBackend;
+//! use rmboost::backend::retry::Retry;
+//! use rmboost::{CompletionRequest, LlmBackend, Message};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = AnthropicBackend::builder()
+//!     .model("claude-sonnet-4-5")
+//!     .api_key_env("ANTHROPIC_API_KEY")
+//!     .build()?;
+//! let backend = Retry::new(backend);
+//! let request = CompletionRequest::new(vec![
+//!     Message::system("Answer in one word."),
+//!     Message::user("Name a prime number."),
+//! ]);
+//! let completion = backend.complete(request).await?;
+//! println!("{}", completion.text);
+//! # Ok(()) }
+//! ```
+//!
+//! # What is sent
+//!
+//! The system messages, joined by blank lines, become the top-level `system` field; the other
+//! messages go in `messages`. `max_tokens` is required by the API: a request without one gets
+//! [`default_max_tokens`](AnthropicBackendBuilder::default_max_tokens) (1024). `temperature`,
+//! `top_p` and `stop` (as `stop_sequences`) are sent when set; the API has no seed, so
+//! [`CompletionRequest::seed`] is not sent. Then come the
+//! [extra body fields](AnthropicBackendBuilder::extra_body). The key goes in `x-api-key`,
+//! with the `anthropic-version` header.
+//!
+//! # Stop reasons
+//!
+//! `end_turn` and `stop_sequence` map to [`FinishReason::Stop`], `max_tokens` to
+//! [`FinishReason::Length`], `refusal` to [`FinishReason::ContentFilter`], anything else to
+//! [`FinishReason::Other`]. As for the OpenAI backend, a `Length` or `ContentFilter` answer
+//! with text is returned as a completion, and one without text is an error of kind
+//! [`Length`](BackendErrorKind::Length) or [`ContentFilter`](BackendErrorKind::ContentFilter).
+//! `prompt_tokens` counts `input_tokens` plus the cache creation and cache read tokens.
+//!
+//! # Errors
+//!
+//! Error bodies have the shape `{"type": "error", "error": {"type": "...", "message": "..."}}`;
+//! the message is kept. 429 is [`RateLimited`](BackendErrorKind::RateLimited) (with
+//! `retry-after` or the `anthropic-ratelimit-*-reset` times) unless it speaks of credit or
+//! billing; 402 (`billing_error`) and "credit balance is too low" are
+//! [`QuotaExhausted`](BackendErrorKind::QuotaExhausted); 500, 529 (`overloaded_error`) and other
+//! 5xx are [`Server`](BackendErrorKind::Server); 400, 413, 422 are
+//! [`InvalidRequest`](BackendErrorKind::InvalidRequest); 401 and 403 are
+//! [`Authentication`](BackendErrorKind::Authentication); 404 is
+//! [`NotFound`](BackendErrorKind::NotFound); timeouts and connection failures are `Timeout` and
+//! `Connection`; a malformed body is `InvalidResponse`.
+//!
+//! # Tracing
+//!
+//! As for the OpenAI backend: an `info` span `llm_call` per call (`backend = "anthropic"`),
+//! text only at `trace` level, the key never.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use crate::backend::http::{self, HttpConfig, ServerError};
+use crate::backend::{Completion, CompletionRequest, FinishReason, LlmBackend, Role, Usage};
+use crate::error::{BackendError, BackendErrorKind, Error};
+
+/// The default base URL, Anthropic's API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com/v1";
+
+/// The default `anthropic-version` header.
+pub const DEFAULT_VERSION: &str = "2023-06-01";
+
+/// A backend for Anthropic's Messages API. Made with [`AnthropicBackend::builder`]; see the
+/// [module docs](self).
+///
+/// Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub struct AnthropicBackend {
+    client: reqwest::Client,
+    url: Url,
+    model: String,
+    api_key: Option<SecretString>,
+    headers: HeaderMap,
+    extra_body: serde_json::Map<String, Value>,
+    default_max_tokens: u32,
+}
+
+impl AnthropicBackend {
+    /// A builder with the defaults (Anthropic's base URL, no key, no model).
+    pub fn builder() -> AnthropicBackendBuilder {
+        AnthropicBackendBuilder {
+            config: HttpConfig::new(DEFAULT_BASE_URL),
+            version: DEFAULT_VERSION.to_string(),
+            default_max_tokens: 1024,
+        }
+    }
+
+    /// The full URL requests are sent to.
+    #[must_use]
+    pub fn endpoint(&self) -> &Url {
+        &self.url
+    }
+
+    fn body(&self, request: &CompletionRequest) -> Value {
+        let system: Vec<&str> = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .map(|m| m.content.as_str())
+            .collect();
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+            .collect();
+        let mut body = serde_json::Map::new();
+        body.insert("model".into(), Value::String(self.model.clone()));
+        body.insert(
+            "max_tokens".into(),
+            json!(request.max_tokens.unwrap_or(self.default_max_tokens)),
+        );
+        if !system.is_empty() {
+            body.insert("system".into(), Value::String(system.join("\n\n")));
+        }
+        body.insert("messages".into(), Value::Array(messages));
+        if let Some(t) = request.temperature {
+            body.insert("temperature".into(), http::f32_json(t));
+        }
+        if let Some(p) = request.top_p {
+            body.insert("top_p".into(), http::f32_json(p));
+        }
+        if !request.stop.is_empty() {
+            body.insert("stop_sequences".into(), json!(request.stop));
+        }
+        for (k, v) in &self.extra_body {
+            body.insert(k.clone(), v.clone());
+        }
+        Value::Object(body)
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        if let Some(key) = &self.api_key {
+            if let Ok(mut value) = HeaderValue::from_str(key.expose_secret()) {
+                value.set_sensitive(true);
+                headers.insert(HeaderName::from_static("x-api-key"), value);
+            }
+        }
+        headers
+    }
+
+    async fn call(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let span = tracing::Span::current();
+        tracing::trace!(messages = ?request.messages, "request");
+        let body = self.body(&request);
+        let (status, headers, text) =
+            http::post_json(&self.client, &self.url, self.headers(), &body).await?;
+        span.record("status", status.as_u16());
+        let key = self.api_key.as_ref();
+        if !status.is_success() {
+            return Err(http::status_error(status, &headers, &text, key));
+        }
+        let wire: WireResponse = match serde_json::from_str(&text) {
+            Ok(wire) => wire,
+            Err(e) => return Err(http::invalid_json(e, &http::redact(&text, key))),
+        };
+        if wire.kind.as_deref() == Some("error") {
+            let server = ServerError::parse(&text).unwrap_or_default();
+            return Err(http::body_error(&server, key));
+        }
+        let completion = wire.into_completion(&self.model)?;
+        span.record(
+            "finish_reason",
+            tracing::field::debug(&completion.finish_reason),
+        );
+        span.record("prompt_tokens", completion.usage.prompt_tokens);
+        span.record("completion_tokens", completion.usage.completion_tokens);
+        tracing::trace!(text = %completion.text, "response");
+        Ok(completion)
+    }
+}
+
+impl fmt::Debug for AnthropicBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicBackend")
+            .field("url", &http::display_url(&self.url))
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "extra_body_fields",
+                &self.extra_body.keys().collect::<Vec<_>>(),
+            )
+            .field("default_max_tokens", &self.default_max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl LlmBackend for AnthropicBackend {
+    /// Sends one Messages API request.
+    ///
+    /// # Errors
+    ///
+    /// See the [module docs](self) for how failures are classified.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future aborts the HTTP request; the connection pool stays usable.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let span = tracing::info_span!(
+            "llm_call",
+            backend = "anthropic",
+            model = %self.model,
+            status = Empty,
+            finish_reason = Empty,
+            prompt_tokens = Empty,
+            completion_tokens = Empty,
+        );
+        self.call(request).instrument(span).await
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("anthropic")
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.model)
+    }
+}
+
+/// Builds an [`AnthropicBackend`]. Setters consume and return the builder;
+/// [`build`](Self::build) is the one place an error comes out.
+#[must_use]
+pub struct AnthropicBackendBuilder {
+    config: HttpConfig,
+    version: String,
+    default_max_tokens: u32,
+}
+
+impl fmt::Debug for AnthropicBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicBackendBuilder")
+            .field("config", &self.config)
+            .field("version", &self.version)
+            .field("default_max_tokens", &self.default_max_tokens)
+            .finish()
+    }
+}
+
+impl AnthropicBackendBuilder {
+    /// The API's base URL including the version prefix; `/messages` is appended. A URL without
+    /// a path gets `/v1`. Default [`DEFAULT_BASE_URL`].
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.config.base_url = url.into();
+        self
+    }
+
+    /// The model name sent with every request. Required.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.config.model = model.into();
+        self
+    }
+
+    /// The API key, given in code. It is held in a secret wrapper and never printed.
+    /// Takes precedence over [`api_key_env`](Self::api_key_env). Default: no key.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.config.api_key = Some(SecretString::from(key.into()));
+        self
+    }
+
+    /// Reads the API key from this environment variable when [`build`](Self::build) runs;
+    /// `build` fails if it is unset or empty. Default: none (no key is sent).
+    pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
+        self.config.api_key_env = Some(var.into());
+        self
+    }
+
+    /// Adds a header sent with every request (e.g. `anthropic-beta`). Values are treated as
+    /// sensitive and not printed.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// The `max_tokens` sent when a request sets none (the API requires one). Default 1024.
+    pub fn default_max_tokens(mut self, max_tokens: u32) -> Self {
+        self.default_max_tokens = max_tokens;
+        self
+    }
+
+    /// The most one request may take, from sending to the end of the body; `None` for no
+    /// limit. Default 600 s.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.timeout = timeout.into();
+        self
+    }
+
+    /// The most connecting may take. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Adds a field to every request body (`top_k`, `metadata`, `thinking`, ...). It wins over
+    /// a field of the same name set from the request.
+    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
+        self.config.extra_body.insert(name.into(), value);
+        self
+    }
+
+    /// Uses this client instead of building one. The timeout settings are then the client's.
+    pub fn client(mut self, client: reqwest::Client) -> Self {
+        self.config.client = Some(client);
+        self
+    }
+
+    /// Builds the backend and its HTTP client.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the model is empty, `default_max_tokens` is 0, the base URL, the
+    /// version or a header is invalid, the key's environment variable is unset or empty, or the
+    /// HTTP client cannot be built.
+    pub fn build(self) -> Result<AnthropicBackend, Error> {
+        let config = self.config;
+        if config.model.trim().is_empty() {
+            return Err(Error::Config("anthropic backend: no model set".into()));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(Error::Config(
+                "anthropic backend: default_max_tokens must be at least 1".into(),
+            ));
+        }
+        let url = config.endpoint("messages")?;
+        let api_key = config.resolve_key()?;
+        if let Some(key) = &api_key {
+            if HeaderValue::from_str(key.expose_secret()).is_err() {
+                return Err(Error::Config(
+                    "anthropic backend: the API key contains characters not allowed in a header"
+                        .into(),
+                ));
+            }
+        }
+        let mut headers = config.header_map()?;
+        let version = HeaderValue::from_str(&self.version).map_err(|_| {
+            Error::Config(format!(
+                "anthropic backend: invalid version {:?}",
+                self.version
+            ))
+        })?;
+        headers.insert(HeaderName::from_static("anthropic-version"), version);
+        let client = config.client()?;
+        Ok(AnthropicBackend {
+            client,
+            url,
+            model: config.model,
+            api_key,
+            headers,
+            extra_body: config.extra_body,
+            default_max_tokens: self.default_max_tokens,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireResponse {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    content: Option<Vec<WireBlock>>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireBlock {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl WireResponse {
+    fn into_completion(self, requested_model: &str) -> Result<Completion, BackendError> {
+        let Some(blocks) = self.content else {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidResponse,
+                "response has no content",
+            ));
+        };
+        let text: String = blocks
+            .iter()
+            .filter(|b| b.kind == "text")
+            .filter_map(|b| b.text.as_deref())
+            .collect();
+        let finish_reason = match self.stop_reason.as_deref() {
+            None | Some("end_turn" | "stop_sequence") => FinishReason::Stop,
+            Some("max_tokens") => FinishReason::Length,
+            Some("refusal") => FinishReason::ContentFilter,
+            Some(other) => FinishReason::Other(other.to_string()),
+        };
+        if text.trim().is_empty() {
+            match finish_reason {
+                FinishReason::Length => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::Length,
+                        "the token limit was reached before any text",
+                    ))
+                }
+                FinishReason::ContentFilter => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::ContentFilter,
+                        "the model refused to answer",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let usage = self.usage.map_or(Usage::default(), |u| {
+            Usage::new(
+                u.input_tokens.unwrap_or(0)
+                    + u.cache_creation_input_tokens.unwrap_or(0)
+                    + u.cache_read_input_tokens.unwrap_or(0),
+                u.output_tokens.unwrap_or(0),
+            )
+        });
+        let model = self
+            .model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| requested_model.to_string());
+        Ok(Completion {
+            text,
+            finish_reason,
+            usage,
+            model,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Message;
+
+    #[test]
+    fn body_extracts_system_and_defaults_max_tokens() {
+        let backend = AnthropicBackend::builder()
+            .base_url("http://127.0.0.1:1")
+            .model("m")
+            .build()
+            .unwrap();
+        let req = CompletionRequest::new(vec![
+            Message::system("a"),
+            Message::user("u"),
+            Message::system("b"),
+        ])
+        .with_seed(9);
+        let body = backend.body(&req);
+        assert_eq!(
+            body,
+            json!({"model": "m", "max_tokens": 1024, "system": "a\n\nb",
+                   "messages": [{"role": "user", "content": "u"}]})
+        );
+    }
+}

@@ -1,0 +1,672 @@
+//! Shared plumbing of the HTTP backends: configuration, the client, error classification and
+//! `Retry-After` parsing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::error::{BackendError, BackendErrorKind, Error};
+
+/// Settings both HTTP backends share.
+#[derive(Clone)]
+pub(crate) struct HttpConfig {
+    pub(crate) base_url: String,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<SecretString>,
+    pub(crate) api_key_env: Option<String>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) extra_body: serde_json::Map<String, Value>,
+    pub(crate) client: Option<reqwest::Client>,
+}
+
+impl HttpConfig {
+    pub(crate) fn new(base_url: &str) -> Self {
+        HttpConfig {
+            base_url: base_url.to_string(),
+            model: String::new(),
+            api_key: None,
+            api_key_env: None,
+            headers: Vec::new(),
+            timeout: Some(Duration::from_secs(600)),
+            connect_timeout: Duration::from_secs(10),
+            extra_body: serde_json::Map::new(),
+            client: None,
+        }
+    }
+
+    /// The key given in code, else the one in the named environment variable.
+    pub(crate) fn resolve_key(&self) -> Result<Option<SecretString>, Error> {
+        if let Some(key) = &self.api_key {
+            return Ok(Some(key.clone()));
+        }
+        match &self.api_key_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim().to_string()))),
+                Ok(_) => Err(Error::Config(format!(
+                    "environment variable {var} is empty"
+                ))),
+                Err(std::env::VarError::NotPresent) => Err(Error::Config(format!(
+                    "environment variable {var} (the API key) is not set"
+                ))),
+                Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
+                    "environment variable {var} is not valid UTF-8"
+                ))),
+            },
+        }
+    }
+
+    /// The extra headers, validated.
+    pub(crate) fn header_map(&self) -> Result<HeaderMap, Error> {
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| Error::Config(format!("invalid header name {name:?}")))?;
+            let mut v = HeaderValue::from_str(value)
+                .map_err(|_| Error::Config(format!("invalid value for header {name}")))?;
+            // Values may be credentials (a gateway's token): keep them out of Debug output.
+            v.set_sensitive(true);
+            map.append(header, v);
+        }
+        Ok(map)
+    }
+
+    /// The shared client: the one given, or a new one with the timeouts.
+    pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .user_agent(concat!("rmboost/", env!("CARGO_PKG_VERSION")));
+        if let Some(timeout) = self.timeout {
+            builder = builder.timeout(timeout);
+        }
+        builder
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+    }
+
+    /// `base_url` joined with `path` (`/v1` is added to a base URL without a path).
+    pub(crate) fn endpoint(&self, path: &str) -> Result<Url, Error> {
+        let mut url = Url::parse(self.base_url.trim())
+            .map_err(|e| Error::Config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "base URL {:?} must start with http:// or https://",
+                self.base_url
+            )));
+        }
+        let base_path = url.path().trim_end_matches('/').to_string();
+        let base_path = if base_path.is_empty() {
+            "/v1".to_string()
+        } else {
+            base_path
+        };
+        url.set_path(&format!("{base_path}/{}", path.trim_start_matches('/')));
+        Ok(url)
+    }
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("HttpConfig")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key_env", &self.api_key_env)
+            .field("headers", &header_names)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field(
+                "extra_body_fields",
+                &self.extra_body.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A URL without its query and fragment, for messages.
+pub(crate) fn display_url(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
+}
+
+/// Removes the key from a text a server sent back, should it echo it.
+pub(crate) fn redact(text: &str, key: Option<&SecretString>) -> String {
+    match key {
+        Some(key) if !key.expose_secret().is_empty() => {
+            text.replace(key.expose_secret(), "[redacted]")
+        }
+        _ => text.to_string(),
+    }
+}
+
+/// Cuts `text` to at most `max` characters.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// Maps a transport failure (no HTTP response, or a broken body) to an error.
+pub(crate) fn transport_error(err: reqwest::Error, url: &Url) -> BackendError {
+    let where_ = display_url(url);
+    let (kind, what) = if err.is_timeout() {
+        (BackendErrorKind::Timeout, "timed out")
+    } else if err.is_connect() {
+        (BackendErrorKind::Connection, "could not connect")
+    } else if err.is_body() || err.is_decode() {
+        (BackendErrorKind::Connection, "failed reading the response")
+    } else if err.is_builder() {
+        (BackendErrorKind::Backend, "could not build the request")
+    } else {
+        (BackendErrorKind::Connection, "request failed")
+    };
+    BackendError::new(kind, format!("{what}: POST {where_}")).with_source(err.without_url())
+}
+
+/// An `f32` setting as JSON, written as its shortest decimal (`0.7`, not `0.699999988...`).
+pub(crate) fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+/// Sends `body` as JSON to `url` and reads the whole answer as text.
+///
+/// Returns the status, the headers and the body; a status other than 2xx is the caller's to
+/// classify ([`status_error`]).
+pub(crate) async fn post_json(
+    client: &reqwest::Client,
+    url: &Url,
+    headers: HeaderMap,
+    body: &Value,
+) -> Result<(StatusCode, HeaderMap, String), BackendError> {
+    let response = client
+        .post(url.clone())
+        .headers(headers)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| transport_error(e, url))?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.map_err(|e| transport_error(e, url))?;
+    Ok((status, headers, text))
+}
+
+/// The error for a 2xx body that is not the JSON we expect.
+pub(crate) fn invalid_json(err: serde_json::Error, body: &str) -> BackendError {
+    let what = if body.trim().is_empty() {
+        "empty response body".to_string()
+    } else {
+        format!("malformed response body: {}", truncate(body.trim(), 200))
+    };
+    BackendError::new(BackendErrorKind::InvalidResponse, what).with_source(err)
+}
+
+/// The error object of a JSON error body, in the shapes servers use.
+#[derive(Debug, Default)]
+pub(crate) struct ServerError {
+    pub(crate) message: Option<String>,
+    /// `error.type` (OpenAI, Anthropic, llama.cpp) or top-level `type` (vLLM).
+    pub(crate) kind: Option<String>,
+    /// `error.code` as text.
+    pub(crate) code: Option<String>,
+}
+
+impl ServerError {
+    pub(crate) fn parse(body: &str) -> Option<ServerError> {
+        let value: Value = serde_json::from_str(body).ok()?;
+        let obj = value.as_object()?;
+        let as_text = |v: Option<&Value>| match v {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        match obj.get("error") {
+            // OpenAI, Anthropic, llama.cpp: {"error": {"message", "type", "code"}}
+            Some(Value::Object(e)) => Some(ServerError {
+                message: as_text(e.get("message")),
+                kind: as_text(e.get("type")),
+                code: as_text(e.get("code")),
+            }),
+            // Ollama and others: {"error": "text"}
+            Some(Value::String(s)) => Some(ServerError {
+                message: Some(s.clone()),
+                ..ServerError::default()
+            }),
+            // vLLM: {"object": "error", "message", "type", "code"}
+            _ if obj.contains_key("message") => Some(ServerError {
+                message: as_text(obj.get("message")),
+                kind: as_text(obj.get("type")),
+                code: as_text(obj.get("code")),
+            }),
+            _ => None,
+        }
+    }
+
+    fn says(&self, words: &[&str]) -> bool {
+        let fields = [&self.kind, &self.code, &self.message];
+        fields.iter().filter_map(|f| f.as_deref()).any(|f| {
+            let f = f.to_ascii_lowercase();
+            words.iter().any(|w| f.contains(w))
+        })
+    }
+
+    /// Whether the body says the account is out of quota or credit (not a passing limit).
+    fn quota_exhausted(&self) -> bool {
+        let structured = [&self.kind, &self.code].iter().any(|f| {
+            matches!(
+                f.as_deref(),
+                Some("insufficient_quota" | "billing_error" | "billing_hard_limit_reached")
+            )
+        });
+        if structured {
+            return true;
+        }
+        // A per-minute "quota" (some gateways word their rate limits that way) passes.
+        if self.says(&[
+            "per minute",
+            "per second",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+        ]) {
+            return false;
+        }
+        self.says(&[
+            "insufficient_quota",
+            "quota",
+            "billing",
+            "credit balance",
+            "insufficient credit",
+            "out of credits",
+        ])
+    }
+}
+
+/// Classifies an HTTP error response.
+pub(crate) fn status_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &str,
+    key: Option<&SecretString>,
+) -> BackendError {
+    let server = ServerError::parse(body).unwrap_or_default();
+    let message = match &server.message {
+        Some(m) if !m.trim().is_empty() => m.clone(),
+        _ => {
+            let reason = status.canonical_reason().unwrap_or("no message");
+            if body.trim().is_empty() {
+                reason.to_string()
+            } else {
+                format!("{reason}: {}", truncate(body.trim(), 300))
+            }
+        }
+    };
+    let message = redact(&truncate(&message, 1000), key);
+    let code = status.as_u16();
+    let kind = match code {
+        429 if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
+        429 => BackendErrorKind::RateLimited,
+        402 => BackendErrorKind::QuotaExhausted,
+        400 | 403 if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
+        400 | 413 | 422 => BackendErrorKind::InvalidRequest,
+        401 | 403 => BackendErrorKind::Authentication,
+        404 => BackendErrorKind::NotFound,
+        408 => BackendErrorKind::Timeout,
+        409 | 425 => BackendErrorKind::Server,
+        500..=599 => BackendErrorKind::Server,
+        _ => match server.kind.as_deref() {
+            // Anthropic's own status for an overloaded API, and error types on odd statuses.
+            Some("overloaded_error" | "api_error") => BackendErrorKind::Server,
+            Some("rate_limit_error") => BackendErrorKind::RateLimited,
+            Some("timeout_error") => BackendErrorKind::Timeout,
+            _ if code == 529 => BackendErrorKind::Server,
+            _ => BackendErrorKind::Other,
+        },
+    };
+    let mut err = BackendError::new(kind, message).with_status(code);
+    if kind.is_retryable() {
+        if let Some(after) = retry_after(headers, SystemTime::now(), code == 429) {
+            err = err.with_retry_after(after);
+        }
+    }
+    err
+}
+
+/// Classifies an error object carried in a 2xx body (a proxy or a server that reports errors
+/// with status 200).
+pub(crate) fn body_error(server: &ServerError, key: Option<&SecretString>) -> BackendError {
+    let kind = match server.kind.as_deref().or(server.code.as_deref()) {
+        _ if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
+        Some("rate_limit_error" | "rate_limit_exceeded") => BackendErrorKind::RateLimited,
+        Some("overloaded_error" | "api_error" | "server_error") => BackendErrorKind::Server,
+        Some("authentication_error" | "permission_error") => BackendErrorKind::Authentication,
+        Some("not_found_error") => BackendErrorKind::NotFound,
+        Some("invalid_request_error" | "request_too_large") => BackendErrorKind::InvalidRequest,
+        Some("timeout_error") => BackendErrorKind::Timeout,
+        _ => BackendErrorKind::InvalidResponse,
+    };
+    let message = server
+        .message
+        .as_deref()
+        .unwrap_or("error in a successful response");
+    BackendError::new(kind, redact(&truncate(message, 1000), key))
+}
+
+/// How long the server asked us to wait.
+///
+/// Looks at `retry-after-ms`, then `retry-after` (seconds or an HTTP date), then, when
+/// `rate_limited`, at the reset headers of OpenAI (`x-ratelimit-reset-requests`, `-tokens`:
+/// `"1s"`, `"6m0s"`, `"20ms"`) and Anthropic (`anthropic-ratelimit-*-reset`: RFC 3339 times).
+/// Of the reset headers, those whose `remaining` is zero count, the longest of them; if none
+/// says zero, the shortest.
+pub(crate) fn retry_after(
+    headers: &HeaderMap,
+    now: SystemTime,
+    rate_limited: bool,
+) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    if let Some(v) = get("retry-after") {
+        if let Ok(secs) = v.parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+            }
+        } else if let Ok(when) = httpdate::parse_http_date(v) {
+            return Some(when.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    if !rate_limited {
+        return None;
+    }
+    // kind -> (remaining is zero, reset)
+    let mut resets: BTreeMap<String, (bool, Duration)> = BTreeMap::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        let Ok(value) = value.to_str() else { continue };
+        let value = value.trim();
+        if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
+            if let Some(d) = parse_go_duration(value) {
+                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
+            }
+        } else if let Some(kind) = name
+            .strip_prefix("anthropic-ratelimit-")
+            .and_then(|k| k.strip_suffix("-reset"))
+        {
+            if let Some(at) = parse_rfc3339(value) {
+                let d = at.duration_since(now).unwrap_or(Duration::ZERO);
+                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
+            }
+        }
+    }
+    for (kind, entry) in &mut resets {
+        let remaining = get(&format!("x-ratelimit-remaining-{kind}"))
+            .or_else(|| get(&format!("anthropic-ratelimit-{kind}-remaining")));
+        entry.0 = remaining.is_some_and(|r| r == "0");
+    }
+    let exhausted = resets
+        .values()
+        .filter(|(zero, _)| *zero)
+        .map(|(_, d)| *d)
+        .max();
+    exhausted.or_else(|| resets.values().map(|(_, d)| *d).min())
+}
+
+/// Parses durations like `1s`, `6m0s`, `20ms`, `1h2m3.5s` (the OpenAI reset headers).
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = rest.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += number * scale;
+        rest = &rest[unit_len..];
+    }
+    total.is_finite().then(|| Duration::from_secs_f64(total))
+}
+
+/// Parses an RFC 3339 time such as `2026-01-02T03:04:05Z` or `...05.5+01:00`.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let t = text.trim().as_bytes();
+    if t.len() < 20 || t[4] != b'-' || t[7] != b'-' || !matches!(t[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |a: usize, b: usize| -> Option<i64> {
+        std::str::from_utf8(&t[a..b]).ok()?.parse::<i64>().ok()
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, min, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac = 0f64;
+    if t.get(i) == Some(&b'.') {
+        let start = i;
+        i += 1;
+        while t.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        frac = std::str::from_utf8(&t[start..i]).ok()?.parse().ok()?;
+    }
+    let offset = match t.get(i)? {
+        b'Z' | b'z' if i + 1 == t.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == t.len() && t[i + 3] == b':' => {
+            let o = num(i + 1, i + 3)? * 3600 + num(i + 4, i + 6)? * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(frac))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(
+            parse_go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_go_duration("2.5"), Some(Duration::from_secs_f64(2.5)));
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration(""), None);
+    }
+
+    #[test]
+    fn rfc3339() {
+        let t = parse_rfc3339("1970-01-02T00:00:01Z").unwrap();
+        assert_eq!(t, UNIX_EPOCH + Duration::from_secs(86_401));
+        let t = parse_rfc3339("2000-03-01T00:00:00+01:00").unwrap();
+        assert_eq!(t, UNIX_EPOCH + Duration::from_secs(951_868_800 - 3600));
+        let t = parse_rfc3339("2000-03-01T00:00:00.5Z").unwrap();
+        assert_eq!(t, UNIX_EPOCH + Duration::from_secs_f64(951_868_800.5));
+        assert!(parse_rfc3339("yesterday").is_none());
+        assert!(parse_rfc3339("2000-13-01T00:00:00Z").is_none());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let h = headers(&[("retry-after", "7")]);
+        assert_eq!(retry_after(&h, now, true), Some(Duration::from_secs(7)));
+        let h = headers(&[("retry-after-ms", "1500"), ("retry-after", "7")]);
+        assert_eq!(
+            retry_after(&h, now, true),
+            Some(Duration::from_millis(1500))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let h = headers(&[("retry-after", &date)]);
+        assert_eq!(retry_after(&h, now, true), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        let h = headers(&[("retry-after", &past)]);
+        assert_eq!(retry_after(&h, now, true), Some(Duration::ZERO));
+        let h = headers(&[
+            ("x-ratelimit-remaining-requests", "5"),
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]);
+        assert_eq!(retry_after(&h, now, true), Some(Duration::from_secs(360)));
+        assert_eq!(retry_after(&h, now, false), None);
+        let h = headers(&[
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]);
+        assert_eq!(retry_after(&h, now, true), Some(Duration::from_secs(1)));
+        let h = headers(&[
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+            ("anthropic-ratelimit-tokens-reset", "2001-09-09T01:47:00Z"),
+        ]);
+        // now is 2001-09-09T01:46:40Z
+        assert_eq!(retry_after(&h, now, true), Some(Duration::from_secs(20)));
+        assert_eq!(retry_after(&HeaderMap::new(), now, true), None);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "soon")]), now, true),
+            None
+        );
+    }
+
+    #[test]
+    fn quota_words() {
+        let q = |body: &str| ServerError::parse(body).unwrap().quota_exhausted();
+        assert!(q(
+            r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}"#
+        ));
+        assert!(q(r#"{"error":{"type":"billing_error","message":"x"}}"#));
+        assert!(q(
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the API."}}"#
+        ));
+        assert!(!q(
+            r#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded"}}"#
+        ));
+        assert!(!q(
+            r#"{"error":{"message":"Quota exceeded for requests per minute"}}"#
+        ));
+        assert!(!q(r#"{"error":"slow down"}"#));
+    }
+
+    #[test]
+    fn endpoints() {
+        let mut c = HttpConfig::new("http://127.0.0.1:8080");
+        assert_eq!(
+            c.endpoint("chat/completions").unwrap().as_str(),
+            "http://127.0.0.1:8080/v1/chat/completions"
+        );
+        c.base_url = "http://h/v1/".into();
+        assert_eq!(
+            c.endpoint("messages").unwrap().as_str(),
+            "http://h/v1/messages"
+        );
+        c.base_url = "http://h/openai/v1".into();
+        assert_eq!(
+            c.endpoint("/chat/completions").unwrap().as_str(),
+            "http://h/openai/v1/chat/completions"
+        );
+        c.base_url = "ftp://h".into();
+        assert!(c.endpoint("x").is_err());
+        c.base_url = "not a url".into();
+        assert!(c.endpoint("x").is_err());
+    }
+
+    #[test]
+    fn f32_settings_are_written_short() {
+        assert_eq!(serde_json::to_string(&f32_json(0.7)).unwrap(), "0.7");
+        assert_eq!(serde_json::to_string(&f32_json(0.0)).unwrap(), "0.0");
+        assert_eq!(f32_json(f32::NAN), Value::Null);
+    }
+
+    #[test]
+    fn redaction() {
+        let key = SecretString::from("sk-secret-123".to_string());
+        assert_eq!(
+            redact("bad key sk-secret-123 given", Some(&key)),
+            "bad key [redacted] given"
+        );
+        assert_eq!(truncate("abcdef", 3), "abc...");
+        assert_eq!(truncate("abc", 3), "abc");
+    }
+}

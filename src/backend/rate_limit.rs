@@ -1,0 +1,237 @@
+//! [`RateLimit`]: keeps any backend under a requests-per-minute and a tokens-per-minute limit.
+//!
+//! Both limits are GCRA token buckets ([`governor`]) whose burst is one minute's allowance:
+//! a run may start with a minute's worth of requests at once and then goes on at the steady
+//! rate. A call waits (asynchronously) until both buckets allow it.
+//!
+//! The tokens a call will use are not known before it is made, so the token limit charges an
+//! estimate up front: about one token per four characters of the messages, plus four per
+//! message, plus the request's `max_tokens` (or [`RateLimit::default_max_tokens`] when the
+//! request sets none). As `max_tokens` is an upper bound on the answer, the estimate is
+//! usually on the safe side; it is not corrected after the call. An estimate larger than the
+//! whole per-minute allowance is charged as the whole allowance.
+//!
+//! Put it inside a [`Retry`](super::retry::Retry) so retries are limited too:
+//!
+//! ```
+//! use std::num::NonZeroU32;
+//! use rmboost::backend::rate_limit::RateLimit;
+//! use rmboost::backend::retry::Retry;
+//! # use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
+//! # #[derive(Debug)] struct MyBackend;
+//! # #[async_trait] impl LlmBackend for MyBackend {
+//! #     async fn complete(&self, _: CompletionRequest) -> Result<Completion, BackendError> {
+//! #         Ok(Completion::new("hi"))
+//! #     }
+//! # }
+//!
+//! let limited = RateLimit::new(MyBackend)
+//!     .requests_per_minute(NonZeroU32::new(500).unwrap())
+//!     .tokens_per_minute(NonZeroU32::new(200_000).unwrap());
+//! let backend = Retry::new(limited);
+//! # let _ = backend;
+//! ```
+//!
+//! The clock is tokio's, so tests can run the limiter in paused virtual time.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::ops::Add;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use governor::clock::{Clock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::Quota;
+
+use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::error::BackendError;
+
+/// A point on tokio's clock, for governor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TokioInstant(tokio::time::Instant);
+
+impl Add<Nanos> for TokioInstant {
+    type Output = Self;
+    fn add(self, other: Nanos) -> Self {
+        TokioInstant(self.0 + Duration::from(other))
+    }
+}
+
+impl Reference for TokioInstant {
+    fn duration_since(&self, earlier: Self) -> Nanos {
+        Nanos::from(self.0.saturating_duration_since(earlier.0))
+    }
+
+    fn saturating_sub(&self, duration: Nanos) -> Self {
+        TokioInstant(
+            self.0
+                .checked_sub(Duration::from(duration))
+                .unwrap_or(self.0),
+        )
+    }
+}
+
+/// tokio's clock (paused and advanced in tests), for governor.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = TokioInstant;
+    fn now(&self) -> TokioInstant {
+        TokioInstant(tokio::time::Instant::now())
+    }
+}
+
+type Limiter =
+    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
+
+/// One bucket and its capacity.
+struct Bucket {
+    limiter: Limiter,
+    capacity: NonZeroU32,
+}
+
+impl Bucket {
+    fn per_minute(capacity: NonZeroU32) -> Self {
+        Bucket {
+            limiter: Limiter::direct_with_clock(Quota::per_minute(capacity), TokioClock),
+            capacity,
+        }
+    }
+
+    /// Waits until `n` cells (clamped to the capacity) conform, then takes them.
+    ///
+    /// Cancel safe: cells are only taken when the check succeeds.
+    async fn acquire(&self, n: u64) {
+        let n = u32::try_from(n)
+            .unwrap_or(u32::MAX)
+            .min(self.capacity.get());
+        let Some(n) = NonZeroU32::new(n) else { return };
+        loop {
+            match self.limiter.check_n(n) {
+                Ok(Ok(())) => return,
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(TokioClock.now());
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                }
+                // Cannot happen: n is clamped to the capacity.
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Wraps a backend and keeps its calls under a requests-per-minute and a tokens-per-minute
+/// limit. See the [module docs](self).
+///
+/// With neither limit set it passes calls straight through. `name()` and `model()` are the
+/// inner backend's.
+pub struct RateLimit<B> {
+    inner: B,
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    default_max_tokens: u32,
+}
+
+impl<B> RateLimit<B> {
+    /// Wraps `inner` with no limits set yet.
+    pub fn new(inner: B) -> Self {
+        RateLimit {
+            inner,
+            requests: None,
+            tokens: None,
+            default_max_tokens: 1024,
+        }
+    }
+
+    /// Allows at most this many calls per minute (a minute's worth may go at once).
+    #[must_use]
+    pub fn requests_per_minute(mut self, rpm: NonZeroU32) -> Self {
+        self.requests = Some(Bucket::per_minute(rpm));
+        self
+    }
+
+    /// Allows at most this many (estimated) tokens per minute, prompt and answer together.
+    #[must_use]
+    pub fn tokens_per_minute(mut self, tpm: NonZeroU32) -> Self {
+        self.tokens = Some(Bucket::per_minute(tpm));
+        self
+    }
+
+    /// The answer length assumed for requests without `max_tokens`. Default 1024.
+    #[must_use]
+    pub fn default_max_tokens(mut self, max_tokens: u32) -> Self {
+        self.default_max_tokens = max_tokens;
+        self
+    }
+
+    /// The token estimate charged for `request` (see the [module docs](self)).
+    #[must_use]
+    pub fn estimate_tokens(&self, request: &CompletionRequest) -> u64 {
+        let chars: usize = request
+            .messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum();
+        let prompt = (chars as u64).div_ceil(4) + 4 * request.messages.len() as u64;
+        prompt + u64::from(request.max_tokens.unwrap_or(self.default_max_tokens))
+    }
+
+    /// The wrapped backend.
+    #[must_use]
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for RateLimit<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field(
+                "requests_per_minute",
+                &self.requests.as_ref().map(|b| b.capacity),
+            )
+            .field(
+                "tokens_per_minute",
+                &self.tokens.as_ref().map(|b| b.capacity),
+            )
+            .field("default_max_tokens", &self.default_max_tokens)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<B: LlmBackend> LlmBackend for RateLimit<B> {
+    /// Waits for both limits, then calls the inner backend.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the inner backend returns; the wrapper adds none.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while it waits takes nothing from the token bucket; a request slot
+    /// already taken is not given back.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        if let Some(bucket) = &self.requests {
+            bucket.acquire(1).await;
+        }
+        if let Some(bucket) = &self.tokens {
+            bucket.acquire(self.estimate_tokens(&request)).await;
+        }
+        self.inner.complete(request).await
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        self.inner.name()
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        self.inner.model()
+    }
+}

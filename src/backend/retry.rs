@@ -1,0 +1,352 @@
+//! [`Retry`]: retries failed calls of any backend with exponential backoff and full jitter.
+//!
+//! Only errors whose [`is_retryable`](BackendError::is_retryable) is true are retried (rate
+//! limits, timeouts, connection failures, server errors, malformed responses); permanent errors
+//! (a bad key, an exhausted quota, an invalid request) come back at once. A `Retry-After` the
+//! server sent ([`BackendError::retry_after`]) is a floor for the wait. The number of attempts
+//! and the total time spent (calls and waits together) are both bounded.
+//!
+//! ```
+//! use std::num::NonZeroU32;
+//! use std::time::Duration;
+//! use rmboost::backend::retry::{Retry, RetryPolicy};
+//! # use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
+//! # #[derive(Debug)] struct MyBackend;
+//! # #[async_trait] impl LlmBackend for MyBackend {
+//! #     async fn complete(&self, _: CompletionRequest) -> Result<Completion, BackendError> {
+//! #         Ok(Completion::new("hi"))
+//! #     }
+//! # }
+//!
+//! let policy = RetryPolicy::default()
+//!     .max_attempts(NonZeroU32::new(4).unwrap())
+//!     .initial_delay(Duration::from_millis(250))
+//!     .max_elapsed(Some(Duration::from_secs(60)));
+//! let backend = Retry::with_policy(MyBackend, policy);
+//! let stats = backend.stats(); // read it after (or during) a run
+//! # let _ = stats.retries();
+//! ```
+//!
+//! # Why not a backoff crate
+//!
+//! The delay computation is a few lines, and the crates we looked at add their jitter on top of
+//! the exponential delay (a wait in `[d, 2d)`) rather than drawing it from `[0, d]` ("full
+//! jitter", which spreads a burst of clients best), and bound the sum of the waits rather than
+//! the wall-clock time including the calls. Using tokio's clock directly also lets tests run
+//! the whole schedule in paused virtual time.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::error::BackendError;
+
+/// How [`Retry`] waits and when it gives up.
+///
+/// The wait before retry `n` (1-based) is drawn uniformly from
+/// `[0, min(max_delay, initial_delay * 2^(n-1))]` (full jitter; without jitter it is the upper
+/// end), and is never shorter than the `Retry-After` the server sent. A retry whose wait would
+/// end after `max_elapsed` is not made: the last error is returned at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    max_attempts: NonZeroU32,
+    initial_delay: Duration,
+    max_delay: Duration,
+    max_elapsed: Option<Duration>,
+    jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: NonZeroU32::new(6).expect("6 is not zero"),
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_elapsed: Some(Duration::from_secs(300)),
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The most calls made for one request, the first included. Default 6; 1 disables retries.
+    #[must_use]
+    pub fn max_attempts(mut self, max_attempts: NonZeroU32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// The cap on the wait before the first retry; it doubles for each later one. Default 500 ms.
+    #[must_use]
+    pub fn initial_delay(mut self, delay: Duration) -> Self {
+        self.initial_delay = delay;
+        self
+    }
+
+    /// The most the exponential wait grows to. Default 30 s. A longer `Retry-After` from the
+    /// server still wins.
+    #[must_use]
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// The most time one request may take, all attempts and waits together, measured from the
+    /// first call. `None` means no limit. Default 300 s.
+    #[must_use]
+    pub fn max_elapsed(mut self, max_elapsed: Option<Duration>) -> Self {
+        self.max_elapsed = max_elapsed;
+        self
+    }
+
+    /// Whether to draw the wait at random from `[0, d]` (full jitter, the default) or always
+    /// wait `d`.
+    #[must_use]
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The upper end of the wait before retry number `retry` (1-based), before jitter.
+    fn ceiling(&self, retry: u32) -> Duration {
+        let factor = 2u32.saturating_pow(retry.saturating_sub(1).min(30));
+        self.initial_delay
+            .checked_mul(factor)
+            .unwrap_or(Duration::MAX)
+            .min(self.max_delay)
+    }
+
+    /// The wait before retry number `retry`, honouring `retry_after` as a floor.
+    fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let ceiling = self.ceiling(retry);
+        let backoff = if self.jitter && !ceiling.is_zero() {
+            let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(rand::rng().random_range(0..=nanos))
+        } else {
+            ceiling
+        };
+        backoff.max(retry_after.unwrap_or(Duration::ZERO))
+    }
+}
+
+/// Counters of a [`Retry`] wrapper, shared through an `Arc` and cheap to read at any time.
+///
+/// All counts are totals since the wrapper was made, over all requests.
+#[derive(Debug, Default)]
+pub struct RetryStats {
+    requests: AtomicU64,
+    attempts: AtomicU64,
+    retries: AtomicU64,
+    rate_limited: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl RetryStats {
+    /// Requests passed to the wrapper.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Calls made to the inner backend (first attempts and retries).
+    #[must_use]
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Calls that were retries (`attempts - requests`, once all requests have finished).
+    #[must_use]
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts whose error was [`RateLimited`](crate::BackendErrorKind::RateLimited).
+    #[must_use]
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// Requests that failed in the end (a permanent error, or the retry budget ran out).
+    #[must_use]
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Wraps a backend and retries the calls that fail with a retryable error.
+///
+/// See the [module docs](self) for the policy. `name()` and `model()` are the inner backend's.
+///
+/// Every attempt runs in an `info` span `llm_attempt` with the field `attempt` (1-based), so
+/// the inner backend's own span nests under it; each retry logs a `warn` event with the error
+/// and the wait.
+pub struct Retry<B> {
+    inner: B,
+    policy: RetryPolicy,
+    stats: Arc<RetryStats>,
+}
+
+impl<B> Retry<B> {
+    /// Wraps `inner` with the default [`RetryPolicy`].
+    pub fn new(inner: B) -> Self {
+        Self::with_policy(inner, RetryPolicy::default())
+    }
+
+    /// Wraps `inner` with this policy.
+    pub fn with_policy(inner: B, policy: RetryPolicy) -> Self {
+        Retry {
+            inner,
+            policy,
+            stats: Arc::new(RetryStats::default()),
+        }
+    }
+
+    /// The shared counters; they keep counting after this call.
+    #[must_use]
+    pub fn stats(&self) -> Arc<RetryStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The policy in use.
+    #[must_use]
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    /// The wrapped backend.
+    #[must_use]
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Unwraps the backend.
+    #[must_use]
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for Retry<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<B: LlmBackend> LlmBackend for Retry<B> {
+    /// Calls the inner backend until it succeeds, fails permanently, or the budget runs out.
+    ///
+    /// # Errors
+    ///
+    /// The first non-retryable error, or the last retryable one when `max_attempts` calls have
+    /// failed or the next wait would pass `max_elapsed`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting and drops the call in flight; nothing is shared but
+    /// the counters.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let start = Instant::now();
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let max_attempts = self.policy.max_attempts.get();
+        let mut attempt: u32 = 1;
+        loop {
+            self.stats.attempts.fetch_add(1, Ordering::Relaxed);
+            if attempt > 1 {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let span = tracing::info_span!("llm_attempt", attempt);
+            let result = self.inner.complete(request.clone()).instrument(span).await;
+            let err = match result {
+                Ok(completion) => return Ok(completion),
+                Err(err) => err,
+            };
+            if err.kind() == crate::BackendErrorKind::RateLimited {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            if !err.is_retryable() || attempt >= max_attempts {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if err.is_retryable() {
+                    tracing::warn!(attempts = attempt, error = %err, "giving up: attempts exhausted");
+                }
+                return Err(err);
+            }
+            let delay = self.policy.delay(attempt, err.retry_after());
+            if let Some(budget) = self.policy.max_elapsed {
+                if start.elapsed().saturating_add(delay) > budget {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        attempts = attempt,
+                        error = %err,
+                        "giving up: the next wait would pass the time budget"
+                    );
+                    return Err(err);
+                }
+            }
+            tracing::warn!(
+                attempt,
+                error = %err,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "retrying backend call"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        self.inner.name()
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        self.inner.model()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_and_caps() {
+        let p = RetryPolicy::default()
+            .initial_delay(Duration::from_millis(100))
+            .max_delay(Duration::from_millis(1000));
+        assert_eq!(p.ceiling(1), Duration::from_millis(100));
+        assert_eq!(p.ceiling(2), Duration::from_millis(200));
+        assert_eq!(p.ceiling(4), Duration::from_millis(800));
+        assert_eq!(p.ceiling(5), Duration::from_millis(1000));
+        assert_eq!(p.ceiling(u32::MAX), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn jitter_stays_in_range_and_retry_after_is_a_floor() {
+        let p = RetryPolicy::default()
+            .initial_delay(Duration::from_millis(100))
+            .max_delay(Duration::from_secs(10));
+        for retry in 1..8 {
+            let d = p.delay(retry, None);
+            assert!(d <= p.ceiling(retry), "{d:?}");
+            let floor = Duration::from_secs(7);
+            assert!(p.delay(retry, Some(floor)) >= floor);
+        }
+        let fixed = p.clone().jitter(false);
+        assert_eq!(fixed.delay(3, None), Duration::from_millis(400));
+        assert_eq!(
+            fixed.delay(1, Some(Duration::from_secs(20))),
+            Duration::from_secs(20)
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! Crash-safe JSONL files: [`AppendFile`] (locked, append-only, one whole line per write, torn
+//! last line repaired on open), [`OutputFile`] (examples) and the [`SyncPolicy`] they follow.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::example::{ExampleFormat, PreferenceExample};
+use crate::Error;
+
+/// When an [`AppendFile`] asks the operating system to put its lines on disk (`fsync`).
+///
+/// Whatever the policy, every line is handed to the operating system with a single `write`
+/// call as soon as it is written (there is no buffer in the process), so a crash or a kill of
+/// the process loses at most the line being written, and that torn line is repaired on the
+/// next open. The policy only decides how much a power loss or kernel crash can take:
+///
+/// | policy | on power loss, lost at most | cost |
+/// |---|---|---|
+/// | [`Always`](SyncPolicy::Always) | nothing written | one `fsync` per line |
+/// | [`Periodic`](SyncPolicy::Periodic) (default: 256 lines or 2 s) | the last period | one `fsync` per period |
+/// | [`OnClose`](SyncPolicy::OnClose) | the whole run | one `fsync` at close |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncPolicy {
+    /// `fsync` after every line.
+    Always,
+    /// `fsync` after `lines` lines or when `interval` has passed since the last sync
+    /// (checked at each write), whichever comes first, and at close.
+    Periodic {
+        /// Lines between syncs (0 means no line limit).
+        lines: u64,
+        /// Time between syncs.
+        interval: Duration,
+    },
+    /// `fsync` only at close (and [`AppendFile::sync`]).
+    OnClose,
+}
+
+impl Default for SyncPolicy {
+    /// [`SyncPolicy::Periodic`] with 256 lines or 2 seconds.
+    fn default() -> Self {
+        SyncPolicy::Periodic {
+            lines: 256,
+            interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What opening an existing file found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repair {
+    /// Bytes after the last newline (a line torn by a crash) that were cut off.
+    pub torn_bytes: u64,
+    /// Where the cut bytes were saved (`<file>.torn`, appended to), when there were any.
+    pub torn_path: Option<PathBuf>,
+}
+
+/// An append-only JSONL file held under an exclusive lock.
+///
+/// - [`open`](Self::open) takes an exclusive advisory lock (`flock`/`LockFileEx`), so two runs
+///   cannot write the same file at once: the second gets an error at open.
+/// - On open, a last line without its newline (torn by a crash mid-write) is cut off and the
+///   cut bytes are appended to `<file>.torn`; [`repair`](Self::repair) reports how many.
+/// - [`write_line`](Self::write_line) writes the line and its newline with one `write_all`
+///   on a file opened in append mode; lines are never interleaved or half-visible to a later
+///   open.
+/// - The [`SyncPolicy`] decides when lines are `fsync`ed; [`close`](Self::close) syncs.
+///
+/// The lock is released when the value is dropped (or the process dies).
+#[derive(Debug)]
+pub struct AppendFile {
+    file: File,
+    path: PathBuf,
+    policy: SyncPolicy,
+    unsynced: u64,
+    last_sync: Instant,
+    repair: Repair,
+    lines: u64,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The path with `suffix` added to its file name (`out.jsonl` → `out.jsonl.torn`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+impl AppendFile {
+    /// Opens (creating if needed) `path` for appending, locks it, and repairs a torn last line.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be opened, read, truncated or locked; a file locked by
+    /// another run gives an error of kind [`std::io::ErrorKind::WouldBlock`] saying so.
+    pub fn open(path: impl AsRef<Path>, policy: SyncPolicy) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| io_err(path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(io_err(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "locked: another run is writing this file",
+                    ),
+                ))
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err(path, e)),
+        }
+        let repair = repair_torn_tail(&mut file, path)?;
+        Ok(AppendFile {
+            file,
+            path: path.to_path_buf(),
+            policy,
+            unsynced: 0,
+            last_sync: Instant::now(),
+            repair,
+            lines: 0,
+        })
+    }
+
+    /// The file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What [`open`](Self::open) repaired.
+    #[must_use]
+    pub fn repair(&self) -> &Repair {
+        &self.repair
+    }
+
+    /// Lines written through this handle.
+    #[must_use]
+    pub fn lines(&self) -> u64 {
+        self.lines
+    }
+
+    /// Appends `line` and a newline with one write, then syncs if the policy says so.
+    ///
+    /// `line` must not contain a newline (JSON from `serde_json` never does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the write or sync fails; [`Error::Config`] if `line` holds a newline.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<(), Error> {
+        if line.contains(&b'\n') {
+            return Err(Error::Config(
+                "a JSONL line must not contain a newline".into(),
+            ));
+        }
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line);
+        buf.push(b'\n');
+        self.write_raw(&buf)
+    }
+
+    /// `buf` must be one whole line ending in `\n`.
+    fn write_raw(&mut self, buf: &[u8]) -> Result<(), Error> {
+        debug_assert!(buf.ends_with(b"\n"));
+        self.file
+            .write_all(buf)
+            .map_err(|e| io_err(&self.path, e))?;
+        self.lines += 1;
+        self.unsynced += 1;
+        let due = match self.policy {
+            SyncPolicy::Always => true,
+            SyncPolicy::Periodic { lines, interval } => {
+                (lines > 0 && self.unsynced >= lines) || self.last_sync.elapsed() >= interval
+            }
+            SyncPolicy::OnClose => false,
+        };
+        if due {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Puts everything written so far on disk (`fsync` of the data).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the sync fails.
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if self.unsynced > 0 {
+            self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
+        }
+        self.unsynced = 0;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Empties the file (keeping the lock).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if truncating fails.
+    pub fn truncate(&mut self) -> Result<(), Error> {
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| io_err(&self.path, e))
+    }
+
+    /// Syncs and closes the file, releasing the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the final sync fails.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.sync()
+    }
+}
+
+/// Cuts a last line without its newline off `file`, saving it to `<path>.torn`.
+fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
+    let len = file.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
+    if len == 0 {
+        return Ok(Repair::default());
+    }
+    // Scan backwards in blocks for the last newline.
+    const BLOCK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut keep = 0u64; // length of the prefix that ends with the last newline
+    let mut block = vec![0u8; BLOCK as usize];
+    'scan: while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| io_err(path, e))?;
+        file.read_exact(&mut block[..n])
+            .map_err(|e| io_err(path, e))?;
+        if let Some(i) = block[..n].iter().rposition(|&b| b == b'\n') {
+            keep = start + i as u64 + 1;
+            break 'scan;
+        }
+        end = start;
+    }
+    if keep == len {
+        return Ok(Repair::default());
+    }
+    let torn_len = len - keep;
+    let torn_path = with_suffix(path, ".torn");
+    // Save the torn bytes before cutting them, so nothing is ever lost.
+    let mut torn = Vec::with_capacity(torn_len.min(16 << 20) as usize);
+    file.seek(SeekFrom::Start(keep))
+        .map_err(|e| io_err(path, e))?;
+    file.take(torn_len)
+        .read_to_end(&mut torn)
+        .map_err(|e| io_err(path, e))?;
+    torn.push(b'\n');
+    let mut side = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&torn_path)
+        .map_err(|e| io_err(&torn_path, e))?;
+    side.write_all(&torn)
+        .and_then(|()| side.sync_data())
+        .map_err(|e| io_err(&torn_path, e))?;
+    file.set_len(keep).map_err(|e| io_err(path, e))?;
+    file.sync_data().map_err(|e| io_err(path, e))?;
+    tracing::warn!(
+        path = %path.display(),
+        torn_bytes = torn_len,
+        saved_to = %torn_path.display(),
+        "cut a torn last line left by an interrupted run"
+    );
+    Ok(Repair {
+        torn_bytes: torn_len,
+        torn_path: Some(torn_path),
+    })
+}
+
+/// A crash-safe JSONL output file of examples: an [`AppendFile`] plus the format.
+///
+/// ```
+/// # fn main() -> Result<(), rmboost::Error> {
+/// use rmboost::io::{OutputFile, SyncPolicy};
+/// use rmboost::ExampleFormat;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("pairs.jsonl");
+/// let out = OutputFile::open(&path, ExampleFormat::Conversational, SyncPolicy::default())?;
+/// // A second writer of the same file is refused while the first holds it.
+/// assert!(OutputFile::open(&path, ExampleFormat::Conversational, SyncPolicy::default()).is_err());
+/// out.close()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct OutputFile {
+    file: AppendFile,
+    format: ExampleFormat,
+    buf: Vec<u8>,
+}
+
+impl OutputFile {
+    /// Opens `path` for appending examples in `format`; see [`AppendFile::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`AppendFile::open`].
+    pub fn open(
+        path: impl AsRef<Path>,
+        format: ExampleFormat,
+        policy: SyncPolicy,
+    ) -> Result<Self, Error> {
+        Ok(OutputFile {
+            file: AppendFile::open(path, policy)?,
+            format,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Appends one example as one line with one write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the write or a due sync fails.
+    pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, &example.formatted(self.format))
+            .expect("serialising an example cannot fail: all keys are strings");
+        self.buf.push(b'\n');
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.file.write_raw(&buf);
+        self.buf = buf;
+        result
+    }
+
+    /// Empties the file (keeping the lock).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if truncating fails.
+    pub fn truncate(&mut self) -> Result<(), Error> {
+        self.file.truncate()
+    }
+
+    /// Examples written through this handle.
+    #[must_use]
+    pub fn written(&self) -> u64 {
+        self.file.lines()
+    }
+
+    /// What opening the file repaired.
+    #[must_use]
+    pub fn repair(&self) -> &Repair {
+        self.file.repair()
+    }
+
+    /// The file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// See [`AppendFile::sync`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the sync fails.
+    pub fn sync(&mut self) -> Result<(), Error> {
+        self.file.sync()
+    }
+
+    /// Syncs and closes the file, releasing the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the final sync fails.
+    pub fn close(self) -> Result<(), Error> {
+        self.file.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repairs_torn_tail_and_keeps_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.jsonl");
+        std::fs::write(
+            &path,
+            b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pro",
+        )
+        .unwrap();
+        let mut f = AppendFile::open(&path, SyncPolicy::Always).unwrap();
+        assert_eq!(f.repair().torn_bytes, 14);
+        f.write_line(b"{\"id\":\"c\"}").unwrap();
+        f.close().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\"}\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(with_suffix(&path, ".torn")).unwrap(),
+            "{\"id\":\"c\",\"pro\n"
+        );
+        // A clean file needs no repair.
+        let f = AppendFile::open(&path, SyncPolicy::OnClose).unwrap();
+        assert_eq!(f.repair(), &Repair::default());
+    }
+
+    #[test]
+    fn repairs_file_without_any_newline_and_long_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.jsonl");
+        std::fs::write(&path, vec![b'x'; 200_000]).unwrap();
+        let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
+        assert_eq!(f.repair().torn_bytes, 200_000);
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+
+        let mut content = b"{\"id\":\"a\"}\n".to_vec();
+        content.extend(vec![b'y'; 150_000]);
+        std::fs::write(&path, &content).unwrap();
+        let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
+        assert_eq!(f.repair().torn_bytes, 150_000);
+        drop(f);
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"id\":\"a\"}\n");
+    }
+
+    #[test]
+    fn second_open_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.jsonl");
+        let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
+        let err = AppendFile::open(&path, SyncPolicy::default()).unwrap_err();
+        assert!(err.to_string().contains("another run"), "{err}");
+        match err {
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::WouldBlock);
+            }
+            other => panic!("{other:?}"),
+        }
+        f.close().unwrap();
+        AppendFile::open(&path, SyncPolicy::default()).unwrap();
+    }
+
+    #[test]
+    fn rejects_embedded_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = AppendFile::open(dir.path().join("o"), SyncPolicy::default()).unwrap();
+        assert!(f.write_line(b"a\nb").is_err());
+    }
+}

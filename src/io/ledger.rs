@@ -1,0 +1,338 @@
+//! The failure ledger: [`FailureLedger`] and its [`FailureRecord`]s.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::append::{with_suffix, AppendFile, SyncPolicy};
+use super::resume::IdSet;
+use crate::Error;
+
+/// One failed example in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// The example's id.
+    pub id: String,
+    /// The kind of failure ([`Error::kind_str`]).
+    pub kind: String,
+    /// The error's message and its causes, joined by `": "`.
+    pub message: String,
+    /// When it failed, RFC 3339 in UTC.
+    pub time: String,
+    /// How many runs this id has failed in (1 for a fresh record).
+    #[serde(default = "one")]
+    pub runs: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The error's `Display` followed by each `source()` in turn, joined by `": "`.
+#[must_use]
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let part = e.to_string();
+        if !part.is_empty() && !s.ends_with(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        next = e.source();
+    }
+    s
+}
+
+impl FailureRecord {
+    /// A record of `error` for `id`, stamped now.
+    #[must_use]
+    pub fn new(id: impl Into<String>, error: &Error) -> Self {
+        FailureRecord {
+            id: id.into(),
+            kind: error.kind_str().to_string(),
+            message: error_chain(error),
+            time: rfc3339_utc(SystemTime::now()),
+            runs: 1,
+        }
+    }
+}
+
+/// Formats a time as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The failure ledger: examples that failed after every retry, one JSON line each, beside the
+/// output (`PAIRS.failures.jsonl`).
+///
+/// A record is `{"id", "kind", "message", "time", "runs"}`: `kind` is [`Error::kind_str`],
+/// `message` the error's text with its chain of causes (errors never carry keys), `time` an
+/// RFC 3339 UTC timestamp and `runs` how many runs this id has failed in.
+///
+/// **Life cycle.** During a run failures are appended (crash-safe, like the output). Ids in
+/// the ledger are not in the output, so the next run retries them. At the end of a run that
+/// was not stopped by a crash, [`FailureLedger::compact`] rewrites the ledger (to a temporary
+/// file, then an atomic rename) keeping only ids that are still not in the output, one record
+/// each (the latest, with `runs` summed): the ledger then lists exactly the ids that still
+/// need work. After a crash the ledger may still name ids that have since succeeded; the next
+/// run's compaction removes them. A reader who cannot wait should take "ledger ids minus
+/// output ids".
+#[derive(Debug)]
+pub struct FailureLedger {
+    file: AppendFile,
+}
+
+impl FailureLedger {
+    /// The default ledger path beside `output`: `PAIRS.jsonl` → `PAIRS.failures.jsonl`
+    /// (any other name gets `.failures.jsonl` appended).
+    #[must_use]
+    pub fn default_path(output: &Path) -> PathBuf {
+        match (output.extension(), output.file_stem()) {
+            (Some(ext), Some(stem)) if ext == "jsonl" => {
+                let mut name = stem.to_os_string();
+                name.push(".failures.jsonl");
+                output.with_file_name(name)
+            }
+            _ => with_suffix(output, ".failures.jsonl"),
+        }
+    }
+
+    /// Opens (creating if needed) the ledger for appending; see [`AppendFile::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`AppendFile::open`].
+    pub fn open(path: impl AsRef<Path>, policy: SyncPolicy) -> Result<Self, Error> {
+        Ok(FailureLedger {
+            file: AppendFile::open(path, policy)?,
+        })
+    }
+
+    /// Appends a record.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the write fails.
+    pub fn append(&mut self, record: &FailureRecord) -> Result<(), Error> {
+        let line = serde_json::to_vec(record).expect("a failure record always serialises");
+        self.file.write_line(&line)
+    }
+
+    /// Records that the example `id` failed with `error`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the write fails.
+    pub fn record(&mut self, id: &str, error: &Error) -> Result<(), Error> {
+        self.append(&FailureRecord::new(id, error))
+    }
+
+    /// Records appended through this handle.
+    #[must_use]
+    pub fn records(&self) -> u64 {
+        self.file.lines()
+    }
+
+    /// The ledger's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Syncs and closes the ledger.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the sync fails.
+    pub fn close(self) -> Result<(), Error> {
+        self.file.close()
+    }
+
+    /// Reads every record of the ledger at `path` (none if it does not exist); lines that are
+    /// not records are skipped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists but cannot be read.
+    pub fn read(path: impl AsRef<Path>) -> Result<Vec<FailureRecord>, Error> {
+        let path = path.as_ref();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut out = Vec::new();
+        for line in BufReader::new(file).split(b'\n') {
+            let line = line.map_err(io)?;
+            if let Ok(r) = serde_json::from_slice::<FailureRecord>(&line) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rewrites the ledger at `path` keeping one record (the latest, `runs` summed) for each
+    /// id not in `done`; returns how many remain. A ledger left empty is removed. The ledger
+    /// must not be open for appending (close it first).
+    ///
+    /// The ledger is read into memory, which is fine for a list of failures.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if reading, writing or renaming fails; the old ledger is then left as it
+    /// was.
+    pub fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
+        let path = path.as_ref();
+        let records = Self::read(path)?;
+        if records.is_empty() {
+            if path.exists() {
+                std::fs::remove_file(path).map_err(|source| Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            return Ok(0);
+        }
+        let mut order: Vec<FailureRecord> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for r in records {
+            if done.contains(&r.id) {
+                continue;
+            }
+            match index.get(&r.id) {
+                Some(&i) => {
+                    let runs = order[i].runs.saturating_add(r.runs);
+                    order[i] = FailureRecord { runs, ..r };
+                }
+                None => {
+                    index.insert(r.id.clone(), order.len());
+                    order.push(r);
+                }
+            }
+        }
+        if order.is_empty() {
+            std::fs::remove_file(path).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            return Ok(0);
+        }
+        let tmp = with_suffix(path, ".tmp");
+        let io = |p: &Path, source| Error::Io {
+            path: p.to_path_buf(),
+            source,
+        };
+        let mut buf = Vec::new();
+        for r in &order {
+            serde_json::to_writer(&mut buf, r).expect("a failure record always serialises");
+            buf.push(b'\n');
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io(&tmp, e))?;
+        f.write_all(&buf)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+        Ok(order.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BackendError;
+
+    fn err(id: &str) -> Error {
+        Error::Backend {
+            id: id.into(),
+            call: "first",
+            source: BackendError::server("overloaded").with_status(503),
+        }
+    }
+
+    #[test]
+    fn default_path() {
+        assert_eq!(
+            FailureLedger::default_path(Path::new("/d/pairs.jsonl")),
+            PathBuf::from("/d/pairs.failures.jsonl")
+        );
+        assert_eq!(
+            FailureLedger::default_path(Path::new("out")),
+            PathBuf::from("out.failures.jsonl")
+        );
+    }
+
+    #[test]
+    fn record_shape() {
+        let r = FailureRecord::new("a", &err("a"));
+        assert_eq!(r.kind, "server");
+        assert_eq!(
+            r.message,
+            "example a: first call failed: server (HTTP 503): overloaded"
+        );
+        assert!(r.time.ends_with('Z') && r.time.len() == 24, "{}", r.time);
+    }
+
+    #[test]
+    fn time_format() {
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(951_782_400_123);
+        assert_eq!(rfc3339_utc(t), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn compact_keeps_pending_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.failures.jsonl");
+        let mut l = FailureLedger::open(&path, SyncPolicy::default()).unwrap();
+        for id in ["a", "b", "a", "c"] {
+            l.record(id, &err(id)).unwrap();
+        }
+        l.close().unwrap();
+        let mut done = IdSet::new();
+        done.insert("b");
+        assert_eq!(FailureLedger::compact(&path, &done).unwrap(), 2);
+        let rs = FailureLedger::read(&path).unwrap();
+        assert_eq!(rs.len(), 2);
+        assert_eq!((rs[0].id.as_str(), rs[0].runs), ("a", 2));
+        assert_eq!((rs[1].id.as_str(), rs[1].runs), ("c", 1));
+        done.insert("a");
+        done.insert("c");
+        assert_eq!(FailureLedger::compact(&path, &done).unwrap(), 0);
+        assert!(!path.exists());
+    }
+}

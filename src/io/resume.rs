@@ -1,0 +1,336 @@
+//! Resume: the compact set of ids already in an output file ([`Resume`], [`IdSet`]) and the
+//! stable id hash ([`IdHash`]) that also assigns ids to shards.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// A 128-bit hash of an example id: the first 16 bytes of SHA-256 of
+/// `"rmboost/id/v1\0"` followed by the id's UTF-8 bytes.
+///
+/// It is stable across runs, machines and releases (a golden test pins it), so it serves both
+/// to remember ids compactly and to assign them to shards ([`IdHash::shard`]).
+///
+/// Two different ids share a hash with probability about `n² / 2¹²⁹` among `n` ids: below
+/// 10⁻²¹ for a billion ids. (A collision would make resume skip one id as already done.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdHash(pub u128);
+
+impl IdHash {
+    /// The hash of `id`.
+    #[must_use]
+    pub fn of(id: &str) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"rmboost/id/v1\0");
+        h.update(id.as_bytes());
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        IdHash(u128::from_le_bytes(b))
+    }
+
+    /// The shard of the id among `count` shards, in `0..count`: the low 64 bits of the hash
+    /// (the first 8 digest bytes, little-endian) modulo `count`. Stable: the same id always
+    /// lands in the same shard for the same count. `count` 0 is treated as 1.
+    #[must_use]
+    pub fn shard(self, count: u32) -> u32 {
+        let low = self.0 as u64;
+        (low % u64::from(count.max(1))) as u32
+    }
+}
+
+/// Hashes an [`IdHash`] by taking its low 64 bits: the value is already a uniform hash, so
+/// hashing it again would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached through `Hash for u128` (`write_u128`), but stay correct for anything.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+
+    fn write_u128(&mut self, i: u128) {
+        self.0 = i as u64;
+    }
+}
+
+/// A set of example ids stored as [`IdHash`]es.
+///
+/// Memory: 16 bytes of hash per id plus the hash table's slack (one control byte per slot, at
+/// most 7/8 full, doubling when full): between about 19 and 37 bytes per id, so about 30 MB
+/// for a million ids, whatever the length of the ids.
+#[derive(Debug, Clone, Default)]
+pub struct IdSet {
+    set: HashSet<IdHash, BuildHasherDefault<IdHasher>>,
+}
+
+impl IdSet {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `id`; returns whether it was new.
+    pub fn insert(&mut self, id: &str) -> bool {
+        self.set.insert(IdHash::of(id))
+    }
+
+    /// Adds a hash; returns whether it was new.
+    pub fn insert_hash(&mut self, hash: IdHash) -> bool {
+        self.set.insert(hash)
+    }
+
+    /// Whether `id` is in the set.
+    #[must_use]
+    pub fn contains(&self, id: &str) -> bool {
+        self.set.contains(&IdHash::of(id))
+    }
+
+    /// Whether the hash is in the set.
+    #[must_use]
+    pub fn contains_hash(&self, hash: IdHash) -> bool {
+        self.set.contains(&hash)
+    }
+
+    /// How many ids.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+/// The ids already written to an output file, so a rerun skips them.
+///
+/// Built by [`Resume::scan`], which streams the file line by line and keeps only the hash of
+/// each line's `id` field (see [`IdSet`] for memory per id). Lines that are not a JSON object
+/// with a string `id` are counted in [`unreadable`](Self::unreadable) and otherwise ignored:
+/// their ids, if any, are generated again.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    ids: IdSet,
+    lines: u64,
+    duplicates: u64,
+    unreadable: u64,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    // Other fields are read past without being kept.
+    id: IdValue,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdValue {
+    Text(String),
+    Int(i64),
+    Uint(u64),
+}
+
+impl IdValue {
+    fn into_string(self) -> String {
+        match self {
+            IdValue::Text(s) => s,
+            IdValue::Int(i) => i.to_string(),
+            IdValue::Uint(u) => u.to_string(),
+        }
+    }
+}
+
+/// The `id` of one JSON line, if it has one.
+pub(crate) fn line_id(line: &[u8]) -> Option<String> {
+    serde_json::from_slice::<IdOnly>(line)
+        .ok()
+        .map(|r| r.id.into_string())
+}
+
+impl Resume {
+    /// An empty index: nothing is done yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the ids of every line of `path`; a missing file gives an empty index.
+    ///
+    /// Streams the file (one line in memory at a time). A torn last line should be repaired
+    /// first ([`AppendFile::open`](super::AppendFile::open) does); if not, it counts as
+    /// unreadable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists but cannot be read.
+    pub fn scan(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resume::new()),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut resume = Resume::new();
+        resume
+            .scan_reader(BufReader::with_capacity(1 << 16, file))
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(resume)
+    }
+
+    /// Adds the ids of every line of `reader`.
+    ///
+    /// # Errors
+    ///
+    /// The reader's error.
+    pub fn scan_reader(&mut self, mut reader: impl BufRead) -> std::io::Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            self.lines += 1;
+            match line_id(&line) {
+                Some(id) => {
+                    if !self.ids.insert(&id) {
+                        self.duplicates += 1;
+                    }
+                }
+                None => self.unreadable += 1,
+            }
+        }
+    }
+
+    /// Whether `id` is already done.
+    #[must_use]
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Marks `id` done; returns whether it was new.
+    pub fn insert(&mut self, id: &str) -> bool {
+        self.ids.insert(id)
+    }
+
+    /// The set of done ids.
+    #[must_use]
+    pub fn ids(&self) -> &IdSet {
+        &self.ids
+    }
+
+    /// Distinct ids found.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no id was found.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Non-blank lines scanned.
+    #[must_use]
+    pub fn lines(&self) -> u64 {
+        self.lines
+    }
+
+    /// Lines whose id had already been seen earlier in the file (a file written without
+    /// resume, or concatenated).
+    #[must_use]
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Lines without a readable `id`.
+    #[must_use]
+    pub fn unreadable(&self) -> u64 {
+        self.unreadable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_hash_is_stable() {
+        // Golden values: changing them reshuffles shards of existing runs.
+        assert_eq!(IdHash::of("q1"), IdHash::of("q1"));
+        assert_ne!(IdHash::of("q1"), IdHash::of("q2"));
+        let h = IdHash::of("q1");
+        assert_eq!(format!("{:032x}", h.0), GOLDEN_Q1);
+        assert_eq!(h.shard(1), 0);
+        assert_eq!(h.shard(7), 3);
+        assert_eq!(h.shard(0), 0);
+    }
+
+    const GOLDEN_Q1: &str = "5e7696cc408303906e8c09c2e6c17197";
+
+    #[test]
+    fn scan_counts_ids_duplicates_and_junk() {
+        let mut r = Resume::new();
+        r.scan_reader(
+            &b"{\"id\":\"a\",\"prompt\":\"x\"}\n\n{\"id\":7}\n{\"id\":\"a\"}\nnot json\n{\"prompt\":1}\n{\"id\":\"b\"}"[..],
+        )
+        .unwrap();
+        assert_eq!(r.len(), 3);
+        assert!(r.contains("a") && r.contains("7") && r.contains("b"));
+        assert!(!r.contains("c"));
+        assert_eq!(r.lines(), 6);
+        assert_eq!(r.duplicates(), 1);
+        assert_eq!(r.unreadable(), 2);
+    }
+
+    #[test]
+    fn missing_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Resume::scan(dir.path().join("none.jsonl"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn shards_partition_ids() {
+        let n = 4;
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[IdHash::of(&format!("id-{i}")).shard(n) as usize] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "{counts:?}");
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! `AnthropicBackend` against a wiremock server: the wire format and the error matrix.
+#![cfg(feature = "anthropic")]
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::{
+    BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams, Usage,
+};
+use serde_json::json;
+use support::{anthropic_body, anthropic_error, dead_port};
+use wiremock::matchers::{body_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const PATH: &str = "/v1/messages";
+
+fn backend(server: &MockServer) -> AnthropicBackend {
+    AnthropicBackend::builder()
+        .base_url(server.uri())
+        .model("claude-test")
+        .api_key("sk-ant-test-key")
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+fn request() -> CompletionRequest {
+    CompletionRequest::new(vec![Message::system("be brief"), Message::user("hi")])
+}
+
+fn quick_retry<B>(inner: B) -> Retry<B> {
+    Retry::with_policy(
+        inner,
+        RetryPolicy::default()
+            .max_attempts(NonZeroU32::new(3).unwrap())
+            .initial_delay(Duration::from_millis(1))
+            .max_delay(Duration::from_millis(1))
+            .jitter(false),
+    )
+}
+
+#[tokio::test]
+async fn sends_the_messages_api_shape() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(PATH))
+        .and(header("x-api-key", "sk-ant-test-key"))
+        .and(header("anthropic-version", "2023-06-01"))
+        .and(body_json(json!({
+            "model": "claude-test",
+            "max_tokens": 64,
+            "system": "be brief",
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.25,
+            "stop_sequences": ["END"]
+        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("hello", "end_turn")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let params = SamplingParams::default()
+        .temperature(0.25)
+        .max_tokens(64)
+        .stop("END");
+    let out = backend(&server)
+        .complete(request().with_params(&params).with_seed(3))
+        .await
+        .unwrap();
+    assert_eq!(out.text, "hello");
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.usage, Usage::new(12, 5));
+    assert_eq!(out.model, "served-model");
+}
+
+#[tokio::test]
+async fn max_tokens_defaults_to_1024() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_json(json!({
+            "model": "claude-test", "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "hi"}]
+        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("x", "end_turn")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    backend(&server)
+        .complete(CompletionRequest::new(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn stop_reasons_and_usage() {
+    let cases = [
+        ("end_turn", "a", Ok(FinishReason::Stop)),
+        ("stop_sequence", "a", Ok(FinishReason::Stop)),
+        ("max_tokens", "cut", Ok(FinishReason::Length)),
+        ("refusal", "partial", Ok(FinishReason::ContentFilter)),
+        (
+            "pause_turn",
+            "p",
+            Ok(FinishReason::Other("pause_turn".into())),
+        ),
+        ("max_tokens", "", Err(BackendErrorKind::Length)),
+        ("refusal", "", Err(BackendErrorKind::ContentFilter)),
+    ];
+    for (reason, text, expected) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body(text, reason)))
+            .mount(&server)
+            .await;
+        match (backend(&server).complete(request()).await, expected) {
+            (Ok(c), Ok(want)) => assert_eq!(c.finish_reason, want, "{reason}"),
+            (Err(e), Err(want)) => assert_eq!(e.kind(), want, "{reason}"),
+            (got, want) => panic!("{reason}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    // Text blocks are joined, other blocks skipped, cache tokens count as prompt tokens.
+    let server = MockServer::start().await;
+    let body = json!({"type": "message", "model": "m", "stop_reason": "end_turn",
+        "content": [{"type": "text", "text": "one "}, {"type": "thinking", "thinking": "hmm"},
+                    {"type": "text", "text": "two"}],
+        "usage": {"input_tokens": 10, "output_tokens": 3, "cache_creation_input_tokens": 5,
+                  "cache_read_input_tokens": 2}});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(&server)
+        .await;
+    let c = backend(&server).complete(request()).await.unwrap();
+    assert_eq!(c.text, "one two");
+    assert_eq!(c.usage, Usage::new(17, 3));
+}
+
+/// Status and error type -> kind, message kept, retried exactly when retryable.
+#[tokio::test]
+async fn error_matrix() {
+    use BackendErrorKind::*;
+    let cases: Vec<(u16, serde_json::Value, BackendErrorKind, &str)> = vec![
+        (
+            400,
+            anthropic_error("invalid_request_error", "messages: field required"),
+            InvalidRequest,
+            "field required",
+        ),
+        (
+            400,
+            anthropic_error(
+                "invalid_request_error",
+                "Your credit balance is too low to access the Anthropic API.",
+            ),
+            QuotaExhausted,
+            "credit balance",
+        ),
+        (
+            401,
+            anthropic_error("authentication_error", "invalid x-api-key"),
+            Authentication,
+            "invalid x-api-key",
+        ),
+        (
+            402,
+            anthropic_error("billing_error", "billing problem"),
+            QuotaExhausted,
+            "billing problem",
+        ),
+        (
+            403,
+            anthropic_error("permission_error", "no permission"),
+            Authentication,
+            "no permission",
+        ),
+        (
+            404,
+            anthropic_error("not_found_error", "model: claude-nope"),
+            NotFound,
+            "claude-nope",
+        ),
+        (
+            413,
+            anthropic_error("request_too_large", "Request exceeds the maximum size"),
+            InvalidRequest,
+            "maximum size",
+        ),
+        (
+            429,
+            anthropic_error(
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit",
+            ),
+            RateLimited,
+            "rate limit",
+        ),
+        (
+            500,
+            anthropic_error("api_error", "Internal server error"),
+            Server,
+            "Internal server error",
+        ),
+        (
+            504,
+            anthropic_error("timeout_error", "timed out"),
+            Server,
+            "timed out",
+        ),
+        (
+            529,
+            anthropic_error("overloaded_error", "Overloaded"),
+            Server,
+            "Overloaded",
+        ),
+    ];
+    for (status, body, kind, message) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(PATH))
+            .respond_with(ResponseTemplate::new(status).set_body_json(&body))
+            .mount(&server)
+            .await;
+        let retry = quick_retry(backend(&server));
+        let e = retry.complete(request()).await.unwrap_err();
+        assert_eq!(e.kind(), kind, "HTTP {status} {body}");
+        assert_eq!(e.status(), Some(status));
+        assert!(e.message().contains(message), "{status}: {:?}", e.message());
+        let calls = server.received_requests().await.unwrap().len();
+        let want = if kind.is_retryable() { 3 } else { 1 };
+        assert_eq!(calls, want, "HTTP {status} {body}");
+    }
+}
+
+#[tokio::test]
+async fn overloaded_529_with_retry_after_and_reset_headers() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(529)
+                .insert_header("retry-after", "3")
+                .set_body_json(anthropic_error("overloaded_error", "Overloaded")),
+        )
+        .mount(&server)
+        .await;
+    let e = backend(&server).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Server);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+
+    let server = MockServer::start().await;
+    let reset = std::time::SystemTime::now() + Duration::from_secs(20);
+    let secs = reset
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("anthropic-ratelimit-tokens-remaining", "0")
+                .insert_header("anthropic-ratelimit-tokens-reset", rfc3339(secs).as_str())
+                .set_body_json(anthropic_error("rate_limit_error", "slow down")),
+        )
+        .mount(&server)
+        .await;
+    let e = backend(&server).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::RateLimited);
+    let ra = e.retry_after().expect("retry_after from the reset header");
+    assert!(
+        ra >= Duration::from_secs(17) && ra <= Duration::from_secs(21),
+        "{ra:?}"
+    );
+}
+
+/// Formats seconds since the epoch as RFC 3339 UTC (test helper, civil-from-days).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[tokio::test]
+async fn malformed_and_error_typed_bodies() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("<html>bad gateway</html>"))
+        .mount(&server)
+        .await;
+    let e = backend(&server).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::InvalidResponse);
+
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_error("overloaded_error", "Overloaded")),
+        )
+        .mount(&server)
+        .await;
+    let e = backend(&server).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Server);
+}
+
+#[tokio::test]
+async fn connection_and_timeout_errors() {
+    let b = AnthropicBackend::builder()
+        .base_url(format!("http://127.0.0.1:{}", dead_port()))
+        .model("m")
+        .build()
+        .unwrap();
+    assert_eq!(
+        b.complete(request()).await.unwrap_err().kind(),
+        BackendErrorKind::Connection
+    );
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_body("late", "end_turn"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&server)
+        .await;
+    let b = AnthropicBackend::builder()
+        .base_url(server.uri())
+        .model("m")
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert_eq!(
+        b.complete(request()).await.unwrap_err().kind(),
+        BackendErrorKind::Timeout
+    );
+}
+
+#[test]
+fn builder_validates() {
+    assert!(AnthropicBackend::builder().build().is_err());
+    assert!(AnthropicBackend::builder()
+        .model("m")
+        .default_max_tokens(0)
+        .build()
+        .is_err());
+    assert!(AnthropicBackend::builder()
+        .model("m")
+        .version("bad\nversion")
+        .build()
+        .is_err());
+    let b = AnthropicBackend::builder().model("m").build().unwrap();
+    assert_eq!(b.endpoint().path(), "/v1/messages");
+    assert_eq!(b.name(), "anthropic");
+}

@@ -1,0 +1,232 @@
+//! `Retry<B>` against a scripted in-process backend, in paused virtual time.
+#![cfg(feature = "middleware")]
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::{BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend, Message};
+use support::Scripted;
+
+fn request() -> CompletionRequest {
+    CompletionRequest::new(vec![Message::user("hi")])
+}
+
+fn attempts(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+fn err(kind: BackendErrorKind) -> Result<Completion, BackendError> {
+    Err(BackendError::new(kind, "scripted failure"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_retryable_errors_until_success() {
+    let script = Scripted::new(vec![
+        err(BackendErrorKind::Server),
+        err(BackendErrorKind::Timeout),
+        err(BackendErrorKind::Connection),
+        err(BackendErrorKind::InvalidResponse),
+        Ok(Completion::new("finally")),
+    ]);
+    let retry = Retry::with_policy(
+        Arc::clone(&script),
+        RetryPolicy::default().max_attempts(attempts(5)),
+    );
+    let stats = retry.stats();
+    let out = retry.complete(request()).await.unwrap();
+    assert_eq!(out.text, "finally");
+    assert_eq!(script.calls(), 5);
+    assert_eq!(stats.requests(), 1);
+    assert_eq!(stats.attempts(), 5);
+    assert_eq!(stats.retries(), 4);
+    assert_eq!(stats.failures(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_are_not_retried() {
+    for kind in [
+        BackendErrorKind::Authentication,
+        BackendErrorKind::QuotaExhausted,
+        BackendErrorKind::NotFound,
+        BackendErrorKind::InvalidRequest,
+        BackendErrorKind::ContentFilter,
+        BackendErrorKind::Length,
+        BackendErrorKind::Backend,
+        BackendErrorKind::Other,
+    ] {
+        let script = Scripted::new(vec![err(kind), Ok(Completion::new("never reached"))]);
+        let retry = Retry::new(Arc::clone(&script));
+        let start = tokio::time::Instant::now();
+        let e = retry.complete(request()).await.unwrap_err();
+        assert_eq!(e.kind(), kind);
+        assert_eq!(script.calls(), 1, "{kind} was retried");
+        assert_eq!(start.elapsed(), Duration::ZERO, "{kind} waited");
+        assert_eq!(retry.stats().retries(), 0);
+        assert_eq!(retry.stats().failures(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_is_respected() {
+    let script = Scripted::new((0..10).map(|_| err(BackendErrorKind::Server)).collect());
+    let retry = Retry::with_policy(
+        Arc::clone(&script),
+        RetryPolicy::default()
+            .max_attempts(attempts(3))
+            .max_elapsed(None),
+    );
+    let e = retry.complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Server);
+    assert_eq!(script.calls(), 3);
+    assert_eq!(retry.stats().attempts(), 3);
+    assert_eq!(retry.stats().retries(), 2);
+    assert_eq!(retry.stats().failures(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_attempt_disables_retries() {
+    let script = Scripted::new(vec![err(BackendErrorKind::RateLimited)]);
+    let retry = Retry::with_policy(
+        Arc::clone(&script),
+        RetryPolicy::default().max_attempts(attempts(1)),
+    );
+    assert!(retry.complete(request()).await.is_err());
+    assert_eq!(script.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_without_jitter_and_is_capped() {
+    let script = Scripted::new((0..6).map(|_| err(BackendErrorKind::Server)).collect());
+    let policy = RetryPolicy::default()
+        .max_attempts(attempts(6))
+        .initial_delay(Duration::from_millis(100))
+        .max_delay(Duration::from_millis(500))
+        .max_elapsed(None)
+        .jitter(false);
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let _ = retry.complete(request()).await;
+    let ms: Vec<u128> = script.gaps().iter().map(Duration::as_millis).collect();
+    assert_eq!(ms, vec![100, 200, 400, 500, 500]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_jitter_stays_under_the_ceiling() {
+    let script = Scripted::new((0..6).map(|_| err(BackendErrorKind::Server)).collect());
+    let policy = RetryPolicy::default()
+        .max_attempts(attempts(6))
+        .initial_delay(Duration::from_millis(100))
+        .max_delay(Duration::from_millis(500))
+        .max_elapsed(None);
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let _ = retry.complete(request()).await;
+    let ceilings = [100, 200, 400, 500, 500];
+    for (gap, ceiling) in script.gaps().iter().zip(ceilings) {
+        assert!(gap.as_millis() <= ceiling, "{gap:?} > {ceiling} ms");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_a_floor() {
+    let script = Scripted::new(vec![
+        Err(BackendError::rate_limited("slow down").with_retry_after(Duration::from_secs(7))),
+        Err(BackendError::server("overloaded").with_retry_after(Duration::from_secs(3))),
+        Ok(Completion::new("ok")),
+    ]);
+    let policy = RetryPolicy::default()
+        .initial_delay(Duration::from_millis(10))
+        .max_delay(Duration::from_millis(50));
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let start = tokio::time::Instant::now();
+    assert_eq!(retry.complete(request()).await.unwrap().text, "ok");
+    let gaps = script.gaps();
+    assert!(gaps[0] >= Duration::from_secs(7), "{gaps:?}");
+    assert!(gaps[0] < Duration::from_millis(7_051), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_secs(3), "{gaps:?}");
+    assert!(start.elapsed() >= Duration::from_secs(10));
+    assert_eq!(retry.stats().rate_limited(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_budget_is_respected() {
+    // Every wait is 1 s (no jitter); the budget of 2.5 s allows two retries, not a third.
+    let script = Scripted::new((0..10).map(|_| err(BackendErrorKind::Timeout)).collect());
+    let policy = RetryPolicy::default()
+        .max_attempts(attempts(10))
+        .initial_delay(Duration::from_secs(1))
+        .max_delay(Duration::from_secs(1))
+        .max_elapsed(Some(Duration::from_millis(2_500)))
+        .jitter(false);
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let start = tokio::time::Instant::now();
+    let e = retry.complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Timeout);
+    assert_eq!(script.calls(), 3);
+    assert!(start.elapsed() <= Duration::from_millis(2_500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_past_the_budget_gives_up_at_once() {
+    let script = Scripted::new(vec![
+        Err(BackendError::rate_limited("come back tomorrow")
+            .with_retry_after(Duration::from_secs(86_400))),
+        Ok(Completion::new("never reached")),
+    ]);
+    let policy = RetryPolicy::default().max_elapsed(Some(Duration::from_secs(60)));
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let start = tokio::time::Instant::now();
+    let e = retry.complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::RateLimited);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(86_400)));
+    assert_eq!(script.calls(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_add_up_over_many_requests() {
+    let mut script = Vec::new();
+    for _ in 0..4 {
+        script.push(err(BackendErrorKind::RateLimited));
+        script.push(Ok(Completion::new("ok")));
+    }
+    let script = Scripted::new(script);
+    let retry = Retry::new(Arc::clone(&script));
+    for _ in 0..4 {
+        retry.complete(request()).await.unwrap();
+    }
+    let stats = retry.stats();
+    assert_eq!(
+        (
+            stats.requests(),
+            stats.attempts(),
+            stats.retries(),
+            stats.rate_limited(),
+            stats.failures()
+        ),
+        (4, 8, 4, 4, 0)
+    );
+}
+
+#[tokio::test]
+async fn forwards_name_and_model_and_is_object_safe() {
+    let script = Scripted::new(vec![]);
+    let retry: Arc<dyn LlmBackend> = Arc::new(Retry::new(script));
+    assert_eq!(retry.name(), "scripted");
+    assert_eq!(retry.model(), "script-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_future_cancels_the_wait() {
+    let script = Scripted::new(vec![
+        Err(BackendError::server("x").with_retry_after(Duration::from_secs(30))),
+        Ok(Completion::new("late")),
+    ]);
+    let retry = Retry::new(Arc::clone(&script));
+    let r = tokio::time::timeout(Duration::from_secs(5), retry.complete(request())).await;
+    assert!(r.is_err(), "should still be waiting");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(script.calls(), 1);
+}

@@ -1,0 +1,187 @@
+//! The API key never shows in Debug, Display, an error's source chain, or tracing output
+//! (captured at TRACE level), even when the server echoes it back.
+#![cfg(all(feature = "openai", feature = "anthropic"))]
+
+mod support;
+
+use std::error::Error as _;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::openai::OpenAiBackend;
+use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
+use support::{anthropic_body, capture_tracing, dead_port, openai_body};
+use wiremock::matchers::{header, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const KEY: &str = "sk-live-SUPERSECRET-0123456789";
+
+fn request() -> CompletionRequest {
+    CompletionRequest::new(vec![Message::user("tell me a secret")])
+}
+
+/// Every text an error shows, its sources included.
+fn all_text(e: &BackendError) -> String {
+    let mut out = format!("{e}\n{e:?}\n{e:#?}\n");
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!("{s}\n{s:?}\n"));
+        source = s.source();
+    }
+    out
+}
+
+fn quick_retry<B>(inner: B) -> Retry<B> {
+    Retry::with_policy(
+        inner,
+        RetryPolicy::default()
+            .max_attempts(NonZeroU32::new(2).unwrap())
+            .initial_delay(Duration::from_millis(1))
+            .jitter(false),
+    )
+}
+
+#[test]
+fn builders_and_backends_do_not_print_the_key() {
+    let builder = OpenAiBackend::builder()
+        .model("m")
+        .api_key(KEY)
+        .header("x-token", KEY);
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains(KEY), "{shown}");
+    let backend = builder.build().unwrap();
+    let shown = format!("{backend:?} {backend:#?} {:?}", Retry::new(backend.clone()));
+    assert!(!shown.contains(KEY), "{shown}");
+    assert!(shown.contains("[redacted]"), "{shown}");
+
+    let builder = AnthropicBackend::builder().model("m").api_key(KEY);
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains(KEY), "{shown}");
+    let backend = builder.build().unwrap();
+    let shown = format!("{backend:?} {backend:#?}");
+    assert!(!shown.contains(KEY), "{shown}");
+}
+
+#[test]
+fn key_from_the_environment_is_not_printed() {
+    // A variable name unique to this test, so parallel tests do not race on it.
+    std::env::set_var("RMBOOST_TEST_SECRET_KEY_VAR", KEY);
+    let backend = OpenAiBackend::builder()
+        .model("m")
+        .api_key_env("RMBOOST_TEST_SECRET_KEY_VAR")
+        .build()
+        .unwrap();
+    assert!(!format!("{backend:?}").contains(KEY));
+}
+
+#[tokio::test]
+async fn openai_key_is_sent_but_never_shown() {
+    let (captured, _guard) = capture_tracing();
+    let server = MockServer::start().await;
+    // The key is sent...
+    Mock::given(method("POST"))
+        .and(header("authorization", format!("Bearer {KEY}").as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("fine", "stop")))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    // ...and then echoed back by a careless server in a 401 and a 500.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}
+        })))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string(format!("crash dump: key={KEY}")))
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    let backend = quick_retry(
+        OpenAiBackend::builder()
+            .base_url(server.uri())
+            .model("m")
+            .api_key(KEY)
+            .build()
+            .unwrap(),
+    );
+    let ok = backend.complete(request()).await.unwrap();
+    assert_eq!(ok.text, "fine");
+    let auth = backend.complete(request()).await.unwrap_err();
+    assert!(auth.message().contains("Incorrect API key provided"));
+    let server_err = backend.complete(request()).await.unwrap_err();
+
+    for e in [&auth, &server_err] {
+        let text = all_text(e);
+        assert!(!text.contains(KEY), "{text}");
+    }
+    let log = captured.text();
+    assert!(log.contains("llm_call"), "no span captured: {log}");
+    assert!(
+        log.contains("tell me a secret"),
+        "trace-level text missing: {log}"
+    );
+    // The span records status and token counts, under the retry wrapper's attempt span.
+    assert!(log.contains("status=200"), "{log}");
+    assert!(log.contains("prompt_tokens=12"), "{log}");
+    assert!(log.contains("completion_tokens=5"), "{log}");
+    assert!(log.contains("llm_attempt{attempt=1}"), "{log}");
+    assert!(!log.contains(KEY), "key in tracing output:\n{log}");
+}
+
+#[tokio::test]
+async fn anthropic_key_is_sent_but_never_shown() {
+    let (captured, _guard) = capture_tracing();
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("x-api-key", KEY))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("fine", "end_turn")))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "type": "error",
+            "error": {"type": "authentication_error", "message": format!("invalid x-api-key {KEY}")}
+        })))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let backend = quick_retry(
+        AnthropicBackend::builder()
+            .base_url(server.uri())
+            .model("m")
+            .api_key(KEY)
+            .build()
+            .unwrap(),
+    );
+    assert_eq!(backend.complete(request()).await.unwrap().text, "fine");
+    let e = backend.complete(request()).await.unwrap_err();
+    assert!(!all_text(&e).contains(KEY));
+    let log = captured.text();
+    assert!(log.contains("llm_call"), "{log}");
+    assert!(!log.contains(KEY), "key in tracing output:\n{log}");
+}
+
+#[tokio::test]
+async fn transport_errors_do_not_show_the_key() {
+    let (captured, _guard) = capture_tracing();
+    let backend = quick_retry(
+        OpenAiBackend::builder()
+            .base_url(format!("http://127.0.0.1:{}/v1", dead_port()))
+            .model("m")
+            .api_key(KEY)
+            .build()
+            .unwrap(),
+    );
+    let e = backend.complete(request()).await.unwrap_err();
+    assert!(e.source().is_some());
+    assert!(!all_text(&e).contains(KEY));
+    assert!(!captured.text().contains(KEY));
+}
