@@ -207,9 +207,7 @@ async fn concurrent_calls_are_all_answered_and_not_mixed_up() {
         "What is the capital of Italy?",
         "Name a fruit that is yellow.",
         "How many legs does a spider have?",
-        "What colour is the sky on a clear day?",
         "Say hello in French.",
-        "What is 10 times 10?",
     ];
     let mut alone = Vec::new();
     for p in prompts {
@@ -234,7 +232,7 @@ async fn concurrent_calls_are_all_answered_and_not_mixed_up() {
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.await.unwrap().unwrap().text, alone[i]);
     }
-    eprintln!("12 concurrent calls in {:?}", t.elapsed());
+    eprintln!("8 concurrent calls in {:?}", t.elapsed());
 }
 
 #[tokio::test]
@@ -286,8 +284,8 @@ async fn rmboost_runs_end_to_end_on_five_prompts() {
         .aspects(Aspects::general())
         .concurrency(NonZeroUsize::new(2).unwrap())
         .seed(1)
-        .first_params(SamplingParams::default().temperature(0.7).max_tokens(80))
-        .second_params(SamplingParams::default().temperature(0.7).max_tokens(160))
+        .first_params(SamplingParams::default().temperature(0.7).max_tokens(64))
+        .second_params(SamplingParams::default().temperature(0.7).max_tokens(128))
         .max_reasks(2)
         .build()
         .unwrap();
