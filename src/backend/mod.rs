@@ -68,6 +68,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BackendError;
 
+#[cfg(feature = "local")]
+pub mod local;
+
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,102 @@
+//! RMBoost end to end with the embedded local model: no server, no API key.
+//!
+//! ```text
+//! cargo run --release --features local --example quickstart [-- OUTPUT.jsonl [PROMPTS.jsonl]]
+//! ```
+//!
+//! Reads the 30 bundled prompts (10 long-form questions, 10 everyday chat requests, 10 short
+//! texts to summarise), generates one preference pair for each with SmolLM2-135M-Instruct running
+//! in this process (fetched into the user cache on first use, or taken from `RMBOOST_MODEL`),
+//! writes TRL-ready JSONL to `rmboost-quickstart.jsonl` and prints a summary.
+//!
+//! A 135M-parameter model is a weak writer: expect some examples to need re-asks or to fail.
+//! Point `RMBOOST_MODEL` at a bigger GGUF chat model for better data.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use futures::StreamExt;
+use rmboost::backend::local::LocalBackend;
+use rmboost::{
+    read_prompts, Aspects, ExampleFormat, ExampleWriter, RmBoost, SamplingParams, Summary,
+};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let output = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "rmboost-quickstart.jsonl".into()),
+    );
+    let input = args.next().map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/quickstart_prompts.jsonl")
+    });
+
+    let started = Instant::now();
+    // Loading blocks (and the first run fetches the model), so keep it off the async threads.
+    let backend = tokio::task::spawn_blocking(|| LocalBackend::builder().build()).await??;
+    println!(
+        "model {} loaded in {:.1} s",
+        backend.model_path().display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let rmb = RmBoost::builder()
+        .backend(backend)
+        .aspects(Aspects::general())
+        // The model answers one request at a time; 2 in flight keeps it busy between calls.
+        .concurrency(NonZeroUsize::new(2).expect("not zero"))
+        .seed(1)
+        .first_params(SamplingParams::default().temperature(0.7).max_tokens(256))
+        .second_params(SamplingParams::default().temperature(0.7).max_tokens(384))
+        .build()?;
+
+    let prompts = read_prompts(&input)?;
+    let mut writer = ExampleWriter::new(
+        BufWriter::new(File::create(&output)?),
+        ExampleFormat::Conversational,
+    );
+    let mut summary = Summary::default();
+    let mut stream = rmb.try_generate(futures::stream::iter(prompts));
+    while let Some(result) = stream.next().await {
+        summary.record(&result);
+        match result {
+            Ok(example) => {
+                println!(
+                    "{:>8}  {:<6}  {}",
+                    example.id,
+                    example.label.to_string(),
+                    example.aspects.join(", ")
+                );
+                writer.write(&example)?;
+            }
+            Err(e) => eprintln!("{:>8}  failed: {e}", e.example_id().unwrap_or("-")),
+        }
+    }
+    writer.flush()?;
+
+    let secs = started.elapsed().as_secs_f64();
+    let total = summary.examples + summary.failed();
+    println!();
+    println!("examples:  {} of {total} prompts", summary.examples);
+    println!("re-asks:   {}", summary.reasks);
+    println!("failures:  {}", summary.failed());
+    for (kind, n) in &summary.failures {
+        println!("           {kind}: {n}");
+    }
+    println!(
+        "tokens:    {} ({} prompt + {} completion)",
+        summary.usage.total(),
+        summary.usage.prompt_tokens,
+        summary.usage.completion_tokens
+    );
+    println!(
+        "wall time: {secs:.1} s ({:.1} completion tokens/s)",
+        summary.usage.completion_tokens as f64 / secs.max(1e-9)
+    );
+    println!("output:    {}", output.display());
+    Ok(())
+}
