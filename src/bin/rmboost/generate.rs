@@ -164,7 +164,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         OrderKind::Input => OutputOrder::Input,
     };
     let (backend, cache) = with_cache(&args, &built).await?;
-    let rmb = setup::generator(&args.gen, backend, order)?;
+    let rmb = setup::method_generator(&args.gen, backend, order)?;
     let stats = built.stats.clone();
     let ledger_path = args
         .ledger
@@ -264,7 +264,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
     let wd = watchdog.clone();
     let result = run_to_file(
-        move |prompts| rmb.try_generate(prompts).inspect(move |r| wd.observe(r)),
+        move |prompts| rmb.generate_boxed(prompts).inspect(move |r| wd.observe(r)),
         stream::iter(reader),
         &args.output,
         options,

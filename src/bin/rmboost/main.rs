@@ -38,9 +38,33 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `rmboost report`: the dataset report as text or JSON on stdout.
+fn report(args: &args::ReportArgs) -> Result<u8, CliError> {
+    use rmboost::io::FailureLedger;
+    use rmboost::report::Report;
+    let ledger = match &args.ledger {
+        Some(path) => Some(path.clone()),
+        None => Some(FailureLedger::default_path(&args.input)).filter(|p| p.exists()),
+    };
+    let report = match &ledger {
+        Some(ledger) => Report::from_jsonl_with_ledger(&args.input, ledger),
+        None => Report::from_jsonl(&args.input),
+    }
+    .map_err(|e| CliError::fatal(setup::error_chain(&e)))?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::fatal(format!("cannot write the report: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{report}");
+    }
+    Ok(0)
+}
+
 fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::DryRun(args) => dry_run::run(&args),
+        Command::Report(args) => report(&args),
         Command::Generate(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -5,8 +5,8 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use rmboost::{
-    default_first_params, default_second_params, AspectSampling, Aspects, Bernoulli, Graded,
-    LabelSampler, LlmBackend, OutputOrder, RmBoost,
+    default_first_params, default_second_params, AspectSampling, Aspects, Bernoulli, Generator,
+    Graded, LabelSampler, LlmBackend, Method, OutputOrder, Rlaif, Rlcd, RmBoost, WestOfN,
 };
 
 use crate::args::{GenArgs, LabelKind};
@@ -171,6 +171,60 @@ pub(crate) fn generator(
         .labels(labels)
         .build()
         .map_err(|e| CliError::usage(error_chain(&e)))
+}
+
+/// The generator of `--method`: RMBoost (see [`generator`]) or a baseline on the same backend,
+/// aspects, concurrency, order, seed and re-ask limit.
+pub(crate) fn method_generator(
+    gen: &GenArgs,
+    backend: Arc<dyn LlmBackend>,
+    order: OutputOrder,
+) -> Result<Arc<dyn Generator>, CliError> {
+    let usage = |e: rmboost::Error| CliError::usage(error_chain(&e));
+    let concurrency = NonZeroUsize::new(gen.concurrency)
+        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
+    let mut params = default_first_params().temperature(gen.temperature);
+    if let Some(n) = gen.max_tokens {
+        params = params.max_tokens(n);
+    }
+    Ok(match gen.method {
+        Method::RmBoost => Arc::new(generator(gen, backend, order)?),
+        Method::Rlcd => Arc::new(
+            Rlcd::builder()
+                .backend_arc(backend)
+                .aspects(aspects(gen)?)
+                .params(params)
+                .concurrency(concurrency)
+                .order(order)
+                .seed(gen.seed)
+                .max_reasks(gen.max_reasks)
+                .build()
+                .map_err(usage)?,
+        ),
+        Method::Rlaif => Arc::new(
+            Rlaif::builder()
+                .backend_arc(backend)
+                .params(params)
+                .concurrency(concurrency)
+                .order(order)
+                .seed(gen.seed)
+                .max_reasks(gen.max_reasks)
+                .build()
+                .map_err(usage)?,
+        ),
+        Method::WestOfN => Arc::new(
+            WestOfN::builder()
+                .backend_arc(backend)
+                .n(gen.samples)
+                .params(params)
+                .concurrency(concurrency)
+                .order(order)
+                .seed(gen.seed)
+                .max_reasks(gen.max_reasks)
+                .build()
+                .map_err(usage)?,
+        ),
+    })
 }
 
 #[cfg(test)]
