@@ -338,6 +338,7 @@ struct Args {
     server_threads: usize,
     response_bytes: usize,
     memory_concurrency: usize,
+    no_cache: bool,
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
@@ -362,6 +363,7 @@ impl Args {
             server_threads: 1,
             response_bytes: 1000,
             memory_concurrency: 64,
+            no_cache: false,
         };
         let mut explicit_mode = false;
         let mut it = std::env::args().skip(1);
@@ -376,6 +378,7 @@ impl Args {
                 "--latency-ms" => a.latency_ms = value().parse().expect("--latency-ms"),
                 "--prompts" => a.prompts = parse_list(&flag, &value()),
                 "--million" => a.million = true,
+                "--no-cache" => a.no_cache = true,
                 "--server-threads" => a.server_threads = value().parse().expect("--server-threads"),
                 "--response-bytes" => a.response_bytes = value().parse().expect("--response-bytes"),
                 "--memory-concurrency" => {
@@ -414,16 +417,19 @@ fn write_prompts(path: &Path, n: u64) {
     w.flush().unwrap();
 }
 
-fn generator(server: &BenchServer, cache: &Cache, concurrency: usize) -> RmBoost {
+fn generator(server: &BenchServer, cache: Option<&Cache>, concurrency: usize) -> RmBoost {
     let backend = OpenAiBackend::builder()
         .base_url(server.base_url())
         .model("bench-model")
         .timeout(Duration::from_secs(60))
         .build()
         .expect("backend");
-    let backend = Cached::new(Retry::new(backend), cache.clone());
+    let backend: Arc<dyn rmboost::LlmBackend> = match cache {
+        Some(cache) => Arc::new(Cached::new(Retry::new(backend), cache.clone())),
+        None => Arc::new(Retry::new(backend)),
+    };
     RmBoost::builder()
-        .backend(backend)
+        .backend_arc(backend)
         .concurrency(NonZeroUsize::new(concurrency).expect("concurrency >= 1"))
         .seed(1)
         .build()
@@ -508,6 +514,7 @@ fn throughput_point(
     concurrency: usize,
     latency: Duration,
     prompts: Option<u64>,
+    use_cache: bool,
 ) {
     let ideal = concurrency as f64 / (2.0 * latency.as_secs_f64());
     let n =
@@ -518,7 +525,7 @@ fn throughput_point(
     let output = dir.path().join("pairs.jsonl");
     write_prompts(&input, n);
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, &cache, concurrency);
+    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
     let stop = deadline_stop(rt, POINT_DEADLINE);
     let requests_before = server.requests();
     let meter = CpuMeter::start();
@@ -542,10 +549,14 @@ fn throughput_point(
         (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
     println!(
         "C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} ex/s = {:>5.1}% of C/(2L)={ideal:.0}; \
-         {requests} requests; client CPU {client_cpu_us:.0} us/example; cache {:?}",
+         {requests} requests; client CPU {client_cpu_us:.0} us/example; cache {}",
         latency.as_millis(),
         100.0 * rate / ideal,
-        cache.stats()
+        if use_cache {
+            format!("{:?}", cache.stats())
+        } else {
+            "off".into()
+        }
     );
     println!("  {cpu}");
 }
@@ -555,7 +566,7 @@ fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, conc
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("pairs.jsonl");
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, &cache, concurrency);
+    let rmb = generator(server, Some(&cache), concurrency);
     let baseline = status_kib("VmRSS:");
     // Prompts are made one at a time as the run pulls them: nothing is held.
     let prompts = stream::iter((0..n).map(|i| {
@@ -658,6 +669,7 @@ fn main() {
                     c,
                     latency,
                     args.prompts.get(i).or(args.prompts.last()).copied(),
+                    !args.no_cache,
                 );
             }
         }
@@ -680,7 +692,7 @@ fn main() {
         "all" => {
             server_mode(&rt, &server);
             for &c in &args.concurrency {
-                throughput_point(&rt, &server, c, latency, None);
+                throughput_point(&rt, &server, c, latency, None, !args.no_cache);
             }
             let mut ns = vec![10_000, 100_000];
             if args.million {
