@@ -61,6 +61,7 @@ const POINT_SECONDS: f64 = 6.0;
 struct ServerState {
     latency_us: AtomicU64,
     requests: AtomicU64,
+    connections: AtomicU64,
     filler: String,
 }
 
@@ -80,6 +81,7 @@ impl BenchServer {
         let state = Arc::new(ServerState {
             latency_us: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             filler,
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -101,6 +103,7 @@ impl BenchServer {
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
+                        st.connections.fetch_add(1, Ordering::Relaxed);
                         let st = st.clone();
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| handle(req, st.clone()));
@@ -129,6 +132,11 @@ impl BenchServer {
 
     fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
     }
 }
 
@@ -528,6 +536,7 @@ fn throughput_point(
     let rmb = generator(server, use_cache.then_some(&cache), concurrency);
     let stop = deadline_stop(rt, POINT_DEADLINE);
     let requests_before = server.requests();
+    let connections_before = server.connections();
     let meter = CpuMeter::start();
     let summary = rt
         .block_on(async {
@@ -545,11 +554,12 @@ fn throughput_point(
     check(&summary, n);
     let rate = summary.examples_per_sec();
     let requests = server.requests() - requests_before;
+    let connections = server.connections() - connections_before;
     let client_cpu_us =
         (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
     println!(
         "C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} ex/s = {:>5.1}% of C/(2L)={ideal:.0}; \
-         {requests} requests; client CPU {client_cpu_us:.0} us/example; cache {}",
+         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example; cache {}",
         latency.as_millis(),
         100.0 * rate / ideal,
         if use_cache {
