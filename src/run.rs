@@ -22,8 +22,9 @@
 //!    still failed), and returns a [`RunSummary`].
 //!
 //! Memory does not grow with the length of the examples or of the input file, only with its
-//! number of ids: two [`IdSet`]s (ids already done, ids seen in this input) of about 20 to 40
-//! bytes per id, so about 60 MB for a million prompts.
+//! number of ids: two [`IdSet`]s (ids already in the output when the run started, ids seen in
+//! this input) of about 20 to 40 bytes per id, so about 30 MB for a million prompts into a new
+//! file and 60 MB when resuming a file that already holds a million.
 //!
 //! Every id of the input therefore ends up in the output exactly once after any number of
 //! crashes and reruns (ids that keep failing stay in the ledger), and since every random draw of
@@ -618,6 +619,15 @@ where
         "run starting"
     );
 
+    // Compaction at the end drops the ledger records of ids that are done. Of the ids written
+    // by this run, only those with a record from an earlier run can have one (an id is
+    // generated once per run), so only they are added to `done`: remembering every written id
+    // would double the memory per id (`seen` has them all already).
+    let mut failed_before = IdSet::new();
+    for record in FailureLedger::read(&ledger_path)? {
+        failed_before.insert(&record.id);
+    }
+
     let admission = Arc::new(Mutex::new(Admission {
         done: resume.ids().clone(),
         seen: IdSet::new(),
@@ -665,7 +675,9 @@ where
                             io_error = Some(e);
                             break;
                         }
-                        st.done.insert(&example.id);
+                        if !failed_before.is_empty() && failed_before.contains(&example.id) {
+                            st.done.insert(&example.id);
+                        }
                         st.summary.generation.record(&Ok(example));
                     }
                     Err(e) => {

@@ -63,6 +63,10 @@ const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("comp
 const VERSION: &str = "rmboost/cache/v1";
 /// The most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// The memory redb may use to cache pages of the database. Its default (1 GiB) lets the
+/// process grow with the database: about 2 KB per example, so hundreds of MB for a long run.
+/// Lookups of recent keys stay in the operating system's page cache anyway.
+const DB_CACHE_BYTES: usize = 16 << 20;
 
 /// The cache key of a request sent to a backend with this name and model; see the
 /// [module docs](self).
@@ -167,16 +171,19 @@ impl Cache {
     /// another process (kind [`std::io::ErrorKind::WouldBlock`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    "response cache is open in another process",
-                ),
-            },
-            e => db_err(path, e),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(DB_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "response cache is open in another process",
+                    ),
+                },
+                e => db_err(path, e),
+            })?;
         // Make sure the table exists, so readers never see it missing.
         let txn = db.begin_write().map_err(|e| db_err(path, e))?;
         txn.open_table(TABLE).map_err(|e| db_err(path, e))?;

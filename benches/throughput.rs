@@ -1,0 +1,715 @@
+//! End-to-end throughput and memory of a run against a loopback OpenAI-compatible server.
+//!
+//! With `C` examples in flight and a server latency `L`, an RMBoost run (two calls one after
+//! the other per example) cannot go faster than `C / (2 L)` examples per second. This bench
+//! measures how close the whole pipeline gets: a JSONL prompt file read with
+//! [`rmboost::read_prompts`], [`rmboost::run::run_to_file`] with resume on, [`RmBoost`] over
+//! `Cached<Retry<OpenAiBackend>>` (a cold response cache), a JSONL output file.
+//!
+//! The server runs in this process on its own runtime and threads (named `bench-server`), binds
+//! 127.0.0.1 only, speaks keep-alive HTTP/1.1 (hyper), sleeps the configured latency before
+//! each answer, and answers ~1 KB: a first response, or, for a request whose last message
+//! contains `</response>`, a different `<response>...</response>` answer; both with usage.
+//!
+//! Modes (default `all`: `server`, then `throughput` at every concurrency, then `memory` at
+//! 10,000 and 100,000 prompts, each memory point in a child process):
+//!
+//! ```text
+//! cargo bench --bench throughput --all-features
+//! cargo bench --bench throughput --all-features -- --mode server
+//! cargo bench --bench throughput --all-features -- --concurrency 256 --latency-ms 50 --prompts 5000
+//! cargo bench --bench throughput --all-features -- --mode memory --prompts 10000,100000
+//! cargo bench --bench throughput --all-features -- --mode memory --million
+//! ```
+//!
+//! Every figure comes with the CPU the process used and the share of the machine's CPU that
+//! other processes took meanwhile: on a shared machine the figures are pessimistic.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rmboost::backend::cache::{Cache, Cached};
+use rmboost::backend::openai::OpenAiBackend;
+use rmboost::backend::retry::Retry;
+use rmboost::run::{run_to_file, RunOptions, RunSummary, StopSignal};
+use rmboost::{Prompt, RmBoost};
+use tokio::net::TcpListener;
+
+/// The most one throughput point may take before it is stopped.
+const POINT_DEADLINE: Duration = Duration::from_secs(180);
+/// The most prompts one throughput point generates.
+const MAX_POINT_PROMPTS: u64 = 40_000;
+/// Seconds of ideal run time a throughput point aims for.
+const POINT_SECONDS: f64 = 6.0;
+
+// ---------------------------------------------------------------------------------------------
+// The loopback server.
+
+struct ServerState {
+    latency_us: AtomicU64,
+    requests: AtomicU64,
+    connections: AtomicU64,
+    filler: String,
+}
+
+/// A server on its own threads; lives until the process ends.
+struct BenchServer {
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+}
+
+impl BenchServer {
+    fn start(threads: usize, response_bytes: usize) -> BenchServer {
+        let filler: String = "lorem ipsum dolor sit amet consectetur adipiscing elit "
+            .chars()
+            .cycle()
+            .take(response_bytes)
+            .collect();
+        let state = Arc::new(ServerState {
+            latency_us: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            filler,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("bench-server".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads.max(1))
+                    .thread_name("bench-server")
+                    .enable_all()
+                    .build()
+                    .expect("server runtime");
+                rt.block_on(async move {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                    tx.send(listener.local_addr().expect("addr")).unwrap();
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        st.connections.fetch_add(1, Ordering::Relaxed);
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| handle(req, st.clone()));
+                            let _ = http1::Builder::new()
+                                .keep_alive(true)
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .await;
+                        });
+                    }
+                });
+            })
+            .expect("server thread");
+        let addr = rx.recv().expect("server address");
+        BenchServer { addr, state }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_us
+            .store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    st: Arc<ServerState>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    let latency = st.latency_us.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_micros(latency)).await;
+    }
+    let json = answer(&body, &st.filler);
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(json)))
+        .expect("a valid response"))
+}
+
+/// The answer to one request body, as a chat completion JSON.
+fn answer(body: &[u8], filler: &str) -> String {
+    let last_role = memchr::memmem::rfind(body, b"\"role\"").unwrap_or(0);
+    let second = memchr::memmem::find(&body[last_role..], b"</response>").is_some();
+    let seed = memchr::memmem::find(body, b"\"seed\":")
+        .map(|at| {
+            body[at + 7..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .fold(0u64, |n, &d| {
+                    n.wrapping_mul(10).wrapping_add(u64::from(d - b'0'))
+                })
+        })
+        .unwrap_or(0);
+    let text = if second {
+        format!("<response>Second take {seed:016x}: {filler}</response>")
+    } else {
+        format!("First take {seed:016x}: {filler}")
+    };
+    let completion_tokens = text.len() / 4;
+    let prompt_tokens = body.len() / 4;
+    format!(
+        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"model\":\"bench-model\",\
+         \"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\
+         \"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\
+         \"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}}}",
+        prompt_tokens + completion_tokens
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU and memory accounting from /proc (Linux; zeros elsewhere).
+
+/// Clock ticks per second of /proc times (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// utime + stime in ticks from the text of a /proc stat file.
+fn stat_ticks(stat: &str) -> u64 {
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15.
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// CPU seconds used by the whole process.
+fn process_cpu() -> f64 {
+    std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| stat_ticks(&s) as f64 / TICKS)
+}
+
+/// CPU seconds used by this process's threads whose name starts with `prefix`.
+fn threads_cpu(prefix: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0;
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .find('(')
+            .zip(stat.rfind(')'))
+            .map_or("", |(a, b)| &stat[a + 1..b]);
+        if name.starts_with(prefix) {
+            ticks += stat_ticks(&stat);
+        }
+    }
+    ticks as f64 / TICKS
+}
+
+/// (busy, total) ticks of the whole machine.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let line = s.lines().next().unwrap_or("");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
+/// CPU use over an interval.
+struct CpuMeter {
+    wall: Instant,
+    process: f64,
+    server: f64,
+    machine: (u64, u64),
+}
+
+struct CpuReport {
+    wall: f64,
+    process: f64,
+    server: f64,
+    /// Share of the machine's CPU used by other processes.
+    others: f64,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        CpuMeter {
+            wall: Instant::now(),
+            process: process_cpu(),
+            server: threads_cpu("bench-server"),
+            machine: machine_ticks(),
+        }
+    }
+
+    fn stop(&self) -> CpuReport {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let process = process_cpu() - self.process;
+        let server = threads_cpu("bench-server") - self.server;
+        let (busy, total) = machine_ticks();
+        let d_busy = busy.saturating_sub(self.machine.0) as f64 / TICKS;
+        let d_total = total.saturating_sub(self.machine.1) as f64 / TICKS;
+        let others = if d_total > 0.0 {
+            ((d_busy - process) / d_total).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        CpuReport {
+            wall,
+            process,
+            server,
+            others,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wall {:.2}s, process CPU {:.2}s ({:.2} of {} cores; server threads {:.2}s), \
+             other processes {:.0}% of the machine, load {}",
+            self.wall,
+            self.process,
+            self.process / self.wall.max(1e-9),
+            cores(),
+            self.server,
+            self.others * 100.0,
+            load_avg()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments.
+
+#[derive(Debug, Clone)]
+struct Args {
+    mode: String,
+    concurrency: Vec<usize>,
+    latency_ms: u64,
+    prompts: Vec<u64>,
+    million: bool,
+    server_threads: usize,
+    response_bytes: usize,
+    memory_concurrency: usize,
+    no_cache: bool,
+}
+
+fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .replace('_', "")
+                .parse()
+                .unwrap_or_else(|_| panic!("{flag}: not a number: {x}"))
+        })
+        .collect()
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut a = Args {
+            mode: "all".into(),
+            concurrency: vec![1, 16, 64, 256, 512],
+            latency_ms: 50,
+            prompts: Vec::new(),
+            million: false,
+            server_threads: 1,
+            response_bytes: 1000,
+            memory_concurrency: 64,
+            no_cache: false,
+        };
+        let mut explicit_mode = false;
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+            match flag.as_str() {
+                "--mode" => {
+                    a.mode = value();
+                    explicit_mode = true;
+                }
+                "--concurrency" => a.concurrency = parse_list(&flag, &value()),
+                "--latency-ms" => a.latency_ms = value().parse().expect("--latency-ms"),
+                "--prompts" => a.prompts = parse_list(&flag, &value()),
+                "--million" => a.million = true,
+                "--no-cache" => a.no_cache = true,
+                "--server-threads" => a.server_threads = value().parse().expect("--server-threads"),
+                "--response-bytes" => a.response_bytes = value().parse().expect("--response-bytes"),
+                "--memory-concurrency" => {
+                    a.memory_concurrency = value().parse().expect("--memory-concurrency");
+                }
+                // Passed by `cargo bench`; filters of other benches.
+                "--bench" => {}
+                other if other.starts_with("--") => panic!("unknown flag {other}"),
+                _ => {}
+            }
+        }
+        // Choosing points without a mode means the throughput mode.
+        if !explicit_mode && std::env::args().any(|x| x == "--concurrency" || x == "--prompts") {
+            a.mode = "throughput".into();
+        }
+        if a.million && !explicit_mode {
+            a.mode = "memory".into();
+        }
+        a
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline.
+
+const PROMPT: &str = "Explain, with one worked example, how a hash table keeps lookups fast \
+                      as it grows, and what happens to the cost of an insertion that triggers \
+                      a resize.";
+
+fn write_prompts(path: &Path, n: u64) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).expect("prompts file"));
+    for i in 0..n {
+        writeln!(w, "{{\"id\":\"p{i:08}\",\"prompt\":\"{i}. {PROMPT}\"}}").unwrap();
+    }
+    w.flush().unwrap();
+}
+
+fn generator(server: &BenchServer, cache: Option<&Cache>, concurrency: usize) -> RmBoost {
+    let backend = OpenAiBackend::builder()
+        .base_url(server.base_url())
+        .model("bench-model")
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("backend");
+    let backend: Arc<dyn rmboost::LlmBackend> = match cache {
+        Some(cache) => Arc::new(Cached::new(Retry::new(backend), cache.clone())),
+        None => Arc::new(Retry::new(backend)),
+    };
+    RmBoost::builder()
+        .backend_arc(backend)
+        .concurrency(NonZeroUsize::new(concurrency).expect("concurrency >= 1"))
+        .seed(1)
+        .build()
+        .expect("generator")
+}
+
+fn deadline_stop(rt: &tokio::runtime::Runtime, after: Duration) -> StopSignal {
+    let stop = StopSignal::new();
+    let s = stop.clone();
+    rt.spawn(async move {
+        tokio::time::sleep(after).await;
+        s.stop();
+    });
+    stop
+}
+
+fn check(summary: &RunSummary, expected: u64) {
+    if summary.generation.examples != expected || summary.generation.failed() > 0 {
+        eprintln!(
+            "  WARNING: expected {expected} examples, got {} ({})",
+            summary.generation.examples, summary
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modes.
+
+fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
+    server.set_latency(Duration::ZERO);
+    let workers = 64;
+    let duration = Duration::from_secs(3);
+    let max_requests: u64 = 200_000;
+    let client = reqwest::Client::new();
+    let url = format!("{}/chat/completions", server.base_url());
+    let body = format!(
+        "{{\"model\":\"bench-model\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"seed\":7}}"
+    );
+    let before = server.requests();
+    let meter = CpuMeter::start();
+    let done = Arc::new(AtomicU64::new(0));
+    rt.block_on(async {
+        let end = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (client, url, body, done) =
+                (client.clone(), url.clone(), body.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < end && done.load(Ordering::Relaxed) < max_requests {
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("request");
+                    let bytes = r.bytes().await.expect("body");
+                    assert!(bytes.len() > 500);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let cpu = meter.stop();
+    let n = server.requests() - before;
+    let rate = n as f64 / cpu.wall;
+    let per_req_us = cpu.server / n.max(1) as f64 * 1e6;
+    println!(
+        "server (latency 0, {workers} keep-alive clients in this process): {n} requests, \
+         {rate:.0} req/s; server CPU {per_req_us:.1} us/request => {:.0} req/s per core",
+        1e6 / per_req_us.max(1e-9)
+    );
+    println!("  {cpu}");
+}
+
+fn throughput_point(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    concurrency: usize,
+    latency: Duration,
+    prompts: Option<u64>,
+    use_cache: bool,
+) {
+    let ideal = concurrency as f64 / (2.0 * latency.as_secs_f64());
+    let n =
+        prompts.unwrap_or_else(|| ((ideal * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
+    server.set_latency(latency);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("pairs.jsonl");
+    write_prompts(&input, n);
+    let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
+    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
+    let stop = deadline_stop(rt, POINT_DEADLINE);
+    let requests_before = server.requests();
+    let connections_before = server.connections();
+    let meter = CpuMeter::start();
+    let summary = rt
+        .block_on(async {
+            let reader = rmboost::read_prompts(&input)?;
+            run_to_file(
+                |p| rmb.try_generate(p),
+                stream::iter(reader),
+                &output,
+                RunOptions::new().stop_signal(stop),
+            )
+            .await
+        })
+        .expect("run");
+    let cpu = meter.stop();
+    check(&summary, n);
+    let rate = summary.examples_per_sec();
+    let requests = server.requests() - requests_before;
+    let connections = server.connections() - connections_before;
+    let client_cpu_us =
+        (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
+    println!(
+        "C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} ex/s = {:>5.1}% of C/(2L)={ideal:.0}; \
+         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example; cache {}",
+        latency.as_millis(),
+        100.0 * rate / ideal,
+        if use_cache {
+            format!("{:?}", cache.stats())
+        } else {
+            "off".into()
+        }
+    );
+    println!("  {cpu}");
+}
+
+fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, concurrency: usize) {
+    server.set_latency(Duration::ZERO);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = dir.path().join("pairs.jsonl");
+    let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
+    let rmb = generator(server, Some(&cache), concurrency);
+    let baseline = status_kib("VmRSS:");
+    // Prompts are made one at a time as the run pulls them: nothing is held.
+    let prompts = stream::iter((0..n).map(|i| {
+        Ok(Prompt::with_id(
+            format!("m{i:08}"),
+            format!("{i}. {PROMPT}"),
+        ))
+    }));
+    let progress = rmboost::run::Progress::new();
+    let sampler = {
+        let progress = progress.clone();
+        rt.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                samples.push((
+                    progress.snapshot().generation.examples,
+                    status_kib("VmRSS:"),
+                ));
+                let (e, r) = samples[samples.len() - 1];
+                eprintln!("  ... {e} examples, RSS {} MiB", r / 1024);
+            }
+        })
+    };
+    let meter = CpuMeter::start();
+    let summary = rt
+        .block_on(run_to_file(
+            |p| rmb.try_generate(p),
+            prompts,
+            &output,
+            RunOptions::new().progress(progress),
+        ))
+        .expect("run");
+    let cpu = meter.stop();
+    sampler.abort();
+    check(&summary, n);
+    let hwm = status_kib("VmHWM:");
+    let out_bytes = std::fs::metadata(&output).map_or(0, |m| m.len());
+    let cache_bytes = std::fs::metadata(cache.path()).map_or(0, |m| m.len());
+    println!(
+        "memory N={n:<8} C={concurrency}: peak RSS (VmHWM) {:.1} MiB, RSS before the run {:.1} MiB, \
+         growth {:.1} bytes/prompt over the baseline; {:.0} ex/s; output {} MiB, cache {} MiB",
+        hwm as f64 / 1024.0,
+        baseline as f64 / 1024.0,
+        (hwm.saturating_sub(baseline) * 1024) as f64 / n as f64,
+        summary.examples_per_sec(),
+        out_bytes >> 20,
+        cache_bytes >> 20
+    );
+    println!("  {cpu}");
+}
+
+/// Runs each memory point in a child process, so each peak is its own.
+fn memory_children(args: &Args, ns: &[u64]) {
+    let exe = std::env::current_exe().expect("current exe");
+    for &n in ns {
+        let status = std::process::Command::new(&exe)
+            .args([
+                "--mode",
+                "memory-one",
+                "--prompts",
+                &n.to_string(),
+                "--memory-concurrency",
+                &args.memory_concurrency.to_string(),
+                "--server-threads",
+                &args.server_threads.to_string(),
+                "--response-bytes",
+                &args.response_bytes.to_string(),
+            ])
+            .status()
+            .expect("child");
+        assert!(status.success(), "memory point {n} failed: {status}");
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let server = BenchServer::start(args.server_threads, args.response_bytes);
+    let latency = Duration::from_millis(args.latency_ms);
+    if args.mode != "memory-one" {
+        println!(
+            "rmboost throughput bench: {} cores, load {}, server threads {}, ~{} B answers",
+            cores(),
+            load_avg(),
+            args.server_threads,
+            args.response_bytes
+        );
+    }
+    match args.mode.as_str() {
+        "server" => server_mode(&rt, &server),
+        "throughput" => {
+            for (i, &c) in args.concurrency.iter().enumerate() {
+                throughput_point(
+                    &rt,
+                    &server,
+                    c,
+                    latency,
+                    args.prompts.get(i).or(args.prompts.last()).copied(),
+                    !args.no_cache,
+                );
+            }
+        }
+        "memory" => {
+            let mut ns = if args.prompts.is_empty() {
+                vec![10_000, 100_000]
+            } else {
+                args.prompts.clone()
+            };
+            if args.million && !ns.contains(&1_000_000) {
+                ns.push(1_000_000);
+            }
+            memory_children(&args, &ns);
+        }
+        "memory-one" => {
+            for &n in &args.prompts {
+                memory_point(&rt, &server, n, args.memory_concurrency);
+            }
+        }
+        "all" => {
+            server_mode(&rt, &server);
+            for &c in &args.concurrency {
+                throughput_point(&rt, &server, c, latency, None, !args.no_cache);
+            }
+            let mut ns = vec![10_000, 100_000];
+            if args.million {
+                ns.push(1_000_000);
+            }
+            memory_children(&args, &ns);
+        }
+        other => panic!("unknown mode {other}: all, server, throughput, memory"),
+    }
+}
