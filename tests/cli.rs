@@ -878,3 +878,58 @@ fn progress_bar_on_a_terminal() {
     assert!(tty.contains("examples written  30 ("), "{tty:?}");
     assert_exactly_once(&rows(&d.path("out.jsonl")), 30);
 }
+
+#[test]
+fn a_baseline_method_runs_and_the_report_reads_its_output() {
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 4);
+    let out = d.s("rlcd.jsonl");
+    let o = run(&[
+        "generate",
+        "-i",
+        &input,
+        "-o",
+        &out,
+        "--backend",
+        "fake",
+        "--method",
+        "rlcd",
+        "--no-cache",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!(r["metadata"]["method"], "rlcd", "{r}");
+        assert_eq!(r["metadata"]["calls"], 2, "{r}");
+        assert_ne!(r["chosen"], r["rejected"]);
+    }
+
+    let o = run(&["report", &out, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["examples"], 4, "{report}");
+    assert_eq!(report["methods"]["rlcd"], 4, "{report}");
+
+    let o = run(&["report", &out]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!stdout(&o).trim().is_empty());
+
+    // dry-run shows RMBoost requests only, and says so for a baseline.
+    let o = run(&["dry-run", "-i", &input, "--method", "rlaif"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rmboost only"), "{}", stderr(&o));
+
+    // An unknown method is a usage error.
+    let o = run(&["generate", "-i", &input, "-o", &out, "--method", "dpo"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // A missing dataset is a one-line fatal error naming it.
+    let o = run(&["report", &d.s("missing.jsonl")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.jsonl"), "{}", stderr(&o));
+}
