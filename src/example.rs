@@ -112,7 +112,15 @@ impl Prompt {
     /// Consumes the prompt and returns its messages.
     #[must_use]
     pub fn into_messages(self) -> Vec<Message> {
-        match self.input {
+        self.input.into_messages()
+    }
+}
+
+impl PromptInput {
+    /// The prompt as chat messages (a text prompt becomes one user message).
+    #[must_use]
+    pub fn into_messages(self) -> Vec<Message> {
+        match self {
             PromptInput::Text(t) => vec![Message::user(t)],
             PromptInput::Messages(m) => m,
         }

@@ -406,12 +406,7 @@ impl RmBoost {
         let n = inner.template.variants();
         let variant = if n > 1 { rng.random_range(0..n) } else { 0 };
         let Prompt { id, input, extra } = prompt;
-        let prompt = Prompt {
-            id: String::new(),
-            input,
-            extra: serde_json::Map::new(),
-        }
-        .into_messages();
+        let prompt = input.into_messages();
         ExamplePlan {
             id,
             prompt,

@@ -242,12 +242,7 @@ impl Rlaif {
         let judge_seeds = [rng.next_u64(), rng.next_u64()];
         let criteria = inner.criteria.sample(&mut rng).aspects;
         let Prompt { id, input, extra } = prompt;
-        let prompt = Prompt {
-            id: String::new(),
-            input,
-            extra: serde_json::Map::new(),
-        }
-        .into_messages();
+        let prompt = input.into_messages();
         Plan {
             id,
             prompt,

@@ -206,12 +206,7 @@ impl Rlcd {
         let positive_seed = rng.next_u64();
         let aspects = inner.aspects.sample(&mut rng).aspects;
         let Prompt { id, input, extra } = prompt;
-        let prompt = Prompt {
-            id: String::new(),
-            input,
-            extra: serde_json::Map::new(),
-        }
-        .into_messages();
+        let prompt = input.into_messages();
         Plan {
             id,
             prompt,

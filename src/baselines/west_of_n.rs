@@ -351,12 +351,7 @@ impl WestOfN {
         let sample_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
         let score_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
         let Prompt { id, input, extra } = prompt;
-        let prompt = Prompt {
-            id: String::new(),
-            input,
-            extra: serde_json::Map::new(),
-        }
-        .into_messages();
+        let prompt = input.into_messages();
         Plan {
             id,
             prompt,
