@@ -262,6 +262,10 @@ pub fn extract_response(raw: &str) -> &str {
                 .find(|&c| c >= start)
                 .unwrap_or(raw.len());
             let candidate = raw[start..end].trim();
+            // "... between <response> and </response>" echoed from the instructions.
+            if candidate.eq_ignore_ascii_case("and") {
+                continue;
+            }
             if candidate.len() > best.len() {
                 best = candidate;
             }
@@ -484,6 +488,11 @@ mod tests {
         );
         assert_eq!(extract_response("\"Quoted answer.\""), "Quoted answer.");
         assert_eq!(extract_response("<response></response>"), "");
+        // An echo of the instruction is not an answer.
+        assert_eq!(
+            extract_response("I write it between <response> and </response>."),
+            ""
+        );
     }
 
     #[test]
