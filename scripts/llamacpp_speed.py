@@ -55,6 +55,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="end with one JSON line of the medians (read by benches/local_speed.rs)",
+    )
     args = ap.parse_args()
 
     import xllamacpp
@@ -107,6 +112,13 @@ def main():
         f"llama.cpp ({args.threads} threads): generation {statistics.median(decode):.1f} tokens/s, "
         f"end to end {statistics.median(wall):.1f} tokens/s (median of {args.runs})"
     )
+    if args.json:
+        summary = {
+            "threads": args.threads,
+            "generation_tokens_per_s": statistics.median(decode),
+            "end_to_end_tokens_per_s": statistics.median(wall),
+        }
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
