@@ -45,6 +45,7 @@ use rmboost::backend::cache::{Cache, Cached};
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::Retry;
 use rmboost::run::{run_to_file, RunOptions, RunSummary, StopSignal};
+use rmboost::testing::FakeBackend;
 use rmboost::{Prompt, RmBoost};
 use tokio::net::TcpListener;
 
@@ -62,7 +63,7 @@ struct ServerState {
     latency_us: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
-    filler: String,
+    filler: FakeBackend,
 }
 
 /// A server on its own threads; lives until the process ends.
@@ -73,11 +74,9 @@ struct BenchServer {
 
 impl BenchServer {
     fn start(threads: usize, response_bytes: usize) -> BenchServer {
-        let filler: String = "lorem ipsum dolor sit amet consectetur adipiscing elit "
-            .chars()
-            .cycle()
-            .take(response_bytes)
-            .collect();
+        // The answers of the in-process fake backend: prose-like filler that passes the
+        // response checks (no repetition, first and second responses far apart).
+        let filler = FakeBackend::with_response_len(response_bytes);
         let state = Arc::new(ServerState {
             latency_us: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -161,7 +160,7 @@ async fn handle(
 }
 
 /// The answer to one request body, as a chat completion JSON.
-fn answer(body: &[u8], filler: &str) -> String {
+fn answer(body: &[u8], filler: &FakeBackend) -> String {
     let last_role = memchr::memmem::rfind(body, b"\"role\"").unwrap_or(0);
     let second = memchr::memmem::find(&body[last_role..], b"</response>").is_some();
     let seed = memchr::memmem::find(body, b"\"seed\":")
@@ -174,11 +173,7 @@ fn answer(body: &[u8], filler: &str) -> String {
                 })
         })
         .unwrap_or(0);
-    let text = if second {
-        format!("<response>Second take {seed:016x}: {filler}</response>")
-    } else {
-        format!("First take {seed:016x}: {filler}")
-    };
+    let text = filler.answer(seed, second);
     let completion_tokens = text.len() / 4;
     let prompt_tokens = body.len() / 4;
     format!(

@@ -243,6 +243,15 @@ pub enum UnusableReason {
     Empty,
     /// The second response is the same as the first (after normalising white space and case).
     SameAsFirst,
+    /// The second response differs from the first only in a few words: its token Jaccard
+    /// similarity with the first is at or above the limit
+    /// ([`ResponseChecks::max_similarity`](crate::template::ResponseChecks::max_similarity)).
+    /// Such a pair carries no reliable preference.
+    NearIdentical,
+    /// The text repeats itself: too few of its word trigrams are distinct
+    /// ([`ResponseChecks::min_distinct_trigrams`](crate::template::ResponseChecks::min_distinct_trigrams)).
+    /// Small models stuck in a loop produce these.
+    Repetitive,
     /// The text talks about the task ("here is a worse version") instead of answering.
     MetaTalk(String),
     /// The backend stopped for a reason that leaves no usable text.
@@ -256,6 +265,10 @@ impl fmt::Display for UnusableReason {
         match self {
             UnusableReason::Empty => f.write_str("empty response"),
             UnusableReason::SameAsFirst => f.write_str("second response identical to the first"),
+            UnusableReason::NearIdentical => {
+                f.write_str("second response nearly identical to the first")
+            }
+            UnusableReason::Repetitive => f.write_str("response repeats itself"),
             UnusableReason::MetaTalk(what) => write!(f, "meta-talk instead of a response: {what}"),
             UnusableReason::Truncated => f.write_str("response cut off before any usable text"),
             UnusableReason::Other(what) => f.write_str(what),

@@ -106,6 +106,7 @@ pub mod report;
 #[cfg(feature = "run")]
 #[cfg_attr(docsrs, doc(cfg(feature = "run")))]
 pub mod run;
+mod similarity;
 pub mod template;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -125,4 +126,6 @@ pub use generator::{
 pub use io::{read_prompts, ExampleWriter, OutputFile, PromptReader, Resume, SyncPolicy};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
 pub use method::{Generator, Method};
-pub use template::{DefaultTemplate, ParsedResponse, PromptTemplate, SecondContext};
+pub use template::{
+    DefaultTemplate, ParsedResponse, PromptTemplate, ResponseChecks, SecondContext,
+};

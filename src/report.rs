@@ -219,15 +219,19 @@ pub struct ReportBuilder {
     failed: HashMap<String, String>,
 }
 
+/// The tokens of a text, as the similarity measures define them (lowercased character by
+/// character, maximal alphanumeric runs).
 fn tokens(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|t| !t.is_empty())
-        .map(str::to_lowercase)
+        .map(|t| t.chars().flat_map(char::to_lowercase).collect())
         .collect()
 }
 
 /// The token Jaccard similarity of two texts, as the report computes it (see the
-/// [module docs](self)).
+/// [module docs](self)), and as [`ResponseChecks`](crate::template::ResponseChecks) does when
+/// it rejects a near-identical pair: tokens are maximal runs of alphanumeric characters,
+/// lowercased.
 ///
 /// ```
 /// use rmboost::report::token_jaccard;
@@ -237,13 +241,7 @@ fn tokens(text: &str) -> Vec<String> {
 /// ```
 #[must_use]
 pub fn token_jaccard(a: &str, b: &str) -> f64 {
-    let a: HashSet<String> = tokens(a).into_iter().collect();
-    let b: HashSet<String> = tokens(b).into_iter().collect();
-    let union = a.union(&b).count();
-    if union == 0 {
-        return 1.0;
-    }
-    a.intersection(&b).count() as f64 / union as f64
+    crate::similarity::token_jaccard(a, b)
 }
 
 fn ratio(num: f64, den: f64) -> Option<f64> {

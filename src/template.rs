@@ -118,23 +118,54 @@ forward_template!(Arc<T>, Box<T>, &T);
 
 /// The crate's template: the method's structure in our own wording, tuned to work even with
 /// small models.
+///
+/// The second request shows the request and the first response (as a *reference answer*),
+/// then the task: answer the request again, better or worse than the reference in the drawn
+/// aspects, with only the answer between `<response>` and `</response>`. The task comes last
+/// because small models follow what they read last, and the wording avoids phrases such as
+/// "new answer" that small models tend to copy into their answer.
+///
+/// Both responses must pass its [`ResponseChecks`] (by default: not repetitive, and the
+/// second not nearly identical to the first); an answer that fails is re-asked.
 #[derive(Debug, Clone, Default)]
 pub struct DefaultTemplate {
-    _private: (),
+    checks: ResponseChecks,
 }
 
 impl DefaultTemplate {
-    /// The default template.
+    /// The default template, with the default [`ResponseChecks`].
     #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Replaces the content checks applied to both responses.
+    ///
+    /// ```
+    /// use rmboost::template::{DefaultTemplate, ResponseChecks};
+    ///
+    /// // Keep pairs that differ in only a few words (for example to study them).
+    /// let template = DefaultTemplate::new()
+    ///     .with_checks(ResponseChecks::default().max_similarity(None));
+    /// assert_eq!(template.checks().similarity_limit(), None);
+    /// ```
+    #[must_use]
+    pub fn with_checks(mut self, checks: ResponseChecks) -> Self {
+        self.checks = checks;
+        self
+    }
+
+    /// The content checks in use.
+    #[must_use]
+    pub fn checks(&self) -> &ResponseChecks {
+        &self.checks
+    }
 }
 
-const SYSTEM: &str = "You help build a dataset that teaches a model to tell good answers from \
-bad ones. You receive a request and an existing answer to it, and you write a new answer to the \
-same request whose quality differs from the existing one in the way you are told. Write the new \
-answer as if you were answering the request yourself.";
+const SYSTEM: &str = "You write answers for a dataset that teaches a model to tell good answers \
+from bad ones. You are shown a request and a reference answer to it. You answer the same \
+request yourself, so that your answer is better or worse than the reference in the way you are \
+told. You write only the answer itself, as if you were replying to the request directly.";
 
 fn render_conversation(prompt: &[Message], out: &mut String) {
     if let [only] = prompt {
@@ -150,6 +181,15 @@ fn render_conversation(prompt: &[Message], out: &mut String) {
 }
 
 impl PromptTemplate for DefaultTemplate {
+    fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
+        let text = raw.trim();
+        if text.is_empty() {
+            return Err(UnusableReason::Empty);
+        }
+        self.checks.check_first(text)?;
+        Ok(text.to_string())
+    }
+
     fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {
         let better = ctx.label.label == Label::Better;
         let degree = match ctx.label.grade {
@@ -159,57 +199,59 @@ impl PromptTemplate for DefaultTemplate {
         };
         let direction = if better { "better" } else { "worse" };
         let mut u = String::with_capacity(
-            512 + ctx.first.len() + ctx.prompt.iter().map(|m| m.content.len()).sum::<usize>(),
+            640 + ctx.first.len() + ctx.prompt.iter().map(|m| m.content.len()).sum::<usize>(),
         );
+        u.push_str("Request:\n<request>\n");
+        render_conversation(ctx.prompt, &mut u);
+        u.push_str("\n</request>\n\nReference answer:\n<reference>\n");
+        u.push_str(ctx.first);
+        u.push_str("\n</reference>\n\n");
         match ctx.aspects.model_picks {
             Some(k) => {
                 let _ = writeln!(
                     u,
-                    "Task: write a new answer that is {degree}{direction} than the existing answer. \
-                     Choose at most {k} of these quality aspects and make the difference lie in them:"
+                    "Your task: answer the request again. Your answer must be {degree}{direction} \
+                     than the reference answer. Choose at most {k} of these quality aspects and \
+                     make the difference lie in them:"
                 );
             }
             None => {
                 let _ = writeln!(
                     u,
-                    "Task: write a new answer that is {degree}{direction} than the existing answer \
-                     in these quality aspects:"
+                    "Your task: answer the request again. Your answer must be {degree}{direction} \
+                     than the reference answer in these quality aspects:"
                 );
             }
         }
         for a in &ctx.aspects.aspects {
             let _ = writeln!(u, "- {}: {}", a.name, a.definition);
         }
-        u.push_str("\nRequest:\n<request>\n");
-        render_conversation(ctx.prompt, &mut u);
-        u.push_str("\n</request>\n\nExisting answer:\n<existing_answer>\n");
-        u.push_str(ctx.first);
-        u.push_str("\n</existing_answer>\n\n");
+        u.push('\n');
         if better {
             u.push_str(
-                "Fix the weaknesses of the existing answer in those aspects and keep what is \
-                 already good. The new answer must stand on its own.",
+                "Keep what the reference does well and fix its weaknesses in those aspects. \
+                 Your answer must be complete and stand on its own.",
             );
         } else {
             u.push_str(
-                "Make the new answer clearly weaker in those aspects while it still reads as a \
+                "Make your answer clearly weaker in those aspects while it still reads as a \
                  sincere, fluent, on-topic answer: for example leave out something needed, get a \
-                 detail wrong, or drift from the point, whichever fits the aspects. No gibberish \
-                 and no exaggeration.",
+                 detail wrong, or drift from the point, whichever fits the aspects. No gibberish, \
+                 no repetition and no exaggeration.",
             );
         }
         u.push_str(
-            " Never mention the existing answer, these instructions, or that the answer was \
-             changed.\n\n",
+            " Use your own words rather than copying the reference, and never mention the \
+             reference, these instructions, or that anything was changed.\n\n",
         );
         if ctx.aspects.model_picks.is_some() {
             u.push_str(
-                "First name the aspects you chose as <aspects>name, name</aspects>. Then write ",
+                "First name the aspects you chose as <aspects>name, name</aspects>. Then give ",
             );
         } else {
-            u.push_str("Write ");
+            u.push_str("Give ");
         }
-        u.push_str("only the new answer between <response> and </response>.");
+        u.push_str("your answer, and nothing else, between <response> and </response>.");
         vec![Message::system(SYSTEM), Message::user(u)]
     }
 
@@ -219,7 +261,7 @@ impl PromptTemplate for DefaultTemplate {
         ctx: &SecondContext<'_>,
     ) -> Result<ParsedResponse, UnusableReason> {
         let text = extract_response(raw);
-        check_response(text, ctx.first)?;
+        self.checks.check_second(text, ctx.first)?;
         let picked_aspects = ctx
             .aspects
             .model_picks
@@ -332,6 +374,14 @@ const META: &[&str] = &[
     "provided response",
     "existing response",
     "[response]",
+    // The default template's own terms, and more echoes seen from small models.
+    "reference answer",
+    "<reference>",
+    "</reference>",
+    "<new_answer",
+    "new response",
+    "previous response",
+    "two responses",
 ];
 
 /// Words at least one of which every [`META`] phrase without a `<` contains.
@@ -406,22 +456,149 @@ fn find_meta(text: &str) -> Option<&'static str> {
     })
 }
 
-/// Rejects empty text, a copy of the first response, and meta-talk.
+/// Content checks on responses, beyond their form: what makes an answer that parses still
+/// useless as half of a preference pair.
+///
+/// - **Near-identical pair**: the second response's token Jaccard similarity with the first
+///   (the measure of [`report::token_jaccard`](crate::report::token_jaccard), so the report's
+///   "near-identical" count agrees) is at or above [`max_similarity`](Self::max_similarity);
+///   default 0.9. Small models asked for a slightly different answer often copy the first one
+///   with a word changed: the label of such a pair is noise.
+/// - **Repetition**: a response of at least 20 tokens of which fewer than
+///   [`min_distinct_trigrams`](Self::min_distinct_trigrams) of the word trigrams are distinct;
+///   default 0.5. Natural prose is close to 1.0; a model stuck in a loop is far below.
+///
+/// The form checks (empty, the same text as the first, talk about the task) always apply to
+/// the second response. [`DefaultTemplate`] applies these checks; a custom template can call
+/// [`check_first`](Self::check_first) and [`check_second`](Self::check_second).
+///
+/// ```
+/// use rmboost::template::ResponseChecks;
+/// use rmboost::UnusableReason;
+///
+/// let checks = ResponseChecks::default();
+/// let first = "Paris is the capital of France and its largest city, home to the Louvre, \
+///              the Eiffel Tower and about two million people within the city limits.";
+/// // One word of 21 changed: a token Jaccard similarity of 20/22.
+/// let copy = first.replace("largest", "biggest");
+/// assert_eq!(checks.check_second(&copy, first), Err(UnusableReason::NearIdentical));
+/// assert!(checks.check_second("Lyon is the capital of France.", first).is_ok());
+/// let looped = "I can help you with that. ".repeat(10);
+/// assert_eq!(checks.check_first(&looped), Err(UnusableReason::Repetitive));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResponseChecks {
+    max_similarity: Option<f64>,
+    min_distinct_trigrams: Option<f64>,
+}
+
+impl Default for ResponseChecks {
+    fn default() -> Self {
+        ResponseChecks {
+            max_similarity: Some(crate::report::NEAR_IDENTICAL_JACCARD),
+            min_distinct_trigrams: Some(0.5),
+        }
+    }
+}
+
+impl ResponseChecks {
+    /// Only the form checks: no similarity or repetition limit.
+    #[must_use]
+    pub fn none() -> Self {
+        ResponseChecks {
+            max_similarity: None,
+            min_distinct_trigrams: None,
+        }
+    }
+
+    /// Rejects a second response whose token Jaccard similarity with the first is at least
+    /// `limit`; `None` turns the check off. Default 0.9. A limit above 1 never rejects.
+    #[must_use]
+    pub fn max_similarity(mut self, limit: Option<f64>) -> Self {
+        self.max_similarity = limit;
+        self
+    }
+
+    /// Rejects a response of at least 20 tokens whose share of distinct word trigrams is below
+    /// `share`; `None` turns the check off. Default 0.5.
+    #[must_use]
+    pub fn min_distinct_trigrams(mut self, share: Option<f64>) -> Self {
+        self.min_distinct_trigrams = share;
+        self
+    }
+
+    /// The similarity limit in use.
+    #[must_use]
+    pub fn similarity_limit(&self) -> Option<f64> {
+        self.max_similarity
+    }
+
+    /// The distinct-trigram share limit in use.
+    #[must_use]
+    pub fn trigram_limit(&self) -> Option<f64> {
+        self.min_distinct_trigrams
+    }
+
+    /// Checks a first response (already trimmed and not empty): rejects repetition.
+    ///
+    /// # Errors
+    ///
+    /// [`UnusableReason::Repetitive`].
+    pub fn check_first(&self, text: &str) -> Result<(), UnusableReason> {
+        let Some(min) = self.min_distinct_trigrams else {
+            return Ok(());
+        };
+        let stats = crate::similarity::text_stats(text, None, true);
+        match stats.distinct_trigrams {
+            Some(share) if share < min => Err(UnusableReason::Repetitive),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a second response against the first: empty, meta-talk, the same text,
+    /// near-identical, repetitive (in that order).
+    ///
+    /// # Errors
+    ///
+    /// The first reason that applies.
+    pub fn check_second(&self, text: &str, first: &str) -> Result<(), UnusableReason> {
+        if text.trim().is_empty() {
+            return Err(UnusableReason::Empty);
+        }
+        if let Some(phrase) = find_meta(text) {
+            return Err(UnusableReason::MetaTalk(format!("contains {phrase:?}")));
+        }
+        if same_text(text, first) {
+            return Err(UnusableReason::SameAsFirst);
+        }
+        if self.max_similarity.is_none() && self.min_distinct_trigrams.is_none() {
+            return Ok(());
+        }
+        let reference = self.max_similarity.map(|_| first);
+        let stats =
+            crate::similarity::text_stats(text, reference, self.min_distinct_trigrams.is_some());
+        if let (Some(limit), Some(j)) = (self.max_similarity, stats.jaccard) {
+            if j >= limit {
+                return Err(UnusableReason::NearIdentical);
+            }
+        }
+        if let (Some(min), Some(share)) = (self.min_distinct_trigrams, stats.distinct_trigrams) {
+            if share < min {
+                return Err(UnusableReason::Repetitive);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rejects empty text, meta-talk, a copy of the first response, a near-identical one and a
+/// repetitive one: [`ResponseChecks::check_second`] with the default checks.
 ///
 /// # Errors
 ///
 /// The reason the text is unusable.
 pub fn check_response(text: &str, first: &str) -> Result<(), UnusableReason> {
-    if text.trim().is_empty() {
-        return Err(UnusableReason::Empty);
-    }
-    if let Some(phrase) = find_meta(text) {
-        return Err(UnusableReason::MetaTalk(format!("contains {phrase:?}")));
-    }
-    if same_text(text, first) {
-        return Err(UnusableReason::SameAsFirst);
-    }
-    Ok(())
+    ResponseChecks::default().check_second(text, first)
 }
 
 fn parse_picked(raw: &str, draw: &AspectDraw, k: usize) -> Option<Vec<String>> {
@@ -523,6 +700,53 @@ mod tests {
             Err(UnusableReason::MetaTalk(_))
         ));
         assert!(check_response("Lyon is the capital.", "Paris is the capital.").is_ok());
+        assert!(matches!(
+            check_response("As the reference answer says, Paris.", "x"),
+            Err(UnusableReason::MetaTalk(_))
+        ));
+    }
+
+    #[test]
+    fn content_checks() {
+        let first = "Honeybees collect nectar from flowers, carry it to the hive in a special \
+                     stomach, pass it between workers who add enzymes, and store it in wax \
+                     cells, where fanning wings evaporate the water until it turns thick.";
+        // One word changed: near-identical.
+        let copy = first.replace("thick", "sticky");
+        assert_eq!(
+            check_response(&copy, first),
+            Err(UnusableReason::NearIdentical)
+        );
+        // Allowed when the limit is off.
+        let lenient = ResponseChecks::default().max_similarity(None);
+        assert_eq!(lenient.check_second(&copy, first), Ok(()));
+        // A real rewrite passes.
+        let rewrite = "Bees make honey from nectar: they swallow it, bring it home, and let \
+                       it dry in the comb until most of its water is gone.";
+        assert_eq!(check_response(rewrite, first), Ok(()));
+        // A loop is rejected, first or second.
+        let looped = "I'm not able to assist you. ".repeat(8);
+        assert_eq!(
+            check_response(&looped, first),
+            Err(UnusableReason::Repetitive)
+        );
+        assert_eq!(
+            ResponseChecks::default().check_first(&looped),
+            Err(UnusableReason::Repetitive)
+        );
+        assert_eq!(ResponseChecks::none().check_first(&looped), Ok(()));
+        assert_eq!(ResponseChecks::none().check_second(&looped, first), Ok(()));
+        // Short answers are not judged for repetition.
+        assert_eq!(check_response("Yes. Yes. Yes.", first), Ok(()));
+        // The template's first-response check.
+        let t = DefaultTemplate::new();
+        assert_eq!(t.accept_first(&looped), Err(UnusableReason::Repetitive));
+        assert_eq!(
+            t.accept_first(&format!("  {first} ")),
+            Ok(first.to_string())
+        );
+        let t = DefaultTemplate::new().with_checks(ResponseChecks::none());
+        assert!(t.accept_first(&looped).is_ok());
     }
 
     #[test]
@@ -538,12 +762,20 @@ mod tests {
         let msgs = DefaultTemplate::new().second_request(&ctx);
         assert_eq!(msgs.len(), 2);
         let u = &msgs[1].content;
-        assert!(u.contains("worse than the existing answer"));
+        assert!(u.contains("must be worse than the reference answer in these quality aspects"));
         assert!(u.contains("- correctness: facts are right"));
         assert!(u.contains("What is the capital of France?"));
-        assert!(u.contains("<existing_answer>\nParis.\n</existing_answer>"));
+        assert!(u.contains("<reference>\nParis.\n</reference>"));
         assert!(u.contains("<response> and </response>"));
         assert!(!u.contains("<aspects>"));
+        // The request and the reference come first, the task last.
+        let request_at = u.find("<request>").unwrap();
+        let task_at = u.find("Your task").unwrap();
+        assert!(request_at < u.find("<reference>").unwrap());
+        assert!(u.find("</reference>").unwrap() < task_at);
+        // Nothing in the instructions that the meta-talk check would reject if copied,
+        // except the reference's own name (which is what the check is for).
+        assert!(!u.to_ascii_lowercase().contains("new answer"));
     }
 
     #[test]

@@ -214,11 +214,14 @@ impl LlmBackend for ScriptedBackend {
 /// whether it asks for `<response>` tags.
 ///
 /// First-response requests get `"answer <seed hex> "` followed by filler up to the configured
-/// length; requests mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`,
-/// so the second response always differs from the first.
+/// length; requests mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`
+/// with filler of another vocabulary, so the second response always differs from the first and
+/// passes the default [`ResponseChecks`](crate::template::ResponseChecks) (the filler does not
+/// repeat itself and shares no word with the other one).
 #[derive(Debug, Clone)]
 pub struct FakeBackend {
-    filler: Arc<str>,
+    first_filler: Arc<str>,
+    second_filler: Arc<str>,
     latency: Option<Duration>,
 }
 
@@ -226,6 +229,40 @@ impl Default for FakeBackend {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `len` bytes (at most, cut at a word) of pseudo-words drawn from vocabulary `vocab` (0 or
+/// 1; the two share no word), in an order that does not repeat word trigrams.
+fn filler(len: usize, vocab: u64) -> String {
+    const SYL: [&str; 16] = [
+        "ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "be", "do", "fi", "gu", "ha", "je",
+        "wo",
+    ];
+    let mut out = String::with_capacity(len + 8);
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ vocab;
+    while out.len() < len {
+        // xorshift64: a fixed, well-spread sequence.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let i = (state % 128) as usize;
+        let word_start = out.len();
+        if word_start > 0 {
+            out.push(' ');
+        }
+        out.push_str(SYL[i % 16]);
+        out.push_str(SYL[(i / 16) % 8 + 8 * vocab as usize]);
+        out.push_str(if vocab == 0 { "n" } else { "r" });
+        if out.len() > len {
+            out.truncate(word_start);
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push_str(if vocab == 0 { "kan" } else { "kar" });
+        out.truncate(len.max(1));
+    }
+    out
 }
 
 impl FakeBackend {
@@ -238,10 +275,9 @@ impl FakeBackend {
     /// Answers of about `len` bytes.
     #[must_use]
     pub fn with_response_len(len: usize) -> Self {
-        let unit = "lorem ipsum dolor sit amet ";
-        let filler: String = unit.chars().cycle().take(len).collect();
         FakeBackend {
-            filler: filler.into(),
+            first_filler: filler(len, 0).into(),
+            second_filler: filler(len, 1).into(),
             latency: None,
         }
     }
@@ -251,6 +287,31 @@ impl FakeBackend {
     pub fn with_latency(mut self, latency: Duration) -> Self {
         self.latency = Some(latency);
         self
+    }
+
+    /// The text this backend answers to a request with this seed: a second-response answer
+    /// (in `<response>` tags) when `second`, else a first response. Lets a test server answer
+    /// exactly as this backend does.
+    #[must_use]
+    pub fn answer(&self, seed: u64, second: bool) -> String {
+        let filler = if second {
+            &self.second_filler
+        } else {
+            &self.first_filler
+        };
+        let mut t = String::with_capacity(filler.len() + 48);
+        t.push_str(if second {
+            "<response>rewrite "
+        } else {
+            "answer "
+        });
+        push_hex(&mut t, seed);
+        t.push(' ');
+        t.push_str(filler);
+        if second {
+            t.push_str("</response>");
+        }
+        t
     }
 }
 
@@ -266,22 +327,7 @@ impl LlmBackend for FakeBackend {
             .last()
             .is_some_and(|m| m.content.contains("</response>"));
         let prompt_len: usize = request.messages.iter().map(|m| m.content.len()).sum();
-        let text = if second {
-            let mut t = String::with_capacity(self.filler.len() + 48);
-            t.push_str("<response>rewrite ");
-            push_hex(&mut t, seed);
-            t.push(' ');
-            t.push_str(&self.filler);
-            t.push_str("</response>");
-            t
-        } else {
-            let mut t = String::with_capacity(self.filler.len() + 24);
-            t.push_str("answer ");
-            push_hex(&mut t, seed);
-            t.push(' ');
-            t.push_str(&self.filler);
-            t
-        };
+        let text = self.answer(seed, second);
         let usage = Usage::new((prompt_len / 4) as u64, (text.len() / 4) as u64);
         Ok(Completion {
             text,
@@ -304,5 +350,32 @@ fn push_hex(s: &mut String, v: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for i in (0..16).rev() {
         s.push(HEX[((v >> (i * 4)) & 0xf) as usize] as char);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::ResponseChecks;
+
+    #[test]
+    fn fake_answers_pass_the_content_checks() {
+        for len in [1, 40, 1000, 4000] {
+            let fake = FakeBackend::with_response_len(len);
+            let first = fake.answer(1, false);
+            let raw = fake.answer(2, true);
+            let second = crate::template::extract_response(&raw);
+            assert!(
+                first.len() <= len + 24 && first.len() + 8 >= len.min(40),
+                "{len}"
+            );
+            let checks = ResponseChecks::default();
+            assert_eq!(checks.check_first(&first), Ok(()), "{len}");
+            assert_eq!(
+                checks.check_second(second, &first),
+                Ok(()),
+                "{len}: {second}"
+            );
+        }
     }
 }

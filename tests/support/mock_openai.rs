@@ -179,10 +179,6 @@ fn response(status: &str, extra_headers: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn hex16(v: u64) -> String {
-    format!("{v:016x}")
-}
-
 /// The answer `FakeBackend` would give.
 fn good_text(request: &Value, filler: usize) -> String {
     let seed = request["seed"].as_u64().unwrap_or(0);
@@ -191,16 +187,7 @@ fn good_text(request: &Value, filler: usize) -> String {
         .and_then(|m| m.last())
         .and_then(|m| m["content"].as_str())
         .is_some_and(|c| c.contains("</response>"));
-    let fill: String = "lorem ipsum dolor sit amet "
-        .chars()
-        .cycle()
-        .take(filler)
-        .collect();
-    if second {
-        format!("<response>rewrite {} {fill}</response>", hex16(seed))
-    } else {
-        format!("answer {} {fill}", hex16(seed))
-    }
+    rmboost::testing::FakeBackend::with_response_len(filler).answer(seed, second)
 }
 
 fn completion_body(text: &str) -> String {
