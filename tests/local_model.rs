@@ -300,6 +300,12 @@ async fn rmboost_runs_end_to_end_on_five_prompts() {
                 ids.insert(ex.id.clone());
                 assert!(!ex.chosen.trim().is_empty() && !ex.rejected.trim().is_empty());
                 assert_ne!(ex.chosen, ex.rejected);
+                // The default response checks held: no near-identical pair, no loop.
+                let j = rmboost::report::token_jaccard(&ex.chosen, &ex.rejected);
+                assert!(j < 0.9, "near-identical pair kept ({j}): {ex:?}");
+                let checks = rmboost::ResponseChecks::default();
+                assert_eq!(checks.check_first(&ex.chosen), Ok(()), "{ex:?}");
+                assert_eq!(checks.check_first(&ex.rejected), Ok(()), "{ex:?}");
                 assert!(matches!(ex.label, Label::Better | Label::Worse));
                 assert!(!ex.aspects.is_empty());
                 assert!(ex.metadata.calls >= 2);

@@ -29,6 +29,8 @@ pub(crate) struct EngineOptions {
     pub(crate) max_tokens: u32,
     pub(crate) context_length: Option<usize>,
     pub(crate) requantize: bool,
+    pub(crate) repeat_penalty: f32,
+    pub(crate) repeat_last_n: usize,
 }
 
 /// What the worker and the handles share: everything but the weights.
@@ -180,7 +182,8 @@ impl Engine {
         let budget = max_tokens.min(ctx - prompt.len());
         let temperature = request.temperature.unwrap_or(self.options.temperature);
         let top_p = request.top_p.unwrap_or(self.options.top_p);
-        let mut sampler = Sampler::new(temperature, top_p, request.seed);
+        let mut sampler = Sampler::new(temperature, top_p, request.seed)
+            .with_repeat_penalty(self.options.repeat_penalty, self.options.repeat_last_n);
         let longest_stop = request.stop.iter().map(String::len).max().unwrap_or(0);
 
         // A new prompt starts at position 0, which drops the KV cache of the previous one.
@@ -199,7 +202,7 @@ impl Engine {
         let mut text = String::new();
         let mut finish = FinishReason::Length;
         loop {
-            let next = sampler.sample(&logits);
+            let next = sampler.sample_after(&mut logits, &generated);
             sampled += 1;
             if vocab.tokenizer.is_end_of_generation(next) {
                 finish = FinishReason::Stop;
@@ -306,8 +309,11 @@ fn requantize<R: std::io::Read + std::io::Seek>(
 pub(crate) struct Sampler {
     temperature: f32,
     top_p: f32,
+    repeat_penalty: f32,
+    repeat_last_n: usize,
     rng: ChaCha8Rng,
     scratch: Vec<(u32, f32)>,
+    recent: Vec<u32>,
 }
 
 impl Sampler {
@@ -323,9 +329,42 @@ impl Sampler {
             } else {
                 1.0
             },
+            repeat_penalty: 1.0,
+            repeat_last_n: 0,
             rng,
             scratch: Vec::new(),
+            recent: Vec::new(),
         }
+    }
+
+    /// Penalises the tokens among the last `last_n` of the answer (see
+    /// `LocalBackendBuilder::repeat_penalty`).
+    pub(crate) fn with_repeat_penalty(mut self, penalty: f32, last_n: usize) -> Self {
+        self.repeat_penalty = penalty;
+        self.repeat_last_n = last_n;
+        self
+    }
+
+    /// Applies the repetition penalty for the answer so far (`generated`) to `logits`, then
+    /// picks the next token. Each distinct recent token is penalised once.
+    pub(crate) fn sample_after(&mut self, logits: &mut [f32], generated: &[u32]) -> u32 {
+        if self.repeat_penalty != 1.0 && self.repeat_last_n > 0 && !generated.is_empty() {
+            let from = generated.len().saturating_sub(self.repeat_last_n);
+            self.recent.clear();
+            self.recent.extend_from_slice(&generated[from..]);
+            self.recent.sort_unstable();
+            self.recent.dedup();
+            for &t in &self.recent {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / self.repeat_penalty
+                    } else {
+                        *l * self.repeat_penalty
+                    };
+                }
+            }
+        }
+        self.sample(logits)
     }
 
     /// Picks the next token.
@@ -408,6 +447,23 @@ mod tests {
     fn greedy_is_argmax() {
         let mut s = Sampler::new(0.0, 1.0, None);
         assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn repeat_penalty_steers_away_from_recent_tokens() {
+        // Token 1 leads by a little; once generated, the penalty lets token 2 win.
+        let logits = [0.0f32, 2.1, 2.0, -1.0];
+        let mut plain = Sampler::new(0.0, 1.0, None);
+        assert_eq!(plain.sample_after(&mut logits.clone(), &[1]), 1);
+        let mut s = Sampler::new(0.0, 1.0, None).with_repeat_penalty(1.1, 64);
+        assert_eq!(s.sample_after(&mut logits.clone(), &[]), 1);
+        assert_eq!(s.sample_after(&mut logits.clone(), &[1, 1, 1]), 2);
+        // Only the last n tokens count; each distinct token is penalised once.
+        let mut s = Sampler::new(0.0, 1.0, None).with_repeat_penalty(1.1, 2);
+        assert_eq!(s.sample_after(&mut logits.clone(), &[1, 3, 3]), 1);
+        let mut l = logits;
+        s.sample_after(&mut l, &[3, 3]);
+        assert_eq!(l[3], -1.1, "negative logits are multiplied, once");
     }
 
     #[test]

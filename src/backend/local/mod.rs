@@ -134,7 +134,8 @@ impl fmt::Debug for LocalBackend {
 }
 
 impl LocalBackend {
-    /// A builder with the defaults (the default model, temperature 0.8, top-p 0.95, 512 tokens).
+    /// A builder with the defaults (the default model, temperature 0.8, top-p 0.95, 512 tokens,
+    /// repeat penalty 1.1 over the last 64 tokens).
     pub fn builder() -> LocalBackendBuilder {
         LocalBackendBuilder::default()
     }
@@ -274,6 +275,8 @@ pub struct LocalBackendBuilder {
     max_tokens: u32,
     context_length: Option<usize>,
     requantize: bool,
+    repeat_penalty: f32,
+    repeat_last_n: usize,
 }
 
 impl Default for LocalBackendBuilder {
@@ -286,6 +289,8 @@ impl Default for LocalBackendBuilder {
             max_tokens: 512,
             context_length: None,
             requantize: true,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
         }
     }
 }
@@ -344,6 +349,24 @@ impl LocalBackendBuilder {
         self
     }
 
+    /// Penalty for tokens the answer already holds among its last
+    /// [`repeat_last_n`](Self::repeat_last_n) tokens: their logits are divided by it (or
+    /// multiplied, when negative) before sampling, as llama.cpp's `repeat_penalty` does. Small
+    /// models otherwise fall into loops ("I'm not able to assist you. I'm not able to ...")
+    /// that the response checks then reject. `1.0` turns it off. Default: `1.1`.
+    pub fn repeat_penalty(mut self, penalty: f32) -> Self {
+        self.repeat_penalty = penalty;
+        self
+    }
+
+    /// How many of the latest generated tokens the [`repeat_penalty`](Self::repeat_penalty)
+    /// looks at (the prompt is not penalised, so an answer may quote the request). `0` turns
+    /// it off. Default: `64`.
+    pub fn repeat_last_n(mut self, tokens: usize) -> Self {
+        self.repeat_last_n = tokens;
+        self
+    }
+
     /// Finds and loads the model and starts its worker thread. Blocks for as long as that
     /// takes (about a second for the default model, plus a few seconds for the first fetch);
     /// in async code call it inside `spawn_blocking`.
@@ -365,6 +388,11 @@ impl LocalBackendBuilder {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(load_err("top_p must be in (0, 1]".into()));
         }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return Err(load_err(
+                "repeat_penalty must be a finite number > 0".into(),
+            ));
+        }
         if self.max_tokens == 0 || self.context_length == Some(0) {
             return Err(load_err(
                 "max_tokens and context_length must be at least 1".into(),
@@ -376,6 +404,8 @@ impl LocalBackendBuilder {
             max_tokens: self.max_tokens,
             context_length: self.context_length,
             requantize: self.requantize,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
         };
         let started = std::time::Instant::now();
         let (engine, vocab) = Engine::load(&path, options).map_err(load_err)?;
