@@ -161,8 +161,8 @@ async fn handle(
 
 /// The answer to one request body, as a chat completion JSON.
 fn answer(body: &[u8], filler: &FakeBackend) -> String {
-    let last_role = memchr::memmem::rfind(body, b"\"role\"").unwrap_or(0);
-    let second = memchr::memmem::find(&body[last_role..], b"</response>").is_some();
+    // The second request's instructions (a system message) ask for `<response>` tags.
+    let second = memchr::memmem::find(body, b"</response>").is_some();
     let seed = memchr::memmem::find(body, b"\"seed\":")
         .map(|at| {
             body[at + 7..]

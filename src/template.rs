@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
 
 use crate::aspect::AspectDraw;
-use crate::backend::Message;
+use crate::backend::{Message, Role};
 use crate::error::UnusableReason;
 use crate::label::{Grade, Label, LabelDraw};
 
@@ -119,11 +119,13 @@ forward_template!(Arc<T>, Box<T>, &T);
 /// The crate's template: the method's structure in our own wording, tuned to work even with
 /// small models.
 ///
-/// The second request shows the request and the first response (as a *reference answer*),
-/// then the task: answer the request again, better or worse than the reference in the drawn
-/// aspects, with only the answer between `<response>` and `</response>`. The task comes last
-/// because small models follow what they read last, and the wording avoids phrases such as
-/// "new answer" that small models tend to copy into their answer.
+/// The second request is the prompt's own conversation, so that the model's natural next turn
+/// is an answer to the user, preceded by a system message that holds the instructions: the
+/// first response (as a *reference answer*), the direction (better or worse) and the drawn
+/// aspects, and the rule to give only the answer between `<response>` and `</response>`. A
+/// system message of the prompt's own is kept, first in that message. Small models asked to
+/// "write a new answer" inside one long user message tended to talk about the task (or copy
+/// the phrase into their answer) instead of answering; this layout keeps the request last.
 ///
 /// Both responses must pass its [`ResponseChecks`] (by default: not repetitive, and the
 /// second not nearly identical to the first); an answer that fails is re-asked.
@@ -162,24 +164,6 @@ impl DefaultTemplate {
     }
 }
 
-const SYSTEM: &str = "You write answers for a dataset that teaches a model to tell good answers \
-from bad ones. You are shown a request and a reference answer to it. You answer the same \
-request yourself, so that your answer is better or worse than the reference in the way you are \
-told. You write only the answer itself, as if you were replying to the request directly.";
-
-fn render_conversation(prompt: &[Message], out: &mut String) {
-    if let [only] = prompt {
-        out.push_str(&only.content);
-        return;
-    }
-    for (i, m) in prompt.iter().enumerate() {
-        if i > 0 {
-            out.push_str("\n\n");
-        }
-        let _ = write!(out, "[{}]\n{}", m.role, m.content);
-    }
-}
-
 impl PromptTemplate for DefaultTemplate {
     fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
         let text = raw.trim();
@@ -198,28 +182,36 @@ impl PromptTemplate for DefaultTemplate {
             None => "",
         };
         let direction = if better { "better" } else { "worse" };
-        let mut u = String::with_capacity(
-            640 + ctx.first.len() + ctx.prompt.iter().map(|m| m.content.len()).sum::<usize>(),
+        // The prompt's own system message, if any, stays first; the conversation follows as is.
+        let (own_system, conversation) = match ctx.prompt.split_first() {
+            Some((m, rest)) if m.role == Role::System => (Some(m.content.as_str()), rest),
+            _ => (None, ctx.prompt),
+        };
+        let mut u = String::with_capacity(1024 + ctx.first.len() + own_system.map_or(0, str::len));
+        if let Some(own) = own_system {
+            u.push_str(own);
+            u.push_str("\n\n");
+        }
+        u.push_str(
+            "You are answering the user's request that follows, for a dataset that teaches a \
+             model to tell good answers from bad ones. Here is a reference answer to the same \
+             request:\n<reference>\n",
         );
-        u.push_str("Request:\n<request>\n");
-        render_conversation(ctx.prompt, &mut u);
-        u.push_str("\n</request>\n\nReference answer:\n<reference>\n");
         u.push_str(ctx.first);
         u.push_str("\n</reference>\n\n");
         match ctx.aspects.model_picks {
             Some(k) => {
                 let _ = writeln!(
                     u,
-                    "Your task: answer the request again. Your answer must be {degree}{direction} \
-                     than the reference answer. Choose at most {k} of these quality aspects and \
-                     make the difference lie in them:"
+                    "Your answer must be {degree}{direction} than the reference answer. Choose at \
+                     most {k} of these quality aspects and make the difference lie in them:"
                 );
             }
             None => {
                 let _ = writeln!(
                     u,
-                    "Your task: answer the request again. Your answer must be {degree}{direction} \
-                     than the reference answer in these quality aspects:"
+                    "Your answer must be {degree}{direction} than the reference answer in these \
+                     quality aspects:"
                 );
             }
         }
@@ -242,7 +234,8 @@ impl PromptTemplate for DefaultTemplate {
         }
         u.push_str(
             " Use your own words rather than copying the reference, and never mention the \
-             reference, these instructions, or that anything was changed.\n\n",
+             reference, these instructions, or that anything was changed. Reply to the user \
+             directly. ",
         );
         if ctx.aspects.model_picks.is_some() {
             u.push_str(
@@ -252,7 +245,10 @@ impl PromptTemplate for DefaultTemplate {
             u.push_str("Give ");
         }
         u.push_str("your answer, and nothing else, between <response> and </response>.");
-        vec![Message::system(SYSTEM), Message::user(u)]
+        let mut messages = Vec::with_capacity(conversation.len() + 1);
+        messages.push(Message::system(u));
+        messages.extend_from_slice(conversation);
+        messages
     }
 
     fn parse_second(
@@ -382,10 +378,16 @@ const META: &[&str] = &[
     "new response",
     "previous response",
     "two responses",
+    "the reference",
+    "your task",
+    "your request again",
+    "provide your request",
+    "improve this text",
+    "already provided the answer",
 ];
 
 /// Words at least one of which every [`META`] phrase without a `<` contains.
-const META_KEYS: [&str; 7] = [
+const META_KEYS: [&str; 10] = [
     "answer",
     "response",
     "version",
@@ -393,6 +395,9 @@ const META_KEYS: [&str; 7] = [
     "instructions",
     "write only",
     "request",
+    "reference",
+    "your task",
+    "this text",
 ];
 
 /// Whether two texts are equal up to white space and letter case (no allocation).
@@ -760,22 +765,37 @@ mod tests {
             variant: 0,
         };
         let msgs = DefaultTemplate::new().second_request(&ctx);
+        // The instructions, then the prompt's conversation as it is: the request comes last.
         assert_eq!(msgs.len(), 2);
-        let u = &msgs[1].content;
+        assert_eq!(msgs[0].role, Role::System);
+        assert_eq!(msgs[1], prompt[0]);
+        let u = &msgs[0].content;
         assert!(u.contains("must be worse than the reference answer in these quality aspects"));
         assert!(u.contains("- correctness: facts are right"));
-        assert!(u.contains("What is the capital of France?"));
         assert!(u.contains("<reference>\nParis.\n</reference>"));
         assert!(u.contains("<response> and </response>"));
         assert!(!u.contains("<aspects>"));
-        // The request and the reference come first, the task last.
-        let request_at = u.find("<request>").unwrap();
-        let task_at = u.find("Your task").unwrap();
-        assert!(request_at < u.find("<reference>").unwrap());
-        assert!(u.find("</reference>").unwrap() < task_at);
-        // Nothing in the instructions that the meta-talk check would reject if copied,
-        // except the reference's own name (which is what the check is for).
         assert!(!u.to_ascii_lowercase().contains("new answer"));
+
+        // A conversation with its own system message keeps it, first, in one system message.
+        let convo = vec![
+            Message::system("You are a pirate."),
+            Message::user("Hi"),
+            Message::assistant("Arr."),
+            Message::user("Where is the treasure?"),
+        ];
+        let ctx = SecondContext {
+            prompt: &convo,
+            ..ctx
+        };
+        let msgs = DefaultTemplate::new().second_request(&ctx);
+        assert_eq!(msgs.len(), 4);
+        assert_eq!(msgs[0].role, Role::System);
+        assert!(msgs[0].content.starts_with("You are a pirate.\n\n"));
+        assert!(msgs[0]
+            .content
+            .contains("<reference>\nParis.\n</reference>"));
+        assert_eq!(&msgs[1..], &convo[1..]);
     }
 
     #[test]
@@ -789,7 +809,7 @@ mod tests {
             variant: 0,
         };
         let t = DefaultTemplate::new();
-        assert!(t.second_request(&ctx)[1].content.contains("<aspects>"));
+        assert!(t.second_request(&ctx)[0].content.contains("<aspects>"));
         let p = t
             .parse_second(
                 "<aspects>Clarity, correctness</aspects><response>Lyon.</response>",

@@ -211,10 +211,10 @@ impl LlmBackend for ScriptedBackend {
 }
 
 /// An instant, deterministic backend: the answer depends only on the request's seed and on
-/// whether it asks for `<response>` tags.
+/// whether it asks for `<response>` tags (a message mentions `</response>`).
 ///
 /// First-response requests get `"answer <seed hex> "` followed by filler up to the configured
-/// length; requests mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`
+/// length; requests with a message mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`
 /// with filler of another vocabulary, so the second response always differs from the first and
 /// passes the default [`ResponseChecks`](crate::template::ResponseChecks) (the filler does not
 /// repeat itself and shares no word with the other one).
@@ -324,8 +324,8 @@ impl LlmBackend for FakeBackend {
         let seed = request.seed.unwrap_or(0);
         let second = request
             .messages
-            .last()
-            .is_some_and(|m| m.content.contains("</response>"));
+            .iter()
+            .any(|m| m.content.contains("</response>"));
         let prompt_len: usize = request.messages.iter().map(|m| m.content.len()).sum();
         let text = self.answer(seed, second);
         let usage = Usage::new((prompt_len / 4) as u64, (text.len() / 4) as u64);

@@ -541,7 +541,11 @@ fn summarise(results: Vec<Result<PreferenceExample, Error>>) -> Vec<Outcome> {
 /// The RMBoost stand-in answers second-response requests with tags.
 fn model_with_rewrites(req: &CompletionRequest) -> Result<Completion, BackendError> {
     let last = &req.messages.last().unwrap().content;
-    if last.contains("</response>") && !last.contains("<answer_a>") {
+    let second = req
+        .messages
+        .iter()
+        .any(|m| m.content.contains("</response>"));
+    if second && !last.contains("<answer_a>") {
         let seed = req.seed.unwrap_or(0);
         return Ok(Completion::new(format!(
             "<response>rewrite {seed:x}</response>"

@@ -71,7 +71,7 @@ async fn fingerprint(concurrency: usize, order: OutputOrder, seed: u64) -> Finge
         };
         let second_req = requests
             .iter()
-            .find(|q| q.messages.len() == 2 && q.messages[1].content.contains(first_text.as_str()))
+            .find(|q| q.messages.len() == 2 && q.messages[0].content.contains(first_text.as_str()))
             .expect("second request recorded");
         let first_req = requests
             .iter()

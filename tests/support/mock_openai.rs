@@ -182,11 +182,11 @@ fn response(status: &str, extra_headers: &str, body: &str) -> Vec<u8> {
 /// The answer `FakeBackend` would give.
 fn good_text(request: &Value, filler: usize) -> String {
     let seed = request["seed"].as_u64().unwrap_or(0);
-    let second = request["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .is_some_and(|c| c.contains("</response>"));
+    let second = request["messages"].as_array().is_some_and(|ms| {
+        ms.iter()
+            .filter_map(|m| m["content"].as_str())
+            .any(|c| c.contains("</response>"))
+    });
     rmboost::testing::FakeBackend::with_response_len(filler).answer(seed, second)
 }
 
