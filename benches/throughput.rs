@@ -20,6 +20,7 @@
 //! cargo bench --bench throughput --all-features -- --concurrency 256 --latency-ms 50 --prompts 5000
 //! cargo bench --bench throughput --all-features -- --mode memory --prompts 10000,100000
 //! cargo bench --bench throughput --all-features -- --mode memory --million
+//! cargo bench --bench throughput --all-features -- --mode memory --million --no-cache
 //! ```
 //!
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
@@ -571,12 +572,18 @@ fn throughput_point(
     println!("  {cpu}");
 }
 
-fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, concurrency: usize) {
+fn memory_point(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    n: u64,
+    concurrency: usize,
+    use_cache: bool,
+) {
     server.set_latency(Duration::ZERO);
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("pairs.jsonl");
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, Some(&cache), concurrency);
+    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
     let baseline = status_kib("VmRSS:");
     // Prompts are made one at a time as the run pulls them: nothing is held.
     let prompts = stream::iter((0..n).map(|i| {
@@ -618,13 +625,17 @@ fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, conc
     let cache_bytes = std::fs::metadata(cache.path()).map_or(0, |m| m.len());
     println!(
         "memory N={n:<8} C={concurrency}: peak RSS (VmHWM) {:.1} MiB, RSS before the run {:.1} MiB, \
-         growth {:.1} bytes/prompt over the baseline; {:.0} ex/s; output {} MiB, cache {} MiB",
+         growth {:.1} bytes/prompt over the baseline; {:.0} ex/s; output {} MiB, cache {}",
         hwm as f64 / 1024.0,
         baseline as f64 / 1024.0,
         (hwm.saturating_sub(baseline) * 1024) as f64 / n as f64,
         summary.examples_per_sec(),
         out_bytes >> 20,
-        cache_bytes >> 20
+        if use_cache {
+            format!("{} MiB", cache_bytes >> 20)
+        } else {
+            "off".into()
+        }
     );
     println!("  {cpu}");
 }
@@ -633,7 +644,11 @@ fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, conc
 fn memory_children(args: &Args, ns: &[u64]) {
     let exe = std::env::current_exe().expect("current exe");
     for &n in ns {
-        let status = std::process::Command::new(&exe)
+        let mut child = std::process::Command::new(&exe);
+        if args.no_cache {
+            child.arg("--no-cache");
+        }
+        let status = child
             .args([
                 "--mode",
                 "memory-one",
@@ -696,7 +711,7 @@ fn main() {
         }
         "memory-one" => {
             for &n in &args.prompts {
-                memory_point(&rt, &server, n, args.memory_concurrency);
+                memory_point(&rt, &server, n, args.memory_concurrency, !args.no_cache);
             }
         }
         "all" => {
