@@ -629,7 +629,7 @@ where
     }
 
     let admission = Arc::new(Mutex::new(Admission {
-        done: resume.ids().clone(),
+        done: resume.into_ids(),
         seen: IdSet::new(),
         summary,
         shard: options.shard,
@@ -637,7 +637,6 @@ where
         limit: options.limit,
         stop_error: None,
     }));
-    drop(resume);
 
     let stop = options.stop.clone();
     let filter_state = admission.clone();
