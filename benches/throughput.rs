@@ -539,6 +539,7 @@ fn throughput_point(
     let requests_before = server.requests();
     let connections_before = server.connections();
     let meter = CpuMeter::start();
+    let writer_before = threads_cpu("rmboost-cache-w");
     let summary = rt
         .block_on(async {
             let reader = rmboost::read_prompts(&input)?;
@@ -552,6 +553,9 @@ fn throughput_point(
         })
         .expect("run");
     let cpu = meter.stop();
+    let writer_cpu = threads_cpu("rmboost-cache-w") - writer_before;
+    // Calls return before their completions are committed: count them all.
+    rt.block_on(cache.flush()).expect("cache flush");
     check(&summary, n);
     let rate = summary.examples_per_sec();
     let requests = server.requests() - requests_before;
@@ -560,9 +564,11 @@ fn throughput_point(
         (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
     println!(
         "C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} ex/s = {:>5.1}% of C/(2L)={ideal:.0}; \
-         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example; cache {}",
+         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example \
+         (cache writer thread {:.0}); cache {}",
         latency.as_millis(),
         100.0 * rate / ideal,
+        writer_cpu / summary.generation.examples.max(1) as f64 * 1e6,
         if use_cache {
             format!("{:?}", cache.stats())
         } else {

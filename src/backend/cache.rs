@@ -18,18 +18,20 @@
 //!
 //! **Concurrency.** Lookups read the database directly on the calling task, in parallel (redb
 //! reads do not block each other, nor the writer): one key is a few B-tree pages that redb's
-//! page cache or the operating system's holds, a few microseconds, less than a hop to
-//! [`tokio::task::spawn_blocking`] and back would cost (and the blocking pool's threads each
-//! grow their own malloc arena). Writes are queued, in a bounded queue, to one writer thread
-//! that commits whatever has queued up in one durable transaction (group commit), so many
-//! concurrent callers cost one `fsync` per batch. A call does not wait for that commit: it
-//! returns once its completion is queued (waiting only while the queue is full). So a crash
-//! can lose the last completions stored, which only costs calling them again (every request
-//! is seeded, so the call asks the same thing); the output file and resume are what keep
-//! finished examples. [`Cache::flush`] waits for the commit of everything queued before it,
-//! and dropping the last clone of a [`Cache`] commits what is queued before it returns. The
-//! database file is locked: a second process opening it gets an error. Must be used inside a
-//! tokio runtime.
+//! page cache or the operating system's holds, microseconds, less than a hop to
+//! [`tokio::task::spawn_blocking`] and back costs (measured with the throughput bench at 256
+//! examples in flight: about 260 against 320 µs of client CPU per example; the blocking pool's
+//! threads also each grow their own malloc arena). Writes are queued, in a bounded queue, to
+//! one writer thread that commits whatever has queued up (letting writes gather for up to
+//! 20 ms) in one durable transaction (group commit), so many concurrent callers cost one
+//! `fsync` per batch. A call does not wait for that commit: it returns once its completion is
+//! queued (waiting only while the queue is full), and lookups find queued completions too. So
+//! a crash can lose the last completions stored, which only costs calling them again (every
+//! request is seeded, so the call asks the same thing); the output file and resume are what
+//! keep finished examples. [`Cache::flush`] waits for the commit of everything queued before
+//! it, and dropping the last clone of a [`Cache`] commits what is queued before it returns.
+//! The database file is locked: a second process opening it gets an error. Must be used
+//! inside a tokio runtime.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -77,6 +79,9 @@ const MAX_BATCH: usize = 512;
 /// The most writes queued for the writer thread; a `put` beyond that waits (about 2 KB each,
 /// so a few MB at most).
 const QUEUE: usize = 1024;
+/// How long the writer lets writes gather before a commit, unless a full batch or a flush
+/// is waiting. Fewer, larger transactions cost the writer about a third less CPU per write.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// The memory redb may use to cache pages of the database. Its default (1 GiB) lets the
 /// process grow with the database: about 2 KB per example, so hundreds of MB for a long run.
 /// Lookups of recent keys stay in the operating system's page cache anyway.
@@ -417,13 +422,22 @@ fn writer_loop(
     pending: &Pending,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
+    let drain = |rx: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>| {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
             }
+        }
+    };
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        drain(&mut rx, &mut batch);
+        // Nobody waits for a write: let more gather, so one transaction takes more of them.
+        // A flush or clear is served at once.
+        if batch.len() < MAX_BATCH && batch.iter().all(|c| matches!(c, Command::Put { .. })) {
+            std::thread::sleep(LINGER);
+            drain(&mut rx, &mut batch);
         }
         let result = commit_batch(db, &batch);
         let puts = batch
