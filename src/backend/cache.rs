@@ -74,8 +74,9 @@ use crate::Error;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("completions_v1");
 const VERSION: &str = "rmboost/cache/v1";
-/// The most writes committed in one transaction.
-const MAX_BATCH: usize = 512;
+/// The most writes committed in one transaction (its dirty pages, a few per write, are held in
+/// memory until the commit).
+const MAX_BATCH: usize = 256;
 /// The most writes queued for the writer thread; a `put` beyond that waits (about 2 KB each,
 /// so a few MB at most).
 const QUEUE: usize = 1024;
@@ -85,7 +86,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// The memory redb may use to cache pages of the database. Its default (1 GiB) lets the
 /// process grow with the database: about 2 KB per example, so hundreds of MB for a long run.
 /// Lookups of recent keys stay in the operating system's page cache anyway.
-const DB_CACHE_BYTES: usize = 16 << 20;
+const DB_CACHE_BYTES: usize = 8 << 20;
 
 /// Feeds what serde writes straight into the hash, without building the JSON first.
 struct HashWriter(Sha256);
