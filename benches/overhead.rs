@@ -3,7 +3,10 @@
 //! core). The figure includes the fake backend's own work (building 1 KB answers), so it is an
 //! upper bound on the library's overhead.
 //!
-//! Run: `cargo bench --bench overhead --features test-util`.
+//! Also the resume id set ([`rmboost::io::IdSet`]) at a million ids, inserts and lookups,
+//! next to a plain `HashSet` of the same hashes (what it replaced).
+//!
+//! Run: `cargo bench --bench overhead --features test-util` (`-- id_set` for the id set only).
 
 use std::num::NonZeroUsize;
 
@@ -64,5 +67,54 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+fn id_set(c: &mut Criterion) {
+    use rmboost::io::{IdHash, IdHasher, IdSet};
+    use std::collections::HashSet;
+    use std::hash::BuildHasherDefault;
+    const N: usize = 1_000_000;
+    let hashes: Vec<IdHash> = (0..N).map(|i| IdHash::of(&format!("p{i:08}"))).collect();
+    let mut group = c.benchmark_group("id_set");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("insert_1m", |b| {
+        b.iter(|| {
+            let mut s = IdSet::new();
+            for &h in &hashes {
+                s.insert_hash(h);
+            }
+            s.len()
+        });
+    });
+    group.bench_function("hashset_insert_1m", |b| {
+        b.iter(|| {
+            let mut s: HashSet<IdHash, BuildHasherDefault<IdHasher>> = HashSet::default();
+            for &h in &hashes {
+                s.insert(h);
+            }
+            s.len()
+        });
+    });
+    let mut full = IdSet::new();
+    let mut model: HashSet<IdHash, BuildHasherDefault<IdHasher>> = HashSet::default();
+    for &h in &hashes {
+        full.insert_hash(h);
+        model.insert(h);
+    }
+    let misses: Vec<IdHash> = (0..N).map(|i| IdHash::of(&format!("q{i:08}"))).collect();
+    group.bench_function("contains_1m_hits_and_1m_misses", |b| {
+        b.iter(|| {
+            let hits = hashes.iter().filter(|&&h| full.contains_hash(h)).count();
+            hits + misses.iter().filter(|&&h| full.contains_hash(h)).count()
+        });
+    });
+    group.bench_function("hashset_contains_1m_hits_and_1m_misses", |b| {
+        b.iter(|| {
+            let hits = hashes.iter().filter(|h| model.contains(*h)).count();
+            hits + misses.iter().filter(|h| model.contains(*h)).count()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, overhead, id_set);
 criterion_main!(benches);

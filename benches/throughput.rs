@@ -20,6 +20,7 @@
 //! cargo bench --bench throughput --all-features -- --concurrency 256 --latency-ms 50 --prompts 5000
 //! cargo bench --bench throughput --all-features -- --mode memory --prompts 10000,100000
 //! cargo bench --bench throughput --all-features -- --mode memory --million
+//! cargo bench --bench throughput --all-features -- --mode memory --million --no-cache
 //! ```
 //!
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
@@ -533,6 +534,7 @@ fn throughput_point(
     let requests_before = server.requests();
     let connections_before = server.connections();
     let meter = CpuMeter::start();
+    let writer_before = threads_cpu("rmboost-cache-w");
     let summary = rt
         .block_on(async {
             let reader = rmboost::read_prompts(&input)?;
@@ -546,6 +548,9 @@ fn throughput_point(
         })
         .expect("run");
     let cpu = meter.stop();
+    let writer_cpu = threads_cpu("rmboost-cache-w") - writer_before;
+    // Calls return before their completions are committed: count them all.
+    rt.block_on(cache.flush()).expect("cache flush");
     check(&summary, n);
     let rate = summary.examples_per_sec();
     let requests = server.requests() - requests_before;
@@ -554,9 +559,11 @@ fn throughput_point(
         (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
     println!(
         "C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} ex/s = {:>5.1}% of C/(2L)={ideal:.0}; \
-         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example; cache {}",
+         {requests} requests on {connections} new connections; client CPU {client_cpu_us:.0} us/example \
+         (cache writer thread {:.0}); cache {}",
         latency.as_millis(),
         100.0 * rate / ideal,
+        writer_cpu / summary.generation.examples.max(1) as f64 * 1e6,
         if use_cache {
             format!("{:?}", cache.stats())
         } else {
@@ -566,12 +573,18 @@ fn throughput_point(
     println!("  {cpu}");
 }
 
-fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, concurrency: usize) {
+fn memory_point(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    n: u64,
+    concurrency: usize,
+    use_cache: bool,
+) {
     server.set_latency(Duration::ZERO);
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("pairs.jsonl");
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, Some(&cache), concurrency);
+    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
     let baseline = status_kib("VmRSS:");
     // Prompts are made one at a time as the run pulls them: nothing is held.
     let prompts = stream::iter((0..n).map(|i| {
@@ -613,13 +626,17 @@ fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, conc
     let cache_bytes = std::fs::metadata(cache.path()).map_or(0, |m| m.len());
     println!(
         "memory N={n:<8} C={concurrency}: peak RSS (VmHWM) {:.1} MiB, RSS before the run {:.1} MiB, \
-         growth {:.1} bytes/prompt over the baseline; {:.0} ex/s; output {} MiB, cache {} MiB",
+         growth {:.1} bytes/prompt over the baseline; {:.0} ex/s; output {} MiB, cache {}",
         hwm as f64 / 1024.0,
         baseline as f64 / 1024.0,
         (hwm.saturating_sub(baseline) * 1024) as f64 / n as f64,
         summary.examples_per_sec(),
         out_bytes >> 20,
-        cache_bytes >> 20
+        if use_cache {
+            format!("{} MiB", cache_bytes >> 20)
+        } else {
+            "off".into()
+        }
     );
     println!("  {cpu}");
 }
@@ -628,7 +645,11 @@ fn memory_point(rt: &tokio::runtime::Runtime, server: &BenchServer, n: u64, conc
 fn memory_children(args: &Args, ns: &[u64]) {
     let exe = std::env::current_exe().expect("current exe");
     for &n in ns {
-        let status = std::process::Command::new(&exe)
+        let mut child = std::process::Command::new(&exe);
+        if args.no_cache {
+            child.arg("--no-cache");
+        }
+        let status = child
             .args([
                 "--mode",
                 "memory-one",
@@ -691,7 +712,7 @@ fn main() {
         }
         "memory-one" => {
             for &n in &args.prompts {
-                memory_point(&rt, &server, n, args.memory_concurrency);
+                memory_point(&rt, &server, n, args.memory_concurrency, !args.no_cache);
             }
         }
         "all" => {

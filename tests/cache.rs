@@ -47,7 +47,10 @@ async fn second_identical_run_makes_no_calls() {
     let cache = Cache::open(&path).unwrap();
     let first = run_once(&cache, &backend).await;
     assert_eq!(backend.calls(), 100);
+    // A call returns once its completion is queued; flush waits for the commit.
+    cache.flush().await.unwrap();
     assert_eq!(cache.entries().await.unwrap(), 100);
+    assert_eq!(cache.stats().stored, 100);
 
     // Same process, then after reopening the file (a rerun after a crash).
     let again = run_once(&cache, &backend).await;
@@ -87,7 +90,9 @@ async fn errors_are_not_cached() {
         cached.complete(req.with_seed(4)).await.unwrap().text,
         "other"
     );
+    cache.flush().await.unwrap();
     assert_eq!(cache.stats().stored, 2);
+    assert_eq!(cache.entries().await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,6 +126,7 @@ async fn many_concurrent_callers() {
             assert!((200..=400).contains(&n), "{n}");
         }
     }
+    cache.flush().await.unwrap();
     assert_eq!(cache.entries().await.unwrap(), 200);
     let before = calls.load(Ordering::SeqCst);
     assert!(before <= 400);
@@ -136,4 +142,26 @@ async fn open_twice_in_one_process_is_an_error() {
     assert!(err.to_string().contains("c.redb"), "{err}");
     drop(cache);
     Cache::open(&path).unwrap();
+}
+
+#[tokio::test]
+async fn queued_completions_are_found_and_committed_on_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.redb");
+    let backend = counting_fake();
+    let cache = Cache::open(&path).unwrap();
+    let cached = Cached::new(backend.clone(), cache.clone());
+    for i in 0..2000u64 {
+        let req = CompletionRequest::new(vec![Message::user("q")]).with_seed(i);
+        let first = cached.complete(req.clone()).await.unwrap();
+        // Found at once, committed or still queued.
+        assert_eq!(cached.complete(req).await.unwrap(), first);
+    }
+    assert_eq!(backend.calls(), 2000);
+    assert_eq!(cache.stats().hits, 2000);
+    // Dropping the last clone commits what is queued.
+    drop(cached);
+    drop(cache);
+    let cache = Cache::open(&path).unwrap();
+    assert_eq!(cache.entries().await.unwrap(), 2000);
 }

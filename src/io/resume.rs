@@ -70,14 +70,43 @@ impl Hasher for IdHasher {
     }
 }
 
-/// A set of example ids stored as [`IdHash`]es.
+/// A set of example ids stored as [`IdHash`]es (exact 128-bit values: two ids are the same
+/// only if their whole hashes are).
 ///
-/// Memory: 16 bytes of hash per id plus the hash table's slack (one control byte per slot, at
-/// most 7/8 full, doubling when full): between about 19 and 37 bytes per id, so about 30 MB
-/// for a million ids, whatever the length of the ids.
-#[derive(Debug, Clone, Default)]
+/// Memory: the hashes live in a sorted array (16 bytes per id) with a directory of the array
+/// by the top bits of the hash (at most 1 byte per id); the most recent ids, at most 1/16 of
+/// them, wait in a small hash table (about 17 to 35 bytes each) until they are merged into
+/// the array, in place, when the table is full. So about 17 to 19 bytes per id, about 18 MB
+/// for a million ids, whatever the length of the ids. A merge briefly holds the sorted
+/// recent ids (1 byte per id) and, if the allocator cannot grow the array where it is, a
+/// copy of it (16 bytes per id). Lookups cost one hash table probe and a binary search of a
+/// bucket of about 8 hashes; an insert also moves about 16 hashes on average.
+#[derive(Clone, Default)]
 pub struct IdSet {
-    set: HashSet<IdHash, BuildHasherDefault<IdHasher>>,
+    /// Sorted and distinct; none of them is in `recent`.
+    sorted: Vec<u128>,
+    /// `index[b]` is the first position in `sorted` of a hash whose top `bits` bits are at
+    /// least `b`; `2^bits + 1` entries, or none while `sorted` is empty.
+    index: Vec<usize>,
+    bits: u32,
+    /// Ids not yet merged into `sorted`.
+    recent: HashSet<IdHash, BuildHasherDefault<IdHasher>>,
+}
+
+/// Recent ids are merged into the sorted array once there are this many, or 1/16 of the
+/// array if more (fewer in unit tests, to merge often).
+const MIN_RECENT: usize = if cfg!(test) { 64 } else { 4096 };
+/// Hashes per directory bucket, on average.
+const BUCKET: usize = 8;
+
+impl std::fmt::Debug for IdSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdSet")
+            .field("len", &self.len())
+            .field("sorted", &self.sorted.len())
+            .field("recent", &self.recent.len())
+            .finish()
+    }
 }
 
 impl IdSet {
@@ -89,36 +118,95 @@ impl IdSet {
 
     /// Adds `id`; returns whether it was new.
     pub fn insert(&mut self, id: &str) -> bool {
-        self.set.insert(IdHash::of(id))
+        self.insert_hash(IdHash::of(id))
     }
 
     /// Adds a hash; returns whether it was new.
     pub fn insert_hash(&mut self, hash: IdHash) -> bool {
-        self.set.insert(hash)
+        if self.in_sorted(hash.0) || !self.recent.insert(hash) {
+            return false;
+        }
+        if self.recent.len() >= MIN_RECENT.max(self.sorted.len() / 16) {
+            self.merge();
+        }
+        true
     }
 
     /// Whether `id` is in the set.
     #[must_use]
     pub fn contains(&self, id: &str) -> bool {
-        self.set.contains(&IdHash::of(id))
+        self.contains_hash(IdHash::of(id))
     }
 
     /// Whether the hash is in the set.
     #[must_use]
     pub fn contains_hash(&self, hash: IdHash) -> bool {
-        self.set.contains(&hash)
+        self.recent.contains(&hash) || self.in_sorted(hash.0)
     }
 
     /// How many ids.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.set.len()
+        self.sorted.len() + self.recent.len()
     }
 
     /// Whether the set is empty.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.len() == 0
+    }
+
+    fn bucket(&self, hash: u128) -> usize {
+        if self.bits == 0 {
+            0
+        } else {
+            (hash >> (128 - self.bits)) as usize
+        }
+    }
+
+    fn in_sorted(&self, hash: u128) -> bool {
+        if self.sorted.is_empty() {
+            return false;
+        }
+        let b = self.bucket(hash);
+        // About 8 hashes: a scan is as fast as a binary search, without its mispredictions.
+        self.sorted[self.index[b]..self.index[b + 1]].contains(&hash)
+    }
+
+    /// Moves the recent ids into the sorted array and rebuilds the directory.
+    fn merge(&mut self) {
+        let mut new: Vec<u128> = self.recent.drain().map(|h| h.0).collect();
+        new.sort_unstable();
+        let (n, m) = (self.sorted.len(), new.len());
+        self.sorted.reserve_exact(m);
+        self.sorted.resize(n + m, 0);
+        // Merge from the back, so nothing is overwritten before it is moved.
+        let (mut i, mut j) = (n, m);
+        while j > 0 {
+            let k = i + j - 1;
+            if i > 0 && self.sorted[i - 1] > new[j - 1] {
+                self.sorted[k] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[k] = new[j - 1];
+                j -= 1;
+            }
+        }
+        drop(new);
+        let len = self.sorted.len();
+        self.bits = (len / BUCKET).max(1).ilog2().min(40);
+        let buckets = 1usize << self.bits;
+        self.index.clear();
+        self.index.shrink_to(buckets + 1);
+        self.index.reserve_exact(buckets + 1);
+        let mut pos = 0;
+        for b in 0..buckets {
+            self.index.push(pos);
+            while pos < len && self.bucket(self.sorted[pos]) == b {
+                pos += 1;
+            }
+        }
+        self.index.push(len);
     }
 }
 
@@ -249,6 +337,12 @@ impl Resume {
         &self.ids
     }
 
+    /// The set of done ids, without copying it.
+    #[must_use]
+    pub fn into_ids(self) -> IdSet {
+        self.ids
+    }
+
     /// Distinct ids found.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -320,6 +414,78 @@ mod tests {
         assert!(Resume::scan(dir.path().join("none.jsonl"))
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn id_set_basics_and_merges() {
+        let mut s = IdSet::new();
+        assert!(s.is_empty() && !s.contains("a"));
+        assert!(s.insert("a") && !s.insert("a"));
+        assert!(s.contains("a") && !s.contains("b"));
+        // Enough ids for several merges; each is found after every merge.
+        let n = 10_000;
+        for i in 0..n {
+            assert!(s.insert(&format!("id-{i}")), "{i}");
+        }
+        assert_eq!(s.len(), n + 1);
+        assert!(s.sorted.len() > n / 2, "{s:?}");
+        for i in 0..n {
+            assert!(s.contains(&format!("id-{i}")), "{i}");
+            assert!(!s.insert(&format!("id-{i}")), "{i}");
+            assert!(!s.contains(&format!("other-{i}")), "{i}");
+        }
+        assert_eq!(s.len(), n + 1);
+        assert!(s.sorted.windows(2).all(|w| w[0] < w[1]));
+        let c = s.clone();
+        assert_eq!(c.len(), s.len());
+        assert!(c.contains("id-17") && c.contains("a"));
+    }
+
+    #[test]
+    fn id_set_exact_on_hashes_sharing_top_or_low_bits() {
+        // Hashes that differ only in their top bits (the directory's) or only in their low
+        // bits (the hash table's) stay distinct.
+        let mut s = IdSet::new();
+        let mut model = std::collections::HashSet::new();
+        for i in 0..4_000u128 {
+            for h in [i, i << 64, (i << 100) | 5, u128::MAX - i] {
+                assert_eq!(s.insert_hash(IdHash(h)), model.insert(h), "{h:x}");
+            }
+        }
+        assert_eq!(s.len(), model.len());
+        for i in 0..6_000u128 {
+            for h in [i, i << 64, (i << 100) | 5, u128::MAX - i, i << 1 | 1 << 90] {
+                assert_eq!(s.contains_hash(IdHash(h)), model.contains(&h), "{h:x}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn id_set_behaves_like_a_hash_set(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u128..20_000, 0u8..3), 0..3_000)
+        ) {
+            let mut s = IdSet::new();
+            let mut model = std::collections::HashSet::new();
+            for (insert, x, spread) in ops {
+                // Small values, values in the top bits, and uniform hashes.
+                let h = match spread {
+                    0 => x,
+                    1 => x << 110,
+                    _ => IdHash::of(&x.to_string()).0,
+                };
+                if insert {
+                    proptest::prop_assert_eq!(s.insert_hash(IdHash(h)), model.insert(h));
+                } else {
+                    proptest::prop_assert_eq!(s.contains_hash(IdHash(h)), model.contains(&h));
+                }
+                proptest::prop_assert_eq!(s.len(), model.len());
+            }
+            for h in &model {
+                proptest::prop_assert!(s.contains_hash(IdHash(*h)));
+            }
+        }
     }
 
     #[test]

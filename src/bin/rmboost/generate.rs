@@ -274,6 +274,12 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     wake.notify_one();
     let _ = ticker.await;
     ctrl_c.abort();
+    if let Some(cache) = &cache {
+        // A call returns once its completion is queued: commit the last ones now.
+        if let Err(e) = cache.flush().await {
+            tracing::warn!(error = %error_chain(&e), "response cache: the last commit failed");
+        }
+    }
 
     let snapshot = live.snapshot();
     let wall = started.elapsed();
