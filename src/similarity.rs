@@ -10,9 +10,14 @@
 //!   assist you. I'm not able to assist you. ...") falls far below.
 //!
 //! Tokens and trigrams are compared by a 64-bit hash with a fixed seed (foldhash), so results
-//! are deterministic; two different tokens would have to collide in 64 bits to be counted as
-//! one. Scratch sets live in a per-thread buffer: after the first call no allocation happens
-//! for texts of a size seen before.
+//! are deterministic. [`token_jaccard`] (the report's) is exact up to 64-bit hash collisions.
+//! [`text_stats`] (the response checks', on the hot path of every example) *estimates* both
+//! figures with bitmaps and linear counting: each token or trigram sets one bit of a bitmap
+//! with at least 16 bits per possible token, and a set's size is read from the share of bits
+//! left unset. That is several times faster than hash sets (the checks must fit in the
+//! generator's budget of a few microseconds per example) and stays within about 0.01 of the
+//! exact figures for answers of ordinary length. Scratch space lives in a per-thread buffer:
+//! after the first call no allocation happens for texts of a size seen before.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -48,7 +53,6 @@ struct Scratch {
     lower: String,
     a: HashSet64,
     b: HashSet64,
-    grams: HashSet64,
 }
 
 thread_local! {
@@ -99,9 +103,65 @@ fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize
     n
 }
 
-fn mix(a: u64, b: u64) -> u64 {
-    // Order matters: (x, y, z) and (y, x, z) are different trigrams.
-    hasher().hash_one((a, b))
+/// For each byte: its lowercase form if it is an ASCII letter or digit, else 0.
+const TOKEN_BYTE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = c.to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    t
+};
+
+/// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
+fn fmix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// [`for_each_token`] for the hot path: the same tokens, hashed differently (so its hashes
+/// are not comparable with `for_each_token`'s). ASCII text is read in one pass without a
+/// lowercased copy, 8 bytes of a token folded into the hash at a time; other text goes
+/// through `for_each_token`.
+fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
+    if !text.is_ascii() {
+        return for_each_token(text, buf, f);
+    }
+    let mut n = 0;
+    let (mut h, mut word, mut len) = (0u64, 0u64, 0usize);
+    for &b in text.as_bytes() {
+        let t = TOKEN_BYTE[b as usize];
+        if t != 0 {
+            word |= u64::from(t) << ((len % 8) * 8);
+            len += 1;
+            if len % 8 == 0 {
+                h = fmix(h ^ word);
+                word = 0;
+            }
+        } else if len > 0 {
+            f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9));
+            n += 1;
+            (h, word, len) = (0, 0, 0);
+        }
+    }
+    if len > 0 {
+        f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9));
+        n += 1;
+    }
+    n
+}
+
+/// The hash of a trigram from its tokens' hashes. Order matters: (x, y, z) and (y, x, z) are
+/// different trigrams.
+fn trigram(a: u64, b: u64, c: u64) -> u64 {
+    fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
 }
 
 /// Fills `set` with the token hashes of `text`.
@@ -141,7 +201,7 @@ pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
     })
 }
 
-/// Both statistics of a candidate response in one pass over it.
+/// Both statistics of a candidate response, estimated (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TextStats {
     /// Token Jaccard similarity with the reference text; `None` when no reference was given.
@@ -150,39 +210,109 @@ pub(crate) struct TextStats {
     pub distinct_trigrams: Option<f64>,
 }
 
+#[derive(Default)]
+struct Bitmaps {
+    lower: String,
+    a: Vec<u64>,
+    b: Vec<u64>,
+    grams: Vec<u64>,
+}
+
+thread_local! {
+    static BITMAPS: RefCell<Bitmaps> = RefCell::new(Bitmaps::default());
+}
+
+/// Bits for texts of at most `bytes` bytes: a power of two, at least 16 per possible token
+/// (a token and its separator take 2 bytes or more; English prose averages about 6, so about
+/// 50 bits per actual token), at least 8192.
+fn bitmap_bits(bytes: usize) -> usize {
+    (bytes / 2 + 1).saturating_mul(16).max(8192).next_power_of_two()
+}
+
+fn reset(map: &mut Vec<u64>, bits: usize) {
+    map.clear();
+    map.resize(bits / 64, 0);
+}
+
+/// Sets the bit of `h` in `map` (of `2^(64 - shift)` bits): Fibonacci hashing, so every bit
+/// of the hash matters.
+fn set_bit(map: &mut [u64], shift: u32, h: u64) {
+    let i = (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift) as usize;
+    map[i / 64] |= 1 << (i % 64);
+}
+
+/// Linear counting: the number of distinct values that set the bits of `map`.
+fn estimate(ones: u32, bits: usize) -> f64 {
+    let m = bits as f64;
+    let zeros = (bits - ones as usize).max(1) as f64;
+    m * (m / zeros).ln()
+}
+
+fn ones(map: &[u64]) -> u32 {
+    map.iter().map(|w| w.count_ones()).sum()
+}
+
 /// The statistics of `text`: its similarity with `reference` when one is given, its distinct
-/// trigram share when `want_trigrams`.
-pub(crate) fn text_stats(text: &str, reference: Option<&str>, want_trigrams: bool) -> TextStats {
-    SCRATCH.with(|s| {
+/// trigram share when `want_trigrams`. Estimates; see the [module docs](self).
+pub(crate) fn text_stats(
+    text: &str,
+    reference: Option<&str>,
+    want_trigrams: bool,
+) -> TextStats {
+    BITMAPS.with(|s| {
         let s = &mut *s.borrow_mut();
-        s.b.clear();
-        s.grams.clear();
+        let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
+        let shift = 64 - bits.trailing_zeros();
+        let want_set = reference.is_some();
+        let Bitmaps { lower, a, b, grams } = s;
+        if want_set {
+            reset(b, bits);
+        }
+        if want_trigrams {
+            reset(grams, bits);
+        }
         let (mut p1, mut p2) = (0u64, 0u64);
         let mut seen = 0usize;
-        let want_set = reference.is_some();
-        let Scratch {
-            lower, b, grams, ..
-        } = s;
-        let tokens = for_each_token(text, lower, |h| {
+        let tokens = for_each_token_fast(text, lower, |h| {
             if want_set {
-                b.insert(h);
+                set_bit(b, shift, h);
             }
             if want_trigrams {
                 if seen >= 2 {
-                    grams.insert(mix(mix(p2, p1), h));
+                    set_bit(grams, shift, trigram(p2, p1, h));
                 }
                 p2 = p1;
                 p1 = h;
                 seen += 1;
             }
         });
-        let distinct_trigrams = (want_trigrams && tokens >= TRIGRAM_MIN_TOKENS)
-            .then(|| s.grams.len() as f64 / (tokens - 2) as f64);
-        let jaccard = reference.map(|r| {
-            token_set(r, &mut s.lower, &mut s.a);
-            jaccard_of(&s.a, &s.b)
+        let distinct_trigrams = (want_trigrams && tokens >= TRIGRAM_MIN_TOKENS).then(|| {
+            let distinct = estimate(ones(grams), bits);
+            (distinct / (tokens - 2) as f64).min(1.0)
         });
-        trim(s);
+        let jaccard = reference.map(|r| {
+            reset(a, bits);
+            // Both texts must be hashed the same way, whichever is ASCII.
+            let ascii = text.is_ascii() && r.is_ascii();
+            if ascii {
+                for_each_token_fast(r, lower, |h| set_bit(a, shift, h));
+            } else {
+                reset(b, bits);
+                for_each_token(text, lower, |h| set_bit(b, shift, h));
+                for_each_token(r, lower, |h| set_bit(a, shift, h));
+            }
+            let (na, nb) = (ones(a), ones(b));
+            let union_ones: u32 = a.iter().zip(b.iter()).map(|(x, y)| (x | y).count_ones()).sum();
+            if union_ones == 0 {
+                return 1.0;
+            }
+            let union = estimate(union_ones, bits);
+            let common = estimate(na, bits) + estimate(nb, bits) - union;
+            (common / union).clamp(0.0, 1.0)
+        });
+        if lower.capacity() > KEEP_BYTES {
+            *s = Bitmaps::default();
+        }
         TextStats {
             jaccard,
             distinct_trigrams,
@@ -227,8 +357,8 @@ mod tests {
         for (a, b, want) in cases {
             assert_eq!(token_jaccard(a, b), want, "{a:?} vs {b:?}");
             assert_eq!(jaccard_model(a, b), want);
-            let stats = text_stats(b, Some(a), true);
-            assert_eq!(stats.jaccard, Some(want));
+            let est = text_stats(b, Some(a), true).jaccard.unwrap();
+            assert!((est - want).abs() < 0.01, "{a:?} vs {b:?}: {est}");
         }
     }
 
@@ -238,11 +368,11 @@ mod tests {
                      workers pass it from mouth to mouth, add enzymes, and fan it with their \
                      wings until most of the water has gone.";
         let share = text_stats(prose, None, true).distinct_trigrams.unwrap();
-        assert_eq!(share, 1.0);
+        assert!(share > 0.95, "{share}");
         let looped = "I'm not able to assist you. ".repeat(12);
         let share = text_stats(&looped, None, true).distinct_trigrams.unwrap();
         // 7 tokens ("i", "m", "not", ...) 12 times: 82 trigrams, 7 distinct.
-        assert!((share - 7.0 / 82.0).abs() < 1e-12, "{share}");
+        assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
         // Too short to judge.
         assert_eq!(
             text_stats("one two three", None, true).distinct_trigrams,
@@ -253,8 +383,33 @@ mod tests {
         let share = text_stats(&words.join(" "), None, true)
             .distinct_trigrams
             .unwrap();
-        assert!((share - 3.0 / 28.0).abs() < 1e-12, "{share}");
+        assert!((share - 3.0 / 28.0).abs() < 0.002, "{share}");
         assert_eq!(text_stats(prose, None, false).distinct_trigrams, None);
+    }
+
+    /// Words from a vocabulary of `vocab`, picked by a seeded generator.
+    fn words(n: usize, vocab: u64, seed: u64) -> String {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("w{}", x % vocab)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn estimates_stay_close_on_long_texts() {
+        for (n, vocab, seed) in [(200, 150, 1), (1000, 400, 2), (5000, 3000, 3), (60, 1000, 4)] {
+            let a = words(n, vocab, seed);
+            let b = format!("{} {}", words(n / 10, vocab, seed + 10), &a[a.len() / 10..]);
+            let exact = token_jaccard(&a, &b);
+            let est = text_stats(&b, Some(&a), false).jaccard.unwrap();
+            assert!((est - exact).abs() < 0.015, "n={n}: {est} vs {exact}");
+        }
     }
 
     proptest::proptest! {
@@ -262,7 +417,26 @@ mod tests {
         fn jaccard_agrees_with_the_model(a in "[a-cA-C ,.é]{0,40}", b in "[a-cA-C ,.é]{0,40}") {
             let want = jaccard_model(&a, &b);
             proptest::prop_assert_eq!(token_jaccard(&a, &b), want);
-            proptest::prop_assert_eq!(text_stats(&b, Some(&a), false).jaccard, Some(want));
         }
+    }
+
+    /// The estimate over many short and long pairs: close on average, never far off.
+    #[test]
+    fn estimate_error_is_small() {
+        let (mut sum, mut worst, mut n) = (0.0f64, 0.0f64, 0);
+        for seed in 1..400u64 {
+            let len = 3 + (seed as usize * 7) % 300;
+            let vocab = 5 + seed % 400;
+            let a = words(len, vocab, seed);
+            let b = words(len, vocab, seed + 1000);
+            let exact = token_jaccard(&a, &b);
+            let est = text_stats(&b, Some(&a), false).jaccard.unwrap();
+            let err = (est - exact).abs();
+            sum += err;
+            worst = worst.max(err);
+            n += 1;
+        }
+        let mean = sum / f64::from(n);
+        assert!(mean < 0.005 && worst < 0.05, "mean {mean}, worst {worst}");
     }
 }
