@@ -7,9 +7,12 @@
 //! `Cached<Retry<OpenAiBackend>>` (a cold response cache), a JSONL output file.
 //!
 //! The server runs in this process on its own runtime and threads (named `bench-server`), binds
-//! 127.0.0.1 only, speaks keep-alive HTTP/1.1 (hyper), sleeps the configured latency before
-//! each answer, and answers ~1 KB: a first response, or, for a request whose last message
-//! contains `</response>`, a different `<response>...</response>` answer; both with usage.
+//! 127.0.0.1 only, speaks keep-alive HTTP/1.1 (hyper), holds each answer until the configured
+//! latency has passed since the request arrived (on a timer thread with sub-millisecond
+//! precision: tokio's 1 ms timer would add 1-3% to `L`; each point prints the mean delay the
+//! server actually served), and answers ~1 KB: a first response, or, for a request with a
+//! message that contains `</response>`, a different `<response>...</response>` answer (the
+//! fake backend's texts); both with usage.
 //!
 //! Modes (default `all`: `server`, then `throughput` at every concurrency, then `memory` at
 //! 10,000 and 100,000 prompts, each memory point in a child process):
@@ -64,7 +67,76 @@ struct ServerState {
     latency_us: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
+    /// Sum of the delays actually served (from the request's arrival to its answer), in
+    /// nanoseconds, so the bench can show that the server keeps to `L`.
+    delay_ns: AtomicU64,
+    timer: PreciseTimer,
     filler: FakeBackend,
+}
+
+/// Delays with sub-millisecond precision, for the server's latency.
+///
+/// tokio's timer has a 1 ms resolution and rounds deadlines up, so `sleep(50 ms)` takes about
+/// 50.5 to 51.5 ms: 1 to 3% more than `L`, which would be counted against the client. One
+/// thread keeps the pending deadlines in a heap and waits on a channel with a timeout until
+/// the earliest one (the kernel's timer slack is about 50 us), then wakes its caller.
+#[derive(Clone)]
+struct PreciseTimer {
+    tx: std::sync::mpsc::Sender<(Instant, futures::channel::oneshot::Sender<()>)>,
+}
+
+impl PreciseTimer {
+    fn start() -> PreciseTimer {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(Instant, futures::channel::oneshot::Sender<()>)>();
+        std::thread::Builder::new()
+            .name("bench-server-timer".into())
+            .spawn(move || {
+                let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+                let mut seq = 0u64;
+                let mut wakers = std::collections::HashMap::new();
+                loop {
+                    let now = Instant::now();
+                    while let Some(&Reverse((at, id))) = heap.peek() {
+                        if at > now {
+                            break;
+                        }
+                        heap.pop();
+                        if let Some(w) = wakers.remove(&id) {
+                            let _: Result<(), ()> = futures::channel::oneshot::Sender::send(w, ());
+                        }
+                    }
+                    let next = match heap.peek() {
+                        Some(&Reverse((at, _))) => {
+                            rx.recv_timeout(at.saturating_duration_since(now))
+                        }
+                        None => rx
+                            .recv()
+                            .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                    };
+                    match next {
+                        Ok((at, waker)) => {
+                            seq += 1;
+                            heap.push(Reverse((at, seq)));
+                            wakers.insert(seq, waker);
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })
+            .expect("timer thread");
+        PreciseTimer { tx }
+    }
+
+    async fn sleep_until(&self, at: Instant) {
+        let (waker, done) = futures::channel::oneshot::channel();
+        if self.tx.send((at, waker)).is_ok() {
+            let _ = done.await;
+        }
+    }
 }
 
 /// A server on its own threads; lives until the process ends.
@@ -82,6 +154,8 @@ impl BenchServer {
             latency_us: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            delay_ns: AtomicU64::new(0),
+            timer: PreciseTimer::start(),
             filler,
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -130,6 +204,17 @@ impl BenchServer {
             .store(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The mean delay served per request since `before` = (requests, delay_ns) counters.
+    fn mean_delay(&self, before: (u64, u64)) -> Duration {
+        let n = self.requests() - before.0;
+        let ns = self.state.delay_ns.load(Ordering::Relaxed) - before.1;
+        Duration::from_nanos(ns / n.max(1))
+    }
+
+    fn delay_counters(&self) -> (u64, u64) {
+        (self.requests(), self.state.delay_ns.load(Ordering::Relaxed))
+    }
+
     fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
@@ -144,16 +229,21 @@ async fn handle(
     req: Request<Incoming>,
     st: Arc<ServerState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    st.requests.fetch_add(1, Ordering::Relaxed);
     let latency = st.latency_us.load(Ordering::Relaxed);
     if latency > 0 {
-        tokio::time::sleep(Duration::from_micros(latency)).await;
+        st.timer
+            .sleep_until(arrived + Duration::from_micros(latency))
+            .await;
     }
     let json = answer(&body, &st.filler);
+    st.delay_ns
+        .fetch_add(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    st.requests.fetch_add(1, Ordering::Relaxed);
     Ok(Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(json)))
@@ -532,6 +622,7 @@ fn throughput_point(
     let rmb = generator(server, use_cache.then_some(&cache), concurrency);
     let stop = deadline_stop(rt, POINT_DEADLINE);
     let requests_before = server.requests();
+    let delay_before = server.delay_counters();
     let connections_before = server.connections();
     let meter = CpuMeter::start();
     let writer_before = threads_cpu("rmboost-cache-w");
@@ -569,6 +660,11 @@ fn throughput_point(
         } else {
             "off".into()
         }
+    );
+    println!(
+        "  server delay served: mean {:.2} ms (L = {} ms)",
+        server.mean_delay(delay_before).as_secs_f64() * 1e3,
+        latency.as_millis()
     );
     println!("  {cpu}");
 }

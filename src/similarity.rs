@@ -226,7 +226,10 @@ thread_local! {
 /// (a token and its separator take 2 bytes or more; English prose averages about 6, so about
 /// 50 bits per actual token), at least 8192.
 fn bitmap_bits(bytes: usize) -> usize {
-    (bytes / 2 + 1).saturating_mul(16).max(8192).next_power_of_two()
+    (bytes / 2 + 1)
+        .saturating_mul(16)
+        .max(8192)
+        .next_power_of_two()
 }
 
 fn reset(map: &mut Vec<u64>, bits: usize) {
@@ -254,11 +257,7 @@ fn ones(map: &[u64]) -> u32 {
 
 /// The statistics of `text`: its similarity with `reference` when one is given, its distinct
 /// trigram share when `want_trigrams`. Estimates; see the [module docs](self).
-pub(crate) fn text_stats(
-    text: &str,
-    reference: Option<&str>,
-    want_trigrams: bool,
-) -> TextStats {
+pub(crate) fn text_stats(text: &str, reference: Option<&str>, want_trigrams: bool) -> TextStats {
     BITMAPS.with(|s| {
         let s = &mut *s.borrow_mut();
         let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
@@ -302,7 +301,11 @@ pub(crate) fn text_stats(
                 for_each_token(r, lower, |h| set_bit(a, shift, h));
             }
             let (na, nb) = (ones(a), ones(b));
-            let union_ones: u32 = a.iter().zip(b.iter()).map(|(x, y)| (x | y).count_ones()).sum();
+            let union_ones: u32 = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x | y).count_ones())
+                .sum();
             if union_ones == 0 {
                 return 1.0;
             }
@@ -403,7 +406,12 @@ mod tests {
 
     #[test]
     fn estimates_stay_close_on_long_texts() {
-        for (n, vocab, seed) in [(200, 150, 1), (1000, 400, 2), (5000, 3000, 3), (60, 1000, 4)] {
+        for (n, vocab, seed) in [
+            (200, 150, 1),
+            (1000, 400, 2),
+            (5000, 3000, 3),
+            (60, 1000, 4),
+        ] {
             let a = words(n, vocab, seed);
             let b = format!("{} {}", words(n / 10, vocab, seed + 10), &a[a.len() / 10..]);
             let exact = token_jaccard(&a, &b);
