@@ -766,7 +766,9 @@ fn memory_children(args: &Args, ns: &[u64]) {
 
 fn main() {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // As the CLI runs: one thread drives the run (every example of a stream is polled by the
+    // task that consumes it anyway); the cache writer and blocking work have their own threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("client runtime");
