@@ -19,7 +19,7 @@ use crate::Error;
 /// | policy | on power loss, lost at most | cost |
 /// |---|---|---|
 /// | [`Always`](SyncPolicy::Always) | nothing written | one `fsync` per line |
-/// | [`Periodic`](SyncPolicy::Periodic) (default: 256 lines or 2 s) | the last period | one `fsync` per period |
+/// | [`Periodic`](SyncPolicy::Periodic) (default: 256 lines or 2 s) | the last period or two | one `fsync` per period, on a background thread |
 /// | [`OnClose`](SyncPolicy::OnClose) | the whole run | one `fsync` at close |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SyncPolicy {
@@ -27,6 +27,12 @@ pub enum SyncPolicy {
     Always,
     /// `fsync` after `lines` lines or when `interval` has passed since the last sync
     /// (checked at each write), whichever comes first, and at close.
+    ///
+    /// The periodic syncs run on a thread of the file's own, so a write never waits for the
+    /// disk (an `fsync` can take milliseconds, and a run's writer is the task that drives
+    /// every example in flight). A sync asked for while one is still queued is covered by it.
+    /// A failed background sync is reported by the next write, [`AppendFile::sync`] or
+    /// [`AppendFile::close`]. The final sync at close is made before `close` returns.
     Periodic {
         /// Lines between syncs (0 means no line limit).
         lines: u64,
@@ -77,6 +83,66 @@ pub struct AppendFile {
     last_sync: Instant,
     repair: Repair,
     lines: u64,
+    syncer: Option<Syncer>,
+}
+
+/// The background `fsync` thread of a [`SyncPolicy::Periodic`] file.
+#[derive(Debug)]
+struct Syncer {
+    /// Capacity 1: a request made while one is queued is covered by that one.
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    error: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(file: &File) -> std::io::Result<Syncer> {
+        let file = file.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = error.clone();
+        let handle = std::thread::Builder::new()
+            .name("rmboost-fsync".into())
+            .spawn(move || {
+                for () in rx {
+                    if let Err(e) = file.sync_data() {
+                        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(e);
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            tx: Some(tx),
+            error,
+            handle: Some(handle),
+        })
+    }
+
+    fn request(&self) {
+        if let Some(tx) = &self.tx {
+            // Full: a sync is queued and not started yet, so it will cover this data too.
+            let _ = tx.try_send(());
+        }
+    }
+
+    fn take_error(&self) -> Option<std::io::Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Waits for the queued sync, if any, and stops the thread.
+    fn stop(&mut self) -> Option<std::io::Error> {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.take_error()
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
@@ -130,6 +196,7 @@ impl AppendFile {
             last_sync: Instant::now(),
             repair,
             lines: 0,
+            syncer: None,
         })
     }
 
@@ -173,20 +240,30 @@ impl AppendFile {
     /// `buf` must be one whole line ending in `\n`.
     fn write_raw(&mut self, buf: &[u8]) -> Result<(), Error> {
         debug_assert!(buf.ends_with(b"\n"));
+        if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_error) {
+            return Err(io_err(&self.path, e));
+        }
         self.file
             .write_all(buf)
             .map_err(|e| io_err(&self.path, e))?;
         self.lines += 1;
         self.unsynced += 1;
-        let due = match self.policy {
-            SyncPolicy::Always => true,
+        match self.policy {
+            SyncPolicy::Always => self.sync()?,
             SyncPolicy::Periodic { lines, interval } => {
-                (lines > 0 && self.unsynced >= lines) || self.last_sync.elapsed() >= interval
+                if (lines > 0 && self.unsynced >= lines) || self.last_sync.elapsed() >= interval {
+                    if self.syncer.is_none() {
+                        self.syncer =
+                            Some(Syncer::start(&self.file).map_err(|e| io_err(&self.path, e))?);
+                    }
+                    if let Some(syncer) = &self.syncer {
+                        syncer.request();
+                    }
+                    self.unsynced = 0;
+                    self.last_sync = Instant::now();
+                }
             }
-            SyncPolicy::OnClose => false,
-        };
-        if due {
-            self.sync()?;
+            SyncPolicy::OnClose => {}
         }
         Ok(())
     }
@@ -197,7 +274,11 @@ impl AppendFile {
     ///
     /// [`Error::Io`] if the sync fails.
     pub fn sync(&mut self) -> Result<(), Error> {
-        if self.unsynced > 0 {
+        if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_error) {
+            return Err(io_err(&self.path, e));
+        }
+        // Whatever a background sync has not covered yet is covered by this one.
+        if self.unsynced > 0 || self.syncer.is_some() {
             self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
         }
         self.unsynced = 0;
@@ -223,6 +304,10 @@ impl AppendFile {
     ///
     /// [`Error::Io`] if the final sync fails.
     pub fn close(mut self) -> Result<(), Error> {
+        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
+            return Err(io_err(&self.path, e));
+        }
+        self.syncer = None;
         self.sync()
     }
 }
@@ -392,6 +477,40 @@ impl OutputFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periodic_syncs_run_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.jsonl");
+        let policy = SyncPolicy::Periodic {
+            lines: 3,
+            interval: Duration::from_secs(3600),
+        };
+        let mut f = AppendFile::open(&path, policy).unwrap();
+        f.write_line(b"{\"id\":\"a\"}").unwrap();
+        f.write_line(b"{\"id\":\"b\"}").unwrap();
+        assert!(f.syncer.is_none(), "no sync due yet");
+        for i in 0..1000 {
+            f.write_line(format!("{{\"id\":\"{i}\"}}").as_bytes())
+                .unwrap();
+        }
+        assert!(
+            f.syncer.is_some(),
+            "the period passed: the sync thread runs"
+        );
+        f.sync().unwrap();
+        f.close().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1002);
+        // The lock is released at close: the file opens again, and dropping a handle with a
+        // sync thread (without close) does not hang.
+        let mut f = AppendFile::open(&path, policy).unwrap();
+        for _ in 0..10 {
+            f.write_line(b"{}").unwrap();
+        }
+        drop(f);
+        assert!(AppendFile::open(&path, policy).is_ok());
+    }
 
     #[test]
     fn repairs_torn_tail_and_keeps_bytes() {
