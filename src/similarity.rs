@@ -255,40 +255,48 @@ fn ones(map: &[u64]) -> u32 {
     map.iter().map(|w| w.count_ones()).sum()
 }
 
-/// The statistics of `text`: its similarity with `reference` when one is given, its distinct
-/// trigram share when `want_trigrams`. Estimates; see the [module docs](self).
-pub(crate) fn text_stats(text: &str, reference: Option<&str>, want_trigrams: bool) -> TextStats {
+/// The statistics of `text`: its similarity with `reference` when one is given, and, when
+/// `min_share` is given, its distinct trigram share, or a lower bound of it when that is
+/// enough to show the share is at least `min_share`. Estimates; see the [module docs](self).
+///
+/// The bound: every distinct token but the last two starts a trigram of its own, so a text of
+/// `n` tokens with `d` distinct ones has at least `d - 2` distinct trigrams among its `n - 2`.
+/// Prose has many distinct tokens, so the bound usually settles the question from the token
+/// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
+pub(crate) fn text_stats(text: &str, reference: Option<&str>, min_share: Option<f64>) -> TextStats {
     BITMAPS.with(|s| {
         let s = &mut *s.borrow_mut();
         let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
         let shift = 64 - bits.trailing_zeros();
-        let want_set = reference.is_some();
         let Bitmaps { lower, a, b, grams } = s;
-        if want_set {
-            reset(b, bits);
-        }
-        if want_trigrams {
-            reset(grams, bits);
-        }
-        let (mut p1, mut p2) = (0u64, 0u64);
-        let mut seen = 0usize;
-        let tokens = for_each_token_fast(text, lower, |h| {
-            if want_set {
-                set_bit(b, shift, h);
-            }
-            if want_trigrams {
-                if seen >= 2 {
-                    set_bit(grams, shift, trigram(p2, p1, h));
+        reset(b, bits);
+        let tokens = for_each_token_fast(text, lower, |h| set_bit(b, shift, h));
+        let nb = ones(b);
+        let distinct_trigrams = match min_share {
+            Some(min) if tokens >= TRIGRAM_MIN_TOKENS => {
+                let positions = (tokens - 2) as f64;
+                // The estimate may be a little high: take 3% and one token off.
+                let distinct_tokens = estimate(nb, bits) * 0.97 - 1.0;
+                let bound = ((distinct_tokens - 2.0) / positions).clamp(0.0, 1.0);
+                if bound >= min {
+                    Some(bound)
+                } else {
+                    reset(grams, bits);
+                    let (mut p1, mut p2) = (0u64, 0u64);
+                    let mut seen = 0usize;
+                    for_each_token_fast(text, lower, |h| {
+                        if seen >= 2 {
+                            set_bit(grams, shift, trigram(p2, p1, h));
+                        }
+                        p2 = p1;
+                        p1 = h;
+                        seen += 1;
+                    });
+                    Some((estimate(ones(grams), bits) / positions).min(1.0))
                 }
-                p2 = p1;
-                p1 = h;
-                seen += 1;
             }
-        });
-        let distinct_trigrams = (want_trigrams && tokens >= TRIGRAM_MIN_TOKENS).then(|| {
-            let distinct = estimate(ones(grams), bits);
-            (distinct / (tokens - 2) as f64).min(1.0)
-        });
+            _ => None,
+        };
         let jaccard = reference.map(|r| {
             reset(a, bits);
             // Both texts must be hashed the same way, whichever is ASCII.
@@ -360,7 +368,7 @@ mod tests {
         for (a, b, want) in cases {
             assert_eq!(token_jaccard(a, b), want, "{a:?} vs {b:?}");
             assert_eq!(jaccard_model(a, b), want);
-            let est = text_stats(b, Some(a), true).jaccard.unwrap();
+            let est = text_stats(b, Some(a), Some(1.0)).jaccard.unwrap();
             assert!((est - want).abs() < 0.01, "{a:?} vs {b:?}: {est}");
         }
     }
@@ -370,24 +378,39 @@ mod tests {
         let prose = "Bees collect nectar from flowers and carry it back to the hive, where \
                      workers pass it from mouth to mouth, add enzymes, and fan it with their \
                      wings until most of the water has gone.";
-        let share = text_stats(prose, None, true).distinct_trigrams.unwrap();
+        let share = text_stats(prose, None, Some(1.0))
+            .distinct_trigrams
+            .unwrap();
         assert!(share > 0.95, "{share}");
         let looped = "I'm not able to assist you. ".repeat(12);
-        let share = text_stats(&looped, None, true).distinct_trigrams.unwrap();
+        let share = text_stats(&looped, None, Some(1.0))
+            .distinct_trigrams
+            .unwrap();
         // 7 tokens ("i", "m", "not", ...) 12 times: 82 trigrams, 7 distinct.
         assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
         // Too short to judge.
         assert_eq!(
-            text_stats("one two three", None, true).distinct_trigrams,
+            text_stats("one two three", None, Some(1.0)).distinct_trigrams,
             None
         );
         // Order matters: a permutation of a trigram is another trigram.
         let words: Vec<String> = (0..30).map(|i| format!("w{}", i % 3)).collect();
-        let share = text_stats(&words.join(" "), None, true)
+        let share = text_stats(&words.join(" "), None, Some(1.0))
             .distinct_trigrams
             .unwrap();
         assert!((share - 3.0 / 28.0).abs() < 0.002, "{share}");
-        assert_eq!(text_stats(prose, None, false).distinct_trigrams, None);
+        assert_eq!(text_stats(prose, None, None).distinct_trigrams, None);
+        // Enough distinct tokens settle it without the trigram pass: a lower bound at or
+        // above the limit, never above the exact share.
+        let bound = text_stats(prose, None, Some(0.5))
+            .distinct_trigrams
+            .unwrap();
+        assert!((0.5..=1.0).contains(&bound), "{bound}");
+        // A loop has too few distinct tokens for the bound: the full count decides.
+        let share = text_stats(&looped, None, Some(0.5))
+            .distinct_trigrams
+            .unwrap();
+        assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
     }
 
     /// Words from a vocabulary of `vocab`, picked by a seeded generator.
@@ -415,7 +438,7 @@ mod tests {
             let a = words(n, vocab, seed);
             let b = format!("{} {}", words(n / 10, vocab, seed + 10), &a[a.len() / 10..]);
             let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), false).jaccard.unwrap();
+            let est = text_stats(&b, Some(&a), None).jaccard.unwrap();
             assert!((est - exact).abs() < 0.015, "n={n}: {est} vs {exact}");
         }
     }
@@ -438,7 +461,7 @@ mod tests {
             let a = words(len, vocab, seed);
             let b = words(len, vocab, seed + 1000);
             let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), false).jaccard.unwrap();
+            let est = text_stats(&b, Some(&a), None).jaccard.unwrap();
             let err = (est - exact).abs();
             sum += err;
             worst = worst.max(err);
