@@ -131,8 +131,21 @@ fn fmix(mut x: u64) -> u64 {
 /// lowercased copy, 8 bytes of a token folded into the hash at a time; other text goes
 /// through `for_each_token`.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
+    for_each_token_until(text, buf, |h| {
+        f(h);
+        true
+    })
+}
+
+/// [`for_each_token_fast`] that stops when `f` returns `false`; returns the tokens seen.
+fn for_each_token_until(text: &str, buf: &mut String, mut f: impl FnMut(u64) -> bool) -> usize {
     if !text.is_ascii() {
-        return for_each_token(text, buf, f);
+        let mut go = true;
+        return for_each_token(text, buf, |h| {
+            if go {
+                go = f(h);
+            }
+        });
     }
     let mut n = 0;
     let (mut h, mut word, mut len) = (0u64, 0u64, 0usize);
@@ -146,8 +159,10 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
                 word = 0;
             }
         } else if len > 0 {
-            f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9));
             n += 1;
+            if !f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9)) {
+                return n;
+            }
             (h, word, len) = (0, 0, 0);
         }
     }
@@ -240,8 +255,14 @@ fn reset(map: &mut Vec<u64>, bits: usize) {
 /// Sets the bit of `h` in `map` (of `2^(64 - shift)` bits): Fibonacci hashing, so every bit
 /// of the hash matters.
 fn set_bit(map: &mut [u64], shift: u32, h: u64) {
+    let (word, bit) = bit_of(shift, h);
+    map[word] |= bit;
+}
+
+/// The word and bit mask of `h` in a bitmap of `2^(64 - shift)` bits.
+fn bit_of(shift: u32, h: u64) -> (usize, u64) {
     let i = (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift) as usize;
-    map[i / 64] |= 1 << (i % 64);
+    (i / 64, 1 << (i % 64))
 }
 
 /// Linear counting: the number of distinct values that set the bits of `map`.
@@ -255,15 +276,22 @@ fn ones(map: &[u64]) -> u32 {
     map.iter().map(|w| w.count_ones()).sum()
 }
 
-/// The statistics of `text`: its similarity with `reference` when one is given, and, when
-/// `min_share` is given, its distinct trigram share, or a lower bound of it when that is
-/// enough to show the share is at least `min_share`. Estimates; see the [module docs](self).
+/// The statistics of `text`: its similarity with `reference` when one is given (or, for ASCII
+/// texts, an upper bound of it below `max_similarity` when reading part of the reference is
+/// enough to show that), and, when `min_share` is given, its distinct trigram share (or a
+/// lower bound of it when that is enough to show the share is at least `min_share`).
+/// Estimates; see the [module docs](self).
 ///
 /// The bound: every distinct token but the last two starts a trigram of its own, so a text of
 /// `n` tokens with `d` distinct ones has at least `d - 2` distinct trigrams among its `n - 2`.
 /// Prose has many distinct tokens, so the bound usually settles the question from the token
 /// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
-pub(crate) fn text_stats(text: &str, reference: Option<&str>, min_share: Option<f64>) -> TextStats {
+pub(crate) fn text_stats(
+    text: &str,
+    reference: Option<&str>,
+    max_similarity: Option<f64>,
+    min_share: Option<f64>,
+) -> TextStats {
     BITMAPS.with(|s| {
         let s = &mut *s.borrow_mut();
         let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
@@ -302,7 +330,33 @@ pub(crate) fn text_stats(text: &str, reference: Option<&str>, min_share: Option<
             // Both texts must be hashed the same way, whichever is ASCII.
             let ascii = text.is_ascii() && r.is_ascii();
             if ascii {
-                for_each_token_fast(r, lower, |h| set_bit(a, shift, h));
+                // J <= |B| / (|B| + |A \ B|): once that many distinct reference tokens are
+                // known to be outside `text` (their bit is unset there), J is below the limit
+                // and the rest of the reference need not be read.
+                let d_b = estimate(nb, bits);
+                let stop_after = match max_similarity {
+                    Some(l) if l > 0.0 && l <= 1.0 => d_b * (1.0 / l - 1.0) * 1.05 + 2.0,
+                    _ => f64::INFINITY,
+                };
+                let mut outside = 0.0f64;
+                let mut stopped = false;
+                for_each_token_until(r, lower, |h| {
+                    let (word, bit) = bit_of(shift, h);
+                    if a[word] & bit == 0 {
+                        a[word] |= bit;
+                        if b[word] & bit == 0 {
+                            outside += 1.0;
+                            if outside > stop_after {
+                                stopped = true;
+                                return false;
+                            }
+                        }
+                    }
+                    true
+                });
+                if stopped {
+                    return (d_b / (d_b + outside)).clamp(0.0, 1.0);
+                }
             } else {
                 reset(b, bits);
                 for_each_token(text, lower, |h| set_bit(b, shift, h));
@@ -368,7 +422,7 @@ mod tests {
         for (a, b, want) in cases {
             assert_eq!(token_jaccard(a, b), want, "{a:?} vs {b:?}");
             assert_eq!(jaccard_model(a, b), want);
-            let est = text_stats(b, Some(a), Some(1.0)).jaccard.unwrap();
+            let est = text_stats(b, Some(a), None, Some(1.0)).jaccard.unwrap();
             assert!((est - want).abs() < 0.01, "{a:?} vs {b:?}: {est}");
         }
     }
@@ -378,36 +432,36 @@ mod tests {
         let prose = "Bees collect nectar from flowers and carry it back to the hive, where \
                      workers pass it from mouth to mouth, add enzymes, and fan it with their \
                      wings until most of the water has gone.";
-        let share = text_stats(prose, None, Some(1.0))
+        let share = text_stats(prose, None, None, Some(1.0))
             .distinct_trigrams
             .unwrap();
         assert!(share > 0.95, "{share}");
         let looped = "I'm not able to assist you. ".repeat(12);
-        let share = text_stats(&looped, None, Some(1.0))
+        let share = text_stats(&looped, None, None, Some(1.0))
             .distinct_trigrams
             .unwrap();
         // 7 tokens ("i", "m", "not", ...) 12 times: 82 trigrams, 7 distinct.
         assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
         // Too short to judge.
         assert_eq!(
-            text_stats("one two three", None, Some(1.0)).distinct_trigrams,
+            text_stats("one two three", None, None, Some(1.0)).distinct_trigrams,
             None
         );
         // Order matters: a permutation of a trigram is another trigram.
         let words: Vec<String> = (0..30).map(|i| format!("w{}", i % 3)).collect();
-        let share = text_stats(&words.join(" "), None, Some(1.0))
+        let share = text_stats(&words.join(" "), None, None, Some(1.0))
             .distinct_trigrams
             .unwrap();
         assert!((share - 3.0 / 28.0).abs() < 0.002, "{share}");
-        assert_eq!(text_stats(prose, None, None).distinct_trigrams, None);
+        assert_eq!(text_stats(prose, None, None, None).distinct_trigrams, None);
         // Enough distinct tokens settle it without the trigram pass: a lower bound at or
         // above the limit, never above the exact share.
-        let bound = text_stats(prose, None, Some(0.5))
+        let bound = text_stats(prose, None, None, Some(0.5))
             .distinct_trigrams
             .unwrap();
         assert!((0.5..=1.0).contains(&bound), "{bound}");
         // A loop has too few distinct tokens for the bound: the full count decides.
-        let share = text_stats(&looped, None, Some(0.5))
+        let share = text_stats(&looped, None, None, Some(0.5))
             .distinct_trigrams
             .unwrap();
         assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
@@ -438,7 +492,7 @@ mod tests {
             let a = words(n, vocab, seed);
             let b = format!("{} {}", words(n / 10, vocab, seed + 10), &a[a.len() / 10..]);
             let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), None).jaccard.unwrap();
+            let est = text_stats(&b, Some(&a), None, None).jaccard.unwrap();
             assert!((est - exact).abs() < 0.015, "n={n}: {est} vs {exact}");
         }
     }
@@ -448,6 +502,29 @@ mod tests {
         fn jaccard_agrees_with_the_model(a in "[a-cA-C ,.é]{0,40}", b in "[a-cA-C ,.é]{0,40}") {
             let want = jaccard_model(&a, &b);
             proptest::prop_assert_eq!(token_jaccard(&a, &b), want);
+        }
+    }
+
+    /// With a limit, a dissimilar pair stops early with an upper bound below the limit; a
+    /// similar pair is read whole and gets the same estimate as without a limit.
+    #[test]
+    fn similarity_limit_stops_early_only_below_it() {
+        for seed in 1..60u64 {
+            let a = words(200, 300, seed);
+            let far = words(200, 300, seed + 500);
+            let near = format!("{} {}", words(5, 300, seed + 900), &a);
+            let exact_far = token_jaccard(&a, &far);
+            let bounded = text_stats(&far, Some(&a), Some(0.9), None).jaccard.unwrap();
+            assert!(
+                bounded < 0.9 && bounded + 0.02 >= exact_far,
+                "{bounded} vs {exact_far}"
+            );
+            let full = text_stats(&near, Some(&a), None, None).jaccard.unwrap();
+            let limited = text_stats(&near, Some(&a), Some(0.9), None)
+                .jaccard
+                .unwrap();
+            assert_eq!(full, limited);
+            assert!(limited >= 0.9, "{limited}");
         }
     }
 
@@ -461,7 +538,7 @@ mod tests {
             let a = words(len, vocab, seed);
             let b = words(len, vocab, seed + 1000);
             let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), None).jaccard.unwrap();
+            let est = text_stats(&b, Some(&a), None, None).jaccard.unwrap();
             let err = (est - exact).abs();
             sum += err;
             worst = worst.max(err);

@@ -555,7 +555,7 @@ impl ResponseChecks {
         let Some(min) = self.min_distinct_trigrams else {
             return Ok(());
         };
-        let stats = crate::similarity::text_stats(text, None, Some(min));
+        let stats = crate::similarity::text_stats(text, None, None, Some(min));
         match stats.distinct_trigrams {
             Some(share) if share < min => Err(UnusableReason::Repetitive),
             _ => Ok(()),
@@ -582,7 +582,12 @@ impl ResponseChecks {
             return Ok(());
         }
         let reference = self.max_similarity.map(|_| first);
-        let stats = crate::similarity::text_stats(text, reference, self.min_distinct_trigrams);
+        let stats = crate::similarity::text_stats(
+            text,
+            reference,
+            self.max_similarity,
+            self.min_distinct_trigrams,
+        );
         if let (Some(limit), Some(j)) = (self.max_similarity, stats.jaccard) {
             if j >= limit {
                 return Err(UnusableReason::NearIdentical);
