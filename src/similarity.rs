@@ -103,20 +103,6 @@ fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize
     n
 }
 
-/// For each byte: its lowercase form if it is an ASCII letter or digit, else 0.
-const TOKEN_BYTE: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        if c.is_ascii_alphanumeric() {
-            t[b] = c.to_ascii_lowercase();
-        }
-        b += 1;
-    }
-    t
-};
-
 /// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
 fn fmix(mut x: u64) -> u64 {
     x ^= x >> 33;
@@ -126,10 +112,123 @@ fn fmix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
-/// [`for_each_token`] for the hot path: the same tokens, hashed differently (so its hashes
-/// are not comparable with `for_each_token`'s). ASCII text is read in one pass without a
-/// lowercased copy, 8 bytes of a token folded into the hash at a time; other text goes
-/// through `for_each_token`.
+/// `0x01` in every byte.
+const ONES: u64 = 0x0101_0101_0101_0101;
+/// `0x80` in every byte.
+const HIGHS: u64 = ONES * 0x80;
+/// `0x20`, the ASCII lowercase bit, in every byte.
+const CASE: u64 = ONES * 0x20;
+
+/// The hot path's hash of one ASCII token, from its bytes (letters and digits, any case): 8
+/// lowercased bytes at a time, little-endian, each full word folded in by [`fold_mul`], the
+/// last partial word (zero-padded) with the length.
+#[cfg(test)]
+fn hash_token(token: &[u8]) -> u64 {
+    let mut h = 0u64;
+    let mut chunks = token.chunks_exact(8);
+    for c in &mut chunks {
+        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | CASE), MUL);
+    }
+    let rest = chunks.remainder();
+    let mut last = [0u8; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest.len()]);
+    finish_token(h, word, token.len())
+}
+
+/// Odd constants (digits of pi) for [`fold_mul`].
+const MUL: u64 = 0x243f_6a88_85a3_08d3;
+const SEED: u64 = 0x1319_8a2e_0370_7344;
+
+/// The folded multiply (as in foldhash): the two halves of the 128-bit product xored, so
+/// that every input bit reaches the output in one multiplication.
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let full = u128::from(a) * u128::from(b);
+    (full as u64) ^ ((full >> 64) as u64)
+}
+
+fn finish_token(h: u64, word: u64, len: usize) -> u64 {
+    fold_mul(h ^ word ^ SEED, MUL ^ len as u64)
+}
+
+/// `LOW_BYTES[n]` masks the low `n` bytes of a word.
+const LOW_BYTES: [u64; 9] = {
+    let mut t = [0u64; 9];
+    let mut n = 1;
+    while n < 8 {
+        t[n] = (1u64 << (8 * n)) - 1;
+        n += 1;
+    }
+    t[8] = u64::MAX;
+    t
+};
+
+/// Writes `text` into `out` with its ASCII letters lowercased (other bytes as they are), 8
+/// bytes at a time.
+pub(crate) fn ascii_lowercase_into(text: &str, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    out.clear();
+    out.resize(bytes.len(), 0);
+    let mut dst = out.chunks_exact_mut(8);
+    let mut src = bytes.chunks_exact(8);
+    for (d, c) in (&mut dst).zip(&mut src) {
+        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        d.copy_from_slice(&lowercase_word(x).to_le_bytes());
+    }
+    for (d, c) in dst.into_remainder().iter_mut().zip(src.remainder()) {
+        *d = c.to_ascii_lowercase();
+    }
+}
+
+/// [`u8::to_ascii_lowercase`] on each byte of a word.
+fn lowercase_word(x: u64) -> u64 {
+    // The range test of `alnum_highs` needs bytes below 0x80: test the low 7 bits, and keep
+    // only bytes whose high bit is clear.
+    let low = x & !HIGHS;
+    let at_least = |v: u64, c: u8| v.wrapping_add(ONES * u64::from(0x80 - c)) & HIGHS;
+    let upper = at_least(low, b'A') & !at_least(low, b'Z' + 1) & !x;
+    x | (upper >> 2)
+}
+
+/// The high bit of each byte of `x` (all bytes ASCII) set where the byte is a letter or digit.
+///
+/// For a byte `b < 0x80`, `b + (0x80 - c)` has its high bit set exactly when `b >= c`, and
+/// never carries into the next byte, so eight range tests run as one addition. Setting the
+/// `0x20` bit lowercases letters and leaves digits as they are.
+fn alnum_highs(x: u64) -> u64 {
+    let at_least = |v: u64, c: u8| v.wrapping_add(ONES * u64::from(0x80 - c)) & HIGHS;
+    let lower = x | CASE;
+    let letter = at_least(lower, b'a') & !at_least(lower, b'z' + 1);
+    let digit = at_least(x, b'0') & !at_least(x, b'9' + 1);
+    letter | digit
+}
+
+/// The high bits of [`alnum_highs`] gathered into the low 8 bits (byte `i` to bit `i`).
+fn gather_highs(m: u64) -> u64 {
+    ((m >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+/// A 64-bit mask of the letters and digits of a block of up to 64 ASCII bytes (bit `i` for
+/// byte `i`; bytes past the end count as separators).
+fn block_mask(block: &[u8]) -> u64 {
+    let mut mask = 0u64;
+    if block.len() == 64 {
+        for (i, c) in block.chunks_exact(8).enumerate() {
+            let word = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            mask |= gather_highs(alnum_highs(word)) << (8 * i);
+        }
+    } else {
+        let mut padded = [0u8; 64];
+        padded[..block.len()].copy_from_slice(block);
+        mask = block_mask(&padded);
+    }
+    mask
+}
+
+/// [`for_each_token`] for the hot path: the same tokens, hashed by [`hash_token`]'s scheme
+/// (so its hashes are not comparable with `for_each_token`'s). ASCII text is classified 8
+/// bytes at a time and each token is hashed from whole-word loads, without a lowercased
+/// copy; other text goes through `for_each_token`.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     for_each_token_until(text, buf, |h| {
         f(h);
@@ -147,30 +246,72 @@ fn for_each_token_until(text: &str, buf: &mut String, mut f: impl FnMut(u64) -> 
             }
         });
     }
+    let bytes = text.as_bytes();
     let mut n = 0;
-    let (mut h, mut word, mut len) = (0u64, 0u64, 0usize);
-    for &b in text.as_bytes() {
-        let t = TOKEN_BYTE[b as usize];
-        if t != 0 {
-            word |= u64::from(t) << ((len % 8) * 8);
-            len += 1;
-            if len % 8 == 0 {
-                h = fmix(h ^ word);
-                word = 0;
+    // The start of a token that runs on past the block read so far.
+    let mut open: Option<usize> = None;
+    for (b, block) in bytes.chunks(64).enumerate() {
+        let base = b * 64;
+        let mut mask = block_mask(block);
+        if let Some(start) = open {
+            // The token goes on at the start of this block unless bit 0 is a separator.
+            let run = (!mask).trailing_zeros() as usize;
+            if run == 64 {
+                continue;
             }
-        } else if len > 0 {
+            open = None;
             n += 1;
-            if !f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9)) {
+            if !f(hash_span(bytes, start, base + run)) {
                 return n;
             }
-            (h, word, len) = (0, 0, 0);
+            // Clears the run of ones at the bottom.
+            mask &= mask.wrapping_add(1);
+        }
+        while mask != 0 {
+            let s = mask.trailing_zeros() as usize;
+            // The bit just past the lowest run of ones, and every bit of `mask` above it.
+            let past = (mask | (mask - 1)).wrapping_add(1);
+            let e = past.trailing_zeros() as usize;
+            if e == 64 {
+                open = Some(base + s);
+                break;
+            }
+            n += 1;
+            if !f(hash_span(bytes, base + s, base + e)) {
+                return n;
+            }
+            mask &= past;
         }
     }
-    if len > 0 {
-        f(fmix(h ^ word ^ ((len as u64) << 56) ^ 0x9e37_79b9));
+    if let Some(start) = open {
         n += 1;
+        f(hash_span(bytes, start, bytes.len()));
     }
     n
+}
+
+/// [`hash_token`] of `bytes[start..end]`, a token of ASCII letters and digits, read with
+/// whole-word loads where the text has 8 bytes left.
+#[inline]
+fn hash_span(bytes: &[u8], start: usize, end: usize) -> u64 {
+    let len = end - start;
+    // Most tokens: shorter than a word, with a word of text left to load.
+    if len < 8 && bytes.len() - start >= 8 {
+        let word = u64::from_le_bytes(bytes[start..start + 8].try_into().expect("8 bytes"));
+        return finish_token(0, (word | CASE) & LOW_BYTES[len], len);
+    }
+    let mut h = 0u64;
+    let mut at = start;
+    while end - at >= 8 {
+        let word = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        h = fold_mul(h ^ (word | CASE), MUL);
+        at += 8;
+    }
+    let rest = end - at;
+    let mut last = [0u8; 8];
+    last[..rest].copy_from_slice(&bytes[at..end]);
+    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest]);
+    finish_token(h, word, len)
 }
 
 /// The hash of a trigram from its tokens' hashes. Order matters: (x, y, z) and (y, x, z) are
@@ -253,10 +394,13 @@ fn reset(map: &mut Vec<u64>, bits: usize) {
 }
 
 /// Sets the bit of `h` in `map` (of `2^(64 - shift)` bits): Fibonacci hashing, so every bit
-/// of the hash matters.
-fn set_bit(map: &mut [u64], shift: u32, h: u64) {
+/// of the hash matters. Returns whether the bit was unset, so that callers count set bits as
+/// they go instead of a popcount pass over the bitmap.
+fn set_bit(map: &mut [u64], shift: u32, h: u64) -> bool {
     let (word, bit) = bit_of(shift, h);
+    let new = map[word] & bit == 0;
     map[word] |= bit;
+    new
 }
 
 /// The word and bit mask of `h` in a bitmap of `2^(64 - shift)` bits.
@@ -270,10 +414,6 @@ fn estimate(ones: u32, bits: usize) -> f64 {
     let m = bits as f64;
     let zeros = (bits - ones as usize).max(1) as f64;
     m * (m / zeros).ln()
-}
-
-fn ones(map: &[u64]) -> u32 {
-    map.iter().map(|w| w.count_ones()).sum()
 }
 
 /// The statistics of `text`: its similarity with `reference` when one is given (or, for ASCII
@@ -298,8 +438,10 @@ pub(crate) fn text_stats(
         let shift = 64 - bits.trailing_zeros();
         let Bitmaps { lower, a, b, grams } = s;
         reset(b, bits);
-        let tokens = for_each_token_fast(text, lower, |h| set_bit(b, shift, h));
-        let nb = ones(b);
+        let mut nb = 0u32;
+        let tokens = for_each_token_fast(text, lower, |h| {
+            nb += u32::from(set_bit(b, shift, h));
+        });
         let distinct_trigrams = match min_share {
             Some(min) if tokens >= TRIGRAM_MIN_TOKENS => {
                 let positions = (tokens - 2) as f64;
@@ -311,16 +453,16 @@ pub(crate) fn text_stats(
                 } else {
                     reset(grams, bits);
                     let (mut p1, mut p2) = (0u64, 0u64);
-                    let mut seen = 0usize;
+                    let (mut seen, mut ng) = (0usize, 0u32);
                     for_each_token_fast(text, lower, |h| {
                         if seen >= 2 {
-                            set_bit(grams, shift, trigram(p2, p1, h));
+                            ng += u32::from(set_bit(grams, shift, trigram(p2, p1, h)));
                         }
                         p2 = p1;
                         p1 = h;
                         seen += 1;
                     });
-                    Some((estimate(ones(grams), bits) / positions).min(1.0))
+                    Some((estimate(ng, bits) / positions).min(1.0))
                 }
             }
             _ => None,
@@ -329,50 +471,56 @@ pub(crate) fn text_stats(
             reset(a, bits);
             // Both texts must be hashed the same way, whichever is ASCII.
             let ascii = text.is_ascii() && r.is_ascii();
-            if ascii {
-                // J <= |B| / (|B| + |A \ B|): once that many distinct reference tokens are
-                // known to be outside `text` (their bit is unset there), J is below the limit
-                // and the rest of the reference need not be read.
-                let d_b = estimate(nb, bits);
-                let stop_after = match max_similarity {
-                    Some(l) if l > 0.0 && l <= 1.0 => d_b * (1.0 / l - 1.0) * 1.05 + 2.0,
-                    _ => f64::INFINITY,
-                };
-                let mut outside = 0.0f64;
-                let mut stopped = false;
-                for_each_token_until(r, lower, |h| {
-                    let (word, bit) = bit_of(shift, h);
-                    if a[word] & bit == 0 {
-                        a[word] |= bit;
-                        if b[word] & bit == 0 {
-                            outside += 1.0;
-                            if outside > stop_after {
-                                stopped = true;
-                                return false;
-                            }
+            if !ascii {
+                reset(b, bits);
+                nb = 0;
+                for_each_token(text, lower, |h| nb += u32::from(set_bit(b, shift, h)));
+            }
+            // J <= |B| / (|B| + |A \ B|): once that many distinct reference tokens are known
+            // to be outside `text` (their bit is unset there), J is below the limit and the
+            // rest of the reference need not be read.
+            let d_b = estimate(nb, bits);
+            let stop_after = match max_similarity {
+                Some(l) if l > 0.0 && l <= 1.0 => d_b * (1.0 / l - 1.0) * 1.05 + 2.0,
+                _ => f64::INFINITY,
+            };
+            // Bits set in `a`, and among them those unset in `b`.
+            let (mut na, mut outside) = (0u32, 0u32);
+            let mut stopped = false;
+            let mut add = |h: u64| {
+                let (word, bit) = bit_of(shift, h);
+                if a[word] & bit == 0 {
+                    a[word] |= bit;
+                    na += 1;
+                    if b[word] & bit == 0 {
+                        outside += 1;
+                        if f64::from(outside) > stop_after {
+                            stopped = true;
+                            return false;
                         }
                     }
-                    true
-                });
-                if stopped {
-                    return (d_b / (d_b + outside)).clamp(0.0, 1.0);
                 }
+                true
+            };
+            if ascii {
+                for_each_token_until(r, lower, &mut add);
             } else {
-                reset(b, bits);
-                for_each_token(text, lower, |h| set_bit(b, shift, h));
-                for_each_token(r, lower, |h| set_bit(a, shift, h));
+                let mut go = true;
+                for_each_token(r, lower, |h| {
+                    if go {
+                        go = add(h);
+                    }
+                });
             }
-            let (na, nb) = (ones(a), ones(b));
-            let union_ones: u32 = a
-                .iter()
-                .zip(b.iter())
-                .map(|(x, y)| (x | y).count_ones())
-                .sum();
+            if stopped {
+                return (d_b / (d_b + f64::from(outside))).clamp(0.0, 1.0);
+            }
+            let union_ones = nb + outside;
             if union_ones == 0 {
                 return 1.0;
             }
             let union = estimate(union_ones, bits);
-            let common = estimate(na, bits) + estimate(nb, bits) - union;
+            let common = estimate(na, bits) + d_b - union;
             (common / union).clamp(0.0, 1.0)
         });
         if lower.capacity() > KEEP_BYTES {
@@ -497,7 +645,71 @@ mod tests {
         }
     }
 
+    /// The hot path's tokens and hashes, by the plain definition.
+    fn fast_model(text: &str) -> Vec<u64> {
+        text.as_bytes()
+            .split(|b| !b.is_ascii_alphanumeric())
+            .filter(|t| !t.is_empty())
+            .map(hash_token)
+            .collect()
+    }
+
+    fn fast(text: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        let n = for_each_token_fast(text, &mut String::new(), |h| out.push(h));
+        assert_eq!(n, out.len());
+        out
+    }
+
+    #[test]
+    fn fast_tokens_at_block_and_word_edges() {
+        // Tokens of every length from 1 to 150 at every offset around the 64-byte blocks.
+        for len in 1..150 {
+            for lead in 0..70 {
+                let text = format!("{}{}-Ab9 x", " ".repeat(lead), &"Zq7".repeat(50)[..len]);
+                assert_eq!(fast(&text), fast_model(&text), "len {len}, lead {lead}");
+            }
+        }
+        assert_eq!(fast(""), Vec::<u64>::new());
+        assert_eq!(fast(" .,;"), Vec::<u64>::new());
+        // Letter case does not matter; every other ASCII byte separates.
+        assert_eq!(fast("HeLLo WORLD"), fast("hello world"));
+        let all: String = (0u8..128).map(char::from).collect();
+        assert_eq!(fast(&all), fast_model(&all));
+        assert_eq!(fast(&all).len(), 3);
+        // Stopping early reports the tokens seen.
+        let mut seen = 0;
+        let n = for_each_token_until("a b c d e", &mut String::new(), |_| {
+            seen += 1;
+            seen < 2
+        });
+        assert_eq!((n, seen), (2, 2));
+    }
+
+    #[test]
+    fn lowercase_every_byte() {
+        let all: Vec<u8> = (0u8..=255).collect();
+        for start in 0..8 {
+            for (i, chunk) in all[start..].chunks(8).enumerate() {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                let got = lowercase_word(u64::from_le_bytes(word)).to_le_bytes();
+                let want: Vec<u8> = word.iter().map(u8::to_ascii_lowercase).collect();
+                assert_eq!(got.to_vec(), want, "chunk {i} from {start}");
+            }
+        }
+        let mut out = Vec::new();
+        let text = "ÇA Va? HELLO, Wörld [Z] @A `a {z} 12";
+        ascii_lowercase_into(text, &mut out);
+        assert_eq!(out, text.to_ascii_lowercase().into_bytes());
+    }
+
     proptest::proptest! {
+        #[test]
+        fn fast_tokens_agree_with_the_model(text in "[a-zA-Z0-9 ,.\\-_@\\[`{]{0,200}") {
+            proptest::prop_assert_eq!(fast(&text), fast_model(&text));
+        }
+
         #[test]
         fn jaccard_agrees_with_the_model(a in "[a-cA-C ,.é]{0,40}", b in "[a-cA-C ,.é]{0,40}") {
             let want = jaccard_model(&a, &b);

@@ -424,33 +424,44 @@ pub(crate) fn same_text(a: &str, b: &str) -> bool {
 
 /// The first meta-talk phrase in `text`, ignoring ASCII case.
 ///
-/// The text is lowered into a per-thread buffer and scanned once for all phrases.
+/// The text is lowered into a per-thread buffer; SIMD substring scans for the [`META_KEYS`]
+/// words (and `<`) rule out most prose before the automaton runs.
 fn find_meta(text: &str) -> Option<&'static str> {
-    static MATCHER: OnceLock<AhoCorasick> = OnceLock::new();
+    static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
+    static KEYS: OnceLock<Keys> = OnceLock::new();
     thread_local! {
         static LOWER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let matcher = MATCHER.get_or_init(|| {
-        // A full DFA without prefilter: the phrases start with common English trigrams, so a
-        // prefilter mostly finds false candidates in ordinary prose.
-        AhoCorasick::builder()
-            .kind(Some(AhoCorasickKind::DFA))
-            .prefilter(false)
-            .build(META)
-            .expect("the meta-talk phrases are valid patterns")
+    /// One SIMD multi-substring scan where the CPU has one, else a scan per key.
+    enum Keys {
+        Packed(aho_corasick::packed::Searcher),
+        Each(Vec<memchr::memmem::Finder<'static>>),
+    }
+    let keys = KEYS.get_or_init(|| {
+        aho_corasick::packed::Searcher::new(META_KEYS.iter()).map_or_else(
+            || Keys::Each(META_KEYS.iter().map(memchr::memmem::Finder::new).collect()),
+            Keys::Packed,
+        )
     });
     LOWER.with(|buf| {
         let mut buf = buf.borrow_mut();
-        buf.clear();
-        buf.extend(text.bytes().map(|b| b.to_ascii_lowercase()));
-        // Every phrase contains one of these words: SIMD substring scans rule out most prose
-        // before the automaton runs.
+        crate::similarity::ascii_lowercase_into(text, &mut buf);
         let candidate = memchr::memchr(b'<', &buf).is_some()
-            || META_KEYS
-                .iter()
-                .any(|k| memchr::memmem::find(&buf, k.as_bytes()).is_some());
+            || match keys {
+                Keys::Packed(s) => s.find(&buf[..]).is_some(),
+                Keys::Each(finders) => finders.iter().any(|k| k.find(&buf).is_some()),
+            };
         let found = if candidate {
-            matcher.find(&buf[..]).map(|m| META[m.pattern().as_usize()])
+            let phrases = PHRASES.get_or_init(|| {
+                // A full DFA without prefilter: the phrases start with common English
+                // trigrams, so a prefilter mostly finds false candidates in ordinary prose.
+                AhoCorasick::builder()
+                    .kind(Some(AhoCorasickKind::DFA))
+                    .prefilter(false)
+                    .build(META)
+                    .expect("the meta-talk phrases are valid patterns")
+            });
+            phrases.find(&buf[..]).map(|m| META[m.pattern().as_usize()])
         } else {
             None
         };
