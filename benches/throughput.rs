@@ -511,23 +511,62 @@ fn write_prompts(path: &Path, n: u64) {
     w.flush().unwrap();
 }
 
-fn generator(server: &BenchServer, cache: Option<&Cache>, concurrency: usize) -> RmBoost {
+/// The HTTP backend with the time its calls take as the generator sees them (from the call's
+/// first poll to its result): compared with the delay the server served, it tells how much of
+/// a shortfall is in the client's transport and scheduling, and how much between calls.
+#[derive(Debug)]
+struct Timed<B> {
+    inner: B,
+    calls: Arc<AtomicU64>,
+    nanos: Arc<AtomicU64>,
+}
+
+#[rmboost::async_trait]
+impl<B: rmboost::LlmBackend> rmboost::LlmBackend for Timed<B> {
+    async fn complete(
+        &self,
+        request: rmboost::CompletionRequest,
+    ) -> Result<rmboost::Completion, rmboost::BackendError> {
+        let start = Instant::now();
+        let result = self.inner.complete(request).await;
+        self.nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+}
+
+/// Calls and total nanoseconds of the [`Timed`] layer.
+type CallTimes = (Arc<AtomicU64>, Arc<AtomicU64>);
+
+fn generator(
+    server: &BenchServer,
+    cache: Option<&Cache>,
+    concurrency: usize,
+) -> (RmBoost, CallTimes) {
     let backend = OpenAiBackend::builder()
         .base_url(server.base_url())
         .model("bench-model")
         .timeout(Duration::from_secs(60))
         .build()
         .expect("backend");
+    let times: CallTimes = Default::default();
+    let backend = Timed {
+        inner: backend,
+        calls: times.0.clone(),
+        nanos: times.1.clone(),
+    };
     let backend: Arc<dyn rmboost::LlmBackend> = match cache {
         Some(cache) => Arc::new(Cached::new(Retry::new(backend), cache.clone())),
         None => Arc::new(Retry::new(backend)),
     };
-    RmBoost::builder()
+    let rmb = RmBoost::builder()
         .backend_arc(backend)
         .concurrency(NonZeroUsize::new(concurrency).expect("concurrency >= 1"))
         .seed(1)
         .build()
-        .expect("generator")
+        .expect("generator");
+    (rmb, times)
 }
 
 fn deadline_stop(rt: &tokio::runtime::Runtime, after: Duration) -> StopSignal {
@@ -619,7 +658,7 @@ fn throughput_point(
     let output = dir.path().join("pairs.jsonl");
     write_prompts(&input, n);
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
+    let (rmb, times) = generator(server, use_cache.then_some(&cache), concurrency);
     let stop = deadline_stop(rt, POINT_DEADLINE);
     let requests_before = server.requests();
     let delay_before = server.delay_counters();
@@ -661,8 +700,13 @@ fn throughput_point(
             "off".into()
         }
     );
+    let calls = times.0.load(Ordering::Relaxed).max(1);
+    let call_ms = times.1.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
+    let wall_per_call_ms = summary.elapsed.as_secs_f64() * 1e3 * concurrency as f64
+        / (2.0 * summary.generation.examples.max(1) as f64);
     println!(
-        "  server delay served: mean {:.2} ms (L = {} ms)",
+        "  server delay served: mean {:.2} ms (L = {} ms); HTTP call as the generator sees it: \
+         mean {call_ms:.2} ms; wall time per call slot: {wall_per_call_ms:.2} ms",
         server.mean_delay(delay_before).as_secs_f64() * 1e3,
         latency.as_millis()
     );
@@ -680,7 +724,7 @@ fn memory_point(
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("pairs.jsonl");
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
-    let rmb = generator(server, use_cache.then_some(&cache), concurrency);
+    let (rmb, _) = generator(server, use_cache.then_some(&cache), concurrency);
     let baseline = status_kib("VmRSS:");
     // Prompts are made one at a time as the run pulls them: nothing is held.
     let prompts = stream::iter((0..n).map(|i| {

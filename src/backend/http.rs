@@ -198,7 +198,7 @@ pub(crate) async fn post_json(
     client: &reqwest::Client,
     url: &Url,
     headers: HeaderMap,
-    body: &Value,
+    body: &(impl serde::Serialize + ?Sized),
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
     let response = client
         .post(url.clone())

@@ -67,8 +67,8 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tracing::field::Empty;
 use tracing::Instrument;
 
@@ -109,34 +109,13 @@ impl OpenAiBackend {
         &self.url
     }
 
-    fn body(&self, request: &CompletionRequest) -> Value {
-        let mut body = serde_json::Map::new();
-        body.insert("model".into(), Value::String(self.model.clone()));
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-            .collect();
-        body.insert("messages".into(), Value::Array(messages));
-        if let Some(t) = request.temperature {
-            body.insert("temperature".into(), http::f32_json(t));
+    /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
+    /// copy of the messages).
+    fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
+        Body {
+            backend: self,
+            request,
         }
-        if let Some(p) = request.top_p {
-            body.insert("top_p".into(), http::f32_json(p));
-        }
-        if let Some(n) = request.max_tokens {
-            body.insert(self.max_tokens_field.clone(), json!(n));
-        }
-        if let Some(seed) = request.seed {
-            body.insert("seed".into(), json!(seed));
-        }
-        if !request.stop.is_empty() {
-            body.insert("stop".into(), json!(request.stop));
-        }
-        for (k, v) in &self.extra_body {
-            body.insert(k.clone(), v.clone());
-        }
-        Value::Object(body)
     }
 
     fn headers(&self) -> HeaderMap {
@@ -185,6 +164,56 @@ impl OpenAiBackend {
         span.record("completion_tokens", completion.usage.completion_tokens);
         tracing::trace!(text = %completion.text, "response");
         Ok(completion)
+    }
+}
+
+/// A chat completion request body: the set fields in a fixed order, then the extra body
+/// fields, which replace set fields of the same name.
+struct Body<'a> {
+    backend: &'a OpenAiBackend,
+    request: &'a CompletionRequest,
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// One set field, unless an extra field of the same name replaces it.
+        fn field<M: SerializeMap, V: Serialize + ?Sized>(
+            map: &mut M,
+            extra: &serde_json::Map<String, Value>,
+            name: &str,
+            value: &V,
+        ) -> Result<(), M::Error> {
+            if extra.contains_key(name) {
+                Ok(())
+            } else {
+                map.serialize_entry(name, value)
+            }
+        }
+        let (b, r) = (self.backend, self.request);
+        let extra = &b.extra_body;
+        let mut map = serializer.serialize_map(None)?;
+        field(&mut map, extra, "model", &b.model)?;
+        field(&mut map, extra, "messages", &r.messages)?;
+        if let Some(t) = r.temperature {
+            field(&mut map, extra, "temperature", &http::f32_json(t))?;
+        }
+        if let Some(p) = r.top_p {
+            field(&mut map, extra, "top_p", &http::f32_json(p))?;
+        }
+        if let Some(n) = r.max_tokens {
+            field(&mut map, extra, &b.max_tokens_field, &n)?;
+        }
+        if let Some(seed) = r.seed {
+            field(&mut map, extra, "seed", &seed)?;
+        }
+        if !r.stop.is_empty() {
+            field(&mut map, extra, "stop", &r.stop)?;
+        }
+        for (k, v) in extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }
 
@@ -467,6 +496,7 @@ impl WireResponse {
 mod tests {
     use super::*;
     use crate::Message;
+    use serde_json::json;
 
     #[test]
     fn body_has_the_set_fields_and_extra() {
@@ -484,13 +514,25 @@ mod tests {
             seed: Some(3),
             stop: vec!["END".into()],
         };
-        let body = backend.body(&req);
+        let body = serde_json::to_value(backend.body(&req)).unwrap();
         assert_eq!(
             body,
             json!({"model": "m", "messages": [{"role": "system", "content": "s"},
                 {"role": "user", "content": "u"}], "temperature": 0.7, "max_tokens": 8,
                 "seed": 3, "stop": ["END"], "top_k": 40})
         );
+        // An extra field replaces a set field of the same name, once.
+        let backend = OpenAiBackend::builder()
+            .base_url("http://127.0.0.1:1")
+            .model("m")
+            .extra_body("seed", json!(99))
+            .build()
+            .unwrap();
+        let text = serde_json::to_string(&backend.body(&req)).unwrap();
+        assert_eq!(text.matches("\"seed\"").count(), 1, "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["seed"], json!(99));
+        assert_eq!(body["max_tokens"], json!(8));
     }
 
     #[test]
