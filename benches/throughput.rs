@@ -14,6 +14,13 @@
 //! message that contains `</response>`, a different `<response>...</response>` answer (the
 //! fake backend's texts); both with usage.
 //!
+//! Each throughput point also says where the time of a call slot goes: the mean time from a
+//! call's start (as the generator makes it) to the server's handler, the served delay, the
+//! time from the answer being made to the call's end (the server stamps both instants into the
+//! answer's model name, on the process's clock), and the wall time per call slot
+//! (`C * wall / calls`); what the slot has beyond the call is the generator's own time
+//! between calls.
+//!
 //! Modes (default `all`: `server`, then `throughput` at every concurrency, then `memory` at
 //! 10,000 and 100,000 prompts, each memory point in a child process):
 //!
@@ -240,7 +247,7 @@ async fn handle(
             .sleep_until(arrived + Duration::from_micros(latency))
             .await;
     }
-    let json = answer(&body, &st.filler);
+    let json = answer(&body, &st.filler, arrived);
     st.delay_ns
         .fetch_add(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);
     st.requests.fetch_add(1, Ordering::Relaxed);
@@ -250,8 +257,17 @@ async fn handle(
         .expect("a valid response"))
 }
 
-/// The answer to one request body, as a chat completion JSON.
-fn answer(body: &[u8], filler: &FakeBackend) -> String {
+/// Nanoseconds from the process's first call of this function: the server stamps its answers
+/// with when the request arrived and when the answer left, on the clock the client reads.
+fn since_epoch(t: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1));
+    t.saturating_duration_since(epoch).as_nanos() as u64
+}
+
+/// The answer to one request body, as a chat completion JSON. Its model name carries when the
+/// request arrived and when the answer was made (`bench-model@<ns>@<ns>`, see [`since_epoch`]).
+fn answer(body: &[u8], filler: &FakeBackend, arrived: Instant) -> String {
     // The second request's instructions (a system message) ask for `<response>` tags.
     let second = memchr::memmem::find(body, b"</response>").is_some();
     let seed = memchr::memmem::find(body, b"\"seed\":")
@@ -268,10 +284,12 @@ fn answer(body: &[u8], filler: &FakeBackend) -> String {
     let completion_tokens = text.len() / 4;
     let prompt_tokens = body.len() / 4;
     format!(
-        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"model\":\"bench-model\",\
+        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"model\":\"bench-model@{}@{}\",\
          \"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\
          \"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\
          \"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}}}",
+        since_epoch(arrived),
+        since_epoch(Instant::now()),
         prompt_tokens + completion_tokens
     )
 }
@@ -519,6 +537,8 @@ struct Timed<B> {
     inner: B,
     calls: Arc<AtomicU64>,
     nanos: Arc<AtomicU64>,
+    to_server: Arc<AtomicU64>,
+    from_server: Arc<AtomicU64>,
 }
 
 #[rmboost::async_trait]
@@ -529,15 +549,29 @@ impl<B: rmboost::LlmBackend> rmboost::LlmBackend for Timed<B> {
     ) -> Result<rmboost::Completion, rmboost::BackendError> {
         let start = Instant::now();
         let result = self.inner.complete(request).await;
+        let end = Instant::now();
         self.nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add((end - start).as_nanos() as u64, Ordering::Relaxed);
         self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = &result {
+            let mut parts = c.model.split('@').skip(1).map(|p| p.parse::<u64>().ok());
+            if let (Some(Some(arrived)), Some(Some(left))) = (parts.next(), parts.next()) {
+                let (s, e) = (since_epoch(start), since_epoch(end));
+                self.to_server.fetch_add(arrived.saturating_sub(s), Ordering::Relaxed);
+                self.from_server.fetch_add(e.saturating_sub(left), Ordering::Relaxed);
+            }
+        }
         result
     }
 }
 
 /// Calls and total nanoseconds of the [`Timed`] layer.
-type CallTimes = (Arc<AtomicU64>, Arc<AtomicU64>);
+type CallTimes = (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+);
 
 fn generator(
     server: &BenchServer,
@@ -555,6 +589,8 @@ fn generator(
         inner: backend,
         calls: times.0.clone(),
         nanos: times.1.clone(),
+        to_server: times.2.clone(),
+        from_server: times.3.clone(),
     };
     let backend: Arc<dyn rmboost::LlmBackend> = match cache {
         Some(cache) => Arc::new(Cached::new(Retry::new(backend), cache.clone())),
@@ -704,9 +740,12 @@ fn throughput_point(
     let call_ms = times.1.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
     let wall_per_call_ms = summary.elapsed.as_secs_f64() * 1e3 * concurrency as f64
         / (2.0 * summary.generation.examples.max(1) as f64);
+    let to_ms = times.2.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
+    let from_ms = times.3.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
     println!(
         "  server delay served: mean {:.2} ms (L = {} ms); HTTP call as the generator sees it: \
-         mean {call_ms:.2} ms; wall time per call slot: {wall_per_call_ms:.2} ms",
+         mean {call_ms:.2} ms (call to server handler {to_ms:.2}, answer to call's end \
+         {from_ms:.2}); wall time per call slot: {wall_per_call_ms:.2} ms",
         server.mean_delay(delay_before).as_secs_f64() * 1e3,
         latency.as_millis()
     );
