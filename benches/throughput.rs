@@ -557,8 +557,10 @@ impl<B: rmboost::LlmBackend> rmboost::LlmBackend for Timed<B> {
             let mut parts = c.model.split('@').skip(1).map(|p| p.parse::<u64>().ok());
             if let (Some(Some(arrived)), Some(Some(left))) = (parts.next(), parts.next()) {
                 let (s, e) = (since_epoch(start), since_epoch(end));
-                self.to_server.fetch_add(arrived.saturating_sub(s), Ordering::Relaxed);
-                self.from_server.fetch_add(e.saturating_sub(left), Ordering::Relaxed);
+                self.to_server
+                    .fetch_add(arrived.saturating_sub(s), Ordering::Relaxed);
+                self.from_server
+                    .fetch_add(e.saturating_sub(left), Ordering::Relaxed);
             }
         }
         result

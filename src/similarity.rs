@@ -298,7 +298,7 @@ fn hash_span(bytes: &[u8], start: usize, end: usize) -> u64 {
     // Most tokens: shorter than a word, with a word of text left to load.
     if len < 8 && bytes.len() - start >= 8 {
         let word = u64::from_le_bytes(bytes[start..start + 8].try_into().expect("8 bytes"));
-        return finish_token(0, (word | CASE) & LOW_BYTES[len], len);
+        return finish_token(0, (word | CASE) & LOW_BYTES[len & 7], len);
     }
     let mut h = 0u64;
     let mut at = start;
@@ -310,7 +310,7 @@ fn hash_span(bytes: &[u8], start: usize, end: usize) -> u64 {
     let rest = end - at;
     let mut last = [0u8; 8];
     last[..rest].copy_from_slice(&bytes[at..end]);
-    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest]);
+    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest & 7]);
     finish_token(h, word, len)
 }
 
@@ -388,13 +388,15 @@ fn bitmap_bits(bytes: usize) -> usize {
         .next_power_of_two()
 }
 
-fn reset(map: &mut Vec<u64>, bits: usize) {
+/// Clears `map` to `bits` zero bits and returns it as a slice (which the token loops keep in
+/// registers, unlike the `Vec` behind it).
+fn reset(map: &mut Vec<u64>, bits: usize) -> &mut [u64] {
     map.clear();
     map.resize(bits / 64, 0);
+    map
 }
 
-/// Sets the bit of `h` in `map` (of `2^(64 - shift)` bits): Fibonacci hashing, so every bit
-/// of the hash matters. Returns whether the bit was unset, so that callers count set bits as
+/// Sets the bit of `h` in `map` (of `2^(64 - shift)` bits; see [`bit_of`]). Returns whether the bit was unset, so that callers count set bits as
 /// they go instead of a popcount pass over the bitmap.
 fn set_bit(map: &mut [u64], shift: u32, h: u64) -> bool {
     let (word, bit) = bit_of(shift, h);
@@ -403,9 +405,10 @@ fn set_bit(map: &mut [u64], shift: u32, h: u64) -> bool {
     new
 }
 
-/// The word and bit mask of `h` in a bitmap of `2^(64 - shift)` bits.
+/// The word and bit mask of `h` in a bitmap of `2^(64 - shift)` bits: the top bits of `h`
+/// (every hash given here comes out of a full mixing step).
 fn bit_of(shift: u32, h: u64) -> (usize, u64) {
-    let i = (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift) as usize;
+    let i = (h >> shift) as usize;
     (i / 64, 1 << (i % 64))
 }
 
@@ -437,7 +440,7 @@ pub(crate) fn text_stats(
         let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
         let shift = 64 - bits.trailing_zeros();
         let Bitmaps { lower, a, b, grams } = s;
-        reset(b, bits);
+        let b = reset(b, bits);
         let mut nb = 0u32;
         let tokens = for_each_token_fast(text, lower, |h| {
             nb += u32::from(set_bit(b, shift, h));
@@ -451,7 +454,7 @@ pub(crate) fn text_stats(
                 if bound >= min {
                     Some(bound)
                 } else {
-                    reset(grams, bits);
+                    let grams = reset(grams, bits);
                     let (mut p1, mut p2) = (0u64, 0u64);
                     let (mut seen, mut ng) = (0usize, 0u32);
                     for_each_token_fast(text, lower, |h| {
@@ -468,11 +471,11 @@ pub(crate) fn text_stats(
             _ => None,
         };
         let jaccard = reference.map(|r| {
-            reset(a, bits);
+            let a = reset(a, bits);
             // Both texts must be hashed the same way, whichever is ASCII.
             let ascii = text.is_ascii() && r.is_ascii();
             if !ascii {
-                reset(b, bits);
+                b.fill(0);
                 nb = 0;
                 for_each_token(text, lower, |h| nb += u32::from(set_bit(b, shift, h)));
             }
@@ -523,7 +526,9 @@ pub(crate) fn text_stats(
             let common = estimate(na, bits) + d_b - union;
             (common / union).clamp(0.0, 1.0)
         });
-        if lower.capacity() > KEEP_BYTES {
+        // Scratch grown for an unusually long text is not kept for the thread.
+        let kept = s.lower.capacity() + 8 * (s.a.capacity() + s.b.capacity() + s.grams.capacity());
+        if kept > 4 * KEEP_BYTES {
             *s = Bitmaps::default();
         }
         TextStats {
