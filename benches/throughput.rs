@@ -744,6 +744,12 @@ fn throughput_point(
         / (2.0 * summary.generation.examples.max(1) as f64);
     let to_ms = times.2.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
     let from_ms = times.3.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
+    let served = server.mean_delay(delay_before).as_secs_f64();
+    println!(
+        "  {:.1}% of C/(2 x served delay): the client's share, without the server's overshoot \
+         of L",
+        100.0 * rate * 2.0 * served / concurrency as f64
+    );
     println!(
         "  server delay served: mean {:.2} ms (L = {} ms); HTTP call as the generator sees it: \
          mean {call_ms:.2} ms (call to server handler {to_ms:.2}, answer to call's end \
