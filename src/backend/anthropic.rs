@@ -59,19 +59,20 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::backend::http::{self, HttpConfig, ServerError};
-use crate::backend::{Completion, CompletionRequest, FinishReason, LlmBackend, Role, Usage};
+use crate::backend::{
+    Completion, CompletionRequest, FinishReason, LlmBackend, Message, Role, Usage,
+};
 use crate::error::{BackendError, BackendErrorKind, Error};
 
 /// The default base URL, Anthropic's API.
@@ -111,42 +112,13 @@ impl AnthropicBackend {
         &self.url
     }
 
-    fn body(&self, request: &CompletionRequest) -> Value {
-        let system: Vec<&str> = request
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::System)
-            .map(|m| m.content.as_str())
-            .collect();
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .filter(|m| m.role != Role::System)
-            .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-            .collect();
-        let mut body = serde_json::Map::new();
-        body.insert("model".into(), Value::String(self.model.clone()));
-        body.insert(
-            "max_tokens".into(),
-            json!(request.max_tokens.unwrap_or(self.default_max_tokens)),
-        );
-        if !system.is_empty() {
-            body.insert("system".into(), Value::String(system.join("\n\n")));
+    /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
+    /// copy of the messages).
+    fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
+        Body {
+            backend: self,
+            request,
         }
-        body.insert("messages".into(), Value::Array(messages));
-        if let Some(t) = request.temperature {
-            body.insert("temperature".into(), http::f32_json(t));
-        }
-        if let Some(p) = request.top_p {
-            body.insert("top_p".into(), http::f32_json(p));
-        }
-        if !request.stop.is_empty() {
-            body.insert("stop_sequences".into(), json!(request.stop));
-        }
-        for (k, v) in &self.extra_body {
-            body.insert(k.clone(), v.clone());
-        }
-        Value::Object(body)
     }
 
     fn headers(&self) -> HeaderMap {
@@ -188,6 +160,57 @@ impl AnthropicBackend {
         span.record("completion_tokens", completion.usage.completion_tokens);
         tracing::trace!(text = %completion.text, "response");
         Ok(completion)
+    }
+}
+
+/// A messages request body: the system messages joined into `system`, the other messages,
+/// the set fields, then the extra body fields, which replace set fields of the same name.
+struct Body<'a> {
+    backend: &'a AnthropicBackend,
+    request: &'a CompletionRequest,
+}
+
+/// The messages of a conversation but its system messages.
+struct NonSystem<'a>(&'a [Message]);
+
+impl Serialize for NonSystem<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().filter(|m| m.role != Role::System))
+    }
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (b, r) = (self.backend, self.request);
+        let extra = &b.extra_body;
+        let mut map = serializer.serialize_map(None)?;
+        http::body_field(&mut map, extra, "model", &b.model)?;
+        let max_tokens = r.max_tokens.unwrap_or(b.default_max_tokens);
+        http::body_field(&mut map, extra, "max_tokens", &max_tokens)?;
+        let mut system = r.messages.iter().filter(|m| m.role == Role::System);
+        if let Some(first) = system.next() {
+            let mut joined = first.content.clone();
+            for m in system {
+                joined.push_str("\n\n");
+                joined.push_str(&m.content);
+            }
+            http::body_field(&mut map, extra, "system", &joined)?;
+        }
+        http::body_field(&mut map, extra, "messages", &NonSystem(&r.messages))?;
+        if let Some(t) = r.temperature {
+            http::body_field(&mut map, extra, "temperature", &http::f32_json(t))?;
+        }
+        if let Some(p) = r.top_p {
+            http::body_field(&mut map, extra, "top_p", &http::f32_json(p))?;
+        }
+        if !r.stop.is_empty() {
+            http::body_field(&mut map, extra, "stop_sequences", &r.stop)?;
+        }
+        for (k, v) in extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }
 
@@ -260,38 +283,18 @@ impl fmt::Debug for AnthropicBackendBuilder {
 }
 
 impl AnthropicBackendBuilder {
-    /// The API's base URL including the version prefix; `/messages` is appended. A URL without
-    /// a path gets `/v1`. Default [`DEFAULT_BASE_URL`].
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.config.base_url = url.into();
-        self
-    }
-
-    /// The model name sent with every request. Required.
-    pub fn model(mut self, model: impl Into<String>) -> Self {
-        self.config.model = model.into();
-        self
-    }
-
-    /// The API key, given in code. It is held in a secret wrapper and never printed.
-    /// Takes precedence over [`api_key_env`](Self::api_key_env). Default: no key.
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.config.api_key = Some(SecretString::from(key.into()));
-        self
-    }
-
-    /// Reads the API key from this environment variable when [`build`](Self::build) runs;
-    /// `build` fails if it is unset or empty. Default: none (no key is sent).
-    pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
-        self.config.api_key_env = Some(var.into());
-        self
-    }
-
-    /// Adds a header sent with every request (e.g. `anthropic-beta`). Values are treated as
-    /// sensitive and not printed.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.headers.push((name.into(), value.into()));
-        self
+    http::http_config_setters! {
+        base_url: "The API's base URL including the version prefix; `/messages` is appended. A
+    URL without a path gets `/v1`. Default [`DEFAULT_BASE_URL`].",
+        model: "The model name sent with every request. Required.",
+        header: "Adds a header sent with every request (e.g. `anthropic-beta`). Values are
+    treated as sensitive and not printed.",
+        timeout: "The most one request may take, from sending to the end of the body; `None` for
+    no limit. Default 600 s.",
+        extra_body: "Adds a field to every request body (`top_k`, `metadata`, `thinking`, ...).
+    It wins over a field of the same name set from the request.",
+        client: "Uses this client instead of building one. The timeout settings are then the
+    client's.",
     }
 
     /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
@@ -303,32 +306,6 @@ impl AnthropicBackendBuilder {
     /// The `max_tokens` sent when a request sets none (the API requires one). Default 1024.
     pub fn default_max_tokens(mut self, max_tokens: u32) -> Self {
         self.default_max_tokens = max_tokens;
-        self
-    }
-
-    /// The most one request may take, from sending to the end of the body; `None` for no
-    /// limit. Default 600 s.
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.timeout = timeout.into();
-        self
-    }
-
-    /// The most connecting may take. Default 10 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
-        self
-    }
-
-    /// Adds a field to every request body (`top_k`, `metadata`, `thinking`, ...). It wins over
-    /// a field of the same name set from the request.
-    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
-        self.config.extra_body.insert(name.into(), value);
-        self
-    }
-
-    /// Uses this client instead of building one. The timeout settings are then the client's.
-    pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.config.client = Some(client);
         self
     }
 
@@ -474,7 +451,7 @@ impl WireResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Message;
+    use serde_json::json;
 
     #[test]
     fn body_extracts_system_and_defaults_max_tokens() {
@@ -489,7 +466,7 @@ mod tests {
             Message::system("b"),
         ])
         .with_seed(9);
-        let body = backend.body(&req);
+        let body = serde_json::to_value(backend.body(&req)).unwrap();
         assert_eq!(
             body,
             json!({"model": "m", "max_tokens": 1024, "system": "a\n\nb",

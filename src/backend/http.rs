@@ -190,6 +190,21 @@ pub(crate) fn f32_json(x: f32) -> Value {
         .map_or(Value::Null, Value::Number)
 }
 
+/// Writes one request body field, unless an extra body field of the same name replaces it
+/// (the extra fields are written after the set ones).
+pub(crate) fn body_field<M: serde::ser::SerializeMap, V: serde::Serialize + ?Sized>(
+    map: &mut M,
+    extra: &serde_json::Map<String, Value>,
+    name: &str,
+    value: &V,
+) -> Result<(), M::Error> {
+    if extra.contains_key(name) {
+        Ok(())
+    } else {
+        map.serialize_entry(name, value)
+    }
+}
+
 /// Sends `body` as JSON to `url` and reads the whole answer as text.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
@@ -526,6 +541,77 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
+
+/// The builder setters the HTTP backends share, all of which set a field of the builder's
+/// `config: HttpConfig`. Each backend gives the docs of the settings whose meaning is its own
+/// (the base URL's path, the model, example headers and body fields, the default timeout).
+macro_rules! http_config_setters {
+    (
+        base_url: $base_url:literal,
+        model: $model:literal,
+        header: $header:literal,
+        timeout: $timeout:literal,
+        extra_body: $extra_body:literal,
+        client: $client:literal $(,)?
+    ) => {
+        #[doc = $base_url]
+        pub fn base_url(mut self, url: impl Into<String>) -> Self {
+            self.config.base_url = url.into();
+            self
+        }
+
+        #[doc = $model]
+        pub fn model(mut self, model: impl Into<String>) -> Self {
+            self.config.model = model.into();
+            self
+        }
+
+        /// The API key, given in code. It is held in a secret wrapper and never printed.
+        /// Takes precedence over [`api_key_env`](Self::api_key_env). Default: no key.
+        pub fn api_key(mut self, key: impl Into<String>) -> Self {
+            self.config.api_key = Some(secrecy::SecretString::from(key.into()));
+            self
+        }
+
+        /// Reads the API key from this environment variable when [`build`](Self::build) runs;
+        /// `build` fails if it is unset or empty. Default: none (no key is sent).
+        pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
+            self.config.api_key_env = Some(var.into());
+            self
+        }
+
+        #[doc = $header]
+        pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+            self.config.headers.push((name.into(), value.into()));
+            self
+        }
+
+        #[doc = $timeout]
+        pub fn timeout(mut self, timeout: impl Into<Option<std::time::Duration>>) -> Self {
+            self.config.timeout = timeout.into();
+            self
+        }
+
+        /// The most connecting may take. Default 10 s.
+        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.config.connect_timeout = timeout;
+            self
+        }
+
+        #[doc = $extra_body]
+        pub fn extra_body(mut self, name: impl Into<String>, value: serde_json::Value) -> Self {
+            self.config.extra_body.insert(name.into(), value);
+            self
+        }
+
+        #[doc = $client]
+        pub fn client(mut self, client: reqwest::Client) -> Self {
+            self.config.client = Some(client);
+            self
+        }
+    };
+}
+pub(crate) use http_config_setters;
 
 #[cfg(test)]
 mod tests {

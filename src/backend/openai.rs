@@ -61,7 +61,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
@@ -177,38 +176,25 @@ struct Body<'a> {
 impl Serialize for Body<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        /// One set field, unless an extra field of the same name replaces it.
-        fn field<M: SerializeMap, V: Serialize + ?Sized>(
-            map: &mut M,
-            extra: &serde_json::Map<String, Value>,
-            name: &str,
-            value: &V,
-        ) -> Result<(), M::Error> {
-            if extra.contains_key(name) {
-                Ok(())
-            } else {
-                map.serialize_entry(name, value)
-            }
-        }
         let (b, r) = (self.backend, self.request);
         let extra = &b.extra_body;
         let mut map = serializer.serialize_map(None)?;
-        field(&mut map, extra, "model", &b.model)?;
-        field(&mut map, extra, "messages", &r.messages)?;
+        http::body_field(&mut map, extra, "model", &b.model)?;
+        http::body_field(&mut map, extra, "messages", &r.messages)?;
         if let Some(t) = r.temperature {
-            field(&mut map, extra, "temperature", &http::f32_json(t))?;
+            http::body_field(&mut map, extra, "temperature", &http::f32_json(t))?;
         }
         if let Some(p) = r.top_p {
-            field(&mut map, extra, "top_p", &http::f32_json(p))?;
+            http::body_field(&mut map, extra, "top_p", &http::f32_json(p))?;
         }
         if let Some(n) = r.max_tokens {
-            field(&mut map, extra, &b.max_tokens_field, &n)?;
+            http::body_field(&mut map, extra, &b.max_tokens_field, &n)?;
         }
         if let Some(seed) = r.seed {
-            field(&mut map, extra, "seed", &seed)?;
+            http::body_field(&mut map, extra, "seed", &seed)?;
         }
         if !r.stop.is_empty() {
-            field(&mut map, extra, "stop", &r.stop)?;
+            http::body_field(&mut map, extra, "stop", &r.stop)?;
         }
         for (k, v) in extra {
             map.serialize_entry(k, v)?;
@@ -283,74 +269,27 @@ impl fmt::Debug for OpenAiBackendBuilder {
 }
 
 impl OpenAiBackendBuilder {
-    /// The API's base URL, up to and including the version prefix, e.g.
-    /// `http://127.0.0.1:8080/v1`; `/chat/completions` is appended. A URL without a path gets
-    /// `/v1`. Default [`DEFAULT_BASE_URL`].
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.config.base_url = url.into();
-        self
-    }
-
-    /// The model name sent with every request. Required (any non-empty name for servers that
-    /// ignore it, such as llama.cpp's).
-    pub fn model(mut self, model: impl Into<String>) -> Self {
-        self.config.model = model.into();
-        self
-    }
-
-    /// The API key, given in code. It is held in a secret wrapper and never printed.
-    /// Takes precedence over [`api_key_env`](Self::api_key_env). Default: no key.
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.config.api_key = Some(SecretString::from(key.into()));
-        self
-    }
-
-    /// Reads the API key from this environment variable when [`build`](Self::build) runs;
-    /// `build` fails if it is unset or empty. Default: none (no key is sent).
-    pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
-        self.config.api_key_env = Some(var.into());
-        self
-    }
-
-    /// Adds a header sent with every request (a gateway's routing or auth header, an
-    /// organisation id). Values are treated as sensitive and not printed.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// The most one request may take, from sending to the end of the body; `None` for no
-    /// limit. Default 600 s (slow local models need long).
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.timeout = timeout.into();
-        self
-    }
-
-    /// The most connecting may take. Default 10 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
-        self
-    }
-
-    /// Adds a field to every request body, for server-specific options (`top_k`,
-    /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, ...). It wins over a
-    /// field of the same name set from the request.
-    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
-        self.config.extra_body.insert(name.into(), value);
-        self
+    http::http_config_setters! {
+        base_url: "The API's base URL, up to and including the version prefix, e.g.
+`http://127.0.0.1:8080/v1`; `/chat/completions` is appended. A URL without a path gets `/v1`.
+Default [`DEFAULT_BASE_URL`].",
+        model: "The model name sent with every request. Required (any non-empty name for servers
+    that ignore it, such as llama.cpp's).",
+        header: "Adds a header sent with every request (a gateway's routing or auth header, an
+    organisation id). Values are treated as sensitive and not printed.",
+        timeout: "The most one request may take, from sending to the end of the body; `None` for
+    no limit. Default 600 s (slow local models need long).",
+        extra_body: "Adds a field to every request body, for server-specific options (`top_k`,
+`repetition_penalty`, `response_format`, vLLM's `guided_json`, ...). It wins over a field of
+the same name set from the request.",
+        client: "Uses this client instead of building one (to share a pool between backends or
+    set proxies and certificates). The timeout settings are then the client's.",
     }
 
     /// The name of the field the token limit is sent in. Default `max_tokens`; OpenAI's
     /// reasoning models want `max_completion_tokens`.
     pub fn max_tokens_field(mut self, name: impl Into<String>) -> Self {
         self.max_tokens_field = name.into();
-        self
-    }
-
-    /// Uses this client instead of building one (to share a pool between backends or set
-    /// proxies and certificates). The timeout settings are then the client's.
-    pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.config.client = Some(client);
         self
     }
 
