@@ -9,15 +9,17 @@
 //!   share that are distinct. Prose is near 1.0; a model stuck in a loop ("I'm not able to
 //!   assist you. I'm not able to assist you. ...") falls far below.
 //!
-//! Tokens and trigrams are compared by a 64-bit hash with a fixed seed (foldhash), so results
-//! are deterministic. [`token_jaccard`] (the report's) is exact up to 64-bit hash collisions.
+//! Tokens and trigrams are compared by 64-bit hashes with fixed seeds, so results are
+//! deterministic. [`token_jaccard`] (the report's) is exact up to 64-bit hash collisions.
 //! [`text_stats`] (the response checks', on the hot path of every example) *estimates* both
 //! figures with bitmaps and linear counting: each token or trigram sets one bit of a bitmap
 //! with at least 16 bits per possible token, and a set's size is read from the share of bits
 //! left unset. That is several times faster than hash sets (the checks must fit in the
 //! generator's budget of a few microseconds per example) and stays within about 0.01 of the
-//! exact figures for answers of ordinary length. Scratch space lives in a per-thread buffer:
-//! after the first call no allocation happens for texts of a size seen before.
+//! exact figures for answers of ordinary length. Its tokenizer reads ASCII text 8 bytes at a
+//! time (SWAR) and hashes each token from whole-word loads. Scratch space lives in a
+//! per-thread buffer: after the first call no allocation happens for texts of a size seen
+//! before.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
