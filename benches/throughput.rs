@@ -679,6 +679,79 @@ fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
     println!("  {cpu}");
 }
 
+/// The harness's own ceiling at one point: `C` tasks of a bare reqwest client, each making
+/// two calls one after the other per "example" (a first request, then one that asks for
+/// `<response>` tags), with no generator, cache, resume or output file. What a throughput
+/// point loses beyond this is the pipeline's; what this loses is the server's, the kernel's
+/// and the machine's.
+fn ceiling_point(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    concurrency: usize,
+    latency: Duration,
+    prompts: Option<u64>,
+) {
+    let ideal = concurrency as f64 / (2.0 * latency.as_secs_f64());
+    let n =
+        prompts.unwrap_or_else(|| ((ideal * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
+    server.set_latency(latency);
+    let client = reqwest::Client::new();
+    let url = format!("{}/chat/completions", server.base_url());
+    let first = format!(
+        "{{\"model\":\"bench-model\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"seed\":7}}"
+    );
+    let second = format!(
+        "{{\"model\":\"bench-model\",\"messages\":[{{\"role\":\"system\",\"content\":\"Answer inside <response></response> tags.\"}},{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"seed\":8}}"
+    );
+    let delay_before = server.delay_counters();
+    let next = Arc::new(AtomicU64::new(0));
+    let meter = CpuMeter::start();
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, first, second, next) = (
+                client.clone(),
+                url.clone(),
+                first.clone(),
+                second.clone(),
+                next.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    for body in [&first, &second] {
+                        let r = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
+                            .send()
+                            .await
+                            .expect("request");
+                        let text = r.text().await.expect("body");
+                        assert!(text.len() > 500);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = meter.stop();
+    let rate = n as f64 / wall;
+    let served = server.mean_delay(delay_before).as_secs_f64();
+    println!(
+        "ceiling C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} pairs/s = {:>5.1}% of C/(2L)={ideal:.0} \
+         ({:.1}% of C/(2 x served delay {:.2} ms)): a bare client, two calls per pair",
+        latency.as_millis(),
+        100.0 * rate / ideal,
+        100.0 * rate * 2.0 * served / concurrency as f64,
+        served * 1e3,
+    );
+    println!("  {cpu}");
+}
+
 fn throughput_point(
     rt: &tokio::runtime::Runtime,
     server: &BenchServer,
@@ -885,6 +958,17 @@ fn main() {
                     latency,
                     args.prompts.get(i).or(args.prompts.last()).copied(),
                     !args.no_cache,
+                );
+            }
+        }
+        "ceiling" => {
+            for (i, &c) in args.concurrency.iter().enumerate() {
+                ceiling_point(
+                    &rt,
+                    &server,
+                    c,
+                    latency,
+                    args.prompts.get(i).or(args.prompts.last()).copied(),
                 );
             }
         }

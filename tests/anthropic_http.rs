@@ -50,6 +50,7 @@ async fn sends_the_messages_api_shape() {
         .and(path(PATH))
         .and(header("x-api-key", "sk-ant-test-key"))
         .and(header("anthropic-version", "2023-06-01"))
+        .and(header("content-type", "application/json"))
         .and(body_json(json!({
             "model": "claude-test",
             "max_tokens": 64,

@@ -53,6 +53,7 @@ async fn sends_the_request_fields_and_maps_the_response() {
         .and(path(PATH))
         .and(header("authorization", "Bearer sk-test-key"))
         .and(header("x-gateway", "blue"))
+        .and(header("content-type", "application/json"))
         .and(body_partial_json(json!({
             "model": "test-model",
             "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],

@@ -57,13 +57,15 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
-use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition, TableError};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -71,6 +73,9 @@ use tokio::sync::mpsc;
 use crate::backend::{Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 use crate::Error;
+use filter::KeyFilter;
+
+mod filter;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("completions_v1");
 const VERSION: &str = "rmboost/cache/v1";
@@ -160,6 +165,8 @@ struct Counters {
     misses: AtomicU64,
     stored: AtomicU64,
     errors: AtomicU64,
+    /// Lookups that read the database (the filter could not rule the key out).
+    db_reads: AtomicU64,
 }
 
 /// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at most
@@ -173,6 +180,44 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
     pending: Arc<Pending>,
+    keys: Arc<Keys>,
+    /// The thread that reads the keys stored before the cache was opened into `keys`.
+    scan: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Every key stored, or queued to be, in a Bloom filter: once `complete`, a key the filter
+/// does not have is a miss without a database read (every lookup of a first run).
+struct Keys {
+    filter: KeyFilter,
+    /// The keys the database held when it was opened are all in the filter.
+    complete: AtomicBool,
+    /// The cache is being dropped: the scan stops.
+    closing: AtomicBool,
+}
+
+impl Keys {
+    fn surely_absent(&self, key: &[u8; 32]) -> bool {
+        self.complete.load(Ordering::Acquire) && !self.filter.may_contain(key)
+    }
+}
+
+/// Reads every stored key into `keys.filter`, then marks it complete. Keys put meanwhile go
+/// into the filter as they are put (see [`Cache::put`]), so none is missed.
+fn scan_keys(db: &Database, keys: &Keys) -> Result<(), String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+    for (i, entry) in table.iter().map_err(|e| e.to_string())?.enumerate() {
+        if i % 4096 == 0 && keys.closing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (key, _) = entry.map_err(|e| e.to_string())?;
+        // A key of another length is never looked up.
+        if let Ok(key) = <[u8; 32]>::try_from(key.value()) {
+            keys.filter.insert(&key);
+        }
+    }
+    keys.complete.store(true, Ordering::Release);
+    Ok(())
 }
 
 fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<[u8]>>> {
@@ -184,8 +229,10 @@ impl Drop for Inner {
         // Closing the channel lets the writer commit what is queued and end; joining it
         // releases the database before the file can be opened again.
         self.tx = None;
-        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        self.keys.closing.store(true, Ordering::Relaxed);
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let scan = self.scan.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for h in [writer, scan].into_iter().flatten() {
             let _ = h.join();
         }
     }
@@ -204,6 +251,11 @@ impl fmt::Debug for Cache {
         f.debug_struct("Cache")
             .field("path", &self.inner.path)
             .field("stats", &self.stats())
+            .field("key_filter_bytes", &self.inner.keys.filter.bytes())
+            .field(
+                "key_filter_complete",
+                &self.inner.keys.complete.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -251,9 +303,39 @@ impl Cache {
             })?;
         // Make sure the table exists, so readers never see it missing.
         let txn = db.begin_write().map_err(|e| db_err(path, e))?;
-        txn.open_table(TABLE).map_err(|e| db_err(path, e))?;
+        let stored = txn
+            .open_table(TABLE)
+            .and_then(|t| Ok(t.len()?))
+            .map_err(|e| db_err(path, e))?;
         txn.commit().map_err(|e| db_err(path, e))?;
         let db = Arc::new(db);
+        let stored = usize::try_from(stored).unwrap_or(usize::MAX / 4);
+        let keys = Arc::new(Keys {
+            filter: KeyFilter::with_capacity(stored.saturating_mul(2)),
+            complete: AtomicBool::new(stored == 0),
+            closing: AtomicBool::new(false),
+        });
+        // The keys already stored are read in the background: opening a large cache does not
+        // wait for it, and lookups read the database until it is done.
+        let scan = if stored == 0 {
+            None
+        } else {
+            let (scan_db, scan_keys_) = (db.clone(), keys.clone());
+            let spawned = std::thread::Builder::new()
+                .name("rmboost-cache-scan".into())
+                .spawn(move || {
+                    if let Err(e) = scan_keys(&scan_db, &scan_keys_) {
+                        tracing::warn!(error = %e, "response cache: reading the stored keys failed; lookups read the database");
+                    }
+                });
+            match spawned {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "response cache: no thread to read the stored keys; lookups read the database");
+                    None
+                }
+            }
+        };
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let pending = Arc::new(Pending::default());
@@ -274,6 +356,8 @@ impl Cache {
                 writer: Mutex::new(Some(writer)),
                 counters,
                 pending,
+                keys,
+                scan: Mutex::new(scan),
             }),
         })
     }
@@ -361,7 +445,11 @@ impl Cache {
         let queued = lock(&self.inner.pending).get(&key).cloned();
         let found = match &queued {
             Some(v) => Ok(Some(Cow::Borrowed(&**v))),
-            None => read(&self.inner.db, &key).map(|r| r.map(Cow::Owned)),
+            None if self.inner.keys.surely_absent(&key) => Ok(None),
+            None => {
+                counters.db_reads.fetch_add(1, Ordering::Relaxed);
+                read(&self.inner.db, &key).map(|r| r.map(Cow::Owned))
+            }
         };
         let bytes = match found {
             Ok(Some(b)) => b,
@@ -395,9 +483,10 @@ impl Cache {
     /// full. A failure is logged and counted in [`CacheStats::errors`], never returned: the
     /// cache is an optimisation.
     pub async fn put(&self, key: [u8; 32], completion: &Completion) {
-        let value: Arc<[u8]> = serde_json::to_vec(completion)
-            .expect("a completion always serialises")
-            .into();
+        // Sized for the text and the rest of the JSON, so it is not grown as it is written.
+        let mut value = Vec::with_capacity(completion.text.len() + completion.model.len() + 256);
+        serde_json::to_writer(&mut value, completion).expect("a completion always serialises");
+        let value: Arc<[u8]> = value.into();
         // Wait for room first, so a caller dropped meanwhile leaves nothing pending.
         let permit = match self.inner.tx.as_ref() {
             Some(tx) => tx.reserve().await.map_err(|_| "cache writer stopped"),
@@ -405,6 +494,9 @@ impl Cache {
         };
         match permit {
             Ok(permit) => {
+                // Into the filter first: a lookup that misses the queue must not skip the
+                // database for a key on its way there.
+                self.inner.keys.filter.insert(&key);
                 lock(&self.inner.pending).insert(key, value.clone());
                 permit.send(Command::Put { key, value });
             }
@@ -611,6 +703,88 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(hex, GOLDEN_SIMPLE);
+    }
+
+    fn key(i: u64) -> [u8; 32] {
+        Sha256::digest(i.to_le_bytes()).into()
+    }
+
+    fn reads(cache: &Cache) -> u64 {
+        cache.inner.counters.db_reads.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_fresh_cache_answers_absent_keys_without_reading_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("c.redb")).unwrap();
+        assert!(cache.inner.keys.complete.load(Ordering::Relaxed));
+        for i in 0..1000 {
+            assert!(cache.get(key(i)).await.is_none());
+        }
+        assert_eq!(reads(&cache), 0);
+        // Stored keys are found, queued or committed.
+        cache.put(key(1), &Completion::new("one")).await;
+        assert_eq!(cache.get(key(1)).await.unwrap().text, "one");
+        cache.flush().await.unwrap();
+        assert_eq!(cache.get(key(1)).await.unwrap().text, "one");
+        assert_eq!(reads(&cache), 1);
+        assert_eq!((cache.stats().hits, cache.stats().misses), (2, 1000));
+    }
+
+    #[tokio::test]
+    async fn keys_stored_before_opening_are_found_during_and_after_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let n = 20_000;
+        {
+            let cache = Cache::open(&path).unwrap();
+            for i in 0..n {
+                cache.put(key(i), &Completion::new(format!("t{i}"))).await;
+            }
+        }
+        let cache = Cache::open(&path).unwrap();
+        // Right away (the scan may still be running), then once it is done.
+        for i in (0..n).step_by(7) {
+            assert_eq!(cache.get(key(i)).await.unwrap().text, format!("t{i}"));
+        }
+        // Put while the scan may be running: found as well.
+        cache.put(key(n), &Completion::new("new")).await;
+        let start = std::time::Instant::now();
+        while !cache.inner.keys.complete.load(Ordering::Acquire) {
+            assert!(start.elapsed().as_secs() < 60, "the scan never finished");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for i in 0..=n {
+            assert!(cache.get(key(i)).await.is_some(), "key {i} lost");
+        }
+        // Absent keys: the filter rules out nearly all without a read.
+        let before = reads(&cache);
+        for i in n + 1..n + 10_001 {
+            assert!(cache.get(key(i)).await.is_none());
+        }
+        let extra = reads(&cache) - before;
+        assert!(
+            extra < 500,
+            "{extra} of 10,000 absent keys read the database"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_during_the_scan_releases_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let cache = Cache::open(&path).unwrap();
+            for i in 0..20_000 {
+                cache.put(key(i), &Completion::new("x")).await;
+            }
+        }
+        for _ in 0..3 {
+            let cache = Cache::open(&path).unwrap();
+            drop(cache);
+        }
+        let cache = Cache::open(&path).unwrap();
+        assert_eq!(cache.entries().await.unwrap(), 20_000);
     }
 
     const GOLDEN_SIMPLE: &str = "657502aeae4f079194acdaad89ad2d5736a3bc6d0c762af7f3574d8b56d48597";

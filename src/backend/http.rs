@@ -205,26 +205,54 @@ pub(crate) fn body_field<M: serde::ser::SerializeMap, V: serde::Serialize + ?Siz
     }
 }
 
-/// Sends `body` as JSON to `url` and reads the whole answer as text.
+/// Sends `body` as JSON to `url` and reads the whole answer as text. `size_hint` is about
+/// how long the JSON is (the messages' text), so the buffer it is written to is not grown
+/// and copied as it is written.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
 /// classify ([`status_error`]).
 pub(crate) async fn post_json(
     client: &reqwest::Client,
     url: &Url,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: &(impl serde::Serialize + ?Sized),
+    size_hint: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
+    let mut json = Vec::with_capacity(size_hint + size_hint / 16 + 512);
+    serde_json::to_writer(&mut json, body).map_err(|e| {
+        BackendError::new(
+            BackendErrorKind::InvalidRequest,
+            format!("the request body cannot be written as JSON: {e}"),
+        )
+    })?;
+    // As `RequestBuilder::json` does: a content type set in the headers is kept.
+    headers
+        .entry(reqwest::header::CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
     let response = client
         .post(url.clone())
         .headers(headers)
-        .json(body)
+        .body(json)
         .send()
         .await
         .map_err(|e| transport_error(e, url))?;
     let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.map_err(|e| transport_error(e, url))?;
+    // Only an error's headers are read (for `Retry-After`): a success's are not copied.
+    let headers = if status.is_success() {
+        HeaderMap::new()
+    } else {
+        response.headers().clone()
+    };
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(e, url))?;
+    // Valid UTF-8 (every JSON body) is moved into the string as it is; anything else is
+    // decoded lossily, as `Response::text` would.
+    let text = match String::from_utf8(Vec::from(bytes)) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
     Ok((status, headers, text))
 }
 

@@ -246,6 +246,12 @@ impl CompletionRequest {
         }
     }
 
+    /// The bytes of text in the messages: about how long the request is as JSON.
+    #[cfg_attr(not(any(feature = "openai", feature = "anthropic")), allow(dead_code))]
+    pub(crate) fn text_len(&self) -> usize {
+        self.messages.iter().map(|m| m.content.len()).sum()
+    }
+
     /// Copies the sampling settings of `params` into this request.
     #[must_use]
     pub fn with_params(mut self, params: &SamplingParams) -> Self {

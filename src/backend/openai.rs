@@ -133,8 +133,14 @@ impl OpenAiBackend {
         let span = tracing::Span::current();
         tracing::trace!(messages = ?request.messages, "request");
         let body = self.body(&request);
-        let (status, headers, text) =
-            http::post_json(&self.client, &self.url, self.headers(), &body).await?;
+        let (status, headers, text) = http::post_json(
+            &self.client,
+            &self.url,
+            self.headers(),
+            &body,
+            request.text_len(),
+        )
+        .await?;
         span.record("status", status.as_u16());
         let key = self.api_key.as_ref();
         if !status.is_success() {
