@@ -58,6 +58,21 @@ async fn crash_child() {
     let input = dir.join("in.jsonl");
     let output = dir.join("out.jsonl");
     #[cfg(feature = "cache")]
+    if std::env::var(CACHE_IDLE_ENV).is_ok() {
+        // Stores completions, says so, then waits to be killed.
+        use rmboost::backend::cache::Cache;
+        let cache = Cache::open(dir.join("cache.redb")).unwrap();
+        for i in 0..IDLE_PUTS {
+            let key: [u8; 32] = std::array::from_fn(|b| (i as u8).wrapping_mul(31) ^ b as u8);
+            cache
+                .put(key, &rmboost::Completion::new(format!("stored {i}")))
+                .await;
+        }
+        std::fs::write(dir.join("ready"), b"").unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return;
+    }
+    #[cfg(feature = "cache")]
     if std::env::var(CACHE_ENV).is_ok() {
         use rmboost::backend::cache::{Cache, Cached};
         let cache = Cache::open(dir.join("cache.redb")).unwrap();
@@ -147,6 +162,30 @@ async fn killed_run_keeps_its_cached_completions() {
         "FIGURES cache crash: {} examples written ({calls} calls) before SIGKILL, {entries} completions in the cache",
         written.len()
     );
+}
+
+#[cfg(feature = "cache")]
+const CACHE_IDLE_ENV: &str = "RMBOOST_CRASH_CHILD_CACHE_IDLE";
+#[cfg(feature = "cache")]
+const IDLE_PUTS: usize = 50;
+
+/// Completions stored are made durable within about 0.1 s even when no more come: a child
+/// that stored some and then sat idle for 0.5 s before SIGKILL left every one in the file.
+#[cfg(feature = "cache")]
+#[tokio::test]
+async fn an_idle_cache_makes_its_writes_durable() {
+    use rmboost::backend::cache::Cache;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = child_command(dir.path())
+        .env(CACHE_IDLE_ENV, "1")
+        .spawn()
+        .unwrap();
+    wait_ready(dir.path());
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let cache = Cache::open(dir.path().join("cache.redb")).unwrap();
+    assert_eq!(cache.entries().await.unwrap(), IDLE_PUTS as u64);
 }
 
 fn child_command(dir: &Path) -> Command {
