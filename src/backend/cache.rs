@@ -166,7 +166,7 @@ pub struct CacheStats {
 type Reply = oneshot::Sender<Result<(), String>>;
 
 enum Command {
-    Put { key: [u8; 32], value: Arc<[u8]> },
+    Put { key: [u8; 32], value: Arc<Vec<u8>> },
     Clear { reply: Reply },
     Flush { reply: Reply },
 }
@@ -183,7 +183,7 @@ struct Counters {
 
 /// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at most
 /// the queue plus the batch being committed.
-type Pending = Mutex<HashMap<[u8; 32], Arc<[u8]>>>;
+type Pending = Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>;
 
 struct Inner {
     db: Arc<Database>,
@@ -232,7 +232,7 @@ fn scan_keys(db: &Database, keys: &Keys) -> Result<(), String> {
     Ok(())
 }
 
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<[u8]>>> {
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Vec<u8>>>> {
     pending.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -498,7 +498,8 @@ impl Cache {
         // Sized for the text and the rest of the JSON, so it is not grown as it is written.
         let mut value = Vec::with_capacity(completion.text.len() + completion.model.len() + 256);
         serde_json::to_writer(&mut value, completion).expect("a completion always serialises");
-        let value: Arc<[u8]> = value.into();
+        // An `Arc<Vec>` rather than `Arc<[u8]>`, which would copy the bytes once more.
+        let value = Arc::new(value);
         // Wait for room first, so a caller dropped meanwhile leaves nothing pending.
         let permit = match self.inner.tx.as_ref() {
             Some(tx) => tx.reserve().await.map_err(|_| "cache writer stopped"),
