@@ -87,7 +87,10 @@ impl KeyFilter {
     /// A filter sized for `expected` keys before its first growth.
     pub(crate) fn with_capacity(expected: usize) -> KeyFilter {
         KeyFilter {
-            layers: RwLock::new(vec![Arc::new(Layer::new(expected.max(MIN_CAPACITY)))]),
+            // Bounded so the bit count cannot overflow; it grows past that if it must.
+            layers: RwLock::new(vec![Arc::new(Layer::new(
+                expected.clamp(MIN_CAPACITY, usize::MAX / (BITS_PER_KEY * 64)),
+            ))]),
         }
     }
 
