@@ -366,3 +366,51 @@ fn builder_validates() {
     assert_eq!(b.endpoint().path(), "/v1/messages");
     assert_eq!(b.name(), "anthropic");
 }
+
+/// A redirect is not followed: `x-api-key` is not a header reqwest's redirect policy strips,
+/// so following it would hand the key to the other host.
+#[tokio::test]
+async fn redirects_are_not_followed_and_the_key_stays_home() {
+    let elsewhere = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("stolen", "end_turn")))
+        .mount(&elsewhere)
+        .await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(307)
+                .insert_header("location", format!("{}/v1/messages", elsewhere.uri()).as_str()),
+        )
+        .mount(&server)
+        .await;
+    let e = quick_retry(backend(&server))
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert!(
+        elsewhere.received_requests().await.unwrap().is_empty(),
+        "the key followed the redirect"
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert!(e.is_fatal(), "{e}");
+    let host = elsewhere.uri().trim_start_matches("http://").to_string();
+    assert!(e.to_string().contains(&host), "{e}");
+    assert!(!format!("{e:?}").contains("sk-ant-test-key"));
+}
+
+/// Usage counts that would overflow when summed saturate instead.
+#[tokio::test]
+async fn absurd_usage_saturates() {
+    let server = MockServer::start().await;
+    let mut body = anthropic_body("hi", "end_turn");
+    body["usage"] = json!({"input_tokens": u64::MAX, "output_tokens": 1,
+        "cache_creation_input_tokens": 5, "cache_read_input_tokens": u64::MAX});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(&server)
+        .await;
+    let c = backend(&server).complete(request()).await.unwrap();
+    assert_eq!(c.usage, Usage::new(u64::MAX, 1));
+    assert_eq!(c.usage.total(), u64::MAX);
+}

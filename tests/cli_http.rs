@@ -317,3 +317,162 @@ async fn a_rerun_is_answered_from_the_response_cache() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(server.received_requests().await.unwrap().len(), calls + 8);
 }
+
+/// `--timeout` too large for a `Duration` is a usage error, not a panic (exit 101).
+#[test]
+fn an_absurd_timeout_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 1);
+    for t in ["1e20", "1e300"] {
+        let o = cmd()
+            .args(["generate", "-i", &input, "-o"])
+            .arg(dir.path().join("out.jsonl"))
+            .args(["--backend", "openai", "--no-cache", "--timeout", t])
+            .arg("--base-url")
+            .arg(format!("http://127.0.0.1:{}/v1", support::dead_port()))
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--timeout {t}: {err}");
+        assert!(err.contains("--timeout"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// A mock server for one prompt's two calls, in the shape of `provider`'s API; it records
+/// every request (headers included).
+async fn answering_server(provider: &str) -> MockServer {
+    let server = MockServer::start().await;
+    let (path_, first, second) = match provider {
+        "openai" => (
+            "/v1/chat/completions",
+            support::openai_body("A full and careful answer.", "stop"),
+            support::openai_body("<response>A short answer, in brief.</response>", "stop"),
+        ),
+        _ => (
+            "/v1/messages",
+            support::anthropic_body("A full and careful answer.", "end_turn"),
+            support::anthropic_body("<response>A short answer, in brief.</response>", "end_turn"),
+        ),
+    };
+    Mock::given(method("POST"))
+        .and(path(path_))
+        .and(body_string_contains("response>"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(second))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(path_))
+        .respond_with(ResponseTemplate::new(200).set_body_json(first))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    server
+}
+
+/// The provider's default key variable goes only to the provider's own URL: with a custom
+/// `--base-url` (here plain http), a key is sent only when `--api-key-env` names it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_key_is_not_sent_to_a_custom_base_url() {
+    for (provider, var, header) in [
+        ("openai", "OPENAI_API_KEY", "authorization"),
+        ("anthropic", "ANTHROPIC_API_KEY", "x-api-key"),
+    ] {
+        for explicit in [false, true] {
+            let server = answering_server(provider).await;
+            let dir = tempfile::tempdir().unwrap();
+            let input = prompts(dir.path(), 1);
+            let mut c = cmd();
+            c.args(["generate", "-i", &input, "-o"])
+                .arg(dir.path().join("out.jsonl"))
+                .args(["--backend", provider, "--model", "m", "--no-cache"])
+                .arg("--base-url")
+                .arg(format!("{}/v1", server.uri()))
+                .env(var, KEY);
+            if explicit {
+                c.args(["--api-key-env", var]);
+            }
+            let o = c.output().unwrap();
+            assert_eq!(o.status.code(), Some(0), "{provider}: {}", text(&o.stderr));
+            assert_no_key(&o);
+            let requests = server.received_requests().await.unwrap();
+            assert_eq!(requests.len(), 2, "{provider}");
+            for r in &requests {
+                let sent = r.headers.get(header).map(|v| v.to_str().unwrap().to_string());
+                if explicit {
+                    let sent = sent.unwrap_or_else(|| panic!("{provider}: no {header}"));
+                    assert!(sent.contains(KEY), "{provider}: {sent}");
+                } else {
+                    assert_eq!(sent, None, "{provider}: the default key went to a custom URL");
+                }
+            }
+        }
+    }
+}
+
+/// A custom server that wants a key, when none was configured, says how to send one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_without_a_key_says_how_to_send_one() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(support::openai_error(
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Missing bearer token.",
+        )))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 1);
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(dir.path().join("out.jsonl"))
+        .args(["--backend", "openai", "--no-cache", "--base-url"])
+        .arg(format!("{}/v1", server.uri()))
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("--api-key-env"), "{err}");
+    assert_no_key(&o);
+}
+
+/// A server reporting `u64::MAX` tokens cannot make the totals overflow (a panic in debug
+/// builds, which tests use): they saturate.
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_token_counts_saturate() {
+    let server = MockServer::start().await;
+    let mut first = support::openai_body("A full and careful answer.", "stop");
+    let mut second = support::openai_body("<response>A short answer, in brief.</response>", "stop");
+    for b in [&mut first, &mut second] {
+        b["usage"] = serde_json::json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX});
+    }
+    Mock::given(method("POST"))
+        .and(body_string_contains("response>"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(second))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(first))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 3);
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(dir.path().join("out.jsonl"))
+        .args(["--backend", "openai", "--model", "m", "--no-cache", "--base-url"])
+        .arg(format!("{}/v1", server.uri()))
+        .arg("--summary-json")
+        .arg(dir.path().join("s.json"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    assert_eq!(s["tokens"]["total"], u64::MAX, "{s}");
+}

@@ -5,6 +5,8 @@
 mod support;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rmboost::backend::openai::OpenAiBackend;
@@ -569,4 +571,338 @@ fn endpoint_gets_v1_when_the_base_has_no_path() {
         b.endpoint().as_str(),
         "http://127.0.0.1:8080/v1/chat/completions"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening: absurd waits, huge bodies, redirects, daily limits, cache identity, huge usage.
+
+/// Waits a server asks for are parsed with checked arithmetic and clamped: never a panic, and a
+/// huge value stays visible as a long wait.
+#[tokio::test]
+async fn absurd_retry_after_values_are_clamped_not_a_panic() {
+    let cases = [
+        ("retry-after-ms", "1e30"),
+        ("retry-after", "1e300"),
+        ("x-ratelimit-reset-requests", "1e300"),
+        ("x-ratelimit-reset-requests", "1e300s"),
+        ("x-ratelimit-reset-tokens", "99999999999999999999h"),
+    ];
+    for (name, value) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header(name, value))
+            .mount(&server)
+            .await;
+        let e = backend(&server).complete(request()).await.unwrap_err();
+        let ra = e
+            .retry_after()
+            .unwrap_or_else(|| panic!("{name}: {value}: no retry_after: {e}"));
+        assert!(ra >= Duration::from_secs(3600), "{name}: {value}: {ra:?}");
+        assert!(ra <= Duration::from_secs(86_400), "{name}: {value}: {ra:?}");
+    }
+    // Negative and NaN values are ignored.
+    for (name, value) in [("retry-after-ms", "-5"), ("retry-after", "NaN")] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header(name, value))
+            .mount(&server)
+            .await;
+        let e = backend(&server).complete(request()).await.unwrap_err();
+        assert_eq!(e.retry_after(), None, "{name}: {value}");
+    }
+}
+
+/// A hand-written HTTP/1.1 server that answers every connection with `200` and a body of
+/// `total` bytes of white space (chunked, or with `content_length` declared), and counts the
+/// bytes it managed to write before the client hung up. The task ends when it is done.
+async fn body_server(
+    total: u64,
+    content_length: Option<u64>,
+) -> (
+    String,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&written);
+    let task = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        // Read the request head (and whatever of the body came with it).
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = match content_length {
+            Some(n) => format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n"
+            ),
+            None => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_string(),
+        };
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b' '; 64 * 1024];
+        let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+        frame.extend_from_slice(&chunk);
+        frame.extend_from_slice(b"\r\n");
+        let mut sent = 0u64;
+        while sent < total {
+            let result = if content_length.is_some() {
+                sock.write_all(&chunk).await
+            } else {
+                sock.write_all(&frame).await
+            };
+            if result.is_err() {
+                return;
+            }
+            sent += chunk.len() as u64;
+            counter.store(sent, Ordering::Relaxed);
+        }
+        if content_length.is_none() {
+            let _ = sock.write_all(b"0\r\n\r\n").await;
+        }
+        // Keep the connection open (a declared length not reached) until the client leaves.
+        let _ = sock.read(&mut buf).await;
+    });
+    (format!("http://{addr}/v1"), written, task)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A body far larger than the cap is not read whole: the call fails once the cap is passed,
+/// without waiting for the rest, and the server could write only about the cap plus what the
+/// sockets buffer.
+#[tokio::test]
+async fn a_huge_streamed_body_is_cut_off_at_the_cap() {
+    let (url, written, task) = body_server(64 * MIB, None).await;
+    let backend = OpenAiBackend::builder()
+        .base_url(url)
+        .model("m")
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let e = backend.complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Other, "{e}");
+    assert!(!e.is_retryable() && !e.is_fatal(), "{e}");
+    assert!(e.message().contains("8 MiB"), "{e}");
+    drop(backend);
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the server saw the client leave")
+        .unwrap();
+    let sent = written.load(Ordering::Relaxed);
+    assert!(sent < 40 * MIB, "the client read on: {sent} bytes written");
+}
+
+/// A declared `Content-Length` over the cap fails the call before the body is read.
+#[tokio::test]
+async fn a_declared_length_over_the_cap_fails_up_front() {
+    let (url, _written, task) = body_server(16 * MIB, Some(1 << 40)).await;
+    let backend = OpenAiBackend::builder()
+        .base_url(url)
+        .model("m")
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let e = backend.complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Other, "{e}");
+    assert!(e.message().contains("Content-Length"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    drop(backend);
+    task.abort();
+}
+
+/// A redirect is not followed (the key would go with it, and the extra headers): the call
+/// fails at once with a fatal error naming where it pointed, and the second server gets
+/// nothing.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let elsewhere = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("stolen", "stop")))
+        .mount(&elsewhere)
+        .await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(307).insert_header(
+            "location",
+            format!("{}/v1/chat/completions?token=abc", elsewhere.uri()).as_str(),
+        ))
+        .mount(&server)
+        .await;
+    let backend = OpenAiBackend::builder()
+        .base_url(format!("{}/v1", server.uri()))
+        .model("m")
+        .api_key("sk-test-key")
+        .header("x-gateway-token", "gw-secret")
+        .build()
+        .unwrap();
+    let e = quick_retry(backend).complete(request()).await.unwrap_err();
+    assert!(elsewhere.received_requests().await.unwrap().is_empty());
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert!(e.is_fatal() && !e.is_retryable(), "{e}");
+    assert_eq!(e.status(), Some(307));
+    let host = elsewhere.uri().trim_start_matches("http://").to_string();
+    let shown = format!("{e} {e:?}");
+    assert!(shown.contains(&host), "{shown}");
+    assert!(!shown.contains("sk-test-key") && !shown.contains("token=abc"), "{shown}");
+}
+
+/// A 429 for a daily limit (RPD, TPD, "per day") or an exhausted quota stops the run: it is
+/// fatal at once, not retried and not failed prompt after prompt.
+#[tokio::test]
+async fn a_daily_limit_429_is_fatal() {
+    let bodies = [
+        openai_error(
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for gpt-4o-mini in organization org-x on requests per day \
+             (RPD): Limit 200, Used 200, Requested 1. Please try again in 7m12s.",
+        ),
+        openai_error(
+            "tokens",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for gpt-4o-mini on tokens per day (TPD): Limit 2000000, Used \
+             1999990, Requested 300.",
+        ),
+        openai_error(
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            "You exceeded your current quota, please check your plan and billing details.",
+        ),
+        json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+            "message": "Quota exceeded for metric: generate_content_free_tier_requests, limit: 50, per day"}}),
+    ];
+    for body in bodies {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "3600")
+                    .set_body_json(body.clone()),
+            )
+            .mount(&server)
+            .await;
+        let e = backend(&server).complete(request()).await.unwrap_err();
+        assert_eq!(e.kind(), BackendErrorKind::QuotaExhausted, "{body}: {e}");
+        assert!(e.is_fatal(), "{e}");
+    }
+    // A per-minute limit stays an ordinary, retryable 429.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).set_body_json(openai_error(
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3.",
+        )))
+        .mount(&server)
+        .await;
+    let e = backend(&server).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::RateLimited, "{e}");
+}
+
+/// 20 prompts against a server whose daily limit is spent: the generator stops with one fatal
+/// error at once, naming the limit, instead of waiting or failing prompt after prompt.
+#[tokio::test]
+async fn twenty_prompts_against_a_spent_daily_limit_stop_promptly() {
+    use futures::StreamExt;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "3600")
+                .set_body_json(openai_error(
+                    "requests",
+                    Some("rate_limit_exceeded"),
+                    "Rate limit reached for m on requests per day (RPD): Limit 200, Used 200.",
+                )),
+        )
+        .mount(&server)
+        .await;
+    let rmb = rmboost::RmBoost::builder()
+        .backend(Retry::new(backend(&server)))
+        .concurrency(std::num::NonZeroUsize::new(4).unwrap())
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let results: Vec<_> = rmb.generate_iter(support::prompts(20)).collect().await;
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    let last = results.last().unwrap().as_ref().unwrap_err();
+    assert!(last.is_fatal(), "{last}");
+    let chain = format!("{last:?}");
+    assert!(chain.contains("requests per day"), "{chain}");
+    assert!(results.len() <= 4, "{} results", results.len());
+    assert!(server.received_requests().await.unwrap().len() <= 4);
+}
+
+/// Two servers answering under the same model name do not share cached answers; the same
+/// server twice does.
+#[cfg(feature = "cache")]
+#[tokio::test]
+async fn the_cache_key_holds_the_endpoint() {
+    use rmboost::backend::cache::{Cache, Cached};
+    let answer = |text: &'static str| async move {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(openai_body(text, "stop")))
+            .mount(&server)
+            .await;
+        server
+    };
+    let (a, b) = (answer("from a").await, answer("from b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path().join("c.redb")).unwrap();
+    let req = request().with_seed(1);
+    let out_a = Cached::new(backend(&a), cache.clone())
+        .complete(req.clone())
+        .await
+        .unwrap();
+    let out_b = Cached::new(backend(&b), cache.clone())
+        .complete(req.clone())
+        .await
+        .unwrap();
+    assert_eq!(out_a.text, "from a");
+    assert_eq!(out_b.text, "from b");
+    assert_eq!((cache.stats().hits, cache.stats().misses), (0, 2));
+    let again = Cached::new(backend(&a), cache.clone())
+        .complete(req)
+        .await
+        .unwrap();
+    assert_eq!(again.text, "from a");
+    assert_eq!((cache.stats().hits, cache.stats().misses), (1, 2));
+    assert_eq!(b.received_requests().await.unwrap().len(), 1);
+}
+
+/// A server reporting absurd token counts cannot overflow the sums (a panic in debug builds).
+#[tokio::test]
+async fn absurd_usage_saturates() {
+    use futures::StreamExt;
+    let server = MockServer::start().await;
+    let mut body = openai_body("<response>A fine answer to that.</response>", "stop");
+    body["usage"] = json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(&server)
+        .await;
+    let rmb = rmboost::RmBoost::builder()
+        .backend(backend(&server))
+        .build()
+        .unwrap();
+    let mut summary = rmboost::Summary::default();
+    let results: Vec<_> = rmb.generate_iter(support::prompts(3)).collect().await;
+    for r in &results {
+        summary.record(r);
+    }
+    assert_eq!(summary.examples, 3, "{summary}");
+    assert_eq!(summary.usage.prompt_tokens, u64::MAX);
+    assert_eq!(summary.usage.total(), u64::MAX);
 }

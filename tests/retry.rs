@@ -230,3 +230,49 @@ async fn dropping_the_future_cancels_the_wait() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(script.calls(), 1);
 }
+
+/// A `Retry-After` longer than the policy will wait is fatal at once: no sleep, and the run
+/// stops instead of failing every prompt in turn.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_longer_than_the_policy_waits_is_fatal() {
+    let script = Scripted::new(vec![
+        Err(BackendError::server("down for maintenance")
+            .with_status(503)
+            .with_retry_after(Duration::from_secs(3600))),
+        Ok(Completion::new("never reached")),
+    ]);
+    let retry = Retry::new(Arc::clone(&script));
+    let start = tokio::time::Instant::now();
+    let e = retry.complete(request()).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(script.calls(), 1);
+    assert!(e.is_fatal() && !e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("3600"), "{e}");
+    assert_eq!(retry.stats().failures(), 1);
+}
+
+/// Also with retries turned off: every later request would be told the same.
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_is_fatal_without_retries_too() {
+    let script = Scripted::new(vec![Err(BackendError::rate_limited("later")
+        .with_retry_after(Duration::from_secs(7200)))]);
+    let retry = Retry::with_policy(
+        Arc::clone(&script),
+        RetryPolicy::default().max_attempts(attempts(1)),
+    );
+    let e = retry.complete(request()).await.unwrap_err();
+    assert!(e.is_fatal(), "{e}");
+}
+
+/// A wait within the policy's limit is still honoured.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_within_the_limit_is_waited_for() {
+    let script = Scripted::new(vec![
+        Err(BackendError::rate_limited("slow down").with_retry_after(Duration::from_secs(45))),
+        Ok(Completion::new("ok")),
+    ]);
+    let retry = Retry::new(Arc::clone(&script));
+    let start = tokio::time::Instant::now();
+    assert_eq!(retry.complete(request()).await.unwrap().text, "ok");
+    assert!(start.elapsed() >= Duration::from_secs(45));
+}

@@ -671,6 +671,37 @@ mod tests {
     }
 
     #[test]
+    fn absurd_waits_are_clamped_not_a_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let day = Some(Duration::from_secs(86_400));
+        for (k, v) in [
+            ("retry-after-ms", "1e30"),
+            ("retry-after-ms", "1e300"),
+            ("retry-after", "1e300"),
+            ("retry-after", "1e20"),
+            ("x-ratelimit-reset-requests", "1e300"),
+            ("x-ratelimit-reset-requests", "1e300s"),
+            ("x-ratelimit-reset-tokens", "99999999999999999999h"),
+            ("x-ratelimit-reset-tokens", "1e300h2m"),
+        ] {
+            assert_eq!(retry_after(&headers(&[(k, v)]), now, true), day, "{k}: {v}");
+        }
+        for (k, v) in [
+            ("retry-after-ms", "-1"),
+            ("retry-after-ms", "NaN"),
+            ("retry-after", "-3"),
+            ("retry-after", "inf"),
+            ("x-ratelimit-reset-requests", "-1s"),
+            ("x-ratelimit-reset-requests", "NaN"),
+        ] {
+            assert_eq!(retry_after(&headers(&[(k, v)]), now, true), None, "{k}: {v}");
+        }
+        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("1e3ms"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("1e300"), day);
+    }
+
+    #[test]
     fn rfc3339() {
         let t = parse_rfc3339("1970-01-02T00:00:01Z").unwrap();
         assert_eq!(t, UNIX_EPOCH + Duration::from_secs(86_401));

@@ -471,6 +471,16 @@ mod tests {
     }
 
     #[test]
+    fn usage_sums_saturate() {
+        let big = Usage::new(u64::MAX, u64::MAX);
+        assert_eq!(big + Usage::new(1, 1), big);
+        assert_eq!(big.total(), u64::MAX);
+        let mut u = Usage::new(u64::MAX - 1, 3);
+        u += Usage::new(5, 4);
+        assert_eq!(u, Usage::new(u64::MAX, 7));
+    }
+
+    #[test]
     fn finish_reason_serde() {
         let s = serde_json::to_string(&FinishReason::ContentFilter).unwrap();
         assert_eq!(s, "\"content_filter\"");

