@@ -39,6 +39,16 @@ pub enum BackendErrorKind {
     /// The backend itself failed in a way that will not change on retry (a local model that
     /// cannot run, a configuration error). Permanent and fatal.
     Backend,
+    /// The server asked us to wait longer than the retry policy is willing to (an hourly or
+    /// daily limit, a maintenance window): see
+    /// [`RetryPolicy::max_retry_after`](crate::backend::RetryPolicy::max_retry_after). Not
+    /// retried, and fatal: every later request would be told the same, so the run stops (rerun
+    /// it later to resume) instead of failing every prompt in turn. Its
+    /// [`retry_after`](BackendError::retry_after) is the wait the server asked for.
+    ///
+    /// A kind of its own rather than [`QuotaExhausted`](Self::QuotaExhausted): the account
+    /// need not be out of anything (a `503` with `Retry-After: 3600` is a maintenance window).
+    RetryAfterTooLong,
     /// Anything else. Permanent for this request.
     Other,
 }
@@ -67,6 +77,7 @@ impl BackendErrorKind {
                 | BackendErrorKind::QuotaExhausted
                 | BackendErrorKind::NotFound
                 | BackendErrorKind::Backend
+                | BackendErrorKind::RetryAfterTooLong
         )
     }
 
@@ -86,6 +97,7 @@ impl BackendErrorKind {
             BackendErrorKind::ContentFilter => "content_filter",
             BackendErrorKind::Length => "length",
             BackendErrorKind::Backend => "backend",
+            BackendErrorKind::RetryAfterTooLong => "retry_after_too_long",
             BackendErrorKind::Other => "other",
         }
     }
@@ -376,6 +388,12 @@ mod tests {
         assert!(BackendErrorKind::Authentication.is_fatal());
         assert!(!BackendErrorKind::InvalidRequest.is_fatal());
         assert!(!BackendErrorKind::RateLimited.is_fatal());
+        assert!(BackendErrorKind::RetryAfterTooLong.is_fatal());
+        assert!(!BackendErrorKind::RetryAfterTooLong.is_retryable());
+        assert_eq!(
+            BackendErrorKind::RetryAfterTooLong.as_str(),
+            "retry_after_too_long"
+        );
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl ReportBuilder {
         }
         self.calls += u64::from(example.metadata.calls);
         if let Some(u) = example.metadata.usage.get("total") {
-            self.tokens += u.total();
+            self.tokens = self.tokens.saturating_add(u.total());
         }
     }
 

@@ -362,9 +362,30 @@ fn builder_validates() {
         .version("bad\nversion")
         .build()
         .is_err());
-    let b = AnthropicBackend::builder().model("m").build().unwrap();
+    let b = AnthropicBackend::builder()
+        .model("m")
+        .api_key("k")
+        .build()
+        .unwrap();
     assert_eq!(b.endpoint().path(), "/v1/messages");
     assert_eq!(b.name(), "anthropic");
+    assert!(AnthropicBackend::builder()
+        .model("m")
+        .api_key("k")
+        .max_response_bytes(0)
+        .build()
+        .is_err());
+    // Anthropic's own URL without a key given: ANTHROPIC_API_KEY is required.
+    if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
+        let e = AnthropicBackend::builder().model("m").build().unwrap_err();
+        assert!(e.to_string().contains("ANTHROPIC_API_KEY"), "{e}");
+    }
+    // A custom URL without a key given needs none.
+    assert!(AnthropicBackend::builder()
+        .model("m")
+        .base_url("http://127.0.0.1:1/v1")
+        .build()
+        .is_ok());
 }
 
 /// A redirect is not followed: `x-api-key` is not a header reqwest's redirect policy strips,
@@ -373,15 +394,17 @@ fn builder_validates() {
 async fn redirects_are_not_followed_and_the_key_stays_home() {
     let elsewhere = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("stolen", "end_turn")))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(anthropic_body("stolen", "end_turn")),
+        )
         .mount(&elsewhere)
         .await;
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(307)
-                .insert_header("location", format!("{}/v1/messages", elsewhere.uri()).as_str()),
-        )
+        .respond_with(ResponseTemplate::new(307).insert_header(
+            "location",
+            format!("{}/v1/messages", elsewhere.uri()).as_str(),
+        ))
         .mount(&server)
         .await;
     let e = quick_retry(backend(&server))

@@ -399,12 +399,18 @@ async fn the_default_key_is_not_sent_to_a_custom_base_url() {
             let requests = server.received_requests().await.unwrap();
             assert_eq!(requests.len(), 2, "{provider}");
             for r in &requests {
-                let sent = r.headers.get(header).map(|v| v.to_str().unwrap().to_string());
+                let sent = r
+                    .headers
+                    .get(header)
+                    .map(|v| v.to_str().unwrap().to_string());
                 if explicit {
                     let sent = sent.unwrap_or_else(|| panic!("{provider}: no {header}"));
                     assert!(sent.contains(KEY), "{provider}: {sent}");
                 } else {
-                    assert_eq!(sent, None, "{provider}: the default key went to a custom URL");
+                    assert_eq!(
+                        sent, None,
+                        "{provider}: the default key went to a custom URL"
+                    );
                 }
             }
         }
@@ -416,11 +422,13 @@ async fn the_default_key_is_not_sent_to_a_custom_base_url() {
 async fn a_401_without_a_key_says_how_to_send_one() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(support::openai_error(
-            "invalid_request_error",
-            Some("invalid_api_key"),
-            "Missing bearer token.",
-        )))
+        .respond_with(
+            ResponseTemplate::new(401).set_body_json(support::openai_error(
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Missing bearer token.",
+            )),
+        )
         .mount(&server)
         .await;
     let dir = tempfile::tempdir().unwrap();
@@ -465,7 +473,14 @@ async fn absurd_token_counts_saturate() {
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
         .arg(dir.path().join("out.jsonl"))
-        .args(["--backend", "openai", "--model", "m", "--no-cache", "--base-url"])
+        .args([
+            "--backend",
+            "openai",
+            "--model",
+            "m",
+            "--no-cache",
+            "--base-url",
+        ])
         .arg(format!("{}/v1", server.uri()))
         .arg("--summary-json")
         .arg(dir.path().join("s.json"))

@@ -554,10 +554,27 @@ fn builder_errors_are_config_errors() {
     );
     let bad_header = OpenAiBackend::builder()
         .model("m")
+        .api_key("k")
         .header("bad header", "x")
         .build()
         .unwrap_err();
     assert!(matches!(bad_header, Error::Config(_)));
+    assert!(bad_header.to_string().contains("header"), "{bad_header}");
+    let zero_cap = OpenAiBackend::builder()
+        .model("m")
+        .api_key("k")
+        .max_response_bytes(0)
+        .build()
+        .unwrap_err();
+    assert!(
+        zero_cap.to_string().contains("max_response_bytes"),
+        "{zero_cap}"
+    );
+    // OpenAI's own URL without a key given: OPENAI_API_KEY is required (unless set here).
+    if std::env::var_os("OPENAI_API_KEY").is_none() {
+        let no_key = OpenAiBackend::builder().model("m").build().unwrap_err();
+        assert!(no_key.to_string().contains("OPENAI_API_KEY"), "{no_key}");
+    }
 }
 
 #[test]
@@ -618,11 +635,7 @@ async fn absurd_retry_after_values_are_clamped_not_a_panic() {
 async fn body_server(
     total: u64,
     content_length: Option<u64>,
-) -> (
-    String,
-    Arc<AtomicU64>,
-    tokio::task::JoinHandle<()>,
-) {
+) -> (String, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -716,7 +729,11 @@ async fn a_declared_length_over_the_cap_fails_up_front() {
     let e = backend.complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Other, "{e}");
     assert!(e.message().contains("Content-Length"), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     drop(backend);
     task.abort();
 }
@@ -754,7 +771,10 @@ async fn redirects_are_not_followed() {
     let host = elsewhere.uri().trim_start_matches("http://").to_string();
     let shown = format!("{e} {e:?}");
     assert!(shown.contains(&host), "{shown}");
-    assert!(!shown.contains("sk-test-key") && !shown.contains("token=abc"), "{shown}");
+    assert!(
+        !shown.contains("sk-test-key") && !shown.contains("token=abc"),
+        "{shown}"
+    );
 }
 
 /// A 429 for a daily limit (RPD, TPD, "per day") or an exhausted quota stops the run: it is
@@ -835,7 +855,11 @@ async fn twenty_prompts_against_a_spent_daily_limit_stop_promptly() {
         .unwrap();
     let start = std::time::Instant::now();
     let results: Vec<_> = rmb.generate_iter(support::prompts(20)).collect().await;
-    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
     let last = results.last().unwrap().as_ref().unwrap_err();
     assert!(last.is_fatal(), "{last}");
     let chain = format!("{last:?}");
@@ -905,4 +929,62 @@ async fn absurd_usage_saturates() {
     assert_eq!(summary.examples, 3, "{summary}");
     assert_eq!(summary.usage.prompt_tokens, u64::MAX);
     assert_eq!(summary.usage.total(), u64::MAX);
+}
+
+/// The cap is configurable: a body just over it fails, one at it is read.
+#[tokio::test]
+async fn max_response_bytes_is_configurable() {
+    let server = MockServer::start().await;
+    let body = serde_json::to_vec(&openai_body(&"x".repeat(10_000), "stop")).unwrap();
+    let len = body.len();
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(body, "application/json"))
+        .mount(&server)
+        .await;
+    let with_cap = |cap: usize| {
+        OpenAiBackend::builder()
+            .base_url(server.uri())
+            .model("m")
+            .max_response_bytes(cap)
+            .build()
+            .unwrap()
+    };
+    let e = with_cap(len - 1).complete(request()).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Other, "{e}");
+    assert!(e.message().contains("max_response_bytes"), "{e}");
+    let ok = with_cap(len).complete(request()).await.unwrap();
+    assert_eq!(ok.text.len(), 10_000);
+    // An error body longer than the cap is cut, not an error of its own: the status decides.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("y".repeat(200_000)))
+        .mount(&server)
+        .await;
+    let e = OpenAiBackend::builder()
+        .base_url(server.uri())
+        .model("m")
+        .build()
+        .unwrap()
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Server, "{e}");
+}
+
+/// A timeout too long for the timer's arithmetic is cut, not a panic.
+#[tokio::test]
+async fn an_endless_timeout_does_not_panic() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("hi", "stop")))
+        .mount(&server)
+        .await;
+    let backend = OpenAiBackend::builder()
+        .base_url(server.uri())
+        .model("m")
+        .timeout(Duration::MAX)
+        .connect_timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(backend.complete(request()).await.unwrap().text, "hi");
 }

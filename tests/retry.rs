@@ -168,6 +168,8 @@ async fn time_budget_is_respected() {
     assert!(start.elapsed() <= Duration::from_millis(2_500));
 }
 
+/// A `Retry-After` longer than the whole time budget (here 60 s, below `max_retry_after`)
+/// can never be waited for: fatal at once, the server's error as its source.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_past_the_budget_gives_up_at_once() {
     let script = Scripted::new(vec![
@@ -176,13 +178,36 @@ async fn a_retry_after_past_the_budget_gives_up_at_once() {
         Ok(Completion::new("never reached")),
     ]);
     let policy = RetryPolicy::default().max_elapsed(Some(Duration::from_secs(60)));
+    assert_eq!(policy.retry_after_limit(), Duration::from_secs(60));
     let retry = Retry::with_policy(Arc::clone(&script), policy);
     let start = tokio::time::Instant::now();
     let e = retry.complete(request()).await.unwrap_err();
-    assert_eq!(e.kind(), BackendErrorKind::RateLimited);
+    assert_eq!(e.kind(), BackendErrorKind::RetryAfterTooLong);
+    assert!(e.is_fatal());
     assert_eq!(e.retry_after(), Some(Duration::from_secs(86_400)));
+    assert_eq!(
+        e.message(),
+        "the server asked to wait 86400 s, longer than the retry policy waits (60 s); stopping \
+         (rerun later to resume)"
+    );
+    let source = std::error::Error::source(&e).unwrap().to_string();
+    assert!(source.contains("come back tomorrow"), "{source}");
     assert_eq!(script.calls(), 1);
     assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+/// Within the time budget, a wait up to `max_retry_after` is made; a longer limit can be set.
+#[tokio::test(start_paused = true)]
+async fn max_retry_after_can_be_raised() {
+    let script = Scripted::new(vec![
+        Err(BackendError::server("later").with_retry_after(Duration::from_secs(200))),
+        Ok(Completion::new("ok")),
+    ]);
+    let policy = RetryPolicy::default().max_retry_after(Duration::from_secs(250));
+    let retry = Retry::with_policy(Arc::clone(&script), policy);
+    let start = tokio::time::Instant::now();
+    assert_eq!(retry.complete(request()).await.unwrap().text, "ok");
+    assert!(start.elapsed() >= Duration::from_secs(200));
 }
 
 #[tokio::test(start_paused = true)]
@@ -254,8 +279,9 @@ async fn a_retry_after_longer_than_the_policy_waits_is_fatal() {
 /// Also with retries turned off: every later request would be told the same.
 #[tokio::test(start_paused = true)]
 async fn a_long_retry_after_is_fatal_without_retries_too() {
-    let script = Scripted::new(vec![Err(BackendError::rate_limited("later")
-        .with_retry_after(Duration::from_secs(7200)))]);
+    let script = Scripted::new(vec![Err(
+        BackendError::rate_limited("later").with_retry_after(Duration::from_secs(7200))
+    )]);
     let retry = Retry::with_policy(
         Arc::clone(&script),
         RetryPolicy::default().max_attempts(attempts(1)),

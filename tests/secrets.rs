@@ -185,3 +185,40 @@ async fn transport_errors_do_not_show_the_key() {
     assert!(!all_text(&e).contains(KEY));
     assert!(!captured.text().contains(KEY));
 }
+
+/// The identity (which goes into cache keys), the plain-http warning and a 401's note about
+/// keys show no key, no header value, no password or query of the base URL.
+#[test]
+fn identity_and_warnings_do_not_show_secrets() {
+    let (captured, _guard) = capture_tracing();
+    let openai = OpenAiBackend::builder()
+        .base_url("http://user:pw-secret@10.1.2.3:8000/v1?key=query-secret")
+        .model("m")
+        .api_key(KEY)
+        .header("x-token", "header-secret")
+        .build()
+        .unwrap();
+    let anthropic = AnthropicBackend::builder()
+        .base_url("http://10.1.2.3:8001/v1")
+        .model("m")
+        .api_key(KEY)
+        .header("x-token", "header-secret")
+        .build()
+        .unwrap();
+    for id in [
+        openai.identity().into_owned(),
+        Retry::new(openai.clone()).identity().into_owned(),
+        anthropic.identity().into_owned(),
+    ] {
+        for secret in [KEY, "header-secret", "query-secret", "pw-secret"] {
+            assert!(!id.contains(secret), "{secret} in {id}");
+        }
+        assert!(
+            id.contains("10.1.2.3:800") && id.contains("x-token"),
+            "{id}"
+        );
+    }
+    let log = captured.text();
+    assert!(log.contains("plain http"), "no warning: {log}");
+    assert!(!log.contains(KEY), "{log}");
+}

@@ -50,7 +50,21 @@
 //! [`InvalidRequest`](BackendErrorKind::InvalidRequest); 401 and 403 are
 //! [`Authentication`](BackendErrorKind::Authentication); 404 is
 //! [`NotFound`](BackendErrorKind::NotFound); timeouts and connection failures are `Timeout` and
-//! `Connection`; a malformed body is `InvalidResponse`.
+//! `Connection`; a malformed body is `InvalidResponse`. As for the OpenAI backend, a 429 for a
+//! daily limit is `QuotaExhausted`; a redirect is not followed (the `x-api-key` header would go
+//! along) and is a fatal [`Backend`](BackendErrorKind::Backend) error naming the host it
+//! pointed to; a body over
+//! [`max_response_bytes`](AnthropicBackendBuilder::max_response_bytes) (8 MiB) is an
+//! [`Other`](BackendErrorKind::Other) error, not retried; waits the server asks for are read
+//! with checked arithmetic and cut to a day; and a 401 or 403 from a custom base URL to which
+//! no key was sent says how to send one.
+//!
+//! # Keys
+//!
+//! The key is the one given with [`api_key`](AnthropicBackendBuilder::api_key) or named with
+//! [`api_key_env`](AnthropicBackendBuilder::api_key_env); without either,
+//! `ANTHROPIC_API_KEY` is used only when requests go to Anthropic's own host
+//! ([`DEFAULT_BASE_URL`]), and a custom base URL gets no key.
 //!
 //! # Tracing
 //!
@@ -93,6 +107,11 @@ pub struct AnthropicBackend {
     api_key: Option<SecretString>,
     headers: HeaderMap,
     extra_body: serde_json::Map<String, Value>,
+    max_response_bytes: usize,
+    /// Added to a 401 or 403 when no key was sent to a custom URL.
+    no_key_note: Option<String>,
+    /// See [`LlmBackend::identity`].
+    identity: String,
     default_max_tokens: u32,
 }
 
@@ -100,7 +119,7 @@ impl AnthropicBackend {
     /// A builder with the defaults (Anthropic's base URL, no key, no model).
     pub fn builder() -> AnthropicBackendBuilder {
         AnthropicBackendBuilder {
-            config: HttpConfig::new(DEFAULT_BASE_URL),
+            config: HttpConfig::new(DEFAULT_BASE_URL, "ANTHROPIC_API_KEY"),
             version: DEFAULT_VERSION.to_string(),
             default_max_tokens: 1024,
         }
@@ -142,12 +161,19 @@ impl AnthropicBackend {
             self.headers(),
             &body,
             request.text_len(),
+            self.max_response_bytes,
         )
         .await?;
         span.record("status", status.as_u16());
         let key = self.api_key.as_ref();
         if !status.is_success() {
-            return Err(http::status_error(status, &headers, &text, key));
+            return Err(http::status_error(
+                status,
+                &headers,
+                &text,
+                key,
+                self.no_key_note.as_deref(),
+            ));
         }
         let wire: WireResponse = match serde_json::from_str(&text) {
             Ok(wire) => wire,
@@ -267,6 +293,13 @@ impl LlmBackend for AnthropicBackend {
     fn model(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.model)
     }
+
+    /// The name, the endpoint (without credentials or query), the model and every other
+    /// setting that changes the answers (extra body fields, the names of extra headers, ...);
+    /// never the key.
+    fn identity(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.identity)
+    }
 }
 
 /// Builds an [`AnthropicBackend`]. Setters consume and return the builder;
@@ -296,11 +329,13 @@ impl AnthropicBackendBuilder {
         header: "Adds a header sent with every request (e.g. `anthropic-beta`). Values are
     treated as sensitive and not printed.",
         timeout: "The most one request may take, from sending to the end of the body; `None` for
-    no limit. Default 600 s.",
+    no limit. Default 600 s. Anything over a year is cut to a year.",
         extra_body: "Adds a field to every request body (`top_k`, `metadata`, `thinking`, ...).
     It wins over a field of the same name set from the request.",
         client: "Uses this client instead of building one. The timeout settings are then the
-    client's.",
+    client's, and so is its redirect policy: reqwest's default follows redirects, and the
+    `x-api-key` header with them, so build it with
+    `.redirect(reqwest::redirect::Policy::none())`.",
     }
 
     /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
@@ -319,9 +354,11 @@ impl AnthropicBackendBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, `default_max_tokens` is 0, the base URL, the
-    /// version or a header is invalid, the key's environment variable is unset or empty, or the
-    /// HTTP client cannot be built.
+    /// [`Error::Config`] when the model is empty, `default_max_tokens` or `max_response_bytes`
+    /// is 0, the base URL, the version or a header is invalid, the key's environment variable
+    /// is unset or empty (the one named with [`api_key_env`](Self::api_key_env), or
+    /// `ANTHROPIC_API_KEY` when no key is given and requests go to Anthropic's own host), or
+    /// the HTTP client cannot be built.
     pub fn build(self) -> Result<AnthropicBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
@@ -333,7 +370,7 @@ impl AnthropicBackendBuilder {
             ));
         }
         let url = config.endpoint("messages")?;
-        let api_key = config.resolve_key()?;
+        let api_key = config.checked_key("anthropic", &url)?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(key.expose_secret()).is_err() {
                 return Err(Error::Config(
@@ -351,6 +388,15 @@ impl AnthropicBackendBuilder {
         })?;
         headers.insert(HeaderName::from_static("anthropic-version"), version);
         let client = config.client()?;
+        let no_key_note = config.no_key_note(&url, api_key.as_ref());
+        let identity = config.identity(
+            "anthropic",
+            &url,
+            &[
+                ("version", &self.version),
+                ("default_max_tokens", &self.default_max_tokens.to_string()),
+            ],
+        );
         Ok(AnthropicBackend {
             client,
             url,
@@ -358,6 +404,9 @@ impl AnthropicBackendBuilder {
             api_key,
             headers,
             extra_body: config.extra_body,
+            max_response_bytes: config.max_response_bytes,
+            no_key_note,
+            identity,
             default_max_tokens: self.default_max_tokens,
         })
     }
@@ -435,9 +484,10 @@ impl WireResponse {
         }
         let usage = self.usage.map_or(Usage::default(), |u| {
             Usage::new(
-                u.input_tokens.unwrap_or(0)
-                    + u.cache_creation_input_tokens.unwrap_or(0)
-                    + u.cache_read_input_tokens.unwrap_or(0),
+                u.input_tokens
+                    .unwrap_or(0)
+                    .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
+                    .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
                 u.output_tokens.unwrap_or(0),
             )
         });

@@ -6,12 +6,16 @@
 //! requests as they were (the parser, the output format, the ledger), sends no request twice.
 //! Errors are never stored: a failed call is made again next time.
 //!
-//! **Key.** SHA-256 of the JSON of `{"v": "rmboost/cache/v1", "backend": name, "model":
-//! model, "request": request}`, where `name` and `model` are the wrapped backend's
-//! [`LlmBackend::name`] and [`LlmBackend::model`] and `request` is the whole
+//! **Key.** SHA-256 of the JSON of `{"v": "rmboost/cache/v2", "identity": identity,
+//! "request": request}`, where `identity` is the wrapped backend's [`LlmBackend::identity`]
+//! (for the HTTP backends the endpoint, the model and the settings that change answers, such
+//! as extra body fields like `response_format`; for the local backend the SHA-256 of the model
+//! file and its sampling defaults; never a key) and `request` is the whole
 //! [`CompletionRequest`] (messages, temperature, top-p, max tokens, seed, stop) serialised by
-//! serde in field order. The version tag changes whenever this encoding does, so an old cache
-//! is never misread: it is simply missed.
+//! serde in field order. So two servers that answer under the same model name, or two model
+//! files of the same name, do not share answers. The version tag changes whenever this
+//! encoding does, so an old cache is never misread: it is simply missed (`v1` keys held the
+//! backend's name and model only).
 //!
 //! **Value.** The [`Completion`] as JSON, as the backend returned it (its usage counts the
 //! tokens of the original call).
@@ -85,7 +89,7 @@ use filter::KeyFilter;
 mod filter;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("completions_v1");
-const VERSION: &str = "rmboost/cache/v1";
+const VERSION: &str = "rmboost/cache/v2";
 /// The most writes committed in one transaction (its dirty pages, a few per write, are held in
 /// memory until the commit).
 const MAX_BATCH: usize = 256;
@@ -124,15 +128,14 @@ impl std::io::Write for HashWriter {
     }
 }
 
-/// The cache key of a request sent to a backend with this name and model; see the
-/// [module docs](self).
+/// The cache key of a request sent to a backend with this
+/// [identity](LlmBackend::identity); see the [module docs](self).
 #[must_use]
-pub fn cache_key(backend: &str, model: &str, request: &CompletionRequest) -> [u8; 32] {
+pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
     #[derive(Serialize)]
     struct Key<'a> {
         v: &'static str,
-        backend: &'a str,
-        model: &'a str,
+        identity: &'a str,
         request: &'a CompletionRequest,
     }
     let mut hash = HashWriter(Sha256::new());
@@ -140,8 +143,7 @@ pub fn cache_key(backend: &str, model: &str, request: &CompletionRequest) -> [u8
         &mut hash,
         &Key {
             v: VERSION,
-            backend,
-            model,
+            identity,
             request,
         },
     )
@@ -676,8 +678,9 @@ fn commit_batch(db: &Database, batch: &[Command], durable: bool) -> Result<(), S
 
 /// A backend whose successful completions are served from, and stored in, a [`Cache`].
 ///
-/// Its [`name`](LlmBackend::name) and [`model`](LlmBackend::model) are the wrapped backend's,
-/// so wrapping does not change cache keys of wrappers further out. Put it *outside* a retry
+/// Its [`name`](LlmBackend::name), [`model`](LlmBackend::model) and
+/// [`identity`](LlmBackend::identity) are the wrapped backend's, so wrapping does not change
+/// cache keys of wrappers further out. Put it *outside* a retry
 /// wrapper (`Cached<Retry<B>>`), so a hit skips the retries too.
 #[derive(Debug, Clone)]
 pub struct Cached<B> {
@@ -716,7 +719,7 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
     ///
     /// Dropping the future after the backend answered may still store the answer.
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        let key = cache_key(&self.inner.name(), &self.inner.model(), &request);
+        let key = cache_key(&self.inner.identity(), &request);
         if let Some(hit) = self.cache.get(key).await {
             return Ok(hit);
         }
@@ -732,6 +735,10 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
     fn model(&self) -> Cow<'_, str> {
         self.inner.model()
     }
+
+    fn identity(&self) -> Cow<'_, str> {
+        self.inner.identity()
+    }
 }
 
 #[cfg(test)]
@@ -742,20 +749,26 @@ mod tests {
     #[test]
     fn key_depends_on_everything() {
         let r = CompletionRequest::new(vec![Message::user("hi")]).with_seed(1);
-        let k = cache_key("openai", "m", &r);
-        assert_eq!(k, cache_key("openai", "m", &r.clone()));
-        assert_ne!(k, cache_key("local", "m", &r));
-        assert_ne!(k, cache_key("openai", "m2", &r));
-        assert_ne!(k, cache_key("openai", "m", &r.clone().with_seed(2)));
+        let k = cache_key("openai/m", &r);
+        assert_eq!(k, cache_key("openai/m", &r.clone()));
+        assert_ne!(k, cache_key("local/m", &r));
+        assert_ne!(k, cache_key("openai/m2", &r));
+        assert_ne!(k, cache_key("openai/m", &r.clone().with_seed(2)));
         let mut t = r.clone();
         t.temperature = Some(0.5);
-        assert_ne!(k, cache_key("openai", "m", &t));
+        assert_ne!(k, cache_key("openai/m", &t));
+        let mut p = r.clone();
+        p.top_p = Some(0.5);
+        assert_ne!(k, cache_key("openai/m", &p));
         let mut s = r.clone();
         s.stop.push("x".into());
-        assert_ne!(k, cache_key("openai", "m", &s));
+        assert_ne!(k, cache_key("openai/m", &s));
+        let mut msg = r.clone();
+        msg.messages.push(Message::assistant("x"));
+        assert_ne!(k, cache_key("openai/m", &msg));
         let mut m = r;
         m.max_tokens = Some(5);
-        assert_ne!(k, cache_key("openai", "m", &m));
+        assert_ne!(k, cache_key("openai/m", &m));
     }
 
     /// The key is hashed while serialising; the bytes hashed must stay those of the JSON
@@ -773,18 +786,45 @@ mod tests {
         r.stop.push("</response>".into());
         // What the key was before: the JSON built first, then hashed.
         let ordered = format!(
-            "{{\"v\":\"{VERSION}\",\"backend\":\"openai\",\"model\":\"gpt-x\",\"request\":{}}}",
+            "{{\"v\":\"{VERSION}\",\"identity\":\"openai http://h/v1\",\"request\":{}}}",
             serde_json::to_string(&r).unwrap()
         );
         let expected: [u8; 32] = Sha256::digest(ordered.as_bytes()).into();
-        assert_eq!(cache_key("openai", "gpt-x", &r), expected);
+        assert_eq!(cache_key("openai http://h/v1", &r), expected);
         // And a golden value, so a change of the request's serialisation is noticed.
         let simple = CompletionRequest::new(vec![Message::user("hi")]).with_seed(1);
-        let hex: String = cache_key("openai", "m", &simple)
+        let hex: String = cache_key("openai/m", &simple)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(hex, GOLDEN_SIMPLE);
+    }
+
+    /// The key uses the backend's identity, which wrappers forward.
+    #[tokio::test]
+    async fn cached_keys_by_identity() {
+        #[derive(Debug)]
+        struct Ident(&'static str);
+        #[async_trait]
+        impl LlmBackend for Ident {
+            async fn complete(&self, _: CompletionRequest) -> Result<Completion, BackendError> {
+                Ok(Completion::new(self.0))
+            }
+            fn identity(&self) -> Cow<'_, str> {
+                Cow::Borrowed(self.0)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("c.redb")).unwrap();
+        let r = CompletionRequest::new(vec![Message::user("hi")]);
+        let a = Cached::new(Ident("a"), cache.clone());
+        assert_eq!(a.identity(), "a");
+        assert_eq!(Cached::new(&a, cache.clone()).identity(), "a");
+        assert_eq!(a.complete(r.clone()).await.unwrap().text, "a");
+        let b = Cached::new(Ident("b"), cache.clone());
+        assert_eq!(b.complete(r.clone()).await.unwrap().text, "b");
+        assert_eq!(a.complete(r).await.unwrap().text, "a");
+        assert_eq!((cache.stats().hits, cache.stats().misses), (1, 2));
     }
 
     fn key(i: u64) -> [u8; 32] {
@@ -869,5 +909,5 @@ mod tests {
         assert_eq!(cache.entries().await.unwrap(), 20_000);
     }
 
-    const GOLDEN_SIMPLE: &str = "657502aeae4f079194acdaad89ad2d5736a3bc6d0c762af7f3574d8b56d48597";
+    const GOLDEN_SIMPLE: &str = "cfe134d3de6e1864e04c23bcd5b881446d963d7772f8dcc80d2985f2e14223dd";
 }

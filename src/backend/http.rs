@@ -24,12 +24,29 @@ pub(crate) struct HttpConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) extra_body: serde_json::Map<String, Value>,
     pub(crate) client: Option<reqwest::Client>,
+    pub(crate) max_response_bytes: usize,
+    /// The provider's own base URL (the default) and the environment variable its key is read
+    /// from when no key source is given and requests go there.
+    pub(crate) default_base_url: &'static str,
+    pub(crate) default_key_env: &'static str,
 }
 
+/// The longest wait a server can ask for ([`retry_after`]) that is kept as it is; a longer
+/// one (`retry-after: 1e300`) is cut to this. One day: a daily limit's reset is the longest
+/// wait a provider legitimately asks for, and it is far beyond any retry policy's limit.
+pub(crate) const MAX_SERVER_WAIT: Duration = Duration::from_secs(86_400);
+
+/// The most that can be given as a request timeout; longer ones are cut to this (a year is
+/// as good as no limit, and stays far from what makes the timer's arithmetic overflow).
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
+/// The most of an error (non-2xx) body that is read: enough for any error message.
+const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+
 impl HttpConfig {
-    pub(crate) fn new(base_url: &str) -> Self {
+    pub(crate) fn new(default_base_url: &'static str, default_key_env: &'static str) -> Self {
         HttpConfig {
-            base_url: base_url.to_string(),
+            base_url: default_base_url.to_string(),
             model: String::new(),
             api_key: None,
             api_key_env: None,
@@ -38,29 +55,109 @@ impl HttpConfig {
             connect_timeout: Duration::from_secs(10),
             extra_body: serde_json::Map::new(),
             client: None,
+            max_response_bytes: crate::backend::DEFAULT_MAX_RESPONSE_BYTES,
+            default_base_url,
+            default_key_env,
         }
     }
 
-    /// The key given in code, else the one in the named environment variable.
-    pub(crate) fn resolve_key(&self) -> Result<Option<SecretString>, Error> {
+    /// Whether `url` is on the provider's own host (scheme, host and port of the default base
+    /// URL), where the default key variable may be sent.
+    pub(crate) fn is_provider_url(&self, url: &Url) -> bool {
+        Url::parse(self.default_base_url).is_ok_and(|d| {
+            d.scheme() == url.scheme()
+                && d.host_str() == url.host_str()
+                && d.port_or_known_default() == url.port_or_known_default()
+        })
+    }
+
+    /// The key to send to `url`: the one given in code, else the one in the variable named with
+    /// `api_key_env`, else, only when `url` is the provider's own
+    /// ([`is_provider_url`](Self::is_provider_url)), the one in the provider's default variable
+    /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), which must then be set. A custom URL gets no
+    /// key unless one is given explicitly: the provider's key is not handed to another server.
+    pub(crate) fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
         if let Some(key) = &self.api_key {
             return Ok(Some(key.clone()));
         }
-        match &self.api_key_env {
-            None => Ok(None),
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim().to_string()))),
-                Ok(_) => Err(Error::Config(format!(
-                    "environment variable {var} is empty"
-                ))),
-                Err(std::env::VarError::NotPresent) => Err(Error::Config(format!(
-                    "environment variable {var} (the API key) is not set"
-                ))),
-                Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
-                    "environment variable {var} is not valid UTF-8"
-                ))),
-            },
+        let var = match &self.api_key_env {
+            Some(var) => var.as_str(),
+            None if self.is_provider_url(url) => self.default_key_env,
+            None => return Ok(None),
+        };
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim().to_string()))),
+            Ok(_) => Err(Error::Config(format!(
+                "environment variable {var} is empty"
+            ))),
+            Err(std::env::VarError::NotPresent) => Err(Error::Config(format!(
+                "environment variable {var} (the API key) is not set"
+            ))),
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
+                "environment variable {var} is not valid UTF-8"
+            ))),
         }
+    }
+
+    /// Checks the settings every HTTP backend shares and resolves the key for `url` (see
+    /// [`resolve_key`](Self::resolve_key)); warns when a key would cross the network
+    /// unencrypted.
+    pub(crate) fn checked_key(
+        &self,
+        backend: &str,
+        url: &Url,
+    ) -> Result<Option<SecretString>, Error> {
+        if self.max_response_bytes == 0 {
+            return Err(Error::Config(format!(
+                "{backend} backend: max_response_bytes must be at least 1"
+            )));
+        }
+        let key = self.resolve_key(url)?;
+        if key.is_some() && url.scheme() == "http" && !is_loopback(url) {
+            tracing::warn!(
+                backend,
+                url = %display_url(url),
+                "the API key is sent over plain http to a host that is not loopback: anyone on \
+                 the way can read it; use https"
+            );
+        }
+        Ok(key)
+    }
+
+    /// The note added to a 401 or 403 when no key was sent: a custom URL gets a key only when
+    /// it is named explicitly.
+    pub(crate) fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
+        (key.is_none() && !self.is_provider_url(url)).then(|| {
+            format!(
+                "no API key was sent: a key is sent to a custom base URL only when named with \
+                 --api-key-env (api_key_env in code) or given with api_key; {} is sent only to {}",
+                self.default_key_env, self.default_base_url
+            )
+        })
+    }
+
+    /// What decides the answers of a backend with these settings, for cache keys
+    /// ([`LlmBackend::identity`](crate::LlmBackend::identity)): the backend's name, the
+    /// endpoint (without credentials or query), the model, the extra body fields and the names
+    /// (not the values, which may be credentials) of the extra headers. Never the key.
+    pub(crate) fn identity(&self, backend: &str, url: &Url, more: &[(&str, &str)]) -> String {
+        let mut names: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut out = format!(
+            "{backend} {} model={:?} extra_body={} header_names={names:?}",
+            display_url(url),
+            self.model,
+            Value::Object(self.extra_body.clone()),
+        );
+        for (k, v) in more {
+            out.push_str(&format!(" {k}={v:?}"));
+        }
+        out
     }
 
     /// The extra headers, validated.
@@ -78,18 +175,21 @@ impl HttpConfig {
         Ok(map)
     }
 
-    /// The shared client: the one given, or a new one with the timeouts.
+    /// The shared client: the one given, or a new one with the timeouts that follows no
+    /// redirects (the key and the extra headers would go with them to wherever they point;
+    /// a 3xx answer is an error instead, see [`redirect_error`]).
     pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
         let mut builder = reqwest::Client::builder()
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(self.connect_timeout.min(MAX_TIMEOUT))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("rmboost/", env!("CARGO_PKG_VERSION")));
         if let Some(timeout) = self.timeout {
-            builder = builder.timeout(timeout);
+            builder = builder.timeout(timeout.min(MAX_TIMEOUT));
         }
         builder
             .build()
@@ -134,6 +234,17 @@ impl fmt::Debug for HttpConfig {
             )
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
+pub(crate) fn is_loopback(url: &Url) -> bool {
+    url.host_str().is_some_and(|host| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 /// A URL without its query and fragment, for messages.
@@ -205,18 +316,23 @@ pub(crate) fn body_field<M: serde::ser::SerializeMap, V: serde::Serialize + ?Siz
     }
 }
 
-/// Sends `body` as JSON to `url` and reads the whole answer as text. `size_hint` is about
-/// how long the JSON is (the messages' text), so the buffer it is written to is not grown
-/// and copied as it is written.
+/// Sends `body` as JSON to `url` and reads the answer as text, at most `max_bytes` of it.
+/// `size_hint` is about how long the JSON is (the messages' text), so the buffer it is written
+/// to is not grown and copied as it is written.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
-/// classify ([`status_error`]).
+/// classify ([`status_error`]), except a redirect, which is an error here
+/// ([`redirect_error`]). Of an error body only the first 64 KiB are read (the rest is
+/// dropped; its message is in the beginning). A 2xx body longer than `max_bytes` (declared in
+/// `Content-Length`, or found so while reading it in chunks) is an error
+/// ([`too_large`]): nothing past the cap is read or kept.
 pub(crate) async fn post_json(
     client: &reqwest::Client,
     url: &Url,
     mut headers: HeaderMap,
     body: &(impl serde::Serialize + ?Sized),
     size_hint: usize,
+    max_bytes: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
     let mut json = Vec::with_capacity(size_hint + size_hint / 16 + 512);
     serde_json::to_writer(&mut json, body).map_err(|e| {
@@ -229,7 +345,7 @@ pub(crate) async fn post_json(
     headers
         .entry(reqwest::header::CONTENT_TYPE)
         .or_insert(HeaderValue::from_static("application/json"));
-    let response = client
+    let mut response = client
         .post(url.clone())
         .headers(headers)
         .body(json)
@@ -237,23 +353,123 @@ pub(crate) async fn post_json(
         .await
         .map_err(|e| transport_error(e, url))?;
     let status = response.status();
+    if status.is_redirection() {
+        return Err(redirect_error(status, response.headers(), url));
+    }
     // Only an error's headers are read (for `Retry-After`): a success's are not copied.
-    let headers = if status.is_success() {
-        HeaderMap::new()
+    let (headers, limit) = if status.is_success() {
+        (HeaderMap::new(), max_bytes)
     } else {
-        response.headers().clone()
+        (
+            response.headers().clone(),
+            max_bytes.min(MAX_ERROR_BODY_BYTES),
+        )
     };
-    let bytes = response
-        .bytes()
+    let declared = response.content_length();
+    if status.is_success() {
+        if let Some(len) = declared.filter(|&len| len > max_bytes as u64) {
+            return Err(too_large(max_bytes, Some(len)));
+        }
+    }
+    let capacity = declared.map_or(16 << 10, |len| usize::try_from(len).unwrap_or(limit));
+    let mut bytes = Vec::with_capacity(capacity.min(limit));
+    // Read chunk by chunk, so a body that never ends (or a huge one) costs at most the cap.
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|e| transport_error(e, url))?;
+        .map_err(|e| transport_error(e, url))?
+    {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            if status.is_success() {
+                return Err(too_large(max_bytes, None));
+            }
+            // An error body: its beginning is enough to classify it.
+            bytes.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     // Valid UTF-8 (every JSON body) is moved into the string as it is; anything else is
     // decoded lossily, as `Response::text` would.
-    let text = match String::from_utf8(Vec::from(bytes)) {
+    let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
     };
     Ok((status, headers, text))
+}
+
+/// The error for a 2xx body longer than the cap: kind [`BackendErrorKind::Other`], permanent
+/// for this request but not fatal. Not [`InvalidResponse`](BackendErrorKind::InvalidResponse),
+/// which is retried: the same request to the same server would most likely stream as much
+/// again, each retry reading another cap's worth.
+pub(crate) fn too_large(max_bytes: usize, declared: Option<u64>) -> BackendError {
+    let cap = human_bytes(max_bytes as u64);
+    let message = match declared {
+        Some(len) => format!(
+            "the response's Content-Length ({}) is over the limit of {cap} \
+             (max_response_bytes); the body was not read",
+            human_bytes(len)
+        ),
+        None => format!(
+            "the response body is longer than the limit of {cap} (max_response_bytes); the \
+             rest was not read"
+        ),
+    };
+    BackendError::new(BackendErrorKind::Other, message)
+}
+
+/// A byte count for messages: `8 MiB`, `1.5 KiB`, `300 bytes`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (size, unit) in UNITS {
+        if n >= size {
+            return if n.is_multiple_of(size) {
+                format!("{} {unit}", n / size)
+            } else {
+                format!("{:.1} {unit}", n as f64 / size as f64)
+            };
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// The error for a 3xx answer, which is not followed: kind
+/// [`Backend`](BackendErrorKind::Backend), fatal (every request would be redirected alike; the
+/// base URL needs fixing). It names the host the redirect pointed to, never its path or query
+/// (which may hold a token) and never the key.
+pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url) -> BackendError {
+    let target = headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|loc| url.join(loc.trim()).ok());
+    let whither = match &target {
+        Some(t) => match (t.host_str(), t.port()) {
+            (Some(host), Some(port)) => format!("to {}://{host}:{port}", t.scheme()),
+            (Some(host), None) => format!("to {}://{host}", t.scheme()),
+            _ => "to a URL without a host".to_string(),
+        },
+        None => "without a usable Location".to_string(),
+    };
+    BackendError::new(
+        BackendErrorKind::Backend,
+        format!(
+            "the server at {} answered with a redirect {whither}; redirects are not followed \
+             (the API key and headers would go with them): set the base URL to where the API \
+             really is",
+            origin(url)
+        ),
+    )
+    .with_status(status.as_u16())
+}
+
+/// `scheme://host:port` of a URL, for messages.
+fn origin(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+        (Some(host), None) => format!("{}://{host}", url.scheme()),
+        _ => display_url(url),
+    }
 }
 
 /// The error for a 2xx body that is not the JSON we expect.
@@ -315,6 +531,13 @@ impl ServerError {
         })
     }
 
+    /// Whether the body speaks of a limit per day (OpenAI's "requests per day (RPD)" and "tokens
+    /// per day (TPD)", Google's "PerDay" quotas, "daily"): a 429 for one will not pass within
+    /// any wait a run makes.
+    pub(crate) fn daily_limit(&self) -> bool {
+        self.says(&["per day", "perday", "per_day", "(rpd)", "(tpd)", "daily"])
+    }
+
     /// Whether the body says the account is out of quota or credit (not a passing limit).
     fn quota_exhausted(&self) -> bool {
         let structured = [&self.kind, &self.code].iter().any(|f| {
@@ -346,12 +569,14 @@ impl ServerError {
     }
 }
 
-/// Classifies an HTTP error response.
+/// Classifies an HTTP error response. `no_key_note` (see [`HttpConfig::no_key_note`]) is added
+/// to the message of a 401 or 403.
 pub(crate) fn status_error(
     status: StatusCode,
     headers: &HeaderMap,
     body: &str,
     key: Option<&SecretString>,
+    no_key_note: Option<&str>,
 ) -> BackendError {
     let server = ServerError::parse(body).unwrap_or_default();
     let message = match &server.message {
@@ -365,10 +590,17 @@ pub(crate) fn status_error(
             }
         }
     };
-    let message = redact(&truncate(&message, 1000), key);
+    let mut message = redact(&truncate(&message, 1000), key);
     let code = status.as_u16();
+    let daily = code == 429 && server.daily_limit();
+    if daily {
+        message = format!("daily limit reached, the run cannot go on until it resets: {message}");
+    }
+    if let (401 | 403, Some(note)) = (code, no_key_note) {
+        message = format!("{message} ({note})");
+    }
     let kind = match code {
-        429 if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
+        429 if daily || server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
         429 => BackendErrorKind::RateLimited,
         402 => BackendErrorKind::QuotaExhausted,
         400 | 403 if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
@@ -388,7 +620,8 @@ pub(crate) fn status_error(
         },
     };
     let mut err = BackendError::new(kind, message).with_status(code);
-    if kind.is_retryable() {
+    // A spent limit's reset time is worth reporting even though it is not waited for.
+    if kind.is_retryable() || code == 429 {
         if let Some(after) = retry_after(headers, SystemTime::now(), code == 429) {
             err = err.with_retry_after(after);
         }
@@ -435,17 +668,21 @@ pub(crate) fn retry_after(
             .map(str::trim)
     };
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(d) = server_wait(ms / 1000.0) {
+            return Some(d);
         }
     }
     if let Some(v) = get("retry-after") {
         if let Ok(secs) = v.parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+            if let Some(d) = server_wait(secs) {
+                return Some(d);
             }
         } else if let Ok(when) = httpdate::parse_http_date(v) {
-            return Some(when.duration_since(now).unwrap_or(Duration::ZERO));
+            return Some(
+                when.duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_SERVER_WAIT),
+            );
         }
     }
     if !rate_limited {
@@ -466,7 +703,10 @@ pub(crate) fn retry_after(
             .and_then(|k| k.strip_suffix("-reset"))
         {
             if let Some(at) = parse_rfc3339(value) {
-                let d = at.duration_since(now).unwrap_or(Duration::ZERO);
+                let d = at
+                    .duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_SERVER_WAIT);
                 resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
             }
         }
@@ -484,20 +724,55 @@ pub(crate) fn retry_after(
     exhausted.or_else(|| resets.values().map(|(_, d)| *d).min())
 }
 
-/// Parses durations like `1s`, `6m0s`, `20ms`, `1h2m3.5s` (the OpenAI reset headers).
+/// A wait of `secs` seconds a server asked for, checked: `None` for a negative or NaN number;
+/// cut to [`MAX_SERVER_WAIT`] when longer, infinity included (never the panic of
+/// `Duration::from_secs_f64` on a value past `u64::MAX` seconds).
+pub(crate) fn server_wait(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(MAX_SERVER_WAIT)
+            .min(MAX_SERVER_WAIT),
+    )
+}
+
+/// The length of the number at the start of `text`: digits and dots, then an exponent
+/// (`e300`, `E-3`) if one follows.
+fn number_len(text: &str) -> usize {
+    let b = text.as_bytes();
+    let mut i = b
+        .iter()
+        .position(|c| !(c.is_ascii_digit() || *c == b'.'))
+        .unwrap_or(b.len());
+    if i > 0 && matches!(b.get(i), Some(b'e' | b'E')) {
+        let mut j = i + 1;
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        let digits = b[j..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits > 0 {
+            i = j + digits;
+        }
+    }
+    i
+}
+
+/// Parses durations like `1s`, `6m0s`, `20ms`, `1h2m3.5s` (the OpenAI reset headers), and a
+/// bare number of seconds. Checked as [`server_wait`] is: cut to [`MAX_SERVER_WAIT`], `None`
+/// for anything negative or unreadable.
 pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;
     }
     if let Ok(secs) = rest.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return server_wait(secs);
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = number_len(rest);
         let number: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
         let unit_len = rest
@@ -515,7 +790,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
         total += number * scale;
         rest = &rest[unit_len..];
     }
-    total.is_finite().then(|| Duration::from_secs_f64(total))
+    server_wait(total)
 }
 
 /// Parses an RFC 3339 time such as `2026-01-02T03:04:05Z` or `...05.5+01:00`.
@@ -594,15 +869,24 @@ macro_rules! http_config_setters {
             self
         }
 
-        /// The API key, given in code. It is held in a secret wrapper and never printed.
-        /// Takes precedence over [`api_key_env`](Self::api_key_env). Default: no key.
+        /// The API key, given in code, sent to whatever base URL is set. It is held in a
+        /// secret wrapper and never printed. Takes precedence over
+        /// [`api_key_env`](Self::api_key_env). Default: none (see
+        /// [`api_key_env`](Self::api_key_env) for where a key then comes from).
         pub fn api_key(mut self, key: impl Into<String>) -> Self {
             self.config.api_key = Some(secrecy::SecretString::from(key.into()));
             self
         }
 
-        /// Reads the API key from this environment variable when [`build`](Self::build) runs;
-        /// `build` fails if it is unset or empty. Default: none (no key is sent).
+        /// Reads the API key from this environment variable when [`build`](Self::build) runs,
+        /// and sends it to whatever base URL is set; `build` fails if it is unset or empty.
+        ///
+        /// Default: when neither this nor [`api_key`](Self::api_key) is given, the provider's
+        /// own variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) is read, and must be set, only
+        /// if requests go to the provider's own host (the default base URL's scheme, host and
+        /// port); a custom base URL then gets no key, so the provider's key is never handed to
+        /// another server unless named here. `build` warns (`tracing`) when a key would go over
+        /// plain `http://` to a host that is not loopback.
         pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
             self.config.api_key_env = Some(var.into());
             self
@@ -620,9 +904,23 @@ macro_rules! http_config_setters {
             self
         }
 
-        /// The most connecting may take. Default 10 s.
+        /// The most connecting may take. Default 10 s. Like the
+        /// [`timeout`](Self::timeout), anything over a year is cut to a year.
         pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
             self.config.connect_timeout = timeout;
+            self
+        }
+
+        /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the
+        /// rest is dropped). A longer answer, by its `Content-Length` or once the cap is passed
+        /// while reading it in chunks, fails the call with an error of kind
+        /// [`Other`](crate::BackendErrorKind::Other) (not retried, since the same request
+        /// would most likely bring as much again; not fatal) and nothing past the cap is read.
+        /// So a server that streams without end costs at most this much memory per call.
+        /// Default [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES)
+        /// (8 MiB, far more than any chat answer); `build` rejects 0.
+        pub fn max_response_bytes(mut self, max: usize) -> Self {
+            self.config.max_response_bytes = max;
             self
         }
 
@@ -683,6 +981,8 @@ mod tests {
             ("x-ratelimit-reset-requests", "1e300s"),
             ("x-ratelimit-reset-tokens", "99999999999999999999h"),
             ("x-ratelimit-reset-tokens", "1e300h2m"),
+            ("x-ratelimit-reset-tokens", "1e999s"),
+            ("retry-after", "inf"),
         ] {
             assert_eq!(retry_after(&headers(&[(k, v)]), now, true), day, "{k}: {v}");
         }
@@ -690,11 +990,14 @@ mod tests {
             ("retry-after-ms", "-1"),
             ("retry-after-ms", "NaN"),
             ("retry-after", "-3"),
-            ("retry-after", "inf"),
             ("x-ratelimit-reset-requests", "-1s"),
             ("x-ratelimit-reset-requests", "NaN"),
         ] {
-            assert_eq!(retry_after(&headers(&[(k, v)]), now, true), None, "{k}: {v}");
+            assert_eq!(
+                retry_after(&headers(&[(k, v)]), now, true),
+                None,
+                "{k}: {v}"
+            );
         }
         assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_go_duration("1e3ms"), Some(Duration::from_secs(1)));
@@ -772,11 +1075,29 @@ mod tests {
             r#"{"error":{"message":"Quota exceeded for requests per minute"}}"#
         ));
         assert!(!q(r#"{"error":"slow down"}"#));
+        let daily = |body: &str| ServerError::parse(body).unwrap().daily_limit();
+        assert!(daily(
+            r#"{"error":{"message":"Rate limit reached for gpt-4o-mini on requests per day (RPD): Limit 200, Used 200","type":"requests","code":"rate_limit_exceeded"}}"#
+        ));
+        assert!(daily(
+            r#"{"error":{"message":"tokens per day (TPD): Limit 1"}}"#
+        ));
+        assert!(daily(
+            r#"{"error":{"message":"Quota exceeded for quota metric 'GenerateRequestsPerDayPerProjectPerModel'"}}"#
+        ));
+        assert!(!daily(
+            r#"{"error":{"message":"Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3"}}"#
+        ));
+        let h = HeaderMap::new();
+        let rpd = r#"{"error":{"message":"Rate limit reached on requests per day (RPD): Limit 200","code":"rate_limit_exceeded"}}"#;
+        let e = status_error(StatusCode::TOO_MANY_REQUESTS, &h, rpd, None, None);
+        assert_eq!(e.kind(), BackendErrorKind::QuotaExhausted);
+        assert!(e.message().starts_with("daily limit reached"), "{e}");
     }
 
     #[test]
     fn endpoints() {
-        let mut c = HttpConfig::new("http://127.0.0.1:8080");
+        let mut c = HttpConfig::new("http://127.0.0.1:8080", "UNUSED_KEY_VAR");
         assert_eq!(
             c.endpoint("chat/completions").unwrap().as_str(),
             "http://127.0.0.1:8080/v1/chat/completions"
@@ -795,6 +1116,102 @@ mod tests {
         assert!(c.endpoint("x").is_err());
         c.base_url = "not a url".into();
         assert!(c.endpoint("x").is_err());
+    }
+
+    /// The provider's default key variable is read only for the provider's own host; a
+    /// custom URL gets a key only from an explicit source.
+    #[test]
+    fn default_key_only_for_the_provider_url() {
+        const VAR: &str = "RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR";
+        std::env::set_var(VAR, "sk-default");
+        let config = |base: &str| {
+            let mut c = HttpConfig::new("https://api.example.com/v1", VAR);
+            c.base_url = base.to_string();
+            c
+        };
+        let key_for = |c: &HttpConfig| {
+            let url = c.endpoint("x").unwrap();
+            c.resolve_key(&url)
+                .unwrap()
+                .map(|k| k.expose_secret().to_string())
+        };
+        assert_eq!(
+            key_for(&config("https://api.example.com/v1")).as_deref(),
+            Some("sk-default")
+        );
+        assert_eq!(
+            key_for(&config("https://api.example.com:443/other")).as_deref(),
+            Some("sk-default")
+        );
+        assert_eq!(
+            key_for(&config("http://api.example.com/v1")),
+            None,
+            "plain http"
+        );
+        assert_eq!(
+            key_for(&config("https://api.example.com:8443/v1")),
+            None,
+            "other port"
+        );
+        assert_eq!(key_for(&config("http://127.0.0.1:8080/v1")), None);
+        let mut explicit = config("http://127.0.0.1:8080/v1");
+        explicit.api_key_env = Some(VAR.into());
+        assert_eq!(key_for(&explicit).as_deref(), Some("sk-default"));
+        let mut given = config("http://127.0.0.1:8080/v1");
+        given.api_key = Some(SecretString::from("sk-given".to_string()));
+        assert_eq!(key_for(&given).as_deref(), Some("sk-given"));
+        // No key for the provider's own URL is an error naming the variable.
+        let unset = HttpConfig::new("https://api.example.com/v1", "RMBOOST_TEST_SURELY_UNSET");
+        let url = unset.endpoint("x").unwrap();
+        let err = unset.resolve_key(&url).unwrap_err().to_string();
+        assert!(err.contains("RMBOOST_TEST_SURELY_UNSET"), "{err}");
+        // The note for a 401 without a key, on a custom URL only.
+        let custom = config("http://127.0.0.1:8080/v1");
+        let url = custom.endpoint("x").unwrap();
+        let note = custom.no_key_note(&url, None).unwrap();
+        assert!(note.contains("--api-key-env"), "{note}");
+        let own = config("https://api.example.com/v1");
+        assert!(own.no_key_note(&own.endpoint("x").unwrap(), None).is_none());
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for (u, want) in [
+            ("http://127.0.0.1:1/v1", true),
+            ("http://127.3.4.5/v1", true),
+            ("http://localhost:8080", true),
+            ("http://[::1]:8080/v1", true),
+            ("http://10.0.0.1/v1", false),
+            ("http://example.com/v1", false),
+        ] {
+            assert_eq!(is_loopback(&Url::parse(u).unwrap()), want, "{u}");
+        }
+    }
+
+    #[test]
+    fn redirects_name_the_host_only() {
+        let url = Url::parse("http://127.0.0.1:9/v1/chat/completions").unwrap();
+        let h = headers(&[("location", "https://evil.example:8443/steal?token=abc")]);
+        let e = redirect_error(StatusCode::TEMPORARY_REDIRECT, &h, &url);
+        assert!(e.is_fatal() && !e.is_retryable());
+        assert_eq!(e.status(), Some(307));
+        let m = e.to_string();
+        assert!(m.contains("https://evil.example:8443"), "{m}");
+        assert!(!m.contains("token") && !m.contains("steal"), "{m}");
+        let relative = headers(&[("location", "/v2/chat")]);
+        let m = redirect_error(StatusCode::FOUND, &relative, &url).to_string();
+        assert!(m.contains("to http://127.0.0.1:9"), "{m}");
+        let m = redirect_error(StatusCode::FOUND, &HeaderMap::new(), &url).to_string();
+        assert!(m.contains("without a usable Location"), "{m}");
+    }
+
+    #[test]
+    fn sizes_for_messages() {
+        assert_eq!(human_bytes(8 << 20), "8 MiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(300), "300 bytes");
+        assert!(too_large(8 << 20, None).to_string().contains("8 MiB"));
+        assert_eq!(too_large(1, Some(2)).kind(), BackendErrorKind::Other);
     }
 
     #[test]

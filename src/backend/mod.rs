@@ -32,7 +32,7 @@
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
-//! `name()` and `model()`. Put the rate limit inside the retry so that retries are limited
+//! `name()`, `model()` and `identity()`. Put the rate limit inside the retry so that retries are limited
 //! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
 
 #[cfg(feature = "anthropic")]
@@ -53,7 +53,7 @@ pub use openai::OpenAiBackend;
 #[cfg(feature = "middleware")]
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
-pub use retry::{Retry, RetryPolicy, RetryStats};
+pub use retry::{Retry, RetryPolicy, RetryStats, DEFAULT_MAX_RETRY_AFTER};
 
 #[cfg(feature = "cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
@@ -70,6 +70,39 @@ use crate::error::BackendError;
 
 #[cfg(feature = "local")]
 pub mod local;
+
+/// The default of the HTTP backends' `max_response_bytes`: the most bytes of a response body
+/// read before the call fails (8 MiB).
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
+
+/// A number of seconds given by a user (a flag, a config file) as a [`Duration`], checked:
+/// where `Duration::from_secs_f64` panics on a negative, NaN, infinite or too large value,
+/// this returns an error.
+///
+/// ```
+/// use std::time::Duration;
+/// use rmboost::backend::duration_from_secs_f64;
+///
+/// assert_eq!(duration_from_secs_f64(1.5).unwrap(), Duration::from_millis(1500));
+/// assert!(duration_from_secs_f64(1e20).is_err());
+/// assert!(duration_from_secs_f64(-1.0).is_err());
+/// assert!(duration_from_secs_f64(f64::NAN).is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Config`](crate::Error::Config) when `secs` is negative, NaN or infinite, or more
+/// than a `Duration` holds (about 5.8e11 years).
+pub fn duration_from_secs_f64(secs: f64) -> Result<std::time::Duration, crate::Error> {
+    if secs.is_nan() || secs < 0.0 || secs.is_infinite() {
+        return Err(crate::Error::Config(format!(
+            "{secs} is not a number of seconds (it must be finite and at least 0)"
+        )));
+    }
+    std::time::Duration::try_from_secs_f64(secs)
+        .map_err(|_| crate::Error::Config(format!("{secs} seconds is too long a time")))
+}
 
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -305,19 +338,21 @@ impl Usage {
         }
     }
 
-    /// Prompt plus completion tokens.
+    /// Prompt plus completion tokens (saturating at `u64::MAX`).
     #[must_use]
     pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
+/// Adds the counts field by field, saturating at `u64::MAX`: the counts come from servers, and
+/// an absurd one must not overflow a sum (a panic in debug builds).
 impl std::ops::Add for Usage {
     type Output = Usage;
     fn add(self, rhs: Usage) -> Usage {
         Usage {
-            prompt_tokens: self.prompt_tokens + rhs.prompt_tokens,
-            completion_tokens: self.completion_tokens + rhs.completion_tokens,
+            prompt_tokens: self.prompt_tokens.saturating_add(rhs.prompt_tokens),
+            completion_tokens: self.completion_tokens.saturating_add(rhs.completion_tokens),
         }
     }
 }
@@ -406,6 +441,16 @@ pub trait LlmBackend: Send + Sync {
     fn model(&self) -> Cow<'_, str> {
         Cow::Borrowed("")
     }
+
+    /// What decides this backend's answers besides the request, for the response cache's
+    /// keys: two backends with the same identity must answer a request alike. Defaults to
+    /// `name/model`. The built-in backends say more: the HTTP ones their endpoint (without
+    /// credentials or query), model and answer-changing settings (extra body fields, the names
+    /// of extra headers), the local one the SHA-256 of its model file and its sampling
+    /// defaults. Wrappers forward it. Must never hold a key or other secret.
+    fn identity(&self) -> Cow<'_, str> {
+        Cow::Owned(format!("{}/{}", self.name(), self.model()))
+    }
 }
 
 macro_rules! forward_backend {
@@ -420,6 +465,9 @@ macro_rules! forward_backend {
             }
             fn model(&self) -> Cow<'_, str> {
                 (**self).model()
+            }
+            fn identity(&self) -> Cow<'_, str> {
+                (**self).identity()
             }
         }
     )*};

@@ -46,11 +46,28 @@
 //! |---|---|---|
 //! | 429 | [`RateLimited`](BackendErrorKind::RateLimited), with `Retry-After` or the rate-limit reset headers | yes |
 //! | 429 saying the quota or credit is exhausted (`insufficient_quota`, "billing", ...), 402 | [`QuotaExhausted`](BackendErrorKind::QuotaExhausted) | no, fatal |
+//! | 429 for a daily limit ("requests per day (RPD)", "tokens per day (TPD)", "per day", "daily") | [`QuotaExhausted`](BackendErrorKind::QuotaExhausted), the message starting "daily limit reached" | no, fatal |
+//! | 3xx (redirects are not followed: the key would go along) | [`Backend`](BackendErrorKind::Backend), naming the host it pointed to | no, fatal |
+//! | a body over [`max_response_bytes`](OpenAiBackendBuilder::max_response_bytes) (8 MiB) | [`Other`](BackendErrorKind::Other) | no |
 //! | 5xx, 529, 408, timeouts, connection errors | `Server`, `Timeout`, `Connection` | yes |
 //! | 2xx with malformed JSON or no choices | [`InvalidResponse`](BackendErrorKind::InvalidResponse) | yes |
 //! | 400, 413, 422 | [`InvalidRequest`](BackendErrorKind::InvalidRequest) | no |
 //! | 401, 403 | [`Authentication`](BackendErrorKind::Authentication) | no, fatal |
 //! | 404 | [`NotFound`](BackendErrorKind::NotFound) | no, fatal |
+//!
+//! A 401 or 403 from a custom base URL to which no key was sent says so, and how to send one
+//! ([`api_key_env`](OpenAiBackendBuilder::api_key_env)). The waits servers ask for
+//! (`retry-after-ms`, `retry-after`, `x-ratelimit-reset-*`) are read with checked arithmetic:
+//! negative or NaN values are ignored, and anything over a day is cut to a day. A wait longer
+//! than the retry policy's limit makes [`Retry`](super::retry::Retry) stop with a fatal
+//! [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error.
+//!
+//! # Keys
+//!
+//! The key is the one given with [`api_key`](OpenAiBackendBuilder::api_key) or named with
+//! [`api_key_env`](OpenAiBackendBuilder::api_key_env); without either, `OPENAI_API_KEY` is
+//! used only when requests go to OpenAI's own host ([`DEFAULT_BASE_URL`]), and a custom base
+//! URL gets no key.
 //!
 //! # Tracing
 //!
@@ -90,6 +107,11 @@ pub struct OpenAiBackend {
     api_key: Option<SecretString>,
     headers: HeaderMap,
     extra_body: serde_json::Map<String, Value>,
+    max_response_bytes: usize,
+    /// Added to a 401 or 403 when no key was sent to a custom URL.
+    no_key_note: Option<String>,
+    /// See [`LlmBackend::identity`].
+    identity: String,
     max_tokens_field: String,
 }
 
@@ -97,7 +119,7 @@ impl OpenAiBackend {
     /// A builder with the defaults (OpenAI's base URL, no key, no model).
     pub fn builder() -> OpenAiBackendBuilder {
         OpenAiBackendBuilder {
-            config: HttpConfig::new(DEFAULT_BASE_URL),
+            config: HttpConfig::new(DEFAULT_BASE_URL, "OPENAI_API_KEY"),
             max_tokens_field: "max_tokens".to_string(),
         }
     }
@@ -139,12 +161,19 @@ impl OpenAiBackend {
             self.headers(),
             &body,
             request.text_len(),
+            self.max_response_bytes,
         )
         .await?;
         span.record("status", status.as_u16());
         let key = self.api_key.as_ref();
         if !status.is_success() {
-            return Err(http::status_error(status, &headers, &text, key));
+            return Err(http::status_error(
+                status,
+                &headers,
+                &text,
+                key,
+                self.no_key_note.as_deref(),
+            ));
         }
         let wire: WireResponse = match serde_json::from_str(&text) {
             Ok(wire) => wire,
@@ -255,6 +284,13 @@ impl LlmBackend for OpenAiBackend {
     fn model(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.model)
     }
+
+    /// The name, the endpoint (without credentials or query), the model and every other
+    /// setting that changes the answers (extra body fields, the names of extra headers, ...);
+    /// never the key.
+    fn identity(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.identity)
+    }
 }
 
 /// Builds an [`OpenAiBackend`]. Setters consume and return the builder; [`build`](Self::build)
@@ -284,12 +320,15 @@ Default [`DEFAULT_BASE_URL`].",
         header: "Adds a header sent with every request (a gateway's routing or auth header, an
     organisation id). Values are treated as sensitive and not printed.",
         timeout: "The most one request may take, from sending to the end of the body; `None` for
-    no limit. Default 600 s (slow local models need long).",
+    no limit. Default 600 s (slow local models need long). Anything over a year is cut to a year.",
         extra_body: "Adds a field to every request body, for server-specific options (`top_k`,
 `repetition_penalty`, `response_format`, vLLM's `guided_json`, ...). It wins over a field of
 the same name set from the request.",
         client: "Uses this client instead of building one (to share a pool between backends or
-    set proxies and certificates). The timeout settings are then the client's.",
+    set proxies and certificates). The timeout settings are then the client's, and so is its
+    redirect policy: reqwest's default follows redirects, and the key and extra headers with
+    them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the backend then
+    reports a redirect as an error, as with its own client).",
     }
 
     /// The name of the field the token limit is sent in. Default `max_tokens`; OpenAI's
@@ -303,8 +342,10 @@ the same name set from the request.",
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, the base URL or a header is invalid, the key's
-    /// environment variable is unset or empty, or the HTTP client cannot be built.
+    /// [`Error::Config`] when the model is empty, the base URL or a header is invalid,
+    /// `max_response_bytes` is 0, the key's environment variable is unset or empty (the one
+    /// named with [`api_key_env`](Self::api_key_env), or `OPENAI_API_KEY` when no key is given
+    /// and requests go to OpenAI's own host), or the HTTP client cannot be built.
     pub fn build(self) -> Result<OpenAiBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
@@ -316,7 +357,7 @@ the same name set from the request.",
             ));
         }
         let url = config.endpoint("chat/completions")?;
-        let api_key = config.resolve_key()?;
+        let api_key = config.checked_key("openai", &url)?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).is_err() {
                 return Err(Error::Config(
@@ -327,6 +368,12 @@ the same name set from the request.",
         }
         let headers = config.header_map()?;
         let client = config.client()?;
+        let no_key_note = config.no_key_note(&url, api_key.as_ref());
+        let identity = config.identity(
+            "openai",
+            &url,
+            &[("max_tokens_field", &self.max_tokens_field)],
+        );
         Ok(OpenAiBackend {
             client,
             url,
@@ -334,6 +381,9 @@ the same name set from the request.",
             api_key,
             headers,
             extra_body: config.extra_body,
+            max_response_bytes: config.max_response_bytes,
+            no_key_note,
+            identity,
             max_tokens_field: self.max_tokens_field,
         })
     }

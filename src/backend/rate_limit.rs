@@ -234,4 +234,8 @@ impl<B: LlmBackend> LlmBackend for RateLimit<B> {
     fn model(&self) -> Cow<'_, str> {
         self.inner.model()
     }
+
+    fn identity(&self) -> Cow<'_, str> {
+        self.inner.identity()
+    }
 }

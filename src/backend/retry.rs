@@ -6,6 +6,13 @@
 //! server sent ([`BackendError::retry_after`]) is a floor for the wait. The number of attempts
 //! and the total time spent (calls and waits together) are both bounded.
 //!
+//! A `Retry-After` longer than the policy will ever wait
+//! ([`RetryPolicy::max_retry_after`], default 120 s, and never more than
+//! [`max_elapsed`](RetryPolicy::max_elapsed)) is not slept on: the call fails at once with a
+//! fatal [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error ("the server asked
+//! to wait 3600 s, longer than the retry policy waits (120 s)"), so a run stops with that
+//! message rather than failing every prompt in turn against an hourly or daily limit.
+//!
 //! ```
 //! use std::num::NonZeroU32;
 //! use std::time::Duration;
@@ -48,22 +55,29 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backend::{Completion, CompletionRequest, LlmBackend};
-use crate::error::BackendError;
+use crate::error::{BackendError, BackendErrorKind};
 
 /// How [`Retry`] waits and when it gives up.
 ///
 /// The wait before retry `n` (1-based) is drawn uniformly from
 /// `[0, min(max_delay, initial_delay * 2^(n-1))]` (full jitter; without jitter it is the upper
 /// end), and is never shorter than the `Retry-After` the server sent. A retry whose wait would
-/// end after `max_elapsed` is not made: the last error is returned at once.
+/// end after `max_elapsed` is not made: the last error is returned at once. A `Retry-After`
+/// longer than [`max_retry_after`](Self::max_retry_after) (or than `max_elapsed`) is a fatal
+/// error at once (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     max_attempts: NonZeroU32,
     initial_delay: Duration,
     max_delay: Duration,
     max_elapsed: Option<Duration>,
+    max_retry_after: Duration,
     jitter: bool,
 }
+
+/// The default of [`RetryPolicy::max_retry_after`]: two minutes, more than any per-minute
+/// limit asks for, far less than an hourly or daily one.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -72,6 +86,7 @@ impl Default for RetryPolicy {
             initial_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(30),
             max_elapsed: Some(Duration::from_secs(300)),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             jitter: true,
         }
     }
@@ -106,6 +121,27 @@ impl RetryPolicy {
     pub fn max_elapsed(mut self, max_elapsed: Option<Duration>) -> Self {
         self.max_elapsed = max_elapsed;
         self
+    }
+
+    /// The longest `Retry-After` the wrapper waits for. A failed call whose server asks for a
+    /// longer wait (or a longer one than [`max_elapsed`](Self::max_elapsed)) is not retried:
+    /// it comes back at once as a fatal
+    /// [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error, since every later
+    /// request would be told to wait too. Default [`DEFAULT_MAX_RETRY_AFTER`] (120 s).
+    #[must_use]
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
+    /// The longest `Retry-After` waited for: [`max_retry_after`](Self::max_retry_after), but
+    /// never more than [`max_elapsed`](Self::max_elapsed).
+    #[must_use]
+    pub fn retry_after_limit(&self) -> Duration {
+        match self.max_elapsed {
+            Some(budget) => self.max_retry_after.min(budget),
+            None => self.max_retry_after,
+        }
     }
 
     /// Whether to draw the wait at random from `[0, d]` (full jitter, the default) or always
@@ -251,7 +287,10 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
     /// # Errors
     ///
     /// The first non-retryable error, or the last retryable one when `max_attempts` calls have
-    /// failed or the next wait would pass `max_elapsed`.
+    /// failed or the next wait would pass `max_elapsed`; a fatal
+    /// [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error (the server's error as
+    /// its source) when the server asks to wait longer than
+    /// [`RetryPolicy::retry_after_limit`].
     ///
     /// # Cancel safety
     ///
@@ -273,8 +312,17 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
                 Ok(completion) => return Ok(completion),
                 Err(err) => err,
             };
-            if err.kind() == crate::BackendErrorKind::RateLimited {
+            if err.kind() == BackendErrorKind::RateLimited {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            if err.is_retryable() {
+                let limit = self.policy.retry_after_limit();
+                if let Some(wait) = err.retry_after().filter(|w| *w > limit) {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    let err = too_long(err, wait, limit);
+                    tracing::warn!(attempts = attempt, error = %err, "giving up: the server asks to wait too long");
+                    return Err(err);
+                }
             }
             if !err.is_retryable() || attempt >= max_attempts {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +360,35 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
 
     fn model(&self) -> Cow<'_, str> {
         self.inner.model()
+    }
+
+    fn identity(&self) -> Cow<'_, str> {
+        self.inner.identity()
+    }
+}
+
+/// The fatal error for a server that asks to wait `wait`, longer than `limit`.
+fn too_long(err: BackendError, wait: Duration, limit: Duration) -> BackendError {
+    let message = format!(
+        "the server asked to wait {}, longer than the retry policy waits ({}); stopping (rerun \
+         later to resume)",
+        secs(wait),
+        secs(limit)
+    );
+    let mut out =
+        BackendError::new(BackendErrorKind::RetryAfterTooLong, message).with_retry_after(wait);
+    if let Some(status) = err.status() {
+        out = out.with_status(status);
+    }
+    out.with_source(err)
+}
+
+/// A duration as whole seconds (`3600 s`), or with a decimal under ten seconds.
+fn secs(d: Duration) -> String {
+    if d < Duration::from_secs(10) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} s", d.as_secs())
     }
 }
 

@@ -112,6 +112,8 @@ struct Shared {
     vocab: Arc<Vocab>,
     model_name: String,
     path: PathBuf,
+    /// See [`LlmBackend::identity`].
+    identity: String,
 }
 
 /// A GGUF chat model running in this process (see the [module docs](self)).
@@ -217,6 +219,12 @@ impl LlmBackend for LocalBackend {
 
     fn model(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.shared.model_name)
+    }
+
+    /// The SHA-256 of the model file, the model name and the sampling defaults (what a request
+    /// that sets nothing gets): two files of the same name do not share cached answers.
+    fn identity(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.shared.identity)
     }
 }
 
@@ -377,7 +385,7 @@ impl LocalBackendBuilder {
     /// if the file is not a GGUF this backend can run (or the settings are out of range),
     /// [`LocalError::Spawn`] if the thread cannot start.
     pub fn build(self) -> Result<LocalBackend, LocalError> {
-        let path = self.resolver.resolve()?;
+        let (path, sha256) = self.resolver.resolve_checked()?;
         let load_err = |source: BoxError| LocalError::Load {
             path: path.clone(),
             source,
@@ -407,6 +415,23 @@ impl LocalBackendBuilder {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
         };
+        // The identity holds the file's hash: the default model's was checked on the way, a
+        // user's file is hashed here (about half a second per 100 MB).
+        let sha256 = match sha256 {
+            Some(sum) => sum,
+            None => model::sha256_file(&path).map_err(|e| load_err(Box::new(e)))?,
+        };
+        let identity = format!(
+            "local sha256={sha256} temperature={} top_p={} max_tokens={} context_length={:?} \
+             requantize={} repeat_penalty={} repeat_last_n={}",
+            self.temperature,
+            self.top_p,
+            self.max_tokens,
+            self.context_length,
+            self.requantize,
+            self.repeat_penalty,
+            self.repeat_last_n,
+        );
         let started = std::time::Instant::now();
         let (engine, vocab) = Engine::load(&path, options).map_err(load_err)?;
         tracing::info!(path = %path.display(), secs = started.elapsed().as_secs_f64(), "local model loaded");
@@ -427,12 +452,14 @@ impl LocalBackendBuilder {
                 .spawn(move || worker(engine, vocab, model_name, rx))
                 .map_err(LocalError::Spawn)?;
         }
+        let identity = format!("{identity} model={model_name:?}");
         Ok(LocalBackend {
             shared: Arc::new(Shared {
                 jobs,
                 vocab,
                 model_name,
                 path,
+                identity,
             }),
         })
     }

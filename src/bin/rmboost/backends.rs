@@ -45,6 +45,13 @@ impl MeterCounts {
     }
 }
 
+/// Adds `n` to `counter`, saturating at `u64::MAX` (token counts come from servers).
+fn saturating_add(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_add(n))
+    });
+}
+
 /// A backend wrapper that counts calls and tokens into [`MeterCounts`].
 pub(crate) struct Meter<B> {
     inner: B,
@@ -71,10 +78,8 @@ impl<B: LlmBackend> LlmBackend for Meter<B> {
         let c = &self.counts;
         c.calls.fetch_add(1, Ordering::Relaxed);
         if let Ok(done) = &result {
-            c.prompt_tokens
-                .fetch_add(done.usage.prompt_tokens, Ordering::Relaxed);
-            c.completion_tokens
-                .fetch_add(done.usage.completion_tokens, Ordering::Relaxed);
+            saturating_add(&c.prompt_tokens, done.usage.prompt_tokens);
+            saturating_add(&c.completion_tokens, done.usage.completion_tokens);
         }
         result
     }
@@ -85,6 +90,10 @@ impl<B: LlmBackend> LlmBackend for Meter<B> {
 
     fn model(&self) -> Cow<'_, str> {
         self.inner.model()
+    }
+
+    fn identity(&self) -> Cow<'_, str> {
+        self.inner.identity()
     }
 }
 
@@ -198,24 +207,16 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
     })
 }
 
-/// The key's environment variable: `--api-key-env`, else `default_var` when it is set, else
-/// none (a local server needs no key) unless `required`.
-fn key_var(
-    args: &BackendArgs,
-    default_var: &str,
-    required: bool,
-) -> Result<Option<String>, CliError> {
-    if let Some(var) = &args.api_key_env {
-        return Ok(Some(var.clone()));
-    }
-    if std::env::var_os(default_var).is_some() || required {
-        return Ok(Some(default_var.to_string()));
-    }
-    Ok(None)
+/// The key's environment variable: `--api-key-env`, else none. The library picks the
+/// provider's default variable (`OPENAI_API_KEY`, ...) itself, and only for the provider's
+/// own URL: a `--base-url` gets a key only when `--api-key-env` names it.
+fn key_var(args: &BackendArgs) -> Option<String> {
+    args.api_key_env.clone()
 }
 
-fn timeout(args: &BackendArgs) -> Duration {
-    Duration::from_secs_f64(args.timeout)
+fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
+    rmboost::backend::duration_from_secs_f64(args.timeout)
+        .map_err(|e| CliError::usage(format!("--timeout: {}", error_chain(&e))))
 }
 
 fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
@@ -228,11 +229,13 @@ fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
                 "--backend openai needs --model (and --base-url for a server other than OpenAI)",
             )),
         };
-    let mut b = OpenAiBackend::builder().model(model).timeout(timeout(args));
+    let mut b = OpenAiBackend::builder()
+        .model(model)
+        .timeout(timeout(args)?);
     if let Some(url) = &args.base_url {
         b = b.base_url(url.clone());
     }
-    if let Some(var) = key_var(args, "OPENAI_API_KEY", args.base_url.is_none())? {
+    if let Some(var) = key_var(args) {
         b = b.api_key_env(var);
     }
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
@@ -244,11 +247,11 @@ fn anthropic(args: &BackendArgs) -> Result<AnthropicBackend, CliError> {
     };
     let mut b = AnthropicBackend::builder()
         .model(model.clone())
-        .timeout(timeout(args));
+        .timeout(timeout(args)?);
     if let Some(url) = &args.base_url {
         b = b.base_url(url.clone());
     }
-    if let Some(var) = key_var(args, "ANTHROPIC_API_KEY", args.base_url.is_none())? {
+    if let Some(var) = key_var(args) {
         b = b.api_key_env(var);
     }
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
