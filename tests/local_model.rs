@@ -328,3 +328,37 @@ async fn rmboost_runs_end_to_end_on_five_prompts() {
     assert_eq!(ids.len(), 5, "every prompt answered exactly once");
     assert!(ok >= 1, "no usable pair out of 5: {results:?}");
 }
+
+/// The identity (what cache keys hold) has the model file's SHA-256: another GGUF under the
+/// same file name (here the model with its last byte changed) gets another identity, so it
+/// does not reuse the first one's cached answers.
+#[cfg(feature = "cache")]
+#[test]
+fn identity_holds_the_model_files_hash() {
+    use sha2::{Digest, Sha256};
+    let b = backend();
+    let bytes = std::fs::read(b.model_path()).unwrap();
+    let hex = |d: &[u8]| d.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let id = b.identity().into_owned();
+    assert!(id.contains(&hex(&Sha256::digest(&bytes))), "{id}");
+    assert!(id.contains(&*b.model()), "{id}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join(b.model_path().file_name().unwrap());
+    let mut changed = bytes;
+    *changed.last_mut().unwrap() ^= 1;
+    std::fs::write(&copy, &changed).unwrap();
+    let other = LocalBackend::builder().model_path(&copy).build().unwrap();
+    assert_eq!(other.model(), b.model(), "same file name, same model name");
+    let other_id = other.identity().into_owned();
+    assert_ne!(other_id, id);
+    assert!(
+        other_id.contains(&hex(&Sha256::digest(&changed))),
+        "{other_id}"
+    );
+    let req = greedy("hi", 4);
+    assert_ne!(
+        rmboost::backend::cache::cache_key(&id, &req),
+        rmboost::backend::cache::cache_key(&other_id, &req)
+    );
+}

@@ -76,9 +76,9 @@ pub mod local;
 #[cfg(any(feature = "openai", feature = "anthropic"))]
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
 
-/// A number of seconds given by a user (a flag, a config file) as a [`Duration`], checked:
-/// where `Duration::from_secs_f64` panics on a negative, NaN, infinite or too large value,
-/// this returns an error.
+/// A number of seconds given by a user (a flag, a config file) as a
+/// [`Duration`](std::time::Duration), checked: where `Duration::from_secs_f64` panics on a
+/// negative, NaN, infinite or too large value, this returns an error.
 ///
 /// ```
 /// use std::time::Duration;
