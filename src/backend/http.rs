@@ -634,6 +634,10 @@ pub(crate) fn status_error(
 pub(crate) fn body_error(server: &ServerError, key: Option<&SecretString>) -> BackendError {
     let kind = match server.kind.as_deref().or(server.code.as_deref()) {
         _ if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
+        // A daily limit, as for a 429 (see `status_error`).
+        _ if server.daily_limit() && server.says(&["rate_limit", "rate limit"]) => {
+            BackendErrorKind::QuotaExhausted
+        }
         Some("rate_limit_error" | "rate_limit_exceeded") => BackendErrorKind::RateLimited,
         Some("overloaded_error" | "api_error" | "server_error") => BackendErrorKind::Server,
         Some("authentication_error" | "permission_error") => BackendErrorKind::Authentication,
@@ -1093,6 +1097,18 @@ mod tests {
         let e = status_error(StatusCode::TOO_MANY_REQUESTS, &h, rpd, None, None);
         assert_eq!(e.kind(), BackendErrorKind::QuotaExhausted);
         assert!(e.message().starts_with("daily limit reached"), "{e}");
+        // The same error object in a 200 body.
+        let server = ServerError::parse(rpd).unwrap();
+        assert_eq!(
+            body_error(&server, None).kind(),
+            BackendErrorKind::QuotaExhausted
+        );
+        let rpm = r#"{"error":{"message":"Rate limit reached on requests per min (RPM)","code":"rate_limit_exceeded"}}"#;
+        let server = ServerError::parse(rpm).unwrap();
+        assert_eq!(
+            body_error(&server, None).kind(),
+            BackendErrorKind::RateLimited
+        );
     }
 
     #[test]
