@@ -319,32 +319,31 @@ impl AnthropicBackendBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, `default_max_tokens` is 0, the base URL, the
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the model is empty, `default_max_tokens` is 0, the base URL, the
     /// version or a header is invalid, the key's environment variable is unset or empty, or the
     /// HTTP client cannot be built.
     pub fn build(self) -> Result<AnthropicBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
-            return Err(Error::Config("anthropic backend: no model set".into()));
+            return Err(Error::config("anthropic backend: no model set"));
         }
         if self.default_max_tokens == 0 {
-            return Err(Error::Config(
-                "anthropic backend: default_max_tokens must be at least 1".into(),
+            return Err(Error::config(
+                "anthropic backend: default_max_tokens must be at least 1",
             ));
         }
         let url = config.endpoint("messages")?;
         let api_key = config.resolve_key()?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(key.expose_secret()).is_err() {
-                return Err(Error::Config(
-                    "anthropic backend: the API key contains characters not allowed in a header"
-                        .into(),
+                return Err(Error::config(
+                    "anthropic backend: the API key contains characters not allowed in a header",
                 ));
             }
         }
         let mut headers = config.header_map()?;
         let version = HeaderValue::from_str(&self.version).map_err(|_| {
-            Error::Config(format!(
+            Error::config(format!(
                 "anthropic backend: invalid version {:?}",
                 self.version
             ))

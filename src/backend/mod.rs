@@ -36,18 +36,24 @@
 //! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
 
 #[cfg(feature = "anthropic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "anthropic")))]
 pub mod anthropic;
 #[cfg(any(feature = "openai", feature = "anthropic"))]
 mod http;
+pub mod meter;
 #[cfg(feature = "openai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openai")))]
 pub mod openai;
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod rate_limit;
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod retry;
 
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
+pub use meter::{CallMeter, Metered};
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
 #[cfg(feature = "middleware")]
@@ -69,6 +75,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::BackendError;
 
 #[cfg(feature = "local")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local")))]
 pub mod local;
 
 /// Who wrote a chat message.

@@ -303,25 +303,22 @@ the same name set from the request.",
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, the base URL or a header is invalid, the key's
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the model is empty, the base URL or a header is invalid, the key's
     /// environment variable is unset or empty, or the HTTP client cannot be built.
     pub fn build(self) -> Result<OpenAiBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
-            return Err(Error::Config("openai backend: no model set".into()));
+            return Err(Error::config("openai backend: no model set"));
         }
         if self.max_tokens_field.is_empty() {
-            return Err(Error::Config(
-                "openai backend: empty max_tokens field name".into(),
-            ));
+            return Err(Error::config("openai backend: empty max_tokens field name"));
         }
         let url = config.endpoint("chat/completions")?;
         let api_key = config.resolve_key()?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).is_err() {
-                return Err(Error::Config(
-                    "openai backend: the API key contains characters not allowed in a header"
-                        .into(),
+                return Err(Error::config(
+                    "openai backend: the API key contains characters not allowed in a header",
                 ));
             }
         }

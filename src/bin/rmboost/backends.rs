@@ -1,21 +1,21 @@
 //! Choosing and wrapping the backend of `--backend`.
 //!
 //! Each backend plugs in with one arm of [`build`]; wrappers (retry, rate limit, cache) are
-//! applied around it in [`build`] too, and the [`Meter`] outermost-but-cache so that it counts
+//! applied around it in [`build`] too, and the meter outermost-but-cache so that it counts
 //! exactly the tokens the provider bills.
 
 use std::borrow::Cow;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmboost::testing::{FakeBackend, ScriptedBackend};
 use rmboost::{
-    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend, Usage,
+    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend,
 };
 
 use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::meter::{CallMeter, Metered};
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::rate_limit::RateLimit;
 use rmboost::backend::retry::{Retry, RetryPolicy};
@@ -23,78 +23,13 @@ use rmboost::backend::retry::{Retry, RetryPolicy};
 use crate::args::{BackendArgs, BackendKind};
 use crate::setup::{error_chain, CliError};
 
-/// Counts every completion that comes back from the provider: calls and tokens, re-asks and
-/// examples that later failed included (what the provider bills).
-#[derive(Debug, Default)]
-pub(crate) struct MeterCounts {
-    calls: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-}
-
-impl MeterCounts {
-    pub(crate) fn usage(&self) -> Usage {
-        Usage::new(
-            self.prompt_tokens.load(Ordering::Relaxed),
-            self.completion_tokens.load(Ordering::Relaxed),
-        )
-    }
-
-    pub(crate) fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-}
-
-/// A backend wrapper that counts calls and tokens into [`MeterCounts`].
-pub(crate) struct Meter<B> {
-    inner: B,
-    counts: Arc<MeterCounts>,
-}
-
-impl<B> Meter<B> {
-    pub(crate) fn new(inner: B) -> (Self, Arc<MeterCounts>) {
-        let counts = Arc::new(MeterCounts::default());
-        (
-            Meter {
-                inner,
-                counts: counts.clone(),
-            },
-            counts,
-        )
-    }
-}
-
-#[async_trait]
-impl<B: LlmBackend> LlmBackend for Meter<B> {
-    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        let result = self.inner.complete(request).await;
-        let c = &self.counts;
-        c.calls.fetch_add(1, Ordering::Relaxed);
-        if let Ok(done) = &result {
-            c.prompt_tokens
-                .fetch_add(done.usage.prompt_tokens, Ordering::Relaxed);
-            c.completion_tokens
-                .fetch_add(done.usage.completion_tokens, Ordering::Relaxed);
-        }
-        result
-    }
-
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-}
-
 /// Counts transport retries, where the backend has a retry wrapper.
 pub(crate) type RetryCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Live statistics of the wrappers, for progress and the summary.
 #[derive(Clone, Default)]
 pub(crate) struct BackendStats {
-    pub(crate) meter: Arc<MeterCounts>,
+    pub(crate) meter: CallMeter,
     /// Transport retries made, where the backend has a retry wrapper.
     pub(crate) retries: Option<RetryCounter>,
 }
@@ -186,7 +121,7 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
         BackendKind::Local => (local(args)?, None),
     };
     let description = describe(kind, args, &*inner);
-    let (metered, meter) = Meter::new(inner);
+    let (metered, meter) = Metered::new(inner);
     Ok(Built {
         backend: Arc::new(metered),
         stats: BackendStats { meter, retries },

@@ -4,8 +4,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 
+use rmboost::methods::ExamplePlan;
 use rmboost::testing::FakeBackend;
-use rmboost::{CompletionRequest, ExamplePlan, OutputOrder, RmBoost};
+use rmboost::{CompletionRequest, OutputOrder, RmBoost};
 use serde_json::json;
 
 use crate::args::DryRunArgs;
@@ -36,7 +37,7 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         }
         let prompt = match item {
             Ok(p) => p,
-            Err(e @ rmboost::Error::Parse { .. }) => {
+            Err(e) if e.kind() == rmboost::ErrorKind::Parse => {
                 bad += 1;
                 crate::progress::notice(&format!("rmboost: skipping a bad line: {e}"));
                 continue;
