@@ -394,7 +394,7 @@ async fn second_run_on_same_output_is_refused() {
     )
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("another run"), "{err}");
+    assert!(rmboost::error_chain(&err).contains("another run"), "{err}");
     held.close().unwrap();
 }
 

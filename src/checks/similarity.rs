@@ -306,12 +306,18 @@ fn trigram(a: u64, b: u64, c: u64) -> u64 {
     fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
 }
 
-/// Fills `set` with the token hashes of `text`.
-fn token_set(text: &str, buf: &mut String, set: &mut HashSet64) {
+/// Fills `set` with the token hashes of `text`, from the ASCII tokenizer when `ascii` (the
+/// two tokenizers hash differently, so both texts of a pair must use the same one).
+fn token_set(text: &str, ascii: bool, buf: &mut String, set: &mut HashSet64) {
     set.clear();
-    for_each_token_fast(text, buf, |h| {
+    let insert = |h| {
         set.insert(h);
-    });
+    };
+    if ascii {
+        for_each_token_fast(text, buf, insert);
+    } else {
+        for_each_token(text, buf, insert);
+    }
 }
 
 fn jaccard_of(a: &HashSet64, b: &HashSet64) -> f64 {
@@ -335,8 +341,9 @@ fn trim(s: &mut Scratch) {
 pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        token_set(a, &mut s.lower, &mut s.a);
-        token_set(b, &mut s.lower, &mut s.b);
+        let ascii = a.is_ascii() && b.is_ascii();
+        token_set(a, ascii, &mut s.lower, &mut s.a);
+        token_set(b, ascii, &mut s.lower, &mut s.b);
         let j = jaccard_of(&s.a, &s.b);
         trim(s);
         j

@@ -757,7 +757,7 @@ mod tests {
         let path = dir.path().join("o.jsonl");
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
         let err = AppendFile::open(&path, SyncPolicy::default()).unwrap_err();
-        assert!(err.to_string().contains("another run"), "{err}");
+        assert!(crate::error_chain(&err).contains("another run"), "{err}");
         assert_eq!(
             err.io_error().map(std::io::Error::kind),
             Some(std::io::ErrorKind::WouldBlock),
