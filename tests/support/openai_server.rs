@@ -437,7 +437,7 @@ async fn answer(request: &Recorded, state: &State) -> Option<Vec<u8>> {
         return Some(response(*status, "", &error_body(*status, message)));
     }
     if let Some(n) = config.reject_first_one_in {
-        if !is_second(body) && body["seed"].as_u64().unwrap_or(0) % n == 0 {
+        if !is_second(body) && body["seed"].as_u64().unwrap_or(0).is_multiple_of(n) {
             counters.scripted.fetch_add(1, Ordering::SeqCst);
             return Some(response(400, "", &error_body(400, REJECTED)));
         }
