@@ -89,18 +89,6 @@ pub(crate) enum BackendKind {
     Openai,
     /// The Anthropic Messages API.
     Anthropic,
-    /// Instant deterministic answers, for tests.
-    #[value(hide = true)]
-    Fake,
-    /// Every call fails with an authentication error, for tests.
-    #[value(hide = true, name = "fake-unauthorized")]
-    FakeUnauthorized,
-    /// Every call fails with a connection error, for tests.
-    #[value(hide = true, name = "fake-unreachable")]
-    FakeUnreachable,
-    /// One first-response call in four is rejected (a non-fatal failure), for tests.
-    #[value(hide = true, name = "fake-flaky")]
-    FakeFlaky,
 }
 
 impl BackendKind {
@@ -109,10 +97,6 @@ impl BackendKind {
             BackendKind::Local => "local",
             BackendKind::Openai => "openai",
             BackendKind::Anthropic => "anthropic",
-            BackendKind::Fake => "fake",
-            BackendKind::FakeUnauthorized => "fake-unauthorized",
-            BackendKind::FakeUnreachable => "fake-unreachable",
-            BackendKind::FakeFlaky => "fake-flaky",
         }
     }
 }

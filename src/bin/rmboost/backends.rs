@@ -4,15 +4,11 @@
 //! applied around it in [`build`] too, and the meter outermost-but-cache so that it counts
 //! exactly the tokens the provider bills.
 
-use std::borrow::Cow;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmboost::testing::{FakeBackend, ScriptedBackend};
-use rmboost::{
-    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend,
-};
+use rmboost::LlmBackend;
 
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::meter::{CallMeter, Metered};
@@ -46,8 +42,6 @@ pub(crate) struct Built {
     pub(crate) stats: BackendStats,
     /// `name` / `model` / where, for the summary (never a key).
     pub(crate) description: String,
-    /// Whether this is a real model (worth caching), not a test backend.
-    pub(crate) real: bool,
 }
 
 /// The default backend when `--backend` is not given.
@@ -68,13 +62,6 @@ fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
     Ok(Arc::new(backend))
 }
 
-fn fake_latency() -> Option<Duration> {
-    std::env::var("RMBOOST_FAKE_LATENCY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
-}
-
 /// Builds the backend of `args`, wrapped in the meter (and retry, rate limit where
 /// available).
 pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
@@ -84,38 +71,7 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
             "--timeout must be a positive number of seconds",
         ));
     }
-    let latency = fake_latency();
     let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) = match kind {
-        BackendKind::Fake => {
-            let mut fake = FakeBackend::new();
-            if let Some(l) = latency {
-                fake = fake.with_latency(l);
-            }
-            (Arc::new(fake), None)
-        }
-        BackendKind::FakeUnauthorized => (
-            Arc::new(ScriptedBackend::from_fn(|_| {
-                Err(
-                    BackendError::new(BackendErrorKind::Authentication, "invalid API key")
-                        .with_status(401),
-                )
-            })),
-            None,
-        ),
-        BackendKind::FakeUnreachable => (
-            Arc::new(ScriptedBackend::from_fn(|_| {
-                Err(BackendError::new(
-                    BackendErrorKind::Connection,
-                    "connection refused",
-                ))
-            })),
-            None,
-        ),
-        BackendKind::FakeFlaky => {
-            let fake = FakeBackend::new();
-            let flaky = Flaky { inner: fake };
-            (Arc::new(flaky), None)
-        }
         BackendKind::Openai => wrap(openai(args)?, args)?,
         BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
         BackendKind::Local => (local(args)?, None),
@@ -126,10 +82,6 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
         backend: Arc::new(metered),
         stats: BackendStats { meter, retries },
         description,
-        real: matches!(
-            kind,
-            BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local
-        ),
     })
 }
 
@@ -225,36 +177,4 @@ fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> 
         s.push_str(url);
     }
     s
-}
-
-/// The fake backend, but the first call of one seed in four is rejected as an invalid request
-/// (a permanent, non-fatal failure: the example fails and the run goes on).
-struct Flaky {
-    inner: FakeBackend,
-}
-
-#[async_trait]
-impl LlmBackend for Flaky {
-    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        let second = request
-            .messages
-            .last()
-            .is_some_and(|m| m.content.contains("</response>"));
-        if !second && request.seed.unwrap_or(0) & 3 == 0 {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                "rejected by the fake",
-            )
-            .with_status(400));
-        }
-        self.inner.complete(request).await
-    }
-
-    fn name(&self) -> Cow<'_, str> {
-        "fake".into()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        "fake-flaky".into()
-    }
 }

@@ -310,7 +310,7 @@ async fn with_cache(
     args: &GenerateArgs,
     built: &backends::Built,
 ) -> Result<(Arc<dyn rmboost::LlmBackend>, Option<Cache>), CliError> {
-    if args.no_cache || !built.real {
+    if args.no_cache {
         return Ok((built.backend.clone(), None));
     }
     let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
