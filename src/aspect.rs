@@ -28,7 +28,7 @@ use std::sync::Arc;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{Error, ErrorKind};
 
 /// One quality aspect: a short name and a one-line definition shown to the model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -104,6 +104,67 @@ pub enum AspectSampling {
     },
 }
 
+impl fmt::Display for AspectSampling {
+    /// The form [`FromStr`](std::str::FromStr) reads: `all`, `K`, `MIN-MAX`, `model-picks:K`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            AspectSampling::All => f.write_str("all"),
+            AspectSampling::Subset { min, max } if min == max => write!(f, "{min}"),
+            AspectSampling::Subset { min, max } => write!(f, "{min}-{max}"),
+            AspectSampling::ModelPicks { max } => write!(f, "model-picks:{max}"),
+        }
+    }
+}
+
+impl std::str::FromStr for AspectSampling {
+    type Err = Error;
+
+    /// Parses `all`, `K` (a subset of exactly K), `MIN-MAX` (a subset of MIN to MAX) or
+    /// `model-picks[:K]` (the model picks at most K, default 3); case and `_` for `-` are
+    /// ignored. Sizes are checked against a set by [`Aspects::with_sampling`].
+    ///
+    /// ```
+    /// use rmboost::AspectSampling;
+    ///
+    /// assert_eq!("1-3".parse::<AspectSampling>()?, AspectSampling::Subset { min: 1, max: 3 });
+    /// assert_eq!("Model_Picks:2".parse::<AspectSampling>()?, AspectSampling::ModelPicks { max: 2 });
+    /// assert!("some".parse::<AspectSampling>().is_err());
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the accepted forms.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mode = s.trim().to_ascii_lowercase().replace('_', "-");
+        let bad = || {
+            Error::config(format!(
+                "unknown aspect sampling `{s}`: use all, K, MIN-MAX or model-picks[:K]"
+            ))
+        };
+        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+        if mode == "all" {
+            return Ok(AspectSampling::All);
+        }
+        if let Some(rest) = mode.strip_prefix("model-picks") {
+            let max = match rest.strip_prefix(':') {
+                Some(k) => num(k)?,
+                None if rest.is_empty() => 3,
+                None => return Err(bad()),
+            };
+            return Ok(AspectSampling::ModelPicks { max });
+        }
+        if let Some((a, b)) = mode.split_once('-') {
+            return Ok(AspectSampling::Subset {
+                min: num(a)?,
+                max: num(b)?,
+            });
+        }
+        let k = num(&mode)?;
+        Ok(AspectSampling::Subset { min: k, max: k })
+    }
+}
+
 /// A named set of aspects with a sampling mode; implements [`AspectSet`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Aspects {
@@ -131,31 +192,31 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if the list is empty, a name or definition is blank, or two aspects
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if the list is empty, a name or definition is blank, or two aspects
     /// share a name.
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
         let name = name.into();
         for (i, a) in aspects.iter().enumerate() {
             if a.name.trim().is_empty() {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "aspect set {name:?}: aspects[{i}].name is empty"
                 )));
             }
             if a.definition.trim().is_empty() {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "aspect set {name:?}: aspects[{i}].definition ({}) is empty",
                     a.name
                 )));
             }
             if aspects[..i].iter().any(|b| b.name == a.name) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "aspect set {name:?}: aspects[{i}].name {:?} appears twice",
                     a.name
                 )));
             }
         }
         if aspects.is_empty() {
-            return Err(Error::Config(format!("aspect set {name:?} has no aspects")));
+            return Err(Error::config(format!("aspect set {name:?} has no aspects")));
         }
         let max = aspects.len().min(3);
         Ok(Aspects {
@@ -169,7 +230,7 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a size is 0, `min > max`, or `max` exceeds the number of aspects.
     pub fn with_sampling(mut self, sampling: AspectSampling) -> Result<Self, Error> {
         let n = self.aspects.len();
         let bad = match sampling {
@@ -181,7 +242,7 @@ impl Aspects {
             }
         };
         if let Some(why) = bad {
-            return Err(Error::Config(format!("aspect set {:?}: {why}", self.name)));
+            return Err(Error::config(format!("aspect set {:?}: {why}", self.name)));
         }
         self.sampling = sampling;
         Ok(self)
@@ -193,29 +254,29 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be read, [`Error::Parse`] (naming the file, line and
-    /// field) if it is not such JSON, [`Error::Config`] if the set is invalid (see
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be read, [`ErrorKind::Parse`](crate::ErrorKind::Parse) (naming the file, line and
+    /// field) if it is not such JSON, [`ErrorKind::Config`](crate::ErrorKind::Config) if the set is invalid (see
     /// [`Aspects::custom`]).
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let parsed: AspectsFile = serde_json::from_str(&text).map_err(|e| Error::Parse {
-            path: path.to_path_buf(),
-            line: e.line() as u64,
-            message: format!(
-                "not an aspect list ([{{\"name\", \"definition\"}}] or {{\"aspects\": [...]}}): {e}"
-            ),
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::io(path.to_path_buf(), source))?;
+        let parsed: AspectsFile = serde_json::from_str(&text).map_err(|e| {
+            Error::parse(
+                path,
+                e.line() as u64,
+                format!(
+                    "not an aspect list ([{{\"name\", \"definition\"}}] or {{\"aspects\": [...]}}): {e}"
+                ),
+            )
         })?;
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "custom".into());
-        let with_path = |e: Error| match e {
-            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
-            other => other,
+        let with_path = |e: Error| match e.kind() {
+            ErrorKind::Config => Error::config(format!("{}: {}", path.display(), e.message())),
+            _ => e,
         };
         match parsed {
             AspectsFile::List(list) => Aspects::custom(stem, list).map_err(with_path),
@@ -474,7 +535,7 @@ mod tests {
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\n \"aspects\": [{\"name\": 1}]\n}").unwrap();
         let err = Aspects::from_json_file(&bad).unwrap_err();
-        assert!(matches!(err, Error::Parse { .. }), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Parse, "{err}");
         assert!(err.to_string().contains("bad.json"), "{err}");
     }
 }

@@ -257,11 +257,11 @@ pub enum UnusableReason {
     SameAsFirst,
     /// The second response differs from the first only in a few words: its token Jaccard
     /// similarity with the first is at or above the limit
-    /// ([`ResponseChecks::max_similarity`](crate::template::ResponseChecks::max_similarity)).
+    /// ([`ResponseChecks::max_similarity`](crate::checks::ResponseChecks::max_similarity)).
     /// Such a pair carries no reliable preference.
     NearIdentical,
     /// The text repeats itself: too few of its word trigrams are distinct
-    /// ([`ResponseChecks::min_distinct_trigrams`](crate::template::ResponseChecks::min_distinct_trigrams)).
+    /// ([`ResponseChecks::min_distinct_trigrams`](crate::checks::ResponseChecks::min_distinct_trigrams)).
     /// Small models stuck in a loop produce these.
     Repetitive,
     /// The text talks about the task ("here is a worse version") instead of answering.
@@ -288,92 +288,355 @@ impl fmt::Display for UnusableReason {
     }
 }
 
+/// What kind of failure an [`Error`] is; see [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A backend call for an example failed (after whatever retries its wrapper made); the
+    /// [`BackendError`] is [`Error::backend_error`].
+    Backend,
+    /// The model's answers stayed unusable after every allowed re-ask; the last reason is
+    /// [`Error::unusable_reason`].
+    Unusable,
+    /// The builder, a flag or a configuration value is invalid, or a run's settings do not
+    /// match the output it would append to.
+    Config,
+    /// A file could not be read or written ([`Error::path`] names it; the operating system's
+    /// error is the [`source`](std::error::Error::source)).
+    Io,
+    /// A line of a JSONL file (or a JSON file) is invalid ([`Error::path`] and
+    /// [`Error::line`] name it).
+    Parse,
+}
+
+impl ErrorKind {
+    /// A stable snake_case name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Backend => "backend",
+            ErrorKind::Unusable => "unusable",
+            ErrorKind::Config => "config",
+            ErrorKind::Io => "io",
+            ErrorKind::Parse => "parse",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything that can go wrong in this crate.
 ///
-/// Errors about one example carry its id ([`Error::example_id`]); reading errors carry the file
-/// and line.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A backend call for an example failed (after whatever retries its wrapper made).
-    #[error("example {id}: {call} call failed")]
-    Backend {
-        /// The example's id.
-        id: String,
-        /// Which call failed (`"first"`, `"second"`, `"judge"`, ...).
-        call: &'static str,
-        /// The backend's error.
-        #[source]
-        source: BackendError,
-    },
-    /// The model's answers stayed unusable after every allowed re-ask.
-    #[error("example {id}: no usable {call} response after {attempts} attempts (last: {reason})")]
-    Unusable {
-        /// The example's id.
-        id: String,
-        /// Which response (`"first"`, `"second"`, ...).
-        call: &'static str,
-        /// How many answers were tried.
-        attempts: u32,
-        /// Why the last one was rejected.
-        reason: UnusableReason,
-    },
-    /// The builder or a configuration value is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A line of a JSONL file (or a JSON file, `line` 0 meaning the whole file) is invalid.
-    #[error("{}:{line}: {message}", path.display())]
-    Parse {
-        /// The file (or `<input>` for a stream without a name).
-        path: PathBuf,
-        /// The 1-based line number.
-        line: u64,
-        /// What is wrong, naming the field where there is one.
-        message: String,
-    },
+/// Opaque, like `std::io::Error`: [`kind`](Self::kind) says what happened, predicates
+/// ([`is_fatal`](Self::is_fatal), [`is_retryable`](Self::is_retryable)) say what to do, and
+/// accessors give the details ([`example_id`](Self::example_id), [`path`](Self::path),
+/// [`line`](Self::line), [`backend_error`](Self::backend_error)). `Display` describes only this
+/// layer; the cause (a [`BackendError`], an I/O error) is the
+/// [`source`](std::error::Error::source), and [`error_chain`] prints the whole chain on one
+/// line.
+///
+/// ```
+/// use rmboost::{error_chain, Error, ErrorKind};
+///
+/// let e = Error::io("pairs.jsonl", std::io::Error::other("disk full"));
+/// assert_eq!(e.kind(), ErrorKind::Io);
+/// assert_eq!(e.to_string(), "i/o error on pairs.jsonl");
+/// assert_eq!(error_chain(&e), "i/o error on pairs.jsonl: disk full");
+/// ```
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    /// The example's id (backend and unusable errors).
+    id: Option<String>,
+    /// Which call (`"first"`, `"second"`, `"judge"`, ...).
+    call: &'static str,
+    /// Config and parse messages; what is wrong.
+    message: String,
+    path: Option<PathBuf>,
+    line: u64,
+    attempts: u32,
+    reason: Option<UnusableReason>,
+    source: Option<Source>,
+}
+
+enum Source {
+    Backend(BackendError),
+    Io(std::io::Error),
 }
 
 impl Error {
+    fn new(kind: ErrorKind) -> Self {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                id: None,
+                call: "",
+                message: String::new(),
+                path: None,
+                line: 0,
+                attempts: 0,
+                reason: None,
+                source: None,
+            }),
+        }
+    }
+
+    /// A failed backend call for example `id`; `call` names it (`"first"`, `"second"`,
+    /// `"judge"`, ...).
+    pub fn backend(id: impl Into<String>, call: &'static str, source: BackendError) -> Self {
+        let mut e = Error::new(ErrorKind::Backend);
+        e.inner.id = Some(id.into());
+        e.inner.call = call;
+        e.inner.source = Some(Source::Backend(source));
+        e
+    }
+
+    /// No usable answer for `call` of example `id` after `attempts` answers; `reason` is why
+    /// the last was rejected.
+    pub fn unusable(
+        id: impl Into<String>,
+        call: &'static str,
+        attempts: u32,
+        reason: UnusableReason,
+    ) -> Self {
+        let mut e = Error::new(ErrorKind::Unusable);
+        e.inner.id = Some(id.into());
+        e.inner.call = call;
+        e.inner.attempts = attempts;
+        e.inner.reason = Some(reason);
+        e
+    }
+
+    /// An invalid setting; the message names it.
+    pub fn config(message: impl Into<String>) -> Self {
+        let mut e = Error::new(ErrorKind::Config);
+        e.inner.message = message.into();
+        e
+    }
+
+    /// A failed read or write of `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let mut e = Error::new(ErrorKind::Io);
+        e.inner.path = Some(path.into());
+        e.inner.source = Some(Source::Io(source));
+        e
+    }
+
+    /// An invalid line `line` (1-based; 0 for a whole JSON file) of `path`; the message says
+    /// what is wrong, naming the field where there is one.
+    pub fn parse(path: impl Into<PathBuf>, line: u64, message: impl Into<String>) -> Self {
+        let mut e = Error::new(ErrorKind::Parse);
+        e.inner.path = Some(path.into());
+        e.inner.line = line;
+        e.inner.message = message.into();
+        e
+    }
+
+    /// The message of a config or parse error (what is wrong), without the file and line.
+    pub(crate) fn message(&self) -> &str {
+        &self.inner.message
+    }
+
+    /// What kind of failure this is.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
     /// The id of the example this error is about, if it is about one.
     #[must_use]
     pub fn example_id(&self) -> Option<&str> {
-        match self {
-            Error::Backend { id, .. } | Error::Unusable { id, .. } => Some(id),
+        self.inner.id.as_deref()
+    }
+
+    /// Which call failed (`"first"`, `"second"`, `"judge"`, ...), for backend and unusable
+    /// errors.
+    #[must_use]
+    pub fn call(&self) -> Option<&'static str> {
+        matches!(self.inner.kind, ErrorKind::Backend | ErrorKind::Unusable)
+            .then_some(self.inner.call)
+    }
+
+    /// The backend's error, for a [`ErrorKind::Backend`] error.
+    #[must_use]
+    pub fn backend_error(&self) -> Option<&BackendError> {
+        match &self.inner.source {
+            Some(Source::Backend(b)) => Some(b),
             _ => None,
         }
     }
 
-    /// Whether this error means the run cannot go on (a fatal backend error such as a bad key;
-    /// see [`BackendErrorKind::is_fatal`]).
+    /// Why the last answer was rejected, for an [`ErrorKind::Unusable`] error.
+    #[must_use]
+    pub fn unusable_reason(&self) -> Option<&UnusableReason> {
+        self.inner.reason.as_ref()
+    }
+
+    /// The file, for I/O and parse errors.
+    #[must_use]
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// The 1-based line, for parse errors (0: the whole file).
+    #[must_use]
+    pub fn line(&self) -> Option<u64> {
+        (self.inner.kind == ErrorKind::Parse).then_some(self.inner.line)
+    }
+
+    /// The operating system's error, for I/O errors.
+    #[must_use]
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match &self.inner.source {
+            Some(Source::Io(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether this error means the run cannot go on: a fatal backend error (a bad key, an
+    /// exhausted quota, a missing model; see [`BackendErrorKind::is_fatal`]) or an invalid
+    /// configuration.
     #[must_use]
     pub fn is_fatal(&self) -> bool {
-        match self {
-            Error::Backend { source, .. } => source.is_fatal(),
-            Error::Config(_) => true,
+        match self.inner.kind {
+            ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_fatal),
+            ErrorKind::Config => true,
             _ => false,
         }
     }
 
-    /// A stable snake_case name of the kind of failure, for ledgers and summaries.
+    /// Whether the same work may succeed if tried again later: a retryable backend error
+    /// (after the retry wrapper gave up: a rerun retries it) or an unusable answer (a rerun
+    /// asks with the same seeds through the cache, so only a changed model or template helps;
+    /// still, nothing is wrong with the input).
     #[must_use]
-    pub fn kind_str(&self) -> &'static str {
-        match self {
-            Error::Backend { source, .. } => source.kind().as_str(),
-            Error::Unusable { .. } => "unusable",
-            Error::Config(_) => "config",
-            Error::Io { .. } => "io",
-            Error::Parse { .. } => "parse",
+    pub fn is_retryable(&self) -> bool {
+        match self.inner.kind {
+            ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_retryable),
+            _ => false,
         }
     }
+
+    /// A stable snake_case name of the kind of failure, for ledgers and summaries: the
+    /// [`BackendErrorKind`] name for backend errors, else the [`ErrorKind`] name.
+    #[must_use]
+    pub fn kind_str(&self) -> &'static str {
+        match self.backend_error() {
+            Some(b) => b.kind().as_str(),
+            None => self.inner.kind.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &*self.inner;
+        let id = i.id.as_deref().unwrap_or("");
+        let path = || {
+            i.path
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        };
+        match i.kind {
+            ErrorKind::Backend => write!(f, "example {id}: {} call failed", i.call),
+            ErrorKind::Unusable => {
+                write!(
+                    f,
+                    "example {id}: no usable {} response after {} attempts",
+                    i.call, i.attempts
+                )?;
+                if let Some(reason) = &i.reason {
+                    write!(f, " (last: {reason})")?;
+                }
+                Ok(())
+            }
+            ErrorKind::Config => write!(f, "invalid configuration: {}", i.message),
+            ErrorKind::Io => write!(f, "i/o error on {}", path()),
+            ErrorKind::Parse => write!(f, "{}:{}: {}", path(), i.line, i.message),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &*self.inner;
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &i.kind);
+        if let Some(id) = &i.id {
+            d.field("id", id).field("call", &i.call);
+        }
+        if !i.message.is_empty() {
+            d.field("message", &i.message);
+        }
+        if let Some(p) = &i.path {
+            d.field("path", p);
+        }
+        if i.kind == ErrorKind::Parse {
+            d.field("line", &i.line);
+        }
+        if let Some(r) = &i.reason {
+            d.field("attempts", &i.attempts).field("reason", r);
+        }
+        match &i.source {
+            Some(Source::Backend(b)) => d.field("source", b),
+            Some(Source::Io(e)) => d.field("source", e),
+            None => &mut d,
+        };
+        d.finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match &self.inner.source {
+            Some(Source::Backend(b)) => Some(b),
+            Some(Source::Io(e)) => Some(e),
+            None => None,
+        }
+    }
+}
+
+impl From<BackendError> for Error {
+    /// A backend error outside any example (an empty id and call `"call"`).
+    fn from(source: BackendError) -> Self {
+        Error::backend("", "call", source)
+    }
+}
+
+/// An error and its causes on one line: `outer: cause: root cause`, skipping a cause whose
+/// text the outer message already contains, with line breaks (a server's message may have
+/// some) turned into spaces.
+///
+/// ```
+/// use rmboost::{error_chain, BackendError, Error};
+///
+/// let e = Error::backend("q1", "first", BackendError::server("overloaded").with_status(503));
+/// assert_eq!(
+///     error_chain(&e),
+///     "example q1: first call failed: server (HTTP 503): overloaded"
+/// );
+/// ```
+#[must_use]
+pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out.replace(['\n', '\r'], " ")
 }
 
 #[cfg(test)]
@@ -405,11 +668,7 @@ mod tests {
             e.to_string(),
             "rate_limited (HTTP 429): slow down (retry after 2.0s)"
         );
-        let outer = Error::Backend {
-            id: "a".into(),
-            call: "first",
-            source: e,
-        };
+        let outer = Error::backend("a", "first", e);
         assert_eq!(outer.to_string(), "example a: first call failed");
         assert!(outer.source().is_some());
         assert_eq!(outer.example_id(), Some("a"));
@@ -417,9 +676,37 @@ mod tests {
     }
 
     #[test]
-    fn send_sync() {
+    fn send_sync_and_small() {
         fn assert_send_sync<T: Send + Sync + 'static>() {}
         assert_send_sync::<Error>();
         assert_send_sync::<BackendError>();
+        // One pointer: a `Result<T, Error>` costs no more than the `T` and a word.
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+    }
+
+    #[test]
+    fn display_is_one_layer() {
+        let io = Error::io("out.jsonl", std::io::Error::other("disk full"));
+        assert_eq!(io.to_string(), "i/o error on out.jsonl");
+        assert_eq!(io.source().unwrap().to_string(), "disk full");
+        assert_eq!(error_chain(&io), "i/o error on out.jsonl: disk full");
+        assert!(!io.is_fatal() && !io.is_retryable());
+        let parse = Error::parse("in.jsonl", 3, "missing field `prompt`");
+        assert_eq!(parse.to_string(), "in.jsonl:3: missing field `prompt`");
+        assert_eq!((parse.kind(), parse.line()), (ErrorKind::Parse, Some(3)));
+        assert!(parse.source().is_none());
+        let un = Error::unusable("q", "second", 4, UnusableReason::Empty);
+        assert_eq!(
+            un.to_string(),
+            "example q: no usable second response after 4 attempts (last: empty response)"
+        );
+        assert_eq!(un.kind_str(), "unusable");
+        assert!(Error::config("x").is_fatal());
+        let retry = Error::backend("q", "first", BackendError::server("down"));
+        assert!(retry.is_retryable() && !retry.is_fatal());
+        assert_eq!(
+            retry.backend_error().unwrap().kind(),
+            BackendErrorKind::Server
+        );
     }
 }

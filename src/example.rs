@@ -59,10 +59,10 @@ impl Prompt {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if `messages` is empty, does not end with a user turn, or has an empty
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `messages` is empty, does not end with a user turn, or has an empty
     /// user turn.
     pub fn from_messages(id: Option<String>, messages: Vec<Message>) -> Result<Self, Error> {
-        check_messages(&messages).map_err(Error::Config)?;
+        check_messages(&messages).map_err(Error::config)?;
         let input = PromptInput::Messages(messages);
         Ok(Prompt {
             id: id.unwrap_or_else(|| Self::content_id(&input)),
@@ -211,6 +211,53 @@ impl ExampleFormat {
             "standard" | "plain" => Some(ExampleFormat::Standard),
             _ => None,
         }
+    }
+
+    /// The name: `conversational` or `standard`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExampleFormat::Conversational => "conversational",
+            ExampleFormat::Standard => "standard",
+        }
+    }
+
+    /// The format of one written example line, from the type of its `prompt` field (a list
+    /// or a string); `None` if the line is not an example.
+    #[must_use]
+    pub fn of_line(line: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Shape {
+            prompt: serde_json::Value,
+        }
+        match serde_json::from_slice::<Shape>(line).ok()?.prompt {
+            serde_json::Value::Array(_) => Some(ExampleFormat::Conversational),
+            serde_json::Value::String(_) => Some(ExampleFormat::Standard),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ExampleFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ExampleFormat {
+    type Err = crate::Error;
+
+    /// Parses `conversational` (or `chat`) and `standard` (or `plain`).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the accepted values.
+    fn from_str(s: &str) -> Result<Self, crate::Error> {
+        Self::from_name(s.trim()).ok_or_else(|| {
+            crate::Error::config(format!(
+                "unknown format {s:?}: expected conversational or standard"
+            ))
+        })
     }
 }
 

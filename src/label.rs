@@ -117,7 +117,7 @@ fn check_probability(what: &str, p: f64) -> Result<(), Error> {
     if (0.0..=1.0).contains(&p) {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "{what} must be a probability in [0, 1], got {p}"
         )))
     }
@@ -134,7 +134,7 @@ impl Bernoulli {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if `p_better` is not in `[0, 1]` (NaN included).
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `p_better` is not in `[0, 1]` (NaN included).
     pub fn new(p_better: f64) -> Result<Self, Error> {
         check_probability("p_better", p_better)?;
         Ok(Bernoulli { p_better })
@@ -180,7 +180,7 @@ impl Graded {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if a probability is not in `[0, 1]`.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a probability is not in `[0, 1]`.
     pub fn new(p_better: f64, p_much: f64) -> Result<Self, Error> {
         check_probability("p_better", p_better)?;
         check_probability("p_much", p_much)?;
@@ -196,10 +196,10 @@ impl Graded {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if a margin is not finite and positive, or `slightly > much`.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a margin is not finite and positive, or `slightly > much`.
     pub fn margins(mut self, slightly: f64, much: f64) -> Result<Self, Error> {
         if !(slightly.is_finite() && much.is_finite() && slightly > 0.0 && slightly <= much) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "graded margins must be finite, positive and slightly <= much, got {slightly} and {much}"
             )));
         }

@@ -47,9 +47,9 @@
 //!         Label::Better => assert!(example.chosen.starts_with("rewrite")),
 //!         Label::Worse => assert!(example.rejected.starts_with("rewrite")),
 //!     }
-//!     writer.write(&example).map_err(|e| rmboost::Error::Config(e.to_string()))?;
+//!     writer.write(&example)?;
 //! }
-//! let jsonl = String::from_utf8(writer.into_inner().unwrap()).unwrap();
+//! let jsonl = String::from_utf8(writer.into_inner()?).unwrap();
 //! assert_eq!(jsonl.lines().count(), 2);
 //! # Ok(())
 //! # }
@@ -66,8 +66,11 @@
 //!   answer, rejecting (and re-asking) empty answers, copies and meta-talk.
 //! - [`RmBoost`]: composes them into a stream of `Result<PreferenceExample, Error>` with bounded
 //!   concurrency and per-example seeding.
-//! - [`baselines`]: the paper's comparisons in the same harness, [`Rlcd`], [`Rlaif`] and
-//!   [`WestOfN`]; with `RmBoost` they implement [`Generator`], chosen at run time by [`Method`].
+//! - [`methods`]: RMBoost and the paper's comparisons in the same harness, [`Rlcd`], [`Rlaif`]
+//!   and [`WestOfN`]; all implement [`Generator`] (so does a method of your own), chosen at run
+//!   time by [`Method`]. [`judge`] holds the LLM judge they and the report use.
+//! - [`checks`]: the response checks and the one similarity measure they share with the
+//!   report.
 //! - [`report`]: a quality report of a dataset (label balance, length bias, near-identical
 //!   pairs, diversity, aspects, failures) and a label check by an LLM judge.
 //! - [`io`]: the JSONL prompt reader and example writer.
@@ -95,20 +98,21 @@
 
 pub mod aspect;
 pub mod backend;
-pub mod baselines;
+pub mod checks;
+pub mod engine;
 mod error;
 pub mod example;
-mod generator;
 pub mod io;
+pub mod judge;
 pub mod label;
-mod method;
+pub mod methods;
 pub mod report;
 #[cfg(feature = "run")]
 #[cfg_attr(docsrs, doc(cfg(feature = "run")))]
 pub mod run;
-mod similarity;
 pub mod template;
 #[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
 
 pub use aspect::{Aspect, AspectDraw, AspectSampling, AspectSet, Aspects};
@@ -116,16 +120,13 @@ pub use async_trait::async_trait;
 pub use backend::{
     Completion, CompletionRequest, FinishReason, LlmBackend, Message, Role, SamplingParams, Usage,
 };
-pub use baselines::{Rlaif, Rlcd, WestOfN};
-pub use error::{BackendError, BackendErrorKind, BoxError, Error, UnusableReason};
+pub use checks::ResponseChecks;
+pub use engine::{example_rng, ExampleStream, Generator, OutputOrder, Summary};
+pub use error::{
+    error_chain, BackendError, BackendErrorKind, BoxError, Error, ErrorKind, UnusableReason,
+};
 pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, PromptInput};
-pub use generator::{
-    default_first_params, default_second_params, example_rng, ExamplePlan, ExampleStream,
-    OutputOrder, RmBoost, RmBoostBuilder, Summary,
-};
-pub use io::{read_prompts, ExampleWriter, OutputFile, PromptReader, Resume, SyncPolicy};
+pub use io::{read_prompts, ExampleWriter};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
-pub use method::{Generator, Method};
-pub use template::{
-    DefaultTemplate, ParsedResponse, PromptTemplate, ResponseChecks, SecondContext,
-};
+pub use methods::{Method, Rlaif, Rlcd, RmBoost, RmBoostBuilder, WestOfN};
+pub use template::{DefaultTemplate, PromptTemplate, SecondContext};

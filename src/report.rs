@@ -7,7 +7,7 @@
 //!
 //! - **counts**: examples, duplicate ids, the methods seen (`metadata.method`);
 //! - **label balance**: better vs worse (a skewed split teaches a reward model a shortcut; for
-//!   the baselines see [what `label` means](crate::baselines#what-label-means-for-a-baseline));
+//!   the baselines see [what `label` means](crate::methods#what-label-means-for-a-baseline));
 //! - **length bias**: mean length of chosen and rejected responses in characters, their ratio
 //!   (mean chosen / mean rejected), and the share of pairs whose chosen response is strictly
 //!   longer (near 50% is unbiased);
@@ -76,14 +76,13 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::aspect::AspectSet;
-use crate::baselines::{Judge, Verdict};
-use crate::error::Error;
+use crate::engine::example_rng;
+use crate::error::{Error, ErrorKind};
 use crate::example::PreferenceExample;
-use crate::generator::example_rng;
+use crate::judge::{Judge, Verdict};
 use crate::label::Label;
 
-/// The token Jaccard similarity at or above which a pair counts as near-identical.
-pub const NEAR_IDENTICAL_JACCARD: f64 = 0.9;
+pub use crate::checks::{token_jaccard, NEAR_IDENTICAL_JACCARD};
 
 /// Label counts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -226,22 +225,6 @@ fn tokens(text: &str) -> Vec<String> {
         .filter(|t| !t.is_empty())
         .map(|t| t.chars().flat_map(char::to_lowercase).collect())
         .collect()
-}
-
-/// The token Jaccard similarity of two texts, as the report computes it (see the
-/// [module docs](self)), and as [`ResponseChecks`](crate::template::ResponseChecks) does when
-/// it rejects a near-identical pair: tokens are maximal runs of alphanumeric characters,
-/// lowercased.
-///
-/// ```
-/// use rmboost::report::token_jaccard;
-///
-/// assert_eq!(token_jaccard("The cat sat.", "the CAT sat"), 1.0);
-/// assert_eq!(token_jaccard("a b", "b c"), 1.0 / 3.0);
-/// ```
-#[must_use]
-pub fn token_jaccard(a: &str, b: &str) -> f64 {
-    crate::similarity::token_jaccard(a, b)
 }
 
 fn ratio(num: f64, den: f64) -> Option<f64> {
@@ -395,7 +378,7 @@ impl ReportBuilder {
 
 /// Reads preference examples from a JSONL file (either format); an iterator of
 /// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line gives an
-/// [`Error::Parse`] naming the file and line, and reading goes on with the next line.
+/// [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line, and reading goes on with the next line.
 #[derive(Debug)]
 pub struct ExampleReader<R> {
     lines: std::io::Lines<R>,
@@ -408,13 +391,10 @@ pub struct ExampleReader<R> {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] if the file cannot be opened.
+/// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be opened.
 pub fn read_examples(path: impl AsRef<Path>) -> Result<ExampleReader<BufReader<File>>, Error> {
     let path = path.as_ref();
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
     Ok(ExampleReader::new(BufReader::new(file), path))
 }
 
@@ -442,29 +422,24 @@ impl<R: BufRead> ExampleReader<R> {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     self.line += 1;
-                    return Some(Err(Error::Parse {
-                        path: self.path.clone(),
-                        line: self.line,
-                        message: "invalid UTF-8".into(),
-                    }));
+                    return Some(Err(Error::parse(
+                        self.path.clone(),
+                        self.line,
+                        "invalid UTF-8",
+                    )));
                 }
                 Err(source) => {
                     self.done = true;
-                    return Some(Err(Error::Io {
-                        path: self.path.clone(),
-                        source,
-                    }));
+                    return Some(Err(Error::io(self.path.clone(), source)));
                 }
             };
             self.line += 1;
             if text.trim().is_empty() {
                 continue;
             }
-            return Some(parse(&text).map_err(|message| Error::Parse {
-                path: self.path.clone(),
-                line: self.line,
-                message,
-            }));
+            return Some(
+                parse(&text).map_err(|message| Error::parse(self.path.clone(), self.line, message)),
+            );
         }
     }
 }
@@ -510,7 +485,7 @@ impl Report {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be read; [`Error::Parse`] naming the file and line at
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be read; [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line at
     /// the first line that is not a preference example.
     pub fn from_jsonl(path: impl AsRef<Path>) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
@@ -531,10 +506,7 @@ impl Report {
         let mut b = ReportBuilder::new();
         add_dataset(&mut b, path.as_ref())?;
         let ledger = ledger.as_ref();
-        let file = File::open(ledger).map_err(|source| Error::Io {
-            path: ledger.to_path_buf(),
-            source,
-        })?;
+        let file = File::open(ledger).map_err(|source| Error::io(ledger.to_path_buf(), source))?;
         let mut reader = ExampleReader::new(BufReader::new(file), ledger);
         b.has_ledger();
         while let Some(line) = reader.next_with(|t| {
@@ -778,7 +750,7 @@ impl JudgeCheck {
             k: 100,
             seed: 0,
             concurrency: NonZeroUsize::new(8).expect("8 is not zero"),
-            criteria: Arc::new(crate::baselines::default_criteria()),
+            criteria: Arc::new(crate::judge::default_criteria()),
         }
     }
 
@@ -823,8 +795,8 @@ impl JudgeCheck {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if the judge's sampling settings are invalid; the first fatal
-    /// [`Error::Backend`] (a bad key, no quota, no such model), which stops the check.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if the judge's sampling settings are invalid; the first fatal
+    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) (a bad key, no quota, no such model), which stops the check.
     /// Non-fatal call failures are counted in [`JudgeAgreement::failed`].
     pub async fn run(&self, examples: &[PreferenceExample]) -> Result<JudgeAgreement, Error> {
         self.judge.validate("judge params")?;
@@ -875,7 +847,7 @@ impl JudgeCheck {
             match res {
                 Ok(a) => *slot = Some(a.value),
                 Err(e) if e.is_fatal() => return Err(e),
-                Err(Error::Unusable { .. }) => unreadable = true,
+                Err(e) if e.kind() == ErrorKind::Unusable => unreadable = true,
                 Err(_) => failed = true,
             }
         }

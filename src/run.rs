@@ -3,23 +3,39 @@
 //!
 //! What a run does, in order:
 //!
-//! 1. opens the output with [`OutputFile`]: locks it (a second run on the same file is
-//!    refused) and cuts a torn last line left by a crash;
-//! 2. **resumes** by default: scans the output for the ids already written ([`Resume`]);
-//! 3. reads the prompts lazily (nothing is collected), and for each record:
+//! 1. refuses paths that name the same file twice (input, output, ledger, recipe; compared by
+//!    device and inode, see [`ensure_distinct_files`]);
+//! 2. opens the output with [`OutputFile`]: locks it (a second run on the same file is
+//!    refused) and cuts a torn last line left by a crash (saved to `<output>.torn`);
+//! 3. **resumes** by default: scans the output for the ids already written ([`Resume`]);
+//!    unreadable lines inside it (a power loss can leave some) are moved to
+//!    `<output>.garbage`, so downstream loaders never meet them;
+//! 4. checks the [`Recipe`] recorded beside the output (`PAIRS.run.json`): a run whose
+//!    format or settings differ from those the examples were made with is refused, with a
+//!    message naming each difference, instead of appending rows of another shape or recipe;
+//! 5. reads the prompts lazily (nothing is collected), and for each record:
 //!    - a bad line is skipped and reported, or stops the run ([`BadLinePolicy`]);
 //!    - an id of another shard is passed over ([`Shard`]);
 //!    - an id seen earlier in this input is a duplicate: the first wins, later ones are
 //!      counted and skipped;
 //!    - an id already in the output is skipped;
 //!    - anything else goes to the generator;
-//! 4. writes each example as one whole line as soon as it is done, and each failure (after
+//! 6. writes each example as one whole line as soon as it is done, and each failure (after
 //!    whatever retries the backend wrapper made) to the [`FailureLedger`], never to the output;
-//! 5. on the [`StopSignal`], takes no new prompts, lets the examples in flight finish (or drops
-//!    them after [`RunOptions::drain_deadline`]), and returns with
-//!    [`RunSummary::interrupted`] set;
-//! 6. syncs and closes the files, compacts the ledger (it then lists exactly the ids that
-//!    still failed), and returns a [`RunSummary`].
+//! 7. applies the run's policies as results come in: a [cost budget](RunOptions::max_cost)
+//!    on the backend's [meter](RunOptions::meter), and a stop when the server
+//!    [stays unreachable](RunOptions::stop_when_unreachable);
+//! 8. on the [`StopSignal`] (see [`stop_on_ctrl_c`]), takes no new prompts, lets the
+//!    examples in flight finish (dropping them after [`RunOptions::drain_deadline`], or at
+//!    once on [`StopSignal::abort`]);
+//! 9. compacts the ledger while the output is still locked (it then lists exactly the ids
+//!    that still failed), syncs and closes the files, removes the output if this run created
+//!    it and wrote nothing to it, and returns a [`RunSummary`] whose [`Outcome`] and
+//!    [`exit_code`](RunSummary::exit_code) say how it ended.
+//!
+//! Every file is created with the user's umask; replacement files get random names beside
+//! the original (never a fixed name a planted symlink could hold) and are renamed over it,
+//! and the directory is synced after every create, rename and removal.
 //!
 //! Memory does not grow with the length of the examples or of the input file, only with its
 //! number of ids: two [`IdSet`]s (ids already in the output when the run started, ids seen in
@@ -54,6 +70,7 @@
 //! ```
 
 use std::fmt;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,30 +81,66 @@ use futures::channel::oneshot;
 use futures::future::{self, FutureExt, Shared};
 use futures::stream::{BoxStream, Stream, StreamExt};
 
-use crate::example::{ExampleFormat, PreferenceExample, Prompt};
-use crate::generator::Summary;
-use crate::io::{FailureLedger, IdHash, IdSet, OutputFile, Resume, SyncPolicy};
-use crate::Error;
+use serde::{Deserialize, Serialize};
 
-/// A cloneable "please stop" flag that can be awaited.
+use crate::backend::meter::CallMeter;
+use crate::backend::Usage;
+use crate::engine::Summary;
+use crate::example::{ExampleFormat, PreferenceExample, Prompt};
+use crate::io::{FailureLedger, IdHash, IdSet, OutputFile, Resume, SyncPolicy};
+use crate::{BackendErrorKind, Error, ErrorKind};
+
+/// A one-way flag that can be awaited.
+struct Flag {
+    set: AtomicBool,
+    tx: Mutex<Option<oneshot::Sender<()>>>,
+    rx: Shared<oneshot::Receiver<()>>,
+}
+
+impl Flag {
+    fn new() -> Self {
+        let (tx, rx) = oneshot::channel();
+        Flag {
+            set: AtomicBool::new(false),
+            tx: Mutex::new(Some(tx)),
+            rx: rx.shared(),
+        }
+    }
+
+    fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+}
+
+/// A cloneable "please stop" flag that can be awaited, with two levels.
 ///
-/// [`stop`](Self::stop) asks every run holding a clone to stop taking new prompts and finish;
-/// it can be called from any thread, any number of times.
+/// [`stop`](Self::stop) asks every run holding a clone to take no new prompts and finish the
+/// examples in flight (within [`RunOptions::drain_deadline`]); [`abort`](Self::abort) asks it
+/// to drop the examples in flight and return at once (they are generated again by the next
+/// run). Either can be called from any thread, any number of times.
 #[derive(Clone)]
 pub struct StopSignal {
     inner: Arc<StopInner>,
 }
 
 struct StopInner {
-    stopped: AtomicBool,
-    tx: Mutex<Option<oneshot::Sender<()>>>,
-    rx: Shared<oneshot::Receiver<()>>,
+    stop: Flag,
+    abort: Flag,
 }
 
 impl fmt::Debug for StopSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StopSignal")
             .field("stopped", &self.is_stopped())
+            .field("aborted", &self.is_aborted())
             .finish()
     }
 }
@@ -102,56 +155,70 @@ impl StopSignal {
     /// A signal not yet given.
     #[must_use]
     pub fn new() -> Self {
-        let (tx, rx) = oneshot::channel();
         StopSignal {
             inner: Arc::new(StopInner {
-                stopped: AtomicBool::new(false),
-                tx: Mutex::new(Some(tx)),
-                rx: rx.shared(),
+                stop: Flag::new(),
+                abort: Flag::new(),
             }),
         }
     }
 
-    /// Gives the signal.
+    /// Asks for a graceful stop: no new prompts, the examples in flight finish.
     pub fn stop(&self) {
-        self.inner.stopped.store(true, Ordering::SeqCst);
-        let tx = self
-            .inner
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(tx) = tx {
-            let _ = tx.send(());
-        }
+        self.inner.stop.set();
     }
 
-    /// Whether the signal was given.
+    /// Asks for an immediate stop: the examples in flight are dropped (implies
+    /// [`stop`](Self::stop)).
+    pub fn abort(&self) {
+        self.inner.stop.set();
+        self.inner.abort.set();
+    }
+
+    /// Whether a stop (graceful or not) was asked for.
     #[must_use]
     pub fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::SeqCst)
+        self.inner.stop.is_set()
     }
 
-    /// Completes once the signal is given (at once if it already was).
+    /// Whether an immediate stop was asked for.
+    #[must_use]
+    pub fn is_aborted(&self) -> bool {
+        self.inner.abort.is_set()
+    }
+
+    /// Completes once a stop is asked for (at once if it already was).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future has no effect.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let inner = self.inner.clone();
+        let rx = self.inner.stop.rx.clone();
         async move {
-            let rx = inner.rx.clone();
+            let _ = rx.await;
+        }
+    }
+
+    /// Completes once an immediate stop is asked for.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future has no effect.
+    pub fn wait_abort(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let rx = self.inner.abort.rx.clone();
+        async move {
             let _ = rx.await;
         }
     }
 }
 
-/// Gives `stop` on the first Ctrl-C (SIGINT) and exits the process at once, with status 130,
-/// on the second.
+/// Turns Ctrl-C (SIGINT) into the stop signal: the first asks for a graceful
+/// [`stop`](StopSignal::stop), the second for an immediate [`abort`](StopSignal::abort).
 ///
-/// After the first Ctrl-C a run finishes the examples in flight and returns; a second Ctrl-C
-/// leaves a valid file too, since every line is written whole. On Unix the handler is in place
-/// when this returns. Must be called inside a tokio runtime.
+/// The process is never ended here: a run given this signal returns (with
+/// [`RunSummary::outcome`] [`Outcome::Interrupted`]) and the program decides what to do (the
+/// `rmboost` command exits with status 130). On Unix the handler is in place when this
+/// returns. Must be called inside a tokio runtime; abort the returned task to uninstall it.
 ///
 /// # Errors
 ///
@@ -165,10 +232,13 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
             if sigint.recv().await.is_none() {
                 return;
             }
-            tracing::warn!("stopping: finishing the examples in flight (Ctrl-C again to quit now)");
+            tracing::warn!(
+                "stopping: finishing the examples in flight (Ctrl-C again to drop them and stop now)"
+            );
             stop.stop();
             if sigint.recv().await.is_some() {
-                std::process::exit(130);
+                tracing::warn!("stopping now: dropping the examples in flight");
+                stop.abort();
             }
         }))
     }
@@ -178,10 +248,13 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
             if tokio::signal::ctrl_c().await.is_err() {
                 return;
             }
-            tracing::warn!("stopping: finishing the examples in flight (Ctrl-C again to quit now)");
+            tracing::warn!(
+                "stopping: finishing the examples in flight (Ctrl-C again to drop them and stop now)"
+            );
             stop.stop();
             if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+                tracing::warn!("stopping now: dropping the examples in flight");
+                stop.abort();
             }
         }))
     }
@@ -195,7 +268,7 @@ pub enum BadLinePolicy {
     #[default]
     Skip,
     /// Stop taking prompts, finish the examples in flight, and return the line's
-    /// [`Error::Parse`].
+    /// [`ErrorKind::Parse`](crate::ErrorKind::Parse).
     Stop,
 }
 
@@ -226,10 +299,10 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if `count` is 0 or `index >= count`.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `count` is 0 or `index >= count`.
     pub fn new(index: u32, count: u32) -> Result<Self, Error> {
         if count == 0 || index >= count {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "shard {index} of {count}: need count >= 1 and index < count"
             )));
         }
@@ -255,12 +328,130 @@ impl Shard {
     }
 }
 
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
+    /// Parses `I/N` (0-based index `I` of `N` shards; spaces around the numbers are allowed).
+    ///
+    /// ```
+    /// use rmboost::run::Shard;
+    ///
+    /// let s: Shard = " 1 / 4".parse()?;
+    /// assert_eq!((s.index(), s.count()), (1, 4));
+    /// assert!("4/4".parse::<Shard>().is_err());
+    /// assert!("1/0".parse::<Shard>().is_err());
+    /// assert!("x".parse::<Shard>().is_err());
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `s` is not two numbers with
+    /// `N >= 1` and `I < N`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || {
+            Error::config(format!(
+                "shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index = i.trim().parse().map_err(|_| bad())?;
+        let count = n.trim().parse().map_err(|_| bad())?;
+        Shard::new(index, count).map_err(|_| bad())
+    }
+}
+
 /// How many bad-line and duplicate messages a summary keeps.
 pub const MAX_MESSAGES: usize = 20;
 
-/// The totals of a run; see [`run_to_file`].
-#[derive(Debug, Clone, Default, PartialEq)]
+/// How a run ended; see [`RunSummary::outcome`] and [`RunSummary::exit_code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Every prompt of the input was taken (some examples may have failed: see
+    /// [`Summary::failed`]).
+    #[default]
+    Completed,
+    /// [`RunOptions::limit`] prompts were taken; others may remain for the next run.
+    LimitReached,
+    /// The [cost budget](RunOptions::max_cost) was reached: no new prompts were taken.
+    CostLimit,
+    /// The [`StopSignal`] was given (Ctrl-C).
+    Interrupted,
+    /// Calls kept failing to reach the server ([`RunOptions::stop_when_unreachable`]).
+    Unreachable,
+    /// The run ended with an error (the `Err` of [`run_to_file`]; the message is in
+    /// [`RunSummary::message`] of the [`Progress`] snapshot).
+    Failed,
+}
+
+impl Outcome {
+    /// A short description (`"completed"`, `"stopped: cost budget reached"`, ...).
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::LimitReached => "stopped at the limit",
+            Outcome::CostLimit => "stopped: cost budget reached",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Unreachable => "stopped: the server is unreachable",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Prices per million tokens, for a run's cost and its [budget](RunOptions::max_cost).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prices {
+    /// Price of a million prompt (input) tokens.
+    pub input_per_million: f64,
+    /// Price of a million completion (output) tokens.
+    pub output_per_million: f64,
+}
+
+impl Prices {
+    /// Prices per million input and output tokens.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a price is negative or not finite.
+    pub fn new(input_per_million: f64, output_per_million: f64) -> Result<Self, Error> {
+        for (p, what) in [(input_per_million, "input"), (output_per_million, "output")] {
+            if !(p.is_finite() && p >= 0.0) {
+                return Err(Error::config(format!(
+                    "the {what} price must be a number >= 0 per million tokens, not {p}"
+                )));
+            }
+        }
+        Ok(Prices {
+            input_per_million,
+            output_per_million,
+        })
+    }
+
+    /// The cost of `usage`.
+    #[must_use]
+    pub fn cost(&self, usage: Usage) -> f64 {
+        (usage.prompt_tokens as f64 * self.input_per_million
+            + usage.completion_tokens as f64 * self.output_per_million)
+            / 1e6
+    }
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// The totals of a run; see [`run_to_file`]. Serialises to JSON (durations in seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct RunSummary {
+    /// How the run ended.
+    pub outcome: Outcome,
+    /// Why it stopped, for [`Outcome::Unreachable`] and [`Outcome::Failed`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Examples written by this run and failures by kind, with their calls, re-asks and tokens.
     pub generation: Summary,
     /// Valid prompt records read.
@@ -279,17 +470,32 @@ pub struct RunSummary {
     pub other_shard: u64,
     /// Records handed to the generator.
     pub scheduled: u64,
-    /// Examples in flight dropped when the drain deadline passed after a stop.
+    /// Examples in flight dropped when the drain deadline passed or the run was aborted.
     pub dropped_in_flight: u64,
     /// Ids found in the output when the run started.
     pub resumed: u64,
     /// Bytes of a torn last line cut from the output when it was opened.
     pub torn_bytes: u64,
+    /// Unreadable lines found inside the output when it was opened and moved to
+    /// `<output>.garbage`.
+    pub garbage_lines: u64,
     /// Ids left in the failure ledger after the run (still failing).
     pub ledger_pending: u64,
+    /// Backend calls counted by the [meter](RunOptions::meter) (re-asks and failed examples
+    /// included), if there is one.
+    pub calls: u64,
+    /// Tokens counted by the meter (else those of the examples written).
+    pub usage: Usage,
+    /// The cost of [`usage`](Self::usage) at the [budget](RunOptions::max_cost)'s prices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
     /// Whether the run was stopped by its [`StopSignal`] before the input ran out.
     pub interrupted: bool,
+    /// Whether the output file was removed at the end because this run created it and wrote
+    /// nothing to it.
+    pub output_removed: bool,
     /// Wall time of the run.
+    #[serde(serialize_with = "secs")]
     pub elapsed: Duration,
 }
 
@@ -304,7 +510,34 @@ impl RunSummary {
             0.0
         }
     }
+
+    /// The exit status a program should end with, so that scripts can tell the endings
+    /// apart: 0 every prompt done (or the limit reached) with no failed example; 4 the same,
+    /// but some examples failed (they are in the ledger; a rerun retries them); 3 the cost
+    /// budget was reached; 130 interrupted; 1 the server was unreachable or the run failed.
+    /// (2 is left for bad command-line flags.)
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self.outcome {
+            Outcome::Completed | Outcome::LimitReached if self.generation.failed() > 0 => {
+                EXIT_EXAMPLES_FAILED
+            }
+            Outcome::Completed | Outcome::LimitReached => 0,
+            Outcome::CostLimit => EXIT_COST_LIMIT,
+            Outcome::Interrupted => EXIT_INTERRUPTED,
+            Outcome::Unreachable | Outcome::Failed => EXIT_FAILED,
+        }
+    }
 }
+
+/// [`RunSummary::exit_code`] of a run that failed or found the server unreachable.
+pub const EXIT_FAILED: u8 = 1;
+/// [`RunSummary::exit_code`] of a run stopped by its cost budget.
+pub const EXIT_COST_LIMIT: u8 = 3;
+/// [`RunSummary::exit_code`] of a run that finished with failed examples.
+pub const EXIT_EXAMPLES_FAILED: u8 = 4;
+/// [`RunSummary::exit_code`] of an interrupted run.
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -324,12 +557,13 @@ impl fmt::Display for RunSummary {
         }
         write!(
             f,
-            "; {:.1}s, {:.1} examples/s",
+            "; {:.1}s, {:.1} examples/s; {}",
             self.elapsed.as_secs_f64(),
-            self.examples_per_sec()
+            self.examples_per_sec(),
+            self.outcome.describe()
         )?;
-        if self.interrupted {
-            f.write_str(" (interrupted)")?;
+        if let Some(m) = &self.message {
+            write!(f, ": {m}")?;
         }
         Ok(())
     }
@@ -360,6 +594,122 @@ impl Progress {
     }
 }
 
+/// The settings a dataset was made with, recorded beside the output
+/// (`PAIRS.run.json` beside `PAIRS.jsonl`, see [`Recipe::default_path`]) so that a rerun
+/// with other settings cannot append rows of another shape or recipe to it.
+///
+/// The output format is always part of it; add whatever else changes the rows (method, seed,
+/// aspects, labels, template, models). On resume, every setting named both in the file and
+/// in this run must have the same value, or the run is refused with a message naming each
+/// difference. A setting named on one side only is not compared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipe {
+    settings: std::collections::BTreeMap<String, String>,
+}
+
+impl Recipe {
+    /// An empty recipe (only the format is recorded).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) one setting.
+    #[must_use]
+    pub fn with(mut self, name: impl Into<String>, value: impl fmt::Display) -> Self {
+        self.settings.insert(name.into(), value.to_string());
+        self
+    }
+
+    /// The value of a setting.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.settings.get(name).map(String::as_str)
+    }
+
+    /// Where the recipe of `output` is kept: `PAIRS.run.json` beside `PAIRS.jsonl` (or
+    /// `OUT.run.json` beside a file without the `.jsonl` extension).
+    #[must_use]
+    pub fn default_path(output: &Path) -> PathBuf {
+        sidecar(output, ".run.json")
+    }
+
+    /// `name: a (recorded) vs b (now)` for every setting both name with different values.
+    fn differences(&self, now: &Recipe) -> Vec<String> {
+        self.settings
+            .iter()
+            .filter_map(|(k, old)| match now.settings.get(k) {
+                Some(new) if new != old => Some(format!("{k} was `{old}`, now `{new}`")),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// `PAIRS<suffix>` beside `PAIRS.jsonl`.
+fn sidecar(output: &Path, suffix: &str) -> PathBuf {
+    match (output.extension(), output.file_stem()) {
+        (Some(ext), Some(stem)) if ext == "jsonl" => {
+            let mut name = stem.to_os_string();
+            name.push(suffix);
+            output.with_file_name(name)
+        }
+        _ => {
+            let mut name = output.file_name().unwrap_or_default().to_os_string();
+            name.push(suffix);
+            output.with_file_name(name)
+        }
+    }
+}
+
+/// Refuses when two of the named paths are the same file: compared by identity (device and
+/// inode), so `data.jsonl` and `./data.jsonl`, a symlink or a hard link are caught; a path
+/// that does not exist yet is compared by its canonical directory and file name.
+///
+/// [`run_to_file`] checks its input (when given with [`RunOptions::input`]), output, ledger
+/// and recipe; a program that writes more files beside a run (a summary) checks them with
+/// this before the run starts.
+///
+/// # Errors
+///
+/// [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles and the paths.
+pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
+    enum Id {
+        File(same_file::Handle),
+        Path(PathBuf),
+    }
+    let identify = |p: &Path| -> Option<Id> {
+        if let Ok(h) = same_file::Handle::from_path(p) {
+            return Some(Id::File(h));
+        }
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::canonicalize(parent).ok()?;
+        Some(Id::Path(dir.join(p.file_name()?)))
+    };
+    let ids: Vec<Option<Id>> = files.iter().map(|(_, p)| identify(p)).collect();
+    for i in 0..files.len() {
+        for j in i + 1..files.len() {
+            let same = match (&ids[i], &ids[j]) {
+                (Some(Id::File(a)), Some(Id::File(b))) => a == b,
+                (Some(Id::Path(a)), Some(Id::Path(b))) => a == b,
+                _ => false,
+            };
+            if same {
+                let ((ra, pa), (rb, pb)) = (files[i], files[j]);
+                return Err(Error::config(format!(
+                    "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
+                    pa.display(),
+                    pb.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Settings of [`run_to_file`]; every setter documents its default.
 #[derive(Debug, Clone)]
 #[must_use]
@@ -370,10 +720,15 @@ pub struct RunOptions {
     bad_lines: BadLinePolicy,
     shard: Option<Shard>,
     ledger: Option<PathBuf>,
+    input: Option<PathBuf>,
+    recipe: Option<Recipe>,
     drain_deadline: Option<Duration>,
     limit: Option<u64>,
     stop: StopSignal,
     progress: Option<Progress>,
+    meter: Option<CallMeter>,
+    budget: Option<(Prices, f64)>,
+    unreachable_after: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -381,6 +736,11 @@ impl Default for RunOptions {
         Self::new()
     }
 }
+
+/// The default of [`RunOptions::drain_deadline`].
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+/// The default of [`RunOptions::stop_when_unreachable`].
+pub const DEFAULT_UNREACHABLE_AFTER: u64 = 16;
 
 impl RunOptions {
     /// The defaults.
@@ -392,10 +752,15 @@ impl RunOptions {
             bad_lines: BadLinePolicy::default(),
             shard: None,
             ledger: None,
-            drain_deadline: None,
+            input: None,
+            recipe: None,
+            drain_deadline: Some(DEFAULT_DRAIN_DEADLINE),
             limit: None,
             stop: StopSignal::new(),
             progress: None,
+            meter: None,
+            budget: None,
+            unreachable_after: Some(DEFAULT_UNREACHABLE_AFTER),
         }
     }
 
@@ -436,10 +801,25 @@ impl RunOptions {
         self
     }
 
+    /// The input file the prompts come from, so the run can refuse an output, ledger or
+    /// recipe that is the same file (see [`ensure_distinct_files`]). Default: not known.
+    pub fn input(mut self, path: impl Into<PathBuf>) -> Self {
+        self.input = Some(path.into());
+        self
+    }
+
+    /// The settings the rows are made with, recorded beside the output and checked on
+    /// resume (see [`Recipe`]). Default: only the format is recorded and checked.
+    pub fn recipe(mut self, recipe: Recipe) -> Self {
+        self.recipe = Some(recipe);
+        self
+    }
+
     /// After a stop, how long to wait for the examples in flight before dropping them (they
-    /// are generated again by the next run). Default: no limit.
-    pub fn drain_deadline(mut self, deadline: Duration) -> Self {
-        self.drain_deadline = Some(deadline);
+    /// are generated again by the next run); `None` waits for them all. Default:
+    /// [`DEFAULT_DRAIN_DEADLINE`] (60 s).
+    pub fn drain_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.drain_deadline = deadline;
         self
     }
 
@@ -449,7 +829,7 @@ impl RunOptions {
         self
     }
 
-    /// The signal that stops the run gracefully. Default: a signal nobody else holds.
+    /// The signal that stops the run. Default: a signal nobody else holds.
     pub fn stop_signal(mut self, stop: StopSignal) -> Self {
         self.stop = stop;
         self
@@ -458,6 +838,33 @@ impl RunOptions {
     /// A view updated after every result. Default: none.
     pub fn progress(mut self, progress: Progress) -> Self {
         self.progress = Some(progress);
+        self
+    }
+
+    /// The meter of the backend (see [`Metered`](crate::backend::meter::Metered)): the
+    /// summary then counts every call and token the provider bills (re-asks and failed
+    /// examples included), and the [budget](Self::max_cost) uses it. Default: none (the
+    /// summary counts the tokens of the examples written).
+    pub fn meter(mut self, meter: CallMeter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// A cost budget: once the metered usage at `prices` costs `max` or more, the run takes
+    /// no new prompts, finishes the examples in flight and ends with [`Outcome::CostLimit`].
+    /// Needs a [meter](Self::meter); checked after every result and every 100 ms. Default:
+    /// none.
+    pub fn max_cost(mut self, prices: Prices, max: f64) -> Self {
+        self.budget = Some((prices, max));
+        self
+    }
+
+    /// Stop the run (gracefully, with [`Outcome::Unreachable`]) once this many examples in a
+    /// row failed because the server could not be reached or timed out (after the backend's
+    /// own retries), instead of failing every remaining prompt the same way; `None` never
+    /// stops. Default: [`DEFAULT_UNREACHABLE_AFTER`] (16).
+    pub fn stop_when_unreachable(mut self, after: Option<u64>) -> Self {
+        self.unreachable_after = after;
         self
     }
 }
@@ -483,7 +890,7 @@ impl Admission {
     fn admit(&mut self, item: Result<Prompt, Error>) -> Admit {
         let prompt = match item {
             Ok(p) => p,
-            Err(e @ Error::Parse { .. }) => {
+            Err(e) if e.kind() == ErrorKind::Parse => {
                 self.summary.bad_lines += 1;
                 tracing::warn!(error = %e, "bad input line");
                 if self.summary.bad_line_messages.len() < MAX_MESSAGES {
@@ -535,27 +942,139 @@ fn lock(m: &Mutex<Admission>) -> MutexGuard<'_, Admission> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Counts examples in a row that failed to reach the server.
+struct Watchdog {
+    threshold: Option<u64>,
+    in_a_row: u64,
+}
+
+impl Watchdog {
+    /// Observes one result; returns the message to stop with once the threshold is reached.
+    fn observe(&mut self, result: &Result<PreferenceExample, Error>) -> Option<String> {
+        let threshold = self.threshold?;
+        let source = result.as_ref().err().and_then(Error::backend_error);
+        let unreachable = source.is_some_and(|s| {
+            matches!(
+                s.kind(),
+                BackendErrorKind::Connection | BackendErrorKind::Timeout
+            )
+        });
+        if !unreachable {
+            self.in_a_row = 0;
+            return None;
+        }
+        self.in_a_row += 1;
+        (self.in_a_row == threshold).then(|| {
+            format!(
+                "the model server is unreachable ({} calls in a row failed): {}",
+                self.in_a_row,
+                crate::error_chain(source.expect("an unreachable result has a source"))
+            )
+        })
+    }
+}
+
+/// Checks the recipe recorded beside the output against this run's, or records it.
+/// Returns whether this run created the recipe file.
+fn check_recipe(
+    path: &Path,
+    output: &Path,
+    recipe: &Recipe,
+    has_examples: bool,
+    first_line: Option<&[u8]>,
+) -> Result<bool, Error> {
+    let recorded: Option<Recipe> = match std::fs::read(path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+            Error::parse(
+                path,
+                e.line() as u64,
+                format!("not a run recipe ({e}); remove it to record this run's settings"),
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if has_examples {
+        let diffs = match &recorded {
+            Some(old) => old.differences(recipe),
+            // An output from before recipes were recorded: compare the shape of its rows.
+            None => {
+                let shape = first_line.and_then(ExampleFormat::of_line);
+                match (shape, recipe.get("format")) {
+                    (Some(old), Some(now)) if old.as_str() != now => {
+                        vec![format!("format was `{}`, now `{now}`", old.as_str())]
+                    }
+                    _ => Vec::new(),
+                }
+            }
+        };
+        if !diffs.is_empty() {
+            return Err(Error::config(format!(
+                "{} holds examples made with other settings ({}): rerun with the same settings \
+                 to resume it, write to a new output file, or overwrite it",
+                output.display(),
+                diffs.join("; ")
+            )));
+        }
+        if recorded.is_some() {
+            return Ok(false);
+        }
+    } else if recorded.as_ref() == Some(recipe) {
+        return Ok(false);
+    }
+    let mut tmp = crate::io::temp_beside(path)?;
+    let json = serde_json::to_vec_pretty(recipe).expect("a recipe serialises");
+    tmp.as_file_mut()
+        .write_all(&json)
+        .and_then(|()| tmp.as_file_mut().write_all(b"\n"))
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    crate::io::replace_with(tmp, path)?;
+    Ok(recorded.is_none())
+}
+
+/// The first non-blank line of a file (at most 1 MiB of it), to see the shape of its rows.
+fn first_line(path: &Path) -> Option<Vec<u8>> {
+    use std::io::{BufRead, BufReader, Read};
+    let file = std::fs::File::open(path).ok()?;
+    let mut reader = BufReader::new(file.take(1 << 20));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).ok()? == 0 {
+            return None;
+        }
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            return Some(line);
+        }
+    }
+}
+
 /// Runs a generation into the JSONL file `output`; see the [module docs](self).
 ///
 /// `generate` turns the filtered stream of prompts into a stream of results (for
 /// [`RmBoost`](crate::RmBoost): `|p| rmb.try_generate(p)`), so any generator with that shape
 /// (a baseline, a wrapper) can be run. `prompts` is pulled lazily, only as fast as the
 /// generator takes prompts; for a file use
-/// `futures::stream::iter(rmboost::read_prompts(path)?)`.
+/// `rmboost::read_prompts(path)?.into_stream()`, which reads on a thread of its own.
 ///
 /// # Errors
 ///
-/// - [`Error::Io`] if the output or ledger cannot be opened (a file locked by another run
-///   included), read or written;
-/// - [`Error::Config`] if the output has examples and [`ExistingOutput::Fail`] was asked;
-/// - [`Error::Parse`] for a bad line under [`BadLinePolicy::Stop`], and the reader's
-///   [`Error::Io`] if reading the input fails, after the examples in flight are written;
+/// - [`ErrorKind::Config`](crate::ErrorKind::Config) if two of the files are the same file
+///   ([`ensure_distinct_files`]), if the output holds examples made with another
+///   [`Recipe`] or [`ExistingOutput::Fail`] was asked, or if a cost budget has no meter;
+/// - [`ErrorKind::Io`](crate::ErrorKind::Io) if the output or ledger cannot be opened (a
+///   file locked by another run included), read or written;
+/// - [`ErrorKind::Parse`](crate::ErrorKind::Parse) for a bad line under
+///   [`BadLinePolicy::Stop`], and the reader's I/O error if reading the input fails, after
+///   the examples in flight are written;
 /// - a fatal error of the generator ([`Error::is_fatal`]: a bad key, an exhausted quota),
 ///   at once (examples in flight are dropped; the error is not written to the ledger, since
 ///   it is not about the example).
 ///
 /// In every case the files are left valid, the examples finished so far are written, and
-/// the totals so far are in the [`Progress`] given in the options.
+/// the totals so far are in the [`Progress`] given in the options (with
+/// [`Outcome::Failed`] and the error's message).
 ///
 /// # Cancel safety
 ///
@@ -572,13 +1091,61 @@ where
     S: Stream<Item = Result<PreferenceExample, Error>> + Send,
     P: Stream<Item = Result<Prompt, Error>> + Send + 'static,
 {
+    let progress = options.progress.clone().unwrap_or_default();
+    let result = run_inner(generate, prompts, output.as_ref(), options, &progress).await;
+    if let Err(e) = &result {
+        let mut s = progress.snapshot();
+        s.outcome = Outcome::Failed;
+        s.message = Some(crate::error_chain(e));
+        progress.set(&s);
+    }
+    result
+}
+
+async fn run_inner<F, S, P>(
+    generate: F,
+    prompts: P,
+    output: &Path,
+    options: RunOptions,
+    progress: &Progress,
+) -> Result<RunSummary, Error>
+where
+    F: FnOnce(BoxStream<'static, Result<Prompt, Error>>) -> S,
+    S: Stream<Item = Result<PreferenceExample, Error>> + Send,
+    P: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+{
     let started = Instant::now();
-    let output = output.as_ref();
     let ledger_path = options
         .ledger
         .clone()
         .unwrap_or_else(|| FailureLedger::default_path(output));
-    let progress = options.progress.clone().unwrap_or_default();
+    let recipe_path = Recipe::default_path(output);
+    let mut files: Vec<(&str, &Path)> = vec![
+        ("output", output),
+        ("failure ledger", &ledger_path),
+        ("run recipe", &recipe_path),
+    ];
+    if let Some(input) = &options.input {
+        files.push(("input", input));
+    }
+    ensure_distinct_files(&files)?;
+    if let Some((_, max)) = options.budget {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(Error::config(format!(
+                "the cost budget must be a positive amount, not {max}"
+            )));
+        }
+        if options.meter.is_none() {
+            return Err(Error::config(
+                "a cost budget needs the backend's meter (RunOptions::meter)",
+            ));
+        }
+    }
+    let recipe = options
+        .recipe
+        .clone()
+        .unwrap_or_default()
+        .with("format", options.format.as_str());
 
     let mut out = OutputFile::open(output, options.format, options.sync)?;
     let mut summary = RunSummary {
@@ -595,7 +1162,7 @@ where
         ExistingOutput::Fail => {
             let r = Resume::scan(output)?;
             if r.lines() > 0 {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "{} already has {} lines; resume or overwrite it",
                     output.display(),
                     r.lines()
@@ -605,17 +1172,27 @@ where
         }
     };
     if resume.unreadable() > 0 {
-        tracing::warn!(
-            path = %output.display(),
-            lines = resume.unreadable(),
-            "output lines without a readable id: their ids are generated again"
-        );
+        summary.garbage_lines = out.set_aside_unreadable()?;
     }
+    let has_examples = resume.lines() > resume.unreadable();
+    let first = if has_examples {
+        first_line(output)
+    } else {
+        None
+    };
+    let recipe_created = check_recipe(
+        &recipe_path,
+        output,
+        &recipe,
+        has_examples,
+        first.as_deref(),
+    )?;
     summary.resumed = resume.len() as u64;
     tracing::info!(
         path = %output.display(),
         resumed = summary.resumed,
         torn_bytes = summary.torn_bytes,
+        garbage_lines = summary.garbage_lines,
         "run starting"
     );
 
@@ -653,21 +1230,66 @@ where
         .filter_map(future::ready)
         .boxed();
 
+    let budget = options.budget;
+    let meter = options.meter.clone();
+    let metered = |s: &mut RunSummary| {
+        if let Some(m) = &meter {
+            s.calls = m.calls();
+            s.usage = m.usage();
+        } else {
+            s.calls = s.generation.calls;
+            s.usage = s.generation.usage;
+        }
+        if let Some((prices, _)) = budget {
+            s.cost = Some(prices.cost(s.usage));
+        }
+    };
     let mut results = Box::pin(generate(filtered));
     let mut ledger: Option<FailureLedger> = None;
     let mut fatal: Option<Error> = None;
     let mut io_error: Option<Error> = None;
+    let mut stopped_by: Option<(Outcome, Option<String>)> = None;
+    let mut watchdog = Watchdog {
+        threshold: options.unreachable_after.filter(|&n| n > 0),
+        in_a_row: 0,
+    };
     let mut received: u64 = 0;
     let mut stop_seen = false;
     let mut deadline = pin!(future::Fuse::<tokio::time::Sleep>::terminated());
+    let mut cost_tick = budget.map(|_| {
+        let mut i = tokio::time::interval(Duration::from_millis(100));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let abort = stop.wait_abort();
+    tokio::pin!(abort);
     loop {
         let stop_wait = stop.wait();
+        let tick = async {
+            match &mut cost_tick {
+                Some(i) => {
+                    i.tick().await;
+                }
+                None => future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             biased;
+            () = &mut abort => {
+                tracing::warn!("stopping now: dropping the examples in flight");
+                break;
+            }
             item = results.next() => {
                 let Some(item) = item else { break };
                 received += 1;
                 let mut st = lock(&admission);
+                if let Some(message) = watchdog.observe(&item) {
+                    if stopped_by.is_none() {
+                        tracing::error!(%message, "stopping the run");
+                        stopped_by = Some((Outcome::Unreachable, Some(message)));
+                        stop.stop();
+                    }
+                }
                 match item {
                     Ok(example) => {
                         if let Err(e) = out.write(&example) {
@@ -683,7 +1305,7 @@ where
                         let result: Result<PreferenceExample, Error> = Err(e);
                         st.summary.generation.record(&result);
                         let Err(e) = result else { unreachable!("built as Err above") };
-                        let chain = crate::io::error_chain(&e);
+                        let chain = crate::error_chain(&e);
                         if e.is_fatal() {
                             tracing::error!(error = %chain, "fatal error: stopping the run");
                             fatal = Some(e);
@@ -697,6 +1319,22 @@ where
                             }
                         }
                     }
+                }
+                metered(&mut st.summary);
+                if over_budget(&st.summary, budget) && stopped_by.is_none() {
+                    tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
+                    stopped_by = Some((Outcome::CostLimit, None));
+                    stop.stop();
+                }
+                progress.set(&st.summary);
+            }
+            () = tick => {
+                let mut st = lock(&admission);
+                metered(&mut st.summary);
+                if over_budget(&st.summary, budget) && stopped_by.is_none() {
+                    tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
+                    stopped_by = Some((Outcome::CostLimit, None));
+                    stop.stop();
                 }
                 progress.set(&st.summary);
             }
@@ -724,22 +1362,42 @@ where
             st.stop_error.take(),
         )
     };
+    metered(&mut summary);
     summary.dropped_in_flight = summary.scheduled.saturating_sub(received);
-    summary.interrupted = stop.is_stopped();
-    if let Err(e) = out.close() {
-        io_error.get_or_insert(e);
-    }
+    summary.interrupted = stop.is_stopped() && stopped_by.is_none();
     if let Some(l) = ledger {
         if let Err(e) = l.close() {
             io_error.get_or_insert(e);
         }
     }
+    // Compacted while the output's lock is still held: no other run can append meanwhile.
     match FailureLedger::compact(&ledger_path, &done) {
         Ok(pending) => summary.ledger_pending = pending,
         Err(e) => {
             io_error.get_or_insert(e);
         }
     }
+    match out.close_and_remove_if_new_and_empty() {
+        Ok(removed) => {
+            summary.output_removed = removed;
+            if removed && recipe_created {
+                if let Err(e) = remove_if_exists(&recipe_path) {
+                    io_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(e) => {
+            io_error.get_or_insert(e);
+        }
+    }
+    (summary.outcome, summary.message) = match stopped_by {
+        Some(reason) => reason,
+        None if summary.interrupted => (Outcome::Interrupted, None),
+        None if options.limit.is_some_and(|l| summary.scheduled >= l) => {
+            (Outcome::LimitReached, None)
+        }
+        None => (Outcome::Completed, None),
+    };
     summary.elapsed = started.elapsed();
     progress.set(&summary);
     tracing::info!(%summary, "run finished");
@@ -747,6 +1405,10 @@ where
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+fn over_budget(summary: &RunSummary, budget: Option<(Prices, f64)>) -> bool {
+    matches!((budget, summary.cost), (Some((_, max)), Some(cost)) if cost >= max)
 }
 
 fn record_failure(
@@ -765,11 +1427,8 @@ fn record_failure(
 
 fn remove_if_exists(path: &Path) -> Result<(), Error> {
     match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
+        Ok(()) => crate::io::sync_parent(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(Error::io(path, source)),
     }
 }

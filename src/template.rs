@@ -9,12 +9,11 @@
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::{Arc, OnceLock};
-
-use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use std::sync::Arc;
 
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
+use crate::checks::ResponseChecks;
 use crate::error::UnusableReason;
 use crate::label::{Grade, Label, LabelDraw};
 
@@ -144,7 +143,8 @@ impl DefaultTemplate {
     /// Replaces the content checks applied to both responses.
     ///
     /// ```
-    /// use rmboost::template::{DefaultTemplate, ResponseChecks};
+    /// use rmboost::checks::ResponseChecks;
+    /// use rmboost::template::DefaultTemplate;
     ///
     /// // Keep pairs that differ in only a few words (for example to study them).
     /// let template = DefaultTemplate::new()
@@ -342,287 +342,6 @@ fn strip_preamble(text: &str) -> &str {
     text
 }
 
-/// Phrases that show the model talked about the task instead of answering it.
-const META: &[&str] = &[
-    "existing answer",
-    "<existing_answer>",
-    "</existing_answer>",
-    "<request>",
-    "original answer",
-    "original response",
-    "given response",
-    "given answer",
-    "worse answer",
-    "worse response",
-    "worse version",
-    "better answer:",
-    "better response:",
-    "better version",
-    "improved answer",
-    "improved response",
-    "improved version",
-    "quality aspects",
-    "these instructions",
-    // Seen from small models that copy or discuss the instructions.
-    "new answer",
-    "write only",
-    "user's request",
-    "provided response",
-    "existing response",
-    "[response]",
-    // The default template's own terms, and more echoes seen from small models.
-    "reference answer",
-    "<reference>",
-    "</reference>",
-    "<new_answer",
-    "new response",
-    "previous response",
-    "two responses",
-    "the reference",
-    "your task",
-    "your request again",
-    "provide your request",
-    "improve this text",
-    "already provided the answer",
-];
-
-/// Words at least one of which every [`META`] phrase without a `<` contains.
-const META_KEYS: [&str; 10] = [
-    "answer",
-    "response",
-    "version",
-    "aspects",
-    "instructions",
-    "write only",
-    "request",
-    "reference",
-    "your task",
-    "this text",
-];
-
-/// Whether two texts are equal up to white space and letter case (no allocation).
-pub(crate) fn same_text(a: &str, b: &str) -> bool {
-    let mut wa = a.split_whitespace();
-    let mut wb = b.split_whitespace();
-    loop {
-        match (wa.next(), wb.next()) {
-            (None, None) => return true,
-            (Some(x), Some(y)) => {
-                if x != y
-                    && !x
-                        .chars()
-                        .flat_map(char::to_lowercase)
-                        .eq(y.chars().flat_map(char::to_lowercase))
-                {
-                    return false;
-                }
-            }
-            _ => return false,
-        }
-    }
-}
-
-/// The first meta-talk phrase in `text`, ignoring ASCII case.
-///
-/// The text is lowered into a per-thread buffer; SIMD substring scans for the [`META_KEYS`]
-/// words (and `<`) rule out most prose before the automaton runs.
-fn find_meta(text: &str) -> Option<&'static str> {
-    static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    thread_local! {
-        static LOWER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    /// One SIMD multi-substring scan where the CPU has one, else a scan per key.
-    enum Keys {
-        Packed(aho_corasick::packed::Searcher),
-        Each(Vec<memchr::memmem::Finder<'static>>),
-    }
-    let keys = KEYS.get_or_init(|| {
-        aho_corasick::packed::Searcher::new(META_KEYS.iter()).map_or_else(
-            || Keys::Each(META_KEYS.iter().map(memchr::memmem::Finder::new).collect()),
-            Keys::Packed,
-        )
-    });
-    LOWER.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        crate::similarity::ascii_lowercase_into(text, &mut buf);
-        let candidate = memchr::memchr(b'<', &buf).is_some()
-            || match keys {
-                Keys::Packed(s) => s.find(&buf[..]).is_some(),
-                Keys::Each(finders) => finders.iter().any(|k| k.find(&buf).is_some()),
-            };
-        let found = if candidate {
-            let phrases = PHRASES.get_or_init(|| {
-                // A full DFA without prefilter: the phrases start with common English
-                // trigrams, so a prefilter mostly finds false candidates in ordinary prose.
-                AhoCorasick::builder()
-                    .kind(Some(AhoCorasickKind::DFA))
-                    .prefilter(false)
-                    .build(META)
-                    .expect("the meta-talk phrases are valid patterns")
-            });
-            phrases.find(&buf[..]).map(|m| META[m.pattern().as_usize()])
-        } else {
-            None
-        };
-        if buf.capacity() > 1 << 20 {
-            *buf = Vec::new();
-        }
-        found
-    })
-}
-
-/// Content checks on responses, beyond their form: what makes an answer that parses still
-/// useless as half of a preference pair.
-///
-/// - **Near-identical pair**: the second response's token Jaccard similarity with the first
-///   (the measure of [`report::token_jaccard`](crate::report::token_jaccard), so the report's
-///   "near-identical" count agrees) is at or above [`max_similarity`](Self::max_similarity);
-///   default 0.9. Small models asked for a slightly different answer often copy the first one
-///   with a word changed: the label of such a pair is noise. The check estimates the
-///   similarity with bitmaps (it runs for every example and must stay within microseconds),
-///   within about 0.01 of the report's exact figure for answers of ordinary length.
-/// - **Repetition**: a response of at least 20 tokens of which fewer than
-///   [`min_distinct_trigrams`](Self::min_distinct_trigrams) of the word trigrams are distinct;
-///   default 0.5. Natural prose is close to 1.0; a model stuck in a loop is far below.
-///
-/// The form checks (empty, the same text as the first, talk about the task) always apply to
-/// the second response. [`DefaultTemplate`] applies these checks; a custom template can call
-/// [`check_first`](Self::check_first) and [`check_second`](Self::check_second).
-///
-/// ```
-/// use rmboost::template::ResponseChecks;
-/// use rmboost::UnusableReason;
-///
-/// let checks = ResponseChecks::default();
-/// let first = "Paris is the capital of France and its largest city, home to the Louvre, \
-///              the Eiffel Tower and about two million people within the city limits.";
-/// // One word of 21 changed: a token Jaccard similarity of 20/22.
-/// let copy = first.replace("largest", "biggest");
-/// assert_eq!(checks.check_second(&copy, first), Err(UnusableReason::NearIdentical));
-/// assert!(checks.check_second("Lyon is the capital of France.", first).is_ok());
-/// let looped = "I can help you with that. ".repeat(10);
-/// assert_eq!(checks.check_first(&looped), Err(UnusableReason::Repetitive));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ResponseChecks {
-    max_similarity: Option<f64>,
-    min_distinct_trigrams: Option<f64>,
-}
-
-impl Default for ResponseChecks {
-    fn default() -> Self {
-        ResponseChecks {
-            max_similarity: Some(crate::report::NEAR_IDENTICAL_JACCARD),
-            min_distinct_trigrams: Some(0.5),
-        }
-    }
-}
-
-impl ResponseChecks {
-    /// Only the form checks: no similarity or repetition limit.
-    #[must_use]
-    pub fn none() -> Self {
-        ResponseChecks {
-            max_similarity: None,
-            min_distinct_trigrams: None,
-        }
-    }
-
-    /// Rejects a second response whose token Jaccard similarity with the first is at least
-    /// `limit`; `None` turns the check off. Default 0.9. A limit above 1 never rejects.
-    #[must_use]
-    pub fn max_similarity(mut self, limit: Option<f64>) -> Self {
-        self.max_similarity = limit;
-        self
-    }
-
-    /// Rejects a response of at least 20 tokens whose share of distinct word trigrams is below
-    /// `share`; `None` turns the check off. Default 0.5.
-    #[must_use]
-    pub fn min_distinct_trigrams(mut self, share: Option<f64>) -> Self {
-        self.min_distinct_trigrams = share;
-        self
-    }
-
-    /// The similarity limit in use.
-    #[must_use]
-    pub fn similarity_limit(&self) -> Option<f64> {
-        self.max_similarity
-    }
-
-    /// The distinct-trigram share limit in use.
-    #[must_use]
-    pub fn trigram_limit(&self) -> Option<f64> {
-        self.min_distinct_trigrams
-    }
-
-    /// Checks a first response (already trimmed and not empty): rejects repetition.
-    ///
-    /// # Errors
-    ///
-    /// [`UnusableReason::Repetitive`].
-    pub fn check_first(&self, text: &str) -> Result<(), UnusableReason> {
-        let Some(min) = self.min_distinct_trigrams else {
-            return Ok(());
-        };
-        let stats = crate::similarity::text_stats(text, None, None, Some(min));
-        match stats.distinct_trigrams {
-            Some(share) if share < min => Err(UnusableReason::Repetitive),
-            _ => Ok(()),
-        }
-    }
-
-    /// Checks a second response against the first: empty, meta-talk, the same text,
-    /// near-identical, repetitive (in that order).
-    ///
-    /// # Errors
-    ///
-    /// The first reason that applies.
-    pub fn check_second(&self, text: &str, first: &str) -> Result<(), UnusableReason> {
-        if text.trim().is_empty() {
-            return Err(UnusableReason::Empty);
-        }
-        if let Some(phrase) = find_meta(text) {
-            return Err(UnusableReason::MetaTalk(format!("contains {phrase:?}")));
-        }
-        if same_text(text, first) {
-            return Err(UnusableReason::SameAsFirst);
-        }
-        if self.max_similarity.is_none() && self.min_distinct_trigrams.is_none() {
-            return Ok(());
-        }
-        let reference = self.max_similarity.map(|_| first);
-        let stats = crate::similarity::text_stats(
-            text,
-            reference,
-            self.max_similarity,
-            self.min_distinct_trigrams,
-        );
-        if let (Some(limit), Some(j)) = (self.max_similarity, stats.jaccard) {
-            if j >= limit {
-                return Err(UnusableReason::NearIdentical);
-            }
-        }
-        if let (Some(min), Some(share)) = (self.min_distinct_trigrams, stats.distinct_trigrams) {
-            if share < min {
-                return Err(UnusableReason::Repetitive);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Rejects empty text, meta-talk, a copy of the first response, a near-identical one and a
-/// repetitive one: [`ResponseChecks::check_second`] with the default checks.
-///
-/// # Errors
-///
-/// The reason the text is unusable.
-pub fn check_response(text: &str, first: &str) -> Result<(), UnusableReason> {
-    ResponseChecks::default().check_second(text, first)
-}
-
 fn parse_picked(raw: &str, draw: &AspectDraw, k: usize) -> Option<Vec<String>> {
     let open = *find_all_ci(raw, "<aspects>").first()?;
     let start = open + "<aspects>".len();
@@ -695,71 +414,11 @@ mod tests {
     }
 
     #[test]
-    fn meta_keys_cover_every_phrase() {
-        for p in META {
-            assert!(
-                p.contains('<') || META_KEYS.iter().any(|k| p.contains(k)),
-                "{p}"
-            );
-            assert_eq!(*p, p.to_ascii_lowercase(), "phrases are lowercase");
-            assert_eq!(
-                find_meta(&format!("Fine. {} X", p.to_uppercase())),
-                Some(*p)
-            );
-        }
-        assert_eq!(find_meta("A plain answer about rivers."), None);
-    }
-
-    #[test]
-    fn checks() {
-        assert_eq!(check_response("  ", "x"), Err(UnusableReason::Empty));
-        assert_eq!(
-            check_response("Paris  is the capital.", "paris is the CAPITAL."),
-            Err(UnusableReason::SameAsFirst)
-        );
-        assert!(matches!(
-            check_response("Here is a worse version of the answer", "x"),
-            Err(UnusableReason::MetaTalk(_))
-        ));
-        assert!(check_response("Lyon is the capital.", "Paris is the capital.").is_ok());
-        assert!(matches!(
-            check_response("As the reference answer says, Paris.", "x"),
-            Err(UnusableReason::MetaTalk(_))
-        ));
-    }
-
-    #[test]
-    fn content_checks() {
+    fn first_response_checks() {
         let first = "Honeybees collect nectar from flowers, carry it to the hive in a special \
                      stomach, pass it between workers who add enzymes, and store it in wax \
                      cells, where fanning wings evaporate the water until it turns thick.";
-        // One word changed: near-identical.
-        let copy = first.replace("thick", "sticky");
-        assert_eq!(
-            check_response(&copy, first),
-            Err(UnusableReason::NearIdentical)
-        );
-        // Allowed when the limit is off.
-        let lenient = ResponseChecks::default().max_similarity(None);
-        assert_eq!(lenient.check_second(&copy, first), Ok(()));
-        // A real rewrite passes.
-        let rewrite = "Bees make honey from nectar: they swallow it, bring it home, and let \
-                       it dry in the comb until most of its water is gone.";
-        assert_eq!(check_response(rewrite, first), Ok(()));
-        // A loop is rejected, first or second.
         let looped = "I'm not able to assist you. ".repeat(8);
-        assert_eq!(
-            check_response(&looped, first),
-            Err(UnusableReason::Repetitive)
-        );
-        assert_eq!(
-            ResponseChecks::default().check_first(&looped),
-            Err(UnusableReason::Repetitive)
-        );
-        assert_eq!(ResponseChecks::none().check_first(&looped), Ok(()));
-        assert_eq!(ResponseChecks::none().check_second(&looped, first), Ok(()));
-        // Short answers are not judged for repetition.
-        assert_eq!(check_response("Yes. Yes. Yes.", first), Ok(()));
         // The template's first-response check.
         let t = DefaultTemplate::new();
         assert_eq!(t.accept_first(&looped), Err(UnusableReason::Repetitive));

@@ -216,7 +216,7 @@ impl LlmBackend for ScriptedBackend {
 /// First-response requests get `"answer <seed hex> "` followed by filler up to the configured
 /// length; requests with a message mentioning `</response>` get `"<response>rewrite <seed hex> ...</response>"`
 /// with filler of another vocabulary, so the second response always differs from the first and
-/// passes the default [`ResponseChecks`](crate::template::ResponseChecks) (the filler does not
+/// passes the default [`ResponseChecks`](crate::checks::ResponseChecks) (the filler does not
 /// repeat itself and shares no word with the other one).
 #[derive(Debug, Clone)]
 pub struct FakeBackend {
@@ -356,7 +356,7 @@ fn push_hex(s: &mut String, v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::template::ResponseChecks;
+    use crate::checks::ResponseChecks;
 
     #[test]
     fn fake_answers_pass_the_content_checks() {

@@ -2,11 +2,12 @@
 //! over arbitrary bytes and strings.
 
 use proptest::prelude::*;
-use rmboost::io::Resume;
-use rmboost::template::{check_response, extract_response};
+use rmboost::checks::check_response;
+use rmboost::io::{PromptReader, Resume};
+use rmboost::template::extract_response;
+use rmboost::ErrorKind;
 use rmboost::{
-    Aspect, AspectDraw, DefaultTemplate, Error, Label, LabelDraw, Message, PromptReader,
-    PromptTemplate, SecondContext,
+    Aspect, AspectDraw, DefaultTemplate, Label, LabelDraw, Message, PromptTemplate, SecondContext,
 };
 
 fn lines_of(bytes: &[u8]) -> u64 {
@@ -45,16 +46,13 @@ fn check_reader(bytes: &[u8]) {
                 assert!(!p.id.is_empty());
                 assert!(!p.messages().is_empty());
             }
-            Err(Error::Parse { line, message, .. }) => {
+            Err(e) if e.kind() == ErrorKind::Parse => {
+                let line = e.line().unwrap();
                 assert!(line >= 1 && line <= total, "line {line} of {total}");
-                assert!(!message.is_empty());
-                let shown = Error::Parse {
-                    path: "in.jsonl".into(),
-                    line,
-                    message,
-                }
-                .to_string();
-                assert!(shown.starts_with(&format!("in.jsonl:{line}: ")), "{shown}");
+                let shown = e.to_string();
+                let prefix = format!("{}:{line}: ", e.path().unwrap().display());
+                assert!(shown.len() > prefix.len(), "{shown}");
+                assert!(shown.starts_with(&prefix), "{shown}");
             }
             Err(other) => panic!("unexpected error {other}"),
         }

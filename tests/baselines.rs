@@ -6,8 +6,10 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rmboost::baselines::{OnInconsistent, ScoreRequest, Scored, Scorer};
+use rmboost::judge::{ScoreRequest, Scored, Scorer};
+use rmboost::methods::OnInconsistent;
 use rmboost::testing::ScriptedBackend;
+use rmboost::ErrorKind;
 use rmboost::{
     async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, Error, Generator,
     Label, Method, OutputOrder, PreferenceExample, Prompt, Rlaif, Rlcd, RmBoost, Role,
@@ -205,19 +207,13 @@ async fn rlaif_inconsistent_verdicts_dropped_or_kept() {
             assert_eq!(ex.chosen, "Sample one.", "first order decides");
             assert_eq!(ex.metadata.calls, 4);
         } else {
-            match result.unwrap_err() {
-                Error::Unusable {
-                    id, call, reason, ..
-                } => {
-                    assert_eq!(id, "i");
-                    assert_eq!(call, "judge");
-                    let UnusableReason::Other(why) = reason else {
-                        panic!("{reason:?}")
-                    };
-                    assert!(why.contains("inconsistent judge verdicts"), "{why}");
-                }
-                other => panic!("{other}"),
-            }
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unusable, "{err}");
+            assert_eq!((err.example_id(), err.call()), (Some("i"), Some("judge")));
+            let Some(UnusableReason::Other(why)) = err.unusable_reason() else {
+                panic!("{err:?}")
+            };
+            assert!(why.contains("inconsistent judge verdicts"), "{why}");
         }
     }
 }
@@ -263,10 +259,7 @@ async fn rlaif_ties_and_unreadable_verdicts() {
     assert_eq!(j[1].seed.unwrap(), j[0].seed.unwrap().wrapping_add(1));
     // A greedy judge would repeat itself: the re-ask is sampled warmer, the next order is not.
     assert_eq!(j[0].temperature, Some(0.0));
-    assert_eq!(
-        j[1].temperature,
-        Some(rmboost::baselines::REASK_TEMPERATURE)
-    );
+    assert_eq!(j[1].temperature, Some(rmboost::judge::REASK_TEMPERATURE));
     assert_eq!(j[1].messages, j[0].messages);
     assert_eq!(j[2].temperature, Some(0.0));
     assert_eq!(ex.chosen, "Sample two, longer.");
@@ -295,18 +288,10 @@ async fn rlaif_identical_samples_resampled_or_fail() {
         .build()
         .unwrap();
     let err = rlaif.generate_one(Prompt::new("Q?")).await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::Unusable {
-                call: "second",
-                attempts: 3,
-                reason: UnusableReason::SameAsFirst,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_eq!(err.kind(), ErrorKind::Unusable, "{err:?}");
+    assert_eq!(err.call(), Some("second"));
+    assert!(err.to_string().contains("after 3 attempts"), "{err}");
+    assert_eq!(err.unusable_reason(), Some(&UnusableReason::SameAsFirst));
     assert_eq!(policy.calls(), 4);
 }
 
@@ -392,14 +377,9 @@ async fn west_of_n_dedupes_and_never_pairs_a_response_with_itself() {
         .generate_one(Prompt::with_id("z", "Q?"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::Unusable {
-                call: "samples",
-                ..
-            }
-        ),
+    assert_eq!(
+        (err.kind(), err.call()),
+        (ErrorKind::Unusable, Some("samples")),
         "{err:?}"
     );
     assert!(
@@ -572,7 +552,7 @@ async fn same_seed_same_pairs_at_any_concurrency_and_order() {
                 .await;
             assert_eq!(results.len(), 20, "{:?}", g.method());
             for e in results.iter().flatten() {
-                assert_eq!(e.metadata.method, g.method().as_str());
+                assert_eq!(e.metadata.method, g.method());
                 assert_ne!(e.chosen, e.rejected);
             }
             all.push(summarise(results));
@@ -613,7 +593,7 @@ async fn input_order_and_pass_through_errors() {
         .unwrap();
     let input = vec![
         Ok(Prompt::with_id("a", "1")),
-        Err(Error::Config("bad input line".into())),
+        Err(Error::config("bad input line")),
         Ok(Prompt::with_id("c", "3")),
     ];
     let out: Vec<_> = rlcd
@@ -623,7 +603,9 @@ async fn input_order_and_pass_through_errors() {
     // A Config error is fatal for the stream: it is yielded and the stream ends.
     assert_eq!(out.len(), 2);
     assert_eq!(out[0].as_ref().unwrap().id, "a");
-    assert!(matches!(out[1], Err(Error::Config(_))));
+    assert!(out[1]
+        .as_ref()
+        .is_err_and(|e| e.kind() == rmboost::ErrorKind::Config));
 }
 
 #[tokio::test]
@@ -668,7 +650,7 @@ fn builders_validate() {
         .is_err());
     assert!(Rlaif::builder()
         .backend(b.clone())
-        .judge(rmboost::baselines::Judge::new(b.clone()).params(bad))
+        .judge(rmboost::judge::Judge::new(b.clone()).params(bad))
         .build()
         .is_err());
     fn send_sync<T: Send + Sync + Clone + 'static>() {}

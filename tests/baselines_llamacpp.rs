@@ -16,7 +16,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::Retry;
-use rmboost::baselines::{Judge, OnInconsistent};
+use rmboost::judge::Judge;
+use rmboost::methods::OnInconsistent;
 use rmboost::report::Report;
 use rmboost::{
     Error, ExampleFormat, Generator, LlmBackend, PreferenceExample, Prompt, Rlaif, Rlcd,
@@ -68,7 +69,7 @@ async fn run(g: &dyn Generator, n: usize, min_calls: u32) -> Vec<PreferenceExamp
     for r in results {
         match r {
             Ok(ex) => {
-                assert_eq!(ex.metadata.method, g.method().as_str());
+                assert_eq!(ex.metadata.method, g.method());
                 assert!(!ex.chosen.trim().is_empty() && !ex.rejected.trim().is_empty());
                 let words = |s: &str| {
                     s.to_lowercase()

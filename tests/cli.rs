@@ -1,20 +1,28 @@
-//! End-to-end tests of the `rmboost` binary (feature `cli`), with the hidden `fake` backends.
+//! End-to-end tests of the `rmboost` binary (feature `cli`): the real binary with
+//! `--backend openai` against the loopback OpenAI-compatible test server of `tests/support`
+//! (answers like `FakeBackend`'s; latency and error statuses set per test).
 #![cfg(feature = "cli")]
 
+mod support;
+
 use std::collections::{BTreeSet, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::openai_server::{OpenAiServer, REJECTED};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+
+/// How long a test waits for something that takes well under a second on an idle machine.
+const PATIENCE: Duration = Duration::from_secs(120);
 
 fn cmd() -> Command {
     let mut c = Command::new(BIN);
     c.env_remove("RUST_LOG")
-        .env_remove("RMBOOST_FAKE_LATENCY_MS")
-        .env_remove("RMBOOST_PROGRESS_INTERVAL_MS")
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY");
     c
@@ -22,6 +30,37 @@ fn cmd() -> Command {
 
 fn run(args: &[&str]) -> Output {
     cmd().args(args).output().expect("the binary runs")
+}
+
+/// The flags that point the binary at the test server at `url`: the OpenAI-compatible
+/// backend, no response cache (tests must not share the user's), no transport retries.
+fn openai(url: &str) -> [&str; 9] {
+    [
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        "test",
+        "--no-cache",
+        "--retries",
+        "0",
+    ]
+}
+
+/// `rmboost generate ARGS` against the test server at `url`.
+fn generate(url: &str, args: &[&str]) -> Output {
+    cmd()
+        .arg("generate")
+        .args(args)
+        .args(openai(url))
+        .output()
+        .expect("the binary runs")
+}
+
+/// A base URL where nothing listens.
+fn dead_url() -> String {
+    format!("http://127.0.0.1:{}/v1", support::dead_port())
 }
 
 fn stdout(o: &Output) -> String {
@@ -121,7 +160,7 @@ fn help_and_version() {
             "generate --help lacks {needle}:\n{help}"
         );
     }
-    assert!(!help.contains("fake"), "test backends are hidden:\n{help}");
+    assert!(!help.contains("fake"), "no test backends:\n{help}");
     let o = run(&["--version"]);
     assert!(o.status.success());
     assert!(stdout(&o).starts_with("rmboost "), "{}", stdout(&o));
@@ -132,79 +171,29 @@ fn bad_flags_are_usage_errors() {
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 3);
     let out = d.s("out.jsonl");
-    let cases: Vec<Vec<&str>> = vec![
+    // Nothing may be called: the model flags point where nothing listens.
+    let url = dead_url();
+    let mut cases: Vec<Vec<&str>> = vec![
         vec!["generate", "--input", &input],
         vec!["generate", "-i", &input, "-o", &out, "--no-such-flag"],
         vec!["generate", "-i", &input, "-o", &out, "--format", "yaml"],
         vec!["generate", "-i", &input, "-o", &out, "--concurrency", "x"],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--concurrency",
-            "0",
-        ],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--shard",
-            "2/2",
-        ],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--max-cost",
-            "1",
-        ],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--aspects",
-            "nope",
-        ],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--p-better",
-            "2",
-        ],
-        vec![
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--aspect-sampling",
-            "9",
-        ],
-        vec!["frobnicate"],
     ];
+    // Right model flags, one bad flag.
+    for bad in [
+        ["--concurrency", "0"],
+        ["--shard", "2/2"],
+        ["--max-cost", "1"],
+        ["--aspects", "nope"],
+        ["--p-better", "2"],
+        ["--aspect-sampling", "9"],
+    ] {
+        let mut args = vec!["generate", "-i", &input, "-o", &out];
+        args.extend(openai(&url));
+        args.extend(bad);
+        cases.push(args);
+    }
+    cases.push(vec!["frobnicate"]);
     for args in cases {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -215,23 +204,24 @@ fn bad_flags_are_usage_errors() {
 
 #[test]
 fn generates_conversational_pairs_and_a_summary() {
+    let server = OpenAiServer::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 12);
     let out = d.path("out.jsonl");
     let json = d.path("summary.json");
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake",
-        "--seed",
-        "7",
-        "--summary-json",
-        &d.s("summary.json"),
-    ]);
+    let o = generate(
+        &server.base_url(),
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--seed",
+            "7",
+            "--summary-json",
+            &d.s("summary.json"),
+        ],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let rows = rows(&out);
     assert_exactly_once(&rows, 12);
@@ -253,6 +243,7 @@ fn generates_conversational_pairs_and_a_summary() {
     assert_eq!(s["examples_written"], 12);
     assert_eq!(s["failed"], 0);
     assert_eq!(s["calls"], 24);
+    assert_eq!(server.requests(), 24);
     assert!(s["tokens"]["total"].as_u64().unwrap() > 0);
     assert!(s.get("cost").is_none());
     // Not a terminal: no bar, and with the default interval no progress lines in a short run.
@@ -261,16 +252,18 @@ fn generates_conversational_pairs_and_a_summary() {
 
 #[test]
 fn limit_then_resume_writes_each_prompt_exactly_once() {
+    let server = OpenAiServer::start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 20);
     let out = d.s("out.jsonl");
-    let base = ["generate", "-i", &input, "-o", &out, "--backend", "fake"];
-    let o = run(&[&base[..], &["--limit", "5"]].concat());
+    let base = ["-i", &input, "-o", &out];
+    let o = generate(&url, &[&base[..], &["--limit", "5"]].concat());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("stopped at --limit"), "{}", stdout(&o));
     assert_eq!(rows(&d.path("out.jsonl")).len(), 5);
 
-    let o = run(&base);
+    let o = generate(&url, &base);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains("examples written  15 ("), "{text}");
@@ -278,7 +271,7 @@ fn limit_then_resume_writes_each_prompt_exactly_once() {
     assert_exactly_once(&rows(&d.path("out.jsonl")), 20);
 
     // A third run has nothing to do.
-    let o = run(&base);
+    let o = generate(&url, &base);
     assert!(
         stdout(&o).contains("examples written  0 ("),
         "{}",
@@ -287,44 +280,50 @@ fn limit_then_resume_writes_each_prompt_exactly_once() {
     assert_exactly_once(&rows(&d.path("out.jsonl")), 20);
 
     // --overwrite starts afresh.
-    let o = run(&[&base[..], &["--overwrite", "--limit", "3"]].concat());
+    let o = generate(
+        &url,
+        &[&base[..], &["--overwrite", "--limit", "3"]].concat(),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(rows(&d.path("out.jsonl")).len(), 3);
 }
 
 #[test]
 fn resume_after_a_torn_last_line() {
+    let server = OpenAiServer::start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 6);
     let out = d.s("out.jsonl");
-    let base = ["generate", "-i", &input, "-o", &out, "--backend", "fake"];
-    assert!(run(&[&base[..], &["--limit", "3"]].concat())
+    let base = ["-i", &input, "-o", &out];
+    assert!(generate(&url, &[&base[..], &["--limit", "3"]].concat())
         .status
         .success());
     // A crash mid-write leaves half a line.
     let mut text = std::fs::read_to_string(d.path("out.jsonl")).unwrap();
     text.push_str("{\"id\": \"q9\", \"prompt\": [{\"ro");
     std::fs::write(d.path("out.jsonl"), text).unwrap();
-    let o = run(&base);
+    let o = generate(&url, &base);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_exactly_once(&rows(&d.path("out.jsonl")), 6);
 }
 
 #[test]
 fn standard_format_writes_strings() {
+    let server = OpenAiServer::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 3);
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake",
-        "--format",
-        "standard",
-    ]);
+    let o = generate(
+        &server.base_url(),
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--format",
+            "standard",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     for r in rows(&d.path("out.jsonl")) {
         assert!(r["prompt"].as_str().unwrap().starts_with("Question number"));
@@ -335,6 +334,8 @@ fn standard_format_writes_strings() {
 
 #[test]
 fn aspects_from_a_json_file() {
+    let server = OpenAiServer::start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 10);
     std::fs::write(
@@ -346,17 +347,17 @@ fn aspects_from_a_json_file() {
         ], "sampling": {"mode": "subset", "min": 1, "max": 2}}"#,
     )
     .unwrap();
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake",
-        "--aspects",
-        &d.s("legal.json"),
-    ]);
+    let o = generate(
+        &url,
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--aspects",
+            &d.s("legal.json"),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let allowed: BTreeSet<&str> = ["precision", "caution", "brevity"].into();
     let mut seen = BTreeSet::new();
@@ -372,19 +373,19 @@ fn aspects_from_a_json_file() {
     assert!(seen.len() >= 2, "{seen:?}");
 
     // --aspect-sampling all overrides the file's sampling.
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("all.jsonl"),
-        "--backend",
-        "fake",
-        "--aspects",
-        &d.s("legal.json"),
-        "--aspect-sampling",
-        "all",
-    ]);
+    let o = generate(
+        &url,
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("all.jsonl"),
+            "--aspects",
+            &d.s("legal.json"),
+            "--aspect-sampling",
+            "all",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     for r in rows(&d.path("all.jsonl")) {
         assert_eq!(r["aspects"].as_array().unwrap().len(), 3);
@@ -392,17 +393,17 @@ fn aspects_from_a_json_file() {
 
     // A broken file is a fatal error naming the file.
     std::fs::write(d.path("bad.json"), "{\"aspects\": 3}").unwrap();
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("bad.jsonl"),
-        "--backend",
-        "fake",
-        "--aspects",
-        &d.s("bad.json"),
-    ]);
+    let o = generate(
+        &url,
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("bad.jsonl"),
+            "--aspects",
+            &d.s("bad.json"),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("bad.json"), "{}", stderr(&o));
 }
@@ -437,19 +438,20 @@ fn dry_run_shows_requests_and_matches_the_real_run() {
     }
 
     // The same seed gives the same labels and aspects in a real run.
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake",
-        "--seed",
-        "3",
-        "--concurrency",
-        "3",
-    ]);
+    let server = OpenAiServer::start();
+    let o = generate(
+        &server.base_url(),
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--seed",
+            "3",
+            "--concurrency",
+            "3",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = rows(&d.path("out.jsonl"));
     for p in &plans {
@@ -468,17 +470,12 @@ fn dry_run_shows_requests_and_matches_the_real_run() {
 
 #[test]
 fn a_bad_key_is_fatal_with_one_line_and_no_output() {
+    let server = OpenAiServer::builder()
+        .fail_every_request(401, "Incorrect API key provided.")
+        .start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 10);
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake-unauthorized",
-    ]);
+    let o = generate(&server.base_url(), &["-i", &input, "-o", &d.s("out.jsonl")]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     let last = err.lines().last().unwrap();
@@ -499,17 +496,10 @@ fn a_bad_key_is_fatal_with_one_line_and_no_output() {
 fn an_unreachable_server_is_fatal() {
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 50);
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake-unreachable",
-        "--concurrency",
-        "2",
-    ]);
+    let o = generate(
+        &dead_url(),
+        &["-i", &input, "-o", &d.s("out.jsonl"), "--concurrency", "2"],
+    );
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.lines().last().unwrap().contains("unreachable"), "{err}");
@@ -518,38 +508,37 @@ fn an_unreachable_server_is_fatal() {
 
 #[test]
 fn unreadable_input_is_fatal() {
+    let server = OpenAiServer::start();
     let d = Dir::new();
-    let o = run(&[
-        "generate",
-        "-i",
-        &d.s("missing.jsonl"),
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake",
-    ]);
+    let o = generate(
+        &server.base_url(),
+        &["-i", &d.s("missing.jsonl"), "-o", &d.s("out.jsonl")],
+    );
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: cannot read the input: "), "{err}");
     assert!(err.contains("missing.jsonl"), "{err}");
+    assert_eq!(server.requests(), 0);
 }
 
 #[test]
 fn failures_go_to_the_ledger_not_the_output() {
+    // One first call in four (by seed) is rejected with 400: a permanent, non-fatal failure.
+    let server = OpenAiServer::builder().reject_first_calls(4).start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("out.jsonl"),
-        "--backend",
-        "fake-flaky",
-        "--summary-json",
-        &d.s("s.json"),
-    ]);
+    let o = generate(
+        &server.base_url(),
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--summary-json",
+            &d.s("s.json"),
+        ],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let s: Value =
         serde_json::from_str(&std::fs::read_to_string(d.path("s.json")).unwrap()).unwrap();
@@ -572,11 +561,13 @@ fn failures_go_to_the_ledger_not_the_output() {
     // No error text in the data.
     assert!(!std::fs::read_to_string(d.path("out.jsonl"))
         .unwrap()
-        .contains("rejected by the fake"));
+        .contains(REJECTED));
 }
 
 #[test]
 fn bad_lines_are_skipped_or_stop_the_run() {
+    let server = OpenAiServer::start();
+    let url = server.base_url();
     let d = Dir::new();
     std::fs::write(
         d.path("in.jsonl"),
@@ -584,35 +575,27 @@ fn bad_lines_are_skipped_or_stop_the_run() {
     )
     .unwrap();
     let input = d.s("in.jsonl");
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("a.jsonl"),
-        "--backend",
-        "fake",
-    ]);
+    let o = generate(&url, &["-i", &input, "-o", &d.s("a.jsonl")]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("bad input lines   1"), "{}", stdout(&o));
     assert!(stdout(&o).contains("in.jsonl:2"), "{}", stdout(&o));
     assert_eq!(rows(&d.path("a.jsonl")).len(), 2);
 
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &d.s("b.jsonl"),
-        "--backend",
-        "fake",
-        "--on-bad-line",
-        "stop",
-        "--order",
-        "input",
-        "--concurrency",
-        "1",
-    ]);
+    let o = generate(
+        &url,
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("b.jsonl"),
+            "--on-bad-line",
+            "stop",
+            "--order",
+            "input",
+            "--concurrency",
+            "1",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).lines().last().unwrap().contains("in.jsonl:2"),
@@ -623,22 +606,16 @@ fn bad_lines_are_skipped_or_stop_the_run() {
 
 #[test]
 fn shards_split_the_input() {
+    let server = OpenAiServer::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 30);
     let mut all = Vec::new();
     for (i, name) in ["s0.jsonl", "s1.jsonl", "s2.jsonl"].iter().enumerate() {
         let shard = format!("{i}/3");
-        let o = run(&[
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &d.s(name),
-            "--backend",
-            "fake",
-            "--shard",
-            &shard,
-        ]);
+        let o = generate(
+            &server.base_url(),
+            &["-i", &input, "-o", &d.s(name), "--shard", &shard],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         if d.path(name).exists() {
             all.extend(rows(&d.path(name)));
@@ -649,18 +626,20 @@ fn shards_split_the_input() {
 
 #[test]
 fn max_cost_stops_gracefully_and_a_rerun_finishes() {
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_millis(5))
+        .start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 200);
     let out = d.s("out.jsonl");
-    let o = cmd()
-        .args([
-            "generate",
+    let o = generate(
+        &url,
+        &[
             "-i",
             &input,
             "-o",
             &out,
-            "--backend",
-            "fake",
             "--concurrency",
             "2",
             "--price-input",
@@ -671,10 +650,8 @@ fn max_cost_stops_gracefully_and_a_rerun_finishes() {
             "2",
             "--summary-json",
             &d.s("s.json"),
-        ])
-        .env("RMBOOST_FAKE_LATENCY_MS", "5")
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
     let s: Value =
         serde_json::from_str(&std::fs::read_to_string(d.path("s.json")).unwrap()).unwrap();
@@ -684,7 +661,7 @@ fn max_cost_stops_gracefully_and_a_rerun_finishes() {
     assert!(written > 0 && written < 200, "{written}");
     assert!(stdout(&o).contains("--max-cost reached"), "{}", stdout(&o));
 
-    let o = run(&["generate", "-i", &input, "-o", &out, "--backend", "fake"]);
+    let o = generate(&url, &["-i", &input, "-o", &out]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_exactly_once(&rows(&d.path("out.jsonl")), 200);
 }
@@ -709,39 +686,98 @@ fn sigint(pid: u32) {
     assert!(ok);
 }
 
+/// A running binary whose stdout and stderr are read as they come.
+struct Running {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary runs");
+        let (stdout, stderr) = (Arc::default(), Arc::default());
+        let readers = vec![
+            drain(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            drain(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Running {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until stderr contains `needle`.
+    fn wait_for_stderr(&self, needle: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        while !self.stderr().contains(needle) {
+            assert!(
+                t0.elapsed() < timeout,
+                "stderr never showed {needle:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit; the status, stdout and stderr.
+    fn finish(mut self) -> (ExitStatus, String, String) {
+        let status = self.child.wait().unwrap();
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        let out = String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned();
+        (status, out, self.stderr())
+    }
+}
+
+fn drain(
+    mut from: impl Read + Send + 'static,
+    to: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            to.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
 #[test]
 fn ctrl_c_stops_gracefully_then_a_rerun_finishes() {
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_millis(20))
+        .start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 300);
     let out = d.s("out.jsonl");
-    let child = cmd()
-        .args([
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "--concurrency",
-            "4",
-        ])
-        .env("RMBOOST_FAKE_LATENCY_MS", "20")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_lines(&d.path("out.jsonl"), 5, Duration::from_secs(20));
-    sigint(child.id());
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130), "{}{}", stdout(&o), stderr(&o));
-    let text = stdout(&o);
+    let mut command = cmd();
+    command
+        .args(["generate", "-i", &input, "-o", &out, "--concurrency", "4"])
+        .args(openai(&url));
+    let running = Running::spawn(command);
+    wait_for_lines(&d.path("out.jsonl"), 5, PATIENCE);
+    sigint(running.child.id());
+    let (status, text, err) = running.finish();
+    assert_eq!(status.code(), Some(130), "{text}{err}");
     assert!(text.contains("interrupted (Ctrl-C)"), "{text}");
-    assert!(
-        stderr(&o).contains("finishing the examples in flight"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(err.contains("finishing the examples in flight"), "{err}");
     let partial = rows(&d.path("out.jsonl")).len();
     assert!(partial < 300, "{partial}");
     assert!(
@@ -749,43 +785,40 @@ fn ctrl_c_stops_gracefully_then_a_rerun_finishes() {
         "{text}"
     );
 
-    let o = run(&["generate", "-i", &input, "-o", &out, "--backend", "fake"]);
+    let o = generate(&url, &["-i", &input, "-o", &out]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_exactly_once(&rows(&d.path("out.jsonl")), 300);
 }
 
 #[test]
 fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
+    // Answers take a minute: the drain after the first Ctrl-C is still going at the second.
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_secs(60))
+        .start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 100);
     let out = d.s("out.jsonl");
-    let child = cmd()
-        .args([
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &out,
-            "--backend",
-            "fake",
-            "-j",
-            "2",
-        ])
-        // Slow enough that the drain after the first Ctrl-C is still going at the second.
-        .env("RMBOOST_FAKE_LATENCY_MS", "1500")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    sigint(child.id());
-    std::thread::sleep(Duration::from_millis(300));
-    sigint(child.id());
+    let mut command = cmd();
+    command
+        .args(["generate", "-i", &input, "-o", &out, "-j", "2"])
+        .args(openai(&server.base_url()));
+    let running = Running::spawn(command);
+    // Calls in flight: the run is under way.
+    assert!(
+        server.wait_for_requests(1, PATIENCE),
+        "{}",
+        running.stderr()
+    );
+    sigint(running.child.id());
+    running.wait_for_stderr("finishing the examples in flight", PATIENCE);
+    sigint(running.child.id());
     let t0 = Instant::now();
-    let o = child.wait_with_output().unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
-    assert!(stderr(&o).contains("quit"), "{}", stderr(&o));
+    let (status, _, err) = running.finish();
+    // Well before the calls in flight would have been answered.
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("quit"), "{err}");
     if d.path("out.jsonl").exists() {
         rows(&d.path("out.jsonl"));
     }
@@ -793,51 +826,38 @@ fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
 
 #[test]
 fn progress_lines_when_stderr_is_not_a_terminal() {
+    // A line every 5 s: 40 prompts, 4 at a time, two calls each of at least 350 ms make a run
+    // of at least 7 s.
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_millis(350))
+        .start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);
-    let o = cmd()
-        .args([
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &d.s("out.jsonl"),
-            "--backend",
-            "fake",
-            "-j",
-            "4",
-        ])
-        .env("RMBOOST_FAKE_LATENCY_MS", "25")
-        .env("RMBOOST_PROGRESS_INTERVAL_MS", "100")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    let mut lines = cmd();
+    lines
+        .args(["generate", "-i", &input, "-o", &d.s("out.jsonl"), "-j", "4"])
+        .args(openai(&url));
+    // --progress off: nothing, in a run as long.
+    let mut off = cmd();
+    off.args(["generate", "-i", &input, "-o", &d.s("off.jsonl"), "-j", "4"])
+        .args(["--progress", "off"])
+        .args(openai(&url));
+    // Both at once, to wait only once.
+    let (lines, off) = (Running::spawn(lines), Running::spawn(off));
+
+    let (status, _, err) = lines.finish();
+    assert!(status.success(), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("rmboost: ")).collect();
     assert!(!lines.is_empty(), "{err}");
     assert!(lines[0].contains("/40 ("), "{err}");
     assert!(lines[0].contains("ex/s"), "{err}");
     assert!(!err.contains('\r'), "no bar drawing: {err:?}");
 
-    // --progress off: nothing.
-    let o = cmd()
-        .args([
-            "generate",
-            "-i",
-            &input,
-            "-o",
-            &d.s("off.jsonl"),
-            "--backend",
-            "fake",
-            "--progress",
-            "off",
-        ])
-        .env("RMBOOST_FAKE_LATENCY_MS", "5")
-        .env("RMBOOST_PROGRESS_INTERVAL_MS", "10")
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    assert_eq!(stderr(&o), "");
+    let (status, _, err) = off.finish();
+    assert!(status.success(), "{err}");
+    assert_eq!(err, "");
+    assert_exactly_once(&rows(&d.path("off.jsonl")), 40);
 }
 
 /// Runs the binary in a pseudo-terminal with `script` (util-linux) and checks that the bar is
@@ -848,15 +868,21 @@ fn progress_bar_on_a_terminal() {
         eprintln!("skipped: `script` (util-linux) is not installed");
         return;
     }
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_millis(40))
+        .start();
+    let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 30);
     let command = format!(
-        "{BIN} generate -i {input} -o {} --backend fake -j 2",
-        d.s("out.jsonl")
+        "{BIN} generate -i {input} -o {} -j 2 {}",
+        d.s("out.jsonl"),
+        openai(&url).join(" ")
     );
     let o = Command::new("script")
         .args(["-q", "-e", "-c", &command, "/dev/null"])
-        .env("RMBOOST_FAKE_LATENCY_MS", "40")
+        .env_remove("RUST_LOG")
+        .env_remove("OPENAI_API_KEY")
         .env("TERM", "xterm")
         .env("COLUMNS", "160")
         .stdin(Stdio::null())
@@ -881,21 +907,14 @@ fn progress_bar_on_a_terminal() {
 
 #[test]
 fn a_baseline_method_runs_and_the_report_reads_its_output() {
+    let server = OpenAiServer::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 4);
     let out = d.s("rlcd.jsonl");
-    let o = run(&[
-        "generate",
-        "-i",
-        &input,
-        "-o",
-        &out,
-        "--backend",
-        "fake",
-        "--method",
-        "rlcd",
-        "--no-cache",
-    ]);
+    let o = generate(
+        &server.base_url(),
+        &["-i", &input, "-o", &out, "--method", "rlcd"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let rows: Vec<Value> = std::fs::read_to_string(&out)
         .unwrap()

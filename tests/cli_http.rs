@@ -1,5 +1,6 @@
-//! The `rmboost` binary against HTTP servers: a mock OpenAI server (wiremock) for errors, and
-//! a REAL llama.cpp server (SmolLM2-135M-Instruct) for an end-to-end run.
+//! The `rmboost` binary against HTTP servers: the loopback OpenAI-compatible test server of
+//! `tests/support` for errors and the response cache, and a REAL llama.cpp server
+//! (SmolLM2-135M-Instruct) for an end-to-end run.
 //!
 //! The llama.cpp test needs `scripts/setup-test-env.sh` to have run (`.ci/run` does); it FAILS,
 //! naming RMBOOST_PYTHON and RMBOOST_MODEL, when python or the model is missing.
@@ -10,6 +11,7 @@ mod support;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::openai_server::OpenAiServer;
 use support::LlamaServer;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -47,20 +49,11 @@ fn assert_no_key(o: &Output) {
     assert!(!text(&o.stderr).contains(KEY), "key on stderr");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn permanent_401_is_fatal_with_one_line_and_no_output() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(
-            ResponseTemplate::new(401).set_body_json(support::openai_error(
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                "Incorrect API key provided.",
-            )),
-        )
-        .mount(&server)
-        .await;
+#[test]
+fn permanent_401_is_fatal_with_one_line_and_no_output() {
+    let server = OpenAiServer::builder()
+        .fail_every_request(401, "Incorrect API key provided.")
+        .start();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 10);
     let out = dir.path().join("out.jsonl");
@@ -75,7 +68,9 @@ async fn permanent_401_is_fatal_with_one_line_and_no_output() {
             "--no-cache",
             "--base-url",
         ])
-        .arg(format!("{}/v1", server.uri()))
+        .arg(server.base_url())
+        // A custom base URL gets the key only when named explicitly.
+        .args(["--api-key-env", "OPENAI_API_KEY"])
         .env("OPENAI_API_KEY", KEY)
         .output()
         .unwrap();
@@ -87,8 +82,14 @@ async fn permanent_401_is_fatal_with_one_line_and_no_output() {
     assert!(last.contains("Incorrect API key"), "{err}");
     assert!(!out.exists(), "no output file is left behind");
     assert_no_key(&o);
+    // The key was sent, only never shown.
+    let first = &server.recorded()[0];
+    assert_eq!(
+        first.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
     // A permanent error is not retried, and the run stops at once.
-    let calls = server.received_requests().await.unwrap().len();
+    let calls = server.requests();
     assert!(calls <= 8, "{calls} calls");
 }
 
@@ -217,30 +218,9 @@ fn three_prompts_against_a_real_llama_cpp_server() {
     assert!(text(&o.stdout).contains("rmboost generate: completed"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_rerun_is_answered_from_the_response_cache() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .and(body_string_contains("response>"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(support::openai_body(
-                "<response>It is a thing people ask about, in short.</response>",
-                "stop",
-            )),
-        )
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(support::openai_body("A full and careful answer.", "stop")),
-        )
-        .with_priority(2)
-        .mount(&server)
-        .await;
+#[test]
+fn a_rerun_is_answered_from_the_response_cache() {
+    let server = OpenAiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 4);
     let out = dir.path().join("out.jsonl");
@@ -252,7 +232,7 @@ async fn a_rerun_is_answered_from_the_response_cache() {
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
             .arg("--base-url")
-            .arg(format!("{}/v1", server.uri()))
+            .arg(server.base_url())
             .arg("--summary-json")
             .arg(dir.path().join("s.json"))
             .env("OPENAI_API_KEY", KEY)
@@ -272,7 +252,7 @@ async fn a_rerun_is_answered_from_the_response_cache() {
     );
     assert_eq!(summary()["examples_written"], 4, "{}", summary());
     assert_eq!(summary()["cache"]["misses"], 8, "{}", summary());
-    let calls = server.received_requests().await.unwrap().len();
+    let calls = server.requests();
     assert_eq!(calls, 8);
 
     let o = go();
@@ -287,7 +267,7 @@ async fn a_rerun_is_answered_from_the_response_cache() {
     assert_eq!(s["examples_written"], 4, "{s}");
     assert_eq!(s["cache"]["hits"], 8, "{s}");
     assert_eq!(s["tokens"]["total"], 0, "cache hits cost nothing: {s}");
-    assert_eq!(server.received_requests().await.unwrap().len(), calls);
+    assert_eq!(server.requests(), calls);
     assert!(
         text(&o.stdout).contains("8 hits, 0 misses"),
         "{}",
@@ -310,12 +290,12 @@ async fn a_rerun_is_answered_from_the_response_cache() {
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))
         .arg("--base-url")
-        .arg(format!("{}/v1", server.uri()))
+        .arg(server.base_url())
         .env("OPENAI_API_KEY", KEY)
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert_eq!(server.received_requests().await.unwrap().len(), calls + 8);
+    assert_eq!(server.requests(), calls + 8);
 }
 
 /// `--timeout` too large for a `Duration` is a usage error, not a panic (exit 101).

@@ -18,7 +18,7 @@ use rmboost::io::FailureLedger;
 use rmboost::run::{run_to_file, RunOptions};
 use rmboost::testing::FakeBackend;
 use rmboost::{read_prompts, RmBoost};
-use support::mock_openai::{MockConfig, MockServer, INJECTED_HTTP};
+use support::openai_server::{OpenAiServer, INJECTED_HTTP};
 use support::prompts;
 use support::reliability::{labels_by_id, write_input};
 
@@ -34,13 +34,11 @@ async fn two_thousand_prompts_over_http_with_thirty_percent_faults() {
     let all = prompts(N);
     write_input(&input, &all);
 
-    let server = MockServer::start(MockConfig {
-        fault_rate: 0.30,
-        seed: 11,
-        slow: Duration::from_millis(1000),
-        filler: 40,
-    })
-    .await;
+    let server = OpenAiServer::builder()
+        .faults(0.30, 11)
+        .slow(Duration::from_millis(1000))
+        .filler(40)
+        .start();
 
     let backend = OpenAiBackend::builder()
         .base_url(server.base_url())

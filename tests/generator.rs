@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use proptest::prelude::*;
 use rmboost::testing::{FakeBackend, ScriptedBackend};
+use rmboost::ErrorKind;
 use rmboost::{
     AspectSampling, Aspects, BackendError, BackendErrorKind, Completion, CompletionRequest, Error,
     Graded, Label, LlmBackend, OutputOrder, PreferenceExample, Prompt, RmBoost, UnusableReason,
@@ -163,7 +164,7 @@ async fn exactly_one_result_per_id_with_failures() {
             Ok(ex) => ex.id.clone(),
             Err(e) => {
                 failed += 1;
-                assert!(matches!(e, Error::Backend { .. }), "{e}");
+                assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
                 e.example_id().unwrap().to_string()
             }
         };
@@ -311,20 +312,10 @@ async fn unusable_after_the_limit_is_an_error_with_the_id() {
         .generate_one(Prompt::with_id("q7", "Say something."))
         .await
         .unwrap_err();
-    match &err {
-        Error::Unusable {
-            id,
-            call,
-            attempts,
-            reason,
-        } => {
-            assert_eq!(id, "q7");
-            assert_eq!(*call, "second");
-            assert_eq!(*attempts, 3);
-            assert_eq!(*reason, UnusableReason::SameAsFirst);
-        }
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(err.kind(), ErrorKind::Unusable, "{err:?}");
+    assert_eq!((err.example_id(), err.call()), (Some("q7"), Some("second")));
+    assert!(err.to_string().contains("after 3 attempts"), "{err}");
+    assert_eq!(err.unusable_reason(), Some(&UnusableReason::SameAsFirst));
     assert!(!err.is_fatal());
     assert_eq!(backend.calls(), 4);
 }

@@ -354,7 +354,7 @@ impl AnthropicBackendBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, `default_max_tokens` or `max_response_bytes`
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the model is empty, `default_max_tokens` or `max_response_bytes`
     /// is 0, the base URL, the version or a header is invalid, the key's environment variable
     /// is unset or empty (the one named with [`api_key_env`](Self::api_key_env), or
     /// `ANTHROPIC_API_KEY` when no key is given and requests go to Anthropic's own host), or
@@ -362,26 +362,25 @@ impl AnthropicBackendBuilder {
     pub fn build(self) -> Result<AnthropicBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
-            return Err(Error::Config("anthropic backend: no model set".into()));
+            return Err(Error::config("anthropic backend: no model set"));
         }
         if self.default_max_tokens == 0 {
-            return Err(Error::Config(
-                "anthropic backend: default_max_tokens must be at least 1".into(),
+            return Err(Error::config(
+                "anthropic backend: default_max_tokens must be at least 1",
             ));
         }
         let url = config.endpoint("messages")?;
         let api_key = config.checked_key("anthropic", &url)?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(key.expose_secret()).is_err() {
-                return Err(Error::Config(
-                    "anthropic backend: the API key contains characters not allowed in a header"
-                        .into(),
+                return Err(Error::config(
+                    "anthropic backend: the API key contains characters not allowed in a header",
                 ));
             }
         }
         let mut headers = config.header_map()?;
         let version = HeaderValue::from_str(&self.version).map_err(|_| {
-            Error::Config(format!(
+            Error::config(format!(
                 "anthropic backend: invalid version {:?}",
                 self.version
             ))

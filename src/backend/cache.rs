@@ -275,10 +275,10 @@ impl fmt::Debug for Cache {
 }
 
 fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(format!("response cache: {e}")),
-    }
+    Error::io(
+        path.to_path_buf(),
+        std::io::Error::other(format!("response cache: {e}")),
+    )
 }
 
 /// The stored bytes under `key`, if any.
@@ -298,7 +298,7 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be created or opened, is not a cache, or is open in
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be created or opened, is not a cache, or is open in
     /// another process (kind [`std::io::ErrorKind::WouldBlock`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
@@ -306,13 +306,13 @@ impl Cache {
             .set_cache_size(DB_CACHE_BYTES)
             .create(path)
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => Error::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::new(
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::io(
+                    path.to_path_buf(),
+                    std::io::Error::new(
                         std::io::ErrorKind::WouldBlock,
                         "response cache is open in another process",
                     ),
-                },
+                ),
                 e => db_err(path, e),
             })?;
         // Make sure the table exists, so readers never see it missing.
@@ -358,10 +358,7 @@ impl Cache {
         let writer = std::thread::Builder::new()
             .name("rmboost-cache-writer".into())
             .spawn(move || writer_loop(&writer_db, rx, &writer_counters, &writer_pending))
-            .map_err(|e| Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            .map_err(|e| Error::io(path.to_path_buf(), e))?;
         Ok(Cache {
             inner: Arc::new(Inner {
                 db,
@@ -411,7 +408,7 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the database cannot be written.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the database cannot be written.
     pub async fn clear(&self) -> Result<(), Error> {
         self.round_trip(|reply| Command::Clear { reply })
             .await
@@ -422,7 +419,7 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the commit failed (the completions are then not stored; they were
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the commit failed (the completions are then not stored; they were
     /// also counted in [`CacheStats::errors`]).
     pub async fn flush(&self) -> Result<(), Error> {
         self.round_trip(|reply| Command::Flush { reply })
@@ -435,7 +432,7 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the database cannot be read.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the database cannot be read.
     pub async fn entries(&self) -> Result<u64, Error> {
         let db = self.inner.db.clone();
         let path = self.inner.path.clone();

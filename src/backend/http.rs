@@ -87,13 +87,13 @@ impl HttpConfig {
         };
         match std::env::var(var) {
             Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim().to_string()))),
-            Ok(_) => Err(Error::Config(format!(
+            Ok(_) => Err(Error::config(format!(
                 "environment variable {var} is empty"
             ))),
-            Err(std::env::VarError::NotPresent) => Err(Error::Config(format!(
+            Err(std::env::VarError::NotPresent) => Err(Error::config(format!(
                 "environment variable {var} (the API key) is not set"
             ))),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::config(format!(
                 "environment variable {var} is not valid UTF-8"
             ))),
         }
@@ -108,7 +108,7 @@ impl HttpConfig {
         url: &Url,
     ) -> Result<Option<SecretString>, Error> {
         if self.max_response_bytes == 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "{backend} backend: max_response_bytes must be at least 1"
             )));
         }
@@ -165,9 +165,9 @@ impl HttpConfig {
         let mut map = HeaderMap::new();
         for (name, value) in &self.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| Error::Config(format!("invalid header name {name:?}")))?;
+                .map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
             let mut v = HeaderValue::from_str(value)
-                .map_err(|_| Error::Config(format!("invalid value for header {name}")))?;
+                .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
             // Values may be credentials (a gateway's token): keep them out of Debug output.
             v.set_sensitive(true);
             map.append(header, v);
@@ -193,15 +193,15 @@ impl HttpConfig {
         }
         builder
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+            .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))
     }
 
     /// `base_url` joined with `path` (`/v1` is added to a base URL without a path).
     pub(crate) fn endpoint(&self, path: &str) -> Result<Url, Error> {
         let mut url = Url::parse(self.base_url.trim())
-            .map_err(|e| Error::Config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
+            .map_err(|e| Error::config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "base URL {:?} must start with http:// or https://",
                 self.base_url
             )));

@@ -36,18 +36,24 @@
 //! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
 
 #[cfg(feature = "anthropic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "anthropic")))]
 pub mod anthropic;
 #[cfg(any(feature = "openai", feature = "anthropic"))]
 mod http;
+pub mod meter;
 #[cfg(feature = "openai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openai")))]
 pub mod openai;
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod rate_limit;
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod retry;
 
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
+pub use meter::{CallMeter, Metered};
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
 #[cfg(feature = "middleware")]
@@ -69,6 +75,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::BackendError;
 
 #[cfg(feature = "local")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local")))]
 pub mod local;
 
 /// The default of the HTTP backends' `max_response_bytes`: the most bytes of a response body
@@ -92,16 +99,16 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
 ///
 /// # Errors
 ///
-/// [`Error::Config`](crate::Error::Config) when `secs` is negative, NaN or infinite, or more
+/// [`ErrorKind::Config`](crate::ErrorKind::Config) when `secs` is negative, NaN or infinite, or more
 /// than a `Duration` holds (about 5.8e11 years).
 pub fn duration_from_secs_f64(secs: f64) -> Result<std::time::Duration, crate::Error> {
     if secs.is_nan() || secs < 0.0 || secs.is_infinite() {
-        return Err(crate::Error::Config(format!(
+        return Err(crate::Error::config(format!(
             "{secs} is not a number of seconds (it must be finite and at least 0)"
         )));
     }
     std::time::Duration::try_from_secs_f64(secs)
-        .map_err(|_| crate::Error::Config(format!("{secs} seconds is too long a time")))
+        .map_err(|_| crate::Error::config(format!("{secs} seconds is too long a time")))
 }
 
 /// Who wrote a chat message.

@@ -342,27 +342,24 @@ the same name set from the request.",
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the model is empty, the base URL or a header is invalid,
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the model is empty, the base URL or a header is invalid,
     /// `max_response_bytes` is 0, the key's environment variable is unset or empty (the one
     /// named with [`api_key_env`](Self::api_key_env), or `OPENAI_API_KEY` when no key is given
     /// and requests go to OpenAI's own host), or the HTTP client cannot be built.
     pub fn build(self) -> Result<OpenAiBackend, Error> {
         let config = self.config;
         if config.model.trim().is_empty() {
-            return Err(Error::Config("openai backend: no model set".into()));
+            return Err(Error::config("openai backend: no model set"));
         }
         if self.max_tokens_field.is_empty() {
-            return Err(Error::Config(
-                "openai backend: empty max_tokens field name".into(),
-            ));
+            return Err(Error::config("openai backend: empty max_tokens field name"));
         }
         let url = config.endpoint("chat/completions")?;
         let api_key = config.checked_key("openai", &url)?;
         if let Some(key) = &api_key {
             if HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).is_err() {
-                return Err(Error::Config(
-                    "openai backend: the API key contains characters not allowed in a header"
-                        .into(),
+                return Err(Error::config(
+                    "openai backend: the API key contains characters not allowed in a header",
                 ));
             }
         }

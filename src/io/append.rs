@@ -1,4 +1,4 @@
-//! Crash-safe JSONL files: [`AppendFile`] (locked, append-only, one whole line per write, torn
+//! Crash-safe JSONL files: `AppendFile` (locked, append-only, one whole line per write, torn
 //! last line repaired on open), [`OutputFile`] (examples) and the [`SyncPolicy`] they follow.
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::example::{ExampleFormat, PreferenceExample};
 use crate::Error;
 
-/// When an [`AppendFile`] asks the operating system to put its lines on disk (`fsync`).
+/// When an `AppendFile` asks the operating system to put its lines on disk (`fsync`).
 ///
 /// Whatever the policy, every line is handed to the operating system with a single `write`
 /// call as soon as it is written (there is no buffer in the process), so a crash or a kill of
@@ -31,15 +31,15 @@ pub enum SyncPolicy {
     /// The periodic syncs run on a thread of the file's own, so a write never waits for the
     /// disk (an `fsync` can take milliseconds, and a run's writer is the task that drives
     /// every example in flight). A sync asked for while one is still queued is covered by it.
-    /// A failed background sync is reported by the next write, [`AppendFile::sync`] or
-    /// [`AppendFile::close`]. The final sync at close is made before `close` returns.
+    /// A failed background sync is reported by the next write, `AppendFile::sync` or
+    /// `AppendFile::close`. The final sync at close is made before `close` returns.
     Periodic {
         /// Lines between syncs (0 means no line limit).
         lines: u64,
         /// Time between syncs.
         interval: Duration,
     },
-    /// `fsync` only at close (and [`AppendFile::sync`]).
+    /// `fsync` only at close (and `AppendFile::sync`).
     OnClose,
 }
 
@@ -75,9 +75,11 @@ pub struct Repair {
 ///
 /// The lock is released when the value is dropped (or the process dies).
 #[derive(Debug)]
-pub struct AppendFile {
+pub(crate) struct AppendFile {
     file: File,
     path: PathBuf,
+    /// Whether this open created the file (so only this run may remove it again).
+    created: bool,
     policy: SyncPolicy,
     unsynced: u64,
     last_sync: Instant,
@@ -146,10 +148,59 @@ impl Drop for Syncer {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
+    Error::io(path.to_path_buf(), source)
+}
+
+/// Puts the directory entry of `path` (a create, a rename, a removal) on disk: `fsync` of the
+/// parent directory. A no-op where directories cannot be opened (Windows).
+pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(dir, e))?;
     }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// A new file beside `path` with a random name (created with `O_EXCL`, so a symlink planted
+/// at a guessable name is never followed), for writing a replacement of `path`.
+pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // Mode 0666 less the umask, as for any file the user creates (tempfile's default is 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder.tempfile_in(dir).map_err(|e| io_err(dir, e))
+}
+
+/// Renames `tmp` over `path`, keeping the permissions `path` had, and syncs the directory.
+/// `tmp` must be synced already.
+pub(crate) fn replace_with(tmp: tempfile::NamedTempFile, path: &Path) -> Result<File, Error> {
+    if let Ok(m) = std::fs::metadata(path) {
+        tmp.as_file()
+            .set_permissions(m.permissions())
+            .map_err(|e| io_err(tmp.path(), e))?;
+    }
+    let file = tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+    sync_parent(path)?;
+    Ok(file)
 }
 
 /// The path with `suffix` added to its file name (`out.jsonl` → `out.jsonl.torn`).
@@ -164,16 +215,21 @@ impl AppendFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be opened, read, truncated or locked; a file locked by
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be opened, read, truncated or locked; a file locked by
     /// another run gives an error of kind [`std::io::ErrorKind::WouldBlock`] saying so.
-    pub fn open(path: impl AsRef<Path>, policy: SyncPolicy) -> Result<Self, Error> {
+    pub(crate) fn open(path: impl AsRef<Path>, policy: SyncPolicy) -> Result<Self, Error> {
         let path = path.as_ref();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| io_err(path, e))?;
+        let mut options = OpenOptions::new();
+        options.read(true).append(true);
+        // Try to create first, to know whether this open made the file: only then may this
+        // run remove it again (see `remove_if_created_and_empty`).
+        let (mut file, created) = match options.clone().create_new(true).open(path) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (options.open(path).map_err(|e| io_err(path, e))?, false)
+            }
+            Err(e) => return Err(io_err(path, e)),
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -187,10 +243,14 @@ impl AppendFile {
             }
             Err(TryLockError::Error(e)) => return Err(io_err(path, e)),
         }
+        if created {
+            sync_parent(path)?;
+        }
         let repair = repair_torn_tail(&mut file, path)?;
         Ok(AppendFile {
             file,
             path: path.to_path_buf(),
+            created,
             policy,
             unsynced: 0,
             last_sync: Instant::now(),
@@ -202,19 +262,19 @@ impl AppendFile {
 
     /// The file's path.
     #[must_use]
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// What [`open`](Self::open) repaired.
     #[must_use]
-    pub fn repair(&self) -> &Repair {
+    pub(crate) fn repair(&self) -> &Repair {
         &self.repair
     }
 
     /// Lines written through this handle.
     #[must_use]
-    pub fn lines(&self) -> u64 {
+    pub(crate) fn lines(&self) -> u64 {
         self.lines
     }
 
@@ -224,12 +284,10 @@ impl AppendFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the write or sync fails; [`Error::Config`] if `line` holds a newline.
-    pub fn write_line(&mut self, line: &[u8]) -> Result<(), Error> {
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write or sync fails; [`ErrorKind::Config`](crate::ErrorKind::Config) if `line` holds a newline.
+    pub(crate) fn write_line(&mut self, line: &[u8]) -> Result<(), Error> {
         if line.contains(&b'\n') {
-            return Err(Error::Config(
-                "a JSONL line must not contain a newline".into(),
-            ));
+            return Err(Error::config("a JSONL line must not contain a newline"));
         }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line);
@@ -272,8 +330,8 @@ impl AppendFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the sync fails.
-    pub fn sync(&mut self) -> Result<(), Error> {
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the sync fails.
+    pub(crate) fn sync(&mut self) -> Result<(), Error> {
         if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_error) {
             return Err(io_err(&self.path, e));
         }
@@ -290,20 +348,133 @@ impl AppendFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if truncating fails.
-    pub fn truncate(&mut self) -> Result<(), Error> {
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if truncating fails.
+    pub(crate) fn truncate(&mut self) -> Result<(), Error> {
         self.file
             .set_len(0)
             .and_then(|()| self.file.sync_all())
             .map_err(|e| io_err(&self.path, e))
     }
 
+    /// Removes the file if this open created it, it is still empty, and `path` still names
+    /// it; the lock is held until the file is gone, so no other run can have opened it for
+    /// writing in between. Returns whether it was removed. Leaves no empty file behind a run
+    /// that wrote nothing, and never removes a file another run created or holds.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be inspected or removed.
+    pub(crate) fn remove_if_created_and_empty(mut self) -> Result<bool, Error> {
+        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
+            return Err(io_err(&self.path, e));
+        }
+        self.syncer = None;
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, e))?
+            .len();
+        if !self.created || len > 0 || !self.still_at_path() {
+            return Ok(false);
+        }
+        std::fs::remove_file(&self.path).map_err(|e| io_err(&self.path, e))?;
+        sync_parent(&self.path)?;
+        Ok(true)
+    }
+
+    /// Whether `path` still names the file this handle holds (not replaced or removed).
+    fn still_at_path(&self) -> bool {
+        let Ok(ours) = self.file.try_clone().and_then(same_file::Handle::from_file) else {
+            return false;
+        };
+        same_file::Handle::from_path(&self.path).is_ok_and(|h| h == ours)
+    }
+
+    /// Rewrites the file without the lines `keep` rejects, appending those to `aside` first;
+    /// returns how many were set aside. The replacement is written beside the file, synced,
+    /// locked and renamed over it, so a crash at any point leaves either the old file or the
+    /// new one, and the lock is never released on the path.
+    pub(crate) fn set_aside(
+        &mut self,
+        mut keep: impl FnMut(&[u8]) -> bool,
+        aside: &Path,
+    ) -> Result<u64, Error> {
+        use std::io::{BufRead, BufReader};
+        let mut reader = self.file.try_clone().map_err(|e| io_err(&self.path, e))?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| io_err(&self.path, e))?;
+        let mut reader = BufReader::with_capacity(1 << 16, reader);
+        let mut tmp = temp_beside(&self.path)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
+        let mut bad: Vec<u8> = Vec::new();
+        let mut set_aside = 0u64;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| io_err(&self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) || keep(&line) {
+                out.write_all(&line).map_err(|e| io_err(&self.path, e))?;
+            } else {
+                set_aside += 1;
+                bad.extend_from_slice(&line);
+                if !bad.ends_with(b"\n") {
+                    bad.push(b'\n');
+                }
+            }
+        }
+        out.flush().map_err(|e| io_err(&self.path, e))?;
+        drop(out);
+        if set_aside == 0 {
+            return Ok(0);
+        }
+        let mut side = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(aside)
+            .map_err(|e| io_err(aside, e))?;
+        side.write_all(&bad)
+            .and_then(|()| side.sync_all())
+            .map_err(|e| io_err(aside, e))?;
+        sync_parent(aside)?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io_err(tmp.path(), e))?;
+        tmp.as_file().try_lock().map_err(|e| {
+            io_err(
+                &self.path,
+                std::io::Error::other(format!("cannot lock the rewritten file: {e}")),
+            )
+        })?;
+        let mut file = replace_with(tmp, &self.path)?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| io_err(&self.path, e))?;
+        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
+            return Err(io_err(&self.path, e));
+        }
+        self.syncer = None;
+        // The old handle (and its lock) goes only now, after the new file holds the path.
+        self.file = file;
+        tracing::warn!(
+            path = %self.path.display(),
+            lines = set_aside,
+            saved_to = %aside.display(),
+            "moved unreadable lines out of the file"
+        );
+        Ok(set_aside)
+    }
+
     /// Syncs and closes the file, releasing the lock.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the final sync fails.
-    pub fn close(mut self) -> Result<(), Error> {
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the final sync fails.
+    pub(crate) fn close(mut self) -> Result<(), Error> {
         if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
             return Err(io_err(&self.path, e));
         }
@@ -341,22 +512,20 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
     }
     let torn_len = len - keep;
     let torn_path = with_suffix(path, ".torn");
-    // Save the torn bytes before cutting them, so nothing is ever lost.
-    let mut torn = Vec::with_capacity(torn_len.min(16 << 20) as usize);
+    // Save the torn bytes before cutting them, so nothing is ever lost; copied through a
+    // small buffer, whatever their length.
     file.seek(SeekFrom::Start(keep))
         .map_err(|e| io_err(path, e))?;
-    file.take(torn_len)
-        .read_to_end(&mut torn)
-        .map_err(|e| io_err(path, e))?;
-    torn.push(b'\n');
     let mut side = OpenOptions::new()
         .append(true)
         .create(true)
         .open(&torn_path)
         .map_err(|e| io_err(&torn_path, e))?;
-    side.write_all(&torn)
+    std::io::copy(&mut (&mut *file).take(torn_len), &mut side)
+        .and_then(|_| side.write_all(b"\n"))
         .and_then(|()| side.sync_data())
         .map_err(|e| io_err(&torn_path, e))?;
+    sync_parent(&torn_path)?;
     file.set_len(keep).map_err(|e| io_err(path, e))?;
     file.sync_data().map_err(|e| io_err(path, e))?;
     tracing::warn!(
@@ -371,7 +540,7 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
     })
 }
 
-/// A crash-safe JSONL output file of examples: an [`AppendFile`] plus the format.
+/// A crash-safe JSONL output file of examples: an `AppendFile` plus the format.
 ///
 /// ```
 /// # fn main() -> Result<(), rmboost::Error> {
@@ -395,11 +564,11 @@ pub struct OutputFile {
 }
 
 impl OutputFile {
-    /// Opens `path` for appending examples in `format`; see [`AppendFile::open`].
+    /// Opens `path` for appending examples in `format`; see `AppendFile::open`.
     ///
     /// # Errors
     ///
-    /// As [`AppendFile::open`].
+    /// As `AppendFile::open`.
     pub fn open(
         path: impl AsRef<Path>,
         format: ExampleFormat,
@@ -416,7 +585,7 @@ impl OutputFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the write or a due sync fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write or a due sync fails.
     pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, &example.formatted(self.format))
@@ -432,7 +601,7 @@ impl OutputFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if truncating fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if truncating fails.
     pub fn truncate(&mut self) -> Result<(), Error> {
         self.file.truncate()
     }
@@ -455,20 +624,45 @@ impl OutputFile {
         self.file.path()
     }
 
-    /// See [`AppendFile::sync`].
+    /// See `AppendFile::sync`.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the sync fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the sync fails.
     pub fn sync(&mut self) -> Result<(), Error> {
         self.file.sync()
+    }
+
+    /// Moves the lines without a readable `id` (garbage a power loss can leave in the
+    /// middle of a file) to `<file>.garbage`, so downstream loaders never meet them; returns
+    /// how many. The file is rewritten beside itself and renamed over, under the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the file
+    /// is then left as it was.
+    pub fn set_aside_unreadable(&mut self) -> Result<u64, Error> {
+        let aside = with_suffix(self.file.path(), ".garbage");
+        self.file
+            .set_aside(|line| super::resume::line_id(line).is_some(), &aside)
+    }
+
+    /// Closes the file and removes it if this open created it and nothing was written to it
+    /// (leaving no empty file behind a run that made nothing); a file another run created,
+    /// or that this run did not lock, is never removed. Returns whether it was removed.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be inspected or removed.
+    pub fn close_and_remove_if_new_and_empty(self) -> Result<bool, Error> {
+        self.file.remove_if_created_and_empty()
     }
 
     /// Syncs and closes the file, releasing the lock.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the final sync fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the final sync fails.
     pub fn close(self) -> Result<(), Error> {
         self.file.close()
     }
@@ -563,13 +757,12 @@ mod tests {
         let path = dir.path().join("o.jsonl");
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
         let err = AppendFile::open(&path, SyncPolicy::default()).unwrap_err();
-        assert!(err.to_string().contains("another run"), "{err}");
-        match err {
-            Error::Io { source, .. } => {
-                assert_eq!(source.kind(), std::io::ErrorKind::WouldBlock);
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(crate::error_chain(&err).contains("another run"), "{err}");
+        assert_eq!(
+            err.io_error().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
         f.close().unwrap();
         AppendFile::open(&path, SyncPolicy::default()).unwrap();
     }

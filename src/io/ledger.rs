@@ -1,16 +1,16 @@
 //! The failure ledger: [`FailureLedger`] and its [`FailureRecord`]s.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::append::{with_suffix, AppendFile, SyncPolicy};
+use super::append::{replace_with, sync_parent, temp_beside, with_suffix, AppendFile, SyncPolicy};
 use super::resume::IdSet;
-use crate::Error;
+use crate::{error_chain, Error};
 
 /// One failed example in the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,22 +30,6 @@ pub struct FailureRecord {
 
 fn one() -> u32 {
     1
-}
-
-/// The error's `Display` followed by each `source()` in turn, joined by `": "`.
-#[must_use]
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        let part = e.to_string();
-        if !part.is_empty() && !s.ends_with(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        next = e.source();
-    }
-    s
 }
 
 impl FailureRecord {
@@ -122,11 +106,11 @@ impl FailureLedger {
         }
     }
 
-    /// Opens (creating if needed) the ledger for appending; see [`AppendFile::open`].
+    /// Opens (creating if needed) the ledger for appending; see [`OutputFile::open`](super::OutputFile::open).
     ///
     /// # Errors
     ///
-    /// As [`AppendFile::open`].
+    /// As [`OutputFile::open`](super::OutputFile::open).
     pub fn open(path: impl AsRef<Path>, policy: SyncPolicy) -> Result<Self, Error> {
         Ok(FailureLedger {
             file: AppendFile::open(path, policy)?,
@@ -137,7 +121,7 @@ impl FailureLedger {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the write fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write fails.
     pub fn append(&mut self, record: &FailureRecord) -> Result<(), Error> {
         let line = serde_json::to_vec(record).expect("a failure record always serialises");
         self.file.write_line(&line)
@@ -147,7 +131,7 @@ impl FailureLedger {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the write fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write fails.
     pub fn record(&mut self, id: &str, error: &Error) -> Result<(), Error> {
         self.append(&FailureRecord::new(id, error))
     }
@@ -168,7 +152,7 @@ impl FailureLedger {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the sync fails.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the sync fails.
     pub fn close(self) -> Result<(), Error> {
         self.file.close()
     }
@@ -178,13 +162,10 @@ impl FailureLedger {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file exists but cannot be read.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file exists but cannot be read.
     pub fn read(path: impl AsRef<Path>) -> Result<Vec<FailureRecord>, Error> {
         let path = path.as_ref();
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| Error::io(path.to_path_buf(), source);
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -202,23 +183,23 @@ impl FailureLedger {
 
     /// Rewrites the ledger at `path` keeping one record (the latest, `runs` summed) for each
     /// id not in `done`; returns how many remain. A ledger left empty is removed. The ledger
-    /// must not be open for appending (close it first).
+    /// must not be open for appending (close it first); `run::run_to_file` compacts
+    /// it while it still holds the output's lock, so no other run can append meanwhile.
     ///
     /// The ledger is read into memory, which is fine for a list of failures.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if reading, writing or renaming fails; the old ledger is then left as it
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the old ledger is then left as it
     /// was.
     pub fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
         let records = Self::read(path)?;
         if records.is_empty() {
             if path.exists() {
-                std::fs::remove_file(path).map_err(|source| Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                std::fs::remove_file(path)
+                    .map_err(|source| Error::io(path.to_path_buf(), source))?;
+                sync_parent(path)?;
             }
             return Ok(0);
         }
@@ -240,33 +221,23 @@ impl FailureLedger {
             }
         }
         if order.is_empty() {
-            std::fs::remove_file(path).map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            std::fs::remove_file(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
+            sync_parent(path)?;
             return Ok(0);
         }
-        let tmp = with_suffix(path, ".tmp");
-        let io = |p: &Path, source| Error::Io {
-            path: p.to_path_buf(),
-            source,
-        };
         let mut buf = Vec::new();
         for r in &order {
             serde_json::to_writer(&mut buf, r).expect("a failure record always serialises");
             buf.push(b'\n');
         }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| io(&tmp, e))?;
-        f.write_all(&buf)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+        // A fresh random name beside the ledger (never a fixed name another process or a
+        // planted symlink could hold), synced, then renamed over it.
+        let mut tmp = temp_beside(path)?;
+        tmp.as_file_mut()
+            .write_all(&buf)
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+        replace_with(tmp, path)?;
         Ok(order.len() as u64)
     }
 }
@@ -277,11 +248,11 @@ mod tests {
     use crate::BackendError;
 
     fn err(id: &str) -> Error {
-        Error::Backend {
-            id: id.into(),
-            call: "first",
-            source: BackendError::server("overloaded").with_status(503),
-        }
+        Error::backend(
+            id,
+            "first",
+            BackendError::server("overloaded").with_status(503),
+        )
     }
 
     #[test]

@@ -17,8 +17,9 @@ mod reader;
 mod resume;
 mod writer;
 
-pub use append::{AppendFile, OutputFile, Repair, SyncPolicy};
-pub use ledger::{error_chain, FailureLedger, FailureRecord};
+pub(crate) use append::{replace_with, sync_parent, temp_beside};
+pub use append::{OutputFile, Repair, SyncPolicy};
+pub use ledger::{FailureLedger, FailureRecord};
 pub use reader::{read_prompts, PromptReader};
-pub use resume::{IdHash, IdHasher, IdSet, Resume};
+pub use resume::{IdHash, IdSet, Resume};
 pub use writer::ExampleWriter;

@@ -15,7 +15,7 @@ use crate::Error;
 /// Each line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [...]}`; `id` is
 /// optional (a string or an integer; derived from the content when absent) and every other
 /// field is kept in [`Prompt::extra`]. Blank lines are skipped. A bad line (invalid JSON or
-/// UTF-8, a missing or mistyped field, longer than the limit) gives an [`Error::Parse`] naming
+/// UTF-8, a missing or mistyped field, longer than the limit) gives an [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming
 /// the file, the line and the field, and reading goes on with the next line: the caller decides
 /// whether to skip it or stop.
 #[derive(Debug)]
@@ -32,13 +32,10 @@ pub struct PromptReader<R> {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] if the file cannot be opened.
+/// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be opened.
 pub fn read_prompts(path: impl AsRef<Path>) -> Result<PromptReader<BufReader<File>>, Error> {
     let path = path.as_ref();
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
     Ok(PromptReader::new(BufReader::new(file), path))
 }
 
@@ -62,6 +59,40 @@ impl<R: BufRead> PromptReader<R> {
         self
     }
 
+    /// The records as a stream, read on a thread of their own so that a slow input (a pipe,
+    /// a network file system) never blocks the async runtime that drives the run: Ctrl-C,
+    /// timers and the examples in flight go on while a read waits.
+    ///
+    /// At most 64 records are read ahead of the consumer (backpressure: nothing is read
+    /// faster than it is consumed, beyond that). Dropping the stream stops the thread after
+    /// its current read.
+    ///
+    /// # Errors
+    ///
+    /// The stream yields an [`ErrorKind::Io`](crate::ErrorKind::Io) error if the thread
+    /// cannot be started; record errors are as for the iterator.
+    pub fn into_stream(self) -> futures::stream::BoxStream<'static, Result<Prompt, Error>>
+    where
+        R: Send + 'static,
+    {
+        use futures::{SinkExt, StreamExt};
+        let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Prompt, Error>>(64);
+        let path = self.path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rmboost-input".into())
+            .spawn(move || {
+                for item in self {
+                    if futures::executor::block_on(tx.send(item)).is_err() {
+                        return; // the stream was dropped
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => rx.boxed(),
+            Err(e) => futures::stream::once(async move { Err(Error::io(path, e)) }).boxed(),
+        }
+    }
+
     /// The number of the last line read (1-based; 0 before the first).
     #[must_use]
     pub fn line(&self) -> u64 {
@@ -69,11 +100,7 @@ impl<R: BufRead> PromptReader<R> {
     }
 
     fn err(&self, message: impl Into<String>) -> Error {
-        Error::Parse {
-            path: self.path.clone(),
-            line: self.line,
-            message: message.into(),
-        }
+        Error::parse(self.path.clone(), self.line, message)
     }
 
     /// Reads one line into `buf`, at most `max_line_bytes + 1` bytes of it; drains the rest.
@@ -175,10 +202,7 @@ impl<R: BufRead> Iterator for PromptReader<R> {
                 Ok(Some(t)) => t,
                 Err(source) => {
                     self.done = true;
-                    return Some(Err(Error::Io {
-                        path: self.path.clone(),
-                        source,
-                    }));
+                    return Some(Err(Error::io(self.path.clone(), source)));
                 }
             };
             self.line += 1;

@@ -49,7 +49,7 @@ impl IdHash {
 /// Hashes an [`IdHash`] by taking its low 64 bits: the value is already a uniform hash, so
 /// hashing it again would only cost time.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -265,31 +265,23 @@ impl Resume {
     /// Reads the ids of every line of `path`; a missing file gives an empty index.
     ///
     /// Streams the file (one line in memory at a time). A torn last line should be repaired
-    /// first ([`AppendFile::open`](super::AppendFile::open) does); if not, it counts as
+    /// first ([`OutputFile::open`](super::OutputFile::open) does); if not, it counts as
     /// unreadable.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file exists but cannot be read.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file exists but cannot be read.
     pub fn scan(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resume::new()),
-            Err(source) => {
-                return Err(Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Err(source) => return Err(Error::io(path.to_path_buf(), source)),
         };
         let mut resume = Resume::new();
         resume
             .scan_reader(BufReader::with_capacity(1 << 16, file))
-            .map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| Error::io(path.to_path_buf(), source))?;
         Ok(resume)
     }
 

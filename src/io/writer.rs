@@ -1,8 +1,10 @@
 //! The JSONL example writer.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use crate::example::{ExampleFormat, PreferenceExample};
+use crate::Error;
 
 /// Writes examples as JSON lines in one of the two formats.
 ///
@@ -14,6 +16,7 @@ pub struct ExampleWriter<W: Write> {
     format: ExampleFormat,
     buf: Vec<u8>,
     written: u64,
+    name: PathBuf,
 }
 
 impl<W: Write> ExampleWriter<W> {
@@ -25,20 +28,30 @@ impl<W: Write> ExampleWriter<W> {
             format,
             buf: Vec::with_capacity(4096),
             written: 0,
+            name: PathBuf::from("<output>"),
         }
+    }
+
+    /// The name errors give for the destination (a path; default `<output>`).
+    #[must_use]
+    pub fn named(mut self, name: impl Into<PathBuf>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Writes one example as one line.
     ///
     /// # Errors
     ///
-    /// The underlying writer's error.
-    pub fn write(&mut self, example: &PreferenceExample) -> std::io::Result<()> {
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) with the underlying writer's error.
+    pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, &example.formatted(self.format))
-            .map_err(std::io::Error::other)?;
+            .expect("serialising an example cannot fail: all keys are strings");
         self.buf.push(b'\n');
-        self.out.write_all(&self.buf)?;
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| Error::io(self.name.clone(), e))?;
         self.written += 1;
         Ok(())
     }
@@ -47,9 +60,11 @@ impl<W: Write> ExampleWriter<W> {
     ///
     /// # Errors
     ///
-    /// The underlying writer's error.
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) with the underlying writer's error.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.out
+            .flush()
+            .map_err(|e| Error::io(self.name.clone(), e))
     }
 
     /// How many examples were written.
@@ -68,9 +83,9 @@ impl<W: Write> ExampleWriter<W> {
     ///
     /// # Errors
     ///
-    /// The flush error.
-    pub fn into_inner(mut self) -> std::io::Result<W> {
-        self.out.flush()?;
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) with the flush error.
+    pub fn into_inner(mut self) -> Result<W, Error> {
+        self.flush()?;
         Ok(self.out)
     }
 }

@@ -1,9 +1,9 @@
 //! Helpers shared by the integration tests: prompts and golden draws for the generator; a
-//! scripted backend, a tracing capture, canned HTTP bodies and a real llama.cpp server for the
-//! backends.
+//! scripted backend, a tracing capture, canned HTTP bodies, the loopback OpenAI-compatible
+//! test server ([`openai_server`]) and a real llama.cpp server for the backends.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod mock_openai;
+pub mod openai_server;
 pub mod reliability;
 
 use futures::StreamExt;

@@ -20,13 +20,15 @@ Examples:
 Rerunning the same `generate` command resumes: examples already in the output are skipped.
 
 Exit status:
-  0    every prompt was processed (failed examples are listed in the failure ledger;
-       rerun to retry them)
-  1    a fatal error (bad key, unreachable server, unreadable input, ...): one line on stderr
-  2    bad command-line flags
+  0    every prompt was processed (or --limit reached) and no example failed
+  1    a fatal error (bad key, exhausted or daily quota, unreachable server, unreadable
+       input, settings that differ from the output's, ...): one line on stderr
+  2    bad command-line flags (or two paths naming the same file)
   3    stopped by --max-cost (the output is valid; rerun with a higher limit to continue)
-  130  interrupted by Ctrl-C (the first Ctrl-C finishes the examples in flight and prints
-       the summary; a second one quits at once)
+  4    every prompt was processed but some examples failed (they are listed in the failure
+       ledger; rerun to retry them)
+  130  interrupted by Ctrl-C (the first Ctrl-C finishes the examples in flight, for at most
+       60 s, and prints the summary; a second one drops them and stops at once)
 
 Environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys (or name another variable with --api-key-env)
@@ -87,18 +89,6 @@ pub(crate) enum BackendKind {
     Openai,
     /// The Anthropic Messages API.
     Anthropic,
-    /// Instant deterministic answers, for tests.
-    #[value(hide = true)]
-    Fake,
-    /// Every call fails with an authentication error, for tests.
-    #[value(hide = true, name = "fake-unauthorized")]
-    FakeUnauthorized,
-    /// Every call fails with a connection error, for tests.
-    #[value(hide = true, name = "fake-unreachable")]
-    FakeUnreachable,
-    /// One first-response call in four is rejected (a non-fatal failure), for tests.
-    #[value(hide = true, name = "fake-flaky")]
-    FakeFlaky,
 }
 
 impl BackendKind {
@@ -107,10 +97,6 @@ impl BackendKind {
             BackendKind::Local => "local",
             BackendKind::Openai => "openai",
             BackendKind::Anthropic => "anthropic",
-            BackendKind::Fake => "fake",
-            BackendKind::FakeUnauthorized => "fake-unauthorized",
-            BackendKind::FakeUnreachable => "fake-unreachable",
-            BackendKind::FakeFlaky => "fake-flaky",
         }
     }
 }

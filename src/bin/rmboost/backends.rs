@@ -1,21 +1,17 @@
 //! Choosing and wrapping the backend of `--backend`.
 //!
 //! Each backend plugs in with one arm of [`build`]; wrappers (retry, rate limit, cache) are
-//! applied around it in [`build`] too, and the [`Meter`] outermost-but-cache so that it counts
+//! applied around it in [`build`] too, and the meter outermost-but-cache so that it counts
 //! exactly the tokens the provider bills.
 
-use std::borrow::Cow;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmboost::testing::{FakeBackend, ScriptedBackend};
-use rmboost::{
-    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend, Usage,
-};
+use rmboost::LlmBackend;
 
 use rmboost::backend::anthropic::AnthropicBackend;
+use rmboost::backend::meter::{CallMeter, Metered};
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::rate_limit::RateLimit;
 use rmboost::backend::retry::{Retry, RetryPolicy};
@@ -23,87 +19,13 @@ use rmboost::backend::retry::{Retry, RetryPolicy};
 use crate::args::{BackendArgs, BackendKind};
 use crate::setup::{error_chain, CliError};
 
-/// Counts every completion that comes back from the provider: calls and tokens, re-asks and
-/// examples that later failed included (what the provider bills).
-#[derive(Debug, Default)]
-pub(crate) struct MeterCounts {
-    calls: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-}
-
-impl MeterCounts {
-    pub(crate) fn usage(&self) -> Usage {
-        Usage::new(
-            self.prompt_tokens.load(Ordering::Relaxed),
-            self.completion_tokens.load(Ordering::Relaxed),
-        )
-    }
-
-    pub(crate) fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-}
-
-/// Adds `n` to `counter`, saturating at `u64::MAX` (token counts come from servers).
-fn saturating_add(counter: &AtomicU64, n: u64) {
-    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-        Some(v.saturating_add(n))
-    });
-}
-
-/// A backend wrapper that counts calls and tokens into [`MeterCounts`].
-pub(crate) struct Meter<B> {
-    inner: B,
-    counts: Arc<MeterCounts>,
-}
-
-impl<B> Meter<B> {
-    pub(crate) fn new(inner: B) -> (Self, Arc<MeterCounts>) {
-        let counts = Arc::new(MeterCounts::default());
-        (
-            Meter {
-                inner,
-                counts: counts.clone(),
-            },
-            counts,
-        )
-    }
-}
-
-#[async_trait]
-impl<B: LlmBackend> LlmBackend for Meter<B> {
-    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        let result = self.inner.complete(request).await;
-        let c = &self.counts;
-        c.calls.fetch_add(1, Ordering::Relaxed);
-        if let Ok(done) = &result {
-            saturating_add(&c.prompt_tokens, done.usage.prompt_tokens);
-            saturating_add(&c.completion_tokens, done.usage.completion_tokens);
-        }
-        result
-    }
-
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
-}
-
 /// Counts transport retries, where the backend has a retry wrapper.
 pub(crate) type RetryCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Live statistics of the wrappers, for progress and the summary.
 #[derive(Clone, Default)]
 pub(crate) struct BackendStats {
-    pub(crate) meter: Arc<MeterCounts>,
+    pub(crate) meter: CallMeter,
     /// Transport retries made, where the backend has a retry wrapper.
     pub(crate) retries: Option<RetryCounter>,
 }
@@ -120,8 +42,6 @@ pub(crate) struct Built {
     pub(crate) stats: BackendStats,
     /// `name` / `model` / where, for the summary (never a key).
     pub(crate) description: String,
-    /// Whether this is a real model (worth caching), not a test backend.
-    pub(crate) real: bool,
 }
 
 /// The default backend when `--backend` is not given.
@@ -142,13 +62,6 @@ fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
     Ok(Arc::new(backend))
 }
 
-fn fake_latency() -> Option<Duration> {
-    std::env::var("RMBOOST_FAKE_LATENCY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
-}
-
 /// Builds the backend of `args`, wrapped in the meter (and retry, rate limit where
 /// available).
 pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
@@ -158,52 +71,17 @@ pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
             "--timeout must be a positive number of seconds",
         ));
     }
-    let latency = fake_latency();
     let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) = match kind {
-        BackendKind::Fake => {
-            let mut fake = FakeBackend::new();
-            if let Some(l) = latency {
-                fake = fake.with_latency(l);
-            }
-            (Arc::new(fake), None)
-        }
-        BackendKind::FakeUnauthorized => (
-            Arc::new(ScriptedBackend::from_fn(|_| {
-                Err(
-                    BackendError::new(BackendErrorKind::Authentication, "invalid API key")
-                        .with_status(401),
-                )
-            })),
-            None,
-        ),
-        BackendKind::FakeUnreachable => (
-            Arc::new(ScriptedBackend::from_fn(|_| {
-                Err(BackendError::new(
-                    BackendErrorKind::Connection,
-                    "connection refused",
-                ))
-            })),
-            None,
-        ),
-        BackendKind::FakeFlaky => {
-            let fake = FakeBackend::new();
-            let flaky = Flaky { inner: fake };
-            (Arc::new(flaky), None)
-        }
         BackendKind::Openai => wrap(openai(args)?, args)?,
         BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
         BackendKind::Local => (local(args)?, None),
     };
     let description = describe(kind, args, &*inner);
-    let (metered, meter) = Meter::new(inner);
+    let (metered, meter) = Metered::new(inner);
     Ok(Built {
         backend: Arc::new(metered),
         stats: BackendStats { meter, retries },
         description,
-        real: matches!(
-            kind,
-            BackendKind::Openai | BackendKind::Anthropic | BackendKind::Local
-        ),
     })
 }
 
@@ -293,36 +171,4 @@ fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> 
         s.push_str(url);
     }
     s
-}
-
-/// The fake backend, but the first call of one seed in four is rejected as an invalid request
-/// (a permanent, non-fatal failure: the example fails and the run goes on).
-struct Flaky {
-    inner: FakeBackend,
-}
-
-#[async_trait]
-impl LlmBackend for Flaky {
-    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        let second = request
-            .messages
-            .last()
-            .is_some_and(|m| m.content.contains("</response>"));
-        if !second && request.seed.unwrap_or(0) & 3 == 0 {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                "rejected by the fake",
-            )
-            .with_status(400));
-        }
-        self.inner.complete(request).await
-    }
-
-    fn name(&self) -> Cow<'_, str> {
-        "fake".into()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        "fake-flaky".into()
-    }
 }

@@ -4,8 +4,11 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 
-use rmboost::testing::FakeBackend;
-use rmboost::{CompletionRequest, ExamplePlan, OutputOrder, RmBoost};
+use rmboost::methods::ExamplePlan;
+use rmboost::{
+    async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend,
+    OutputOrder, RmBoost,
+};
 use serde_json::json;
 
 use crate::args::DryRunArgs;
@@ -14,16 +17,30 @@ use crate::setup::{self, error_chain, CliError};
 /// What stands in for the first response in the second request shown.
 pub(crate) const FIRST_PLACEHOLDER: &str = "<first response goes here>";
 
+/// The backend of the generator that plans the requests: a generator needs one to be built,
+/// and a dry run never calls it.
+#[derive(Debug)]
+struct NoModel;
+
+#[async_trait]
+impl LlmBackend for NoModel {
+    async fn complete(&self, _request: CompletionRequest) -> Result<Completion, BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::InvalidRequest,
+            "a dry run calls no model",
+        ))
+    }
+}
+
 /// Runs `rmboost dry-run`; returns the exit status.
 pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
-    // The generator needs a backend to be built; this one is never called.
     if args.gen.method != rmboost::Method::RmBoost {
         return Err(CliError::usage(format!(
             "dry-run shows the requests of --method rmboost only, not {}",
             args.gen.method
         )));
     }
-    let rmb = setup::generator(&args.gen, Arc::new(FakeBackend::new()), OutputOrder::Input)?;
+    let rmb = setup::generator(&args.gen, Arc::new(NoModel), OutputOrder::Input)?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
     let stdout = std::io::stdout();
@@ -36,7 +53,7 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         }
         let prompt = match item {
             Ok(p) => p,
-            Err(e @ rmboost::Error::Parse { .. }) => {
+            Err(e) if e.kind() == rmboost::ErrorKind::Parse => {
                 bad += 1;
                 crate::progress::notice(&format!("rmboost: skipping a bad line: {e}"));
                 continue;

@@ -1,98 +1,36 @@
-//! `rmboost generate`.
+//! `rmboost generate`: flags to [`RunOptions`], the backend and its wrappers, the progress
+//! display and the final summary. Every policy (file safety, resume checks, the cost budget,
+//! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{self, StreamExt};
-use rmboost::{BackendErrorKind, Error, ExampleFormat, OutputOrder, PreferenceExample};
+use futures::stream::StreamExt;
+use rmboost::{ExampleFormat, OutputOrder};
 
-use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
+use crate::args::{BadLineKind, FormatKind, GenerateArgs, LabelKind, OrderKind};
 use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::{Cache, Cached};
 use rmboost::io::FailureLedger;
 use rmboost::run::{
-    run_to_file, BadLinePolicy, ExistingOutput, Progress, RunOptions, RunSummary, Shard, StopSignal,
+    ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, ExistingOutput, Outcome,
+    Prices, Progress, Recipe, RunOptions, RunSummary, Shard, StopSignal,
 };
 
-use crate::runner;
-use crate::setup::{self, error_chain, CliError, EXIT_COST, EXIT_FATAL, EXIT_INTERRUPTED};
+use crate::setup::{self, error_chain, CliError};
 use crate::summary::{CacheReport, Report, Status, Tokens};
 
-/// Prices per million tokens.
-#[derive(Debug, Clone, Copy)]
-struct Prices {
-    input: f64,
-    output: f64,
-}
-
-impl Prices {
-    fn cost(&self, usage: rmboost::Usage) -> f64 {
-        (usage.prompt_tokens as f64 * self.input + usage.completion_tokens as f64 * self.output)
-            / 1e6
-    }
-}
-
-/// Stops the run when the server stays unreachable: this many connection or timeout failures
-/// in a row (after the backend's own retries) end the run with a fatal error.
-struct Watchdog {
-    threshold: u64,
-    in_a_row: AtomicU64,
-    reason: Mutex<Option<String>>,
-    stop: StopSignal,
-}
-
-impl Watchdog {
-    fn observe(&self, result: &Result<PreferenceExample, Error>) {
-        let unreachable = match result {
-            Err(Error::Backend { source, .. }) => matches!(
-                source.kind(),
-                BackendErrorKind::Connection | BackendErrorKind::Timeout
-            ),
-            _ => false,
-        };
-        if !unreachable {
-            self.in_a_row.store(0, Ordering::Relaxed);
-            return;
-        }
-        let n = self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.threshold {
-            let mut reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
-            if reason.is_none() {
-                if let Err(Error::Backend { source, .. }) = result {
-                    *reason = Some(format!(
-                        "the model server is unreachable ({n} calls in a row failed): {}",
-                        error_chain(source)
-                    ));
-                }
-                self.stop.stop();
-            }
-        }
-    }
-
-    fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
 fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliError> {
-    let price = |v: Option<f64>, flag: &str| match v {
-        Some(p) if !(p.is_finite() && p >= 0.0) => Err(CliError::usage(format!(
-            "{flag} must be a price >= 0 per million tokens"
-        ))),
-        other => Ok(other),
+    let prices = match (args.price_input, args.price_output) {
+        (None, None) => None,
+        (i, o) => Some(
+            Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
+                .map_err(|e| CliError::usage(format!("--price-input/--price-output: {e}")))?,
+        ),
     };
-    let input = price(args.price_input, "--price-input")?;
-    let output = price(args.price_output, "--price-output")?;
-    let prices = (input.is_some() || output.is_some()).then(|| Prices {
-        input: input.unwrap_or(0.0),
-        output: output.unwrap_or(0.0),
-    });
     if let Some(max) = args.max_cost {
         if !(max.is_finite() && max > 0.0) {
             return Err(CliError::usage("--max-cost must be a positive amount"));
@@ -109,24 +47,21 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
     let shard = args
         .shard
         .as_deref()
-        .map(runner::parse_shard)
+        .map(str::parse::<Shard>)
         .transpose()
-        .map_err(|m| CliError::usage(format!("--shard {m}")))?;
-    if args.input == args.output {
-        return Err(CliError::usage("--input and --output are the same file"));
-    }
+        .map_err(|e| CliError::usage(format!("--shard: {e}")))?;
     Ok((prices, shard))
 }
 
 /// How many examples this run is expected to generate, for the bar (an estimate).
 fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let lines = runner::count_lines(&args.input)?;
+    let lines = crate::runner::count_lines(&args.input)?;
     let mut todo = match shard {
         Some(s) => lines.div_ceil(u64::from(s.count())),
         None => lines,
     };
     if !args.overwrite {
-        todo = todo.saturating_sub(runner::count_lines(&args.output).unwrap_or(0));
+        todo = todo.saturating_sub(crate::runner::count_lines(&args.output).unwrap_or(0));
     }
     Some(match args.limit {
         Some(l) => todo.min(l),
@@ -147,6 +82,32 @@ fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instan
     }
 }
 
+/// The settings that change the rows, recorded beside the output so a rerun with others is
+/// refused rather than mixed in.
+fn recipe(args: &GenerateArgs) -> Recipe {
+    let g = &args.gen;
+    let mut r = Recipe::new()
+        .with("method", g.method)
+        .with("seed", g.seed)
+        .with("aspects", &g.aspects)
+        .with(
+            "aspect_sampling",
+            g.aspect_sampling.as_deref().unwrap_or("default"),
+        )
+        .with(
+            "labels",
+            match g.labels {
+                LabelKind::Bernoulli => "bernoulli",
+                LabelKind::Graded => "graded",
+            },
+        )
+        .with("p_better", g.p_better);
+    if g.method == rmboost::Method::WestOfN {
+        r = r.with("samples", g.samples);
+    }
+    r
+}
+
 /// Runs `rmboost generate`; returns the exit status.
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
@@ -156,56 +117,44 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
             "--no-cache cannot be combined with --clear-cache or --cache-dir",
         ));
     }
-    let reader = rmboost::read_prompts(&args.input)
-        .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
+    let ledger_path = args
+        .ledger
+        .clone()
+        .unwrap_or_else(|| FailureLedger::default_path(&args.output));
+    let mut files = vec![
+        ("input", args.input.as_path()),
+        ("output", args.output.as_path()),
+        ("failure ledger", ledger_path.as_path()),
+    ];
+    if let Some(summary) = &args.summary_json {
+        files.push(("summary", summary.as_path()));
+    }
+    ensure_distinct_files(&files).map_err(|e| CliError::usage(error_chain(&e)))?;
+    let prompts = rmboost::read_prompts(&args.input)
+        .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
+        .into_stream();
     let built = backends::build(&args.backend)?;
     let order = match args.order {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
     let (backend, cache) = with_cache(&args, &built).await?;
-    let rmb = setup::method_generator(&args.gen, backend, order)?;
+    let generator = setup::method_generator(&args.gen, backend, order)?;
     let stats = built.stats.clone();
-    let ledger_path = args
-        .ledger
-        .clone()
-        .unwrap_or_else(|| FailureLedger::default_path(&args.output));
-    let existed = args.output.exists();
     let total = expected_total(&args, shard);
 
     let stop = StopSignal::new();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let ctrl_c = {
-        let stop = stop.clone();
-        let interrupted = interrupted.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_err() {
-                return;
-            }
-            interrupted.store(true, Ordering::SeqCst);
-            stop.stop();
-            progress::notice(
-                "rmboost: stopping: finishing the examples in flight (Ctrl-C again to quit now)",
-            );
-            if tokio::signal::ctrl_c().await.is_ok() {
-                progress::notice("rmboost: quit");
-                std::process::exit(i32::from(EXIT_INTERRUPTED));
-            }
-        })
-    };
+    let ctrl_c = stop_on_ctrl_c(stop.clone())
+        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
 
     let live = Progress::new();
     let finished = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let cost_hit = Arc::new(AtomicBool::new(false));
     let ticker = {
         let live = live.clone();
         let stats = stats.clone();
         let finished = finished.clone();
         let wake = wake.clone();
-        let cost_hit = cost_hit.clone();
-        let stop = stop.clone();
-        let max_cost = args.max_cost;
         let mut display = Display::new(args.progress, total);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
@@ -215,16 +164,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                     _ = interval.tick() => {}
                     () = wake.notified() => {}
                 }
-                let t = tick(&live.snapshot(), &stats, prices, started);
-                if let (Some(max), Some(cost)) = (max_cost, t.cost) {
-                    if cost >= max && !cost_hit.swap(true, Ordering::SeqCst) {
-                        progress::notice(&format!(
-                            "rmboost: cost ${cost:.4} reached --max-cost ${max:.2}: finishing the examples in flight"
-                        ));
-                        stop.stop();
-                    }
-                }
-                display.update(&t, total);
+                display.update(&tick(&live.snapshot(), &stats, prices, started), total);
                 if finished.load(Ordering::SeqCst) {
                     break;
                 }
@@ -233,12 +173,6 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         })
     };
 
-    let watchdog = Arc::new(Watchdog {
-        threshold: (args.gen.concurrency as u64).max(3),
-        in_a_row: AtomicU64::new(0),
-        reason: Mutex::new(None),
-        stop: stop.clone(),
-    });
     let mut options = RunOptions::new()
         .format(match args.format {
             FormatKind::Conversational => ExampleFormat::Conversational,
@@ -254,18 +188,24 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
             BadLineKind::Stop => BadLinePolicy::Stop,
         })
         .ledger(ledger_path.clone())
+        .input(args.input.clone())
+        .recipe(recipe(&args))
         .stop_signal(stop.clone())
-        .progress(live.clone());
+        .progress(live.clone())
+        .meter(stats.meter.clone())
+        .stop_when_unreachable(Some((args.gen.concurrency as u64).max(3)));
+    if let (Some(prices), Some(max)) = (prices, args.max_cost) {
+        options = options.max_cost(prices, max);
+    }
     if let Some(shard) = shard {
         options = options.shard(shard);
     }
     if let Some(limit) = args.limit {
         options = options.limit(limit);
     }
-    let wd = watchdog.clone();
     let result = run_to_file(
-        move |prompts| rmb.generate_boxed(prompts).inspect(move |r| wd.observe(r)),
-        stream::iter(reader),
+        move |prompts| generator.generate_boxed(prompts).boxed(),
+        prompts,
         &args.output,
         options,
     )
@@ -281,34 +221,53 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         }
     }
 
-    let snapshot = live.snapshot();
-    let wall = started.elapsed();
-    let (status, error, code) = match (&result, watchdog.reason()) {
-        (Err(e), _) => (Status::Failed, Some(error_chain(e)), EXIT_FATAL),
-        (Ok(_), Some(reason)) => (Status::Failed, Some(reason), EXIT_FATAL),
-        (Ok(_), None) if cost_hit.load(Ordering::SeqCst) => (Status::CostLimit, None, EXIT_COST),
-        (Ok(_), None) if interrupted.load(Ordering::SeqCst) => {
-            (Status::Interrupted, None, EXIT_INTERRUPTED)
-        }
-        (Ok(s), None) if args.limit.is_some_and(|l| s.scheduled >= l) => {
-            (Status::LimitReached, None, 0)
-        }
-        (Ok(_), None) => (Status::Completed, None, 0),
+    let summary = live.snapshot();
+    let code = match &result {
+        Ok(s) => s.exit_code(),
+        Err(_) => rmboost::run::EXIT_FAILED,
     };
-    if !existed && is_empty_file(&args.output) {
-        // Nothing was written: leave no empty file behind.
-        let _ = std::fs::remove_file(&args.output);
-    }
-    let report = report(
-        &args,
-        &snapshot,
-        &built.stats,
-        prices,
-        wall,
-        status,
-        error.clone(),
-    );
+    let error = match (&result, summary.outcome) {
+        (Err(e), _) => Some(error_chain(e)),
+        (Ok(_), Outcome::Unreachable) => summary.message.clone(),
+        _ => None,
+    };
     let report = Report {
+        status: match (&result, summary.outcome) {
+            (Err(_), _) | (_, Outcome::Unreachable | Outcome::Failed) => Status::Failed,
+            (Ok(_), Outcome::CostLimit) => Status::CostLimit,
+            (Ok(_), Outcome::Interrupted) => Status::Interrupted,
+            (Ok(_), Outcome::LimitReached) => Status::LimitReached,
+            (Ok(_), _) => Status::Completed,
+        },
+        error: error.clone(),
+        examples_written: summary.generation.examples,
+        better: summary.generation.better,
+        worse: summary.generation.examples - summary.generation.better,
+        skipped_done: summary.skipped_done,
+        failed: summary.generation.failed(),
+        failures: summary
+            .generation
+            .failures
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), *v))
+            .collect(),
+        bad_lines: summary.bad_lines,
+        duplicates: summary.duplicates,
+        other_shard: summary.other_shard,
+        reasks: summary.generation.reasks,
+        retries: stats.retries(),
+        calls: summary.calls,
+        tokens: Tokens {
+            prompt: summary.usage.prompt_tokens,
+            completion: summary.usage.completion_tokens,
+            total: summary.usage.total(),
+        },
+        cost: prices.map(|p| p.cost(summary.usage)),
+        max_cost: args.max_cost,
+        examples_per_sec: summary.generation.examples as f64
+            / started.elapsed().as_secs_f64().max(1e-9),
+        wall_time_secs: started.elapsed().as_secs_f64(),
+        exit_status: code,
         backend: built.description.clone(),
         cache: cache.as_ref().map(|c| {
             let st = c.stats();
@@ -318,8 +277,11 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                 misses: st.misses,
             }
         }),
+        seed: args.gen.seed,
+        output: args.output.clone(),
         ledger: ledger_path.exists().then_some(ledger_path),
-        ..report
+        ledger_pending: summary.ledger_pending,
+        bad_line_messages: summary.bad_line_messages.clone(),
     };
     print!("{report}");
     if let Some(path) = &args.summary_json {
@@ -348,7 +310,7 @@ async fn with_cache(
     args: &GenerateArgs,
     built: &backends::Built,
 ) -> Result<(Arc<dyn rmboost::LlmBackend>, Option<Cache>), CliError> {
-    if args.no_cache || !built.real {
+    if args.no_cache {
         return Ok((built.backend.clone(), None));
     }
     let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
@@ -381,62 +343,4 @@ async fn with_cache(
     let cached: Arc<dyn rmboost::LlmBackend> =
         Arc::new(Cached::new(built.backend.clone(), cache.clone()));
     Ok((cached, Some(cache)))
-}
-
-fn is_empty_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
-}
-
-fn report(
-    args: &GenerateArgs,
-    s: &RunSummary,
-    stats: &BackendStats,
-    prices: Option<Prices>,
-    wall: Duration,
-    status: Status,
-    error: Option<String>,
-) -> Report {
-    let usage = stats.meter.usage();
-    let g = &s.generation;
-    let secs = wall.as_secs_f64();
-    Report {
-        status,
-        error,
-        examples_written: g.examples,
-        better: g.better,
-        worse: g.examples - g.better,
-        skipped_done: s.skipped_done,
-        failed: g.failed(),
-        failures: g
-            .failures
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), *v))
-            .collect(),
-        bad_lines: s.bad_lines,
-        duplicates: s.duplicates,
-        other_shard: s.other_shard,
-        reasks: g.reasks,
-        retries: stats.retries(),
-        calls: stats.meter.calls(),
-        tokens: Tokens {
-            prompt: usage.prompt_tokens,
-            completion: usage.completion_tokens,
-            total: usage.total(),
-        },
-        cost: prices.map(|p| p.cost(usage)),
-        max_cost: args.max_cost,
-        examples_per_sec: if secs > 0.0 {
-            g.examples as f64 / secs
-        } else {
-            0.0
-        },
-        wall_time_secs: secs,
-        backend: String::new(),
-        cache: None,
-        seed: args.gen.seed,
-        output: args.output.clone(),
-        ledger: None,
-        ledger_pending: s.ledger_pending,
-        bad_line_messages: s.bad_line_messages.clone(),
-    }
 }

@@ -222,12 +222,9 @@ fn progress_line(tick: &Tick, total: Option<u64>) -> String {
     }
 }
 
-/// Every 5 s, or `RMBOOST_PROGRESS_INTERVAL_MS`.
+/// Every 5 s.
 fn log_interval() -> Duration {
-    std::env::var("RMBOOST_PROGRESS_INTERVAL_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::from_secs(5), Duration::from_millis)
+    Duration::from_secs(5)
 }
 
 #[cfg(test)]

@@ -1,27 +1,9 @@
-//! Small helpers around the library's run loop ([`rmboost::run::run_to_file`]): the
-//! `--shard I/N` parser and a quick line count for the progress bar's total.
+//! A quick line count for the progress bar's total (the run itself is
+//! [`rmboost::run::run_to_file`]).
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
-
-use rmboost::run::Shard;
-
-/// Parses `--shard I/N` (0-based).
-pub(crate) fn parse_shard(s: &str) -> Result<Shard, String> {
-    let (i, n) = s
-        .split_once('/')
-        .ok_or_else(|| format!("`{s}`: expected I/N, e.g. 0/4"))?;
-    let index: u32 = i
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{i}` is not a number"))?;
-    let count: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{n}` is not a number"))?;
-    Shard::new(index, count).map_err(|_| format!("{index}/{count}: need N >= 1 and 0 <= I < N"))
-}
 
 /// Counts the non-blank lines of a file quickly (for the progress bar's total).
 pub(crate) fn count_lines(path: &Path) -> Option<u64> {
@@ -54,15 +36,6 @@ pub(crate) fn count_lines(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shard_parse() {
-        assert!(parse_shard("1/0").is_err());
-        assert!(parse_shard("2/2").is_err());
-        assert!(parse_shard("x").is_err());
-        let s = parse_shard(" 1 / 3").unwrap();
-        assert_eq!((s.index(), s.count()), (1, 3));
-    }
 
     #[test]
     fn counts_lines() {

@@ -4,9 +4,10 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use rmboost::engine::{default_first_params, default_second_params};
 use rmboost::{
-    default_first_params, default_second_params, AspectSampling, Aspects, Bernoulli, Generator,
-    Graded, LabelSampler, LlmBackend, Method, OutputOrder, Rlaif, Rlcd, RmBoost, WestOfN,
+    AspectSampling, Aspects, Bernoulli, Generator, Graded, LabelSampler, LlmBackend, Method,
+    OutputOrder, Rlaif, Rlcd, RmBoost, WestOfN,
 };
 
 use crate::args::{GenArgs, LabelKind};
@@ -15,10 +16,6 @@ use crate::args::{GenArgs, LabelKind};
 pub(crate) const EXIT_FATAL: u8 = 1;
 /// Exit status: bad flags (what clap uses too).
 pub(crate) const EXIT_USAGE: u8 = 2;
-/// Exit status: stopped by `--max-cost`.
-pub(crate) const EXIT_COST: u8 = 3;
-/// Exit status: interrupted by Ctrl-C.
-pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// An error that ends the program: a one-line message and an exit status.
 #[derive(Debug)]
@@ -55,53 +52,16 @@ impl From<rmboost::Error> for CliError {
     }
 }
 
-/// An error and its causes on one line: `outer: cause: root cause`, skipping a cause whose
-/// text the outer message already contains.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    // One line, whatever the server put in its message.
-    out.replace(['\n', '\r'], " ")
-}
+pub(crate) use rmboost::error_chain;
 
-/// Parses `--aspect-sampling`.
+/// Parses `--aspect-sampling` ([`AspectSampling`]'s `FromStr`); a bare `model-picks` lets the
+/// model pick at most 3, or all of a smaller set.
 pub(crate) fn parse_sampling(mode: &str, n: usize) -> Result<AspectSampling, String> {
-    let mode = mode.trim().to_ascii_lowercase().replace('_', "-");
-    let num = |s: &str| {
-        s.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("`{s}` is not a number"))
-    };
-    if mode == "all" {
-        return Ok(AspectSampling::All);
-    }
-    if let Some(rest) = mode.strip_prefix("model-picks") {
-        let max = match rest.strip_prefix(':') {
-            Some(k) => num(k)?,
-            None if rest.is_empty() => n.min(3),
-            None => return Err(format!("unknown aspect sampling `{mode}`")),
-        };
-        return Ok(AspectSampling::ModelPicks { max });
-    }
-    if let Some((a, b)) = mode.split_once('-') {
-        return Ok(AspectSampling::Subset {
-            min: num(a)?,
-            max: num(b)?,
-        });
-    }
-    match num(&mode) {
-        Ok(k) => Ok(AspectSampling::Subset { min: k, max: k }),
-        Err(_) => Err(format!(
-            "unknown aspect sampling `{mode}`: use all, K, MIN-MAX or model-picks[:K]"
-        )),
+    match mode.parse::<AspectSampling>().map_err(|e| e.to_string())? {
+        AspectSampling::ModelPicks { max: 3 } if !mode.contains(':') => {
+            Ok(AspectSampling::ModelPicks { max: n.min(3) })
+        }
+        other => Ok(other),
     }
 }
 

@@ -78,6 +78,8 @@ pub(crate) struct Report {
     pub(crate) max_cost: Option<f64>,
     pub(crate) examples_per_sec: f64,
     pub(crate) wall_time_secs: f64,
+    /// The exit status of the command (see `rmboost generate --help`).
+    pub(crate) exit_status: u8,
     pub(crate) backend: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cache: Option<CacheReport>,
@@ -171,7 +173,15 @@ impl fmt::Display for Report {
                 ),
             ));
         }
-        writeln!(f, "rmboost generate: {}", self.status.text())?;
+        write!(f, "rmboost generate: {}", self.status.text())?;
+        if self.failed > 0 && matches!(self.status, Status::Completed | Status::LimitReached) {
+            write!(
+                f,
+                ", {} examples failed (exit status {}; a rerun retries them)",
+                self.failed, self.exit_status
+            )?;
+        }
+        writeln!(f)?;
         if let Some(e) = &self.error {
             writeln!(f, "  {:<18}{e}", "error")?;
         }

@@ -8,15 +8,17 @@ use futures::stream::{self, Stream};
 use rand::RngCore;
 use serde_json::Value;
 
-use super::{accept_distinct, common_setters, render_aspects, with_system, Common, Meta};
+use super::Method;
 use crate::aspect::{Aspect, AspectSet, Aspects};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::checks::check_response;
+use crate::engine::{
+    accept_distinct, ask, common_setters, default_first_params, drive, example_rng, render_aspects,
+    with_system, Common, ExampleStream, Meta,
+};
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
-use crate::generator::{ask, default_first_params, drive, example_rng, ExampleStream};
 use crate::label::Label;
-use crate::method::Method;
-use crate::template::check_response;
 
 struct Inner {
     backend: Arc<dyn LlmBackend>,
@@ -33,7 +35,7 @@ struct Inner {
 ///   (call `"positive"`); both are off the model's natural distribution, which is what RMBoost
 ///   improves on.
 /// - `label` is always `"better"`: the chosen (positive) response is the later one (see the
-///   [module docs](crate::baselines)). `aspects` lists the drawn aspects.
+///   [module docs](crate::methods)). `aspects` lists the drawn aspects.
 /// - A negative answer that talks about its instructions ("here is a worse answer") is re-asked,
 ///   as is an empty one or a positive answer identical to the negative one.
 /// - Usage and models are grouped as `negative` and `positive`.
@@ -123,12 +125,12 @@ impl RlcdBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if no backend was given or a sampling value is out of range.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given or a sampling value is out of range.
     pub fn build(self) -> Result<Rlcd, Error> {
         let backend = self
             .backend
-            .ok_or_else(|| Error::Config("rlcd: no backend: call backend()".into()))?;
-        self.params.validate("rlcd params").map_err(Error::Config)?;
+            .ok_or_else(|| Error::config("rlcd: no backend: call backend()"))?;
+        self.params.validate("rlcd params").map_err(Error::config)?;
         Ok(Rlcd {
             inner: Arc::new(Inner {
                 backend,
@@ -237,7 +239,7 @@ impl Rlcd {
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] if a call failed, [`Error::Unusable`] if a response stayed unusable
+    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed, [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a response stayed unusable
     /// after every re-ask; both carry the prompt's id.
     pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
         let plan = self.plan(prompt);
@@ -315,7 +317,7 @@ async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, E
         |raw| accept_distinct(raw, &[&negative.value]),
     )
     .await?;
-    let mut meta = Meta::new(Method::Rlcd, c.seed, plan.extra);
+    let mut meta = Meta::new(Method::Rlcd.as_str(), c.seed, plan.extra);
     meta.add("negative", &negative);
     meta.add("positive", &positive);
     Ok(PreferenceExample {

@@ -1,4 +1,4 @@
-//! The LLM judge shared by [`Rlaif`](super::Rlaif), [`WestOfN`](super::WestOfN) and the
+//! The LLM judge shared by [`Rlaif`](crate::Rlaif), [`WestOfN`](crate::WestOfN) and the
 //! report's judge check: pairwise verdicts and pointwise 1–10 scores, with lenient parsers.
 
 use std::borrow::Cow;
@@ -9,12 +9,114 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::render_aspects;
-use super::west_of_n::{ScoreRequest, Scored, Scorer};
-use crate::aspect::Aspect;
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::aspect::{Aspect, AspectSampling, Aspects};
+use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams, Usage};
+use crate::engine::{ask_with, render_aspects, Answer};
 use crate::error::{Error, UnusableReason};
-use crate::generator::{ask_with, Answer};
+
+/// The default judging criteria: every aspect of [`Aspects::general`].
+pub(crate) fn default_criteria() -> Aspects {
+    Aspects::general()
+        .with_sampling(AspectSampling::All)
+        .expect("`all` is valid for any set")
+}
+
+/// What a [`Scorer`] is asked to score: one response to one prompt.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ScoreRequest<'a> {
+    /// The example's id (for errors).
+    pub id: &'a str,
+    /// The prompt conversation.
+    pub prompt: &'a [Message],
+    /// The response to score.
+    pub response: &'a str,
+    /// Which sample it is (0-based, in generation order).
+    pub index: usize,
+    /// The criteria drawn for the example.
+    pub criteria: &'a [Aspect],
+    /// A backend seed drawn for this scoring (re-ask `n` should use `seed + n`).
+    pub seed: u64,
+}
+
+/// A score and what it cost.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scored {
+    /// Higher is better. Must be finite.
+    pub score: f64,
+    /// Backend calls made to get it (0 for a scorer that calls no model).
+    pub calls: u32,
+    /// Of those, answers rejected and asked again.
+    pub reasks: u32,
+    /// Tokens used.
+    pub usage: Usage,
+    /// The model that scored, if any.
+    pub model: String,
+}
+
+impl Scored {
+    /// A score that cost no backend call (a local reward model, a heuristic).
+    #[must_use]
+    pub fn new(score: f64) -> Self {
+        Scored {
+            score,
+            ..Scored::default()
+        }
+    }
+}
+
+/// Scores one response pointwise: an LLM judge ([`Judge`], the default), a reward model, or
+/// any function of the text.
+///
+/// Object safe; `Arc<dyn Scorer>`, `Box<dyn Scorer>` and `&S` implement it by forwarding.
+///
+/// ```
+/// use rmboost::judge::{ScoreRequest, Scored, Scorer};
+/// use rmboost::{async_trait, Error};
+///
+/// /// Prefers shorter answers (a toy).
+/// #[derive(Debug)]
+/// struct Brevity;
+///
+/// #[async_trait]
+/// impl Scorer for Brevity {
+///     async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+///         Ok(Scored::new(-(request.response.len() as f64)))
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Scorer: Send + Sync + fmt::Debug {
+    /// Scores one response.
+    ///
+    /// # Errors
+    ///
+    /// An [`Error`] carrying the request's id: [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a model call failed,
+    /// [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if no score could be read. The example fails with it.
+    async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error>;
+
+    /// A short name for metadata (`"llm-judge"`, `"reward-model"`, ...). Defaults to
+    /// `"custom"`.
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("custom")
+    }
+}
+
+macro_rules! forward_scorer {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Scorer + ?Sized> Scorer for $ty {
+            async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+                (**self).score(request).await
+            }
+            fn name(&self) -> Cow<'_, str> {
+                (**self).name()
+            }
+        }
+    )*};
+}
+
+forward_scorer!(Arc<S>, Box<S>, &S);
 
 /// A pairwise judgement: which of the two answers shown is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -50,10 +152,10 @@ impl fmt::Display for Verdict {
 ///
 /// Cheap to clone. An answer with no readable verdict or score is asked again (next seed) up
 /// to [`max_reasks`](Self::max_reasks) times. `Judge` also implements [`Scorer`], so it is the
-/// default scorer of [`WestOfN`](super::WestOfN).
+/// default scorer of [`WestOfN`](crate::WestOfN).
 ///
 /// ```
-/// use rmboost::baselines::Judge;
+/// use rmboost::judge::Judge;
 /// use rmboost::testing::FakeBackend;
 /// use rmboost::{Aspects, Message};
 ///
@@ -146,7 +248,7 @@ impl Judge {
     }
 
     pub(crate) fn validate(&self, what: &str) -> Result<(), Error> {
-        self.params.validate(what).map_err(Error::Config)
+        self.params.validate(what).map_err(Error::config)
     }
 
     /// The request asking which of `a` (shown first, between `<answer_a>` tags) and `b`
@@ -357,7 +459,7 @@ fn classify(s: &str) -> Option<Verdict> {
 /// gives A, B or a tie.
 ///
 /// ```
-/// use rmboost::baselines::{parse_verdict, Verdict};
+/// use rmboost::judge::{parse_verdict, Verdict};
 ///
 /// assert_eq!(parse_verdict("B covers more. <verdict>B</verdict>"), Some(Verdict::B));
 /// assert_eq!(parse_verdict("<VERDICT> answer a"), Some(Verdict::A));
@@ -461,7 +563,7 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 /// readable is found.
 ///
 /// ```
-/// use rmboost::baselines::parse_score;
+/// use rmboost::judge::parse_score;
 ///
 /// assert_eq!(parse_score("Solid. <score>7</score>"), Some(7.0));
 /// assert_eq!(parse_score("I'd give it 8.5/10."), Some(8.5));

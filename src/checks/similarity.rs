@@ -1,5 +1,5 @@
-//! Text statistics shared by the response checks ([`crate::template::ResponseChecks`]) and the
-//! dataset report ([`crate::report`]), so that both judge a pair the same way.
+//! Text statistics of the response checks ([`crate::checks::ResponseChecks`]) and the dataset
+//! report ([`crate::report`]), so that both judge a pair the same way.
 //!
 //! - **Tokens**: the text is lowercased character by character and split into maximal runs of
 //!   alphanumeric characters ("Don't stop!" gives `don`, `t`, `stop`).
@@ -10,16 +10,17 @@
 //!   assist you. I'm not able to assist you. ...") falls far below.
 //!
 //! Tokens and trigrams are compared by 64-bit hashes with fixed seeds, so results are
-//! deterministic. [`token_jaccard`] (the report's) is exact up to 64-bit hash collisions.
-//! [`text_stats`] (the response checks', on the hot path of every example) *estimates* both
-//! figures with bitmaps and linear counting: each token or trigram sets one bit of a bitmap
-//! with at least 16 bits per possible token, and a set's size is read from the share of bits
-//! left unset. That is several times faster than hash sets (the checks must fit in the
-//! generator's budget of a few microseconds per example) and stays within about 0.01 of the
-//! exact figures for answers of ordinary length. Its tokenizer reads ASCII text 8 bytes at a
-//! time (SWAR) and hashes each token from whole-word loads. Scratch space lives in a
-//! per-thread buffer: after the first call no allocation happens for texts of a size seen
-//! before.
+//! deterministic. [`token_jaccard`], the one similarity measure (the response checks reject a
+//! near-identical pair with it and the report counts them with it), is exact up to 64-bit
+//! hash collisions: two hash sets, reused per thread. [`distinct_trigram_share`] (the
+//! repetition check, run on every response) *estimates* its figure with bitmaps and linear
+//! counting: each token or trigram sets one bit of a bitmap with at least 16 bits per possible
+//! token, and a set's size is read from the share of bits left unset; it stays within about
+//! 0.01 of the exact share for answers of ordinary length, and often settles the question from
+//! the token count alone. The tokenizer reads ASCII text 8 bytes at a time (SWAR) and hashes
+//! each token from whole-word loads (other text goes character by character, with the same
+//! hashes). Scratch space lives in a per-thread buffer: after the first call no allocation
+//! happens for texts of a size seen before.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -232,21 +233,8 @@ fn block_mask(block: &[u8]) -> u64 {
 /// bytes at a time and each token is hashed from whole-word loads, without a lowercased
 /// copy; other text goes through `for_each_token`.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
-    for_each_token_until(text, buf, |h| {
-        f(h);
-        true
-    })
-}
-
-/// [`for_each_token_fast`] that stops when `f` returns `false`; returns the tokens seen.
-fn for_each_token_until(text: &str, buf: &mut String, mut f: impl FnMut(u64) -> bool) -> usize {
     if !text.is_ascii() {
-        let mut go = true;
-        return for_each_token(text, buf, |h| {
-            if go {
-                go = f(h);
-            }
-        });
+        return for_each_token(text, buf, f);
     }
     let bytes = text.as_bytes();
     let mut n = 0;
@@ -263,9 +251,7 @@ fn for_each_token_until(text: &str, buf: &mut String, mut f: impl FnMut(u64) -> 
             }
             open = None;
             n += 1;
-            if !f(hash_span(bytes, start, base + run)) {
-                return n;
-            }
+            f(hash_span(bytes, start, base + run));
             // Clears the run of ones at the bottom.
             mask &= mask.wrapping_add(1);
         }
@@ -279,9 +265,7 @@ fn for_each_token_until(text: &str, buf: &mut String, mut f: impl FnMut(u64) -> 
                 break;
             }
             n += 1;
-            if !f(hash_span(bytes, base + s, base + e)) {
-                return n;
-            }
+            f(hash_span(bytes, base + s, base + e));
             mask &= past;
         }
     }
@@ -322,12 +306,18 @@ fn trigram(a: u64, b: u64, c: u64) -> u64 {
     fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
 }
 
-/// Fills `set` with the token hashes of `text`.
-fn token_set(text: &str, buf: &mut String, set: &mut HashSet64) {
+/// Fills `set` with the token hashes of `text`, from the ASCII tokenizer when `ascii` (the
+/// two tokenizers hash differently, so both texts of a pair must use the same one).
+fn token_set(text: &str, ascii: bool, buf: &mut String, set: &mut HashSet64) {
     set.clear();
-    for_each_token(text, buf, |h| {
+    let insert = |h| {
         set.insert(h);
-    });
+    };
+    if ascii {
+        for_each_token_fast(text, buf, insert);
+    } else {
+        for_each_token(text, buf, insert);
+    }
 }
 
 fn jaccard_of(a: &HashSet64, b: &HashSet64) -> f64 {
@@ -351,28 +341,19 @@ fn trim(s: &mut Scratch) {
 pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        token_set(a, &mut s.lower, &mut s.a);
-        token_set(b, &mut s.lower, &mut s.b);
+        let ascii = a.is_ascii() && b.is_ascii();
+        token_set(a, ascii, &mut s.lower, &mut s.a);
+        token_set(b, ascii, &mut s.lower, &mut s.b);
         let j = jaccard_of(&s.a, &s.b);
         trim(s);
         j
     })
 }
 
-/// Both statistics of a candidate response, estimated (see the [module docs](self)).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct TextStats {
-    /// Token Jaccard similarity with the reference text; `None` when no reference was given.
-    pub jaccard: Option<f64>,
-    /// Distinct trigram share; `None` below [`TRIGRAM_MIN_TOKENS`] tokens.
-    pub distinct_trigrams: Option<f64>,
-}
-
 #[derive(Default)]
 struct Bitmaps {
     lower: String,
-    a: Vec<u64>,
-    b: Vec<u64>,
+    tokens: Vec<u64>,
     grams: Vec<u64>,
 }
 
@@ -421,122 +402,56 @@ fn estimate(ones: u32, bits: usize) -> f64 {
     m * (m / zeros).ln()
 }
 
-/// The statistics of `text`: its similarity with `reference` when one is given (or, for ASCII
-/// texts, an upper bound of it below `max_similarity` when reading part of the reference is
-/// enough to show that), and, when `min_share` is given, its distinct trigram share (or a
-/// lower bound of it when that is enough to show the share is at least `min_share`).
-/// Estimates; see the [module docs](self).
+/// The distinct word-trigram share of `text` (`None` below [`TRIGRAM_MIN_TOKENS`] tokens),
+/// estimated with bitmaps (see the [module docs](self)), or a lower bound of it when that is
+/// enough to show the share is at least `min_share`.
 ///
 /// The bound: every distinct token but the last two starts a trigram of its own, so a text of
 /// `n` tokens with `d` distinct ones has at least `d - 2` distinct trigrams among its `n - 2`.
 /// Prose has many distinct tokens, so the bound usually settles the question from the token
 /// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
-pub(crate) fn text_stats(
-    text: &str,
-    reference: Option<&str>,
-    max_similarity: Option<f64>,
-    min_share: Option<f64>,
-) -> TextStats {
+pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
     BITMAPS.with(|s| {
         let s = &mut *s.borrow_mut();
-        let bits = bitmap_bits(text.len().max(reference.map_or(0, str::len)));
+        let bits = bitmap_bits(text.len());
         let shift = 64 - bits.trailing_zeros();
-        let Bitmaps { lower, a, b, grams } = s;
-        let b = reset(b, bits);
-        let mut nb = 0u32;
+        let Bitmaps {
+            lower,
+            tokens: map,
+            grams,
+        } = s;
+        let map = reset(map, bits);
+        let mut ones = 0u32;
         let tokens = for_each_token_fast(text, lower, |h| {
-            nb += u32::from(set_bit(b, shift, h));
+            ones += u32::from(set_bit(map, shift, h));
         });
-        let distinct_trigrams = match min_share {
-            Some(min) if tokens >= TRIGRAM_MIN_TOKENS => {
-                let positions = (tokens - 2) as f64;
-                // The estimate may be a little high: take 3% and one token off.
-                let distinct_tokens = estimate(nb, bits) * 0.97 - 1.0;
-                let bound = ((distinct_tokens - 2.0) / positions).clamp(0.0, 1.0);
-                if bound >= min {
-                    Some(bound)
-                } else {
-                    let grams = reset(grams, bits);
-                    let (mut p1, mut p2) = (0u64, 0u64);
-                    let (mut seen, mut ng) = (0usize, 0u32);
-                    for_each_token_fast(text, lower, |h| {
-                        if seen >= 2 {
-                            ng += u32::from(set_bit(grams, shift, trigram(p2, p1, h)));
-                        }
-                        p2 = p1;
-                        p1 = h;
-                        seen += 1;
-                    });
-                    Some((estimate(ng, bits) / positions).min(1.0))
+        let share = (tokens >= TRIGRAM_MIN_TOKENS).then(|| {
+            let positions = (tokens - 2) as f64;
+            // The estimate may be a little high: take 3% and one token off.
+            let distinct_tokens = estimate(ones, bits) * 0.97 - 1.0;
+            let bound = ((distinct_tokens - 2.0) / positions).clamp(0.0, 1.0);
+            if bound >= min_share {
+                return bound;
+            }
+            let grams = reset(grams, bits);
+            let (mut p1, mut p2) = (0u64, 0u64);
+            let (mut seen, mut ng) = (0usize, 0u32);
+            for_each_token_fast(text, lower, |h| {
+                if seen >= 2 {
+                    ng += u32::from(set_bit(grams, shift, trigram(p2, p1, h)));
                 }
-            }
-            _ => None,
-        };
-        let jaccard = reference.map(|r| {
-            let a = reset(a, bits);
-            // Both texts must be hashed the same way, whichever is ASCII.
-            let ascii = text.is_ascii() && r.is_ascii();
-            if !ascii {
-                b.fill(0);
-                nb = 0;
-                for_each_token(text, lower, |h| nb += u32::from(set_bit(b, shift, h)));
-            }
-            // J <= |B| / (|B| + |A \ B|): once that many distinct reference tokens are known
-            // to be outside `text` (their bit is unset there), J is below the limit and the
-            // rest of the reference need not be read.
-            let d_b = estimate(nb, bits);
-            let stop_after = match max_similarity {
-                Some(l) if l > 0.0 && l <= 1.0 => d_b * (1.0 / l - 1.0) * 1.05 + 2.0,
-                _ => f64::INFINITY,
-            };
-            // Bits set in `a`, and among them those unset in `b`.
-            let (mut na, mut outside) = (0u32, 0u32);
-            let mut stopped = false;
-            let mut add = |h: u64| {
-                let (word, bit) = bit_of(shift, h);
-                if a[word] & bit == 0 {
-                    a[word] |= bit;
-                    na += 1;
-                    if b[word] & bit == 0 {
-                        outside += 1;
-                        if f64::from(outside) > stop_after {
-                            stopped = true;
-                            return false;
-                        }
-                    }
-                }
-                true
-            };
-            if ascii {
-                for_each_token_until(r, lower, &mut add);
-            } else {
-                let mut go = true;
-                for_each_token(r, lower, |h| {
-                    if go {
-                        go = add(h);
-                    }
-                });
-            }
-            if stopped {
-                return (d_b / (d_b + f64::from(outside))).clamp(0.0, 1.0);
-            }
-            let union_ones = nb + outside;
-            if union_ones == 0 {
-                return 1.0;
-            }
-            let union = estimate(union_ones, bits);
-            let common = estimate(na, bits) + d_b - union;
-            (common / union).clamp(0.0, 1.0)
+                p2 = p1;
+                p1 = h;
+                seen += 1;
+            });
+            (estimate(ng, bits) / positions).min(1.0)
         });
         // Scratch grown for an unusually long text is not kept for the thread.
-        let kept = s.lower.capacity() + 8 * (s.a.capacity() + s.b.capacity() + s.grams.capacity());
+        let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
         if kept > 4 * KEEP_BYTES {
             *s = Bitmaps::default();
         }
-        TextStats {
-            jaccard,
-            distinct_trigrams,
-        }
+        share
     })
 }
 
@@ -577,8 +492,6 @@ mod tests {
         for (a, b, want) in cases {
             assert_eq!(token_jaccard(a, b), want, "{a:?} vs {b:?}");
             assert_eq!(jaccard_model(a, b), want);
-            let est = text_stats(b, Some(a), None, Some(1.0)).jaccard.unwrap();
-            assert!((est - want).abs() < 0.01, "{a:?} vs {b:?}: {est}");
         }
     }
 
@@ -587,72 +500,27 @@ mod tests {
         let prose = "Bees collect nectar from flowers and carry it back to the hive, where \
                      workers pass it from mouth to mouth, add enzymes, and fan it with their \
                      wings until most of the water has gone.";
-        let share = text_stats(prose, None, None, Some(1.0))
-            .distinct_trigrams
-            .unwrap();
+        let share = distinct_trigram_share(prose, 1.0).unwrap();
         assert!(share > 0.95, "{share}");
         let looped = "I'm not able to assist you. ".repeat(12);
-        let share = text_stats(&looped, None, None, Some(1.0))
-            .distinct_trigrams
-            .unwrap();
+        let share = distinct_trigram_share(&looped, 1.0).unwrap();
         // 7 tokens ("i", "m", "not", ...) 12 times: 82 trigrams, 7 distinct.
         assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
         // Too short to judge.
-        assert_eq!(
-            text_stats("one two three", None, None, Some(1.0)).distinct_trigrams,
-            None
-        );
+        assert_eq!(distinct_trigram_share("one two three", 1.0), None);
         // Order matters: a permutation of a trigram is another trigram.
         let words: Vec<String> = (0..30).map(|i| format!("w{}", i % 3)).collect();
-        let share = text_stats(&words.join(" "), None, None, Some(1.0))
-            .distinct_trigrams
-            .unwrap();
+        let share = distinct_trigram_share(&words.join(" "), 1.0).unwrap();
         assert!((share - 3.0 / 28.0).abs() < 0.002, "{share}");
-        assert_eq!(text_stats(prose, None, None, None).distinct_trigrams, None);
         // Enough distinct tokens settle it without the trigram pass: a lower bound at or
         // above the limit, never above the exact share.
-        let bound = text_stats(prose, None, None, Some(0.5))
-            .distinct_trigrams
-            .unwrap();
+        let bound = distinct_trigram_share(prose, 0.5).unwrap();
         assert!((0.5..=1.0).contains(&bound), "{bound}");
         // A loop has too few distinct tokens for the bound: the full count decides.
-        let share = text_stats(&looped, None, None, Some(0.5))
-            .distinct_trigrams
-            .unwrap();
+        let share = distinct_trigram_share(&looped, 0.5).unwrap();
         assert!((share - 7.0 / 82.0).abs() < 0.002, "{share}");
     }
 
-    /// Words from a vocabulary of `vocab`, picked by a seeded generator.
-    fn words(n: usize, vocab: u64, seed: u64) -> String {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                format!("w{}", x % vocab)
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    #[test]
-    fn estimates_stay_close_on_long_texts() {
-        for (n, vocab, seed) in [
-            (200, 150, 1),
-            (1000, 400, 2),
-            (5000, 3000, 3),
-            (60, 1000, 4),
-        ] {
-            let a = words(n, vocab, seed);
-            let b = format!("{} {}", words(n / 10, vocab, seed + 10), &a[a.len() / 10..]);
-            let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), None, None).jaccard.unwrap();
-            assert!((est - exact).abs() < 0.015, "n={n}: {est} vs {exact}");
-        }
-    }
-
-    /// The hot path's tokens and hashes, by the plain definition.
     fn fast_model(text: &str) -> Vec<u64> {
         text.as_bytes()
             .split(|b| !b.is_ascii_alphanumeric())
@@ -684,13 +552,6 @@ mod tests {
         let all: String = (0u8..128).map(char::from).collect();
         assert_eq!(fast(&all), fast_model(&all));
         assert_eq!(fast(&all).len(), 3);
-        // Stopping early reports the tokens seen.
-        let mut seen = 0;
-        let n = for_each_token_until("a b c d e", &mut String::new(), |_| {
-            seen += 1;
-            seen < 2
-        });
-        assert_eq!((n, seen), (2, 2));
     }
 
     #[test]
@@ -722,48 +583,5 @@ mod tests {
             let want = jaccard_model(&a, &b);
             proptest::prop_assert_eq!(token_jaccard(&a, &b), want);
         }
-    }
-
-    /// With a limit, a dissimilar pair stops early with an upper bound below the limit; a
-    /// similar pair is read whole and gets the same estimate as without a limit.
-    #[test]
-    fn similarity_limit_stops_early_only_below_it() {
-        for seed in 1..60u64 {
-            let a = words(200, 300, seed);
-            let far = words(200, 300, seed + 500);
-            let near = format!("{} {}", words(5, 300, seed + 900), &a);
-            let exact_far = token_jaccard(&a, &far);
-            let bounded = text_stats(&far, Some(&a), Some(0.9), None).jaccard.unwrap();
-            assert!(
-                bounded < 0.9 && bounded + 0.02 >= exact_far,
-                "{bounded} vs {exact_far}"
-            );
-            let full = text_stats(&near, Some(&a), None, None).jaccard.unwrap();
-            let limited = text_stats(&near, Some(&a), Some(0.9), None)
-                .jaccard
-                .unwrap();
-            assert_eq!(full, limited);
-            assert!(limited >= 0.9, "{limited}");
-        }
-    }
-
-    /// The estimate over many short and long pairs: close on average, never far off.
-    #[test]
-    fn estimate_error_is_small() {
-        let (mut sum, mut worst, mut n) = (0.0f64, 0.0f64, 0);
-        for seed in 1..400u64 {
-            let len = 3 + (seed as usize * 7) % 300;
-            let vocab = 5 + seed % 400;
-            let a = words(len, vocab, seed);
-            let b = words(len, vocab, seed + 1000);
-            let exact = token_jaccard(&a, &b);
-            let est = text_stats(&b, Some(&a), None, None).jaccard.unwrap();
-            let err = (est - exact).abs();
-            sum += err;
-            worst = worst.max(err);
-            n += 1;
-        }
-        let mean = sum / f64::from(n);
-        assert!(mean < 0.005 && worst < 0.05, "mean {mean}, worst {worst}");
     }
 }

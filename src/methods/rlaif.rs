@@ -8,19 +8,22 @@ use futures::stream::{self, Stream};
 use rand::RngCore;
 use serde_json::{json, Value};
 
-use super::{accept_distinct, common_setters, default_criteria, Common, Judge, Meta, Verdict};
+use super::Method;
 use crate::aspect::{Aspect, AspectSet};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::engine::{
+    accept_distinct, ask, common_setters, default_first_params, drive, example_rng, Common,
+    ExampleStream, Meta,
+};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
-use crate::generator::{ask, default_first_params, drive, example_rng, ExampleStream};
+use crate::judge::{default_criteria, Judge, Verdict};
 use crate::label::Label;
-use crate::method::Method;
 
 /// What [`Rlaif`] does when the two judgements disagree (position bias or ties).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum OnInconsistent {
-    /// Fail the example with [`Error::Unusable`] (call `"judge"`, reason "inconsistent judge
+    /// Fail the example with [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) (call `"judge"`, reason "inconsistent judge
     /// verdicts ..."). The default: an inconsistent pair is label noise.
     #[default]
     Drop,
@@ -44,7 +47,7 @@ struct Inner {
 /// - Calls: sample 1 (`"first"`), sample 2 (`"second"`, re-asked with the next seed while it is
 ///   identical to sample 1, up to `max_reasks`), judgement (A = sample 1, B = sample 2) and
 ///   judgement (A = sample 2, B = sample 1), both grouped as `judge`: 4 calls without re-asks.
-/// - Verdicts are read with [`parse_verdict`](super::parse_verdict); an answer without one is
+/// - Verdicts are read with [`parse_verdict`](crate::judge::parse_verdict); an answer without one is
 ///   re-asked. When both judgements prefer the same sample it wins. Otherwise (opposite
 ///   picks, or a tie in either order) the verdicts are inconsistent: see [`OnInconsistent`].
 /// - `label` is `"better"` when sample 2 won (chosen = the later sample), `"worse"` when sample
@@ -168,15 +171,15 @@ impl RlaifBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if no backend was given or a sampling value (of the policy or the
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given or a sampling value (of the policy or the
     /// judge) is out of range.
     pub fn build(self) -> Result<Rlaif, Error> {
         let policy = self
             .policy
-            .ok_or_else(|| Error::Config("rlaif: no backend: call backend()".into()))?;
+            .ok_or_else(|| Error::config("rlaif: no backend: call backend()"))?;
         self.params
             .validate("rlaif params")
-            .map_err(Error::Config)?;
+            .map_err(Error::config)?;
         let judge = match self.judge {
             Some(j) => j,
             None => Judge::from_arc(self.judge_backend.unwrap_or_else(|| policy.clone()))
@@ -258,7 +261,7 @@ impl Rlaif {
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] if a call failed; [`Error::Unusable`] if a sample stayed empty (or
+    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed; [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a sample stayed empty (or
     /// sample 2 stayed identical to sample 1), the judge gave no readable verdict after every
     /// re-ask, or the verdicts were inconsistent (see [`OnInconsistent`]); all carry the id.
     pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
@@ -378,14 +381,14 @@ async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, E
                 ab.value, ba.value
             )
         };
-        return Err(Error::Unusable {
-            id: plan.id,
-            call: "judge",
-            attempts: ab.calls + ba.calls,
-            reason: UnusableReason::Other(why),
-        });
+        return Err(Error::unusable(
+            plan.id,
+            "judge",
+            ab.calls + ba.calls,
+            UnusableReason::Other(why),
+        ));
     };
-    let mut meta = Meta::new(Method::Rlaif, c.seed, plan.extra);
+    let mut meta = Meta::new(Method::Rlaif.as_str(), c.seed, plan.extra);
     meta.add("first", &first);
     meta.add("second", &second);
     meta.add("judge", &ab);

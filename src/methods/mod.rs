@@ -1,7 +1,6 @@
-//! The generation methods side by side: [`Method`] names them, [`Generator`] runs any of them.
-//!
-//! [`RmBoost`] and the [baselines](crate::baselines) ([`Rlcd`], [`Rlaif`], [`WestOfN`]) all
-//! implement [`Generator`], so a program can pick one at run time and hold it as a
+//! The generation methods: [`RmBoost`] and the paper's baselines [`Rlcd`], [`Rlaif`] and
+//! [`WestOfN`], in the same harness. [`Method`] names them; each implements
+//! [`Generator`](crate::Generator), so a program can pick one at run time and hold it as a
 //! `Box<dyn Generator>`:
 //!
 //! ```
@@ -16,26 +15,80 @@
 //!     Method::Rlcd => Box::new(Rlcd::builder().backend(FakeBackend::new()).build()?),
 //!     _ => Box::new(RmBoost::builder().backend(FakeBackend::new()).build()?),
 //! };
-//! assert_eq!(generator.method(), Method::Rlcd);
+//! assert_eq!(generator.method(), "rlcd");
 //! let prompts = vec![Prompt::with_id("q1", "Name a colour.")];
 //! let results: Vec<_> = generator.generate_iter(prompts).collect().await;
 //! assert_eq!(results[0].as_ref().unwrap().metadata.method, "rlcd");
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## The baselines
+//!
+//! | method | calls per example (no re-asks) | how the pair is made |
+//! |---|---|---|
+//! | [`Rlcd`] | 2 | a response to a system prompt pushing towards the drawn aspects (chosen) and one pushing away from them (rejected) |
+//! | [`Rlaif`] | 4 | two samples; an LLM judge compares them in both orders; consistent verdicts make the pair |
+//! | [`WestOfN`] | N + N scorings | N samples scored pointwise; the best is chosen, the worst rejected |
+//!
+//! ## What `label` means for a baseline
+//!
+//! The baselines keep RMBoost's construction rule, restated for responses generated one after
+//! the other: `label = "better"` means the chosen response is the *later* one (the second
+//! sample; for RLCD the positive response, generated after the negative one), `"worse"` that it
+//! is the earlier one. So for RLCD every label is `"better"`; for RLAIF and West-of-N the label
+//! says which sample won and should be balanced. Judge verdicts and scores are kept in
+//! `metadata` (keys `judge`, `scores`; see each type).
+//!
+//! ## Example (offline)
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), rmboost::Error> {
+//! use futures::StreamExt;
+//! use rmboost::testing::ScriptedBackend;
+//! use rmboost::{Completion, Prompt, Rlaif};
+//!
+//! // A stand-in model: samples echo their seed; as a judge it always prefers answer A.
+//! let backend = ScriptedBackend::from_fn(|req| {
+//!     let last = &req.messages.last().unwrap().content;
+//!     if last.contains("<answer_a>") {
+//!         Ok(Completion::new("A is clearer. <verdict>A</verdict>"))
+//!     } else {
+//!         Ok(Completion::new(format!("sample {}", req.seed.unwrap_or(0))))
+//!     }
+//! });
+//! let rlaif = Rlaif::builder().backend(backend.clone()).seed(1).build()?;
+//! let results: Vec<_> = rlaif.generate_iter(vec![Prompt::new("Name a river.")]).collect().await;
+//! // "A" in both orders means a different sample each time: position bias, so the example
+//! // is dropped as inconsistent rather than written with a coin-flip label.
+//! let err = results[0].as_ref().unwrap_err();
+//! assert!(err.to_string().contains("inconsistent"), "{err}");
+//! assert_eq!(backend.calls(), 4);
+//! # Ok(())
+//! # }
+//! ```
+
+mod rlaif;
+mod rlcd;
+mod rmboost;
+mod west_of_n;
 
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
-use std::sync::Arc;
 
-use futures::stream::{self, BoxStream, Stream, StreamExt};
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::baselines::{Rlaif, Rlcd, WestOfN};
+pub use self::rmboost::{ExamplePlan, RmBoost, RmBoostBuilder};
+pub use rlaif::{OnInconsistent, Rlaif, RlaifBuilder};
+pub use rlcd::{Rlcd, RlcdBuilder};
+pub use west_of_n::{WestOfN, WestOfNBuilder};
+
+use crate::engine::{ExampleStream, Generator};
 use crate::error::Error;
 use crate::example::Prompt;
-use crate::generator::{ExampleStream, RmBoost};
 
 /// A generation method: RMBoost or one of the paper's baselines.
 ///
@@ -96,69 +149,25 @@ impl FromStr for Method {
 
     /// # Errors
     ///
-    /// [`Error::Config`] naming the accepted values if `s` is none of them.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the accepted values if `s` is none of them.
     fn from_str(s: &str) -> Result<Self, Error> {
         let norm = s.trim().to_ascii_lowercase().replace('_', "-");
         Method::ALL
             .into_iter()
             .find(|m| m.as_str() == norm)
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::config(format!(
                     "unknown method {s:?}: expected one of rmboost, rlcd, rlaif, west-of-n"
                 ))
             })
     }
 }
 
-/// A generation method ready to run: turns prompts into a stream of preference examples.
-///
-/// Object safe, so a program can choose the method at run time (`Box<dyn Generator>`,
-/// `Arc<dyn Generator>`). Every implementation keeps the crate's invariants: per-example
-/// seeding with [`example_rng`](crate::example_rng), at most [`concurrency`](Self::concurrency)
-/// examples in flight, one result per input prompt carrying its id, and a stop after a fatal
-/// error.
-pub trait Generator: Send + Sync + fmt::Debug {
-    /// Which method this is.
-    fn method(&self) -> Method;
-
-    /// The run seed.
-    fn seed(&self) -> u64;
-
-    /// The most examples in flight at once.
-    fn concurrency(&self) -> NonZeroUsize;
-
-    /// Turns a boxed stream of prompts into a stream of results, one per prompt; an `Err` input
-    /// item is passed through in its place. The types' own `try_generate`, `generate` and
-    /// `generate_iter` do the same for any stream or iterator.
-    fn generate_boxed(&self, prompts: BoxStream<'static, Result<Prompt, Error>>) -> ExampleStream;
-}
-
-impl dyn Generator + '_ {
-    /// [`generate_boxed`](Generator::generate_boxed) for any fallible stream of prompts (such
-    /// as a JSONL reader turned into a stream): an `Err` input item is passed through in its
-    /// place.
-    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
-    where
-        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-    {
-        self.generate_boxed(prompts.boxed())
-    }
-
-    /// [`generate_boxed`](Generator::generate_boxed) for an iterator of prompts.
-    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
-    where
-        I: IntoIterator<Item = Prompt>,
-        I::IntoIter: Send + 'static,
-    {
-        self.generate_boxed(stream::iter(prompts).map(Ok).boxed())
-    }
-}
-
 macro_rules! impl_generator {
     ($($ty:ty => $method:expr),*) => {$(
         impl Generator for $ty {
-            fn method(&self) -> Method {
-                $method
+            fn method(&self) -> &str {
+                $method.as_str()
             }
             fn seed(&self) -> u64 {
                 <$ty>::seed(self)
@@ -182,30 +191,6 @@ impl_generator!(
     Rlaif => Method::Rlaif,
     WestOfN => Method::WestOfN
 );
-
-macro_rules! forward_generator {
-    ($($ty:ty),*) => {$(
-        impl<G: Generator + ?Sized> Generator for $ty {
-            fn method(&self) -> Method {
-                (**self).method()
-            }
-            fn seed(&self) -> u64 {
-                (**self).seed()
-            }
-            fn concurrency(&self) -> NonZeroUsize {
-                (**self).concurrency()
-            }
-            fn generate_boxed(
-                &self,
-                prompts: BoxStream<'static, Result<Prompt, Error>>,
-            ) -> ExampleStream {
-                (**self).generate_boxed(prompts)
-            }
-        }
-    )*};
-}
-
-forward_generator!(Arc<G>, Box<G>, &G);
 
 #[cfg(test)]
 mod tests {

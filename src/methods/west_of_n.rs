@@ -1,120 +1,24 @@
 //! West-of-N: N samples, scored one by one; the best is chosen and the worst rejected.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use futures::stream::{self, Stream};
 use rand::RngCore;
 use serde_json::{json, Value};
 
-use super::{accept_distinct, common_setters, default_criteria, Common, Judge, Meta};
+use super::Method;
 use crate::aspect::{Aspect, AspectSet};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams, Usage};
+use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::engine::{
+    accept_distinct, ask, common_setters, default_first_params, drive, example_rng, Common,
+    ExampleStream, Meta,
+};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
-use crate::generator::{ask, default_first_params, drive, example_rng, ExampleStream};
+use crate::judge::{default_criteria, Judge, ScoreRequest, Scorer};
 use crate::label::Label;
-use crate::method::Method;
-
-/// What a [`Scorer`] is asked to score: one response to one prompt.
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub struct ScoreRequest<'a> {
-    /// The example's id (for errors).
-    pub id: &'a str,
-    /// The prompt conversation.
-    pub prompt: &'a [Message],
-    /// The response to score.
-    pub response: &'a str,
-    /// Which sample it is (0-based, in generation order).
-    pub index: usize,
-    /// The criteria drawn for the example.
-    pub criteria: &'a [Aspect],
-    /// A backend seed drawn for this scoring (re-ask `n` should use `seed + n`).
-    pub seed: u64,
-}
-
-/// A score and what it cost.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Scored {
-    /// Higher is better. Must be finite.
-    pub score: f64,
-    /// Backend calls made to get it (0 for a scorer that calls no model).
-    pub calls: u32,
-    /// Of those, answers rejected and asked again.
-    pub reasks: u32,
-    /// Tokens used.
-    pub usage: Usage,
-    /// The model that scored, if any.
-    pub model: String,
-}
-
-impl Scored {
-    /// A score that cost no backend call (a local reward model, a heuristic).
-    #[must_use]
-    pub fn new(score: f64) -> Self {
-        Scored {
-            score,
-            ..Scored::default()
-        }
-    }
-}
-
-/// Scores one response pointwise: an LLM judge ([`Judge`], the default), a reward model, or
-/// any function of the text.
-///
-/// Object safe; `Arc<dyn Scorer>`, `Box<dyn Scorer>` and `&S` implement it by forwarding.
-///
-/// ```
-/// use rmboost::baselines::{ScoreRequest, Scored, Scorer};
-/// use rmboost::{async_trait, Error};
-///
-/// /// Prefers shorter answers (a toy).
-/// #[derive(Debug)]
-/// struct Brevity;
-///
-/// #[async_trait]
-/// impl Scorer for Brevity {
-///     async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
-///         Ok(Scored::new(-(request.response.len() as f64)))
-///     }
-/// }
-/// ```
-#[async_trait]
-pub trait Scorer: Send + Sync + fmt::Debug {
-    /// Scores one response.
-    ///
-    /// # Errors
-    ///
-    /// An [`Error`] carrying the request's id: [`Error::Backend`] if a model call failed,
-    /// [`Error::Unusable`] if no score could be read. The example fails with it.
-    async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error>;
-
-    /// A short name for metadata (`"llm-judge"`, `"reward-model"`, ...). Defaults to
-    /// `"custom"`.
-    fn name(&self) -> Cow<'_, str> {
-        Cow::Borrowed("custom")
-    }
-}
-
-macro_rules! forward_scorer {
-    ($($ty:ty),*) => {$(
-        #[async_trait]
-        impl<S: Scorer + ?Sized> Scorer for $ty {
-            async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
-                (**self).score(request).await
-            }
-            fn name(&self) -> Cow<'_, str> {
-                (**self).name()
-            }
-        }
-    )*};
-}
-
-forward_scorer!(Arc<S>, Box<S>, &S);
 
 struct Inner {
     backend: Arc<dyn LlmBackend>,
@@ -132,7 +36,7 @@ struct Inner {
 ///
 /// - Identical samples (after normalising white space and case) are scored once: only the first
 ///   of each is kept. Fewer than 2 distinct samples fail the example
-///   ([`Error::Unusable`], call `"samples"`); the same response is never both chosen and
+///   ([`ErrorKind::Unusable`](crate::ErrorKind::Unusable), call `"samples"`); the same response is never both chosen and
 ///   rejected.
 /// - Ties are broken deterministically: the best is the *earliest* sample with the top score,
 ///   the worst the *latest* with the bottom score. If all scores are equal the example fails
@@ -147,7 +51,7 @@ struct Inner {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), rmboost::Error> {
 /// use futures::StreamExt;
-/// use rmboost::baselines::{ScoreRequest, Scored, Scorer};
+/// use rmboost::judge::{ScoreRequest, Scored, Scorer};
 /// use rmboost::testing::FakeBackend;
 /// use rmboost::{async_trait, Error, Prompt, WestOfN};
 ///
@@ -270,20 +174,20 @@ impl WestOfNBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if no backend was given, `n < 2`, or a sampling value is out of range.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given, `n < 2`, or a sampling value is out of range.
     pub fn build(self) -> Result<WestOfN, Error> {
         let backend = self
             .backend
-            .ok_or_else(|| Error::Config("west-of-n: no backend: call backend()".into()))?;
+            .ok_or_else(|| Error::config("west-of-n: no backend: call backend()"))?;
         if self.n < 2 {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "west-of-n: n must be at least 2, got {}",
                 self.n
             )));
         }
         self.params
             .validate("west-of-n params")
-            .map_err(Error::Config)?;
+            .map_err(Error::config)?;
         let scorer = match self.scorer {
             Some(s) => s,
             None => Arc::new(Judge::from_arc(backend.clone()).max_reasks(self.common.max_reasks)),
@@ -366,7 +270,7 @@ impl WestOfN {
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] if a call failed; [`Error::Unusable`] if a sample stayed empty, fewer
+    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed; [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a sample stayed empty, fewer
     /// than 2 distinct samples remain, or all scores tie (unless allowed); all carry the id.
     pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
         let plan = self.plan(prompt);
@@ -428,7 +332,7 @@ async fn run(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> 
 
 async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
     let c = &inner.common;
-    let mut meta = Meta::new(Method::WestOfN, c.seed, plan.extra);
+    let mut meta = Meta::new(Method::WestOfN.as_str(), c.seed, plan.extra);
     let req = CompletionRequest::new(plan.prompt.clone()).with_params(&inner.params);
     // Distinct samples as (generation index, text).
     let mut samples: Vec<(usize, String)> = Vec::with_capacity(inner.n);
@@ -446,22 +350,22 @@ async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, E
         meta.add("samples", &a);
         if !samples
             .iter()
-            .any(|(_, t)| crate::template::same_text(t, &a.value))
+            .any(|(_, t)| crate::checks::same_text(t, &a.value))
         {
             samples.push((i, a.value));
         }
     }
     if samples.len() < 2 {
-        return Err(Error::Unusable {
-            id: plan.id,
-            call: "samples",
-            attempts: inner.n as u32,
-            reason: UnusableReason::Other(format!(
+        return Err(Error::unusable(
+            plan.id,
+            "samples",
+            inner.n as u32,
+            UnusableReason::Other(format!(
                 "only {} distinct response among {} samples",
                 samples.len(),
                 inner.n
             )),
-        });
+        ));
     }
     let mut scores: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
     for (i, text) in &samples {
@@ -477,31 +381,28 @@ async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, E
             })
             .await?;
         if !s.score.is_finite() {
-            return Err(Error::Unusable {
-                id: plan.id,
-                call: "score",
-                attempts: 1,
-                reason: UnusableReason::Other(format!(
-                    "the scorer returned {} for sample {i}",
-                    s.score
-                )),
-            });
+            return Err(Error::unusable(
+                plan.id,
+                "score",
+                1,
+                UnusableReason::Other(format!("the scorer returned {} for sample {i}", s.score)),
+            ));
         }
         meta.add_raw("score", s.calls, s.reasks, s.usage, &s.model);
         scores.push((*i, s.score));
     }
     let (best, worst) = extremes(&scores);
     if scores[best].1 == scores[worst].1 && !inner.allow_ties {
-        return Err(Error::Unusable {
-            id: plan.id,
-            call: "score",
-            attempts: scores.len() as u32,
-            reason: UnusableReason::Other(format!(
+        return Err(Error::unusable(
+            plan.id,
+            "score",
+            scores.len() as u32,
+            UnusableReason::Other(format!(
                 "all {} distinct samples scored {}",
                 scores.len(),
                 scores[best].1
             )),
-        });
+        ));
     }
     let (chosen_idx, rejected_idx) = (scores[best].0, scores[worst].0);
     let mut all: Vec<Value> = vec![Value::Null; inner.n];

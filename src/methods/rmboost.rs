@@ -2,48 +2,22 @@
 
 use std::fmt;
 use std::num::NonZeroUsize;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures::stream::{self, BoxStream, Stream, StreamExt};
-use rand::{Rng, RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use sha2::{Digest, Sha256};
+use futures::stream::{self, Stream, StreamExt};
+use rand::{Rng, RngCore};
 use tracing::Instrument;
 
 use crate::aspect::{AspectDraw, AspectSet, Aspects};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams, Usage};
-use crate::error::{Error, UnusableReason};
-use crate::example::{ExampleMetadata, PreferenceExample, Prompt};
+use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::engine::{
+    ask, common_setters, default_first_params, default_second_params, drive, example_rng, Common,
+    ExampleStream, Meta,
+};
+use crate::error::Error;
+use crate::example::{PreferenceExample, Prompt};
 use crate::label::{Bernoulli, Label, LabelDraw, LabelSampler};
 use crate::template::{DefaultTemplate, PromptTemplate, SecondContext};
-
-/// The order in which a stream yields results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum OutputOrder {
-    /// As each example finishes: best throughput, since one slow example holds nothing up.
-    /// Every result carries its id. The default.
-    #[default]
-    Completion,
-    /// In input order: a slow example holds back the ones after it (still `concurrency` in
-    /// flight).
-    Input,
-}
-
-/// The RNG every random draw of one example comes from.
-///
-/// Seeded by SHA-256 of `(run seed, example id)`, so it depends on nothing else: not on
-/// concurrency, ordering, retries, resume or sharding. ChaCha8 is a named algorithm whose
-/// output does not change between `rand` releases.
-#[must_use]
-pub fn example_rng(run_seed: u64, id: &str) -> ChaCha8Rng {
-    let mut h = Sha256::new();
-    h.update(b"rmboost/example/v1\0");
-    h.update(run_seed.to_le_bytes());
-    h.update(id.as_bytes());
-    ChaCha8Rng::from_seed(h.finalize().into())
-}
 
 /// Everything drawn for one example before any call: a pure function of the run seed and the
 /// example id.
@@ -87,12 +61,9 @@ struct Inner {
     labels: Arc<dyn LabelSampler>,
     aspects: Arc<dyn AspectSet>,
     template: Arc<dyn PromptTemplate>,
-    concurrency: NonZeroUsize,
-    order: OutputOrder,
-    seed: u64,
     first_params: SamplingParams,
     second_params: SamplingParams,
-    max_reasks: u32,
+    common: Common,
 }
 
 /// The RMBoost generator: turns prompts into preference examples.
@@ -131,12 +102,9 @@ impl fmt::Debug for RmBoost {
             .field("labels", &i.labels)
             .field("aspects", &i.aspects)
             .field("template", &i.template)
-            .field("concurrency", &i.concurrency)
-            .field("order", &i.order)
-            .field("seed", &i.seed)
             .field("first_params", &i.first_params)
             .field("second_params", &i.second_params)
-            .field("max_reasks", &i.max_reasks)
+            .field("common", &i.common)
             .finish()
     }
 }
@@ -149,12 +117,9 @@ pub struct RmBoostBuilder {
     labels: Arc<dyn LabelSampler>,
     aspects: Arc<dyn AspectSet>,
     template: Arc<dyn PromptTemplate>,
-    concurrency: NonZeroUsize,
-    order: OutputOrder,
-    seed: u64,
     first_params: SamplingParams,
     second_params: SamplingParams,
-    max_reasks: u32,
+    common: Common,
 }
 
 impl fmt::Debug for RmBoostBuilder {
@@ -162,23 +127,9 @@ impl fmt::Debug for RmBoostBuilder {
         f.debug_struct("RmBoostBuilder")
             .field("has_first_backend", &self.first_backend.is_some())
             .field("has_second_backend", &self.second_backend.is_some())
-            .field("concurrency", &self.concurrency)
-            .field("seed", &self.seed)
+            .field("common", &self.common)
             .finish_non_exhaustive()
     }
-}
-
-/// Default sampling of the first response: temperature 0.7, at most 512 tokens.
-#[must_use]
-pub fn default_first_params() -> SamplingParams {
-    SamplingParams::default().temperature(0.7).max_tokens(512)
-}
-
-/// Default sampling of the second response: temperature 0.7, at most 768 tokens (room for a
-/// short plan before the tagged answer).
-#[must_use]
-pub fn default_second_params() -> SamplingParams {
-    SamplingParams::default().temperature(0.7).max_tokens(768)
 }
 
 impl RmBoostBuilder {
@@ -189,12 +140,9 @@ impl RmBoostBuilder {
             labels: Arc::new(Bernoulli::default()),
             aspects: Arc::new(Aspects::general()),
             template: Arc::new(DefaultTemplate::new()),
-            concurrency: NonZeroUsize::new(8).expect("8 is not zero"),
-            order: OutputOrder::default(),
-            seed: 0,
             first_params: default_first_params(),
             second_params: default_second_params(),
-            max_reasks: 3,
+            common: Common::default(),
         }
     }
 
@@ -241,24 +189,7 @@ impl RmBoostBuilder {
         self
     }
 
-    /// How many examples run at once (each makes its calls one after another, so this is also
-    /// the most backend calls in flight). Default: 8.
-    pub fn concurrency(mut self, concurrency: NonZeroUsize) -> Self {
-        self.concurrency = concurrency;
-        self
-    }
-
-    /// The output order. Default: [`OutputOrder::Completion`].
-    pub fn order(mut self, order: OutputOrder) -> Self {
-        self.order = order;
-        self
-    }
-
-    /// The run seed; with each example's id it determines every random draw. Default: 0.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
+    common_setters!();
 
     /// Sampling of the first response. Default: [`default_first_params`].
     pub fn first_params(mut self, params: SamplingParams) -> Self {
@@ -272,34 +203,27 @@ impl RmBoostBuilder {
         self
     }
 
-    /// How many times an unusable answer (empty, a copy, meta-talk) is asked again before the
-    /// example fails. Default: 3 (so at most 4 answers per response).
-    pub fn max_reasks(mut self, max_reasks: u32) -> Self {
-        self.max_reasks = max_reasks;
-        self
-    }
-
     /// Validates the settings and builds the generator.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if no backend was given for a call or a sampling value is out of
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given for a call or a sampling value is out of
     /// range (the message names the setting).
     pub fn build(self) -> Result<RmBoost, Error> {
-        let first_backend = self.first_backend.ok_or_else(|| {
-            Error::Config("no backend: call backend() (or first_backend())".into())
-        })?;
+        let first_backend = self
+            .first_backend
+            .ok_or_else(|| Error::config("no backend: call backend() (or first_backend())"))?;
         let second_backend = self.second_backend.ok_or_else(|| {
-            Error::Config("no backend for the second response: call second_backend()".into())
+            Error::config("no backend for the second response: call second_backend()")
         })?;
         self.first_params
             .validate("first_params")
-            .map_err(Error::Config)?;
+            .map_err(Error::config)?;
         self.second_params
             .validate("second_params")
-            .map_err(Error::Config)?;
+            .map_err(Error::config)?;
         if self.template.variants() == 0 {
-            return Err(Error::Config("template has zero variants".into()));
+            return Err(Error::config("template has zero variants"));
         }
         Ok(RmBoost {
             inner: Arc::new(Inner {
@@ -308,69 +232,11 @@ impl RmBoostBuilder {
                 labels: self.labels,
                 aspects: self.aspects,
                 template: self.template,
-                concurrency: self.concurrency,
-                order: self.order,
-                seed: self.seed,
                 first_params: self.first_params,
                 second_params: self.second_params,
-                max_reasks: self.max_reasks,
+                common: self.common,
             }),
         })
-    }
-}
-
-/// The stream of results returned by [`RmBoost::generate`].
-///
-/// Yields one item per input prompt: `Ok(example)` or `Err(error)` carrying the id. After a
-/// fatal error (see [`Error::is_fatal`]: a bad key, an exhausted quota, a missing model) it
-/// yields that error once and ends; in-flight examples are dropped. Dropping the stream cancels
-/// all in-flight work.
-#[must_use = "streams do nothing unless polled"]
-pub struct ExampleStream {
-    inner: BoxStream<'static, Result<PreferenceExample, Error>>,
-    done: bool,
-}
-
-impl fmt::Debug for ExampleStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExampleStream")
-            .field("done", &self.done)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Stream for ExampleStream {
-    type Item = Result<PreferenceExample, Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let item = futures::ready!(self.inner.poll_next_unpin(cx));
-        match &item {
-            None => self.done = true,
-            Some(Err(e)) if e.is_fatal() => {
-                self.done = true;
-                // Drop in-flight work now rather than when the stream is dropped.
-                self.inner = stream::empty().boxed();
-            }
-            Some(_) => {}
-        }
-        Poll::Ready(item)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        if self.done {
-            (0, Some(0))
-        } else {
-            (0, self.inner.size_hint().1)
-        }
-    }
-}
-
-impl futures::stream::FusedStream for ExampleStream {
-    fn is_terminated(&self) -> bool {
-        self.done
     }
 }
 
@@ -384,13 +250,13 @@ impl RmBoost {
     /// The run seed.
     #[must_use]
     pub fn seed(&self) -> u64 {
-        self.inner.seed
+        self.inner.common.seed
     }
 
     /// The concurrency.
     #[must_use]
     pub fn concurrency(&self) -> NonZeroUsize {
-        self.inner.concurrency
+        self.inner.common.concurrency
     }
 
     /// Draws everything for one example without calling any model: the label, aspects, template
@@ -398,7 +264,7 @@ impl RmBoost {
     #[must_use]
     pub fn plan(&self, prompt: Prompt) -> ExamplePlan {
         let inner = &*self.inner;
-        let mut rng = example_rng(inner.seed, &prompt.id);
+        let mut rng = example_rng(inner.common.seed, &prompt.id);
         let first_seed = rng.next_u64();
         let second_seed = rng.next_u64();
         let label = inner.labels.sample(&mut rng);
@@ -443,7 +309,7 @@ impl RmBoost {
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] if a call failed, [`Error::Unusable`] if an answer stayed unusable
+    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed, [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if an answer stayed unusable
     /// after every re-ask; both carry the prompt's id.
     ///
     /// # Cancel safety
@@ -482,126 +348,14 @@ impl RmBoost {
         let this = self.clone();
         drive(
             prompts,
-            self.inner.concurrency,
-            self.inner.order,
+            self.inner.common.concurrency,
+            self.inner.common.order,
             move |p| {
                 // Draws happen here, synchronously, before the first await.
                 let plan = this.plan(p);
                 run_plan(this.inner.clone(), plan)
             },
         )
-    }
-}
-
-/// The stream machinery every generation method shares: runs `run` on each prompt with at most
-/// `concurrency` in flight, in `order`, passes input errors through in place, and stops after a
-/// fatal error (see [`ExampleStream`]).
-///
-/// `run` is called synchronously when the prompt is pulled from the input, so a method makes
-/// all of its random draws there, before its future first awaits.
-pub(crate) fn drive<S, F, Fut>(
-    prompts: S,
-    concurrency: NonZeroUsize,
-    order: OutputOrder,
-    run: F,
-) -> ExampleStream
-where
-    S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-    F: Fn(Prompt) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<PreferenceExample, Error>> + Send + 'static,
-{
-    let futures = prompts.map(move |p| match p {
-        Ok(p) => futures::future::Either::Left(run(p)),
-        Err(e) => futures::future::Either::Right(futures::future::ready(Err(e))),
-    });
-    let n = concurrency.get();
-    let inner = match order {
-        OutputOrder::Completion => futures.buffer_unordered(n).boxed(),
-        OutputOrder::Input => futures.buffered(n).boxed(),
-    };
-    ExampleStream { inner, done: false }
-}
-
-/// What one response took: the accepted text, calls made and answers rejected.
-pub(crate) struct Answer<T> {
-    pub(crate) value: T,
-    pub(crate) usage: Usage,
-    pub(crate) model: String,
-    pub(crate) calls: u32,
-    pub(crate) reasks: u32,
-}
-
-/// Sends `base` (with seed `seed + attempt`) until `accept` takes the answer or `max_reasks`
-/// re-asks are used up.
-pub(crate) async fn ask<T>(
-    backend: &dyn LlmBackend,
-    id: &str,
-    call: &'static str,
-    base: &CompletionRequest,
-    seed: u64,
-    max_reasks: u32,
-    accept: impl FnMut(&str) -> Result<T, UnusableReason>,
-) -> Result<Answer<T>, Error> {
-    ask_with(backend, id, call, base, None, seed, max_reasks, accept).await
-}
-
-/// Like [`ask`], sending `reask` instead of `base` for every re-ask when given.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn ask_with<T>(
-    backend: &dyn LlmBackend,
-    id: &str,
-    call: &'static str,
-    base: &CompletionRequest,
-    reask: Option<&CompletionRequest>,
-    seed: u64,
-    max_reasks: u32,
-    mut accept: impl FnMut(&str) -> Result<T, UnusableReason>,
-) -> Result<Answer<T>, Error> {
-    let mut usage = Usage::default();
-    let mut model = String::new();
-    let mut attempt: u32 = 0;
-    loop {
-        let request = match reask {
-            Some(r) if attempt > 0 => r,
-            _ => base,
-        }
-        .clone()
-        .with_seed(seed.wrapping_add(u64::from(attempt)));
-        let completion = backend
-            .complete(request)
-            .await
-            .map_err(|source| Error::Backend {
-                id: id.to_string(),
-                call,
-                source,
-            })?;
-        usage += completion.usage;
-        if !completion.model.is_empty() {
-            model = completion.model;
-        }
-        match accept(&completion.text) {
-            Ok(value) => {
-                return Ok(Answer {
-                    value,
-                    usage,
-                    model,
-                    calls: attempt + 1,
-                    reasks: attempt,
-                })
-            }
-            Err(reason) => {
-                tracing::debug!(id, call, attempt, %reason, "unusable answer");
-                if attempt >= max_reasks {
-                    return Err(Error::Unusable {
-                        id: id.to_string(),
-                        call,
-                        attempts: attempt + 1,
-                        reason,
-                    });
-                }
-                attempt += 1;
-            }
-        }
     }
 }
 
@@ -617,7 +371,7 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
             "first",
             &first_req,
             plan.first_seed,
-            inner.max_reasks,
+            inner.common.max_reasks,
             |raw| template.accept_first(raw),
         )
         .await?;
@@ -632,12 +386,16 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
             "second",
             &second_req,
             plan.second_seed,
-            inner.max_reasks,
+            inner.common.max_reasks,
             |raw| template.parse_second(raw, &ctx),
         )
         .await?;
         drop(second_req);
 
+        let mut meta = Meta::new("rmboost", inner.common.seed, plan.extra);
+        meta.add("first", &first);
+        meta.add("second", &second);
+        let metadata = meta.finish();
         let aspects = match second.value.picked_aspects {
             Some(picked) => picked,
             None => plan
@@ -647,21 +405,6 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
                 .map(|a| a.name.clone())
                 .collect(),
         };
-        let mut metadata = ExampleMetadata {
-            method: "rmboost".into(),
-            seed: inner.seed,
-            calls: first.calls + second.calls,
-            reasks: first.reasks + second.reasks,
-            input: plan.extra,
-            ..ExampleMetadata::default()
-        };
-        metadata.models.insert("first".into(), first.model);
-        metadata.models.insert("second".into(), second.model);
-        metadata.usage.insert("first".into(), first.usage);
-        metadata.usage.insert("second".into(), second.usage);
-        metadata
-            .usage
-            .insert("total".into(), first.usage + second.usage);
         let (chosen, rejected) = match plan.label.label {
             Label::Better => (second.value.text, first.value),
             Label::Worse => (first.value, second.value.text),
@@ -680,70 +423,4 @@ async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExam
     }
     .instrument(span)
     .await
-}
-
-/// Running totals over a stream of results, for progress lines and final summaries.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// Examples produced.
-    pub examples: u64,
-    /// Examples that failed, by [`Error::kind_str`].
-    pub failures: std::collections::BTreeMap<&'static str, u64>,
-    /// Backend calls made by the examples produced.
-    pub calls: u64,
-    /// Answers rejected and asked again, in the examples produced.
-    pub reasks: u64,
-    /// Tokens used by the examples produced.
-    pub usage: Usage,
-    /// Examples labelled better.
-    pub better: u64,
-}
-
-impl Summary {
-    /// Adds one result.
-    pub fn record(&mut self, result: &Result<PreferenceExample, Error>) {
-        match result {
-            Ok(ex) => {
-                self.examples += 1;
-                self.calls += u64::from(ex.metadata.calls);
-                self.reasks += u64::from(ex.metadata.reasks);
-                if let Some(u) = ex.metadata.usage.get("total") {
-                    self.usage += *u;
-                }
-                if ex.label == Label::Better {
-                    self.better += 1;
-                }
-            }
-            Err(e) => *self.failures.entry(e.kind_str()).or_insert(0) += 1,
-        }
-    }
-
-    /// All failures.
-    #[must_use]
-    pub fn failed(&self) -> u64 {
-        self.failures.values().sum()
-    }
-}
-
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} examples, {} failed, {} re-asks, {} calls, {} tokens ({} prompt + {} completion)",
-            self.examples,
-            self.failed(),
-            self.reasks,
-            self.calls,
-            self.usage.total(),
-            self.usage.prompt_tokens,
-            self.usage.completion_tokens
-        )?;
-        if !self.failures.is_empty() {
-            f.write_str("; failures:")?;
-            for (k, n) in &self.failures {
-                write!(f, " {k}={n}")?;
-            }
-        }
-        Ok(())
-    }
 }

@@ -1,0 +1,537 @@
+//! The engine every generation method runs on: the per-example RNG ([`example_rng`]), the
+//! stream driver with bounded concurrency and either output order ([`ExampleStream`]), the
+//! re-ask loop, the options every method shares, the metadata collector, the [`Generator`]
+//! trait and the running [`Summary`].
+//!
+//! A method supplies one function from a prompt to a future of its example; the engine makes
+//! the stream: it calls the function when it pulls the prompt (so every draw happens before
+//! the first await), keeps at most `concurrency` futures in flight, passes input errors
+//! through in place, and ends after a fatal error.
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::stream::{self, BoxStream, Stream, StreamExt};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::aspect::Aspect;
+use crate::backend::{CompletionRequest, LlmBackend, Message, Role, SamplingParams, Usage};
+use crate::checks::same_text;
+use crate::error::{Error, UnusableReason};
+use crate::example::{ExampleMetadata, PreferenceExample, Prompt};
+use crate::label::Label;
+/// The order in which a stream yields results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OutputOrder {
+    /// As each example finishes: best throughput, since one slow example holds nothing up.
+    /// Every result carries its id. The default.
+    #[default]
+    Completion,
+    /// In input order: a slow example holds back the ones after it (still `concurrency` in
+    /// flight).
+    Input,
+}
+
+/// The RNG every random draw of one example comes from.
+///
+/// Seeded by SHA-256 of `(run seed, example id)`, so it depends on nothing else: not on
+/// concurrency, ordering, retries, resume or sharding. ChaCha8 is a named algorithm whose
+/// output does not change between `rand` releases.
+#[must_use]
+pub fn example_rng(run_seed: u64, id: &str) -> ChaCha8Rng {
+    let mut h = Sha256::new();
+    h.update(b"rmboost/example/v1\0");
+    h.update(run_seed.to_le_bytes());
+    h.update(id.as_bytes());
+    ChaCha8Rng::from_seed(h.finalize().into())
+}
+
+/// Default sampling of the first response: temperature 0.7, at most 512 tokens.
+#[must_use]
+pub fn default_first_params() -> SamplingParams {
+    SamplingParams::default().temperature(0.7).max_tokens(512)
+}
+
+/// Default sampling of the second response: temperature 0.7, at most 768 tokens (room for a
+/// short plan before the tagged answer).
+#[must_use]
+pub fn default_second_params() -> SamplingParams {
+    SamplingParams::default().temperature(0.7).max_tokens(768)
+}
+
+/// The stream of results returned by [`RmBoost::generate`].
+///
+/// Yields one item per input prompt: `Ok(example)` or `Err(error)` carrying the id. After a
+/// fatal error (see [`Error::is_fatal`]: a bad key, an exhausted quota, a missing model) it
+/// yields that error once and ends; in-flight examples are dropped. Dropping the stream cancels
+/// all in-flight work.
+#[must_use = "streams do nothing unless polled"]
+pub struct ExampleStream {
+    inner: BoxStream<'static, Result<PreferenceExample, Error>>,
+    done: bool,
+}
+
+impl fmt::Debug for ExampleStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExampleStream")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for ExampleStream {
+    type Item = Result<PreferenceExample, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = futures::ready!(self.inner.poll_next_unpin(cx));
+        match &item {
+            None => self.done = true,
+            Some(Err(e)) if e.is_fatal() => {
+                self.done = true;
+                // Drop in-flight work now rather than when the stream is dropped.
+                self.inner = stream::empty().boxed();
+            }
+            Some(_) => {}
+        }
+        Poll::Ready(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.done {
+            (0, Some(0))
+        } else {
+            (0, self.inner.size_hint().1)
+        }
+    }
+}
+
+impl futures::stream::FusedStream for ExampleStream {
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+/// The stream machinery every generation method shares: runs `run` on each prompt with at most
+/// `concurrency` in flight, in `order`, passes input errors through in place, and stops after a
+/// fatal error (see [`ExampleStream`]).
+///
+/// `run` is called synchronously when the prompt is pulled from the input, so a method makes
+/// all of its random draws there, before its future first awaits.
+pub(crate) fn drive<S, F, Fut>(
+    prompts: S,
+    concurrency: NonZeroUsize,
+    order: OutputOrder,
+    run: F,
+) -> ExampleStream
+where
+    S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    F: Fn(Prompt) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<PreferenceExample, Error>> + Send + 'static,
+{
+    let futures = prompts.map(move |p| match p {
+        Ok(p) => futures::future::Either::Left(run(p)),
+        Err(e) => futures::future::Either::Right(futures::future::ready(Err(e))),
+    });
+    let n = concurrency.get();
+    let inner = match order {
+        OutputOrder::Completion => futures.buffer_unordered(n).boxed(),
+        OutputOrder::Input => futures.buffered(n).boxed(),
+    };
+    ExampleStream { inner, done: false }
+}
+
+/// What one response took: the accepted text, calls made and answers rejected.
+pub(crate) struct Answer<T> {
+    pub(crate) value: T,
+    pub(crate) usage: Usage,
+    pub(crate) model: String,
+    pub(crate) calls: u32,
+    pub(crate) reasks: u32,
+}
+
+/// Sends `base` (with seed `seed + attempt`) until `accept` takes the answer or `max_reasks`
+/// re-asks are used up.
+pub(crate) async fn ask<T>(
+    backend: &dyn LlmBackend,
+    id: &str,
+    call: &'static str,
+    base: &CompletionRequest,
+    seed: u64,
+    max_reasks: u32,
+    accept: impl FnMut(&str) -> Result<T, UnusableReason>,
+) -> Result<Answer<T>, Error> {
+    ask_with(backend, id, call, base, None, seed, max_reasks, accept).await
+}
+
+/// Like [`ask`], sending `reask` instead of `base` for every re-ask when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn ask_with<T>(
+    backend: &dyn LlmBackend,
+    id: &str,
+    call: &'static str,
+    base: &CompletionRequest,
+    reask: Option<&CompletionRequest>,
+    seed: u64,
+    max_reasks: u32,
+    mut accept: impl FnMut(&str) -> Result<T, UnusableReason>,
+) -> Result<Answer<T>, Error> {
+    let mut usage = Usage::default();
+    let mut model = String::new();
+    let mut attempt: u32 = 0;
+    loop {
+        let request = match reask {
+            Some(r) if attempt > 0 => r,
+            _ => base,
+        }
+        .clone()
+        .with_seed(seed.wrapping_add(u64::from(attempt)));
+        let completion = backend
+            .complete(request)
+            .await
+            .map_err(|source| Error::backend(id.to_string(), call, source))?;
+        usage += completion.usage;
+        if !completion.model.is_empty() {
+            model = completion.model;
+        }
+        match accept(&completion.text) {
+            Ok(value) => {
+                return Ok(Answer {
+                    value,
+                    usage,
+                    model,
+                    calls: attempt + 1,
+                    reasks: attempt,
+                })
+            }
+            Err(reason) => {
+                tracing::debug!(id, call, attempt, %reason, "unusable answer");
+                if attempt >= max_reasks {
+                    return Err(Error::unusable(id.to_string(), call, attempt + 1, reason));
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// A generation method ready to run: turns prompts into a stream of preference examples.
+///
+/// Object safe, so a program can choose the method at run time (`Box<dyn Generator>`,
+/// `Arc<dyn Generator>`). Every implementation keeps the crate's invariants: per-example
+/// seeding with [`example_rng`](crate::example_rng), at most [`concurrency`](Self::concurrency)
+/// examples in flight, one result per input prompt carrying its id, and a stop after a fatal
+/// error.
+pub trait Generator: Send + Sync + fmt::Debug {
+    /// The method's name, written into each example's `metadata.method` (`"rmboost"`,
+    /// `"rlcd"`, `"rlaif"`, `"west-of-n"` for the built-in ones; a method of your own names
+    /// itself).
+    fn method(&self) -> &str;
+
+    /// The run seed.
+    fn seed(&self) -> u64;
+
+    /// The most examples in flight at once.
+    fn concurrency(&self) -> NonZeroUsize;
+
+    /// Turns a boxed stream of prompts into a stream of results, one per prompt; an `Err` input
+    /// item is passed through in its place. The types' own `try_generate`, `generate` and
+    /// `generate_iter` do the same for any stream or iterator.
+    fn generate_boxed(&self, prompts: BoxStream<'static, Result<Prompt, Error>>) -> ExampleStream;
+}
+
+impl dyn Generator + '_ {
+    /// [`generate_boxed`](Generator::generate_boxed) for any fallible stream of prompts (such
+    /// as a JSONL reader turned into a stream): an `Err` input item is passed through in its
+    /// place.
+    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
+    where
+        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    {
+        self.generate_boxed(prompts.boxed())
+    }
+
+    /// [`generate_boxed`](Generator::generate_boxed) for an iterator of prompts.
+    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
+    where
+        I: IntoIterator<Item = Prompt>,
+        I::IntoIter: Send + 'static,
+    {
+        self.generate_boxed(stream::iter(prompts).map(Ok).boxed())
+    }
+}
+
+macro_rules! forward_generator {
+    ($($ty:ty),*) => {$(
+        impl<G: Generator + ?Sized> Generator for $ty {
+            fn method(&self) -> &str {
+                (**self).method()
+            }
+            fn seed(&self) -> u64 {
+                (**self).seed()
+            }
+            fn concurrency(&self) -> NonZeroUsize {
+                (**self).concurrency()
+            }
+            fn generate_boxed(
+                &self,
+                prompts: BoxStream<'static, Result<Prompt, Error>>,
+            ) -> ExampleStream {
+                (**self).generate_boxed(prompts)
+            }
+        }
+    )*};
+}
+
+forward_generator!(Arc<G>, Box<G>, &G);
+
+/// Running totals over a stream of results, for progress lines and final summaries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// Examples produced.
+    pub examples: u64,
+    /// Examples that failed, by [`Error::kind_str`].
+    pub failures: std::collections::BTreeMap<&'static str, u64>,
+    /// Backend calls made by the examples produced.
+    pub calls: u64,
+    /// Answers rejected and asked again, in the examples produced.
+    pub reasks: u64,
+    /// Tokens used by the examples produced.
+    pub usage: Usage,
+    /// Examples labelled better.
+    pub better: u64,
+}
+
+impl Summary {
+    /// Adds one result.
+    pub fn record(&mut self, result: &Result<PreferenceExample, Error>) {
+        match result {
+            Ok(ex) => {
+                self.examples += 1;
+                self.calls += u64::from(ex.metadata.calls);
+                self.reasks += u64::from(ex.metadata.reasks);
+                if let Some(u) = ex.metadata.usage.get("total") {
+                    self.usage += *u;
+                }
+                if ex.label == Label::Better {
+                    self.better += 1;
+                }
+            }
+            Err(e) => *self.failures.entry(e.kind_str()).or_insert(0) += 1,
+        }
+    }
+
+    /// All failures.
+    #[must_use]
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} examples, {} failed, {} re-asks, {} calls, {} tokens ({} prompt + {} completion)",
+            self.examples,
+            self.failed(),
+            self.reasks,
+            self.calls,
+            self.usage.total(),
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens
+        )?;
+        if !self.failures.is_empty() {
+            f.write_str("; failures:")?;
+            for (k, n) in &self.failures {
+                write!(f, " {k}={n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settings every method shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Common {
+    pub(crate) concurrency: NonZeroUsize,
+    pub(crate) order: OutputOrder,
+    pub(crate) seed: u64,
+    pub(crate) max_reasks: u32,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            concurrency: NonZeroUsize::new(8).expect("8 is not zero"),
+            order: OutputOrder::default(),
+            seed: 0,
+            max_reasks: 3,
+        }
+    }
+}
+
+/// The builder setters of [`Common`], shared by the baselines' builders.
+macro_rules! common_setters {
+    () => {
+        /// How many examples run at once (each makes its calls one after another, so this is
+        /// also the most backend calls in flight). Default: 8.
+        pub fn concurrency(mut self, concurrency: std::num::NonZeroUsize) -> Self {
+            self.common.concurrency = concurrency;
+            self
+        }
+
+        /// The output order. Default: [`OutputOrder::Completion`](crate::OutputOrder).
+        pub fn order(mut self, order: crate::engine::OutputOrder) -> Self {
+            self.common.order = order;
+            self
+        }
+
+        /// The run seed; with each example's id it determines every random draw. Default: 0.
+        pub fn seed(mut self, seed: u64) -> Self {
+            self.common.seed = seed;
+            self
+        }
+
+        /// How many times an unusable answer (empty, a copy of the other response, a judge
+        /// answer without a verdict or score) is asked again, with the next backend seed,
+        /// before the example fails. Default: 3.
+        pub fn max_reasks(mut self, max_reasks: u32) -> Self {
+            self.common.max_reasks = max_reasks;
+            self
+        }
+    };
+}
+pub(crate) use common_setters;
+
+/// `system` as the first message of `prompt`, merged into a system message already there.
+pub(crate) fn with_system(system: &str, prompt: &[Message]) -> Vec<Message> {
+    let mut out = Vec::with_capacity(prompt.len() + 1);
+    match prompt.split_first() {
+        Some((first, rest)) if first.role == Role::System => {
+            out.push(Message::system(format!("{system}\n\n{}", first.content)));
+            out.extend_from_slice(rest);
+        }
+        _ => {
+            out.push(Message::system(system));
+            out.extend_from_slice(prompt);
+        }
+    }
+    out
+}
+
+/// `- name: definition` lines.
+pub(crate) fn render_aspects(aspects: &[Aspect], out: &mut String) {
+    for a in aspects {
+        out.push_str("- ");
+        out.push_str(&a.name);
+        out.push_str(": ");
+        out.push_str(&a.definition);
+        out.push('\n');
+    }
+}
+
+/// Accepts a non-empty response that differs from each of `others` (after normalising white
+/// space and case).
+pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, UnusableReason> {
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err(UnusableReason::Empty);
+    }
+    if others.iter().any(|o| same_text(text, o)) {
+        return Err(UnusableReason::SameAsFirst);
+    }
+    Ok(text.to_string())
+}
+
+/// Collects metadata call group by call group.
+pub(crate) struct Meta {
+    md: ExampleMetadata,
+    total: Usage,
+}
+
+impl Meta {
+    pub(crate) fn new(method: &str, seed: u64, input: Map<String, Value>) -> Self {
+        Meta {
+            md: ExampleMetadata {
+                method: method.into(),
+                seed,
+                input,
+                ..ExampleMetadata::default()
+            },
+            total: Usage::default(),
+        }
+    }
+
+    /// Adds a call group (summing with an earlier group of the same name).
+    pub(crate) fn add_raw(
+        &mut self,
+        group: &str,
+        calls: u32,
+        reasks: u32,
+        usage: Usage,
+        model: &str,
+    ) {
+        self.md.calls += calls;
+        self.md.reasks += reasks;
+        *self.md.usage.entry(group.to_string()).or_default() += usage;
+        self.total += usage;
+        let slot = self.md.models.entry(group.to_string()).or_default();
+        if !model.is_empty() {
+            *slot = model.to_string();
+        }
+    }
+
+    pub(crate) fn add<T>(&mut self, group: &str, answer: &Answer<T>) {
+        self.add_raw(
+            group,
+            answer.calls,
+            answer.reasks,
+            answer.usage,
+            &answer.model,
+        );
+    }
+
+    pub(crate) fn extra(&mut self, key: &str, value: Value) {
+        self.md.extra.insert(key.to_string(), value);
+    }
+
+    pub(crate) fn finish(mut self) -> ExampleMetadata {
+        self.md.usage.insert("total".into(), self.total);
+        self.md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_is_merged() {
+        let plain = with_system("S", &[Message::user("u")]);
+        assert_eq!(plain, vec![Message::system("S"), Message::user("u")]);
+        let merged = with_system("S", &[Message::system("theirs"), Message::user("u")]);
+        assert_eq!(
+            merged,
+            vec![Message::system("S\n\ntheirs"), Message::user("u")]
+        );
+    }
+
+    #[test]
+    fn distinct() {
+        assert_eq!(accept_distinct(" ", &[]), Err(UnusableReason::Empty));
+        assert_eq!(
+            accept_distinct("Hello  World", &["hello world"]),
+            Err(UnusableReason::SameAsFirst)
+        );
+        assert_eq!(accept_distinct(" hi ", &["ho"]).unwrap(), "hi");
+    }
+}
