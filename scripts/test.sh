@@ -8,4 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # setup-test-env.sh prints `export RMBOOST_PYTHON=... RMBOOST_MODEL=...` lines on stdout.
 eval "$(bash scripts/setup-test-env.sh)"
+# With the model and server installed, the live tests are mandatory: a missing piece fails
+# them (a plain `cargo test` on a machine without the set-up skips them, saying why).
+export RMBOOST_LIVE_TESTS=required
 exec cargo test --all-features "$@"

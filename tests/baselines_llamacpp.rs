@@ -118,6 +118,9 @@ async fn run(g: &dyn Generator, n: usize, min_calls: u32) -> Vec<PreferenceExamp
 
 #[tokio::test]
 async fn rlcd_makes_valid_rows() {
+    if !LlamaServer::available("rlcd_makes_valid_rows") {
+        return;
+    }
     let rlcd = Rlcd::builder()
         .backend_arc(backend())
         .params(sampling())
@@ -135,6 +138,9 @@ async fn rlcd_makes_valid_rows() {
 
 #[tokio::test]
 async fn rlaif_makes_valid_rows_or_fails_per_example() {
+    if !LlamaServer::available("rlaif_makes_valid_rows_or_fails_per_example") {
+        return;
+    }
     let b = backend();
     let rlaif = Rlaif::builder()
         .backend_arc(b.clone())
@@ -153,6 +159,9 @@ async fn rlaif_makes_valid_rows_or_fails_per_example() {
 
 #[tokio::test]
 async fn west_of_n_makes_valid_rows_or_fails_per_example() {
+    if !LlamaServer::available("west_of_n_makes_valid_rows_or_fails_per_example") {
+        return;
+    }
     let b = backend();
     let west = WestOfN::builder()
         .backend_arc(b.clone())

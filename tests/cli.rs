@@ -539,11 +539,21 @@ fn failures_go_to_the_ledger_not_the_output() {
             &d.s("s.json"),
         ],
     );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Every prompt was processed, but some examples failed: exit status 4, not 0.
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let s: Value =
         serde_json::from_str(&std::fs::read_to_string(d.path("s.json")).unwrap()).unwrap();
     let failed = s["failed"].as_u64().unwrap();
     assert!(failed > 0, "{s}");
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["exit_status"], 4);
+    assert!(
+        stdout(&o).starts_with(&format!(
+            "rmboost generate: completed, {failed} examples failed"
+        )),
+        "{}",
+        stdout(&o)
+    );
     assert_eq!(s["failures"]["invalid_request"], failed);
     let written = rows(&d.path("out.jsonl"));
     assert_eq!(written.len() as u64 + failed, 40);
@@ -818,7 +828,7 @@ fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
     // Well before the calls in flight would have been answered.
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert_eq!(status.code(), Some(130), "{err}");
-    assert!(err.contains("quit"), "{err}");
+    assert!(err.contains("dropping the examples in flight"), "{err}");
     if d.path("out.jsonl").exists() {
         rows(&d.path("out.jsonl"));
     }
@@ -951,4 +961,119 @@ fn a_baseline_method_runs_and_the_report_reads_its_output() {
     let o = run(&["report", &d.s("missing.jsonl")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.jsonl"), "{}", stderr(&o));
+}
+
+/// Two runs started at once on the same new output: the second is refused and the first's
+/// dataset survives. (The command used to delete the "empty file it left behind", which was
+/// the file the first run was writing: that run then wrote into an unlinked file and exited 0.)
+#[test]
+fn two_runs_at_once_on_a_new_output_lose_nothing() {
+    let server = OpenAiServer::builder()
+        .latency(Duration::from_millis(40))
+        .start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 30);
+    let out = d.s("out.jsonl");
+    let mut first = cmd();
+    first
+        .args(["generate", "-i", &input, "-o", &out, "-j", "4"])
+        .args(openai(&server.base_url()));
+    let running = Running::spawn(first);
+    // The first run holds the output once its recipe is recorded (written after the lock).
+    let t0 = Instant::now();
+    while !d.path("out.run.json").exists() {
+        assert!(t0.elapsed() < PATIENCE, "{}", running.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = generate(&server.base_url(), &["-i", &input, "-o", &out]);
+    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("another run"),
+        "{}",
+        stderr(&second)
+    );
+    let (status, text, err) = running.finish();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(text.contains("examples written  30 ("), "{text}");
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 30);
+}
+
+/// A path the run writes that is another name of the input or the output (another spelling,
+/// a symlink, a hard link, the summary or the ledger) is refused before anything is written.
+#[test]
+fn the_same_file_under_two_names_is_refused() {
+    let server = OpenAiServer::start();
+    let d = Dir::new();
+    let input = d.prompts("data.jsonl", 4);
+    let before = std::fs::read(&input).unwrap();
+    std::os::unix::fs::symlink(d.path("data.jsonl"), d.path("link.jsonl")).unwrap();
+    std::fs::hard_link(d.path("data.jsonl"), d.path("hard.jsonl")).unwrap();
+    let dotted = format!("{}/./data.jsonl", d.path("").display());
+    let out = d.s("out.jsonl");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-i", &input, "-o", &dotted],
+        vec!["-i", &input, "-o", "link.jsonl"],
+        vec!["-i", &input, "-o", "hard.jsonl"],
+        vec!["-i", &input, "-o", &out, "--ledger", &dotted],
+        vec!["-i", &input, "-o", &out, "--summary-json", "hard.jsonl"],
+        vec!["-i", &input, "-o", &out, "--summary-json", &out],
+    ];
+    for args in cases {
+        let o = cmd()
+            .current_dir(d.path(""))
+            .arg("generate")
+            .args(&args)
+            .args(openai(&server.base_url()))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("same file"), "{args:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read(&input).unwrap(), before, "{args:?}");
+    }
+    assert!(!d.path("out.jsonl").exists());
+    assert_eq!(server.requests(), 0);
+}
+
+/// A rerun with another format or seed is refused (exit 1, the difference named, the file
+/// untouched) instead of appending rows of another shape or recipe.
+#[test]
+fn resume_with_other_settings_is_refused() {
+    let server = OpenAiServer::start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 6);
+    let out = d.s("out.jsonl");
+    let o = generate(
+        &server.base_url(),
+        &["-i", &input, "-o", &out, "--limit", "3", "--seed", "5"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let before = std::fs::read(d.path("out.jsonl")).unwrap();
+    for (extra, says) in [
+        (
+            vec!["--format", "standard", "--seed", "5"],
+            "format was `conversational`, now `standard`",
+        ),
+        (vec!["--seed", "6"], "seed was `5`, now `6`"),
+        (
+            vec!["--method", "rlcd", "--seed", "5"],
+            "method was `rmboost`, now `rlcd`",
+        ),
+    ] {
+        let mut args = vec!["-i", input.as_str(), "-o", out.as_str()];
+        args.extend(extra);
+        let o = generate(&server.base_url(), &args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        assert_eq!(
+            std::fs::read(d.path("out.jsonl")).unwrap(),
+            before,
+            "{args:?}"
+        );
+    }
+    let o = generate(
+        &server.base_url(),
+        &["-i", &input, "-o", &out, "--seed", "5"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 6);
 }

@@ -157,6 +157,9 @@ fn an_unreachable_server_is_fatal() {
 
 #[test]
 fn three_prompts_against_a_real_llama_cpp_server() {
+    if !LlamaServer::available("three_prompts_against_a_real_llama_cpp_server") {
+        return;
+    }
     let server = LlamaServer::shared();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 3);

@@ -36,6 +36,9 @@ fn backend(server: &LlamaServer) -> OpenAiBackend {
 
 #[tokio::test]
 async fn single_completion_at_temperature_zero() {
+    if !LlamaServer::available("single_completion_at_temperature_zero") {
+        return;
+    }
     let server = LlamaServer::shared();
     let backend = backend(server);
     let request = CompletionRequest::new(vec![
@@ -71,6 +74,9 @@ async fn single_completion_at_temperature_zero() {
 
 #[tokio::test]
 async fn a_tiny_token_limit_reports_length() {
+    if !LlamaServer::available("a_tiny_token_limit_reports_length") {
+        return;
+    }
     let server = LlamaServer::shared();
     let request = CompletionRequest::new(vec![Message::user("Write a long story about a dragon.")])
         .with_params(&SamplingParams::default().temperature(0.0).max_tokens(3));
@@ -81,6 +87,9 @@ async fn a_tiny_token_limit_reports_length() {
 
 #[tokio::test]
 async fn more_concurrent_requests_than_slots_all_get_answers() {
+    if !LlamaServer::available("more_concurrent_requests_than_slots_all_get_answers") {
+        return;
+    }
     let server = LlamaServer::shared();
     let backend = Retry::new(backend(server));
     let n = 4 * server.slots as usize; // 8 requests on 2 slots
@@ -112,6 +121,9 @@ async fn more_concurrent_requests_than_slots_all_get_answers() {
 
 #[tokio::test]
 async fn wrappers_compose_over_the_real_server() {
+    if !LlamaServer::available("wrappers_compose_over_the_real_server") {
+        return;
+    }
     let server = LlamaServer::shared();
     let limited = RateLimit::new(backend(server))
         .requests_per_minute(NonZeroU32::new(600).unwrap())
@@ -126,6 +138,9 @@ async fn wrappers_compose_over_the_real_server() {
 
 #[tokio::test]
 async fn real_server_errors_are_classified() {
+    if !LlamaServer::available("real_server_errors_are_classified") {
+        return;
+    }
     let server = LlamaServer::shared();
     // A malformed body (messages not an array): llama.cpp answers 400.
     let bad = OpenAiBackend::builder()
@@ -215,6 +230,9 @@ const QUESTIONS: [&str; 24] = [
 /// errors.
 #[tokio::test]
 async fn full_rmboost_run_through_the_openai_backend() {
+    if !LlamaServer::available("full_rmboost_run_through_the_openai_backend") {
+        return;
+    }
     let server = LlamaServer::shared();
     let retry = Retry::new(backend(server));
     let stats = retry.stats();

@@ -222,6 +222,12 @@ fn setup_hint() -> String {
         .to_string()
 }
 
+/// Whether the live-model tests must run (`RMBOOST_LIVE_TESTS=required`, which
+/// `scripts/test.sh` sets): then a missing model or server fails them instead of skipping.
+pub fn live_tests_required() -> bool {
+    std::env::var("RMBOOST_LIVE_TESTS").is_ok_and(|v| v == "required")
+}
+
 /// The python to use: `$RMBOOST_PYTHON` or `.venv/bin/python`.
 pub fn python_path() -> PathBuf {
     match std::env::var_os("RMBOOST_PYTHON") {
@@ -341,6 +347,31 @@ impl LlamaServer {
     pub fn shared() -> &'static LlamaServer {
         static SHARED: OnceLock<LlamaServer> = OnceLock::new();
         SHARED.get_or_init(|| LlamaServer::start(2))
+    }
+
+    /// Whether the live llama.cpp tests can run here. Without the optional set-up (python with
+    /// `xllamacpp`, and the model) a plain `cargo test` skips them and prints why; under the
+    /// README's test command (`scripts/test.sh` sets `RMBOOST_LIVE_TESTS=required`, after
+    /// installing both) a missing piece fails the test instead, so CI can never skip them.
+    pub fn available(test: &str) -> bool {
+        let missing = if !python_path().exists() {
+            Some(format!("python not found at {}", python_path().display()))
+        } else {
+            match model_path() {
+                None => Some("no model (RMBOOST_MODEL unset, none in .venv)".to_string()),
+                Some(m) if !m.is_file() => Some(format!("model file {} missing", m.display())),
+                Some(_) => None,
+            }
+        };
+        let Some(why) = missing else { return true };
+        if live_tests_required() {
+            panic!("{test}: {why}: {}", setup_hint());
+        }
+        eprintln!(
+            "SKIPPED {test}: {why}; run `bash scripts/test.sh` (the README's test command) to \
+             install python's llama.cpp server and the model and run it"
+        );
+        false
     }
 
     /// The OpenAI-style base URL, `.../v1`.
