@@ -42,7 +42,7 @@
 //! use std::num::NonZeroUsize;
 //! use std::time::Duration;
 //! use rmboost::backend::adaptive::{Adaptive, AdaptiveConfig, BreakerState};
-//! use rmboost::backend::retry::Retry;
+//! use rmboost::backend::retry::{Retry, RetryPolicy};
 //! use rmboost::testing::ScriptedBackend;
 //! use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
 //!
@@ -57,7 +57,7 @@
 //!     .build()?;
 //! let adaptive = Adaptive::with_config(scripted.clone(), config);
 //! let stats = adaptive.stats(); // cheap to read at any time
-//! let backend = Retry::new(adaptive);
+//! let backend = Retry::with_policy(adaptive, RetryPolicy::default().initial_delay(Duration::from_millis(1)));
 //!
 //! let answer = backend.complete(CompletionRequest::new(vec![Message::user("hi")])).await?;
 //! assert_eq!(answer.text, "hello");
@@ -129,7 +129,7 @@ impl AdaptiveConfig {
             decrease_factor: 0.75,
             increase_after: 25,
             recovery_increase_after: 2,
-            cooldown: Duration::from_millis(50),
+            cooldown: Duration::from_millis(20),
             max_pause: Duration::from_secs(60),
             breaker_threshold: Some(5),
             breaker_pause: Duration::from_secs(2),
@@ -212,8 +212,9 @@ impl AdaptiveConfigBuilder {
         self
     }
 
-    /// After a cut, how long until a rate limit may cut again (calls admitted after the cut
-    /// still need to be the ones rate limited). Default 50 ms.
+    /// After a cut, how long until a rate limit may cut again. Default 20 ms. The epoch guard
+    /// (only calls admitted after the cut can cut again) is what keeps a burst of 429s to one
+    /// cut; the cool-down only spaces cuts out a little more, for servers whose count lags.
     pub fn cooldown(mut self, cooldown: Duration) -> Self {
         self.config.cooldown = cooldown;
         self
@@ -371,8 +372,11 @@ impl Aimd {
     }
 
     /// A call succeeded (whatever epoch it was admitted in: a success is a success).
-    fn on_success(&mut self) -> Option<Change> {
-        if !self.adaptive || self.limit >= self.cap {
+    /// `saturated` says whether the limit was reached when it was admitted: a success with
+    /// slots to spare says nothing about a higher limit, and counting it would let the limit
+    /// run up while callers are few (in retry back-off, say) and then let them all in at once.
+    fn on_success(&mut self, saturated: bool) -> Option<Change> {
+        if !self.adaptive || !saturated || self.limit >= self.cap {
             return None;
         }
         self.successes += 1;
@@ -603,8 +607,9 @@ pub struct AdaptiveSnapshot {
     pub limit: usize,
     /// The lowest the limit has been.
     pub min_limit: usize,
-    /// The highest the limit has been since its first cut (before any cut: the limit itself,
-    /// so the start at the cap does not hide the range the limit settled in).
+    /// The highest the limit has risen to (before any rise: the current limit). With the start
+    /// at the cap and the descent from it left out, `min_limit..=max_limit` is the range the
+    /// limit settled in.
     pub max_limit: usize,
     /// Calls running in the inner backend now.
     pub in_flight: usize,
@@ -675,7 +680,7 @@ impl AdaptiveStats {
         self.min_limit.load(Ordering::Relaxed)
     }
 
-    /// The highest the limit has been since its first cut (see [`AdaptiveSnapshot::max_limit`]).
+    /// The highest the limit has risen to (see [`AdaptiveSnapshot::max_limit`]).
     #[must_use]
     pub fn max_limit(&self) -> usize {
         self.max_limit.load(Ordering::Relaxed)
@@ -760,13 +765,15 @@ impl AdaptiveStats {
         self.limit.store(change.to, Ordering::Relaxed);
         if change.to < change.from {
             self.decreases.fetch_add(1, Ordering::Relaxed);
-            if self.decreases.load(Ordering::Relaxed) == 1 {
-                // The first cut: the range from here on is the one the limit settles in.
+            self.min_limit.fetch_min(change.to, Ordering::Relaxed);
+            if self.increases.load(Ordering::Relaxed) == 0 {
+                // Still descending: the maximum follows the limit down.
                 self.max_limit.store(change.to, Ordering::Relaxed);
             }
-            self.min_limit.fetch_min(change.to, Ordering::Relaxed);
         } else {
-            self.increases.fetch_add(1, Ordering::Relaxed);
+            if self.increases.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.max_limit.store(change.to, Ordering::Relaxed);
+            }
             self.max_limit.fetch_max(change.to, Ordering::Relaxed);
         }
     }
@@ -845,10 +852,12 @@ enum Block {
     Full,
 }
 
-/// What an admitted call carries: the epoch it was admitted in, and whether it is the probe.
+/// What an admitted call carries: the epoch it was admitted in, whether it took the last
+/// slot the limit allowed, and whether it is the probe.
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
     epoch: u64,
+    saturated: bool,
     probe: bool,
 }
 
@@ -894,6 +903,7 @@ impl State {
         stats.in_flight.store(self.in_flight, Ordering::Relaxed);
         Ok(Ticket {
             epoch: self.aimd.epoch,
+            saturated: self.in_flight >= self.aimd.limit,
             probe,
         })
     }
@@ -1013,7 +1023,7 @@ impl Limiter {
             Some(result) => {
                 self.stats.calls.fetch_add(1, Ordering::Relaxed);
                 let (change, health) = match result {
-                    Ok(_) => (st.aimd.on_success(), Health::Up),
+                    Ok(_) => (st.aimd.on_success(ticket.saturated), Health::Up),
                     Err(e) => {
                         if e.is_retryable() {
                             if let Some(after) = e.retry_after() {
@@ -1273,7 +1283,7 @@ mod tests {
         assert_eq!(a.on_rate_limited(e1, t0 + Duration::from_millis(10)), None);
         // ...after it, it does.
         assert_eq!(
-            a.on_rate_limited(e1, t0 + Duration::from_millis(50)),
+            a.on_rate_limited(e1, t0 + Duration::from_millis(20)),
             Some(Change { from: 192, to: 144 })
         );
     }
@@ -1284,9 +1294,13 @@ mod tests {
         a.limit = 40;
         // Plain additive increase: one per 25 successes.
         for _ in 0..24 {
-            assert_eq!(a.on_success(), None);
+            assert_eq!(a.on_success(true), None);
         }
-        assert_eq!(a.on_success(), Some(Change { from: 40, to: 41 }));
+        assert_eq!(a.on_success(true), Some(Change { from: 40, to: 41 }));
+        // Successes of calls admitted with slots to spare do not count.
+        for _ in 0..100 {
+            assert_eq!(a.on_success(false), None);
+        }
         // A cut at 41 sets the recovery target to 40.
         let now = Instant::now();
         assert_eq!(
@@ -1295,21 +1309,21 @@ mod tests {
         );
         // From 30 to 40: one per 2 successes.
         for _ in 0..20 {
-            a.on_success();
+            a.on_success(true);
         }
         assert_eq!(a.limit, 40);
         // Above it: back to 25.
         for _ in 0..24 {
-            assert_eq!(a.on_success(), None);
+            assert_eq!(a.on_success(true), None);
         }
-        assert_eq!(a.on_success(), Some(Change { from: 40, to: 41 }));
+        assert_eq!(a.on_success(true), Some(Change { from: 40, to: 41 }));
     }
 
     #[test]
     fn never_above_the_cap_nor_below_the_minimum() {
         let mut a = aimd(4);
         for _ in 0..1000 {
-            assert_eq!(a.on_success(), None);
+            assert_eq!(a.on_success(true), None);
         }
         assert_eq!(a.limit, 4);
         let mut now = Instant::now();
@@ -1328,7 +1342,7 @@ mod tests {
             .unwrap();
         let mut a = Aimd::new(&config);
         assert_eq!(a.on_rate_limited(a.epoch, Instant::now()), None);
-        assert_eq!(a.on_success(), None);
+        assert_eq!(a.on_success(true), None);
         assert_eq!(a.limit, 16);
     }
 
