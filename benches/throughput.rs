@@ -1000,7 +1000,8 @@ fn adaptive_mode(
     prompts: Option<u64>,
 ) {
     let bound = cap as f64 / (2.0 * latency.as_secs_f64());
-    let n = prompts.unwrap_or_else(|| ((bound * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
+    let n =
+        prompts.unwrap_or_else(|| ((bound * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
     let with = adaptive_point(rt, server, concurrency, cap, latency, n, true);
     let without = adaptive_point(rt, server, concurrency, cap, latency, n, false);
     println!(

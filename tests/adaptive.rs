@@ -55,7 +55,12 @@ struct Ruled {
 }
 
 impl Ruled {
-    fn new(rule: impl Fn(usize, usize, Duration) -> (Result<(), BackendError>, Duration) + Send + Sync + 'static) -> Arc<Self> {
+    fn new(
+        rule: impl Fn(usize, usize, Duration) -> (Result<(), BackendError>, Duration)
+            + Send
+            + Sync
+            + 'static,
+    ) -> Arc<Self> {
         Arc::new(Ruled {
             rule: Box::new(rule),
             t0: Instant::now(),
@@ -153,7 +158,7 @@ fn patient() -> RetryPolicy {
 async fn settles_near(k: usize) {
     let latency = Duration::from_millis(50);
     let n = 400 * k; // about 20 s of virtual time at the hidden limit
-    // A 429 takes 1 ms: the first 256 calls are all out before any answer comes back.
+                     // A 429 takes 1 ms: the first 256 calls are all out before any answer comes back.
     let backend = Ruled::capped_with(k, latency, Duration::from_millis(1));
     let adaptive = Adaptive::new(Arc::clone(&backend), nz(256));
     let stats = adaptive.stats();
@@ -166,10 +171,7 @@ async fn settles_near(k: usize) {
         let (stats, samples) = (Arc::clone(&stats), Arc::clone(&samples));
         tokio::spawn(async move {
             loop {
-                samples
-                    .lock()
-                    .unwrap()
-                    .push((t0.elapsed(), stats.limit()));
+                samples.lock().unwrap().push((t0.elapsed(), stats.limit()));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -202,10 +204,7 @@ async fn settles_near(k: usize) {
         .map(|&(_, l)| l)
         .collect();
     assert!(late.len() > 10, "{} samples", late.len());
-    let (lo, hi) = (
-        *late.iter().min().unwrap(),
-        *late.iter().max().unwrap(),
-    );
+    let (lo, hi) = (*late.iter().min().unwrap(), *late.iter().max().unwrap());
     let mean = late.iter().sum::<usize>() as f64 / late.len() as f64;
     let snapshot = stats.snapshot();
 
@@ -235,7 +234,10 @@ async fn settles_near(k: usize) {
         (0.75 * kf..=1.05 * kf).contains(&mean),
         "k={k}: mean limit {mean:.1}"
     );
-    assert!(late_share < 0.05, "k={k}: {late_share:.3} of late calls 429");
+    assert!(
+        late_share < 0.05,
+        "k={k}: {late_share:.3} of late calls 429"
+    );
     // The start at 256 costs one burst; the whole run stays well under a fifth.
     assert!(share < 0.15, "k={k}: {share:.3} of calls 429");
     assert!(rate >= 0.85 * bound, "k={k}: {rate:.0}/s of {bound:.0}/s");
@@ -277,7 +279,10 @@ async fn a_burst_of_429s_cuts_the_limit_once() {
     let results = join_all((0..64).map(|i| adaptive.complete(req(i)))).await;
     let limited = results
         .iter()
-        .filter(|r| r.as_ref().is_err_and(|e| e.kind() == BackendErrorKind::RateLimited))
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == BackendErrorKind::RateLimited)
+        })
         .count();
     assert_eq!(limited, 56);
     let s = stats.snapshot();
@@ -311,7 +316,10 @@ async fn errors_come_back_unchanged() {
     assert_eq!((e.message(), e.status()), ("slow down", Some(429)));
     assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
     let e = adaptive.complete(req(1)).await.unwrap_err();
-    assert_eq!((e.kind(), e.message(), e.status()), (BackendErrorKind::Server, "boom", Some(503)));
+    assert_eq!(
+        (e.kind(), e.message(), e.status()),
+        (BackendErrorKind::Server, "boom", Some(503))
+    );
     let e = adaptive.complete(req(2)).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
     assert_eq!(e.to_string(), "invalid_request (HTTP 400): too long");
@@ -407,7 +415,10 @@ async fn the_breaker_opens_probes_and_closes() {
     for i in 0..5 {
         assert_eq!(stats.breaker(), BreakerState::Closed);
         let e = adaptive.complete(req(i)).await.unwrap_err();
-        assert_eq!((e.kind(), e.message()), (BackendErrorKind::Connection, "refused"));
+        assert_eq!(
+            (e.kind(), e.message()),
+            (BackendErrorKind::Connection, "refused")
+        );
     }
     assert_eq!(stats.breaker(), BreakerState::Open);
     assert_eq!(stats.breaker_opened(), 1);
@@ -486,7 +497,10 @@ async fn a_dropped_call_frees_its_slot() {
     assert!(first.is_err());
     assert_eq!(second.unwrap().text, "1");
     let starts: Vec<(usize, Duration)> = backend.starts().iter().map(|s| (s.id, s.at)).collect();
-    assert_eq!(starts, vec![(0, Duration::ZERO), (1, Duration::from_millis(100))]);
+    assert_eq!(
+        starts,
+        vec![(0, Duration::ZERO), (1, Duration::from_millis(100))]
+    );
     // A cancelled call is no result: not counted, nothing learnt.
     let s = stats.snapshot();
     assert_eq!((s.calls, s.in_flight, s.limit), (1, 0, 1));
@@ -530,7 +544,10 @@ async fn a_fixed_limit_does_not_adapt_but_still_pauses() {
         ),
         _ => (Ok(()), Duration::ZERO),
     });
-    let config = AdaptiveConfig::builder(nz(32)).adaptive(false).build().unwrap();
+    let config = AdaptiveConfig::builder(nz(32))
+        .adaptive(false)
+        .build()
+        .unwrap();
     let adaptive = Adaptive::with_config(Arc::clone(&paused), config);
     assert!(adaptive.complete(req(0)).await.is_err());
     adaptive.complete(req(1)).await.unwrap();
@@ -539,8 +556,10 @@ async fn a_fixed_limit_does_not_adapt_but_still_pauses() {
 
 #[tokio::test]
 async fn forwards_name_and_model_and_is_object_safe() {
-    let wrapped: Box<dyn LlmBackend> =
-        Box::new(Retry::new(Adaptive::new(Ruled::capped(1, Duration::ZERO), nz(4))));
+    let wrapped: Box<dyn LlmBackend> = Box::new(Retry::new(Adaptive::new(
+        Ruled::capped(1, Duration::ZERO),
+        nz(4),
+    )));
     assert_eq!(wrapped.name(), "ruled");
     assert_eq!(wrapped.model(), "ruled-1");
 }

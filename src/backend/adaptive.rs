@@ -267,10 +267,7 @@ impl AdaptiveConfigBuilder {
             ));
         }
         if c.min > c.cap {
-            return err(format!(
-                "min_limit {} is above the cap {}",
-                c.min, c.cap
-            ));
+            return err(format!("min_limit {} is above the cap {}", c.min, c.cap));
         }
         if c.initial > c.cap || c.initial < c.min {
             return err(format!(
@@ -797,7 +794,13 @@ impl Event {
     fn emit(self, backend: &str) {
         match self {
             Event::Limit(Change { from, to }, in_flight) if to < from => {
-                tracing::info!(backend, from, to, in_flight, "rate limited: concurrency limit lowered");
+                tracing::info!(
+                    backend,
+                    from,
+                    to,
+                    in_flight,
+                    "rate limited: concurrency limit lowered"
+                );
             }
             Event::Limit(Change { from, to }, in_flight) => {
                 tracing::debug!(backend, from, to, in_flight, "concurrency limit raised");
@@ -1007,7 +1010,11 @@ impl Limiter {
     }
 
     /// Records the result of an admitted call and frees its slot.
-    fn finish(&self, ticket: Ticket, result: Option<&Result<Completion, BackendError>>) -> Vec<Event> {
+    fn finish(
+        &self,
+        ticket: Ticket,
+        result: Option<&Result<Completion, BackendError>>,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         let now = Instant::now();
         let mut st = self.lock();
@@ -1029,8 +1036,7 @@ impl Limiter {
                             if let Some(after) = e.retry_after() {
                                 let pause = after.min(self.max_pause);
                                 let until = later(now, pause);
-                                if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until)
-                                {
+                                if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
                                     st.paused_until = Some(until);
                                     self.stats.pauses.fetch_add(1, Ordering::Relaxed);
                                     events.push(Event::Paused(pause));
@@ -1405,10 +1411,7 @@ mod tests {
         assert!(b().initial_limit(nz(11)).build().is_err());
         assert!(b().min_limit(nz(5)).initial_limit(nz(4)).build().is_err());
         assert!(b().breaker_pause(Duration::ZERO).build().is_err());
-        assert!(b()
-            .breaker_pause(Duration::from_secs(100))
-            .build()
-            .is_err());
+        assert!(b().breaker_pause(Duration::from_secs(100)).build().is_err());
         assert!(b()
             .increase_after(NonZeroU32::new(2).unwrap())
             .recovery_increase_after(NonZeroU32::new(3).unwrap())

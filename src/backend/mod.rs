@@ -52,12 +52,12 @@ pub mod rate_limit;
 #[cfg(feature = "middleware")]
 pub mod retry;
 
+#[cfg(feature = "middleware")]
+pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
-#[cfg(feature = "middleware")]
-pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "middleware")]
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
