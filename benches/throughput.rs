@@ -982,8 +982,8 @@ fn adaptive_point(
             ..
         } = stats.snapshot();
         println!(
-            "  limit now {limit}, range {min_limit}..{max_limit} after the first cut; \
-             {decreases} cuts, {increases} rises"
+            "  limit now {limit}, settled range {min_limit}..{max_limit} (lowest, highest \
+             rise); {decreases} cuts, {increases} rises"
         );
     }
     println!("  {cpu}");
