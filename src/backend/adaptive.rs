@@ -139,7 +139,6 @@ impl AdaptiveConfig {
 
     /// A builder starting from the defaults with this cap: the most calls in flight there
     /// will ever be (use the run's concurrency).
-    #[must_use]
     pub fn builder(cap: NonZeroUsize) -> AdaptiveConfigBuilder {
         AdaptiveConfigBuilder {
             config: AdaptiveConfig::new(cap),
