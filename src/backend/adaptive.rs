@@ -13,7 +13,9 @@
 //!   cuts the limit once, not once per call. After a cut, no further cut for a short
 //!   [cool-down](AdaptiveConfigBuilder::cooldown).
 //! - A run of successes raises it by one: [`increase_after`](AdaptiveConfigBuilder::increase_after)
-//!   successes (default 25) in a row. Below the limit the last cut came from, the limit is
+//!   successes (default 25) in a row, counting only calls that took the last free slot (with
+//!   slots to spare a success says nothing about a higher limit). Below the limit the last cut
+//!   came from, the limit is
 //!   known to have worked, so it climbs back faster (one per
 //!   [`recovery_increase_after`](AdaptiveConfigBuilder::recovery_increase_after) successes,
 //!   default 2) and probes above it slowly. The time calls take plays no part.
