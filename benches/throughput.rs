@@ -31,7 +31,15 @@
 //! cargo bench --bench throughput --all-features -- --mode memory --prompts 10000,100000
 //! cargo bench --bench throughput --all-features -- --mode memory --million
 //! cargo bench --bench throughput --all-features -- --mode memory --million --no-cache
+//! cargo bench --bench throughput --all-features -- --mode adaptive
 //! ```
+//!
+//! The `adaptive` mode (not part of `all`) gives the server a hidden limit: it answers 429 at
+//! once to a request that arrives while `K` (`--server-cap`, default 32) are in flight. With
+//! latency `L` no run can beat `K / (2 L)` examples per second (320/s for 32 and 50 ms),
+//! whatever its concurrency. It runs concurrency 256 (`--concurrency`) through
+//! `Retry(Adaptive(..))` and through the plain `Retry(..)`, and reports each rate as a share of
+//! that bound, with the share of calls the server answered 429.
 //!
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
 //! other processes took meanwhile: on a shared machine the figures are pessimistic.
@@ -52,9 +60,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use rmboost::backend::adaptive::{Adaptive, AdaptiveSnapshot};
 use rmboost::backend::cache::{Cache, Cached};
 use rmboost::backend::openai::OpenAiBackend;
-use rmboost::backend::retry::Retry;
+use rmboost::backend::retry::{Retry, RetryStats};
 use rmboost::run::{run_to_file, RunOptions, RunSummary, StopSignal};
 use rmboost::testing::FakeBackend;
 use rmboost::{Prompt, RmBoost};
@@ -75,6 +84,11 @@ const POINT_SECONDS: f64 = 24.0;
 
 struct ServerState {
     latency_us: AtomicU64,
+    /// Answer 429 to a request arriving while this many are in flight (0: no limit).
+    cap: AtomicU64,
+    in_flight: AtomicU64,
+    /// Requests answered 429 (not counted in `requests`).
+    rejected: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
     /// Sum of the delays actually served (from the request's arrival to its answer), in
@@ -162,6 +176,9 @@ impl BenchServer {
         let filler = FakeBackend::with_response_len(response_bytes);
         let state = Arc::new(ServerState {
             latency_us: AtomicU64::new(0),
+            cap: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             delay_ns: AtomicU64::new(0),
@@ -229,6 +246,16 @@ impl BenchServer {
         self.state.requests.load(Ordering::Relaxed)
     }
 
+    /// Requests answered 429 so far.
+    fn rejected(&self) -> u64 {
+        self.state.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Sets the hidden limit on requests in flight (0: none).
+    fn set_cap(&self, cap: u64) {
+        self.state.cap.store(cap, Ordering::Relaxed);
+    }
+
     /// Connections accepted so far.
     fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::Relaxed)
@@ -240,6 +267,28 @@ async fn handle(
     st: Arc<ServerState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let arrived = Instant::now();
+    /// Leaves the in-flight count when the answer is made.
+    struct Leave<'a>(&'a AtomicU64);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let in_flight = st.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    let _leave = Leave(&st.in_flight);
+    let cap = st.cap.load(Ordering::Relaxed);
+    if cap > 0 && in_flight > cap {
+        // Drain the body so the connection stays usable, then refuse at once.
+        let _ = req.into_body().collect().await;
+        st.rejected.fetch_add(1, Ordering::Relaxed);
+        return Ok(Response::builder()
+            .status(429)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"error":{"message":"Too many requests in flight","type":"requests","code":"rate_limit_exceeded"}}"#,
+            )))
+            .expect("a valid response"));
+    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -454,6 +503,8 @@ struct Args {
     response_bytes: usize,
     memory_concurrency: usize,
     no_cache: bool,
+    server_cap: u64,
+    explicit_concurrency: bool,
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
@@ -479,6 +530,8 @@ impl Args {
             response_bytes: 1000,
             memory_concurrency: 64,
             no_cache: false,
+            server_cap: 32,
+            explicit_concurrency: false,
         };
         let mut explicit_mode = false;
         let mut it = std::env::args().skip(1);
@@ -489,7 +542,11 @@ impl Args {
                     a.mode = value();
                     explicit_mode = true;
                 }
-                "--concurrency" => a.concurrency = parse_list(&flag, &value()),
+                "--concurrency" => {
+                    a.concurrency = parse_list(&flag, &value());
+                    a.explicit_concurrency = true;
+                }
+                "--server-cap" => a.server_cap = value().parse().expect("--server-cap"),
                 "--latency-ms" => a.latency_ms = value().parse().expect("--latency-ms"),
                 "--prompts" => a.prompts = parse_list(&flag, &value()),
                 "--million" => a.million = true,
@@ -836,6 +893,127 @@ fn throughput_point(
     println!("  {cpu}");
 }
 
+/// One side of the `adaptive` mode: `n` prompts at `concurrency` against a server that refuses
+/// requests beyond `cap` in flight, through `Retry(Adaptive(..))` or the plain `Retry(..)`.
+fn adaptive_point(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    concurrency: usize,
+    cap: u64,
+    latency: Duration,
+    n: u64,
+    adaptive: bool,
+) -> (f64, f64) {
+    server.set_latency(latency);
+    server.set_cap(cap);
+    let bound = cap as f64 / (2.0 * latency.as_secs_f64());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("pairs.jsonl");
+    write_prompts(&input, n);
+    let backend = OpenAiBackend::builder()
+        .base_url(server.base_url())
+        .model("bench-model")
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("backend");
+    let cap_nz = NonZeroUsize::new(concurrency).expect("concurrency >= 1");
+    let (backend, retry_stats, adaptive_stats): (
+        Arc<dyn rmboost::LlmBackend>,
+        Arc<RetryStats>,
+        Option<Arc<rmboost::backend::AdaptiveStats>>,
+    ) = if adaptive {
+        let wrapped = Adaptive::new(backend, cap_nz);
+        let stats = wrapped.stats();
+        let retry = Retry::new(wrapped);
+        let retry_stats = retry.stats();
+        (Arc::new(retry), retry_stats, Some(stats))
+    } else {
+        let retry = Retry::new(backend);
+        let stats = retry.stats();
+        (Arc::new(retry), stats, None)
+    };
+    let rmb = RmBoost::builder()
+        .backend_arc(backend)
+        .concurrency(cap_nz)
+        .seed(1)
+        .build()
+        .expect("generator");
+    let stop = deadline_stop(rt, POINT_DEADLINE);
+    let (answered, rejected) = (server.requests(), server.rejected());
+    let meter = CpuMeter::start();
+    let summary = rt
+        .block_on(async {
+            let reader = rmboost::read_prompts(&input)?;
+            run_to_file(
+                |p| rmb.try_generate(p),
+                stream::iter(reader),
+                &output,
+                RunOptions::new().stop_signal(stop),
+            )
+            .await
+        })
+        .expect("run");
+    let cpu = meter.stop();
+    server.set_cap(0);
+    let answered = server.requests() - answered;
+    let rejected = server.rejected() - rejected;
+    let share_429 = rejected as f64 / (answered + rejected).max(1) as f64;
+    let rate = summary.examples_per_sec();
+    println!(
+        "{:<22} C={concurrency} K={cap} L={}ms n={n}: {rate:>6.1} ex/s = {:>5.1}% of K/(2L)={bound:.0}; \
+         429s {rejected} of {} calls ({:.2}%); {} examples, {} failed; retries {}",
+        if adaptive { "Retry(Adaptive(http))" } else { "Retry(http)" },
+        latency.as_millis(),
+        100.0 * rate / bound,
+        answered + rejected,
+        100.0 * share_429,
+        summary.generation.examples,
+        summary.generation.failed(),
+        retry_stats.retries(),
+    );
+    if let Some(stats) = adaptive_stats {
+        let AdaptiveSnapshot {
+            limit,
+            min_limit,
+            max_limit,
+            decreases,
+            increases,
+            ..
+        } = stats.snapshot();
+        println!(
+            "  limit now {limit}, settled range {min_limit}..{max_limit} (lowest, highest \
+             rise); {decreases} cuts, {increases} rises"
+        );
+    }
+    println!("  {cpu}");
+    (rate / bound, share_429)
+}
+
+/// The `adaptive` mode: the same run with and without adaptation, side by side.
+fn adaptive_mode(
+    rt: &tokio::runtime::Runtime,
+    server: &BenchServer,
+    concurrency: usize,
+    cap: u64,
+    latency: Duration,
+    prompts: Option<u64>,
+) {
+    let bound = cap as f64 / (2.0 * latency.as_secs_f64());
+    let n =
+        prompts.unwrap_or_else(|| ((bound * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
+    let with = adaptive_point(rt, server, concurrency, cap, latency, n, true);
+    let without = adaptive_point(rt, server, concurrency, cap, latency, n, false);
+    println!(
+        "adaptive: {:.1}% of the bound, {:.2}% of calls 429 | fixed (plain Retry): {:.1}% of the \
+         bound, {:.2}% of calls 429 (goal: >= 90% with < 5%)",
+        100.0 * with.0,
+        100.0 * with.1,
+        100.0 * without.0,
+        100.0 * without.1
+    );
+}
+
 fn memory_point(
     rt: &tokio::runtime::Runtime,
     server: &BenchServer,
@@ -991,6 +1169,21 @@ fn main() {
                 memory_point(&rt, &server, n, args.memory_concurrency, !args.no_cache);
             }
         }
+        "adaptive" => {
+            let concurrency = if args.explicit_concurrency {
+                args.concurrency[0]
+            } else {
+                256
+            };
+            adaptive_mode(
+                &rt,
+                &server,
+                concurrency,
+                args.server_cap,
+                latency,
+                args.prompts.first().copied(),
+            );
+        }
         "all" => {
             server_mode(&rt, &server);
             for &c in &args.concurrency {
@@ -1002,6 +1195,6 @@ fn main() {
             }
             memory_children(&args, &ns);
         }
-        other => panic!("unknown mode {other}: all, server, throughput, memory"),
+        other => panic!("unknown mode {other}: all, server, throughput, ceiling, memory, adaptive"),
     }
 }

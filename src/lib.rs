@@ -90,8 +90,9 @@
 //! - `openai`: [`backend::openai::OpenAiBackend`] for any OpenAI-compatible chat-completions
 //!   server (vLLM, llama.cpp, Ollama, OpenAI, ...).
 //! - `anthropic`: [`backend::anthropic::AnthropicBackend`] for Anthropic's Messages API.
-//! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`] and
-//!   [`backend::rate_limit::RateLimit`] around any backend, including your own.
+//! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`],
+//!   [`backend::rate_limit::RateLimit`] and [`backend::adaptive::Adaptive`] (adaptive
+//!   concurrency and a circuit breaker) around any backend, including your own.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

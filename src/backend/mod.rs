@@ -30,11 +30,17 @@
 //! | `anthropic` | `anthropic` | `AnthropicBackend`, Anthropic's Messages API |
 //! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
+//! | `adaptive` | `middleware` | `Adaptive`, an adaptive concurrency limit (AIMD), `Retry-After` pauses and a circuit breaker |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
-//! `name()`, `model()` and `identity()`. Put the rate limit inside the retry so that retries are limited
-//! too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`.
+//! `name()`, `model()` and `identity()`. Put the rate limit inside the retry so that retries
+//! are limited too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`. The
+//! adaptive limit must see every attempt, so it goes inside the retry too, around the rate
+//! limit: `Retry::new(Adaptive::new(RateLimit::new(backend), cap))`.
 
+#[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
+pub mod adaptive;
 #[cfg(feature = "anthropic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "anthropic")))]
 pub mod anthropic;
@@ -51,6 +57,8 @@ pub mod rate_limit;
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod retry;
 
+#[cfg(feature = "middleware")]
+pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
 pub use meter::{CallMeter, Metered};

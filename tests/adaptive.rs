@@ -1,0 +1,565 @@
+//! `Adaptive<B>` (adaptive concurrency, `Retry-After` pauses, circuit breaker) in paused
+//! virtual time, against backends that enforce a hidden limit on calls in flight.
+#![cfg(feature = "middleware")]
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use futures::StreamExt;
+use rmboost::backend::adaptive::{Adaptive, AdaptiveConfig, BreakerState};
+use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::{async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest};
+use rmboost::{LlmBackend, Message};
+use tokio::time::Instant;
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap()
+}
+
+fn req(id: usize) -> CompletionRequest {
+    CompletionRequest::new(vec![Message::user(id.to_string())])
+}
+
+fn id_of(request: &CompletionRequest) -> usize {
+    request.messages[0].content.parse().unwrap()
+}
+
+/// What the test backend does with one call: `(call number, calls being served with this one
+/// (rejected calls left out), time since the backend was made)` to an answer and how long it
+/// takes.
+type Rule = dyn Fn(usize, usize, Duration) -> (Result<(), BackendError>, Duration) + Send + Sync;
+
+/// One call the backend received.
+#[derive(Debug, Clone)]
+struct Start {
+    /// Arrival order over all calls.
+    seq: usize,
+    at: Duration,
+    id: usize,
+    in_flight: usize,
+    /// Whether it was answered with an error.
+    failed: bool,
+}
+
+/// A backend run by a rule, recording every call; answers `Ok(<request id>)`.
+struct Ruled {
+    rule: Box<Rule>,
+    t0: Instant,
+    in_flight: AtomicUsize,
+    /// Calls in flight that are not being rejected.
+    serving: AtomicUsize,
+    starts: Mutex<Vec<Start>>,
+}
+
+impl Ruled {
+    fn new(
+        rule: impl Fn(usize, usize, Duration) -> (Result<(), BackendError>, Duration)
+            + Send
+            + Sync
+            + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Ruled {
+            rule: Box::new(rule),
+            t0: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            serving: AtomicUsize::new(0),
+            starts: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Answers 429 at once when `k` calls are being served, else succeeds after `latency`.
+    fn capped(k: usize, latency: Duration) -> Arc<Self> {
+        Self::capped_with(k, latency, Duration::ZERO)
+    }
+
+    /// Answers 429 after `reject_after` when `k` calls are being served, else succeeds after
+    /// `latency`.
+    fn capped_with(k: usize, latency: Duration, reject_after: Duration) -> Arc<Self> {
+        Ruled::new(move |_, serving, _| {
+            if serving > k {
+                (
+                    Err(BackendError::rate_limited("too many requests").with_status(429)),
+                    reject_after,
+                )
+            } else {
+                (Ok(()), latency)
+            }
+        })
+    }
+
+    fn starts(&self) -> Vec<Start> {
+        self.starts.lock().unwrap().clone()
+    }
+}
+
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl LlmBackend for Ruled {
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _leave = Leave(&self.in_flight);
+        let at = self.t0.elapsed();
+        let id = id_of(&request);
+        let mut serving = None;
+        let (answer, latency) = {
+            let mut starts = self.starts.lock().unwrap();
+            let seq = starts.len();
+            let with_this = self.serving.load(Ordering::SeqCst) + 1;
+            let (answer, latency) = (self.rule)(seq, with_this, at);
+            if answer.is_ok() {
+                self.serving.fetch_add(1, Ordering::SeqCst);
+                serving = Some(Leave(&self.serving));
+            }
+            starts.push(Start {
+                seq,
+                at,
+                id,
+                in_flight,
+                failed: answer.is_err(),
+            });
+            (answer, latency)
+        };
+        // An instant answer does not yield: it reaches the wrapper in the same poll.
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        drop(serving);
+        answer.map(|()| Completion::new(id.to_string()))
+    }
+
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "ruled".into()
+    }
+
+    fn model(&self) -> std::borrow::Cow<'_, str> {
+        "ruled-1".into()
+    }
+}
+
+/// A retry policy that never gives up on a rate limit in these tests.
+fn patient() -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(NonZeroU32::new(1_000).unwrap())
+        .max_elapsed(None)
+}
+
+/// Drives `n` requests through `Retry(Adaptive(capped(k, 50 ms)))` from 256 callers with a
+/// cap of 256, and checks that the limit settles near `k` with few 429s.
+async fn settles_near(k: usize) {
+    let latency = Duration::from_millis(50);
+    let n = 400 * k; // about 20 s of virtual time at the hidden limit
+                     // A 429 takes 1 ms: the first 256 calls are all out before any answer comes back.
+    let backend = Ruled::capped_with(k, latency, Duration::from_millis(1));
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(256));
+    let stats = adaptive.stats();
+    let retry = Retry::with_policy(adaptive, patient());
+    let t0 = Instant::now();
+
+    // Sample the limit every 10 ms while the run goes.
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let (stats, samples) = (Arc::clone(&stats), Arc::clone(&samples));
+        tokio::spawn(async move {
+            loop {
+                samples.lock().unwrap().push((t0.elapsed(), stats.limit()));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let results: Vec<(usize, Result<Completion, BackendError>)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let retry = &retry;
+            async move { (i, retry.complete(req(i)).await) }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    sampler.abort();
+    let elapsed = t0.elapsed();
+
+    // Every request completed, exactly once, with its own answer.
+    let mut seen = vec![false; n];
+    for (i, result) in &results {
+        let completion = result.as_ref().expect("every request succeeds");
+        assert_eq!(completion.text, i.to_string());
+        assert!(!std::mem::replace(&mut seen[*i], true), "{i} twice");
+    }
+    assert!(seen.iter().all(|&s| s));
+
+    // The limit over the second half of the run stays in a band around k.
+    let samples = samples.lock().unwrap().clone();
+    let late: Vec<usize> = samples
+        .iter()
+        .filter(|(at, _)| *at >= elapsed / 2)
+        .map(|&(_, l)| l)
+        .collect();
+    assert!(late.len() > 10, "{} samples", late.len());
+    let (lo, hi) = (*late.iter().min().unwrap(), *late.iter().max().unwrap());
+    let mean = late.iter().sum::<usize>() as f64 / late.len() as f64;
+    let snapshot = stats.snapshot();
+
+    // 429s: over the run, and over its second half (after the descent from 256).
+    let starts = backend.starts();
+    let rejected = starts.iter().filter(|s| s.failed).count();
+    let late_starts: Vec<&_> = starts.iter().filter(|s| s.at >= elapsed / 2).collect();
+    let late_rejected = late_starts.iter().filter(|s| s.failed).count();
+    let late_share = late_rejected as f64 / late_starts.len() as f64;
+    let share = rejected as f64 / starts.len() as f64;
+    // Throughput against the bound k / L.
+    let bound = k as f64 / latency.as_secs_f64();
+    let rate = n as f64 / elapsed.as_secs_f64();
+    println!(
+        "k={k}: limit over the second half {lo}..{hi} (mean {mean:.1}); {:.1}% of the bound \
+         k/L; 429s {rejected} of {} calls ({:.2}%), {:.2}% in the second half; \
+         stats {snapshot:?}",
+        100.0 * rate / bound,
+        starts.len(),
+        100.0 * share,
+        100.0 * late_share
+    );
+    let kf = k as f64;
+    assert!(lo as f64 >= (0.6 * kf).floor(), "k={k}: limit fell to {lo}");
+    assert!(hi as f64 <= (1.1 * kf).ceil(), "k={k}: limit rose to {hi}");
+    assert!(
+        (0.75 * kf..=1.05 * kf).contains(&mean),
+        "k={k}: mean limit {mean:.1}"
+    );
+    assert!(
+        late_share < 0.05,
+        "k={k}: {late_share:.3} of late calls 429"
+    );
+    // The start at 256 costs one burst; the whole run stays well under a fifth.
+    assert!(share < 0.15, "k={k}: {share:.3} of calls 429");
+    assert!(rate >= 0.85 * bound, "k={k}: {rate:.0}/s of {bound:.0}/s");
+    // The statistics agree with the backend.
+    assert_eq!(snapshot.calls, starts.len() as u64);
+    assert_eq!(snapshot.rate_limited, rejected as u64);
+    assert_eq!((snapshot.in_flight, snapshot.waiting), (0, 0));
+    assert!(snapshot.min_limit <= lo && snapshot.max_limit >= hi);
+    assert_eq!(snapshot.breaker, BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_settles_near_a_hidden_limit_of_8() {
+    settles_near(8).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_settles_near_a_hidden_limit_of_32() {
+    settles_near(32).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_settles_near_a_hidden_limit_of_100() {
+    settles_near(100).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_429s_cuts_the_limit_once() {
+    // The 429s come back 10 ms after the calls were sent, all together.
+    let backend = Ruled::capped_with(8, Duration::from_millis(50), Duration::from_millis(10));
+    // No cool-down: the epoch guard alone holds the cut to one.
+    let config = AdaptiveConfig::builder(nz(64))
+        .cooldown(Duration::ZERO)
+        .build()
+        .unwrap();
+    let adaptive = Adaptive::with_config(Arc::clone(&backend), config);
+    let stats = adaptive.stats();
+    // 64 calls at once, no retries: 56 are rate limited, all admitted under the first limit.
+    let results = join_all((0..64).map(|i| adaptive.complete(req(i)))).await;
+    let limited = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == BackendErrorKind::RateLimited)
+        })
+        .count();
+    assert_eq!(limited, 56);
+    let s = stats.snapshot();
+    assert_eq!((s.rate_limited, s.calls), (56, 64));
+    assert_eq!(s.decreases, 1, "one cut for one burst");
+    assert_eq!(s.limit, 48);
+    assert_eq!((s.min_limit, s.max_limit), (48, 48));
+
+    // A second burst, admitted under the new limit, cuts once more.
+    let results = join_all((0..48).map(|i| adaptive.complete(req(i)))).await;
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 40);
+    let s = stats.snapshot();
+    assert_eq!((s.decreases, s.limit), (2, 36));
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_come_back_unchanged() {
+    let backend = Ruled::new(|seq, _, _| {
+        let err = match seq {
+            0 => BackendError::rate_limited("slow down")
+                .with_status(429)
+                .with_retry_after(Duration::from_secs(3)),
+            1 => BackendError::server("boom").with_status(503),
+            _ => BackendError::new(BackendErrorKind::InvalidRequest, "too long").with_status(400),
+        };
+        (Err(err), Duration::ZERO)
+    });
+    let adaptive = Adaptive::new(backend, nz(4));
+    let e = adaptive.complete(req(0)).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::RateLimited);
+    assert_eq!((e.message(), e.status()), ("slow down", Some(429)));
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    let e = adaptive.complete(req(1)).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.message(), e.status()),
+        (BackendErrorKind::Server, "boom", Some(503))
+    );
+    let e = adaptive.complete(req(2)).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+    assert_eq!(e.to_string(), "invalid_request (HTTP 400): too long");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_pauses_admission_for_everyone() {
+    let pause = Duration::from_secs(5);
+    // Call 40 is rate limited with Retry-After 5 s; every other call succeeds after 50 ms.
+    let backend = Ruled::new(move |seq, _, _| {
+        if seq == 40 {
+            (
+                Err(BackendError::rate_limited("wait").with_retry_after(pause)),
+                Duration::ZERO,
+            )
+        } else {
+            (Ok(()), Duration::from_millis(50))
+        }
+    });
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(16));
+    let stats = adaptive.stats();
+    let retry = Retry::with_policy(adaptive, patient());
+    let n = 200;
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|i| retry.complete(req(i)))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    let starts = backend.starts();
+    assert_eq!(starts.len(), n + 1);
+    let limited = &starts[40];
+    assert!(limited.failed);
+    // No call started after the 429 and before its Retry-After had passed...
+    for s in &starts[41..] {
+        assert!(
+            s.at >= limited.at + pause,
+            "call {} started at {:?}, during the pause from {:?}",
+            s.seq,
+            s.at,
+            limited.at
+        );
+    }
+    // ...and the run went on right after it.
+    assert_eq!(starts[41].at, limited.at + pause);
+    assert_eq!(stats.pauses(), 1);
+    assert_eq!(stats.rate_limited(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_is_clamped() {
+    let backend = Ruled::new(|seq, _, _| {
+        if seq == 0 {
+            (
+                Err(BackendError::rate_limited("wait").with_retry_after(Duration::from_secs(3600))),
+                Duration::ZERO,
+            )
+        } else {
+            (Ok(()), Duration::ZERO)
+        }
+    });
+    let config = AdaptiveConfig::builder(nz(4))
+        .max_pause(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let adaptive = Adaptive::with_config(Arc::clone(&backend), config);
+    let t0 = Instant::now();
+    assert!(adaptive.complete(req(0)).await.is_err());
+    adaptive.complete(req(1)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_opens_probes_and_closes() {
+    let down = Arc::new(AtomicBool::new(true));
+    let backend = {
+        let down = Arc::clone(&down);
+        Ruled::new(move |_, _, _| {
+            if down.load(Ordering::SeqCst) {
+                (
+                    Err(BackendError::new(BackendErrorKind::Connection, "refused")),
+                    Duration::ZERO,
+                )
+            } else {
+                (Ok(()), Duration::from_millis(50))
+            }
+        })
+    };
+    // Defaults: 5 failures in a row open it for 2 s, then 4 s, ...
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(8));
+    let stats = adaptive.stats();
+    let t0 = Instant::now();
+    for i in 0..5 {
+        assert_eq!(stats.breaker(), BreakerState::Closed);
+        let e = adaptive.complete(req(i)).await.unwrap_err();
+        assert_eq!(
+            (e.kind(), e.message()),
+            (BackendErrorKind::Connection, "refused")
+        );
+    }
+    assert_eq!(stats.breaker(), BreakerState::Open);
+    assert_eq!(stats.breaker_opened(), 1);
+
+    // The backend comes back after 5 s.
+    let up = {
+        let down = Arc::clone(&down);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            down.store(false, Ordering::SeqCst);
+        })
+    };
+    let results = join_all((5..15).map(|i| adaptive.complete(req(i)))).await;
+    up.await.unwrap();
+    // The probe at 2 s failed (its caller gets the error); the one at 6 s succeeded, then the
+    // others went.
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+    assert!(results[0].is_err());
+    let starts: Vec<(Duration, usize)> = backend.starts()[5..]
+        .iter()
+        .map(|s| (s.at, s.in_flight))
+        .collect();
+    let ms = Duration::from_millis;
+    assert_eq!(starts[0], (ms(2_000), 1), "first probe alone after 2 s");
+    assert_eq!(starts[1], (ms(6_000), 1), "second probe alone 4 s later");
+    for &(at, _) in &starts[2..] {
+        assert_eq!(at, ms(6_050), "the rest after the probe succeeded");
+    }
+    // The probe that failed, the one that succeeded, and the 8 others (the cap) at once.
+    assert_eq!(starts.len(), 10);
+    assert_eq!(t0.elapsed(), ms(6_100));
+    let s = stats.snapshot();
+    assert_eq!(s.breaker, BreakerState::Closed);
+    assert_eq!(s.breaker_opened, 2);
+    assert_eq!(s.calls, 15);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_frees_its_place() {
+    let backend = Ruled::new(|_, _, _| (Ok(()), Duration::from_secs(1)));
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(1));
+    let stats = adaptive.stats();
+    let (a, b, c, d, waiting) = tokio::join!(
+        adaptive.complete(req(0)),
+        // Gives up after 100 ms, while it waits behind 0.
+        tokio::time::timeout(Duration::from_millis(100), adaptive.complete(req(1))),
+        adaptive.complete(req(2)),
+        adaptive.complete(req(3)),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let before = stats.waiting();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (before, stats.waiting())
+        }
+    );
+    assert!(b.is_err(), "1 timed out");
+    assert_eq!(waiting, (3, 2));
+    for (r, i) in [(a, 0), (c, 2), (d, 3)] {
+        assert_eq!(r.unwrap().text, i.to_string());
+    }
+    let starts: Vec<(usize, Duration)> = backend.starts().iter().map(|s| (s.id, s.at)).collect();
+    let s = Duration::from_secs;
+    assert_eq!(starts, vec![(0, s(0)), (2, s(1)), (3, s(2))]);
+    assert_eq!((stats.in_flight(), stats.waiting()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_call_frees_its_slot() {
+    let backend = Ruled::new(|_, _, _| (Ok(()), Duration::from_secs(1)));
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(1));
+    let stats = adaptive.stats();
+    let (first, second) = tokio::join!(
+        tokio::time::timeout(Duration::from_millis(100), adaptive.complete(req(0))),
+        adaptive.complete(req(1)),
+    );
+    assert!(first.is_err());
+    assert_eq!(second.unwrap().text, "1");
+    let starts: Vec<(usize, Duration)> = backend.starts().iter().map(|s| (s.id, s.at)).collect();
+    assert_eq!(
+        starts,
+        vec![(0, Duration::ZERO), (1, Duration::from_millis(100))]
+    );
+    // A cancelled call is no result: not counted, nothing learnt.
+    let s = stats.snapshot();
+    assert_eq!((s.calls, s.in_flight, s.limit), (1, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_first_come_first_served() {
+    let backend = Ruled::new(|_, _, _| (Ok(()), Duration::from_millis(10)));
+    let adaptive = Adaptive::new(Arc::clone(&backend), nz(2));
+    let results = join_all((0..30).map(|i| adaptive.complete(req(i)))).await;
+    assert!(results.iter().all(Result::is_ok));
+    let order: Vec<usize> = backend.starts().iter().map(|s| s.id).collect();
+    assert_eq!(order, (0..30).collect::<Vec<_>>());
+    assert!(backend.starts().iter().all(|s| s.in_flight <= 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fixed_limit_does_not_adapt_but_still_pauses() {
+    let backend = Ruled::capped_with(8, Duration::from_millis(50), Duration::from_millis(10));
+    let config = AdaptiveConfig::builder(nz(32))
+        .adaptive(false)
+        .build()
+        .unwrap();
+    let adaptive = Adaptive::with_config(Arc::clone(&backend), config);
+    let stats = adaptive.stats();
+    let results = join_all((0..64).map(|i| adaptive.complete(req(i)))).await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert!(failed >= 24, "{failed}");
+    let s = stats.snapshot();
+    assert_eq!((s.limit, s.decreases, s.increases), (32, 0, 0));
+    assert_eq!((s.rate_limited, s.calls), (failed as u64, 64));
+    assert!(backend.starts().iter().all(|s| s.in_flight <= 32));
+    assert!(backend.starts().iter().any(|s| s.in_flight == 32));
+
+    // A Retry-After still pauses everyone.
+    let t0 = Instant::now();
+    let paused = Ruled::new(|seq, _, _| match seq {
+        0 => (
+            Err(BackendError::rate_limited("wait").with_retry_after(Duration::from_secs(2))),
+            Duration::ZERO,
+        ),
+        _ => (Ok(()), Duration::ZERO),
+    });
+    let config = AdaptiveConfig::builder(nz(32))
+        .adaptive(false)
+        .build()
+        .unwrap();
+    let adaptive = Adaptive::with_config(Arc::clone(&paused), config);
+    assert!(adaptive.complete(req(0)).await.is_err());
+    adaptive.complete(req(1)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn forwards_name_and_model_and_is_object_safe() {
+    let wrapped: Box<dyn LlmBackend> = Box::new(Retry::new(Adaptive::new(
+        Ruled::capped(1, Duration::ZERO),
+        nz(4),
+    )));
+    assert_eq!(wrapped.name(), "ruled");
+    assert_eq!(wrapped.model(), "ruled-1");
+}
