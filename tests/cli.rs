@@ -1077,3 +1077,36 @@ fn resume_with_other_settings_is_refused() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_exactly_once(&rows(&d.path("out.jsonl")), 6);
 }
+
+/// An HTTP backend's calls in flight adapt by default, capped by `--concurrency`;
+/// `--fixed-concurrency` keeps them fixed. The summary shows the limit's range.
+#[test]
+fn concurrency_adapts_by_default_and_can_be_fixed() {
+    let server = OpenAiServer::start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 6);
+    for (fixed, name) in [(false, "a"), (true, "f")] {
+        let out = d.s(&format!("{name}.jsonl"));
+        let json = d.s(&format!("{name}.json"));
+        let mut args = vec!["-i", input.as_str(), "-o", out.as_str(), "-j", "5"];
+        args.extend(["--summary-json", json.as_str()]);
+        if fixed {
+            args.push("--fixed-concurrency");
+        }
+        let o = generate(&server.base_url(), &args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let c = &s["concurrency"];
+        assert_eq!(c["adaptive"], !fixed, "{s}");
+        assert_eq!(c["cap"], 5, "{s}");
+        assert_eq!(c["calls"], 12, "{s}");
+        assert_eq!(c["rate_limited"], 0, "{s}");
+        let text = stdout(&o);
+        let want = if fixed {
+            "fixed at 5"
+        } else {
+            "adaptive, cap 5"
+        };
+        assert!(text.contains(want), "{text}");
+    }
+}

@@ -188,6 +188,11 @@ pub(crate) struct BackendArgs {
     /// Tokens per minute at most (estimated before each call).
     #[arg(long, value_name = "N")]
     pub(crate) tpm: Option<u32>,
+
+    /// Keep --concurrency calls in flight. By default an HTTP backend adapts: --concurrency
+    /// is the cap, the limit drops on 429 answers and climbs back after successes.
+    #[arg(long)]
+    pub(crate) fixed_concurrency: bool,
 }
 
 /// How the examples are drawn and sampled.

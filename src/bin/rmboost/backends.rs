@@ -4,12 +4,13 @@
 //! applied around it in [`build`] too, and the meter outermost-but-cache so that it counts
 //! exactly the tokens the provider bills.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmboost::LlmBackend;
 
+use rmboost::backend::adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::meter::{CallMeter, Metered};
 use rmboost::backend::openai::OpenAiBackend;
@@ -28,6 +29,8 @@ pub(crate) struct BackendStats {
     pub(crate) meter: CallMeter,
     /// Transport retries made, where the backend has a retry wrapper.
     pub(crate) retries: Option<RetryCounter>,
+    /// The adaptive limit on calls in flight, for HTTP backends.
+    pub(crate) adaptive: Option<Arc<AdaptiveStats>>,
 }
 
 impl BackendStats {
@@ -64,23 +67,29 @@ fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
 
 /// Builds the backend of `args`, wrapped in the meter (and retry, rate limit where
 /// available).
-pub(crate) fn build(args: &BackendArgs) -> Result<Built, CliError> {
+pub(crate) fn build(args: &BackendArgs, concurrency: usize) -> Result<Built, CliError> {
     let kind = args.backend.unwrap_or_else(default_kind);
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         return Err(CliError::usage(
             "--timeout must be a positive number of seconds",
         ));
     }
-    let (inner, retries): (Arc<dyn LlmBackend>, Option<RetryCounter>) = match kind {
-        BackendKind::Openai => wrap(openai(args)?, args)?,
-        BackendKind::Anthropic => wrap(anthropic(args)?, args)?,
-        BackendKind::Local => (local(args)?, None),
+    let cap = NonZeroUsize::new(concurrency)
+        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
+    let (inner, retries, adaptive): (Arc<dyn LlmBackend>, _, _) = match kind {
+        BackendKind::Openai => wrap(openai(args)?, args, cap)?,
+        BackendKind::Anthropic => wrap(anthropic(args)?, args, cap)?,
+        BackendKind::Local => (local(args)?, None, None),
     };
     let description = describe(kind, args, &*inner);
     let (metered, meter) = Metered::new(inner);
     Ok(Built {
         backend: Arc::new(metered),
-        stats: BackendStats { meter, retries },
+        stats: BackendStats {
+            meter,
+            retries,
+            adaptive,
+        },
         description,
     })
 }
@@ -135,12 +144,20 @@ fn anthropic(args: &BackendArgs) -> Result<AnthropicBackend, CliError> {
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
 }
 
-/// Puts the rate limit (`--rpm`, `--tpm`) inside the retry (`--retries`), so that retries are
-/// limited too.
+/// Puts the rate limit (`--rpm`, `--tpm`) and the adaptive limit on calls in flight (capped by
+/// `--concurrency`; fixed with `--fixed-concurrency`) inside the retry (`--retries`), so that
+/// retries are limited too and the adaptive limit sees every attempt.
+type Wrapped = (
+    Arc<dyn LlmBackend>,
+    Option<RetryCounter>,
+    Option<Arc<AdaptiveStats>>,
+);
+
 fn wrap<B: LlmBackend + 'static>(
     backend: B,
     args: &BackendArgs,
-) -> Result<(Arc<dyn LlmBackend>, Option<RetryCounter>), CliError> {
+    cap: NonZeroUsize,
+) -> Result<Wrapped, CliError> {
     let mut limited = RateLimit::new(backend);
     if let Some(rpm) = args.rpm {
         let rpm =
@@ -152,11 +169,17 @@ fn wrap<B: LlmBackend + 'static>(
             NonZeroU32::new(tpm).ok_or_else(|| CliError::usage("--tpm must be at least 1"))?;
         limited = limited.tokens_per_minute(tpm);
     }
+    let config = AdaptiveConfig::builder(cap)
+        .adaptive(!args.fixed_concurrency)
+        .build()
+        .map_err(|e| CliError::usage(format!("--concurrency: {e}")))?;
+    let adaptive = Adaptive::with_config(limited, config);
+    let adaptive_stats = adaptive.stats();
     let attempts = NonZeroU32::new(args.retries.saturating_add(1)).expect("at least 1");
-    let retry = Retry::with_policy(limited, RetryPolicy::default().max_attempts(attempts));
+    let retry = Retry::with_policy(adaptive, RetryPolicy::default().max_attempts(attempts));
     let stats = retry.stats();
     let counter: RetryCounter = Arc::new(move || stats.retries());
-    Ok((Arc::new(retry), Some(counter)))
+    Ok((Arc::new(retry), Some(counter), Some(adaptive_stats)))
 }
 
 fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> String {

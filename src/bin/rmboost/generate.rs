@@ -21,7 +21,7 @@ use rmboost::run::{
 };
 
 use crate::setup::{self, error_chain, CliError};
-use crate::summary::{CacheReport, Report, Status, Tokens};
+use crate::summary::{CacheReport, ConcurrencyReport, Report, Status, Tokens};
 
 fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliError> {
     let prices = match (args.price_input, args.price_output) {
@@ -79,6 +79,10 @@ fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instan
         tokens: usage.total(),
         cost: prices.map(|pr| pr.cost(usage)),
         elapsed: t0.elapsed(),
+        limit: stats.adaptive.as_ref().map(|a| {
+            let s = a.snapshot();
+            (s.limit, s.cap, s.rate_limited_share())
+        }),
     }
 }
 
@@ -133,7 +137,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let prompts = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
         .into_stream();
-    let built = backends::build(&args.backend)?;
+    let built = backends::build(&args.backend, args.gen.concurrency)?;
     let order = match args.order {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
@@ -282,6 +286,18 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         ledger: ledger_path.exists().then_some(ledger_path),
         ledger_pending: summary.ledger_pending,
         bad_line_messages: summary.bad_line_messages.clone(),
+        concurrency: stats.adaptive.as_ref().map(|a| {
+            let s = a.snapshot();
+            ConcurrencyReport {
+                adaptive: !args.backend.fixed_concurrency,
+                cap: s.cap,
+                limit: s.limit,
+                min_limit: s.min_limit,
+                max_limit: s.max_limit,
+                calls: s.calls,
+                rate_limited: s.rate_limited,
+            }
+        }),
     };
     print!("{report}");
     if let Some(path) = &args.summary_json {

@@ -60,6 +60,8 @@ pub(crate) struct Tick {
     pub(crate) tokens: u64,
     pub(crate) cost: Option<f64>,
     pub(crate) elapsed: Duration,
+    /// The adaptive limit on calls in flight, its cap and the share of calls answered 429.
+    pub(crate) limit: Option<(usize, usize, f64)>,
 }
 
 impl Tick {
@@ -94,6 +96,12 @@ impl Tick {
         );
         if self.skipped > 0 {
             s.push_str(&format!(", {} already done", self.skipped));
+        }
+        if let Some((limit, cap, share)) = self.limit {
+            s.push_str(&format!(
+                ", limit {limit}/{cap}, {:.1}% 429s",
+                100.0 * share
+            ));
         }
         if let Some(c) = self.cost {
             s.push_str(&format!(", ${c:.4}"));
@@ -251,6 +259,7 @@ mod tests {
             tokens: 20_000,
             cost: Some(0.5),
             elapsed: Duration::from_secs(5),
+            limit: None,
         };
         let slow = Tick {
             processed: 1,
@@ -262,6 +271,15 @@ mod tests {
         assert_eq!(
             line,
             "rmboost: 10/20 (50%), 2.0 ex/s, 1 failed, 2 retries, 20.0k tokens, $0.5000, ETA 5.0s"
+        );
+        let adapted = Tick {
+            limit: Some((24, 256, 0.0213)),
+            ..tick
+        };
+        assert!(
+            progress_line(&adapted, Some(20)).contains(", limit 24/256, 2.1% 429s,"),
+            "{}",
+            progress_line(&adapted, Some(20))
         );
     }
 }

@@ -52,6 +52,25 @@ pub(crate) struct CacheReport {
     pub(crate) misses: u64,
 }
 
+/// The adaptive limit on calls in flight over the run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct ConcurrencyReport {
+    /// Whether the limit adapted (not `--fixed-concurrency`).
+    pub(crate) adaptive: bool,
+    /// `--concurrency`.
+    pub(crate) cap: usize,
+    /// The limit at the end.
+    pub(crate) limit: usize,
+    /// The lowest the limit went.
+    pub(crate) min_limit: usize,
+    /// The highest the limit rose to after a cut (the cap if it was never cut).
+    pub(crate) max_limit: usize,
+    /// Calls that went through the limit (every attempt).
+    pub(crate) calls: u64,
+    /// Of those, answered 429.
+    pub(crate) rate_limited: u64,
+}
+
 /// Everything the summary shows.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
@@ -91,6 +110,8 @@ pub(crate) struct Report {
     pub(crate) ledger_pending: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) bad_line_messages: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) concurrency: Option<ConcurrencyReport>,
 }
 
 impl fmt::Display for Report {
@@ -151,6 +172,23 @@ impl fmt::Display for Report {
             human_duration(std::time::Duration::from_secs_f64(self.wall_time_secs)),
         ));
         rows.push(("backend", self.backend.clone()));
+        if let Some(c) = &self.concurrency {
+            let range = if c.adaptive {
+                format!(
+                    "adaptive, cap {}: {}..{} (ended at {})",
+                    c.cap, c.min_limit, c.max_limit, c.limit
+                )
+            } else {
+                format!("fixed at {}", c.cap)
+            };
+            rows.push((
+                "concurrency",
+                format!(
+                    "{range}; {} of {} calls answered 429",
+                    c.rate_limited, c.calls
+                ),
+            ));
+        }
         if let Some(c) = &self.cache {
             rows.push((
                 "response cache",
