@@ -134,7 +134,7 @@ impl std::str::FromStr for AspectSampling {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the accepted forms.
+    /// [`ErrorKind::Config`] naming the accepted forms.
     fn from_str(s: &str) -> Result<Self, Error> {
         let mode = s.trim().to_ascii_lowercase().replace('_', "-");
         let bad = || {
@@ -192,7 +192,7 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if the list is empty, a name or definition is blank, or two aspects
+    /// [`ErrorKind::Config`] if the list is empty, a name or definition is blank, or two aspects
     /// share a name.
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
         let name = name.into();
@@ -230,7 +230,7 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a size is 0, `min > max`, or `max` exceeds the number of aspects.
+    /// [`ErrorKind::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
     pub fn with_sampling(mut self, sampling: AspectSampling) -> Result<Self, Error> {
         let n = self.aspects.len();
         let bad = match sampling {
@@ -254,8 +254,8 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be read, [`ErrorKind::Parse`](crate::ErrorKind::Parse) (naming the file, line and
-    /// field) if it is not such JSON, [`ErrorKind::Config`](crate::ErrorKind::Config) if the set is invalid (see
+    /// [`ErrorKind::Io`] if the file cannot be read, [`ErrorKind::Parse`] (naming the file, line and
+    /// field) if it is not such JSON, [`ErrorKind::Config`] if the set is invalid (see
     /// [`Aspects::custom`]).
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();

@@ -65,7 +65,7 @@ pub fn default_second_params() -> SamplingParams {
     SamplingParams::default().temperature(0.7).max_tokens(768)
 }
 
-/// The stream of results returned by [`RmBoost::generate`].
+/// The stream of results returned by [`RmBoost::generate`](crate::RmBoost::generate) and every [`Generator`].
 ///
 /// Yields one item per input prompt: `Ok(example)` or `Err(error)` carrying the id. After a
 /// fatal error (see [`Error::is_fatal`]: a bad key, an exhausted quota, a missing model) it
@@ -227,7 +227,7 @@ pub(crate) async fn ask_with<T>(
 ///
 /// Object safe, so a program can choose the method at run time (`Box<dyn Generator>`,
 /// `Arc<dyn Generator>`). Every implementation keeps the crate's invariants: per-example
-/// seeding with [`example_rng`](crate::example_rng), at most [`concurrency`](Self::concurrency)
+/// seeding with [`example_rng`], at most [`concurrency`](Self::concurrency)
 /// examples in flight, one result per input prompt carrying its id, and a stop after a fatal
 /// error.
 pub trait Generator: Send + Sync + fmt::Debug {

@@ -378,7 +378,7 @@ impl ReportBuilder {
 
 /// Reads preference examples from a JSONL file (either format); an iterator of
 /// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line gives an
-/// [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line, and reading goes on with the next line.
+/// [`ErrorKind::Parse`] naming the file and line, and reading goes on with the next line.
 #[derive(Debug)]
 pub struct ExampleReader<R> {
     lines: std::io::Lines<R>,
@@ -391,7 +391,7 @@ pub struct ExampleReader<R> {
 ///
 /// # Errors
 ///
-/// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be opened.
+/// [`ErrorKind::Io`] if the file cannot be opened.
 pub fn read_examples(path: impl AsRef<Path>) -> Result<ExampleReader<BufReader<File>>, Error> {
     let path = path.as_ref();
     let file = File::open(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
@@ -485,7 +485,7 @@ impl Report {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be read; [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line at
+    /// [`ErrorKind::Io`] if the file cannot be read; [`ErrorKind::Parse`] naming the file and line at
     /// the first line that is not a preference example.
     pub fn from_jsonl(path: impl AsRef<Path>) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
@@ -795,8 +795,8 @@ impl JudgeCheck {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if the judge's sampling settings are invalid; the first fatal
-    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) (a bad key, no quota, no such model), which stops the check.
+    /// [`ErrorKind::Config`] if the judge's sampling settings are invalid; the first fatal
+    /// [`ErrorKind::Backend`] (a bad key, no quota, no such model), which stops the check.
     /// Non-fatal call failures are counted in [`JudgeAgreement::failed`].
     pub async fn run(&self, examples: &[PreferenceExample]) -> Result<JudgeAgreement, Error> {
         self.judge.validate("judge params")?;

@@ -268,7 +268,7 @@ pub enum BadLinePolicy {
     #[default]
     Skip,
     /// Stop taking prompts, finish the examples in flight, and return the line's
-    /// [`ErrorKind::Parse`](crate::ErrorKind::Parse).
+    /// [`ErrorKind::Parse`].
     Stop,
 }
 
@@ -299,7 +299,7 @@ impl Shard {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `count` is 0 or `index >= count`.
+    /// [`ErrorKind::Config`] if `count` is 0 or `index >= count`.
     pub fn new(index: u32, count: u32) -> Result<Self, Error> {
         if count == 0 || index >= count {
             return Err(Error::config(format!(
@@ -346,7 +346,7 @@ impl std::str::FromStr for Shard {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if `s` is not two numbers with
+    /// [`ErrorKind::Config`] if `s` is not two numbers with
     /// `N >= 1` and `I < N`.
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = || {
@@ -415,7 +415,7 @@ impl Prices {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a price is negative or not finite.
+    /// [`ErrorKind::Config`] if a price is negative or not finite.
     pub fn new(input_per_million: f64, output_per_million: f64) -> Result<Self, Error> {
         for (p, what) in [(input_per_million, "input"), (output_per_million, "output")] {
             if !(p.is_finite() && p >= 0.0) {
@@ -672,7 +672,7 @@ fn sidecar(output: &Path, suffix: &str) -> PathBuf {
 ///
 /// # Errors
 ///
-/// [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles and the paths.
+/// [`ErrorKind::Config`] naming both roles and the paths.
 pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
     enum Id {
         File(same_file::Handle),
@@ -1060,12 +1060,12 @@ fn first_line(path: &Path) -> Option<Vec<u8>> {
 ///
 /// # Errors
 ///
-/// - [`ErrorKind::Config`](crate::ErrorKind::Config) if two of the files are the same file
+/// - [`ErrorKind::Config`] if two of the files are the same file
 ///   ([`ensure_distinct_files`]), if the output holds examples made with another
 ///   [`Recipe`] or [`ExistingOutput::Fail`] was asked, or if a cost budget has no meter;
-/// - [`ErrorKind::Io`](crate::ErrorKind::Io) if the output or ledger cannot be opened (a
+/// - [`ErrorKind::Io`] if the output or ledger cannot be opened (a
 ///   file locked by another run included), read or written;
-/// - [`ErrorKind::Parse`](crate::ErrorKind::Parse) for a bad line under
+/// - [`ErrorKind::Parse`] for a bad line under
 ///   [`BadLinePolicy::Stop`], and the reader's I/O error if reading the input fails, after
 ///   the examples in flight are written;
 /// - a fatal error of the generator ([`Error::is_fatal`]: a bad key, an exhausted quota),

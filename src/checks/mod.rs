@@ -177,7 +177,7 @@ pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
 ///   default 0.5. Natural prose is close to 1.0; a model stuck in a loop is far below.
 ///
 /// The form checks (empty, the same text as the first, talk about the task) always apply to
-/// the second response. [`DefaultTemplate`] applies these checks; a custom template can call
+/// the second response. [`DefaultTemplate`](crate::DefaultTemplate) applies these checks; a custom template can call
 /// [`check_first`](Self::check_first) and [`check_second`](Self::check_second).
 ///
 /// ```

@@ -1,6 +1,6 @@
 //! The generation methods: [`RmBoost`] and the paper's baselines [`Rlcd`], [`Rlaif`] and
 //! [`WestOfN`], in the same harness. [`Method`] names them; each implements
-//! [`Generator`](crate::Generator), so a program can pick one at run time and hold it as a
+//! [`Generator`], so a program can pick one at run time and hold it as a
 //! `Box<dyn Generator>`:
 //!
 //! ```
