@@ -1110,3 +1110,38 @@ fn concurrency_adapts_by_default_and_can_be_fixed() {
         assert!(text.contains(want), "{text}");
     }
 }
+
+/// A base URL with credentials in it is never printed: the summary shows it without them.
+#[test]
+fn credentials_in_the_base_url_are_not_printed() {
+    let server = OpenAiServer::start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 2);
+    let url = server
+        .base_url()
+        .replace("http://", "http://someone:hunter2secret@");
+    let json = d.s("s.json");
+    let o = generate(
+        &url,
+        &[
+            "-i",
+            &input,
+            "-o",
+            &d.s("out.jsonl"),
+            "--summary-json",
+            &json,
+        ],
+    );
+    let all = format!(
+        "{}{}{}",
+        stdout(&o),
+        stderr(&o),
+        std::fs::read_to_string(&json).unwrap_or_default()
+    );
+    assert!(!all.contains("hunter2secret"), "{all}");
+    assert!(
+        stdout(&o).contains(&format!(" at {}", server.base_url())),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -190,8 +190,9 @@ fn describe(kind: BackendKind, args: &BackendArgs, backend: &dyn LlmBackend) -> 
         s.push_str(&model);
     }
     if let Some(url) = &args.base_url {
+        // Never a user name, password or query: credentials can hide there.
         s.push_str(" at ");
-        s.push_str(url);
+        s.push_str(&rmboost::backend::public_url(url));
     }
     s
 }
