@@ -31,7 +31,8 @@ Exit status:
        60 s, and prints the summary; a second one drops them and stops at once)
 
 Environment:
-  OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys (or name another variable with --api-key-env)
+  OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys for the providers' own URLs (a custom
+                                      --base-url gets a key only with --api-key-env VAR)
   RUST_LOG                            log filter for stderr (default: warn)";
 
 /// Synthetic preference data for reward models (RMBoost).
@@ -164,8 +165,9 @@ pub(crate) struct BackendArgs {
     #[arg(long, value_name = "NAME")]
     pub(crate) model: Option<String>,
 
-    /// Read the API key from this environment variable
-    /// [default: OPENAI_API_KEY or ANTHROPIC_API_KEY].
+    /// Read the API key from this environment variable. Without it, OPENAI_API_KEY or
+    /// ANTHROPIC_API_KEY is read for the provider's own URL only: a custom --base-url gets
+    /// no key unless named here.
     #[arg(long, value_name = "VAR")]
     pub(crate) api_key_env: Option<String>,
 
