@@ -192,6 +192,7 @@ pub struct PreferenceExample {
 
 /// The two JSONL shapes of an example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum ExampleFormat {
     /// `prompt` is a list of messages, `chosen` and `rejected` are one-message assistant lists
     /// (TRL's conversational preference format). The default.

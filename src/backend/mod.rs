@@ -125,6 +125,7 @@ pub fn duration_from_secs_f64(secs: f64) -> Result<std::time::Duration, crate::E
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Role {
     /// Instructions that frame the conversation.
     System,
@@ -192,6 +193,7 @@ impl Message {
 /// [`CompletionRequest`] it sends for that call.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct SamplingParams {
     /// Sampling temperature; `0.0` is greedy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -264,6 +266,7 @@ impl SamplingParams {
 ///
 /// Taken by value by [`LlmBackend::complete`], so wrappers can pass it on without cloning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct CompletionRequest {
     /// The conversation, oldest first; the model answers the last message.
     pub messages: Vec<Message>,
@@ -324,6 +327,7 @@ impl CompletionRequest {
 /// Why the model stopped generating.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum FinishReason {
     /// A natural end or a stop sequence.
     #[default]
@@ -383,6 +387,7 @@ impl std::ops::AddAssign for Usage {
 
 /// What a backend returned for one call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
 pub struct Completion {
     /// The generated text.
     pub text: String,
