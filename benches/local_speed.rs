@@ -134,7 +134,11 @@ fn main() {
     let concurrent: Vec<usize> = arg_str("--concurrent")
         .unwrap_or_else(|| "1,2,4,8".into())
         .split(',')
-        .map(|v| v.trim().parse().expect("--concurrent takes numbers, e.g. 1,2,4,8"))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .expect("--concurrent takes numbers, e.g. 1,2,4,8")
+        })
         .filter(|&n| n > 0)
         .collect();
     let largest = concurrent.iter().copied().max().unwrap_or(1);
@@ -211,7 +215,12 @@ fn main() {
                 let (lo, hi) = (a.min(*b), a.max(*b));
                 (
                     format!("{lo:.1}..{hi:.1}"),
-                    format!("{:.2} ({:.2}..{:.2})", ours / ((lo + hi) / 2.0), ours / hi, ours / lo),
+                    format!(
+                        "{:.2} ({:.2}..{:.2})",
+                        ours / ((lo + hi) / 2.0),
+                        ours / hi,
+                        ours / lo
+                    ),
                 )
             }
             None => ("-".into(), "-".into()),

@@ -384,7 +384,11 @@ async fn same_alone_and_in_batches(make: impl Fn(usize) -> CompletionRequest) {
             tokio::spawn(async move { b.complete(req).await })
         })
         .collect();
-    assert_eq!(first.await.unwrap().unwrap(), alone[0], "request 0, others joining");
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        alone[0],
+        "request 0, others joining"
+    );
     for (i, h) in rest.into_iter().enumerate() {
         assert_eq!(h.await.unwrap().unwrap(), alone[i + 1], "request {}", i + 1);
     }

@@ -110,7 +110,10 @@ pub(crate) struct Sequence {
 impl Sequence {
     /// The token the next decode step feeds (the last one sampled).
     fn last_token(&self) -> u32 {
-        *self.generated.last().expect("a running sequence has sampled a token")
+        *self
+            .generated
+            .last()
+            .expect("a running sequence has sampled a token")
     }
 
     /// Whether the generation is over (its completion is ready).

@@ -353,7 +353,9 @@ impl Llama {
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        Self::mm(&self.head, &x, per_row)?.to_dtype(DType::F32)?.to_vec2::<f32>()
+        Self::mm(&self.head, &x, per_row)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()
     }
 
     /// Attention of one sequence's `n` new rows (`q`: `[n, heads * d]`, `k`, `v`:

@@ -326,9 +326,8 @@ fn worker(engine: Engine, vocab: Arc<Vocab>, model_name: String, jobs: mpsc::Rec
             }
             let started = Instant::now();
             let span = tracing::debug_span!("local_prefill", model = %model_name);
-            let seq = span.in_scope(|| {
-                guarded(|| engine.start(&vocab, &request, &|| reply.is_closed()))
-            });
+            let seq =
+                span.in_scope(|| guarded(|| engine.start(&vocab, &request, &|| reply.is_closed())));
             match seq {
                 Ok(seq) => {
                     let a = Active {
