@@ -25,8 +25,8 @@
 //! CPU features and row count. [`Llama::load`] checks that they give each row the same bits
 //! in a batch of any size up to the largest batch as alone, and falls back to one product per
 //! row when they do not (see [`Llama::rows_independent`]). The operations are those of
-//! candle-transformers' `quantized_llama` in the same order, so a sequence alone gets the
-//! same logits as it did there.
+//! candle-transformers' `quantized_llama` in the same order, so a sequence alone should get
+//! the same logits as it did there.
 
 use std::io::{Read, Seek};
 

@@ -38,8 +38,8 @@
 //!   `--parallel` and vLLM do). A request joins at the next step (its prompt is prefilled
 //!   alone, in chunks of 512 tokens, when it is admitted) and leaves as soon as it finishes,
 //!   without waiting for the others; requests beyond the limit wait in the queue, first come,
-//!   first served. On two cores four requests together get about three times the tokens per
-//!   second of one (see `benches/local_speed.rs`).
+//!   first served. `benches/local_speed.rs` measures the aggregate speed at 1, 2, 4 and 8
+//!   concurrent requests against llama.cpp's server with as many slots.
 //! - **KV caches, one per request.** Each request has its own keys and values per layer and
 //!   its own position; attention (with the rotary embedding at that position) runs per request
 //!   against its own cache, only the matrix products are shared. A request that leaves frees
