@@ -102,6 +102,9 @@ fn llamacpp(
         .expect("aggregate_tokens_per_s")
 }
 
+/// One measurement: concurrent requests, our aggregate tokens/s, llama.cpp's before and after.
+type Row = (usize, f64, Option<(f64, f64)>);
+
 fn request(max_tokens: u32) -> CompletionRequest {
     CompletionRequest::new(vec![Message::user(PROMPT)])
         .with_params(
@@ -174,8 +177,7 @@ fn main() {
     wave(&rt, &backend, 1, 8); // warm-up
     let model = backend.model_path().to_path_buf();
 
-    // (n, ours, llama.cpp before, llama.cpp after) per round.
-    let mut rows: Vec<(usize, f64, Option<(f64, f64)>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for round in 1..=rounds {
         for &n in &concurrent {
             println!("round {round}, {n} concurrent:");
