@@ -1,16 +1,20 @@
-//! Generation speed of the local backend, in tokens per second.
+//! Generation speed of the local backend, in tokens per second, alone and batched.
 //!
-//! `cargo bench --features local --bench local_speed [-- --tokens 128 --runs 3 --threads 2]`
+//! `cargo bench --features local --bench local_speed [-- --tokens 128 --runs 3 --threads 2
+//! --concurrent 1,2,4,8 --rounds 1]`
 //!
-//! Sends the same chat request as `scripts/llamacpp_speed.py` (temperature 0, 128 new tokens)
-//! and prints generation tokens/s (prefill excluded, like llama.cpp's `predicted_per_second`)
-//! and end-to-end tokens/s. The model comes from `RMBOOST_MODEL` or the default resolution.
+//! For each number of concurrent requests `N` it sends `N` copies of the same chat request as
+//! `scripts/llamacpp_speed.py` (temperature 0, 128 new tokens) at once and prints the
+//! aggregate speed: all completion tokens over the wall time (prefill included). `N = 1` is
+//! the backend's single-request speed; the local backend decodes the `N` requests together
+//! (continuous batching, `max_batch` set to the largest `N`).
 //!
-//! In the same run it measures llama.cpp on the same GGUF with the same thread count, by
-//! running `scripts/llamacpp_speed.py` with the Python that `RMBOOST_PYTHON` names (or
-//! `.venv/bin/python`, which `scripts/setup-test-env.sh` creates), and prints the ratio. The two
-//! engines take turns (llama.cpp, candle, llama.cpp) so that a change in machine load shows up
-//! as a spread rather than as a bias. `--no-llamacpp` measures candle alone.
+//! In the same run it measures llama.cpp's server on the same GGUF with the same thread count
+//! and `N` parallel slots, by running `scripts/llamacpp_speed.py --parallel N` with the Python
+//! that `RMBOOST_PYTHON` names (or `.venv/bin/python`, which `scripts/setup-test-env.sh`
+//! creates), and prints the ratios. The two engines take turns (llama.cpp, candle, llama.cpp
+//! for each `N`, repeated `--rounds` times) so that a change in machine load shows up as a
+//! spread rather than as a bias. `--no-llamacpp` measures the local backend alone.
 //!
 //! A plain timer rather than criterion: one sample takes seconds, and the figure we want is a
 //! rate, not a distribution of nanoseconds.
@@ -27,12 +31,17 @@ const PROMPT: &str =
     "Write a detailed essay about the history of the printing press and how it changed Europe.";
 
 fn arg(name: &str, default: usize) -> usize {
+    arg_str(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .cloned()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -49,8 +58,16 @@ fn python() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
-/// One llama.cpp measurement: median generation tokens/s over `runs` requests.
-fn llamacpp(python: &Path, model: &Path, threads: usize, tokens: u32, runs: usize) -> f64 {
+/// One llama.cpp measurement: median aggregate tokens/s over `runs` waves of `parallel`
+/// requests, with `parallel` slots.
+fn llamacpp(
+    python: &Path,
+    model: &Path,
+    threads: usize,
+    tokens: u32,
+    runs: usize,
+    parallel: usize,
+) -> f64 {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/llamacpp_speed.py");
     let out = Command::new(python)
         .arg(&script)
@@ -59,6 +76,7 @@ fn llamacpp(python: &Path, model: &Path, threads: usize, tokens: u32, runs: usiz
         .args(["--threads", &threads.to_string()])
         .args(["--tokens", &tokens.to_string()])
         .args(["--runs", &runs.to_string()])
+        .args(["--parallel", &parallel.to_string()])
         .arg("--json")
         .stderr(std::process::Stdio::null())
         .output()
@@ -79,15 +97,54 @@ fn llamacpp(python: &Path, model: &Path, threads: usize, tokens: u32, runs: usiz
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no JSON summary from {}:\n{stdout}", script.display()));
     let v: serde_json::Value = serde_json::from_str(json).expect("summary is JSON");
-    v["generation_tokens_per_s"]
+    v["aggregate_tokens_per_s"]
         .as_f64()
-        .expect("generation_tokens_per_s")
+        .expect("aggregate_tokens_per_s")
+}
+
+/// One measurement: concurrent requests, our aggregate tokens/s, llama.cpp's before and after.
+type Row = (usize, f64, Option<(f64, f64)>);
+
+fn request(max_tokens: u32) -> CompletionRequest {
+    CompletionRequest::new(vec![Message::user(PROMPT)])
+        .with_params(
+            &rmboost::SamplingParams::default()
+                .temperature(0.0)
+                .max_tokens(max_tokens),
+        )
+        .with_seed(1)
+}
+
+/// One wave of `n` identical requests sent at once: (wall seconds, completion tokens).
+fn wave(rt: &tokio::runtime::Runtime, backend: &LocalBackend, n: usize, tokens: u32) -> (f64, u64) {
+    let t = Instant::now();
+    let done = rt.block_on(futures::future::join_all(
+        (0..n).map(|_| backend.complete(request(tokens))),
+    ));
+    let dt = t.elapsed().as_secs_f64();
+    let total = done
+        .into_iter()
+        .map(|c| c.expect("generation failed").usage.completion_tokens)
+        .sum();
+    (dt, total)
 }
 
 fn main() {
     let tokens = arg("--tokens", 128) as u32;
     let runs = arg("--runs", 3).max(1);
+    let rounds = arg("--rounds", 1).max(1);
     let threads = arg("--threads", 2).max(1);
+    let concurrent: Vec<usize> = arg_str("--concurrent")
+        .unwrap_or_else(|| "1,2,4,8".into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .expect("--concurrent takes numbers, e.g. 1,2,4,8")
+        })
+        .filter(|&n| n > 0)
+        .collect();
+    let largest = concurrent.iter().copied().max().unwrap_or(1);
     let with_llamacpp = !std::env::args().any(|a| a == "--no-llamacpp");
     // candle reads its thread count when its pool first starts; set it before any model work.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -106,75 +163,70 @@ fn main() {
     let t0 = Instant::now();
     let backend = LocalBackend::builder()
         .requantize(std::env::var_os("RMBOOST_NO_REQUANTIZE").is_none())
+        .max_batch(largest)
         .build()
         .unwrap_or_else(|e| panic!("no local model: {e}"));
     println!(
-        "loaded {} in {:.2} s",
+        "loaded {} in {:.2} s (max_batch {largest})",
         backend.model_path().display(),
         t0.elapsed().as_secs_f64()
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let request = |max_tokens: u32| {
-        CompletionRequest::new(vec![Message::user(PROMPT)])
-            .with_params(
-                &rmboost::SamplingParams::default()
-                    .temperature(0.0)
-                    .max_tokens(max_tokens),
-            )
-            .with_seed(1)
-    };
-    let time = |max_tokens: u32| {
-        let t = Instant::now();
-        let c = rt
-            .block_on(backend.complete(request(max_tokens)))
-            .expect("generation failed");
-        (t.elapsed().as_secs_f64(), c)
-    };
-    time(8); // warm-up
-
+    wave(&rt, &backend, 1, 8); // warm-up
     let model = backend.model_path().to_path_buf();
-    let mut llama = Vec::new();
-    if let Some(py) = &python {
-        println!("llama.cpp, {threads} threads (before candle):");
-        llama.push(llamacpp(py, &model, threads, tokens, runs));
+
+    let mut rows: Vec<Row> = Vec::new();
+    for round in 1..=rounds {
+        for &n in &concurrent {
+            println!("round {round}, {n} concurrent:");
+            let before = python.as_ref().map(|py| {
+                println!(" llama.cpp, {threads} threads, {n} slots:");
+                llamacpp(py, &model, threads, tokens, runs, n)
+            });
+            println!(" local backend, {threads} threads:");
+            let mut agg = Vec::new();
+            for run in 1..=runs {
+                let (dt, total) = wave(&rt, &backend, n, tokens);
+                agg.push(total as f64 / dt);
+                println!(
+                    "  run {run}: {total} tokens in {dt:.3} s, aggregate {:.1} tokens/s",
+                    total as f64 / dt
+                );
+            }
+            let ours = median(agg);
+            let after = python.as_ref().map(|py| {
+                println!(" llama.cpp again:");
+                llamacpp(py, &model, threads, tokens, runs, n)
+            });
+            rows.push((n, ours, before.zip(after)));
+        }
     }
 
-    println!("candle, {threads} threads:");
-    let mut decode = Vec::new();
-    let mut wall = Vec::new();
-    for run in 1..=runs {
-        let (prefill, _) = time(1);
-        let (dt, c) = time(tokens);
-        let n = c.usage.completion_tokens;
-        let gen = (n.saturating_sub(1)) as f64 / (dt - prefill).max(1e-9);
-        decode.push(gen);
-        wall.push(n as f64 / dt);
-        println!(
-            "run {run}: {n} tokens (prompt {}), {dt:.3} s wall, prefill {prefill:.3} s, \
-             generation {gen:.1} tokens/s, end to end {:.1} tokens/s",
-            c.usage.prompt_tokens,
-            n as f64 / dt
-        );
-    }
-    let candle = median(decode);
-    println!(
-        "candle local backend: generation {candle:.1} tokens/s, end to end {:.1} tokens/s \
-         (median of {runs})",
-        median(wall)
-    );
-    if let Some(py) = &python {
-        println!("llama.cpp, {threads} threads (after candle):");
-        llama.push(llamacpp(py, &model, threads, tokens, runs));
-        let (lo, hi) = (llama[0].min(llama[1]), llama[0].max(llama[1]));
-        let mid = (lo + hi) / 2.0;
-        println!(
-            "ratio candle / llama.cpp at {threads} threads: {:.2} \
-             (llama.cpp {lo:.1}..{hi:.1} tokens/s, so {:.2}..{:.2})",
-            candle / mid,
-            candle / hi,
-            candle / lo
-        );
+    println!();
+    println!("aggregate tokens/s ({tokens} tokens per request, {threads} threads, medians of {runs} runs)");
+    println!("| concurrent | local backend | x its 1-request speed | llama.cpp server (N slots) | local / llama.cpp |");
+    println!("|---|---|---|---|---|");
+    let single: Vec<f64> = rows.iter().filter(|r| r.0 == 1).map(|r| r.1).collect();
+    let single = (!single.is_empty()).then(|| median(single));
+    for (n, ours, llama) in &rows {
+        let speedup = single.map_or("-".to_string(), |s| format!("{:.2}", ours / s));
+        let (l, ratio) = match llama {
+            Some((a, b)) => {
+                let (lo, hi) = (a.min(*b), a.max(*b));
+                (
+                    format!("{lo:.1}..{hi:.1}"),
+                    format!(
+                        "{:.2} ({:.2}..{:.2})",
+                        ours / ((lo + hi) / 2.0),
+                        ours / hi,
+                        ours / lo
+                    ),
+                )
+            }
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {n} | {ours:.1} | {speedup} | {l} | {ratio} |");
     }
 }

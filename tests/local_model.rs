@@ -362,3 +362,117 @@ fn identity_holds_the_model_files_hash() {
         rmboost::backend::cache::cache_key(&other_id, &req)
     );
 }
+
+/// Prompts of different lengths for the batching tests (the short ones finish first, so
+/// requests leave the batch while others go on).
+const BATCH_PROMPTS: [&str; 8] = [
+    "What is the capital of Italy?",
+    "Name a fruit that is yellow.",
+    "Write a short poem about the sea and the wind, with a title.",
+    "How many legs does a spider have?",
+    "Say hello in French.",
+    "Explain in two sentences why leaves change colour in autumn.",
+    "List three kinds of trees.",
+    "What is 12 times 12?",
+];
+
+fn seeded(prompt: &str, max_tokens: u32, seed: u64) -> CompletionRequest {
+    CompletionRequest::new(vec![Message::user(prompt)])
+        .with_params(
+            &SamplingParams::default()
+                .temperature(1.0)
+                .top_p(0.95)
+                .max_tokens(max_tokens),
+        )
+        .with_seed(seed)
+}
+
+/// Each request alone, then inside batches of 2, 3 and `max_batch` (with different
+/// neighbours, and neighbours that join late), must give the same completion.
+async fn same_alone_and_in_batches(make: impl Fn(usize) -> CompletionRequest) {
+    let b = backend();
+    let n = b.max_batch().clamp(3, BATCH_PROMPTS.len());
+    let mut alone = Vec::new();
+    for i in 0..n {
+        alone.push(b.complete(make(i)).await.unwrap());
+    }
+    for size in [2, 3, n] {
+        // Request 0 with the next `size - 1` prompts, all sent at once.
+        let together = futures::future::join_all((0..size).map(|i| b.complete(make(i)))).await;
+        for (i, r) in together.into_iter().enumerate() {
+            assert_eq!(r.unwrap(), alone[i], "request {i} in a batch of {size}");
+        }
+    }
+    // Late joiners: the first request runs alone for a while, the others join mid-way and
+    // some leave before it finishes.
+    let first = {
+        let b = b.clone();
+        let req = make(0);
+        tokio::spawn(async move { b.complete(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let rest: Vec<_> = (1..n)
+        .map(|i| {
+            let b = b.clone();
+            let req = make(i);
+            tokio::spawn(async move { b.complete(req).await })
+        })
+        .collect();
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        alone[0],
+        "request 0, others joining"
+    );
+    for (i, h) in rest.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap().unwrap(), alone[i + 1], "request {}", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_text_is_the_same_alone_and_in_batches() {
+    same_alone_and_in_batches(|i| greedy(BATCH_PROMPTS[i], 16 + 4 * (i as u32 % 3))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_text_is_the_same_alone_and_in_batches() {
+    same_alone_and_in_batches(|i| seeded(BATCH_PROMPTS[i], 16 + 4 * (i as u32 % 3), 40 + i as u64))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_or_failing_request_leaves_the_others_alone() {
+    let b = backend();
+    let keep = [greedy(BATCH_PROMPTS[0], 16), greedy(BATCH_PROMPTS[2], 16)];
+    let mut alone = Vec::new();
+    for r in &keep {
+        alone.push(b.complete(r.clone()).await.unwrap());
+    }
+    let running: Vec<_> = keep
+        .iter()
+        .map(|r| {
+            let b = b.clone();
+            let r = r.clone();
+            tokio::spawn(async move { b.complete(r).await })
+        })
+        .collect();
+    // A long request in the same batch, given up on after a while.
+    let long = greedy("Write a very long story about a dragon.", 2000);
+    let _ = tokio::time::timeout(Duration::from_millis(300), b.complete(long)).await;
+    // A request that cannot run (longer than the context) fails alone.
+    let too_long = "word ".repeat(b.context_length() + 10);
+    let err = b.complete(greedy(&too_long, 4)).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    for (i, h) in running.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap().unwrap(), alone[i], "request {i}");
+    }
+}
+
+#[test]
+fn max_batch_must_be_at_least_one() {
+    let err = LocalBackend::builder()
+        .model_path(backend().model_path())
+        .max_batch(0)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot load"), "{err}");
+}

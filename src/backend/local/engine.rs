@@ -1,18 +1,22 @@
-//! The model itself: loading the GGUF, one generation from prompt to finish reason, sampling.
+//! The model itself: loading the GGUF, generations as step-by-step state machines, sampling.
 //!
-//! Runs synchronously on the worker thread; nothing here is async.
+//! Runs synchronously on the worker thread; nothing here is async. A generation is a
+//! [`Sequence`]: [`Engine::start`] checks and prefills its prompt (alone), then each
+//! [`Engine::decode`] step feeds the last sampled token of every active sequence in one batch
+//! and [`Sequence::accept`] samples the next one from that sequence's logits.
 
 use std::fs::File;
 use std::io::{BufReader, Cursor};
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_core::Device;
+use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::chat::ChatTemplate;
+use super::llama::{Feed, KvCache, Llama};
 use super::tokenizer::GgufTokenizer;
 use crate::backend::{Completion, CompletionRequest, FinishReason, Message, Usage};
 use crate::error::{BackendError, BackendErrorKind, BoxError};
@@ -31,6 +35,7 @@ pub(crate) struct EngineOptions {
     pub(crate) requantize: bool,
     pub(crate) repeat_penalty: f32,
     pub(crate) repeat_last_n: usize,
+    pub(crate) max_batch: usize,
 }
 
 /// What the worker and the handles share: everything but the weights.
@@ -57,18 +62,18 @@ impl Vocab {
     }
 }
 
-/// The loaded weights plus the generation loop. Owned by the worker thread.
+/// The loaded weights. Owned by the worker thread.
 pub(crate) struct Engine {
-    weights: ModelWeights,
-    device: Device,
+    model: Llama,
     options: EngineOptions,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
+            .field("model", &self.model)
             .field("options", &self.options)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
@@ -85,6 +90,101 @@ fn slow_on_cpu(dtype: GgmlDType) -> bool {
 
 fn candle_err(what: &str, e: candle_core::Error) -> BackendError {
     BackendError::new(BackendErrorKind::Backend, what).with_source(e)
+}
+
+/// One generation in progress: its cache, sampler and answer so far.
+#[derive(Debug)]
+pub(crate) struct Sequence {
+    cache: KvCache,
+    sampler: Sampler,
+    prompt_len: usize,
+    budget: usize,
+    stop: Vec<String>,
+    longest_stop: usize,
+    generated: Vec<u32>,
+    sampled: u64,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// The token the next decode step feeds (the last one sampled).
+    fn last_token(&self) -> u32 {
+        *self
+            .generated
+            .last()
+            .expect("a running sequence has sampled a token")
+    }
+
+    /// Whether the generation is over (its completion is ready).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Samples the next token from `logits` (the model's output after the last fed token) and
+    /// checks end-of-turn tokens, stop sequences and the token budget.
+    pub(crate) fn accept(&mut self, vocab: &Vocab, logits: &mut [f32]) -> Result<(), BackendError> {
+        let next = self.sampler.sample_after(logits, &self.generated);
+        self.sampled += 1;
+        if vocab.tokenizer.is_end_of_generation(next) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(());
+        }
+        self.generated.push(next);
+        let before = self.text.len();
+        self.text = vocab.tokenizer.decode(&self.generated).map_err(|e| {
+            BackendError::new(BackendErrorKind::Backend, "decoding tokens failed").with_source(e)
+        })?;
+        if self.longest_stop > 0 {
+            // Only the new text (plus a stop sequence's length before it) can hold a stop
+            // sequence that was not already there.
+            let mut from = before.saturating_sub(self.longest_stop);
+            while !self.text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let hit = self
+                .stop
+                .iter()
+                .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p))
+                .min();
+            if let Some(at) = hit {
+                self.text.truncate(at);
+                self.finish = Some(FinishReason::Stop);
+                return Ok(());
+            }
+        }
+        if self.generated.len() >= self.budget {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    /// The completion of a finished sequence.
+    pub(crate) fn completion(mut self, model_name: &str) -> Completion {
+        let finish = self.finish.unwrap_or(FinishReason::Length);
+        if finish == FinishReason::Length {
+            // A token limit can cut a multi-byte character in half.
+            while self.text.ends_with('\u{FFFD}') {
+                self.text.pop();
+            }
+        }
+        Completion::new(self.text)
+            .with_finish_reason(finish)
+            .with_usage(Usage::new(self.prompt_len as u64, self.sampled))
+            .with_model(model_name)
+    }
+
+    /// Tokens held in the KV cache.
+    pub(crate) fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Undoes a decode step that failed half-way (drops anything after `len` tokens).
+    pub(crate) fn rewind(&mut self, len: usize) -> Result<(), BackendError> {
+        self.cache
+            .truncate(len)
+            .map_err(|e| candle_err("rewinding the KV cache failed", e))
+    }
 }
 
 impl Engine {
@@ -132,18 +232,21 @@ impl Engine {
                 .tensor_infos
                 .values()
                 .any(|t| slow_on_cpu(t.ggml_dtype));
-        let weights = if needs_requant {
+        let max_batch = options.max_batch;
+        let model = if needs_requant {
             let (content, bytes) = requantize(content, &mut reader, &device)?;
-            ModelWeights::from_gguf(content, &mut Cursor::new(bytes), &device)?
+            Llama::load(&content, &mut Cursor::new(bytes), &device, max_batch)?
         } else {
-            ModelWeights::from_gguf(content, &mut reader, &device)?
+            Llama::load(&content, &mut reader, &device, max_batch)?
         };
+        tracing::debug!(
+            weights = ?model.weight_dtype(),
+            batched_matmul = model.batched_matmul(),
+            max_batch,
+            "local model weights loaded"
+        );
         Ok((
-            Engine {
-                weights,
-                device,
-                options,
-            },
+            Engine { model, options },
             Vocab {
                 tokenizer,
                 template,
@@ -152,15 +255,20 @@ impl Engine {
         ))
     }
 
-    /// Runs one request to the end. `cancelled` is polled between tokens; when it says yes the
-    /// generation stops and an error is returned (nobody is waiting for it).
-    pub(crate) fn generate(
-        &mut self,
+    /// The most sequences one decode step runs.
+    pub(crate) fn max_batch(&self) -> usize {
+        self.options.max_batch
+    }
+
+    /// Checks a request, feeds its prompt (alone, in chunks) and samples its first token.
+    /// `cancelled` is polled between chunks; when it says yes an error is returned (nobody is
+    /// waiting for it).
+    pub(crate) fn start(
+        &self,
         vocab: &Vocab,
         request: &CompletionRequest,
-        model_name: &str,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<Completion, BackendError> {
+    ) -> Result<Sequence, BackendError> {
         let prompt = vocab.prompt_ids(&request.messages)?;
         let ctx = vocab.context_length;
         if prompt.is_empty() {
@@ -179,94 +287,61 @@ impl Engine {
             ));
         }
         let max_tokens = request.max_tokens.unwrap_or(self.options.max_tokens).max(1) as usize;
-        let budget = max_tokens.min(ctx - prompt.len());
         let temperature = request.temperature.unwrap_or(self.options.temperature);
         let top_p = request.top_p.unwrap_or(self.options.top_p);
-        let mut sampler = Sampler::new(temperature, top_p, request.seed)
-            .with_repeat_penalty(self.options.repeat_penalty, self.options.repeat_last_n);
-        let longest_stop = request.stop.iter().map(String::len).max().unwrap_or(0);
-
-        // A new prompt starts at position 0, which drops the KV cache of the previous one.
-        self.weights.clear_kv_cache();
-        let mut logits = None;
-        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        let mut seq = Sequence {
+            cache: KvCache::default(),
+            sampler: Sampler::new(temperature, top_p, request.seed)
+                .with_repeat_penalty(self.options.repeat_penalty, self.options.repeat_last_n),
+            prompt_len: prompt.len(),
+            budget: max_tokens.min(ctx - prompt.len()),
+            longest_stop: request.stop.iter().map(String::len).max().unwrap_or(0),
+            stop: request.stop.clone(),
+            generated: Vec::new(),
+            sampled: 0,
+            text: String::new(),
+            finish: None,
+        };
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
             if cancelled() {
                 return Err(cancelled_error());
             }
-            logits = Some(self.forward(chunk, i * PREFILL_CHUNK)?);
+            let mut feed = [Feed {
+                cache: &mut seq.cache,
+                tokens: chunk,
+            }];
+            logits = self
+                .model
+                .forward(&mut feed)
+                .map_err(|e| candle_err("the model's forward pass failed", e))?
+                .pop()
+                .expect("one feed, one row");
         }
-        let mut logits = logits.expect("prompt is not empty");
-
-        let mut generated: Vec<u32> = Vec::with_capacity(budget);
-        let mut sampled = 0u64;
-        let mut text = String::new();
-        let mut finish = FinishReason::Length;
-        loop {
-            let next = sampler.sample_after(&mut logits, &generated);
-            sampled += 1;
-            if vocab.tokenizer.is_end_of_generation(next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            generated.push(next);
-            let before = text.len();
-            text = vocab.tokenizer.decode(&generated).map_err(|e| {
-                BackendError::new(BackendErrorKind::Backend, "decoding tokens failed")
-                    .with_source(e)
-            })?;
-            if longest_stop > 0 {
-                // Only the new text (plus a stop sequence's length before it) can hold a stop
-                // sequence that was not already there.
-                let mut from = before.saturating_sub(longest_stop);
-                while !text.is_char_boundary(from) {
-                    from -= 1;
-                }
-                let hit = request
-                    .stop
-                    .iter()
-                    .filter_map(|s| text[from..].find(s.as_str()).map(|p| from + p))
-                    .min();
-                if let Some(at) = hit {
-                    text.truncate(at);
-                    finish = FinishReason::Stop;
-                    break;
-                }
-            }
-            if generated.len() >= budget {
-                break;
-            }
-            if cancelled() {
-                return Err(cancelled_error());
-            }
-            logits = self.forward(&[next], prompt.len() + generated.len() - 1)?;
-        }
-        if finish == FinishReason::Length {
-            // A token limit can cut a multi-byte character in half.
-            while text.ends_with('\u{FFFD}') {
-                text.pop();
-            }
-        }
-        Ok(Completion::new(text)
-            .with_finish_reason(finish)
-            .with_usage(Usage::new(prompt.len() as u64, sampled))
-            .with_model(model_name))
+        seq.accept(vocab, &mut logits)?;
+        Ok(seq)
     }
 
-    /// Logits of the last position after feeding `ids` at `pos`.
-    fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, BackendError> {
-        let input = Tensor::new(ids, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(|e| candle_err("building the input failed", e))?;
-        self.weights
-            .forward(&input, pos)
-            .and_then(|l| l.squeeze(0))
-            .and_then(|l| l.to_dtype(DType::F32))
-            .and_then(|l| l.to_vec1::<f32>())
+    /// One decode step for all `seqs` together: feeds each its last sampled token and returns
+    /// each its logits, in order. On an error the caches may hold part of the step: undo it
+    /// with [`Sequence::rewind`].
+    pub(crate) fn decode(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let tokens: Vec<[u32; 1]> = seqs.iter().map(|s| [s.last_token()]).collect();
+        let mut feeds: Vec<Feed<'_>> = seqs
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(s, t)| Feed {
+                cache: &mut s.cache,
+                tokens: t,
+            })
+            .collect();
+        self.model
+            .forward(&mut feeds)
             .map_err(|e| candle_err("the model's forward pass failed", e))
     }
 }
 
-fn cancelled_error() -> BackendError {
+pub(crate) fn cancelled_error() -> BackendError {
     BackendError::new(BackendErrorKind::Other, "cancelled: the caller went away")
 }
 

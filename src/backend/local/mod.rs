@@ -22,23 +22,39 @@
 //!
 //! # How it runs
 //!
-//! - **Inference**: candle's quantised llama (`candle-transformers`), pure Rust. The tokenizer
-//!   is rebuilt from the GGUF metadata and the prompt is rendered with the model's own Jinja
-//!   chat template (see the `chat` and `tokenizer` submodules' notes in the source).
-//! - **A queue, not a lock.** The model and its KV cache live on one dedicated worker thread
-//!   fed by a channel; [`LlmBackend::complete`] sends the request and awaits a oneshot reply.
-//!   So the async runtime is never blocked (no inference runs on its threads, and the worker
-//!   does not hold a slot of tokio's blocking pool for minutes), calls are served first come,
-//!   first served, and the backend is `Clone + Send + Sync` and safe to call from any number
-//!   of examples at once. A mutex plus `spawn_blocking` would serialise the calls just the
-//!   same but park a blocking-pool thread per waiting call. Running several sequences in one
-//!   batch would raise throughput on big machines, but candle's quantised llama keeps a
-//!   single-sequence KV cache and its matrix products already use every core for one sequence,
-//!   so on small CPUs batching buys little; requests run one at a time.
-//! - **Cancellation.** Dropping the future of `complete` is noticed by the worker between two
-//!   tokens: it abandons that generation and moves on to the next request.
-//! - **KV cache.** Each request starts at position 0, which resets the cache, so no state leaks
-//!   from one call into the next.
+//! - **Inference**: our own forward pass (the `llama` submodule) over the quantised GGUF
+//!   weights, on candle's tensors and quantised matrix products (`candle-core`), pure Rust. The
+//!   tokenizer is rebuilt from the GGUF metadata and the prompt is rendered with the model's
+//!   own Jinja chat template (see the `chat` and `tokenizer` submodules' notes in the source).
+//! - **A queue and one worker.** The model lives on one dedicated worker thread fed by a
+//!   channel; [`LlmBackend::complete`] sends the request and awaits a oneshot reply. So the
+//!   async runtime is never blocked, and the backend is `Clone + Send + Sync` and safe to call
+//!   from any number of examples at once.
+//! - **Continuous batching.** Decoding one sequence reads every weight once per token, and on
+//!   a CPU that memory traffic, not the arithmetic, sets the speed. The worker therefore
+//!   decodes up to [`max_batch`](LocalBackendBuilder::max_batch) requests together: each step
+//!   feeds the current token of every active request through the model as one `[B, hidden]`
+//!   batch, so the weights are read once for all of them (as llama.cpp's server with
+//!   `--parallel` and vLLM do). A request joins at the next step (its prompt is prefilled
+//!   alone, in chunks of 512 tokens, when it is admitted) and leaves as soon as it finishes,
+//!   without waiting for the others; requests beyond the limit wait in the queue, first come,
+//!   first served. `benches/local_speed.rs` measures the aggregate speed at 1, 2, 4 and 8
+//!   concurrent requests against llama.cpp's server with as many slots.
+//! - **KV caches, one per request.** Each request has its own keys and values per layer and
+//!   its own position; attention (with the rotary embedding at that position) runs per request
+//!   against its own cache, only the matrix products are shared. A request that leaves frees
+//!   its cache at once, and no state leaks from one call into another.
+//! - **A request's text depends only on its own prompt, parameters and seed,** never on what
+//!   else is in the batch or on the batch limit: every operation is row-wise or per request,
+//!   and when the model loads, the quantised matrix products are checked to give each row the
+//!   same bits in any batch up to the limit as alone (candle picks its kernel by CPU, block
+//!   type and row count). Where they do not, the products run row by row: exact but slower.
+//!   The tests compare each answer alone and in batches of 2, 3 and more.
+//! - **Cancellation and failures are per request.** Dropping the future of `complete` is
+//!   noticed by the worker before the next step: that request leaves the batch (its cache is
+//!   freed) and the others go on. A panic or error while sampling fails only its request; if a
+//!   batched step fails, it is undone and retried one request at a time, so only the request
+//!   that fails alone gets the error.
 //! - **Speed.** candle picks its SIMD kernels at run time (AVX2/AVX-512 on x86-64, NEON on ARM)
 //!   for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
 //!   types are re-encoded as Q8_0 when the model loads (about a second; see
@@ -60,6 +76,7 @@
 
 mod chat;
 mod engine;
+mod llama;
 pub mod model;
 mod tokenizer;
 
@@ -69,11 +86,12 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use self::engine::{Engine, EngineOptions, Vocab};
+use self::engine::{Engine, EngineOptions, Sequence, Vocab};
 pub use self::model::{
     default_cache_dir, resolve_model, ModelResolveError, ModelResolver, MODEL_ENV,
 };
@@ -109,6 +127,7 @@ struct Job {
 
 struct Shared {
     jobs: mpsc::Sender<Job>,
+    max_batch: usize,
     vocab: Arc<Vocab>,
     model_name: String,
     path: PathBuf,
@@ -131,6 +150,7 @@ impl fmt::Debug for LocalBackend {
             .field("model", &self.shared.model_name)
             .field("path", &self.shared.path)
             .field("context_length", &self.shared.vocab.context_length)
+            .field("max_batch", &self.shared.max_batch)
             .finish()
     }
 }
@@ -155,6 +175,12 @@ impl LocalBackend {
     #[must_use]
     pub fn model_path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// The most requests decoded together (see [`LocalBackendBuilder::max_batch`]).
+    #[must_use]
+    pub fn max_batch(&self) -> usize {
+        self.shared.max_batch
     }
 
     /// The most tokens (prompt plus answer) one call can hold.
@@ -235,41 +261,155 @@ fn worker_gone() -> BackendError {
     )
 }
 
-/// The worker: answers jobs one at a time until every sender is gone.
-fn worker(mut engine: Engine, vocab: Arc<Vocab>, model_name: String, jobs: mpsc::Receiver<Job>) {
-    while let Ok(Job { request, reply }) = jobs.recv() {
-        if reply.is_closed() {
-            continue;
+/// A request being generated and where its answer goes.
+struct Active {
+    seq: Sequence,
+    reply: oneshot::Sender<Result<Completion, BackendError>>,
+    started: Instant,
+}
+
+/// Runs `f`, turning a panic into an error for that one request.
+fn guarded<T>(f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_default();
+        Err(BackendError::new(
+            BackendErrorKind::Other,
+            format!("the local model panicked: {what}"),
+        ))
+    })
+}
+
+/// Sends a finished sequence's completion to its caller.
+fn finish(active: Active, model_name: &str) {
+    let c = active.seq.completion(model_name);
+    let secs = active.started.elapsed().as_secs_f64();
+    tracing::debug!(
+        prompt_tokens = c.usage.prompt_tokens,
+        completion_tokens = c.usage.completion_tokens,
+        finish = ?c.finish_reason,
+        tokens_per_s = c.usage.completion_tokens as f64 / secs.max(1e-9),
+        "local generation done"
+    );
+    let _ = active.reply.send(Ok(c));
+}
+
+/// The worker: continuous batching until every sender is gone and every request answered.
+///
+/// Each turn it admits queued requests up to the batch limit (checking and prefilling each one
+/// alone), drops the requests whose callers went away (freeing their caches), runs one decode
+/// step for all the others together and samples each one's next token. A request that
+/// finishes is answered at once and leaves the batch; the others carry on.
+fn worker(engine: Engine, vocab: Arc<Vocab>, model_name: String, jobs: mpsc::Receiver<Job>) {
+    let max_batch = engine.max_batch();
+    let mut active: Vec<Active> = Vec::with_capacity(max_batch);
+    let mut open = true;
+    loop {
+        // Admit: block only when there is nothing to decode.
+        while open && active.len() < max_batch {
+            let job = if active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            let Job { request, reply } = job;
+            if reply.is_closed() {
+                continue;
+            }
+            let started = Instant::now();
+            let span = tracing::debug_span!("local_prefill", model = %model_name);
+            let seq =
+                span.in_scope(|| guarded(|| engine.start(&vocab, &request, &|| reply.is_closed())));
+            match seq {
+                Ok(seq) => {
+                    let a = Active {
+                        seq,
+                        reply,
+                        started,
+                    };
+                    if a.seq.is_finished() {
+                        finish(a, &model_name);
+                    } else {
+                        active.push(a);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
-        let span = tracing::debug_span!("local_generate", model = %model_name);
-        let _enter = span.enter();
-        let started = std::time::Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            engine.generate(&vocab, &request, &model_name, &|| reply.is_closed())
-        }))
-        .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                .unwrap_or_default();
-            Err(BackendError::new(
-                BackendErrorKind::Other,
-                format!("the local model panicked: {what}"),
-            ))
-        });
-        if let Ok(c) = &result {
-            let secs = started.elapsed().as_secs_f64();
-            tracing::debug!(
-                prompt_tokens = c.usage.prompt_tokens,
-                completion_tokens = c.usage.completion_tokens,
-                finish = ?c.finish_reason,
-                tokens_per_s = c.usage.completion_tokens as f64 / secs.max(1e-9),
-                "local generation done"
-            );
+        // Cancel by drop: a caller that went away loses its sequence and its KV cache.
+        active.retain(|a| !a.reply.is_closed());
+        if active.is_empty() {
+            if open {
+                continue;
+            }
+            return;
         }
-        let _ = reply.send(result);
+
+        let lens: Vec<usize> = active.iter().map(|a| a.seq.cache_len()).collect();
+        let step = {
+            let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
+            guarded(|| engine.decode(&mut seqs))
+        };
+        let results: Vec<Result<Vec<f32>, BackendError>> = match step {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(e) if active.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                // Find out whose step fails: undo the batch and run each sequence alone. Rows
+                // are independent, so the ones that succeed get what the batch would have
+                // given them.
+                tracing::warn!(error = %e, "a batched decode step failed; retrying one by one");
+                active
+                    .iter_mut()
+                    .zip(&lens)
+                    .map(|(a, &len)| {
+                        a.seq.rewind(len)?;
+                        guarded(|| engine.decode(&mut [&mut a.seq]))
+                            .map(|mut rows| rows.pop().unwrap_or_default())
+                    })
+                    .collect()
+            }
+        };
+        let mut still = Vec::with_capacity(active.len());
+        for (mut a, logits) in active.drain(..).zip(results) {
+            let accepted = logits.and_then(|mut logits| {
+                let seq = &mut a.seq;
+                guarded(|| seq.accept(&vocab, &mut logits))
+            });
+            match accepted {
+                Err(e) => {
+                    let _ = a.reply.send(Err(e));
+                }
+                Ok(()) if a.seq.is_finished() => finish(a, &model_name),
+                Ok(()) => still.push(a),
+            }
+        }
+        active = still;
     }
+}
+
+/// The default [`LocalBackendBuilder::max_batch`]: four sequences per core, between 4 and 16.
+#[must_use]
+pub fn default_max_batch() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores * 4).clamp(4, 16)
 }
 
 /// Settings for a [`LocalBackend`]; [`build`](Self::build) loads the model.
@@ -285,6 +425,7 @@ pub struct LocalBackendBuilder {
     requantize: bool,
     repeat_penalty: f32,
     repeat_last_n: usize,
+    max_batch: usize,
 }
 
 impl Default for LocalBackendBuilder {
@@ -299,6 +440,7 @@ impl Default for LocalBackendBuilder {
             requantize: true,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            max_batch: default_max_batch(),
         }
     }
 }
@@ -375,6 +517,18 @@ impl LocalBackendBuilder {
         self
     }
 
+    /// The most requests decoded together in one step (continuous batching: a request joins
+    /// at the next step and leaves when it finishes). Each step reads the weights once for all
+    /// of them, so several requests together get far more tokens per second than one; more
+    /// requests than this wait in a queue. `1` runs one request at a time. A request's text
+    /// does not depend on this or on what else is in the batch. Give the generator a
+    /// concurrency of at least this much to keep the batch full. Default:
+    /// [`default_max_batch`] (four per core, between 4 and 16).
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.max_batch = requests;
+        self
+    }
+
     /// Finds and loads the model and starts its worker thread. Blocks for as long as that
     /// takes (about a second for the default model, plus a few seconds for the first fetch);
     /// in async code call it inside `spawn_blocking`.
@@ -401,9 +555,9 @@ impl LocalBackendBuilder {
                 "repeat_penalty must be a finite number > 0".into(),
             ));
         }
-        if self.max_tokens == 0 || self.context_length == Some(0) {
+        if self.max_tokens == 0 || self.context_length == Some(0) || self.max_batch == 0 {
             return Err(load_err(
-                "max_tokens and context_length must be at least 1".into(),
+                "max_tokens, context_length and max_batch must be at least 1".into(),
             ));
         }
         let options = EngineOptions {
@@ -414,6 +568,7 @@ impl LocalBackendBuilder {
             requantize: self.requantize,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            max_batch: self.max_batch,
         };
         // The identity holds the file's hash: the default model's was checked on the way, a
         // user's file is hashed here (about half a second per 100 MB).
@@ -456,6 +611,7 @@ impl LocalBackendBuilder {
         Ok(LocalBackend {
             shared: Arc::new(Shared {
                 jobs,
+                max_batch: self.max_batch,
                 vocab,
                 model_name,
                 path,

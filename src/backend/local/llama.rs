@@ -1,0 +1,413 @@
+//! Our own forward pass over llama-architecture GGUF weights, for several sequences per step.
+//!
+//! Decoding one sequence reads every weight once per token, and on a CPU that read (not the
+//! arithmetic) is what limits the speed. So one decode step takes the current token of every
+//! active sequence and runs the per-token matrix products (Q, K and V projections, the output
+//! projection, the MLP, the final head) on a `[B, hidden]` batch: the weights are read once
+//! for all `B` rows. Attention is the one part that is not shared: each sequence has its own
+//! [`KvCache`], attends only to its own keys and values, and gets the rotary embedding at its
+//! own position.
+//!
+//! # Why per-sequence caches
+//!
+//! A cache per sequence (one `[1, kv_heads, len, head_dim]` key and value tensor per layer)
+//! rather than a paged or padded shared cache: a sequence joins and leaves without moving
+//! anyone else's state, dropping it frees its memory at once, and its attention runs on
+//! exactly the tensors (same shapes, same operations) a lone sequence would use. Padding
+//! sequences to a common length would change the shapes the attention products see and with
+//! them, possibly, their rounding.
+//!
+//! # Row independence
+//!
+//! A request's text must not depend on what else is in the batch, to the last bit. Every
+//! operation here is row-wise (embedding lookup, RMS norm, SiLU, sums) or per sequence
+//! (attention), except the quantised matrix products, whose kernel candle picks by block type,
+//! CPU features and row count. [`Llama::load`] checks that they give each row the same bits
+//! in a batch of any size up to the largest batch as alone, and falls back to one product per
+//! row when they do not (see [`Llama::rows_independent`]). The operations are those of
+//! candle-transformers' `quantized_llama` in the same order, so a sequence alone should get
+//! the same logits as it did there.
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
+use candle_transformers::utils::{build_causal_mask, repeat_kv};
+
+type Result<T> = candle_core::Result<T>;
+
+/// One transformer block's weights.
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// The weights of a llama-architecture model, shared by all sequences.
+pub(crate) struct Llama {
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    head: QMatMul,
+    eps: f32,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+    device: Device,
+    /// Whether a batched matrix product may be used (see [`Llama::rows_independent`]).
+    batched_matmul: bool,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("layers", &self.layers.len())
+            .field("n_head", &self.n_head)
+            .field("n_kv_head", &self.n_kv_head)
+            .field("head_dim", &self.head_dim)
+            .field("batched_matmul", &self.batched_matmul)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One sequence's keys and values, per layer: `[1, kv_heads, len, head_dim]` each.
+#[derive(Debug, Default)]
+pub(crate) struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens held (the position the next token is fed at).
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Drops everything after the first `len` tokens in every layer (used to undo a step that
+    /// failed half-way).
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
+        for slot in &mut self.layers {
+            if let Some((k, v)) = slot {
+                if len == 0 {
+                    *slot = None;
+                } else if k.dim(2)? > len {
+                    *slot = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
+                }
+            }
+        }
+        self.len = self.len.min(len);
+        Ok(())
+    }
+}
+
+/// Tokens to feed to one sequence in a forward pass, at the end of its cache.
+pub(crate) struct Feed<'a> {
+    pub(crate) cache: &'a mut KvCache,
+    pub(crate) tokens: &'a [u32],
+}
+
+fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+    match ct.metadata.get(key) {
+        Some(v) => Ok(v.to_u32()? as usize),
+        None => candle_core::bail!("cannot find {key} in the GGUF metadata"),
+    }
+}
+
+/// Deterministic inputs in [-1, 1) for the row-independence check.
+fn probe_input(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(data, (rows, cols), device)
+}
+
+impl Llama {
+    /// Reads the weights of a llama-architecture GGUF (`general.architecture` checked by the
+    /// caller) and checks that batched matrix products are row-independent for batches of up
+    /// to `max_batch` rows.
+    pub(crate) fn load<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        max_batch: usize,
+    ) -> Result<Llama> {
+        let n_head = md_u32(ct, "llama.attention.head_count")?;
+        let n_kv_head = md_u32(ct, "llama.attention.head_count_kv")?;
+        let n_layer = md_u32(ct, "llama.block_count")?;
+        let hidden = md_u32(ct, "llama.embedding_length")?;
+        let rope_dim = md_u32(ct, "llama.rope.dimension_count")?;
+        let eps = match ct.metadata.get("llama.attention.layer_norm_rms_epsilon") {
+            Some(v) => v.to_f32()?,
+            None => candle_core::bail!("cannot find the RMS norm epsilon in the GGUF metadata"),
+        };
+        let freq_base = ct
+            .metadata
+            .get("llama.rope.freq_base")
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(10_000.0);
+        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
+            candle_core::bail!("inconsistent head counts: {n_head} heads, {n_kv_head} kv heads");
+        }
+        let head_dim = hidden / n_head;
+        if rope_dim != head_dim {
+            candle_core::bail!("partial rotary embeddings ({rope_dim} of {head_dim}) unsupported");
+        }
+
+        // Rotary tables: angle = position * base^(-i/d), as [MAX_SEQ_LEN, d/2] cos and sin.
+        let inv_freq: Vec<f32> = (0..rope_dim)
+            .step_by(2)
+            .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
+            .collect();
+        let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
+        let angles = Tensor::arange(0, MAX_SEQ_LEN as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((MAX_SEQ_LEN, 1))?
+            .matmul(&inv_freq.reshape((1, inv_freq.elem_count()))?)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+
+        let mut get = |name: &str| ct.tensor(reader, name, device);
+        let qmm = |t: QTensor| QMatMul::from_qtensor(t);
+        let embeddings_q = get("token_embd.weight")?;
+        let embeddings = embeddings_q.dequantize(device)?;
+        let norm = get("output_norm.weight")?.dequantize(device)?;
+        // Models with tied embeddings have no separate output matrix.
+        let head = match get("output.weight") {
+            Ok(t) => qmm(t)?,
+            Err(_) => qmm(embeddings_q)?,
+        };
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let mut w = |what: &str| get(&format!("blk.{i}.{what}.weight"));
+            layers.push(Layer {
+                attn_norm: w("attn_norm")?.dequantize(device)?,
+                wq: qmm(w("attn_q")?)?,
+                wk: qmm(w("attn_k")?)?,
+                wv: qmm(w("attn_v")?)?,
+                wo: qmm(w("attn_output")?)?,
+                ffn_norm: w("ffn_norm")?.dequantize(device)?,
+                gate: qmm(w("ffn_gate")?)?,
+                up: qmm(w("ffn_up")?)?,
+                down: qmm(w("ffn_down")?)?,
+            });
+        }
+        let mut model = Llama {
+            embeddings,
+            layers,
+            norm,
+            head,
+            eps,
+            n_head,
+            n_kv_head,
+            head_dim,
+            cos,
+            sin,
+            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+            device: device.clone(),
+            batched_matmul: false,
+        };
+        model.batched_matmul = model.rows_independent(max_batch)?;
+        if !model.batched_matmul {
+            tracing::warn!(
+                "this CPU's quantised matmul kernel rounds rows differently in batches; the \
+                 local model runs its matrix products row by row (exact, slower)"
+            );
+        }
+        Ok(model)
+    }
+
+    /// Whether every matrix product gives each row of a batch of 2..=`max_batch` rows the same
+    /// bits as that row alone. candle chooses among several kernels (SIMD dot products,
+    /// repacked tiles) by block type, CPU and row count, and a tiled kernel may sum in another
+    /// order than a single-row one; where that happens, batching would make a request's text
+    /// depend on its neighbours, so the products run row by row instead.
+    pub(crate) fn rows_independent(&self, max_batch: usize) -> Result<bool> {
+        let Some(first) = self.layers.first() else {
+            return Ok(true);
+        };
+        let mats = [
+            &first.wq,
+            &first.wk,
+            &first.wv,
+            &first.wo,
+            &first.gate,
+            &first.up,
+            &first.down,
+            &self.head,
+        ];
+        for m in mats {
+            let k = match m {
+                QMatMul::QTensor(t) => t.shape().dims2()?.1,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2()?.1,
+            };
+            let x = probe_input(max_batch.max(1), k, &self.device)?;
+            let alone: Vec<Vec<f32>> = (0..max_batch)
+                .map(|r| m.forward(&x.narrow(0, r, 1)?)?.squeeze(0)?.to_vec1::<f32>())
+                .collect::<Result<_>>()?;
+            for rows in 2..=max_batch {
+                let together = m.forward(&x.narrow(0, 0, rows)?)?.to_vec2::<f32>()?;
+                let same = together.iter().zip(&alone).all(|(a, b)| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                });
+                if !same {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether batched matrix products are in use (see [`rows_independent`](Self::rows_independent)).
+    pub(crate) fn batched_matmul(&self) -> bool {
+        self.batched_matmul
+    }
+
+    /// A matrix product, in one go or row by row (see
+    /// [`rows_independent`](Self::rows_independent)).
+    fn mm(w: &QMatMul, x: &Tensor, per_row: bool) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        if !per_row || rows == 1 {
+            return w.forward(x);
+        }
+        let each: Vec<Tensor> = (0..rows)
+            .map(|r| w.forward(&x.narrow(0, r, 1)?))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&each, 0)
+    }
+
+    /// Feeds each sequence its tokens (at the end of its own cache, which grows by that many)
+    /// and returns the logits after each sequence's last token, one row per feed, in order.
+    ///
+    /// Every feed must hold at least one token, and each sequence must stay within
+    /// [`MAX_SEQ_LEN`] tokens.
+    pub(crate) fn forward(&self, feeds: &mut [Feed<'_>]) -> Result<Vec<Vec<f32>>> {
+        if feeds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::new();
+        for f in feeds.iter() {
+            if f.tokens.is_empty() {
+                candle_core::bail!("a feed without tokens");
+            }
+            if f.cache.len + f.tokens.len() > MAX_SEQ_LEN {
+                candle_core::bail!("a sequence longer than {MAX_SEQ_LEN} tokens");
+            }
+            ids.extend_from_slice(f.tokens);
+        }
+        // A prompt's chunk (one feed) is a product over its rows either way; only rows of
+        // different sequences must not share a product if the kernel is not row-independent.
+        let per_row = !self.batched_matmul && feeds.len() > 1;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
+            let q = Self::mm(&layer.wq, &h, per_row)?;
+            let k = Self::mm(&layer.wk, &h, per_row)?;
+            let v = Self::mm(&layer.wv, &h, per_row)?;
+            let mut outs = Vec::with_capacity(feeds.len());
+            let mut row = 0;
+            for f in feeds.iter_mut() {
+                let n = f.tokens.len();
+                outs.push(self.attend(
+                    l,
+                    f.cache,
+                    &q.narrow(0, row, n)?,
+                    &k.narrow(0, row, n)?,
+                    &v.narrow(0, row, n)?,
+                )?);
+                row += n;
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let x1 = (Self::mm(&layer.wo, &attn, per_row)? + residual)?;
+            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
+            let gate = candle_nn::ops::silu(&Self::mm(&layer.gate, &h, per_row)?)?;
+            let up = Self::mm(&layer.up, &h, per_row)?;
+            x = (Self::mm(&layer.down, &(gate * up)?, per_row)? + &x1)?;
+        }
+        let mut last = Vec::with_capacity(feeds.len());
+        let mut end = 0u32;
+        for f in feeds.iter_mut() {
+            end += f.tokens.len() as u32;
+            last.push(end - 1);
+            f.cache.len += f.tokens.len();
+        }
+        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
+        Self::mm(&self.head, &x, per_row)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()
+    }
+
+    /// Attention of one sequence's `n` new rows (`q`: `[n, heads * d]`, `k`, `v`:
+    /// `[n, kv_heads * d]`) against its cache, which takes the new keys and values. Returns
+    /// `[n, heads * d]`.
+    fn attend(
+        &self,
+        layer: usize,
+        cache: &mut KvCache,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let pos = cache.len;
+        let (h, kvh, d) = (self.n_head, self.n_kv_head, self.head_dim);
+        let q = q.reshape((1, n, h, d))?.transpose(1, 2)?;
+        let k = k.reshape((1, n, kvh, d))?.transpose(1, 2)?;
+        let v = v.reshape((1, n, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let cos = self.cos.narrow(0, pos, n)?;
+        let sin = self.sin.narrow(0, pos, n)?;
+        let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
+
+        if cache.layers.len() <= layer {
+            cache.layers.resize_with(layer + 1, || None);
+        }
+        let (k, v) = match &cache.layers[layer] {
+            Some((kc, vc)) if pos > 0 => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            _ => (k, v),
+        };
+        cache.layers[layer] = Some((k.clone(), v.clone()));
+
+        let k = repeat_kv(k, h / kvh)?;
+        let v = repeat_kv(v, h / kvh)?;
+        let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let att = if n > 1 {
+            let mask = build_causal_mask(n, pos, &self.device)?.broadcast_as(att.shape())?;
+            mask.where_cond(&self.neg_inf.broadcast_as(att.shape().dims())?, &att)?
+        } else {
+            att
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        y.transpose(1, 2)?.reshape((n, h * d))
+    }
+
+    /// The quantised block type of the first layer's query projection, for logs.
+    pub(crate) fn weight_dtype(&self) -> Option<GgmlDType> {
+        match self.layers.first().map(|l| &l.wq) {
+            Some(QMatMul::QTensor(t)) => Some(t.dtype()),
+            _ => None,
+        }
+    }
+}
