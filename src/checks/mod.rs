@@ -279,15 +279,16 @@ impl ResponseChecks {
         if same_text(text, first) {
             return Err(UnusableReason::SameAsFirst);
         }
-        if let Some(limit) = self.max_similarity {
-            if token_jaccard(text, first) >= limit {
-                return Err(UnusableReason::NearIdentical);
-            }
-        }
-        let Some(min) = self.min_distinct_trigrams else {
+        if self.max_similarity.is_none() && self.min_distinct_trigrams.is_none() {
             return Ok(());
-        };
-        if let Some(share) = similarity::distinct_trigram_share(text, min) {
+        }
+        // One pass over the text for both; the similarity is exact (see `similarity`).
+        let (near_identical, share) =
+            similarity::pair_stats(text, first, self.max_similarity, self.min_distinct_trigrams);
+        if near_identical {
+            return Err(UnusableReason::NearIdentical);
+        }
+        if let (Some(min), Some(share)) = (self.min_distinct_trigrams, share) {
             if share < min {
                 return Err(UnusableReason::Repetitive);
             }

@@ -236,8 +236,21 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
     if !text.is_ascii() {
         return for_each_token(text, buf, f);
     }
-    let bytes = text.as_bytes();
     let mut n = 0;
+    let _ = buf;
+    for_each_token_until(text, |h| {
+        n += 1;
+        f(h);
+        true
+    });
+    n
+}
+
+/// The ASCII tokenizer of [`for_each_token_fast`] (`text` must be ASCII), stopping when `f`
+/// returns `false`; returns whether it stopped early.
+fn for_each_token_until(text: &str, mut f: impl FnMut(u64) -> bool) -> bool {
+    debug_assert!(text.is_ascii());
+    let bytes = text.as_bytes();
     // The start of a token that runs on past the block read so far.
     let mut open: Option<usize> = None;
     for (b, block) in bytes.chunks(64).enumerate() {
@@ -250,8 +263,9 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
                 continue;
             }
             open = None;
-            n += 1;
-            f(hash_span(bytes, start, base + run));
+            if !f(hash_span(bytes, start, base + run)) {
+                return true;
+            }
             // Clears the run of ones at the bottom.
             mask &= mask.wrapping_add(1);
         }
@@ -264,16 +278,16 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
                 open = Some(base + s);
                 break;
             }
-            n += 1;
-            f(hash_span(bytes, base + s, base + e));
+            if !f(hash_span(bytes, base + s, base + e)) {
+                return true;
+            }
             mask &= past;
         }
     }
     if let Some(start) = open {
-        n += 1;
-        f(hash_span(bytes, start, bytes.len()));
+        return !f(hash_span(bytes, start, bytes.len()));
     }
-    n
+    false
 }
 
 /// [`hash_token`] of `bytes[start..end]`, a token of ASCII letters and digits, read with
@@ -335,6 +349,72 @@ fn trim(s: &mut Scratch) {
     if s.lower.capacity() > KEEP_BYTES {
         *s = Scratch::default();
     }
+}
+
+/// What the checks of a second response need, from one pass over it: whether its token
+/// Jaccard similarity with `reference` is at least `limit` (exactly `token_jaccard(text,
+/// reference) >= limit`), and its distinct trigram share as [`distinct_trigram_share`] gives
+/// it; each only when asked for.
+///
+/// Nearly every pair is settled without hash sets, from two bitmaps and part of
+/// `reference`: `J = |A ∩ B| / |A ∪ B| <= |B| / (|B| + |A \ B|)`, which grows with `|B|`, so it
+/// is below `limit` once `|A \ B| > n (1 / limit - 1)` for any `n >= |B|` (the token count of
+/// `text`). A token of `reference` whose bit is unset in `text`'s bitmap is certainly outside
+/// `text`, and one whose bit in a second bitmap was still unset was not counted before, so
+/// their count is a lower bound of `|A \ B|`. A pair this does not settle (a near copy, or
+/// non-ASCII text) gets the exact figure.
+pub(crate) fn pair_stats(
+    text: &str,
+    reference: &str,
+    limit: Option<f64>,
+    min_share: Option<f64>,
+) -> (bool, Option<f64>) {
+    let ascii = text.is_ascii() && reference.is_ascii();
+    let (proven_below, share) = BITMAPS.with(|s| {
+        let s = &mut *s.borrow_mut();
+        let bits = bitmap_bits(text.len().max(reference.len()));
+        let shift = 64 - bits.trailing_zeros();
+        let Bitmaps {
+            lower,
+            tokens,
+            grams,
+        } = s;
+        let in_text = reset(tokens, bits);
+        let mut ones = 0u32;
+        let n = for_each_token_fast(text, lower, |h| {
+            ones += u32::from(set_bit(in_text, shift, h));
+        });
+        let proven_below = match limit {
+            Some(l) if ascii && l > 0.0 && l <= 1.0 => {
+                // A hair of margin, so rounding in `1 / l` never decides a pair at the limit.
+                let stop_after = n as f64 * (1.0 / l - 1.0) * (1.0 + 1e-9) + 1e-9;
+                let counted = reset(grams, bits);
+                let mut outside = 0usize;
+                for_each_token_until(reference, |h| {
+                    let (word, bit) = bit_of(shift, h);
+                    if in_text[word] & bit == 0 && set_bit(counted, shift, h) {
+                        outside += 1;
+                        return outside as f64 <= stop_after;
+                    }
+                    true
+                })
+            }
+            _ => false,
+        };
+        let share = min_share.and_then(|min| trigram_share(text, lower, grams, bits, n, ones, min));
+        let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
+        if kept > 4 * KEEP_BYTES {
+            *s = Bitmaps::default();
+        }
+        (proven_below, share)
+    });
+    let near_identical = match limit {
+        Some(l) if l <= 0.0 => true,
+        Some(l) if l > 1.0 || l.is_nan() || proven_below => false,
+        Some(l) => token_jaccard(text, reference) >= l,
+        None => false,
+    };
+    (near_identical, share)
 }
 
 /// The token Jaccard similarity of two texts (see the [module docs](self)).
@@ -417,35 +497,15 @@ pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> 
         let shift = 64 - bits.trailing_zeros();
         let Bitmaps {
             lower,
-            tokens: map,
+            tokens,
             grams,
         } = s;
-        let map = reset(map, bits);
+        let map = reset(tokens, bits);
         let mut ones = 0u32;
-        let tokens = for_each_token_fast(text, lower, |h| {
+        let n = for_each_token_fast(text, lower, |h| {
             ones += u32::from(set_bit(map, shift, h));
         });
-        let share = (tokens >= TRIGRAM_MIN_TOKENS).then(|| {
-            let positions = (tokens - 2) as f64;
-            // The estimate may be a little high: take 3% and one token off.
-            let distinct_tokens = estimate(ones, bits) * 0.97 - 1.0;
-            let bound = ((distinct_tokens - 2.0) / positions).clamp(0.0, 1.0);
-            if bound >= min_share {
-                return bound;
-            }
-            let grams = reset(grams, bits);
-            let (mut p1, mut p2) = (0u64, 0u64);
-            let (mut seen, mut ng) = (0usize, 0u32);
-            for_each_token_fast(text, lower, |h| {
-                if seen >= 2 {
-                    ng += u32::from(set_bit(grams, shift, trigram(p2, p1, h)));
-                }
-                p2 = p1;
-                p1 = h;
-                seen += 1;
-            });
-            (estimate(ng, bits) / positions).min(1.0)
-        });
+        let share = trigram_share(text, lower, grams, bits, n, ones, min_share);
         // Scratch grown for an unusually long text is not kept for the thread.
         let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
         if kept > 4 * KEEP_BYTES {
@@ -453,6 +513,42 @@ pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> 
         }
         share
     })
+}
+
+/// The distinct trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
+/// `bits` bits), or the lower bound of it when that shows it is at least `min_share`.
+fn trigram_share(
+    text: &str,
+    lower: &mut String,
+    grams: &mut Vec<u64>,
+    bits: usize,
+    n: usize,
+    ones: u32,
+    min_share: f64,
+) -> Option<f64> {
+    if n < TRIGRAM_MIN_TOKENS {
+        return None;
+    }
+    let shift = 64 - bits.trailing_zeros();
+    let positions = (n - 2) as f64;
+    // The estimate may be a little high: take 3% and one token off.
+    let distinct_tokens = estimate(ones, bits) * 0.97 - 1.0;
+    let bound = ((distinct_tokens - 2.0) / positions).clamp(0.0, 1.0);
+    if bound >= min_share {
+        return Some(bound);
+    }
+    let grams = reset(grams, bits);
+    let (mut p1, mut p2) = (0u64, 0u64);
+    let (mut seen, mut ng) = (0usize, 0u32);
+    for_each_token_fast(text, lower, |h| {
+        if seen >= 2 {
+            ng += u32::from(set_bit(grams, shift, trigram(p2, p1, h)));
+        }
+        p2 = p1;
+        p1 = h;
+        seen += 1;
+    });
+    Some((estimate(ng, bits) / positions).min(1.0))
 }
 
 #[cfg(test)]
@@ -573,6 +669,23 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The early-exit decision is exactly the full measure's.
+        #[test]
+        fn pair_stats_agrees_with_token_jaccard(
+            a in "[a-eA-E é]{0,120}",
+            b in "[a-eA-E é]{0,120}",
+            limit in 0.0f64..1.2,
+        ) {
+            let reached = pair_stats(&a, &b, Some(limit), None).0;
+            proptest::prop_assert_eq!(reached, token_jaccard(&a, &b) >= limit);
+            let ascii_a: String = a.chars().filter(char::is_ascii).collect();
+            let ascii_b: String = b.chars().filter(char::is_ascii).collect();
+            proptest::prop_assert_eq!(
+                pair_stats(&ascii_a, &ascii_b, Some(limit), Some(0.5)).0,
+                token_jaccard(&ascii_a, &ascii_b) >= limit
+            );
+        }
+
         #[test]
         fn fast_tokens_agree_with_the_model(text in "[a-zA-Z0-9 ,.\\-_@\\[`{]{0,200}") {
             proptest::prop_assert_eq!(fast(&text), fast_model(&text));
