@@ -412,6 +412,48 @@ macro_rules! common_setters {
 }
 pub(crate) use common_setters;
 
+/// The stream methods every built-in method has (`generate`, `generate_iter`, `try_generate`),
+/// for a type with `inner: Arc<Inner>` (whose `common` is a [`Common`]), a `plan(&self,
+/// Prompt)` that makes every draw, and an async `$run(Arc<Inner>, plan)`.
+macro_rules! stream_methods {
+    ($run:path) => {
+        /// Turns a stream of prompts into a stream of results, one per prompt, with at most
+        /// `concurrency` examples in flight. The input is pulled only as fast as results are
+        /// consumed.
+        pub fn generate<S>(&self, prompts: S) -> $crate::engine::ExampleStream
+        where
+            S: futures::Stream<Item = $crate::Prompt> + Send + 'static,
+        {
+            self.try_generate(futures::StreamExt::map(prompts, Ok))
+        }
+
+        /// Like [`generate`](Self::generate), for an iterator of prompts.
+        pub fn generate_iter<I>(&self, prompts: I) -> $crate::engine::ExampleStream
+        where
+            I: IntoIterator<Item = $crate::Prompt>,
+            I::IntoIter: Send + 'static,
+        {
+            self.generate(futures::stream::iter(prompts))
+        }
+
+        /// Like [`generate`](Self::generate), for a fallible input such as a JSONL reader: an
+        /// `Err` input item is passed through as an `Err` result in its place.
+        pub fn try_generate<S>(&self, prompts: S) -> $crate::engine::ExampleStream
+        where
+            S: futures::Stream<Item = Result<$crate::Prompt, $crate::Error>> + Send + 'static,
+        {
+            let this = self.clone();
+            let c = &self.inner.common;
+            $crate::engine::drive(prompts, c.concurrency, c.order, move |p| {
+                // Draws happen here, synchronously, before the first await.
+                let plan = this.plan(p);
+                $run(this.inner.clone(), plan)
+            })
+        }
+    };
+}
+pub(crate) use stream_methods;
+
 /// `system` as the first message of `prompt`, merged into a system message already there.
 pub(crate) fn with_system(system: &str, prompt: &[Message]) -> Vec<Message> {
     let mut out = Vec::with_capacity(prompt.len() + 1);

@@ -4,15 +4,14 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use futures::stream::{self, Stream, StreamExt};
 use rand::{Rng, RngCore};
 use tracing::Instrument;
 
 use crate::aspect::{AspectDraw, AspectSet, Aspects};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
 use crate::engine::{
-    ask, common_setters, default_first_params, default_second_params, drive, example_rng, Common,
-    ExampleStream, Meta,
+    ask, common_setters, default_first_params, default_second_params, example_rng, stream_methods,
+    Common, Meta,
 };
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
@@ -320,43 +319,7 @@ impl RmBoost {
         run_plan(self.inner.clone(), plan).await
     }
 
-    /// Turns a stream of prompts into a stream of results, one per prompt, with at most
-    /// `concurrency` examples in flight. The input is pulled only as fast as results are
-    /// consumed.
-    pub fn generate<S>(&self, prompts: S) -> ExampleStream
-    where
-        S: Stream<Item = Prompt> + Send + 'static,
-    {
-        self.try_generate(prompts.map(Ok))
-    }
-
-    /// Like [`generate`](Self::generate), for an iterator of prompts.
-    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
-    where
-        I: IntoIterator<Item = Prompt>,
-        I::IntoIter: Send + 'static,
-    {
-        self.generate(stream::iter(prompts))
-    }
-
-    /// Like [`generate`](Self::generate), for a fallible input such as a JSONL reader: an
-    /// `Err` input item is passed through as an `Err` result in its place.
-    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
-    where
-        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-    {
-        let this = self.clone();
-        drive(
-            prompts,
-            self.inner.common.concurrency,
-            self.inner.common.order,
-            move |p| {
-                // Draws happen here, synchronously, before the first await.
-                let plan = this.plan(p);
-                run_plan(this.inner.clone(), plan)
-            },
-        )
-    }
+    stream_methods!(run_plan);
 }
 
 async fn run_plan(inner: Arc<Inner>, plan: ExamplePlan) -> Result<PreferenceExample, Error> {

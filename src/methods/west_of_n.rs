@@ -4,7 +4,6 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use futures::stream::{self, Stream};
 use rand::RngCore;
 use serde_json::{json, Value};
 
@@ -12,8 +11,8 @@ use super::Method;
 use crate::aspect::{Aspect, AspectSet};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
 use crate::engine::{
-    accept_distinct, ask, common_setters, default_first_params, drive, example_rng, Common,
-    ExampleStream, Meta,
+    accept_distinct, ask, common_setters, default_first_params, example_rng, stream_methods,
+    Common, Meta,
 };
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
@@ -277,37 +276,7 @@ impl WestOfN {
         run(self.inner.clone(), plan).await
     }
 
-    /// Turns a stream of prompts into a stream of results, one per prompt, with at most
-    /// `concurrency` examples in flight (see [`RmBoost::generate`](crate::RmBoost::generate)).
-    pub fn generate<S>(&self, prompts: S) -> ExampleStream
-    where
-        S: Stream<Item = Prompt> + Send + 'static,
-    {
-        self.try_generate(futures::StreamExt::map(prompts, Ok))
-    }
-
-    /// Like [`generate`](Self::generate), for an iterator of prompts.
-    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
-    where
-        I: IntoIterator<Item = Prompt>,
-        I::IntoIter: Send + 'static,
-    {
-        self.generate(stream::iter(prompts))
-    }
-
-    /// Like [`generate`](Self::generate), for a fallible input: an `Err` item is passed through
-    /// in its place.
-    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
-    where
-        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-    {
-        let this = self.clone();
-        let c = &self.inner.common;
-        drive(prompts, c.concurrency, c.order, move |p| {
-            let plan = this.plan(p);
-            run(this.inner.clone(), plan)
-        })
-    }
+    stream_methods!(run);
 }
 
 /// Best = earliest with the top score; worst = latest with the bottom score.
