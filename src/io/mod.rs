@@ -17,6 +17,7 @@ mod reader;
 mod resume;
 mod writer;
 
+#[cfg(feature = "run")]
 pub(crate) use append::{replace_with, sync_parent, temp_beside};
 pub use append::{OutputFile, Repair, SyncPolicy};
 pub use ledger::{FailureLedger, FailureRecord};
