@@ -93,7 +93,7 @@
 //! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`],
 //!   [`backend::rate_limit::RateLimit`] and [`backend::adaptive::Adaptive`] (adaptive
 //!   concurrency and a circuit breaker) around any backend, including your own.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -35,19 +35,60 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
+use super::q8::Q8Matrix;
+
 type Result<T> = candle_core::Result<T>;
+
+/// A weight matrix: `Q8_0` weights on a CPU with AVX2 and FMA go through our own kernel
+/// ([`Q8Matrix`], much faster on batches), everything else through candle's product.
+enum Weight {
+    Q8(Q8Matrix),
+    Candle(QMatMul),
+}
+
+impl Weight {
+    fn new(t: QTensor) -> Result<Weight> {
+        Ok(match Q8Matrix::from_qtensor(&t)? {
+            Some(m) => Weight::Q8(m),
+            None => Weight::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    /// Input features.
+    fn cols(&self) -> Result<usize> {
+        Ok(match self {
+            Weight::Q8(m) => m.cols(),
+            Weight::Candle(QMatMul::QTensor(t)) => t.shape().dims2()?.1,
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims2()?.1,
+        })
+    }
+
+    /// `x` (`[m, cols]`) times the matrix transposed: `[m, rows]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Candle(w) => w.forward(x),
+            Weight::Q8(w) => {
+                let m = x.dim(0)?;
+                let data = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let out = w.matmul(&data, m);
+                let n = out.len() / m.max(1);
+                Tensor::from_vec(out, (m, n), x.device())
+            }
+        }
+    }
+}
 
 /// One transformer block's weights.
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
 }
 
 /// The weights of a llama-architecture model, shared by all sequences.
@@ -55,7 +96,7 @@ pub(crate) struct Llama {
     embeddings: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    head: QMatMul,
+    head: Weight,
     eps: f32,
     n_head: usize,
     n_kv_head: usize,
@@ -182,7 +223,7 @@ impl Llama {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
 
         let mut get = |name: &str| ct.tensor(reader, name, device);
-        let qmm = |t: QTensor| QMatMul::from_qtensor(t);
+        let qmm = Weight::new;
         let embeddings_q = get("token_embd.weight")?;
         let embeddings = embeddings_q.dequantize(device)?;
         let norm = get("output_norm.weight")?.dequantize(device)?;
@@ -251,10 +292,7 @@ impl Llama {
             &self.head,
         ];
         for m in mats {
-            let k = match m {
-                QMatMul::QTensor(t) => t.shape().dims2()?.1,
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2()?.1,
-            };
+            let k = m.cols()?;
             let x = probe_input(max_batch.max(1), k, &self.device)?;
             let alone: Vec<Vec<f32>> = (0..max_batch)
                 .map(|r| m.forward(&x.narrow(0, r, 1)?)?.squeeze(0)?.to_vec1::<f32>())
@@ -279,7 +317,7 @@ impl Llama {
 
     /// A matrix product, in one go or row by row (see
     /// [`rows_independent`](Self::rows_independent)).
-    fn mm(w: &QMatMul, x: &Tensor, per_row: bool) -> Result<Tensor> {
+    fn mm(w: &Weight, x: &Tensor, per_row: bool) -> Result<Tensor> {
         let rows = x.dim(0)?;
         if !per_row || rows == 1 {
             return w.forward(x);
@@ -406,7 +444,8 @@ impl Llama {
     /// The quantised block type of the first layer's query projection, for logs.
     pub(crate) fn weight_dtype(&self) -> Option<GgmlDType> {
         match self.layers.first().map(|l| &l.wq) {
-            Some(QMatMul::QTensor(t)) => Some(t.dtype()),
+            Some(Weight::Q8(_)) => Some(GgmlDType::Q8_0),
+            Some(Weight::Candle(QMatMul::QTensor(t))) => Some(t.dtype()),
             _ => None,
         }
     }

@@ -77,6 +77,7 @@
 mod chat;
 mod engine;
 mod llama;
+mod q8;
 pub mod model;
 mod tokenizer;
 
