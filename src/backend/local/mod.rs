@@ -59,7 +59,12 @@
 //!   for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
 //!   types are re-encoded as Q8_0 when the model loads (about a second; see
 //!   [`LocalBackendBuilder::requantize`]). So a plain `cargo build` gets fast kernels without
-//!   `-C target-cpu=native`.
+//!   `-C target-cpu=native`. On x86-64 with AVX2 and FMA, Q8_0 weights go through our own
+//!   product instead of candle's (the `q8` submodule): scales converted once at load, and up
+//!   to four rows of the batch computed against each weight column while it is in registers,
+//!   which made one request about 1.4 times and four together about 2 times as fast as with
+//!   candle's kernel on the default model. Each row gets the same instructions in the same
+//!   order as alone, so batching stays exact.
 //! - **Threads.** candle uses as many threads as the machine has physical cores; set
 //!   `CANDLE_NUM_THREADS` to change that (read once per process, at the first model
 //!   operation). Its workers wait for each other by spinning, which is fastest on an idle
@@ -77,8 +82,8 @@
 mod chat;
 mod engine;
 mod llama;
-mod q8;
 pub mod model;
+mod q8;
 mod tokenizer;
 
 use std::borrow::Cow;

@@ -148,8 +148,8 @@ impl Q8Matrix {
                 if tile == ROW_TILE {
                     sums = dot::<ROW_TILE>(w_q, w_s, acts, row);
                 } else {
-                    for r in 0..tile {
-                        sums[r] = dot::<1>(w_q, w_s, acts, row + r)[0];
+                    for (r, sum) in sums.iter_mut().enumerate().take(tile) {
+                        *sum = dot::<1>(w_q, w_s, acts, row + r)[0];
                     }
                 }
                 for (r, sum) in sums.iter().take(tile).enumerate() {
@@ -203,8 +203,9 @@ fn dot<const R: usize>(w_q: &[i8], w_s: &[f32], acts: &Activations, first: usize
     assert!(first + R <= acts.rows && w_q.len() == b * BLOCK && w_s.len() == b);
     #[cfg(target_arch = "x86_64")]
     {
-        let x_q: [&[i8]; R] =
-            std::array::from_fn(|r| &acts.quants[(first + r) * b * BLOCK..(first + r + 1) * b * BLOCK]);
+        let x_q: [&[i8]; R] = std::array::from_fn(|r| {
+            &acts.quants[(first + r) * b * BLOCK..(first + r + 1) * b * BLOCK]
+        });
         let x_s: [&[f32]; R] =
             std::array::from_fn(|r| &acts.scales[(first + r) * b..(first + r + 1) * b]);
         // SAFETY: `Q8Matrix` exists only when `supported()` found AVX2 and FMA, and the slices'
@@ -221,10 +222,10 @@ fn dot<const R: usize>(w_q: &[i8], w_s: &[f32], acts: &Activations, first: usize
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps,
-        _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
-        _mm256_set1_epi16, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sign_epi8, _mm_add_ps,
-        _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+        __m256, _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set1_epi16,
+        _mm256_set1_ps, _mm256_setzero_ps, _mm256_sign_epi8, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+        _mm_movehl_ps, _mm_shuffle_ps,
     };
 
     use super::BLOCK;
@@ -326,12 +327,18 @@ mod tests {
         for (a, b) in batch.iter().zip(&reference) {
             worst = worst.max((a - b).abs());
         }
-        assert!(worst < 0.05, "differs from candle's product by up to {worst}");
+        assert!(
+            worst < 0.05,
+            "differs from candle's product by up to {worst}"
+        );
         for r in 0..9 {
             let alone = m.matmul(&x[r * cols..(r + 1) * cols], 1);
             let in_batch = &batch[r * rows..(r + 1) * rows];
             assert!(
-                alone.iter().zip(in_batch).all(|(a, b)| a.to_bits() == b.to_bits()),
+                alone
+                    .iter()
+                    .zip(in_batch)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "row {r} differs alone and in a batch of 9"
             );
         }
