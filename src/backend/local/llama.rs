@@ -33,7 +33,6 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
-use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
 use super::q8::Q8Matrix;
 
@@ -101,9 +100,9 @@ pub(crate) struct Llama {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
-    cos: Tensor,
-    sin: Tensor,
-    neg_inf: Tensor,
+    /// Rotary tables, `MAX_SEQ_LEN × head_dim / 2` each, position-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
     /// Whether a batched matrix product may be used (see [`Llama::rows_independent`]).
     batched_matmul: bool,
@@ -121,10 +120,14 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-/// One sequence's keys and values, per layer: `[1, kv_heads, len, head_dim]` each.
+/// One sequence's keys and values, per layer: `len × kv_heads × head_dim` floats each,
+/// token-major, grown in place (amortised O(1) per token, where a tensor concatenation copied
+/// the whole cache at every token).
 #[derive(Debug, Default)]
 pub(crate) struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Floats per token in one layer (`kv_heads × head_dim`), set by the first write.
+    width: usize,
     len: usize,
 }
 
@@ -135,16 +138,11 @@ impl KvCache {
     }
 
     /// Drops everything after the first `len` tokens in every layer (used to undo a step that
-    /// failed half-way).
+    /// failed half-way, when some layers already hold the step's tokens).
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
-        for slot in &mut self.layers {
-            if let Some((k, v)) = slot {
-                if len == 0 {
-                    *slot = None;
-                } else if k.dim(2)? > len {
-                    *slot = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-                }
-            }
+        for (k, v) in &mut self.layers {
+            k.truncate(len * self.width);
+            v.truncate(len * self.width);
         }
         self.len = self.len.min(len);
         Ok(())
@@ -220,7 +218,8 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((MAX_SEQ_LEN, 1))?
             .matmul(&inv_freq.reshape((1, inv_freq.elem_count()))?)?;
-        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let cos = angles.cos()?.flatten_all()?.to_vec1::<f32>()?;
+        let sin = angles.sin()?.flatten_all()?.to_vec1::<f32>()?;
 
         let mut get = |name: &str| ct.tensor(reader, name, device);
         let qmm = Weight::new;
@@ -258,7 +257,6 @@ impl Llama {
             head_dim,
             cos,
             sin,
-            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
             device: device.clone(),
             batched_matmul: false,
         };
@@ -358,24 +356,27 @@ impl Llama {
             let q = Self::mm(&layer.wq, &h, per_row)?;
             let k = Self::mm(&layer.wk, &h, per_row)?;
             let v = Self::mm(&layer.wv, &h, per_row)?;
-            let mut outs = Vec::with_capacity(feeds.len());
+            let (mut q, k, v) = (rows_of(&q)?, rows_of(&k)?, rows_of(&v)?);
+            let (hd, kvd) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+            // Each new row: its position in its sequence, and that sequence's cache.
+            let mut rows = Vec::with_capacity(q.len() / hd);
             let mut row = 0;
-            for f in feeds.iter_mut() {
+            for (s, f) in feeds.iter_mut().enumerate() {
                 let n = f.tokens.len();
-                outs.push(self.attend(
+                let pos = f.cache.len;
+                self.append(
                     l,
                     f.cache,
-                    &q.narrow(0, row, n)?,
-                    &k.narrow(0, row, n)?,
-                    &v.narrow(0, row, n)?,
-                )?);
+                    &mut q[row * hd..(row + n) * hd],
+                    &k[row * kvd..(row + n) * kvd],
+                    &v[row * kvd..(row + n) * kvd],
+                );
+                rows.extend((0..n).map(|i| (s, pos + i)));
                 row += n;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            let caches: Vec<&KvCache> = feeds.iter().map(|f| &*f.cache).collect();
+            let attn = self.attend(l, &caches, &q, &rows);
+            let attn = Tensor::from_vec(attn, (row, hd), &self.device)?;
             let x1 = (Self::mm(&layer.wo, &attn, per_row)? + residual)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
             let gate = candle_nn::ops::silu(&Self::mm(&layer.gate, &h, per_row)?)?;
@@ -396,49 +397,110 @@ impl Llama {
             .to_vec2::<f32>()
     }
 
-    /// Attention of one sequence's `n` new rows (`q`: `[n, heads * d]`, `k`, `v`:
-    /// `[n, kv_heads * d]`) against its cache, which takes the new keys and values. Returns
-    /// `[n, heads * d]`.
+    /// Turns one sequence's `n` new query rows (`q`: `n × heads × d`) and keys (`k`:
+    /// `n × kv_heads × d`) by the rotary embedding at their positions, and appends the keys and
+    /// values (`v`) to the sequence's cache for `layer`.
+    fn append(&self, layer: usize, cache: &mut KvCache, q: &mut [f32], k: &[f32], v: &[f32]) {
+        let (hd, kvd, d) = (
+            self.n_head * self.head_dim,
+            self.n_kv_head * self.head_dim,
+            self.head_dim,
+        );
+        let pos = cache.len;
+        if cache.layers.len() <= layer {
+            cache.layers.resize_with(layer + 1, Default::default);
+        }
+        cache.width = kvd;
+        let (keys, values) = &mut cache.layers[layer];
+        // A step undone half-way was truncated back to `pos` tokens.
+        debug_assert_eq!(keys.len(), pos * kvd);
+        for i in 0..q.len() / hd {
+            for head in q[i * hd..(i + 1) * hd].chunks_exact_mut(d) {
+                self.rope(head, pos + i);
+            }
+            let start = keys.len();
+            keys.extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
+            for head in keys[start..].chunks_exact_mut(d) {
+                self.rope(head, pos + i);
+            }
+            values.extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
+        }
+    }
+
+    /// Attention for `layer` of every new row: `rows[r] = (s, p)` says row `r` of `q`
+    /// (`heads × d` values, already turned) is at position `p` of sequence `s`, whose cache
+    /// (`caches[s]`, already holding the row's own key and value) it attends to up to and
+    /// including `p` (causal). Returns `rows × heads × d` values.
+    ///
+    /// Plain loops over each sequence's own cache rather than tensor operations: per decode
+    /// step that is a few dozen small products per layer and sequence, where candle's
+    /// operations (with a rotary kernel, a key/value repeat per head group and a cache
+    /// concatenation each) cost more in dispatch and copies than in arithmetic. Each query
+    /// head reads its group's keys and values in place (grouped-query attention without
+    /// copies). The (row, head) pairs are shared out over candle's thread pool; each is
+    /// computed by the same code wherever it runs and whatever else is in the batch.
     fn attend(
         &self,
         layer: usize,
-        cache: &mut KvCache,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<Tensor> {
-        let n = q.dim(0)?;
-        let pos = cache.len;
+        caches: &[&KvCache],
+        q: &[f32],
+        rows: &[(usize, usize)],
+    ) -> Vec<f32> {
         let (h, kvh, d) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = q.reshape((1, n, h, d))?.transpose(1, 2)?;
-        let k = k.reshape((1, n, kvh, d))?.transpose(1, 2)?;
-        let v = v.reshape((1, n, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
-        let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
-
-        if cache.layers.len() <= layer {
-            cache.layers.resize_with(layer + 1, || None);
-        }
-        let (k, v) = match &cache.layers[layer] {
-            Some((kc, vc)) if pos > 0 => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-            _ => (k, v),
+        let (hd, kvd) = (h * d, kvh * d);
+        let group = h / kvh;
+        let scale = (d as f32).sqrt();
+        let one = |item: usize, scores: &mut Vec<f32>, o: &mut [f32]| {
+            let (r, head) = (item / h, item % h);
+            let (s, p) = rows[r];
+            let (keys, values) = &caches[s].layers[layer];
+            let g = head / group;
+            let qh = &q[r * hd + head * d..][..d];
+            scores.clear();
+            scores.extend((0..=p).map(|t| dot(qh, &keys[t * kvd + g * d..][..d]) / scale));
+            softmax(scores);
+            o.fill(0.0);
+            for (t, w) in scores.iter().enumerate() {
+                for (o, x) in o.iter_mut().zip(&values[t * kvd + g * d..][..d]) {
+                    *o += w * x;
+                }
+            }
         };
-        cache.layers[layer] = Some((k.clone(), v.clone()));
-
-        let k = repeat_kv(k, h / kvh)?;
-        let v = repeat_kv(v, h / kvh)?;
-        let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let att = if n > 1 {
-            let mask = build_causal_mask(n, pos, &self.device)?.broadcast_as(att.shape())?;
-            mask.where_cond(&self.neg_inf.broadcast_as(att.shape().dims())?, &att)?
+        let items = rows.len() * h;
+        let out = std::sync::Mutex::new(vec![0f32; items * d]);
+        let work = |range: std::ops::Range<usize>| {
+            let mut scores = Vec::new();
+            let mut local = vec![0f32; range.len() * d];
+            for (item, o) in range.clone().zip(local.chunks_exact_mut(d)) {
+                one(item, &mut scores, o);
+            }
+            let mut out = out
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            out[range.start * d..range.end * d].copy_from_slice(&local);
+        };
+        if items < 2 * h {
+            work(0..items);
         } else {
-            att
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        y.transpose(1, 2)?.reshape((n, h * d))
+            candle_core::utils::barrier_pool().execute_chunked(items, work);
+        }
+        out.into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The rotary embedding at `pos`, on one head's `d` values taken as interleaved pairs
+    /// (`(x[2i], x[2i + 1])` turned by angle `pos × base^(-2i/d)`), as candle's `rope_i`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = x.len() / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        for ((pair, c), s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0 * c - x1 * s;
+            pair[1] = x0 * s + x1 * c;
+        }
     }
 
     /// The quantised block type of the first layer's query projection, for logs.
@@ -448,5 +510,41 @@ impl Llama {
             Some(Weight::Candle(QMatMul::QTensor(t))) => Some(t.dtype()),
             _ => None,
         }
+    }
+}
+
+/// A `[rows, cols]` tensor's values, row-major.
+fn rows_of(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
+/// A dot product with eight partial sums (which the compiler keeps in one SIMD register), added
+/// in a fixed order.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// Softmax in place (the maximum subtracted first).
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
     }
 }
