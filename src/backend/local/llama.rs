@@ -10,12 +10,12 @@
 //!
 //! # Why per-sequence caches
 //!
-//! A cache per sequence (one `[1, kv_heads, len, head_dim]` key and value tensor per layer)
-//! rather than a paged or padded shared cache: a sequence joins and leaves without moving
-//! anyone else's state, dropping it frees its memory at once, and its attention runs on
-//! exactly the tensors (same shapes, same operations) a lone sequence would use. Padding
-//! sequences to a common length would change the shapes the attention products see and with
-//! them, possibly, their rounding.
+//! A cache per sequence (per layer, its keys and values as flat `len × kv_heads × head_dim`
+//! vectors that grow in place) rather than a paged or padded shared cache: a sequence joins
+//! and leaves without moving anyone else's state, dropping it frees its memory at once, and
+//! its attention is computed by exactly the code a lone sequence would run. Padding sequences
+//! to a common length would change what the attention sums over and with it, possibly, its
+//! rounding.
 //!
 //! # Row independence
 //!
@@ -25,8 +25,8 @@
 //! CPU features and row count. [`Llama::load`] checks that they give each row the same bits
 //! in a batch of any size up to the largest batch as alone, and falls back to one product per
 //! row when they do not (see [`Llama::rows_independent`]). The operations are those of
-//! candle-transformers' `quantized_llama` in the same order, so a sequence alone should get
-//! the same logits as it did there.
+//! candle-transformers' `quantized_llama` in the same order (with attention written out as
+//! loops, see [`Llama::attend`]), so a sequence gets the same logits up to rounding.
 
 use std::io::{Read, Seek};
 
