@@ -802,7 +802,8 @@ impl Driver {
         let mut ids = std::mem::take(&mut self.queue);
         // A request whose every caller is gone and has no other use is still sent: its
         // result is saved for a rerun.
-        ids.retain(|id| self.requests.contains_key(id));
+        let mut seen = HashSet::new();
+        ids.retain(|id| self.requests.contains_key(id) && seen.insert(id.clone()));
         if ids.is_empty() {
             return Ok(());
         }
@@ -923,6 +924,7 @@ impl Driver {
                 };
                 self.save()?;
                 self.submit_failures = 0;
+                self.chunk_cap = self.chunk_cap.saturating_mul(2);
                 {
                     let mut st = self.shared.stats();
                     st.batches_created += 1;
@@ -932,7 +934,12 @@ impl Driver {
                 self.follow(&record, id, estimate);
                 Ok(None)
             }
-            Err(e) if e.is_fatal() => Err(Halt::Fatal(e)),
+            Err(e) if e.is_fatal() => {
+                // An answer refusing the request: the batch was not created.
+                self.state.batches.retain(|b| b.key != key);
+                self.save()?;
+                Err(Halt::Fatal(e))
+            }
             Err(e) if e.is_retryable() => {
                 // The batch may exist all the same: look for it before sending again.
                 tracing::warn!(error = %e, "creating a batch failed: looking for it before trying again");
@@ -941,19 +948,30 @@ impl Driver {
                 Ok(Some(Vec::new()))
             }
             Err(e) => {
+                // Refused at creation (a validation the provider makes at once): nothing was
+                // created. The requests go again in halves, down to single requests; a single
+                // request refused twice fails with the provider's message.
                 self.state.batches.retain(|b| b.key != key);
                 self.save()?;
+                self.shared.stats().failed_validation += 1;
                 if ids.len() > 1 {
-                    // Refused as a whole (too large, most likely): smaller batches next time.
-                    tracing::warn!(error = %e, requests = ids.len(), "a batch was refused: sending smaller ones");
+                    tracing::warn!(error = %e, requests = ids.len(), "a batch was refused: sending it again in halves");
                     self.chunk_cap = ids.len() / 2;
-                    Ok(Some(ids))
-                } else {
-                    for id in ids {
-                        self.fail(&id, copy_error(&e));
-                    }
-                    Ok(None)
+                    self.shared.stats().resubmitted += ids.len() as u64;
+                    return Ok(Some(ids));
                 }
+                let mut back = Vec::new();
+                for id in ids {
+                    let n = self.invalid.entry(id.clone()).or_insert(0);
+                    *n += 1;
+                    if *n >= 2 {
+                        self.fail(&id, copy_error(&e));
+                    } else {
+                        self.shared.stats().resubmitted += 1;
+                        back.push(id);
+                    }
+                }
+                Ok(Some(back))
             }
         }
     }

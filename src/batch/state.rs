@@ -370,8 +370,7 @@ impl ResultsLog {
 
     /// Whether the log holds no line (none before this run, none written by it).
     pub(crate) fn is_empty(&self) -> bool {
-        self.file.lines() == 0
-            && std::fs::metadata(self.file.path()).map_or(false, |m| m.len() == 0)
+        self.file.lines() == 0 && std::fs::metadata(self.file.path()).is_ok_and(|m| m.len() == 0)
     }
 
     /// Syncs and closes the log.
