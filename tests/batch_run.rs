@@ -181,6 +181,7 @@ fn run_to_end(api: Api, server: &BatchServer, dir: &Path, input: &Path, size: us
         text(&o.stdout),
         text(&o.stderr)
     );
+    assert_no_key(&o);
     o
 }
 
@@ -385,6 +386,7 @@ fn ctrl_c_while_polling_then_status_and_rerun() {
         .output()
         .unwrap();
     assert_eq!(st.status.code(), Some(0), "{}", text(&st.stderr));
+    assert_no_key(&st);
     let table = text(&st.stdout);
     let first = &server.batches()[0];
     assert!(table.contains(&first.id), "{table}");
@@ -476,8 +478,11 @@ fn batch_needs_an_http_backend_and_the_budget_stops_before_a_wave() {
 }
 
 /// 5,000 prompts through the CLI, SIGKILLed mid-run, then rerun: every id once, nothing
-/// submitted twice. Prints the figures (`-- --nocapture`).
+/// submitted twice. Prints the figures (`-- --nocapture`). About a minute on two busy cores,
+/// so it runs on request: `cargo test --all-features --test batch_run -- --ignored
+/// --nocapture`.
 #[test]
+#[ignore = "5,000 prompts, about a minute: run with -- --ignored --nocapture"]
 fn five_thousand_prompts_killed_mid_run() {
     const N: usize = 5000;
     let api = Api::OpenAi;

@@ -296,6 +296,9 @@ fn kind_from_str(s: &str) -> BackendErrorKind {
     .unwrap_or(K::Other)
 }
 
+/// A saved result: the custom_id and its completion or error.
+pub(crate) type Saved = (String, Result<Completion, BackendError>);
+
 /// The results log: every result downloaded, appended as soon as it is, locked while open.
 pub(crate) struct ResultsLog {
     file: AppendFile,
@@ -305,9 +308,7 @@ impl ResultsLog {
     /// Opens (creating) the log at `path`, locks it, repairs a torn last line, and reads the
     /// results saved so far (a later line for the same id wins; unreadable lines are skipped
     /// with a warning).
-    pub(crate) fn open(
-        path: &Path,
-    ) -> Result<(Self, Vec<(String, Result<Completion, BackendError>)>), Error> {
+    pub(crate) fn open(path: &Path) -> Result<(Self, Vec<Saved>), Error> {
         let file = AppendFile::open(path, SyncPolicy::Always)?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let mut saved = Vec::new();
