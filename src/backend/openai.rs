@@ -104,6 +104,7 @@ pub struct OpenAiBackend {
     pub(crate) client: reqwest::Client,
     pub(crate) url: Url,
     /// The base URL (up to and including the version prefix), for the batch API.
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
     pub(crate) base: Url,
     pub(crate) model: String,
     pub(crate) api_key: Option<SecretString>,
