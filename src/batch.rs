@@ -33,7 +33,10 @@
 //!   and the example goes to the failure ledger, as online.
 //! - A batch that failed validation is sent again once, as it was (validation failures are
 //!   often passing: a file not yet ready, a limit hit); if the same requests fail validation a
-//!   second time they fail with the provider's message. So nothing loops forever.
+//!   second time they fail with the provider's message. A batch the provider refuses at
+//!   creation (Anthropic validates at once; OpenAI checks the file at upload) was never
+//!   created: its requests go again in halves, down to single requests, and a single request
+//!   refused twice fails. So nothing loops forever.
 //! - 5xx answers and connection failures while polling are retried at the next poll; a
 //!   failure that is fatal (a bad key, an exhausted quota) stops the run.
 //!
