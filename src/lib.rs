@@ -90,6 +90,9 @@
 //! - `openai`: [`backend::openai::OpenAiBackend`] for any OpenAI-compatible chat-completions
 //!   server (vLLM, llama.cpp, Ollama, OpenAI, ...).
 //! - `anthropic`: [`backend::anthropic::AnthropicBackend`] for Anthropic's Messages API.
+//! - `batch`: [`batch`], the providers' batch APIs (half the price) behind the same engine and
+//!   run: [`batch::BatchApi`] with the OpenAI and Anthropic implementations (with those
+//!   features) and [`batch::BatchBackend`], which gathers a run's calls into batches.
 //! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`],
 //!   [`backend::rate_limit::RateLimit`] and [`backend::adaptive::Adaptive`] (adaptive
 //!   concurrency and a circuit breaker) around any backend, including your own.
@@ -99,6 +102,9 @@
 
 pub mod aspect;
 pub mod backend;
+#[cfg(feature = "batch")]
+#[cfg_attr(docsrs, doc(cfg(feature = "batch")))]
+pub mod batch;
 pub mod checks;
 pub mod engine;
 mod error;

@@ -134,6 +134,7 @@ pub struct StopSignal {
 struct StopInner {
     stop: Flag,
     abort: Flag,
+    reason: Mutex<Option<(Outcome, Option<String>)>>,
 }
 
 impl fmt::Debug for StopSignal {
@@ -159,6 +160,7 @@ impl StopSignal {
             inner: Arc::new(StopInner {
                 stop: Flag::new(),
                 abort: Flag::new(),
+                reason: Mutex::new(None),
             }),
         }
     }
@@ -166,6 +168,29 @@ impl StopSignal {
     /// Asks for a graceful stop: no new prompts, the examples in flight finish.
     pub fn stop(&self) {
         self.inner.stop.set();
+    }
+
+    /// Asks for a graceful stop for a reason a run should end with: a run given this signal
+    /// ends with `outcome` (and `message` in [`RunSummary::message`]) instead of
+    /// [`Outcome::Interrupted`]. The first reason given wins. Used by the batch pipeline to
+    /// stop a run on its cost budget ([`Outcome::CostLimit`]).
+    pub fn stop_with(&self, outcome: Outcome, message: Option<String>) {
+        self.inner
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert((outcome, message));
+        self.stop();
+    }
+
+    /// The reason given with [`stop_with`](Self::stop_with), if any.
+    #[must_use]
+    pub fn reason(&self) -> Option<(Outcome, Option<String>)> {
+        self.inner
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Asks for an immediate stop: the examples in flight are dropped (implies
@@ -647,7 +672,7 @@ impl Recipe {
 }
 
 /// `PAIRS<suffix>` beside `PAIRS.jsonl`.
-fn sidecar(output: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sidecar(output: &Path, suffix: &str) -> PathBuf {
     match (output.extension(), output.file_stem()) {
         (Some(ext), Some(stem)) if ext == "jsonl" => {
             let mut name = stem.to_os_string();
@@ -1364,6 +1389,7 @@ where
     };
     metered(&mut summary);
     summary.dropped_in_flight = summary.scheduled.saturating_sub(received);
+    let stopped_by = stopped_by.or_else(|| stop.reason());
     summary.interrupted = stop.is_stopped() && stopped_by.is_none();
     if let Some(l) = ledger {
         if let Err(e) = l.close() {

@@ -101,17 +101,20 @@ pub const DEFAULT_VERSION: &str = "2023-06-01";
 /// Cheap to clone: clones share one connection pool.
 #[derive(Clone)]
 pub struct AnthropicBackend {
-    client: reqwest::Client,
-    url: Url,
-    model: String,
-    api_key: Option<SecretString>,
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: Url,
+    /// The base URL (up to and including the version prefix), for the batch API.
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
+    pub(crate) base: Url,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<SecretString>,
     headers: HeaderMap,
     extra_body: serde_json::Map<String, Value>,
-    max_response_bytes: usize,
+    pub(crate) max_response_bytes: usize,
     /// Added to a 401 or 403 when no key was sent to a custom URL.
-    no_key_note: Option<String>,
+    pub(crate) no_key_note: Option<String>,
     /// See [`LlmBackend::identity`].
-    identity: String,
+    pub(crate) identity: String,
     default_max_tokens: u32,
 }
 
@@ -133,14 +136,14 @@ impl AnthropicBackend {
 
     /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
     /// copy of the messages).
-    fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
+    pub(crate) fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
         Body {
             backend: self,
             request,
         }
     }
 
-    fn headers(&self) -> HeaderMap {
+    pub(crate) fn headers(&self) -> HeaderMap {
         let mut headers = self.headers.clone();
         if let Some(key) = &self.api_key {
             if let Ok(mut value) = HeaderValue::from_str(key.expose_secret()) {
@@ -175,15 +178,7 @@ impl AnthropicBackend {
                 self.no_key_note.as_deref(),
             ));
         }
-        let wire: WireResponse = match serde_json::from_str(&text) {
-            Ok(wire) => wire,
-            Err(e) => return Err(http::invalid_json(e, &http::redact(&text, key))),
-        };
-        if wire.kind.as_deref() == Some("error") {
-            let server = ServerError::parse(&text).unwrap_or_default();
-            return Err(http::body_error(&server, key));
-        }
-        let completion = wire.into_completion(&self.model)?;
+        let completion = self.completion_from_body(&text)?;
         span.record(
             "finish_reason",
             tracing::field::debug(&completion.finish_reason),
@@ -195,9 +190,26 @@ impl AnthropicBackend {
     }
 }
 
+impl AnthropicBackend {
+    /// The completion in a 2xx Messages API body (the online answer, or the `message` of a
+    /// batch result), or the error it carries.
+    pub(crate) fn completion_from_body(&self, text: &str) -> Result<Completion, BackendError> {
+        let key = self.api_key.as_ref();
+        let wire: WireResponse = match serde_json::from_str(text) {
+            Ok(wire) => wire,
+            Err(e) => return Err(http::invalid_json(e, &http::redact(text, key))),
+        };
+        if wire.kind.as_deref() == Some("error") {
+            let server = ServerError::parse(text).unwrap_or_default();
+            return Err(http::body_error(&server, key));
+        }
+        wire.into_completion(&self.model)
+    }
+}
+
 /// A messages request body: the system messages joined into `system`, the other messages,
 /// the set fields, then the extra body fields, which replace set fields of the same name.
-struct Body<'a> {
+pub(crate) struct Body<'a> {
     backend: &'a AnthropicBackend,
     request: &'a CompletionRequest,
 }
@@ -396,8 +408,11 @@ impl AnthropicBackendBuilder {
                 ("default_max_tokens", &self.default_max_tokens.to_string()),
             ],
         );
+        let mut base = url.clone();
+        base.set_path(url.path().strip_suffix("/messages").unwrap_or(url.path()));
         Ok(AnthropicBackend {
             client,
+            base,
             url,
             model: config.model,
             api_key,

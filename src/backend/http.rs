@@ -294,6 +294,11 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
 
 /// Maps a transport failure (no HTTP response, or a broken body) to an error.
 pub(crate) fn transport_error(err: reqwest::Error, url: &Url) -> BackendError {
+    transport_error_of("POST", err, url)
+}
+
+/// [`transport_error`] of a request with another method.
+fn transport_error_of(method: &str, err: reqwest::Error, url: &Url) -> BackendError {
     let where_ = display_url(url);
     let (kind, what) = if err.is_timeout() {
         (BackendErrorKind::Timeout, "timed out")
@@ -306,7 +311,7 @@ pub(crate) fn transport_error(err: reqwest::Error, url: &Url) -> BackendError {
     } else {
         (BackendErrorKind::Connection, "request failed")
     };
-    BackendError::new(kind, format!("{what}: POST {where_}")).with_source(err.without_url())
+    BackendError::new(kind, format!("{what}: {method} {where_}")).with_source(err.without_url())
 }
 
 /// An `f32` setting as JSON, written as its shortest decimal (`0.7`, not `0.699999988...`).
@@ -362,13 +367,40 @@ pub(crate) async fn post_json(
     headers
         .entry(reqwest::header::CONTENT_TYPE)
         .or_insert(HeaderValue::from_static("application/json"));
-    let mut response = client
+    let response = client
         .post(url.clone())
         .headers(headers)
         .body(json)
         .send()
         .await
         .map_err(|e| transport_error(e, url))?;
+    read_response("POST", response, url, max_bytes).await
+}
+
+/// Sends a request built by `build` (a GET, a multipart upload, a body-less POST) and reads
+/// the answer as [`post_json`] does: no redirect followed, the body capped at `max_bytes`.
+#[cfg(feature = "batch")]
+pub(crate) async fn send(
+    method: &str,
+    request: reqwest::RequestBuilder,
+    url: &Url,
+    max_bytes: usize,
+) -> Result<(StatusCode, HeaderMap, String), BackendError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| transport_error_of(method, e, url))?;
+    read_response(method, response, url, max_bytes).await
+}
+
+/// Reads a response: a redirect is an error ([`redirect_error`]); of an error body only the
+/// first 64 KiB are read; a 2xx body over `max_bytes` is an error ([`too_large`]).
+async fn read_response(
+    method: &str,
+    mut response: reqwest::Response,
+    url: &Url,
+    max_bytes: usize,
+) -> Result<(StatusCode, HeaderMap, String), BackendError> {
     let status = response.status();
     if status.is_redirection() {
         return Err(redirect_error(status, response.headers(), url));
@@ -394,7 +426,7 @@ pub(crate) async fn post_json(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| transport_error(e, url))?
+        .map_err(|e| transport_error_of(method, e, url))?
     {
         let room = limit - bytes.len();
         if chunk.len() > room {

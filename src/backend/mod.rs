@@ -45,7 +45,7 @@ pub mod adaptive;
 #[cfg_attr(docsrs, doc(cfg(feature = "anthropic")))]
 pub mod anthropic;
 #[cfg(any(feature = "openai", feature = "anthropic"))]
-mod http;
+pub(crate) mod http;
 pub mod meter;
 #[cfg(feature = "openai")]
 #[cfg_attr(docsrs, doc(cfg(feature = "openai")))]

@@ -101,17 +101,20 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// Cheap to clone: clones share one connection pool.
 #[derive(Clone)]
 pub struct OpenAiBackend {
-    client: reqwest::Client,
-    url: Url,
-    model: String,
-    api_key: Option<SecretString>,
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: Url,
+    /// The base URL (up to and including the version prefix), for the batch API.
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
+    pub(crate) base: Url,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<SecretString>,
     headers: HeaderMap,
     extra_body: serde_json::Map<String, Value>,
-    max_response_bytes: usize,
+    pub(crate) max_response_bytes: usize,
     /// Added to a 401 or 403 when no key was sent to a custom URL.
-    no_key_note: Option<String>,
+    pub(crate) no_key_note: Option<String>,
     /// See [`LlmBackend::identity`].
-    identity: String,
+    pub(crate) identity: String,
     max_tokens_field: String,
 }
 
@@ -132,14 +135,14 @@ impl OpenAiBackend {
 
     /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
     /// copy of the messages).
-    fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
+    pub(crate) fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a> {
         Body {
             backend: self,
             request,
         }
     }
 
-    fn headers(&self) -> HeaderMap {
+    pub(crate) fn headers(&self) -> HeaderMap {
         let mut headers = self.headers.clone();
         if let Some(key) = &self.api_key {
             if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
@@ -175,21 +178,7 @@ impl OpenAiBackend {
                 self.no_key_note.as_deref(),
             ));
         }
-        let wire: WireResponse = match serde_json::from_str(&text) {
-            Ok(wire) => wire,
-            Err(e) => {
-                if let Some(server) = ServerError::parse(&text) {
-                    return Err(http::body_error(&server, key));
-                }
-                return Err(http::invalid_json(e, &http::redact(&text, key)));
-            }
-        };
-        if wire.choices.is_empty() {
-            if let Some(server) = ServerError::parse(&text) {
-                return Err(http::body_error(&server, key));
-            }
-        }
-        let completion = wire.into_completion(&self.model)?;
+        let completion = self.completion_from_body(&text)?;
         span.record(
             "finish_reason",
             tracing::field::debug(&completion.finish_reason),
@@ -201,9 +190,32 @@ impl OpenAiBackend {
     }
 }
 
+impl OpenAiBackend {
+    /// The completion in a 2xx chat completion body (the online answer, or one line of a batch
+    /// output), or the error it carries.
+    pub(crate) fn completion_from_body(&self, text: &str) -> Result<Completion, BackendError> {
+        let key = self.api_key.as_ref();
+        let wire: WireResponse = match serde_json::from_str(text) {
+            Ok(wire) => wire,
+            Err(e) => {
+                if let Some(server) = ServerError::parse(text) {
+                    return Err(http::body_error(&server, key));
+                }
+                return Err(http::invalid_json(e, &http::redact(text, key)));
+            }
+        };
+        if wire.choices.is_empty() {
+            if let Some(server) = ServerError::parse(text) {
+                return Err(http::body_error(&server, key));
+            }
+        }
+        wire.into_completion(&self.model)
+    }
+}
+
 /// A chat completion request body: the set fields in a fixed order, then the extra body
 /// fields, which replace set fields of the same name.
-struct Body<'a> {
+pub(crate) struct Body<'a> {
     backend: &'a OpenAiBackend,
     request: &'a CompletionRequest,
 }
@@ -371,8 +383,15 @@ the same name set from the request.",
             &url,
             &[("max_tokens_field", &self.max_tokens_field)],
         );
+        let mut base = url.clone();
+        base.set_path(
+            url.path()
+                .strip_suffix("/chat/completions")
+                .unwrap_or(url.path()),
+        );
         Ok(OpenAiBackend {
             client,
+            base,
             url,
             model: config.model,
             api_key,

@@ -17,6 +17,8 @@ mod reader;
 mod resume;
 mod writer;
 
+#[cfg(feature = "batch")]
+pub(crate) use append::AppendFile;
 #[cfg(feature = "run")]
 pub(crate) use append::{replace_with, sync_parent, temp_beside};
 pub use append::{OutputFile, Repair, SyncPolicy};

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests: prompts and golden draws for the generator; a
 //! scripted backend, a tracing capture, canned HTTP bodies, the loopback OpenAI-compatible
-//! test server ([`openai_server`]) and a real llama.cpp server for the backends.
+//! test server ([`openai_server`]), the loopback batch-API server ([`batch_server`]) and a real
+//! llama.cpp server for the backends.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod batch_server;
 pub mod openai_server;
 pub mod reliability;
 

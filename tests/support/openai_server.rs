@@ -374,8 +374,9 @@ fn error_body(status: u16, message: &str) -> String {
     json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string()
 }
 
-/// Whether the request asks for a second response (a message mentions `</response>`).
-fn is_second(request: &Value) -> bool {
+/// Whether a chat-completions request asks for a second response (a message mentions
+/// `</response>`).
+pub fn is_second(request: &Value) -> bool {
     messages(request).any(|c| c.contains("</response>"))
 }
 
@@ -387,8 +388,16 @@ fn messages(request: &Value) -> impl Iterator<Item = &str> {
         .filter_map(|m| m["content"].as_str())
 }
 
-/// The answer `FakeBackend` gives, with its usage.
-fn completion_body(request: &Value, text: &str) -> String {
+/// The chat completion `fake` gives to this chat-completions request body (text from its
+/// `seed`, usage as the fake counts it): this server's good answer, and the batch server's
+/// (`batch_server`) answer to a batch line.
+pub fn fake_completion(fake: &FakeBackend, request: &Value) -> Value {
+    let seed = request["seed"].as_u64().unwrap_or(0);
+    completion_body(request, &fake.answer(seed, is_second(request)))
+}
+
+/// A chat completion of `text` to `request`, with its usage.
+fn completion_body(request: &Value, text: &str) -> Value {
     let prompt_len: usize = messages(request).map(str::len).sum();
     let (prompt, completion) = ((prompt_len / 4) as u64, (text.len() / 4) as u64);
     json!({
@@ -406,7 +415,6 @@ fn completion_body(request: &Value, text: &str) -> String {
             "total_tokens": prompt + completion
         }
     })
-    .to_string()
 }
 
 /// What to send back; `None` closes the connection without an answer.
@@ -427,11 +435,7 @@ async fn answer(request: &Recorded, state: &State) -> Option<Vec<u8>> {
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
-    let good = || {
-        let seed = body["seed"].as_u64().unwrap_or(0);
-        let text = FakeBackend::with_response_len(config.filler).answer(seed, is_second(body));
-        completion_body(body, &text)
-    };
+    let good = || fake_completion(&FakeBackend::with_response_len(config.filler), body).to_string();
     if let Some((status, message)) = &config.every {
         counters.scripted.fetch_add(1, Ordering::SeqCst);
         return Some(response(*status, "", &error_body(*status, message)));
@@ -462,7 +466,7 @@ async fn answer(request: &Recorded, state: &State) -> Option<Vec<u8>> {
         }
         4 => return None,
         5 => response(200, "", "{\"choices\": [ {\"message\": "),
-        _ => response(200, "", &completion_body(body, "")),
+        _ => response(200, "", &completion_body(body, "").to_string()),
     })
 }
 

@@ -14,6 +14,9 @@ Examples:
   rmboost generate -i prompts.jsonl -o pairs.jsonl --backend openai --model gpt-4o-mini \\
       --price-input 0.15 --price-output 0.60 --max-cost 5
 
+  # OpenAI's batch API (half the price; rerun the same command to resume):
+  rmboost generate -i prompts.jsonl -o pairs.jsonl --backend openai --model gpt-4o-mini --batch
+
   # See what would be sent for the first three prompts, without calling a model:
   rmboost dry-run -i prompts.jsonl -n 3
 
@@ -28,7 +31,8 @@ Exit status:
   4    every prompt was processed but some examples failed (they are listed in the failure
        ledger; rerun to retry them)
   130  interrupted by Ctrl-C (the first Ctrl-C finishes the examples in flight, for at most
-       60 s, and prints the summary; a second one drops them and stops at once)
+       60 s, and prints the summary; a second one drops them and stops at once; with
+       --batch the run stops at once and the batches keep running at the provider)
 
 Environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys for the providers' own URLs (a custom
@@ -63,6 +67,36 @@ pub(crate) enum Command {
     /// Quality report of a preference dataset: balance, length bias, near-duplicates,
     /// diversity, aspects, failure rate.
     Report(ReportArgs),
+    /// The provider batches of a `generate --batch` run: show them or cancel them.
+    Batch(Box<BatchArgs>),
+}
+
+/// `rmboost batch`.
+#[derive(Debug, Args)]
+pub(crate) struct BatchArgs {
+    #[command(subcommand)]
+    pub(crate) action: BatchAction,
+}
+
+/// What `rmboost batch` does.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BatchAction {
+    /// Show the batches of the run writing OUT (from PAIRS.batches.json, with the live
+    /// status of those not yet collected).
+    Status(BatchTarget),
+    /// Cancel the batches of the run writing OUT that are still running.
+    Cancel(BatchTarget),
+}
+
+/// The run whose batches `rmboost batch` acts on, and how to reach the provider.
+#[derive(Debug, Args)]
+pub(crate) struct BatchTarget {
+    /// The output of the `generate --batch` run.
+    #[arg(long, short, value_name = "PAIRS.jsonl")]
+    pub(crate) output: PathBuf,
+
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
 }
 
 /// Arguments of `rmboost report`.
@@ -308,6 +342,34 @@ pub(crate) struct GenerateArgs {
     /// Stop gracefully once the cost reaches this (needs a price); exit status 3.
     #[arg(long, value_name = "AMOUNT", help_heading = "Cost")]
     pub(crate) max_cost: Option<f64>,
+
+    /// Send the calls through the provider's batch API (half the price; results within
+    /// hours): --backend openai or anthropic. Rerun the same command to resume; see
+    /// `rmboost batch status|cancel`.
+    #[arg(long, help_heading = "Batch")]
+    pub(crate) batch: bool,
+
+    /// Requests per batch wave (capped by the provider's limits).
+    #[arg(long, value_name = "N", default_value_t = 1000, help_heading = "Batch")]
+    pub(crate) batch_size: usize,
+
+    /// First wait between two polls of a batch, in seconds; it grows while a batch does not
+    /// change, up to 20 times this (at most 10 minutes more).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        help_heading = "Batch"
+    )]
+    pub(crate) poll_secs: f64,
+
+    /// Batch price of a million input tokens [default: half of --price-input].
+    #[arg(long, value_name = "PRICE", help_heading = "Batch")]
+    pub(crate) batch_price_input: Option<f64>,
+
+    /// Batch price of a million output tokens [default: half of --price-output].
+    #[arg(long, value_name = "PRICE", help_heading = "Batch")]
+    pub(crate) batch_price_output: Option<f64>,
 
     /// Also write the final summary as JSON to this file.
     #[arg(long, value_name = "FILE")]

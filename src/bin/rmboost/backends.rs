@@ -16,6 +16,9 @@ use rmboost::backend::meter::{CallMeter, Metered};
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::rate_limit::RateLimit;
 use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::batch::anthropic::AnthropicBatch;
+use rmboost::batch::openai::OpenAiBatch;
+use rmboost::batch::BatchApi;
 
 use crate::args::{BackendArgs, BackendKind};
 use crate::setup::{error_chain, CliError};
@@ -92,6 +95,47 @@ pub(crate) fn build(args: &BackendArgs, concurrency: usize) -> Result<Built, Cli
         },
         description,
     })
+}
+
+/// The batch API of `--backend` (openai or anthropic), with the same URL, model, key and
+/// timeout handling as the online backend. `any_model` lets `rmboost batch status|cancel` go
+/// without `--model` (they send no request to a model).
+pub(crate) fn batch_api(
+    args: &BackendArgs,
+    any_model: bool,
+) -> Result<Arc<dyn BatchApi>, CliError> {
+    let mut args = args.clone();
+    if any_model && args.model.is_none() {
+        args.model = Some("-".to_string());
+    }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(CliError::usage(
+            "--timeout must be a positive number of seconds",
+        ));
+    }
+    match args.backend.unwrap_or_else(default_kind) {
+        BackendKind::Openai => Ok(Arc::new(OpenAiBatch::new(openai(&args)?))),
+        BackendKind::Anthropic => Ok(Arc::new(AnthropicBatch::new(anthropic(&args)?))),
+        BackendKind::Local => Err(CliError::usage(
+            "--batch needs --backend openai or --backend anthropic (the local model has no \
+             batch API)",
+        )),
+    }
+}
+
+/// `name / model at URL` of the backend of `args`, for the summary.
+pub(crate) fn description(args: &BackendArgs, model: &str) -> String {
+    let kind = args.backend.unwrap_or_else(default_kind);
+    let mut s = kind.name().to_string();
+    if !model.is_empty() {
+        s.push_str(" / ");
+        s.push_str(model);
+    }
+    if let Some(url) = &args.base_url {
+        s.push_str(" at ");
+        s.push_str(&rmboost::backend::public_url(url));
+    }
+    s
 }
 
 /// The key's environment variable: `--api-key-env`, else none. The library picks the

@@ -21,15 +21,53 @@ use rmboost::run::{
 };
 
 use crate::setup::{self, error_chain, CliError};
-use crate::summary::{CacheReport, ConcurrencyReport, Report, Status, Tokens};
+use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, Report, Status, Tokens};
+use rmboost::backend::meter::{CallMeter, Metered};
+use rmboost::batch::{BatchBackend, BatchConfig, BatchHandle, StateFile};
+use std::num::NonZeroUsize;
 
 fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliError> {
-    let prices = match (args.price_input, args.price_output) {
-        (None, None) => None,
-        (i, o) => Some(
-            Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
-                .map_err(|e| CliError::usage(format!("--price-input/--price-output: {e}")))?,
-        ),
+    let price = |i: Option<f64>, o: Option<f64>, flags: &str| match (i, o) {
+        (None, None) => Ok(None),
+        (i, o) => Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
+            .map(Some)
+            .map_err(|e| CliError::usage(format!("{flags}: {e}"))),
+    };
+    let online = price(
+        args.price_input,
+        args.price_output,
+        "--price-input/--price-output",
+    )?;
+    let batch = price(
+        args.batch_price_input,
+        args.batch_price_output,
+        "--batch-price-input/--batch-price-output",
+    )?;
+    if !args.batch && batch.is_some() {
+        return Err(CliError::usage(
+            "--batch-price-input/--batch-price-output need --batch",
+        ));
+    }
+    // Batch runs are billed at batch prices: given, else half the online ones.
+    let prices = if args.batch {
+        match (batch, online) {
+            (Some(b), Some(o)) => Some(Prices {
+                input_per_million: args
+                    .batch_price_input
+                    .map_or(rmboost::batch::batch_prices(o).input_per_million, |_| {
+                        b.input_per_million
+                    }),
+                output_per_million: args
+                    .batch_price_output
+                    .map_or(rmboost::batch::batch_prices(o).output_per_million, |_| {
+                        b.output_per_million
+                    }),
+            }),
+            (Some(b), None) => Some(b),
+            (None, o) => o.map(rmboost::batch::batch_prices),
+        }
+    } else {
+        online
     };
     if let Some(max) = args.max_cost {
         if !(max.is_finite() && max > 0.0) {
@@ -43,6 +81,16 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
     }
     if args.limit == Some(0) {
         return Err(CliError::usage("--limit must be at least 1"));
+    }
+    if args.batch {
+        if args.batch_size == 0 {
+            return Err(CliError::usage("--batch-size must be at least 1"));
+        }
+        if !(args.poll_secs.is_finite() && args.poll_secs > 0.0) {
+            return Err(CliError::usage(
+                "--poll-secs must be a positive number of seconds",
+            ));
+        }
     }
     let shard = args
         .shard
@@ -69,7 +117,13 @@ fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
     })
 }
 
-fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instant) -> Tick {
+fn tick(
+    p: &RunSummary,
+    stats: &BackendStats,
+    batch: Option<&BatchBackend>,
+    prices: Option<Prices>,
+    t0: Instant,
+) -> Tick {
     let usage = stats.meter.usage();
     Tick {
         processed: p.generation.examples + p.generation.failed(),
@@ -82,6 +136,10 @@ fn tick(p: &RunSummary, stats: &BackendStats, prices: Option<Prices>, t0: Instan
         limit: stats.adaptive.as_ref().map(|a| {
             let s = a.snapshot();
             (s.limit, s.cap, s.rate_limited_share())
+        }),
+        batch: batch.map(|b| {
+            let s = b.stats();
+            (s.batches_created, s.waves, s.in_flight)
         }),
     }
 }
@@ -133,21 +191,40 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let Some(summary) = &args.summary_json {
         files.push(("summary", summary.as_path()));
     }
+    let state_path = StateFile::default_path(&args.output);
+    let results_path = StateFile::results_path(&args.output);
+    if args.batch {
+        files.push(("batch state", state_path.as_path()));
+        files.push(("batch results", results_path.as_path()));
+    }
     ensure_distinct_files(&files).map_err(|e| CliError::usage(error_chain(&e)))?;
     let prompts = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
         .into_stream();
-    let built = backends::build(&args.backend, args.gen.concurrency)?;
+    let stop = StopSignal::new();
+    let (built, batch, gen) = if args.batch {
+        batch_backend(&args, prices, &stop)?
+    } else {
+        (
+            backends::build(&args.backend, args.gen.concurrency)?,
+            None,
+            args.gen.clone(),
+        )
+    };
     let order = match args.order {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
-    let (backend, cache) = with_cache(&args, &built).await?;
-    let generator = setup::method_generator(&args.gen, backend, order)?;
+    let (backend, cache) = if batch.is_some() {
+        // Batch results are kept beside the output (PAIRS.batch-results.jsonl) instead.
+        (built.backend.clone(), None)
+    } else {
+        with_cache(&args, &built).await?
+    };
+    let generator = setup::method_generator(&gen, backend, order)?;
     let stats = built.stats.clone();
     let total = expected_total(&args, shard);
 
-    let stop = StopSignal::new();
     let ctrl_c = stop_on_ctrl_c(stop.clone())
         .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
 
@@ -159,6 +236,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         let stats = stats.clone();
         let finished = finished.clone();
         let wake = wake.clone();
+        let batch = batch.as_ref().map(|(b, _)| b.clone());
         let mut display = Display::new(args.progress, total);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
@@ -168,7 +246,10 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                     _ = interval.tick() => {}
                     () = wake.notified() => {}
                 }
-                display.update(&tick(&live.snapshot(), &stats, prices, started), total);
+                display.update(
+                    &tick(&live.snapshot(), &stats, batch.as_ref(), prices, started),
+                    total,
+                );
                 if finished.load(Ordering::SeqCst) {
                     break;
                 }
@@ -201,6 +282,10 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let (Some(prices), Some(max)) = (prices, args.max_cost) {
         options = options.max_cost(prices, max);
     }
+    if batch.is_some() {
+        // Examples waiting on batches (hours) are dropped at a stop, not waited for.
+        options = options.drain_deadline(Some(rmboost::batch::DRAIN_DEADLINE));
+    }
     if let Some(shard) = shard {
         options = options.shard(shard);
     }
@@ -218,6 +303,16 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     wake.notify_one();
     let _ = ticker.await;
     ctrl_c.abort();
+    let (batch_stats, batch_error) = match batch {
+        Some((backend, handle)) => {
+            drop(backend);
+            match handle.finish(result.as_ref().ok()).await {
+                Ok(s) => (Some(s), None),
+                Err(e) => (None, Some(error_chain(&e))),
+            }
+        }
+        None => (None, None),
+    };
     if let Some(cache) = &cache {
         // A call returns once its completion is queued: commit the last ones now.
         if let Err(e) = cache.flush().await {
@@ -226,18 +321,19 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 
     let summary = live.snapshot();
-    let code = match &result {
-        Ok(s) => s.exit_code(),
-        Err(_) => rmboost::run::EXIT_FAILED,
+    let code = match (&result, &batch_error) {
+        (Ok(s), None) => s.exit_code(),
+        _ => rmboost::run::EXIT_FAILED,
     };
     let error = match (&result, summary.outcome) {
         (Err(e), _) => Some(error_chain(e)),
         (Ok(_), Outcome::Unreachable) => summary.message.clone(),
-        _ => None,
+        _ => batch_error.clone(),
     };
     let report = Report {
         status: match (&result, summary.outcome) {
             (Err(_), _) | (_, Outcome::Unreachable | Outcome::Failed) => Status::Failed,
+            _ if batch_error.is_some() => Status::Failed,
             (Ok(_), Outcome::CostLimit) => Status::CostLimit,
             (Ok(_), Outcome::Interrupted) => Status::Interrupted,
             (Ok(_), Outcome::LimitReached) => Status::LimitReached,
@@ -298,6 +394,18 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                 rate_limited: s.rate_limited,
             }
         }),
+        batch: batch_stats.map(|stats| BatchReport {
+            resume_hint: (stats.in_flight > 0).then(|| {
+                format!(
+                    "{} batches still run at the provider: rerun the same command to collect \
+                     them, or cancel them with `rmboost batch cancel -o {}` (and the same \
+                     --backend, --base-url and --api-key-env)",
+                    stats.in_flight,
+                    args.output.display()
+                )
+            }),
+            stats,
+        }),
     };
     print!("{report}");
     if let Some(path) = &args.summary_json {
@@ -309,6 +417,57 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         Some(message) => Err(CliError { code, message }),
         None => Ok(code),
     }
+}
+
+/// The backend of a `--batch` run: the batch pipeline of the provider's batch API, metered;
+/// its handle; and the generation settings with the pipeline's concurrency.
+type BatchParts = (
+    backends::Built,
+    Option<(BatchBackend, BatchHandle)>,
+    crate::args::GenArgs,
+);
+
+fn batch_backend(
+    args: &GenerateArgs,
+    prices: Option<Prices>,
+    stop: &StopSignal,
+) -> Result<BatchParts, CliError> {
+    let api = backends::batch_api(&args.backend, false)?;
+    let size = NonZeroUsize::new(args.batch_size)
+        .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
+    let poll = rmboost::backend::duration_from_secs_f64(args.poll_secs)
+        .map_err(|e| CliError::usage(format!("--poll-secs: {}", error_chain(&e))))?;
+    let max_poll = (poll * 20).min(poll + Duration::from_secs(600));
+    let meter = CallMeter::new();
+    let mut config = BatchConfig::new()
+        .batch_size(size)
+        .poll_interval(poll)
+        .max_poll_interval(max_poll)
+        .max_attempts(args.backend.retries.saturating_add(1))
+        .stop_signal(stop.clone());
+    if let (Some(prices), Some(max)) = (prices, args.max_cost) {
+        config = config.max_cost(prices, max, meter.clone());
+    }
+    let mut gen = args.gen.clone();
+    gen.concurrency = config.concurrency().get();
+    let description = format!(
+        "{} (batch API)",
+        backends::description(&args.backend, &api.model())
+    );
+    let (backend, handle) = BatchBackend::start(api, &args.output, config)
+        .map_err(|e| CliError::fatal(error_chain(&e)))?;
+    let metered: Arc<dyn rmboost::LlmBackend> =
+        Arc::new(Metered::with_meter(backend.clone(), meter.clone()));
+    let built = backends::Built {
+        backend: metered,
+        stats: BackendStats {
+            meter,
+            retries: None,
+            adaptive: None,
+        },
+        description,
+    };
+    Ok((built, Some((backend, handle)), gen))
 }
 
 /// The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost`.

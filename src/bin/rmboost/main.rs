@@ -8,6 +8,7 @@
 
 mod args;
 mod backends;
+mod batch;
 mod dry_run;
 mod generate;
 mod progress;
@@ -65,6 +66,13 @@ fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::DryRun(args) => dry_run::run(&args),
         Command::Report(args) => report(&args),
+        Command::Batch(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))?;
+            runtime.block_on(batch::run(*args))
+        }
         Command::Generate(args) => {
             // One thread drives the run: the consuming task polls every example of the stream
             // anyway, and the model, the cache writer and blocking work have threads of their

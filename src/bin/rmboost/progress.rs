@@ -62,6 +62,8 @@ pub(crate) struct Tick {
     pub(crate) elapsed: Duration,
     /// The adaptive limit on calls in flight, its cap and the share of calls answered 429.
     pub(crate) limit: Option<(usize, usize, f64)>,
+    /// Batch mode: batches created, waves sent, batches in flight.
+    pub(crate) batch: Option<(u64, u64, u64)>,
 }
 
 impl Tick {
@@ -101,6 +103,11 @@ impl Tick {
             s.push_str(&format!(
                 ", limit {limit}/{cap}, {:.1}% 429s",
                 100.0 * share
+            ));
+        }
+        if let Some((created, waves, flying)) = self.batch {
+            s.push_str(&format!(
+                ", {created} batches in {waves} waves, {flying} running"
             ));
         }
         if let Some(c) = self.cost {
@@ -260,6 +267,7 @@ mod tests {
             cost: Some(0.5),
             elapsed: Duration::from_secs(5),
             limit: None,
+            batch: None,
         };
         let slow = Tick {
             processed: 1,
@@ -274,6 +282,7 @@ mod tests {
         );
         let adapted = Tick {
             limit: Some((24, 256, 0.0213)),
+            batch: None,
             ..tick
         };
         assert!(

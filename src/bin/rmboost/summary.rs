@@ -71,6 +71,16 @@ pub(crate) struct ConcurrencyReport {
     pub(crate) rate_limited: u64,
 }
 
+/// The batches of a `--batch` run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BatchReport {
+    #[serde(flatten)]
+    pub(crate) stats: rmboost::batch::BatchStats,
+    /// How to resume or cancel, when batches still run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) resume_hint: Option<String>,
+}
+
 /// Everything the summary shows.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
@@ -112,6 +122,8 @@ pub(crate) struct Report {
     pub(crate) bad_line_messages: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) concurrency: Option<ConcurrencyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) batch: Option<BatchReport>,
 }
 
 impl fmt::Display for Report {
@@ -200,6 +212,9 @@ impl fmt::Display for Report {
                 ),
             ));
         }
+        if let Some(b) = &self.batch {
+            rows.push(("batches", b.stats.to_string()));
+        }
         rows.push(("output", self.output.display().to_string()));
         if let Some(l) = &self.ledger {
             rows.push((
@@ -228,6 +243,9 @@ impl fmt::Display for Report {
         }
         for m in &self.bad_line_messages {
             writeln!(f, "  bad line: {m}")?;
+        }
+        if let Some(hint) = self.batch.as_ref().and_then(|b| b.resume_hint.as_ref()) {
+            writeln!(f, "  {hint}")?;
         }
         Ok(())
     }

@@ -1,0 +1,114 @@
+//! `rmboost batch status|cancel`: the provider batches of a `generate --batch` run. The state
+//! and the cancelling are the library's (`rmboost::batch`); this shows them.
+
+use crate::args::{BatchAction, BatchArgs, BatchTarget};
+use crate::backends;
+use crate::setup::{error_chain, CliError};
+use rmboost::batch::StateFile;
+
+/// Runs `rmboost batch`; returns the exit status.
+pub(crate) async fn run(args: BatchArgs) -> Result<u8, CliError> {
+    match args.action {
+        BatchAction::Status(t) => status(&t).await,
+        BatchAction::Cancel(t) => cancel(&t).await,
+    }
+}
+
+fn read_state(t: &BatchTarget) -> Result<Option<StateFile>, CliError> {
+    let path = StateFile::default_path(&t.output);
+    StateFile::read(&path).map_err(|e| CliError::fatal(error_chain(&e)))
+}
+
+async fn status(t: &BatchTarget) -> Result<u8, CliError> {
+    let Some(state) = read_state(t)? else {
+        println!(
+            "no batch run recorded for {} ({} does not exist: none ran, or the run finished)",
+            t.output.display(),
+            StateFile::default_path(&t.output).display()
+        );
+        return Ok(0);
+    };
+    let api = backends::batch_api(&t.backend, true)?;
+    if state.api != api.name() {
+        return Err(CliError::usage(format!(
+            "the batches of {} were made with --backend {}",
+            t.output.display(),
+            state.api
+        )));
+    }
+    println!("run {} ({} API)", state.run, state.api);
+    println!(
+        "{:<5} {:<34} {:>8} {:<12} {:>9} {:>7}  results",
+        "wave", "batch", "requests", "state", "succeeded", "failed"
+    );
+    let mut failures = 0;
+    for b in &state.batches {
+        let id = b
+            .provider_id
+            .clone()
+            .unwrap_or_else(|| "(not created yet)".into());
+        let mut state_text = b.state.map_or("-".to_string(), |s| s.to_string());
+        let (mut ok, mut failed) = ("-".to_string(), "-".to_string());
+        if !b.downloaded {
+            if let Some(pid) = &b.provider_id {
+                match api.status(pid).await {
+                    Ok(s) => {
+                        state_text = s.state.to_string();
+                        ok = s.counts.succeeded.to_string();
+                        failed = s.counts.failed.to_string();
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        state_text = format!("? ({})", error_chain(&e));
+                    }
+                }
+            }
+        }
+        println!(
+            "{:<5} {:<34} {:>8} {:<12} {:>9} {:>7}  {}",
+            b.wave,
+            id,
+            b.requests,
+            state_text,
+            ok,
+            failed,
+            if b.downloaded { "saved" } else { "pending" }
+        );
+    }
+    let pending = state.batches.iter().filter(|b| !b.downloaded).count();
+    println!(
+        "{} batches, {pending} not yet collected (rerun the generate command to collect them)",
+        state.batches.len()
+    );
+    Ok(if failures > 0 { 1 } else { 0 })
+}
+
+async fn cancel(t: &BatchTarget) -> Result<u8, CliError> {
+    if read_state(t)?.is_none() {
+        println!(
+            "nothing to cancel: {} does not exist",
+            StateFile::default_path(&t.output).display()
+        );
+        return Ok(0);
+    }
+    let api = backends::batch_api(&t.backend, true)?;
+    let results = rmboost::batch::cancel_batches(&*api, &t.output)
+        .await
+        .map_err(|e| CliError::fatal(error_chain(&e)))?;
+    let mut failures = 0;
+    for (id, r) in &results {
+        match r {
+            Ok(s) => println!("{id}: {}", s.state),
+            Err(e) => {
+                failures += 1;
+                println!("{id}: not cancelled: {}", error_chain(e));
+            }
+        }
+    }
+    println!(
+        "{} batches asked to cancel, {failures} failed; a rerun of the generate command collects \
+         what they finished and sends the rest again",
+        results.len() - failures
+    );
+    Ok(if failures > 0 { 1 } else { 0 })
+}
