@@ -1,13 +1,15 @@
 //! The `rmboost` command line (feature `cli`).
 //!
 //! `rmboost generate` turns a JSONL file of prompts into a JSONL file of preference pairs,
-//! resuming by default; `rmboost dry-run` shows the requests a run would send. Run
+//! resuming by default; `rmboost dry-run` shows the requests a run would send; `rmboost
+//! report`, `export` and `merge` check, publish and join datasets. Run
 //! `rmboost --help` for the flags, examples and exit statuses.
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 mod args;
 mod backends;
+mod dataset;
 mod dry_run;
 mod generate;
 mod progress;
@@ -65,6 +67,8 @@ fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::DryRun(args) => dry_run::run(&args),
         Command::Report(args) => report(&args),
+        Command::Export(args) => dataset::export(&args),
+        Command::Merge(args) => dataset::merge_shards(&args),
         Command::Generate(args) => {
             // One thread drives the run: the consuming task polls every example of the stream
             // anyway, and the model, the cache writer and blocking work have threads of their
