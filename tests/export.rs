@@ -35,7 +35,7 @@ fn examples(n: usize) -> Vec<PreferenceExample> {
             metadata
                 .models
                 .insert("second".into(), if i % 4 == 0 { "model-b" } else { "model-a" }.into());
-            metadata.usage.insert("total".into(), Usage::new(10 + i as u32, 20));
+            metadata.usage.insert("total".into(), Usage::new(10 + i as u64, 20));
             if i % 5 == 0 {
                 metadata.input.insert("source".into(), json!({"name": "unit", "n": i}));
             }

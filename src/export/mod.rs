@@ -158,8 +158,7 @@ impl std::fmt::Display for Split {
 /// ```
 #[must_use]
 pub fn split_of(id: &str, test_fraction: f64) -> Split {
-    // NaN fails this comparison too.
-    if !(test_fraction > 0.0) {
+    if test_fraction.is_nan() || test_fraction <= 0.0 {
         return Split::Train;
     }
     let scaled = test_fraction * 18_446_744_073_709_551_616.0; // × 2⁶⁴, exact

@@ -71,26 +71,9 @@ pub struct ParquetStats {
     pub bytes: u64,
 }
 
-/// The Arrow schema of an exported file in `format`: the JSONL's columns, in its order.
-///
-/// | column | type | |
-/// |---|---|---|
-/// | `id` | string | |
-/// | `prompt` | list of struct {`role`: string, `content`: string}, or string | the conversation, or its text (standard) |
-/// | `chosen`, `rejected` | list of struct {`role`, `content`} (one assistant turn), or string | |
-/// | `label` | string | `better` or `worse` |
-/// | `grade` | string, nullable | `slightly` or `much` for graded labels, else null |
-/// | `aspects` | list of string | |
-/// | `margin` | float64, nullable | |
-/// | `metadata` | string | the JSONL's `metadata` object as JSON text |
-///
-/// `metadata` is free-form (method-specific fields, the input record's extra fields), so it
-/// is kept as JSON text: a struct column needs one schema for every row, and a key present in
-/// some rows only would make files of one dataset disagree, which `datasets` refuses. Read it
-/// back with `json.loads`. `grade` is written in every row (null without a graded label),
-/// where the JSONL leaves it out.
-#[must_use]
-pub fn schema(format: ExampleFormat) -> SchemaRef {
+/// The Arrow schema of an exported file in `format`: the JSONL's columns, in its order (see
+/// the [module docs](super)).
+pub(crate) fn schema(format: ExampleFormat) -> SchemaRef {
     let text = |name: &str| Field::new(name, DataType::Utf8, false);
     let turns = || {
         DataType::List(Arc::new(Field::new_list_field(
@@ -255,7 +238,7 @@ impl Columns {
 
 /// Writes [`PreferenceExample`]s as the rows of one Parquet file, into any
 /// `std::io::Write + Send` (a file, a `Vec<u8>`, ...), with the columns of the JSONL in
-/// `format` (see [`schema`]), Snappy-compressed.
+/// `format` (see the [module docs](super)), Snappy-compressed.
 ///
 /// Rows are buffered (about a thousand at a time) and encoded into row groups of
 /// [`ParquetOptions`]' size; [`finish`](Self::finish) writes the last group and the footer.

@@ -194,15 +194,13 @@ pub fn merge<P: AsRef<Path>>(
     }
     for w in written {
         for (role, path) in &read {
-            ensure_distinct_files(&[w, (role.as_str(), path)])?;
+            ensure_distinct_files(&[w, (role.as_str(), *path)])?;
         }
     }
     for i in 0..shards.len() {
         for j in i + 1..shards.len() {
-            ensure_distinct_files(&[
-                (&format!("shard {}", i + 1), shards[i]),
-                (&format!("shard {}", j + 1), shards[j]),
-            ])?;
+            let (a, b) = (format!("shard {}", i + 1), format!("shard {}", j + 1));
+            ensure_distinct_files(&[(a.as_str(), shards[i]), (b.as_str(), shards[j])])?;
         }
     }
     if !options.overwrite && output.exists() {

@@ -20,9 +20,10 @@ mod reader;
 mod resume;
 mod writer;
 
+#[cfg(any(feature = "run", feature = "parquet"))]
+pub(crate) use append::sidecar;
 #[cfg(feature = "run")]
-pub(crate) use append::sync_parent;
-pub(crate) use append::{ensure_distinct_files, replace_with, sidecar, temp_beside};
+pub(crate) use append::{ensure_distinct_files, replace_with, sync_parent, temp_beside};
 pub use append::{OutputFile, Repair, SyncPolicy};
 pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use merge::{merge, MergeOptions, MergeSummary};
