@@ -291,7 +291,11 @@ fn the_card_has_front_matter_recipe_models_and_report_figures() {
         assert!(front.contains(needle), "{needle:?} not in\n{front}");
     }
     let train = summary.split(Split::Train).unwrap().rows;
-    assert!(front.contains(&format!("  - name: train\n    num_examples: {train}")), "{front}");
+    let train_bytes = summary.split(Split::Train).unwrap().bytes;
+    assert!(
+        front.contains(&format!("  - name: train\n    num_bytes: {train_bytes}\n    num_examples: {train}")),
+        "{front}"
+    );
     let r = &summary.report;
     assert_eq!(r.examples, 40);
     assert_eq!((r.labels.better, r.labels.worse), (20, 20));
@@ -577,6 +581,9 @@ fn hugging_face_datasets_loads_both_formats_and_splits() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every part of the card's `dataset_info` was taken (datasets warns about any it drops).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("Ignoring part of dataset_info"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -68,10 +68,12 @@ pub fn render_card(summary: &ExportSummary) -> String {
     s.push_str(&features(summary.format));
     s.push_str("  splits:\n");
     for split in &summary.splits {
+        // `datasets` wants `num_bytes` with `num_examples`; it checks only the latter. The
+        // Hub puts the in-memory (Arrow) size there; the Parquet size is what is known here.
         let _ = writeln!(
             s,
-            "  - name: {}\n    num_examples: {}",
-            split.split, split.rows
+            "  - name: {}\n    num_bytes: {}\n    num_examples: {}",
+            split.split, split.bytes, split.rows
         );
     }
     let _ = writeln!(s, "  download_size: {}", summary.bytes());
