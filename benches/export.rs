@@ -66,7 +66,7 @@ impl Words {
                 s.push_str(w);
             }
             in_sentence += 1;
-            if in_sentence > rng.random_range(6..20) {
+            if in_sentence > rng.random_range(6..20usize) {
                 s.push_str(". ");
                 in_sentence = 0;
             } else {
@@ -101,10 +101,12 @@ fn examples(n: usize) -> Vec<PreferenceExample> {
                     Message::user(words.text(&mut rng, 100)),
                 ]
             } else {
-                vec![Message::user(words.text(&mut rng, rng.random_range(60..400)))]
+                let len = rng.random_range(60..400);
+                vec![Message::user(words.text(&mut rng, len))]
             };
-            let first = words.text(&mut rng, rng.random_range(600..1800));
-            let second = words.text(&mut rng, rng.random_range(800..2400));
+            let (a, b) = (rng.random_range(600..1800), rng.random_range(800..2400));
+            let first = words.text(&mut rng, a);
+            let second = words.text(&mut rng, b);
             let label = if rng.random_bool(0.5) { Label::Better } else { Label::Worse };
             let (chosen, rejected) = match label {
                 Label::Better => (second, first),
