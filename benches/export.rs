@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rmboost::export::{DatasetExport, ParquetWriter};
-use rmboost::{ExampleFormat, ExampleMetadata, ExampleWriter, Label, Message, PreferenceExample, Usage};
+use rmboost::{
+    ExampleFormat, ExampleMetadata, ExampleWriter, Label, Message, PreferenceExample, Usage,
+};
 
 const ASPECTS: [&str; 6] = [
     "helpfulness",
@@ -88,12 +90,20 @@ fn examples(n: usize) -> Vec<PreferenceExample> {
                 calls: 2 + u32::from(rng.random_bool(0.1)),
                 ..Default::default()
             };
-            metadata.models.insert("first".into(), "Qwen2.5-7B-Instruct".into());
-            metadata.models.insert("second".into(), "Qwen2.5-7B-Instruct".into());
+            metadata
+                .models
+                .insert("first".into(), "Qwen2.5-7B-Instruct".into());
+            metadata
+                .models
+                .insert("second".into(), "Qwen2.5-7B-Instruct".into());
             let (p, c) = (rng.random_range(100..600), rng.random_range(200..700));
             metadata.usage.insert("first".into(), Usage::new(p, c));
-            metadata.usage.insert("second".into(), Usage::new(p + c + 150, c + 50));
-            metadata.usage.insert("total".into(), Usage::new(2 * p + c + 150, 2 * c + 50));
+            metadata
+                .usage
+                .insert("second".into(), Usage::new(p + c + 150, c + 50));
+            metadata
+                .usage
+                .insert("total".into(), Usage::new(2 * p + c + 150, 2 * c + 50));
             let prompt = if rng.random_bool(0.2) {
                 vec![
                     Message::user(words.text(&mut rng, 150)),
@@ -107,7 +117,11 @@ fn examples(n: usize) -> Vec<PreferenceExample> {
             let (a, b) = (rng.random_range(600..1800), rng.random_range(800..2400));
             let first = words.text(&mut rng, a);
             let second = words.text(&mut rng, b);
-            let label = if rng.random_bool(0.5) { Label::Better } else { Label::Worse };
+            let label = if rng.random_bool(0.5) {
+                Label::Better
+            } else {
+                Label::Worse
+            };
             let (chosen, rejected) = match label {
                 Label::Better => (second, first),
                 Label::Worse => (first, second),
@@ -140,7 +154,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--examples" {
-            n = args.next().and_then(|v| v.parse().ok()).expect("--examples N");
+            n = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("--examples N");
         }
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -156,7 +173,10 @@ fn main() {
     }
     let jsonl_bytes = std::fs::metadata(&jsonl).expect("size").len();
     println!("examples: {n}");
-    println!("JSONL:    {jsonl_bytes} bytes ({:.1} MB)", jsonl_bytes as f64 / 1e6);
+    println!(
+        "JSONL:    {jsonl_bytes} bytes ({:.1} MB)",
+        jsonl_bytes as f64 / 1e6
+    );
 
     let mut export_times = Vec::new();
     let mut parquet_bytes = 0;
@@ -177,8 +197,11 @@ fn main() {
     let mut encode_times = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let mut w = ParquetWriter::new(Vec::with_capacity(parquet_bytes as usize), ExampleFormat::Conversational)
-            .expect("writer");
+        let mut w = ParquetWriter::new(
+            Vec::with_capacity(parquet_bytes as usize),
+            ExampleFormat::Conversational,
+        )
+        .expect("writer");
         for e in &data {
             w.write(e).expect("write");
         }

@@ -407,7 +407,8 @@ impl WireExample {
         let example = PreferenceExample {
             id: self.id,
             prompt,
-            chosen: response_text("chosen", self.chosen).map_err(|e: serde_json::Error| e.to_string())?,
+            chosen: response_text("chosen", self.chosen)
+                .map_err(|e: serde_json::Error| e.to_string())?,
             rejected: response_text("rejected", self.rejected)
                 .map_err(|e: serde_json::Error| e.to_string())?,
             label: self.label,

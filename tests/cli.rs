@@ -1153,14 +1153,23 @@ fn credentials_in_the_base_url_are_not_printed() {
 fn export_writes_a_hub_folder_and_refuses_bad_input() {
     let o = run(&["export", "--help"]);
     assert!(o.status.success());
-    for needle in ["--to", "--test-fraction", "--force", "Examples:", "Exit status:"] {
+    for needle in [
+        "--to",
+        "--test-fraction",
+        "--force",
+        "Examples:",
+        "Exit status:",
+    ] {
         assert!(stdout(&o).contains(needle), "export --help lacks {needle}");
     }
     let server = OpenAiServer::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 20);
     let pairs = d.s("pairs.jsonl");
-    let o = generate(&server.base_url(), &["-i", &input, "-o", &pairs, "--seed", "9"]);
+    let o = generate(
+        &server.base_url(),
+        &["-i", &input, "-o", &pairs, "--seed", "9"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let hub = d.s("hub");
     let export = |extra: &[&str]| {
@@ -1170,13 +1179,23 @@ fn export_writes_a_hub_folder_and_refuses_bad_input() {
     };
     let o = export(&["--test-fraction", "0.3", "--rows-per-file", "5"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stdout(&o).starts_with("exported 20 conversational examples to "), "{}", stdout(&o));
+    assert!(
+        stdout(&o).starts_with("exported 20 conversational examples to "),
+        "{}",
+        stdout(&o)
+    );
     let data: Vec<String> = std::fs::read_dir(d.path("hub/data"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(data.iter().any(|n| n.starts_with("test-00000-of-")), "{data:?}");
-    assert!(data.contains(&"train-00000-of-00003.parquet".to_string()), "{data:?}");
+    assert!(
+        data.iter().any(|n| n.starts_with("test-00000-of-")),
+        "{data:?}"
+    );
+    assert!(
+        data.contains(&"train-00000-of-00003.parquet".to_string()),
+        "{data:?}"
+    );
     let card = std::fs::read_to_string(d.path("hub/README.md")).unwrap();
     // The run's recipe and the models the server reported are on the card.
     assert!(card.contains("| seed | `9` |"), "{card}");
@@ -1195,8 +1214,17 @@ fn export_writes_a_hub_folder_and_refuses_bad_input() {
     std::fs::write(d.path("torn.jsonl"), &text[..text.len() - 20]).unwrap();
     let o = run(&["export", &d.s("torn.jsonl"), "--to", &d.s("t")]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("torn.jsonl:20: torn last line"), "{}", stderr(&o));
-    assert_eq!(std::fs::read_dir(d.path("t")).map(|r| r.count()).unwrap_or(0), 0);
+    assert!(
+        stderr(&o).contains("torn.jsonl:20: torn last line"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(d.path("t"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
 
     let o = export(&["--test-fraction", "1.5"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -1211,15 +1239,24 @@ fn four_shards_merged_equal_one_unsharded_run() {
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);
-    let o = generate(&url, &["-i", &input, "-o", &d.s("full.jsonl"), "--seed", "5"]);
+    let o = generate(
+        &url,
+        &["-i", &input, "-o", &d.s("full.jsonl"), "--seed", "5"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let mut shards = Vec::new();
     for i in 0..4 {
         let out = d.s(&format!("part{i}.jsonl"));
         let shard = format!("{i}/4");
-        let o = generate(&url, &["-i", &input, "-o", &out, "--seed", "5", "--shard", &shard]);
+        let o = generate(
+            &url,
+            &["-i", &input, "-o", &out, "--seed", "5", "--shard", &shard],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(d.path(&format!("part{i}.jsonl")).exists(), "shard {i} has rows");
+        assert!(
+            d.path(&format!("part{i}.jsonl")).exists(),
+            "shard {i} has rows"
+        );
         shards.push(out);
     }
     let merged = d.s("merged.jsonl");
@@ -1229,7 +1266,11 @@ fn four_shards_merged_equal_one_unsharded_run() {
     let o = run(&args);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("40 examples"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("all") || stdout(&o).contains("accounted"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("all") || stdout(&o).contains("accounted"),
+        "{}",
+        stdout(&o)
+    );
 
     // Row for row by id: the same examples (labels, aspects, responses, metadata).
     let by_id = |rows: Vec<Value>| -> std::collections::BTreeMap<String, Value> {
@@ -1241,7 +1282,10 @@ fn four_shards_merged_equal_one_unsharded_run() {
     let joined = by_id(rows(&d.path("merged.jsonl")));
     assert_eq!(full.len(), 40);
     assert_eq!(joined, full);
-    assert!(d.path("merged.run.json").exists(), "the shards' recipe is kept");
+    assert!(
+        d.path("merged.run.json").exists(),
+        "the shards' recipe is kept"
+    );
 
     // Three shards of four: the missing prompts are named, and nothing is written.
     let mut args = vec!["merge"];
@@ -1250,7 +1294,8 @@ fn four_shards_merged_equal_one_unsharded_run() {
     args.extend(["-o", &partial, "--input", &input]);
     let o = run(&args);
     assert_eq!(o.status.code(), Some(1));
-    let missing = full.len() - rows(&d.path("part0.jsonl")).len()
+    let missing = full.len()
+        - rows(&d.path("part0.jsonl")).len()
         - rows(&d.path("part1.jsonl")).len()
         - rows(&d.path("part2.jsonl")).len();
     assert!(

@@ -27,11 +27,13 @@ fn num(x: Option<f64>, digits: usize) -> String {
 
 /// The `dataset_info.features` entries of the columns, as `datasets` reads them.
 fn features(format: ExampleFormat) -> String {
-    let conversation = |name: &str| match format {
+    let conversation = |name: &str| {
+        match format {
         ExampleFormat::Standard => format!("  - name: {name}\n    dtype: string\n"),
         _ => format!(
             "  - name: {name}\n    list:\n    - name: role\n      dtype: string\n    - name: content\n      dtype: string\n"
         ),
+    }
     };
     let mut s = String::from("  features:\n  - name: id\n    dtype: string\n");
     for name in ["prompt", "chosen", "rejected"] {
@@ -132,7 +134,12 @@ pub fn render_card(summary: &ExportSummary) -> String {
         s.push_str("Models, by call, with the number of examples:\n\n| call | model | examples |\n|---|---|---|\n");
         for (call, models) in &summary.models {
             for (model, n) in models {
-                let _ = writeln!(s, "| {} | `{}` | {n} |", cell(call), cell(model).replace('`', "'"));
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {n} |",
+                    cell(call),
+                    cell(model).replace('`', "'")
+                );
             }
         }
         s.push('\n');
@@ -203,9 +210,9 @@ pub fn render_card(summary: &ExportSummary) -> String {
     // Columns and splits.
     s.push_str("## Columns\n\n");
     match summary.format {
-        ExampleFormat::Standard => s.push_str(
-            "- `prompt`, `chosen`, `rejected`: strings (TRL's standard format).\n",
-        ),
+        ExampleFormat::Standard => {
+            s.push_str("- `prompt`, `chosen`, `rejected`: strings (TRL's standard format).\n")
+        }
         _ => s.push_str(
             "- `prompt`: the conversation, a list of `{role, content}` messages ending with a \
              user turn; `chosen`, `rejected`: one assistant message each (TRL's \

@@ -471,8 +471,10 @@ impl DatasetExport {
 
     /// Refuses an input that replacing `data/` or `README.md` would delete.
     fn refuse_own_files(&self, input: &Path) -> Result<(), Error> {
-        let (Ok(input), Ok(dir)) = (std::fs::canonicalize(input), std::fs::canonicalize(&self.dir))
-        else {
+        let (Ok(input), Ok(dir)) = (
+            std::fs::canonicalize(input),
+            std::fs::canonicalize(&self.dir),
+        ) else {
             return Ok(());
         };
         if input.starts_with(dir.join("data")) || input == dir.join("README.md") {
@@ -722,9 +724,7 @@ impl DatasetWriter {
         std::fs::rename(&card_path, &final_card).map_err(|e| Error::io(&final_card, e))?;
         sync_dir(dir)?;
         let staging = self.staging.path().to_path_buf();
-        self.staging
-            .close()
-            .map_err(|e| Error::io(staging, e))?;
+        self.staging.close().map_err(|e| Error::io(staging, e))?;
         Ok(summary)
     }
 }

@@ -120,11 +120,9 @@ impl Conversation {
         match format {
             ExampleFormat::Standard => Conversation::Text(StringBuilder::new()),
             _ => Conversation::Turns(
-                ListBuilder::new(StructBuilder::from_fields(turn_fields(), BATCH_ROWS))
-                    .with_field(Arc::new(Field::new_list_field(
-                        DataType::Struct(turn_fields()),
-                        true,
-                    ))),
+                ListBuilder::new(StructBuilder::from_fields(turn_fields(), BATCH_ROWS)).with_field(
+                    Arc::new(Field::new_list_field(DataType::Struct(turn_fields()), true)),
+                ),
             ),
         }
     }
@@ -307,11 +305,12 @@ impl<W: Write> Write for Counting<W> {
 
 fn parquet_err(name: &std::path::Path, e: parquet::errors::ParquetError) -> Error {
     match e {
-        parquet::errors::ParquetError::External(inner) => match inner.downcast::<std::io::Error>()
-        {
-            Ok(io) => Error::io(name, *io),
-            Err(other) => Error::io(name, std::io::Error::other(other)),
-        },
+        parquet::errors::ParquetError::External(inner) => {
+            match inner.downcast::<std::io::Error>() {
+                Ok(io) => Error::io(name, *io),
+                Err(other) => Error::io(name, std::io::Error::other(other)),
+            }
+        }
         other => Error::io(name, std::io::Error::other(other)),
     }
 }
@@ -422,7 +421,9 @@ impl<W: Write + Send> ParquetWriter<W> {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the rest of the file cannot be written.
     pub fn finish(mut self) -> Result<(W, ParquetStats), Error> {
         self.write_batch()?;
-        self.writer.flush().map_err(|e| parquet_err(&self.name, e))?;
+        self.writer
+            .flush()
+            .map_err(|e| parquet_err(&self.name, e))?;
         let row_groups = self.writer.flushed_row_groups().len();
         // Writes the footer once (`ArrowWriter::finish` and then `into_inner` would write it
         // twice).

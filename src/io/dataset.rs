@@ -265,19 +265,31 @@ mod tests {
     fn refuses_torn_mixed_and_bad_lines() {
         let torn = &CONV[..CONV.len() - 5];
         let rows = read(&format!("{CONV}\n{torn}"));
-        assert!(msg(&rows[1]).starts_with("d.jsonl:2: torn last line"), "{}", msg(&rows[1]));
+        assert!(
+            msg(&rows[1]).starts_with("d.jsonl:2: torn last line"),
+            "{}",
+            msg(&rows[1])
+        );
         // The same bytes followed by a newline are a bad line, not a torn one.
         let rows = read(&format!("{torn}\n"));
         assert!(msg(&rows[0]).starts_with("d.jsonl:1: not a preference example"));
         let rows = read(&format!("{CONV}\n{STD}\n"));
         assert!(
-            msg(&rows[1]).contains("d.jsonl:2: a standard example in a conversational file (line 1"),
+            msg(&rows[1])
+                .contains("d.jsonl:2: a standard example in a conversational file (line 1"),
             "{}",
             msg(&rows[1])
         );
-        let half = STD.replace(r#""chosen":"a""#, r#""chosen":[{"role":"assistant","content":"a"}]"#);
+        let half = STD.replace(
+            r#""chosen":"a""#,
+            r#""chosen":[{"role":"assistant","content":"a"}]"#,
+        );
         let rows = read(&format!("{half}\n"));
-        assert!(msg(&rows[0]).contains("`chosen` is a list of messages"), "{}", msg(&rows[0]));
+        assert!(
+            msg(&rows[0]).contains("`chosen` is a list of messages"),
+            "{}",
+            msg(&rows[0])
+        );
         let long = format!("{{\"id\":\"{}\"}}\n{STD}\n", "x".repeat(500));
         let rows = read(&long);
         assert!(msg(&rows[0]).contains("d.jsonl:1: line longer than the 400 byte limit"));

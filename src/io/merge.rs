@@ -323,9 +323,8 @@ pub fn merge<P: AsRef<Path>>(
             }
             Err(e) => return Err(Error::io(path, e)),
         };
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::parse(path, e.line() as u64, format!("not a run recipe: {e}"))
-        })?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
         match &recipe {
             None => recipe = Some(value),
             Some(r) if *r != value => summary.recipes_differ = true,
@@ -345,7 +344,9 @@ pub fn merge<P: AsRef<Path>>(
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
     match ledger_tmp {
         Some(w) => {
-            let t = w.into_inner().map_err(|e| Error::io(&out_ledger, e.into_error()))?;
+            let t = w
+                .into_inner()
+                .map_err(|e| Error::io(&out_ledger, e.into_error()))?;
             t.as_file()
                 .sync_all()
                 .map_err(|e| Error::io(&out_ledger, e))?;

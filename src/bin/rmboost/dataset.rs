@@ -97,7 +97,11 @@ pub(crate) fn merge_shards(args: &MergeArgs) -> Result<u8, CliError> {
         ));
     }
     if let Some(ledger) = &summary.ledger {
-        line.push_str(&format!("; {} failed ids in {}", summary.failed, ledger.display()));
+        line.push_str(&format!(
+            "; {} failed ids in {}",
+            summary.failed,
+            ledger.display()
+        ));
     }
     if let Some(recipe) = &summary.recipe {
         line.push_str(&format!("; recipe {}", recipe.display()));
