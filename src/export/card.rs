@@ -244,8 +244,8 @@ pub fn render_card(summary: &ExportSummary) -> String {
         "## Use\n\n```python\nfrom datasets import load_dataset\n\n\
          ds = load_dataset(\"path/to/this/folder\")  # or the Hub repository's name\n```\n\n\
          TRL's `DPOTrainer` and `RewardTrainer` read the `prompt`, `chosen` and `rejected` \
-         columns as they are (and `RewardTrainer` the `margin`, when set). Keep only those, \
-         so that the other columns do not reach the trainer's collator:\n\n```python\n\
+         columns as they are (and `RewardTrainer` the `margin`, when set: add it to the list). \
+         Keep only those, so that the other columns do not reach the trainer's collator:\n\n```python\n\
          from trl import DPOConfig, DPOTrainer\n\n\
          columns = [\"prompt\", \"chosen\", \"rejected\"]\n\
          train = ds[\"train\"].select_columns(columns)\n\
