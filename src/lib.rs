@@ -73,7 +73,8 @@
 //!   report.
 //! - [`report`]: a quality report of a dataset (label balance, length bias, near-identical
 //!   pairs, diversity, aspects, failures) and a label check by an LLM judge.
-//! - [`io`]: the JSONL prompt reader and example writer.
+//! - [`io`]: the JSONL prompt reader and example writer, the strict dataset reader, and
+//!   [`io::merge`] for the shards of a run.
 //!
 //! ## Determinism
 //!
@@ -96,6 +97,8 @@
 //! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`],
 //!   [`backend::rate_limit::RateLimit`] and [`backend::adaptive::Adaptive`] (adaptive
 //!   concurrency and a circuit breaker) around any backend, including your own.
+//! - `parquet`: [`export`], a dataset folder for the Hugging Face Hub: Parquet files per
+//!   split and a dataset card (pure Rust, no C build).
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -109,6 +112,9 @@ pub mod checks;
 pub mod engine;
 mod error;
 pub mod example;
+#[cfg(feature = "parquet")]
+#[cfg_attr(docsrs, doc(cfg(feature = "parquet")))]
+pub mod export;
 pub mod io;
 pub mod judge;
 pub mod label;

@@ -505,10 +505,24 @@ impl Report {
     ) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
         add_dataset(&mut b, path.as_ref())?;
+        b.read_ledger(ledger)?;
+        Ok(b.finish())
+    }
+}
+
+impl ReportBuilder {
+    /// Adds every line of a failure-ledger file (and marks that a ledger was read, so the
+    /// report has a failure section even if it is empty).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the file cannot be read; [`ErrorKind::Parse`] naming the file
+    /// and line of a line without a string or integer `id` and a string `kind`.
+    pub fn read_ledger(&mut self, ledger: impl AsRef<Path>) -> Result<(), Error> {
         let ledger = ledger.as_ref();
         let file = File::open(ledger).map_err(|source| Error::io(ledger.to_path_buf(), source))?;
         let mut reader = ExampleReader::new(BufReader::new(file), ledger);
-        b.has_ledger();
+        self.has_ledger();
         while let Some(line) = reader.next_with(|t| {
             serde_json::from_str::<LedgerLine>(t)
                 .map_err(|e| format!("not a failure-ledger line (needs `id` and `kind`): {e}"))
@@ -518,9 +532,9 @@ impl Report {
                 LedgerId::Text(s) => s,
                 LedgerId::Number(n) => n.to_string(),
             };
-            b.add_failure(&id, &line.kind);
+            self.add_failure(&id, &line.kind);
         }
-        Ok(b.finish())
+        Ok(())
     }
 }
 

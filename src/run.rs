@@ -656,7 +656,7 @@ impl Recipe {
     /// `OUT.run.json` beside a file without the `.jsonl` extension).
     #[must_use]
     pub fn default_path(output: &Path) -> PathBuf {
-        sidecar(output, ".run.json")
+        crate::io::sidecar(output, ".run.json")
     }
 
     /// `name: a (recorded) vs b (now)` for every setting both name with different values.
@@ -668,22 +668,6 @@ impl Recipe {
                 _ => None,
             })
             .collect()
-    }
-}
-
-/// `PAIRS<suffix>` beside `PAIRS.jsonl`.
-pub(crate) fn sidecar(output: &Path, suffix: &str) -> PathBuf {
-    match (output.extension(), output.file_stem()) {
-        (Some(ext), Some(stem)) if ext == "jsonl" => {
-            let mut name = stem.to_os_string();
-            name.push(suffix);
-            output.with_file_name(name)
-        }
-        _ => {
-            let mut name = output.file_name().unwrap_or_default().to_os_string();
-            name.push(suffix);
-            output.with_file_name(name)
-        }
     }
 }
 
@@ -699,40 +683,7 @@ pub(crate) fn sidecar(output: &Path, suffix: &str) -> PathBuf {
 ///
 /// [`ErrorKind::Config`] naming both roles and the paths.
 pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
-    enum Id {
-        File(same_file::Handle),
-        Path(PathBuf),
-    }
-    let identify = |p: &Path| -> Option<Id> {
-        if let Ok(h) = same_file::Handle::from_path(p) {
-            return Some(Id::File(h));
-        }
-        let parent = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let dir = std::fs::canonicalize(parent).ok()?;
-        Some(Id::Path(dir.join(p.file_name()?)))
-    };
-    let ids: Vec<Option<Id>> = files.iter().map(|(_, p)| identify(p)).collect();
-    for i in 0..files.len() {
-        for j in i + 1..files.len() {
-            let same = match (&ids[i], &ids[j]) {
-                (Some(Id::File(a)), Some(Id::File(b))) => a == b,
-                (Some(Id::Path(a)), Some(Id::Path(b))) => a == b,
-                _ => false,
-            };
-            if same {
-                let ((ra, pa), (rb, pb)) = (files[i], files[j]);
-                return Err(Error::config(format!(
-                    "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
-                    pa.display(),
-                    pb.display()
-                )));
-            }
-        }
-    }
-    Ok(())
+    crate::io::ensure_distinct_files(files)
 }
 
 /// Settings of [`run_to_file`]; every setter documents its default.

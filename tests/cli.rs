@@ -1145,3 +1145,168 @@ fn credentials_in_the_base_url_are_not_printed() {
         stdout(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// export and merge
+
+#[test]
+fn export_writes_a_hub_folder_and_refuses_bad_input() {
+    let o = run(&["export", "--help"]);
+    assert!(o.status.success());
+    for needle in [
+        "--to",
+        "--test-fraction",
+        "--force",
+        "Examples:",
+        "Exit status:",
+    ] {
+        assert!(stdout(&o).contains(needle), "export --help lacks {needle}");
+    }
+    let server = OpenAiServer::start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 20);
+    let pairs = d.s("pairs.jsonl");
+    let o = generate(
+        &server.base_url(),
+        &["-i", &input, "-o", &pairs, "--seed", "9"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let hub = d.s("hub");
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", pairs.as_str(), "--to", hub.as_str()];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let o = export(&["--test-fraction", "0.3", "--rows-per-file", "5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("exported 20 conversational examples to "),
+        "{}",
+        stdout(&o)
+    );
+    let data: Vec<String> = std::fs::read_dir(d.path("hub/data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        data.iter().any(|n| n.starts_with("test-00000-of-")),
+        "{data:?}"
+    );
+    assert!(
+        data.contains(&"train-00000-of-00003.parquet".to_string()),
+        "{data:?}"
+    );
+    let card = std::fs::read_to_string(d.path("hub/README.md")).unwrap();
+    // The run's recipe and the models the server reported are on the card.
+    assert!(card.contains("| seed | `9` |"), "{card}");
+    assert!(card.contains("| first | `test` | 20 |"), "{card}");
+
+    // Again into the same folder: refused without --force, replaced with it.
+    let o = export(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is not empty"), "{}", stderr(&o));
+    let o = export(&["--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(d.path("hub/data")).unwrap().count(), 1);
+
+    // A torn last line: exit 1, the file and line named, nothing written.
+    let text = std::fs::read_to_string(&pairs).unwrap();
+    std::fs::write(d.path("torn.jsonl"), &text[..text.len() - 20]).unwrap();
+    let o = run(&["export", &d.s("torn.jsonl"), "--to", &d.s("t")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("torn.jsonl:20: torn last line"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(d.path("t"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
+
+    let o = export(&["--test-fraction", "1.5"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn four_shards_merged_equal_one_unsharded_run() {
+    let o = run(&["merge", "--help"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("--input") && stdout(&o).contains("Examples:"));
+    let server = OpenAiServer::start();
+    let url = server.base_url();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 40);
+    let o = generate(
+        &url,
+        &["-i", &input, "-o", &d.s("full.jsonl"), "--seed", "5"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut shards = Vec::new();
+    for i in 0..4 {
+        let out = d.s(&format!("part{i}.jsonl"));
+        let shard = format!("{i}/4");
+        let o = generate(
+            &url,
+            &["-i", &input, "-o", &out, "--seed", "5", "--shard", &shard],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            d.path(&format!("part{i}.jsonl")).exists(),
+            "shard {i} has rows"
+        );
+        shards.push(out);
+    }
+    let merged = d.s("merged.jsonl");
+    let mut args = vec!["merge"];
+    args.extend(shards.iter().map(String::as_str));
+    args.extend(["-o", &merged, "--input", &input]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("40 examples"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("all") || stdout(&o).contains("accounted"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Row for row by id: the same examples (labels, aspects, responses, metadata).
+    let by_id = |rows: Vec<Value>| -> std::collections::BTreeMap<String, Value> {
+        rows.into_iter()
+            .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+            .collect()
+    };
+    let full = by_id(rows(&d.path("full.jsonl")));
+    let joined = by_id(rows(&d.path("merged.jsonl")));
+    assert_eq!(full.len(), 40);
+    assert_eq!(joined, full);
+    assert!(
+        d.path("merged.run.json").exists(),
+        "the shards' recipe is kept"
+    );
+
+    // Three shards of four: the missing prompts are named, and nothing is written.
+    let mut args = vec!["merge"];
+    args.extend(shards[..3].iter().map(String::as_str));
+    let partial = d.s("partial.jsonl");
+    args.extend(["-o", &partial, "--input", &input]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let missing = full.len()
+        - rows(&d.path("part0.jsonl")).len()
+        - rows(&d.path("part1.jsonl")).len()
+        - rows(&d.path("part2.jsonl")).len();
+    assert!(
+        stderr(&o).contains(&format!("{missing} prompts of")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path("partial.jsonl").exists());
+
+    // The output may not be a shard.
+    let o = run(&["merge", &shards[0], &shards[1], "-o", &shards[0], "--force"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("same file"), "{}", stderr(&o));
+}

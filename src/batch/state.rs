@@ -77,13 +77,13 @@ impl StateFile {
     /// `PAIRS.batches.json` beside `PAIRS.jsonl`.
     #[must_use]
     pub fn default_path(output: &Path) -> PathBuf {
-        crate::run::sidecar(output, ".batches.json")
+        crate::io::sidecar(output, ".batches.json")
     }
 
     /// `PAIRS.batch-results.jsonl` beside `PAIRS.jsonl`: every result downloaded.
     #[must_use]
     pub fn results_path(output: &Path) -> PathBuf {
-        crate::run::sidecar(output, ".batch-results.jsonl")
+        crate::io::sidecar(output, ".batch-results.jsonl")
     }
 
     /// A new state with a random run identity.

@@ -203,6 +203,59 @@ pub(crate) fn replace_with(tmp: tempfile::NamedTempFile, path: &Path) -> Result<
     Ok(file)
 }
 
+/// Refuses when two of the named paths are the same file: compared by identity (device and
+/// inode); a path that does not exist yet is compared by its canonical directory and file
+/// name. The error is an [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles.
+pub(crate) fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
+    enum Id {
+        File(same_file::Handle),
+        Path(PathBuf),
+    }
+    let identify = |p: &Path| -> Option<Id> {
+        if let Ok(h) = same_file::Handle::from_path(p) {
+            return Some(Id::File(h));
+        }
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::canonicalize(parent).ok()?;
+        Some(Id::Path(dir.join(p.file_name()?)))
+    };
+    let ids: Vec<Option<Id>> = files.iter().map(|(_, p)| identify(p)).collect();
+    for i in 0..files.len() {
+        for j in i + 1..files.len() {
+            let same = match (&ids[i], &ids[j]) {
+                (Some(Id::File(a)), Some(Id::File(b))) => a == b,
+                (Some(Id::Path(a)), Some(Id::Path(b))) => a == b,
+                _ => false,
+            };
+            if same {
+                let ((ra, pa), (rb, pb)) = (files[i], files[j]);
+                return Err(Error::config(format!(
+                    "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
+                    pa.display(),
+                    pb.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `PAIRS<suffix>` beside `PAIRS.jsonl` (`PAIRS.jsonl<suffix>` for a file without the
+/// `.jsonl` extension).
+pub(crate) fn sidecar(output: &Path, suffix: &str) -> PathBuf {
+    match (output.extension(), output.file_stem()) {
+        (Some(ext), Some(stem)) if ext == "jsonl" => {
+            let mut name = stem.to_os_string();
+            name.push(suffix);
+            output.with_file_name(name)
+        }
+        _ => with_suffix(output, suffix),
+    }
+}
+
 /// The path with `suffix` added to its file name (`out.jsonl` → `out.jsonl.torn`).
 pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

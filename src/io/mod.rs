@@ -1,7 +1,8 @@
 //! JSONL input and output: [`PromptReader`] reads prompt records, [`ExampleWriter`] writes
 //! examples to any writer; for files, [`OutputFile`] appends examples crash-safely under a
 //! lock, [`Resume`] finds the ids already written, and [`FailureLedger`] keeps the examples
-//! that failed.
+//! that failed. [`DatasetReader`] reads a finished dataset strictly and [`merge`] joins the
+//! outputs of a sharded run into one file, checking them against the input.
 //!
 //! The crash-safety contract of the files written here:
 //!
@@ -12,17 +13,23 @@
 //! - a [`SyncPolicy`] says when lines are forced to disk.
 
 mod append;
+mod dataset;
 mod ledger;
+mod merge;
 mod reader;
 mod resume;
 mod writer;
 
+#[cfg(any(feature = "run", feature = "parquet"))]
+pub(crate) use append::sidecar;
 #[cfg(feature = "batch")]
 pub(crate) use append::AppendFile;
 #[cfg(feature = "run")]
-pub(crate) use append::{replace_with, sync_parent, temp_beside};
+pub(crate) use append::{ensure_distinct_files, replace_with, sync_parent, temp_beside};
 pub use append::{OutputFile, Repair, SyncPolicy};
+pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use ledger::{FailureLedger, FailureRecord};
+pub use merge::{merge, MergeOptions, MergeSummary};
 pub use reader::{read_prompts, PromptReader};
 pub use resume::{IdHash, IdSet, Resume};
 pub use writer::ExampleWriter;

@@ -69,6 +69,111 @@ pub(crate) enum Command {
     Report(ReportArgs),
     /// The provider batches of a `generate --batch` run: show them or cancel them.
     Batch(Box<BatchArgs>),
+    /// Write a dataset as a folder for the Hugging Face Hub: Parquet files per split and a
+    /// dataset card (README.md).
+    #[command(after_help = EXPORT_EXAMPLES)]
+    Export(ExportArgs),
+    /// Merge the outputs of a sharded run (`generate --shard I/N`) into one file, checking
+    /// that together they cover the input.
+    #[command(after_help = MERGE_EXAMPLES)]
+    Merge(MergeArgs),
+}
+
+const EXPORT_EXAMPLES: &str = "\
+Examples:
+  # A folder that `datasets.load_dataset(\"hub\")` and `hf upload` take as it is:
+  rmboost export pairs.jsonl --to hub
+
+  # With a test split of 5% (by a hash of each id: stable when the data grows):
+  rmboost export pairs.jsonl --to hub --test-fraction 0.05
+
+  # Then publish it:
+  hf upload USER/NAME hub --repo-type dataset
+
+The card uses pairs.run.json (the run's settings) and pairs.failures.jsonl (its failure
+ledger) when they are beside the input. The input is only read.
+
+Exit status:
+  0    the folder was written
+  1    an error (a bad input line, with its file and line; a folder that is not empty
+       without --force; a file that cannot be written): nothing was left in the folder
+  2    bad command-line flags";
+
+const MERGE_EXAMPLES: &str = "\
+Examples:
+  # Four shards, run anywhere, then merged and checked against the prompts:
+  rmboost generate -i prompts.jsonl -o part0.jsonl --shard 0/4   # ... and 1/4, 2/4, 3/4
+  rmboost merge part0.jsonl part1.jsonl part2.jsonl part3.jsonl -o pairs.jsonl \\
+      --input prompts.jsonl
+
+The shards' failure ledgers (part0.failures.jsonl, ...) are merged into
+pairs.failures.jsonl (ids that failed and never succeeded), and their recipe into
+pairs.run.json when all shards have the same one.
+
+Exit status:
+  0    the merged file was written
+  1    an error: a bad shard line (with its file and line), an id with different content in
+       two places, prompts in no shard and no ledger, an output that exists without --force;
+       nothing was written
+  2    bad command-line flags";
+
+/// Arguments of `rmboost export`.
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// The dataset (JSONL, either format).
+    #[arg(value_name = "PAIRS.jsonl")]
+    pub(crate) input: PathBuf,
+
+    /// The folder to write (created if missing; refused if not empty, unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) to: PathBuf,
+
+    /// Share of the examples in a `test` split, from 0 to 1 (by a hash of each id).
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub(crate) test_fraction: f64,
+
+    /// At most N rows per Parquet file [default: files end at about 256 MiB].
+    #[arg(long, value_name = "N")]
+    pub(crate) rows_per_file: Option<u64>,
+
+    /// At most N rows per row group.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub(crate) rows_per_group: usize,
+
+    /// Write into a folder that is not empty, replacing its data/ and README.md (other
+    /// files in it are left alone).
+    #[arg(long)]
+    pub(crate) force: bool,
+
+    /// Failure ledger for the card's failure rate [default: PAIRS.failures.jsonl when it
+    /// exists].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ledger: Option<PathBuf>,
+
+    /// Title of the dataset card [default: the folder's name].
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) title: Option<String>,
+}
+
+/// Arguments of `rmboost merge`.
+#[derive(Debug, Args)]
+pub(crate) struct MergeArgs {
+    /// The shards' output files.
+    #[arg(value_name = "SHARD.jsonl", required = true)]
+    pub(crate) shards: Vec<PathBuf>,
+
+    /// The merged file.
+    #[arg(long, short, value_name = "PAIRS.jsonl")]
+    pub(crate) output: PathBuf,
+
+    /// The prompts the shards were made from: every prompt must be in the merged file once
+    /// or in a shard's failure ledger.
+    #[arg(long, short, value_name = "PROMPTS.jsonl")]
+    pub(crate) input: Option<PathBuf>,
+
+    /// Replace an existing output (never a shard or the input).
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 /// `rmboost batch`.

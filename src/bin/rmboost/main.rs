@@ -1,7 +1,8 @@
 //! The `rmboost` command line (feature `cli`).
 //!
 //! `rmboost generate` turns a JSONL file of prompts into a JSONL file of preference pairs,
-//! resuming by default; `rmboost dry-run` shows the requests a run would send. Run
+//! resuming by default; `rmboost dry-run` shows the requests a run would send; `rmboost
+//! report`, `export` and `merge` check, publish and join datasets. Run
 //! `rmboost --help` for the flags, examples and exit statuses.
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
@@ -9,6 +10,7 @@
 mod args;
 mod backends;
 mod batch;
+mod dataset;
 mod dry_run;
 mod generate;
 mod progress;
@@ -73,6 +75,8 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))?;
             runtime.block_on(batch::run(*args))
         }
+        Command::Export(args) => dataset::export(&args),
+        Command::Merge(args) => dataset::merge_shards(&args),
         Command::Generate(args) => {
             // One thread drives the run: the consuming task polls every example of the stream
             // anyway, and the model, the cache writer and blocking work have threads of their

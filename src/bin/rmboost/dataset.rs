@@ -1,0 +1,122 @@
+//! `rmboost export` and `rmboost merge`: flags to the library's export and merge, and their
+//! summaries.
+
+use std::num::NonZeroUsize;
+
+use rmboost::export::{DatasetExport, ParquetOptions};
+use rmboost::io::{merge, MergeOptions};
+
+use crate::args::{ExportArgs, MergeArgs};
+use crate::progress;
+use crate::setup::{error_chain, CliError};
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Runs `rmboost export`; returns the exit status.
+pub(crate) fn export(args: &ExportArgs) -> Result<u8, CliError> {
+    if !(0.0..=1.0).contains(&args.test_fraction) {
+        return Err(CliError::usage(format!(
+            "--test-fraction {}: expected a number from 0 to 1",
+            args.test_fraction
+        )));
+    }
+    if args.rows_per_file == Some(0) {
+        return Err(CliError::usage("--rows-per-file: expected at least 1"));
+    }
+    let Some(rows_per_group) = NonZeroUsize::new(args.rows_per_group) else {
+        return Err(CliError::usage("--rows-per-group: expected at least 1"));
+    };
+    let mut export = DatasetExport::new(&args.to)
+        .test_fraction(args.test_fraction)
+        .overwrite(args.force)
+        .parquet_options(ParquetOptions::new().rows_per_group(rows_per_group));
+    if let Some(rows) = args.rows_per_file {
+        export = export.rows_per_file(rows);
+    }
+    if let Some(ledger) = &args.ledger {
+        export = export.ledger(ledger);
+    }
+    if let Some(title) = &args.title {
+        export = export.title(title);
+    }
+    let summary = export
+        .from_jsonl(&args.input)
+        .map_err(|e| CliError::fatal(format!("export failed: {}", error_chain(&e))))?;
+    let splits: Vec<String> = summary
+        .splits
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} in {} file{}",
+                s.split,
+                s.rows,
+                s.files.len(),
+                if s.files.len() == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    println!(
+        "exported {} {} examples to {}: {}; {} of Parquet; card {}",
+        summary.rows(),
+        summary.format,
+        summary.dir.display(),
+        splits.join(", "),
+        megabytes(summary.bytes()),
+        summary.dir.join("README.md").display()
+    );
+    Ok(0)
+}
+
+/// Runs `rmboost merge`; returns the exit status.
+pub(crate) fn merge_shards(args: &MergeArgs) -> Result<u8, CliError> {
+    let mut options = MergeOptions::new().overwrite(args.force);
+    if let Some(input) = &args.input {
+        options = options.input(input);
+    }
+    let summary = merge(&args.shards, &args.output, &options)
+        .map_err(|e| CliError::fatal(format!("merge failed: {}", error_chain(&e))))?;
+    for message in &summary.bad_input_messages {
+        progress::notice(&format!("warning: skipped a bad input line: {message}"));
+    }
+    if summary.recipes_differ {
+        progress::notice("warning: the shards' recipes differ: none was written beside the output");
+    }
+    let mut line = format!(
+        "merged {} shard{} into {}: {} examples",
+        args.shards.len(),
+        if args.shards.len() == 1 { "" } else { "s" },
+        summary.output.display(),
+        summary.examples
+    );
+    if summary.duplicates > 0 {
+        line.push_str(&format!(
+            " ({} identical duplicates kept once)",
+            summary.duplicates
+        ));
+    }
+    if let Some(ledger) = &summary.ledger {
+        line.push_str(&format!(
+            "; {} failed ids in {}",
+            summary.failed,
+            ledger.display()
+        ));
+    }
+    if let Some(recipe) = &summary.recipe {
+        line.push_str(&format!("; recipe {}", recipe.display()));
+    }
+    if let Some(prompts) = summary.prompts {
+        line.push_str(&format!(
+            "; every one of the {prompts} prompts is accounted for"
+        ));
+        if summary.bad_input_lines > 0 {
+            line.push_str(&format!(
+                " ({} bad input lines skipped)",
+                summary.bad_input_lines
+            ));
+        }
+    }
+    println!("{line}");
+    Ok(0)
+}

@@ -1,0 +1,796 @@
+//! Hub-ready datasets (feature `parquet`): a folder that Hugging Face `datasets.load_dataset`
+//! and `hf upload` take as it is.
+//!
+//! [`DatasetExport`] writes, from a JSONL file ([`DatasetExport::from_jsonl`]) or from any
+//! stream of examples ([`DatasetExport::create`], then [`DatasetWriter::write`] per example):
+//!
+//! ```text
+//! DIR/
+//!   README.md                            the dataset card
+//!   data/train-00000-of-00002.parquet    the rows, split into files of a bounded size
+//!   data/train-00001-of-00002.parquet
+//!   data/test-00000-of-00001.parquet     with a test fraction
+//! ```
+//!
+//! **Columns**: those of the JSONL in its format (see [`ParquetWriter`]):
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `id` | string | |
+//! | `prompt` | list of struct {`role`: string, `content`: string}, or string | the conversation; its text in the standard format |
+//! | `chosen`, `rejected` | list of struct {`role`, `content`} (one assistant turn), or string | |
+//! | `label` | string | `better` or `worse` |
+//! | `grade` | string, nullable | `slightly` or `much` for graded labels, else null |
+//! | `aspects` | list of string | |
+//! | `margin` | float64, nullable | |
+//! | `metadata` | string | the JSONL's `metadata` object as JSON text |
+//!
+//! `metadata` is free-form (method-specific fields, the input record's extra fields), so it
+//! is kept as JSON text (`json.loads` reads it back): a struct column needs one schema for
+//! every row, and a key present in some rows only would make the files of one dataset
+//! disagree, which `datasets` refuses. `grade` is in every row (null without a graded label),
+//! where the JSONL leaves it out.
+//!
+//! **Splits** ([`split_of`]): with a test fraction `f`, an example goes to `test` when the
+//! first 8 bytes of SHA-256 of `"rmboost/split/v1\0"` followed by its id, read as a
+//! little-endian integer `u`, satisfy `u < f × 2⁶⁴`; otherwise to `train`. The split of an id
+//! never changes when the dataset grows or is regenerated, and other tools can reproduce it:
+//!
+//! ```python
+//! import hashlib
+//! def is_test(id: str, f: float) -> bool:
+//!     d = hashlib.sha256(b"rmboost/split/v1\0" + id.encode()).digest()
+//!     return int.from_bytes(d[:8], "little") < f * 2**64
+//! ```
+//!
+//! **Files**: row groups of at most 10,000 rows (about 128 MiB; [`ParquetOptions`]) for
+//! streaming readers; a new file starts after [`DatasetExport::rows_per_file`] rows or about
+//! [`DatasetExport::bytes_per_file`] bytes (256 MiB by default), named
+//! `{split}-{i:05}-of-{n:05}.parquet` as the Hub names them.
+//!
+//! **The card** ([`render_card`]): YAML front matter (`configs` with the data files of each
+//! split, `dataset_info` with the features and split sizes, task categories, tags, size
+//! category), then the recipe the data was made with (the `PAIRS.run.json` a run records),
+//! the models recorded in the examples' metadata, the figures of the
+//! [quality report](crate::report::Report) (computed by the same code as `rmboost report`),
+//! and how to load the data with `datasets` and train on it with TRL.
+//!
+//! **Safety**: the input is only read. Everything is written into a hidden folder inside
+//! `DIR` and moved into place at the end (`data/` and `README.md`, each one rename), so a
+//! crash or an error leaves no partial file under a final name. A folder that is not empty
+//! is refused unless [`overwrite`](DatasetExport::overwrite) is on; then `data/` and
+//! `README.md` are replaced and anything else in the folder (a `.git`, a licence) is left
+//! alone.
+//!
+//! ```
+//! use rmboost::export::{DatasetExport, Split};
+//! use rmboost::{ExampleFormat, Label, Message, PreferenceExample};
+//!
+//! let example = |id: &str| PreferenceExample {
+//!     id: id.into(),
+//!     prompt: vec![Message::user("Why is the sky blue?")],
+//!     chosen: "Rayleigh scattering.".into(),
+//!     rejected: "Because.".into(),
+//!     label: Label::Better,
+//!     grade: None,
+//!     aspects: vec!["correctness".into()],
+//!     margin: None,
+//!     metadata: Default::default(),
+//! };
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut writer = DatasetExport::new(dir.path())
+//!     .test_fraction(0.5)
+//!     .create(ExampleFormat::Conversational)?;
+//! for i in 0..20 {
+//!     writer.write(&example(&format!("q{i}")))?;
+//! }
+//! let summary = writer.finish()?;
+//! assert_eq!(summary.rows(), 20);
+//! assert!(summary.split(Split::Test).unwrap().rows > 0);
+//! assert!(dir.path().join("README.md").is_file());
+//! assert!(dir.path().join("data/train-00000-of-00001.parquet").is_file());
+//! # Ok::<(), rmboost::Error>(())
+//! ```
+
+mod card;
+mod parquet;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use self::card::render_card;
+pub use self::parquet::{ParquetOptions, ParquetStats, ParquetWriter};
+use crate::example::{ExampleFormat, PreferenceExample};
+use crate::io::{read_dataset, sidecar, IdSet};
+use crate::report::{Report, ReportBuilder};
+use crate::Error;
+
+/// The split an example belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Split {
+    /// Training data.
+    Train,
+    /// Held-out data.
+    Test,
+}
+
+impl Split {
+    /// `train` or `test`, the split's name on the Hub and in file names.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+
+    const ALL: [Split; 2] = [Split::Train, Split::Test];
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The split of `id` with a share `test_fraction` of test examples: `Test` when the first 8
+/// bytes of SHA-256 of `"rmboost/split/v1\0"` + `id`, as a little-endian integer `u`, satisfy
+/// `u < test_fraction × 2⁶⁴` (exactly: the comparison is made on integers). A fraction of 0
+/// or less (or NaN) puts every id in `Train`, 1 or more every id in `Test`.
+///
+/// Stable across runs, machines and releases (a golden test pins it), independent of the
+/// other ids, and unrelated to the shard of the id (another hash input). Raising the fraction
+/// only moves ids from train to test.
+///
+/// ```
+/// use rmboost::export::{split_of, Split};
+///
+/// assert_eq!(split_of("q1", 0.0), Split::Train);
+/// assert_eq!(split_of("q1", 1.0), Split::Test);
+/// let test = (0..10_000).filter(|i| split_of(&format!("id-{i}"), 0.1) == Split::Test).count();
+/// assert!((900..1100).contains(&test));
+/// ```
+#[must_use]
+pub fn split_of(id: &str, test_fraction: f64) -> Split {
+    if test_fraction.is_nan() || test_fraction <= 0.0 {
+        return Split::Train;
+    }
+    let scaled = test_fraction * 18_446_744_073_709_551_616.0; // × 2⁶⁴, exact
+    if scaled >= 18_446_744_073_709_551_616.0 {
+        return Split::Test;
+    }
+    let mut h = Sha256::new();
+    h.update(b"rmboost/split/v1\0");
+    h.update(id.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    let u = u64::from_le_bytes(b);
+    // For an integer u: u < x  ⟺  u < ⌈x⌉; ⌈x⌉ ≤ 2⁶⁴ - 1 here since x < 2⁶⁴ is a multiple of 2¹¹ at
+    // that magnitude.
+    if u < scaled.ceil() as u64 {
+        Split::Test
+    } else {
+        Split::Train
+    }
+}
+
+/// One split of an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SplitSummary {
+    /// Which split.
+    pub split: Split,
+    /// Its examples.
+    pub rows: u64,
+    /// Its files, relative to the folder (`data/train-00000-of-00001.parquet`, ...).
+    pub files: Vec<String>,
+    /// Bytes of its files.
+    pub bytes: u64,
+}
+
+/// What an export wrote; also what the card is made from ([`render_card`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ExportSummary {
+    /// The folder.
+    pub dir: PathBuf,
+    /// The format of the rows.
+    pub format: ExampleFormat,
+    /// The share of examples asked for the test split.
+    pub test_fraction: f64,
+    /// The splits that have rows (`train` alone without a test fraction; `train` with no
+    /// rows for an empty dataset).
+    pub splits: Vec<SplitSummary>,
+    /// The quality report of all the examples (and of the failure ledger, when one was
+    /// given).
+    pub report: Report,
+    /// The settings the data was made with (a run's recipe), if known.
+    pub recipe: Option<BTreeMap<String, String>>,
+    /// The models that answered, by call (`first`, `second`, ...) and model id, with the
+    /// number of examples: from `metadata.models`.
+    pub models: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The title of the card (the folder's name unless set).
+    pub title: String,
+}
+
+impl ExportSummary {
+    /// All examples written.
+    #[must_use]
+    pub fn rows(&self) -> u64 {
+        self.splits.iter().map(|s| s.rows).sum()
+    }
+
+    /// One split, if it has rows.
+    #[must_use]
+    pub fn split(&self, split: Split) -> Option<&SplitSummary> {
+        self.splits.iter().find(|s| s.split == split)
+    }
+
+    /// Bytes of all Parquet files.
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.splits.iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// Settings of an export into a folder; every setter documents its default. See the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct DatasetExport {
+    dir: PathBuf,
+    test_fraction: f64,
+    rows_per_file: u64,
+    bytes_per_file: u64,
+    parquet: ParquetOptions,
+    overwrite: bool,
+    recipe: Option<BTreeMap<String, String>>,
+    ledger: Option<PathBuf>,
+    title: Option<String>,
+}
+
+impl DatasetExport {
+    /// An export into the folder `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DatasetExport {
+            dir: dir.into(),
+            test_fraction: 0.0,
+            rows_per_file: u64::MAX,
+            bytes_per_file: 256 << 20,
+            parquet: ParquetOptions::default(),
+            overwrite: false,
+            recipe: None,
+            ledger: None,
+            title: None,
+        }
+    }
+
+    /// The share of examples in the `test` split, in `[0, 1]` ([`split_of`]). Default 0: a
+    /// `train` split only.
+    pub fn test_fraction(mut self, fraction: f64) -> Self {
+        self.test_fraction = fraction;
+        self
+    }
+
+    /// At most this many rows per file. Default: no limit (files are bounded by
+    /// [`bytes_per_file`](Self::bytes_per_file)).
+    pub fn rows_per_file(mut self, rows: u64) -> Self {
+        self.rows_per_file = rows;
+        self
+    }
+
+    /// A file ends once it reaches about this many bytes (checked every thousand rows or
+    /// so). Default 256 MiB.
+    pub fn bytes_per_file(mut self, bytes: u64) -> Self {
+        self.bytes_per_file = bytes;
+        self
+    }
+
+    /// Row-group sizes. Default [`ParquetOptions::default`].
+    pub fn parquet_options(mut self, options: ParquetOptions) -> Self {
+        self.parquet = options;
+        self
+    }
+
+    /// Whether a folder that is not empty may be written into, replacing its `data/` and
+    /// `README.md`. Default `false`: such a folder is refused.
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+
+    /// The settings the data was made with, for the card. Default: none, or for
+    /// [`from_jsonl`](Self::from_jsonl) the recipe recorded beside the file
+    /// (`PAIRS.run.json`) when there is one.
+    pub fn recipe<K: Into<String>, V: Into<String>>(
+        mut self,
+        settings: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.recipe = Some(
+            settings
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// A failure ledger to count failures from, for the card's failure rate. Default: none,
+    /// or for [`from_jsonl`](Self::from_jsonl) the ledger beside the file
+    /// (`PAIRS.failures.jsonl`) when there is one.
+    pub fn ledger(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ledger = Some(path.into());
+        self
+    }
+
+    /// The title of the card. Default: the folder's name.
+    pub fn title(mut self, title: impl Into<String>) -> Self {
+        self.title = Some(title.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&self.test_fraction) {
+            return Err(Error::config(format!(
+                "test fraction {}: expected a number from 0 to 1",
+                self.test_fraction
+            )));
+        }
+        if self.rows_per_file == 0 {
+            return Err(Error::config("rows per file: expected at least 1"));
+        }
+        if self.bytes_per_file == 0 {
+            return Err(Error::config("bytes per file: expected at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Starts writing the folder, for examples in `format`; write them with
+    /// [`DatasetWriter::write`] and end with [`DatasetWriter::finish`]. Dropping the writer
+    /// before `finish` removes what it wrote and leaves the folder as it was.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for a test fraction outside `[0, 1]`,
+    /// zero rows or bytes per file, or a folder that is not empty without
+    /// [`overwrite`](Self::overwrite) (or is a file); [`ErrorKind::Io`](crate::ErrorKind::Io)
+    /// if the folder cannot be created or written, or a ledger given cannot be read.
+    pub fn create(self, format: ExampleFormat) -> Result<DatasetWriter, Error> {
+        self.validate()?;
+        let dir = &self.dir;
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::config(format!(
+                    "{} is a file: export into a folder",
+                    dir.display()
+                )))
+            }
+            Ok(_) => {
+                let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+                if entries.next().is_some() && !self.overwrite {
+                    return Err(Error::config(format!(
+                        "{} is not empty: export into a new or empty folder, or replace its \
+                         data/ and README.md (--force)",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            Err(e) => return Err(Error::io(dir, e)),
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(".rmboost-export-")
+            .tempdir_in(dir)
+            .map_err(|e| Error::io(dir, e))?;
+        let data = staging.path().join("data");
+        std::fs::create_dir(&data).map_err(|e| Error::io(&data, e))?;
+        let mut report = ReportBuilder::new();
+        if let Some(ledger) = &self.ledger {
+            report.read_ledger(ledger)?;
+        }
+        let title = self.title.clone().unwrap_or_else(|| {
+            std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "rmboost dataset".into())
+        });
+        Ok(DatasetWriter {
+            settings: self,
+            format,
+            staging,
+            splits: [OpenSplit::default(), OpenSplit::default()],
+            ids: IdSet::new(),
+            report,
+            models: BTreeMap::new(),
+            title,
+        })
+    }
+
+    /// Exports a JSONL file of examples (either format, read strictly: see
+    /// [`DatasetReader`](crate::io::DatasetReader)). The recipe and ledger beside it
+    /// (`PAIRS.run.json`, `PAIRS.failures.jsonl`) are used for the card when present and
+    /// not set otherwise. The file is only read.
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](Self::create); [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the
+    /// file and line of a torn last line, a line that is not an example, a line of another
+    /// format than the first, or a duplicate id (with the line of its first occurrence), and
+    /// of a recipe that is not one; [`ErrorKind::Config`](crate::ErrorKind::Config) if the
+    /// input is inside the folder's `data/` or is its `README.md`. Nothing is left in the
+    /// folder after an error.
+    pub fn from_jsonl(mut self, input: impl AsRef<Path>) -> Result<ExportSummary, Error> {
+        let input = input.as_ref();
+        self.validate()?;
+        // Probe the format (and that the file opens) before touching the folder.
+        let mut probe = read_dataset(input)?;
+        let format = match probe.next() {
+            Some(Ok(row)) => row.format,
+            Some(Err(e)) => return Err(e),
+            None => ExampleFormat::Conversational,
+        };
+        drop(probe);
+        self.refuse_own_files(input)?;
+        if self.recipe.is_none() {
+            self.recipe = read_recipe(&sidecar(input, ".run.json"))?;
+        }
+        if self.ledger.is_none() {
+            let ledger = sidecar(input, ".failures.jsonl");
+            if ledger.is_file() {
+                self.ledger = Some(ledger);
+            }
+        }
+        let mut writer = self.create(format)?;
+        for row in read_dataset(input)? {
+            let row = row?;
+            if writer.ids.contains(&row.example.id) {
+                let first = first_line_of(input, &row.example.id)?;
+                return Err(Error::parse(
+                    input,
+                    row.line,
+                    format!(
+                        "duplicate id `{}` (first at line {first}): a dataset has each id \
+                         once; `rmboost merge` joins shards keeping one of identical copies",
+                        row.example.id
+                    ),
+                ));
+            }
+            writer.write(&row.example)?;
+        }
+        writer.finish()
+    }
+
+    /// Refuses an input that replacing `data/` or `README.md` would delete.
+    fn refuse_own_files(&self, input: &Path) -> Result<(), Error> {
+        let (Ok(input), Ok(dir)) = (
+            std::fs::canonicalize(input),
+            std::fs::canonicalize(&self.dir),
+        ) else {
+            return Ok(());
+        };
+        if input.starts_with(dir.join("data")) || input == dir.join("README.md") {
+            return Err(Error::config(format!(
+                "the input {} is part of the export folder {} (its data/ or README.md, which \
+                 an export replaces): export into another folder",
+                input.display(),
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The line of the first example with `id` in `path` (for a duplicate's message).
+fn first_line_of(path: &Path, id: &str) -> Result<u64, Error> {
+    for row in read_dataset(path)? {
+        let row = row?;
+        if row.example.id == id {
+            return Ok(row.line);
+        }
+    }
+    Ok(0)
+}
+
+/// The settings of a run recipe file (`{"settings": {...}}`), if the file exists.
+fn read_recipe(path: &Path) -> Result<Option<BTreeMap<String, String>>, Error> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
+    let Some(Value::Object(settings)) = value.get("settings") else {
+        return Err(Error::parse(
+            path,
+            0,
+            "not a run recipe: expected an object with a `settings` object",
+        ));
+    };
+    Ok(Some(
+        settings
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+    ))
+}
+
+/// The files of one split: the one being written and those done.
+#[derive(Default)]
+struct OpenSplit {
+    current: Option<ParquetWriter<BufWriter<File>>>,
+    /// Finished files: their staging path and stats.
+    done: Vec<(PathBuf, ParquetStats)>,
+}
+
+/// Writes the examples of an export one at a time ([`DatasetExport::create`]); [`finish`]
+/// puts the folder in place.
+///
+/// [`finish`]: DatasetWriter::finish
+pub struct DatasetWriter {
+    settings: DatasetExport,
+    format: ExampleFormat,
+    staging: tempfile::TempDir,
+    splits: [OpenSplit; 2],
+    ids: IdSet,
+    report: ReportBuilder,
+    models: BTreeMap<String, BTreeMap<String, u64>>,
+    title: String,
+}
+
+impl std::fmt::Debug for DatasetWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatasetWriter")
+            .field("dir", &self.settings.dir)
+            .field("format", &self.format)
+            .field("examples", &self.ids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(path, e))?;
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+impl DatasetWriter {
+    /// Adds one example to its split.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for an id already written (a dataset
+    /// has each id once); [`ErrorKind::Io`](crate::ErrorKind::Io) if a file cannot be
+    /// written.
+    pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
+        if !self.ids.insert(&example.id) {
+            return Err(Error::config(format!(
+                "duplicate id `{}`: a dataset has each id once",
+                example.id
+            )));
+        }
+        let split = split_of(&example.id, self.settings.test_fraction);
+        let index = split as usize;
+        if self.splits[index].current.is_none() {
+            self.open(split)?;
+        }
+        let open = &mut self.splits[index];
+        let writer = open.current.as_mut().expect("just opened");
+        writer.write(example)?;
+        if writer.rows() >= self.settings.rows_per_file
+            || writer.estimated_bytes() >= self.settings.bytes_per_file
+        {
+            self.close(split)?;
+        }
+        self.report.add(example);
+        for (call, model) in &example.metadata.models {
+            *self
+                .models
+                .entry(call.clone())
+                .or_default()
+                .entry(model.clone())
+                .or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// How many examples were written.
+    #[must_use]
+    pub fn rows(&self) -> u64 {
+        self.ids.len() as u64
+    }
+
+    fn staged(&self, split: Split, i: usize) -> PathBuf {
+        self.staging
+            .path()
+            .join("data")
+            .join(format!("{split}-{i}.parquet.partial"))
+    }
+
+    fn open(&mut self, split: Split) -> Result<(), Error> {
+        let path = self.staged(split, self.splits[split as usize].done.len());
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let writer = ParquetWriter::with_options(
+            BufWriter::with_capacity(1 << 20, file),
+            self.format,
+            self.settings.parquet,
+        )?
+        .named(&path);
+        self.splits[split as usize].current = Some(writer);
+        Ok(())
+    }
+
+    fn close(&mut self, split: Split) -> Result<(), Error> {
+        let path = self.staged(split, self.splits[split as usize].done.len());
+        let open = &mut self.splits[split as usize];
+        let Some(writer) = open.current.take() else {
+            return Ok(());
+        };
+        let (out, stats) = writer.finish()?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        open.done.push((path, stats));
+        Ok(())
+    }
+
+    /// Ends the last files, writes the card and moves `data/` and `README.md` into the
+    /// folder; returns what was written.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if a file cannot be written or moved.
+    pub fn finish(mut self) -> Result<ExportSummary, Error> {
+        for split in Split::ALL {
+            self.close(split)?;
+        }
+        // An empty dataset still gets a (row-less) train file, so that it loads.
+        if self.splits.iter().all(|s| s.done.is_empty()) {
+            self.open(Split::Train)?;
+            self.close(Split::Train)?;
+        }
+        let data = self.staging.path().join("data");
+        let mut splits = Vec::new();
+        for split in Split::ALL {
+            let done = &self.splits[split as usize].done;
+            if done.is_empty() {
+                continue;
+            }
+            let n = done.len();
+            let mut summary = SplitSummary {
+                split,
+                rows: 0,
+                files: Vec::new(),
+                bytes: 0,
+            };
+            for (i, (path, stats)) in done.iter().enumerate() {
+                let name = format!("{split}-{i:05}-of-{n:05}.parquet");
+                let target = data.join(&name);
+                std::fs::rename(path, &target).map_err(|e| Error::io(path, e))?;
+                summary.rows += stats.rows;
+                summary.bytes += stats.bytes;
+                summary.files.push(format!("data/{name}"));
+            }
+            splits.push(summary);
+        }
+        sync_dir(&data)?;
+        let summary = ExportSummary {
+            dir: self.settings.dir.clone(),
+            format: self.format,
+            test_fraction: self.settings.test_fraction,
+            splits,
+            report: std::mem::take(&mut self.report).finish(),
+            recipe: self.settings.recipe.clone(),
+            models: std::mem::take(&mut self.models),
+            title: self.title.clone(),
+        };
+        let card_path = self.staging.path().join("README.md");
+        let mut card = File::create(&card_path).map_err(|e| Error::io(&card_path, e))?;
+        card.write_all(render_card(&summary).as_bytes())
+            .and_then(|()| card.sync_all())
+            .map_err(|e| Error::io(&card_path, e))?;
+        sync_dir(self.staging.path())?;
+
+        // Into place: the old data/ (with --force) goes into the staging folder, removed
+        // with it; then the new data/, then the card.
+        let dir = &self.settings.dir;
+        let final_data = dir.join("data");
+        if final_data.exists() {
+            let old = self.staging.path().join("old-data");
+            std::fs::rename(&final_data, &old).map_err(|e| Error::io(&final_data, e))?;
+        }
+        std::fs::rename(&data, &final_data).map_err(|e| Error::io(&final_data, e))?;
+        let final_card = dir.join("README.md");
+        std::fs::rename(&card_path, &final_card).map_err(|e| Error::io(&final_card, e))?;
+        sync_dir(dir)?;
+        let staging = self.staging.path().to_path_buf();
+        self.staging.close().map_err(|e| Error::io(staging, e))?;
+        Ok(summary)
+    }
+}
+
+/// A size category of the Hub for `n` examples (`1K<n<10K`, ...).
+pub(crate) fn size_category(n: u64) -> &'static str {
+    const CATS: [(u64, &str); 10] = [
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+        (1_000_000_000, "100M<n<1B"),
+        (10_000_000_000, "1B<n<10B"),
+        (100_000_000_000, "10B<n<100B"),
+        (1_000_000_000_000, "100B<n<1T"),
+    ];
+    CATS.iter()
+        .find(|(limit, _)| n < *limit)
+        .map_or("n>1T", |(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_of_is_golden_and_monotone() {
+        // Golden values, computed independently with Python's hashlib (the snippet of the
+        // module docs): q1 → 0.1818…, q2 → 0.0175…, q3 → 0.2723…, "é" → 0.5713….
+        assert_eq!(split_of("q1", 0.18), Split::Train);
+        assert_eq!(split_of("q1", 0.182), Split::Test);
+        assert_eq!(split_of("q2", 0.01749), Split::Train);
+        assert_eq!(split_of("q2", 0.0175), Split::Test);
+        assert_eq!(split_of("q3", 0.27), Split::Train);
+        assert_eq!(split_of("q3", 0.273), Split::Test);
+        assert_eq!(split_of("é", 0.571), Split::Train);
+        assert_eq!(split_of("é", 0.572), Split::Test);
+        // The exact boundary: q1's integer is 3353852113478415828.
+        let u = 3_353_852_113_478_415_828u64 as f64 / 18_446_744_073_709_551_616.0;
+        assert_eq!(split_of("q1", u * (1.0 + 1e-12)), Split::Test);
+        assert_eq!(split_of("q1", u * (1.0 - 1e-12)), Split::Train);
+        for f in [-1.0, 0.0, f64::NAN] {
+            assert_eq!(split_of("q1", f), Split::Train);
+        }
+        assert_eq!(split_of("q2", 1.0), Split::Test);
+        assert_eq!(split_of("q2", 7.0), Split::Test);
+        // 998 of id-0..id-9999 are below 0.1 (hashlib), and raising the fraction only moves
+        // ids to test.
+        let test = |f| {
+            (0..10_000)
+                .filter(|i| split_of(&format!("id-{i}"), f) == Split::Test)
+                .collect::<Vec<_>>()
+        };
+        let (small, large) = (test(0.1), test(0.2));
+        assert_eq!(small.len(), 998);
+        assert!(small.iter().all(|i| large.contains(i)));
+    }
+
+    #[test]
+    fn size_categories() {
+        assert_eq!(size_category(0), "n<1K");
+        assert_eq!(size_category(999), "n<1K");
+        assert_eq!(size_category(1_000), "1K<n<10K");
+        assert_eq!(size_category(100_000), "100K<n<1M");
+        assert_eq!(size_category(u64::MAX), "n>1T");
+    }
+}

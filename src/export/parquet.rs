@@ -1,0 +1,442 @@
+//! [`ParquetWriter`]: examples as Parquet rows, with the columns of the JSONL.
+
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    ArrayBuilder, Float64Builder, ListBuilder, StringBuilder, StructBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::backend::Role;
+use crate::example::{ExampleFormat, PreferenceExample};
+use crate::Error;
+
+/// Rows buffered in memory before they are handed to the Parquet encoder.
+const BATCH_ROWS: usize = 1024;
+
+/// Row-group and file settings of a [`ParquetWriter`]; every setter documents its default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct ParquetOptions {
+    rows_per_group: NonZeroUsize,
+    bytes_per_group: NonZeroUsize,
+}
+
+impl Default for ParquetOptions {
+    fn default() -> Self {
+        ParquetOptions {
+            rows_per_group: NonZeroUsize::new(10_000).expect("non-zero"),
+            bytes_per_group: NonZeroUsize::new(128 << 20).expect("non-zero"),
+        }
+    }
+}
+
+impl ParquetOptions {
+    /// The defaults: row groups of at most 10,000 rows and about 128 MiB encoded, so a
+    /// reader that streams the file (`datasets` with `streaming=True`, the Hub's viewer)
+    /// holds one small group at a time.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// At most this many rows per row group. Default 10,000.
+    pub fn rows_per_group(mut self, rows: NonZeroUsize) -> Self {
+        self.rows_per_group = rows;
+        self
+    }
+
+    /// A row group ends once its encoded size reaches about this many bytes. Default 128 MiB.
+    pub fn bytes_per_group(mut self, bytes: NonZeroUsize) -> Self {
+        self.bytes_per_group = bytes;
+        self
+    }
+}
+
+/// What a [`ParquetWriter`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ParquetStats {
+    /// Rows (examples).
+    pub rows: u64,
+    /// Row groups.
+    pub row_groups: usize,
+    /// Bytes of the whole file.
+    pub bytes: u64,
+}
+
+/// The Arrow schema of an exported file in `format`: the JSONL's columns, in its order (see
+/// the [module docs](super)).
+pub(crate) fn schema(format: ExampleFormat) -> SchemaRef {
+    let text = |name: &str| Field::new(name, DataType::Utf8, false);
+    let turns = || {
+        DataType::List(Arc::new(Field::new_list_field(
+            DataType::Struct(turn_fields()),
+            true,
+        )))
+    };
+    let conversation = |name: &str| match format {
+        ExampleFormat::Standard => text(name),
+        _ => Field::new(name, turns(), false),
+    };
+    Arc::new(Schema::new(vec![
+        text("id"),
+        conversation("prompt"),
+        conversation("chosen"),
+        conversation("rejected"),
+        text("label"),
+        Field::new("grade", DataType::Utf8, true),
+        Field::new(
+            "aspects",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+            false,
+        ),
+        Field::new("margin", DataType::Float64, true),
+        text("metadata"),
+    ]))
+}
+
+fn turn_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("role", DataType::Utf8, false),
+        Field::new("content", DataType::Utf8, false),
+    ])
+}
+
+/// A column of conversations or of texts.
+enum Conversation {
+    Turns(ListBuilder<StructBuilder>),
+    Text(StringBuilder),
+}
+
+impl Conversation {
+    fn new(format: ExampleFormat) -> Self {
+        match format {
+            ExampleFormat::Standard => Conversation::Text(StringBuilder::new()),
+            _ => Conversation::Turns(
+                ListBuilder::new(StructBuilder::from_fields(turn_fields(), BATCH_ROWS)).with_field(
+                    Arc::new(Field::new_list_field(DataType::Struct(turn_fields()), true)),
+                ),
+            ),
+        }
+    }
+
+    fn append<'a>(&mut self, turns: impl IntoIterator<Item = (Role, &'a str)>, text: &str) {
+        match self {
+            Conversation::Text(b) => b.append_value(text),
+            Conversation::Turns(list) => {
+                for (role, content) in turns {
+                    let s = list.values();
+                    s.field_builder::<StringBuilder>(0)
+                        .expect("role column")
+                        .append_value(role.as_str());
+                    s.field_builder::<StringBuilder>(1)
+                        .expect("content column")
+                        .append_value(content);
+                    s.append(true);
+                }
+                list.append(true);
+            }
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Conversation::Text(b) => Arc::new(b.finish()),
+            Conversation::Turns(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// The rows of the current batch, column by column.
+struct Columns {
+    id: StringBuilder,
+    prompt: Conversation,
+    chosen: Conversation,
+    rejected: Conversation,
+    label: StringBuilder,
+    grade: StringBuilder,
+    aspects: ListBuilder<StringBuilder>,
+    margin: Float64Builder,
+    metadata: StringBuilder,
+    /// Bytes of text buffered (an estimate of the batch's size).
+    bytes: usize,
+}
+
+impl Columns {
+    fn new(format: ExampleFormat) -> Self {
+        Columns {
+            id: StringBuilder::new(),
+            prompt: Conversation::new(format),
+            chosen: Conversation::new(format),
+            rejected: Conversation::new(format),
+            label: StringBuilder::new(),
+            grade: StringBuilder::new(),
+            aspects: ListBuilder::new(StringBuilder::new()),
+            margin: Float64Builder::new(),
+            metadata: StringBuilder::new(),
+            bytes: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.id.len()
+    }
+
+    fn push(&mut self, e: &PreferenceExample) {
+        let metadata =
+            serde_json::to_string(&e.metadata).expect("metadata serialises: its keys are strings");
+        self.bytes += e.id.len()
+            + e.prompt.iter().map(|m| m.content.len()).sum::<usize>()
+            + e.chosen.len()
+            + e.rejected.len()
+            + metadata.len();
+        self.id.append_value(&e.id);
+        let prompt_turns = e.prompt.iter().map(|m| (m.role, m.content.as_str()));
+        match &mut self.prompt {
+            Conversation::Text(b) => b.append_value(e.prompt_text()),
+            turns => turns.append(prompt_turns, ""),
+        }
+        self.chosen
+            .append([(Role::Assistant, e.chosen.as_str())], &e.chosen);
+        self.rejected
+            .append([(Role::Assistant, e.rejected.as_str())], &e.rejected);
+        self.label.append_value(e.label.as_str());
+        self.grade.append_option(e.grade.map(|g| g.as_str()));
+        for a in &e.aspects {
+            self.aspects.values().append_value(a);
+        }
+        self.aspects.append(true);
+        self.margin.append_option(e.margin);
+        self.metadata.append_value(metadata);
+    }
+
+    fn finish(&mut self, schema: &SchemaRef) -> RecordBatch {
+        self.bytes = 0;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.id.finish()),
+            self.prompt.finish(),
+            self.chosen.finish(),
+            self.rejected.finish(),
+            Arc::new(self.label.finish()),
+            Arc::new(self.grade.finish()),
+            Arc::new(self.aspects.finish()),
+            Arc::new(self.margin.finish()),
+            Arc::new(self.metadata.finish()),
+        ];
+        RecordBatch::try_new(schema.clone(), columns).expect("the columns match the schema")
+    }
+}
+
+/// Writes [`PreferenceExample`]s as the rows of one Parquet file, into any
+/// `std::io::Write + Send` (a file, a `Vec<u8>`, ...), with the columns of the JSONL in
+/// `format` (see the [module docs](super)), Snappy-compressed.
+///
+/// Rows are buffered (about a thousand at a time) and encoded into row groups of
+/// [`ParquetOptions`]' size; [`finish`](Self::finish) writes the last group and the footer.
+/// A file is only readable once finished: write to a temporary name and rename it (as
+/// [`DatasetExport`](super::DatasetExport) does) if a crash must not leave a broken file
+/// behind.
+///
+/// ```
+/// use rmboost::export::ParquetWriter;
+/// use rmboost::{ExampleFormat, Label, Message, PreferenceExample};
+///
+/// let example = PreferenceExample {
+///     id: "q1".into(),
+///     prompt: vec![Message::user("Why is the sky blue?")],
+///     chosen: "Rayleigh scattering.".into(),
+///     rejected: "Because.".into(),
+///     label: Label::Better,
+///     grade: None,
+///     aspects: vec!["correctness".into()],
+///     margin: None,
+///     metadata: Default::default(),
+/// };
+/// let mut writer = ParquetWriter::new(Vec::new(), ExampleFormat::Conversational)?;
+/// writer.write(&example)?;
+/// let (bytes, stats) = writer.finish()?;
+/// assert_eq!((stats.rows, stats.row_groups), (1, 1));
+/// assert!(bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"));
+/// # Ok::<(), rmboost::Error>(())
+/// ```
+pub struct ParquetWriter<W: Write + Send> {
+    writer: ArrowWriter<Counting<W>>,
+    schema: SchemaRef,
+    columns: Columns,
+    format: ExampleFormat,
+    rows: u64,
+    name: PathBuf,
+}
+
+impl<W: Write + Send> std::fmt::Debug for ParquetWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetWriter")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts the bytes that reach the destination (the footer included).
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn parquet_err(name: &std::path::Path, e: parquet::errors::ParquetError) -> Error {
+    match e {
+        parquet::errors::ParquetError::External(inner) => {
+            match inner.downcast::<std::io::Error>() {
+                Ok(io) => Error::io(name, *io),
+                Err(other) => Error::io(name, std::io::Error::other(other)),
+            }
+        }
+        other => Error::io(name, std::io::Error::other(other)),
+    }
+}
+
+impl<W: Write + Send> ParquetWriter<W> {
+    /// A writer of `format` rows into `out`, with the default [`ParquetOptions`].
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file header cannot be written.
+    pub fn new(out: W, format: ExampleFormat) -> Result<Self, Error> {
+        Self::with_options(out, format, ParquetOptions::default())
+    }
+
+    /// A writer of `format` rows into `out`, with row groups sized by `options`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file header cannot be written.
+    pub fn with_options(
+        out: W,
+        format: ExampleFormat,
+        options: ParquetOptions,
+    ) -> Result<Self, Error> {
+        let schema = schema(format);
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(options.rows_per_group.get()))
+            .set_max_row_group_bytes(Some(options.bytes_per_group.get()))
+            .set_created_by(format!(
+                "rmboost version {} (parquet-rs)",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .build();
+        let name = PathBuf::from("<parquet>");
+        let out = Counting {
+            inner: out,
+            bytes: 0,
+        };
+        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props))
+            .map_err(|e| parquet_err(&name, e))?;
+        Ok(ParquetWriter {
+            writer,
+            schema,
+            columns: Columns::new(format),
+            format,
+            rows: 0,
+            name,
+        })
+    }
+
+    /// The name errors give for the destination (a path; default `<parquet>`).
+    #[must_use]
+    pub fn named(mut self, name: impl Into<PathBuf>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Adds one example as one row.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if encoded rows cannot be written to the
+    /// destination.
+    pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
+        self.columns.push(example);
+        self.rows += 1;
+        if self.columns.len() >= BATCH_ROWS || self.columns.bytes >= 16 << 20 {
+            self.write_batch()?;
+        }
+        Ok(())
+    }
+
+    fn write_batch(&mut self) -> Result<(), Error> {
+        if self.columns.len() == 0 {
+            return Ok(());
+        }
+        let batch = self.columns.finish(&self.schema);
+        self.writer
+            .write(&batch)
+            .map_err(|e| parquet_err(&self.name, e))
+    }
+
+    /// Rows written so far.
+    #[must_use]
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The format of the rows.
+    #[must_use]
+    pub fn format(&self) -> ExampleFormat {
+        self.format
+    }
+
+    /// About how large the file would be if finished now, in bytes: what is written, plus
+    /// the encoded size of the current row group, plus the text buffered before encoding.
+    #[must_use]
+    pub fn estimated_bytes(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size() + self.columns.bytes) as u64
+    }
+
+    /// Writes the last row group and the footer; returns the destination and what was
+    /// written.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the rest of the file cannot be written.
+    pub fn finish(mut self) -> Result<(W, ParquetStats), Error> {
+        self.write_batch()?;
+        self.writer
+            .flush()
+            .map_err(|e| parquet_err(&self.name, e))?;
+        let row_groups = self.writer.flushed_row_groups().len();
+        // Writes the footer once (`ArrowWriter::finish` and then `into_inner` would write it
+        // twice).
+        let mut out = self
+            .writer
+            .into_inner()
+            .map_err(|e| parquet_err(&self.name, e))?;
+        out.flush().map_err(|e| Error::io(&self.name, e))?;
+        let stats = ParquetStats {
+            rows: self.rows,
+            row_groups,
+            bytes: out.bytes,
+        };
+        Ok((out.inner, stats))
+    }
+}

@@ -1,0 +1,449 @@
+//! Joining the outputs of a sharded run: [`merge`].
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::append::{ensure_distinct_files, replace_with, sidecar, sync_parent, temp_beside};
+use super::dataset::read_dataset;
+use super::reader::read_prompts;
+use super::resume::{IdHash, IdSet};
+use crate::example::ExampleFormat;
+use crate::Error;
+
+/// Settings of [`merge`]; every setter documents its default.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct MergeOptions {
+    input: Option<PathBuf>,
+    overwrite: bool,
+}
+
+impl MergeOptions {
+    /// Defaults: no input check, an existing output is refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The prompt file the shards were generated from. When set, [`merge`] checks that every
+    /// prompt of it is in the merged output once or in a shard's failure ledger, and that
+    /// every example's id is one of its prompts. Ids are derived exactly as the run derives
+    /// them (the `id` field, or a hash of the content when it has none). Default: none.
+    pub fn input(mut self, path: impl Into<PathBuf>) -> Self {
+        self.input = Some(path.into());
+        self
+    }
+
+    /// Replace an output (and its ledger and recipe) that already exist. Default: `false`,
+    /// an existing output is an error. The shards and the input are never overwritten.
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+}
+
+/// What [`merge`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MergeSummary {
+    /// The merged file.
+    pub output: PathBuf,
+    /// The format of the examples (`None` if every shard was empty).
+    pub format: Option<ExampleFormat>,
+    /// Examples written: each id once.
+    pub examples: u64,
+    /// Lines skipped because an identical example with the same id came earlier.
+    pub duplicates: u64,
+    /// Ids that failed in some shard (its ledger) and are not in the output; their ledger
+    /// lines were written to the output's ledger.
+    pub failed: u64,
+    /// The output's failure ledger, when any id still failed.
+    pub ledger: Option<PathBuf>,
+    /// The output's recipe (`PAIRS.run.json`), when every shard had the same one.
+    pub recipe: Option<PathBuf>,
+    /// Whether the shards had recipes that differ (then none was written).
+    pub recipes_differ: bool,
+    /// Prompts in the input, when it was checked (each distinct id once).
+    pub prompts: Option<u64>,
+    /// Lines of the input that are not prompt records (a run skips them too), and the first
+    /// messages about them.
+    pub bad_input_lines: u64,
+    /// The first messages about bad input lines (at most [`MergeSummary::MAX_LISTED`]).
+    pub bad_input_messages: Vec<String>,
+}
+
+impl MergeSummary {
+    /// How many ids or messages an error or summary lists before it only counts.
+    pub const MAX_LISTED: usize = 10;
+}
+
+/// Where an id was first seen, and a digest of its example.
+struct Seen {
+    shard: usize,
+    line: u64,
+    digest: u128,
+}
+
+fn digest(text: &str) -> u128 {
+    let d = Sha256::digest(text.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(b)
+}
+
+fn listed(items: &[String], total: u64) -> String {
+    let more = total.saturating_sub(items.len() as u64);
+    let mut s = items.join(", ");
+    if more > 0 {
+        s.push_str(&format!(" (and {more} more)"));
+    }
+    s
+}
+
+/// Merges the example files of a sharded run (`rmboost generate --shard I/N`) into one file,
+/// `output`, and the shards' failure ledgers (`SHARD.failures.jsonl` beside each) into the
+/// output's.
+///
+/// - Every line of every shard is read strictly ([`DatasetReader`](super::DatasetReader)): a
+///   torn last line, a line that is not an example, or a format other than that of the first
+///   example is an error naming the file and line.
+/// - Lines are written as they are, shard after shard, in file order.
+/// - An id seen again with the same content (the example, compared after parsing, so
+///   spacing does not matter) is kept once; with other content it is an error naming both
+///   places.
+/// - Ledger lines of ids that are in no shard's output are kept (in the output's ledger,
+///   `OUT.failures.jsonl`), so [`Report`](crate::report::Report) counts them; ids that
+///   later succeeded are dropped.
+/// - If every shard has a recipe (`SHARD.run.json`) and they are all the same, it is
+///   copied beside the output.
+/// - With [`MergeOptions::input`], every prompt id of the input must be in the output or
+///   in a ledger, and every example id in the input; otherwise the error lists the first
+///   [`MergeSummary::MAX_LISTED`] ids (or places) and the count.
+///
+/// Crash safety: the output, its ledger and recipe are written to temporary files beside
+/// them and renamed into place only when everything checked out; an error leaves no file
+/// behind, and never a partial file under the final name. No input is ever modified.
+///
+/// Memory: about 80 bytes per distinct id (its hash, where it was first seen, and a digest of
+/// its content), plus 18 bytes per prompt id with an input.
+///
+/// ```
+/// use rmboost::io::{merge, MergeOptions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let line = |id: &str| format!(
+///     "{{\"id\":\"{id}\",\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\",\"label\":\"better\"}}\n");
+/// let (a, b, out) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"), dir.path().join("all.jsonl"));
+/// std::fs::write(&a, line("1") + &line("2")).unwrap();
+/// std::fs::write(&b, line("3") + &line("2")).unwrap(); // "2" again, same content: kept once
+/// let summary = merge(&[&a, &b], &out, &MergeOptions::new())?;
+/// assert_eq!((summary.examples, summary.duplicates), (3, 1));
+/// assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+/// # Ok::<(), rmboost::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// - [`ErrorKind::Config`](crate::ErrorKind::Config) if no shard is given, if the output
+///   (or its ledger or recipe) is one of the files read, or exists and
+///   [`overwrite`](MergeOptions::overwrite) is off; and for conflicting duplicate ids,
+///   missing prompts and ids that are not in the input (the message says which);
+/// - [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line of a bad shard
+///   or ledger line, or of a recipe that is not JSON;
+/// - [`ErrorKind::Io`](crate::ErrorKind::Io) if a file cannot be read or written.
+pub fn merge<P: AsRef<Path>>(
+    shards: &[P],
+    output: impl AsRef<Path>,
+    options: &MergeOptions,
+) -> Result<MergeSummary, Error> {
+    let output = output.as_ref();
+    let shards: Vec<&Path> = shards.iter().map(AsRef::as_ref).collect();
+    if shards.is_empty() {
+        return Err(Error::config("merge: give at least one shard"));
+    }
+    let out_ledger = sidecar(output, ".failures.jsonl");
+    let out_recipe = sidecar(output, ".run.json");
+    let ledgers: Vec<PathBuf> = shards
+        .iter()
+        .map(|s| sidecar(s, ".failures.jsonl"))
+        .collect();
+    let recipes: Vec<PathBuf> = shards.iter().map(|s| sidecar(s, ".run.json")).collect();
+
+    // The files written must not be any file read, and no shard may be given twice.
+    let written = [
+        ("output", output),
+        ("output's failure ledger", out_ledger.as_path()),
+        ("output's recipe", out_recipe.as_path()),
+    ];
+    let mut read: Vec<(String, &Path)> = Vec::new();
+    if let Some(input) = &options.input {
+        read.push(("input".into(), input));
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        read.push((format!("shard {}", i + 1), shard));
+        for (what, path) in [("ledger", &ledgers[i]), ("recipe", &recipes[i])] {
+            if path.exists() {
+                read.push((format!("{what} of shard {}", i + 1), path));
+            }
+        }
+    }
+    for w in written {
+        for (role, path) in &read {
+            ensure_distinct_files(&[w, (role.as_str(), *path)])?;
+        }
+    }
+    for i in 0..shards.len() {
+        for j in i + 1..shards.len() {
+            let (a, b) = (format!("shard {}", i + 1), format!("shard {}", j + 1));
+            ensure_distinct_files(&[(a.as_str(), shards[i]), (b.as_str(), shards[j])])?;
+        }
+    }
+    if !options.overwrite && output.exists() {
+        return Err(Error::config(format!(
+            "{} already exists: give a new output file, or overwrite it (--force)",
+            output.display()
+        )));
+    }
+
+    // Shards.
+    let mut tmp = temp_beside(output)?;
+    let mut out = BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
+    let mut seen: HashMap<u128, Seen> = HashMap::new();
+    let mut summary = MergeSummary {
+        output: output.to_path_buf(),
+        ..MergeSummary::default()
+    };
+    let mut first_format: Option<(ExampleFormat, usize)> = None;
+    for (i, shard) in shards.iter().enumerate() {
+        for row in read_dataset(shard)? {
+            let row = row?;
+            match first_format {
+                None => first_format = Some((row.format, i)),
+                Some((f, at)) if f != row.format => {
+                    return Err(Error::parse(
+                        *shard,
+                        row.line,
+                        format!(
+                            "a {} example, but {} is {f}: merge shards of one run",
+                            row.format,
+                            shards[at].display()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            let content = digest(&row.example.to_json_line(row.format));
+            match seen.entry(IdHash::of(&row.example.id).0) {
+                Entry::Occupied(e) => {
+                    let first = e.get();
+                    if first.digest != content {
+                        return Err(Error::config(format!(
+                            "{}:{}: id `{}` is also at {}:{} with different content: these \
+                             are not shards of one run, or one was regenerated with other \
+                             settings",
+                            shard.display(),
+                            row.line,
+                            row.example.id,
+                            shards[first.shard].display(),
+                            first.line
+                        )));
+                    }
+                    summary.duplicates += 1;
+                }
+                Entry::Vacant(e) => {
+                    e.insert(Seen {
+                        shard: i,
+                        line: row.line,
+                        digest: content,
+                    });
+                    out.write_all(row.text.as_bytes())
+                        .and_then(|()| out.write_all(b"\n"))
+                        .map_err(|e| Error::io(output, e))?;
+                    summary.examples += 1;
+                }
+            }
+        }
+    }
+    out.flush().map_err(|e| Error::io(output, e))?;
+    drop(out);
+    summary.format = first_format.map(|(f, _)| f);
+
+    // Ledgers: lines of ids that are in no output.
+    let mut failed = IdSet::new();
+    let mut ledger_tmp = None;
+    for path in &ledgers {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let mut line_no = 0u64;
+        for line in BufReader::new(file).lines() {
+            line_no += 1;
+            let line = line.map_err(|e| Error::io(path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let Some(id) = super::resume::line_id(line.as_bytes()) else {
+                return Err(Error::parse(
+                    path,
+                    line_no,
+                    "not a failure-ledger line (needs a string or integer `id`)",
+                ));
+            };
+            if seen.contains_key(&IdHash::of(&id).0) {
+                continue; // it failed once and succeeded later
+            }
+            failed.insert(&id);
+            if ledger_tmp.is_none() {
+                ledger_tmp = Some(BufWriter::new(temp_beside(&out_ledger)?));
+            }
+            let w = ledger_tmp.as_mut().expect("just set");
+            w.write_all(line.as_bytes())
+                .and_then(|()| w.write_all(b"\n"))
+                .map_err(|e| Error::io(&out_ledger, e))?;
+        }
+    }
+    summary.failed = failed.len() as u64;
+
+    // Recipes: copied when all shards agree.
+    let mut recipe: Option<Value> = None;
+    let mut all_have = true;
+    for path in &recipes {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                all_have = false;
+                continue;
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
+        match &recipe {
+            None => recipe = Some(value),
+            Some(r) if *r != value => summary.recipes_differ = true,
+            Some(_) => {}
+        }
+    }
+    let recipe = recipe.filter(|_| all_have && !summary.recipes_differ);
+
+    // The input: every prompt accounted for, every example a prompt.
+    if let Some(input) = &options.input {
+        check_input(input, &shards, &seen, &failed, &mut summary)?;
+    }
+
+    // Everything checked out: put the files in place, the output last.
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    match ledger_tmp {
+        Some(w) => {
+            let t = w
+                .into_inner()
+                .map_err(|e| Error::io(&out_ledger, e.into_error()))?;
+            t.as_file()
+                .sync_all()
+                .map_err(|e| Error::io(&out_ledger, e))?;
+            replace_with(t, &out_ledger)?;
+            summary.ledger = Some(out_ledger);
+        }
+        None => remove_stale(&out_ledger)?,
+    }
+    match recipe {
+        Some(value) => {
+            let mut t = temp_beside(&out_recipe)?;
+            let mut json = serde_json::to_vec_pretty(&value).expect("JSON serialises");
+            json.push(b'\n');
+            t.as_file_mut()
+                .write_all(&json)
+                .and_then(|()| t.as_file().sync_all())
+                .map_err(|e| Error::io(&out_recipe, e))?;
+            replace_with(t, &out_recipe)?;
+            summary.recipe = Some(out_recipe);
+        }
+        None => remove_stale(&out_recipe)?,
+    }
+    replace_with(tmp, output)?;
+    Ok(summary)
+}
+
+/// Removes a ledger or recipe left beside an overwritten output by an earlier merge: it would
+/// describe other data.
+fn remove_stale(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn check_input(
+    input: &Path,
+    shards: &[&Path],
+    seen: &HashMap<u128, Seen>,
+    failed: &IdSet,
+    summary: &mut MergeSummary,
+) -> Result<(), Error> {
+    let mut prompts = IdSet::new();
+    let mut missing = Vec::new();
+    let mut missing_count = 0u64;
+    for record in read_prompts(input)? {
+        let prompt = match record {
+            Ok(p) => p,
+            Err(e) if e.kind() == crate::ErrorKind::Parse => {
+                summary.bad_input_lines += 1;
+                if summary.bad_input_messages.len() < MergeSummary::MAX_LISTED {
+                    summary.bad_input_messages.push(e.to_string());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let hash = IdHash::of(&prompt.id);
+        if !prompts.insert_hash(hash) {
+            continue; // a duplicate input id: the run kept the first
+        }
+        if !seen.contains_key(&hash.0) && !failed.contains_hash(hash) {
+            missing_count += 1;
+            if missing.len() < MergeSummary::MAX_LISTED {
+                missing.push(prompt.id);
+            }
+        }
+    }
+    summary.prompts = Some(prompts.len() as u64);
+    if missing_count > 0 {
+        return Err(Error::config(format!(
+            "{missing_count} prompts of {} are in no shard and no shard's failure ledger: {}; \
+             run the missing shards (or rerun them to finish) and merge again",
+            input.display(),
+            listed(&missing, missing_count)
+        )));
+    }
+    let mut extra: Vec<(usize, u64)> = seen
+        .iter()
+        .filter(|(h, _)| !prompts.contains_hash(IdHash(**h)))
+        .map(|(_, s)| (s.shard, s.line))
+        .collect();
+    if !extra.is_empty() {
+        extra.sort_unstable();
+        let places: Vec<String> = extra
+            .iter()
+            .take(MergeSummary::MAX_LISTED)
+            .map(|(s, l)| format!("{}:{l}", shards[*s].display()))
+            .collect();
+        return Err(Error::config(format!(
+            "{} examples have ids that are not prompts of {}: {}; were the shards made from \
+             another input?",
+            extra.len(),
+            input.display(),
+            listed(&places, extra.len() as u64)
+        )));
+    }
+    Ok(())
+}
