@@ -69,9 +69,7 @@ impl Weight {
             Weight::Q8(w) => {
                 let m = x.dim(0)?;
                 let data = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                let out = w.matmul(&data, m);
-                let n = out.len() / m.max(1);
-                Tensor::from_vec(out, (m, n), x.device())
+                Tensor::from_vec(w.matmul(&data, m), (m, w.rows()), x.device())
             }
         }
     }

@@ -112,6 +112,11 @@ impl Q8Matrix {
         self.cols
     }
 
+    /// Output features.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// `x` (`m × cols`, row-major) times this matrix transposed: `m × rows`, row-major.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation length");
