@@ -146,6 +146,36 @@ pub fn batch_prices(online: Prices) -> Prices {
     }
 }
 
+/// The prices a batch run is billed at, side by side: the batch price when one is given,
+/// else [`batch_prices`] of the online price when that is known, else 0. `None` when no price
+/// is known at all (then no cost is counted).
+///
+/// ```
+/// use rmboost::run::Prices;
+/// use rmboost::batch::billed_prices;
+/// let online = Some(Prices::new(2.0, 8.0).unwrap());
+/// let p = billed_prices(online, Some(0.5), None).unwrap().unwrap();
+/// assert_eq!((p.input_per_million, p.output_per_million), (0.5, 4.0));
+/// assert!(billed_prices(None, None, None).unwrap().is_none());
+/// ```
+///
+/// # Errors
+///
+/// A configuration error when a given batch price is negative or not finite.
+pub fn billed_prices(
+    online: Option<Prices>,
+    batch_input: Option<f64>,
+    batch_output: Option<f64>,
+) -> Result<Option<Prices>, crate::Error> {
+    if online.is_none() && batch_input.is_none() && batch_output.is_none() {
+        return Ok(None);
+    }
+    let half = online.map(batch_prices);
+    let input = batch_input.or(half.map(|p| p.input_per_million));
+    let output = batch_output.or(half.map(|p| p.output_per_million));
+    Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
+}
+
 /// The `custom_id` of a request: the hex SHA-256 of the backend's identity
 /// ([`LlmBackend::identity`](crate::LlmBackend::identity)) and the request as JSON. 64
 /// characters of `[0-9a-f]`, which both providers accept; identical requests to the same

@@ -50,22 +50,10 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
     }
     // Batch runs are billed at batch prices: given, else half the online ones.
     let prices = if args.batch {
-        match (batch, online) {
-            (Some(b), Some(o)) => Some(Prices {
-                input_per_million: args
-                    .batch_price_input
-                    .map_or(rmboost::batch::batch_prices(o).input_per_million, |_| {
-                        b.input_per_million
-                    }),
-                output_per_million: args
-                    .batch_price_output
-                    .map_or(rmboost::batch::batch_prices(o).output_per_million, |_| {
-                        b.output_per_million
-                    }),
-            }),
-            (Some(b), None) => Some(b),
-            (None, o) => o.map(rmboost::batch::batch_prices),
-        }
+        rmboost::batch::billed_prices(online, args.batch_price_input, args.batch_price_output)
+            .map_err(|e| {
+                CliError::usage(format!("--batch-price-input/--batch-price-output: {e}"))
+            })?
     } else {
         online
     };
