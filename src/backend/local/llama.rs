@@ -34,6 +34,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
+use super::attention;
 use super::q8::Q8Matrix;
 
 type Result<T> = candle_core::Result<T>;
@@ -430,7 +431,7 @@ impl Llama {
     /// (`caches[s]`, already holding the row's own key and value) it attends to up to and
     /// including `p` (causal). Returns `rows × heads × d` values.
     ///
-    /// Plain loops over each sequence's own cache rather than tensor operations: per decode
+    /// Loops over each sequence's own cache ([`attention::head`]) rather than tensor operations: per decode
     /// step that is a few dozen small products per layer and sequence, where candle's
     /// operations (with a rotary kernel, a key/value repeat per head group and a cache
     /// concatenation each) cost more in dispatch and copies than in arithmetic. Each query
@@ -447,22 +448,18 @@ impl Llama {
         let (h, kvh, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let (hd, kvd) = (h * d, kvh * d);
         let group = h / kvh;
-        let scale = (d as f32).sqrt();
         let one = |item: usize, scores: &mut Vec<f32>, o: &mut [f32]| {
             let (r, head) = (item / h, item % h);
             let (s, p) = rows[r];
             let (keys, values) = &caches[s].layers[layer];
-            let g = head / group;
-            let qh = &q[r * hd + head * d..][..d];
-            scores.clear();
-            scores.extend((0..=p).map(|t| dot(qh, &keys[t * kvd + g * d..][..d]) / scale));
-            softmax(scores);
-            o.fill(0.0);
-            for (t, w) in scores.iter().enumerate() {
-                for (o, x) in o.iter_mut().zip(&values[t * kvd + g * d..][..d]) {
-                    *o += w * x;
-                }
-            }
+            let cache = attention::Cache {
+                keys,
+                values,
+                stride: kvd,
+                offset: (head / group) * d,
+                n: p + 1,
+            };
+            attention::head(&q[r * hd + head * d..][..d], cache, scores, o);
         };
         let items = rows.len() * h;
         let out = std::sync::Mutex::new(vec![0f32; items * d]);
@@ -514,35 +511,4 @@ impl Llama {
 /// A `[rows, cols]` tensor's values, row-major.
 fn rows_of(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
-/// A dot product with eight partial sums (which the compiler keeps in one SIMD register), added
-/// in a fixed order.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (a8.remainder(), b8.remainder());
-    for (x, y) in a8.zip(b8) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// Softmax in place (the maximum subtracted first).
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
 }

@@ -79,6 +79,7 @@
 //!   full context window with [`FinishReason::Length`](crate::FinishReason::Length). `usage.completion_tokens` counts every sampled token, the
 //!   end-of-turn token included.
 
+mod attention;
 mod chat;
 mod engine;
 mod llama;
