@@ -1,33 +1,44 @@
-//! Attention's inner loop for one query head over one sequence's cache, with AVX2 and FMA on
-//! x86-64 CPUs that have them and plain loops elsewhere.
+//! Attention's inner loop for the query heads that share one key/value head, over one
+//! sequence's cache, with AVX2, FMA and F16C on x86-64 CPUs that have them and plain loops
+//! elsewhere.
+//!
+//! Decoding streams every active sequence's whole cache through the CPU at every layer of every
+//! step, so reading the cache, not arithmetic, is what attention costs: the cache holds keys and
+//! values as 16-bit floats (half the bytes of f32, as llama.cpp does by default), and the query
+//! heads of a group (grouped-query attention) are computed together so that each key and value
+//! is read once for all of them.
 //!
 //! The crate is built for the baseline x86-64 target (SSE2, no FMA) unless the user asks for
-//! more, so plain loops run four floats at a time without fused multiply-adds. Attention over
-//! a prompt of a few hundred tokens is quadratic in its length, and with those loops it took
-//! about a third of the time of the bundled example; this version takes eight floats per
-//! instruction, with fused multiply-adds, chosen at run time for the CPU found.
-//!
-//! Which version runs depends only on the CPU, never on the batch: a head's result is computed
-//! by the same instructions in the same order whatever else is in the step.
+//! more, so the portable loops run four floats at a time; the AVX2 version is chosen at run time
+//! for the CPU found. Which version runs depends only on the CPU and the model's shapes, never
+//! on the batch, and each head's result is computed by the same instructions in the same order
+//! whatever else is in the step.
 
 #![allow(unsafe_code)]
 
-/// One query head's view of a sequence's cache: `n` positions, position `t`'s key for this
-/// head at `keys[t * stride + offset..][..d]` (values likewise), `d` the head's width.
+use half::f16;
+
+/// One key/value head's view of a sequence's cache: `n` positions, position `t`'s key at
+/// `keys[t * stride + offset..][..d]` (values likewise), `d` the head width.
 #[derive(Clone, Copy)]
 pub(crate) struct Cache<'a> {
-    pub(crate) keys: &'a [f32],
-    pub(crate) values: &'a [f32],
+    pub(crate) keys: &'a [f16],
+    pub(crate) values: &'a [f16],
     pub(crate) stride: usize,
     pub(crate) offset: usize,
     pub(crate) n: usize,
 }
 
-/// Whether this CPU runs the AVX2 and FMA version.
+/// Query heads computed together by the AVX2 version (larger groups are split).
+const MAX_GROUP: usize = 4;
+
+/// Whether this CPU runs the AVX2 version.
 fn fast() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -35,15 +46,19 @@ fn fast() -> bool {
     }
 }
 
-/// Causal attention of one query head `q` (already turned by the rotary embedding) over the
-/// `cache.n` positions of `cache`: `out = softmax(q·K / √d) · V`. `scores` is scratch space.
+/// Causal attention of the query heads `q` (`heads × d` values, already turned by the rotary
+/// embedding) that share the key/value head `cache` views: for each head,
+/// `out = softmax(q·K / √d) · V` over the `cache.n` positions. `scores` is scratch space.
 ///
 /// # Panics
 ///
-/// If `out` is not as long as `q`, `cache.n` is 0, or the cache is shorter than its view says.
-pub(crate) fn head(q: &[f32], cache: Cache<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let d = q.len();
-    assert!(d > 0 && out.len() == d && cache.n > 0, "attention shapes");
+/// If `q` and `out` differ in length or are not a whole number of heads of width `d`,
+/// `cache.n` is 0, or the cache is shorter than its view says.
+pub(crate) fn group(q: &[f32], d: usize, cache: Cache<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    assert!(
+        d > 0 && !q.is_empty() && q.len() % d == 0 && out.len() == q.len() && cache.n > 0,
+        "attention shapes"
+    );
     let last = (cache.n - 1) * cache.stride + cache.offset + d;
     assert!(
         cache.keys.len() >= last && cache.values.len() >= last,
@@ -51,17 +66,30 @@ pub(crate) fn head(q: &[f32], cache: Cache<'_>, scores: &mut Vec<f32>, out: &mut
     );
     let inv_scale = 1.0 / (d as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && fast() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above), `d` is a multiple of 8, and
-        // the lengths were checked: every position's `d` keys and values are in bounds.
-        unsafe { avx2::head(q, cache, inv_scale, scores, out) };
+    if d.is_multiple_of(16) && fast() {
+        for (q, out) in q.chunks(MAX_GROUP * d).zip(out.chunks_mut(MAX_GROUP * d)) {
+            scores.clear();
+            scores.resize(q.len() / d * cache.n, 0.0);
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above), `d` is a multiple
+            // of 16, `q` and `out` hold `heads × d` values, `scores` `heads × n`, and the
+            // cache's lengths were checked: every position's `d` keys and values are in bounds.
+            unsafe {
+                match q.len() / d {
+                    1 => avx2::group::<1>(q, d, cache, inv_scale, scores, out),
+                    2 => avx2::group::<2>(q, d, cache, inv_scale, scores, out),
+                    3 => avx2::group::<3>(q, d, cache, inv_scale, scores, out),
+                    _ => avx2::group::<MAX_GROUP>(q, d, cache, inv_scale, scores, out),
+                }
+            }
+        }
         return;
     }
-    plain(q, cache, inv_scale, scores, out);
+    for (q, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        plain(q, cache, inv_scale, scores, out);
+    }
 }
 
-/// The portable version: the same steps as the AVX2 one, four or eight floats at a time as the
-/// compiler sees fit.
+/// The portable version, one head at a time: the same steps as the AVX2 one.
 fn plain(q: &[f32], cache: Cache<'_>, inv_scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = q.len();
     scores.clear();
@@ -72,13 +100,13 @@ fn plain(q: &[f32], cache: Cache<'_>, inv_scale: f32, scores: &mut Vec<f32>, out
         let (qr, kr) = (q8.remainder(), k8.remainder());
         for (x, y) in q8.zip(k8) {
             for j in 0..8 {
-                acc[j] += x[j] * y[j];
+                acc[j] += x[j] * y[j].to_f32();
             }
         }
         let mut sum =
-            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         for (x, y) in qr.iter().zip(kr) {
-            sum += x * y;
+            sum += x * y.to_f32();
         }
         sum * inv_scale
     }));
@@ -87,7 +115,7 @@ fn plain(q: &[f32], cache: Cache<'_>, inv_scale: f32, scores: &mut Vec<f32>, out
     for (t, &w) in scores.iter().enumerate() {
         let v = &cache.values[t * cache.stride + cache.offset..][..d];
         for (o, x) in out.iter_mut().zip(v) {
-            *o += w * x;
+            *o += w * x.to_f32();
         }
     }
     for o in out.iter_mut() {
@@ -109,102 +137,93 @@ fn exp_in_place(scores: &mut [f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
-        _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-        _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+        __m256, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_hadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128,
     };
 
     use super::{exp_in_place, Cache};
 
-    /// The 8 lanes summed in a fixed order.
+    /// The 8 lanes of `v` summed as `((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))`.
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+        let h = _mm256_hadd_ps(v, v);
+        let h = _mm256_hadd_ps(h, h);
+        _mm_cvtss_f32(_mm_add_ss(
+            _mm256_castps256_ps128(h),
+            _mm256_extractf128_ps(h, 1),
+        ))
     }
 
-    /// See [`super::head`].
+    /// Eight cached 16-bit floats from `p` as f32.
     ///
     /// # Safety
     ///
-    /// The CPU must have AVX2 and FMA; `q.len()` must be a multiple of 8 equal to `out.len()`;
-    /// for every `t < cache.n`, `cache.keys` and `cache.values` must hold
-    /// `t * cache.stride + cache.offset + q.len()` floats.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn head(
+    /// The CPU must have F16C; `p` must address 8 values.
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+    }
+
+    /// See [`super::group`], for `G` heads.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX2, FMA and F16C; `d` must be a multiple of 16; `q` and `out` must
+    /// hold `G × d` values and `scores` `G × cache.n`; for every `t < cache.n`, `cache.keys`
+    /// and `cache.values` must hold `t * cache.stride + cache.offset + d` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const G: usize>(
         q: &[f32],
+        d: usize,
         cache: Cache<'_>,
         inv_scale: f32,
-        scores: &mut Vec<f32>,
+        scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let d = q.len();
-        let qp = q.as_ptr();
-        scores.clear();
-        scores.reserve(cache.n);
-        for t in 0..cache.n {
-            // SAFETY (all loads below): in bounds by the caller's lengths.
+        let n = cache.n;
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        // SAFETY (all pointer reads and writes below): in bounds by the caller's lengths.
+        for t in 0..n {
             let kp = unsafe { cache.keys.as_ptr().add(t * cache.stride + cache.offset) };
-            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut j = 0;
-            while j + 16 <= d {
-                unsafe {
-                    a0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j)), _mm256_loadu_ps(kp.add(j)), a0);
-                    a1 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(qp.add(j + 8)),
-                        _mm256_loadu_ps(kp.add(j + 8)),
-                        a1,
-                    );
-                }
-                j += 16;
-            }
-            if j < d {
-                unsafe {
-                    a0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j)), _mm256_loadu_ps(kp.add(j)), a0);
+            let mut acc = [_mm256_setzero_ps(); G];
+            for j in (0..d).step_by(8) {
+                let k = unsafe { load8(kp.add(j)) };
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(qp.add(g * d + j)) }, k, *acc);
                 }
             }
-            scores.push(hsum(_mm256_add_ps(a0, a1)) * inv_scale);
+            for (g, acc) in acc.iter().enumerate() {
+                scores[g * n + t] = hsum(*acc) * inv_scale;
+            }
         }
-        let inv_sum = _mm256_set1_ps(1.0 / exp_in_place(scores));
-        let op = out.as_mut_ptr();
-        let mut base = 0;
-        // Four registers of the output at a time, kept in registers over all positions.
-        while base + 32 <= d {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (t, &w) in scores.iter().enumerate() {
-                let w = _mm256_set1_ps(w);
+        let mut inv_sum = [_mm256_setzero_ps(); G];
+        for (g, inv) in inv_sum.iter_mut().enumerate() {
+            *inv = _mm256_set1_ps(1.0 / exp_in_place(&mut scores[g * n..(g + 1) * n]));
+        }
+        // Sixteen output values of every head at a time, kept in registers over all positions.
+        for base in (0..d).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for t in 0..n {
                 let vp = unsafe {
                     cache
                         .values
                         .as_ptr()
                         .add(t * cache.stride + cache.offset + base)
                 };
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(vp.add(8 * i)) }, *a);
+                let (v0, v1) = unsafe { (load8(vp), load8(vp.add(8))) };
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(scores[g * n + t]);
+                    acc[0] = _mm256_fmadd_ps(w, v0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w, v1, acc[1]);
                 }
             }
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: `base + 8 * i + 8 <= d = out.len()`.
-                unsafe { _mm256_storeu_ps(op.add(base + 8 * i), _mm256_mul_ps(*a, inv_sum)) };
+            for (g, acc) in acc.iter().enumerate() {
+                unsafe {
+                    _mm256_storeu_ps(op.add(g * d + base), _mm256_mul_ps(acc[0], inv_sum[g]));
+                    _mm256_storeu_ps(op.add(g * d + base + 8), _mm256_mul_ps(acc[1], inv_sum[g]));
+                }
             }
-            base += 32;
-        }
-        while base < d {
-            let mut acc = _mm256_setzero_ps();
-            for (t, &w) in scores.iter().enumerate() {
-                let vp = unsafe {
-                    cache
-                        .values
-                        .as_ptr()
-                        .add(t * cache.stride + cache.offset + base)
-                };
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(w), unsafe { _mm256_loadu_ps(vp) }, acc);
-            }
-            unsafe { _mm256_storeu_ps(op.add(base), _mm256_mul_ps(acc, inv_sum)) };
-            base += 8;
         }
     }
 }
@@ -225,7 +244,7 @@ mod tests {
             .collect()
     }
 
-    /// Attention written out in f64 as a reference.
+    /// Attention written out in f64 as a reference, for one head.
     fn reference(q: &[f32], c: Cache<'_>) -> Vec<f64> {
         let d = q.len();
         let s: Vec<f64> = (0..c.n)
@@ -233,7 +252,7 @@ mod tests {
                 let k = &c.keys[t * c.stride + c.offset..][..d];
                 q.iter()
                     .zip(k)
-                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .map(|(a, b)| *a as f64 * b.to_f64())
                     .sum::<f64>()
                     / (d as f64).sqrt()
             })
@@ -244,28 +263,31 @@ mod tests {
         (0..d)
             .map(|j| {
                 (0..c.n)
-                    .map(|t| e[t] / sum * c.values[t * c.stride + c.offset + j] as f64)
+                    .map(|t| e[t] / sum * c.values[t * c.stride + c.offset + j].to_f64())
                     .sum()
             })
             .collect()
     }
 
     #[test]
-    fn both_versions_agree_with_a_reference() {
-        // Widths with and without a 32-float block, with an odd 8; one and many positions.
-        for (d, n) in [
-            (64, 1),
-            (64, 300),
-            (8, 7),
-            (24, 50),
-            (40, 33),
-            (128, 90),
-            (12, 5),
+    fn both_versions_agree_with_a_reference_and_heads_do_not_depend_on_their_group() {
+        // Widths with and without the AVX2 version's multiple of 16; groups of 1 to 9 heads
+        // (split into runs of at most four); one and many positions.
+        for (d, n, heads) in [
+            (64, 1, 3),
+            (64, 300, 3),
+            (64, 40, 9),
+            (16, 7, 1),
+            (32, 50, 2),
+            (128, 90, 4),
+            (24, 5, 2),
+            (12, 5, 1),
         ] {
             let (stride, offset) = (3 * d + 4, d + 2);
-            let keys = values(n * stride, 1 + d as u64);
-            let vals = values(n * stride, 2 + n as u64);
-            let q: Vec<f32> = values(d, 3).iter().map(|x| x * 4.0).collect();
+            let f16s = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let keys = f16s(values(n * stride, 1 + d as u64));
+            let vals = f16s(values(n * stride, 2 + n as u64));
+            let q: Vec<f32> = values(heads * d, 3).iter().map(|x| x * 4.0).collect();
             let cache = Cache {
                 keys: &keys,
                 values: &vals,
@@ -273,23 +295,36 @@ mod tests {
                 offset,
                 n,
             };
-            let want = reference(&q, cache);
             let mut scores = Vec::new();
-            let (mut fast_out, mut plain_out) = (vec![0f32; d], vec![0f32; d]);
-            head(&q, cache, &mut scores, &mut fast_out);
-            plain(
-                &q,
-                cache,
-                1.0 / (d as f32).sqrt(),
-                &mut scores,
-                &mut plain_out,
-            );
-            for (name, got) in [("dispatched", &fast_out), ("plain", &plain_out)] {
-                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-5,
-                        "{name} d={d} n={n} [{j}]: {g} vs {w}"
-                    );
+            let mut together = vec![0f32; heads * d];
+            group(&q, d, cache, &mut scores, &mut together);
+            for h in 0..heads {
+                let qh = &q[h * d..(h + 1) * d];
+                let want = reference(qh, cache);
+                let mut alone = vec![0f32; d];
+                group(qh, d, cache, &mut scores, &mut alone);
+                let mut portable = vec![0f32; d];
+                plain(
+                    qh,
+                    cache,
+                    1.0 / (d as f32).sqrt(),
+                    &mut scores,
+                    &mut portable,
+                );
+                let got = &together[h * d..(h + 1) * d];
+                assert!(
+                    got.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "d={d} n={n}: head {h} differs in a group of {heads} and alone"
+                );
+                for (name, got) in [("dispatched", got), ("plain", &portable[..])] {
+                    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5,
+                            "{name} d={d} n={n} head {h} [{j}]: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
@@ -298,7 +333,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "shorter than its view")]
     fn a_short_cache_is_refused() {
-        let keys = vec![0f32; 100];
+        let keys = vec![f16::ZERO; 100];
         let cache = Cache {
             keys: &keys,
             values: &keys,
@@ -306,6 +341,6 @@ mod tests {
             offset: 0,
             n: 2,
         };
-        head(&[0.0; 64], cache, &mut Vec::new(), &mut [0.0; 64]);
+        group(&[0.0; 64], 64, cache, &mut Vec::new(), &mut [0.0; 64]);
     }
 }

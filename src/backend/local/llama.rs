@@ -11,7 +11,7 @@
 //! # Why per-sequence caches
 //!
 //! A cache per sequence (per layer, its keys and values as flat `len × kv_heads × head_dim`
-//! vectors that grow in place) rather than a paged or padded shared cache: a sequence joins
+//! vectors of 16-bit floats that grow in place) rather than a paged or padded shared cache: a sequence joins
 //! and leaves without moving anyone else's state, dropping it frees its memory at once, and
 //! its attention is computed by exactly the code a lone sequence would run. Padding sequences
 //! to a common length would change what the attention sums over and with it, possibly, its
@@ -33,9 +33,10 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
+use half::f16;
 
 use super::attention;
-use super::q8::Q8Matrix;
+use super::q8::{Activations, Q8Matrix};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -63,27 +64,60 @@ impl Weight {
         })
     }
 
-    /// `x` (`[m, cols]`) times the matrix transposed: `[m, rows]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The input (`m × cols`) times the matrix transposed: `m × rows`, row-major.
+    fn forward(&self, x: &Input<'_>) -> Result<Vec<f32>> {
         match self {
-            Weight::Candle(w) => w.forward(x),
-            Weight::Q8(w) => {
-                let m = x.dim(0)?;
-                let data = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                Tensor::from_vec(w.matmul(&data, m), (m, w.rows()), x.device())
+            Weight::Q8(w) => Ok(w.matmul_quantized(x.q8())),
+            Weight::Candle(w) => {
+                let t = Tensor::from_slice(x.values, (x.rows, x.cols), &Device::Cpu)?;
+                w.forward(&t)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()
             }
         }
     }
 }
 
+/// The input of one or more matrix products: `rows × cols` values, row-major, and their `Q8_0`
+/// quantisation, made once on first use and shared by the products that take this input (the
+/// query, key and value projections; the MLP's gate and up projections).
+struct Input<'a> {
+    values: &'a [f32],
+    rows: usize,
+    cols: usize,
+    q8: std::cell::OnceCell<Activations>,
+}
+
+impl<'a> Input<'a> {
+    fn new(values: &'a [f32], rows: usize) -> Input<'a> {
+        Input {
+            values,
+            rows,
+            cols: values.len() / rows.max(1),
+            q8: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn q8(&self) -> &Activations {
+        self.q8
+            .get_or_init(|| Activations::quantize(self.values, self.rows, self.cols))
+    }
+
+    /// Row `r` alone.
+    fn row(&self, r: usize) -> Input<'a> {
+        Input::new(&self.values[r * self.cols..(r + 1) * self.cols], 1)
+    }
+}
+
 /// One transformer block's weights.
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     wq: Weight,
     wk: Weight,
     wv: Weight,
     wo: Weight,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     gate: Weight,
     up: Weight,
     down: Weight,
@@ -91,9 +125,11 @@ struct Layer {
 
 /// The weights of a llama-architecture model, shared by all sequences.
 pub(crate) struct Llama {
-    embeddings: Tensor,
+    /// `vocab × hidden`, row-major.
+    embeddings: Vec<f32>,
+    hidden: usize,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     head: Weight,
     eps: f32,
     n_head: usize,
@@ -102,7 +138,6 @@ pub(crate) struct Llama {
     /// Rotary tables, `MAX_SEQ_LEN × head_dim / 2` each, position-major.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    device: Device,
     /// Whether a batched matrix product may be used (see [`Llama::rows_independent`]).
     batched_matmul: bool,
 }
@@ -124,7 +159,8 @@ impl std::fmt::Debug for Llama {
 /// the whole cache at every token).
 #[derive(Debug, Default)]
 pub(crate) struct KvCache {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Keys and values as 16-bit floats (see [`attention`]).
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     /// Floats per token in one layer (`kv_heads × head_dim`), set by the first write.
     width: usize,
     len: usize,
@@ -162,7 +198,7 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
 }
 
 /// Deterministic inputs in [-1, 1) for the row-independence check.
-fn probe_input(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+fn probe_input(rows: usize, cols: usize) -> Vec<f32> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let data: Vec<f32> = (0..rows * cols)
         .map(|_| {
@@ -172,7 +208,7 @@ fn probe_input(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
-    Tensor::from_vec(data, (rows, cols), device)
+    data
 }
 
 impl Llama {
@@ -223,8 +259,11 @@ impl Llama {
         let mut get = |name: &str| ct.tensor(reader, name, device);
         let qmm = Weight::new;
         let embeddings_q = get("token_embd.weight")?;
-        let embeddings = embeddings_q.dequantize(device)?;
-        let norm = get("output_norm.weight")?.dequantize(device)?;
+        let embeddings = f32s(&embeddings_q.dequantize(device)?)?;
+        if embeddings.len() % hidden != 0 {
+            candle_core::bail!("token embeddings are not rows of {hidden} values");
+        }
+        let norm = f32s(&get("output_norm.weight")?.dequantize(device)?)?;
         // Models with tied embeddings have no separate output matrix.
         let head = match get("output.weight") {
             Ok(t) => qmm(t)?,
@@ -234,12 +273,12 @@ impl Llama {
         for i in 0..n_layer {
             let mut w = |what: &str| get(&format!("blk.{i}.{what}.weight"));
             layers.push(Layer {
-                attn_norm: w("attn_norm")?.dequantize(device)?,
+                attn_norm: f32s(&w("attn_norm")?.dequantize(device)?)?,
                 wq: qmm(w("attn_q")?)?,
                 wk: qmm(w("attn_k")?)?,
                 wv: qmm(w("attn_v")?)?,
                 wo: qmm(w("attn_output")?)?,
-                ffn_norm: w("ffn_norm")?.dequantize(device)?,
+                ffn_norm: f32s(&w("ffn_norm")?.dequantize(device)?)?,
                 gate: qmm(w("ffn_gate")?)?,
                 up: qmm(w("ffn_up")?)?,
                 down: qmm(w("ffn_down")?)?,
@@ -247,6 +286,7 @@ impl Llama {
         }
         let mut model = Llama {
             embeddings,
+            hidden,
             layers,
             norm,
             head,
@@ -256,7 +296,6 @@ impl Llama {
             head_dim,
             cos,
             sin,
-            device: device.clone(),
             batched_matmul: false,
         };
         model.batched_matmul = model.rows_independent(max_batch)?;
@@ -290,13 +329,15 @@ impl Llama {
         ];
         for m in mats {
             let k = m.cols()?;
-            let x = probe_input(max_batch.max(1), k, &self.device)?;
+            let x = probe_input(max_batch.max(1), k);
+            let all = Input::new(&x, max_batch.max(1));
             let alone: Vec<Vec<f32>> = (0..max_batch)
-                .map(|r| m.forward(&x.narrow(0, r, 1)?)?.squeeze(0)?.to_vec1::<f32>())
+                .map(|r| m.forward(&all.row(r)))
                 .collect::<Result<_>>()?;
             for rows in 2..=max_batch {
-                let together = m.forward(&x.narrow(0, 0, rows)?)?.to_vec2::<f32>()?;
-                let same = together.iter().zip(&alone).all(|(a, b)| {
+                let together = m.forward(&Input::new(&x[..rows * k], rows))?;
+                let width = together.len() / rows;
+                let same = together.chunks_exact(width).zip(&alone).all(|(a, b)| {
                     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
                 });
                 if !same {
@@ -314,15 +355,15 @@ impl Llama {
 
     /// A matrix product, in one go or row by row (see
     /// [`rows_independent`](Self::rows_independent)).
-    fn mm(w: &Weight, x: &Tensor, per_row: bool) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        if !per_row || rows == 1 {
+    fn mm(w: &Weight, x: &Input<'_>, per_row: bool) -> Result<Vec<f32>> {
+        if !per_row || x.rows == 1 {
             return w.forward(x);
         }
-        let each: Vec<Tensor> = (0..rows)
-            .map(|r| w.forward(&x.narrow(0, r, 1)?))
-            .collect::<Result<_>>()?;
-        Tensor::cat(&each, 0)
+        let mut out = Vec::new();
+        for r in 0..x.rows {
+            out.extend(w.forward(&x.row(r))?);
+        }
+        Ok(out)
     }
 
     /// Feeds each sequence its tokens (at the end of its own cache, which grows by that many)
@@ -334,7 +375,9 @@ impl Llama {
         if feeds.is_empty() {
             return Ok(Vec::new());
         }
-        let mut ids = Vec::new();
+        let hidden = self.hidden;
+        let vocab = self.embeddings.len() / hidden;
+        let mut x = Vec::new();
         for f in feeds.iter() {
             if f.tokens.is_empty() {
                 candle_core::bail!("a feed without tokens");
@@ -342,58 +385,71 @@ impl Llama {
             if f.cache.len + f.tokens.len() > MAX_SEQ_LEN {
                 candle_core::bail!("a sequence longer than {MAX_SEQ_LEN} tokens");
             }
-            ids.extend_from_slice(f.tokens);
+            for &id in f.tokens {
+                let id = id as usize;
+                if id >= vocab {
+                    candle_core::bail!("token {id} is outside the vocabulary of {vocab}");
+                }
+                x.extend_from_slice(&self.embeddings[id * hidden..][..hidden]);
+            }
         }
+        let n = x.len() / hidden;
         // A prompt's chunk (one feed) is a product over its rows either way; only rows of
         // different sequences must not share a product if the kernel is not row-independent.
         let per_row = !self.batched_matmul && feeds.len() > 1;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let (hd, kvd) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let q = Self::mm(&layer.wq, &h, per_row)?;
-            let k = Self::mm(&layer.wk, &h, per_row)?;
-            let v = Self::mm(&layer.wv, &h, per_row)?;
-            let (mut q, k, v) = (rows_of(&q)?, rows_of(&k)?, rows_of(&v)?);
-            let (hd, kvd) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+            let h = rms_norm(&x, &layer.attn_norm, self.eps);
+            let input = Input::new(&h, n);
+            let mut q = Self::mm(&layer.wq, &input, per_row)?;
+            let k = Self::mm(&layer.wk, &input, per_row)?;
+            let v = Self::mm(&layer.wv, &input, per_row)?;
+            if q.len() != n * hd || k.len() != n * kvd || v.len() != n * kvd {
+                candle_core::bail!("attention projections of unexpected widths");
+            }
             // Each new row: its position in its sequence, and that sequence's cache.
-            let mut rows = Vec::with_capacity(q.len() / hd);
+            let mut rows = Vec::with_capacity(n);
             let mut row = 0;
             for (s, f) in feeds.iter_mut().enumerate() {
-                let n = f.tokens.len();
+                let len = f.tokens.len();
                 let pos = f.cache.len;
                 self.append(
                     l,
                     f.cache,
-                    &mut q[row * hd..(row + n) * hd],
-                    &k[row * kvd..(row + n) * kvd],
-                    &v[row * kvd..(row + n) * kvd],
+                    &mut q[row * hd..(row + len) * hd],
+                    &k[row * kvd..(row + len) * kvd],
+                    &v[row * kvd..(row + len) * kvd],
                 );
-                rows.extend((0..n).map(|i| (s, pos + i)));
-                row += n;
+                rows.extend((0..len).map(|i| (s, pos + i)));
+                row += len;
             }
             let caches: Vec<&KvCache> = feeds.iter().map(|f| &*f.cache).collect();
             let attn = self.attend(l, &caches, &q, &rows);
-            let attn = Tensor::from_vec(attn, (row, hd), &self.device)?;
-            let x1 = (Self::mm(&layer.wo, &attn, per_row)? + residual)?;
-            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
-            let gate = candle_nn::ops::silu(&Self::mm(&layer.gate, &h, per_row)?)?;
-            let up = Self::mm(&layer.up, &h, per_row)?;
-            x = (Self::mm(&layer.down, &(gate * up)?, per_row)? + &x1)?;
+            add_to(
+                &mut x,
+                &Self::mm(&layer.wo, &Input::new(&attn, n), per_row)?,
+            );
+            let h = rms_norm(&x, &layer.ffn_norm, self.eps);
+            let input = Input::new(&h, n);
+            let mut gate = Self::mm(&layer.gate, &input, per_row)?;
+            let up = Self::mm(&layer.up, &input, per_row)?;
+            silu_times(&mut gate, &up);
+            add_to(
+                &mut x,
+                &Self::mm(&layer.down, &Input::new(&gate, n), per_row)?,
+            );
         }
-        let mut last = Vec::with_capacity(feeds.len());
-        let mut end = 0u32;
+        let mut last = Vec::with_capacity(feeds.len() * hidden);
+        let mut end = 0;
         for f in feeds.iter_mut() {
-            end += f.tokens.len() as u32;
-            last.push(end - 1);
+            end += f.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
             f.cache.len += f.tokens.len();
         }
-        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        Self::mm(&self.head, &x, per_row)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()
+        let h = rms_norm(&last, &self.norm, self.eps);
+        let logits = Self::mm(&self.head, &Input::new(&h, feeds.len()), per_row)?;
+        let width = logits.len() / feeds.len();
+        Ok(logits.chunks_exact(width).map(<[f32]>::to_vec).collect())
     }
 
     /// Turns one sequence's `n` new query rows (`q`: `n × heads × d`) and keys (`k`:
@@ -417,12 +473,12 @@ impl Llama {
             for head in q[i * hd..(i + 1) * hd].chunks_exact_mut(d) {
                 self.rope(head, pos + i);
             }
-            let start = keys.len();
-            keys.extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
-            for head in keys[start..].chunks_exact_mut(d) {
+            let mut turned = k[i * kvd..(i + 1) * kvd].to_vec();
+            for head in turned.chunks_exact_mut(d) {
                 self.rope(head, pos + i);
             }
-            values.extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
+            keys.extend(turned.iter().map(|&x| f16::from_f32(x)));
+            values.extend(v[i * kvd..(i + 1) * kvd].iter().map(|&x| f16::from_f32(x)));
         }
     }
 
@@ -431,13 +487,14 @@ impl Llama {
     /// (`caches[s]`, already holding the row's own key and value) it attends to up to and
     /// including `p` (causal). Returns `rows × heads × d` values.
     ///
-    /// Loops over each sequence's own cache ([`attention::head`]) rather than tensor operations: per decode
-    /// step that is a few dozen small products per layer and sequence, where candle's
-    /// operations (with a rotary kernel, a key/value repeat per head group and a cache
-    /// concatenation each) cost more in dispatch and copies than in arithmetic. Each query
-    /// head reads its group's keys and values in place (grouped-query attention without
-    /// copies). The (row, head) pairs are shared out over candle's thread pool; each is
-    /// computed by the same code wherever it runs and whatever else is in the batch.
+    /// Loops over each sequence's own cache ([`attention::group`]) rather than tensor
+    /// operations: per decode step that is a few dozen small products per layer and sequence,
+    /// where candle's operations (with a rotary kernel, a key/value repeat per head group and a
+    /// cache concatenation each) cost more in dispatch and copies than in arithmetic. The query
+    /// heads that share a key/value head are computed together, reading its keys and values in
+    /// place, once (grouped-query attention without copies). The (row, key/value head) pairs
+    /// are shared out over candle's thread pool; each is computed by the same code wherever it
+    /// runs and whatever else is in the batch.
     fn attend(
         &self,
         layer: usize,
@@ -447,34 +504,36 @@ impl Llama {
     ) -> Vec<f32> {
         let (h, kvh, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let (hd, kvd) = (h * d, kvh * d);
+        // Query heads per key/value head, and the values one item computes.
         let group = h / kvh;
+        let width = group * d;
         let one = |item: usize, scores: &mut Vec<f32>, o: &mut [f32]| {
-            let (r, head) = (item / h, item % h);
+            let (r, g) = (item / kvh, item % kvh);
             let (s, p) = rows[r];
             let (keys, values) = &caches[s].layers[layer];
             let cache = attention::Cache {
                 keys,
                 values,
                 stride: kvd,
-                offset: (head / group) * d,
+                offset: g * d,
                 n: p + 1,
             };
-            attention::head(&q[r * hd + head * d..][..d], cache, scores, o);
+            attention::group(&q[r * hd + g * width..][..width], d, cache, scores, o);
         };
-        let items = rows.len() * h;
-        let out = std::sync::Mutex::new(vec![0f32; items * d]);
+        let items = rows.len() * kvh;
+        let out = std::sync::Mutex::new(vec![0f32; items * width]);
         let work = |range: std::ops::Range<usize>| {
             let mut scores = Vec::new();
-            let mut local = vec![0f32; range.len() * d];
-            for (item, o) in range.clone().zip(local.chunks_exact_mut(d)) {
+            let mut local = vec![0f32; range.len() * width];
+            for (item, o) in range.clone().zip(local.chunks_exact_mut(width)) {
                 one(item, &mut scores, o);
             }
             let mut out = out
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            out[range.start * d..range.end * d].copy_from_slice(&local);
+            out[range.start * width..range.end * width].copy_from_slice(&local);
         };
-        if items < 2 * h {
+        if items < 2 {
             work(0..items);
         } else {
             candle_core::utils::barrier_pool().execute_chunked(items, work);
@@ -508,7 +567,45 @@ impl Llama {
     }
 }
 
-/// A `[rows, cols]` tensor's values, row-major.
-fn rows_of(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's values, flattened, as f32.
+fn f32s(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
+/// RMS norm of each row of `x` (rows as long as `weight`): `x / sqrt(mean(x²) + eps) * weight`,
+/// as candle's `rms_norm`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let mut acc = [0f32; 8];
+        for c in row.chunks_exact(8) {
+            for j in 0..8 {
+                acc[j] += c[j] * c[j];
+            }
+        }
+        let mut sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for v in row.chunks_exact(8).remainder() {
+            sum += v * v;
+        }
+        let scale = 1.0 / (sum / d as f32 + eps).sqrt();
+        out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
+    }
+    out
+}
+
+/// `gate = silu(gate) * up`, element by element (`silu(x) = x / (1 + e^-x)`).
+fn silu_times(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`, element by element.
+fn add_to(x: &mut [f32], y: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
 }

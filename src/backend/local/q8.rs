@@ -32,8 +32,6 @@ type Result<T> = candle_core::Result<T>;
 const BLOCK: usize = 32;
 /// Bytes per `Q8_0` block in a GGUF tensor: an f16 scale, then 32 signed bytes.
 const BLOCK_BYTES: usize = 2 + BLOCK;
-/// Activation rows computed together against each weight column.
-const ROW_TILE: usize = 4;
 /// Weight columns per unit of work handed to a thread.
 const COLUMN_CHUNK: usize = 16;
 
@@ -112,16 +110,18 @@ impl Q8Matrix {
         self.cols
     }
 
-    /// Output features.
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// `x` (`m × cols`, row-major) times this matrix transposed: `m × rows`, row-major.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation length");
-        let acts = Activations::quantize(x, m, self.blocks);
-        let n = self.rows;
+        self.matmul_quantized(&Activations::quantize(x, m, self.cols))
+    }
+
+    /// [`matmul`](Self::matmul) of activations already quantised (several matrices with the
+    /// same input, such as the query, key and value projections, share one quantisation).
+    pub(crate) fn matmul_quantized(&self, acts: &Activations) -> Vec<f32> {
+        assert_eq!(acts.blocks, self.blocks, "activation width");
+        let (m, n) = (acts.rows, self.rows);
         let mut out = vec![0f32; m * n];
         let chunks = n.div_ceil(COLUMN_CHUNK);
         let dst = SharedOut(out.as_mut_ptr());
@@ -129,7 +129,7 @@ impl Q8Matrix {
             for chunk in range {
                 let c0 = chunk * COLUMN_CHUNK;
                 let c1 = n.min(c0 + COLUMN_CHUNK);
-                self.columns(&acts, c0..c1, &dst, n);
+                self.columns(acts, c0..c1, &dst, n);
             }
         };
         if m * n * self.blocks < 4096 {
@@ -140,30 +140,28 @@ impl Q8Matrix {
         out
     }
 
-    /// Computes every row's outputs for the columns `cols`, writing them through `dst`.
+    /// Computes every row's outputs for the columns `cols`, writing them through `dst`: up to
+    /// [`ROW_TILE`] rows against one column at a time, rows outside (the chunk's weights stay
+    /// in the first-level cache while every row tile passes over them).
     fn columns(&self, acts: &Activations, cols: std::ops::Range<usize>, dst: &SharedOut, n: usize) {
-        let b = self.blocks;
         let mut row = 0;
         while row < acts.rows {
-            let tile = ROW_TILE.min(acts.rows - row);
+            let tile_rows = ROW_TILE.min(acts.rows - row);
             for col in cols.clone() {
-                let w_q = &self.quants[col * b * BLOCK..(col + 1) * b * BLOCK];
-                let w_s = &self.scales[col * b..(col + 1) * b];
                 let mut sums = [0f32; ROW_TILE];
-                if tile == ROW_TILE {
-                    sums = dot::<ROW_TILE>(w_q, w_s, acts, row);
-                } else {
-                    for (r, sum) in sums.iter_mut().enumerate().take(tile) {
-                        *sum = dot::<1>(w_q, w_s, acts, row + r)[0];
-                    }
+                match tile_rows {
+                    4 => sums = tile::<4>(self, acts, row, col),
+                    3 => sums[..3].copy_from_slice(&tile::<3>(self, acts, row, col)),
+                    2 => sums[..2].copy_from_slice(&tile::<2>(self, acts, row, col)),
+                    _ => sums[..1].copy_from_slice(&tile::<1>(self, acts, row, col)),
                 }
-                for (r, sum) in sums.iter().take(tile).enumerate() {
+                for (r, sum) in sums.iter().take(tile_rows).enumerate() {
                     // SAFETY: (row + r, col) is in bounds (row + r < m, col < n) and is written
                     // by this call only: each unit of work owns a distinct range of columns.
                     unsafe { dst.0.add((row + r) * n + col).write(*sum) };
                 }
             }
-            row += tile;
+            row += tile_rows;
         }
     }
 }
@@ -174,8 +172,8 @@ struct SharedOut(*mut f32);
 // outlives the pool's call, which returns only when every unit of work is done.
 unsafe impl Sync for SharedOut {}
 
-/// Activation rows quantised as `Q8_0` with f32 scales.
-struct Activations {
+/// Activation rows quantised as `Q8_0` with f32 scales, for [`Q8Matrix::matmul_quantized`].
+pub(crate) struct Activations {
     rows: usize,
     blocks: usize,
     scales: Vec<f32>,
@@ -183,15 +181,27 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32], rows: usize, blocks: usize) -> Activations {
-        let mut scales = Vec::with_capacity(rows * blocks);
-        let mut quants = Vec::with_capacity(rows * blocks * BLOCK);
-        for block in x.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-            scales.push(d);
-            quants.extend(block.iter().map(|v| (v * inv).round() as i8));
+    /// Quantises `rows` rows of `cols` values (`x`, row-major; `cols` a multiple of 32).
+    pub(crate) fn quantize(x: &[f32], rows: usize, cols: usize) -> Activations {
+        assert!(
+            cols % BLOCK == 0 && x.len() == rows * cols,
+            "activation shape"
+        );
+        let blocks = cols / BLOCK;
+        let mut scales = vec![0f32; rows * blocks];
+        let mut quants = vec![0i8; rows * cols];
+        let blocks_of = x
+            .chunks_exact(BLOCK)
+            .zip(quants.chunks_exact_mut(BLOCK))
+            .zip(&mut scales);
+        for ((block, q), d) in blocks_of {
+            #[cfg(target_arch = "x86_64")]
+            if supported() {
+                // SAFETY: AVX2 is present (`supported`); both blocks hold 32 values.
+                *d = unsafe { avx2::quantize_block(block, q) };
+                continue;
+            }
+            *d = quantize_block(block, q);
         }
         Activations {
             rows,
@@ -202,24 +212,41 @@ impl Activations {
     }
 }
 
-/// The dot products of rows `first..first + R` of `acts` with one weight column.
-fn dot<const R: usize>(w_q: &[i8], w_s: &[f32], acts: &Activations, first: usize) -> [f32; R] {
-    let b = acts.blocks;
-    assert!(first + R <= acts.rows && w_q.len() == b * BLOCK && w_s.len() == b);
+/// One block of 32 values as 8-bit integers and a scale (ggml's `Q8_0` rule: scale =
+/// max |x| / 127, values rounded to the nearest integer, halves to even).
+fn quantize_block(block: &[f32], q: &mut [i8]) -> f32 {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    for (q, v) in q.iter_mut().zip(block) {
+        *q = (v * inv).round_ties_even() as i8;
+    }
+    d
+}
+
+/// Rows per tile: each weight block loaded is used by this many rows.
+const ROW_TILE: usize = 4;
+/// The dot products of rows `row..row + R` of `acts` with column `col` of `w`.
+fn tile<const R: usize>(w: &Q8Matrix, acts: &Activations, row: usize, col: usize) -> [f32; R] {
+    let b = w.blocks;
+    assert!(row + R <= acts.rows && col < w.rows && acts.blocks == b);
     #[cfg(target_arch = "x86_64")]
     {
-        let x_q: [&[i8]; R] = std::array::from_fn(|r| {
-            &acts.quants[(first + r) * b * BLOCK..(first + r + 1) * b * BLOCK]
-        });
-        let x_s: [&[f32]; R] =
-            std::array::from_fn(|r| &acts.scales[(first + r) * b..(first + r + 1) * b]);
-        // SAFETY: `Q8Matrix` exists only when `supported()` found AVX2 and FMA, and the slices'
-        // lengths were checked above (the kernel reads `b` blocks of each).
-        unsafe { avx2::dot(w_q, w_s, x_q, x_s, b) }
+        // SAFETY: a `Q8Matrix` exists only when `supported()` found AVX2 and FMA; rows
+        // `row..row + R` and column `col` are in bounds (checked above), and each holds `b`
+        // blocks of 32 values and `b` scales.
+        unsafe {
+            avx2::tile::<R>(
+                w.quants.as_ptr().add(col * b * BLOCK),
+                w.scales.as_ptr().add(col * b),
+                acts.quants.as_ptr().add(row * b * BLOCK),
+                acts.scales.as_ptr().add(row * b),
+                b,
+            )
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w_q, w_s);
         unreachable!("Q8Matrix is only built on x86-64")
     }
 }
@@ -227,60 +254,117 @@ fn dot<const R: usize>(w_q: &[i8], w_s: &[f32], acts: &Activations, first: usize
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
-        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set1_epi16,
-        _mm256_set1_ps, _mm256_setzero_ps, _mm256_sign_epi8, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-        _mm_movehl_ps, _mm_shuffle_ps,
+        __m256, _mm256_and_ps, _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cvtepi32_ps,
+        _mm256_cvtps_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_hadd_ps,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
+        _mm256_max_ps, _mm256_mul_ps, _mm256_packs_epi16, _mm256_packs_epi32,
+        _mm256_permutevar8x32_epi32, _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps,
+        _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8, _mm256_storeu_si256, _mm_add_ss,
+        _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehl_ps, _mm_shuffle_ps,
     };
 
     use super::BLOCK;
 
-    /// `R` dot products against one weight column of `blocks` blocks.
+    /// The 8 lanes of `v` summed as `((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))`.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let h = _mm256_hadd_ps(v, v);
+        let h = _mm256_hadd_ps(h, h);
+        _mm_cvtss_f32(_mm_add_ss(
+            _mm256_castps256_ps128(h),
+            _mm256_extractf128_ps(h, 1),
+        ))
+    }
+
+    /// `R` dot products: rows `x_q`/`x_s` (row `r` at `x_q + r * blocks * 32`, its scales at
+    /// `x_s + r * blocks`) against one weight column `w_q`/`w_s`.
+    ///
+    /// Every (row, column) output gets the same instructions in the same order whatever `R`
+    /// is: per block, the 32 byte products summed in pairs then quads as integers, converted
+    /// to f32 and added with one FMA (scale = weight scale × row scale) to an 8-lane
+    /// accumulator, whose lanes are summed by [`hsum`] at the end. (Plain loops rather than
+    /// array closures: closures here would not be inlined into this AVX2 function.)
     ///
     /// # Safety
     ///
-    /// The CPU must have AVX2 and FMA; `w_q` and every `x_q[r]` must hold `blocks * 32`
-    /// values, `w_s` and every `x_s[r]` `blocks` scales. Quantised values must lie in
-    /// `-127..=127` for the activations (ours do; the weights may hold -128).
+    /// The CPU must have AVX2 and FMA; the pointers must address `R` rows and one column of
+    /// `blocks` blocks each (values and scales). Activation values must lie in `-127..=127`
+    /// (ours do; the weights may hold -128).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot<const R: usize>(
-        w_q: &[i8],
-        w_s: &[f32],
-        x_q: [&[i8]; R],
-        x_s: [&[f32]; R],
+    pub(super) unsafe fn tile<const R: usize>(
+        w_q: *const i8,
+        w_s: *const f32,
+        x_q: *const i8,
+        x_s: *const f32,
         blocks: usize,
     ) -> [f32; R] {
         let ones = _mm256_set1_epi16(1);
         let mut acc: [__m256; R] = [_mm256_setzero_ps(); R];
         for i in 0..blocks {
-            // SAFETY: block `i` of each slice is in bounds (the caller's lengths).
-            let w = unsafe { _mm256_loadu_si256(w_q.as_ptr().add(i * BLOCK).cast()) };
+            // SAFETY (all loads): block `i` of each row and of the column is in bounds (the
+            // caller's promise).
+            let w = unsafe { _mm256_loadu_si256(w_q.add(i * BLOCK).cast()) };
             // |w| as unsigned bytes (-128 gives 128, which is right for unsigned).
             let w_abs = _mm256_sign_epi8(w, w);
-            let ws = w_s[i];
-            for r in 0..R {
-                let x = unsafe { _mm256_loadu_si256(x_q[r].as_ptr().add(i * BLOCK).cast()) };
-                // x with w's sign, so that |w| * (x * sign w) = w * x.
-                let x_signed = _mm256_sign_epi8(x, w);
-                // Pairs of products as i16 (at most 2 * 128 * 127, no saturation), then
-                // quads as i32.
-                let p16 = _mm256_maddubs_epi16(w_abs, x_signed);
+            let ws = _mm256_set1_ps(unsafe { *w_s.add(i) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = unsafe { _mm256_loadu_si256(x_q.add((r * blocks + i) * BLOCK).cast()) };
+                let xs = _mm256_set1_ps(unsafe { *x_s.add(r * blocks + i) });
+                // x with w's sign, so that |w| * (x * sign w) = w * x; pairs of products as
+                // i16 (at most 2 * 128 * 127, no saturation), then quads as i32.
+                let p16 = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
                 let p32 = _mm256_madd_epi16(p16, ones);
-                let scale = _mm256_set1_ps(ws * x_s[r][i]);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p32), acc[r]);
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(ws, xs), _mm256_cvtepi32_ps(p32), *acc);
             }
         }
         let mut out = [0f32; R];
-        for r in 0..R {
-            // The 8 lanes summed in a fixed order.
-            let hi = _mm256_extractf128_ps(acc[r], 1);
-            let lo = _mm256_castps256_ps128(acc[r]);
-            let s4 = _mm_add_ps(lo, hi);
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-            out[r] = _mm_cvtss_f32(s1);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum(a);
         }
         out
+    }
+
+    /// Quantises one block of 32 values (see [`super::quantize_block`], which gives the same
+    /// result) and returns its scale.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX2; `block` and `q` must hold 32 values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_block(block: &[f32], q: &mut [i8]) -> f32 {
+        debug_assert!(block.len() == BLOCK && q.len() == BLOCK);
+        let p = block.as_ptr();
+        // SAFETY: 32 floats from `p`.
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+        // Round to nearest, halves to even (the default rounding mode), as i32, then packed
+        // to bytes; the packs interleave 128-bit lanes, which the permutation undoes.
+        let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv));
+        let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+        let i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv));
+        let i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 bytes to `q`.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), ordered) };
+        d
     }
 }
 
