@@ -56,7 +56,7 @@ fn fast() -> bool {
 /// `cache.n` is 0, or the cache is shorter than its view says.
 pub(crate) fn group(q: &[f32], d: usize, cache: Cache<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     assert!(
-        d > 0 && !q.is_empty() && q.len() % d == 0 && out.len() == q.len() && cache.n > 0,
+        d > 0 && !q.is_empty() && q.len().is_multiple_of(d) && out.len() == q.len() && cache.n > 0,
         "attention shapes"
     );
     let last = (cache.n - 1) * cache.stride + cache.offset + d;

@@ -184,7 +184,7 @@ impl Activations {
     /// Quantises `rows` rows of `cols` values (`x`, row-major; `cols` a multiple of 32).
     pub(crate) fn quantize(x: &[f32], rows: usize, cols: usize) -> Activations {
         assert!(
-            cols % BLOCK == 0 && x.len() == rows * cols,
+            cols.is_multiple_of(BLOCK) && x.len() == rows * cols,
             "activation shape"
         );
         let blocks = cols / BLOCK;
