@@ -110,16 +110,71 @@ impl<'a> Input<'a> {
     }
 }
 
+/// Matrices that take the same input (the query, key and value projections; the MLP's gate
+/// and up projections): one product over their rows stacked when all are [`Q8Matrix`]es (one
+/// pass of the thread pool instead of several; each output is computed by the same
+/// instructions either way), else one product each.
+enum Stack {
+    Fused(Q8Matrix, Vec<usize>),
+    Each(Vec<Weight>),
+}
+
+impl Stack {
+    fn new(weights: Vec<Weight>) -> Result<Stack> {
+        if !weights.iter().all(|w| matches!(w, Weight::Q8(_))) {
+            return Ok(Stack::Each(weights));
+        }
+        let parts: Vec<Q8Matrix> = weights
+            .into_iter()
+            .map(|w| match w {
+                Weight::Q8(m) => m,
+                Weight::Candle(_) => unreachable!("checked above"),
+            })
+            .collect();
+        let widths = parts.iter().map(Q8Matrix::rows).collect();
+        Ok(Stack::Fused(Q8Matrix::stack(parts)?, widths))
+    }
+
+    /// Each matrix's product with `x` (`x.rows × its rows`, row-major), in order.
+    fn forward(&self, x: &Input<'_>, per_row: bool) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Stack::Each(ws) => ws.iter().map(|w| Llama::mm(w, x, per_row)).collect(),
+            Stack::Fused(m, widths) => {
+                let all = m.matmul_quantized(x.q8());
+                let mut outs: Vec<Vec<f32>> = widths
+                    .iter()
+                    .map(|w| Vec::with_capacity(w * x.rows))
+                    .collect();
+                for row in all.chunks_exact(m.rows()) {
+                    let mut at = 0;
+                    for (out, w) in outs.iter_mut().zip(widths) {
+                        out.extend_from_slice(&row[at..at + w]);
+                        at += w;
+                    }
+                }
+                Ok(outs)
+            }
+        }
+    }
+
+    /// Input features.
+    fn cols(&self) -> Result<usize> {
+        match self {
+            Stack::Fused(m, _) => Ok(m.cols()),
+            Stack::Each(ws) => ws.first().map_or(Ok(0), Weight::cols),
+        }
+    }
+}
+
 /// One transformer block's weights.
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
+    /// Query, key and value projections.
+    qkv: Stack,
     wo: Weight,
     ffn_norm: Vec<f32>,
-    gate: Weight,
-    up: Weight,
+    /// The MLP's gate and up projections.
+    gate_up: Stack,
     down: Weight,
 }
 
@@ -195,6 +250,35 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
         Some(v) => Ok(v.to_u32()? as usize),
         None => candle_core::bail!("cannot find {key} in the GGUF metadata"),
     }
+}
+
+/// Whether `product` (of inputs `k` wide, giving one output per matrix) gives each row of
+/// batches of 2..=`max_batch` rows the same bits as that row alone.
+fn same_alone_and_together(
+    k: usize,
+    max_batch: usize,
+    product: &dyn Fn(&Input<'_>) -> Result<Vec<Vec<f32>>>,
+) -> Result<bool> {
+    let rows = max_batch.max(1);
+    let x = probe_input(rows, k);
+    let all = Input::new(&x, rows);
+    let alone: Vec<Vec<Vec<f32>>> = (0..rows)
+        .map(|r| product(&all.row(r)))
+        .collect::<Result<_>>()?;
+    for n in 2..=rows {
+        let together = product(&Input::new(&x[..n * k], n))?;
+        for (part, out) in together.iter().enumerate() {
+            let width = out.len() / n;
+            let same = out.chunks_exact(width).zip(&alone).all(|(a, b)| {
+                let b = &b[part];
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            });
+            if !same {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Deterministic inputs in [-1, 1) for the row-independence check.
@@ -274,13 +358,14 @@ impl Llama {
             let mut w = |what: &str| get(&format!("blk.{i}.{what}.weight"));
             layers.push(Layer {
                 attn_norm: f32s(&w("attn_norm")?.dequantize(device)?)?,
-                wq: qmm(w("attn_q")?)?,
-                wk: qmm(w("attn_k")?)?,
-                wv: qmm(w("attn_v")?)?,
+                qkv: Stack::new(vec![
+                    qmm(w("attn_q")?)?,
+                    qmm(w("attn_k")?)?,
+                    qmm(w("attn_v")?)?,
+                ])?,
                 wo: qmm(w("attn_output")?)?,
                 ffn_norm: f32s(&w("ffn_norm")?.dequantize(device)?)?,
-                gate: qmm(w("ffn_gate")?)?,
-                up: qmm(w("ffn_up")?)?,
+                gate_up: Stack::new(vec![qmm(w("ffn_gate")?)?, qmm(w("ffn_up")?)?])?,
                 down: qmm(w("ffn_down")?)?,
             });
         }
@@ -317,35 +402,17 @@ impl Llama {
         let Some(first) = self.layers.first() else {
             return Ok(true);
         };
-        let mats = [
-            &first.wq,
-            &first.wk,
-            &first.wv,
-            &first.wo,
-            &first.gate,
-            &first.up,
-            &first.down,
-            &self.head,
-        ];
-        for m in mats {
-            let k = m.cols()?;
-            let x = probe_input(max_batch.max(1), k);
-            let all = Input::new(&x, max_batch.max(1));
-            let alone: Vec<Vec<f32>> = (0..max_batch)
-                .map(|r| m.forward(&all.row(r)))
-                .collect::<Result<_>>()?;
-            for rows in 2..=max_batch {
-                let together = m.forward(&Input::new(&x[..rows * k], rows))?;
-                let width = together.len() / rows;
-                let same = together.chunks_exact(width).zip(&alone).all(|(a, b)| {
-                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-                });
-                if !same {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
+        let single = |w: &Weight| -> Result<bool> {
+            same_alone_and_together(w.cols()?, max_batch, &|x| Ok(vec![w.forward(x)?]))
+        };
+        let stack = |st: &Stack| -> Result<bool> {
+            same_alone_and_together(st.cols()?, max_batch, &|x| st.forward(x, false))
+        };
+        Ok(stack(&first.qkv)?
+            && single(&first.wo)?
+            && stack(&first.gate_up)?
+            && single(&first.down)?
+            && single(&self.head)?)
     }
 
     /// Whether batched matrix products are in use (see [`rows_independent`](Self::rows_independent)).
@@ -401,9 +468,10 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, self.eps);
             let input = Input::new(&h, n);
-            let mut q = Self::mm(&layer.wq, &input, per_row)?;
-            let k = Self::mm(&layer.wk, &input, per_row)?;
-            let v = Self::mm(&layer.wv, &input, per_row)?;
+            let Ok([mut q, k, v]) = <[Vec<f32>; 3]>::try_from(layer.qkv.forward(&input, per_row)?)
+            else {
+                candle_core::bail!("three attention projections expected");
+            };
             if q.len() != n * hd || k.len() != n * kvd || v.len() != n * kvd {
                 candle_core::bail!("attention projections of unexpected widths");
             }
@@ -431,8 +499,11 @@ impl Llama {
             );
             let h = rms_norm(&x, &layer.ffn_norm, self.eps);
             let input = Input::new(&h, n);
-            let mut gate = Self::mm(&layer.gate, &input, per_row)?;
-            let up = Self::mm(&layer.up, &input, per_row)?;
+            let Ok([mut gate, up]) =
+                <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&input, per_row)?)
+            else {
+                candle_core::bail!("two MLP projections expected");
+            };
             silu_times(&mut gate, &up);
             add_to(
                 &mut x,
@@ -559,10 +630,14 @@ impl Llama {
 
     /// The quantised block type of the first layer's query projection, for logs.
     pub(crate) fn weight_dtype(&self) -> Option<GgmlDType> {
-        match self.layers.first().map(|l| &l.wq) {
-            Some(Weight::Q8(_)) => Some(GgmlDType::Q8_0),
-            Some(Weight::Candle(QMatMul::QTensor(t))) => Some(t.dtype()),
-            _ => None,
+        match self.layers.first().map(|l| &l.qkv) {
+            Some(Stack::Fused(..)) => Some(GgmlDType::Q8_0),
+            Some(Stack::Each(ws)) => match ws.first() {
+                Some(Weight::Q8(_)) => Some(GgmlDType::Q8_0),
+                Some(Weight::Candle(QMatMul::QTensor(t))) => Some(t.dtype()),
+                _ => None,
+            },
+            None => None,
         }
     }
 }

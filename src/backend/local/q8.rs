@@ -110,6 +110,33 @@ impl Q8Matrix {
         self.cols
     }
 
+    /// Output features.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The matrices' rows stacked in order (their products are the parts' products side by
+    /// side).
+    pub(crate) fn stack(parts: Vec<Q8Matrix>) -> Result<Q8Matrix> {
+        let cols = parts.first().map_or(0, |m| m.cols);
+        if parts.iter().any(|m| m.cols != cols) {
+            candle_core::bail!("stacked matrices must have the same number of columns");
+        }
+        let mut all = Q8Matrix {
+            rows: 0,
+            cols,
+            blocks: cols / BLOCK,
+            scales: Vec::new(),
+            quants: Vec::new(),
+        };
+        for m in parts {
+            all.rows += m.rows;
+            all.scales.extend(m.scales);
+            all.quants.extend(m.quants);
+        }
+        Ok(all)
+    }
+
     /// `x` (`m × cols`, row-major) times this matrix transposed: `m × rows`, row-major.
     #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
@@ -176,7 +203,8 @@ unsafe impl Sync for SharedOut {}
 pub(crate) struct Activations {
     rows: usize,
     blocks: usize,
-    scales: Vec<f32>,
+    /// Each block's scale repeated 8 times (the kernel reads it as a vector).
+    scales8: Vec<f32>,
     quants: Vec<i8>,
 }
 
@@ -203,10 +231,11 @@ impl Activations {
             }
             *d = quantize_block(block, q);
         }
+        let scales8 = scales.iter().flat_map(|&d| [d; 8]).collect();
         Activations {
             rows,
             blocks,
-            scales,
+            scales8,
             quants,
         }
     }
@@ -240,7 +269,7 @@ fn tile<const R: usize>(w: &Q8Matrix, acts: &Activations, row: usize, col: usize
                 w.quants.as_ptr().add(col * b * BLOCK),
                 w.scales.as_ptr().add(col * b),
                 acts.quants.as_ptr().add(row * b * BLOCK),
-                acts.scales.as_ptr().add(row * b),
+                acts.scales8.as_ptr().add(row * b * 8),
                 b,
             )
         }
@@ -254,16 +283,20 @@ fn tile<const R: usize>(w: &Q8Matrix, acts: &Activations, row: usize, col: usize
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_and_ps, _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cvtepi32_ps,
-        _mm256_cvtps_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_hadd_ps,
-        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
-        _mm256_max_ps, _mm256_mul_ps, _mm256_packs_epi16, _mm256_packs_epi32,
+        __m256, _mm256_and_ps, _mm256_broadcast_ss, _mm256_castps256_ps128, _mm256_castsi256_ps,
+        _mm256_cvtepi32_ps, _mm256_cvtps_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_hadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16,
+        _mm256_maddubs_epi16, _mm256_max_ps, _mm256_mul_ps, _mm256_packs_epi16, _mm256_packs_epi32,
         _mm256_permutevar8x32_epi32, _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps,
         _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8, _mm256_storeu_si256, _mm_add_ss,
-        _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehl_ps, _mm_shuffle_ps,
+        _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehl_ps, _mm_prefetch, _mm_shuffle_ps,
+        _MM_HINT_T0,
     };
 
     use super::BLOCK;
+
+    /// How far ahead of the block being read the kernel prefetches weights, in bytes.
+    const PREFETCH_AHEAD: usize = 2048;
 
     /// The 8 lanes of `v` summed as `((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))`.
     #[target_feature(enable = "avx2,fma")]
@@ -276,8 +309,8 @@ mod avx2 {
         ))
     }
 
-    /// `R` dot products: rows `x_q`/`x_s` (row `r` at `x_q + r * blocks * 32`, its scales at
-    /// `x_s + r * blocks`) against one weight column `w_q`/`w_s`.
+    /// `R` dot products: rows `x_q`/`x_s` (row `r` at `x_q + r * blocks * 32`, its scales, each
+    /// repeated 8 times, at `x_s + r * blocks * 8`) against one weight column `w_q`/`w_s`.
     ///
     /// Every (row, column) output gets the same instructions in the same order whatever `R`
     /// is: per block, the 32 byte products summed in pairs then quads as integers, converted
@@ -288,7 +321,7 @@ mod avx2 {
     /// # Safety
     ///
     /// The CPU must have AVX2 and FMA; the pointers must address `R` rows and one column of
-    /// `blocks` blocks each (values and scales). Activation values must lie in `-127..=127`
+    /// `blocks` blocks each (values and scales, 8 floats per block for the rows). Activation values must lie in `-127..=127`
     /// (ours do; the weights may hold -128).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const R: usize>(
@@ -304,12 +337,17 @@ mod avx2 {
             // SAFETY (all loads): block `i` of each row and of the column is in bounds (the
             // caller's promise).
             let w = unsafe { _mm256_loadu_si256(w_q.add(i * BLOCK).cast()) };
+            // The weights are read once per product, from memory: ask for the ones a few
+            // columns ahead now (a prefetch never faults, even past the end).
+            _mm_prefetch::<_MM_HINT_T0>(w_q.wrapping_add(i * BLOCK + PREFETCH_AHEAD).cast());
             // |w| as unsigned bytes (-128 gives 128, which is right for unsigned).
             let w_abs = _mm256_sign_epi8(w, w);
-            let ws = _mm256_set1_ps(unsafe { *w_s.add(i) });
+            let ws = _mm256_broadcast_ss(unsafe { &*w_s.add(i) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = unsafe { _mm256_loadu_si256(x_q.add((r * blocks + i) * BLOCK).cast()) };
-                let xs = _mm256_set1_ps(unsafe { *x_s.add(r * blocks + i) });
+                // The row's scale as 8 lanes, read from memory (a splat made here would be
+                // multiplied as a scalar and broadcast again: one more instruction).
+                let xs = unsafe { _mm256_loadu_ps(x_s.add((r * blocks + i) * 8)) };
                 // x with w's sign, so that |w| * (x * sign w) = w * x; pairs of products as
                 // i16 (at most 2 * 128 * 127, no saturation), then quads as i32.
                 let p16 = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
