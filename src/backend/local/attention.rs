@@ -126,12 +126,7 @@ fn plain(q: &[f32], cache: Cache<'_>, inv_scale: f32, scores: &mut Vec<f32>, out
 /// Replaces each score by `exp(score - max)` and returns their sum (the softmax's divisor).
 fn exp_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    sum
+    super::vmath::exp_sum(scores, max, 1.0)
 }
 
 #[cfg(target_arch = "x86_64")]

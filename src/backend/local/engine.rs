@@ -387,6 +387,8 @@ pub(crate) struct Sampler {
     repeat_penalty: f32,
     repeat_last_n: usize,
     rng: ChaCha8Rng,
+    /// `exp((logit - max) / temperature)` for each token.
+    weights: Vec<f32>,
     scratch: Vec<(u32, f32)>,
     recent: Vec<u32>,
 }
@@ -407,6 +409,7 @@ impl Sampler {
             repeat_penalty: 1.0,
             repeat_last_n: 0,
             rng,
+            weights: Vec::new(),
             scratch: Vec::new(),
             recent: Vec::new(),
         }
@@ -452,14 +455,13 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.temperature;
+        let weights = &mut self.weights;
+        weights.clear();
+        weights.extend_from_slice(logits);
+        let total = super::vmath::exp_sum(weights, max, inv_t);
         let probs = &mut self.scratch;
         probs.clear();
-        let mut total = 0.0f32;
-        for (i, &l) in logits.iter().enumerate() {
-            let p = ((l - max) * inv_t).exp();
-            total += p;
-            probs.push((i as u32, p));
-        }
+        probs.extend(weights.iter().enumerate().map(|(i, &p)| (i as u32, p)));
         let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         // The nucleus: the most likely tokens whose mass reaches top_p. Sorting the whole
         // vocabulary for every token is slow, so sort a top slice that grows until it is enough.

@@ -35,8 +35,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use half::f16;
 
-use super::attention;
 use super::q8::{Activations, Q8Matrix};
+use super::{attention, vmath};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -504,7 +504,7 @@ impl Llama {
             else {
                 candle_core::bail!("two MLP projections expected");
             };
-            silu_times(&mut gate, &up);
+            vmath::silu_times(&mut gate, &up);
             add_to(
                 &mut x,
                 &Self::mm(&layer.down, &Input::new(&gate, n), per_row)?,
@@ -668,13 +668,6 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
     }
     out
-}
-
-/// `gate = silu(gate) * up`, element by element (`silu(x) = x / (1 + e^-x)`).
-fn silu_times(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
 }
 
 /// `x += y`, element by element.

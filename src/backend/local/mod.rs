@@ -86,6 +86,7 @@ mod llama;
 pub mod model;
 mod q8;
 mod tokenizer;
+mod vmath;
 
 use std::borrow::Cow;
 use std::fmt;
