@@ -40,10 +40,12 @@
 //!   without waiting for the others; requests beyond the limit wait in the queue, first come,
 //!   first served. `benches/local_speed.rs` measures the aggregate speed at 1, 2, 4 and 8
 //!   concurrent requests against llama.cpp's server with as many slots.
-//! - **KV caches, one per request.** Each request has its own keys and values per layer and
-//!   its own position; attention (with the rotary embedding at that position) runs per request
-//!   against its own cache, only the matrix products are shared. A request that leaves frees
-//!   its cache at once, and no state leaks from one call into another.
+//! - **KV caches, one per request.** Each request has its own keys and values per layer (as
+//!   16-bit floats, as llama.cpp keeps them: decoding streams every cache through the CPU at
+//!   every step, so half the bytes is most of attention's cost) and its own position; attention
+//!   (with the rotary embedding at that position) runs per request against its own cache, only
+//!   the matrix products are shared. A request that leaves frees its cache at once, and no
+//!   state leaks from one call into another.
 //! - **A request's text depends only on its own prompt, parameters and seed,** never on what
 //!   else is in the batch or on the batch limit: every operation is row-wise or per request,
 //!   and when the model loads, the quantised matrix products are checked to give each row the
@@ -59,20 +61,26 @@
 //!   for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
 //!   types are re-encoded as Q8_0 when the model loads (about a second; see
 //!   [`LocalBackendBuilder::requantize`]). So a plain `cargo build` gets fast kernels without
-//!   `-C target-cpu=native`. On x86-64 with AVX2 and FMA, Q8_0 weights go through our own
-//!   product instead of candle's (the `q8` submodule): scales converted once at load, and up
-//!   to four rows of the batch computed against each weight column while it is in registers,
-//!   which (with attention written as plain loops) made one request about 1.5 times and four
-//!   together about 2.5 times as fast as with candle's kernel on the default model. Each row gets the same instructions in the same
-//!   order as alone, so batching stays exact.
+//!   `-C target-cpu=native`. On x86-64 with AVX2 and FMA (detected at run time), the hot loops
+//!   are our own instead of candle's: the Q8_0 matrix product (the `q8` submodule: scales
+//!   converted once at load, each input quantised once for the products that share it, up to
+//!   four rows of the batch against each weight column while it is in registers, the query,
+//!   key and value projections as one product, the MLP's gate and up as another), attention
+//!   (the `attention` submodule: the query heads that share a key/value head read it together)
+//!   and the exponentials of SiLU, softmax and sampling (the `vmath` submodule). On the default
+//!   model and 2 cores that made one request about 2.5 times and four together 4.5 times as fast as
+//!   with candle's kernels and operations; `benches/local_speed.rs` measures it. Each row gets
+//!   the same instructions in the same order as alone, so batching stays exact.
 //! - **Threads.** candle uses as many threads as the machine has physical cores; set
 //!   `CANDLE_NUM_THREADS` to change that (read once per process, at the first model
 //!   operation). Its workers wait for each other by spinning, which is fastest on an idle
 //!   machine but can be several times slower than a single thread when the cores are shared
 //!   with other busy processes (we measured 1.6 against 9.5 tokens/s on two cores under heavy
 //!   load): use `CANDLE_NUM_THREADS=1` there. Outputs do not depend on the thread count.
-//! - **Sampling.** Temperature (0 is greedy), top-p, a seed (ChaCha8: the same seed gives the
-//!   same text on every platform, for the same model file and crate version), `max_tokens`,
+//! - **Sampling.** Temperature (0 is greedy), top-p, a seed (ChaCha8: the same seed draws the
+//!   same numbers on every platform; for the same model file and crate version it gives the
+//!   same text on every CPU of one kind, while CPUs with and without AVX2 round the model's
+//!   arithmetic differently and may diverge), `max_tokens`,
 //!   stop sequences (generation stops as soon as the text contains one; it and anything after
 //!   it are cut off). The end-of-turn tokens of the template (`<|im_end|>`, the GGUF's EOS) end
 //!   generation with [`FinishReason::Stop`](crate::FinishReason::Stop); the token limit or a
