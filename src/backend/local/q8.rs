@@ -478,39 +478,3 @@ mod tests {
         assert!(Q8Matrix::from_qtensor(&q).unwrap().is_none());
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    use candle_core::{Device, Tensor};
-
-    #[test]
-    #[ignore = "a timing probe, run by hand with --release"]
-    fn kernel_speed() {
-        for (rows, cols) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
-                .collect();
-            let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-            let m8 = Q8Matrix::from_qtensor(&q).unwrap().unwrap();
-            for m in [1usize, 2, 4, 8, 16, 64, 256] {
-                let x: Vec<f32> = (0..m * cols)
-                    .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
-                    .collect();
-                let reps = (2_000_000_000 / (rows * cols * m)).max(3);
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    std::hint::black_box(m8.matmul(&x, m));
-                }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-                eprintln!(
-                    "{rows}x{cols} m={m:>3}: {:8.1} us  {:6.1} GMAC/s  {:6.1} GB/s weights",
-                    s * 1e6,
-                    (rows * cols * m) as f64 / s / 1e9,
-                    (rows * cols) as f64 * 1.125 / s / 1e9
-                );
-            }
-        }
-    }
-}
