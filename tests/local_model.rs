@@ -476,3 +476,29 @@ fn max_batch_must_be_at_least_one() {
         .unwrap_err();
     assert!(err.to_string().contains("cannot load"), "{err}");
 }
+
+/// The path a GGUF of another block type takes (a Q4_K_M download, say): without re-encoding,
+/// the default model's Q4_1 weights go through candle's own products (one per matrix, row by
+/// row if candle's kernel rounds rows differently in a batch) instead of ours. It must answer,
+/// and a request's text must not depend on its neighbours there either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_left_to_candles_kernels_answer_and_batch_exactly() {
+    let default = backend(); // sets the thread count before candle's first operation
+    let b = LocalBackend::builder()
+        .model_path(default.model_path())
+        .requantize(false)
+        .max_batch(3)
+        .build()
+        .unwrap();
+    let make = |i: usize| greedy(BATCH_PROMPTS[i], 8);
+    let mut alone = Vec::new();
+    for i in 0..3 {
+        let c = b.complete(make(i)).await.unwrap();
+        assert!(!c.text.trim().is_empty(), "request {i} answered nothing");
+        alone.push(c);
+    }
+    let together = futures::future::join_all((0..3).map(|i| b.complete(make(i)))).await;
+    for (i, r) in together.into_iter().enumerate() {
+        assert_eq!(r.unwrap(), alone[i], "request {i} in a batch of 3");
+    }
+}

@@ -192,20 +192,13 @@ mod tests {
         let xs: Vec<f32> = (-9000..=9000).map(|i| i as f32 / 100.0).collect();
         for version in ["dispatched", "portable"] {
             let mut got = xs.clone();
-            let sum = if version == "dispatched" {
-                exp_sum(&mut got, 0.0, 1.0)
+            if version == "dispatched" {
+                exp_sum(&mut got, 0.0, 1.0);
             } else {
-                got.iter_mut()
-                    .map(|x| {
-                        *x = exp1(*x);
-                        *x
-                    })
-                    .sum()
-            };
-            let mut want_sum = 0f64;
+                got.iter_mut().for_each(|x| *x = exp1(*x));
+            }
             for (x, g) in xs.iter().zip(&got) {
                 let want = (*x as f64).exp();
-                want_sum += want.min(f32::MAX as f64);
                 if *x < -87.3 {
                     assert!(*g < 1e-37, "{version}: e^{x} = {g}");
                 } else if *x <= 88.0 {
