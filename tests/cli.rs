@@ -1209,6 +1209,29 @@ fn export_writes_a_hub_folder_and_refuses_bad_input() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(d.path("hub/data")).unwrap().count(), 1);
 
+    // What an export killed mid-way leaves (its hidden staging folder, with the marker it
+    // writes first) is removed by the next export into the folder; a folder of that name
+    // without the marker is not ours and is kept.
+    let killed = |dir: &str| {
+        let stale = d.path(&format!("{dir}/.rmboost-export-k9Xq2w"));
+        std::fs::create_dir_all(stale.join("data")).unwrap();
+        std::fs::write(stale.join("rmboost-export.lock"), "unfinished export\n").unwrap();
+        std::fs::write(stale.join("data/train-0.parquet.partial"), "PAR1").unwrap();
+        stale
+    };
+    let stale = killed("hub");
+    std::fs::create_dir(d.path("hub/.rmboost-export-foo")).unwrap();
+    let o = export(&["--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stale.exists());
+    assert!(d.path("hub/.rmboost-export-foo").is_dir());
+    // A folder holding only such leftovers needs no --force.
+    let stale = killed("hub2");
+    let o = run(&["export", pairs.as_str(), "--to", &d.s("hub2")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stale.exists());
+    assert!(d.path("hub2/README.md").is_file());
+
     // A torn last line: exit 1, the file and line named, nothing written.
     let text = std::fs::read_to_string(&pairs).unwrap();
     std::fs::write(d.path("torn.jsonl"), &text[..text.len() - 20]).unwrap();
