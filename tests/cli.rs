@@ -200,6 +200,30 @@ fn bad_flags_are_usage_errors() {
         assert!(stderr(&o).contains("error"), "{args:?}: {}", stderr(&o));
     }
     assert!(!d.path("out.jsonl").exists());
+
+    // The library's checks, named by their flag.
+    for (bad, says) in [
+        (
+            ["--max-cost", "0", "--price-input", "1"],
+            "--max-cost: invalid configuration: the cost budget must be a positive amount, not 0",
+        ),
+        (
+            ["--max-cost", "NaN", "--price-output", "1"],
+            "--max-cost: invalid configuration: the cost budget must be a positive amount, not NaN",
+        ),
+        (
+            ["--aspects", "qa", "--aspect-sampling", "model-picks:9"],
+            "--aspect-sampling: invalid configuration: aspect set \"qa\": model_picks max 9",
+        ),
+    ] {
+        let mut args = vec!["generate", "-i", &input, "-o", &out];
+        args.extend(openai(&url));
+        args.extend(bad);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    assert!(!d.path("out.jsonl").exists());
 }
 
 #[test]
@@ -390,6 +414,42 @@ fn aspects_from_a_json_file() {
     for r in rows(&d.path("all.jsonl")) {
         assert_eq!(r["aspects"].as_array().unwrap().len(), 3);
     }
+
+    // A bare `model-picks` fits a set of fewer than 3 aspects (the model may pick both);
+    // an explicit `model-picks:3` is checked against it.
+    std::fs::write(
+        d.path("two.json"),
+        r#"[{"name": "precision", "definition": "uses exact legal terms"},
+            {"name": "brevity", "definition": "is short"}]"#,
+    )
+    .unwrap();
+    let picks = |mode: &str, out: &str| {
+        generate(
+            &url,
+            &[
+                "-i",
+                &input,
+                "-o",
+                &d.s(out),
+                "--aspects",
+                &d.s("two.json"),
+                "--aspect-sampling",
+                mode,
+            ],
+        )
+    };
+    let o = picks("model-picks", "picks.jsonl");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&d.path("picks.jsonl")).len(), 10);
+    let o = picks("model-picks:3", "picks3.jsonl");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("--aspect-sampling: invalid configuration: aspect set \"two\": model_picks max 3 must be in 1..=2"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path("picks3.jsonl").exists());
 
     // A broken file is a fatal error naming the file.
     std::fs::write(d.path("bad.json"), "{\"aspects\": 3}").unwrap();

@@ -653,4 +653,24 @@ mod tests {
         assert_eq!(api().limits(), LIMITS);
         assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
     }
+
+    #[test]
+    fn a_cost_budget_that_is_not_positive_is_refused_at_start() {
+        use crate::backend::meter::CallMeter;
+        use crate::batch::{BatchBackend, BatchConfig, StateFile};
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pairs.jsonl");
+        for bad in [0.0, -1.0, f64::NAN] {
+            let prices = crate::run::Prices::new(1.0, 1.0).unwrap();
+            let config = BatchConfig::new().max_cost(prices, bad, CallMeter::new());
+            let err = BatchBackend::start(std::sync::Arc::new(api()), &out, config).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config);
+            assert!(
+                err.to_string()
+                    .contains("the cost budget must be a positive amount"),
+                "{err}"
+            );
+        }
+        assert!(!StateFile::default_path(&out).exists(), "nothing written");
+    }
 }
