@@ -248,6 +248,37 @@ impl Aspects {
         Ok(self)
     }
 
+    /// Sets the sampling mode from its text form (`all`, `K`, `MIN-MAX`, `model-picks[:K]`,
+    /// read as by [`AspectSampling`]'s `FromStr`), fitted to this set: a bare `model-picks`
+    /// lets the model pick at most 3 aspects, or all of them in a set of fewer. Sizes given
+    /// explicitly are checked as by [`with_sampling`](Self::with_sampling).
+    ///
+    /// ```
+    /// use rmboost::{Aspect, AspectSampling, Aspects};
+    ///
+    /// let two = Aspects::custom("mine", vec![Aspect::new("a", "x"), Aspect::new("b", "y")])?;
+    /// let set = two.clone().with_sampling_mode("model-picks")?;
+    /// assert_eq!(set.sampling(), AspectSampling::ModelPicks { max: 2 });
+    /// assert!(two.with_sampling_mode("model-picks:3").is_err());
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for text that is not a sampling mode, or sizes that do not fit
+    /// the set.
+    pub fn with_sampling_mode(self, mode: &str) -> Result<Self, Error> {
+        let sampling = match mode.parse::<AspectSampling>()? {
+            AspectSampling::ModelPicks { max } if !mode.contains(':') => {
+                AspectSampling::ModelPicks {
+                    max: max.min(self.aspects.len()),
+                }
+            }
+            other => other,
+        };
+        self.with_sampling(sampling)
+    }
+
     /// Reads a set from a JSON file: either a list of `{"name", "definition"}` objects or an
     /// object `{"name": ..., "aspects": [...], "sampling": {"mode": "subset", "min": 1, "max": 2}}`
     /// (`mode` is `all`, `subset` or `model_picks`).
@@ -508,6 +539,50 @@ mod tests {
         assert!(two
             .with_sampling(AspectSampling::ModelPicks { max: 0 })
             .is_err());
+    }
+
+    #[test]
+    fn sampling_modes_from_text_fit_the_set() {
+        let set = |n: usize| {
+            let aspects = (0..n).map(|i| Aspect::new(format!("a{i}"), "d")).collect();
+            Aspects::custom("x", aspects).unwrap()
+        };
+        let mode = |n: usize, text: &str| set(n).with_sampling_mode(text).map(|s| s.sampling());
+        assert_eq!(mode(5, "all").unwrap(), AspectSampling::All);
+        assert_eq!(
+            mode(5, "2").unwrap(),
+            AspectSampling::Subset { min: 2, max: 2 }
+        );
+        assert_eq!(
+            mode(5, " 1-3 ").unwrap(),
+            AspectSampling::Subset { min: 1, max: 3 }
+        );
+        assert_eq!(
+            mode(5, "model-picks").unwrap(),
+            AspectSampling::ModelPicks { max: 3 }
+        );
+        assert_eq!(
+            mode(2, "Model_Picks").unwrap(),
+            AspectSampling::ModelPicks { max: 2 }
+        );
+        assert_eq!(
+            mode(5, "model_picks:2").unwrap(),
+            AspectSampling::ModelPicks { max: 2 }
+        );
+        // An explicit size is the user's: checked, not fitted.
+        let err = mode(2, "model-picks:3").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("model_picks max 3 must be in 1..=2"),
+            "{err}"
+        );
+        assert!(mode(2, "3").is_err());
+        assert!(mode(5, "some")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown aspect sampling"));
+        assert!(mode(5, "1-x").is_err());
+        assert!(mode(5, "model-picks:0").is_err());
     }
 
     #[test]

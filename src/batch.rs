@@ -354,6 +354,51 @@ pub struct BatchLimits {
     pub max_bytes: u64,
 }
 
+/// The default cap on one results download of the provider batch APIs: 1 GiB.
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+const DEFAULT_MAX_RESULTS_BYTES: usize = 1 << 30;
+
+/// The sizes a provider batch client keeps to: what one batch may hold (checked before it is
+/// sent) and how much of one results download is read.
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientLimits {
+    pub(crate) batch: BatchLimits,
+    pub(crate) max_results_bytes: usize,
+}
+
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+impl ClientLimits {
+    /// `batch`, and [`DEFAULT_MAX_RESULTS_BYTES`].
+    pub(crate) const fn new(batch: BatchLimits) -> Self {
+        ClientLimits {
+            batch,
+            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+        }
+    }
+
+    /// Sets the cap on a results download; at least one byte.
+    pub(crate) fn set_max_results_bytes(&mut self, max: usize) {
+        self.max_results_bytes = max.max(1);
+    }
+
+    /// Refuses a batch of `requests` requests and `bytes` bytes over [`batch`](Self::batch)
+    /// with an [`InvalidRequest`](BackendErrorKind::InvalidRequest) error saying both.
+    pub(crate) fn check(&self, requests: usize, bytes: usize) -> Result<(), BackendError> {
+        if requests > self.batch.max_requests || bytes as u64 > self.batch.max_bytes {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                format!(
+                    "a batch of {requests} requests and {bytes} bytes is over the limits \
+                     ({} requests, {} bytes)",
+                    self.batch.max_requests, self.batch.max_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One provider's batch API; see the [module docs](self).
 ///
 /// Errors are [`BackendError`]s classified as for online calls: a retryable one (5xx,

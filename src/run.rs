@@ -464,6 +464,29 @@ impl Prices {
     }
 }
 
+/// Checks a cost budget ([`RunOptions::max_cost`], and a batch run's
+/// [`BatchConfig::max_cost`](crate::batch::BatchConfig::max_cost)): a positive, finite amount.
+///
+/// ```
+/// assert!(rmboost::run::check_max_cost(2.5).is_ok());
+/// for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+///     assert!(rmboost::run::check_max_cost(bad).is_err());
+/// }
+/// ```
+///
+/// # Errors
+///
+/// [`ErrorKind::Config`] saying the amount, for zero, a negative amount, NaN or infinity.
+pub fn check_max_cost(max: f64) -> Result<(), Error> {
+    if max.is_finite() && max > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "the cost budget must be a positive amount, not {max}"
+        )))
+    }
+}
+
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -1106,11 +1129,7 @@ where
     }
     ensure_distinct_files(&files)?;
     if let Some((_, max)) = options.budget {
-        if !(max.is_finite() && max > 0.0) {
-            return Err(Error::config(format!(
-                "the cost budget must be a positive amount, not {max}"
-            )));
-        }
+        check_max_cost(max)?;
         if options.meter.is_none() {
             return Err(Error::config(
                 "a cost budget needs the backend's meter (RunOptions::meter)",

@@ -200,6 +200,30 @@ fn bad_flags_are_usage_errors() {
         assert!(stderr(&o).contains("error"), "{args:?}: {}", stderr(&o));
     }
     assert!(!d.path("out.jsonl").exists());
+
+    // The library's checks, named by their flag.
+    for (bad, says) in [
+        (
+            ["--max-cost", "0", "--price-input", "1"],
+            "--max-cost: invalid configuration: the cost budget must be a positive amount, not 0",
+        ),
+        (
+            ["--max-cost", "NaN", "--price-output", "1"],
+            "--max-cost: invalid configuration: the cost budget must be a positive amount, not NaN",
+        ),
+        (
+            ["--aspects", "qa", "--aspect-sampling", "model-picks:9"],
+            "--aspect-sampling: invalid configuration: aspect set \"qa\": model_picks max 9",
+        ),
+    ] {
+        let mut args = vec!["generate", "-i", &input, "-o", &out];
+        args.extend(openai(&url));
+        args.extend(bad);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    assert!(!d.path("out.jsonl").exists());
 }
 
 #[test]
@@ -390,6 +414,42 @@ fn aspects_from_a_json_file() {
     for r in rows(&d.path("all.jsonl")) {
         assert_eq!(r["aspects"].as_array().unwrap().len(), 3);
     }
+
+    // A bare `model-picks` fits a set of fewer than 3 aspects (the model may pick both);
+    // an explicit `model-picks:3` is checked against it.
+    std::fs::write(
+        d.path("two.json"),
+        r#"[{"name": "precision", "definition": "uses exact legal terms"},
+            {"name": "brevity", "definition": "is short"}]"#,
+    )
+    .unwrap();
+    let picks = |mode: &str, out: &str| {
+        generate(
+            &url,
+            &[
+                "-i",
+                &input,
+                "-o",
+                &d.s(out),
+                "--aspects",
+                &d.s("two.json"),
+                "--aspect-sampling",
+                mode,
+            ],
+        )
+    };
+    let o = picks("model-picks", "picks.jsonl");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&d.path("picks.jsonl")).len(), 10);
+    let o = picks("model-picks:3", "picks3.jsonl");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("--aspect-sampling: invalid configuration: aspect set \"two\": model_picks max 3 must be in 1..=2"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path("picks3.jsonl").exists());
 
     // A broken file is a fatal error naming the file.
     std::fs::write(d.path("bad.json"), "{\"aspects\": 3}").unwrap();
@@ -1208,6 +1268,29 @@ fn export_writes_a_hub_folder_and_refuses_bad_input() {
     let o = export(&["--force"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(d.path("hub/data")).unwrap().count(), 1);
+
+    // What an export killed mid-way leaves (its hidden staging folder, with the marker it
+    // writes first) is removed by the next export into the folder; a folder of that name
+    // without the marker is not ours and is kept.
+    let killed = |dir: &str| {
+        let stale = d.path(&format!("{dir}/.rmboost-export-k9Xq2w"));
+        std::fs::create_dir_all(stale.join("data")).unwrap();
+        std::fs::write(stale.join("rmboost-export.lock"), "unfinished export\n").unwrap();
+        std::fs::write(stale.join("data/train-0.parquet.partial"), "PAR1").unwrap();
+        stale
+    };
+    let stale = killed("hub");
+    std::fs::create_dir(d.path("hub/.rmboost-export-foo")).unwrap();
+    let o = export(&["--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stale.exists());
+    assert!(d.path("hub/.rmboost-export-foo").is_dir());
+    // A folder holding only such leftovers needs no --force.
+    let stale = killed("hub2");
+    let o = run(&["export", pairs.as_str(), "--to", &d.s("hub2")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stale.exists());
+    assert!(d.path("hub2/README.md").is_file());
 
     // A torn last line: exit 1, the file and line named, nothing written.
     let text = std::fs::read_to_string(&pairs).unwrap();

@@ -523,6 +523,80 @@ fn a_folder_that_is_not_empty_needs_overwrite_which_keeps_other_files() {
     assert!(err.to_string().contains("is a file"), "{err}");
 }
 
+/// A hidden staging folder as an export killed mid-way leaves it: named like one, with the
+/// marker file the export writes first (no longer locked: its process is gone), and data.
+fn killed_export_folder(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.join("data")).unwrap();
+    std::fs::write(path.join("rmboost-export.lock"), "unfinished export\n").unwrap();
+    std::fs::write(path.join("data/train-0.parquet.partial"), vec![0u8; 4096]).unwrap();
+    path
+}
+
+fn hidden_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_killed_exports_staging_folder_is_removed_by_the_next_export_only_if_marked_and_free() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("pairs.jsonl");
+    write_jsonl(&input, &examples(6), ExampleFormat::Standard);
+
+    // A folder holding only a killed export's leftovers is empty for the next export.
+    let dir = tmp.path().join("hub");
+    let stale = killed_export_folder(&dir, ".rmboost-export-Xk3p9Q");
+    let summary = DatasetExport::new(&dir).from_jsonl(&input).unwrap();
+    assert_eq!(summary.rows(), 6);
+    assert!(!stale.exists());
+    assert!(hidden_names(&dir).is_empty(), "{:?}", hidden_names(&dir));
+
+    // A folder of that name without the marker is not ours: kept (and, being there, the
+    // folder is not empty: refused without overwrite).
+    let stale = killed_export_folder(&dir, ".rmboost-export-a");
+    std::fs::create_dir(dir.join(".rmboost-export-foo")).unwrap();
+    std::fs::write(dir.join(".rmboost-export-foo/notes.txt"), "mine").unwrap();
+    let err = DatasetExport::new(&dir).from_jsonl(&input).unwrap_err();
+    assert!(err.to_string().contains("is not empty"), "{err}");
+    assert!(
+        !stale.exists(),
+        "leftovers go before the folder is looked at"
+    );
+    let stale = killed_export_folder(&dir, ".rmboost-export-b");
+    DatasetExport::new(&dir)
+        .overwrite(true)
+        .from_jsonl(&input)
+        .unwrap();
+    assert!(!stale.exists());
+    assert_eq!(hidden_names(&dir), [".rmboost-export-foo"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join(".rmboost-export-foo/notes.txt")).unwrap(),
+        "mine"
+    );
+
+    // The staging folder of an export still being written is left alone: both finish.
+    let live = DatasetExport::new(&dir)
+        .overwrite(true)
+        .create(ExampleFormat::Standard)
+        .unwrap();
+    let second = DatasetExport::new(&dir)
+        .overwrite(true)
+        .create(ExampleFormat::Standard)
+        .unwrap();
+    assert_eq!(hidden_names(&dir).len(), 3, "{:?}", hidden_names(&dir));
+    second.finish().unwrap();
+    let mut live = live;
+    live.write(&examples(1)[0]).unwrap();
+    assert_eq!(live.finish().unwrap().rows(), 1);
+    assert_eq!(hidden_names(&dir), [".rmboost-export-foo"]);
+}
+
 #[test]
 fn the_writer_takes_any_stream_and_refuses_duplicate_ids() {
     let tmp = tempfile::tempdir().unwrap();

@@ -206,15 +206,25 @@ impl HttpConfig {
                 self.base_url
             )));
         }
-        let base_path = url.path().trim_end_matches('/').to_string();
-        let base_path = if base_path.is_empty() {
-            "/v1".to_string()
-        } else {
-            base_path
-        };
-        url.set_path(&format!("{base_path}/{}", path.trim_start_matches('/')));
-        Ok(url)
+        if url.path().trim_end_matches('/').is_empty() {
+            url.set_path("/v1");
+        }
+        Ok(join_path(&url, path))
     }
+}
+
+/// `base` with `path` added to its path after exactly one `/`, whatever slashes `base` ends
+/// with and `path` starts with (unlike [`Url::join`], which drops the last segment of a base
+/// without a trailing slash). The endpoints of the online backends and of the batch APIs are
+/// all made so.
+pub(crate) fn join_path(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}/{}",
+        base.path().trim_end_matches('/'),
+        path.trim_start_matches('/')
+    ));
+    url
 }
 
 impl fmt::Debug for HttpConfig {
@@ -1177,10 +1187,31 @@ mod tests {
             c.endpoint("/chat/completions").unwrap().as_str(),
             "http://h/openai/v1/chat/completions"
         );
+        c.base_url = "http://h//".into();
+        assert_eq!(c.endpoint("x").unwrap().as_str(), "http://h/v1/x");
         c.base_url = "ftp://h".into();
         assert!(c.endpoint("x").is_err());
         c.base_url = "not a url".into();
         assert!(c.endpoint("x").is_err());
+    }
+
+    #[test]
+    fn paths_join_with_one_slash() {
+        let join = |base: &str, path: &str| join_path(&Url::parse(base).unwrap(), path).to_string();
+        for base in ["http://h/v1", "http://h/v1/", "http://h/v1//"] {
+            for path in ["batches/b1", "/batches/b1"] {
+                assert_eq!(
+                    join(base, path),
+                    "http://h/v1/batches/b1",
+                    "{base} + {path}"
+                );
+            }
+        }
+        assert_eq!(join("http://h", "files"), "http://h/files");
+        assert_eq!(
+            join("https://u@h:8443/openai/v1?x=1", "messages/batches"),
+            "https://u@h:8443/openai/v1/messages/batches?x=1"
+        );
     }
 
     /// The provider's default key variable is read only for the provider's own host; a

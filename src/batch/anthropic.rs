@@ -34,7 +34,7 @@ use crate::backend::http::{self, ServerError};
 use crate::backend::AnthropicBackend;
 use crate::batch::{
     cancelled_error, check_id, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome,
-    BatchRequest, BatchState, BatchStatus, BatchTag,
+    BatchRequest, BatchState, BatchStatus, BatchTag, ClientLimits,
 };
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -45,14 +45,13 @@ pub const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// The default cap on a results read ([`AnthropicBatch::max_results_bytes`]): 1 GiB.
-pub const DEFAULT_MAX_RESULTS_BYTES: usize = 1 << 30;
+pub const DEFAULT_MAX_RESULTS_BYTES: usize = super::DEFAULT_MAX_RESULTS_BYTES;
 
 /// Anthropic's Message Batches API; see the [module docs](self).
 #[derive(Clone)]
 pub struct AnthropicBatch {
     backend: AnthropicBackend,
-    limits: BatchLimits,
-    max_results_bytes: usize,
+    limits: ClientLimits,
 }
 
 impl fmt::Debug for AnthropicBatch {
@@ -70,32 +69,26 @@ impl AnthropicBatch {
     pub fn new(backend: AnthropicBackend) -> Self {
         AnthropicBatch {
             backend,
-            limits: LIMITS,
-            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+            limits: ClientLimits::new(LIMITS),
         }
     }
 
     /// Other limits per batch. Default [`LIMITS`].
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.limits = limits;
+        self.limits.batch = limits;
         self
     }
 
     /// The most bytes of one results file read. Default [`DEFAULT_MAX_RESULTS_BYTES`].
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.max_results_bytes = max.max(1);
+        self.limits.set_max_results_bytes(max);
         self
     }
 
     fn url(&self, path: &str) -> Url {
-        let mut url = self.backend.base.clone();
-        url.set_path(&format!(
-            "{}/{path}",
-            self.backend.base.path().trim_end_matches('/')
-        ));
-        url
+        http::join_path(&self.backend.base, path)
     }
 
     async fn call(
@@ -303,7 +296,7 @@ impl BatchApi for AnthropicBatch {
     }
 
     fn limits(&self) -> BatchLimits {
-        self.limits
+        self.limits.batch
     }
 
     async fn submit(
@@ -326,18 +319,7 @@ impl BatchApi for AnthropicBatch {
                 format!("a request cannot be written as JSON: {e}"),
             )
         })?;
-        if requests.len() > self.limits.max_requests || body.len() as u64 > self.limits.max_bytes {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                format!(
-                    "a batch of {} requests and {} bytes is over the limits ({} requests, {} bytes)",
-                    requests.len(),
-                    body.len(),
-                    self.limits.max_requests,
-                    self.limits.max_bytes
-                ),
-            ));
-        }
+        self.limits.check(requests.len(), body.len())?;
         let batch: WireBatch = self.post(self.url("messages/batches"), body).await?;
         Ok(batch.id)
     }
@@ -384,7 +366,7 @@ impl BatchApi for AnthropicBatch {
             .get(results.clone())
             .headers(self.backend.headers());
         let text = self
-            .call("GET", req, &results, self.max_results_bytes)
+            .call("GET", req, &results, self.limits.max_results_bytes)
             .await?;
         let mut out = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -508,5 +490,52 @@ mod tests {
         assert_eq!((s.counts.total, s.counts.failed), (4, 2));
         assert_eq!(s.created_at, 86_401);
         assert_eq!(s.tag, None);
+    }
+
+    /// A batch over the limits is refused before anything is sent (the base URL's port 1
+    /// would give a connection error otherwise), naming the sizes and the limits.
+    #[test]
+    fn batches_over_the_limits_are_refused_before_sending() {
+        let requests: Vec<BatchRequest> = ["a", "b"]
+            .iter()
+            .map(|id| BatchRequest {
+                custom_id: (*id).to_string(),
+                request: CompletionRequest::new(vec![Message::user("u")]),
+            })
+            .collect();
+        let tag = BatchTag {
+            run: "r".into(),
+            key: "k".into(),
+        };
+        let submit = |limits: BatchLimits, n: usize| {
+            let api = api().with_limits(limits).max_results_bytes(0);
+            assert_eq!(api.limits(), limits);
+            assert_eq!(api.limits.max_results_bytes, 1);
+            futures::executor::block_on(api.submit(&requests[..n], &tag)).unwrap_err()
+        };
+        let e = submit(
+            BatchLimits {
+                max_requests: 1,
+                max_bytes: u64::MAX,
+            },
+            2,
+        );
+        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+        assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
+        assert!(
+            e.to_string().contains("over the limits (1 requests, "),
+            "{e}"
+        );
+        let e = submit(
+            BatchLimits {
+                max_requests: 10,
+                max_bytes: 20,
+            },
+            1,
+        );
+        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+        assert!(e.to_string().ends_with("(10 requests, 20 bytes)"), "{e}");
+        assert_eq!(api().limits(), LIMITS);
+        assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
     }
 }

@@ -39,7 +39,7 @@ use crate::backend::http;
 use crate::backend::OpenAiBackend;
 use crate::batch::{
     cancelled_error, check_id, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome,
-    BatchRequest, BatchState, BatchStatus, BatchTag,
+    BatchRequest, BatchState, BatchStatus, BatchTag, ClientLimits,
 };
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -53,14 +53,13 @@ pub const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// The default cap on a result file read ([`OpenAiBatch::max_results_bytes`]): 1 GiB.
-pub const DEFAULT_MAX_RESULTS_BYTES: usize = 1 << 30;
+pub const DEFAULT_MAX_RESULTS_BYTES: usize = super::DEFAULT_MAX_RESULTS_BYTES;
 
 /// OpenAI's Batch API; see the [module docs](self).
 #[derive(Clone)]
 pub struct OpenAiBatch {
     backend: OpenAiBackend,
-    limits: BatchLimits,
-    max_results_bytes: usize,
+    limits: ClientLimits,
 }
 
 impl fmt::Debug for OpenAiBatch {
@@ -78,32 +77,26 @@ impl OpenAiBatch {
     pub fn new(backend: OpenAiBackend) -> Self {
         OpenAiBatch {
             backend,
-            limits: LIMITS,
-            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+            limits: ClientLimits::new(LIMITS),
         }
     }
 
     /// Other limits per batch (a self-hosted runner's). Default [`LIMITS`].
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.limits = limits;
+        self.limits.batch = limits;
         self
     }
 
     /// The most bytes of one result file read. Default [`DEFAULT_MAX_RESULTS_BYTES`].
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.max_results_bytes = max.max(1);
+        self.limits.set_max_results_bytes(max);
         self
     }
 
     fn url(&self, path: &str) -> Url {
-        let mut url = self.backend.base.clone();
-        url.set_path(&format!(
-            "{}/{path}",
-            self.backend.base.path().trim_end_matches('/')
-        ));
-        url
+        http::join_path(&self.backend.base, path)
     }
 
     fn error(&self, status: StatusCode, headers: &HeaderMap, text: &str) -> BackendError {
@@ -171,7 +164,9 @@ impl OpenAiBatch {
             .client
             .get(url.clone())
             .headers(self.backend.headers());
-        let text = self.call("GET", req, &url, self.max_results_bytes).await?;
+        let text = self
+            .call("GET", req, &url, self.limits.max_results_bytes)
+            .await?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -407,7 +402,7 @@ impl BatchApi for OpenAiBatch {
     }
 
     fn limits(&self) -> BatchLimits {
-        self.limits
+        self.limits.batch
     }
 
     async fn submit(
@@ -431,18 +426,7 @@ impl BatchApi for OpenAiBatch {
             })?;
             jsonl.push(b'\n');
         }
-        if requests.len() > self.limits.max_requests || jsonl.len() as u64 > self.limits.max_bytes {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                format!(
-                    "a batch of {} requests and {} bytes is over the limits ({} requests, {} bytes)",
-                    requests.len(),
-                    jsonl.len(),
-                    self.limits.max_requests,
-                    self.limits.max_bytes
-                ),
-            ));
-        }
+        self.limits.check(requests.len(), jsonl.len())?;
         let part = reqwest::multipart::Part::bytes(jsonl)
             .file_name("rmboost-batch.jsonl")
             .mime_str("application/jsonl")
@@ -621,5 +605,72 @@ mod tests {
         assert!(s.message.unwrap().contains("line 2"));
         let b: WireBatch = serde_json::from_str(r#"{"id":"x","status":"weird"}"#).unwrap();
         assert!(b.into_status().is_err());
+    }
+
+    /// A batch over the limits is refused before anything is sent (the base URL's port 1
+    /// would give a connection error otherwise), naming the sizes and the limits.
+    #[test]
+    fn batches_over_the_limits_are_refused_before_sending() {
+        let requests: Vec<BatchRequest> = ["a", "b"]
+            .iter()
+            .map(|id| BatchRequest {
+                custom_id: (*id).to_string(),
+                request: CompletionRequest::new(vec![Message::user("u")]),
+            })
+            .collect();
+        let tag = BatchTag {
+            run: "r".into(),
+            key: "k".into(),
+        };
+        let submit = |limits: BatchLimits, n: usize| {
+            let api = api().with_limits(limits).max_results_bytes(0);
+            assert_eq!(api.limits(), limits);
+            assert_eq!(api.limits.max_results_bytes, 1);
+            futures::executor::block_on(api.submit(&requests[..n], &tag)).unwrap_err()
+        };
+        let e = submit(
+            BatchLimits {
+                max_requests: 1,
+                max_bytes: u64::MAX,
+            },
+            2,
+        );
+        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+        assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
+        assert!(
+            e.to_string().contains("over the limits (1 requests, "),
+            "{e}"
+        );
+        let e = submit(
+            BatchLimits {
+                max_requests: 10,
+                max_bytes: 20,
+            },
+            1,
+        );
+        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+        assert!(e.to_string().ends_with("(10 requests, 20 bytes)"), "{e}");
+        assert_eq!(api().limits(), LIMITS);
+        assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
+    }
+
+    #[test]
+    fn a_cost_budget_that_is_not_positive_is_refused_at_start() {
+        use crate::backend::meter::CallMeter;
+        use crate::batch::{BatchBackend, BatchConfig, StateFile};
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pairs.jsonl");
+        for bad in [0.0, -1.0, f64::NAN] {
+            let prices = crate::run::Prices::new(1.0, 1.0).unwrap();
+            let config = BatchConfig::new().max_cost(prices, bad, CallMeter::new());
+            let err = BatchBackend::start(std::sync::Arc::new(api()), &out, config).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config);
+            assert!(
+                err.to_string()
+                    .contains("the cost budget must be a positive amount"),
+                "{err}"
+            );
+        }
+        assert!(!StateFile::default_path(&out).exists(), "nothing written");
     }
 }

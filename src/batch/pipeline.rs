@@ -254,7 +254,8 @@ impl BatchBackend {
     ///
     /// The state file's or results log's I/O and parse errors (a results log locked by
     /// another run included); [`ErrorKind::Config`](crate::ErrorKind::Config) if the state
-    /// file records batches of another API.
+    /// file records batches of another API, or if the cost budget is not a positive amount
+    /// ([`check_max_cost`](crate::run::check_max_cost)).
     ///
     /// # Panics
     ///
@@ -264,6 +265,9 @@ impl BatchBackend {
         output: &Path,
         config: BatchConfig,
     ) -> Result<(BatchBackend, BatchHandle), Error> {
+        if let Some((_, max, _)) = &config.budget {
+            crate::run::check_max_cost(*max)?;
+        }
         let state_path = StateFile::default_path(output);
         let results_path = StateFile::results_path(output);
         let (log, saved_lines) = ResultsLog::open(&results_path)?;

@@ -56,11 +56,20 @@
 //! and how to load the data with `datasets` and train on it with TRL.
 //!
 //! **Safety**: the input is only read. Everything is written into a hidden folder inside
-//! `DIR` and moved into place at the end (`data/` and `README.md`, each one rename), so a
-//! crash or an error leaves no partial file under a final name. A folder that is not empty
-//! is refused unless [`overwrite`](DatasetExport::overwrite) is on; then `data/` and
-//! `README.md` are replaced and anything else in the folder (a `.git`, a licence) is left
-//! alone.
+//! `DIR`, `.rmboost-export-<random>`, and moved into place at the end (`data/` and
+//! `README.md`, each one rename), so a crash or an error leaves no partial file under a final
+//! name. A folder that is not empty is refused unless [`overwrite`](DatasetExport::overwrite)
+//! is on; then `data/` and `README.md` are replaced and anything else in the folder (a
+//! `.git`, a licence) is left alone.
+//!
+//! **Leftovers of a killed export**: an error removes the hidden folder, but a process that
+//! is killed (`kill -9`, a power loss) cannot. The next export into the same `DIR` removes
+//! such leftovers before it looks at the folder, so they neither pile up nor make `DIR` look
+//! not empty. Only folders an export made are removed: a hidden folder is one when its name
+//! starts with `.rmboost-export-` and it holds the marker file `rmboost-export.lock`, which
+//! the export writes first and keeps locked (an exclusive advisory lock, as a run holds its
+//! output) until it ends; a folder whose marker another export still holds is left alone, as
+//! is anything without the marker.
 //!
 //! ```
 //! use rmboost::export::{DatasetExport, Split};
@@ -94,6 +103,7 @@
 
 mod card;
 mod parquet;
+mod staging;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -105,6 +115,7 @@ use sha2::{Digest, Sha256};
 
 pub use self::card::render_card;
 pub use self::parquet::{ParquetOptions, ParquetStats, ParquetWriter};
+use self::staging::Staging;
 use crate::example::{ExampleFormat, PreferenceExample};
 use crate::io::{read_dataset, sidecar, IdSet};
 use crate::report::{Report, ReportBuilder};
@@ -356,12 +367,16 @@ impl DatasetExport {
     /// [`DatasetWriter::write`] and end with [`DatasetWriter::finish`]. Dropping the writer
     /// before `finish` removes what it wrote and leaves the folder as it was.
     ///
+    /// First the hidden staging folders that killed exports left in the folder are removed
+    /// (those no running export holds; see the [module docs](self)).
+    ///
     /// # Errors
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) for a test fraction outside `[0, 1]`,
     /// zero rows or bytes per file, or a folder that is not empty without
     /// [`overwrite`](Self::overwrite) (or is a file); [`ErrorKind::Io`](crate::ErrorKind::Io)
-    /// if the folder cannot be created or written, or a ledger given cannot be read.
+    /// if the folder cannot be created or written, a ledger given cannot be read, or a
+    /// killed export's staging folder cannot be removed.
     pub fn create(self, format: ExampleFormat) -> Result<DatasetWriter, Error> {
         self.validate()?;
         let dir = &self.dir;
@@ -373,6 +388,7 @@ impl DatasetExport {
                 )))
             }
             Ok(_) => {
+                staging::remove_stale(dir)?;
                 let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
                 if entries.next().is_some() && !self.overwrite {
                     return Err(Error::config(format!(
@@ -387,10 +403,7 @@ impl DatasetExport {
             }
             Err(e) => return Err(Error::io(dir, e)),
         }
-        let staging = tempfile::Builder::new()
-            .prefix(".rmboost-export-")
-            .tempdir_in(dir)
-            .map_err(|e| Error::io(dir, e))?;
+        let staging = Staging::create(dir)?;
         let data = staging.path().join("data");
         std::fs::create_dir(&data).map_err(|e| Error::io(&data, e))?;
         let mut report = ReportBuilder::new();
@@ -545,7 +558,7 @@ struct OpenSplit {
 pub struct DatasetWriter {
     settings: DatasetExport,
     format: ExampleFormat,
-    staging: tempfile::TempDir,
+    staging: Staging,
     splits: [OpenSplit; 2],
     ids: IdSet,
     report: ReportBuilder,
@@ -723,8 +736,7 @@ impl DatasetWriter {
         let final_card = dir.join("README.md");
         std::fs::rename(&card_path, &final_card).map_err(|e| Error::io(&final_card, e))?;
         sync_dir(dir)?;
-        let staging = self.staging.path().to_path_buf();
-        self.staging.close().map_err(|e| Error::io(staging, e))?;
+        self.staging.close()?;
         Ok(summary)
     }
 }

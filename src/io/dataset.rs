@@ -1,9 +1,10 @@
 //! The strict reader of a finished dataset file: [`DatasetReader`].
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use super::line::{read_bounded_line, Line};
 use crate::example::{parse_example_line, ExampleFormat, PreferenceExample};
 use crate::Error;
 
@@ -89,7 +90,8 @@ impl<R: BufRead> DatasetReader<R> {
         }
     }
 
-    /// Sets the longest line accepted, in bytes (default 64 MiB); a longer one is an error.
+    /// Sets the longest line accepted, in bytes, not counting its line ending (`\n` or
+    /// `\r\n`); default 64 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
         self.max_line_bytes = max;
@@ -110,47 +112,6 @@ impl<R: BufRead> DatasetReader<R> {
 
     fn err(&self, message: impl Into<String>) -> Error {
         Error::parse(self.path.clone(), self.line, message)
-    }
-
-    /// Reads the next line into `buf`; `Ok(None)` at the end. Returns whether the line ended
-    /// with a newline and whether it was too long (then `buf` is empty and the rest of the
-    /// line was read past).
-    fn read_line(&mut self) -> std::io::Result<Option<(bool, bool)>> {
-        self.buf.clear();
-        let limit = self.max_line_bytes as u64 + 1;
-        let n = (&mut self.reader)
-            .take(limit)
-            .read_until(b'\n', &mut self.buf)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if self.buf.last() == Some(&b'\n') {
-            return Ok(Some((true, false)));
-        }
-        if n as u64 == limit {
-            // Too long: skip to the end of the line.
-            let mut ended = false;
-            loop {
-                let available = self.reader.fill_buf()?;
-                if available.is_empty() {
-                    break;
-                }
-                match memchr::memchr(b'\n', available) {
-                    Some(i) => {
-                        self.reader.consume(i + 1);
-                        ended = true;
-                        break;
-                    }
-                    None => {
-                        let len = available.len();
-                        self.reader.consume(len);
-                    }
-                }
-            }
-            self.buf.clear();
-            return Ok(Some((ended, true)));
-        }
-        Ok(Some((false, false)))
     }
 
     fn parse(&mut self, text: &str, ended: bool) -> Result<DatasetLine, Error> {
@@ -192,12 +153,15 @@ impl<R: BufRead> Iterator for DatasetReader<R> {
             return None;
         }
         loop {
-            let (ended, too_long) = match self.read_line() {
-                Ok(None) => {
+            let read = read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes);
+            let (ended, too_long) = match read {
+                Ok(Line::Eof) => {
                     self.done = true;
                     return None;
                 }
-                Ok(Some(r)) => r,
+                Ok(Line::Ended) => (true, false),
+                Ok(Line::Unended) => (false, false),
+                Ok(Line::TooLong) => (false, true),
                 Err(source) => {
                     self.done = true;
                     return Some(Err(Error::io(self.path.clone(), source)));
@@ -217,7 +181,7 @@ impl<R: BufRead> Iterator for DatasetReader<R> {
                     e.valid_up_to()
                 ))),
                 Ok(text) => {
-                    let text = text.trim_end_matches(['\n', '\r']);
+                    let text = text.trim_end_matches('\r');
                     if text.trim().is_empty() {
                         self.buf = bytes;
                         continue;
@@ -259,6 +223,46 @@ mod tests {
         let r = rows[0].as_ref().unwrap();
         assert_eq!(r.format, ExampleFormat::Conversational);
         assert_eq!(r.example.aspects, ["x"]);
+    }
+
+    #[test]
+    fn the_limit_is_the_longest_line_accepted_without_its_ending() {
+        let max = STD.len();
+        let limited = |text: &str| -> Vec<Result<DatasetLine, Error>> {
+            DatasetReader::new(text.as_bytes(), "d.jsonl")
+                .max_line_bytes(max)
+                .collect()
+        };
+        for input in [
+            format!("{STD}\n"),
+            format!("{STD}\r\n"),
+            STD.to_string(),
+            format!("\r\n{STD}\r\n"),
+        ] {
+            let rows = limited(&input);
+            assert_eq!(rows.len(), 1, "{input:?}");
+            let row = rows[0].as_ref().unwrap();
+            assert_eq!(row.text, STD);
+        }
+        // One byte more (a space JSON would allow) is too long, with or without a newline:
+        // at the end of the file it is too long, not torn.
+        for (input, line) in [
+            (format!("{STD} \n"), 1),
+            (format!("{STD} \r\n"), 1),
+            (format!("{STD} "), 1),
+            (format!("{STD}\n{STD} "), 2),
+        ] {
+            let rows = limited(&input);
+            let last = rows.last().unwrap();
+            assert_eq!(
+                msg(last),
+                format!("d.jsonl:{line}: line longer than the {max} byte limit"),
+                "{input:?}"
+            );
+        }
+        // A cut example within the limit at the end of the file is a torn line.
+        let rows = limited(&format!("{STD}\n{}", &STD[..max - 1]));
+        assert!(msg(&rows[1]).starts_with("d.jsonl:2: torn last line"));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod append;
 mod dataset;
 mod ledger;
+mod line;
 mod merge;
 mod reader;
 mod resume;

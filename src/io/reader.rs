@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::line::{read_bounded_line, Line};
 use crate::backend::Message;
 use crate::example::{check_messages, Prompt, PromptInput};
 use crate::Error;
@@ -52,7 +53,8 @@ impl<R: BufRead> PromptReader<R> {
         }
     }
 
-    /// Sets the longest line accepted, in bytes (default 16 MiB); a longer one is an error.
+    /// Sets the longest line accepted, in bytes, not counting its line ending (`\n` or
+    /// `\r\n`); default 16 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
         self.max_line_bytes = max;
@@ -101,43 +103,6 @@ impl<R: BufRead> PromptReader<R> {
 
     fn err(&self, message: impl Into<String>) -> Error {
         Error::parse(self.path.clone(), self.line, message)
-    }
-
-    /// Reads one line into `buf`, at most `max_line_bytes + 1` bytes of it; drains the rest.
-    /// Returns `Ok(None)` at end of input and whether the line was too long.
-    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
-        self.buf.clear();
-        let mut too_long = false;
-        let mut any = false;
-        loop {
-            let available = match self.reader.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if available.is_empty() {
-                return Ok(any.then_some(too_long));
-            }
-            any = true;
-            let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
-                Some(i) => (&available[..=i], true),
-                None => (available, false),
-            };
-            let n = chunk.len();
-            if !too_long {
-                let room = self.max_line_bytes + 1 - self.buf.len().min(self.max_line_bytes + 1);
-                if chunk.len() > room + usize::from(found) {
-                    too_long = true;
-                    self.buf.clear();
-                } else {
-                    self.buf.extend_from_slice(chunk);
-                }
-            }
-            self.reader.consume(n);
-            if found {
-                return Ok(Some(too_long));
-            }
-        }
     }
 
     fn parse(&self, text: &str) -> Result<Prompt, Error> {
@@ -194,12 +159,13 @@ impl<R: BufRead> Iterator for PromptReader<R> {
             return None;
         }
         loop {
-            let too_long = match self.read_line() {
-                Ok(None) => {
+            let read = read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes);
+            let too_long = match read {
+                Ok(Line::Eof) => {
                     self.done = true;
                     return None;
                 }
-                Ok(Some(t)) => t,
+                Ok(line) => line == Line::TooLong,
                 Err(source) => {
                     self.done = true;
                     return Some(Err(Error::io(self.path.clone(), source)));
@@ -282,6 +248,65 @@ mod tests {
             "{}",
             msg(&rows[5])
         );
+    }
+
+    /// A record of exactly `len` bytes.
+    fn record(len: usize) -> String {
+        let r = format!("{{\"prompt\":\"{}\"}}", "a".repeat(len - 13));
+        assert_eq!(r.len(), len);
+        r
+    }
+
+    fn read_limited(input: &str, max: usize) -> Vec<Result<Prompt, Error>> {
+        PromptReader::new(input.as_bytes(), "in.jsonl")
+            .max_line_bytes(max)
+            .collect()
+    }
+
+    #[test]
+    fn the_limit_is_the_longest_line_accepted_without_its_ending() {
+        let at = record(20);
+        let over = record(21);
+        for input in [
+            format!("{at}\n"),
+            format!("{at}\r\n"),
+            at.clone(),
+            format!("\n{at}\r\n\n"),
+        ] {
+            let rows = read_limited(&input, 20);
+            assert_eq!(rows.len(), 1, "{input:?}");
+            assert!(rows[0].is_ok(), "{input:?}: {}", msg(&rows[0]));
+        }
+        for (input, line) in [
+            (format!("{over}\n"), 1),
+            (format!("{over}\r\n"), 1),
+            (over.clone(), 1),
+            (format!("{at}\n{over}"), 2),
+        ] {
+            let rows = read_limited(&input, 20);
+            let last = rows.last().unwrap();
+            assert_eq!(
+                msg(last),
+                format!("in.jsonl:{line}: line longer than the 20 byte limit"),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn after_a_long_line_the_next_lines_keep_their_numbers() {
+        let input = format!("{}\n{}\r\n\n{}", record(50), record(20), record(19));
+        let rows = read_limited(&input, 20);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            msg(&rows[0]),
+            "in.jsonl:1: line longer than the 20 byte limit"
+        );
+        assert!(rows[1].is_ok());
+        assert!(rows[2].is_ok());
+        let mut reader = PromptReader::new(input.as_bytes(), "in.jsonl").max_line_bytes(20);
+        reader.by_ref().for_each(drop);
+        assert_eq!(reader.line(), 4);
     }
 
     #[test]

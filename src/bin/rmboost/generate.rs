@@ -58,9 +58,8 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
         online
     };
     if let Some(max) = args.max_cost {
-        if !(max.is_finite() && max > 0.0) {
-            return Err(CliError::usage("--max-cost must be a positive amount"));
-        }
+        rmboost::run::check_max_cost(max)
+            .map_err(|e| CliError::usage(format!("--max-cost: {}", error_chain(&e))))?;
         if prices.is_none() {
             return Err(CliError::usage(
                 "--max-cost needs --price-input and/or --price-output",

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use rmboost::engine::{default_first_params, default_second_params};
 use rmboost::{
-    AspectSampling, Aspects, Bernoulli, Generator, Graded, LabelSampler, LlmBackend, Method,
-    OutputOrder, Rlaif, Rlcd, RmBoost, WestOfN,
+    Aspects, Bernoulli, Generator, Graded, LabelSampler, LlmBackend, Method, OutputOrder, Rlaif,
+    Rlcd, RmBoost, WestOfN,
 };
 
 use crate::args::{GenArgs, LabelKind};
@@ -54,17 +54,6 @@ impl From<rmboost::Error> for CliError {
 
 pub(crate) use rmboost::error_chain;
 
-/// Parses `--aspect-sampling` ([`AspectSampling`]'s `FromStr`); a bare `model-picks` lets the
-/// model pick at most 3, or all of a smaller set.
-pub(crate) fn parse_sampling(mode: &str, n: usize) -> Result<AspectSampling, String> {
-    match mode.parse::<AspectSampling>().map_err(|e| e.to_string())? {
-        AspectSampling::ModelPicks { max: 3 } if !mode.contains(':') => {
-            Ok(AspectSampling::ModelPicks { max: n.min(3) })
-        }
-        other => Ok(other),
-    }
-}
-
 /// The aspect set of `--aspects` and `--aspect-sampling`.
 pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
     let set = match Aspects::preset(&gen.aspects) {
@@ -83,12 +72,9 @@ pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
     };
     match &gen.aspect_sampling {
         None => Ok(set),
-        Some(mode) => {
-            let sampling = parse_sampling(mode, set.aspects().len())
-                .map_err(|m| CliError::usage(format!("--aspect-sampling: {m}")))?;
-            set.with_sampling(sampling)
-                .map_err(|e| CliError::usage(format!("--aspect-sampling: {}", error_chain(&e))))
-        }
+        Some(mode) => set
+            .with_sampling_mode(mode)
+            .map_err(|e| CliError::usage(format!("--aspect-sampling: {}", error_chain(&e)))),
     }
 }
 
@@ -185,32 +171,4 @@ pub(crate) fn method_generator(
                 .map_err(usage)?,
         ),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sampling_modes() {
-        assert_eq!(parse_sampling("all", 5), Ok(AspectSampling::All));
-        assert_eq!(
-            parse_sampling("2", 5),
-            Ok(AspectSampling::Subset { min: 2, max: 2 })
-        );
-        assert_eq!(
-            parse_sampling("1-3", 5),
-            Ok(AspectSampling::Subset { min: 1, max: 3 })
-        );
-        assert_eq!(
-            parse_sampling("model-picks", 5),
-            Ok(AspectSampling::ModelPicks { max: 3 })
-        );
-        assert_eq!(
-            parse_sampling("model_picks:2", 5),
-            Ok(AspectSampling::ModelPicks { max: 2 })
-        );
-        assert!(parse_sampling("some", 5).is_err());
-        assert!(parse_sampling("1-x", 5).is_err());
-    }
 }

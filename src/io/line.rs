@@ -1,0 +1,190 @@
+//! The one bounded line reader behind the JSONL readers ([`PromptReader`](super::PromptReader),
+//! [`DatasetReader`](super::DatasetReader)).
+
+use std::io::{self, BufRead};
+
+/// What [`read_bounded_line`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Line {
+    /// The end of the input: nothing was read.
+    Eof,
+    /// A line that ended with `\n`; the buffer holds it without its line ending.
+    Ended,
+    /// The last line of the input, with no `\n` after it (a file whose writer was killed
+    /// mid-line ends so); the buffer holds it.
+    Unended,
+    /// A line longer than the limit; it was read past (up to and including its `\n`, or to the
+    /// end of the input) and the buffer is empty.
+    TooLong,
+}
+
+/// Reads one line from `reader` into `buf` (cleared first), holding at most `max + 1` bytes of
+/// it in memory whatever the length of the line.
+///
+/// The line ending is `\n` or `\r\n` and is not part of the line: a line is accepted when it
+/// has at most `max` bytes without its ending, and is [`Line::TooLong`] otherwise. A `\r` at
+/// the very end of the input with no `\n` after it is part of the line. Reads interrupted by a
+/// signal are retried.
+///
+/// # Errors
+///
+/// Any I/O error of `reader` other than [`io::ErrorKind::Interrupted`]; the line read so far
+/// is then lost.
+pub(crate) fn read_bounded_line<R: BufRead + ?Sized>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    buf.clear();
+    // Room for the line and a `\r` that may turn out to be the start of its ending.
+    let room = max.saturating_add(1);
+    let mut any = false;
+    let mut too_long = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            if !any {
+                return Ok(Line::Eof);
+            }
+            if too_long || buf.len() > max {
+                buf.clear();
+                return Ok(Line::TooLong);
+            }
+            return Ok(Line::Unended);
+        }
+        any = true;
+        let (body, used, found) = match memchr::memchr(b'\n', available) {
+            Some(i) => (&available[..i], i + 1, true),
+            None => (available, available.len(), false),
+        };
+        if !too_long {
+            if body.len() > room - buf.len() {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(body);
+            }
+        }
+        reader.consume(used);
+        if found {
+            if !too_long && buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            if too_long || buf.len() > max {
+                buf.clear();
+                return Ok(Line::TooLong);
+            }
+            return Ok(Line::Ended);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufReader, Read};
+
+    /// Every line of `input` read with `max`, through buffers of several sizes (so that lines
+    /// cross `fill_buf` boundaries), as (outcome, bytes) pairs; all sizes must agree.
+    fn lines(input: &[u8], max: usize) -> Vec<(Line, Vec<u8>)> {
+        let mut all: Vec<Vec<(Line, Vec<u8>)>> = Vec::new();
+        for capacity in [1, 2, 3, 7, 1 << 16] {
+            let mut reader = BufReader::with_capacity(capacity, input);
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            loop {
+                let line = read_bounded_line(&mut reader, &mut buf, max).unwrap();
+                if line == Line::Eof {
+                    break;
+                }
+                out.push((line, buf.clone()));
+            }
+            all.push(out);
+        }
+        for other in &all[1..] {
+            assert_eq!(other, &all[0]);
+        }
+        all.swap_remove(0)
+    }
+
+    fn ended(s: &str) -> (Line, Vec<u8>) {
+        (Line::Ended, s.as_bytes().to_vec())
+    }
+
+    const TOO_LONG: (Line, Vec<u8>) = (Line::TooLong, Vec::new());
+
+    #[test]
+    fn the_limit_is_the_longest_line_without_its_ending() {
+        assert_eq!(lines(b"12345\n", 5), [ended("12345")]);
+        assert_eq!(lines(b"123456\n", 5), [TOO_LONG]);
+        assert_eq!(lines(b"12345\r\n", 5), [ended("12345")]);
+        assert_eq!(lines(b"123456\r\n", 5), [TOO_LONG]);
+        assert_eq!(lines(b"1234\r\r\n", 5), [ended("1234\r")]);
+        assert_eq!(lines(b"12345", 5), [(Line::Unended, b"12345".to_vec())]);
+        assert_eq!(lines(b"123456", 5), [TOO_LONG]);
+        // A `\r` with no `\n` after it is part of the line.
+        assert_eq!(lines(b"1234\r", 5), [(Line::Unended, b"1234\r".to_vec())]);
+        assert_eq!(lines(b"12345\r", 5), [TOO_LONG]);
+        assert_eq!(lines(b"\n", 0), [ended("")]);
+        assert_eq!(lines(b"\r\nx\n", 0), [ended(""), TOO_LONG]);
+    }
+
+    #[test]
+    fn a_long_line_is_read_past_and_the_next_lines_are_whole() {
+        let mut input = vec![b'x'; 1000];
+        input.extend_from_slice(b"\nab\r\n\ncd");
+        assert_eq!(
+            lines(&input, 5),
+            [
+                TOO_LONG,
+                ended("ab"),
+                ended(""),
+                (Line::Unended, b"cd".to_vec())
+            ]
+        );
+        assert_eq!(lines(b"abc\n1234567890", 5), [ended("abc"), TOO_LONG]);
+        assert!(lines(b"", 5).is_empty());
+    }
+
+    #[test]
+    fn interrupted_reads_are_retried_and_other_errors_returned() {
+        struct Flaky {
+            data: &'static [u8],
+            calls: usize,
+        }
+        impl Read for Flaky {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                self.calls += 1;
+                match self.calls {
+                    1 | 3 => Err(io::ErrorKind::Interrupted.into()),
+                    5 => Err(io::Error::other("disk on fire")),
+                    _ => {
+                        let n = out.len().min(2).min(self.data.len());
+                        out[..n].copy_from_slice(&self.data[..n]);
+                        self.data = &self.data[n..];
+                        Ok(n)
+                    }
+                }
+            }
+        }
+        let mut reader = BufReader::with_capacity(
+            2,
+            Flaky {
+                data: b"abc\nmore",
+                calls: 0,
+            },
+        );
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_bounded_line(&mut reader, &mut buf, 10).unwrap(),
+            Line::Ended
+        );
+        assert_eq!(buf, b"abc");
+        let err = read_bounded_line(&mut reader, &mut buf, 10).unwrap_err();
+        assert_eq!(err.to_string(), "disk on fire");
+    }
+}
