@@ -13,8 +13,8 @@
 //! keeps as many examples in flight as the backend's batch limit.
 //!
 //! This shows the pipeline working end to end; it does not make training data. A 135M-parameter
-//! model is a weak writer: a blind review of these 30 pairs found the label right in 10, wrong
-//! in 8 and unclear in 12. For real data point `RMBOOST_MODEL` at a bigger GGUF chat model, or
+//! model is a weak writer: a blind review of these 30 pairs found the label right in 13, wrong
+//! in 8 and unclear in 9. For real data point `RMBOOST_MODEL` at a bigger GGUF chat model, or
 //! run the CLI against a server (`rmboost generate --backend openai --base-url ...`).
 
 use std::fs::File;
@@ -110,8 +110,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!(
         "Note: this shows the pipeline working end to end with a 135M-parameter model; it does\n\
-         not make training data (a blind review of these pairs found the label right in 10 of\n\
-         30, wrong in 8, unclear in 12). For real data use a bigger model: RMBOOST_MODEL=FILE.gguf\n\
+         not make training data (a blind review of these pairs found the label right in 13 of\n\
+         30, wrong in 8, unclear in 9). For real data use a bigger model: RMBOOST_MODEL=FILE.gguf\n\
          (or the CLI's --model-path), or a server: rmboost generate --backend openai --base-url URL"
     );
     Ok(())

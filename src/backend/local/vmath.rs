@@ -18,7 +18,7 @@ const LO: f32 = -88.376_26;
 const HI: f32 = 88.0;
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 as a short part, exact in f32, and the rest.
-const LN2_HI: f32 = 0.693_359_375;
+const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// `e^r ≈ 1 + r + r² (P0 r⁵ + P1 r⁴ + P2 r³ + P3 r² + P4 r + P5)` on `[-ln 2 / 2, ln 2 / 2]`.
 const P: [f32; 6] = [
@@ -27,7 +27,7 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5,
 ];
 
 fn fast() -> bool {
