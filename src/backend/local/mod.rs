@@ -68,9 +68,9 @@
 //!   key and value projections as one product, the MLP's gate and up as another), attention
 //!   (the `attention` submodule: the query heads that share a key/value head read it together)
 //!   and the exponentials of SiLU, softmax and sampling (the `vmath` submodule). On the default
-//!   model and 2 cores that made one request about 2.5 times and four together 4.5 times as fast as
-//!   with candle's kernels and operations; `benches/local_speed.rs` measures it. Each row gets
-//!   the same instructions in the same order as alone, so batching stays exact.
+//!   model and 2 cores that made one request about 3 times and four together about 5 times
+//!   as fast as with candle's kernels and operations; `benches/local_speed.rs` measures it.
+//!   Each row gets the same instructions in the same order as alone, so batching stays exact.
 //! - **Threads.** candle uses as many threads as the machine has physical cores; set
 //!   `CANDLE_NUM_THREADS` to change that (read once per process, at the first model
 //!   operation). Its workers wait for each other by spinning, which is fastest on an idle
