@@ -5,9 +5,9 @@
 //! is bound by that work rather than by reading the weights: measured on the default model
 //! (SmolLM2-135M, 2 cores), decoding 8 sequences together was only 1.1 times as fast as one.
 //! This kernel keeps the weights' scales as f32 (converted once, at load), quantises each
-//! activation row once per product, and computes up to four rows against each weight column
-//! while that column's 32-byte blocks are in registers, so a batch of rows reads the weights
-//! once. The work is split by column ranges over candle's own thread pool (no second pool
+//! activation row once per input (shared by the products that take it, see [`Activations`]),
+//! and computes up to four rows against each weight column while that column's 32-byte blocks
+//! are in registers, so a batch of rows reads the weights once. The work is split by column ranges over candle's own thread pool (no second pool
 //! competing with it for the cores).
 //!
 //! # Same bits for a row alone and in a batch
@@ -20,7 +20,7 @@
 //! logits do not depend on its neighbours (the model's load-time check verifies it too).
 //!
 //! Activations are quantised as ggml's `Q8_0` does (per block of 32: scale = max |x| / 127,
-//! values rounded to the nearest integer), except that the scale stays f32.
+//! values rounded to the nearest integer, halves to even), except that the scale stays f32.
 
 #![allow(unsafe_code)]
 
@@ -255,6 +255,7 @@ fn quantize_block(block: &[f32], q: &mut [i8]) -> f32 {
 
 /// Rows per tile: each weight block loaded is used by this many rows.
 const ROW_TILE: usize = 4;
+
 /// The dot products of rows `row..row + R` of `acts` with column `col` of `w`.
 fn tile<const R: usize>(w: &Q8Matrix, acts: &Activations, row: usize, col: usize) -> [f32; R] {
     let b = w.blocks;
