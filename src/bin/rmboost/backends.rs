@@ -72,11 +72,7 @@ fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
 /// available).
 pub(crate) fn build(args: &BackendArgs, concurrency: usize) -> Result<Built, CliError> {
     let kind = args.backend.unwrap_or_else(default_kind);
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(CliError::usage(
-            "--timeout must be a positive number of seconds",
-        ));
-    }
+    timeout(args)?;
     let cap = NonZeroUsize::new(concurrency)
         .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
     let (inner, retries, adaptive): (Arc<dyn LlmBackend>, _, _) = match kind {
@@ -108,11 +104,7 @@ pub(crate) fn batch_api(
     if any_model && args.model.is_none() {
         args.model = Some("-".to_string());
     }
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(CliError::usage(
-            "--timeout must be a positive number of seconds",
-        ));
-    }
+    timeout(&args)?;
     match args.backend.unwrap_or_else(default_kind) {
         BackendKind::Openai => Ok(Arc::new(OpenAiBatch::new(openai(&args)?))),
         BackendKind::Anthropic => Ok(Arc::new(AnthropicBatch::new(anthropic(&args)?))),
@@ -145,7 +137,14 @@ fn key_var(args: &BackendArgs) -> Option<String> {
     args.api_key_env.clone()
 }
 
+/// `--timeout` as a duration: a positive number of seconds (checked for every backend, also
+/// the ones that make no HTTP call, so a bad flag is refused whatever else is given).
 fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(CliError::usage(
+            "--timeout must be a positive number of seconds",
+        ));
+    }
     rmboost::backend::duration_from_secs_f64(args.timeout)
         .map_err(|e| CliError::usage(format!("--timeout: {}", error_chain(&e))))
 }
