@@ -399,6 +399,51 @@ impl ClientLimits {
     }
 }
 
+/// The provider clients' shared test: a batch over the limits is refused before anything is
+/// sent (their test clients' base URL is port 1, which would give a connection error
+/// otherwise), naming the sizes and the limits. `submit` sends the requests with a client set
+/// to the limits given and returns its error.
+#[cfg(all(test, any(feature = "openai", feature = "anthropic")))]
+pub(crate) fn assert_refuses_over_limits(
+    submit: impl Fn(BatchLimits, &[BatchRequest], &BatchTag) -> BackendError,
+) {
+    let requests: Vec<BatchRequest> = ["a", "b"]
+        .iter()
+        .map(|id| BatchRequest {
+            custom_id: (*id).to_string(),
+            request: CompletionRequest::new(vec![crate::Message::user("u")]),
+        })
+        .collect();
+    let tag = BatchTag {
+        run: "r".into(),
+        key: "k".into(),
+    };
+    let e = submit(
+        BatchLimits {
+            max_requests: 1,
+            max_bytes: u64::MAX,
+        },
+        &requests,
+        &tag,
+    );
+    assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+    assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
+    assert!(
+        e.to_string().contains("over the limits (1 requests, "),
+        "{e}"
+    );
+    let e = submit(
+        BatchLimits {
+            max_requests: 10,
+            max_bytes: 20,
+        },
+        &requests[..1],
+        &tag,
+    );
+    assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
+    assert!(e.to_string().ends_with("(10 requests, 20 bytes)"), "{e}");
+}
+
 /// One provider's batch API; see the [module docs](self).
 ///
 /// Errors are [`BackendError`]s classified as for online calls: a retryable one (5xx,

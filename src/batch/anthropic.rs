@@ -492,49 +492,16 @@ mod tests {
         assert_eq!(s.tag, None);
     }
 
-    /// A batch over the limits is refused before anything is sent (the base URL's port 1
-    /// would give a connection error otherwise), naming the sizes and the limits.
+    /// A batch over the limits is refused before anything is sent (the clients' shared test),
+    /// and the limit setters set what the client keeps to.
     #[test]
     fn batches_over_the_limits_are_refused_before_sending() {
-        let requests: Vec<BatchRequest> = ["a", "b"]
-            .iter()
-            .map(|id| BatchRequest {
-                custom_id: (*id).to_string(),
-                request: CompletionRequest::new(vec![Message::user("u")]),
-            })
-            .collect();
-        let tag = BatchTag {
-            run: "r".into(),
-            key: "k".into(),
-        };
-        let submit = |limits: BatchLimits, n: usize| {
+        crate::batch::assert_refuses_over_limits(|limits, requests, tag| {
             let api = api().with_limits(limits).max_results_bytes(0);
             assert_eq!(api.limits(), limits);
             assert_eq!(api.limits.max_results_bytes, 1);
-            futures::executor::block_on(api.submit(&requests[..n], &tag)).unwrap_err()
-        };
-        let e = submit(
-            BatchLimits {
-                max_requests: 1,
-                max_bytes: u64::MAX,
-            },
-            2,
-        );
-        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
-        assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
-        assert!(
-            e.to_string().contains("over the limits (1 requests, "),
-            "{e}"
-        );
-        let e = submit(
-            BatchLimits {
-                max_requests: 10,
-                max_bytes: 20,
-            },
-            1,
-        );
-        assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
-        assert!(e.to_string().ends_with("(10 requests, 20 bytes)"), "{e}");
+            futures::executor::block_on(api.submit(requests, tag)).unwrap_err()
+        });
         assert_eq!(api().limits(), LIMITS);
         assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
     }
