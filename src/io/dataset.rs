@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::line::{read_bounded_line, Line};
+use super::line::JsonlLines;
 use crate::example::{parse_example_line, ExampleFormat, PreferenceExample};
 use crate::Error;
 
@@ -53,13 +53,8 @@ pub struct DatasetLine {
 /// ```
 #[derive(Debug)]
 pub struct DatasetReader<R> {
-    reader: R,
-    path: PathBuf,
-    line: u64,
-    buf: Vec<u8>,
-    max_line_bytes: usize,
+    lines: JsonlLines<R>,
     format: Option<(ExampleFormat, u64)>,
-    done: bool,
 }
 
 /// Opens a JSONL file of preference examples for strict reading ([`DatasetReader`]).
@@ -80,13 +75,8 @@ impl<R: BufRead> DatasetReader<R> {
     /// Reads from `reader`; `name` is the file name used in errors.
     pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
         DatasetReader {
-            reader,
-            path: name.into(),
-            line: 0,
-            buf: Vec::new(),
-            max_line_bytes: 64 << 20,
+            lines: JsonlLines::new(reader, name.into(), 64 << 20),
             format: None,
-            done: false,
         }
     }
 
@@ -94,7 +84,7 @@ impl<R: BufRead> DatasetReader<R> {
     /// `\r\n`); default 64 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
-        self.max_line_bytes = max;
+        self.lines.set_max_line_bytes(max);
         self
     }
 
@@ -107,11 +97,11 @@ impl<R: BufRead> DatasetReader<R> {
     /// The file name used in errors.
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.path
+        self.lines.path()
     }
 
     fn err(&self, message: impl Into<String>) -> Error {
-        Error::parse(self.path.clone(), self.line, message)
+        self.lines.err(message)
     }
 
     fn parse(&mut self, text: &str, ended: bool) -> Result<DatasetLine, Error> {
@@ -127,7 +117,7 @@ impl<R: BufRead> DatasetReader<R> {
             Err(e) => return Err(self.err(format!("not a preference example: {e}"))),
         };
         match self.format {
-            None => self.format = Some((format, self.line)),
+            None => self.format = Some((format, self.lines.line())),
             Some((first, at)) if first != format => {
                 return Err(self.err(format!(
                     "a {format} example in a {first} file (line {at} is {first}): one file \
@@ -137,7 +127,7 @@ impl<R: BufRead> DatasetReader<R> {
             Some(_) => {}
         }
         Ok(DatasetLine {
-            line: self.line,
+            line: self.lines.line(),
             format,
             example,
             text: text.to_string(),
@@ -149,49 +139,13 @@ impl<R: BufRead> Iterator for DatasetReader<R> {
     type Item = Result<DatasetLine, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        loop {
-            let read = read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes);
-            let (ended, too_long) = match read {
-                Ok(Line::Eof) => {
-                    self.done = true;
-                    return None;
-                }
-                Ok(Line::Ended) => (true, false),
-                Ok(Line::Unended) => (false, false),
-                Ok(Line::TooLong) => (false, true),
-                Err(source) => {
-                    self.done = true;
-                    return Some(Err(Error::io(self.path.clone(), source)));
-                }
-            };
-            self.line += 1;
-            if too_long {
-                return Some(Err(self.err(format!(
-                    "line longer than the {} byte limit",
-                    self.max_line_bytes
-                ))));
-            }
-            let bytes = std::mem::take(&mut self.buf);
-            let result = match std::str::from_utf8(&bytes) {
-                Err(e) => Err(self.err(format!(
-                    "invalid UTF-8 at byte {} of the line",
-                    e.valid_up_to()
-                ))),
-                Ok(text) => {
-                    let text = text.trim_end_matches('\r');
-                    if text.trim().is_empty() {
-                        self.buf = bytes;
-                        continue;
-                    }
-                    self.parse(text, ended)
-                }
-            };
-            self.buf = bytes;
-            return Some(result);
-        }
+        let line = match self.lines.next_line()? {
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        let result = self.parse(line.text.trim_end_matches('\r'), line.ended);
+        self.lines.recycle(line);
+        Some(result)
     }
 }
 

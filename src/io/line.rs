@@ -1,7 +1,111 @@
 //! The one bounded line reader behind the JSONL readers ([`PromptReader`](super::PromptReader),
-//! [`DatasetReader`](super::DatasetReader)).
+//! [`DatasetReader`](super::DatasetReader)), and the numbered, checked text lines both parse.
 
 use std::io::{self, BufRead};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// The non-blank lines of a JSONL input as numbered text, with the checks every JSONL reader
+/// makes before parsing a line (the length limit, UTF-8), each failure an
+/// [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line.
+#[derive(Debug)]
+pub(crate) struct JsonlLines<R> {
+    reader: R,
+    path: PathBuf,
+    line: u64,
+    buf: Vec<u8>,
+    max_line_bytes: usize,
+    done: bool,
+}
+
+/// A line from [`JsonlLines::next_line`]: not blank, without its line ending.
+pub(crate) struct TextLine {
+    pub(crate) text: String,
+    /// Whether a `\n` ended it (only the last line of an input may lack one).
+    pub(crate) ended: bool,
+}
+
+impl<R: BufRead> JsonlLines<R> {
+    pub(crate) fn new(reader: R, path: PathBuf, max_line_bytes: usize) -> Self {
+        JsonlLines {
+            reader,
+            path,
+            line: 0,
+            buf: Vec::new(),
+            max_line_bytes,
+            done: false,
+        }
+    }
+
+    /// Sets the longest line accepted, in bytes, not counting its line ending.
+    pub(crate) fn set_max_line_bytes(&mut self, max: usize) {
+        self.max_line_bytes = max;
+    }
+
+    /// The file name used in errors.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The number of the last line read (1-based; 0 before the first).
+    pub(crate) fn line(&self) -> u64 {
+        self.line
+    }
+
+    /// A parse error at the last line read.
+    pub(crate) fn err(&self, message: impl Into<String>) -> Error {
+        Error::parse(self.path.clone(), self.line, message)
+    }
+
+    /// The next line that is not blank, or the error of a line too long or not UTF-8 (reading
+    /// goes on after it); `None` at the end of the input, and after an I/O error (which is
+    /// returned once, as [`ErrorKind::Io`](crate::ErrorKind::Io)).
+    pub(crate) fn next_line(&mut self) -> Option<Result<TextLine, Error>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let ended =
+                match read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes) {
+                    Ok(Line::Eof) => {
+                        self.done = true;
+                        return None;
+                    }
+                    Ok(Line::Ended) => true,
+                    Ok(Line::Unended) => false,
+                    Ok(Line::TooLong) => {
+                        self.line += 1;
+                        return Some(Err(self.err(format!(
+                            "line longer than the {} byte limit",
+                            self.max_line_bytes
+                        ))));
+                    }
+                    Err(source) => {
+                        self.done = true;
+                        return Some(Err(Error::io(self.path.clone(), source)));
+                    }
+                };
+            self.line += 1;
+            match String::from_utf8(std::mem::take(&mut self.buf)) {
+                Err(e) => {
+                    let at = e.utf8_error().valid_up_to();
+                    self.buf = e.into_bytes();
+                    return Some(Err(
+                        self.err(format!("invalid UTF-8 at byte {at} of the line"))
+                    ));
+                }
+                Ok(text) if text.trim().is_empty() => self.buf = text.into_bytes(),
+                Ok(text) => return Some(Ok(TextLine { text, ended })),
+            }
+        }
+    }
+
+    /// Gives a line's buffer back for the next read (saves an allocation per line).
+    pub(crate) fn recycle(&mut self, line: TextLine) {
+        self.buf = line.text.into_bytes();
+    }
+}
 
 /// What [`read_bounded_line`] read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::line::{read_bounded_line, Line};
+use super::line::JsonlLines;
 use crate::backend::Message;
 use crate::example::{check_messages, Prompt, PromptInput};
 use crate::Error;
@@ -21,12 +21,7 @@ use crate::Error;
 /// whether to skip it or stop.
 #[derive(Debug)]
 pub struct PromptReader<R> {
-    reader: R,
-    path: PathBuf,
-    line: u64,
-    buf: Vec<u8>,
-    max_line_bytes: usize,
-    done: bool,
+    lines: JsonlLines<R>,
 }
 
 /// Opens a JSONL prompt file.
@@ -44,12 +39,7 @@ impl<R: BufRead> PromptReader<R> {
     /// Reads from `reader`; `name` is the file name used in errors (`<stdin>`, a path, ...).
     pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
         PromptReader {
-            reader,
-            path: name.into(),
-            line: 0,
-            buf: Vec::new(),
-            max_line_bytes: 16 << 20,
-            done: false,
+            lines: JsonlLines::new(reader, name.into(), 16 << 20),
         }
     }
 
@@ -57,7 +47,7 @@ impl<R: BufRead> PromptReader<R> {
     /// `\r\n`); default 16 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
-        self.max_line_bytes = max;
+        self.lines.set_max_line_bytes(max);
         self
     }
 
@@ -79,7 +69,7 @@ impl<R: BufRead> PromptReader<R> {
     {
         use futures::{SinkExt, StreamExt};
         let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Prompt, Error>>(64);
-        let path = self.path.clone();
+        let path = self.lines.path().to_path_buf();
         let spawned = std::thread::Builder::new()
             .name("rmboost-input".into())
             .spawn(move || {
@@ -98,11 +88,11 @@ impl<R: BufRead> PromptReader<R> {
     /// The number of the last line read (1-based; 0 before the first).
     #[must_use]
     pub fn line(&self) -> u64 {
-        self.line
+        self.lines.line()
     }
 
     fn err(&self, message: impl Into<String>) -> Error {
-        Error::parse(self.path.clone(), self.line, message)
+        self.lines.err(message)
     }
 
     fn parse(&self, text: &str) -> Result<Prompt, Error> {
@@ -155,47 +145,13 @@ impl<R: BufRead> Iterator for PromptReader<R> {
     type Item = Result<Prompt, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        loop {
-            let read = read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes);
-            let too_long = match read {
-                Ok(Line::Eof) => {
-                    self.done = true;
-                    return None;
-                }
-                Ok(line) => line == Line::TooLong,
-                Err(source) => {
-                    self.done = true;
-                    return Some(Err(Error::io(self.path.clone(), source)));
-                }
-            };
-            self.line += 1;
-            if too_long {
-                return Some(Err(self.err(format!(
-                    "line longer than the {} byte limit",
-                    self.max_line_bytes
-                ))));
-            }
-            let bytes = std::mem::take(&mut self.buf);
-            let result = match std::str::from_utf8(&bytes) {
-                Err(e) => Err(self.err(format!(
-                    "invalid UTF-8 at byte {} of the line",
-                    e.valid_up_to()
-                ))),
-                Ok(text) => {
-                    let text = text.trim();
-                    if text.is_empty() {
-                        self.buf = bytes;
-                        continue;
-                    }
-                    self.parse(text)
-                }
-            };
-            self.buf = bytes;
-            return Some(result);
-        }
+        let line = match self.lines.next_line()? {
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        let result = self.parse(line.text.trim());
+        self.lines.recycle(line);
+        Some(result)
     }
 }
 
