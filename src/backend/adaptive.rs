@@ -1,32 +1,73 @@
-//! [`Adaptive`]: finds how many calls a provider takes at once instead of guessing, and stops
-//! sending into an outage.
+//! [`Adaptive`]: finds how many calls a provider takes at once instead of guessing, stops
+//! sending into an outage, and tells congestion from noise.
 //!
 //! The wrapper keeps a limit on the calls in flight to one backend and moves it with what the
-//! backend answers (AIMD, additive increase and multiplicative decrease, as TCP does):
+//! backend answers (AIMD, additive increase and multiplicative decrease, as TCP does). It
+//! starts at the cap (the configured concurrency) and never goes above it.
 //!
-//! - It starts at the cap (the configured concurrency) and never goes above it.
-//! - A rate limit (HTTP 429, [`BackendErrorKind::RateLimited`]) multiplies the limit by the
-//!   [decrease factor](AdaptiveConfigBuilder::decrease_factor) (default 0.75). Only a call
-//!   admitted under the current limit can cut it: every cut starts a new *epoch*, each call
-//!   remembers the epoch it was admitted in, and a 429 from an earlier epoch (a call sent while
-//!   the limit was higher) is counted but cuts nothing. A burst of 429s from one overload so
-//!   cuts the limit once, not once per call. After a cut, no further cut for a short
-//!   [cool-down](AdaptiveConfigBuilder::cooldown).
-//! - A run of successes raises it by one: [`increase_after`](AdaptiveConfigBuilder::increase_after)
-//!   successes (default 25) in a row, counting only calls that took the last free slot (with
-//!   slots to spare a success says nothing about a higher limit). Below the limit the last cut
-//!   came from, the limit is
-//!   known to have worked, so it climbs back faster (one per
+//! # Which answers move the limit, and why
+//!
+//! Only answers that ask to slow down move it down: a rate limit (HTTP 429,
+//! [`BackendErrorKind::RateLimited`]) or any retryable error that carries a `Retry-After`.
+//! Server errors, timeouts, dropped connections and unusable answers say nothing about how
+//! many calls the server takes; they feed the circuit breaker (below) and the retry layer,
+//! never the limit. Latency plays no part either: a server that queues keeps its throughput,
+//! and a full pipeline is what a batch job wants.
+//!
+//! A slow-down answer is *congestion* only when many calls get one. Real providers and
+//! clusters also answer a call or two in a hundred with a 429 that has nothing to do with
+//! load; a controller that cut on each of those would ratchet the limit down to the floor
+//! under a steady background of them (TCP Reno's failure under random loss). The two look
+//! different: a random 429 comes to a share of calls that does not depend on the limit, while
+//! above a server's real limit the share jumps, because every call sent into the full server
+//! is refused at once and the slot it frees goes straight to the next call, which is refused
+//! too. So:
+//!
+//! - Results are counted per *epoch* (from one change of the limit to the next), in windows
+//!   of 100; only calls admitted in the current epoch count, so the answers to calls sent
+//!   under a higher limit cut nothing (a burst of 429s from one overload cuts once).
+//! - The window is congested when at least a quarter of its results asked to slow down, and
+//!   at least 5 of them did (2 right after an increase, whose undoing costs little). A random
+//!   5% of 429s makes that about once in 350 windows; a limit one above the server's makes it
+//!   within a few calls.
+//! - Congestion right after an increase takes that step back and remembers the level below
+//!   as the one that works; the next step above it waits twice as long each time it fails
+//!   (up to 8 times [`increase_after`](AdaptiveConfigBuilder::increase_after)), and back to
+//!   once when a step holds. A capped server so costs about two 429s per probe, rarely.
+//! - Any other congestion multiplies the limit by the
+//!   [decrease factor](AdaptiveConfigBuilder::decrease_factor) (default 0.75), at most once
+//!   per [cool-down](AdaptiveConfigBuilder::cooldown).
+//! - A run of successes raises the limit by one:
+//!   [`increase_after`](AdaptiveConfigBuilder::increase_after) successes (default 25),
+//!   counting only calls that took the last free slot (with slots to spare a success says
+//!   nothing about a higher limit); slow-down answers that are not congestion do not reset the
+//!   count. Below the limit the last cut came from, the limit is known to have worked, so it
+//!   climbs back faster (one per
 //!   [`recovery_increase_after`](AdaptiveConfigBuilder::recovery_increase_after) successes,
-//!   default 2) and probes above it slowly. The time calls take plays no part.
-//! - A `Retry-After` (on any retryable error) pauses admission of every call to this backend
-//!   until it has passed, not only the retry of the call that got it.
-//! - A circuit breaker: [`breaker_threshold`](AdaptiveConfigBuilder::breaker_threshold) server
-//!   errors, connection failures or timeouts in a row (default 5) *open* it: no call is admitted
-//!   for [`breaker_pause`](AdaptiveConfigBuilder::breaker_pause) (default 2 s). Then it is
-//!   *half open*: one call (the probe) goes through. A probe that succeeds (or gets any answer
-//!   that is not an outage) *closes* the breaker; one that fails opens it again for twice the
-//!   pause, up to [`breaker_max_pause`](AdaptiveConfigBuilder::breaker_max_pause) (default 60 s).
+//!   default 2).
+//!
+//! # `Retry-After`
+//!
+//! The call that got a `Retry-After` waits at least that long before it is sent again (the
+//! retry layer's rule). Every call waits only when the `Retry-After` came with congestion:
+//! then admission of every call to this backend pauses until it has passed (at most
+//! [`max_pause`](AdaptiveConfigBuilder::max_pause)). A provider at its per-minute limit
+//! answers every call with a 429, so the pause comes within a few calls; a random 429 with
+//! `Retry-After: 1` delays its own call by a second and nobody else. This holds with a fixed
+//! limit too ([`adaptive(false)`](AdaptiveConfigBuilder::adaptive)).
+//!
+//! # The circuit breaker
+//!
+//! [`breaker_threshold`](AdaptiveConfigBuilder::breaker_threshold) server errors, connection
+//! failures or timeouts in a row (default 5), when they are also at least three quarters of
+//! the last results (a window of four times the threshold), *open* it: no call is admitted
+//! for [`breaker_pause`](AdaptiveConfigBuilder::breaker_pause) (default 2 s). A server that is
+//! down fails everything and opens it as soon as the streak is long enough; a few calls that
+//! hung on one bad connection and time out together, among calls that succeed, do not. Then
+//! it is *half open*: one call (the probe) goes through. A probe that succeeds (or gets any
+//! answer that is not an outage) *closes* the breaker; one that fails opens it again for twice
+//! the pause, up to [`breaker_max_pause`](AdaptiveConfigBuilder::breaker_max_pause) (default
+//! 60 s).
 //!
 //! Calls that cannot be admitted wait in a first-in, first-out queue. Every error is returned
 //! unchanged: whether and when a call is retried is still the retry layer's decision.
@@ -65,7 +106,8 @@
 //! assert_eq!(answer.text, "hello");
 //! let now = stats.snapshot();
 //! assert_eq!((now.calls, now.rate_limited), (2, 1));
-//! assert_eq!(now.limit, 48); // 64 x 0.75
+//! // One 429 in two calls is not congestion: the limit stays.
+//! assert_eq!((now.limit, now.congestion), (64, 0));
 //! assert_eq!(now.breaker, BreakerState::Closed);
 //! # Ok(())
 //! # }
@@ -183,21 +225,24 @@ impl AdaptiveConfigBuilder {
     }
 
     /// Whether the limit adapts. Default true. With false the limit stays at the initial
-    /// limit (the cap by default), while `Retry-After` pauses, the circuit breaker and the
-    /// statistics work as usual: a fixed concurrency that still stops for an outage.
+    /// limit (the cap by default), while the `Retry-After` pauses of congestion, the circuit
+    /// breaker and the statistics work as usual: a fixed concurrency that still stops for an
+    /// outage and for a server that tells every call to wait.
     pub fn adaptive(mut self, adaptive: bool) -> Self {
         self.config.adaptive = adaptive;
         self
     }
 
-    /// What a rate limit multiplies the limit by (rounded down, at least one less). Default
-    /// 0.75; must be in `(0, 1)`.
+    /// What congestion multiplies the limit by (rounded down, at least one less), unless it
+    /// came right after an increase (which is then only taken back). Default 0.75; must be
+    /// in `(0, 1)`.
     pub fn decrease_factor(mut self, factor: f64) -> Self {
         self.config.decrease_factor = factor;
         self
     }
 
-    /// How many successes in a row raise the limit by one. Default 25.
+    /// How many successes raise the limit by one (at or above the level known to work; a
+    /// failed step above it doubles this for the next, up to 8 times). Default 25.
     pub fn increase_after(mut self, successes: NonZeroU32) -> Self {
         self.config.increase_after = successes.get();
         self
@@ -213,7 +258,7 @@ impl AdaptiveConfigBuilder {
         self
     }
 
-    /// After a cut, how long until a rate limit may cut again. Default 20 ms. The epoch guard
+    /// After a cut, how long until congestion may cut again. Default 20 ms. The epoch guard
     /// (only calls admitted after the cut can cut again) is what keeps a burst of 429s to one
     /// cut; the cool-down only spaces cuts out a little more, for servers whose count lags.
     pub fn cooldown(mut self, cooldown: Duration) -> Self {
@@ -221,15 +266,16 @@ impl AdaptiveConfigBuilder {
         self
     }
 
-    /// The longest a `Retry-After` pauses admission; longer ones are cut to this. Default
-    /// 60 s.
+    /// The longest a `Retry-After` that came with congestion pauses admission of every call;
+    /// longer ones are cut to this. Default 60 s.
     pub fn max_pause(mut self, max_pause: Duration) -> Self {
         self.config.max_pause = max_pause;
         self
     }
 
     /// How many server errors, connection failures or timeouts in a row open the circuit
-    /// breaker; `None` turns the breaker off. Default 5.
+    /// breaker, when they are also at least three quarters of the last results (a window of
+    /// four times this, at most 64); `None` turns the breaker off. Default 5.
     pub fn breaker_threshold(mut self, failures: Option<NonZeroU32>) -> Self {
         self.config.breaker_threshold = failures.map(NonZeroU32::get);
         self
@@ -316,6 +362,94 @@ impl std::error::Error for AdaptiveConfigError {}
 // ---------------------------------------------------------------------------------------------
 // The AIMD arithmetic.
 
+/// Of the calls of one window, the share answered "slow down" at or above which that is
+/// congestion rather than noise: one in four (numerator, denominator).
+const CONGESTED_SHARE: (u32, u32) = (1, 4);
+/// Slow-down answers one window needs before it can be congestion, in an epoch that began
+/// with a cut (or at the start): five, so that a random 5% of 429s almost never adds up.
+const CUT_EVIDENCE: u32 = 5;
+/// The same in an epoch that began with an increase: two, because undoing one step costs
+/// little and a probe above the real limit should cost few 429s.
+const UNDO_EVIDENCE: u32 = 2;
+/// The window is the calls admitted last: as many as the limit (one round of the pipeline),
+/// at least this many...
+const MIN_WINDOW: u64 = 16;
+/// ...and at most this many.
+const MAX_WINDOW: u64 = 64;
+
+/// Marks on the most recent admissions, newest in bit 0: which of them got a given answer.
+///
+/// Calls still in flight count as unmarked. So the share is of the calls *sent*, not of the
+/// answers received: after many calls went out at once (the start, the end of a pause) the
+/// fast errors come back before the slow successes, and a share of the answers would read a
+/// random 5% of fast errors as a wall of them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Recent {
+    /// Admissions so far.
+    admitted: u64,
+    bits: u64,
+}
+
+impl Recent {
+    /// A call is admitted; returns its number.
+    fn admit(&mut self) -> u64 {
+        self.bits <<= 1;
+        self.admitted += 1;
+        self.admitted - 1
+    }
+
+    /// Marks the call with this number, if it is among the last 64.
+    fn mark(&mut self, seq: u64) {
+        let ago = self.admitted.saturating_sub(seq + 1);
+        if ago < 64 {
+            self.bits |= 1 << ago;
+        }
+    }
+
+    /// How many of the last `n` calls (at most 64) are marked.
+    fn count(&self, n: u64) -> u64 {
+        let mask = if n >= 64 { u64::MAX } else { (1 << n) - 1 };
+        u64::from((self.bits & mask).count_ones())
+    }
+
+    /// Forgets the marks (a new epoch, a closed breaker); the numbering goes on.
+    fn clear(&mut self) {
+        self.bits = 0;
+    }
+}
+/// The most a run of failed probes multiplies the successes the next probe waits for.
+const MAX_PROBE_BACKOFF: u32 = 8;
+
+/// What a finished call says about the load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It succeeded.
+    Success,
+    /// The server asked to slow down: a 429, or a retryable error with a `Retry-After`.
+    SlowDown,
+    /// Any other error: it says nothing about how many calls the server takes.
+    Other,
+}
+
+/// How the current epoch began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Began {
+    /// At the start, or with a cut or an undone increase.
+    Down,
+    /// With an increase by one; `probe`: above the highest limit known to work.
+    Up { probe: bool },
+}
+
+/// What one result did to the limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Verdict {
+    change: Option<Change>,
+    /// The window's slow-down answers reached the congestion share (not only right after a
+    /// step up): the server's "slow down" is meant for every call (see the module docs on
+    /// `Retry-After`).
+    congested: bool,
+}
+
 /// The limit and the rules that move it; no clock of its own, no locking (unit tested).
 #[derive(Debug, Clone)]
 struct Aimd {
@@ -327,12 +461,21 @@ struct Aimd {
     increase_after: u32,
     recovery_increase_after: u32,
     cooldown: Duration,
-    /// Bumped by every cut; a call admitted in an earlier epoch cannot cut.
+    /// Bumped by every change of the limit; only calls admitted in the current epoch are
+    /// counted in its window.
     epoch: u64,
+    began: Began,
+    /// The number of the first call admitted in this epoch.
+    epoch_start: u64,
+    /// Which of the last calls were answered "slow down".
+    slowed: Recent,
     /// Successes since the last change of the limit.
     successes: u32,
-    /// The limit the last cut came from, minus one: below it the limit climbs quickly.
+    /// Below this limit the limit climbs quickly: it is known to have worked.
     recovery_target: usize,
+    /// Multiplies `increase_after` above the recovery target; doubled by each failed probe,
+    /// back to 1 when a probe holds.
+    backoff: u32,
     /// No cut before this instant (the cool-down).
     no_cut_before: Option<Instant>,
 }
@@ -356,8 +499,12 @@ impl Aimd {
             recovery_increase_after: c.recovery_increase_after,
             cooldown: c.cooldown,
             epoch: 0,
+            began: Began::Down,
+            epoch_start: 0,
+            slowed: Recent::default(),
             successes: 0,
             recovery_target: 0,
+            backoff: 1,
             no_cut_before: None,
         }
     }
@@ -367,6 +514,111 @@ impl Aimd {
         // Limits are far below 2^52: the product is exact enough.
         let cut = (limit as f64 * factor).floor() as usize;
         cut.min(limit.saturating_sub(1)).max(min)
+    }
+
+    fn new_epoch(&mut self, began: Began) {
+        self.epoch += 1;
+        self.began = began;
+        self.epoch_start = self.slowed.admitted;
+        self.slowed.clear();
+        self.successes = 0;
+    }
+
+    /// A call is admitted: its number and the epoch it belongs to.
+    fn admit(&mut self) -> (u64, u64) {
+        (self.slowed.admit(), self.epoch)
+    }
+
+    /// Call `seq`, admitted in `epoch`, finished at `now` with `outcome`; `saturated` says
+    /// whether the limit was reached when it was admitted.
+    fn on_result(
+        &mut self,
+        (seq, epoch): (u64, u64),
+        saturated: bool,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Verdict {
+        if epoch == self.epoch && outcome == Outcome::SlowDown {
+            self.slowed.mark(seq);
+            if self.congested() {
+                // Two answers after a step up are enough to take the step back, not to make
+                // every call wait.
+                let pause = !self.just_raised();
+                return Verdict {
+                    change: self.back_off(now),
+                    congested: pause,
+                };
+            }
+        }
+        Verdict {
+            change: (outcome == Outcome::Success)
+                .then(|| self.on_success(saturated))
+                .flatten(),
+            congested: false,
+        }
+    }
+
+    /// The size of the window: as many calls as the limit, within bounds.
+    fn window(&self) -> u64 {
+        (self.limit as u64).clamp(MIN_WINDOW, MAX_WINDOW)
+    }
+
+    /// Whether this epoch began with an increase and has not yet sent a window's worth of
+    /// calls: the time in which a step up the server cannot take shows.
+    fn just_raised(&self) -> bool {
+        matches!(self.began, Began::Up { .. })
+            && self.slowed.admitted - self.epoch_start <= self.window()
+    }
+
+    /// Whether the window's slow-down answers are congestion: enough of them, and at least
+    /// the congestion share of the calls the window sent.
+    fn congested(&self) -> bool {
+        let evidence = if self.just_raised() {
+            UNDO_EVIDENCE
+        } else {
+            CUT_EVIDENCE
+        };
+        let window = self.window().min(self.slowed.admitted - self.epoch_start);
+        let slowed = self.slowed.count(window);
+        let (num, den) = CONGESTED_SHARE;
+        slowed >= u64::from(evidence) && slowed * u64::from(den) >= window * u64::from(num)
+    }
+
+    /// Congestion: undo the increase that began this epoch, or cut. The window starts again
+    /// whatever happens, so the next verdict needs new evidence.
+    fn back_off(&mut self, now: Instant) -> Option<Change> {
+        let undo = self.just_raised();
+        self.slowed.clear();
+        if !self.adaptive || self.limit <= self.min {
+            return None;
+        }
+        let from = self.limit;
+        match self.began {
+            Began::Up { probe } if undo => {
+                // The step up is what the server refused: take it back, and remember that
+                // the level below is the one that works.
+                self.limit -= 1;
+                self.recovery_target = self.limit;
+                if probe {
+                    self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
+                }
+            }
+            _ => {
+                if self.no_cut_before.is_some_and(|t| now < t) {
+                    return None;
+                }
+                self.limit = Self::decreased(from, self.factor, self.min);
+                self.recovery_target = from - 1;
+                self.no_cut_before = now.checked_add(self.cooldown);
+                // The levels just below the cut are where trouble starts: probe them slowly.
+                self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
+            }
+        }
+        self.new_epoch(Began::Down);
+        Some(Change {
+            from,
+            to: self.limit,
+        })
     }
 
     /// A call succeeded (whatever epoch it was admitted in: a success is a success).
@@ -381,34 +633,20 @@ impl Aimd {
         let needed = if self.limit < self.recovery_target {
             self.recovery_increase_after
         } else {
-            self.increase_after
+            self.increase_after.saturating_mul(self.backoff)
         };
         if self.successes < needed {
             return None;
         }
-        self.successes = 0;
+        if self.began == (Began::Up { probe: true }) {
+            // The last probe held: the next one need not wait longer.
+            self.backoff = 1;
+        }
         let from = self.limit;
         self.limit += 1;
-        Some(Change {
-            from,
-            to: self.limit,
-        })
-    }
-
-    /// A call admitted in `epoch` was rate limited at `now`.
-    fn on_rate_limited(&mut self, epoch: u64, now: Instant) -> Option<Change> {
-        if !self.adaptive || epoch != self.epoch {
-            return None;
-        }
-        self.successes = 0;
-        if self.no_cut_before.is_some_and(|t| now < t) || self.limit <= self.min {
-            return None;
-        }
-        let from = self.limit;
-        self.limit = Self::decreased(from, self.factor, self.min);
-        self.recovery_target = from - 1;
-        self.epoch += 1;
-        self.no_cut_before = now.checked_add(self.cooldown);
+        self.new_epoch(Began::Up {
+            probe: from >= self.recovery_target,
+        });
         Some(Change {
             from,
             to: self.limit,
@@ -482,8 +720,17 @@ struct Breaker {
     next_pause: Duration,
     /// Outage errors in a row while closed.
     failures: u32,
+    /// Which of the last calls failed with an outage error.
+    down: Recent,
+    /// The number of the first call admitted since the breaker last closed.
+    since: u64,
     phase: BreakerPhase,
 }
+
+/// Of the calls admitted last (four times the threshold, at most 64), the share that failed
+/// with an outage error at or above which a streak of them opens the breaker: three in four
+/// (numerator, denominator).
+const OUTAGE_SHARE: (u32, u32) = (3, 4);
 
 /// What a finished call says about the backend's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,6 +749,8 @@ impl Breaker {
             max_pause: c.breaker_max_pause,
             next_pause: c.breaker_pause,
             failures: 0,
+            down: Recent::default(),
+            since: 0,
             phase: BreakerPhase::Closed,
         }
     }
@@ -514,9 +763,14 @@ impl Breaker {
         }
     }
 
-    /// Records a finished call; `probe` says whether it was the half-open probe. Returns the
-    /// event of a state change.
-    fn on_result(&mut self, health: Health, probe: bool, now: Instant) -> Option<Event> {
+    /// A call is admitted; returns its number.
+    fn admit(&mut self) -> u64 {
+        self.down.admit()
+    }
+
+    /// Records the result of call `seq`; `probe` says whether it was the half-open probe.
+    /// Returns the event of a state change.
+    fn on_result(&mut self, health: Health, seq: u64, probe: bool, now: Instant) -> Option<Event> {
         let threshold = self.threshold?;
         match (self.phase, health) {
             (BreakerPhase::Closed, Health::Up) => {
@@ -525,7 +779,14 @@ impl Breaker {
             }
             (BreakerPhase::Closed, Health::Down) => {
                 self.failures += 1;
-                if self.failures < threshold {
+                self.down.mark(seq);
+                let window = u64::from(threshold.saturating_mul(4))
+                    .min(MAX_WINDOW)
+                    .min(self.down.admitted - self.since);
+                let (num, den) = OUTAGE_SHARE;
+                if self.failures < threshold
+                    || self.down.count(window) * u64::from(den) < window * u64::from(num)
+                {
                     return None;
                 }
                 let pause = self.open(now);
@@ -537,6 +798,8 @@ impl Breaker {
             (BreakerPhase::HalfOpen { .. }, Health::Up) if probe => {
                 self.phase = BreakerPhase::Closed;
                 self.failures = 0;
+                self.down.clear();
+                self.since = self.down.admitted;
                 self.next_pause = self.pause;
                 Some(Event::BreakerClosed)
             }
@@ -588,6 +851,7 @@ pub struct AdaptiveStats {
     waiting: AtomicUsize,
     calls: AtomicU64,
     rate_limited: AtomicU64,
+    congestion: AtomicU64,
     decreases: AtomicU64,
     increases: AtomicU64,
     pauses: AtomicU64,
@@ -617,11 +881,16 @@ pub struct AdaptiveSnapshot {
     pub calls: u64,
     /// Of those, calls that were rate limited ([`BackendErrorKind::RateLimited`]).
     pub rate_limited: u64,
-    /// Times the limit was cut.
+    /// Times the answers asking to slow down were judged congestion (enough of them, and a
+    /// large enough share of the calls; see the [module docs](self)). With `rate_limited`
+    /// far above it, most 429s were noise.
+    pub congestion: u64,
+    /// Times the limit was lowered (a cut, or a step up taken back).
     pub decreases: u64,
     /// Times the limit was raised.
     pub increases: u64,
-    /// `Retry-After` pauses of admission started (or extended).
+    /// `Retry-After` pauses of every call's admission started (or extended): only congestion
+    /// starts one.
     pub pauses: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
@@ -652,6 +921,7 @@ impl AdaptiveStats {
             waiting: AtomicUsize::new(0),
             calls: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            congestion: AtomicU64::new(0),
             decreases: AtomicU64::new(0),
             increases: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
@@ -708,7 +978,13 @@ impl AdaptiveStats {
         self.rate_limited.load(Ordering::Relaxed)
     }
 
-    /// Times the limit was cut.
+    /// Times the answers asking to slow down were judged congestion.
+    #[must_use]
+    pub fn congestion(&self) -> u64 {
+        self.congestion.load(Ordering::Relaxed)
+    }
+
+    /// Times the limit was lowered.
     #[must_use]
     pub fn decreases(&self) -> u64 {
         self.decreases.load(Ordering::Relaxed)
@@ -750,6 +1026,7 @@ impl AdaptiveStats {
             waiting: self.waiting(),
             calls: self.calls(),
             rate_limited: self.rate_limited(),
+            congestion: self.congestion(),
             decreases: self.decreases(),
             increases: self.increases(),
             pauses: self.pauses(),
@@ -800,7 +1077,7 @@ impl Event {
                     from,
                     to,
                     in_flight,
-                    "rate limited: concurrency limit lowered"
+                    "congestion: concurrency limit lowered"
                 );
             }
             Event::Limit(Change { from, to }, in_flight) => {
@@ -809,7 +1086,7 @@ impl Event {
             Event::Paused(pause) => tracing::info!(
                 backend,
                 pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
-                "Retry-After: admission paused"
+                "congestion with Retry-After: admission of every call paused"
             ),
             Event::BreakerOpened { failures, pause } => tracing::warn!(
                 backend,
@@ -860,7 +1137,8 @@ enum Block {
 /// slot the limit allowed, and whether it is the probe.
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
-    epoch: u64,
+    /// The call's number and the epoch it was admitted in.
+    admission: (u64, u64),
     saturated: bool,
     probe: bool,
 }
@@ -905,8 +1183,11 @@ impl State {
         }
         self.in_flight += 1;
         stats.in_flight.store(self.in_flight, Ordering::Relaxed);
+        let admission = self.aimd.admit();
+        let seq = self.breaker.admit();
+        debug_assert_eq!(seq, admission.0);
         Ok(Ticket {
-            epoch: self.aimd.epoch,
+            admission,
             saturated: self.in_flight >= self.aimd.limit,
             probe,
         })
@@ -1030,37 +1311,59 @@ impl Limiter {
             }
             Some(result) => {
                 self.stats.calls.fetch_add(1, Ordering::Relaxed);
-                let (change, health) = match result {
-                    Ok(_) => (st.aimd.on_success(ticket.saturated), Health::Up),
+                let (outcome, health) = match result {
+                    Ok(_) => (Outcome::Success, Health::Up),
                     Err(e) => {
-                        if e.is_retryable() {
-                            if let Some(after) = e.retry_after() {
-                                let pause = after.min(self.max_pause);
-                                let until = later(now, pause);
-                                if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
-                                    st.paused_until = Some(until);
-                                    self.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                                    events.push(Event::Paused(pause));
-                                }
-                            }
+                        let kind = e.kind();
+                        if kind == BackendErrorKind::RateLimited {
+                            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                         }
-                        match e.kind() {
-                            BackendErrorKind::RateLimited => {
-                                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                                (st.aimd.on_rate_limited(ticket.epoch, now), Health::Up)
-                            }
+                        let slow_down = kind == BackendErrorKind::RateLimited
+                            || (e.is_retryable() && e.retry_after().is_some());
+                        let health = match kind {
                             BackendErrorKind::Server
                             | BackendErrorKind::Connection
-                            | BackendErrorKind::Timeout => (None, Health::Down),
-                            _ => (None, Health::Up),
-                        }
+                            | BackendErrorKind::Timeout => Health::Down,
+                            _ => Health::Up,
+                        };
+                        let outcome = if slow_down {
+                            Outcome::SlowDown
+                        } else {
+                            Outcome::Other
+                        };
+                        (outcome, health)
                     }
                 };
+                let verdict = st
+                    .aimd
+                    .on_result(ticket.admission, ticket.saturated, outcome, now);
+                if verdict.congested {
+                    self.stats.congestion.fetch_add(1, Ordering::Relaxed);
+                    // Many calls were told to slow down: the wait is meant for everyone.
+                    let after = result
+                        .as_ref()
+                        .err()
+                        .filter(|e| e.is_retryable())
+                        .and_then(BackendError::retry_after);
+                    if let Some(after) = after {
+                        let pause = after.min(self.max_pause);
+                        let until = later(now, pause);
+                        if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
+                            st.paused_until = Some(until);
+                            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                            events.push(Event::Paused(pause));
+                        }
+                    }
+                }
+                let change = verdict.change;
                 if let Some(change) = change {
                     self.stats.set_limit(change);
                     events.push(Event::Limit(change, st.in_flight));
                 }
-                if let Some(event) = st.breaker.on_result(health, ticket.probe, now) {
+                if let Some(event) =
+                    st.breaker
+                        .on_result(health, ticket.admission.0, ticket.probe, now)
+                {
                     if matches!(
                         event,
                         Event::BreakerOpened { .. } | Event::BreakerReopened { .. }
@@ -1254,6 +1557,30 @@ mod tests {
         Aimd::new(&AdaptiveConfig::new(nz(cap)))
     }
 
+    /// `n` calls admitted at once, then answered "slow down" in turn at `now`; the changes
+    /// they made.
+    fn slow_downs(a: &mut Aimd, n: usize, now: Instant) -> Vec<Change> {
+        let calls: Vec<_> = (0..n).map(|_| a.admit()).collect();
+        calls
+            .into_iter()
+            .filter_map(|c| a.on_result(c, true, Outcome::SlowDown, now).change)
+            .collect()
+    }
+
+    /// One call admitted and answered with `outcome`.
+    fn one(a: &mut Aimd, saturated: bool, outcome: Outcome, now: Instant) -> Verdict {
+        let call = a.admit();
+        a.on_result(call, saturated, outcome, now)
+    }
+
+    /// `n` saturated successes, one after the other.
+    fn successes(a: &mut Aimd, n: usize) -> Vec<Change> {
+        let t = Instant::now();
+        (0..n)
+            .filter_map(|_| one(a, true, Outcome::Success, t).change)
+            .collect()
+    }
+
     #[test]
     fn decrease_rounds_down_and_always_moves() {
         assert_eq!(Aimd::decreased(256, 0.75, 1), 192);
@@ -1275,74 +1602,192 @@ mod tests {
     }
 
     #[test]
+    fn congestion_needs_evidence_and_a_share() {
+        let mut a = aimd(64);
+        let t = Instant::now();
+        // Four slow-downs in a row are not enough evidence after a cut or at the start...
+        assert!(slow_downs(&mut a, 4, t).is_empty());
+        // ...the fifth is, at 5 of 5.
+        let v = one(&mut a, true, Outcome::SlowDown, t);
+        assert_eq!(v.change, Some(Change { from: 64, to: 48 }));
+        assert!(v.congested);
+
+        // Five slow-downs among 40 results (12.5%) are not congestion.
+        let mut a = aimd(64);
+        for i in 0..40 {
+            let outcome = if i % 8 == 0 {
+                Outcome::SlowDown
+            } else {
+                Outcome::Other
+            };
+            assert_eq!(one(&mut a, true, outcome, t), Verdict::default());
+        }
+        // A quarter is: 7 more slow-downs in a row bring the window to 12 of 47.
+        for _ in 0..6 {
+            assert_eq!(one(&mut a, true, Outcome::SlowDown, t), Verdict::default());
+        }
+        let v = one(&mut a, true, Outcome::SlowDown, t);
+        assert_eq!(v.change, Some(Change { from: 64, to: 48 }));
+
+        // The share is of the calls sent, not of the answers: 64 calls go out at once and the
+        // five that fail come back first: 5 of 64 is not congestion.
+        let mut a = aimd(64);
+        let calls: Vec<_> = (0..64).map(|_| a.admit()).collect();
+        for &c in &calls[..5] {
+            assert_eq!(
+                a.on_result(c, true, Outcome::SlowDown, t),
+                Verdict::default()
+            );
+        }
+    }
+
+    #[test]
     fn one_cut_per_epoch_and_cooldown() {
         let mut a = aimd(256);
         let t0 = Instant::now();
-        let e0 = a.epoch;
+        let old = a.admit();
         assert_eq!(
-            a.on_rate_limited(e0, t0),
-            Some(Change { from: 256, to: 192 })
+            slow_downs(&mut a, 200, t0),
+            vec![Change { from: 256, to: 192 }]
         );
-        // The rest of the burst was admitted in epoch e0: no further cut.
-        for _ in 0..100 {
-            assert_eq!(a.on_rate_limited(e0, t0), None);
-        }
-        assert_eq!(a.limit, 192);
-        // A call of the new epoch inside the cool-down does not cut either...
-        let e1 = a.epoch;
-        assert_ne!(e0, e1);
-        assert_eq!(a.on_rate_limited(e1, t0 + Duration::from_millis(10)), None);
-        // ...after it, it does.
+        // The rest of the burst was admitted in the first epoch: no further cut.
         assert_eq!(
-            a.on_rate_limited(e1, t0 + Duration::from_millis(20)),
-            Some(Change { from: 192, to: 144 })
+            a.on_result(old, true, Outcome::SlowDown, t0),
+            Verdict::default()
+        );
+        assert_eq!(a.limit, 192);
+        // Calls of the new epoch inside the cool-down do not cut either...
+        assert_ne!(old.1, a.epoch);
+        let v = one(&mut a, true, Outcome::SlowDown, t0);
+        assert_eq!(v, Verdict::default());
+        assert!(slow_downs(&mut a, 10, t0 + Duration::from_millis(10)).is_empty());
+        // ...after it, they do.
+        assert_eq!(
+            slow_downs(&mut a, 5, t0 + Duration::from_millis(20)),
+            vec![Change { from: 192, to: 144 }]
         );
     }
 
     #[test]
-    fn increase_after_a_run_fast_below_the_last_cut() {
+    fn noise_neither_cuts_nor_stops_the_rise() {
+        // One result in twenty asks to slow down, spread evenly: the worst steady pattern of a
+        // 5% rate.
+        let t = Instant::now();
         let mut a = aimd(64);
-        a.limit = 40;
-        // Plain additive increase: one per 25 successes.
-        for _ in 0..24 {
-            assert_eq!(a.on_success(true), None);
+        for i in 0..20_000 {
+            let outcome = if i % 20 == 7 {
+                Outcome::SlowDown
+            } else {
+                Outcome::Success
+            };
+            assert_eq!(one(&mut a, true, outcome, t).change, None);
         }
-        assert_eq!(a.on_success(true), Some(Change { from: 40, to: 41 }));
+        assert_eq!(a.limit, 64);
+
+        // Started low, the limit climbs to the cap through the same noise.
+        let config = AdaptiveConfig::builder(nz(64))
+            .initial_limit(nz(16))
+            .build()
+            .unwrap();
+        let mut a = Aimd::new(&config);
+        let mut rises = 0;
+        for i in 0..2_000 {
+            let outcome = if i % 20 == 7 {
+                Outcome::SlowDown
+            } else {
+                Outcome::Success
+            };
+            let change = one(&mut a, true, outcome, t).change;
+            if let Some(c) = change {
+                assert_eq!(c.to, c.from + 1, "only rises: {c:?}");
+                rises += 1;
+            }
+        }
+        assert_eq!((a.limit, rises), (64, 48));
+    }
+
+    #[test]
+    fn a_step_up_into_congestion_is_taken_back_and_probes_back_off() {
+        let t = Instant::now();
+        let config = AdaptiveConfig::builder(nz(64))
+            .initial_limit(nz(32))
+            .build()
+            .unwrap();
+        let mut a = Aimd::new(&config);
+        // 25 successes: a probe to 33.
+        assert_eq!(successes(&mut a, 25), vec![Change { from: 32, to: 33 }]);
+        // Two slow-downs right after it take it back (no multiplicative cut).
+        assert_eq!(slow_downs(&mut a, 2, t), vec![Change { from: 33, to: 32 }]);
+        // The next probe waits 50 successes, then 100, then 200, and no longer.
+        for wait in [50, 100, 200, 200] {
+            assert!(successes(&mut a, wait - 1).is_empty(), "{wait}");
+            assert_eq!(successes(&mut a, 1), vec![Change { from: 32, to: 33 }]);
+            assert_eq!(slow_downs(&mut a, 2, t), vec![Change { from: 33, to: 32 }]);
+        }
+        // A probe that holds (200 successes at 33) rises and resets the wait to 25.
+        assert_eq!(successes(&mut a, 200), vec![Change { from: 32, to: 33 }]);
+        assert_eq!(successes(&mut a, 200), vec![Change { from: 33, to: 34 }]);
+        assert_eq!(successes(&mut a, 25), vec![Change { from: 34, to: 35 }]);
+        // Congestion later in an epoch that did not start with a rise cuts.
+        let mut a = aimd(64);
+        assert_eq!(slow_downs(&mut a, 5, t), vec![Change { from: 64, to: 48 }]);
+    }
+
+    #[test]
+    fn increase_after_a_run_fast_below_the_last_cut() {
+        let config = AdaptiveConfig::builder(nz(64))
+            .initial_limit(nz(40))
+            .build()
+            .unwrap();
+        let mut a = Aimd::new(&config);
+        // Plain additive increase: one per 25 successes.
+        assert!(successes(&mut a, 24).is_empty());
+        assert_eq!(successes(&mut a, 1), vec![Change { from: 40, to: 41 }]);
         // Successes of calls admitted with slots to spare do not count.
         for _ in 0..100 {
-            assert_eq!(a.on_success(false), None);
+            let v = one(&mut a, false, Outcome::Success, Instant::now());
+            assert_eq!(v, Verdict::default());
         }
-        // A cut at 41 sets the recovery target to 40.
+        // 25 more successes at 41 hold the step; at 42, five slow-downs among the first
+        // results cut (the step was taken back first, so the cut is from 41).
+        assert_eq!(successes(&mut a, 25), vec![Change { from: 41, to: 42 }]);
         let now = Instant::now();
         assert_eq!(
-            a.on_rate_limited(a.epoch, now),
-            Some(Change { from: 41, to: 30 })
+            slow_downs(&mut a, 2, now),
+            vec![Change { from: 42, to: 41 }]
+        );
+        assert_eq!(
+            slow_downs(&mut a, 5, now),
+            vec![Change { from: 41, to: 30 }]
         );
         // From 30 to 40: one per 2 successes.
-        for _ in 0..20 {
-            a.on_success(true);
-        }
+        assert_eq!(successes(&mut a, 20).len(), 10);
         assert_eq!(a.limit, 40);
-        // Above it: back to 25.
-        for _ in 0..24 {
-            assert_eq!(a.on_success(true), None);
-        }
-        assert_eq!(a.on_success(true), Some(Change { from: 40, to: 41 }));
+        // Above it, probes wait four times 25: the failed step to 42 and the cut each
+        // doubled the wait.
+        assert!(successes(&mut a, 99).is_empty());
+        assert_eq!(successes(&mut a, 1), vec![Change { from: 40, to: 41 }]);
     }
 
     #[test]
     fn never_above_the_cap_nor_below_the_minimum() {
         let mut a = aimd(4);
-        for _ in 0..1000 {
-            assert_eq!(a.on_success(true), None);
-        }
+        assert!(successes(&mut a, 1000).is_empty());
         assert_eq!(a.limit, 4);
         let mut now = Instant::now();
         for _ in 0..10 {
             now += Duration::from_secs(1);
-            a.on_rate_limited(a.epoch, now);
+            slow_downs(&mut a, 5, now);
         }
         assert_eq!(a.limit, 1);
+        // At the floor, congestion is still reported (for the pause) and moves nothing.
+        let v = one(&mut a, true, Outcome::SlowDown, now);
+        assert_eq!(v, Verdict::default());
+        for _ in 0..3 {
+            one(&mut a, true, Outcome::SlowDown, now);
+        }
+        let v = one(&mut a, true, Outcome::SlowDown, now);
+        assert_eq!((v.change, v.congested), (None, true));
     }
 
     #[test]
@@ -1352,9 +1797,18 @@ mod tests {
             .build()
             .unwrap();
         let mut a = Aimd::new(&config);
-        assert_eq!(a.on_rate_limited(a.epoch, Instant::now()), None);
-        assert_eq!(a.on_success(true), None);
+        let t = Instant::now();
+        assert!(slow_downs(&mut a, 4, t).is_empty());
+        let v = one(&mut a, true, Outcome::SlowDown, t);
+        assert_eq!((v.change, v.congested), (None, true));
+        assert!(successes(&mut a, 1000).is_empty());
         assert_eq!(a.limit, 16);
+    }
+
+    /// One call admitted and answered.
+    fn answer(b: &mut Breaker, health: Health, probe: bool, now: Instant) -> Option<Event> {
+        let seq = b.admit();
+        b.on_result(health, seq, probe, now)
     }
 
     #[test]
@@ -1367,12 +1821,12 @@ mod tests {
             .unwrap();
         let mut b = Breaker::new(&config);
         let t = Instant::now();
-        assert_eq!(b.on_result(Health::Down, false, t), None);
-        assert_eq!(b.on_result(Health::Up, false, t), None);
-        assert_eq!(b.on_result(Health::Down, false, t), None);
-        assert_eq!(b.on_result(Health::Down, false, t), None);
+        assert_eq!(answer(&mut b, Health::Down, false, t), None);
+        assert_eq!(answer(&mut b, Health::Up, false, t), None);
+        assert_eq!(answer(&mut b, Health::Down, false, t), None);
+        assert_eq!(answer(&mut b, Health::Down, false, t), None);
         assert_eq!(
-            b.on_result(Health::Down, false, t),
+            answer(&mut b, Health::Down, false, t),
             Some(Event::BreakerOpened {
                 failures: 3,
                 pause: Duration::from_secs(1)
@@ -1380,11 +1834,11 @@ mod tests {
         );
         assert_eq!(b.state(), BreakerState::Open);
         // Late results of calls admitted before do nothing.
-        assert_eq!(b.on_result(Health::Up, false, t), None);
+        assert_eq!(answer(&mut b, Health::Up, false, t), None);
         assert_eq!(b.state(), BreakerState::Open);
         b.phase = BreakerPhase::HalfOpen { probing: true };
         assert_eq!(
-            b.on_result(Health::Down, true, t),
+            answer(&mut b, Health::Down, true, t),
             Some(Event::BreakerReopened {
                 pause: Duration::from_secs(2)
             })
@@ -1392,7 +1846,7 @@ mod tests {
         b.phase = BreakerPhase::HalfOpen { probing: true };
         // Doubling stops at the maximum.
         assert_eq!(
-            b.on_result(Health::Down, true, t),
+            answer(&mut b, Health::Down, true, t),
             Some(Event::BreakerReopened {
                 pause: Duration::from_secs(3)
             })
@@ -1401,8 +1855,40 @@ mod tests {
         b.probe_cancelled();
         assert_eq!(b.phase, BreakerPhase::HalfOpen { probing: false });
         b.phase = BreakerPhase::HalfOpen { probing: true };
-        assert_eq!(b.on_result(Health::Up, true, t), Some(Event::BreakerClosed));
+        assert_eq!(
+            answer(&mut b, Health::Up, true, t),
+            Some(Event::BreakerClosed)
+        );
         assert_eq!(b.next_pause, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_streak_among_successes_does_not_open_the_breaker() {
+        let mut b = Breaker::new(&AdaptiveConfig::new(nz(8)));
+        let t = Instant::now();
+        // 15 successes, then 14 timeouts together (one bad connection): 14 of the last 20.
+        for _ in 0..15 {
+            assert_eq!(answer(&mut b, Health::Up, false, t), None);
+        }
+        for _ in 0..14 {
+            assert_eq!(answer(&mut b, Health::Down, false, t), None);
+        }
+        // The fifteenth makes three quarters of the window: an outage.
+        assert!(matches!(
+            answer(&mut b, Health::Down, false, t),
+            Some(Event::BreakerOpened { failures: 15, .. })
+        ));
+        // A failure share of 30% in streaks of 6, after a first success, never opens it.
+        let mut b = Breaker::new(&AdaptiveConfig::new(nz(8)));
+        for i in 0..10_000 {
+            let health = if (i + 10) % 20 < 6 {
+                Health::Down
+            } else {
+                Health::Up
+            };
+            assert_eq!(answer(&mut b, health, false, t), None, "{i}");
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]
