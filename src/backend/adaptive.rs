@@ -2,8 +2,11 @@
 //! sending into an outage, and tells congestion from noise.
 //!
 //! The wrapper keeps a limit on the calls in flight to one backend and moves it with what the
-//! backend answers (AIMD, additive increase and multiplicative decrease, as TCP does). It
-//! starts at the cap (the configured concurrency) and never goes above it.
+//! backend answers (AIMD, additive increase and multiplicative decrease, as TCP does). It never
+//! goes above the cap (the configured concurrency). It starts at 16 (or the cap, if lower) in
+//! *slow start*: each success that took the last free slot raises it by one, doubling it every
+//! round of calls, until the first congestion; a server that takes fewer calls than the cap is
+//! so found without sending the whole cap into it at once.
 //!
 //! # Which answers move the limit, and why
 //!
@@ -23,19 +26,23 @@
 //! is refused at once and the slot it frees goes straight to the next call, which is refused
 //! too. So:
 //!
-//! - Results are counted per *epoch* (from one change of the limit to the next), in windows
-//!   of 100; only calls admitted in the current epoch count, so the answers to calls sent
-//!   under a higher limit cut nothing (a burst of 429s from one overload cuts once).
-//! - The window is congested when at least a quarter of its results asked to slow down, and
-//!   at least 5 of them did (2 right after an increase, whose undoing costs little). A random
-//!   5% of 429s makes that about once in 350 windows; a limit one above the server's makes it
-//!   within a few calls.
-//! - Congestion right after an increase takes that step back and remembers the level below
-//!   as the one that works; the next step above it waits twice as long each time it fails
-//!   (up to 8 times [`increase_after`](AdaptiveConfigBuilder::increase_after)), and back to
-//!   once when a step holds. A capped server so costs about two 429s per probe, rarely.
+//! - The window is the last calls *sent*, as many as the limit (at least 16, at most 64),
+//!   and only those sent since the limit last changed (an *epoch*): the answers to calls sent
+//!   under a higher limit cut nothing, so a burst of 429s from one overload cuts once. Calls
+//!   still in flight count as not refused: after many calls went out at once, the fast errors
+//!   come back before the slow successes and must not read as a wall of them.
+//! - The window is congested when at least a quarter of its calls were told to slow down, and
+//!   at least 5 of them were (2 within the first window after an increase, whose undoing
+//!   costs little). With 5% of random 429s, a window of 64 practically never gets there and
+//!   a window of 16 about once in a thousand calls; a limit one above a server's cap gets
+//!   there within a few calls.
+//! - Congestion within the first window after an increase takes that step back and remembers
+//!   the level below as the one that works; the next step above it waits twice as long each
+//!   time a step or a cut fails (up to 8 times
+//!   [`increase_after`](AdaptiveConfigBuilder::increase_after)), and back to once when a step
+//!   holds. A capped server so costs about two 429s per probe, rarely.
 //! - Any other congestion multiplies the limit by the
-//!   [decrease factor](AdaptiveConfigBuilder::decrease_factor) (default 0.75), at most once
+//!   [decrease factor](AdaptiveConfigBuilder::decrease_factor) (default 0.85), at most once
 //!   per [cool-down](AdaptiveConfigBuilder::cooldown).
 //! - A run of successes raises the limit by one:
 //!   [`increase_after`](AdaptiveConfigBuilder::increase_after) successes (default 25),
@@ -106,8 +113,8 @@
 //! assert_eq!(answer.text, "hello");
 //! let now = stats.snapshot();
 //! assert_eq!((now.calls, now.rate_limited), (2, 1));
-//! // One 429 in two calls is not congestion: the limit stays.
-//! assert_eq!((now.limit, now.congestion), (64, 0));
+//! // One 429 in two calls is not congestion: the limit stays where slow start begins.
+//! assert_eq!((now.limit, now.congestion), (16, 0));
 //! assert_eq!(now.breaker, BreakerState::Closed);
 //! # Ok(())
 //! # }
@@ -128,7 +135,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -161,16 +168,16 @@ pub struct AdaptiveConfig {
 }
 
 impl AdaptiveConfig {
-    /// The defaults with this cap: the limit starts at the cap and adapts, and the breaker is
-    /// on. See [`AdaptiveConfigBuilder`] for each default.
+    /// The defaults with this cap: the limit starts at the cap or 16, whichever is lower, and
+    /// adapts, and the breaker is on. See [`AdaptiveConfigBuilder`] for each default.
     #[must_use]
     pub fn new(cap: NonZeroUsize) -> Self {
         AdaptiveConfig {
             cap: cap.get(),
-            initial: cap.get(),
+            initial: cap.get().min(SLOW_START_FROM),
             min: 1,
             adaptive: true,
-            decrease_factor: 0.75,
+            decrease_factor: 0.85,
             increase_after: 25,
             recovery_increase_after: 2,
             cooldown: Duration::from_millis(20),
@@ -212,7 +219,12 @@ pub struct AdaptiveConfigBuilder {
 }
 
 impl AdaptiveConfigBuilder {
-    /// The limit at the start. Default: the cap.
+    /// The limit at the start. Default: the cap or 16, whichever is lower (the cap with
+    /// [`adaptive(false)`](Self::adaptive)). Below the cap the limit starts in *slow start*:
+    /// each success that took the last free slot raises it by one, which doubles it every
+    /// round of calls, until the first congestion (as TCP starts). Starting at the cap instead
+    /// sends that many calls at once into a server that may take far fewer, and every one it
+    /// refuses is a 429 on the run's count.
     pub fn initial_limit(mut self, initial: NonZeroUsize) -> Self {
         self.initial = Some(initial.get());
         self
@@ -234,8 +246,9 @@ impl AdaptiveConfigBuilder {
     }
 
     /// What congestion multiplies the limit by (rounded down, at least one less), unless it
-    /// came right after an increase (which is then only taken back). Default 0.75; must be
-    /// in `(0, 1)`.
+    /// came right after an increase (which is then only taken back). Default 0.85; must be
+    /// in `(0, 1)`. The cut can be gentle because noise does not cause one: congestion is a
+    /// server that refused many of the calls sent.
     pub fn decrease_factor(mut self, factor: f64) -> Self {
         self.config.decrease_factor = factor;
         self
@@ -305,7 +318,11 @@ impl AdaptiveConfigBuilder {
     /// or above its maximum, or a pause is longer than a day.
     pub fn build(self) -> Result<AdaptiveConfig, AdaptiveConfigError> {
         let mut c = self.config;
-        c.initial = self.initial.unwrap_or(c.cap);
+        c.initial = self.initial.unwrap_or(if c.adaptive {
+            c.cap.min(SLOW_START_FROM).max(c.min)
+        } else {
+            c.cap
+        });
         let err = |m: String| Err(AdaptiveConfigError { message: m });
         if !(c.decrease_factor > 0.0 && c.decrease_factor < 1.0) {
             return err(format!(
@@ -417,6 +434,9 @@ impl Recent {
         self.bits = 0;
     }
 }
+/// Where the limit starts when it adapts, if the cap is higher (see
+/// [`AdaptiveConfigBuilder::initial_limit`]).
+const SLOW_START_FROM: usize = 16;
 /// The most a run of failed probes multiplies the successes the next probe waits for.
 const MAX_PROBE_BACKOFF: u32 = 8;
 
@@ -478,6 +498,9 @@ struct Aimd {
     backoff: u32,
     /// No cut before this instant (the cool-down).
     no_cut_before: Option<Instant>,
+    /// Until the first congestion, below the cap: every success that took the last free slot
+    /// raises the limit.
+    slow_start: bool,
 }
 
 /// A change of the limit.
@@ -506,6 +529,7 @@ impl Aimd {
             recovery_target: 0,
             backoff: 1,
             no_cut_before: None,
+            slow_start: c.adaptive && c.initial < c.cap,
         }
     }
 
@@ -589,6 +613,7 @@ impl Aimd {
     fn back_off(&mut self, now: Instant) -> Option<Change> {
         let undo = self.just_raised();
         self.slowed.clear();
+        self.slow_start = false;
         if !self.adaptive || self.limit <= self.min {
             return None;
         }
@@ -630,7 +655,9 @@ impl Aimd {
             return None;
         }
         self.successes += 1;
-        let needed = if self.limit < self.recovery_target {
+        let needed = if self.slow_start {
+            1
+        } else if self.limit < self.recovery_target {
             self.recovery_increase_after
         } else {
             self.increase_after.saturating_mul(self.backoff)
@@ -645,7 +672,7 @@ impl Aimd {
         let from = self.limit;
         self.limit += 1;
         self.new_epoch(Began::Up {
-            probe: from >= self.recovery_target,
+            probe: !self.slow_start && from >= self.recovery_target,
         });
         Some(Change {
             from,
@@ -857,6 +884,8 @@ pub struct AdaptiveStats {
     pauses: AtomicU64,
     breaker: AtomicU8,
     breaker_opened: AtomicU64,
+    /// Whether the limit has risen since slow start (or since the start, without one).
+    risen: AtomicBool,
 }
 
 /// All of an [`AdaptiveStats`] at one moment.
@@ -867,11 +896,11 @@ pub struct AdaptiveSnapshot {
     pub cap: usize,
     /// The current limit on calls in flight.
     pub limit: usize,
-    /// The lowest the limit has been.
+    /// The lowest the limit has been since slow start ended (the current limit until then).
     pub min_limit: usize,
-    /// The highest the limit has risen to (before any rise: the current limit). With the start
-    /// at the cap and the descent from it left out, `min_limit..=max_limit` is the range the
-    /// limit settled in.
+    /// The highest the limit has risen to since slow start ended (before any rise: the
+    /// current limit). With slow start and the descent after it left out,
+    /// `min_limit..=max_limit` is the range the limit settled in.
     pub max_limit: usize,
     /// Calls running in the inner backend now.
     pub in_flight: usize,
@@ -927,6 +956,7 @@ impl AdaptiveStats {
             pauses: AtomicU64::new(0),
             breaker: AtomicU8::new(BreakerState::Closed.to_u8()),
             breaker_opened: AtomicU64::new(0),
+            risen: AtomicBool::new(false),
         }
     }
 
@@ -1036,19 +1066,26 @@ impl AdaptiveStats {
     }
 
     /// Records a new limit (called under the state lock, so the extremes are consistent).
-    fn set_limit(&self, change: Change) {
+    /// In slow start the extremes follow the limit: the range is where it settled.
+    fn set_limit(&self, change: Change, slow_start: bool) {
         self.limit.store(change.to, Ordering::Relaxed);
         if change.to < change.from {
             self.decreases.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.increases.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow_start {
+            self.min_limit.store(change.to, Ordering::Relaxed);
+            self.max_limit.store(change.to, Ordering::Relaxed);
+        } else if change.to < change.from {
             self.min_limit.fetch_min(change.to, Ordering::Relaxed);
-            if self.increases.load(Ordering::Relaxed) == 0 {
+            if !self.risen.load(Ordering::Relaxed) {
                 // Still descending: the maximum follows the limit down.
                 self.max_limit.store(change.to, Ordering::Relaxed);
             }
+        } else if !self.risen.swap(true, Ordering::Relaxed) {
+            self.max_limit.store(change.to, Ordering::Relaxed);
         } else {
-            if self.increases.fetch_add(1, Ordering::Relaxed) == 0 {
-                self.max_limit.store(change.to, Ordering::Relaxed);
-            }
             self.max_limit.fetch_max(change.to, Ordering::Relaxed);
         }
     }
@@ -1357,7 +1394,7 @@ impl Limiter {
                 }
                 let change = verdict.change;
                 if let Some(change) = change {
-                    self.stats.set_limit(change);
+                    self.stats.set_limit(change, st.aimd.slow_start);
                     events.push(Event::Limit(change, st.in_flight));
                 }
                 if let Some(event) =
@@ -1553,8 +1590,42 @@ mod tests {
         NonZeroUsize::new(n).unwrap()
     }
 
+    /// Starting at the cap.
     fn aimd(cap: usize) -> Aimd {
-        Aimd::new(&AdaptiveConfig::new(nz(cap)))
+        let config = AdaptiveConfig::builder(nz(cap))
+            .initial_limit(nz(cap))
+            .build()
+            .unwrap();
+        Aimd::new(&config)
+    }
+
+    #[test]
+    fn slow_start_doubles_each_round_until_congestion() {
+        let mut a = Aimd::new(&AdaptiveConfig::new(nz(256)));
+        assert_eq!((a.limit, a.slow_start), (16, true));
+        // One per success: 16 successes (a round at 16) take it to 32.
+        assert_eq!(successes(&mut a, 16).len(), 16);
+        assert_eq!(a.limit, 32);
+        // Two slow-downs right after a step take it back and end slow start.
+        let now = Instant::now();
+        assert_eq!(
+            slow_downs(&mut a, 2, now),
+            vec![Change { from: 32, to: 31 }]
+        );
+        assert!(!a.slow_start);
+        // From there, probes: 25 successes a step, then twice that after a failed one.
+        assert!(successes(&mut a, 24).is_empty());
+        assert_eq!(successes(&mut a, 1), vec![Change { from: 31, to: 32 }]);
+        // A fixed limit starts at the cap and has no slow start.
+        let fixed = AdaptiveConfig::builder(nz(256))
+            .adaptive(false)
+            .build()
+            .unwrap();
+        let a = Aimd::new(&fixed);
+        assert_eq!((a.limit, a.slow_start), (256, false));
+        // Nor does a cap of 16 or less.
+        let a = Aimd::new(&AdaptiveConfig::new(nz(8)));
+        assert_eq!((a.limit, a.slow_start), (8, false));
     }
 
     /// `n` calls admitted at once, then answered "slow down" in turn at `now`; the changes
@@ -1609,7 +1680,7 @@ mod tests {
         assert!(slow_downs(&mut a, 4, t).is_empty());
         // ...the fifth is, at 5 of 5.
         let v = one(&mut a, true, Outcome::SlowDown, t);
-        assert_eq!(v.change, Some(Change { from: 64, to: 48 }));
+        assert_eq!(v.change, Some(Change { from: 64, to: 54 }));
         assert!(v.congested);
 
         // Five slow-downs among 40 results (12.5%) are not congestion.
@@ -1627,7 +1698,7 @@ mod tests {
             assert_eq!(one(&mut a, true, Outcome::SlowDown, t), Verdict::default());
         }
         let v = one(&mut a, true, Outcome::SlowDown, t);
-        assert_eq!(v.change, Some(Change { from: 64, to: 48 }));
+        assert_eq!(v.change, Some(Change { from: 64, to: 54 }));
 
         // The share is of the calls sent, not of the answers: 64 calls go out at once and the
         // five that fail come back first: 5 of 64 is not congestion.
@@ -1648,14 +1719,14 @@ mod tests {
         let old = a.admit();
         assert_eq!(
             slow_downs(&mut a, 200, t0),
-            vec![Change { from: 256, to: 192 }]
+            vec![Change { from: 256, to: 217 }]
         );
         // The rest of the burst was admitted in the first epoch: no further cut.
         assert_eq!(
             a.on_result(old, true, Outcome::SlowDown, t0),
             Verdict::default()
         );
-        assert_eq!(a.limit, 192);
+        assert_eq!(a.limit, 217);
         // Calls of the new epoch inside the cool-down do not cut either...
         assert_ne!(old.1, a.epoch);
         let v = one(&mut a, true, Outcome::SlowDown, t0);
@@ -1664,7 +1735,7 @@ mod tests {
         // ...after it, they do.
         assert_eq!(
             slow_downs(&mut a, 5, t0 + Duration::from_millis(20)),
-            vec![Change { from: 192, to: 144 }]
+            vec![Change { from: 217, to: 184 }]
         );
     }
 
@@ -1684,12 +1755,14 @@ mod tests {
         }
         assert_eq!(a.limit, 64);
 
-        // Started low, the limit climbs to the cap through the same noise.
+        // Started low, the limit climbs to the cap through the same noise (past slow start:
+        // the first congestion is long gone).
         let config = AdaptiveConfig::builder(nz(64))
             .initial_limit(nz(16))
             .build()
             .unwrap();
         let mut a = Aimd::new(&config);
+        a.slow_start = false;
         let mut rises = 0;
         for i in 0..2_000 {
             let outcome = if i % 20 == 7 {
@@ -1714,6 +1787,7 @@ mod tests {
             .build()
             .unwrap();
         let mut a = Aimd::new(&config);
+        a.slow_start = false;
         // 25 successes: a probe to 33.
         assert_eq!(successes(&mut a, 25), vec![Change { from: 32, to: 33 }]);
         // Two slow-downs right after it take it back (no multiplicative cut).
@@ -1730,7 +1804,7 @@ mod tests {
         assert_eq!(successes(&mut a, 25), vec![Change { from: 34, to: 35 }]);
         // Congestion later in an epoch that did not start with a rise cuts.
         let mut a = aimd(64);
-        assert_eq!(slow_downs(&mut a, 5, t), vec![Change { from: 64, to: 48 }]);
+        assert_eq!(slow_downs(&mut a, 5, t), vec![Change { from: 64, to: 54 }]);
     }
 
     #[test]
@@ -1740,6 +1814,7 @@ mod tests {
             .build()
             .unwrap();
         let mut a = Aimd::new(&config);
+        a.slow_start = false;
         // Plain additive increase: one per 25 successes.
         assert!(successes(&mut a, 24).is_empty());
         assert_eq!(successes(&mut a, 1), vec![Change { from: 40, to: 41 }]);
@@ -1758,10 +1833,10 @@ mod tests {
         );
         assert_eq!(
             slow_downs(&mut a, 5, now),
-            vec![Change { from: 41, to: 30 }]
+            vec![Change { from: 41, to: 34 }]
         );
-        // From 30 to 40: one per 2 successes.
-        assert_eq!(successes(&mut a, 20).len(), 10);
+        // From 34 to 40: one per 2 successes.
+        assert_eq!(successes(&mut a, 12).len(), 6);
         assert_eq!(a.limit, 40);
         // Above it, probes wait four times 25: the failed step to 42 and the cut each
         // doubled the wait.
@@ -1911,5 +1986,9 @@ mod tests {
         let e = b().decrease_factor(2.0).build().unwrap_err();
         assert!(e.to_string().contains("decrease_factor"), "{e}");
         assert_eq!(b().initial_limit(nz(4)).build().unwrap().initial, 4);
+        assert_eq!(b().build().unwrap().initial, 10);
+        let big = AdaptiveConfig::builder(nz(100));
+        assert_eq!(big.clone().build().unwrap().initial, 16);
+        assert_eq!(big.adaptive(false).build().unwrap().initial, 100);
     }
 }
