@@ -331,7 +331,10 @@ pub(crate) struct BackendArgs {
     pub(crate) tpm: Option<u32>,
 
     /// Keep --concurrency calls in flight. By default an HTTP backend adapts: --concurrency
-    /// is the cap, the limit drops on 429 answers and climbs back after successes.
+    /// is the cap, the limit starts at 16 or less and doubles until the server refuses
+    /// calls, drops when many calls are answered 429 (not for a few random ones) and climbs
+    /// back after successes. Either way a server that tells many calls to wait
+    /// (Retry-After) pauses every call, and an outage pauses them (circuit breaker).
     #[arg(long)]
     pub(crate) fixed_concurrency: bool,
 }

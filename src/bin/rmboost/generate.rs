@@ -379,6 +379,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                 max_limit: s.max_limit,
                 calls: s.calls,
                 rate_limited: s.rate_limited,
+                congestion: s.congestion,
             }
         }),
         batch: batch_stats.map(|stats| BatchReport {

@@ -61,14 +61,17 @@ pub(crate) struct ConcurrencyReport {
     pub(crate) cap: usize,
     /// The limit at the end.
     pub(crate) limit: usize,
-    /// The lowest the limit went.
+    /// The lowest the limit went after slow start.
     pub(crate) min_limit: usize,
-    /// The highest the limit rose to after a cut (the cap if it was never cut).
+    /// The highest the limit rose to after slow start and the first cut.
     pub(crate) max_limit: usize,
     /// Calls that went through the limit (every attempt).
     pub(crate) calls: u64,
     /// Of those, answered 429.
     pub(crate) rate_limited: u64,
+    /// Times the answers asking to slow down were many enough to be congestion (the others
+    /// were noise and moved nothing).
+    pub(crate) congestion: u64,
 }
 
 /// The batches of a `--batch` run.
@@ -196,8 +199,8 @@ impl fmt::Display for Report {
             rows.push((
                 "concurrency",
                 format!(
-                    "{range}; {} of {} calls answered 429",
-                    c.rate_limited, c.calls
+                    "{range}; {} of {} calls answered 429, {} times congestion",
+                    c.rate_limited, c.calls, c.congestion
                 ),
             ));
         }
