@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 use rmboost::{
     async_trait, Aspects, BackendError, Completion, CompletionRequest, ExampleFormat,
-    ExampleWriter, FinishReason, LlmBackend, Prompt, RmBoost, Summary, Usage,
+    ExampleWriter, FinishReason, LlmBackend, Prompt, RmBoost, Role, Summary, Usage,
 };
 
 /// Answers the first request with a short fact and the second (which asks for a response
@@ -31,15 +31,21 @@ struct RuleBackend {
 impl LlmBackend for RuleBackend {
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        // The last message is the user's question (first call) or the instructions for the
-        // second response; a real backend would send `request.messages` to a model.
+        // The first request is the prompt's conversation. The second starts with a system
+        // message holding the first response and the direction ("must be better than" or
+        // "must be worse than the reference answer"), then the same conversation. A real
+        // backend would send `request.messages` to a model as they are.
+        let instructions = request
+            .messages
+            .iter()
+            .find(|m| m.role == Role::System && m.content.contains("<response>"));
         let last = request
             .messages
             .last()
             .map(|m| m.content.as_str())
             .unwrap_or_default();
-        let text = if last.contains("<response>") || request.messages.len() > 1 {
-            let worse = last.to_ascii_lowercase().contains("worse");
+        let text = if let Some(instructions) = instructions {
+            let worse = instructions.content.contains("worse than the reference");
             let body = if worse {
                 "Something about light, probably. It depends on many things, and people \
                  disagree about most of them, so it is hard to say anything definite here."
@@ -80,6 +86,9 @@ async fn main() -> Result<(), rmboost::Error> {
         "Why is the sky blue?",
         "Why is the sky blue at noon?",
         "What colour is the sky?",
+        "Why is the sky not violet?",
+        "Why is the sea blue?",
+        "Why are sunsets red?",
     ]
     .iter()
     .enumerate()
