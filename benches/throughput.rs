@@ -91,11 +91,12 @@
 //! - `thirty`: 2,000 prompts, 30% faults of every kind with 120 s hangs, L = 5 ms,
 //!   `--concurrency 64 --timeout 10`: one run and a rerun (which resumes), each stopped at the
 //!   deadline, then the output's check (goal: both finish under 600 s, every id exactly once).
+//!   `--runs N` makes it the run and N - 1 reruns (`--runs 1`: the first run alone).
 //!
-//! `--keep-files` keeps each run's folder (prompts, output, ledger, the CLI's stdout, stderr and
-//! summary). `--prompts N`, `--concurrency C`, `--latency-ms L`, `--server-cap K`, `--fault-rate P` (a
+//! `--prompts N`, `--concurrency C`, `--latency-ms L`, `--server-cap K`, `--fault-rate P` (a
 //! list for `capped`), `--hang-secs H` and `--timeout T` (the CLI's) override each mode's
-//! defaults.
+//! defaults; `--keep-files` keeps each run's folder (prompts, output, ledger, and the CLI's
+//! stdout, stderr and summary).
 //!
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
 //! other processes took meanwhile: on a shared machine the figures are pessimistic.
@@ -872,6 +873,8 @@ struct Args {
     with_fixed: bool,
     /// `--keep-files`: the CLI modes keep each run's folder.
     keep_files: bool,
+    /// `--runs`: runs over the same output in the `thirty` mode (the first and its reruns).
+    runs: usize,
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
@@ -911,6 +914,7 @@ impl Args {
             deadline_secs: 600,
             with_fixed: false,
             keep_files: false,
+            runs: 2,
         };
         let mut explicit_mode = false;
         let mut it = std::env::args().skip(1);
@@ -946,6 +950,7 @@ impl Args {
                 "--deadline-secs" => a.deadline_secs = value().parse().expect("--deadline-secs"),
                 "--with-fixed" => a.with_fixed = true,
                 "--keep-files" => a.keep_files = true,
+                "--runs" => a.runs = value().parse().expect("--runs"),
                 "--prompts" => a.prompts = parse_list(&flag, &value()),
                 "--million" => a.million = true,
                 "--no-cache" => a.no_cache = true,
@@ -2031,36 +2036,37 @@ fn thirty_mode(server: &BenchServer, args: &Args) {
     );
     let mut work = CliWork::new(n, args.keep_files);
     let mut runs = Vec::new();
-    for (i, label) in ["thirty run", "thirty rerun"].into_iter().enumerate() {
+    for i in 0..args.runs.max(1) {
+        let label = if i == 0 {
+            "thirty run".to_string()
+        } else {
+            format!("thirty rerun {i}")
+        };
         let mut setup = setup.clone();
         setup.seed += i as u64;
         let out = run_cli(
             server,
             &setup,
             &mut work,
-            &args.cli_run(label, c, false, Some(10.0)),
+            &args.cli_run(&label, c, false, Some(10.0)),
         );
-        out.print(label, None);
-        runs.push((out.wall, out.written, out.stopped));
+        out.print(&label, None);
+        runs.push(format!(
+            "{label} {:.0} s, {} written{}",
+            out.wall,
+            out.written,
+            if out.stopped {
+                " (stopped at the deadline)"
+            } else {
+                ""
+            }
+        ));
     }
     let ids = work.check_ids();
     println!(
-        "thirty: run {:.0} s, {} written{}; rerun {:.0} s, {} written{}; output {} lines of {n} \
-         prompts: {ids} (goal: both under the deadline, every id exactly once)",
-        runs[0].0,
-        runs[0].1,
-        if runs[0].2 {
-            " (stopped at the deadline)"
-        } else {
-            ""
-        },
-        runs[1].0,
-        runs[1].1,
-        if runs[1].2 {
-            " (stopped at the deadline)"
-        } else {
-            ""
-        },
+        "thirty: {}; output {} lines of {n} prompts: {ids} (goal: a run and a rerun, each \
+         under 600 s, every id exactly once)",
+        runs.join("; "),
         ids.lines,
     );
 }
