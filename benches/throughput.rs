@@ -32,6 +32,11 @@
 //! cargo bench --bench throughput --all-features -- --mode memory --million
 //! cargo bench --bench throughput --all-features -- --mode memory --million --no-cache
 //! cargo bench --bench throughput --all-features -- --mode adaptive
+//! cargo bench --bench throughput --all-features -- --mode flaky
+//! cargo bench --bench throughput --all-features -- --mode capped
+//! cargo bench --bench throughput --all-features -- --mode capped --fault-rate 0.01 --with-fixed
+//! cargo bench --bench throughput --all-features -- --mode bucket
+//! cargo bench --bench throughput --all-features -- --mode thirty
 //! ```
 //!
 //! The `adaptive` mode (not part of `all`) gives the server a hidden limit: it answers 429 at
@@ -41,15 +46,66 @@
 //! `Retry(Adaptive(..))` and through the plain `Retry(..)`, and reports each rate as a share of
 //! that bound, with the share of calls the server answered 429.
 //!
+//! # The CLI modes (issue 23: random faults are not congestion)
+//!
+//! `flaky`, `capped`, `bucket` and `thirty` (none part of `all`) run the real `rmboost` binary
+//! of this build (`rmboost generate --backend openai --base-url <server>/v1 --model
+//! bench-model --progress off --summary-json ...`, no key, a response cache of its own in a
+//! temporary folder, or none with `--no-cache`) on a JSONL file of prompts, as a user would.
+//! Each run's line gives the examples written per second of the process's whole life (start-up
+//! and files included) and the share of the bound where there is one; the output's check
+//! (every prompt's id exactly once, or how many are missing or duplicated); the failed examples
+//! and the range of the adaptive limit from the CLI's summary; the calls the server saw, the
+//! share answered 429 by cause (the cap, the token bucket, random) and the random faults by
+//! kind; the CPU of the rmboost process and of the server threads, and the machine's other
+//! load. A run still going at `--deadline-secs` (default 600) gets SIGINT (the CLI finishes the
+//! examples in flight, for at most 60 s), then SIGKILL 75 s later.
+//!
+//! The server can add, to its cap (`--server-cap`; 429 at once, no `Retry-After`):
+//! - **random faults** (`--fault-rate P`, `--fault-kinds 429,500,503,drop,torn,empty,hang`,
+//!   `--hang-secs H`, `--fault-seed S`): a share `P` of the requests that pass the cap and the
+//!   bucket, drawn from a seeded generator independently of load, each with a kind drawn
+//!   evenly: 429 with `Retry-After: 1`, 500 and 503 (OpenAI-style error bodies, at once), a
+//!   dropped connection (the request is read, then the connection is closed with no answer:
+//!   the client sees the connection closed before the message completed), a torn body (200
+//!   after the latency with `{"choices": [ {"message": `), an empty answer (200 after the
+//!   latency, a valid completion whose content is `""`), and a hang (no answer for `H`
+//!   seconds, then a normal one; left out of the draw when `H` is 0);
+//! - **a token bucket** (`bucket` mode; `--bucket-rpm R`, `--bucket-burst B`): R requests a
+//!   minute refilled continuously, at most B tokens (default R/60, at least 1), full at the
+//!   start; a request that finds less than one token gets 429 at once with `Retry-After:
+//!   <whole seconds until a token>` and a `rate_limit_exceeded` body.
+//!
+//! The order is: the cap, then the bucket, then the fault draw.
+//!
+//! - `flaky`: no cap, L = 50 ms, 10% faults of every kind with 120 s hangs, `--concurrency 64
+//!   --timeout 5`, 2,000 prompts; the default CLI, then `--fixed-concurrency`, each on a fresh
+//!   output, and the ratio of their rates (issue 23's goal: at least 0.8).
+//! - `capped`: K = 32, L = 50 ms, `--concurrency 256`, 6,000 prompts, at fault rates 0, 1% and
+//!   5% (every kind but hangs); the share of K/(2L) = 320 examples/s and of calls answered 429
+//!   (goals: >= 0.90 with < 5% 429 at 0, >= 0.88 at 1%, >= 0.85 at 5%). `--with-fixed` adds
+//!   `--fixed-concurrency --concurrency K` at each rate.
+//! - `bucket`: a token bucket of 600 a minute, L = 2 s (so that the rate needs about 20 calls in
+//!   flight), `--concurrency 64`, 450 prompts (900 calls, about 90 s); calls let through per
+//!   second as a share of R/60 and the share answered 429 (goal: >= 0.90 with < 5%).
+//! - `thirty`: 2,000 prompts, 30% faults of every kind with 120 s hangs, L = 5 ms,
+//!   `--concurrency 64 --timeout 10`: one run and a rerun (which resumes), each stopped at the
+//!   deadline, then the output's check (goal: both finish under 600 s, every id exactly once).
+//!   `--runs N` makes it the run and N - 1 reruns (`--runs 1`: the first run alone).
+//!
+//! `--prompts N`, `--concurrency C`, `--latency-ms L`, `--server-cap K`, `--fault-rate P` (a
+//! list for `capped`), `--hang-secs H` and `--timeout T` (the CLI's) override each mode's
+//! defaults; `--keep-files` keeps each run's folder (prompts, output, ledger, and the CLI's
+//! stdout, stderr and summary).
+//!
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
 //! other processes took meanwhile: on a shared machine the figures are pessimistic.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -60,6 +116,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rmboost::backend::adaptive::{Adaptive, AdaptiveSnapshot};
 use rmboost::backend::cache::{Cache, Cached};
 use rmboost::backend::openai::OpenAiBackend;
@@ -87,9 +145,20 @@ struct ServerState {
     /// Answer 429 to a request arriving while this many are in flight (0: no limit).
     cap: AtomicU64,
     in_flight: AtomicU64,
-    /// Requests answered 429 (not counted in `requests`).
+    /// Requests answered 429 for the cap (not counted in `requests`).
     rejected: AtomicU64,
+    /// Requests answered 200 after the latency (torn and empty answers included).
     requests: AtomicU64,
+    /// Every request that reached the handler, whatever its answer.
+    arrivals: AtomicU64,
+    /// The token bucket, when one is set.
+    bucket: Mutex<Option<TokenBucket>>,
+    /// Requests answered 429 because the bucket was empty.
+    bucket_rejected: AtomicU64,
+    /// The random faults, when a rate is set.
+    faults: Mutex<FaultPlan>,
+    /// Faults served, by [`Fault`] (index: `Fault as usize`).
+    fault_counts: [AtomicU64; FAULTS.len()],
     connections: AtomicU64,
     /// Sum of the delays actually served (from the request's arrival to its answer), in
     /// nanoseconds, so the bench can show that the server keeps to `L`.
@@ -180,6 +249,11 @@ impl BenchServer {
             in_flight: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            arrivals: AtomicU64::new(0),
+            bucket: Mutex::new(None),
+            bucket_rejected: AtomicU64::new(0),
+            faults: Mutex::new(FaultPlan::none()),
+            fault_counts: Default::default(),
             connections: AtomicU64::new(0),
             delay_ns: AtomicU64::new(0),
             timer: PreciseTimer::start(),
@@ -260,12 +334,237 @@ impl BenchServer {
     fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::Relaxed)
     }
+
+    /// Fails a share `rate` of the requests that pass the cap and the bucket, at random and
+    /// independently of load, each with a kind drawn evenly from `kinds` (a [`Fault::Hang`]
+    /// lasts `hang`); the draws come from a generator seeded with `seed`. A rate of 0 ends the
+    /// faults.
+    fn set_faults(&self, rate: f64, kinds: &[Fault], hang: Duration, seed: u64) {
+        let kinds: Vec<Fault> = kinds
+            .iter()
+            .copied()
+            .filter(|&k| k != Fault::Hang || !hang.is_zero())
+            .collect();
+        assert!(
+            rate == 0.0 || !kinds.is_empty(),
+            "a fault rate needs at least one fault kind"
+        );
+        *self.state.faults.lock().unwrap() = FaultPlan {
+            rate,
+            kinds,
+            hang,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        };
+    }
+
+    /// Puts a token bucket in front of the server (`None`: none): `per_minute` requests a
+    /// minute, refilled continuously, at most `burst` tokens; it starts full.
+    fn set_bucket(&self, bucket: Option<(u64, u64)>) {
+        *self.state.bucket.lock().unwrap() = bucket.map(|(per_minute, burst)| TokenBucket {
+            per_sec: per_minute as f64 / 60.0,
+            capacity: burst.max(1) as f64,
+            tokens: burst.max(1) as f64,
+            last: Instant::now(),
+        });
+    }
+
+    /// Every counter of the server, to subtract from a later reading.
+    fn counters(&self) -> ServerCounters {
+        let st = &self.state;
+        ServerCounters {
+            arrivals: st.arrivals.load(Ordering::Relaxed),
+            answered: st.requests.load(Ordering::Relaxed),
+            cap_429: st.rejected.load(Ordering::Relaxed),
+            bucket_429: st.bucket_rejected.load(Ordering::Relaxed),
+            faults: std::array::from_fn(|i| st.fault_counts[i].load(Ordering::Relaxed)),
+            delay_ns: st.delay_ns.load(Ordering::Relaxed),
+        }
+    }
 }
 
+/// A random fault of the server (see [`BenchServer::set_faults`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// 429 with `Retry-After: 1`, at once.
+    TooMany,
+    /// 500, at once.
+    Internal,
+    /// 503, at once.
+    Unavailable,
+    /// The connection is closed without an answer once the request is read.
+    Drop,
+    /// 200 after the latency, with a body cut short: `{"choices": [ {"message": `.
+    Torn,
+    /// 200 after the latency, a valid completion whose content is `""`.
+    Empty,
+    /// No answer for the hang time, then (the latency having passed) a normal answer.
+    Hang,
+}
+
+/// Every fault kind, in the order of [`Fault`]'s discriminants.
+const FAULTS: [Fault; 7] = [
+    Fault::TooMany,
+    Fault::Internal,
+    Fault::Unavailable,
+    Fault::Drop,
+    Fault::Torn,
+    Fault::Empty,
+    Fault::Hang,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::TooMany => "429",
+            Fault::Internal => "500",
+            Fault::Unavailable => "503",
+            Fault::Drop => "drop",
+            Fault::Torn => "torn",
+            Fault::Empty => "empty",
+            Fault::Hang => "hang",
+        }
+    }
+
+    fn parse(name: &str) -> Fault {
+        FAULTS
+            .into_iter()
+            .find(|f| f.name() == name)
+            .unwrap_or_else(|| {
+                panic!("unknown fault kind {name}: 429, 500, 503, drop, torn, empty, hang")
+            })
+    }
+}
+
+/// The random faults: which share of requests fail and how.
+struct FaultPlan {
+    rate: f64,
+    kinds: Vec<Fault>,
+    hang: Duration,
+    rng: ChaCha8Rng,
+}
+
+impl FaultPlan {
+    fn none() -> FaultPlan {
+        FaultPlan {
+            rate: 0.0,
+            kinds: Vec::new(),
+            hang: Duration::ZERO,
+            rng: ChaCha8Rng::seed_from_u64(0),
+        }
+    }
+
+    /// The fault of the next request, if it gets one, and how long a hang lasts.
+    fn draw(&mut self) -> Option<(Fault, Duration)> {
+        if self.rate <= 0.0 || self.rng.random::<f64>() >= self.rate {
+            return None;
+        }
+        let kind = self.kinds[self.rng.random_range(0..self.kinds.len())];
+        Some((kind, self.hang))
+    }
+}
+
+/// A token bucket refilled continuously, as hosted providers limit requests per minute.
+struct TokenBucket {
+    per_sec: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// Takes a token, or says in how many whole seconds (at least 1) one will be there.
+    fn take(&mut self, now: Instant) -> Result<(), u64> {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.tokens = (self.tokens + refill).min(self.capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / self.per_sec).ceil() as u64).max(1))
+        }
+    }
+}
+
+/// A reading of the server's counters ([`BenchServer::counters`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerCounters {
+    /// Requests that reached the handler.
+    arrivals: u64,
+    /// Answered 200 after the latency (torn and empty answers included).
+    answered: u64,
+    /// 429s for the cap on requests in flight.
+    cap_429: u64,
+    /// 429s for the token bucket.
+    bucket_429: u64,
+    /// Random faults by kind (index: `Fault as usize`).
+    faults: [u64; FAULTS.len()],
+    delay_ns: u64,
+}
+
+impl ServerCounters {
+    fn since(&self, before: &ServerCounters) -> ServerCounters {
+        ServerCounters {
+            arrivals: self.arrivals - before.arrivals,
+            answered: self.answered - before.answered,
+            cap_429: self.cap_429 - before.cap_429,
+            bucket_429: self.bucket_429 - before.bucket_429,
+            faults: std::array::from_fn(|i| self.faults[i] - before.faults[i]),
+            delay_ns: self.delay_ns - before.delay_ns,
+        }
+    }
+
+    /// Every 429: the cap's, the bucket's and the random ones.
+    fn all_429(&self) -> u64 {
+        self.cap_429 + self.bucket_429 + self.faults[Fault::TooMany as usize]
+    }
+
+    fn share_429(&self) -> f64 {
+        self.all_429() as f64 / self.arrivals.max(1) as f64
+    }
+
+    fn faults_total(&self) -> u64 {
+        self.faults.iter().sum()
+    }
+
+    /// `429 3, 500 4, ...` (kinds that may occur only).
+    fn faults_text(&self) -> String {
+        FAULTS
+            .iter()
+            .map(|&f| format!("{} {}", f.name(), self.faults[f as usize]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// An error of the service: hyper closes the connection without an answer.
+type Dropped = Box<dyn std::error::Error + Send + Sync>;
+
+/// An OpenAI-style error answer.
+fn error_answer(
+    status: u16,
+    retry_after: Option<u64>,
+    body: &'static str,
+) -> Result<Response<Full<Bytes>>, Dropped> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(secs) = retry_after {
+        b = b.header("retry-after", secs.to_string());
+    }
+    Ok(b.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("a valid response"))
+}
+
+/// Answers one request. In this order: a request that arrives while more than the cap are in
+/// flight gets 429 at once (no `Retry-After`); then one that finds the token bucket empty gets
+/// 429 at once with `Retry-After`; then a share of the rest, drawn at random, gets a fault
+/// (429/500/503/drop at once, torn and empty answers after the latency, a hang before it);
+/// the others a normal answer after the latency.
 async fn handle(
     req: Request<Incoming>,
     st: Arc<ServerState>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Dropped> {
     let arrived = Instant::now();
     /// Leaves the in-flight count when the answer is made.
     struct Leave<'a>(&'a AtomicU64);
@@ -274,32 +573,78 @@ async fn handle(
             self.0.fetch_sub(1, Ordering::Relaxed);
         }
     }
+    st.arrivals.fetch_add(1, Ordering::Relaxed);
     let in_flight = st.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     let _leave = Leave(&st.in_flight);
     let cap = st.cap.load(Ordering::Relaxed);
-    if cap > 0 && in_flight > cap {
-        // Drain the body so the connection stays usable, then refuse at once.
-        let _ = req.into_body().collect().await;
-        st.rejected.fetch_add(1, Ordering::Relaxed);
-        return Ok(Response::builder()
-            .status(429)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(
-                br#"{"error":{"message":"Too many requests in flight","type":"requests","code":"rate_limit_exceeded"}}"#,
-            )))
-            .expect("a valid response"));
-    }
+    // Drain the body (so that the connection stays usable) before any answer.
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    if cap > 0 && in_flight > cap {
+        st.rejected.fetch_add(1, Ordering::Relaxed);
+        return error_answer(
+            429,
+            None,
+            r#"{"error":{"message":"Too many requests in flight","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+    }
+    let bucket = st
+        .bucket
+        .lock()
+        .unwrap()
+        .as_mut()
+        .map(|b| b.take(Instant::now()));
+    if let Some(Err(wait)) = bucket {
+        st.bucket_rejected.fetch_add(1, Ordering::Relaxed);
+        return error_answer(
+            429,
+            Some(wait),
+            r#"{"error":{"message":"Rate limit reached for requests per minute (RPM). Please try again later.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        );
+    }
+    let fault = st.faults.lock().unwrap().draw();
+    if let Some((kind, _)) = fault {
+        st.fault_counts[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    match fault {
+        Some((Fault::TooMany, _)) => {
+            return error_answer(
+                429,
+                Some(1),
+                r#"{"error":{"message":"Rate limit reached. Please try again in 1s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+            );
+        }
+        Some((Fault::Internal, _)) => {
+            return error_answer(
+                500,
+                None,
+                r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#,
+            );
+        }
+        Some((Fault::Unavailable, _)) => {
+            return error_answer(
+                503,
+                None,
+                r#"{"error":{"message":"The engine is currently overloaded, please try again later.","type":"server_error","param":null,"code":null}}"#,
+            );
+        }
+        Some((Fault::Drop, _)) => return Err("a dropped connection (bench fault)".into()),
+        Some((Fault::Hang, hang)) => tokio::time::sleep(hang).await,
+        _ => {}
+    }
     let latency = st.latency_us.load(Ordering::Relaxed);
     if latency > 0 {
         st.timer
             .sleep_until(arrived + Duration::from_micros(latency))
             .await;
     }
-    let json = answer(&body, &st.filler, arrived);
+    let json = match fault {
+        Some((Fault::Torn, _)) => r#"{"choices": [ {"message": "#.to_string(),
+        Some((Fault::Empty, _)) => completion_json("", body.len() / 4, arrived),
+        _ => answer(&body, &st.filler, arrived),
+    };
     st.delay_ns
         .fetch_add(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);
     st.requests.fetch_add(1, Ordering::Relaxed);
@@ -333,8 +678,12 @@ fn answer(body: &[u8], filler: &FakeBackend, arrived: Instant) -> String {
         })
         .unwrap_or(0);
     let text = filler.answer(seed, second);
+    completion_json(&text, body.len() / 4, arrived)
+}
+
+/// A chat completion with `text` (JSON-safe as it is) as its content.
+fn completion_json(text: &str, prompt_tokens: usize, arrived: Instant) -> String {
     let completion_tokens = text.len() / 4;
-    let prompt_tokens = body.len() / 4;
     format!(
         "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"model\":\"bench-model@{}@{}\",\
          \"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\
@@ -505,6 +854,27 @@ struct Args {
     no_cache: bool,
     server_cap: u64,
     explicit_concurrency: bool,
+    explicit_latency: bool,
+    explicit_cap: bool,
+    /// `--fault-rate`: random faults of the CLI modes (capped: one point each).
+    fault_rates: Vec<f64>,
+    /// `--fault-kinds`: which faults are drawn (default: all).
+    fault_kinds: Option<Vec<Fault>>,
+    /// `--hang-secs`: how long a hang fault lasts (0: no hangs).
+    hang_secs: Option<u64>,
+    fault_seed: u64,
+    /// `--timeout`: the CLI's `--timeout`.
+    timeout: Option<f64>,
+    bucket_rpm: u64,
+    bucket_burst: Option<u64>,
+    /// `--deadline-secs`: a CLI run gets SIGINT after this.
+    deadline_secs: u64,
+    /// `--with-fixed`: the capped mode also runs `--fixed-concurrency --concurrency K`.
+    with_fixed: bool,
+    /// `--keep-files`: the CLI modes keep each run's folder.
+    keep_files: bool,
+    /// `--runs`: runs over the same output in the `thirty` mode (the first and its reruns).
+    runs: usize,
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
@@ -532,6 +902,19 @@ impl Args {
             no_cache: false,
             server_cap: 32,
             explicit_concurrency: false,
+            explicit_latency: false,
+            explicit_cap: false,
+            fault_rates: Vec::new(),
+            fault_kinds: None,
+            hang_secs: None,
+            fault_seed: 23,
+            timeout: None,
+            bucket_rpm: 600,
+            bucket_burst: None,
+            deadline_secs: 600,
+            with_fixed: false,
+            keep_files: false,
+            runs: 2,
         };
         let mut explicit_mode = false;
         let mut it = std::env::args().skip(1);
@@ -546,8 +929,28 @@ impl Args {
                     a.concurrency = parse_list(&flag, &value());
                     a.explicit_concurrency = true;
                 }
-                "--server-cap" => a.server_cap = value().parse().expect("--server-cap"),
-                "--latency-ms" => a.latency_ms = value().parse().expect("--latency-ms"),
+                "--server-cap" => {
+                    a.server_cap = value().parse().expect("--server-cap");
+                    a.explicit_cap = true;
+                }
+                "--latency-ms" => {
+                    a.latency_ms = value().parse().expect("--latency-ms");
+                    a.explicit_latency = true;
+                }
+                "--fault-rate" => a.fault_rates = parse_list(&flag, &value()),
+                "--fault-kinds" => {
+                    a.fault_kinds =
+                        Some(value().split(',').map(|k| Fault::parse(k.trim())).collect());
+                }
+                "--hang-secs" => a.hang_secs = Some(value().parse().expect("--hang-secs")),
+                "--fault-seed" => a.fault_seed = value().parse().expect("--fault-seed"),
+                "--timeout" => a.timeout = Some(value().parse().expect("--timeout")),
+                "--bucket-rpm" => a.bucket_rpm = value().parse().expect("--bucket-rpm"),
+                "--bucket-burst" => a.bucket_burst = Some(value().parse().expect("--bucket-burst")),
+                "--deadline-secs" => a.deadline_secs = value().parse().expect("--deadline-secs"),
+                "--with-fixed" => a.with_fixed = true,
+                "--keep-files" => a.keep_files = true,
+                "--runs" => a.runs = value().parse().expect("--runs"),
                 "--prompts" => a.prompts = parse_list(&flag, &value()),
                 "--million" => a.million = true,
                 "--no-cache" => a.no_cache = true,
@@ -1014,6 +1417,660 @@ fn adaptive_mode(
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// The CLI modes: the `rmboost` binary end to end, as a user runs it.
+
+/// How long a CLI run stopped with SIGINT at its deadline may take to finish the examples in
+/// flight (the CLI gives them at most 60 s) before it gets SIGKILL.
+const SIGINT_GRACE: Duration = Duration::from_secs(75);
+
+/// The `rmboost` binary of this build (set by cargo when the bench is built with the `cli`
+/// feature; the bench's other modes do not need it).
+fn rmboost_bin() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_rmboost") {
+        Some(bin) => bin,
+        None => panic!(
+            "the CLI modes run the rmboost binary: build the bench with --all-features (or \
+             with the `cli` feature)"
+        ),
+    }
+}
+
+/// What the server does during one CLI run.
+#[derive(Debug, Clone)]
+struct ServerSetup {
+    latency: Duration,
+    /// Requests in flight above which the server answers 429 (0: no cap).
+    cap: u64,
+    fault_rate: f64,
+    fault_kinds: Vec<Fault>,
+    /// How long a [`Fault::Hang`] lasts (zero: no hangs).
+    hang: Duration,
+    /// Token bucket: (requests a minute, burst).
+    bucket: Option<(u64, u64)>,
+    seed: u64,
+}
+
+impl ServerSetup {
+    fn apply(&self, server: &BenchServer) {
+        server.set_latency(self.latency);
+        server.set_cap(self.cap);
+        server.set_faults(self.fault_rate, &self.fault_kinds, self.hang, self.seed);
+        server.set_bucket(self.bucket);
+    }
+
+    fn reset(server: &BenchServer) {
+        server.set_cap(0);
+        server.set_faults(0.0, &[], Duration::ZERO, 0);
+        server.set_bucket(None);
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("L={}ms", self.latency.as_millis());
+        if self.cap > 0 {
+            s += &format!(" K={}", self.cap);
+        }
+        if let Some((rpm, burst)) = self.bucket {
+            s += &format!(" bucket {rpm}/min (burst {burst})");
+        }
+        if self.fault_rate > 0.0 {
+            let kinds: Vec<&str> = self
+                .fault_kinds
+                .iter()
+                .filter(|&&k| k != Fault::Hang || !self.hang.is_zero())
+                .map(|k| k.name())
+                .collect();
+            s += &format!(" faults {}% ({})", 100.0 * self.fault_rate, kinds.join(","));
+            if !self.hang.is_zero() && self.fault_kinds.contains(&Fault::Hang) {
+                s += &format!(" hang {}s", self.hang.as_secs());
+            }
+        }
+        s
+    }
+}
+
+/// One invocation of `rmboost generate`.
+#[derive(Debug, Clone)]
+struct CliRun {
+    label: String,
+    concurrency: usize,
+    /// `--fixed-concurrency`.
+    fixed: bool,
+    /// `--timeout` (`None`: the CLI's default).
+    timeout: Option<f64>,
+    /// SIGINT after this, SIGKILL [`SIGINT_GRACE`] later.
+    deadline: Duration,
+    /// `--no-cache`; otherwise a cache of the run's own in its folder.
+    no_cache: bool,
+}
+
+/// A folder with the prompts, the output, the response cache and each run's summary: runs over
+/// the same work resume one another.
+struct CliWork {
+    dir: tempfile::TempDir,
+    n: u64,
+    runs: usize,
+}
+
+impl CliWork {
+    /// `keep`: the folder stays after the bench, for its stderr, summaries and ledger.
+    fn new(n: u64, keep: bool) -> CliWork {
+        let mut dir = tempfile::Builder::new()
+            .prefix("rmboost-bench-")
+            .tempdir()
+            .expect("temp dir");
+        if keep {
+            dir.disable_cleanup(true);
+            println!("  files kept in {}", dir.path().display());
+        }
+        write_prompts(&dir.path().join("prompts.jsonl"), n);
+        CliWork { dir, n, runs: 0 }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// What the output holds: its lines, and each prompt's id seen exactly once or not.
+    fn check_ids(&self) -> IdCheck {
+        let text = std::fs::read_to_string(self.path("pairs.jsonl")).unwrap_or_default();
+        let mut seen = vec![0u32; self.n as usize];
+        let mut check = IdCheck::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            check.lines += 1;
+            let id = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned));
+            let Some(id) = id else {
+                check.bad_lines += 1;
+                continue;
+            };
+            match id
+                .strip_prefix('p')
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < seen.len())
+            {
+                Some(i) => seen[i] += 1,
+                None => check.unknown += 1,
+            }
+        }
+        check.missing = seen.iter().filter(|&&c| c == 0).count() as u64;
+        check.duplicates = seen.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
+        check
+    }
+}
+
+/// The ids of an output file against its prompts.
+#[derive(Debug, Clone, Copy, Default)]
+struct IdCheck {
+    lines: u64,
+    /// Prompts with no line.
+    missing: u64,
+    /// Lines beyond the first for an id.
+    duplicates: u64,
+    /// Lines whose id is no prompt's.
+    unknown: u64,
+    /// Lines that are not JSON with a string `id`.
+    bad_lines: u64,
+}
+
+impl IdCheck {
+    fn exact(&self) -> bool {
+        self.missing == 0 && self.duplicates == 0 && self.unknown == 0 && self.bad_lines == 0
+    }
+}
+
+impl std::fmt::Display for IdCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exact() {
+            write!(f, "every id exactly once")
+        } else {
+            write!(
+                f,
+                "{} ids missing, {} duplicate lines, {} unknown ids, {} bad lines",
+                self.missing, self.duplicates, self.unknown, self.bad_lines
+            )
+        }
+    }
+}
+
+/// What one CLI run did.
+struct CliOutcome {
+    /// From the process's start to its exit.
+    wall: f64,
+    /// The exit status, and how the run was stopped if it was.
+    exit: String,
+    /// Stopped at the deadline (SIGINT, maybe SIGKILL).
+    stopped: bool,
+    /// Lines the run added to the output.
+    written: u64,
+    ids: IdCheck,
+    /// The CLI's `--summary-json`, when it wrote one.
+    summary: Option<serde_json::Value>,
+    server: ServerCounters,
+    /// CPU seconds of the rmboost process.
+    client_cpu: f64,
+    /// CPU seconds of the server's threads.
+    server_cpu: f64,
+    /// Share of the machine's CPU that other processes took.
+    others: f64,
+}
+
+impl CliOutcome {
+    fn rate(&self) -> f64 {
+        self.written as f64 / self.wall.max(1e-9)
+    }
+
+    fn summary_u64(&self, key: &str) -> Option<u64> {
+        self.summary.as_ref()?.get(key)?.as_u64()
+    }
+
+    /// `adaptive 3..64 (ended at 40)` or `fixed 64`, from the summary.
+    fn limit_text(&self) -> String {
+        let Some(c) = self.summary.as_ref().and_then(|s| s.get("concurrency")) else {
+            return "limit unknown (no summary)".into();
+        };
+        let get = |k: &str| c.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        if c.get("adaptive").and_then(|v| v.as_bool()) == Some(true) {
+            format!(
+                "limit {}..{} (ended at {}) of {}",
+                get("min_limit"),
+                get("max_limit"),
+                get("limit"),
+                get("cap")
+            )
+        } else {
+            format!("limit fixed at {}", get("cap"))
+        }
+    }
+
+    /// `12 (invalid_response 3, ...)` from the summary.
+    fn failed_text(&self) -> String {
+        let Some(s) = &self.summary else {
+            return "? (no summary)".into();
+        };
+        let failed = s.get("failed").and_then(|v| v.as_u64()).unwrap_or(0);
+        let kinds: Vec<String> = s
+            .get("failures")
+            .and_then(|v| v.as_object())
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+            .unwrap_or_default();
+        if kinds.is_empty() {
+            failed.to_string()
+        } else {
+            format!("{failed} ({})", kinds.join(", "))
+        }
+    }
+
+    /// Prints the run's lines; `bound` is examples/s at most, when there is one.
+    fn print(&self, label: &str, bound: Option<(f64, &str)>) {
+        let share = bound.map_or(String::new(), |(b, what)| {
+            format!(" = {:.1}% of {what}={b:.0}", 100.0 * self.rate() / b)
+        });
+        let s = &self.server;
+        println!(
+            "{label:<30} {:>7.1} ex/s{share}: {} written in {:.1} s (exit {}), {} failed; \
+             output: {}",
+            self.rate(),
+            self.written,
+            self.wall,
+            self.exit,
+            self.failed_text(),
+            self.ids,
+        );
+        println!(
+            "  {} calls, {} answered 429 ({:.2}%: cap {}, bucket {}, random {}); random faults \
+             {}: {}; {}; retries {}, re-asks {}",
+            s.arrivals,
+            s.all_429(),
+            100.0 * s.share_429(),
+            s.cap_429,
+            s.bucket_429,
+            s.faults[Fault::TooMany as usize],
+            s.faults_total(),
+            s.faults_text(),
+            self.limit_text(),
+            self.summary_u64("retries")
+                .map_or("?".into(), |v| v.to_string()),
+            self.summary_u64("reasks")
+                .map_or("?".into(), |v| v.to_string()),
+        );
+        println!(
+            "  wall {:.2}s, rmboost CPU {:.2}s ({:.2} of {} cores), server threads {:.2}s, other \
+             processes {:.0}% of the machine, load {}",
+            self.wall,
+            self.client_cpu,
+            self.client_cpu / self.wall.max(1e-9),
+            cores(),
+            self.server_cpu,
+            100.0 * self.others,
+            load_avg()
+        );
+    }
+}
+
+/// CPU seconds of this process's waited-for children (cutime + cstime).
+fn children_cpu() -> f64 {
+    std::fs::read_to_string("/proc/self/stat").map_or(0.0, |stat| {
+        let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        (get(13) + get(14)) as f64 / TICKS
+    })
+}
+
+/// Sends a signal (`INT`, `KILL`) to a process that has not been waited for.
+fn signal(pid: u32, name: &str) {
+    let _ = std::process::Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status();
+}
+
+/// Runs `rmboost generate` over `work` against the server set up as `setup`, and reads what
+/// it did: its output, its summary and the server's counters.
+fn run_cli(
+    server: &BenchServer,
+    setup: &ServerSetup,
+    work: &mut CliWork,
+    run: &CliRun,
+) -> CliOutcome {
+    work.runs += 1;
+    let k = work.runs;
+    let summary_path = work.path(&format!("summary-{k}.json"));
+    let mut cmd = std::process::Command::new(rmboost_bin());
+    cmd.env_remove("RUST_LOG")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .arg("generate")
+        .arg("--input")
+        .arg(work.path("prompts.jsonl"))
+        .arg("--output")
+        .arg(work.path("pairs.jsonl"))
+        .args(["--backend", "openai", "--base-url"])
+        .arg(server.base_url())
+        .args(["--model", "bench-model", "--progress", "off"])
+        .args(["--concurrency", &run.concurrency.to_string()])
+        .arg("--summary-json")
+        .arg(&summary_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(work.path(&format!("stdout-{k}.txt"))).expect("stdout file"))
+        .stderr(std::fs::File::create(work.path(&format!("stderr-{k}.txt"))).expect("stderr file"));
+    if run.fixed {
+        cmd.arg("--fixed-concurrency");
+    }
+    if let Some(t) = run.timeout {
+        cmd.args(["--timeout", &t.to_string()]);
+    }
+    if run.no_cache {
+        cmd.arg("--no-cache");
+    } else {
+        cmd.arg("--cache-dir").arg(work.path("cache"));
+    }
+    let lines_before = work.check_ids().lines;
+    setup.apply(server);
+    let before = server.counters();
+    let cpu = CpuMeter::start();
+    let children_before = children_cpu();
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("start rmboost");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send((status, Instant::now()));
+    });
+    let mut stopped = false;
+    let mut how = "";
+    let (status, end) = match rx.recv_timeout(run.deadline) {
+        Ok(done) => done,
+        Err(_) => {
+            stopped = true;
+            how = ", SIGINT at the deadline";
+            signal(pid, "INT");
+            match rx.recv_timeout(SIGINT_GRACE) {
+                Ok(done) => done,
+                Err(_) => {
+                    how = ", SIGINT at the deadline, then SIGKILL";
+                    signal(pid, "KILL");
+                    rx.recv().expect("wait for rmboost")
+                }
+            }
+        }
+    };
+    let wall = (end - start).as_secs_f64();
+    let report = cpu.stop();
+    let counters = server.counters().since(&before);
+    ServerSetup::reset(server);
+    let client_cpu = children_cpu() - children_before;
+    let status = status.expect("wait for rmboost");
+    let exit = match status.code() {
+        Some(c) => format!("{c}{how}"),
+        None => format!("{status}{how}"),
+    };
+    if !matches!(status.code(), Some(0 | 4)) {
+        let err =
+            std::fs::read_to_string(work.path(&format!("stderr-{k}.txt"))).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        eprintln!(
+            "  {}: exit {exit}; stderr ends: {}",
+            run.label,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    let summary = std::fs::read_to_string(&summary_path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let ids = work.check_ids();
+    // The client's CPU is not in this process's: the machine's other load is what neither
+    // took.
+    let others = {
+        let total_share = report.others * report.wall;
+        ((total_share - client_cpu / cores() as f64) / report.wall.max(1e-9)).clamp(0.0, 1.0)
+    };
+    CliOutcome {
+        wall,
+        exit,
+        stopped,
+        written: ids.lines.saturating_sub(lines_before),
+        ids,
+        summary,
+        server: counters,
+        client_cpu,
+        server_cpu: report.server,
+        others,
+    }
+}
+
+impl Args {
+    fn latency_or(&self, ms: u64) -> Duration {
+        Duration::from_millis(if self.explicit_latency {
+            self.latency_ms
+        } else {
+            ms
+        })
+    }
+
+    fn cap_or(&self, cap: u64) -> u64 {
+        if self.explicit_cap {
+            self.server_cap
+        } else {
+            cap
+        }
+    }
+
+    fn concurrency_or(&self, c: usize) -> usize {
+        if self.explicit_concurrency {
+            self.concurrency[0]
+        } else {
+            c
+        }
+    }
+
+    fn prompts_or(&self, n: u64) -> u64 {
+        self.prompts.first().copied().unwrap_or(n)
+    }
+
+    /// The fault kinds (`--fault-kinds`, default all), hangs kept only when they last.
+    fn fault_kinds(&self) -> Vec<Fault> {
+        self.fault_kinds.clone().unwrap_or_else(|| FAULTS.to_vec())
+    }
+
+    fn setup(&self, latency_ms: u64, cap: u64, fault_rate: f64, hang_secs: u64) -> ServerSetup {
+        ServerSetup {
+            latency: self.latency_or(latency_ms),
+            cap: self.cap_or(cap),
+            fault_rate: self.fault_rates.first().copied().unwrap_or(fault_rate),
+            fault_kinds: self.fault_kinds(),
+            hang: Duration::from_secs(self.hang_secs.unwrap_or(hang_secs)),
+            bucket: None,
+            seed: self.fault_seed,
+        }
+    }
+
+    fn cli_run(
+        &self,
+        label: &str,
+        concurrency: usize,
+        fixed: bool,
+        timeout: Option<f64>,
+    ) -> CliRun {
+        CliRun {
+            label: label.into(),
+            concurrency,
+            fixed,
+            timeout: self.timeout.or(timeout),
+            deadline: Duration::from_secs(self.deadline_secs),
+            no_cache: self.no_cache,
+        }
+    }
+}
+
+/// Examples/s at most with `c` calls in flight at latency `l`, two calls per example.
+fn bound(c: u64, l: Duration) -> f64 {
+    c as f64 / (2.0 * l.as_secs_f64())
+}
+
+/// The `flaky` mode: random faults with no cap, the default CLI and `--fixed-concurrency`
+/// side by side.
+fn flaky_mode(server: &BenchServer, args: &Args) {
+    let setup = args.setup(50, 0, 0.10, 120);
+    let c = args.concurrency_or(64);
+    let n = args.prompts_or(2000);
+    let limit = if setup.cap > 0 {
+        setup.cap.min(c as u64)
+    } else {
+        c as u64
+    };
+    let b = bound(limit, setup.latency);
+    println!(
+        "flaky: n={n} C={c} {} --timeout {}",
+        setup.describe(),
+        args.timeout.unwrap_or(5.0)
+    );
+    let mut outcomes = Vec::new();
+    for fixed in [false, true] {
+        let label = if fixed {
+            "flaky --fixed-concurrency"
+        } else {
+            "flaky default"
+        };
+        let mut work = CliWork::new(n, args.keep_files);
+        let run = args.cli_run(label, c, fixed, Some(5.0));
+        let out = run_cli(server, &setup, &mut work, &run);
+        out.print(label, Some((b, "C/(2L)")));
+        outcomes.push(out);
+    }
+    println!(
+        "flaky: default {:.1} ex/s, --fixed-concurrency {:.1} ex/s: ratio {:.3} (goal: >= 0.8)",
+        outcomes[0].rate(),
+        outcomes[1].rate(),
+        outcomes[0].rate() / outcomes[1].rate().max(1e-9)
+    );
+}
+
+/// The `capped` mode: the hidden cap, at each fault rate (no hangs unless `--hang-secs`).
+fn capped_mode(server: &BenchServer, args: &Args) {
+    let rates = if args.fault_rates.is_empty() {
+        vec![0.0, 0.01, 0.05]
+    } else {
+        args.fault_rates.clone()
+    };
+    let c = args.concurrency_or(256);
+    let n = args.prompts_or(6000);
+    let mut results = Vec::new();
+    for &rate in &rates {
+        let mut setup = args.setup(50, 32, rate, 0);
+        setup.fault_rate = rate;
+        let b = bound(setup.cap.min(c as u64), setup.latency);
+        println!("capped: n={n} C={c} {}", setup.describe());
+        let mut runs = vec![(format!("capped {}% default", 100.0 * rate), c, false)];
+        if args.with_fixed {
+            runs.push((
+                format!("capped {}% fixed C={}", 100.0 * rate, setup.cap),
+                setup.cap as usize,
+                true,
+            ));
+        }
+        for (label, c, fixed) in runs {
+            let mut work = CliWork::new(n, args.keep_files);
+            let out = run_cli(
+                server,
+                &setup,
+                &mut work,
+                &args.cli_run(&label, c, fixed, None),
+            );
+            out.print(&label, Some((b, "K/(2L)")));
+            results.push((label, out.rate() / b, out.server.share_429()));
+        }
+    }
+    for (label, share, share_429) in results {
+        println!(
+            "{label:<30} {:>5.1}% of the bound, {:.2}% of calls 429",
+            100.0 * share,
+            100.0 * share_429
+        );
+    }
+    println!("goals (default CLI): >= 90% with < 5% 429 at 0; >= 88% at 1%; >= 85% at 5%");
+}
+
+/// The `bucket` mode: a token bucket of R requests a minute at an LLM-like latency.
+fn bucket_mode(server: &BenchServer, args: &Args) {
+    let rpm = args.bucket_rpm;
+    let burst = args.bucket_burst.unwrap_or((rpm / 60).max(1));
+    let mut setup = args.setup(2000, 0, 0.0, 0);
+    setup.bucket = Some((rpm, burst));
+    let c = args.concurrency_or(64);
+    let per_sec = rpm as f64 / 60.0;
+    // About 90 s at the bucket's rate, two calls per example.
+    let n = args.prompts_or(((per_sec * 90.0 / 2.0) as u64).max(1));
+    println!("bucket: n={n} C={c} {}", setup.describe());
+    let mut work = CliWork::new(n, args.keep_files);
+    let out = run_cli(
+        server,
+        &setup,
+        &mut work,
+        &args.cli_run("bucket default", c, false, None),
+    );
+    out.print("bucket default", Some((per_sec / 2.0, "R/2")));
+    let let_through = out.server.arrivals - out.server.bucket_429;
+    let calls_per_sec = let_through as f64 / out.wall.max(1e-9);
+    println!(
+        "bucket: {calls_per_sec:.2} calls/s let through = {:.1}% of {per_sec:.1}/s, {:.2}% of calls \
+         answered 429 (goal: >= 90% with < 5%; the first {burst} calls may burst)",
+        100.0 * calls_per_sec / per_sec,
+        100.0 * out.server.share_429()
+    );
+}
+
+/// The `thirty` mode: 30% faults with long hangs; one run and one rerun (which resumes), each
+/// stopped at the deadline.
+fn thirty_mode(server: &BenchServer, args: &Args) {
+    let setup = args.setup(5, 0, 0.30, 120);
+    let c = args.concurrency_or(64);
+    let n = args.prompts_or(2000);
+    println!(
+        "thirty: n={n} C={c} {} --timeout {}, deadline {} s a run",
+        setup.describe(),
+        args.timeout.unwrap_or(10.0),
+        args.deadline_secs
+    );
+    let mut work = CliWork::new(n, args.keep_files);
+    let mut runs = Vec::new();
+    for i in 0..args.runs.max(1) {
+        let label = if i == 0 {
+            "thirty run".to_string()
+        } else {
+            format!("thirty rerun {i}")
+        };
+        let mut setup = setup.clone();
+        setup.seed += i as u64;
+        let out = run_cli(
+            server,
+            &setup,
+            &mut work,
+            &args.cli_run(&label, c, false, Some(10.0)),
+        );
+        out.print(&label, None);
+        runs.push(format!(
+            "{label} {:.0} s, {} written{}",
+            out.wall,
+            out.written,
+            if out.stopped {
+                " (stopped at the deadline)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let ids = work.check_ids();
+    println!(
+        "thirty: {}; output {} lines of {n} prompts: {ids} (goal: a run and a rerun, each \
+         under 600 s, every id exactly once)",
+        runs.join("; "),
+        ids.lines,
+    );
+}
+
 fn memory_point(
     rt: &tokio::runtime::Runtime,
     server: &BenchServer,
@@ -1184,6 +2241,10 @@ fn main() {
                 args.prompts.first().copied(),
             );
         }
+        "flaky" => flaky_mode(&server, &args),
+        "capped" => capped_mode(&server, &args),
+        "bucket" => bucket_mode(&server, &args),
+        "thirty" => thirty_mode(&server, &args),
         "all" => {
             server_mode(&rt, &server);
             for &c in &args.concurrency {
@@ -1195,6 +2256,9 @@ fn main() {
             }
             memory_children(&args, &ns);
         }
-        other => panic!("unknown mode {other}: all, server, throughput, ceiling, memory, adaptive"),
+        other => panic!(
+            "unknown mode {other}: all, server, throughput, ceiling, memory, adaptive, flaky, \
+             capped, bucket, thirty"
+        ),
     }
 }
