@@ -85,9 +85,11 @@
 //!   5% (every kind but hangs); the share of K/(2L) = 320 examples/s and of calls answered 429
 //!   (goals: >= 0.90 with < 5% 429 at 0, >= 0.88 at 1%, >= 0.85 at 5%). `--with-fixed` adds
 //!   `--fixed-concurrency --concurrency K` at each rate.
-//! - `bucket`: a token bucket of 600 a minute, L = 2 s (so that the rate needs about 20 calls in
-//!   flight), `--concurrency 64`, 450 prompts (900 calls, about 90 s); calls let through per
-//!   second as a share of R/60 and the share answered 429 (goal: >= 0.90 with < 5%).
+//! - `bucket`: a token bucket of 600 a minute, L = 2 s give or take 25% (so that the rate needs
+//!   about 20 calls in flight; answers that all take exactly 2 s keep calls sent together in
+//!   step for the whole run, which no LLM server does), `--concurrency 64`, 900 prompts (1,800
+//!   calls, about 180 s); calls let through per second as a share of R/60 and the share
+//!   answered 429 (goal: >= 0.90 with < 5%).
 //! - `thirty`: 2,000 prompts, 30% faults of every kind with 120 s hangs, L = 5 ms,
 //!   `--concurrency 64 --timeout 10`: one run and a rerun (which resumes), each stopped at the
 //!   deadline, then the output's check (goal: both finish under 600 s, every id exactly once).
@@ -142,6 +144,10 @@ const POINT_SECONDS: f64 = 24.0;
 
 struct ServerState {
     latency_us: AtomicU64,
+    /// Each answer's latency is spread evenly over `L` plus or minus this many percent of it
+    /// (drawn from the request's number, so the mean stays `L`); 0: every answer takes `L`.
+    jitter_pct: AtomicU64,
+    jitter_seq: AtomicU64,
     /// Answer 429 to a request arriving while this many are in flight (0: no limit).
     cap: AtomicU64,
     in_flight: AtomicU64,
@@ -245,6 +251,8 @@ impl BenchServer {
         let filler = FakeBackend::with_response_len(response_bytes);
         let state = Arc::new(ServerState {
             latency_us: AtomicU64::new(0),
+            jitter_pct: AtomicU64::new(0),
+            jitter_seq: AtomicU64::new(0),
             cap: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -634,7 +642,20 @@ async fn handle(
         Some((Fault::Hang, hang)) => tokio::time::sleep(hang).await,
         _ => {}
     }
-    let latency = st.latency_us.load(Ordering::Relaxed);
+    let mut latency = st.latency_us.load(Ordering::Relaxed);
+    let jitter = st.jitter_pct.load(Ordering::Relaxed);
+    if latency > 0 && jitter > 0 {
+        // splitmix64 of the request's number: a spread that is the same in every run.
+        let mut x = st
+            .jitter_seq
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let u = (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        latency = (latency as f64 * (1.0 + u * jitter as f64 / 100.0)) as u64;
+    }
     if latency > 0 {
         st.timer
             .sleep_until(arrived + Duration::from_micros(latency))
@@ -1448,6 +1469,8 @@ struct ServerSetup {
     hang: Duration,
     /// Token bucket: (requests a minute, burst).
     bucket: Option<(u64, u64)>,
+    /// Latency spread, in percent of `latency` either way.
+    jitter_pct: u64,
     seed: u64,
 }
 
@@ -1457,16 +1480,24 @@ impl ServerSetup {
         server.set_cap(self.cap);
         server.set_faults(self.fault_rate, &self.fault_kinds, self.hang, self.seed);
         server.set_bucket(self.bucket);
+        server
+            .state
+            .jitter_pct
+            .store(self.jitter_pct, Ordering::Relaxed);
     }
 
     fn reset(server: &BenchServer) {
         server.set_cap(0);
         server.set_faults(0.0, &[], Duration::ZERO, 0);
         server.set_bucket(None);
+        server.state.jitter_pct.store(0, Ordering::Relaxed);
     }
 
     fn describe(&self) -> String {
         let mut s = format!("L={}ms", self.latency.as_millis());
+        if self.jitter_pct > 0 {
+            s += &format!(" (+-{}%)", self.jitter_pct);
+        }
         if self.cap > 0 {
             s += &format!(" K={}", self.cap);
         }
@@ -1883,6 +1914,7 @@ impl Args {
             fault_kinds: self.fault_kinds(),
             hang: Duration::from_secs(self.hang_secs.unwrap_or(hang_secs)),
             bucket: None,
+            jitter_pct: 0,
             seed: self.fault_seed,
         }
     }
@@ -1999,10 +2031,13 @@ fn bucket_mode(server: &BenchServer, args: &Args) {
     let burst = args.bucket_burst.unwrap_or((rpm / 60).max(1));
     let mut setup = args.setup(2000, 0, 0.0, 0);
     setup.bucket = Some((rpm, burst));
+    // LLM calls do not all take the same time; with none of that spread, calls sent together
+    // stay in step for the whole run.
+    setup.jitter_pct = 25;
     let c = args.concurrency_or(64);
     let per_sec = rpm as f64 / 60.0;
-    // About 90 s at the bucket's rate, two calls per example.
-    let n = args.prompts_or(((per_sec * 90.0 / 2.0) as u64).max(1));
+    // About 180 s at the bucket's rate, two calls per example.
+    let n = args.prompts_or(((per_sec * 180.0 / 2.0) as u64).max(1));
     println!("bucket: n={n} C={c} {}", setup.describe());
     let mut work = CliWork::new(n, args.keep_files);
     let out = run_cli(
