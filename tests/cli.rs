@@ -1171,6 +1171,55 @@ fn concurrency_adapts_by_default_and_can_be_fixed() {
     }
 }
 
+/// Random faults are not congestion: with 10% of calls failing at random (a 429 with
+/// `Retry-After: 1` among the kinds), the limit stays at `--concurrency`, nothing is cut and
+/// nobody pauses; every example is still made.
+#[test]
+fn random_faults_neither_lower_the_concurrency_nor_pause_it() {
+    let server = OpenAiServer::builder()
+        .faults(0.10, 3)
+        .retry_after_secs(1)
+        .start();
+    let d = Dir::new();
+    let input = d.prompts("in.jsonl", 150);
+    let (out, json) = (d.s("out.jsonl"), d.s("s.json"));
+    let url = server.base_url();
+    let mut backend = openai(&url);
+    backend[8] = "5"; // --retries 5, the default
+    let o = cmd()
+        .arg("generate")
+        .args([
+            "-i",
+            &input,
+            "-o",
+            &out,
+            "-j",
+            "16",
+            "--summary-json",
+            &json,
+        ])
+        .args(backend)
+        .output()
+        .expect("the binary runs");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_exactly_once(&rows(&d.path("out.jsonl")), 150);
+    assert!(
+        server.faults()["429_retry_after"] > 0,
+        "{:?}",
+        server.faults()
+    );
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let c = &s["concurrency"];
+    assert!(c["rate_limited"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(c["congestion"], 0, "{s}");
+    assert_eq!(
+        (c["min_limit"].as_u64(), c["max_limit"].as_u64()),
+        (Some(16), Some(16)),
+        "{s}"
+    );
+    assert!(stdout(&o).contains("0 times congestion"), "{}", stdout(&o));
+}
+
 /// A base URL with credentials in it is never printed: the summary shows it without them.
 #[test]
 fn credentials_in_the_base_url_are_not_printed() {

@@ -60,6 +60,7 @@ pub struct OpenAiServerBuilder {
     fault_rate: f64,
     fault_seed: u64,
     slow: Duration,
+    retry_after_secs: u64,
 }
 
 impl Default for OpenAiServerBuilder {
@@ -72,6 +73,7 @@ impl Default for OpenAiServerBuilder {
             fault_rate: 0.0,
             fault_seed: 1,
             slow: Duration::from_millis(1500),
+            retry_after_secs: 0,
         }
     }
 }
@@ -109,6 +111,12 @@ impl OpenAiServerBuilder {
     pub fn faults(mut self, rate: f64, seed: u64) -> Self {
         self.fault_rate = rate;
         self.fault_seed = seed;
+        self
+    }
+
+    /// The `Retry-After` of the injected 429s, in seconds (default 0).
+    pub fn retry_after_secs(mut self, secs: u64) -> Self {
+        self.retry_after_secs = secs;
         self
     }
 
@@ -455,7 +463,7 @@ async fn answer(request: &Recorded, state: &State) -> Option<Vec<u8>> {
     Some(match k {
         0 => response(
             429,
-            "retry-after: 0\r\n",
+            &format!("retry-after: {}\r\n", config.retry_after_secs),
             &error_body(429, &injected("rate limited")),
         ),
         1 => response(500, "", &error_body(500, &injected("500"))),
