@@ -8,6 +8,7 @@
 //!
 //! Run: `cargo bench --bench overhead --features test-util` (`-- id_set` for the id set only).
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

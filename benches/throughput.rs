@@ -103,6 +103,7 @@
 //! Every figure comes with the CPU the process used and the share of the machine's CPU that
 //! other processes took meanwhile: on a shared machine the figures are pessimistic.
 
+use rmboost::GeneratorExt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;

@@ -10,6 +10,7 @@
 //!
 //! It prints the JSONL pairs on stdout and a summary on stderr.
 
+use rmboost::GeneratorExt;
 use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};

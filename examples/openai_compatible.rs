@@ -9,6 +9,7 @@
 //! servers such as llama.cpp, vLLM and Ollama need none). The examples go to stdout as JSONL,
 //! the summary (examples, failures, re-asks, retries, tokens) to stderr.
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::time::Instant;

@@ -17,6 +17,7 @@
 //! in 8 and unclear in 9. For real data point `RMBOOST_MODEL` at a bigger GGUF chat model, or
 //! run the CLI against a server (`rmboost generate --backend openai --base-url ...`).
 
+use rmboost::GeneratorExt;
 use std::fs::File;
 use std::io::BufWriter;
 use std::num::NonZeroUsize;

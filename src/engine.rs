@@ -65,7 +65,7 @@ pub fn default_second_params() -> SamplingParams {
     SamplingParams::default().temperature(0.7).max_tokens(768)
 }
 
-/// The stream of results returned by [`RmBoost::generate`](crate::RmBoost::generate) and every [`Generator`].
+/// The stream of results every [`Generator`] returns ([`GeneratorExt::generate`] and the others).
 ///
 /// Yields one item per input prompt: `Ok(example)` or `Err(error)` carrying the id. After a
 /// fatal error (see [`Error::is_fatal`]: a bad key, an exhausted quota, a missing model) it
@@ -120,33 +120,83 @@ impl futures::stream::FusedStream for ExampleStream {
     }
 }
 
-/// The stream machinery every generation method shares: runs `run` on each prompt with at most
-/// `concurrency` in flight, in `order`, passes input errors through in place, and stops after a
-/// fatal error (see [`ExampleStream`]).
-///
-/// `run` is called synchronously when the prompt is pulled from the input, so a method makes
-/// all of its random draws there, before its future first awaits.
-pub(crate) fn drive<S, F, Fut>(
-    prompts: S,
-    concurrency: NonZeroUsize,
-    order: OutputOrder,
-    run: F,
-) -> ExampleStream
-where
-    S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-    F: Fn(Prompt) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<PreferenceExample, Error>> + Send + 'static,
-{
-    let futures = prompts.map(move |p| match p {
-        Ok(p) => futures::future::Either::Left(run(p)),
-        Err(e) => futures::future::Either::Right(futures::future::ready(Err(e))),
-    });
-    let n = concurrency.get();
-    let inner = match order {
-        OutputOrder::Completion => futures.buffer_unordered(n).boxed(),
-        OutputOrder::Input => futures.buffered(n).boxed(),
-    };
-    ExampleStream { inner, done: false }
+impl ExampleStream {
+    /// Wraps any stream of results as the stream a [`Generator`] returns. The stream ends
+    /// after the first fatal error it yields (see [`Error::is_fatal`]), dropping what the inner
+    /// stream still had in flight; a method of your own gets that rule for free. For the
+    /// common case (one future per prompt, a bound on those in flight, input errors passed
+    /// through) use [`ExampleStream::drive`].
+    pub fn new<S>(stream: S) -> Self
+    where
+        S: Stream<Item = Result<PreferenceExample, Error>> + Send + 'static,
+    {
+        ExampleStream {
+            inner: stream.boxed(),
+            done: false,
+        }
+    }
+
+    /// The stream machinery every generation method shares: runs `run` on each prompt with at
+    /// most `concurrency` in flight, yields results in `order`, passes an `Err` input item
+    /// through in its place, and stops after a fatal error. The input is pulled only as fast
+    /// as results are consumed.
+    ///
+    /// `run` is called synchronously when the prompt is pulled from the input, before its
+    /// future is first polled: make a method's random draws there (from
+    /// [`example_rng`]`(seed, &prompt.id)`), so that they do not depend on the order in which
+    /// examples finish.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::num::NonZeroUsize;
+    /// use futures::StreamExt;
+    /// use rmboost::{ExampleStream, OutputOrder, PreferenceExample, Prompt};
+    ///
+    /// let prompts = futures::stream::iter(vec![Ok(Prompt::with_id("a", "Hi?"))]);
+    /// let stream = ExampleStream::drive(
+    ///     prompts,
+    ///     NonZeroUsize::new(4).unwrap(),
+    ///     OutputOrder::Input,
+    ///     |prompt: Prompt| async move {
+    ///         Ok(PreferenceExample {
+    ///             id: prompt.id.clone(),
+    ///             prompt: prompt.messages().into_owned(),
+    ///             chosen: "Hello!".into(),
+    ///             rejected: "Go away.".into(),
+    ///             label: rmboost::Label::Worse,
+    ///             grade: None,
+    ///             aspects: vec!["politeness".into()],
+    ///             margin: None,
+    ///             metadata: Default::default(),
+    ///         })
+    ///     },
+    /// );
+    /// let results: Vec<_> = stream.collect().await;
+    /// assert_eq!(results[0].as_ref().unwrap().chosen, "Hello!");
+    /// # }
+    /// ```
+    pub fn drive<S, F, Fut>(
+        prompts: S,
+        concurrency: NonZeroUsize,
+        order: OutputOrder,
+        run: F,
+    ) -> Self
+    where
+        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+        F: Fn(Prompt) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<PreferenceExample, Error>> + Send + 'static,
+    {
+        let futures = prompts.map(move |p| match p {
+            Ok(p) => futures::future::Either::Left(run(p)),
+            Err(e) => futures::future::Either::Right(futures::future::ready(Err(e))),
+        });
+        let n = concurrency.get();
+        match order {
+            OutputOrder::Completion => Self::new(futures.buffer_unordered(n)),
+            OutputOrder::Input => Self::new(futures.buffered(n)),
+        }
+    }
 }
 
 /// What one response took: the accepted text, calls made and answers rejected.
@@ -243,31 +293,47 @@ pub trait Generator: Send + Sync + fmt::Debug {
     fn concurrency(&self) -> NonZeroUsize;
 
     /// Turns a boxed stream of prompts into a stream of results, one per prompt; an `Err` input
-    /// item is passed through in its place. The types' own `try_generate`, `generate` and
-    /// `generate_iter` do the same for any stream or iterator.
+    /// item is passed through in its place. [`GeneratorExt`]'s `generate`, `generate_iter` and
+    /// `try_generate` call it for any stream or iterator. A method of your own builds the
+    /// result with [`ExampleStream::drive`] (or [`ExampleStream::new`]).
     fn generate_boxed(&self, prompts: BoxStream<'static, Result<Prompt, Error>>) -> ExampleStream;
 }
 
-impl dyn Generator + '_ {
-    /// [`generate_boxed`](Generator::generate_boxed) for any fallible stream of prompts (such
-    /// as a JSONL reader turned into a stream): an `Err` input item is passed through in its
-    /// place.
-    pub fn try_generate<S>(&self, prompts: S) -> ExampleStream
+/// The stream methods of every [`Generator`], the built-in ones and yours: each is
+/// [`generate_boxed`](Generator::generate_boxed) for another kind of input. Implemented for
+/// every `Generator` (and `dyn Generator`); bring it into scope with
+/// `use rmboost::GeneratorExt`.
+pub trait GeneratorExt: Generator {
+    /// Turns a stream of prompts into a stream of results, one per prompt, with at most
+    /// [`concurrency`](Generator::concurrency) examples in flight. The input is pulled only as
+    /// fast as results are consumed.
+    fn generate<S>(&self, prompts: S) -> ExampleStream
     where
-        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+        S: Stream<Item = Prompt> + Send + 'static,
     {
-        self.generate_boxed(prompts.boxed())
+        self.generate_boxed(prompts.map(Ok).boxed())
     }
 
-    /// [`generate_boxed`](Generator::generate_boxed) for an iterator of prompts.
-    pub fn generate_iter<I>(&self, prompts: I) -> ExampleStream
+    /// Like [`generate`](Self::generate), for an iterator of prompts.
+    fn generate_iter<I>(&self, prompts: I) -> ExampleStream
     where
         I: IntoIterator<Item = Prompt>,
         I::IntoIter: Send + 'static,
     {
         self.generate_boxed(stream::iter(prompts).map(Ok).boxed())
     }
+
+    /// Like [`generate`](Self::generate), for a fallible input such as a JSONL reader turned
+    /// into a stream: an `Err` input item is passed through as an `Err` result in its place.
+    fn try_generate<S>(&self, prompts: S) -> ExampleStream
+    where
+        S: Stream<Item = Result<Prompt, Error>> + Send + 'static,
+    {
+        self.generate_boxed(prompts.boxed())
+    }
 }
+
+impl<G: Generator + ?Sized> GeneratorExt for G {}
 
 macro_rules! forward_generator {
     ($($ty:ty),*) => {$(
@@ -412,39 +478,18 @@ macro_rules! common_setters {
 }
 pub(crate) use common_setters;
 
-/// The stream methods every built-in method has (`generate`, `generate_iter`, `try_generate`),
-/// for a type with `inner: Arc<Inner>` (whose `common` is a [`Common`]), a `plan(&self,
-/// Prompt)` that makes every draw, and an async `$run(Arc<Inner>, plan)`.
+/// The stream every built-in method makes ([`Generator::generate_boxed`]), for a type with
+/// `inner: Arc<Inner>` (whose `common` is a [`Common`]), a `plan(&self, Prompt)` that makes
+/// every draw, and an async `$run(Arc<Inner>, plan)`.
 macro_rules! stream_methods {
     ($run:path) => {
-        /// Turns a stream of prompts into a stream of results, one per prompt, with at most
-        /// `concurrency` examples in flight. The input is pulled only as fast as results are
-        /// consumed.
-        pub fn generate<S>(&self, prompts: S) -> $crate::engine::ExampleStream
-        where
-            S: futures::Stream<Item = $crate::Prompt> + Send + 'static,
-        {
-            self.try_generate(futures::StreamExt::map(prompts, Ok))
-        }
-
-        /// Like [`generate`](Self::generate), for an iterator of prompts.
-        pub fn generate_iter<I>(&self, prompts: I) -> $crate::engine::ExampleStream
-        where
-            I: IntoIterator<Item = $crate::Prompt>,
-            I::IntoIter: Send + 'static,
-        {
-            self.generate(futures::stream::iter(prompts))
-        }
-
-        /// Like [`generate`](Self::generate), for a fallible input such as a JSONL reader: an
-        /// `Err` input item is passed through as an `Err` result in its place.
-        pub fn try_generate<S>(&self, prompts: S) -> $crate::engine::ExampleStream
-        where
-            S: futures::Stream<Item = Result<$crate::Prompt, $crate::Error>> + Send + 'static,
-        {
+        pub(crate) fn stream(
+            &self,
+            prompts: futures::stream::BoxStream<'static, Result<$crate::Prompt, $crate::Error>>,
+        ) -> $crate::engine::ExampleStream {
             let this = self.clone();
             let c = &self.inner.common;
-            $crate::engine::drive(prompts, c.concurrency, c.order, move |p| {
+            $crate::engine::ExampleStream::drive(prompts, c.concurrency, c.order, move |p| {
                 // Draws happen here, synchronously, before the first await.
                 let plan = this.plan(p);
                 $run(this.inner.clone(), plan)

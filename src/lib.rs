@@ -25,7 +25,7 @@
 //!
 //! use futures::StreamExt;
 //! use rmboost::testing::FakeBackend;
-//! use rmboost::{Aspects, ExampleFormat, ExampleWriter, Label, Prompt, RmBoost};
+//! use rmboost::{Aspects, ExampleFormat, ExampleWriter, GeneratorExt, Label, Prompt, RmBoost};
 //!
 //! let rmb = RmBoost::builder()
 //!     .backend(FakeBackend::new())
@@ -134,7 +134,7 @@ pub use backend::{
     Completion, CompletionRequest, FinishReason, LlmBackend, Message, Role, SamplingParams, Usage,
 };
 pub use checks::ResponseChecks;
-pub use engine::{example_rng, ExampleStream, Generator, OutputOrder, Summary};
+pub use engine::{example_rng, ExampleStream, Generator, GeneratorExt, OutputOrder, Summary};
 pub use error::{
     error_chain, BackendError, BackendErrorKind, BoxError, Error, ErrorKind, UnusableReason,
 };
@@ -142,4 +142,10 @@ pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, Pro
 pub use io::{read_prompts, ExampleWriter};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
 pub use methods::{Method, Rlaif, Rlcd, RmBoost, RmBoostBuilder, WestOfN};
+/// The `rand` this crate is built with: [`LabelSampler`] and [`AspectSet`] take its `RngCore`,
+/// and [`example_rng`] returns one of its generators. Name it through this re-export
+/// (`use rmboost::rand::Rng;`) so that your sampler or method uses the same version.
+pub use rand;
+/// The `rand_chacha` whose `ChaCha8Rng` [`example_rng`] returns.
+pub use rand_chacha;
 pub use template::{DefaultTemplate, PromptTemplate, SecondContext};

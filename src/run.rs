@@ -53,7 +53,7 @@
 //! use futures::stream;
 //! use rmboost::run::{run_to_file, RunOptions};
 //! use rmboost::testing::FakeBackend;
-//! use rmboost::{Prompt, RmBoost};
+//! use rmboost::{GeneratorExt, Prompt, RmBoost};
 //!
 //! let dir = tempfile::tempdir().unwrap();
 //! let out = dir.path().join("pairs.jsonl");

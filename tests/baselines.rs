@@ -2,6 +2,7 @@
 //! verdicts, West-of-N extremes, determinism, the shared stream behaviour.
 #![cfg(feature = "test-util")]
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 

@@ -9,6 +9,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! works, concurrent callers are served, and the file is locked.
 #![cfg(all(feature = "cache", feature = "test-util"))]
 
+use rmboost::GeneratorExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 

@@ -8,6 +8,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::{Command, Stdio};

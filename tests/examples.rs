@@ -66,3 +66,43 @@ fn custom_backend_makes_pairs_that_obey_the_construction_rule() {
     assert!(labels.iter().any(|l| l == "better"), "{labels:?}");
     assert!(labels.iter().any(|l| l == "worse"), "{labels:?}");
 }
+
+#[test]
+fn custom_method_plants_one_mistake_in_the_rejected_answer() {
+    let run = || {
+        let out = Command::new(example("custom_method"))
+            .output()
+            .expect("run the example");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let stdout = run();
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    let mut mistakes = std::collections::BTreeSet::new();
+    for row in &rows {
+        // The second response is the worse one: it is `rejected`, and it differs from the
+        // first only by the planted mistake.
+        assert_eq!(row["label"], "worse", "{row}");
+        assert_eq!(row["metadata"]["method"], "planted-error", "{row}");
+        let (chosen, rejected) = (text(&row["chosen"]), text(&row["rejected"]));
+        assert!(chosen.starts_with("Water boils at 100 degrees"), "{row}");
+        assert_ne!(chosen, rejected, "{row}");
+        mistakes.insert(
+            row["metadata"]["mistake"]
+                .as_str()
+                .expect("a mistake")
+                .to_owned(),
+        );
+    }
+    // The mistake is drawn per example, and the same in every run (seed and id only).
+    assert!(mistakes.len() > 1, "{mistakes:?}");
+    assert_eq!(run(), stdout);
+}

@@ -5,6 +5,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;

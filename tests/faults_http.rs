@@ -7,6 +7,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::collections::HashSet;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, Instant};

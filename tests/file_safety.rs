@@ -6,6 +6,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};

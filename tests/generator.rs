@@ -3,6 +3,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -493,4 +494,97 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// A method of one's own, from outside the crate: a decorator of any generator (here
+/// `RmBoost`) that tags every example, built on `ExampleStream::new` and run as
+/// `Box<dyn Generator>` through `GeneratorExt`.
+#[derive(Debug)]
+struct Tagged<G> {
+    inner: G,
+    tag: &'static str,
+}
+
+impl<G: rmboost::Generator> rmboost::Generator for Tagged<G> {
+    fn method(&self) -> &str {
+        "tagged"
+    }
+
+    fn seed(&self) -> u64 {
+        self.inner.seed()
+    }
+
+    fn concurrency(&self) -> NonZeroUsize {
+        self.inner.concurrency()
+    }
+
+    fn generate_boxed(
+        &self,
+        prompts: futures::stream::BoxStream<'static, Result<Prompt, Error>>,
+    ) -> rmboost::ExampleStream {
+        let tag = self.tag;
+        rmboost::ExampleStream::new(self.inner.generate_boxed(prompts).map(move |r| {
+            r.map(|mut example| {
+                example.metadata.method = "tagged".into();
+                example.metadata.extra.insert("tag".into(), tag.into());
+                example
+            })
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_method_of_ones_own_decorates_rmboost_and_runs_boxed() {
+    let rmb = RmBoost::builder()
+        .backend(FakeBackend::new())
+        .concurrency(nz(4))
+        .seed(3)
+        .build()
+        .unwrap();
+    let plain: Vec<_> = rmb.generate_iter(prompts(20)).collect().await;
+    let method: Box<dyn rmboost::Generator> = Box::new(Tagged {
+        inner: rmb,
+        tag: "mine",
+    });
+    assert_eq!((method.method(), method.seed()), ("tagged", 3));
+    let tagged: Vec<_> = method.generate_iter(prompts(20)).collect().await;
+    let by_id = |v: &[Result<PreferenceExample, Error>]| -> BTreeMap<String, PreferenceExample> {
+        v.iter()
+            .map(|r| {
+                let e = r.as_ref().expect("every example succeeds").clone();
+                (e.id.clone(), e)
+            })
+            .collect()
+    };
+    let (plain, tagged) = (by_id(&plain), by_id(&tagged));
+    assert_eq!(tagged.len(), 20);
+    for (id, t) in &tagged {
+        let p = &plain[id];
+        // The same draws and texts as the method it decorates, tagged.
+        assert_eq!(
+            (&t.chosen, &t.rejected, t.label),
+            (&p.chosen, &p.rejected, p.label)
+        );
+        assert_eq!(t.metadata.method, "tagged");
+        assert_eq!(t.metadata.extra["tag"], "mine");
+    }
+}
+
+#[tokio::test]
+async fn example_stream_new_stops_after_a_fatal_error() {
+    let fatal = Error::backend(
+        "b",
+        "first",
+        BackendError::new(BackendErrorKind::Authentication, "bad key"),
+    );
+    let retryable = Error::backend("c", "first", BackendError::server("busy"));
+    let items = vec![Err(retryable), Err(fatal), Err(Error::config("never seen"))];
+    let results: Vec<_> = rmboost::ExampleStream::new(futures::stream::iter(items))
+        .collect()
+        .await;
+    let ids: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap_err().example_id().map(str::to_owned))
+        .collect();
+    assert_eq!(ids, vec![Some("c".to_owned()), Some("b".to_owned())]);
 }

@@ -7,6 +7,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Mutex;

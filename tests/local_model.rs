@@ -5,6 +5,7 @@
 //! Generations are short (a few dozen tokens) so the file runs in seconds.
 #![cfg(feature = "local")]
 
+use rmboost::GeneratorExt;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

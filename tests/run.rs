@@ -3,6 +3,7 @@
 
 mod support;
 
+use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 

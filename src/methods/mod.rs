@@ -8,7 +8,7 @@
 //! # async fn main() -> Result<(), rmboost::Error> {
 //! use futures::StreamExt;
 //! use rmboost::testing::FakeBackend;
-//! use rmboost::{Generator, Method, Prompt, Rlcd, RmBoost};
+//! use rmboost::{Generator, GeneratorExt, Method, Prompt, Rlcd, RmBoost};
 //!
 //! let method: Method = "rlcd".parse()?;
 //! let generator: Box<dyn Generator> = match method {
@@ -47,7 +47,7 @@
 //! # async fn main() -> Result<(), rmboost::Error> {
 //! use futures::StreamExt;
 //! use rmboost::testing::ScriptedBackend;
-//! use rmboost::{Completion, Prompt, Rlaif};
+//! use rmboost::{Completion, GeneratorExt, Prompt, Rlaif};
 //!
 //! // A stand-in model: samples echo their seed; as a judge it always prefers answer A.
 //! let backend = ScriptedBackend::from_fn(|req| {
@@ -179,7 +179,7 @@ macro_rules! impl_generator {
                 &self,
                 prompts: BoxStream<'static, Result<Prompt, Error>>,
             ) -> ExampleStream {
-                self.try_generate(prompts)
+                self.stream(prompts)
             }
         }
     )*};

@@ -44,7 +44,7 @@ struct Inner {
 /// # async fn main() -> Result<(), rmboost::Error> {
 /// use futures::StreamExt;
 /// use rmboost::testing::FakeBackend;
-/// use rmboost::{Aspects, Label, Prompt, Rlcd};
+/// use rmboost::{Aspects, GeneratorExt, Label, Prompt, Rlcd};
 ///
 /// let rlcd = Rlcd::builder()
 ///     .backend(FakeBackend::new())

@@ -74,7 +74,7 @@ struct Inner {
 /// # async fn main() -> Result<(), rmboost::Error> {
 /// use futures::StreamExt;
 /// use rmboost::testing::FakeBackend;
-/// use rmboost::{Prompt, RmBoost};
+/// use rmboost::{GeneratorExt, Prompt, RmBoost};
 ///
 /// let rmb = RmBoost::builder().backend(FakeBackend::new()).seed(7).build()?;
 /// let prompts = vec![Prompt::new("Name a prime."), Prompt::new("Why is the sea salty?")];

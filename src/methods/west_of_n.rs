@@ -52,7 +52,7 @@ struct Inner {
 /// use futures::StreamExt;
 /// use rmboost::judge::{ScoreRequest, Scored, Scorer};
 /// use rmboost::testing::FakeBackend;
-/// use rmboost::{async_trait, Error, Prompt, WestOfN};
+/// use rmboost::{async_trait, Error, GeneratorExt, Prompt, WestOfN};
 ///
 /// #[derive(Debug)]
 /// struct Length;

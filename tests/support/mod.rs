@@ -9,6 +9,7 @@ pub mod openai_server;
 pub mod reliability;
 
 use futures::StreamExt;
+use rmboost::GeneratorExt;
 use rmboost::{async_trait, BackendError, Completion, CompletionRequest, LlmBackend};
 use rmboost::{Error, Label, PreferenceExample, Prompt, RmBoost};
 use std::collections::VecDeque;
