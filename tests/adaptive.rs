@@ -177,42 +177,11 @@ async fn settles_near(k: usize) {
     let backend = Ruled::capped_jittered(k, latency, Duration::from_millis(1));
     let adaptive = Adaptive::new(Arc::clone(&backend), nz(256));
     let stats = adaptive.stats();
-    let retry = Retry::with_policy(adaptive, patient());
-    let t0 = Instant::now();
-
-    // Sample the limit every 10 ms while the run goes.
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let (stats, samples) = (Arc::clone(&stats), Arc::clone(&samples));
-        tokio::spawn(async move {
-            loop {
-                samples.lock().unwrap().push((t0.elapsed(), stats.limit()));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
-    let results: Vec<(usize, Result<Completion, BackendError>)> = futures::stream::iter(0..n)
-        .map(|i| {
-            let retry = &retry;
-            async move { (i, retry.complete(req(i)).await) }
-        })
-        .buffer_unordered(256)
-        .collect()
-        .await;
-    sampler.abort();
-    let elapsed = t0.elapsed();
-
-    // Every request completed, exactly once, with its own answer.
-    let mut seen = vec![false; n];
-    for (i, result) in &results {
-        let completion = result.as_ref().expect("every request succeeds");
-        assert_eq!(completion.text, i.to_string());
-        assert!(!std::mem::replace(&mut seen[*i], true), "{i} twice");
-    }
-    assert!(seen.iter().all(|&s| s));
+    // Every request completes, exactly once, with its own answer; the limit is sampled every
+    // 10 ms.
+    let (samples, elapsed) = drive(adaptive, n, 256).await;
 
     // The limit over the second half of the run stays in a band around k.
-    let samples = samples.lock().unwrap().clone();
     let late: Vec<usize> = samples
         .iter()
         .filter(|(at, _)| *at >= elapsed / 2)
@@ -550,7 +519,8 @@ fn random_429() -> BackendError {
 }
 
 /// Runs `n` requests from `callers` callers through `Retry(adaptive)`, sampling the limit every
-/// 10 ms; returns the samples, the run's time, and checks every request succeeded once.
+/// 10 ms; returns the samples and the run's time, and checks that every request succeeded
+/// once, with its own answer.
 async fn drive(
     adaptive: Adaptive<Arc<Ruled>>,
     n: usize,
