@@ -512,10 +512,15 @@ impl Error {
         }
     }
 
-    /// Whether the same work may succeed if tried again later: a retryable backend error
-    /// (after the retry wrapper gave up: a rerun retries it) or an unusable answer (a rerun
-    /// asks with the same seeds through the cache, so only a changed model or template helps;
-    /// still, nothing is wrong with the input).
+    /// Whether the same work may succeed if tried again later: true for a retryable backend
+    /// error (a timeout, a 429, a 5xx after the retry wrapper gave up: a rerun tries again).
+    ///
+    /// A failure is one of three classes: *fatal* ([`is_fatal`](Self::is_fatal): the run
+    /// stops), *retryable* (this: the example fails now, a rerun may make it), or neither (an
+    /// invalid request, a content filter, or an unusable answer, [`ErrorKind::Unusable`]: the
+    /// example fails and the run goes on; a rerun asks again with the same seeds, through the
+    /// cache, so only a changed model or template helps). This returns `false` for the third
+    /// class.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self.inner.kind {

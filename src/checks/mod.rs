@@ -172,7 +172,8 @@ pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
 ///   ([`token_jaccard`], the measure the report counts near-identical pairs with, so the two
 ///   agree on every pair) is at or above [`max_similarity`](Self::max_similarity);
 ///   default 0.9. Small models asked for a slightly different answer often copy the first one
-///   with a word changed: the label of such a pair is noise. /// - **Repetition**: a response of at least 20 tokens of which fewer than
+///   with a word changed: the label of such a pair is noise.
+/// - **Repetition**: a response of at least 20 tokens of which fewer than
 ///   [`min_distinct_trigrams`](Self::min_distinct_trigrams) of the word trigrams are distinct;
 ///   default 0.5. Natural prose is close to 1.0; a model stuck in a loop is far below.
 ///
