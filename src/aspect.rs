@@ -86,6 +86,7 @@ impl<T: AspectSet + ?Sized> AspectSet for &T {
 /// How an [`Aspects`] set chooses the aspects of each example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "mode")]
+#[non_exhaustive]
 pub enum AspectSampling {
     /// Every aspect, every time.
     All,

@@ -28,6 +28,7 @@ use crate::example::{ExampleMetadata, PreferenceExample, Prompt};
 use crate::label::Label;
 /// The order in which a stream yields results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum OutputOrder {
     /// As each example finishes: best throughput, since one slow example holds nothing up.
     /// Every result carries its id. The default.
@@ -361,6 +362,7 @@ forward_generator!(Arc<G>, Box<G>, &G);
 
 /// Running totals over a stream of results, for progress lines and final summaries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Summary {
     /// Examples produced.
     pub examples: u64,

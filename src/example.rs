@@ -16,6 +16,7 @@ use crate::Error;
 
 /// What the model is asked: a plain string or a chat history ending in a user turn.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum PromptInput {
     /// A single user message.
     Text(String),

@@ -287,6 +287,7 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
 
 /// What to do with an input line that is not a valid prompt record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum BadLinePolicy {
     /// Skip it, count it in [`RunSummary::bad_lines`] and keep its message (the first
     /// [`MAX_MESSAGES`] in [`RunSummary::bad_line_messages`]; all are logged). The default.
@@ -299,6 +300,7 @@ pub enum BadLinePolicy {
 
 /// What to do when the output file already has examples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum ExistingOutput {
     /// Skip the ids already written and append the rest. The default.
     #[default]

@@ -19,6 +19,7 @@ use crate::label::{Grade, Label, LabelDraw};
 
 /// What a template needs to write (and check) the second response of one example.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct SecondContext<'a> {
     /// The prompt conversation (ends with a user turn).
     pub prompt: &'a [Message],
@@ -30,6 +31,33 @@ pub struct SecondContext<'a> {
     pub aspects: &'a AspectDraw,
     /// The drawn template variant, in `0..template.variants()`.
     pub variant: usize,
+}
+
+impl<'a> SecondContext<'a> {
+    /// A context with variant 0, as the engine makes one (a template's own tests build them
+    /// this way).
+    #[must_use]
+    pub fn new(
+        prompt: &'a [Message],
+        first: &'a str,
+        label: &'a LabelDraw,
+        aspects: &'a AspectDraw,
+    ) -> Self {
+        SecondContext {
+            prompt,
+            first,
+            label,
+            aspects,
+            variant: 0,
+        }
+    }
+
+    /// The same context with another template variant.
+    #[must_use]
+    pub fn with_variant(mut self, variant: usize) -> Self {
+        self.variant = variant;
+        self
+    }
 }
 
 /// A second response read out of the model's raw text.

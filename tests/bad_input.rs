@@ -141,7 +141,7 @@ proptest! {
         prop_assert_eq!(text, text.trim());
         let _ = check_response(text, &first);
         let (prompt, label, aspects) = ctx_parts();
-        let ctx = SecondContext { prompt: &prompt, first: &first, label: &label, aspects: &aspects, variant: 0 };
+        let ctx = SecondContext::new(&prompt, &first, &label, &aspects);
         if let Ok(parsed) = DefaultTemplate::new().parse_second(&raw, &ctx) {
             prop_assert!(!parsed.text.trim().is_empty());
             if let Some(picked) = parsed.picked_aspects {

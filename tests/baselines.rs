@@ -611,7 +611,7 @@ async fn input_order_and_pass_through_errors() {
 
 #[tokio::test]
 async fn fatal_backend_error_stops_every_method() {
-    for method in Method::ALL {
+    for &method in Method::ALL {
         let backend = ScriptedBackend::from_fn(|_| {
             Err(BackendError::new(
                 BackendErrorKind::Authentication,

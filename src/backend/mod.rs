@@ -343,6 +343,7 @@ pub enum FinishReason {
 
 /// Token counts of one call (or a sum of calls).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Usage {
     /// Tokens in the request.
     pub prompt_tokens: u64,

@@ -22,6 +22,7 @@ use crate::Error;
 /// | [`Periodic`](SyncPolicy::Periodic) (default: 256 lines or 2 s) | the last period or two | one `fsync` per period, on a background thread |
 /// | [`OnClose`](SyncPolicy::OnClose) | the whole run | one `fsync` at close |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum SyncPolicy {
     /// `fsync` after every line.
     Always,

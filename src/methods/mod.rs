@@ -105,6 +105,7 @@ use crate::example::Prompt;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Method {
     /// Preference-conditional multi-aspect generation ([`RmBoost`]).
     #[serde(rename = "rmboost")]
@@ -118,8 +119,8 @@ pub enum Method {
 }
 
 impl Method {
-    /// Every method, in a stable order.
-    pub const ALL: [Method; 4] = [
+    /// Every method, in a stable order (a slice, so that adding a method breaks no one).
+    pub const ALL: &'static [Method] = &[
         Method::RmBoost,
         Method::Rlcd,
         Method::Rlaif,
@@ -153,7 +154,8 @@ impl FromStr for Method {
     fn from_str(s: &str) -> Result<Self, Error> {
         let norm = s.trim().to_ascii_lowercase().replace('_', "-");
         Method::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|m| m.as_str() == norm)
             .ok_or_else(|| {
                 Error::config(format!(
@@ -200,7 +202,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for m in Method::ALL {
+        for &m in Method::ALL {
             assert_eq!(m.as_str().parse::<Method>().unwrap(), m);
             assert_eq!(
                 serde_json::to_string(&m).unwrap(),

@@ -21,6 +21,7 @@ use crate::template::{DefaultTemplate, PromptTemplate, SecondContext};
 /// Everything drawn for one example before any call: a pure function of the run seed and the
 /// example id.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ExamplePlan {
     /// The example's id.
     pub id: String,

@@ -168,7 +168,7 @@ pub fn write_input(path: &Path, prompts: &[Prompt]) {
     for p in prompts {
         let text = match &p.input {
             rmboost::PromptInput::Text(t) => t.clone(),
-            rmboost::PromptInput::Messages(_) => unreachable!(),
+            other => unreachable!("plain-text prompts only: {other:?}"),
         };
         s.push_str(&serde_json::json!({"id": p.id, "prompt": text}).to_string());
         s.push('\n');

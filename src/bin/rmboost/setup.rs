@@ -170,5 +170,10 @@ pub(crate) fn method_generator(
                 .build()
                 .map_err(usage)?,
         ),
+        other => {
+            return Err(CliError::usage(format!(
+                "--method {other}: not available from the command line"
+            )))
+        }
     })
 }
