@@ -464,10 +464,11 @@ enum Began {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Verdict {
     change: Option<Change>,
-    /// The window's slow-down answers reached the congestion share (not only right after a
-    /// step up): the server's "slow down" is meant for every call (see the module docs on
-    /// `Retry-After`).
+    /// The window's slow-down answers reached the congestion share.
     congested: bool,
+    /// ...and not only right after a step up: the server's "slow down" is meant for every
+    /// call (see the module docs on `Retry-After`).
+    pause: bool,
 }
 
 /// The limit and the rules that move it; no clock of its own, no locking (unit tested).
@@ -570,7 +571,8 @@ impl Aimd {
                 let pause = !self.just_raised();
                 return Verdict {
                     change: self.back_off(now),
-                    congested: pause,
+                    congested: true,
+                    pause,
                 };
             }
         }
@@ -579,6 +581,7 @@ impl Aimd {
                 .then(|| self.on_success(saturated))
                 .flatten(),
             congested: false,
+            pause: false,
         }
     }
 
@@ -1376,6 +1379,8 @@ impl Limiter {
                     .on_result(ticket.admission, ticket.saturated, outcome, now);
                 if verdict.congested {
                     self.stats.congestion.fetch_add(1, Ordering::Relaxed);
+                }
+                if verdict.pause {
                     // Many calls were told to slow down: the wait is meant for everyone.
                     let after = result
                         .as_ref()
@@ -1606,12 +1611,16 @@ mod tests {
         // One per success: 16 successes (a round at 16) take it to 32.
         assert_eq!(successes(&mut a, 16).len(), 16);
         assert_eq!(a.limit, 32);
-        // Two slow-downs right after a step take it back and end slow start.
+        // Two slow-downs right after a step take it back and end slow start: congestion, but
+        // not enough to make every call wait.
         let now = Instant::now();
         assert_eq!(
-            slow_downs(&mut a, 2, now),
-            vec![Change { from: 32, to: 31 }]
+            one(&mut a, true, Outcome::SlowDown, now),
+            Verdict::default()
         );
+        let v = one(&mut a, true, Outcome::SlowDown, now);
+        assert_eq!(v.change, Some(Change { from: 32, to: 31 }));
+        assert!(v.congested && !v.pause);
         assert!(!a.slow_start);
         // From there, probes: 25 successes a step, then twice that after a failed one.
         assert!(successes(&mut a, 24).is_empty());
@@ -1681,7 +1690,7 @@ mod tests {
         // ...the fifth is, at 5 of 5.
         let v = one(&mut a, true, Outcome::SlowDown, t);
         assert_eq!(v.change, Some(Change { from: 64, to: 54 }));
-        assert!(v.congested);
+        assert!(v.congested && v.pause);
 
         // Five slow-downs among 40 results (12.5%) are not congestion.
         let mut a = aimd(64);
@@ -1862,7 +1871,7 @@ mod tests {
             one(&mut a, true, Outcome::SlowDown, now);
         }
         let v = one(&mut a, true, Outcome::SlowDown, now);
-        assert_eq!((v.change, v.congested), (None, true));
+        assert_eq!((v.change, v.congested, v.pause), (None, true, true));
     }
 
     #[test]
@@ -1875,7 +1884,7 @@ mod tests {
         let t = Instant::now();
         assert!(slow_downs(&mut a, 4, t).is_empty());
         let v = one(&mut a, true, Outcome::SlowDown, t);
-        assert_eq!((v.change, v.congested), (None, true));
+        assert_eq!((v.change, v.congested, v.pause), (None, true, true));
         assert!(successes(&mut a, 1000).is_empty());
         assert_eq!(a.limit, 16);
     }
