@@ -261,10 +261,10 @@ impl AdaptiveConfigBuilder {
         self
     }
 
-    /// How many successes in a row raise the limit by one while it is below the limit the
-    /// last cut came from (minus one): that limit is known to have worked, so the limit
-    /// climbs back to it quickly and then probes above it at the
-    /// [`increase_after`](Self::increase_after) pace. Default 2; set it equal to
+    /// How many successes raise the limit by one while it is below the last level that met
+    /// congestion (the limit a cut came from, or a step taken back): the levels below it are
+    /// known to have worked, so the limit climbs back quickly and then probes above them at
+    /// the [`increase_after`](Self::increase_after) pace. Default 2; set it equal to
     /// `increase_after` for plain AIMD. Must not exceed `increase_after`.
     pub fn recovery_increase_after(mut self, successes: NonZeroU32) -> Self {
         self.config.recovery_increase_after = successes.get();
