@@ -461,13 +461,7 @@ mod tests {
     #[test]
     fn renders_structure() {
         let (prompt, label, aspects) = ctx_parts(None);
-        let ctx = SecondContext {
-            prompt: &prompt,
-            first: "Paris.",
-            label: &label,
-            aspects: &aspects,
-            variant: 0,
-        };
+        let ctx = SecondContext::new(&prompt, "Paris.", &label, &aspects);
         let msgs = DefaultTemplate::new().second_request(&ctx);
         // The instructions, then the prompt's conversation as it is: the request comes last.
         assert_eq!(msgs.len(), 2);
@@ -505,13 +499,7 @@ mod tests {
     #[test]
     fn model_picks() {
         let (prompt, label, aspects) = ctx_parts(Some(1));
-        let ctx = SecondContext {
-            prompt: &prompt,
-            first: "Paris.",
-            label: &label,
-            aspects: &aspects,
-            variant: 0,
-        };
+        let ctx = SecondContext::new(&prompt, "Paris.", &label, &aspects);
         let t = DefaultTemplate::new();
         assert!(t.second_request(&ctx)[0].content.contains("<aspects>"));
         let p = t

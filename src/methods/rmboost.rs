@@ -45,13 +45,8 @@ impl ExamplePlan {
     /// The context the template renders the second request from, given the first response.
     #[must_use]
     pub fn second_context<'a>(&'a self, first: &'a str) -> SecondContext<'a> {
-        SecondContext {
-            prompt: &self.prompt,
-            first,
-            label: &self.label,
-            aspects: &self.aspects,
-            variant: self.variant,
-        }
+        SecondContext::new(&self.prompt, first, &self.label, &self.aspects)
+            .with_variant(self.variant)
     }
 }
 
