@@ -164,6 +164,7 @@ fn main() {
     let backend = LocalBackend::builder()
         .requantize(std::env::var_os("RMBOOST_NO_REQUANTIZE").is_none())
         .max_batch(largest)
+        .fetch_default_model(true)
         .build()
         .unwrap_or_else(|e| panic!("no local model: {e}"));
     println!(

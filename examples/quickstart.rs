@@ -43,7 +43,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     // Loading blocks (and the first run fetches the model), so keep it off the async threads.
-    let backend = tokio::task::spawn_blocking(|| LocalBackend::builder().build()).await??;
+    let backend =
+        tokio::task::spawn_blocking(|| LocalBackend::builder().fetch_default_model(true).build())
+            .await??;
     println!(
         "model {} loaded in {:.1} s (up to {} requests per step)",
         backend.model_path().display(),

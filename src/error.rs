@@ -5,6 +5,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `Result<T, Error>`: what the crate's fallible functions return.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// A boxed error that can cross threads.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
@@ -20,6 +23,9 @@ pub enum BackendErrorKind {
     Connection,
     /// The server failed (HTTP 5xx, overloaded). Retryable.
     Server,
+    /// The backend cannot answer now but may soon: busy, restarting, out of memory for the
+    /// moment. Retryable; what [`BackendError::retryable`] makes.
+    Unavailable,
     /// The response could not be understood (malformed JSON, missing fields). Retryable:
     /// proxies and overloaded servers produce these now and then.
     InvalidResponse,
@@ -37,8 +43,9 @@ pub enum BackendErrorKind {
     /// The answer hit the token limit and is unusable as it is. Permanent for this request.
     Length,
     /// The backend itself failed in a way that will not change on retry (a local model that
-    /// cannot run, a configuration error). Permanent and fatal.
-    Backend,
+    /// cannot run, a configuration error): the run stops. What [`BackendError::stops_run`]
+    /// makes. Permanent and fatal.
+    Fatal,
     /// The server asked us to wait longer than the retry policy is willing to (an hourly or
     /// daily limit, a maintenance window): see
     /// [`RetryPolicy::max_retry_after`](crate::backend::RetryPolicy::max_retry_after). Not
@@ -49,11 +56,32 @@ pub enum BackendErrorKind {
     /// A kind of its own rather than [`QuotaExhausted`](Self::QuotaExhausted): the account
     /// need not be out of anything (a `503` with `Retry-After: 3600` is a maintenance window).
     RetryAfterTooLong,
-    /// Anything else. Permanent for this request.
+    /// Anything else. Permanent for this request: the example fails, the run goes on. What
+    /// [`BackendError::fails_example`] makes.
     Other,
 }
 
 impl BackendErrorKind {
+    /// Every kind, for reading a saved [`as_str`](Self::as_str) name back.
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
+    pub(crate) const ALL: &'static [BackendErrorKind] = &[
+        BackendErrorKind::RateLimited,
+        BackendErrorKind::Timeout,
+        BackendErrorKind::Connection,
+        BackendErrorKind::Server,
+        BackendErrorKind::Unavailable,
+        BackendErrorKind::InvalidResponse,
+        BackendErrorKind::Authentication,
+        BackendErrorKind::QuotaExhausted,
+        BackendErrorKind::NotFound,
+        BackendErrorKind::InvalidRequest,
+        BackendErrorKind::ContentFilter,
+        BackendErrorKind::Length,
+        BackendErrorKind::Fatal,
+        BackendErrorKind::RetryAfterTooLong,
+        BackendErrorKind::Other,
+    ];
+
     /// Whether a call that failed this way may succeed if sent again.
     #[must_use]
     pub fn is_retryable(self) -> bool {
@@ -63,6 +91,7 @@ impl BackendErrorKind {
                 | BackendErrorKind::Timeout
                 | BackendErrorKind::Connection
                 | BackendErrorKind::Server
+                | BackendErrorKind::Unavailable
                 | BackendErrorKind::InvalidResponse
         )
     }
@@ -76,7 +105,7 @@ impl BackendErrorKind {
             BackendErrorKind::Authentication
                 | BackendErrorKind::QuotaExhausted
                 | BackendErrorKind::NotFound
-                | BackendErrorKind::Backend
+                | BackendErrorKind::Fatal
                 | BackendErrorKind::RetryAfterTooLong
         )
     }
@@ -89,6 +118,7 @@ impl BackendErrorKind {
             BackendErrorKind::Timeout => "timeout",
             BackendErrorKind::Connection => "connection",
             BackendErrorKind::Server => "server",
+            BackendErrorKind::Unavailable => "unavailable",
             BackendErrorKind::InvalidResponse => "invalid_response",
             BackendErrorKind::Authentication => "authentication",
             BackendErrorKind::QuotaExhausted => "quota_exhausted",
@@ -96,7 +126,7 @@ impl BackendErrorKind {
             BackendErrorKind::InvalidRequest => "invalid_request",
             BackendErrorKind::ContentFilter => "content_filter",
             BackendErrorKind::Length => "length",
-            BackendErrorKind::Backend => "backend",
+            BackendErrorKind::Fatal => "fatal",
             BackendErrorKind::RetryAfterTooLong => "retry_after_too_long",
             BackendErrorKind::Other => "other",
         }
@@ -188,6 +218,41 @@ impl BackendError {
     #[must_use]
     pub fn is_fatal(&self) -> bool {
         self.kind.is_fatal()
+    }
+
+    /// A failure worth sending the call again for (the backend is busy, restarting, out of
+    /// memory for the moment): the retry wrapper retries it, and if it still fails the example
+    /// fails and a rerun tries it again. Kind [`Unavailable`](BackendErrorKind::Unavailable).
+    ///
+    /// A backend author picks one of three by what the run should do: this,
+    /// [`fails_example`](Self::fails_example) or [`stops_run`](Self::stops_run). The
+    /// finer kinds ([`BackendError::new`]) decide the same three ways
+    /// ([`is_retryable`](Self::is_retryable), [`is_fatal`](Self::is_fatal)).
+    ///
+    /// ```
+    /// use rmboost::BackendError;
+    ///
+    /// assert!(BackendError::retryable("GPU busy").is_retryable());
+    /// let e = BackendError::fails_example("prompt longer than the context");
+    /// assert!(!e.is_retryable() && !e.is_fatal());
+    /// assert!(BackendError::stops_run("model file missing").is_fatal());
+    /// ```
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::new(BackendErrorKind::Unavailable, message)
+    }
+
+    /// A failure of this request alone that sending it again will not change (too long, a
+    /// refusal): the example fails, the run goes on, and a rerun asks again. Kind
+    /// [`Other`](BackendErrorKind::Other).
+    pub fn fails_example(message: impl Into<String>) -> Self {
+        Self::new(BackendErrorKind::Other, message)
+    }
+
+    /// A failure that every later call would meet too (no model, a bad setting, a key that
+    /// does not work): the run stops at once, with nothing lost, and says why. Kind
+    /// [`Fatal`](BackendErrorKind::Fatal).
+    pub fn stops_run(message: impl Into<String>) -> Self {
+        Self::new(BackendErrorKind::Fatal, message)
     }
 
     /// Shorthand for a [`BackendErrorKind::Timeout`] error.
@@ -307,6 +372,9 @@ pub enum ErrorKind {
     /// A line of a JSONL file (or a JSON file) is invalid ([`Error::path`] and
     /// [`Error::line`] name it).
     Parse,
+    /// The in-process model could not be found, fetched, loaded or started (feature `local`);
+    /// the message lists what was tried and how to fix it.
+    Model,
 }
 
 impl ErrorKind {
@@ -319,6 +387,7 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::Io => "io",
             ErrorKind::Parse => "parse",
+            ErrorKind::Model => "model",
         }
     }
 }
@@ -369,6 +438,7 @@ struct Inner {
 enum Source {
     Backend(BackendError),
     Io(std::io::Error),
+    Other(BoxError),
 }
 
 impl Error {
@@ -436,6 +506,16 @@ impl Error {
         e.inner.path = Some(path.into());
         e.inner.line = line;
         e.inner.message = message.into();
+        e
+    }
+
+    /// The in-process model could not be had: `message` says what (several lines are fine,
+    /// [`error_chain`] puts them on one), `source` why, where there is a cause.
+    #[cfg_attr(not(feature = "local"), allow(dead_code))]
+    pub(crate) fn model(message: impl Into<String>, source: Option<BoxError>) -> Self {
+        let mut e = Error::new(ErrorKind::Model);
+        e.inner.message = message.into();
+        e.inner.source = source.map(Source::Other);
         e
     }
 
@@ -507,7 +587,7 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         match self.inner.kind {
             ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_fatal),
-            ErrorKind::Config => true,
+            ErrorKind::Config | ErrorKind::Model => true,
             _ => false,
         }
     }
@@ -566,6 +646,7 @@ impl fmt::Display for Error {
             ErrorKind::Config => write!(f, "invalid configuration: {}", i.message),
             ErrorKind::Io => write!(f, "i/o error on {}", path()),
             ErrorKind::Parse => write!(f, "{}:{}: {}", path(), i.line, i.message),
+            ErrorKind::Model => write!(f, "local model: {}", i.message),
         }
     }
 }
@@ -593,6 +674,7 @@ impl fmt::Debug for Error {
         match &i.source {
             Some(Source::Backend(b)) => d.field("source", b),
             Some(Source::Io(e)) => d.field("source", e),
+            Some(Source::Other(e)) => d.field("source", e),
             None => &mut d,
         };
         d.finish()
@@ -604,15 +686,9 @@ impl StdError for Error {
         match &self.inner.source {
             Some(Source::Backend(b)) => Some(b),
             Some(Source::Io(e)) => Some(e),
+            Some(Source::Other(e)) => Some(&**e),
             None => None,
         }
-    }
-}
-
-impl From<BackendError> for Error {
-    /// A backend error outside any example (an empty id and call `"call"`).
-    fn from(source: BackendError) -> Self {
-        Error::backend("", "call", source)
     }
 }
 
@@ -647,6 +723,37 @@ pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_is_listed_once_with_its_own_name() {
+        let names: std::collections::HashSet<&str> =
+            BackendErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), BackendErrorKind::ALL.len());
+        // This match has no `_` arm (inside the crate `#[non_exhaustive]` does not ask for
+        // one), so a new kind does not compile until it is listed here, and the count below
+        // then fails until it is in ALL too.
+        for k in BackendErrorKind::ALL {
+            let listed = match k {
+                BackendErrorKind::RateLimited
+                | BackendErrorKind::Timeout
+                | BackendErrorKind::Connection
+                | BackendErrorKind::Server
+                | BackendErrorKind::Unavailable
+                | BackendErrorKind::InvalidResponse
+                | BackendErrorKind::Authentication
+                | BackendErrorKind::QuotaExhausted
+                | BackendErrorKind::NotFound
+                | BackendErrorKind::InvalidRequest
+                | BackendErrorKind::ContentFilter
+                | BackendErrorKind::Length
+                | BackendErrorKind::Fatal
+                | BackendErrorKind::RetryAfterTooLong
+                | BackendErrorKind::Other => true,
+            };
+            assert!(listed);
+        }
+        assert_eq!(BackendErrorKind::ALL.len(), 15);
+    }
 
     #[test]
     fn classification() {

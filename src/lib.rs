@@ -136,7 +136,7 @@ pub use backend::{
 pub use checks::ResponseChecks;
 pub use engine::{example_rng, ExampleStream, Generator, GeneratorExt, OutputOrder, Summary};
 pub use error::{
-    error_chain, BackendError, BackendErrorKind, BoxError, Error, ErrorKind, UnusableReason,
+    error_chain, BackendError, BackendErrorKind, BoxError, Error, ErrorKind, Result, UnusableReason,
 };
 pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, PromptInput};
 pub use io::{read_prompts, ExampleWriter};

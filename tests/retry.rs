@@ -55,7 +55,7 @@ async fn permanent_errors_are_not_retried() {
         BackendErrorKind::InvalidRequest,
         BackendErrorKind::ContentFilter,
         BackendErrorKind::Length,
-        BackendErrorKind::Backend,
+        BackendErrorKind::Fatal,
         BackendErrorKind::Other,
     ] {
         let script = Scripted::new(vec![err(kind), Ok(Completion::new("never reached"))]);

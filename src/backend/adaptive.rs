@@ -312,18 +312,22 @@ impl AdaptiveConfigBuilder {
     ///
     /// # Errors
     ///
-    /// An [`AdaptiveConfigError`] naming the setting when the decrease factor is not in
+    /// A [`Config`](crate::ErrorKind::Config) error naming the setting when the decrease factor is not in
     /// `(0, 1)`, the minimum or initial limit is above the cap, the initial limit is below the
     /// minimum, `recovery_increase_after` exceeds `increase_after`, the breaker pause is zero
     /// or above its maximum, or a pause is longer than a day.
-    pub fn build(self) -> Result<AdaptiveConfig, AdaptiveConfigError> {
+    pub fn build(self) -> crate::Result<AdaptiveConfig> {
         let mut c = self.config;
         c.initial = self.initial.unwrap_or(if c.adaptive {
             c.cap.min(SLOW_START_FROM).max(c.min)
         } else {
             c.cap
         });
-        let err = |m: String| Err(AdaptiveConfigError { message: m });
+        let err = |m: String| {
+            Err(crate::Error::config(format!(
+                "invalid adaptive concurrency setting: {m}"
+            )))
+        };
         if !(c.decrease_factor > 0.0 && c.decrease_factor < 1.0) {
             return err(format!(
                 "decrease_factor must be in (0, 1), got {}",
@@ -361,20 +365,6 @@ impl AdaptiveConfigBuilder {
         Ok(c)
     }
 }
-
-/// An invalid [`AdaptiveConfigBuilder`] setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdaptiveConfigError {
-    message: String,
-}
-
-impl fmt::Display for AdaptiveConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid adaptive concurrency setting: {}", self.message)
-    }
-}
-
-impl std::error::Error for AdaptiveConfigError {}
 
 // ---------------------------------------------------------------------------------------------
 // The AIMD arithmetic.
@@ -1362,6 +1352,7 @@ impl Limiter {
                             || (e.is_retryable() && e.retry_after().is_some());
                         let health = match kind {
                             BackendErrorKind::Server
+                            | BackendErrorKind::Unavailable
                             | BackendErrorKind::Connection
                             | BackendErrorKind::Timeout => Health::Down,
                             _ => Health::Up,

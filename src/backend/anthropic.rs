@@ -52,7 +52,7 @@
 //! [`NotFound`](BackendErrorKind::NotFound); timeouts and connection failures are `Timeout` and
 //! `Connection`; a malformed body is `InvalidResponse`. As for the OpenAI backend, a 429 for a
 //! daily limit is `QuotaExhausted`; a redirect is not followed (the `x-api-key` header would go
-//! along) and is a fatal [`Backend`](BackendErrorKind::Backend) error naming the host it
+//! along) and is a fatal [`Fatal`](BackendErrorKind::Fatal) error naming the host it
 //! pointed to; a body over
 //! [`max_response_bytes`](AnthropicBackendBuilder::max_response_bytes) (8 MiB) is an
 //! [`Other`](BackendErrorKind::Other) error, not retried; waits the server asks for are read

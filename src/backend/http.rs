@@ -317,7 +317,7 @@ fn transport_error_of(method: &str, err: reqwest::Error, url: &Url) -> BackendEr
     } else if err.is_body() || err.is_decode() {
         (BackendErrorKind::Connection, "failed reading the response")
     } else if err.is_builder() {
-        (BackendErrorKind::Backend, "could not build the request")
+        (BackendErrorKind::Fatal, "could not build the request")
     } else {
         (BackendErrorKind::Connection, "request failed")
     };
@@ -494,7 +494,7 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// The error for a 3xx answer, which is not followed: kind
-/// [`Backend`](BackendErrorKind::Backend), fatal (every request would be redirected alike; the
+/// [`Fatal`](BackendErrorKind::Fatal), fatal (every request would be redirected alike; the
 /// base URL needs fixing). It names the host the redirect pointed to, never its path or query
 /// (which may hold a token) and never the key.
 pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url) -> BackendError {
@@ -511,7 +511,7 @@ pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url)
         None => "without a usable Location".to_string(),
     };
     BackendError::new(
-        BackendErrorKind::Backend,
+        BackendErrorKind::Fatal,
         format!(
             "the server at {} answered with a redirect {whither}; redirects are not followed \
              (the API key and headers would go with them): set the base URL to where the API \

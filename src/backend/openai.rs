@@ -47,7 +47,7 @@
 //! | 429 | [`RateLimited`](BackendErrorKind::RateLimited), with `Retry-After` or the rate-limit reset headers | yes |
 //! | 429 saying the quota or credit is exhausted (`insufficient_quota`, "billing", ...), 402 | [`QuotaExhausted`](BackendErrorKind::QuotaExhausted) | no, fatal |
 //! | 429 for a daily limit ("requests per day (RPD)", "tokens per day (TPD)", "per day", "daily") | [`QuotaExhausted`](BackendErrorKind::QuotaExhausted), the message starting "daily limit reached" | no, fatal |
-//! | 3xx (redirects are not followed: the key would go along) | [`Backend`](BackendErrorKind::Backend), naming the host it pointed to | no, fatal |
+//! | 3xx (redirects are not followed: the key would go along) | [`Fatal`](BackendErrorKind::Fatal), naming the host it pointed to | no, fatal |
 //! | a body over [`max_response_bytes`](OpenAiBackendBuilder::max_response_bytes) (8 MiB) | [`Other`](BackendErrorKind::Other) | no |
 //! | 5xx, 529, 408, timeouts, connection errors | `Server`, `Timeout`, `Connection` | yes |
 //! | 2xx with malformed JSON or no choices | [`InvalidResponse`](BackendErrorKind::InvalidResponse) | yes |

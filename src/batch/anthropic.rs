@@ -352,7 +352,7 @@ impl BatchApi for AnthropicBatch {
         ) != (base.scheme(), base.host_str(), base.port_or_known_default())
         {
             return Err(BackendError::new(
-                BackendErrorKind::Backend,
+                BackendErrorKind::Fatal,
                 format!(
                     "the results of batch {id} are on another host ({}): the API key is not \
                      sent there",

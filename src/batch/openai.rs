@@ -430,7 +430,7 @@ impl BatchApi for OpenAiBatch {
         let part = reqwest::multipart::Part::bytes(jsonl)
             .file_name("rmboost-batch.jsonl")
             .mime_str("application/jsonl")
-            .map_err(|e| BackendError::new(BackendErrorKind::Backend, e.to_string()))?;
+            .map_err(|e| BackendError::new(BackendErrorKind::Fatal, e.to_string()))?;
         let form = reqwest::multipart::Form::new()
             .text("purpose", "batch")
             .part("file", part);

@@ -559,7 +559,7 @@ impl Driver {
                 Halt::Fatal(e) => e,
                 Halt::Io(e) => {
                     let b = BackendError::new(
-                        BackendErrorKind::Backend,
+                        BackendErrorKind::Fatal,
                         format!("the batch state cannot be kept: {}", crate::error_chain(&e)),
                     );
                     outcome = Err(e);
@@ -994,7 +994,7 @@ impl Driver {
                 f.failures += 1;
                 if f.failures >= MAX_POLL_FAILURES {
                     return Err(Halt::Fatal(BackendError::new(
-                        BackendErrorKind::Backend,
+                        BackendErrorKind::Fatal,
                         format!(
                             "the batch API failed {} polls in a row of batch {id}: {e}",
                             f.failures

@@ -275,25 +275,11 @@ struct SavedError {
 }
 
 fn kind_from_str(s: &str) -> BackendErrorKind {
-    use BackendErrorKind as K;
-    [
-        K::RateLimited,
-        K::Timeout,
-        K::Connection,
-        K::Server,
-        K::InvalidResponse,
-        K::Authentication,
-        K::QuotaExhausted,
-        K::NotFound,
-        K::InvalidRequest,
-        K::ContentFilter,
-        K::Length,
-        K::Backend,
-        K::RetryAfterTooLong,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == s)
-    .unwrap_or(K::Other)
+    BackendErrorKind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.as_str() == s)
+        .unwrap_or(BackendErrorKind::Other)
 }
 
 /// A saved result: the custom_id and its completion or error.

@@ -56,7 +56,7 @@ impl Vocab {
             .with_source(e)
         })?;
         self.tokenizer.encode_prompt(&prompt).map_err(|e| {
-            BackendError::new(BackendErrorKind::Backend, "tokenizing the prompt failed")
+            BackendError::new(BackendErrorKind::Fatal, "tokenizing the prompt failed")
                 .with_source(e)
         })
     }
@@ -89,7 +89,7 @@ fn slow_on_cpu(dtype: GgmlDType) -> bool {
 }
 
 fn candle_err(what: &str, e: candle_core::Error) -> BackendError {
-    BackendError::new(BackendErrorKind::Backend, what).with_source(e)
+    BackendError::new(BackendErrorKind::Fatal, what).with_source(e)
 }
 
 /// One generation in progress: its cache, sampler and answer so far.
@@ -133,7 +133,7 @@ impl Sequence {
         self.generated.push(next);
         let before = self.text.len();
         self.text = vocab.tokenizer.decode(&self.generated).map_err(|e| {
-            BackendError::new(BackendErrorKind::Backend, "decoding tokens failed").with_source(e)
+            BackendError::new(BackendErrorKind::Fatal, "decoding tokens failed").with_source(e)
         })?;
         if self.longest_stop > 0 {
             // Only the new text (plus a stop sequence's length before it) can hold a stop

