@@ -118,14 +118,92 @@ pub mod openai;
 mod pipeline;
 mod state;
 
-pub use pipeline::{BatchBackend, BatchConfig, BatchHandle, BatchStats};
+pub use pipeline::{BatchBackend, BatchConfig, BatchStats};
 pub use state::{cancel_batches, BatchRecord, StateFile};
 
-/// The drain deadline to give a batch run
-/// ([`RunOptions::drain_deadline`](crate::run::RunOptions::drain_deadline)): on a stop, the
-/// answers already downloaded are written, the examples waiting on batches (which may take
-/// hours) are dropped and picked up by the next run.
-pub const DRAIN_DEADLINE: Duration = Duration::from_millis(500);
+/// The drain deadline of a batch run: on a stop, the answers already downloaded are written,
+/// the examples waiting on batches (which may take hours) are dropped and picked up by the
+/// next run.
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Runs a generator through a provider's batch API into `output`: the batch counterpart of
+/// [`run_to_file`](crate::run::run_to_file), with everything a batch run needs wired in.
+///
+/// It starts the [`BatchBackend`] of `output` (adopting the batches and saved results of an
+/// earlier run), calls `make_generator` with it and the concurrency the pipeline needs
+/// ([`BatchConfig::concurrency`]), runs the generator with `options`, and ends the pipeline
+/// (removing its files beside the output when the run completed with nothing left to do).
+/// `options`' [stop signal](crate::run::RunOptions::stop_signal) stops the pipeline too (a
+/// Ctrl-C leaves the batches running at the provider for the next run), its
+/// [cost budget](crate::run::RunOptions::max_cost) (give batch prices, [`batch_prices`])
+/// also holds back a wave whose estimate would pass it, and its drain deadline becomes
+/// [`DRAIN_DEADLINE`]'s half second (examples waiting on batches are dropped, not failed).
+/// Without a [meter](crate::run::RunOptions::meter) the run counts the answers the pipeline
+/// gives.
+///
+/// Returns the run's summary and the pipeline's totals.
+///
+/// # Errors
+///
+/// What [`run_to_file`](crate::run::run_to_file) returns; the pipeline's own I/O errors
+/// (its state file or results log cannot be read, written or locked); a
+/// [`Config`](crate::ErrorKind::Config) error if the state beside `output` records batches of
+/// another API; the error of `make_generator`. When the run fails, the pipeline is still
+/// ended and its state kept for the rerun.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
+pub async fn run_batch_to_file<G, F, P>(
+    api: std::sync::Arc<dyn BatchApi>,
+    mut config: BatchConfig,
+    make_generator: F,
+    prompts: P,
+    output: impl AsRef<std::path::Path>,
+    mut options: crate::run::RunOptions,
+) -> Result<(crate::run::RunSummary, BatchStats), crate::Error>
+where
+    G: crate::Generator + 'static,
+    F: FnOnce(BatchBackend, std::num::NonZeroUsize) -> Result<G, crate::Error>,
+    P: futures::Stream<Item = Result<crate::Prompt, crate::Error>> + Send + 'static,
+{
+    let output = output.as_ref();
+    config.stop = options.stop.clone();
+    config.budget = options.budget;
+    let concurrency = config.concurrency();
+    let (backend, handle) = BatchBackend::start(api, output, config)?;
+    if options.meter.is_none() {
+        options.meter = Some(backend.meter().clone());
+    }
+    options.drain_deadline = Some(DRAIN_DEADLINE);
+    let generator = match make_generator(backend, concurrency) {
+        Ok(g) => g,
+        Err(e) => {
+            if let Err(end) = handle.finish(None).await {
+                tracing::warn!(error = %crate::error_chain(&end), "the batch pipeline did not end cleanly");
+            }
+            return Err(e);
+        }
+    };
+    let result = crate::run::run_to_file(
+        move |prompts| generator.generate_boxed(prompts),
+        prompts,
+        output,
+        options,
+    )
+    .await;
+    let ended = handle.finish(result.as_ref().ok()).await;
+    match (result, ended) {
+        (Ok(summary), Ok(stats)) => Ok((summary, stats)),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), ended) => {
+            if let Err(end) = ended {
+                tracing::warn!(error = %crate::error_chain(&end), "the batch pipeline did not end cleanly");
+            }
+            Err(e)
+        }
+    }
+}
 
 /// The share of the online price the providers charge for batches (OpenAI and Anthropic
 /// both charge half).
@@ -136,14 +214,15 @@ pub const BATCH_PRICE_FACTOR: f64 = 0.5;
 /// ```
 /// use rmboost::run::Prices;
 /// let batch = rmboost::batch::batch_prices(Prices::new(2.0, 8.0).unwrap());
-/// assert_eq!((batch.input_per_million, batch.output_per_million), (1.0, 4.0));
+/// assert_eq!((batch.input_per_million(), batch.output_per_million()), (1.0, 4.0));
 /// ```
 #[must_use]
 pub fn batch_prices(online: Prices) -> Prices {
-    Prices {
-        input_per_million: online.input_per_million * BATCH_PRICE_FACTOR,
-        output_per_million: online.output_per_million * BATCH_PRICE_FACTOR,
-    }
+    Prices::new(
+        online.input_per_million() * BATCH_PRICE_FACTOR,
+        online.output_per_million() * BATCH_PRICE_FACTOR,
+    )
+    .expect("half of a valid price is a valid price")
 }
 
 /// The prices a batch run is billed at, side by side: the batch price when one is given,
@@ -155,7 +234,7 @@ pub fn batch_prices(online: Prices) -> Prices {
 /// use rmboost::batch::billed_prices;
 /// let online = Some(Prices::new(2.0, 8.0).unwrap());
 /// let p = billed_prices(online, Some(0.5), None).unwrap().unwrap();
-/// assert_eq!((p.input_per_million, p.output_per_million), (0.5, 4.0));
+/// assert_eq!((p.input_per_million(), p.output_per_million()), (0.5, 4.0));
 /// assert!(billed_prices(None, None, None).unwrap().is_none());
 /// ```
 ///
@@ -171,8 +250,8 @@ pub fn billed_prices(
         return Ok(None);
     }
     let half = online.map(batch_prices);
-    let input = batch_input.or(half.map(|p| p.input_per_million));
-    let output = batch_output.or(half.map(|p| p.output_per_million));
+    let input = batch_input.or(half.map(|p| p.input_per_million()));
+    let output = batch_output.or(half.map(|p| p.output_per_million()));
     Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
 }
 

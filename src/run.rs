@@ -30,15 +30,15 @@
 //!    once on [`StopSignal::abort`]);
 //! 9. compacts the ledger while the output is still locked (it then lists exactly the ids
 //!    that still failed), syncs and closes the files, removes the output if this run created
-//!    it and wrote nothing to it, and returns a [`RunSummary`] whose [`Outcome`] and
-//!    [`exit_code`](RunSummary::exit_code) say how it ended.
+//!    it and wrote nothing to it, and returns a [`RunSummary`] whose [`Outcome`] says how it
+//!    ended.
 //!
 //! Every file is created with the user's umask; replacement files get random names beside
 //! the original (never a fixed name a planted symlink could hold) and are renamed over it,
 //! and the directory is synced after every create, rename and removal.
 //!
 //! Memory does not grow with the length of the examples or of the input file, only with its
-//! number of ids: two [`IdSet`]s (ids already in the output when the run started, ids seen in
+//! number of ids: two sets of id hashes (ids already in the output when the run started, ids seen in
 //! this input) of about 18 bytes per id, so about 18 MB for a million prompts into a new file
 //! and 36 MB when resuming a file that already holds a million.
 //!
@@ -391,7 +391,7 @@ impl std::str::FromStr for Shard {
 /// How many bad-line and duplicate messages a summary keeps.
 pub const MAX_MESSAGES: usize = 20;
 
-/// How a run ended; see [`RunSummary::outcome`] and [`RunSummary::exit_code`].
+/// How a run ended; see [`RunSummary::outcome`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -431,10 +431,8 @@ impl Outcome {
 /// Prices per million tokens, for a run's cost and its [budget](RunOptions::max_cost).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Prices {
-    /// Price of a million prompt (input) tokens.
-    pub input_per_million: f64,
-    /// Price of a million completion (output) tokens.
-    pub output_per_million: f64,
+    input_per_million: f64,
+    output_per_million: f64,
 }
 
 impl Prices {
@@ -457,6 +455,18 @@ impl Prices {
         })
     }
 
+    /// Price of a million prompt (input) tokens.
+    #[must_use]
+    pub fn input_per_million(&self) -> f64 {
+        self.input_per_million
+    }
+
+    /// Price of a million completion (output) tokens.
+    #[must_use]
+    pub fn output_per_million(&self) -> f64 {
+        self.output_per_million
+    }
+
     /// The cost of `usage`.
     #[must_use]
     pub fn cost(&self, usage: Usage) -> f64 {
@@ -466,20 +476,50 @@ impl Prices {
     }
 }
 
-/// Checks a cost budget ([`RunOptions::max_cost`], and a batch run's
-/// [`BatchConfig::max_cost`](crate::batch::BatchConfig::max_cost)): a positive, finite amount.
+/// A cost budget: [`Prices`] and the most a run may spend at them ([`RunOptions::max_cost`]).
 ///
 /// ```
-/// assert!(rmboost::run::check_max_cost(2.5).is_ok());
+/// use rmboost::run::{CostBudget, Prices};
+///
+/// let prices = Prices::new(0.15, 0.60)?;
+/// assert_eq!(CostBudget::new(prices, 2.5)?.max(), 2.5);
 /// for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-///     assert!(rmboost::run::check_max_cost(bad).is_err());
+///     assert!(CostBudget::new(prices, bad).is_err());
 /// }
+/// # Ok::<(), rmboost::Error>(())
 /// ```
-///
-/// # Errors
-///
-/// [`ErrorKind::Config`] saying the amount, for zero, a negative amount, NaN or infinity.
-pub fn check_max_cost(max: f64) -> Result<(), Error> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostBudget {
+    prices: Prices,
+    max: f64,
+}
+
+impl CostBudget {
+    /// At most `max` (in the prices' currency) at `prices`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] saying the amount, for zero, a negative amount, NaN or infinity.
+    pub fn new(prices: Prices, max: f64) -> Result<Self, Error> {
+        check_max_cost(max)?;
+        Ok(CostBudget { prices, max })
+    }
+
+    /// The prices.
+    #[must_use]
+    pub fn prices(&self) -> Prices {
+        self.prices
+    }
+
+    /// The most the run may spend.
+    #[must_use]
+    pub fn max(&self) -> f64 {
+        self.max
+    }
+}
+
+/// Checks a cost budget: a positive, finite amount.
+pub(crate) fn check_max_cost(max: f64) -> Result<(), Error> {
     if max.is_finite() && max > 0.0 {
         Ok(())
     } else {
@@ -560,34 +600,7 @@ impl RunSummary {
             0.0
         }
     }
-
-    /// The exit status a program should end with, so that scripts can tell the endings
-    /// apart: 0 every prompt done (or the limit reached) with no failed example; 4 the same,
-    /// but some examples failed (they are in the ledger; a rerun retries them); 3 the cost
-    /// budget was reached; 130 interrupted; 1 the server was unreachable or the run failed.
-    /// (2 is left for bad command-line flags.)
-    #[must_use]
-    pub fn exit_code(&self) -> u8 {
-        match self.outcome {
-            Outcome::Completed | Outcome::LimitReached if self.generation.failed() > 0 => {
-                EXIT_EXAMPLES_FAILED
-            }
-            Outcome::Completed | Outcome::LimitReached => 0,
-            Outcome::CostLimit => EXIT_COST_LIMIT,
-            Outcome::Interrupted => EXIT_INTERRUPTED,
-            Outcome::Unreachable | Outcome::Failed => EXIT_FAILED,
-        }
-    }
 }
-
-/// [`RunSummary::exit_code`] of a run that failed or found the server unreachable.
-pub const EXIT_FAILED: u8 = 1;
-/// [`RunSummary::exit_code`] of a run stopped by its cost budget.
-pub const EXIT_COST_LIMIT: u8 = 3;
-/// [`RunSummary::exit_code`] of a run that finished with failed examples.
-pub const EXIT_EXAMPLES_FAILED: u8 = 4;
-/// [`RunSummary::exit_code`] of an interrupted run.
-pub const EXIT_INTERRUPTED: u8 = 130;
 
 impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -723,12 +736,12 @@ pub struct RunOptions {
     ledger: Option<PathBuf>,
     input: Option<PathBuf>,
     recipe: Option<Recipe>,
-    drain_deadline: Option<Duration>,
+    pub(crate) drain_deadline: Option<Duration>,
     limit: Option<u64>,
-    stop: StopSignal,
+    pub(crate) stop: StopSignal,
     progress: Option<Progress>,
-    meter: Option<CallMeter>,
-    budget: Option<(Prices, f64)>,
+    pub(crate) meter: Option<CallMeter>,
+    pub(crate) budget: Option<(Prices, f64)>,
     unreachable_after: Option<u64>,
 }
 
@@ -851,12 +864,12 @@ impl RunOptions {
         self
     }
 
-    /// A cost budget: once the metered usage at `prices` costs `max` or more, the run takes
-    /// no new prompts, finishes the examples in flight and ends with [`Outcome::CostLimit`].
-    /// Needs a [meter](Self::meter); checked after every result and every 100 ms. Default:
-    /// none.
-    pub fn max_cost(mut self, prices: Prices, max: f64) -> Self {
-        self.budget = Some((prices, max));
+    /// A cost budget: once the metered usage costs the budget's most or more at its prices,
+    /// the run takes no new prompts, finishes the examples in flight and ends with
+    /// [`Outcome::CostLimit`]. Needs a [meter](Self::meter) (a batch run has its own);
+    /// checked after every result and every 100 ms. Default: none.
+    pub fn max_cost(mut self, budget: CostBudget) -> Self {
+        self.budget = Some((budget.prices, budget.max));
         self
     }
 

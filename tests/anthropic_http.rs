@@ -367,7 +367,7 @@ fn builder_validates() {
         .api_key("k")
         .build()
         .unwrap();
-    assert_eq!(b.endpoint().path(), "/v1/messages");
+    assert_eq!(b.endpoint(), "https://api.anthropic.com/v1/messages");
     assert_eq!(b.name(), "anthropic");
     assert!(AnthropicBackend::builder()
         .model("m")

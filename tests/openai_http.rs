@@ -584,10 +584,7 @@ fn endpoint_gets_v1_when_the_base_has_no_path() {
         .model("m")
         .build()
         .unwrap();
-    assert_eq!(
-        b.endpoint().as_str(),
-        "http://127.0.0.1:8080/v1/chat/completions"
-    );
+    assert_eq!(b.endpoint(), "http://127.0.0.1:8080/v1/chat/completions");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -267,23 +267,6 @@ pub(crate) fn display_url(url: &Url) -> String {
     u.to_string()
 }
 
-/// A URL as it may be shown (in a summary, a log): without user name, password, query or
-/// fragment, where credentials may hide. Text that is not a URL is shown as `<not a URL>`.
-///
-/// ```
-/// assert_eq!(
-///     rmboost::backend::public_url("https://me:secret@example.com/v1?key=k"),
-///     "https://example.com/v1"
-/// );
-/// ```
-#[must_use]
-pub fn public_url(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(u) => display_url(&u),
-        Err(_) => "<not a URL>".to_string(),
-    }
-}
-
 /// Removes the key from a text a server sent back, should it echo it.
 pub(crate) fn redact(text: &str, key: Option<&SecretString>) -> String {
     match key {

@@ -31,12 +31,12 @@
 //! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //! | `adaptive` | `middleware` | `Adaptive`, an adaptive concurrency limit (AIMD), `Retry-After` pauses and a circuit breaker |
+//! | `stack` | `middleware` | `Stack`, the wrappers above (and the cache) in the one order that works |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
-//! `name()`, `model()` and `identity()`. Put the rate limit inside the retry so that retries
-//! are limited too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`. The
-//! adaptive limit must see every attempt, so it goes inside the retry too, around the rate
-//! limit: `Retry::new(Adaptive::new(RateLimit::new(backend), cap))`.
+//! `name()`, `model()` and `identity()`. They work together in one order only (cache, retry,
+//! adaptive limit, rate limit, from the outside in); `Stack` (feature `middleware`) takes them
+//! in any order and builds that one, with a meter of what reached the backend.
 
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
@@ -56,14 +56,14 @@ pub mod rate_limit;
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod retry;
+#[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
+pub mod stack;
 
 #[cfg(feature = "middleware")]
 pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
-#[cfg(any(feature = "openai", feature = "anthropic"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "openai", feature = "anthropic"))))]
-pub use http::public_url;
 pub use meter::{CallMeter, Metered};
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
@@ -71,6 +71,8 @@ pub use openai::OpenAiBackend;
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
 pub use retry::{Retry, RetryPolicy, RetryStats, DEFAULT_MAX_RETRY_AFTER};
+#[cfg(feature = "middleware")]
+pub use stack::{Stack, Stacked};
 
 #[cfg(feature = "cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
@@ -93,34 +95,6 @@ pub mod local;
 /// read before the call fails (8 MiB).
 #[cfg(any(feature = "openai", feature = "anthropic"))]
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
-
-/// A number of seconds given by a user (a flag, a config file) as a
-/// [`Duration`](std::time::Duration), checked: where `Duration::from_secs_f64` panics on a
-/// negative, NaN, infinite or too large value, this returns an error.
-///
-/// ```
-/// use std::time::Duration;
-/// use rmboost::backend::duration_from_secs_f64;
-///
-/// assert_eq!(duration_from_secs_f64(1.5).unwrap(), Duration::from_millis(1500));
-/// assert!(duration_from_secs_f64(1e20).is_err());
-/// assert!(duration_from_secs_f64(-1.0).is_err());
-/// assert!(duration_from_secs_f64(f64::NAN).is_err());
-/// ```
-///
-/// # Errors
-///
-/// [`ErrorKind::Config`](crate::ErrorKind::Config) when `secs` is negative, NaN or infinite, or more
-/// than a `Duration` holds (about 5.8e11 years).
-pub fn duration_from_secs_f64(secs: f64) -> Result<std::time::Duration, crate::Error> {
-    if secs.is_nan() || secs < 0.0 || secs.is_infinite() {
-        return Err(crate::Error::config(format!(
-            "{secs} is not a number of seconds (it must be finite and at least 0)"
-        )));
-    }
-    std::time::Duration::try_from_secs_f64(secs)
-        .map_err(|_| crate::Error::config(format!("{secs} seconds is too long a time")))
-}
 
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

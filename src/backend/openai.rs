@@ -127,10 +127,11 @@ impl OpenAiBackend {
         }
     }
 
-    /// The full URL requests are sent to.
+    /// The full URL requests are sent to, as it may be shown in a log or a summary: without
+    /// a user name, password, query or fragment, where credentials may hide.
     #[must_use]
-    pub fn endpoint(&self) -> &Url {
-        &self.url
+    pub fn endpoint(&self) -> String {
+        crate::backend::http::display_url(&self.url)
     }
 
     /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no

@@ -623,13 +623,13 @@ mod tests {
 
     #[test]
     fn a_cost_budget_that_is_not_positive_is_refused_at_start() {
-        use crate::backend::meter::CallMeter;
         use crate::batch::{BatchBackend, BatchConfig, StateFile};
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pairs.jsonl");
         for bad in [0.0, -1.0, f64::NAN] {
             let prices = crate::run::Prices::new(1.0, 1.0).unwrap();
-            let config = BatchConfig::new().max_cost(prices, bad, CallMeter::new());
+            let mut config = BatchConfig::new();
+            config.budget = Some((prices, bad));
             let err = BatchBackend::start(std::sync::Arc::new(api()), &out, config).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Config);
             assert!(

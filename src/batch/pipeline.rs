@@ -37,8 +37,10 @@ pub struct BatchConfig {
     poll_interval: Duration,
     max_poll_interval: Duration,
     max_attempts: u32,
-    budget: Option<(Prices, f64, CallMeter)>,
-    stop: StopSignal,
+    /// The run's budget at batch prices; set by [`run_batch_to_file`](crate::batch::run_batch_to_file).
+    pub(crate) budget: Option<(Prices, f64)>,
+    /// The run's stop signal; set by [`run_batch_to_file`](crate::batch::run_batch_to_file).
+    pub(crate) stop: StopSignal,
 }
 
 impl Default for BatchConfig {
@@ -109,22 +111,6 @@ impl BatchConfig {
         self.max_attempts = n.max(1);
         self
     }
-
-    /// A cost budget at batch `prices` (see [`batch_prices`](crate::batch::batch_prices)):
-    /// before each wave, what `meter` has counted, plus an estimate of the batches in flight
-    /// and of the wave, must stay under `max`; otherwise the wave is not sent and the run is
-    /// stopped with [`Outcome::CostLimit`]. Default: none.
-    pub fn max_cost(mut self, prices: Prices, max: f64, meter: CallMeter) -> Self {
-        self.budget = Some((prices, max, meter));
-        self
-    }
-
-    /// The run's stop signal: on a stop the pipeline stops at once (the batches keep running
-    /// at the provider); a cost stop is given through it. Default: a signal nobody else holds.
-    pub fn stop_signal(mut self, stop: StopSignal) -> Self {
-        self.stop = stop;
-        self
-    }
 }
 
 /// The totals of a batch run. Serialises to JSON.
@@ -182,6 +168,8 @@ struct Call {
 #[derive(Default)]
 struct Shared {
     stats: Mutex<BatchStats>,
+    /// The calls answered and their tokens (answers saved by an earlier run included).
+    meter: CallMeter,
     fatal: Mutex<Option<BackendError>>,
     /// Set at the end: no batch was ever recorded and no result saved (the files beside the
     /// output hold nothing).
@@ -203,8 +191,9 @@ impl Shared {
 }
 
 /// An [`LlmBackend`] that sends its calls through a [`BatchApi`]; see the
-/// [module docs](crate::batch). Made with [`BatchBackend::start`], which also returns the
-/// [`BatchHandle`] that ends the pipeline. Cheap to clone.
+/// [module docs](crate::batch).
+/// [`run_batch_to_file`](crate::batch::run_batch_to_file) makes one for the generator it
+/// runs. Cheap to clone.
 #[derive(Clone)]
 pub struct BatchBackend {
     tx: mpsc::UnboundedSender<Call>,
@@ -225,7 +214,7 @@ impl fmt::Debug for BatchBackend {
 
 /// Ends a batch pipeline and reports its totals; see [`BatchBackend::start`].
 #[derive(Debug)]
-pub struct BatchHandle {
+pub(crate) struct BatchHandle {
     shutdown: Option<oneshot::Sender<()>>,
     join: tokio::task::JoinHandle<Result<(), Error>>,
     shared: Arc<Shared>,
@@ -245,27 +234,25 @@ impl BatchBackend {
     /// current tokio runtime). Batches of an earlier run are adopted and their results
     /// collected as they end.
     ///
-    /// Give the run a concurrency of [`BatchConfig::concurrency`], the same
-    /// [`StopSignal`] as the config's, and the drain deadline
-    /// [`DRAIN_DEADLINE`](crate::batch::DRAIN_DEADLINE); then end the pipeline with
-    /// [`BatchHandle::finish`].
+    /// The run needs a concurrency of [`BatchConfig::concurrency`], the same [`StopSignal`]
+    /// as the config's and the drain deadline `DRAIN_DEADLINE`, and the pipeline ends with
+    /// [`BatchHandle::finish`]: `run_batch_to_file` does all four.
     ///
     /// # Errors
     ///
     /// The state file's or results log's I/O and parse errors (a results log locked by
     /// another run included); [`ErrorKind::Config`](crate::ErrorKind::Config) if the state
-    /// file records batches of another API, or if the cost budget is not a positive amount
-    /// ([`check_max_cost`](crate::run::check_max_cost)).
+    /// file records batches of another API, or if the cost budget is not a positive amount.
     ///
     /// # Panics
     ///
     /// Outside a tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         api: Arc<dyn BatchApi>,
         output: &Path,
         config: BatchConfig,
     ) -> Result<(BatchBackend, BatchHandle), Error> {
-        if let Some((_, max, _)) = &config.budget {
+        if let Some((_, max)) = &config.budget {
             crate::run::check_max_cost(*max)?;
         }
         let state_path = StateFile::default_path(output);
@@ -366,6 +353,7 @@ impl LlmBackend for BatchBackend {
         };
         if self.tx.send(call).is_ok() {
             if let Ok(result) = rx.await {
+                self.shared.meter.record(&result);
                 return result;
             }
         }
@@ -398,12 +386,17 @@ impl BatchBackend {
     pub fn stats(&self) -> BatchStats {
         self.shared.stats().clone()
     }
+
+    /// The calls answered so far and their tokens.
+    pub(crate) fn meter(&self) -> &CallMeter {
+        &self.shared.meter
+    }
 }
 
 impl BatchHandle {
     /// The totals so far.
     #[must_use]
-    pub fn stats(&self) -> BatchStats {
+    pub(crate) fn stats(&self) -> BatchStats {
         self.shared.stats().clone()
     }
 
@@ -416,7 +409,10 @@ impl BatchHandle {
     ///
     /// The driver's I/O error (the state or the log could not be written), or an I/O error
     /// removing the files.
-    pub async fn finish(mut self, summary: Option<&RunSummary>) -> Result<BatchStats, Error> {
+    pub(crate) async fn finish(
+        mut self,
+        summary: Option<&RunSummary>,
+    ) -> Result<BatchStats, Error> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -811,8 +807,8 @@ impl Driver {
         if ids.is_empty() {
             return Ok(());
         }
-        if let Some((prices, max, meter)) = &self.config.budget {
-            let spent = prices.cost(meter.usage());
+        if let Some((prices, max)) = &self.config.budget {
+            let spent = prices.cost(self.shared.meter.usage());
             let flying: f64 = self.flights.iter().map(|f| f.estimate).sum();
             let wave = self.estimate(*prices, &ids);
             if spent + flying + wave > *max {
@@ -895,7 +891,7 @@ impl Driver {
         let key = format!("{:016x}", rand::random::<u64>());
         let ids: Vec<String> = chunk.iter().map(|r| r.custom_id.clone()).collect();
         let estimate = match &self.config.budget {
-            Some((prices, _, _)) => self.estimate(*prices, &ids),
+            Some((prices, _)) => self.estimate(*prices, &ids),
             None => 0.0,
         };
         let record = BatchRecord {

@@ -80,7 +80,7 @@ pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
 ///
 /// **Life cycle.** During a run failures are appended (crash-safe, like the output). Ids in
 /// the ledger are not in the output, so the next run retries them. At the end of a run that
-/// was not stopped by a crash, [`FailureLedger::compact`] rewrites the ledger (to a temporary
+/// was not stopped by a crash, the run rewrites the ledger (to a temporary
 /// file, then an atomic rename) keeping only ids that are still not in the output, one record
 /// each (the latest, with `runs` summed): the ledger then lists exactly the ids that still
 /// need work. After a crash the ledger may still name ids that have since succeeded; the next
@@ -192,7 +192,7 @@ impl FailureLedger {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the old ledger is then left as it
     /// was.
-    pub fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
+    pub(crate) fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
         let records = Self::read(path)?;
         if records.is_empty() {

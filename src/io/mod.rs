@@ -32,5 +32,6 @@ pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use ledger::{FailureLedger, FailureRecord};
 pub use merge::{merge, MergeOptions, MergeSummary};
 pub use reader::{read_prompts, PromptReader};
-pub use resume::{IdHash, IdSet, Resume};
+pub use resume::Resume;
+pub(crate) use resume::{IdHash, IdSet};
 pub use writer::ExampleWriter;

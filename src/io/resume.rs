@@ -21,12 +21,12 @@ use crate::Error;
 /// Two different ids share a hash with probability about `n² / 2¹²⁹` among `n` ids: below
 /// 10⁻²¹ for a billion ids. (A collision would make resume skip one id as already done.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdHash(pub u128);
+pub(crate) struct IdHash(pub(crate) u128);
 
 impl IdHash {
     /// The hash of `id`.
     #[must_use]
-    pub fn of(id: &str) -> Self {
+    pub(crate) fn of(id: &str) -> Self {
         let mut h = Sha256::new();
         h.update(b"rmboost/id/v1\0");
         h.update(id.as_bytes());
@@ -40,7 +40,7 @@ impl IdHash {
     /// (the first 8 digest bytes, little-endian) modulo `count`. Stable: the same id always
     /// lands in the same shard for the same count. `count` 0 is treated as 1.
     #[must_use]
-    pub fn shard(self, count: u32) -> u32 {
+    pub(crate) fn shard(self, count: u32) -> u32 {
         let low = self.0 as u64;
         (low % u64::from(count.max(1))) as u32
     }
@@ -82,7 +82,7 @@ impl Hasher for IdHasher {
 /// copy of it (16 bytes per id). Lookups cost one hash table probe and a binary search of a
 /// bucket of about 8 hashes; an insert also moves about 16 hashes on average.
 #[derive(Clone, Default)]
-pub struct IdSet {
+pub(crate) struct IdSet {
     /// Sorted and distinct; none of them is in `recent`.
     sorted: Vec<u128>,
     /// `index[b]` is the first position in `sorted` of a hash whose top `bits` bits are at
@@ -112,17 +112,17 @@ impl std::fmt::Debug for IdSet {
 impl IdSet {
     /// An empty set.
     #[must_use]
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Adds `id`; returns whether it was new.
-    pub fn insert(&mut self, id: &str) -> bool {
+    pub(crate) fn insert(&mut self, id: &str) -> bool {
         self.insert_hash(IdHash::of(id))
     }
 
     /// Adds a hash; returns whether it was new.
-    pub fn insert_hash(&mut self, hash: IdHash) -> bool {
+    pub(crate) fn insert_hash(&mut self, hash: IdHash) -> bool {
         if self.in_sorted(hash.0) || !self.recent.insert(hash) {
             return false;
         }
@@ -134,25 +134,25 @@ impl IdSet {
 
     /// Whether `id` is in the set.
     #[must_use]
-    pub fn contains(&self, id: &str) -> bool {
+    pub(crate) fn contains(&self, id: &str) -> bool {
         self.contains_hash(IdHash::of(id))
     }
 
     /// Whether the hash is in the set.
     #[must_use]
-    pub fn contains_hash(&self, hash: IdHash) -> bool {
+    pub(crate) fn contains_hash(&self, hash: IdHash) -> bool {
         self.recent.contains(&hash) || self.in_sorted(hash.0)
     }
 
     /// How many ids.
     #[must_use]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.sorted.len() + self.recent.len()
     }
 
     /// Whether the set is empty.
     #[must_use]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -323,15 +323,9 @@ impl Resume {
         self.ids.insert(id)
     }
 
-    /// The set of done ids.
-    #[must_use]
-    pub fn ids(&self) -> &IdSet {
-        &self.ids
-    }
-
     /// The set of done ids, without copying it.
     #[must_use]
-    pub fn into_ids(self) -> IdSet {
+    pub(crate) fn into_ids(self) -> IdSet {
         self.ids
     }
 

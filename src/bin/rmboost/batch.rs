@@ -28,7 +28,7 @@ async fn status(t: &BatchTarget) -> Result<u8, CliError> {
         );
         return Ok(0);
     };
-    let api = backends::batch_api(&t.backend, true)?;
+    let (api, _) = backends::batch_api(&t.backend, true)?;
     if state.api != api.name() {
         return Err(CliError::usage(format!(
             "the batches of {} were made with --backend {}",
@@ -91,7 +91,7 @@ async fn cancel(t: &BatchTarget) -> Result<u8, CliError> {
         );
         return Ok(0);
     }
-    let api = backends::batch_api(&t.backend, true)?;
+    let (api, _) = backends::batch_api(&t.backend, true)?;
     let results = rmboost::batch::cancel_batches(&*api, &t.output)
         .await
         .map_err(|e| CliError::fatal(error_chain(&e)))?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::StreamExt;
@@ -13,20 +13,22 @@ use rmboost::{ExampleFormat, OutputOrder};
 use crate::args::{BadLineKind, FormatKind, GenerateArgs, LabelKind, OrderKind};
 use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
-use rmboost::backend::cache::{Cache, Cached};
+use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
-    ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, ExistingOutput, Outcome,
-    Prices, Progress, Recipe, RunOptions, RunSummary, Shard, StopSignal,
+    ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, CostBudget, ExistingOutput,
+    Outcome, Prices, Progress, Recipe, RunOptions, RunSummary, Shard, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
 use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, Report, Status, Tokens};
-use rmboost::backend::meter::{CallMeter, Metered};
-use rmboost::batch::{BatchBackend, BatchConfig, BatchHandle, StateFile};
+use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
 
-fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliError> {
+/// The prices, the cost budget and the shard of the flags.
+type Validated = (Option<Prices>, Option<CostBudget>, Option<Shard>);
+
+fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
     let price = |i: Option<f64>, o: Option<f64>, flags: &str| match (i, o) {
         (None, None) => Ok(None),
         (i, o) => Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
@@ -57,15 +59,18 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
     } else {
         online
     };
-    if let Some(max) = args.max_cost {
-        rmboost::run::check_max_cost(max)
-            .map_err(|e| CliError::usage(format!("--max-cost: {}", error_chain(&e))))?;
-        if prices.is_none() {
+    let budget = match (args.max_cost, prices) {
+        (None, _) => None,
+        (Some(_), None) => {
             return Err(CliError::usage(
                 "--max-cost needs --price-input and/or --price-output",
-            ));
+            ))
         }
-    }
+        (Some(max), Some(prices)) => Some(
+            CostBudget::new(prices, max)
+                .map_err(|e| CliError::usage(format!("--max-cost: {}", error_chain(&e))))?,
+        ),
+    };
     if args.limit == Some(0) {
         return Err(CliError::usage("--limit must be at least 1"));
     }
@@ -85,7 +90,7 @@ fn validate(args: &GenerateArgs) -> Result<(Option<Prices>, Option<Shard>), CliE
         .map(str::parse::<Shard>)
         .transpose()
         .map_err(|e| CliError::usage(format!("--shard: {e}")))?;
-    Ok((prices, shard))
+    Ok((prices, budget, shard))
 }
 
 /// How many examples this run is expected to generate, for the bar (an estimate).
@@ -111,7 +116,7 @@ fn tick(
     prices: Option<Prices>,
     t0: Instant,
 ) -> Tick {
-    let usage = stats.meter.usage();
+    let usage = p.usage;
     Tick {
         processed: p.generation.examples + p.generation.failed(),
         failed: p.generation.failed(),
@@ -160,7 +165,7 @@ fn recipe(args: &GenerateArgs) -> Recipe {
 /// Runs `rmboost generate`; returns the exit status.
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
-    let (prices, shard) = validate(&args)?;
+    let (prices, budget, shard) = validate(&args)?;
     if args.no_cache && (args.clear_cache || args.cache_dir.is_some()) {
         return Err(CliError::usage(
             "--no-cache cannot be combined with --clear-cache or --cache-dir",
@@ -189,27 +194,28 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
         .into_stream();
     let stop = StopSignal::new();
-    let (built, batch, gen) = if args.batch {
-        batch_backend(&args, prices, &stop)?
-    } else {
-        (
-            backends::build(&args.backend, args.gen.concurrency)?,
-            None,
-            args.gen.clone(),
-        )
-    };
     let order = match args.order {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
-    let (backend, cache) = if batch.is_some() {
-        // Batch results are kept beside the output (PAIRS.batch-results.jsonl) instead.
-        (built.backend.clone(), None)
+    // An online run: the backend in its wrappers (and the cache), and the generator. A batch
+    // run: the batch API and its settings; the library makes its backend when the run starts.
+    let (online, batch, description, cache) = if args.batch {
+        // Batch results are kept beside the output (PAIRS.batch-results.jsonl), not cached.
+        let (api, config, description) = batch_setup(&args)?;
+        (None, Some((api, config)), description, None)
     } else {
-        with_cache(&args, &built).await?
+        let cache = open_cache(&args).await?;
+        let built = backends::build(&args.backend, args.gen.concurrency, cache.clone())?;
+        let generator = setup::method_generator(&args.gen, built.backend.clone(), order)?;
+        let description = built.description.clone();
+        (Some((built, generator)), None, description, cache)
     };
-    let generator = setup::method_generator(&gen, backend, order)?;
-    let stats = built.stats.clone();
+    let stats = online
+        .as_ref()
+        .map(|(built, _)| built.stats.clone())
+        .unwrap_or_default();
+    let batch_backend: Arc<OnceLock<BatchBackend>> = Arc::new(OnceLock::new());
     let total = expected_total(&args, shard);
 
     let ctrl_c = stop_on_ctrl_c(stop.clone())
@@ -223,7 +229,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         let stats = stats.clone();
         let finished = finished.clone();
         let wake = wake.clone();
-        let batch = batch.as_ref().map(|(b, _)| b.clone());
+        let batch = batch_backend.clone();
         let mut display = Display::new(args.progress, total);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
@@ -234,7 +240,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                     () = wake.notified() => {}
                 }
                 display.update(
-                    &tick(&live.snapshot(), &stats, batch.as_ref(), prices, started),
+                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
                     total,
                 );
                 if finished.load(Ordering::SeqCst) {
@@ -264,14 +270,9 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .recipe(recipe(&args))
         .stop_signal(stop.clone())
         .progress(live.clone())
-        .meter(stats.meter.clone())
         .stop_when_unreachable(Some((args.gen.concurrency as u64).max(3)));
-    if let (Some(prices), Some(max)) = (prices, args.max_cost) {
-        options = options.max_cost(prices, max);
-    }
-    if batch.is_some() {
-        // Examples waiting on batches (hours) are dropped at a stop, not waited for.
-        options = options.drain_deadline(Some(rmboost::batch::DRAIN_DEADLINE));
+    if let Some(budget) = budget {
+        options = options.max_cost(budget);
     }
     if let Some(shard) = shard {
         options = options.shard(shard);
@@ -279,27 +280,43 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let Some(limit) = args.limit {
         options = options.limit(limit);
     }
-    let result = run_to_file(
-        move |prompts| generator.generate_boxed(prompts).boxed(),
-        prompts,
-        &args.output,
-        options,
-    )
-    .await;
+    let mut setup_error = None;
+    let result = match (online, batch) {
+        (Some((built, generator)), _) => {
+            run_to_file(
+                move |prompts| generator.generate_boxed(prompts).boxed(),
+                prompts,
+                &args.output,
+                options.meter(built.meter.clone()),
+            )
+            .await
+        }
+        (None, Some((api, config))) => {
+            let slot = batch_backend.clone();
+            let make = |backend: BatchBackend, concurrency: NonZeroUsize| {
+                let _ = slot.set(backend.clone());
+                let mut gen = args.gen.clone();
+                gen.concurrency = concurrency.get();
+                setup::method_generator(&gen, Arc::new(backend), order).map_err(|e| {
+                    let error = rmboost::Error::config(e.message.clone());
+                    setup_error = Some(e);
+                    error
+                })
+            };
+            run_batch_to_file(api, config, make, prompts, &args.output, options)
+                .await
+                .map(|(summary, _)| summary)
+        }
+        (None, None) => unreachable!("a run is online or in batches"),
+    };
     finished.store(true, Ordering::SeqCst);
     wake.notify_one();
     let _ = ticker.await;
     ctrl_c.abort();
-    let (batch_stats, batch_error) = match batch {
-        Some((backend, handle)) => {
-            drop(backend);
-            match handle.finish(result.as_ref().ok()).await {
-                Ok(s) => (Some(s), None),
-                Err(e) => (None, Some(error_chain(&e))),
-            }
-        }
-        None => (None, None),
-    };
+    if let Some(e) = setup_error {
+        return Err(e);
+    }
+    let batch_stats = batch_backend.get().map(BatchBackend::stats);
     if let Some(cache) = &cache {
         // A call returns once its completion is queued: commit the last ones now.
         if let Err(e) = cache.flush().await {
@@ -308,19 +325,18 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 
     let summary = live.snapshot();
-    let code = match (&result, &batch_error) {
-        (Ok(s), None) => s.exit_code(),
-        _ => rmboost::run::EXIT_FAILED,
+    let code = match &result {
+        Ok(s) => setup::exit_status(s),
+        Err(_) => setup::EXIT_FATAL,
     };
     let error = match (&result, summary.outcome) {
         (Err(e), _) => Some(error_chain(e)),
         (Ok(_), Outcome::Unreachable) => summary.message.clone(),
-        _ => batch_error.clone(),
+        _ => None,
     };
     let report = Report {
         status: match (&result, summary.outcome) {
             (Err(_), _) | (_, Outcome::Unreachable | Outcome::Failed) => Status::Failed,
-            _ if batch_error.is_some() => Status::Failed,
             (Ok(_), Outcome::CostLimit) => Status::CostLimit,
             (Ok(_), Outcome::Interrupted) => Status::Interrupted,
             (Ok(_), Outcome::LimitReached) => Status::LimitReached,
@@ -355,7 +371,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
             / started.elapsed().as_secs_f64().max(1e-9),
         wall_time_secs: started.elapsed().as_secs_f64(),
         exit_status: code,
-        backend: built.description.clone(),
+        backend: description,
         cache: cache.as_ref().map(|c| {
             let st = c.stats();
             CacheReport {
@@ -407,55 +423,22 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 }
 
-/// The backend of a `--batch` run: the batch pipeline of the provider's batch API, metered;
-/// its handle; and the generation settings with the pipeline's concurrency.
-type BatchParts = (
-    backends::Built,
-    Option<(BatchBackend, BatchHandle)>,
-    crate::args::GenArgs,
-);
-
-fn batch_backend(
+/// The batch API of a `--batch` run, its settings and its description for the summary.
+fn batch_setup(
     args: &GenerateArgs,
-    prices: Option<Prices>,
-    stop: &StopSignal,
-) -> Result<BatchParts, CliError> {
-    let api = backends::batch_api(&args.backend, false)?;
+) -> Result<(Arc<dyn rmboost::batch::BatchApi>, BatchConfig, String), CliError> {
+    let (api, description) = backends::batch_api(&args.backend, false)?;
     let size = NonZeroUsize::new(args.batch_size)
         .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
-    let poll = rmboost::backend::duration_from_secs_f64(args.poll_secs)
-        .map_err(|e| CliError::usage(format!("--poll-secs: {}", error_chain(&e))))?;
+    let poll = Duration::try_from_secs_f64(args.poll_secs)
+        .map_err(|e| CliError::usage(format!("--poll-secs: {e}")))?;
     let max_poll = (poll * 20).min(poll + Duration::from_secs(600));
-    let meter = CallMeter::new();
-    let mut config = BatchConfig::new()
+    let config = BatchConfig::new()
         .batch_size(size)
         .poll_interval(poll)
         .max_poll_interval(max_poll)
-        .max_attempts(args.backend.retries.saturating_add(1))
-        .stop_signal(stop.clone());
-    if let (Some(prices), Some(max)) = (prices, args.max_cost) {
-        config = config.max_cost(prices, max, meter.clone());
-    }
-    let mut gen = args.gen.clone();
-    gen.concurrency = config.concurrency().get();
-    let description = format!(
-        "{} (batch API)",
-        backends::description(&args.backend, &api.model())
-    );
-    let (backend, handle) = BatchBackend::start(api, &args.output, config)
-        .map_err(|e| CliError::fatal(error_chain(&e)))?;
-    let metered: Arc<dyn rmboost::LlmBackend> =
-        Arc::new(Metered::with_meter(backend.clone(), meter.clone()));
-    let built = backends::Built {
-        backend: metered,
-        stats: BackendStats {
-            meter,
-            retries: None,
-            adaptive: None,
-        },
-        description,
-    };
-    Ok((built, Some((backend, handle)), gen))
+        .max_attempts(args.backend.retries.saturating_add(1));
+    Ok((api, config, description))
 }
 
 /// The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost`.
@@ -467,18 +450,15 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("rmboost"))
 }
 
-/// Wraps a real backend in the response cache (unless `--no-cache`); a cache that cannot be
-/// opened (another run holds it, a broken file) is reported and skipped, never fatal.
-async fn with_cache(
-    args: &GenerateArgs,
-    built: &backends::Built,
-) -> Result<(Arc<dyn rmboost::LlmBackend>, Option<Cache>), CliError> {
+/// The response cache (unless `--no-cache`); a cache that cannot be opened (another run holds
+/// it, a broken file) is reported and skipped, never fatal.
+async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
     if args.no_cache {
-        return Ok((built.backend.clone(), None));
+        return Ok(None);
     }
     let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
         tracing::warn!("no cache directory (HOME is not set): running without the response cache");
-        return Ok((built.backend.clone(), None));
+        return Ok(None);
     };
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return Err(CliError::fatal(format!(
@@ -494,7 +474,7 @@ async fn with_cache(
                 "rmboost: running without the response cache: {}",
                 error_chain(&e)
             ));
-            return Ok((built.backend.clone(), None));
+            return Ok(None);
         }
     };
     if args.clear_cache {
@@ -503,7 +483,5 @@ async fn with_cache(
             .await
             .map_err(|e| CliError::fatal(format!("cannot clear the cache: {}", error_chain(&e))))?;
     }
-    let cached: Arc<dyn rmboost::LlmBackend> =
-        Arc::new(Cached::new(built.backend.clone(), cache.clone()));
-    Ok((cached, Some(cache)))
+    Ok(Some(cache))
 }

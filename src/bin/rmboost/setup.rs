@@ -16,6 +16,29 @@ use crate::args::{GenArgs, LabelKind};
 pub(crate) const EXIT_FATAL: u8 = 1;
 /// Exit status: bad flags (what clap uses too).
 pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit status: the cost budget was reached.
+const EXIT_COST_LIMIT: u8 = 3;
+/// Exit status: done, but some examples failed (a rerun retries them).
+const EXIT_EXAMPLES_FAILED: u8 = 4;
+/// Exit status: interrupted (Ctrl-C).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// The exit status of a run that returned `summary`, so that scripts can tell the endings
+/// apart: 0 every prompt done (or `--limit` reached) with no failed example; 4 the same but
+/// some examples failed; 3 the cost budget was reached; 130 interrupted; 1 the server was
+/// unreachable or the run failed. (2 is for bad flags.)
+pub(crate) fn exit_status(summary: &rmboost::run::RunSummary) -> u8 {
+    use rmboost::run::Outcome;
+    match summary.outcome {
+        Outcome::Completed | Outcome::LimitReached if summary.generation.failed() > 0 => {
+            EXIT_EXAMPLES_FAILED
+        }
+        Outcome::Completed | Outcome::LimitReached => 0,
+        Outcome::CostLimit => EXIT_COST_LIMIT,
+        Outcome::Interrupted => EXIT_INTERRUPTED,
+        _ => EXIT_FATAL,
+    }
+}
 
 /// An error that ends the program: a one-line message and an exit status.
 #[derive(Debug)]
