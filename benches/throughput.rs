@@ -1084,7 +1084,7 @@ fn generator(
         None => Arc::new(Retry::new(backend)),
     };
     let rmb = RmBoost::builder()
-        .backend_arc(backend)
+        .backend(backend)
         .concurrency(NonZeroUsize::new(concurrency).expect("concurrency >= 1"))
         .seed(1)
         .build()
@@ -1359,7 +1359,7 @@ fn adaptive_point(
         (Arc::new(retry), stats, None)
     };
     let rmb = RmBoost::builder()
-        .backend_arc(backend)
+        .backend(backend)
         .concurrency(cap_nz)
         .seed(1)
         .build()

@@ -297,7 +297,8 @@ impl fmt::Display for BackendError {
         if !self.message.is_empty() {
             write!(f, ": {}", self.message)?;
         }
-        if let Some(ra) = self.retry_after {
+        // A wait too long to make is in the message already.
+        if let Some(ra) = self.retry_after.filter(|_| self.kind != BackendErrorKind::RetryAfterTooLong) {
             write!(f, " (retry after {:.1}s)", ra.as_secs_f64())?;
         }
         Ok(())

@@ -27,13 +27,9 @@ pub enum PromptInput {
 /// One input record: a stable id, the prompt, and any other fields of the input line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
-    /// Stable id: given in the input, or derived from a hash of the content
-    /// ([`Prompt::content_id`]).
-    pub id: String,
-    /// The prompt.
-    pub input: PromptInput,
-    /// Other fields of the input record, carried into the example's `metadata.input`.
-    pub extra: Map<String, Value>,
+    pub(crate) id: String,
+    pub(crate) input: PromptInput,
+    pub(crate) extra: Map<String, Value>,
 }
 
 impl Prompt {
@@ -99,6 +95,32 @@ impl Prompt {
             let _ = write!(s, "{b:02x}");
         }
         s
+    }
+
+    /// The stable id: given in the input, or derived from a hash of the content
+    /// ([`Prompt::content_id`]).
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The prompt, as given.
+    #[must_use]
+    pub fn input(&self) -> &PromptInput {
+        &self.input
+    }
+
+    /// Other fields of the input record, carried into the example's `metadata.input`.
+    #[must_use]
+    pub fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+
+    /// The same prompt with these other fields (see [`extra`](Self::extra)).
+    #[must_use]
+    pub fn with_extra(mut self, extra: Map<String, Value>) -> Self {
+        self.extra = extra;
+        self
     }
 
     /// The prompt as chat messages (a text prompt becomes one user message).

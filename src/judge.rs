@@ -212,13 +212,8 @@ fn render_request(prompt: &[Message], out: &mut String) {
 impl Judge {
     /// A judge on `backend` with temperature 0, at most 256 tokens, and 2 re-asks.
     pub fn new(backend: impl LlmBackend + 'static) -> Self {
-        Self::from_arc(Arc::new(backend))
-    }
-
-    /// Like [`new`](Self::new), for a backend already shared.
-    pub fn from_arc(backend: Arc<dyn LlmBackend>) -> Self {
         Judge {
-            backend,
+            backend: crate::backend::shared(backend),
             params: SamplingParams::default().temperature(0.0).max_tokens(256),
             max_reasks: 2,
         }

@@ -1295,7 +1295,7 @@ where
                 let mut st = lock(&admission);
                 if let Some(message) = watchdog.observe(&item) {
                     if stopped_by.is_none() {
-                        tracing::error!(%message, "stopping the run");
+                        tracing::info!(%message, "stopping the run");
                         stopped_by = Some((Outcome::Unreachable, Some(message)));
                         stop.stop();
                     }
@@ -1317,7 +1317,8 @@ where
                         let Err(e) = result else { unreachable!("built as Err above") };
                         let chain = crate::error_chain(&e);
                         if e.is_fatal() {
-                            tracing::error!(error = %chain, "fatal error: stopping the run");
+                            // Returned to the caller, who reports it: not logged twice.
+                            tracing::debug!(error = %chain, "fatal error: stopping the run");
                             fatal = Some(e);
                             break;
                         }

@@ -51,7 +51,7 @@ fn sampling() -> SamplingParams {
 }
 
 fn judge(backend: &Arc<dyn LlmBackend>) -> Judge {
-    Judge::from_arc(backend.clone())
+    Judge::new(backend.clone())
         .params(SamplingParams::default().temperature(0.0).max_tokens(48))
         .max_reasks(2)
 }
@@ -123,7 +123,7 @@ async fn rlcd_makes_valid_rows() {
         return;
     }
     let rlcd = Rlcd::builder()
-        .backend_arc(backend())
+        .backend(backend())
         .params(sampling())
         .concurrency(two())
         .seed(1)
@@ -144,7 +144,7 @@ async fn rlaif_makes_valid_rows_or_fails_per_example() {
     }
     let b = backend();
     let rlaif = Rlaif::builder()
-        .backend_arc(b.clone())
+        .backend(b.clone())
         .params(sampling())
         .judge(judge(&b))
         .on_inconsistent(OnInconsistent::Keep)
@@ -165,7 +165,7 @@ async fn west_of_n_makes_valid_rows_or_fails_per_example() {
     }
     let b = backend();
     let west = WestOfN::builder()
-        .backend_arc(b.clone())
+        .backend(b.clone())
         .params(sampling())
         .scorer(judge(&b))
         .n(2)

@@ -93,6 +93,40 @@ fn permanent_401_is_fatal_with_one_line_and_no_output() {
     assert!(calls <= 8, "{calls} calls");
 }
 
+/// A server that asks to wait a day stops the run with one line on stderr (the `--help`
+/// promise for a fatal error) that says the status and the wait once each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_day_long_retry_after_is_one_line_that_says_it_once() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(503)
+                .insert_header("retry-after", "86400")
+                .set_body_json(support::openai_error("server_error", None, "busy")),
+        )
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 3);
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(dir.path().join("out.jsonl"))
+        .args(["--backend", "openai", "--model", "m", "--no-cache", "--base-url"])
+        .arg(format!("{}/v1", server.uri()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "{err}");
+    assert!(line.contains("retry_after_too_long"), "{err}");
+    assert!(line.contains("busy"), "{err}");
+    assert_eq!(line.matches("503").count(), 1, "{err}");
+    assert_eq!(line.matches("86400").count(), 1, "{err}");
+}
+
 #[test]
 fn a_missing_key_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -242,7 +242,7 @@ async fn full_rmboost_run_through_the_openai_backend() {
         answers: Mutex::new(HashMap::new()),
     });
     let rmb = RmBoost::builder()
-        .backend_arc(recording.clone())
+        .backend(recording.clone())
         .aspects(Aspects::general())
         .concurrency(NonZeroUsize::new(4).unwrap())
         .seed(1)

@@ -187,11 +187,19 @@ async fn a_retry_after_past_the_budget_gives_up_at_once() {
     assert_eq!(e.retry_after(), Some(Duration::from_secs(86_400)));
     assert_eq!(
         e.message(),
-        "the server asked to wait 86400 s, longer than the retry policy waits (60 s); stopping \
-         (rerun later to resume)"
+        "the server asks to wait longer than the retry policy waits (60 s); stopping (rerun \
+         later to resume)"
     );
     let source = std::error::Error::source(&e).unwrap().to_string();
     assert!(source.contains("come back tomorrow"), "{source}");
+    // The wait and the status are said once each: ours in the message, the server's in the
+    // source.
+    assert_eq!(
+        rmboost::error_chain(&e),
+        "retry_after_too_long: the server asks to wait longer than the retry policy waits \
+         (60 s); stopping (rerun later to resume): rate_limited: come back tomorrow (retry \
+         after 86400.0s)"
+    );
     assert_eq!(script.calls(), 1);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }

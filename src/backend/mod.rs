@@ -451,6 +451,19 @@ pub trait LlmBackend: Send + Sync {
     }
 }
 
+/// `backend` behind an `Arc`, without a second one when it is an `Arc<dyn LlmBackend>`
+/// already: so every builder takes any backend, a shared one included, through one setter.
+pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend> {
+    let any: Box<dyn std::any::Any> = Box::new(backend);
+    match any.downcast::<Arc<dyn LlmBackend>>() {
+        Ok(arc) => *arc,
+        Err(any) => match any.downcast::<B>() {
+            Ok(b) => Arc::new(*b),
+            Err(_) => unreachable!("the box holds a B"),
+        },
+    }
+}
+
 macro_rules! forward_backend {
     ($($ty:ty),*) => {$(
         #[async_trait]
@@ -476,6 +489,25 @@ forward_backend!(Arc<B>, Box<B>, &B);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_backend_is_not_wrapped_again() {
+        #[derive(Debug)]
+        struct Echo;
+        #[async_trait]
+        impl LlmBackend for Echo {
+            async fn complete(
+                &self,
+                _: CompletionRequest,
+            ) -> Result<Completion, BackendError> {
+                Ok(Completion::new("echo"))
+            }
+        }
+        let arc: Arc<dyn LlmBackend> = Arc::new(Echo);
+        let again = shared(Arc::clone(&arc));
+        assert!(Arc::ptr_eq(&arc, &again));
+        assert_eq!(shared(Echo).name(), "custom");
+    }
 
     fn _object_safe(_: &dyn LlmBackend) {}
 

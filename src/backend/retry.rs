@@ -9,9 +9,10 @@
 //! A `Retry-After` longer than the policy will ever wait
 //! ([`RetryPolicy::max_retry_after`], default 120 s, and never more than
 //! [`max_elapsed`](RetryPolicy::max_elapsed)) is not slept on: the call fails at once with a
-//! fatal [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error ("the server asked
-//! to wait 3600 s, longer than the retry policy waits (120 s)"), so a run stops with that
-//! message rather than failing every prompt in turn against an hourly or daily limit.
+//! fatal [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error ("the server asks
+//! to wait longer than the retry policy waits (120 s)", the server's error with its wait as
+//! the source), so a run stops with that message rather than failing every prompt in turn
+//! against an hourly or daily limit.
 //!
 //! ```
 //! use std::num::NonZeroU32;
@@ -320,14 +321,15 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
                 if let Some(wait) = err.retry_after().filter(|w| *w > limit) {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     let err = too_long(err, wait, limit);
-                    tracing::warn!(attempts = attempt, error = %err, "giving up: the server asks to wait too long");
+                    // The caller reports the error; a warning here would say it twice.
+                    tracing::debug!(attempts = attempt, error = %err, "giving up: the server asks to wait too long");
                     return Err(err);
                 }
             }
             if !err.is_retryable() || attempt >= max_attempts {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 if err.is_retryable() {
-                    tracing::warn!(attempts = attempt, error = %err, "giving up: attempts exhausted");
+                    tracing::debug!(attempts = attempt, error = %err, "giving up: attempts exhausted");
                 }
                 return Err(err);
             }
@@ -335,7 +337,7 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
             if let Some(budget) = self.policy.max_elapsed {
                 if start.elapsed().saturating_add(delay) > budget {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
+                    tracing::debug!(
                         attempts = attempt,
                         error = %err,
                         "giving up: the next wait would pass the time budget"
@@ -369,18 +371,16 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
 
 /// The fatal error for a server that asks to wait `wait`, longer than `limit`.
 fn too_long(err: BackendError, wait: Duration, limit: Duration) -> BackendError {
+    // The wait, the status and the server's own words are the source's: said once, in the
+    // chain (`error_chain`), where the source follows this message.
     let message = format!(
-        "the server asked to wait {}, longer than the retry policy waits ({}); stopping (rerun \
-         later to resume)",
-        secs(wait),
+        "the server asks to wait longer than the retry policy waits ({}); stopping (rerun later \
+         to resume)",
         secs(limit)
     );
-    let mut out =
-        BackendError::new(BackendErrorKind::RetryAfterTooLong, message).with_retry_after(wait);
-    if let Some(status) = err.status() {
-        out = out.with_status(status);
-    }
-    out.with_source(err)
+    BackendError::new(BackendErrorKind::RetryAfterTooLong, message)
+        .with_retry_after(wait)
+        .with_source(err)
 }
 
 /// A duration as whole seconds (`3600 s`), or with a decimal under ten seconds.

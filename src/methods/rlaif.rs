@@ -123,12 +123,8 @@ impl RlaifBuilder {
 
     /// The policy backend that writes both samples (and judges, unless a judge is set).
     /// Required.
-    pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
-        self.backend_arc(Arc::new(backend))
-    }
-
-    /// Like [`backend`](Self::backend), for a backend already shared.
-    pub fn backend_arc(mut self, backend: Arc<dyn LlmBackend>) -> Self {
+    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
+        let backend = crate::backend::shared(backend);
         self.policy = Some(backend);
         self
     }
@@ -142,7 +138,7 @@ impl RlaifBuilder {
 
     /// The backend of the default [`Judge`], when it is not the policy backend.
     pub fn judge_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.judge_backend = Some(Arc::new(backend));
+        self.judge_backend = Some(crate::backend::shared(backend));
         self
     }
 
@@ -181,7 +177,7 @@ impl RlaifBuilder {
             .map_err(Error::config)?;
         let judge = match self.judge {
             Some(j) => j,
-            None => Judge::from_arc(self.judge_backend.unwrap_or_else(|| policy.clone()))
+            None => Judge::new(self.judge_backend.unwrap_or_else(|| policy.clone()))
                 .max_reasks(self.common.max_reasks),
         };
         judge.validate("rlaif judge params")?;

@@ -97,12 +97,8 @@ impl RlcdBuilder {
     common_setters!();
 
     /// The backend for both calls. Required.
-    pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
-        self.backend_arc(Arc::new(backend))
-    }
-
-    /// Like [`backend`](Self::backend), for a backend already shared.
-    pub fn backend_arc(mut self, backend: Arc<dyn LlmBackend>) -> Self {
+    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
+        let backend = crate::backend::shared(backend);
         self.backend = Some(backend);
         self
     }

@@ -142,27 +142,24 @@ impl RmBoostBuilder {
     }
 
     /// The backend for both calls. Required unless both [`first_backend`](Self::first_backend)
-    /// and [`second_backend`](Self::second_backend) are set.
-    pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
-        self.backend_arc(Arc::new(backend))
-    }
-
-    /// Like [`backend`](Self::backend), for a backend already shared.
-    pub fn backend_arc(mut self, backend: Arc<dyn LlmBackend>) -> Self {
-        self.first_backend = Some(backend.clone());
+    /// and [`second_backend`](Self::second_backend) are set. Any backend: one already shared
+    /// as an `Arc<dyn LlmBackend>` is used as it is.
+    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
+        let backend = crate::backend::shared(backend);
+        self.first_backend = Some(Arc::clone(&backend));
         self.second_backend = Some(backend);
         self
     }
 
     /// The backend of the first (natural) response only.
     pub fn first_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.first_backend = Some(Arc::new(backend));
+        self.first_backend = Some(crate::backend::shared(backend));
         self
     }
 
     /// The backend of the second (conditioned) response only.
     pub fn second_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.second_backend = Some(Arc::new(backend));
+        self.second_backend = Some(crate::backend::shared(backend));
         self
     }
 

@@ -119,12 +119,8 @@ impl WestOfNBuilder {
     common_setters!();
 
     /// The policy backend that writes the N samples. Required.
-    pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
-        self.backend_arc(Arc::new(backend))
-    }
-
-    /// Like [`backend`](Self::backend), for a backend already shared.
-    pub fn backend_arc(mut self, backend: Arc<dyn LlmBackend>) -> Self {
+    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
+        let backend = crate::backend::shared(backend);
         self.backend = Some(backend);
         self
     }
@@ -189,7 +185,7 @@ impl WestOfNBuilder {
             .map_err(Error::config)?;
         let scorer = match self.scorer {
             Some(s) => s,
-            None => Arc::new(Judge::from_arc(backend.clone()).max_reasks(self.common.max_reasks)),
+            None => Arc::new(Judge::new(backend.clone()).max_reasks(self.common.max_reasks)),
         };
         Ok(WestOfN {
             inner: Arc::new(Inner {

@@ -127,7 +127,7 @@ pub(crate) fn generator(
         second = second.max_tokens(n);
     }
     let builder = RmBoost::builder()
-        .backend_arc(backend)
+        .backend(backend)
         .aspects(aspects(gen)?)
         .concurrency(concurrency)
         .order(order)
@@ -160,7 +160,7 @@ pub(crate) fn method_generator(
         Method::RmBoost => Arc::new(generator(gen, backend, order)?),
         Method::Rlcd => Arc::new(
             Rlcd::builder()
-                .backend_arc(backend)
+                .backend(backend)
                 .aspects(aspects(gen)?)
                 .params(params)
                 .concurrency(concurrency)
@@ -172,7 +172,7 @@ pub(crate) fn method_generator(
         ),
         Method::Rlaif => Arc::new(
             Rlaif::builder()
-                .backend_arc(backend)
+                .backend(backend)
                 .params(params)
                 .concurrency(concurrency)
                 .order(order)
@@ -183,7 +183,7 @@ pub(crate) fn method_generator(
         ),
         Method::WestOfN => Arc::new(
             WestOfN::builder()
-                .backend_arc(backend)
+                .backend(backend)
                 .n(gen.samples)
                 .params(params)
                 .concurrency(concurrency)
