@@ -304,12 +304,16 @@ fn a_rerun_is_answered_from_the_response_cache() {
     assert_eq!(s["examples_written"], 4, "{s}");
     assert_eq!(s["cache"]["hits"], 8, "{s}");
     assert_eq!(s["tokens"]["total"], 0, "cache hits cost nothing: {s}");
+    assert_eq!(s["calls"], 0, "no call reached the server: {s}");
+    assert!(s["cache"]["hit_tokens"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(server.requests(), calls);
+    let stdout = text(&o.stdout);
+    assert!(stdout.contains("0 calls to the backend"), "{stdout}");
     assert!(
-        text(&o.stdout).contains("8 hits, 0 misses"),
-        "{}",
-        text(&o.stdout)
+        stdout.contains("8 calls answered from the cache ("),
+        "{stdout}"
     );
+    assert!(stdout.contains("tokens not paid for again), 0 misses"), "{stdout}");
     assert_no_key(&o);
 
     // --clear-cache empties it first.

@@ -153,9 +153,13 @@ pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
 
 /// Counters of a [`Cache`] since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheStats {
     /// Lookups answered from the cache.
     pub hits: u64,
+    /// Tokens (prompt and completion) of the answers given from the cache, as their original
+    /// calls counted them: what the hits did not pay for again.
+    pub hit_tokens: u64,
     /// Lookups that found nothing (the backend was called).
     pub misses: u64,
     /// Completions committed to the database (a completion still queued for the writer is
@@ -176,6 +180,7 @@ enum Command {
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,
+    hit_tokens: AtomicU64,
     misses: AtomicU64,
     stored: AtomicU64,
     errors: AtomicU64,
@@ -385,6 +390,7 @@ impl Cache {
         let c = &*self.inner.counters;
         CacheStats {
             hits: c.hits.load(Ordering::Relaxed),
+            hit_tokens: c.hit_tokens.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             stored: c.stored.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
@@ -475,9 +481,12 @@ impl Cache {
                 return None;
             }
         };
-        match serde_json::from_slice(&bytes) {
+        match serde_json::from_slice::<Completion>(&bytes) {
             Ok(c) => {
                 counters.hits.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .hit_tokens
+                    .fetch_add(c.usage.total(), Ordering::Relaxed);
                 Some(c)
             }
             Err(e) => {

@@ -377,6 +377,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
             CacheReport {
                 path: c.path().to_path_buf(),
                 hits: st.hits,
+                hit_tokens: st.hit_tokens,
                 misses: st.misses,
             }
         }),

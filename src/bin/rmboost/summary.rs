@@ -48,7 +48,10 @@ pub(crate) struct Tokens {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct CacheReport {
     pub(crate) path: PathBuf,
+    /// Calls answered from the cache: not sent, not paid for.
     pub(crate) hits: u64,
+    /// Their tokens, as the original calls counted them.
+    pub(crate) hit_tokens: u64,
     pub(crate) misses: u64,
 }
 
@@ -167,7 +170,7 @@ impl fmt::Display for Report {
         rows.push((
             "tokens",
             format!(
-                "{} ({} prompt + {} completion, {} calls)",
+                "{} ({} prompt + {} completion) in {} calls to the backend",
                 human_count(self.tokens.total),
                 human_count(self.tokens.prompt),
                 human_count(self.tokens.completion),
@@ -208,8 +211,10 @@ impl fmt::Display for Report {
             rows.push((
                 "response cache",
                 format!(
-                    "{} hits, {} misses ({})",
+                    "{} calls answered from the cache ({} tokens not paid for again), {} \
+                     misses ({})",
                     c.hits,
+                    human_count(c.hit_tokens),
                     c.misses,
                     c.path.display()
                 ),
