@@ -53,7 +53,7 @@ impl PlantedError {
     async fn run(&self, prompt: Prompt, mistake: &'static str) -> Result<PreferenceExample, Error> {
         let conversation = prompt.messages().into_owned();
         // Errors name the example and the call, so a failed example can be told apart.
-        let id = prompt.id.as_str();
+        let id = prompt.id();
         let call = |name: &'static str| move |e: BackendError| Error::backend(id, name, e);
         let good = self
             .backend
@@ -80,7 +80,7 @@ impl PlantedError {
         };
         metadata.extra.insert("mistake".into(), mistake.into());
         Ok(PreferenceExample {
-            id: prompt.id.clone(),
+            id: prompt.id().to_owned(),
             prompt: conversation,
             chosen: good.text,
             rejected: flawed.text,
@@ -116,7 +116,7 @@ impl Generator for PlantedError {
                 // Every draw happens here, before the first await: it depends only on the seed and
                 // the id, never on which example finished first.
                 let mistake =
-                    MISTAKES[example_rng(this.seed, &prompt.id).random_range(0..MISTAKES.len())];
+                    MISTAKES[example_rng(this.seed, prompt.id()).random_range(0..MISTAKES.len())];
                 let this = this.clone();
                 async move { this.run(prompt, mistake).await }
             },

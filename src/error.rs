@@ -298,7 +298,10 @@ impl fmt::Display for BackendError {
             write!(f, ": {}", self.message)?;
         }
         // A wait too long to make is in the message already.
-        if let Some(ra) = self.retry_after.filter(|_| self.kind != BackendErrorKind::RetryAfterTooLong) {
+        if let Some(ra) = self
+            .retry_after
+            .filter(|_| self.kind != BackendErrorKind::RetryAfterTooLong)
+        {
             write!(f, " (retry after {:.1}s)", ra.as_secs_f64())?;
         }
         Ok(())

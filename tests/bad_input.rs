@@ -43,7 +43,7 @@ fn check_reader(bytes: &[u8]) {
         count += 1;
         match item {
             Ok(p) => {
-                assert!(!p.id.is_empty());
+                assert!(!p.id().is_empty());
                 assert!(!p.messages().is_empty());
             }
             Err(e) if e.kind() == ErrorKind::Parse => {
@@ -122,7 +122,7 @@ proptest! {
         let whole = bytes.iter().filter(|&&b| b == b'\n').count();
         // Every whole line reads; a cut last line is at most one error naming its line.
         for (i, r) in results.iter().take(whole).enumerate() {
-            prop_assert_eq!(&r.as_ref().unwrap().id, &format!("r{i}"));
+            prop_assert_eq!(r.as_ref().unwrap().id(), format!("r{i}"));
         }
         prop_assert!(results.len() <= whole + 1);
         if results.len() == whole + 1 {
@@ -161,7 +161,7 @@ fn very_long_lines_are_errors_not_allocations() {
     assert_eq!(rows.len(), 2);
     let err = rows[0].as_ref().unwrap_err().to_string();
     assert!(err.starts_with("big.jsonl:1: line longer than"), "{err}");
-    assert_eq!(rows[1].as_ref().unwrap().id, "ok");
+    assert_eq!(rows[1].as_ref().unwrap().id(), "ok");
 }
 
 #[test]

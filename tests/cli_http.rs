@@ -111,7 +111,14 @@ async fn a_day_long_retry_after_is_one_line_that_says_it_once() {
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
         .arg(dir.path().join("out.jsonl"))
-        .args(["--backend", "openai", "--model", "m", "--no-cache", "--base-url"])
+        .args([
+            "--backend",
+            "openai",
+            "--model",
+            "m",
+            "--no-cache",
+            "--base-url",
+        ])
         .arg(format!("{}/v1", server.uri()))
         .output()
         .unwrap();
@@ -313,7 +320,10 @@ fn a_rerun_is_answered_from_the_response_cache() {
         stdout.contains("8 calls answered from the cache ("),
         "{stdout}"
     );
-    assert!(stdout.contains("tokens not paid for again), 0 misses"), "{stdout}");
+    assert!(
+        stdout.contains("tokens not paid for again), 0 misses"),
+        "{stdout}"
+    );
     assert_no_key(&o);
 
     // --clear-cache empties it first.

@@ -850,7 +850,7 @@ fn merge_checks_the_input_and_merges_ledgers_and_recipes() {
     prompts
         .push_str("{\"id\": \"failed-1\", \"prompt\": \"q\"}\nnot json\n{\"prompt\": \"no id\"}\n");
     std::fs::write(&input, &prompts).unwrap();
-    let no_id = rmboost::Prompt::new("no id").id;
+    let no_id = rmboost::Prompt::new("no id").id().to_owned();
     let (a, b) = (tmp.path().join("s0.jsonl"), tmp.path().join("s1.jsonl"));
     std::fs::write(&a, lines_of(&all[..4])).unwrap();
     std::fs::write(&b, lines_of(&all[4..])).unwrap();

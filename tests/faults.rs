@@ -105,7 +105,7 @@ async fn two_thousand_prompts_with_thirty_percent_faults() {
     // Exactly once, and the same draws as the clean run.
     let got = labels_by_id(&out);
     assert_eq!(got.len(), N);
-    let want: HashSet<_> = all.iter().map(|p| p.id.clone()).collect();
+    let want: HashSet<_> = all.iter().map(|p| p.id().to_owned()).collect();
     assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), want);
     assert_eq!(got, labels_by_id(&reference));
 

@@ -107,7 +107,7 @@ async fn two_thousand_prompts_over_http_with_thirty_percent_faults() {
     .unwrap();
     let got = labels_by_id(&out); // panics on a duplicate id
     assert_eq!(got.len(), N);
-    let want: HashSet<_> = all.iter().map(|p| p.id.clone()).collect();
+    let want: HashSet<_> = all.iter().map(|p| p.id().to_owned()).collect();
     assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), want);
     assert_eq!(got, labels_by_id(&reference));
 

@@ -109,7 +109,7 @@ async fn same_seed_same_draws_at_any_concurrency_and_order() {
 
 #[tokio::test(start_paused = true)]
 async fn input_order_is_kept_and_completion_order_differs() {
-    let ids: Vec<String> = prompts(40).into_iter().map(|p| p.id).collect();
+    let ids: Vec<String> = prompts(40).into_iter().map(|p| p.id().to_owned()).collect();
     let run = |order| async move {
         let rmb = RmBoost::builder()
             .backend(Sleepy { inner: jittery() })
@@ -172,7 +172,10 @@ async fn exactly_one_result_per_id_with_failures() {
         assert!(seen.insert(id.clone()), "duplicate id {id}");
     }
     assert!(failed > 0);
-    let expected: BTreeSet<String> = prompts(100).into_iter().map(|p| p.id).collect();
+    let expected: BTreeSet<String> = prompts(100)
+        .into_iter()
+        .map(|p| p.id().to_owned())
+        .collect();
     assert_eq!(seen, expected);
 }
 

@@ -255,8 +255,10 @@ async fn full_rmboost_run_through_the_openai_backend() {
         .enumerate()
         .map(|(i, q)| Prompt::with_id(format!("q{i:02}"), *q))
         .collect();
-    let by_id: HashMap<String, Prompt> =
-        prompts.iter().map(|p| (p.id.clone(), p.clone())).collect();
+    let by_id: HashMap<String, Prompt> = prompts
+        .iter()
+        .map(|p| (p.id().to_owned(), p.clone()))
+        .collect();
 
     let started = Instant::now();
     let results: Vec<Result<_, Error>> = rmb

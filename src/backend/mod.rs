@@ -496,10 +496,7 @@ mod tests {
         struct Echo;
         #[async_trait]
         impl LlmBackend for Echo {
-            async fn complete(
-                &self,
-                _: CompletionRequest,
-            ) -> Result<Completion, BackendError> {
+            async fn complete(&self, _: CompletionRequest) -> Result<Completion, BackendError> {
                 Ok(Completion::new("echo"))
             }
         }

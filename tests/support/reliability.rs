@@ -166,11 +166,11 @@ impl<B: LlmBackend> LlmBackend for SimpleRetry<B> {
 pub fn write_input(path: &Path, prompts: &[Prompt]) {
     let mut s = String::new();
     for p in prompts {
-        let text = match &p.input {
+        let text = match p.input() {
             rmboost::PromptInput::Text(t) => t.clone(),
             other => unreachable!("plain-text prompts only: {other:?}"),
         };
-        s.push_str(&serde_json::json!({"id": p.id, "prompt": text}).to_string());
+        s.push_str(&serde_json::json!({"id": p.id(), "prompt": text}).to_string());
         s.push('\n');
     }
     std::fs::write(path, s).unwrap();
