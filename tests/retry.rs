@@ -314,3 +314,92 @@ async fn a_retry_after_within_the_limit_is_waited_for() {
     assert_eq!(retry.complete(request()).await.unwrap().text, "ok");
     assert!(start.elapsed() >= Duration::from_secs(45));
 }
+
+/// `Stack` builds one order whatever order the wrappers are named in: the adaptive limit
+/// sees every attempt (the 429 the retry absorbed included), the rate limit spends one
+/// request per attempt, the meter counts the one request that reached the backend, and the
+/// cache answers a repeat without reaching any of them.
+#[cfg(feature = "cache")]
+#[tokio::test(start_paused = true)]
+async fn a_stack_puts_the_wrappers_in_one_order_whatever_order_they_are_named_in() {
+    use rmboost::backend::adaptive::AdaptiveConfig;
+    use rmboost::backend::cache::Cache;
+    use rmboost::backend::{Stack, Stacked};
+    use std::num::NonZeroUsize;
+
+    let config = AdaptiveConfig::new(NonZeroUsize::new(8).unwrap());
+    let policy = RetryPolicy::default().initial_delay(Duration::from_millis(10));
+    // One request a minute: the retry must wait for the rate limit, if the limit is inside it.
+    let rpm = NonZeroU32::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let orders: Vec<(&str, Box<dyn Fn(Stack, Cache) -> Stack>)> = vec![
+        (
+            "outside in",
+            Box::new(|s: Stack, c: Cache| {
+                s.cache(c)
+                    .retry(policy.clone())
+                    .adaptive(config.clone())
+                    .requests_per_minute(rpm)
+            }),
+        ),
+        (
+            "inside out",
+            Box::new(|s: Stack, c: Cache| {
+                s.requests_per_minute(rpm)
+                    .adaptive(config.clone())
+                    .retry(policy.clone())
+                    .cache(c)
+            }),
+        ),
+    ];
+    for (i, (name, order)) in orders.iter().enumerate() {
+        let script = Scripted::new(vec![
+            Err(BackendError::rate_limited("slow down").with_status(429)),
+            Ok(Completion::new("hello")),
+        ]);
+        let cache = Cache::open(dir.path().join(format!("c{i}.redb"))).unwrap();
+        let backend: Stacked = order(Stack::new(), cache.clone()).build(Arc::clone(&script));
+        let request = || request().with_seed(7);
+
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            backend.complete(request()).await.unwrap().text,
+            "hello",
+            "{name}"
+        );
+        assert_eq!(script.calls(), 2, "{name}: one retry");
+        let adaptive = backend.adaptive_stats().unwrap().snapshot();
+        assert_eq!(
+            (adaptive.calls, adaptive.rate_limited),
+            (2, 1),
+            "{name}: {adaptive:?}"
+        );
+        assert_eq!(backend.retry_stats().unwrap().retries(), 1, "{name}");
+        assert_eq!(
+            backend.meter().calls(),
+            1,
+            "{name}: one request reached the backend"
+        );
+        // The retry waited for the rate limit's next slot, a minute after the first.
+        assert!(
+            t0.elapsed() >= Duration::from_secs(59),
+            "{name}: {:?}",
+            t0.elapsed()
+        );
+
+        assert_eq!(
+            backend.complete(request()).await.unwrap().text,
+            "hello",
+            "{name}"
+        );
+        assert_eq!(script.calls(), 2, "{name}: answered from the cache");
+        assert_eq!(backend.meter().calls(), 1, "{name}: a hit is not metered");
+        assert_eq!(
+            backend.adaptive_stats().unwrap().snapshot().calls,
+            2,
+            "{name}"
+        );
+        assert_eq!(cache.stats().hits, 1, "{name}");
+        assert_eq!(backend.cache().unwrap().path(), cache.path(), "{name}");
+    }
+}
