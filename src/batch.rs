@@ -73,15 +73,15 @@
 //!
 //! On the run's [`StopSignal`](crate::run::StopSignal) (Ctrl-C) the pipeline stops at once: no
 //! new batch is created, polling stops, and the batches in flight keep running at the
-//! provider. The calls waiting on them never return, so give the run a short drain deadline
-//! ([`DRAIN_DEADLINE`]): the waiting examples are dropped, not failed (they are not in the
-//! ledger), and the next run picks them up. Rerun the same command to resume, or cancel the
+//! provider. The calls waiting on them never return, so [`run_batch_to_file`] gives the run a
+//! drain deadline of half a second: the waiting examples are dropped, not failed (they are not
+//! in the ledger), and the next run picks them up. Rerun the same command to resume, or cancel the
 //! batches with [`cancel_batches`] (`rmboost batch cancel -o OUT`).
 //!
 //! # Cost
 //!
 //! Batch prices are half the online ones at both providers ([`batch_prices`]). With a
-//! [budget](BatchConfig::max_cost), the cost of each wave is estimated before it is sent
+//! [budget](crate::run::RunOptions::max_cost), the cost of each wave is estimated before it is sent
 //! (input tokens about a quarter of the request's bytes, output tokens its `max_tokens`) and
 //! added to what was spent and what is in flight; over the budget, the wave is not sent and
 //! the run stops with [`Outcome::CostLimit`](crate::run::Outcome::CostLimit).
@@ -136,8 +136,8 @@ pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_millis(500);
 /// `options`' [stop signal](crate::run::RunOptions::stop_signal) stops the pipeline too (a
 /// Ctrl-C leaves the batches running at the provider for the next run), its
 /// [cost budget](crate::run::RunOptions::max_cost) (give batch prices, [`batch_prices`])
-/// also holds back a wave whose estimate would pass it, and its drain deadline becomes
-/// [`DRAIN_DEADLINE`]'s half second (examples waiting on batches are dropped, not failed).
+/// also holds back a wave whose estimate would pass it, and its drain deadline becomes half a
+/// second (examples waiting on batches are dropped, not failed).
 /// Without a [meter](crate::run::RunOptions::meter) the run counts the answers the pipeline
 /// gives.
 ///
@@ -223,36 +223,6 @@ pub fn batch_prices(online: Prices) -> Prices {
         online.output_per_million() * BATCH_PRICE_FACTOR,
     )
     .expect("half of a valid price is a valid price")
-}
-
-/// The prices a batch run is billed at, side by side: the batch price when one is given,
-/// else [`batch_prices`] of the online price when that is known, else 0. `None` when no price
-/// is known at all (then no cost is counted).
-///
-/// ```
-/// use rmboost::run::Prices;
-/// use rmboost::batch::billed_prices;
-/// let online = Some(Prices::new(2.0, 8.0).unwrap());
-/// let p = billed_prices(online, Some(0.5), None).unwrap().unwrap();
-/// assert_eq!((p.input_per_million(), p.output_per_million()), (0.5, 4.0));
-/// assert!(billed_prices(None, None, None).unwrap().is_none());
-/// ```
-///
-/// # Errors
-///
-/// A configuration error when a given batch price is negative or not finite.
-pub fn billed_prices(
-    online: Option<Prices>,
-    batch_input: Option<f64>,
-    batch_output: Option<f64>,
-) -> Result<Option<Prices>, crate::Error> {
-    if online.is_none() && batch_input.is_none() && batch_output.is_none() {
-        return Ok(None);
-    }
-    let half = online.map(batch_prices);
-    let input = batch_input.or(half.map(|p| p.input_per_million()));
-    let output = batch_output.or(half.map(|p| p.output_per_million()));
-    Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
 }
 
 /// The `custom_id` of a request: the hex SHA-256 of the backend's identity

@@ -249,7 +249,7 @@ impl Judge {
     /// The request asking which of `a` (shown first, between `<answer_a>` tags) and `b`
     /// (`<answer_b>`) is the better answer to `prompt` on `criteria`, with the verdict only
     /// (`A`, `B` or `tie`): short answers suit small models and cost few tokens, and
-    /// [`parse_verdict`] also reads tagged or explained verdicts. No seed is set.
+    /// the judge also reads tagged or explained verdicts. No seed is set.
     #[must_use]
     pub fn compare_request(
         &self,
@@ -276,7 +276,7 @@ impl Judge {
     }
 
     /// The request asking for a 1–10 rating of `response` (between `<answer>` tags) to
-    /// `prompt` on `criteria`, with the rating only ([`parse_score`] also reads tagged or
+    /// `prompt` on `criteria`, with the rating only (the judge also reads tagged or
     /// explained ratings). No seed is set.
     #[must_use]
     pub fn score_request(
@@ -463,7 +463,7 @@ fn classify(s: &str) -> Option<Verdict> {
 /// assert_eq!(parse_verdict("Both have merits."), None);
 /// ```
 #[must_use]
-pub fn parse_verdict(raw: &str) -> Option<Verdict> {
+pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
     if let Some(inner) = last_tag(raw, "verdict") {
         if let Some(v) = classify(inner) {
             return Some(v);
@@ -570,7 +570,7 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 /// assert_eq!(parse_score("pretty good"), None);
 /// ```
 #[must_use]
-pub fn parse_score(raw: &str) -> Option<f64> {
+pub(crate) fn parse_score(raw: &str) -> Option<f64> {
     let in_range = |x: f64| (1.0..=10.0).contains(&x).then_some(x);
     if let Some(inner) = last_tag(raw, "score") {
         return leading_number(inner).and_then(in_range);

@@ -290,7 +290,7 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
 #[non_exhaustive]
 pub enum BadLinePolicy {
     /// Skip it, count it in [`RunSummary::bad_lines`] and keep its message (the first
-    /// [`MAX_MESSAGES`] in [`RunSummary::bad_line_messages`]; all are logged). The default.
+    /// 20 in [`RunSummary::bad_line_messages`]; all are logged). The default.
     #[default]
     Skip,
     /// Stop taking prompts, finish the examples in flight, and return the line's
@@ -312,8 +312,8 @@ pub enum ExistingOutput {
 }
 
 /// One shard of a run split across processes or machines: an id belongs to shard
-/// `IdHash::of(id).shard(count)` ([`IdHash::shard`]: the first 8 bytes of the SHA-256 of
-/// `"rmboost/id/v1\0" + id`, little-endian, modulo `count`). Stable across runs and releases,
+/// `hash(id) mod count`, where `hash` is the first 8 bytes of the SHA-256 of
+/// `"rmboost/id/v1\0" + id`, little-endian. Stable across runs and releases,
 /// independent of input order; each shard should write its own output file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shard {
@@ -389,7 +389,7 @@ impl std::str::FromStr for Shard {
 }
 
 /// How many bad-line and duplicate messages a summary keeps.
-pub const MAX_MESSAGES: usize = 20;
+pub(crate) const MAX_MESSAGES: usize = 20;
 
 /// How a run ended; see [`RunSummary::outcome`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]

@@ -332,7 +332,8 @@ async fn a_stack_puts_the_wrappers_in_one_order_whatever_order_they_are_named_in
     // One request a minute: the retry must wait for the rate limit, if the limit is inside it.
     let rpm = NonZeroU32::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let orders: Vec<(&str, Box<dyn Fn(Stack, Cache) -> Stack>)> = vec![
+    type Order<'a> = Box<dyn Fn(Stack, Cache) -> Stack + 'a>;
+    let orders: Vec<(&str, Order<'_>)> = vec![
         (
             "outside in",
             Box::new(|s: Stack, c: Cache| {

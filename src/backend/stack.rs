@@ -3,15 +3,15 @@
 //! The wrappers of this crate each do one job, and they only work together in one order,
 //! from the outside in:
 //!
-//! 1. [`Cached`](crate::backend::cache::Cached): a request answered before is answered from
+//! 1. `cache::Cached` (feature `cache`): a request answered before is answered from
 //!    the cache and goes no further (it costs nothing, waits for nothing, uses no slot);
-//! 2. the [meter](crate::backend::meter::CallMeter): counts the requests that reached the
+//! 2. the [meter](CallMeter): counts the requests that reached the
 //!    backend and their tokens, so what it shows is what was paid for;
-//! 3. [`Retry`](crate::backend::retry::Retry): sends a failed call again, so every attempt
+//! 3. [`Retry`]: sends a failed call again, so every attempt
 //!    passes through what is below it;
-//! 4. [`Adaptive`](crate::backend::adaptive::Adaptive): the limit on calls in flight; it must
+//! 4. [`Adaptive`]: the limit on calls in flight; it must
 //!    see every attempt and every `429` to find the server's limit;
-//! 5. [`RateLimit`](crate::backend::rate_limit::RateLimit): requests and tokens per minute,
+//! 5. [`RateLimit`]: requests and tokens per minute,
 //!    spent per attempt, as the provider counts them;
 //! 6. the backend.
 //!

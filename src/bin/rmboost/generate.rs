@@ -25,6 +25,23 @@ use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, Report, Status
 use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
 
+/// The prices a batch run is billed at, side by side: the batch price when one is given,
+/// else half the online price when that is known, else 0. `None` when no price is known at
+/// all (then no cost is counted).
+fn billed_prices(
+    online: Option<Prices>,
+    batch_input: Option<f64>,
+    batch_output: Option<f64>,
+) -> Result<Option<Prices>, rmboost::Error> {
+    if online.is_none() && batch_input.is_none() && batch_output.is_none() {
+        return Ok(None);
+    }
+    let half = online.map(rmboost::batch::batch_prices);
+    let input = batch_input.or(half.map(|p| p.input_per_million()));
+    let output = batch_output.or(half.map(|p| p.output_per_million()));
+    Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
+}
+
 /// The prices, the cost budget and the shard of the flags.
 type Validated = (Option<Prices>, Option<CostBudget>, Option<Shard>);
 
@@ -52,10 +69,9 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
     }
     // Batch runs are billed at batch prices: given, else half the online ones.
     let prices = if args.batch {
-        rmboost::batch::billed_prices(online, args.batch_price_input, args.batch_price_output)
-            .map_err(|e| {
-                CliError::usage(format!("--batch-price-input/--batch-price-output: {e}"))
-            })?
+        billed_prices(online, args.batch_price_input, args.batch_price_output).map_err(|e| {
+            CliError::usage(format!("--batch-price-input/--batch-price-output: {e}"))
+        })?
     } else {
         online
     };
