@@ -31,12 +31,17 @@
 //! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //! | `adaptive` | `middleware` | `Adaptive`, an adaptive concurrency limit (AIMD), `Retry-After` pauses and a circuit breaker |
+//! | `cache` | `cache` | `Cached`, a persistent response cache |
+//! | `meter` | (always) | `Metered`, counts calls and tokens for a run's summary and cost budget |
+//! | `local` | `local` | `LocalBackend`, a GGUF chat model in this process |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
 //! `name()`, `model()` and `identity()`. Put the rate limit inside the retry so that retries
 //! are limited too: `Retry::new(RateLimit::new(backend).requests_per_minute(rpm))`. The
 //! adaptive limit must see every attempt, so it goes inside the retry too, around the rate
-//! limit: `Retry::new(Adaptive::new(RateLimit::new(backend), cap))`.
+//! limit: `Retry::new(Adaptive::new(RateLimit::new(backend), cap))`. A response cache goes
+//! outside everything, and a meter where the bill is decided (see [`meter`]); the `rmboost`
+//! command wraps an HTTP backend as `Cached(Metered(Retry(Adaptive(RateLimit(backend)))))`.
 
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
