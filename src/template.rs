@@ -2,8 +2,8 @@
 //! back out of its answer.
 //!
 //! A [`PromptTemplate`] builds the first and second requests and parses the second answer;
-//! an answer it rejects comes back as an [`UnusableReason`](crate::UnusableReason) and is
-//! re-asked with a new seed, up to the generator's re-ask limit.
+//! an answer it rejects comes back as an [`UnusableReason`] and is re-asked with a new seed,
+//! up to the generator's re-ask limit.
 //!
 //! [`DefaultTemplate`] sends the prompt's own conversation as the second request, after a
 //! system message with the instructions: the first response as a reference answer, the
@@ -11,8 +11,7 @@
 //! only the new response between `<response>` and `</response>`. Its parser is lenient about
 //! form (missing closing tag, no tags, a chatty first line) and strict about substance: an
 //! empty answer, a copy of the first response, talk about the task, or an answer that fails
-//! its [`ResponseChecks`](crate::checks::ResponseChecks) (near-identical or repetitive) is
-//! rejected.
+//! its [`ResponseChecks`] (near-identical or repetitive) is rejected.
 
 use std::fmt;
 use std::fmt::Write as _;
