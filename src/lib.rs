@@ -99,6 +99,12 @@
 //!   concurrency and a circuit breaker) around any backend, including your own.
 //! - `parquet`: [`export`], a dataset folder for the Hugging Face Hub: Parquet files per
 //!   split and a dataset card (pure Rust, no C build).
+//! - `local`: [`backend::local::LocalBackend`], a GGUF chat model running in this process on
+//!   the CPU; the default model is fetched on first use.
+//! - `cli`: the `rmboost` command (turns on `local`, `openai`, `anthropic`, `run`, `batch`,
+//!   `cache` and `parquet`).
+//!
+//! No feature is on by default. Minimum supported Rust version: 1.90.
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

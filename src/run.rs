@@ -38,9 +38,8 @@
 //! and the directory is synced after every create, rename and removal.
 //!
 //! Memory does not grow with the length of the examples or of the input file, only with its
-//! number of ids: two sets of id hashes (ids already in the output when the run started, ids seen in
-//! this input) of about 18 bytes per id, so about 18 MB for a million prompts into a new file
-//! and 36 MB when resuming a file that already holds a million.
+//! number of ids: two sets of id hashes (ids already in the output when the run started, ids
+//! seen in this input) of about 18 bytes per id.
 //!
 //! Every id of the input therefore ends up in the output exactly once after any number of
 //! crashes and reruns (ids that keep failing stay in the ledger), and since every random draw of
@@ -68,6 +67,8 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Design notes and memory measurements: see ARCHITECTURE.md in the repository.
 
 use std::fmt;
 use std::io::Write as _;

@@ -1,11 +1,17 @@
 //! Prompt templates: what the model is asked for each call, and how the second response is read
 //! back out of its answer.
 //!
-//! [`DefaultTemplate`] follows the structure of the method: a task line with the direction, the
-//! aspects with their definitions, the original request, the first response, and an instruction
-//! to put only the new response between `<response>` and `</response>`. Its parser is lenient
-//! about form (missing closing tag, no tags, a chatty first line) and strict about substance
-//! (empty, a copy of the first response, or talk about the task are rejected and re-asked).
+//! A [`PromptTemplate`] builds the first and second requests and parses the second answer;
+//! an answer it rejects comes back as an [`UnusableReason`] and is re-asked with a new seed,
+//! up to the generator's re-ask limit.
+//!
+//! [`DefaultTemplate`] sends the prompt's own conversation as the second request, after a
+//! system message with the instructions: the first response as a reference answer, the
+//! direction (better or worse), the drawn aspects with their definitions, and the rule to put
+//! only the new response between `<response>` and `</response>`. Its parser is lenient about
+//! form (missing closing tag, no tags, a chatty first line) and strict about substance: an
+//! empty answer, a copy of the first response, talk about the task, or an answer that fails
+//! its [`ResponseChecks`] (near-identical or repetitive) is rejected.
 
 use std::fmt;
 use std::fmt::Write as _;

@@ -17,14 +17,10 @@
 //! never the limit. Latency plays no part either: a server that queues keeps its throughput,
 //! and a full pipeline is what a batch job wants.
 //!
-//! A slow-down answer is *congestion* only when many calls get one. Real providers and
-//! clusters also answer a call or two in a hundred with a 429 that has nothing to do with
-//! load; a controller that cut on each of those would ratchet the limit down to the floor
-//! under a steady background of them (TCP Reno's failure under random loss). The two look
-//! different: a random 429 comes to a share of calls that does not depend on the limit, while
-//! above a server's real limit the share jumps, because every call sent into the full server
-//! is refused at once and the slot it frees goes straight to the next call, which is refused
-//! too. So:
+//! A slow-down answer is *congestion* only when many calls get one: a steady share of random
+//! 429s (which real providers send a call or two in a hundred) does not lower the limit, while
+//! a limit above a server's real cap, where nearly every extra call is refused, is found
+//! within a few calls. So:
 //!
 //! - The window is the last calls *sent*, as many as the limit (at least 16, at most 64),
 //!   and only those sent since the limit last changed (an *epoch*): the answers to calls sent
@@ -33,14 +29,12 @@
 //!   come back before the slow successes and must not read as a wall of them.
 //! - The window is congested when at least a quarter of its calls were told to slow down, and
 //!   at least 5 of them were (2 within the first window after an increase, whose undoing
-//!   costs little). With 5% of random 429s, a window of 64 practically never gets there and
-//!   a window of 16 about once in a thousand calls; a limit one above a server's cap gets
-//!   there within a few calls.
+//!   costs little).
 //! - Congestion within the first window after an increase takes that step back and remembers
 //!   the level below as the one that works; the next step above it waits twice as long each
 //!   time a step or a cut fails (up to 8 times
 //!   [`increase_after`](AdaptiveConfigBuilder::increase_after)), and back to once when a step
-//!   holds. A capped server so costs about two 429s per probe, rarely.
+//!   holds.
 //! - Any other congestion multiplies the limit by the
 //!   [decrease factor](AdaptiveConfigBuilder::decrease_factor) (default 0.85), at most once
 //!   per [cool-down](AdaptiveConfigBuilder::cooldown).
@@ -76,8 +70,9 @@
 //! the pause, up to [`breaker_max_pause`](AdaptiveConfigBuilder::breaker_max_pause) (default
 //! 60 s).
 //!
-//! Calls that cannot be admitted wait in a first-in, first-out queue. Every error is returned
-//! unchanged: whether and when a call is retried is still the retry layer's decision.
+//! Calls that cannot be admitted wait in a first-in, first-out queue; a waiting call may be
+//! dropped at any time, and its turn passes to the next. Every error is returned unchanged:
+//! whether and when a call is retried is still the retry layer's decision.
 //!
 //! # Where it goes
 //!
@@ -120,15 +115,8 @@
 //! # }
 //! ```
 //!
-//! # Why not `tokio::sync::Semaphore`
-//!
-//! A semaphore cannot take back permits that are out, so shrinking it below the calls in flight
-//! needs a debt of permits to forget as they come back; it also has no notion of a pause or a
-//! single probe, and its queue cannot be told to hold everyone until a deadline. The limiter
-//! here is a counter and a FIFO queue of waiters under one `Mutex` (held for a few
-//! instructions, never across an await), each waiter with its own `Notify`: a released slot
-//! wakes the first waiter only, which passes the wake on when it is admitted, so a release
-//! costs one wake-up and a cancelled waiter hands its turn to the next.
+//! Design notes and measurements (why these rules, why not a semaphore): see ARCHITECTURE.md
+//! in the repository.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;

@@ -20,28 +20,24 @@
 //! **Value.** The [`Completion`] as JSON, as the backend returned it (its usage counts the
 //! tokens of the original call).
 //!
-//! **Concurrency.** Lookups read the database directly on the calling task, in parallel (redb
-//! reads do not block each other, nor the writer): one key is a few B-tree pages that redb's
-//! page cache or the operating system's holds, microseconds, less than a hop to
-//! [`tokio::task::spawn_blocking`] and back costs (measured with the throughput bench at 256
-//! examples in flight: about 260 against 320 µs of client CPU per example; the blocking pool's
-//! threads also each grow their own malloc arena). A lookup of a key the cache never stored
-//! (every lookup of a first run) does not read the database at all: every key stored, and every
-//! key found in the file when it was opened (read in the background; lookups read the
-//! database until that is done), is kept in a Bloom filter of about 1.25 bytes per key, which
-//! rules out nearly all absent keys. Writes are queued, in a bounded queue, to one writer
-//! thread that commits whatever has queued up (letting writes gather for up to 20 ms) in one
-//! transaction (group commit). At least every 100 ms, and for a flush, a clear or the
-//! cache's close, that commit is durable (one `fsync` for everything since the last); the
-//! others skip the `fsync`. A call does not wait for any commit: it returns once its
-//! completion is queued (waiting only while the queue is full), and lookups find queued
-//! completions too. So a crash can lose about the last 0.1 s of completions stored, which
-//! only costs calling them again (every request is seeded, so the call asks the same thing);
-//! the output file and resume are what keep finished examples. [`Cache::flush`] waits for the
-//! durable commit of everything queued before it, and dropping the last clone of a [`Cache`]
-//! commits what is queued, durably, before it returns.
-//! The database file is locked: a second process opening it gets an error. Must be used
-//! inside a tokio runtime.
+//! **Concurrency and durability.** Lookups read the database on the calling task, in
+//! parallel (redb reads block neither each other nor the writer). A lookup of a key the cache
+//! never stored (every lookup of a first run) does not read the database at all: every key
+//! stored, and every key found in the file when it was opened (read in the background;
+//! lookups read the database until that is done), is kept in a Bloom filter of about
+//! 1.25 bytes per key, which rules out nearly all absent keys. Writes are queued, in a bounded
+//! queue, to one writer thread that commits whatever has gathered (for up to 20 ms) in one
+//! transaction. At least every 100 ms, and for a flush, a clear or the cache's close, a
+//! commit is made durable (one `fsync` for everything since the last). A call does not wait
+//! for any commit: it returns once its completion is queued (waiting only while the queue is
+//! full), and lookups find queued completions too.
+//!
+//! So a crash can lose about the last 0.1 s of completions stored, which only costs calling
+//! them again (every request is seeded, so the call asks the same thing); the output file and
+//! resume are what keep finished examples. [`Cache::flush`] waits for the durable commit of
+//! everything queued before it, and dropping the last clone of a [`Cache`] commits what is
+//! queued, durably, before it returns. The database file is locked: a second process opening
+//! it gets an error. Must be used inside a tokio runtime.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -62,6 +58,8 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Design notes and measurements: see ARCHITECTURE.md in the repository.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -31,12 +31,16 @@
 //! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //! | `adaptive` | `middleware` | `Adaptive`, an adaptive concurrency limit (AIMD), `Retry-After` pauses and a circuit breaker |
-//! | `stack` | `middleware` | `Stack`, the wrappers above (and the cache) in the one order that works |
+//! | `stack` | `middleware` | `Stack`, the wrappers above and the cache in the one order that works |
+//! | `cache` | `cache` | `Cached`, a persistent response cache |
+//! | `meter` | (always) | `Metered`, counts calls and tokens for a run's summary and cost budget |
+//! | `local` | `local` | `LocalBackend`, a GGUF chat model in this process |
 //!
 //! The wrappers work around any [`LlmBackend`], a user's own included, and forward its
-//! `name()`, `model()` and `identity()`. They work together in one order only (cache, retry,
-//! adaptive limit, rate limit, from the outside in); `Stack` (feature `middleware`) takes them
-//! in any order and builds that one, with a meter of what reached the backend.
+//! `name()`, `model()` and `identity()`. They work together in one order only, from the outside
+//! in: cache, meter, retry, adaptive limit, rate limit (the retries are rate limited too, and
+//! the adaptive limit sees every attempt). `Stack` (feature `middleware`) takes them in any
+//! order and builds that one; the `rmboost` command uses it.
 
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]

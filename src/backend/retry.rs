@@ -35,13 +35,10 @@
 //! # let _ = stats.retries();
 //! ```
 //!
-//! # Why not a backoff crate
-//!
-//! The delay computation is a few lines, and the crates we looked at add their jitter on top of
-//! the exponential delay (a wait in `[d, 2d)`) rather than drawing it from `[0, d]` ("full
-//! jitter", which spreads a burst of clients best), and bound the sum of the waits rather than
-//! the wall-clock time including the calls. Using tokio's clock directly also lets tests run
-//! the whole schedule in paused virtual time.
+//! The wait before retry `n` is drawn uniformly from zero to the capped exponential delay
+//! ("full jitter"), and raised to the server's `Retry-After` when there is one; the time
+//! bound counts the calls and the waits together. The clock is tokio's, so tests can run the
+//! whole schedule in paused virtual time. Design notes: see ARCHITECTURE.md in the repository.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -3,10 +3,15 @@
 //! the one similarity measure ([`token_jaccard`]) that both these checks and the dataset
 //! [report](crate::report) use, so that they never disagree on a pair.
 //!
-//! Checks run once or twice for every example, so they must stay within microseconds: the
-//! meta-talk scan lowers the text once and rules out most prose with a SIMD substring search
-//! before its automaton runs, and the repetition check estimates the share of distinct word
-//! trigrams with a bitmap (see `similarity`). The near-identical check is exact.
+//! By default a second response whose token Jaccard similarity with the first is
+//! [`NEAR_IDENTICAL_JACCARD`] (0.9) or more is near-identical, and a response of 20 tokens or
+//! more with fewer than half of its word trigrams distinct is repetitive; both limits can be
+//! changed or turned off in [`ResponseChecks`]. The near-identical check is exact (it is
+//! [`token_jaccard`]); the repetition check estimates the trigram share to within about 0.01
+//! (with bitmaps). The checks cost microseconds per response and, after the first call on a
+//! thread, allocate nothing for texts of a size seen before.
+//!
+//! Design notes and measurements: see ARCHITECTURE.md in the repository.
 
 pub(crate) mod similarity;
 

@@ -1,14 +1,13 @@
 //! A growable Bloom filter over cache keys, so a lookup of a key that was never stored (every
 //! lookup of a first run) is answered without reading the database.
 //!
-//! Written here rather than taken from a crate because the keys are already SHA-256 digests:
-//! the bit positions are taken straight from the key's bytes, with no hashing, and the filter
-//! must grow while it is shared (a key set is never known in advance). It is a list of
-//! *layers*, each a blocked Bloom filter (one 512-bit block per key, so one cache line is read
-//! per layer) twice the capacity of the one before; a key goes into the newest layer and is
-//! looked for in all of them. At 10 bits per key and 7 probes, a layer answers "maybe" for
-//! about 1% of absent keys; a "maybe" only costs the database read that every lookup used to
-//! make. It never answers "no" for a key inserted.
+//! The keys are SHA-256 digests, so the bit positions are taken straight from the key's bytes,
+//! with no hashing. The filter grows while it is shared (a key set is never known in advance):
+//! it is a list of *layers*, each a blocked Bloom filter (one 512-bit block per key, so one
+//! cache line is read per layer) twice the capacity of the one before; a key goes into the
+//! newest layer and is looked for in all of them. At 10 bits per key and 7 probes, a layer
+//! answers "maybe" for about 1% of absent keys, and a "maybe" costs one database read. It
+//! never answers "no" for a key inserted.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -1,18 +1,13 @@
 //! Attention's inner loop for the query heads that share one key/value head, over one
-//! sequence's cache, with AVX2, FMA and F16C on x86-64 CPUs that have them and plain loops
-//! elsewhere.
+//! sequence's cache: AVX2, FMA and F16C on x86-64 CPUs that have them, plain loops elsewhere.
 //!
-//! Decoding streams every active sequence's whole cache through the CPU at every layer of every
-//! step, so reading the cache, not arithmetic, is what attention costs: the cache holds keys and
-//! values as 16-bit floats (half the bytes of f32, as llama.cpp does by default), and the query
-//! heads of a group (grouped-query attention) are computed together so that each key and value
-//! is read once for all of them.
-//!
-//! The crate is built for the baseline x86-64 target (SSE2, no FMA) unless the user asks for
-//! more, so the portable loops run four floats at a time; the AVX2 version is chosen at run time
-//! for the CPU found. Which version runs depends only on the CPU and the model's shapes, never
+//! The cache holds keys and values as 16-bit floats; the query heads of a group (grouped-query
+//! attention) are computed together, so each key and value is read once for all of them. The
+//! version that runs (chosen at run time) depends only on the CPU and the model's shapes, never
 //! on the batch, and each head's result is computed by the same instructions in the same order
 //! whatever else is in the step.
+//!
+//! Design notes and measurements: see ARCHITECTURE.md in the repository.
 
 #![allow(unsafe_code)]
 

@@ -1,13 +1,11 @@
 //! The chat template: turns messages into the prompt text the model was trained on.
 //!
-//! We render the model's own template (`tokenizer.chat_template` in the GGUF, a Jinja
-//! template) with `minijinja`, the way Hugging Face's `apply_chat_template` does
-//! (`trim_blocks`, `lstrip_blocks`, `add_generation_prompt = true`, `bos_token`, `eos_token`,
-//! `raise_exception`). Rendering the real template rather than recognising ChatML and writing it
-//! out ourselves means any default the template adds is kept: SmolLM2's template inserts a
-//! system prompt ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") when
-//! the conversation has none, and the model answers best with it. It also makes other GGUF chat
-//! models work unchanged. Only a GGUF without a template gets plain ChatML.
+//! The model's own template (`tokenizer.chat_template` in the GGUF, a Jinja template) is
+//! rendered with `minijinja` the way Hugging Face's `apply_chat_template` does (`trim_blocks`,
+//! `lstrip_blocks`, `add_generation_prompt = true`, `bos_token`, `eos_token`,
+//! `raise_exception`), so any default the template adds is kept (SmolLM2's inserts a system
+//! prompt when the conversation has none) and other GGUF chat models work unchanged. Only a GGUF
+//! without a template gets plain ChatML.
 
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;

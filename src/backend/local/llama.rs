@@ -1,21 +1,13 @@
-//! Our own forward pass over llama-architecture GGUF weights, for several sequences per step.
+//! The crate's own forward pass over llama-architecture GGUF weights, for several sequences per
+//! step.
 //!
-//! Decoding one sequence reads every weight once per token, and on a CPU that read (not the
-//! arithmetic) is what limits the speed. So one decode step takes the current token of every
-//! active sequence and runs the per-token matrix products (Q, K and V projections, the output
-//! projection, the MLP, the final head) on a `[B, hidden]` batch: the weights are read once
-//! for all `B` rows. Attention is the one part that is not shared: each sequence has its own
-//! [`KvCache`], attends only to its own keys and values, and gets the rotary embedding at its
-//! own position.
-//!
-//! # Why per-sequence caches
-//!
-//! A cache per sequence (per layer, its keys and values as flat `len × kv_heads × head_dim`
-//! vectors of 16-bit floats that grow in place) rather than a paged or padded shared cache: a sequence joins
-//! and leaves without moving anyone else's state, dropping it frees its memory at once, and
-//! its attention is computed by exactly the code a lone sequence would run. Padding sequences
-//! to a common length would change what the attention sums over and with it, possibly, its
-//! rounding.
+//! One decode step takes the current token of every active sequence and runs the per-token
+//! matrix products (Q, K and V projections, the output projection, the MLP, the final head) on a
+//! `[B, hidden]` batch, so the weights are read once for all `B` rows. Attention is not shared:
+//! each sequence has its own [`KvCache`] (per layer, its keys and values as flat
+//! `len × kv_heads × head_dim` vectors of 16-bit floats that grow in place), attends only to its
+//! own keys and values, and gets the rotary embedding at its own position. A sequence joins and
+//! leaves without moving anyone else's state, and dropping it frees its memory at once.
 //!
 //! # Row independence
 //!
@@ -27,6 +19,9 @@
 //! row when they do not (see [`Llama::rows_independent`]). The operations are those of
 //! candle-transformers' `quantized_llama` in the same order (with attention written out as
 //! loops, see [`Llama::attend`]), so a sequence gets the same logits up to rounding.
+//!
+//! Design notes (why per-sequence caches rather than a paged or padded one): see
+//! ARCHITECTURE.md in the repository.
 
 use std::io::{Read, Seek};
 

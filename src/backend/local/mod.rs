@@ -58,35 +58,35 @@
 //!   freed) and the others go on. A panic or error while sampling fails only its request; if a
 //!   batched step fails, it is undone and retried one request at a time, so only the request
 //!   that fails alone gets the error.
-//! - **Speed.** candle picks its SIMD kernels at run time (AVX2/AVX-512 on x86-64, NEON on ARM)
-//!   for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
+//! - **Kernels.** candle picks its SIMD kernels at run time (AVX2/AVX-512 on x86-64, NEON on
+//!   ARM) for Q4_0, Q8_0 and the K-quants, but has none for Q4_1, Q5_0, Q5_1; weights of those
 //!   types are re-encoded as Q8_0 when the model loads (about a second; see
 //!   [`LocalBackendBuilder::requantize`]). So a plain `cargo build` gets fast kernels without
 //!   `-C target-cpu=native`. On x86-64 with AVX2 and FMA (detected at run time), the hot loops
-//!   are our own instead of candle's: the Q8_0 matrix product (the `q8` submodule: scales
-//!   converted once at load, each input quantised once for the products that share it, up to
-//!   four rows of the batch against each weight column while it is in registers, the query,
-//!   key and value projections as one product, the MLP's gate and up as another), attention
-//!   (the `attention` submodule: the query heads that share a key/value head read it together)
-//!   and the exponentials of SiLU, softmax and sampling (the `vmath` submodule). On the default
-//!   model and 2 cores that made one request about 3 times and four together about 5 times
-//!   as fast as with candle's kernels and operations; `benches/local_speed.rs` measures it.
-//!   Each row gets the same instructions in the same order as alone, so batching stays exact.
+//!   are the crate's own instead of candle's: the Q8_0 matrix product (the `q8` submodule),
+//!   attention (the `attention` submodule) and the exponentials of SiLU, softmax and sampling
+//!   (the `vmath` submodule). Each row gets the same instructions in the same order as alone,
+//!   so batching stays exact. `benches/local_speed.rs` measures the speed against llama.cpp.
 //! - **Threads.** candle uses as many threads as the machine has physical cores; set
 //!   `CANDLE_NUM_THREADS` to change that (read once per process, at the first model
 //!   operation). Its workers wait for each other by spinning, which is fastest on an idle
 //!   machine but can be several times slower than a single thread when the cores are shared
-//!   with other busy processes (we measured 1.6 against 9.5 tokens/s on two cores under heavy
-//!   load): use `CANDLE_NUM_THREADS=1` there. Outputs do not depend on the thread count.
+//!   with other busy processes: use `CANDLE_NUM_THREADS=1` there. Outputs do not depend on the
+//!   thread count.
 //! - **Sampling.** Temperature (0 is greedy), top-p, a seed (ChaCha8: the same seed draws the
 //!   same numbers on every platform; for the same model file and crate version it gives the
 //!   same text on every CPU of one kind, while CPUs with and without AVX2 round the model's
-//!   arithmetic differently and may diverge), `max_tokens`,
-//!   stop sequences (generation stops as soon as the text contains one; it and anything after
-//!   it are cut off). The end-of-turn tokens of the template (`<|im_end|>`, the GGUF's EOS) end
+//!   arithmetic differently and may diverge), a llama.cpp-style repetition penalty over the
+//!   latest tokens ([`repeat_penalty`](LocalBackendBuilder::repeat_penalty),
+//!   [`repeat_last_n`](LocalBackendBuilder::repeat_last_n)), `max_tokens`, stop sequences
+//!   (generation stops as soon as the text contains one; it and anything after it are cut
+//!   off). The end-of-turn tokens of the template (`<|im_end|>`, the GGUF's EOS) end
 //!   generation with [`FinishReason::Stop`](crate::FinishReason::Stop); the token limit or a
-//!   full context window with [`FinishReason::Length`](crate::FinishReason::Length). `usage.completion_tokens` counts every sampled token, the
-//!   end-of-turn token included.
+//!   full context window with [`FinishReason::Length`](crate::FinishReason::Length).
+//!   `usage.completion_tokens` counts every sampled token, the end-of-turn token included.
+//!
+//! Design notes and measurements (kernels, speed against llama.cpp): see ARCHITECTURE.md in
+//! the repository.
 
 mod attention;
 mod chat;

@@ -1,14 +1,13 @@
-//! Our own matrix product for Q8_0 weights, on x86-64 CPUs with AVX2 and FMA.
+//! The crate's own matrix product for Q8_0 weights, used on x86-64 CPUs with AVX2 and FMA (other
+//! CPUs and other weight types keep candle's product).
 //!
-//! candle's quantised product computes each (row, column) dot product with a kernel that
-//! converts both blocks' f16 scales on every call, so at the small widths of a small model it
-//! is bound by that work rather than by reading the weights: measured on the default model
-//! (SmolLM2-135M, 2 cores), decoding 8 sequences together was only 1.1 times as fast as one.
-//! This kernel keeps the weights' scales as f32 (converted once, at load), quantises each
-//! activation row once per input (shared by the products that take it, see [`Activations`]),
-//! and computes up to four rows against each weight column while that column's 32-byte blocks
-//! are in registers, so a batch of rows reads the weights once. The work is split by column ranges over candle's own thread pool (no second pool
-//! competing with it for the cores).
+//! A [`Q8Matrix`] holds the weights with their scales converted to f32 once, at load.
+//! Activations are quantised once per input and shared by every product that takes it (see
+//! [`Activations`]): as ggml's `Q8_0` does (per block of 32: scale = max |x| / 127, values
+//! rounded to the nearest integer, halves to even), except that the scale stays f32. Up to four
+//! activation rows are computed against each weight column while that column's blocks are in
+//! registers, so a batch of rows reads the weights once; the columns are split in ranges over
+//! candle's own thread pool (no second pool competes with it for the cores).
 //!
 //! # Same bits for a row alone and in a batch
 //!
@@ -19,8 +18,7 @@
 //! fixed order. Four rows at a time or one, the per-row sequence is identical, so a request's
 //! logits do not depend on its neighbours (the model's load-time check verifies it too).
 //!
-//! Activations are quantised as ggml's `Q8_0` does (per block of 32: scale = max |x| / 127,
-//! values rounded to the nearest integer, halves to even), except that the scale stays f32.
+//! Design notes and measurements: see ARCHITECTURE.md in the repository.
 
 #![allow(unsafe_code)]
 

@@ -3,11 +3,10 @@
 //! GGUF files of byte-level BPE models (`tokenizer.ggml.model = "gpt2"`) carry the vocabulary
 //! (`tokenizer.ggml.tokens`), the merges (`tokenizer.ggml.merges`), the token types (control
 //! tokens such as `<|im_start|>` are type 3) and the name of the pre-tokenizer
-//! (`tokenizer.ggml.pre`). candle-core already builds a [`tokenizers::Tokenizer`] from these
-//! (the `tokenizers` crate is one of its dependencies, compiled with pure-Rust regexes, so using
-//! it costs nothing extra); we take that and fix the one pre-tokenizer it does not know:
-//! SmolLM's (`"smollm"`: every digit on its own, then GPT-2's byte-level split without a prefix
-//! space), so token counts match llama.cpp.
+//! (`tokenizer.ggml.pre`). candle-core builds a [`tokenizers::Tokenizer`] from these; this
+//! module takes it and fixes the one pre-tokenizer candle does not know, SmolLM's (`"smollm"`:
+//! every digit on its own, then GPT-2's byte-level split without a prefix space), so token ids
+//! and counts match llama.cpp.
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;

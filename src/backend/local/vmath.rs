@@ -1,14 +1,12 @@
 //! The exponentials the local model computes per token (SiLU in every MLP, softmax in attention,
 //! the sampler's distribution over the whole vocabulary), eight at a time with AVX2 and FMA on
-//! x86-64 CPUs that have them.
+//! x86-64 CPUs that have them, and with a portable loop elsewhere.
 //!
-//! The C library's `expf` costs about as much per value as the model's matrix product spends
-//! on a few hundred weights, and it ran on the one thread that drives the step while the
-//! others waited. Here `e^x` is computed as `2^n · p(r)` with `n = round(x / ln 2)`,
-//! `r = x - n ln 2` (ln 2 in two parts, for precision) and `p` a degree-7 polynomial fitted on
-//! `[-ln 2 / 2, ln 2 / 2]` (relative error under 3e-7 over the whole range of f32 exponents);
-//! inputs are clamped to where `e^x` is a normal f32, so `e^(-∞)` gives 0. Each CPU gets one
-//! version (AVX2 or the portable one), whatever the batch.
+//! `e^x` is computed as `2^n · p(r)` with `n = round(x / ln 2)`, `r = x - n ln 2` (ln 2 in two
+//! parts, for precision) and `p` a degree-7 polynomial fitted on `[-ln 2 / 2, ln 2 / 2]`:
+//! relative error under 3e-7 over the whole range of f32 exponents. Inputs are clamped to where
+//! `e^x` is a normal f32, so `e^(-∞)` gives 0. Each CPU gets one version (AVX2 or the portable
+//! one), whatever the batch, so results do not depend on what else is decoded in the step.
 
 #![allow(unsafe_code)]
 
