@@ -1,4 +1,4 @@
-//! The generator's invariants (design.md): determinism, bounded concurrency, cancel by drop,
+//! The generator's invariants: determinism, bounded concurrency, cancel by drop,
 //! exactly one result per id, the construction rule, label balance, re-asks, fatal errors.
 
 mod support;
