@@ -154,4 +154,9 @@ pub use methods::{Method, Rlaif, Rlcd, RmBoost, RmBoostBuilder, WestOfN};
 pub use rand;
 /// The `rand_chacha` whose `ChaCha8Rng` [`example_rng`] returns.
 pub use rand_chacha;
+/// The `reqwest` the HTTP backends are built with: their builders' `client` takes its
+/// `Client` (a proxy, custom roots). Name it through this re-export so the versions match.
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "openai", feature = "anthropic"))))]
+pub use reqwest;
 pub use template::{DefaultTemplate, PromptTemplate, SecondContext};

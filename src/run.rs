@@ -244,17 +244,18 @@ impl StopSignal {
 /// The process is never ended here: a run given this signal returns (with
 /// [`RunSummary::outcome`] [`Outcome::Interrupted`]) and the program decides what to do (the
 /// `rmboost` command exits with status 130). On Unix the handler is in place when this
-/// returns. Must be called inside a tokio runtime; abort the returned task to uninstall it.
+/// returns, and it listens until the returned [`CtrlC`] is dropped. Must be called inside a
+/// tokio runtime.
 ///
 /// # Errors
 ///
 /// The operating system's error if the signal handler cannot be installed.
-pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<CtrlC> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut sigint = signal(SignalKind::interrupt())?;
-        Ok(tokio::spawn(async move {
+        Ok(CtrlC::spawn(async move {
             if sigint.recv().await.is_none() {
                 return;
             }
@@ -270,7 +271,7 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
     }
     #[cfg(not(unix))]
     {
-        Ok(tokio::spawn(async move {
+        Ok(CtrlC::spawn(async move {
             if tokio::signal::ctrl_c().await.is_err() {
                 return;
             }
@@ -283,6 +284,27 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<tokio::task::JoinHand
                 stop.abort();
             }
         }))
+    }
+}
+
+/// Ctrl-C turned into a run's stop signal ([`stop_on_ctrl_c`]), for as long as this is kept.
+#[derive(Debug)]
+#[must_use = "Ctrl-C is listened for only while this is kept"]
+pub struct CtrlC {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CtrlC {
+    fn spawn(listen: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        CtrlC {
+            task: tokio::spawn(listen),
+        }
+    }
+}
+
+impl Drop for CtrlC {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -328,7 +328,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     finished.store(true, Ordering::SeqCst);
     wake.notify_one();
     let _ = ticker.await;
-    ctrl_c.abort();
+    drop(ctrl_c);
     if let Some(e) = setup_error {
         return Err(e);
     }
