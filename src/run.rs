@@ -467,7 +467,7 @@ impl Prices {
 }
 
 /// Checks a cost budget ([`RunOptions::max_cost`], and a batch run's
-/// [`BatchConfig::max_cost`](crate::batch::BatchConfig::max_cost)): a positive, finite amount.
+/// `batch::BatchConfig::max_cost`, feature `batch`): a positive, finite amount.
 ///
 /// ```
 /// assert!(rmboost::run::check_max_cost(2.5).is_ok());
