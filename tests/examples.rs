@@ -136,10 +136,7 @@ fn custom_backend_makes_pairs_that_obey_the_construction_rule() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8(out.stdout).expect("UTF-8");
-    let rows: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let rows = json_lines(&stdout);
     assert_eq!(rows.len(), 6, "{stdout}\n{stderr}");
     // The example's backend answers the second request with its good text when asked for a
     // better one and its vague text when asked for a worse one: the good text is never
@@ -172,10 +169,7 @@ fn custom_method_plants_one_mistake_in_the_rejected_answer() {
         String::from_utf8(out.stdout).expect("UTF-8")
     };
     let stdout = run();
-    let rows: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let rows = json_lines(&stdout);
     assert_eq!(rows.len(), 6, "{stdout}");
     let mut mistakes = std::collections::BTreeSet::new();
     for row in &rows {
