@@ -1,13 +1,22 @@
 //! RMBoost end to end with the embedded local model: no server, no API key.
 //!
 //! ```text
-//! cargo run --release --features local --example quickstart [-- OUTPUT.jsonl [PROMPTS.jsonl]]
+//! cargo run --release --features local --example quickstart [-- OUTPUT.jsonl [PROMPTS.jsonl [N]]]
 //! ```
 //!
 //! Reads the 30 bundled prompts (10 long-form questions, 10 everyday chat requests, 10 short
 //! texts to summarise), generates one preference pair for each with SmolLM2-135M-Instruct running
 //! in this process (fetched into the user cache on first use, or taken from `RMBOOST_MODEL`),
 //! writes TRL-ready JSONL to `rmboost-quickstart.jsonl` and prints a summary.
+//!
+//! The arguments, all optional: the output file (default `rmboost-quickstart.jsonl`), a prompts
+//! file of your own (JSONL, `{"id": ..., "prompt": ...}` per line; default the bundled one),
+//! and `N` to take only the first `N` prompts, for a first look in a few seconds:
+//!
+//! ```text
+//! cargo run --release --features local --example quickstart -- \
+//!     out.jsonl examples/data/quickstart_prompts.jsonl 3
+//! ```
 //!
 //! The local backend decodes several requests together (continuous batching), so the example
 //! keeps as many examples in flight as the backend's batch limit.
@@ -40,6 +49,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let input = args.next().map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/quickstart_prompts.jsonl")
     });
+    let limit = match args.next() {
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|e| format!("N (the number of prompts to take) {n:?}: {e}"))?,
+        None => usize::MAX,
+    };
 
     let started = Instant::now();
     // Loading blocks (and the first run fetches the model), so keep it off the async threads.
@@ -66,7 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .second_params(SamplingParams::default().temperature(0.7).max_tokens(384))
         .build()?;
 
-    let prompts = read_prompts(&input)?;
+    let prompts = read_prompts(&input)?.take(limit);
     let mut writer = ExampleWriter::new(
         BufWriter::new(File::create(&output)?),
         ExampleFormat::Conversational,

@@ -4,9 +4,9 @@
 //! Two parts:
 //!
 //! - [`BatchApi`], a trait for one provider's batch API (submit, status, results, cancel,
-//!   list), with [`OpenAiBatch`](openai::OpenAiBatch) (feature `openai`) and
-//!   [`AnthropicBatch`](anthropic::AnthropicBatch) (feature `anthropic`). A user adds another
-//!   provider, or a self-hosted batch runner, by implementing it; nothing else changes.
+//!   list), with `openai::OpenAiBatch` (feature `openai`) and `anthropic::AnthropicBatch`
+//!   (feature `anthropic`). A user adds another provider, or a self-hosted batch runner, by
+//!   implementing it; nothing else changes.
 //! - [`BatchBackend`], an [`LlmBackend`](crate::LlmBackend) that gathers the calls of a run
 //!   into batches ("waves") and answers each call when its batch has ended. The generator and
 //!   [`run_to_file`](crate::run::run_to_file) are the online ones, unchanged: labels, aspects,

@@ -47,10 +47,10 @@ pub enum BackendErrorKind {
     /// makes. Permanent and fatal.
     Fatal,
     /// The server asked us to wait longer than the retry policy is willing to (an hourly or
-    /// daily limit, a maintenance window): see
-    /// [`RetryPolicy::max_retry_after`](crate::backend::RetryPolicy::max_retry_after). Not
-    /// retried, and fatal: every later request would be told the same, so the run stops (rerun
-    /// it later to resume) instead of failing every prompt in turn. Its
+    /// daily limit, a maintenance window): see `backend::RetryPolicy::max_retry_after`
+    /// (feature `middleware`). Not retried, and fatal: every later request would be told the
+    /// same, so the run stops (rerun it later to resume) instead of failing every prompt in
+    /// turn. Its
     /// [`retry_after`](BackendError::retry_after) is the wait the server asked for.
     ///
     /// A kind of its own rather than [`QuotaExhausted`](Self::QuotaExhausted): the account

@@ -16,7 +16,7 @@
 //!
 //! ## Quick start (offline)
 //!
-//! With the `test-util` feature's instant [`testing::FakeBackend`] standing in for a model:
+//! With the `test-util` feature's instant `testing::FakeBackend` standing in for a model:
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -84,27 +84,32 @@
 //!
 //! ## Features
 //!
-//! - `test-util`: [`testing`] backends (scripted and fake).
-//! - `run`: [`run::run_to_file`], a whole run into a crash-safe, resumable JSONL file with a
-//!   failure ledger, graceful stop and a Ctrl-C helper.
-//! - `cache`: [`backend::cache`], a persistent response cache around any backend.
-//! - `openai`: [`backend::openai::OpenAiBackend`] for any OpenAI-compatible chat-completions
-//!   server (vLLM, llama.cpp, Ollama, OpenAI, ...).
-//! - `anthropic`: [`backend::anthropic::AnthropicBackend`] for Anthropic's Messages API.
-//! - `batch`: [`batch`], the providers' batch APIs (half the price) behind the same engine and
-//!   run: [`batch::BatchApi`] with the OpenAI and Anthropic implementations (with those
-//!   features) and [`batch::BatchBackend`], which gathers a run's calls into batches.
-//! - `middleware` (implied by `openai` and `anthropic`): [`backend::retry::Retry`],
-//!   [`backend::rate_limit::RateLimit`] and [`backend::adaptive::Adaptive`] (adaptive
-//!   concurrency and a circuit breaker) around any backend, including your own.
-//! - `parquet`: [`export`], a dataset folder for the Hugging Face Hub: Parquet files per
-//!   split and a dataset card (pure Rust, no C build).
-//! - `local`: [`backend::local::LocalBackend`], a GGUF chat model running in this process on
-//!   the CPU; the default model is fetched on first use.
-//! - `cli`: the `rmboost` command (turns on `local`, `openai`, `anthropic`, `run`, `batch`,
-//!   `cache` and `parquet`).
+//! None is on by default. The modules and items behind a feature are marked with it in the
+//! documentation built with all features (`cargo doc --all-features`, as on docs.rs); they are
+//! named here as code, not links, so that these docs build with any set of features.
 //!
-//! No feature is on by default. Minimum supported Rust version: 1.90.
+//! - `test-util`: `testing`, scripted and fake backends for tests.
+//! - `local`: `backend::local::LocalBackend`, a GGUF chat model in process (candle); the
+//!   default model, SmolLM2-135M-Instruct, is fetched when asked (`fetch_default_model`).
+//! - `run`: `run::run_to_file`, a whole run into a crash-safe, resumable JSONL file with a
+//!   failure ledger, graceful stop and a Ctrl-C helper.
+//! - `cache`: `backend::cache`, a persistent response cache around any backend.
+//! - `openai`: `backend::openai::OpenAiBackend` for any OpenAI-compatible chat-completions
+//!   server (vLLM, llama.cpp, Ollama, OpenAI, ...).
+//! - `anthropic`: `backend::anthropic::AnthropicBackend` for Anthropic's Messages API.
+//! - `batch`: `batch`, the providers' batch APIs (half the price) behind the same engine and
+//!   run: `batch::BatchApi` with the OpenAI and Anthropic implementations (with those
+//!   features) and `batch::run_batch_to_file`, which runs a generation through them.
+//! - `middleware` (implied by `openai` and `anthropic`): `backend::retry::Retry`,
+//!   `backend::rate_limit::RateLimit` and `backend::adaptive::Adaptive` (adaptive
+//!   concurrency and a circuit breaker) around any backend, including your own, and
+//!   `backend::Stack`, which puts them (and the cache) in the one order that works.
+//! - `parquet`: `export`, a dataset folder for the Hugging Face Hub: Parquet files per
+//!   split and a dataset card (pure Rust, no C build).
+//! - `cli`: the `rmboost` command line (and `local`, `openai`, `anthropic`, `run`, `batch`,
+//!   `cache` and `parquet`, which it uses).
+//!
+//! Minimum supported Rust version: 1.90.
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
