@@ -168,7 +168,7 @@ pub struct Stacked {
 
 impl Stacked {
     /// Requests that reached the backend (answers from the cache left out) and their tokens:
-    /// what was paid for. Give it to [`RunOptions::meter`](crate::run::RunOptions::meter) for
+    /// what was paid for. Give it to `RunOptions::meter` (feature `run`) for
     /// a cost budget.
     #[must_use]
     pub fn meter(&self) -> &CallMeter {
