@@ -144,7 +144,7 @@ impl ExampleStream {
     ///
     /// `run` is called synchronously when the prompt is pulled from the input, before its
     /// future is first polled: make a method's random draws there (from
-    /// [`example_rng`]`(seed, &prompt.id)`), so that they do not depend on the order in which
+    /// [`example_rng`]`(seed, prompt.id())`), so that they do not depend on the order in which
     /// examples finish.
     ///
     /// ```
@@ -161,7 +161,7 @@ impl ExampleStream {
     ///     OutputOrder::Input,
     ///     |prompt: Prompt| async move {
     ///         Ok(PreferenceExample {
-    ///             id: prompt.id.clone(),
+    ///             id: prompt.id().to_owned(),
     ///             prompt: prompt.messages().into_owned(),
     ///             chosen: "Hello!".into(),
     ///             rejected: "Go away.".into(),

@@ -452,16 +452,6 @@ fn classify(s: &str) -> Option<Verdict> {
 /// the words after the last `verdict:`, `verdict is`, `better answer is`, `winner:` and
 /// similar; and a sentence "answer A is better" naming one side only. `None` when none of these
 /// gives A, B or a tie.
-///
-/// ```
-/// use rmboost::judge::{parse_verdict, Verdict};
-///
-/// assert_eq!(parse_verdict("B covers more. <verdict>B</verdict>"), Some(Verdict::B));
-/// assert_eq!(parse_verdict("<VERDICT> answer a"), Some(Verdict::A));
-/// assert_eq!(parse_verdict("**Verdict:** a tie."), Some(Verdict::Tie));
-/// assert_eq!(parse_verdict("Overall, Answer B is better."), Some(Verdict::B));
-/// assert_eq!(parse_verdict("Both have merits."), None);
-/// ```
 #[must_use]
 pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
     if let Some(inner) = last_tag(raw, "verdict") {
@@ -556,19 +546,6 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 /// `rating:`, `score is` or `rating is`; the only number in the answer (the same number
 /// repeated counts as one). Values outside 1..=10 count as unreadable. `None` when nothing
 /// readable is found.
-///
-/// ```
-/// use rmboost::judge::parse_score;
-///
-/// assert_eq!(parse_score("Solid. <score>7</score>"), Some(7.0));
-/// assert_eq!(parse_score("I'd give it 8.5/10."), Some(8.5));
-/// assert_eq!(parse_score("**Rating:** 3"), Some(3.0));
-/// assert_eq!(parse_score(" 9 "), Some(9.0));
-/// assert_eq!(parse_score("The answer is 6."), Some(6.0));
-/// assert_eq!(parse_score("Between 6 and 7."), None);
-/// assert_eq!(parse_score("<score>11</score>"), None);
-/// assert_eq!(parse_score("pretty good"), None);
-/// ```
 #[must_use]
 pub(crate) fn parse_score(raw: &str) -> Option<f64> {
     let in_range = |x: f64| (1.0..=10.0).contains(&x).then_some(x);
@@ -628,6 +605,33 @@ fn all_numbers(s: &str) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdicts_are_read_leniently() {
+        assert_eq!(
+            parse_verdict("B covers more. <verdict>B</verdict>"),
+            Some(Verdict::B)
+        );
+        assert_eq!(parse_verdict("<VERDICT> answer a"), Some(Verdict::A));
+        assert_eq!(parse_verdict("**Verdict:** a tie."), Some(Verdict::Tie));
+        assert_eq!(
+            parse_verdict("Overall, Answer B is better."),
+            Some(Verdict::B)
+        );
+        assert_eq!(parse_verdict("Both have merits."), None);
+    }
+
+    #[test]
+    fn scores_are_read_leniently() {
+        assert_eq!(parse_score("Solid. <score>7</score>"), Some(7.0));
+        assert_eq!(parse_score("I'd give it 8.5/10."), Some(8.5));
+        assert_eq!(parse_score("**Rating:** 3"), Some(3.0));
+        assert_eq!(parse_score(" 9 "), Some(9.0));
+        assert_eq!(parse_score("The answer is 6."), Some(6.0));
+        assert_eq!(parse_score("Between 6 and 7."), None);
+        assert_eq!(parse_score("<score>11</score>"), None);
+        assert_eq!(parse_score("pretty good"), None);
+    }
 
     #[test]
     fn verdicts() {
