@@ -144,6 +144,10 @@ const POINT_SECONDS: f64 = 24.0;
 // The loopback server.
 
 struct ServerState {
+    /// Down: every request's connection is dropped unanswered, as a killed replica's are.
+    down: std::sync::atomic::AtomicBool,
+    /// When recording: the conversation key of every request (its last user message).
+    keys: Mutex<Option<Vec<u64>>>,
     latency_us: AtomicU64,
     /// Each answer's latency is spread evenly over `L` plus or minus this many percent of it
     /// (drawn from the request's number, so the mean stays `L`); 0: every answer takes `L`.
@@ -251,6 +255,8 @@ impl BenchServer {
         // response checks (no repetition, first and second responses far apart).
         let filler = FakeBackend::with_response_len(response_bytes);
         let state = Arc::new(ServerState {
+            down: Default::default(),
+            keys: Mutex::new(None),
             latency_us: AtomicU64::new(0),
             jitter_pct: AtomicU64::new(0),
             jitter_seq: AtomicU64::new(0),
@@ -582,6 +588,9 @@ async fn handle(
             self.0.fetch_sub(1, Ordering::Relaxed);
         }
     }
+    if st.down.load(Ordering::Relaxed) {
+        return Err("the replica is down (bench)".into());
+    }
     st.arrivals.fetch_add(1, Ordering::Relaxed);
     let in_flight = st.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     let _leave = Leave(&st.in_flight);
@@ -591,6 +600,9 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    if let Some(keys) = st.keys.lock().unwrap().as_mut() {
+        keys.push(conversation_key(&body));
+    }
     if cap > 0 && in_flight > cap {
         st.rejected.fetch_add(1, Ordering::Relaxed);
         return error_answer(
@@ -674,6 +686,21 @@ async fn handle(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(json)))
         .expect("a valid response"))
+}
+
+/// The last user message of a request body, hashed: the prompt, which every call of an
+/// example carries.
+fn conversation_key(body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let last_user = v["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    last_user.hash(&mut h);
+    h.finish()
 }
 
 /// Nanoseconds from the process's first call of this function: the server stamps its answers
@@ -1534,6 +1561,8 @@ struct CliRun {
     deadline: Duration,
     /// `--no-cache`; otherwise a cache of the run's own in its folder.
     no_cache: bool,
+    /// More `--base-url`s: replicas beside the bench server.
+    replicas: Vec<String>,
 }
 
 /// A folder with the prompts, the output, the response cache and each run's summary: runs over
@@ -1780,6 +1809,7 @@ fn run_cli(
         .arg(work.path("pairs.jsonl"))
         .args(["--backend", "openai", "--base-url"])
         .arg(server.base_url())
+        .args(run.replicas.iter().flat_map(|u| ["--base-url", u.as_str()]))
         .args(["--model", "bench-model", "--progress", "off"])
         .args(["--concurrency", &run.concurrency.to_string()])
         .arg("--summary-json")
@@ -1934,6 +1964,7 @@ impl Args {
             timeout: self.timeout.or(timeout),
             deadline: Duration::from_secs(self.deadline_secs),
             no_cache: self.no_cache,
+            replicas: Vec::new(),
         }
     }
 }
@@ -2024,6 +2055,97 @@ fn capped_mode(server: &BenchServer, args: &Args) {
         );
     }
     println!("goals (default CLI): >= 90% with < 5% 429 at 0; >= 88% at 1%; >= 85% at 5%");
+}
+
+/// The `replicas` mode: three replicas (the bench server and two more), each answering 429
+/// above 32 calls in flight at L = 50 ms, one CLI run with three `--base-url`s; then the same
+/// with one replica killed a third of the way through.
+fn replicas_mode(server: &BenchServer, args: &Args) {
+    let setup = args.setup(50, 32, 0.0, 0);
+    let others: Vec<BenchServer> = (0..2)
+        .map(|_| BenchServer::start(args.server_threads, args.response_bytes))
+        .collect();
+    let all: Vec<&BenchServer> = std::iter::once(server).chain(others.iter()).collect();
+    for s in &all {
+        setup.apply(s);
+    }
+    let c = args.concurrency_or(256);
+    let n = args.prompts_or(12_000);
+    let one = bound(setup.cap, setup.latency);
+    let urls: Vec<String> = others.iter().map(BenchServer::base_url).collect();
+    println!("replicas: n={n} C={c} 3 x ({})", setup.describe());
+
+    // All three healthy.
+    for s in &all {
+        *s.state.keys.lock().unwrap() = Some(Vec::new());
+    }
+    let before: Vec<ServerCounters> = all.iter().map(|s| s.counters()).collect();
+    let mut work = CliWork::new(n, args.keep_files);
+    let mut run = args.cli_run("replicas healthy", c, false, None);
+    run.replicas = urls.clone();
+    let out = run_cli(server, &setup, &mut work, &run);
+    for s in &others {
+        setup.apply(s);
+    }
+    out.print("replicas healthy", Some((3.0 * one, "3 K/(2L)")));
+    let (arrivals, cap_429) = all.iter().zip(&before).fold((0, 0), |(a, r), (s, b)| {
+        let d = s.counters().since(b);
+        (a + d.arrivals, r + d.cap_429)
+    });
+    let mut homes: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();
+    for (i, s) in all.iter().enumerate() {
+        for k in s.state.keys.lock().unwrap().take().unwrap_or_default() {
+            *homes.entry(k).or_default() |= 1 << i;
+        }
+    }
+    let one_home = homes.values().filter(|m| m.count_ones() == 1).count();
+    let per: Vec<u64> = all.iter().zip(&before).map(|(s, b)| s.counters().since(b).answered).collect();
+    println!(
+        "replicas healthy: {:.1}% of 3 x K/(2L) = {:.0}/s; {:.2}% of calls 429; {:.2}% of {} \
+         examples with every call on one replica; answered per replica {per:?}; ids: {}",
+        100.0 * out.rate() / (3.0 * one),
+        3.0 * one,
+        100.0 * cap_429 as f64 / arrivals.max(1) as f64,
+        100.0 * one_home as f64 / homes.len().max(1) as f64,
+        homes.len(),
+        out.ids
+    );
+
+    // One replica killed a third of the way through.
+    let mut work = CliWork::new(n, args.keep_files);
+    let output = work.path("pairs.jsonl");
+    let kill_after = Duration::from_secs_f64(n as f64 / (3.0 * one) / 3.0);
+    let victim = Arc::clone(&others[1].state);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(kill_after);
+        let lines = std::fs::read_to_string(&output)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        victim.down.store(true, Ordering::Relaxed);
+        (Instant::now(), lines as u64)
+    });
+    let mut run = args.cli_run("replicas, one killed", c, false, None);
+    run.replicas = urls;
+    let started = Instant::now();
+    let out = run_cli(server, &setup, &mut work, &run);
+    let ended = Instant::now();
+    let (killed_at, lines_at_kill) = killer.join().expect("killer thread");
+    others[1].state.down.store(false, Ordering::Relaxed);
+    out.print("replicas, one killed", Some((3.0 * one, "3 K/(2L)")));
+    let after = (out.ids.lines - lines_at_kill) as f64
+        / ended.saturating_duration_since(killed_at).as_secs_f64().max(1e-9);
+    println!(
+        "replicas, one killed at {:.1} s ({lines_at_kill} lines written): after the kill \
+         {after:.0}/s = {:.1}% of the survivors' 2 x K/(2L) = {:.0}/s; ids: {}",
+        killed_at.saturating_duration_since(started).as_secs_f64(),
+        100.0 * after / (2.0 * one),
+        2.0 * one,
+        out.ids
+    );
+    println!(
+        "goals: >= 90% of 3 x K/(2L) with < 5% 429; >= 99% of examples on one replica; after a \
+         kill every id once and >= 85% of 2 x K/(2L)"
+    );
 }
 
 /// The `bucket` mode: a token bucket of R requests a minute at an LLM-like latency.
@@ -2281,6 +2403,7 @@ fn main() {
         "capped" => capped_mode(&server, &args),
         "bucket" => bucket_mode(&server, &args),
         "thirty" => thirty_mode(&server, &args),
+        "replicas" => replicas_mode(&server, &args),
         "all" => {
             server_mode(&rt, &server);
             for &c in &args.concurrency {
@@ -2294,7 +2417,7 @@ fn main() {
         }
         other => panic!(
             "unknown mode {other}: all, server, throughput, ceiling, memory, adaptive, flaky, \
-             capped, bucket, thirty"
+             capped, bucket, thirty, replicas"
         ),
     }
 }

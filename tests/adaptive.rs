@@ -914,3 +914,118 @@ async fn forwards_name_and_model_and_is_object_safe() {
     assert_eq!(wrapped.name(), "ruled");
     assert_eq!(wrapped.model(), "ruled-1");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Replicas: several replicas of one model as one backend.
+
+#[cfg(feature = "test-util")]
+mod replicas {
+    use super::*;
+    use rmboost::backend::{Replicas, Stack};
+    use rmboost::testing::ScriptedBackend;
+    use rmboost::Completion;
+    use std::collections::{BTreeSet, HashMap};
+
+    /// The two calls of example `i`: the first asks the prompt, the second adds a system
+    /// message (as the method's second call does).
+    fn calls_of(i: usize) -> [CompletionRequest; 2] {
+        let prompt = format!("question {i}");
+        [
+            CompletionRequest::new(vec![Message::user(prompt.clone())]),
+            CompletionRequest::new(vec![
+                Message::system("Answer better than the reference."),
+                Message::user(prompt),
+            ]),
+        ]
+    }
+
+    fn replica(name: &'static str, up: Arc<AtomicBool>) -> ScriptedBackend {
+        ScriptedBackend::from_fn(move |_| {
+            if up.load(Ordering::SeqCst) {
+                Ok(Completion::new(name))
+            } else {
+                Err(BackendError::new(BackendErrorKind::Connection, "connection refused"))
+            }
+        })
+        .with_latency(Duration::from_millis(50))
+    }
+
+    fn three(up: [&Arc<AtomicBool>; 3]) -> Replicas {
+        Replicas::new(AdaptiveConfig::new(nz(32)))
+            .replica("a", replica("a", Arc::clone(up[0])))
+            .replica("b", replica("b", Arc::clone(up[1])))
+            .replica("c", replica("c", Arc::clone(up[2])))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_calls_of_an_example_go_to_one_replica_and_examples_spread() {
+        let up = [0, 1, 2].map(|_| Arc::new(AtomicBool::new(true)));
+        let replicas = three([&up[0], &up[1], &up[2]]);
+        let backend = Stack::new().build(replicas.clone());
+        let answers = join_all((0..300).map(|i| {
+            let backend = backend.clone();
+            async move {
+                let [first, second] = calls_of(i);
+                let a = backend.complete(first).await.unwrap().text;
+                let b = backend.complete(second).await.unwrap().text;
+                (a, b)
+            }
+        }))
+        .await;
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for (a, b) in &answers {
+            assert_eq!(a, b, "an example's calls went to two replicas");
+            *per.entry(a.clone()).or_default() += 1;
+        }
+        assert_eq!(per.len(), 3, "{per:?}");
+        assert!(per.values().all(|&n| (70..=130).contains(&n)), "{per:?}");
+        let stats = replicas.stats();
+        assert_eq!(stats.iter().map(|r| r.calls).sum::<u64>(), 600);
+        assert!(stats.iter().all(|r| r.errors == 0 && r.drains == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_replica_is_drained_its_examples_move_and_it_is_probed_back() {
+        let up = [0, 1, 2].map(|_| Arc::new(AtomicBool::new(true)));
+        let replicas = three([&up[0], &up[1], &up[2]]);
+        let backend = Stack::new()
+            .retry(RetryPolicy::default().initial_delay(Duration::from_millis(10)))
+            .build(replicas.clone());
+        // "b" goes down: every call still succeeds, through the others.
+        up[1].store(false, Ordering::SeqCst);
+        let run = |range: std::ops::Range<usize>| {
+            let backend = backend.clone();
+            async move {
+                join_all(range.map(|i| {
+                    let backend = backend.clone();
+                    async move {
+                        let [first, second] = calls_of(i);
+                        let a = backend.complete(first).await.unwrap().text;
+                        let b = backend.complete(second).await.unwrap().text;
+                        (a, b)
+                    }
+                }))
+                .await
+            }
+        };
+        let answers = run(0..300).await;
+        let served: BTreeSet<&str> = answers.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(served, BTreeSet::from(["a", "c"]));
+        let moved = answers.iter().filter(|(a, b)| a != b).count();
+        assert_eq!(moved, 0, "once moved, an example stays on its new replica");
+        let b = &replicas.stats()[1];
+        assert!(b.drains >= 1 && b.drained, "{b:?}");
+        // Every call "b" took failed: those sent or queued before it was drained (each retried
+        // on another replica), far fewer than the third of the 600 calls it would serve.
+        assert_eq!(b.calls, b.errors);
+        assert!(b.errors < 150, "{b:?}");
+
+        // "b" comes back: after its pause a probe succeeds and its keys return to it.
+        up[1].store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let answers = run(300..600).await;
+        let served: BTreeSet<&str> = answers.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(served, BTreeSet::from(["a", "b", "c"]));
+        assert!(!replicas.stats()[1].drained);
+    }
+}

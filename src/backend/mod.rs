@@ -31,6 +31,7 @@
 //! | `retry` | `middleware` | `Retry`, exponential backoff with full jitter and `Retry-After` |
 //! | `rate_limit` | `middleware` | `RateLimit`, requests and tokens per minute |
 //! | `adaptive` | `middleware` | `Adaptive`, an adaptive concurrency limit (AIMD), `Retry-After` pauses and a circuit breaker |
+//! | `replicas` | `middleware` | `Replicas`, several replicas of one model as one backend (per-replica limits, affinity, failover) |
 //! | `stack` | `middleware` | `Stack`, the wrappers above and the cache in the one order that works |
 //! | `cache` | `cache` | `Cached`, a persistent response cache |
 //! | `meter` | (always) | `Metered`, counts calls and tokens for a run's summary and cost budget |
@@ -62,6 +63,9 @@ pub mod rate_limit;
 pub mod retry;
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
+pub mod replicas;
+#[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod stack;
 
 #[cfg(feature = "middleware")]
@@ -75,6 +79,8 @@ pub use openai::OpenAiBackend;
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
 pub use retry::{Retry, RetryPolicy, RetryStats, DEFAULT_MAX_RETRY_AFTER};
+#[cfg(feature = "middleware")]
+pub use replicas::{ReplicaStats, Replicas};
 #[cfg(feature = "middleware")]
 pub use stack::{Stack, Stacked};
 

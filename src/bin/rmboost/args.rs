@@ -296,9 +296,17 @@ pub(crate) struct BackendArgs {
     #[arg(long, value_enum)]
     pub(crate) backend: Option<BackendKind>,
 
-    /// Base URL of the API (for openai: e.g. http://127.0.0.1:8080/v1).
+    /// Base URL of the API (for openai: e.g. http://127.0.0.1:8080/v1). Give it more than
+    /// once for several replicas of one model: the calls spread over them, both calls of an
+    /// example on one replica, each replica with its own concurrency limit, a failing one
+    /// drained and probed back.
     #[arg(long, value_name = "URL")]
-    pub(crate) base_url: Option<String>,
+    pub(crate) base_url: Vec<String>,
+
+    /// A file of base URLs, one a line (blank lines and lines starting with # are skipped),
+    /// added to those of --base-url.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) base_url_file: Option<std::path::PathBuf>,
 
     /// Model name sent to the API.
     #[arg(long, value_name = "NAME")]

@@ -15,7 +15,7 @@ use rmboost::backend::local::LocalBackend;
 use rmboost::backend::meter::CallMeter;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::{RetryPolicy, RetryStats};
-use rmboost::backend::Stack;
+use rmboost::backend::{Replicas, Stack};
 use rmboost::batch::anthropic::AnthropicBatch;
 use rmboost::batch::openai::OpenAiBatch;
 use rmboost::batch::BatchApi;
@@ -29,8 +29,10 @@ use crate::setup::{error_chain, CliError};
 pub(crate) struct BackendStats {
     /// The retry wrapper's counters, where the backend has one.
     pub(crate) retry: Option<Arc<RetryStats>>,
-    /// The adaptive limit on calls in flight, for HTTP backends.
+    /// The adaptive limit on calls in flight, for one HTTP backend.
     pub(crate) adaptive: Option<Arc<AdaptiveStats>>,
+    /// Several replicas (each with its own limit), for `--base-url` given more than once.
+    pub(crate) replicas: Option<Replicas>,
 }
 
 impl BackendStats {
@@ -84,21 +86,63 @@ pub(crate) fn build(
     if let Some(cache) = cache {
         stack = stack.cache(cache);
     }
-    let (stacked, description) = match kind {
-        BackendKind::Openai => {
-            let backend = openai(args)?;
-            let description = description(kind, &backend.model(), Some(backend.endpoint()));
-            (online(stack, args, cap)?.build(backend), description)
-        }
-        BackendKind::Anthropic => {
-            let backend = anthropic(args)?;
-            let description = description(kind, &backend.model(), Some(backend.endpoint()));
-            (online(stack, args, cap)?.build(backend), description)
-        }
-        BackendKind::Local => {
+    let urls = base_urls(args)?;
+    let mut replicas = None;
+    let (stacked, description) = match (kind, urls.len()) {
+        (BackendKind::Local, 0) => {
             let backend = local(args)?;
             let description = description(kind, &backend.model(), None);
             (stack.build(backend), description)
+        }
+        (BackendKind::Local, _) => {
+            return Err(CliError::usage(
+                "--base-url is for --backend openai or anthropic (the local model runs here)",
+            ))
+        }
+        (_, 0 | 1) => {
+            let url = urls.first().map(String::as_str);
+            let (backend, description): (Box<dyn LlmBackend>, String) = match kind {
+                BackendKind::Anthropic => {
+                    let b = anthropic(args, url)?;
+                    let d = description(kind, &b.model(), Some(b.endpoint()));
+                    (Box::new(b), d)
+                }
+                _ => {
+                    let b = openai(args, url)?;
+                    let d = description(kind, &b.model(), Some(b.endpoint()));
+                    (Box::new(b), d)
+                }
+            };
+            let stack = online(stack, args)?.adaptive(limit(args, cap)?);
+            (stack.build(backend), description)
+        }
+        (_, n) => {
+            // Several replicas of one model: each has its own limit, inside the retry.
+            let mut set = Replicas::new(limit(args, cap)?);
+            let mut model = String::new();
+            for url in &urls {
+                let (backend, name): (Box<dyn LlmBackend>, String) = match kind {
+                    BackendKind::Anthropic => {
+                        let b = anthropic(args, Some(url))?;
+                        let name = b.endpoint();
+                        model = b.model().into_owned();
+                        (Box::new(b), name)
+                    }
+                    _ => {
+                        let b = openai(args, Some(url))?;
+                        let name = b.endpoint();
+                        model = b.model().into_owned();
+                        (Box::new(b), name)
+                    }
+                };
+                set = set.replica(name, backend);
+            }
+            let description = format!(
+                "{} on {n} replicas",
+                description(kind, &model, None)
+            );
+            replicas = Some(set.clone());
+            (online(stack, args)?.build(set), description)
         }
     };
     Ok(Built {
@@ -106,14 +150,24 @@ pub(crate) fn build(
         stats: BackendStats {
             retry: stacked.retry_stats().cloned(),
             adaptive: stacked.adaptive_stats().cloned(),
+            replicas,
         },
         backend: Arc::new(stacked),
         description,
     })
 }
 
-/// The wrappers of an HTTP backend: retry, the limit on calls in flight and the rate limit.
-fn online(mut stack: Stack, args: &BackendArgs, cap: NonZeroUsize) -> Result<Stack, CliError> {
+/// The limit on calls in flight: adaptive up to `--concurrency`, or fixed there with
+/// `--fixed-concurrency`.
+fn limit(args: &BackendArgs, cap: NonZeroUsize) -> Result<AdaptiveConfig, CliError> {
+    AdaptiveConfig::builder(cap)
+        .adaptive(!args.fixed_concurrency)
+        .build()
+        .map_err(|e| CliError::usage(format!("--concurrency: {e}")))
+}
+
+/// The wrappers of an HTTP backend: retry and the rate limit.
+fn online(mut stack: Stack, args: &BackendArgs) -> Result<Stack, CliError> {
     if let Some(rpm) = args.rpm {
         let rpm =
             NonZeroU32::new(rpm).ok_or_else(|| CliError::usage("--rpm must be at least 1"))?;
@@ -124,14 +178,8 @@ fn online(mut stack: Stack, args: &BackendArgs, cap: NonZeroUsize) -> Result<Sta
             NonZeroU32::new(tpm).ok_or_else(|| CliError::usage("--tpm must be at least 1"))?;
         stack = stack.tokens_per_minute(tpm);
     }
-    let config = AdaptiveConfig::builder(cap)
-        .adaptive(!args.fixed_concurrency)
-        .build()
-        .map_err(|e| CliError::usage(format!("--concurrency: {e}")))?;
     let attempts = NonZeroU32::new(args.retries.saturating_add(1)).expect("at least 1");
-    Ok(stack
-        .adaptive(config)
-        .retry(RetryPolicy::default().max_attempts(attempts)))
+    Ok(stack.retry(RetryPolicy::default().max_attempts(attempts)))
 }
 
 /// The batch API of `--backend` (openai or anthropic), with the same URL, model, key and
@@ -147,17 +195,24 @@ pub(crate) fn batch_api(
     }
     timeout(&args)?;
     let kind = args.backend.unwrap_or_else(default_kind);
+    let urls = base_urls(&args)?;
+    if urls.len() > 1 {
+        return Err(CliError::usage(
+            "--batch and `rmboost batch` take one --base-url (a provider's batch API)",
+        ));
+    }
+    let url = urls.first().map(String::as_str);
     let batch = |model: &str, endpoint: String| {
         format!("{} (batch API)", description(kind, model, Some(endpoint)))
     };
     match kind {
         BackendKind::Openai => {
-            let backend = openai(&args)?;
+            let backend = openai(&args, url)?;
             let described = batch(&backend.model(), backend.endpoint());
             Ok((Arc::new(OpenAiBatch::new(backend)), described))
         }
         BackendKind::Anthropic => {
-            let backend = anthropic(&args)?;
+            let backend = anthropic(&args, url)?;
             let described = batch(&backend.model(), backend.endpoint());
             Ok((Arc::new(AnthropicBatch::new(backend)), described))
         }
@@ -201,9 +256,32 @@ fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
         .map_err(|e| CliError::usage(format!("--timeout: {e}")))
 }
 
-fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
+/// The URLs of `--base-url` (repeatable) and `--base-url-file`, in that order.
+pub(crate) fn base_urls(args: &BackendArgs) -> Result<Vec<String>, CliError> {
+    let mut urls = args.base_url.clone();
+    if let Some(path) = &args.base_url_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::usage(format!("--base-url-file {}: {e}", path.display()))
+        })?;
+        urls.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+        if urls.is_empty() {
+            return Err(CliError::usage(format!(
+                "--base-url-file {}: no URL in it",
+                path.display()
+            )));
+        }
+    }
+    Ok(urls)
+}
+
+fn openai(args: &BackendArgs, url: Option<&str>) -> Result<OpenAiBackend, CliError> {
     let model =
-        match (&args.model, &args.base_url) {
+        match (&args.model, url) {
             (Some(m), _) => m.clone(),
             // Servers such as llama.cpp's answer with their one model whatever the name.
             (None, Some(_)) => "default".to_string(),
@@ -214,8 +292,8 @@ fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
     let mut b = OpenAiBackend::builder()
         .model(model)
         .timeout(timeout(args)?);
-    if let Some(url) = &args.base_url {
-        b = b.base_url(url.clone());
+    if let Some(url) = url {
+        b = b.base_url(url);
     }
     if let Some(var) = key_var(args) {
         b = b.api_key_env(var);
@@ -223,15 +301,15 @@ fn openai(args: &BackendArgs) -> Result<OpenAiBackend, CliError> {
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
 }
 
-fn anthropic(args: &BackendArgs) -> Result<AnthropicBackend, CliError> {
+fn anthropic(args: &BackendArgs, url: Option<&str>) -> Result<AnthropicBackend, CliError> {
     let Some(model) = &args.model else {
         return Err(CliError::usage("--backend anthropic needs --model"));
     };
     let mut b = AnthropicBackend::builder()
         .model(model.clone())
         .timeout(timeout(args)?);
-    if let Some(url) = &args.base_url {
-        b = b.base_url(url.clone());
+    if let Some(url) = url {
+        b = b.base_url(url);
     }
     if let Some(var) = key_var(args) {
         b = b.api_key_env(var);

@@ -21,7 +21,9 @@ use rmboost::run::{
 };
 
 use crate::setup::{self, error_chain, CliError};
-use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, Report, Status, Tokens};
+use crate::summary::{
+    BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Status, Tokens,
+};
 use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
 
@@ -125,6 +127,30 @@ fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
     })
 }
 
+/// The limit on calls in flight: the one backend's, or the sum over the replicas.
+fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSnapshot> {
+    if let Some(set) = &stats.replicas {
+        let all: Vec<_> = set.stats().into_iter().map(|r| r.limit).collect();
+        let mut sum = *all.first()?;
+        for s in &all[1..] {
+            sum.cap += s.cap;
+            sum.limit += s.limit;
+            sum.min_limit += s.min_limit;
+            sum.max_limit += s.max_limit;
+            sum.in_flight += s.in_flight;
+            sum.waiting += s.waiting;
+            sum.calls += s.calls;
+            sum.rate_limited += s.rate_limited;
+            sum.congestion += s.congestion;
+            sum.decreases += s.decreases;
+            sum.increases += s.increases;
+            sum.pauses += s.pauses;
+        }
+        return Some(sum);
+    }
+    stats.adaptive.as_ref().map(|a| a.snapshot())
+}
+
 fn tick(
     p: &RunSummary,
     stats: &BackendStats,
@@ -141,10 +167,7 @@ fn tick(
         tokens: usage.total(),
         cost: prices.map(|pr| pr.cost(usage)),
         elapsed: t0.elapsed(),
-        limit: stats.adaptive.as_ref().map(|a| {
-            let s = a.snapshot();
-            (s.limit, s.cap, s.rate_limited_share())
-        }),
+        limit: limits(stats).map(|s| (s.limit, s.cap, s.rate_limited_share())),
         batch: batch.map(|b| {
             let s = b.stats();
             (s.batches_created, s.waves, s.in_flight)
@@ -402,8 +425,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         ledger: ledger_path.exists().then_some(ledger_path),
         ledger_pending: summary.ledger_pending,
         bad_line_messages: summary.bad_line_messages.clone(),
-        concurrency: stats.adaptive.as_ref().map(|a| {
-            let s = a.snapshot();
+        concurrency: limits(&stats).map(|s| {
             ConcurrencyReport {
                 adaptive: !args.backend.fixed_concurrency,
                 cap: s.cap,
@@ -415,6 +437,23 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                 congestion: s.congestion,
             }
         }),
+        replicas: stats
+            .replicas
+            .as_ref()
+            .map(|set| {
+                set.stats()
+                    .into_iter()
+                    .map(|r| ReplicaReport {
+                        endpoint: r.name,
+                        calls: r.calls,
+                        errors: r.errors,
+                        rate_limited: r.limit.rate_limited,
+                        drains: r.drains,
+                        limit: r.limit.limit,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         batch: batch_stats.map(|stats| BatchReport {
             resume_hint: (stats.in_flight > 0).then(|| {
                 format!(

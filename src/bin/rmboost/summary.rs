@@ -77,6 +77,23 @@ pub(crate) struct ConcurrencyReport {
     pub(crate) congestion: u64,
 }
 
+/// One replica of `--base-url` given more than once.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ReplicaReport {
+    /// Its endpoint.
+    pub(crate) endpoint: String,
+    /// Calls it answered or failed (every attempt).
+    pub(crate) calls: u64,
+    /// Of those, failed.
+    pub(crate) errors: u64,
+    /// Of those, answered 429.
+    pub(crate) rate_limited: u64,
+    /// Times it was drained (its calls went to the others until a probe succeeded).
+    pub(crate) drains: u64,
+    /// Its limit on calls in flight at the end.
+    pub(crate) limit: usize,
+}
+
 /// The batches of a `--batch` run.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct BatchReport {
@@ -128,6 +145,9 @@ pub(crate) struct Report {
     pub(crate) bad_line_messages: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) concurrency: Option<ConcurrencyReport>,
+    /// Per replica, with several `--base-url`s (the concurrency above is their sum).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) replicas: Vec<ReplicaReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) batch: Option<BatchReport>,
 }
@@ -204,6 +224,15 @@ impl fmt::Display for Report {
                 format!(
                     "{range}; {} of {} calls answered 429, {} times congestion",
                     c.rate_limited, c.calls, c.congestion
+                ),
+            ));
+        }
+        for r in &self.replicas {
+            rows.push((
+                "replica",
+                format!(
+                    "{}: {} calls, {} failed ({} answered 429), drained {} times, limit {}",
+                    r.endpoint, r.calls, r.errors, r.rate_limited, r.drains, r.limit
                 ),
             ));
         }
