@@ -2099,7 +2099,11 @@ fn replicas_mode(server: &BenchServer, args: &Args) {
         }
     }
     let one_home = homes.values().filter(|m| m.count_ones() == 1).count();
-    let per: Vec<u64> = all.iter().zip(&before).map(|(s, b)| s.counters().since(b).answered).collect();
+    let per: Vec<u64> = all
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.counters().since(b).answered)
+        .collect();
     println!(
         "replicas healthy: {:.1}% of 3 x K/(2L) = {:.0}/s; {:.2}% of calls 429; {:.2}% of {} \
          examples with every call on one replica; answered per replica {per:?}; ids: {}",
@@ -2133,7 +2137,10 @@ fn replicas_mode(server: &BenchServer, args: &Args) {
     others[1].state.down.store(false, Ordering::Relaxed);
     out.print("replicas, one killed", Some((3.0 * one, "3 K/(2L)")));
     let after = (out.ids.lines - lines_at_kill) as f64
-        / ended.saturating_duration_since(killed_at).as_secs_f64().max(1e-9);
+        / ended
+            .saturating_duration_since(killed_at)
+            .as_secs_f64()
+            .max(1e-9);
     println!(
         "replicas, one killed at {:.1} s ({lines_at_kill} lines written): after the kill \
          {after:.0}/s = {:.1}% of the survivors' 2 x K/(2L) = {:.0}/s; ids: {}",

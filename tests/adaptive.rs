@@ -944,7 +944,10 @@ mod replicas {
             if up.load(Ordering::SeqCst) {
                 Ok(Completion::new(name))
             } else {
-                Err(BackendError::new(BackendErrorKind::Connection, "connection refused"))
+                Err(BackendError::new(
+                    BackendErrorKind::Connection,
+                    "connection refused",
+                ))
             }
         })
         .with_latency(Duration::from_millis(50))

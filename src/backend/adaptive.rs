@@ -156,6 +156,13 @@ pub struct AdaptiveConfig {
 }
 
 impl AdaptiveConfig {
+    /// The same settings without the circuit breaker: for a wrapper that routes around an
+    /// unhealthy backend itself (calls waiting behind an open breaker could not move).
+    pub(crate) fn without_breaker(mut self) -> Self {
+        self.breaker_threshold = None;
+        self
+    }
+
     /// The defaults with this cap: the limit starts at the cap or 16, whichever is lower, and
     /// adapts, and the breaker is on. See [`AdaptiveConfigBuilder`] for each default.
     #[must_use]

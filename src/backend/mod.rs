@@ -60,10 +60,10 @@ pub mod openai;
 pub mod rate_limit;
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
-pub mod retry;
+pub mod replicas;
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
-pub mod replicas;
+pub mod retry;
 #[cfg(feature = "middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub mod stack;
@@ -78,9 +78,9 @@ pub use openai::OpenAiBackend;
 #[cfg(feature = "middleware")]
 pub use rate_limit::RateLimit;
 #[cfg(feature = "middleware")]
-pub use retry::{Retry, RetryPolicy, RetryStats, DEFAULT_MAX_RETRY_AFTER};
-#[cfg(feature = "middleware")]
 pub use replicas::{ReplicaStats, Replicas};
+#[cfg(feature = "middleware")]
+pub use retry::{Retry, RetryPolicy, RetryStats, DEFAULT_MAX_RETRY_AFTER};
 #[cfg(feature = "middleware")]
 pub use stack::{Stack, Stacked};
 

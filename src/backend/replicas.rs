@@ -4,8 +4,8 @@
 //! set of [`LlmBackend`]s that answer alike, used as one backend:
 //!
 //! - **Each replica has its own limit.** An [`Adaptive`] limit on calls in flight (with its
-//!   `Retry-After` pauses and circuit breaker) per replica, so a slow or capped replica is
-//!   held back without holding back the others.
+//!   `Retry-After` pauses; the draining below stands for its circuit breaker) per replica, so
+//!   a slow or capped replica is held back without holding back the others.
 //! - **Affinity.** The calls of one example go to the same replica while it is healthy: a call
 //!   is placed by rendezvous hashing of its conversation (the request's messages other than
 //!   system messages), which the first call, the second call and every re-ask of an example
@@ -15,8 +15,8 @@
 //!   length), and a re-ask, which repeats its request, is served from it. Different examples
 //!   spread evenly over the replicas.
 //! - **Failover.** A replica whose calls fail as an outage would (no connection, a timeout, a
-//!   5xx, [`Unavailable`](crate::BackendErrorKind::Unavailable)) three times in a row, or
-//!   whose breaker opens, is drained: calls go to the next replica in their order, so an
+//!   5xx, [`Unavailable`](crate::BackendErrorKind::Unavailable)) three times in a row is
+//!   drained: calls go to the next replica in their order, so an
 //!   example moves once and stays. After a pause (2 s, doubling up to a minute while it keeps
 //!   failing) one call probes it; a success brings it back. The failed call itself comes back
 //!   as an error, for the retry wrapper outside to send again (to a healthy replica): nothing
@@ -60,7 +60,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats, BreakerState};
+use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats};
 use super::{Completion, CompletionRequest, LlmBackend, Role};
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -109,7 +109,7 @@ enum Use {
     Take,
     /// Drained and its pause passed: take it as the probe.
     Probe,
-    /// Drained (or its breaker open): pass it by.
+    /// Drained: pass it by.
     Skip,
 }
 
@@ -150,7 +150,9 @@ impl Replicas {
     #[must_use]
     pub fn replica(mut self, name: impl Into<String>, backend: impl LlmBackend + 'static) -> Self {
         let backend: Box<dyn LlmBackend> = Box::new(backend);
-        let backend = Adaptive::with_config(backend, self.config.clone());
+        // The replicas drain a failing one themselves, so calls move instead of waiting
+        // behind its breaker.
+        let backend = Adaptive::with_config(backend, self.config.clone().without_breaker());
         let replicas = Arc::get_mut(&mut self.replicas)
             .expect("add every replica before cloning the Replicas");
         replicas.push(Replica {
@@ -242,7 +244,6 @@ impl Replica {
                 h.probing = true;
                 Use::Probe
             }
-            None if self.limit.breaker() == BreakerState::Open => Use::Skip,
             None => Use::Take,
         }
     }

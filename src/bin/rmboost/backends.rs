@@ -137,10 +137,7 @@ pub(crate) fn build(
                 };
                 set = set.replica(name, backend);
             }
-            let description = format!(
-                "{} on {n} replicas",
-                description(kind, &model, None)
-            );
+            let description = format!("{} on {n} replicas", description(kind, &model, None));
             replicas = Some(set.clone());
             (online(stack, args)?.build(set), description)
         }
@@ -260,9 +257,8 @@ fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
 pub(crate) fn base_urls(args: &BackendArgs) -> Result<Vec<String>, CliError> {
     let mut urls = args.base_url.clone();
     if let Some(path) = &args.base_url_file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            CliError::usage(format!("--base-url-file {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("--base-url-file {}: {e}", path.display())))?;
         urls.extend(
             text.lines()
                 .map(str::trim)

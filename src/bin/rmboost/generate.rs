@@ -425,17 +425,15 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         ledger: ledger_path.exists().then_some(ledger_path),
         ledger_pending: summary.ledger_pending,
         bad_line_messages: summary.bad_line_messages.clone(),
-        concurrency: limits(&stats).map(|s| {
-            ConcurrencyReport {
-                adaptive: !args.backend.fixed_concurrency,
-                cap: s.cap,
-                limit: s.limit,
-                min_limit: s.min_limit,
-                max_limit: s.max_limit,
-                calls: s.calls,
-                rate_limited: s.rate_limited,
-                congestion: s.congestion,
-            }
+        concurrency: limits(&stats).map(|s| ConcurrencyReport {
+            adaptive: !args.backend.fixed_concurrency,
+            cap: s.cap,
+            limit: s.limit,
+            min_limit: s.min_limit,
+            max_limit: s.max_limit,
+            calls: s.calls,
+            rate_limited: s.rate_limited,
+            congestion: s.congestion,
         }),
         replicas: stats
             .replicas
