@@ -522,3 +522,96 @@ async fn absurd_token_counts_saturate() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
     assert_eq!(s["tokens"]["total"], u64::MAX, "{s}");
 }
+
+/// `--base-url` given more than once (and `--base-url-file`): the calls spread over the
+/// replicas, both calls of an example on one of them, and the summary has a row per replica.
+/// One replica that refuses every connection is drained, and every example is still made.
+#[test]
+fn several_base_urls_spread_the_calls_and_route_around_a_dead_replica() {
+    let servers: Vec<OpenAiServer> = (0..3).map(|_| OpenAiServer::start()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 30);
+    // A port nobody listens on: every call to it is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
+    let list = dir.path().join("urls.txt");
+    std::fs::write(
+        &list,
+        format!("# the third replica\n\n{}\n{dead}\n", servers[2].base_url()),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let summary = dir.path().join("s.json");
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(&out)
+        .args(["--backend", "openai", "--model", "m", "--no-cache"])
+        .args(["--base-url", &servers[0].base_url()])
+        .args(["--base-url", &servers[1].base_url()])
+        .arg("--base-url-file")
+        .arg(&list)
+        .arg("--summary-json")
+        .arg(&summary)
+        .output()
+        .unwrap();
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["examples_written"], 30, "{s}");
+    let replicas = s["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 4, "{s}");
+    assert!(
+        replicas[3]["endpoint"].as_str().unwrap().starts_with(&dead),
+        "{s}"
+    );
+    assert!(replicas[3]["drains"].as_u64().unwrap() >= 1, "{s}");
+    // Every call the dead one took failed, and was made again on a live one.
+    assert_eq!(replicas[3]["calls"], replicas[3]["errors"], "{s}");
+    for (r, server) in replicas.iter().zip(&servers) {
+        assert_eq!(r["errors"], 0, "{s}");
+        assert_eq!(r["calls"].as_u64().unwrap(), server.requests(), "{s}");
+        assert!(server.requests() > 0, "every live replica took calls: {s}");
+    }
+    let live: u64 = servers.iter().map(OpenAiServer::requests).sum();
+    assert_eq!(live, 60, "two calls an example, nothing sent twice: {s}");
+    // Both calls of an example went to one server: the servers' first and second calls pair up.
+    for server in &servers {
+        let (firsts, seconds): (Vec<_>, Vec<_>) = server
+            .recorded()
+            .into_iter()
+            .partition(|r| !support::openai_server::is_second(&r.body));
+        assert_eq!(firsts.len(), seconds.len(), "{s}");
+    }
+    assert!(stdout.contains("replica"), "{stdout}");
+    assert!(stdout.contains("on 4 replicas"), "{stdout}");
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(lines.lines().count(), 30);
+}
+
+#[test]
+fn several_base_urls_are_refused_where_one_is_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 1);
+    for extra in [
+        &["--backend", "local"][..],
+        &["--backend", "openai", "--model", "m", "--batch"][..],
+    ] {
+        let o = cmd()
+            .args(["generate", "-i", &input, "-o"])
+            .arg(dir.path().join("out.jsonl"))
+            .args(extra)
+            .arg("--no-cache")
+            .args(["--base-url", "http://127.0.0.1:9/v1"])
+            .args(["--base-url", "http://127.0.0.1:10/v1"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("--base-url"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+}
