@@ -9,11 +9,17 @@
 //! - **Affinity.** The calls of one example go to the same replica while it is healthy: a call
 //!   is placed by rendezvous hashing of its conversation (the request's messages other than
 //!   system messages), which the first call, the second call and every re-ask of an example
-//!   share. The replica then holds that conversation in its prefix cache: vLLM's automatic
-//!   prefix caching and SGLang's radix cache skip the prefill of tokens they have seen (their
-//!   documentation describes the saving as the prompt's prefill, which grows with the prompt's
-//!   length), and a re-ask, which repeats its request, is served from it. Different examples
-//!   spread evenly over the replicas.
+//!   share; different examples spread evenly over the replicas. What that buys depends on the
+//!   server's prefix cache. vLLM's automatic prefix caching (and SGLang's radix cache) keep the
+//!   KV cache of the requests they served and let a new request skip the prefill of the
+//!   tokens it shares with one of them *from its start* (vLLM hashes each block of tokens
+//!   together with every token before it, so a block matches only when all of its prefix
+//!   does). A re-ask repeats its request, so on its replica it skips the whole prompt's
+//!   prefill; with [`DefaultTemplate`](crate::DefaultTemplate) the second call starts with its
+//!   own instructions and shares with the first call only the chat template's opening tokens,
+//!   so a template that puts the conversation first would gain the first call's prefill as
+//!   well. Without affinity each of those requests would land on a replica whose cache holds
+//!   nothing of it in two cases out of three (three replicas).
 //! - **Failover.** A replica whose calls fail as an outage would (no connection, a timeout, a
 //!   5xx, [`Unavailable`](crate::BackendErrorKind::Unavailable)) three times in a row is
 //!   drained: calls go to the next replica in their order, so an
