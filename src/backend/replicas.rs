@@ -21,7 +21,8 @@
 //!   well. Without affinity each of those requests would land on a replica whose cache holds
 //!   nothing of it in two cases out of three (three replicas).
 //! - **Failover.** A replica whose calls fail as an outage would (no connection, a timeout, a
-//!   5xx, [`Unavailable`](crate::BackendErrorKind::Unavailable)) three times in a row is
+//!   5xx, an answer that cannot be read, [`Unavailable`](crate::BackendErrorKind::Unavailable))
+//!   three times in a row is
 //!   drained: calls go to the next replica in their order, so an
 //!   example moves once and stays. After a pause (2 s, doubling up to a minute while it keeps
 //!   failing) one call probes it; a success brings it back. The failed call itself comes back
@@ -267,6 +268,7 @@ impl Replica {
                         | BackendErrorKind::Timeout
                         | BackendErrorKind::Server
                         | BackendErrorKind::Unavailable
+                        | BackendErrorKind::InvalidResponse
                 )
             }
         };
