@@ -6,7 +6,8 @@
 //! Needs root and the packages (`apt-get install -y --no-install-recommends slurmctld slurmd
 //! slurm-client munge`; `scripts/test.sh` installs them). Under the README's test command
 //! (`RMBOOST_LIVE_TESTS=required`) a missing piece fails the test; a plain `cargo test` skips
-//! it and says why.
+//! it and says why. `--shard auto` with the variables set by hand (no Slurm needed) is tested
+//! here too.
 #![cfg(feature = "cli")]
 
 mod support;
@@ -159,4 +160,125 @@ fn slurm_array_of_four_tasks_generates_every_id_once() {
         "{} requests",
         server.requests()
     );
+}
+
+/// `--shard auto` without a real scheduler: the variables set by hand, as Slurm and Kubernetes
+/// set them. Runs everywhere.
+#[test]
+fn shard_auto_takes_the_scheduler_shard_or_says_what_is_missing() {
+    let server = OpenAiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let body: String = (1..=12)
+        .map(|i| format!("{{\"id\": \"q{i}\", \"prompt\": \"Name {i} fruit.\"}}\n"))
+        .collect();
+    std::fs::write(&prompts, body).unwrap();
+    let generate = |out: &str, extra: &[&str], vars: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        for name in [
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_COUNT",
+            "SLURM_ARRAY_TASK_MIN",
+            "SLURM_ARRAY_TASK_MAX",
+            "SLURM_ARRAY_TASK_STEP",
+            "SLURM_JOB_ID",
+            "JOB_COMPLETION_INDEX",
+            "RUST_LOG",
+        ] {
+            c.env_remove(name);
+        }
+        c.envs(vars.iter().copied())
+            .arg("generate")
+            .arg("-i")
+            .arg(&prompts)
+            .arg("-o")
+            .arg(dir.path().join(out))
+            .args(["--shard", "auto", "--backend", "openai", "--model", "test"])
+            .args([
+                "--base-url",
+                &server.base_url(),
+                "--no-cache",
+                "--retries",
+                "0",
+            ])
+            .args(extra)
+            .output()
+            .expect("the binary runs")
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // Task 4 of `sbatch --array=0-6:2` is shard 2/4: its part holds exactly that shard's ids.
+    let o = generate(
+        "slurm.jsonl",
+        &[],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "4"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_MAX", "6"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("rmboost: shard 2/4 from SLURM_ARRAY_TASK_ID=4"));
+    assert!(
+        text(&o.stdout).contains("2/4 from SLURM_ARRAY_TASK_ID"),
+        "{}",
+        text(&o.stdout)
+    );
+    let shard = Shard::new(2, 4).unwrap();
+    let got: BTreeSet<String> = lines(&dir.path().join("slurm.jsonl"))
+        .iter()
+        .map(id)
+        .collect();
+    let want: BTreeSet<String> = (1..=12)
+        .map(|i| format!("q{i}"))
+        .filter(|id| shard.contains(id))
+        .collect();
+    assert_eq!(got, want);
+
+    // Pod 1 of a Kubernetes Indexed Job with --shards 3.
+    let o = generate(
+        "k8s.jsonl",
+        &["--shards", "3"],
+        &[("JOB_COMPLETION_INDEX", "1")],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("shard 1/3 from JOB_COMPLETION_INDEX=1"));
+
+    // Refusals: bad flags (exit 2), one line naming the variables, nothing written.
+    for (vars, extra, needle) in [
+        (vec![], vec![], "neither SLURM_ARRAY_TASK_ID"),
+        (vec![("JOB_COMPLETION_INDEX", "1")], vec![], "--shards N"),
+        (
+            vec![("JOB_COMPLETION_INDEX", "3")],
+            vec!["--shards", "3"],
+            "JOB_COMPLETION_INDEX=3 is not below the 3 shards",
+        ),
+        (
+            vec![
+                ("SLURM_ARRAY_TASK_ID", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ],
+            vec!["--shards", "8"],
+            "8 shards were asked for",
+        ),
+        (
+            vec![
+                ("SLURM_ARRAY_TASK_ID", "one"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ],
+            vec![],
+            "SLURM_ARRAY_TASK_ID=\"one\" is not a whole number",
+        ),
+    ] {
+        let o = generate("refused.jsonl", &extra, &vars);
+        assert_eq!(o.status.code(), Some(2), "{needle}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(needle),
+            "{needle}: {}",
+            text(&o.stderr)
+        );
+        assert!(!dir.path().join("refused.jsonl").exists());
+    }
 }
