@@ -8,6 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # setup-test-env.sh prints `export RMBOOST_PYTHON=... RMBOOST_MODEL=...` lines on stdout.
 eval "$(bash scripts/setup-test-env.sh)"
+# The Slurm array test (tests/slurm.rs, scripts/slurm-test.sh) starts a one-node cluster from
+# Debian's packages: install them when missing and we can (root with apt-get; 13 MB, seconds).
+# Otherwise that test fails, saying how to install them.
+slurm_packages="slurmctld slurmd slurm-client munge"
+if ! { command -v sbatch && command -v slurmd && command -v munged; } >/dev/null 2>&1 &&
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test.sh: installing $slurm_packages" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    install_slurm() { apt-get install -y -qq --no-install-recommends $slurm_packages >/dev/null; }
+    install_slurm 2>/dev/null || { apt-get update -qq >/dev/null && install_slurm; }
+fi
 # With the model and server installed, the live tests are mandatory: a missing piece fails
 # them (a plain `cargo test` on a machine without the set-up skips them, saying why).
 export RMBOOST_LIVE_TESTS=required

@@ -411,6 +411,247 @@ impl std::str::FromStr for Shard {
     }
 }
 
+/// Where [`Shard::from_scheduler`] found the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShardSource {
+    /// A task of a Slurm job array (`sbatch --array`): `SLURM_ARRAY_TASK_ID`.
+    SlurmArray,
+    /// A pod of a Kubernetes Indexed Job (`completionMode: Indexed`): `JOB_COMPLETION_INDEX`.
+    KubernetesIndexedJob,
+}
+
+impl ShardSource {
+    /// The environment variable the index came from.
+    #[must_use]
+    pub fn variable(self) -> &'static str {
+        match self {
+            ShardSource::SlurmArray => SLURM_ID,
+            ShardSource::KubernetesIndexedJob => K8S_INDEX,
+        }
+    }
+}
+
+impl std::fmt::Display for ShardSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.variable())
+    }
+}
+
+const SLURM_ID: &str = "SLURM_ARRAY_TASK_ID";
+const SLURM_COUNT: &str = "SLURM_ARRAY_TASK_COUNT";
+const SLURM_MIN: &str = "SLURM_ARRAY_TASK_MIN";
+const SLURM_MAX: &str = "SLURM_ARRAY_TASK_MAX";
+const SLURM_STEP: &str = "SLURM_ARRAY_TASK_STEP";
+const K8S_INDEX: &str = "JOB_COMPLETION_INDEX";
+
+impl Shard {
+    /// The shard of this process from the scheduler that started it, read from the
+    /// environment: a Slurm job array task or a Kubernetes Indexed Job pod. `shards` is the
+    /// number of shards when the caller knows it (`rmboost generate --shards N`); Kubernetes
+    /// needs it, as it does not export the Job's `completions`. See
+    /// [`from_scheduler_vars`](Self::from_scheduler_vars) for the rules; this is that function
+    /// over [`std::env::var`].
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`], with a message naming the variables, when neither scheduler's
+    /// variables are set or their values do not make a shard; see
+    /// [`from_scheduler_vars`](Self::from_scheduler_vars).
+    pub fn from_scheduler(shards: Option<u32>) -> Result<(Shard, ShardSource), Error> {
+        Shard::from_scheduler_vars(shards, |name| std::env::var(name).ok())
+    }
+
+    /// [`from_scheduler`](Self::from_scheduler) with the environment given as a function from
+    /// a variable's name to its value (unset or empty is `None`), so it can be tested, or fed
+    /// from elsewhere.
+    ///
+    /// - **Slurm job arrays** (`SLURM_ARRAY_TASK_ID` is set; `sbatch --array=0-3`, `--array=1-8`,
+    ///   or a range with a step, `--array=0-6:2`): the shard is the task's place in the array,
+    ///   `(ID - MIN) / STEP` of `SLURM_ARRAY_TASK_COUNT`, from `SLURM_ARRAY_TASK_MIN`,
+    ///   `SLURM_ARRAY_TASK_MAX` and `SLURM_ARRAY_TASK_STEP` (Slurm sets all of them; for
+    ///   `--array=0-6:2` the tasks are 0, 2, 4 and 6 with `COUNT=4`, `MIN=0`, `MAX=6`,
+    ///   `STEP=2`, and take shards 0/4 to 3/4). Without `MIN`/`MAX`, the array must start at 0:
+    ///   shard `ID` of `COUNT`. An array that is not an evenly spaced range (a list such as
+    ///   `--array=1,2,5`) is refused: its tasks cannot be numbered from the variables alone.
+    ///   `shards`, when given, must equal the array's count.
+    /// - **Kubernetes Indexed Jobs** (`JOB_COMPLETION_INDEX` is set): shard
+    ///   `JOB_COMPLETION_INDEX` of `shards`, which must be given (the Job's `completions`).
+    ///
+    /// Slurm's variables win when both are set.
+    ///
+    /// ```
+    /// use rmboost::run::{Shard, ShardSource};
+    ///
+    /// // Task 4 of `sbatch --array=0-6:2` (tasks 0, 2, 4, 6):
+    /// let slurm = |name: &str| match name {
+    ///     "SLURM_ARRAY_TASK_ID" => Some("4".to_string()),
+    ///     "SLURM_ARRAY_TASK_COUNT" => Some("4".to_string()),
+    ///     "SLURM_ARRAY_TASK_MIN" => Some("0".to_string()),
+    ///     "SLURM_ARRAY_TASK_MAX" => Some("6".to_string()),
+    ///     "SLURM_ARRAY_TASK_STEP" => Some("2".to_string()),
+    ///     _ => None,
+    /// };
+    /// let (shard, source) = Shard::from_scheduler_vars(None, slurm)?;
+    /// assert_eq!((shard.index(), shard.count(), source), (2, 4, ShardSource::SlurmArray));
+    ///
+    /// // Pod 3 of a Kubernetes Indexed Job with `completions: 8`:
+    /// let k8s = |name: &str| (name == "JOB_COMPLETION_INDEX").then(|| "3".to_string());
+    /// let (shard, _) = Shard::from_scheduler_vars(Some(8), k8s)?;
+    /// assert_eq!((shard.index(), shard.count()), (3, 8));
+    /// assert!(Shard::from_scheduler_vars(None, k8s).is_err()); // the count is needed
+    /// assert!(Shard::from_scheduler_vars(Some(4), |_| None).is_err()); // no scheduler
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`], naming the variables and their values, when:
+    /// - neither `SLURM_ARRAY_TASK_ID` nor `JOB_COMPLETION_INDEX` is set;
+    /// - a value is not a whole number (or a step is 0);
+    /// - `shards` is `Some(0)`;
+    /// - Slurm's variables disagree (the ID outside `MIN..=MAX` or off the step, a `COUNT`
+    ///   that is not the range's), the array is not an evenly spaced range, or neither
+    ///   `COUNT` nor `MIN`/`MAX` is set;
+    /// - `shards` differs from the Slurm array's count;
+    /// - `JOB_COMPLETION_INDEX` is set without `shards`, or is not below it.
+    pub fn from_scheduler_vars(
+        shards: Option<u32>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Shard, ShardSource), Error> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        if shards == Some(0) {
+            return Err(Error::config(
+                "the number of shards must be at least 1, not 0",
+            ));
+        }
+        if let Some(id) = var(SLURM_ID) {
+            let shard = slurm_shard(&id, &var)?;
+            if let Some(n) = shards.filter(|&n| n != shard.count) {
+                return Err(Error::config(format!(
+                    "{n} shards were asked for, but the Slurm array has {} tasks \
+                     ({SLURM_ID}={id}, {}): give the array as many tasks as shards",
+                    shard.count,
+                    slurm_vars(&var),
+                )));
+            }
+            return Ok((shard, ShardSource::SlurmArray));
+        }
+        if let Some(index) = var(K8S_INDEX) {
+            let index = scheduler_number(K8S_INDEX, &index)?;
+            let Some(count) = shards else {
+                return Err(Error::config(format!(
+                    "{K8S_INDEX}={index} (a Kubernetes Indexed Job) needs the number of shards \
+                     given as well (`--shards N` on the command line: the Job's \
+                     `completions`), as Kubernetes does not export it"
+                )));
+            };
+            if index >= count {
+                return Err(Error::config(format!(
+                    "{K8S_INDEX}={index} is not below the {count} shards: the Job's \
+                     `completions` and the number of shards must be the same"
+                )));
+            }
+            return Ok((Shard { index, count }, ShardSource::KubernetesIndexedJob));
+        }
+        let hint = if var("SLURM_JOB_ID").is_some() {
+            " (SLURM_JOB_ID is set: this Slurm job is not an array; submit it with \
+             `sbatch --array=0-N`)"
+        } else {
+            ""
+        };
+        Err(Error::config(format!(
+            "no shard from a scheduler: neither {SLURM_ID} (a Slurm job array task, \
+             `sbatch --array`) nor {K8S_INDEX} (a Kubernetes Indexed Job pod) is set{hint}"
+        )))
+    }
+}
+
+/// A scheduler variable's value as a number.
+fn scheduler_number(name: &str, value: &str) -> Result<u32, Error> {
+    value.trim().parse().map_err(|_| {
+        Error::config(format!(
+            "{name}={value:?} is not a whole number (0 to {})",
+            u32::MAX
+        ))
+    })
+}
+
+/// Slurm's array variables other than the ID, as `NAME=value` for messages.
+fn slurm_vars(var: &dyn Fn(&str) -> Option<String>) -> String {
+    let set: Vec<String> = [SLURM_COUNT, SLURM_MIN, SLURM_MAX, SLURM_STEP]
+        .iter()
+        .filter_map(|name| var(name).map(|v| format!("{name}={v}")))
+        .collect();
+    if set.is_empty() {
+        format!("none of {SLURM_COUNT}, {SLURM_MIN}, {SLURM_MAX} set")
+    } else {
+        set.join(", ")
+    }
+}
+
+/// The shard of a Slurm array task whose `SLURM_ARRAY_TASK_ID` is `id`.
+fn slurm_shard(id: &str, var: &dyn Fn(&str) -> Option<String>) -> Result<Shard, Error> {
+    let number = |name: &str| var(name).map(|v| scheduler_number(name, &v)).transpose();
+    let id_value = scheduler_number(SLURM_ID, id)?;
+    let count = number(SLURM_COUNT)?;
+    let min = number(SLURM_MIN)?;
+    let max = number(SLURM_MAX)?;
+    let step = number(SLURM_STEP)?.unwrap_or(1);
+    let bad = |why: &str| {
+        Error::config(format!(
+            "the Slurm array variables do not make a shard ({SLURM_ID}={id}, {}): {why}",
+            slurm_vars(var)
+        ))
+    };
+    if step == 0 {
+        return Err(bad("a step of 0"));
+    }
+    if count == Some(0) {
+        return Err(bad("a count of 0"));
+    }
+    let (index, count) = match (min, max) {
+        (Some(min), Some(max)) => {
+            if min > max || id_value < min || id_value > max {
+                return Err(bad("the task ID is outside MIN..=MAX"));
+            }
+            if (id_value - min) % step != 0 || (max - min) % step != 0 {
+                return Err(bad("the task ID or MAX is not on the step from MIN"));
+            }
+            let span = (max - min) / step + 1;
+            if count.is_some_and(|c| c != span) {
+                return Err(bad(
+                    "the array is not an evenly spaced range (a list such as --array=1,2,5?); \
+                     give it as a range, --array=0-N or with a step, --array=0-N:S",
+                ));
+            }
+            ((id_value - min) / step, span)
+        }
+        (None, None) => {
+            let Some(count) = count else {
+                return Err(bad(&format!(
+                    "the array's size is unknown: {SLURM_COUNT} or {SLURM_MIN} and {SLURM_MAX} \
+                     must be set"
+                )));
+            };
+            if step != 1 {
+                return Err(bad(&format!(
+                    "a stepped array needs {SLURM_MIN} and {SLURM_MAX}"
+                )));
+            }
+            if id_value >= count {
+                return Err(bad(&format!(
+                    "the task ID is not below the count (without {SLURM_MIN}, the array must \
+                     start at 0: --array=0-N)"
+                )));
+            }
+            (id_value, count)
+        }
+        _ => return Err(bad(&format!("{SLURM_MIN} and {SLURM_MAX} go together"))),
+    };
+    Ok(Shard { index, count })
+}
+
 /// How many bad-line and duplicate messages a summary keeps.
 pub(crate) const MAX_MESSAGES: usize = 20;
 
@@ -1465,5 +1706,198 @@ fn remove_if_exists(path: &Path) -> Result<(), Error> {
         Ok(()) => crate::io::sync_parent(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(Error::io(path, source)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variables of `pairs` as [`Shard::from_scheduler_vars`] reads them.
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn shard(
+        shards: Option<u32>,
+        pairs: &[(&str, &str)],
+    ) -> Result<(u32, u32, ShardSource), String> {
+        Shard::from_scheduler_vars(shards, env(pairs))
+            .map(|(s, src)| (s.index(), s.count(), src))
+            .map_err(|e| {
+                assert_eq!(e.kind(), ErrorKind::Config);
+                e.to_string()
+            })
+    }
+
+    /// The variables Slurm 22.05 sets for each task of `sbatch --array=SPEC` (seen on a real
+    /// cluster by `scripts/slurm-test.sh`'s `SLURM_TEST_PROBE`).
+    fn slurm(id: u32, count: u32, min: u32, max: u32, step: u32) -> Vec<(&'static str, String)> {
+        vec![
+            (SLURM_ID, id.to_string()),
+            (SLURM_COUNT, count.to_string()),
+            (SLURM_MIN, min.to_string()),
+            (SLURM_MAX, max.to_string()),
+            (SLURM_STEP, step.to_string()),
+            ("SLURM_ARRAY_JOB_ID", "17".to_string()),
+            ("SLURM_JOB_ID", "18".to_string()),
+        ]
+    }
+
+    fn refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+
+    const SLURM: ShardSource = ShardSource::SlurmArray;
+    const K8S: ShardSource = ShardSource::KubernetesIndexedJob;
+
+    #[test]
+    fn slurm_array_from_zero_each_task_takes_its_shard() {
+        // sbatch --array=0-3
+        for id in 0..4 {
+            let vars = slurm(id, 4, 0, 3, 1);
+            assert_eq!(shard(None, &refs(&vars)), Ok((id, 4, SLURM)));
+            assert_eq!(shard(Some(4), &refs(&vars)), Ok((id, 4, SLURM)));
+        }
+    }
+
+    #[test]
+    fn slurm_array_not_from_zero_is_numbered_from_min() {
+        // sbatch --array=3-5
+        let got: Vec<_> = (3..=5)
+            .map(|id| shard(None, &refs(&slurm(id, 3, 3, 5, 1))).unwrap())
+            .collect();
+        assert_eq!(got, vec![(0, 3, SLURM), (1, 3, SLURM), (2, 3, SLURM)]);
+    }
+
+    #[test]
+    fn slurm_stepped_array_takes_dense_shards() {
+        // sbatch --array=0-6:2 (and 0-7:2, for which Slurm also sets MAX=6): tasks 0, 2, 4, 6.
+        let got: Vec<_> = [0, 2, 4, 6]
+            .iter()
+            .map(|&id| shard(Some(4), &refs(&slurm(id, 4, 0, 6, 2))).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![(0, 4, SLURM), (1, 4, SLURM), (2, 4, SLURM), (3, 4, SLURM)]
+        );
+        // sbatch --array=1-7:3: tasks 1, 4, 7.
+        assert_eq!(shard(None, &refs(&slurm(7, 3, 1, 7, 3))), Ok((2, 3, SLURM)));
+    }
+
+    #[test]
+    fn slurm_with_only_id_and_count_or_only_min_max() {
+        let only_count = [(SLURM_ID, "2"), (SLURM_COUNT, "4")];
+        assert_eq!(shard(None, &only_count), Ok((2, 4, SLURM)));
+        let only_range = [(SLURM_ID, "6"), (SLURM_MIN, "5"), (SLURM_MAX, "8")];
+        assert_eq!(shard(None, &only_range), Ok((1, 4, SLURM)));
+        // Spaces around the numbers are tolerated; empty values are unset.
+        let spaced = [
+            (SLURM_ID, " 1 "),
+            (SLURM_COUNT, "2\n"),
+            (SLURM_MIN, ""),
+            (SLURM_MAX, ""),
+        ];
+        assert_eq!(shard(None, &spaced), Ok((1, 2, SLURM)));
+    }
+
+    #[test]
+    fn slurm_list_arrays_and_inconsistent_values_are_refused() {
+        // sbatch --array=1,2,5: Slurm sets COUNT=3, MIN=1, MAX=5, STEP=1.
+        let e = shard(None, &refs(&slurm(5, 3, 1, 5, 1))).unwrap_err();
+        assert!(e.contains("not an evenly spaced range"), "{e}");
+        assert!(e.contains("SLURM_ARRAY_TASK_ID=5"), "{e}");
+        assert!(e.contains("SLURM_ARRAY_TASK_COUNT=3"), "{e}");
+        // ID outside the range, off the step, count 0, a step of 0.
+        for (vars, why) in [
+            (slurm(9, 4, 0, 3, 1), "outside MIN..=MAX"),
+            (slurm(3, 4, 0, 6, 2), "not on the step"),
+            (slurm(0, 0, 0, 3, 1), "a count of 0"),
+            (slurm(0, 4, 0, 3, 0), "a step of 0"),
+            (slurm(2, 4, 3, 1, 1), "outside MIN..=MAX"),
+        ] {
+            let e = shard(None, &refs(&vars)).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        let e = shard(None, &[(SLURM_ID, "4"), (SLURM_COUNT, "4")]).unwrap_err();
+        assert!(e.contains("start at 0"), "{e}");
+        let e = shard(None, &[(SLURM_ID, "1")]).unwrap_err();
+        assert!(e.contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
+        let e = shard(None, &[(SLURM_ID, "1"), (SLURM_MIN, "0")]).unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+    }
+
+    #[test]
+    fn non_numbers_are_refused_naming_the_variable() {
+        let e = shard(None, &[(SLURM_ID, "x"), (SLURM_COUNT, "4")]).unwrap_err();
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_ID=\"x\" is not a whole number"),
+            "{e}"
+        );
+        let e = shard(None, &[(SLURM_ID, "1"), (SLURM_COUNT, "-4")]).unwrap_err();
+        assert!(e.contains("SLURM_ARRAY_TASK_COUNT=\"-4\""), "{e}");
+        let e = shard(Some(4), &[(K8S_INDEX, "1.0")]).unwrap_err();
+        assert!(e.contains("JOB_COMPLETION_INDEX=\"1.0\""), "{e}");
+    }
+
+    #[test]
+    fn shards_must_agree_with_slurm_and_be_positive() {
+        let vars = slurm(1, 4, 0, 3, 1);
+        let e = shard(Some(8), &refs(&vars)).unwrap_err();
+        assert!(e.contains("8 shards were asked for"), "{e}");
+        assert!(e.contains("has 4 tasks"), "{e}");
+        let e = shard(Some(0), &refs(&vars)).unwrap_err();
+        assert!(e.contains("at least 1"), "{e}");
+        let e = shard(Some(0), &[(K8S_INDEX, "0")]).unwrap_err();
+        assert!(e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_indexed_job_needs_the_count() {
+        assert_eq!(shard(Some(8), &[(K8S_INDEX, "7")]), Ok((7, 8, K8S)));
+        assert_eq!(shard(Some(1), &[(K8S_INDEX, "0")]), Ok((0, 1, K8S)));
+        let e = shard(None, &[(K8S_INDEX, "3")]).unwrap_err();
+        assert!(
+            e.contains("JOB_COMPLETION_INDEX=3") && e.contains("--shards N"),
+            "{e}"
+        );
+        let e = shard(Some(4), &[(K8S_INDEX, "4")]).unwrap_err();
+        assert!(
+            e.contains("JOB_COMPLETION_INDEX=4 is not below the 4 shards"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn slurm_wins_over_kubernetes() {
+        let mut vars = slurm(2, 4, 0, 3, 1);
+        vars.push((K8S_INDEX, "0".to_string()));
+        assert_eq!(shard(Some(4), &refs(&vars)), Ok((2, 4, SLURM)));
+    }
+
+    #[test]
+    fn no_scheduler_names_both_variables() {
+        let e = shard(Some(4), &[]).unwrap_err();
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_ID") && e.contains("JOB_COMPLETION_INDEX"),
+            "{e}"
+        );
+        assert!(!e.contains("not an array"), "{e}");
+        // A Slurm job that is not an array says so.
+        let e = shard(None, &[("SLURM_JOB_ID", "12")]).unwrap_err();
+        assert!(e.contains("not an array"), "{e}");
+        // Empty values count as unset.
+        let e = shard(None, &[(SLURM_ID, ""), (K8S_INDEX, " ")]).unwrap_err();
+        assert!(e.contains("no shard from a scheduler"), "{e}");
+    }
+
+    #[test]
+    fn source_names_its_variable() {
+        assert_eq!(SLURM.to_string(), "SLURM_ARRAY_TASK_ID");
+        assert_eq!(K8S.variable(), "JOB_COMPLETION_INDEX");
     }
 }

@@ -20,6 +20,12 @@ Examples:
   # See what would be sent for the first three prompts, without calling a model:
   rmboost dry-run -i prompts.jsonl -n 3
 
+  # One task of a job array takes its shard from the scheduler (`sbatch --array=0-7`, or a
+  # Kubernetes Indexed Job with `completions: 8` and --shards 8); then `rmboost merge`.
+  # Ready-made Slurm and Kubernetes files: deploy/ in the repository.
+  rmboost generate -i prompts.jsonl -o parts/part-$SLURM_ARRAY_TASK_ID.jsonl --shard auto \\
+      --backend openai --base-url http://gpu1:8000/v1 --model NAME
+
 Rerunning the same `generate` command resumes: examples already in the output are skipped.
 
 Exit status:
@@ -37,7 +43,11 @@ Exit status:
 Environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY   API keys for the providers' own URLs (a custom
                                       --base-url gets a key only with --api-key-env VAR)
-  RUST_LOG                            log filter for stderr (default: warn)";
+  RUST_LOG                            log filter for stderr (default: warn)
+  SLURM_ARRAY_TASK_ID (_MIN, _MAX,    the shard of --shard auto in a Slurm job array
+    _STEP, _COUNT)
+  JOB_COMPLETION_INDEX                the shard of --shard auto in a Kubernetes Indexed
+                                      Job (with --shards N, the Job's completions)";
 
 /// Synthetic preference data for reward models (RMBoost).
 #[derive(Debug, Parser)]
@@ -420,8 +430,17 @@ pub(crate) struct GenerateArgs {
     pub(crate) order: OrderKind,
 
     /// Only the ids of shard I of N (0-based), e.g. 0/4; give each shard its own output.
-    #[arg(long, value_name = "I/N")]
+    /// `auto`: the shard of this task of a Slurm job array (from SLURM_ARRAY_TASK_ID, MIN,
+    /// MAX, STEP and COUNT: `sbatch --array=0-7` makes 8 shards) or of this pod of a
+    /// Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards).
+    #[arg(long, value_name = "I/N|auto")]
     pub(crate) shard: Option<String>,
+
+    /// With --shard auto: the number of shards. Needed for a Kubernetes Indexed Job (its
+    /// `completions`, which Kubernetes does not export); with a Slurm array, checked against
+    /// the array's size.
+    #[arg(long, value_name = "N", requires = "shard")]
+    pub(crate) shards: Option<u32>,
 
     /// Start the output afresh instead of resuming (deletes its examples and ledger).
     #[arg(long, visible_alias = "no-resume")]

@@ -17,7 +17,7 @@ use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
     ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, CostBudget, ExistingOutput,
-    Outcome, Prices, Progress, Recipe, RunOptions, RunSummary, Shard, StopSignal,
+    Outcome, Prices, Progress, Recipe, RunOptions, RunSummary, Shard, ShardSource, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
@@ -44,8 +44,13 @@ fn billed_prices(
     Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
 }
 
-/// The prices, the cost budget and the shard of the flags.
-type Validated = (Option<Prices>, Option<CostBudget>, Option<Shard>);
+/// The prices, the cost budget and the shard of the flags (and the scheduler's variable it
+/// came from, with `--shard auto`).
+type Validated = (
+    Option<Prices>,
+    Option<CostBudget>,
+    Option<(Shard, Option<ShardSource>)>,
+);
 
 fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
     let price = |i: Option<f64>, o: Option<f64>, flags: &str| match (i, o) {
@@ -102,13 +107,36 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
             ));
         }
     }
-    let shard = args
-        .shard
-        .as_deref()
-        .map(str::parse::<Shard>)
-        .transpose()
-        .map_err(|e| CliError::usage(format!("--shard: {e}")))?;
-    Ok((prices, budget, shard))
+    Ok((prices, budget, shard(args)?))
+}
+
+/// The shard of `--shard I/N` or `--shard auto` (the scheduler's, `--shards`).
+fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, CliError> {
+    match args.shard.as_deref().map(str::trim) {
+        None => Ok(None),
+        Some("auto") => Shard::from_scheduler(args.shards)
+            .map(|(shard, source)| Some((shard, Some(source))))
+            .map_err(|e| CliError::usage(format!("--shard auto: {}", error_chain(&e)))),
+        Some(spec) => {
+            if args.shards.is_some() {
+                return Err(CliError::usage(
+                    "--shards goes with --shard auto (--shard I/N names the count itself)",
+                ));
+            }
+            spec.parse::<Shard>()
+                .map(|shard| Some((shard, None)))
+                .map_err(|e| CliError::usage(format!("--shard: {e}")))
+        }
+    }
+}
+
+/// How the summary and the log name the shard: `2/4`, or `2/4 from SLURM_ARRAY_TASK_ID`.
+fn shard_text(shard: Shard, source: Option<ShardSource>) -> String {
+    let mut text = format!("{}/{}", shard.index(), shard.count());
+    if let Some(source) = source {
+        text.push_str(&format!(" from {source}"));
+    }
+    text
 }
 
 /// How many examples this run is expected to generate, for the bar (an estimate).
@@ -204,7 +232,18 @@ fn recipe(args: &GenerateArgs) -> Recipe {
 /// Runs `rmboost generate`; returns the exit status.
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
-    let (prices, budget, shard) = validate(&args)?;
+    let (prices, budget, shard_of_run) = validate(&args)?;
+    let shard = shard_of_run.map(|(shard, _)| shard);
+    if let Some((shard, Some(source))) = shard_of_run {
+        // The tasks' logs say which shard each took, before anything else can go wrong.
+        let value = std::env::var(source.variable()).unwrap_or_default();
+        progress::notice(&format!(
+            "rmboost: shard {}/{} from {source}={}",
+            shard.index(),
+            shard.count(),
+            value.trim()
+        ));
+    }
     if args.no_cache && (args.clear_cache || args.cache_dir.is_some()) {
         return Err(CliError::usage(
             "--no-cache cannot be combined with --clear-cache or --cache-dir",
@@ -396,6 +435,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         bad_lines: summary.bad_lines,
         duplicates: summary.duplicates,
         other_shard: summary.other_shard,
+        shard: shard_of_run.map(|(shard, source)| shard_text(shard, source)),
         reasks: summary.generation.reasks,
         retries: stats.retries(),
         calls: summary.calls,

@@ -119,6 +119,9 @@ pub(crate) struct Report {
     pub(crate) bad_lines: u64,
     pub(crate) duplicates: u64,
     pub(crate) other_shard: u64,
+    /// The shard this run took (`--shard`), and from which scheduler variable with `auto`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) shard: Option<String>,
     pub(crate) reasks: u64,
     pub(crate) retries: u64,
     pub(crate) calls: u64,
@@ -181,6 +184,9 @@ impl fmt::Display for Report {
         }
         if self.duplicates > 0 {
             rows.push(("duplicate ids", format!("{} (skipped)", self.duplicates)));
+        }
+        if let Some(shard) = &self.shard {
+            rows.push(("shard", shard.clone()));
         }
         if self.other_shard > 0 {
             rows.push(("other shards", self.other_shard.to_string()));
