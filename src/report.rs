@@ -79,6 +79,7 @@ use crate::aspect::AspectSet;
 use crate::engine::example_rng;
 use crate::error::{Error, ErrorKind};
 use crate::example::PreferenceExample;
+use crate::io::line::{JsonlLines, MAX_LINE_BYTES};
 use crate::judge::{Judge, Verdict};
 use crate::label::Label;
 
@@ -377,14 +378,12 @@ impl ReportBuilder {
 }
 
 /// Reads preference examples from a JSONL file (either format); an iterator of
-/// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line gives an
-/// [`ErrorKind::Parse`] naming the file and line, and reading goes on with the next line.
+/// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line (not an example,
+/// not UTF-8, or longer than 64 MiB) gives an [`ErrorKind::Parse`] naming the file and line,
+/// and reading goes on with the next line.
 #[derive(Debug)]
 pub struct ExampleReader<R> {
-    lines: std::io::Lines<R>,
-    path: PathBuf,
-    line: u64,
-    done: bool,
+    lines: JsonlLines<R>,
 }
 
 /// Opens a JSONL file of examples.
@@ -402,10 +401,7 @@ impl<R: BufRead> ExampleReader<R> {
     /// Reads from `reader`; `name` is the file name used in errors.
     pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
         ExampleReader {
-            lines: reader.lines(),
-            path: name.into(),
-            line: 0,
-            done: false,
+            lines: JsonlLines::new(reader, name.into(), MAX_LINE_BYTES),
         }
     }
 
@@ -414,33 +410,13 @@ impl<R: BufRead> ExampleReader<R> {
         &mut self,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<Result<T, Error>> {
-        if self.done {
-            return None;
-        }
-        loop {
-            let text = match self.lines.next()? {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.line += 1;
-                    return Some(Err(Error::parse(
-                        self.path.clone(),
-                        self.line,
-                        "invalid UTF-8",
-                    )));
-                }
-                Err(source) => {
-                    self.done = true;
-                    return Some(Err(Error::io(self.path.clone(), source)));
-                }
-            };
-            self.line += 1;
-            if text.trim().is_empty() {
-                continue;
-            }
-            return Some(
-                parse(&text).map_err(|message| Error::parse(self.path.clone(), self.line, message)),
-            );
-        }
+        let line = match self.lines.next_line()? {
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        let parsed = parse(&line.text).map_err(|message| self.lines.err(message));
+        self.lines.recycle(line);
+        Some(parsed)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
@@ -808,6 +808,9 @@ fn number_len(text: &str) -> usize {
 /// Parses durations like `1s`, `6m0s`, `20ms`, `1h2m3.5s` (the OpenAI reset headers), and a
 /// bare number of seconds. Checked as [`server_wait`] is: cut to [`MAX_SERVER_WAIT`], `None`
 /// for anything negative or unreadable.
+///
+/// Written here rather than taken from a crate: `humantime` and `jiff` read Go's units but
+/// refuse a bare number and exponents (`1e3ms`), and refuse an overflow that this cuts.
 pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
     if rest.is_empty() {
@@ -839,56 +842,11 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     server_wait(total)
 }
 
-/// Parses an RFC 3339 time such as `2026-01-02T03:04:05Z` or `...05.5+01:00`.
+/// Parses an RFC 3339 time such as `2026-01-02T03:04:05Z` or `...05.5+01:00`; `None` for a
+/// time before 1970.
 pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let t = text.trim().as_bytes();
-    if t.len() < 20 || t[4] != b'-' || t[7] != b'-' || !matches!(t[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |a: usize, b: usize| -> Option<i64> {
-        std::str::from_utf8(&t[a..b]).ok()?.parse::<i64>().ok()
-    };
-    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hour, min, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut frac = 0f64;
-    if t.get(i) == Some(&b'.') {
-        let start = i;
-        i += 1;
-        while t.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        frac = std::str::from_utf8(&t[start..i]).ok()?.parse().ok()?;
-    }
-    let offset = match t.get(i)? {
-        b'Z' | b'z' if i + 1 == t.len() => 0,
-        sign @ (b'+' | b'-') if i + 6 == t.len() && t[i + 3] == b':' => {
-            let o = num(i + 1, i + 3)? * 3600 + num(i + 4, i + 6)? * 60;
-            if *sign == b'+' {
-                o
-            } else {
-                -o
-            }
-        }
-        _ => return None,
-    };
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec - offset;
-    let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(frac))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let at = chrono::DateTime::parse_from_rfc3339(text.trim()).ok()?;
+    (at.timestamp() >= 0).then(|| at.into())
 }
 
 /// The builder setters the HTTP backends share, all of which set a field of the builder's
@@ -988,6 +946,7 @@ pub(crate) use http_config_setters;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

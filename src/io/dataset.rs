@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::line::JsonlLines;
+use super::line::{JsonlLines, MAX_LINE_BYTES};
 use crate::example::{parse_example_line, ExampleFormat, PreferenceExample};
 use crate::Error;
 
@@ -75,7 +75,7 @@ impl<R: BufRead> DatasetReader<R> {
     /// Reads from `reader`; `name` is the file name used in errors.
     pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
         DatasetReader {
-            lines: JsonlLines::new(reader, name.into(), 64 << 20),
+            lines: JsonlLines::new(reader, name.into(), MAX_LINE_BYTES),
             format: None,
         }
     }

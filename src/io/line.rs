@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 
+/// The default longest line of a dataset, a ledger or an output file read back, in bytes.
+pub(crate) const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// The non-blank lines of a JSONL input as numbered text, with the checks every JSONL reader
 /// makes before parsing a line (the length limit, UTF-8), each failure an
 /// [`ErrorKind::Parse`](crate::ErrorKind::Parse) naming the file and line.

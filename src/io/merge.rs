@@ -3,7 +3,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::append::{ensure_distinct_files, replace_with, sidecar, sync_parent, temp_beside};
 use super::dataset::read_dataset;
+use super::line::{JsonlLines, MAX_LINE_BYTES};
 use super::reader::read_prompts;
 use super::resume::{IdHash, IdSet};
 use crate::example::ExampleFormat;
@@ -282,19 +283,11 @@ pub fn merge<P: AsRef<Path>>(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(path, e)),
         };
-        let mut line_no = 0u64;
-        for line in BufReader::new(file).lines() {
-            line_no += 1;
-            let line = line.map_err(|e| Error::io(path, e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
+        let mut lines = JsonlLines::new(BufReader::new(file), path.clone(), MAX_LINE_BYTES);
+        while let Some(line) = lines.next_line() {
+            let line = line?.text;
             let Some(id) = super::resume::line_id(line.as_bytes()) else {
-                return Err(Error::parse(
-                    path,
-                    line_no,
-                    "not a failure-ledger line (needs a string or integer `id`)",
-                ));
+                return Err(lines.err("not a failure-ledger line (needs a string or integer `id`)"));
             };
             if seen.contains_key(&IdHash::of(&id).0) {
                 continue; // it failed once and succeeded later

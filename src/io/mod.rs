@@ -15,7 +15,7 @@
 mod append;
 mod dataset;
 mod ledger;
-mod line;
+pub(crate) mod line;
 mod merge;
 mod reader;
 mod resume;

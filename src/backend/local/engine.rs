@@ -11,12 +11,11 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
-use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::chat::ChatTemplate;
-use super::llama::{Feed, KvCache, Llama};
+use super::llama::{Feed, KvCache, Llama, MAX_SEQ_LEN};
 use super::tokenizer::GgufTokenizer;
 use crate::backend::{Completion, CompletionRequest, FinishReason, Message, Usage};
 use crate::error::{BackendError, BackendErrorKind, BoxError};

@@ -27,13 +27,16 @@ use std::io::{Read, Seek};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use half::f16;
 
 use super::q8::{Activations, Q8Matrix};
 use super::{attention, vmath};
 
 type Result<T> = candle_core::Result<T>;
+
+/// The longest sequence (prompt and answer, in tokens) a model is run with: the length of the
+/// rotary tables, and the cap on a model's trained context (as candle-transformers' llama has).
+pub(super) const MAX_SEQ_LEN: usize = 4096;
 
 /// A weight matrix: `Q8_0` weights on a CPU with AVX2 and FMA go through our own kernel
 /// ([`Q8Matrix`], much faster on batches), everything else through candle's product.
