@@ -44,6 +44,24 @@ fn prompts(dir: &std::path::Path, n: usize) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// `rmboost generate` of `input` into `out` against a mock OpenAI-compatible server (model
+/// `m`, no cache).
+fn generate_against(server: &MockServer, input: &str, out: &std::path::Path) -> Command {
+    let mut c = cmd();
+    c.args(["generate", "-i", input, "-o"])
+        .arg(out)
+        .args([
+            "--backend",
+            "openai",
+            "--model",
+            "m",
+            "--no-cache",
+            "--base-url",
+        ])
+        .arg(format!("{}/v1", server.uri()));
+    c
+}
+
 fn assert_no_key(o: &Output) {
     assert!(!text(&o.stdout).contains(KEY), "key on stdout");
     assert!(!text(&o.stderr).contains(KEY), "key on stderr");
@@ -108,18 +126,7 @@ async fn a_day_long_retry_after_is_one_line_that_says_it_once() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 3);
-    let o = cmd()
-        .args(["generate", "-i", &input, "-o"])
-        .arg(dir.path().join("out.jsonl"))
-        .args([
-            "--backend",
-            "openai",
-            "--model",
-            "m",
-            "--no-cache",
-            "--base-url",
-        ])
-        .arg(format!("{}/v1", server.uri()))
+    let o = generate_against(&server, &input, &dir.path().join("out.jsonl"))
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
@@ -501,18 +508,7 @@ async fn absurd_token_counts_saturate() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 3);
-    let o = cmd()
-        .args(["generate", "-i", &input, "-o"])
-        .arg(dir.path().join("out.jsonl"))
-        .args([
-            "--backend",
-            "openai",
-            "--model",
-            "m",
-            "--no-cache",
-            "--base-url",
-        ])
-        .arg(format!("{}/v1", server.uri()))
+    let o = generate_against(&server, &input, &dir.path().join("out.jsonl"))
         .arg("--summary-json")
         .arg(dir.path().join("s.json"))
         .output()
