@@ -378,6 +378,22 @@ impl Shard {
     }
 }
 
+impl fmt::Display for Shard {
+    /// `I/N`, the form [`FromStr`](std::str::FromStr) reads back.
+    ///
+    /// ```
+    /// use rmboost::run::Shard;
+    ///
+    /// let s = Shard::new(2, 4)?;
+    /// assert_eq!(s.to_string(), "2/4");
+    /// assert_eq!(s.to_string().parse::<Shard>()?, s);
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 impl std::str::FromStr for Shard {
     type Err = Error;
 

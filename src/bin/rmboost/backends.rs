@@ -100,19 +100,8 @@ pub(crate) fn build(
             ))
         }
         (_, 0 | 1) => {
-            let url = urls.first().map(String::as_str);
-            let (backend, description): (Box<dyn LlmBackend>, String) = match kind {
-                BackendKind::Anthropic => {
-                    let b = anthropic(args, url)?;
-                    let d = description(kind, &b.model(), Some(b.endpoint()));
-                    (Box::new(b), d)
-                }
-                _ => {
-                    let b = openai(args, url)?;
-                    let d = description(kind, &b.model(), Some(b.endpoint()));
-                    (Box::new(b), d)
-                }
-            };
+            let (backend, endpoint) = http(kind, args, urls.first().map(String::as_str))?;
+            let description = description(kind, &backend.model(), Some(endpoint));
             let stack = online(stack, args)?.adaptive(limit(args, cap)?);
             (stack.build(backend), description)
         }
@@ -121,21 +110,9 @@ pub(crate) fn build(
             let mut set = Replicas::new(limit(args, cap)?);
             let mut model = String::new();
             for url in &urls {
-                let (backend, name): (Box<dyn LlmBackend>, String) = match kind {
-                    BackendKind::Anthropic => {
-                        let b = anthropic(args, Some(url))?;
-                        let name = b.endpoint();
-                        model = b.model().into_owned();
-                        (Box::new(b), name)
-                    }
-                    _ => {
-                        let b = openai(args, Some(url))?;
-                        let name = b.endpoint();
-                        model = b.model().into_owned();
-                        (Box::new(b), name)
-                    }
-                };
-                set = set.replica(name, backend);
+                let (backend, endpoint) = http(kind, args, Some(url))?;
+                model = backend.model().into_owned();
+                set = set.replica(endpoint, backend);
             }
             let description = format!("{} on {n} replicas", description(kind, &model, None));
             replicas = Some(set.clone());
@@ -151,6 +128,26 @@ pub(crate) fn build(
         },
         backend: Arc::new(stacked),
         description,
+    })
+}
+
+/// The HTTP backend of `kind` (anthropic, else openai) at `url`, and its endpoint as shown.
+fn http(
+    kind: BackendKind,
+    args: &BackendArgs,
+    url: Option<&str>,
+) -> Result<(Box<dyn LlmBackend>, String), CliError> {
+    Ok(match kind {
+        BackendKind::Anthropic => {
+            let b = anthropic(args, url)?;
+            let endpoint = b.endpoint();
+            (Box::new(b), endpoint)
+        }
+        _ => {
+            let b = openai(args, url)?;
+            let endpoint = b.endpoint();
+            (Box::new(b), endpoint)
+        }
     })
 }
 

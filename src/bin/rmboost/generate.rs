@@ -132,11 +132,10 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
 
 /// How the summary and the log name the shard: `2/4`, or `2/4 from SLURM_ARRAY_TASK_ID`.
 fn shard_text(shard: Shard, source: Option<ShardSource>) -> String {
-    let mut text = format!("{}/{}", shard.index(), shard.count());
-    if let Some(source) = source {
-        text.push_str(&format!(" from {source}"));
+    match source {
+        Some(source) => format!("{shard} from {source}"),
+        None => shard.to_string(),
     }
-    text
 }
 
 /// How many examples this run is expected to generate, for the bar (an estimate).
@@ -238,9 +237,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         // The tasks' logs say which shard each took, before anything else can go wrong.
         let value = std::env::var(source.variable()).unwrap_or_default();
         progress::notice(&format!(
-            "rmboost: shard {}/{} from {source}={}",
-            shard.index(),
-            shard.count(),
+            "rmboost: shard {shard} from {source}={}",
             value.trim()
         ));
     }
