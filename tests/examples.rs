@@ -128,6 +128,18 @@ fn text(column: &Value) -> &str {
         .unwrap_or_else(|| panic!("not a conversational column: {column}"))
 }
 
+/// The second response and the first of a row, by the construction rule: with label `better`
+/// the second is `chosen`, with `worse` it is `rejected`.
+#[cfg_attr(not(feature = "openai"), allow(dead_code))]
+fn second_and_first(row: &Value) -> (&str, &str) {
+    let (chosen, rejected) = (text(&row["chosen"]), text(&row["rejected"]));
+    match row["label"].as_str() {
+        Some("better") => (chosen, rejected),
+        Some("worse") => (rejected, chosen),
+        other => panic!("label {other:?}: {row}"),
+    }
+}
+
 #[test]
 fn custom_backend_makes_pairs_that_obey_the_construction_rule() {
     let out = Command::new(example("custom_backend"))
@@ -224,13 +236,8 @@ fn openai_compatible_makes_pairs_that_obey_the_construction_rule() {
 
     let mut labels = Vec::new();
     for row in &rows {
-        let (chosen, rejected) = (text(&row["chosen"]), text(&row["rejected"]));
         let label = row["label"].as_str().expect("a label");
-        let (second, first) = match label {
-            "better" => (chosen, rejected),
-            "worse" => (rejected, chosen),
-            other => panic!("label {other:?}: {row}"),
-        };
+        let (second, first) = second_and_first(row);
         assert!(second.starts_with("rewrite "), "second response: {row}");
         assert!(first.starts_with("answer "), "first response: {row}");
         assert!(!second.contains("<response>"), "tags left in: {row}");
@@ -495,12 +502,7 @@ fn the_readme_snippet_makes_a_pair() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     let row = &rows[0];
     assert_eq!(text(&row["prompt"]), "Why is the sky blue?", "{row}");
-    let (chosen, rejected) = (text(&row["chosen"]), text(&row["rejected"]));
-    let (second, first) = match row["label"].as_str() {
-        Some("better") => (chosen, rejected),
-        Some("worse") => (rejected, chosen),
-        _ => panic!("{row}"),
-    };
+    let (second, first) = second_and_first(row);
     assert!(
         second.starts_with("rewrite ") && first.starts_with("answer "),
         "{row}"
