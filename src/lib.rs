@@ -152,7 +152,7 @@ pub use error::{
 pub use example::{ExampleFormat, ExampleMetadata, PreferenceExample, Prompt, PromptInput};
 pub use io::{read_prompts, ExampleWriter};
 pub use label::{Bernoulli, Grade, Graded, Label, LabelDraw, LabelSampler};
-pub use methods::{Method, Rlaif, Rlcd, RmBoost, RmBoostBuilder, WestOfN};
+pub use methods::{Method, MethodConfig, Rlaif, Rlcd, RmBoost, RmBoostBuilder, WestOfN};
 /// The `rand` this crate is built with: [`LabelSampler`] and [`AspectSet`] take its `RngCore`,
 /// and [`example_rng`] returns one of its generators. Name it through this re-export
 /// (`use rmboost::rand::Rng;`) so that your sampler or method uses the same version.

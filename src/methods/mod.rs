@@ -69,6 +69,7 @@
 //! # }
 //! ```
 
+mod config;
 mod rlaif;
 mod rlcd;
 mod rmboost;
@@ -82,6 +83,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use self::rmboost::{ExamplePlan, RmBoost, RmBoostBuilder};
+pub use config::MethodConfig;
 pub use rlaif::{OnInconsistent, Rlaif, RlaifBuilder};
 pub use rlcd::{Rlcd, RlcdBuilder};
 pub use west_of_n::{WestOfN, WestOfNBuilder};

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use futures::stream::StreamExt;
 use rmboost::{ExampleFormat, OutputOrder};
 
-use crate::args::{BadLineKind, FormatKind, GenerateArgs, LabelKind, OrderKind};
+use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
 use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
     ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, CostBudget, ExistingOutput,
-    Outcome, Prices, Progress, Recipe, RunOptions, RunSummary, Shard, ShardSource, StopSignal,
+    Outcome, Prices, Progress, RunOptions, RunSummary, Shard, ShardSource, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
@@ -202,32 +202,6 @@ fn tick(
     }
 }
 
-/// The settings that change the rows, recorded beside the output so a rerun with others is
-/// refused rather than mixed in.
-fn recipe(args: &GenerateArgs) -> Recipe {
-    let g = &args.gen;
-    let mut r = Recipe::new()
-        .with("method", g.method)
-        .with("seed", g.seed)
-        .with("aspects", &g.aspects)
-        .with(
-            "aspect_sampling",
-            g.aspect_sampling.as_deref().unwrap_or("default"),
-        )
-        .with(
-            "labels",
-            match g.labels {
-                LabelKind::Bernoulli => "bernoulli",
-                LabelKind::Graded => "graded",
-            },
-        )
-        .with("p_better", g.p_better);
-    if g.method == rmboost::Method::WestOfN {
-        r = r.with("samples", g.samples);
-    }
-    r
-}
-
 /// Runs `rmboost generate`; returns the exit status.
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
@@ -342,7 +316,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         })
         .ledger(ledger_path.clone())
         .input(args.input.clone())
-        .recipe(recipe(&args))
+        .recipe(setup::method_config(&args.gen, order)?.recipe())
         .stop_signal(stop.clone())
         .progress(live.clone())
         .stop_when_unreachable(Some((args.gen.concurrency as u64).max(3)));

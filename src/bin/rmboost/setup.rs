@@ -4,11 +4,7 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use rmboost::engine::{default_first_params, default_second_params};
-use rmboost::{
-    Aspects, Bernoulli, Generator, Graded, LabelSampler, LlmBackend, Method, OutputOrder, Rlaif,
-    Rlcd, RmBoost, WestOfN,
-};
+use rmboost::{Aspects, Generator, LlmBackend, MethodConfig, OutputOrder, RmBoost};
 
 use crate::args::{GenArgs, LabelKind};
 
@@ -101,102 +97,43 @@ pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
     }
 }
 
-fn labels(gen: &GenArgs) -> Result<Arc<dyn LabelSampler>, CliError> {
-    let bad = |e: rmboost::Error| CliError::usage(format!("--p-better: {}", error_chain(&e)));
-    Ok(match gen.labels {
-        LabelKind::Bernoulli => Arc::new(Bernoulli::new(gen.p_better).map_err(bad)?),
-        LabelKind::Graded => {
-            // "Much" as often as "slightly", the library's default.
-            Arc::new(Graded::new(gen.p_better, 0.5).map_err(bad)?)
-        }
-    })
+/// The method and settings of these flags (see [`MethodConfig`]).
+pub(crate) fn method_config(gen: &GenArgs, order: OutputOrder) -> Result<MethodConfig, CliError> {
+    let mut config = MethodConfig::new(gen.method);
+    config.concurrency = NonZeroUsize::new(gen.concurrency)
+        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
+    config.aspects = aspects(gen)?;
+    config.graded = gen.labels == LabelKind::Graded;
+    config.p_better = gen.p_better;
+    config.seed = gen.seed;
+    config.order = order;
+    config.temperature = gen.temperature;
+    config.max_tokens = gen.max_tokens;
+    config.max_reasks = gen.max_reasks;
+    config.samples = gen.samples;
+    Ok(config)
 }
 
-/// Builds the generator of these flags around `backend`.
+/// The RMBoost generator of these flags around `backend` (for `dry-run`, which shows its
+/// plans).
 pub(crate) fn generator(
     gen: &GenArgs,
     backend: Arc<dyn LlmBackend>,
     order: OutputOrder,
 ) -> Result<RmBoost, CliError> {
-    let concurrency = NonZeroUsize::new(gen.concurrency)
-        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
-    let mut first = default_first_params().temperature(gen.temperature);
-    let mut second = default_second_params().temperature(gen.temperature);
-    if let Some(n) = gen.max_tokens {
-        first = first.max_tokens(n);
-        second = second.max_tokens(n);
-    }
-    let builder = RmBoost::builder()
-        .backend(backend)
-        .aspects(aspects(gen)?)
-        .concurrency(concurrency)
-        .order(order)
-        .seed(gen.seed)
-        .first_params(first)
-        .second_params(second)
-        .max_reasks(gen.max_reasks);
-    let labels = labels(gen)?;
-    builder
-        .labels(labels)
-        .build()
+    method_config(gen, order)?
+        .rmboost(backend)
         .map_err(|e| CliError::usage(error_chain(&e)))
 }
 
-/// The generator of `--method`: RMBoost (see [`generator`]) or a baseline on the same backend,
+/// The generator of `--method` around `backend`: RMBoost or a baseline on the same backend,
 /// aspects, concurrency, order, seed and re-ask limit.
 pub(crate) fn method_generator(
     gen: &GenArgs,
     backend: Arc<dyn LlmBackend>,
     order: OutputOrder,
 ) -> Result<Arc<dyn Generator>, CliError> {
-    let usage = |e: rmboost::Error| CliError::usage(error_chain(&e));
-    let concurrency = NonZeroUsize::new(gen.concurrency)
-        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
-    let mut params = default_first_params().temperature(gen.temperature);
-    if let Some(n) = gen.max_tokens {
-        params = params.max_tokens(n);
-    }
-    Ok(match gen.method {
-        Method::RmBoost => Arc::new(generator(gen, backend, order)?),
-        Method::Rlcd => Arc::new(
-            Rlcd::builder()
-                .backend(backend)
-                .aspects(aspects(gen)?)
-                .params(params)
-                .concurrency(concurrency)
-                .order(order)
-                .seed(gen.seed)
-                .max_reasks(gen.max_reasks)
-                .build()
-                .map_err(usage)?,
-        ),
-        Method::Rlaif => Arc::new(
-            Rlaif::builder()
-                .backend(backend)
-                .params(params)
-                .concurrency(concurrency)
-                .order(order)
-                .seed(gen.seed)
-                .max_reasks(gen.max_reasks)
-                .build()
-                .map_err(usage)?,
-        ),
-        Method::WestOfN => Arc::new(
-            WestOfN::builder()
-                .backend(backend)
-                .n(gen.samples)
-                .params(params)
-                .concurrency(concurrency)
-                .order(order)
-                .seed(gen.seed)
-                .max_reasks(gen.max_reasks)
-                .build()
-                .map_err(usage)?,
-        ),
-        other => {
-            return Err(CliError::usage(format!(
-                "--method {other}: not available from the command line"
-            )))
-        }
-    })
+    method_config(gen, order)?
+        .build(backend)
+        .map_err(|e| CliError::usage(error_chain(&e)))
 }
