@@ -894,11 +894,12 @@ impl Stream {
     /// or `None` at the end. Raises `rmboost.Error` for a fatal error or a bad prompt, and
     /// `KeyboardInterrupt` on Ctrl-C.
     fn next(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        let mut guard = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let rx = &mut *guard;
+            // The lock is taken without the GIL: a second reader waits here, not holding
+            // the GIL this reader needs to return.
             let got = py.detach(|| {
                 let rt = runtime()?;
+                let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
                 Ok::<_, PyErr>(
                     rt.block_on(async { tokio::time::timeout(SIGNAL_POLL, rx.recv()).await }),
                 )
@@ -945,36 +946,36 @@ impl Run {
     /// Waits up to `timeout` seconds; true once the run has ended. Raises
     /// `KeyboardInterrupt` on Ctrl-C (the run goes on until `stop`).
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(handle) = task.as_mut() else {
-            return Ok(true);
-        };
         let wait = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(SIGNAL_POLL);
         let deadline = std::time::Instant::now() + wait;
         loop {
             let step = deadline
                 .saturating_duration_since(std::time::Instant::now())
                 .min(SIGNAL_POLL);
-            let joining = &mut *handle;
-            let got = py.detach(|| {
+            // The lock is taken without the GIL (see `_Stream.next`).
+            let ended = py.detach(|| {
                 let rt = runtime()?;
-                Ok::<_, PyErr>(rt.block_on(async { tokio::time::timeout(step, joining).await }))
+                let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(handle) = task.as_mut() else {
+                    return Ok::<_, PyErr>(true);
+                };
+                let Ok(joined) = rt.block_on(async { tokio::time::timeout(step, handle).await })
+                else {
+                    return Ok(false);
+                };
+                let result = joined.unwrap_or_else(|e| {
+                    Err(rmboost::Error::config(format!("the run panicked: {e}")))
+                });
+                *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                *task = None;
+                Ok(true)
             })?;
-            match got {
-                Ok(joined) => {
-                    let result = joined.unwrap_or_else(|e| {
-                        Err(rmboost::Error::config(format!("the run panicked: {e}")))
-                    });
-                    *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-                    *task = None;
-                    return Ok(true);
-                }
-                Err(_elapsed) => {
-                    py.check_signals()?;
-                    if std::time::Instant::now() >= deadline {
-                        return Ok(false);
-                    }
-                }
+            if ended {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
             }
         }
     }
