@@ -37,7 +37,12 @@
 //! cargo bench --bench throughput --all-features -- --mode capped --fault-rate 0.01 --with-fixed
 //! cargo bench --bench throughput --all-features -- --mode bucket
 //! cargo bench --bench throughput --all-features -- --mode thirty
+//! cargo bench --bench throughput --all-features -- --mode serve --latency-ms 50
 //! ```
+//!
+//! The `serve` mode (not part of `all`) only starts the loopback server with latency `L`
+//! (`--latency-ms`, default 50), prints `serving <base URL>` and serves until killed: the
+//! server of the Python package's bench (`python/bench/bench.py`).
 //!
 //! The `adaptive` mode (not part of `all`) gives the server a hidden limit: it answers 429 at
 //! once to a request that arrives while `K` (`--server-cap`, default 32) are in flight. With
@@ -2331,6 +2336,17 @@ fn memory_children(args: &Args, ns: &[u64]) {
     }
 }
 
+/// The `serve` mode: the server alone, for a client in another process (the Python bench).
+fn serve_mode(server: &BenchServer, latency: Duration) -> ! {
+    use std::io::Write;
+    server.set_latency(latency);
+    println!("serving {}", server.base_url());
+    std::io::stdout().flush().expect("stdout");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn main() {
     let args = Args::parse();
     // As the CLI runs: one thread drives the run (every example of a stream is polled by the
@@ -2411,6 +2427,7 @@ fn main() {
         "bucket" => bucket_mode(&server, &args),
         "thirty" => thirty_mode(&server, &args),
         "replicas" => replicas_mode(&server, &args),
+        "serve" => serve_mode(&server, latency),
         "all" => {
             server_mode(&rt, &server);
             for &c in &args.concurrency {
@@ -2424,7 +2441,7 @@ fn main() {
         }
         other => panic!(
             "unknown mode {other}: all, server, throughput, ceiling, memory, adaptive, flaky, \
-             capped, bucket, thirty, replicas"
+             capped, bucket, thirty, replicas, serve"
         ),
     }
 }
