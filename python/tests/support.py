@@ -1,4 +1,5 @@
-"""The rmboost package's tests' helpers: a loopback OpenAI-compatible server, prompt files,
+"""The rmboost package's tests' helpers: a loopback OpenAI-compatible server (which also
+answers Anthropic's ``POST /v1/messages``), prompt files,
 and the deterministic answers both the server and the tests' Python backends give.
 
 The server answers ``POST /v1/chat/completions`` as the Rust tests' server does
@@ -139,11 +140,14 @@ class FakeServer:
 
     def answers(self, prompt_text: str, second: bool) -> list[str]:
         """The texts this server answered (200) to requests for this prompt, of one kind."""
-        return [
-            r["answer"]
-            for r in self.ok()
-            if r["body"] and last_user(r["body"]["messages"]) == prompt_text and is_second(r["body"]["messages"]) == second
-        ]
+        out = []
+        for r in self.ok():
+            messages = list(r["body"]["messages"])
+            if r["body"].get("system"):
+                messages.insert(0, {"role": "system", "content": r["body"]["system"]})
+            if last_user(messages) == prompt_text and is_second(messages) == second:
+                out.append(r["answer"])
+        return out
 
     def wait_for_requests(self, n: int, timeout: float = 30.0) -> None:
         t0 = time.monotonic()
@@ -187,7 +191,8 @@ class FakeServer:
         try:
             if latency:
                 time.sleep(latency)
-            if not h.path.endswith("/chat/completions") or not isinstance(body, dict):
+            anthropic = h.path.endswith("/messages")
+            if not (h.path.endswith("/chat/completions") or anthropic) or not isinstance(body, dict):
                 record["status"] = 404
                 self._send(h, 404, {"error": {"message": "no such route", "type": "invalid_request_error"}})
                 return
@@ -215,12 +220,29 @@ class FakeServer:
                     {"retry-after": str(retry_after)},
                 )
                 return
-            messages = body.get("messages") or []
+            messages = list(body.get("messages") or [])
+            if anthropic and body.get("system"):
+                messages.insert(0, {"role": "system", "content": body["system"]})
             text = answer_for(messages, body.get("seed", 0))
             prompt_tokens = sum(len(content(m)) for m in messages) // 4
             completion_tokens = len(text) // 4
             record["status"] = 200
             record["answer"] = text.removeprefix("<response>").removesuffix("</response>")
+            if anthropic:
+                self._send(
+                    h,
+                    200,
+                    {
+                        "id": "msg_test",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": body.get("model", "test"),
+                        "content": [{"type": "text", "text": text}],
+                        "stop_reason": "end_turn",
+                        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+                    },
+                )
+                return
             self._send(
                 h,
                 200,

@@ -187,3 +187,31 @@ def test_http_faults_are_retried(server):
         second, first = second_and_first(row)
         assert first.startswith("answer ") and second.startswith("rewrite "), row
         assert "injected fault" not in str(row)
+
+
+def test_anthropic_backend(server, monkeypatch):
+    monkeypatch.setenv("RMBOOST_TEST_ANTHROPIC_KEY", "test-anthropic-key")
+    backend = rmboost.Anthropic(model="claude-test", base_url=server.base_url, api_key_env="RMBOOST_TEST_ANTHROPIC_KEY")
+    assert backend.model == "claude-test"
+    prompts = [{"id": f"a{i}", "prompt": f"Anthropic question {i}: what is a comet?"} for i in range(6)]
+    rows = list(rmboost.Generator(backend, seed=2, concurrency=4, max_tokens=300).generate(prompts))
+    assert sorted(r["id"] for r in rows) == [p["id"] for p in prompts]
+    for row in rows:
+        second, first = second_and_first(row)
+        assert server.answers(prompt_text(row), second=False) == [first], row
+        assert server.answers(prompt_text(row), second=True) == [second], row
+        assert row["metadata"]["models"], row["metadata"]
+    records = server.ok()
+    assert len(records) == 12 and all(r["path"].endswith("/v1/messages") for r in records)
+    assert all(r["headers"].get("x-api-key") == "test-anthropic-key" for r in records)
+    assert all(r["headers"].get("anthropic-version") for r in records)
+    assert all(r["body"]["model"] == "claude-test" and r["body"]["max_tokens"] == 300 for r in records)
+    # The instructions of a second call go in the top-level system field.
+    assert sum("</response>" in (r["body"].get("system") or "") for r in records) == 6
+
+
+def test_generator_repr_names_backend_and_settings(server):
+    gen = generator(server, seed=3, concurrency=5)
+    shown = repr(gen)
+    assert "rmboost.Generator(" in shown and "test-model" in shown, shown
+    assert "seed=3" in shown and "concurrency=5" in shown and "rmboost" in shown, shown

@@ -159,3 +159,54 @@ def test_run_refuses_input_as_output(server, prompts_file):
     with pytest.raises(rmboost.Error):
         generator(server).run(path, path, progress=False)
     assert path.read_bytes() == before
+
+
+class AsyncEcho:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def complete(self, messages, **params):
+        import asyncio
+
+        self.calls += 1
+        await asyncio.sleep(0.005)
+        return answer_for(messages, params.get("seed", 0))
+
+
+def test_run_with_an_async_backend(prompts_file, tmp_path):
+    path, prompts = prompts_file
+    out = tmp_path / "async.jsonl"
+    backend = AsyncEcho()
+    summary = rmboost.Generator(backend, seed=5, concurrency=8).run(path, out, progress=False)
+    assert summary["outcome"] == "completed" and summary["examples"] == len(prompts), summary
+    assert backend.calls == 2 * len(prompts)
+    assert sorted(r["id"] for r in read_jsonl(out)) == [p["id"] for p in prompts]
+
+
+def test_run_cache_dir_answers_a_rerun_from_the_cache(server, prompts_file, tmp_path):
+    path, prompts = prompts_file
+    out, cache = tmp_path / "cached.jsonl", tmp_path / "cache"
+    first = generator(server, seed=6).run(path, out, cache_dir=cache, progress=False)
+    assert first["examples"] == len(prompts), first
+    rows = read_jsonl(out)
+    calls = server.requests()
+    assert calls == 2 * len(prompts)
+    # The same run afresh: every answer comes from the cache, the rows are the same.
+    again = generator(server, seed=6).run(path, out, cache_dir=cache, overwrite=True, progress=False)
+    assert again["examples"] == len(prompts), again
+    assert server.requests() == calls, "calls were made although every answer was cached"
+    key = lambda rows: sorted((r["id"], r["label"], r["chosen"], r["rejected"]) for r in rows)  # noqa: E731
+    assert key(read_jsonl(out)) == key(rows)
+
+
+def test_run_shards_split_the_ids(server, prompts_file, tmp_path):
+    path, prompts = prompts_file
+    ids = []
+    for i in range(2):
+        out = tmp_path / f"part{i}.jsonl"
+        summary = generator(server, seed=1).run(path, out, shard=f"{i}/2", progress=False)
+        part = [r["id"] for r in read_jsonl(out)]
+        assert summary["examples"] == len(part) and summary["other_shard"] == len(prompts) - len(part), summary
+        assert 0 < len(part) < len(prompts)
+        ids += part
+    assert sorted(ids) == [p["id"] for p in prompts]
