@@ -90,6 +90,7 @@ class FakeServer:
         self.fail_500 = 0.0
         self.fail_429 = 0.0
         self.retry_after = 0
+        self.fail_first = 0  # the first this many requests get 429 with Retry-After
         self.every: tuple[int, str] | None = None
         self.echo_key = False
         self.rng = random.Random(7)
@@ -186,6 +187,7 @@ class FakeServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             draw = self.rng.random()
+            forced_429 = len(self.records) <= self.fail_first
             latency, every = self.latency + self.jitter * self.rng.random(), self.every
             fail_500, fail_429, retry_after = self.fail_500, self.fail_429, self.retry_after
         try:
@@ -209,7 +211,7 @@ class FakeServer:
                 record["status"] = 500
                 self._send(h, 500, {"error": {"message": "injected fault: 500", "type": "server_error"}})
                 return
-            if draw < fail_500 + fail_429:
+            if forced_429 or fail_500 <= draw < fail_500 + fail_429:
                 with self.lock:
                     self.faults["429"] += 1
                 record["status"] = 429

@@ -215,3 +215,15 @@ def test_generator_repr_names_backend_and_settings(server):
     shown = repr(gen)
     assert "rmboost.Generator(" in shown and "test-model" in shown, shown
     assert "seed=3" in shown and "concurrency=5" in shown and "rmboost" in shown, shown
+
+
+def test_retry_after_is_honoured(server):
+    server.fail_first = 1
+    server.retry_after = 1
+    gen = generator(server, seed=1)
+    rows = list(gen.generate(["Patience, please"]))
+    assert len(rows) == 1 and gen.failed == 0
+    first, retried = server.records[0], server.records[1]
+    assert first["status"] == 429 and retried["status"] == 200
+    waited = retried["t"] - first["t"]
+    assert waited >= 0.95, f"retried {waited:.2f} s after a 429 with Retry-After: 1"
