@@ -143,7 +143,8 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 
 
 def _lines(prompts: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
-    """Prompts as the engine reads them: one JSON object per item."""
+    """Prompts as the engine reads them: one JSON object per item. Errors name the item as
+    the engine's do, ``prompts:N`` with N from 1."""
     if isinstance(prompts, (str, bytes, Mapping)):
         raise TypeError("prompts must be an iterable of prompts (str or dict), not a single prompt")
     for index, prompt in enumerate(prompts):
@@ -153,9 +154,9 @@ def _lines(prompts: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
             try:
                 yield json.dumps(dict(prompt))
             except (TypeError, ValueError) as e:
-                raise TypeError(f"prompts[{index}]: not JSON-serialisable: {e}") from None
+                raise TypeError(f"prompts:{index + 1}: not JSON-serialisable: {e}") from None
         else:
-            raise TypeError(f"prompts[{index}]: expected str or dict, got {type(prompt).__name__}")
+            raise TypeError(f"prompts:{index + 1}: expected str or dict, got {type(prompt).__name__}")
 
 
 class Generator:
@@ -349,7 +350,7 @@ class Generator:
             ledger=None if ledger is None else os.fspath(ledger),
             cache_dir=None if cache_dir is None else os.fspath(cache_dir),
             on_bad_line=on_bad_line,
-            loop=loop,
+            event_loop=loop,
         )
         bar = None
         if progress:

@@ -12,6 +12,7 @@
 //! One tokio runtime per process, made on first use (never at import, so a program may fork
 //! before it generates); a child forked after that makes its own.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
@@ -128,7 +129,7 @@ impl OpenAI {
         api_key_env: Option<String>,
         timeout: f64,
         extra_body: Option<Bound<'_, PyDict>>,
-        headers: Option<Vec<(String, String)>>,
+        headers: Option<BTreeMap<String, String>>,
     ) -> PyResult<Self> {
         let settings = PyDict::new(py);
         settings.set_item("model", &model)?;
@@ -211,7 +212,7 @@ impl Anthropic {
         base_url: Option<String>,
         api_key_env: Option<String>,
         timeout: f64,
-        headers: Option<Vec<(String, String)>>,
+        headers: Option<BTreeMap<String, String>>,
     ) -> PyResult<Self> {
         let settings = PyDict::new(py);
         settings.set_item("model", &model)?;
@@ -322,8 +323,9 @@ impl Local {
 /// (called on a blocking thread, holding the GIL only while it runs Python) or `async def`
 /// (scheduled on `event_loop`, a loop running in another thread).
 struct PyBackend {
-    object: Py<PyAny>,
-    event_loop: Option<Py<PyAny>>,
+    /// Behind `Arc`s, so a call takes them to its thread without the GIL.
+    object: Arc<Py<PyAny>>,
+    event_loop: Option<Arc<Py<PyAny>>>,
     name: String,
 }
 
@@ -419,67 +421,87 @@ impl Done {
     }
 }
 
-/// Cancels the scheduled coroutine when the call is dropped (the example was given up).
+/// Cancels the scheduled coroutine when the call is dropped before it ended (the example was
+/// given up), on a blocking thread: the runtime's workers never wait for the GIL.
 struct CancelOnDrop(Option<Py<PyAny>>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if let Some(future) = self.0.take() {
-            Python::attach(|py| {
-                let _ = future.call_method0(py, "cancel");
-            });
+            let cancel = move || {
+                Python::attach(|py| {
+                    let _ = future.call_method0(py, "cancel");
+                })
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => drop(handle.spawn_blocking(cancel)),
+                Err(_) => cancel(),
+            }
         }
     }
+}
+
+/// Runs `f` with the GIL on a blocking thread (Python code may take its time; the runtime's
+/// workers go on with other calls).
+async fn with_gil<T, F>(f: F) -> Result<T, BackendError>
+where
+    T: Send + 'static,
+    F: FnOnce(Python<'_>) -> Result<T, BackendError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || Python::attach(f))
+        .await
+        .unwrap_or_else(|e| Err(BackendError::stops_run(format!("the call panicked: {e}"))))
 }
 
 #[async_trait]
 impl LlmBackend for PyBackend {
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        match &self.event_loop {
+        let object = self.object.clone();
+        match self.event_loop.clone() {
             Some(event_loop) => {
-                let (tx, rx) = oneshot::channel();
-                let future = Python::attach(|py| -> PyResult<Py<PyAny>> {
-                    let (messages, params) = Self::arguments(py, &request)?;
-                    let done = Py::new(
-                        py,
-                        Done {
-                            tx: Mutex::new(Some(tx)),
-                        },
-                    )?;
-                    let future = py.import("rmboost")?.getattr("_call_async")?.call1((
-                        self.object.bind(py),
-                        messages,
-                        params,
-                        event_loop.bind(py),
-                        done,
-                    ))?;
-                    Ok(future.unbind())
-                })
-                .map_err(|e| Python::attach(|py| Self::error(py, e)))?;
-                let _cancel = CancelOnDrop(Some(future));
-                rx.await.unwrap_or_else(|_| {
+                let (tx, mut rx) = oneshot::channel();
+                let future =
+                    with_gil(move |py| {
+                        let submit =
+                            || -> PyResult<Py<PyAny>> {
+                                let (messages, params) = Self::arguments(py, &request)?;
+                                let done = Py::new(
+                                    py,
+                                    Done {
+                                        tx: Mutex::new(Some(tx)),
+                                    },
+                                )?;
+                                let future = py.import("rmboost")?.getattr("_call_async")?.call1(
+                                    (object.bind(py), messages, params, event_loop.bind(py), done),
+                                )?;
+                                Ok(future.unbind())
+                            };
+                        submit().map_err(|e| Self::error(py, e))
+                    })
+                    .await?;
+                let mut cancel = CancelOnDrop(Some(future));
+                let result = (&mut rx).await.unwrap_or_else(|_| {
                     Err(BackendError::retryable(
                         "the event loop dropped the call (was it closed?)",
                     ))
-                })
+                });
+                // It ended: nothing to cancel (the future is released without the GIL).
+                drop(cancel.0.take());
+                result
             }
             None => {
-                let object = Python::attach(|py| self.object.clone_ref(py));
-                tokio::task::spawn_blocking(move || {
-                    Python::attach(|py| {
-                        let (messages, params) =
-                            Self::arguments(py, &request).map_err(|e| Self::error(py, e))?;
-                        match object
-                            .bind(py)
-                            .call_method("complete", (messages,), Some(&params))
-                        {
-                            Ok(value) => Self::completion(&value),
-                            Err(e) => Err(Self::error(py, e)),
-                        }
-                    })
+                with_gil(move |py| {
+                    let (messages, params) =
+                        Self::arguments(py, &request).map_err(|e| Self::error(py, e))?;
+                    match object
+                        .bind(py)
+                        .call_method("complete", (messages,), Some(&params))
+                    {
+                        Ok(value) => Self::completion(&value),
+                        Err(e) => Err(Self::error(py, e)),
+                    }
                 })
                 .await
-                .unwrap_or_else(|e| Err(BackendError::stops_run(format!("the call panicked: {e}"))))
             }
         }
     }
@@ -675,7 +697,9 @@ impl Engine {
     ) -> PyResult<Stream> {
         let generator = self.generator(py, event_loop, None)?;
         let rt = runtime()?;
-        let reader = PromptReader::new(BufReader::new(PyLines::new(lines.unbind())), "prompts");
+        let raised = Arc::new(Mutex::new(None));
+        let lines = PyLines::new(lines.unbind(), raised.clone());
+        let reader = PromptReader::new(BufReader::new(lines), "prompts");
         let prompts = reader.into_stream();
         let capacity = self.config.concurrency.get().max(16);
         let (tx, rx) = mpsc::channel(capacity);
@@ -692,6 +716,7 @@ impl Engine {
         Ok(Stream {
             rx: Mutex::new(rx),
             task: task.abort_handle(),
+            raised,
         })
     }
 
@@ -835,8 +860,8 @@ impl Engine {
             Backend::Http(b, _) => online(stack)?.build(b.clone()),
             Backend::Local(b, _) => stack.build(b.clone()),
             Backend::Python(object, name) => online(stack)?.build(PyBackend {
-                object: object.clone_ref(py),
-                event_loop,
+                object: Arc::new(object.clone_ref(py)),
+                event_loop: event_loop.map(Arc::new),
                 name: name.clone(),
             }),
         })
@@ -886,6 +911,8 @@ fn expected(
 struct Stream {
     rx: Mutex<mpsc::Receiver<Result<String, rmboost::Error>>>,
     task: tokio::task::AbortHandle,
+    /// An exception of the prompts' iterator: raised as it is (the engine saw an I/O error).
+    raised: Arc<Mutex<Option<PyErr>>>,
 }
 
 #[pymethods]
@@ -909,7 +936,11 @@ impl Stream {
                 Ok(None) => return Ok(None),
                 Ok(Some(Ok(line))) => return Ok(Some(line.into_pyobject(py)?.into_any().unbind())),
                 Ok(Some(Err(e))) if e.is_fatal() || e.example_id().is_none() => {
-                    return Err(py_error(py, &e))
+                    let raised = self.raised.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    return Err(match raised {
+                        Some(original) if e.kind() == rmboost::ErrorKind::Io => original,
+                        _ => py_error(py, &e),
+                    });
                 }
                 Ok(Some(Err(e))) => {
                     let value = error_value(py, &error_chain(&e), e.kind_str(), e.example_id())?;
@@ -1028,6 +1059,7 @@ fn summary_dict(py: Python<'_>, s: &RunSummary) -> PyResult<Py<PyDict>> {
     d.set_item("bad_lines", s.bad_lines)?;
     d.set_item("duplicates", s.duplicates)?;
     d.set_item("other_shard", s.other_shard)?;
+    d.set_item("ledger_pending", s.ledger_pending)?;
     d.set_item("calls", s.calls)?;
     d.set_item("prompt_tokens", s.usage.prompt_tokens)?;
     d.set_item("completion_tokens", s.usage.completion_tokens)?;
@@ -1044,15 +1076,18 @@ struct PyLines {
     buf: Vec<u8>,
     pos: usize,
     done: bool,
+    /// The exception the iterator raised, for the stream to raise as it is.
+    raised: Arc<Mutex<Option<PyErr>>>,
 }
 
 impl PyLines {
-    fn new(iter: Py<PyAny>) -> Self {
+    fn new(iter: Py<PyAny>, raised: Arc<Mutex<Option<PyErr>>>) -> Self {
         PyLines {
             iter,
             buf: Vec::new(),
             pos: 0,
             done: false,
+            raised,
         }
     }
 }
@@ -1077,7 +1112,9 @@ impl Read for PyLines {
                 Ok(None) => self.done = true,
                 Err(e) => {
                     self.done = true;
-                    return Err(std::io::Error::other(e.to_string()));
+                    let message = e.to_string();
+                    *self.raised.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    return Err(std::io::Error::other(message));
                 }
             }
         }

@@ -177,7 +177,7 @@ def test_bad_messages_are_a_parse_error():
 
 def test_prompts_of_the_wrong_type():
     gen = rmboost.Generator(echo_backend())
-    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+    with pytest.raises(TypeError, match=r"prompts:2: expected str or dict, got int"):
         list(gen.generate(["fine", 42]))
     with pytest.raises(TypeError):
         list(gen.generate("a single string is not a list of prompts"))
