@@ -29,6 +29,8 @@ cargo test --all-features "$@"
 # the venv's bin on PATH is where pip's build step finds maturin), then its pytest suite.
 venv_bin="$(dirname "$RMBOOST_PYTHON")"
 echo "test.sh: building the Python package (pip install ./python)" >&2
+built=$SECONDS
 PATH="$venv_bin:$PATH" "$RMBOOST_PYTHON" -m pip install --quiet --disable-pip-version-check \
     --no-build-isolation --no-deps --force-reinstall ./python
+echo "test.sh: the Python package built and installed in $((SECONDS - built)) s" >&2
 "$RMBOOST_PYTHON" -m pytest -q python/tests

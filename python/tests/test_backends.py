@@ -189,3 +189,31 @@ def test_an_object_without_complete_is_refused():
         assert "complete" in str(e)
     else:
         raise AssertionError("object() accepted as a backend")
+
+
+def test_generate_from_inside_a_running_loop_uses_a_loop_of_its_own():
+    """As in a notebook cell: synchronous ``generate`` called while an event loop runs (and
+    is blocked by the call) drives an ``async def`` backend on the package's own loop."""
+    backend = AsyncBackend(delay=0.01)
+
+    async def cell() -> list:
+        return list(rmboost.Generator(backend, seed=3, concurrency=4).generate(["a?", "b?", "c?"]))
+
+    rows = asyncio.run(cell())
+    assert len(rows) == 3
+    assert len(backend.loops) == 1, "every call ran on one loop"
+
+
+def _rows_in_a_forked_child() -> int:
+    return len(list(rmboost.Generator(SyncBackend(), seed=3).generate(["x?", "y?"])))
+
+
+def test_a_child_forked_after_the_runtime_started_makes_its_own():
+    import multiprocessing
+
+    backend = SyncBackend()
+    assert len(list(rmboost.Generator(backend, seed=3).generate(["x?"]))) == 1
+    # The parent's runtime threads do not exist in a forked child: it must start its own
+    # rather than wait forever on the parent's.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_rows_in_a_forked_child).get(timeout=60) == 2
