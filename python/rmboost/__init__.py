@@ -317,6 +317,9 @@ class Generator:
         ledger: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         on_bad_line: str = "skip",
+        price_input: float | None = None,
+        price_output: float | None = None,
+        max_cost: float | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
         """Runs the generation from the JSONL file ``input`` into the JSONL file ``output``,
@@ -325,8 +328,11 @@ class Generator:
         or ``ledger``), and refusing to mix rows made with other settings (recorded in
         ``OUTPUT.run.json``). ``shard="I/N"`` takes every N-th id; ``limit`` stops after
         that many prompts; ``cache_dir`` keeps every answer in a response cache there, so a
-        rerun after a crash pays only for the calls it had not finished. ``progress`` shows
-        a bar (tqdm).
+        rerun after a crash pays only for the calls it had not finished. With ``max_cost`` (and
+        ``price_input``/``price_output``, per million tokens) the run takes no new prompt once
+        the calls that reached the backend cost that much (``outcome="cost_limit"``; the
+        summary's ``cost``). ``on_bad_line="stop"`` stops at the first bad input line instead
+        of skipping it. ``progress`` shows a bar (tqdm).
 
         Ctrl-C stops taking prompts, lets the calls in flight finish (a few seconds at most),
         then raises :class:`KeyboardInterrupt`: the file holds whole lines and a rerun
@@ -334,8 +340,8 @@ class Generator:
 
         Returns the summary: ``outcome`` (``"completed"``, ``"limit_reached"``,
         ``"unreachable"`` ...), ``examples`` written, ``better``, ``failed`` (and
-        ``failures`` by kind), ``skipped_done``, ``bad_lines``, ``calls``, tokens,
-        ``elapsed_secs`` and ``examples_per_sec``.
+        ``failures`` by kind), ``skipped_done``, ``bad_lines``, ``calls``, tokens, ``cost``
+        (with a budget), ``elapsed_secs`` and ``examples_per_sec``.
 
         :raises Error: if a file cannot be used (``kind="io"``, ``"config"``), or a fatal
             error stops the run; the rows written so far stay.
@@ -350,6 +356,9 @@ class Generator:
             ledger=None if ledger is None else os.fspath(ledger),
             cache_dir=None if cache_dir is None else os.fspath(cache_dir),
             on_bad_line=on_bad_line,
+            price_input=price_input,
+            price_output=price_output,
+            max_cost=max_cost,
             event_loop=loop,
         )
         bar = None

@@ -32,8 +32,8 @@ use rmboost::backend::retry::RetryPolicy;
 use rmboost::backend::Stack;
 use rmboost::io::{FailureLedger, PromptReader};
 use rmboost::run::{
-    ensure_distinct_files, run_to_file, BadLinePolicy, ExistingOutput, Outcome, Progress,
-    RunOptions, RunSummary, Shard, StopSignal,
+    ensure_distinct_files, run_to_file, BadLinePolicy, CostBudget, ExistingOutput, Outcome, Prices,
+    Progress, RunOptions, RunSummary, Shard, StopSignal,
 };
 use rmboost::{
     async_trait, error_chain, Aspect, Aspects, BackendError, BackendErrorKind, Completion,
@@ -721,7 +721,8 @@ impl Engine {
     }
 
     /// Starts `run_to_file`.
-    #[pyo3(signature = (input, output, *, overwrite, limit, shard, ledger, cache_dir, on_bad_line, event_loop))]
+    #[pyo3(signature = (input, output, *, overwrite, limit, shard, ledger, cache_dir, on_bad_line,
+        price_input, price_output, max_cost, event_loop))]
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -734,8 +735,25 @@ impl Engine {
         ledger: Option<PathBuf>,
         cache_dir: Option<PathBuf>,
         on_bad_line: &str,
+        price_input: Option<f64>,
+        price_output: Option<f64>,
+        max_cost: Option<f64>,
         event_loop: Option<Py<PyAny>>,
     ) -> PyResult<Run> {
+        let budget = match (price_input, price_output, max_cost) {
+            (_, _, None) => None,
+            (None, None, Some(_)) => {
+                return Err(config_error(
+                    py,
+                    "max_cost needs price_input and/or price_output (per million tokens)",
+                ))
+            }
+            (i, o, Some(max)) => {
+                let prices = Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
+                    .map_err(|e| py_error(py, &e))?;
+                Some(CostBudget::new(prices, max).map_err(|e| py_error(py, &e))?)
+            }
+        };
         let ledger = ledger.unwrap_or_else(|| FailureLedger::default_path(&output));
         ensure_distinct_files(&[
             ("input", input.as_path()),
@@ -802,6 +820,9 @@ impl Engine {
         }
         if let Some(limit) = limit {
             options = options.limit(limit);
+        }
+        if let Some(budget) = budget {
+            options = options.max_cost(budget);
         }
         let rt = runtime()?;
         let task = rt.spawn(async move {
@@ -1063,6 +1084,7 @@ fn summary_dict(py: Python<'_>, s: &RunSummary) -> PyResult<Py<PyDict>> {
     d.set_item("calls", s.calls)?;
     d.set_item("prompt_tokens", s.usage.prompt_tokens)?;
     d.set_item("completion_tokens", s.usage.completion_tokens)?;
+    d.set_item("cost", s.cost)?;
     d.set_item("elapsed_secs", s.elapsed.as_secs_f64())?;
     d.set_item("examples_per_sec", s.examples_per_sec())?;
     d.set_item("interrupted", s.outcome == Outcome::Interrupted)?;

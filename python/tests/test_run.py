@@ -210,3 +210,19 @@ def test_run_shards_split_the_ids(server, prompts_file, tmp_path):
         assert 0 < len(part) < len(prompts)
         ids += part
     assert sorted(ids) == [p["id"] for p in prompts]
+
+
+def test_run_stops_taking_prompts_at_the_cost_budget(server, prompts_file, tmp_path):
+    path, prompts = prompts_file
+    out = tmp_path / "budget.jsonl"
+    # $1 per thousand prompt tokens: the first examples' calls cross a budget of 1 cent.
+    summary = generator(server, seed=2, concurrency=2).run(
+        path, out, price_input=1000.0, max_cost=0.01, progress=False
+    )
+    assert summary["outcome"] == "cost_limit", summary
+    assert 0 < summary["examples"] < len(prompts), summary
+    assert summary["cost"] >= 0.01, summary
+    assert len(read_jsonl(out)) == summary["examples"]
+    with pytest.raises(rmboost.Error) as info:
+        generator(server).run(path, tmp_path / "x.jsonl", max_cost=1.0, progress=False)
+    assert info.value.kind == "config" and "price_input" in info.value.message, repr(info.value)
