@@ -4,9 +4,8 @@
 //!
 //! The llama.cpp test needs `scripts/setup-test-env.sh` to have run (`.ci/run` does); it FAILS,
 //! naming RMBOOST_PYTHON and RMBOOST_MODEL, when python or the model is missing.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 

@@ -8,7 +8,7 @@
 //! installs (or `RMBOOST_MODEL`), is skipped with the reason by a plain `cargo test` without
 //! it, and fails instead under `RMBOOST_LIVE_TESTS=required` (`scripts/test.sh`).
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,7 +18,7 @@ use serde_json::Value;
 /// An example's executable, `target/<profile>/examples/<name>`, up to date.
 ///
 /// A plain `cargo test` builds the examples (those whose required features are on) beside the
-/// test binaries, but `cargo test --test examples` builds only this file, and would leave them
+/// test binaries, but `cargo test --test it` builds only the tests, and would leave them
 /// missing or stale; so the examples are built here once per run, with this test's features and
 /// profile into the same target directory (nothing to do, a second or so, after a plain
 /// `cargo test`).

@@ -1,9 +1,8 @@
 //! The loopback batch-API test server (`tests/support/batch_server.rs`) itself: every endpoint
 //! of both APIs, state progression, shuffled results, each injected fault, listing pagination,
 //! validation errors and held creates.
-#![cfg(all(feature = "openai", feature = "anthropic"))]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -8,9 +8,8 @@
 //! (`RMBOOST_LIVE_TESTS=required`) a missing piece fails the test; a plain `cargo test` skips
 //! it and says why. `--shard auto` with the variables set by hand (no Slurm needed) is tested
 //! here too.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

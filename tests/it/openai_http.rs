@@ -1,8 +1,7 @@
 //! `OpenAiBackend` against a wiremock server: the wire format, the error matrix, `Retry-After`,
 //! and the retry wrapper over real HTTP.
-#![cfg(feature = "openai")]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::num::NonZeroU32;

@@ -3,9 +3,8 @@
 //! 503, answers slower than the timeout, closed connections, malformed JSON, empty content).
 //! A 2,000-prompt run, rerun for the ledger's failures, ends with every id exactly once, the
 //! draws of a clean run, and no error text in any row.
-#![cfg(all(feature = "openai", feature = "run", feature = "test-util"))]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::collections::HashSet;

@@ -1,7 +1,6 @@
 //! `AnthropicBackend` against a wiremock server: the wire format and the error matrix.
-#![cfg(feature = "anthropic")]
 
-mod support;
+use crate::support;
 
 use std::num::NonZeroU32;
 use std::time::Duration;

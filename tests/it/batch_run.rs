@@ -3,9 +3,8 @@
 //! online run against the loopback chat server; faults, a SIGKILL between creating a batch
 //! and recording it, Ctrl-C while polling, `rmboost batch status|cancel`, the cost budget,
 //! and a 5,000-prompt run killed mid-way.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -1,9 +1,8 @@
 //! End-to-end tests of the `rmboost` binary (feature `cli`): the real binary with
 //! `--backend openai` against the loopback OpenAI-compatible test server of `tests/support`
 //! (answers like `FakeBackend`'s; latency and error statuses set per test).
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Read;
