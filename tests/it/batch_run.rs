@@ -12,8 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::batch_server::{Api, BatchServer, BatchServerBuilder};
-use support::openai_server::OpenAiServer;
+use support::server::{Api, Config, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const SEED: &str = "7";
@@ -57,14 +56,14 @@ fn backend_name(api: Api) -> &'static str {
 }
 
 /// `rmboost generate --batch` against `server`, writing `out`.
-fn batch_cmd(api: Api, server: &BatchServer, input: &Path, out: &Path, size: usize) -> Command {
+fn batch_cmd(api: Api, server: &Server, input: &Path, out: &Path, size: usize) -> Command {
     batch_cmd_polling(api, server, input, out, size, "0.005")
 }
 
 /// [`batch_cmd`] with polls `poll` seconds apart.
 fn batch_cmd_polling(
     api: Api,
-    server: &BatchServer,
+    server: &Server,
     input: &Path,
     out: &Path,
     size: usize,
@@ -86,7 +85,7 @@ fn batch_cmd_polling(
 }
 
 fn online(dir: &Path, input: &Path) -> BTreeMap<String, Row> {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = dir.join("online.jsonl");
     let o = cmd()
         .args(["generate", "-i"])
@@ -170,7 +169,7 @@ fn assert_same(batch: &BTreeMap<String, Row>, online: &BTreeMap<String, Row>, te
     }
 }
 
-fn run_to_end(api: Api, server: &BatchServer, dir: &Path, input: &Path, size: usize) -> Output {
+fn run_to_end(api: Api, server: &Server, dir: &Path, input: &Path, size: usize) -> Output {
     let out = dir.join("out.jsonl");
     let o = batch_cmd(api, server, input, &out, size).output().unwrap();
     assert_eq!(
@@ -189,7 +188,7 @@ fn openai_batch_run_equals_the_online_run() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 40);
     let online = online(dir.path(), &input);
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let o = run_to_end(Api::OpenAi, &server, dir.path(), &input, 16);
     let out = dir.path().join("out.jsonl");
     let batch = rows(&out);
@@ -221,7 +220,7 @@ fn anthropic_batch_run_has_the_online_labels_and_aspects() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 30);
     let online = online(dir.path(), &input);
-    let server = BatchServer::start(Api::Anthropic);
+    let server = Server::with(Config::batch(Api::Anthropic));
     run_to_end(Api::Anthropic, &server, dir.path(), &input, 16);
     let out = dir.path().join("out.jsonl");
     assert_same(&rows(&out), &online, false);
@@ -233,21 +232,23 @@ fn anthropic_batch_run_has_the_online_labels_and_aspects() {
         .all(|r| r.header("anthropic-version").is_some()));
 }
 
-fn faults(api: Api) -> BatchServerBuilder {
-    BatchServer::builder(api)
-        .seed(3)
-        .fail_validation_of_batch(1)
-        .errored_one_in(6)
-        .expired_one_in(9)
-        .all_lines_fail_in_batch(3)
-        .poll_5xx_one_in(4)
+fn faults(api: Api) -> Config {
+    Config {
+        seed: 3,
+        fail_validation: vec![1],
+        errored_one_in: Some(6),
+        expired_one_in: Some(9),
+        all_fail: vec![3],
+        poll_5xx_one_in: Some(4),
+        ..Config::batch(api)
+    }
 }
 
 fn faults_end_exactly_once(api: Api) {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 40);
     let online = online(dir.path(), &input);
-    let server = faults(api).start();
+    let server = Server::with(faults(api));
     run_to_end(api, &server, dir.path(), &input, 12);
     let out = dir.path().join("out.jsonl");
     let batch = rows(&out);
@@ -265,7 +266,7 @@ fn faults_end_exactly_once(api: Api) {
     assert_eq!(b["batches_created"], server.batches_created(), "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     let all: String = std::fs::read_to_string(&out).unwrap();
-    assert!(!all.contains(support::batch_server::INJECTED_BATCH));
+    assert!(!all.contains(support::server::INJECTED_BATCH));
 }
 
 #[test]
@@ -297,7 +298,10 @@ fn killed_between_create_and_record(api: Api) {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 20);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::builder(api).hold_creates().start();
+    let server = Server::with(Config {
+        hold_creates: true,
+        ..Config::batch(api)
+    });
     let mut child = batch_cmd(api, &server, &input, &out, 50)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -348,7 +352,7 @@ fn ctrl_c_while_polling_then_status_and_rerun() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 20);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::start(api);
+    let server = Server::with(Config::batch(api));
     // Polls an hour apart: the batch stays in flight.
     let mut slow = batch_cmd_polling(api, &server, &input, &out, 50, "3600");
     slow.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -408,7 +412,7 @@ fn batch_cancel_then_rerun() {
         let dir = tempfile::tempdir().unwrap();
         let input = prompts(dir.path(), 12);
         let out = dir.path().join("out.jsonl");
-        let server = BatchServer::start(api);
+        let server = Server::with(Config::batch(api));
         let mut slow = batch_cmd_polling(api, &server, &input, &out, 50, "3600");
         slow.stdout(Stdio::null()).stderr(Stdio::null());
         let mut child = slow.spawn().unwrap();
@@ -453,7 +457,7 @@ fn batch_needs_an_http_backend_and_the_budget_stops_before_a_wave() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--batch"), "{}", text(&o.stderr));
 
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let o = batch_cmd(Api::OpenAi, &server, &input, &out, 50)
         .args([
             "--price-input",
@@ -485,7 +489,10 @@ fn five_thousand_prompts_killed_mid_run() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), N);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::builder(api).errored_one_in(50).start();
+    let server = Server::with(Config {
+        errored_one_in: Some(50),
+        ..Config::batch(api)
+    });
     let t0 = Instant::now();
     let mut child = batch_cmd(api, &server, &input, &out, 1000)
         .stdout(Stdio::null())

@@ -10,7 +10,7 @@ use crate::support;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::openai_server::OpenAiServer;
+use support::server::{Config, Server};
 use support::LlamaServer;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -68,9 +68,10 @@ fn assert_no_key(o: &Output) {
 
 #[test]
 fn permanent_401_is_fatal_with_one_line_and_no_output() {
-    let server = OpenAiServer::builder()
-        .fail_every_request(401, "Incorrect API key provided.")
-        .start();
+    let server = Server::with(Config {
+        fail_every: Some((401, "Incorrect API key provided.".into())),
+        ..Config::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 10);
     let out = dir.path().join("out.jsonl");
@@ -270,7 +271,7 @@ fn three_prompts_against_a_real_llama_cpp_server() {
 
 #[test]
 fn a_rerun_is_answered_from_the_response_cache() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 4);
     let out = dir.path().join("out.jsonl");
@@ -523,7 +524,7 @@ async fn absurd_token_counts_saturate() {
 /// One replica that refuses every connection is drained, and every example is still made.
 #[test]
 fn several_base_urls_spread_the_calls_and_route_around_a_dead_replica() {
-    let servers: Vec<OpenAiServer> = (0..3).map(|_| OpenAiServer::start()).collect();
+    let servers: Vec<Server> = (0..3).map(|_| Server::start()).collect();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 30);
     // A port nobody listens on: every call to it is refused.
@@ -569,14 +570,14 @@ fn several_base_urls_spread_the_calls_and_route_around_a_dead_replica() {
         assert_eq!(r["calls"].as_u64().unwrap(), server.requests(), "{s}");
         assert!(server.requests() > 0, "every live replica took calls: {s}");
     }
-    let live: u64 = servers.iter().map(OpenAiServer::requests).sum();
+    let live: u64 = servers.iter().map(Server::requests).sum();
     assert_eq!(live, 60, "two calls an example, nothing sent twice: {s}");
     // Both calls of an example went to one server: the servers' first and second calls pair up.
     for server in &servers {
         let (firsts, seconds): (Vec<_>, Vec<_>) = server
             .recorded()
             .into_iter()
-            .partition(|r| !support::openai_server::is_second(&r.body));
+            .partition(|r| !support::server::is_second(&r.body));
         assert_eq!(firsts.len(), seconds.len(), "{s}");
     }
     assert!(stdout.contains("replica"), "{stdout}");

@@ -211,9 +211,9 @@ fn custom_method_plants_one_mistake_in_the_rejected_answer() {
 #[cfg(feature = "openai")]
 #[test]
 fn openai_compatible_makes_pairs_that_obey_the_construction_rule() {
-    use support::openai_server::OpenAiServer;
+    use support::server::Server;
 
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = Command::new(example("openai_compatible"))
         .env("OPENAI_BASE_URL", server.base_url())
         .env("OPENAI_MODEL", "served-model")
@@ -486,9 +486,9 @@ fn the_readme_snippet_is_examples_readme_rs() {
 #[cfg(feature = "openai")]
 #[test]
 fn the_readme_snippet_makes_a_pair() {
-    use support::openai_server::OpenAiServer;
+    use support::server::Server;
 
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = Command::new(example("readme"))
         .env("OPENAI_BASE_URL", server.base_url())
         .env_remove("OPENAI_API_KEY")

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use rmboost::run::Shard;
 use support::live_tests_required;
-use support::openai_server::OpenAiServer;
+use support::server::Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const INSTALL: &str = "apt-get install -y --no-install-recommends slurmctld slurmd \
@@ -84,7 +84,7 @@ fn slurm_array_of_four_tasks_generates_every_id_once() {
     if !slurm_available("slurm_array_of_four_tasks_generates_every_id_once") {
         return;
     }
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.jsonl");
     let n = 40;
@@ -165,7 +165,7 @@ fn slurm_array_of_four_tasks_generates_every_id_once() {
 /// set them. Runs everywhere.
 #[test]
 fn shard_auto_takes_the_scheduler_shard_or_says_what_is_missing() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.jsonl");
     let body: String = (1..=12)

@@ -1,12 +1,11 @@
 //! Helpers shared by the integration tests: prompts and golden draws for the generator; a
-//! scripted backend, a tracing capture, canned HTTP bodies, the loopback OpenAI-compatible
-//! test server ([`openai_server`]), the loopback batch-API server ([`batch_server`]) and a real
-//! llama.cpp server for the backends.
+//! scripted backend, a tracing capture, canned HTTP bodies, the loopback server of the online
+//! and batch APIs ([`server`], shared with `benches/throughput.rs`) and a real llama.cpp server
+//! for the backends.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod batch_server;
-pub mod openai_server;
 pub mod reliability;
+pub mod server;
 
 use futures::StreamExt;
 use rmboost::GeneratorExt;
