@@ -11,9 +11,8 @@ use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::{Retry, RetryPolicy};
 use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
+use support::server::{Reply, Server};
 use support::{anthropic_body, capture_tracing, dead_port, openai_body};
-use wiremock::matchers::{header, method};
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const KEY: &str = "sk-live-SUPERSECRET-0123456789";
 
@@ -89,29 +88,17 @@ fn key_from_the_environment_is_not_printed() {
 #[tokio::test]
 async fn openai_key_is_sent_but_never_shown() {
     let (captured, _guard) = capture_tracing();
-    let server = MockServer::start().await;
-    // The key is sent...
-    Mock::given(method("POST"))
-        .and(header("authorization", format!("Bearer {KEY}").as_str()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("fine", "stop")))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    // ...and then echoed back by a careless server in a 401 and a 500.
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
-            "error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}
-        })))
-        .up_to_n_times(1)
-        .with_priority(2)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500).set_body_string(format!("crash dump: key={KEY}")))
-        .with_priority(3)
-        .mount(&server)
-        .await;
+    // The key is sent, then echoed back by a careless server in a 401 and a 500.
+    let server = Server::replying(vec![
+        Reply::json(200, &openai_body("fine", "stop")),
+        Reply::json(
+            401,
+            &serde_json::json!({
+                "error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}
+            }),
+        ),
+        Reply::text(500, format!("crash dump: key={KEY}")),
+    ]);
     let backend = quick_retry(
         OpenAiBackend::builder()
             .base_url(server.uri())
@@ -121,6 +108,8 @@ async fn openai_key_is_sent_but_never_shown() {
             .unwrap(),
     );
     let ok = backend.complete(request()).await.unwrap();
+    let bearer = format!("Bearer {KEY}");
+    assert_eq!(server.recorded()[0].header("authorization"), Some(&*bearer));
     assert_eq!(ok.text, "fine");
     let auth = backend.complete(request()).await.unwrap_err();
     assert!(auth.message().contains("Incorrect API key provided"));
@@ -147,22 +136,16 @@ async fn openai_key_is_sent_but_never_shown() {
 #[tokio::test]
 async fn anthropic_key_is_sent_but_never_shown() {
     let (captured, _guard) = capture_tracing();
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(header("x-api-key", KEY))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("fine", "end_turn")))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
-            "type": "error",
-            "error": {"type": "authentication_error", "message": format!("invalid x-api-key {KEY}")}
-        })))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![
+        Reply::json(200, &anthropic_body("fine", "end_turn")),
+        Reply::json(
+            401,
+            &serde_json::json!({
+                "type": "error",
+                "error": {"type": "authentication_error", "message": format!("invalid x-api-key {KEY}")}
+            }),
+        ),
+    ]);
     let backend = quick_retry(
         AnthropicBackend::builder()
             .base_url(server.uri())
@@ -172,6 +155,7 @@ async fn anthropic_key_is_sent_but_never_shown() {
             .unwrap(),
     );
     assert_eq!(backend.complete(request()).await.unwrap().text, "fine");
+    assert_eq!(server.recorded()[0].header("x-api-key"), Some(KEY));
     let e = backend.complete(request()).await.unwrap_err();
     assert!(!all_text(&e).contains(KEY));
     let log = captured.text();

@@ -1065,7 +1065,7 @@ fn now_unix() -> u64 {
 }
 
 /// RFC 3339 (UTC, seconds) of a Unix time.
-fn rfc3339(unix: u64) -> String {
+pub fn rfc3339(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
