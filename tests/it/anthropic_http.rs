@@ -3,17 +3,15 @@
 
 use crate::support;
 
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use rmboost::backend::anthropic::AnthropicBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
 use rmboost::{
     BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams, Usage,
 };
 use serde_json::json;
 use support::server::{rfc3339, Reply, Server};
-use support::{anthropic_body, anthropic_error, dead_port};
+use support::{anthropic_body, anthropic_error, dead_port, quick_retry};
 
 const PATH: &str = "/v1/messages";
 
@@ -29,17 +27,6 @@ fn backend(server: &Server) -> AnthropicBackend {
 
 fn request() -> CompletionRequest {
     CompletionRequest::new(vec![Message::system("be brief"), Message::user("hi")])
-}
-
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(3).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .max_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
 }
 
 #[tokio::test]
@@ -205,7 +192,7 @@ async fn error_matrix() {
     ];
     for (status, body, kind, message) in cases {
         let server = support::server::Server::replying(vec![Reply::json(status, &body)]);
-        let retry = quick_retry(backend(&server));
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), kind, "HTTP {status} {body}");
         assert_eq!(e.status(), Some(status));
@@ -337,7 +324,7 @@ async fn redirects_are_not_followed_and_the_key_stays_home() {
     )]);
     let location = format!("{}/v1/messages", elsewhere.uri());
     let server = Server::replying(vec![Reply::text(307, "").header("location", location)]);
-    let e = quick_retry(backend(&server))
+    let e = quick_retry(backend(&server), 3)
         .complete(request())
         .await
         .unwrap_err();

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::server::{Api, Config, Server};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const SEED: &str = "7";
 /// The key the test servers require, named with --api-key-env (a custom base URL gets no key
 /// otherwise); it must never be printed.
@@ -22,11 +21,8 @@ const KEY: &str = "sk-batch-test-0123456789-never-print-me";
 const KEY_VAR: &str = "RMBOOST_BATCH_TEST_KEY";
 
 fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env(KEY_VAR, KEY);
+    let mut c = support::cmd();
+    c.env(KEY_VAR, KEY);
     c
 }
 

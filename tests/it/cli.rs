@@ -13,19 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::server::{Config, Fault, Server, REJECTED};
-
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+use support::{cmd, BIN};
 
 /// How long a test waits for something that takes well under a second on an idle machine.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY");
-    c
-}
 
 fn run(args: &[&str]) -> Output {
     cmd().args(args).output().expect("the binary runs")

@@ -11,18 +11,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use support::server::{Config, Reply, Server};
-use support::LlamaServer;
+use support::{cmd, LlamaServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const KEY: &str = "sk-test-0123456789abcdef-never-print-me";
-
-fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY");
-    c
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -3,12 +3,10 @@
 //! `rejected`).
 //!
 //! `openai_compatible` (feature `openai`) runs against the loopback OpenAI-compatible test
-//! server of `tests/support`. `quickstart` (feature `local`) runs the real SmolLM2 model in
+//! server of `support`. `quickstart` (feature `local`) runs the real SmolLM2 model in
 //! process: like the other live tests it needs the model that `scripts/setup-test-env.sh`
 //! installs (or `RMBOOST_MODEL`), is skipped with the reason by a plain `cargo test` without
 //! it, and fails instead under `RMBOOST_LIVE_TESTS=required` (`scripts/test.sh`).
-
-use crate::support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -211,7 +209,7 @@ fn custom_method_plants_one_mistake_in_the_rejected_answer() {
 #[cfg(feature = "openai")]
 #[test]
 fn openai_compatible_makes_pairs_that_obey_the_construction_rule() {
-    use support::server::Server;
+    use crate::support::server::Server;
 
     let server = Server::start();
     let out = Command::new(example("openai_compatible"))
@@ -408,12 +406,12 @@ fn quickstart_runs_the_local_model_on_the_first_bundled_prompts() {
 /// the test and says why; under `RMBOOST_LIVE_TESTS=required` (`scripts/test.sh`) it fails.
 #[cfg(feature = "local")]
 fn live_model(test: &str) -> Option<PathBuf> {
-    let why = match support::model_path() {
+    let why = match crate::support::model_path() {
         Some(m) if m.is_file() => return Some(m),
         Some(m) => format!("model file {} (RMBOOST_MODEL) missing", m.display()),
         None => "no model (RMBOOST_MODEL unset, none in .venv)".to_owned(),
     };
-    if support::live_tests_required() {
+    if crate::support::live_tests_required() {
         panic!(
             "{test}: {why}: run `scripts/setup-test-env.sh` and export the RMBOOST_MODEL line \
              it prints"
@@ -486,7 +484,7 @@ fn the_readme_snippet_is_examples_readme_rs() {
 #[cfg(feature = "openai")]
 #[test]
 fn the_readme_snippet_makes_a_pair() {
-    use support::server::Server;
+    use crate::support::server::Server;
 
     let server = Server::start();
     let out = Command::new(example("readme"))

@@ -4,19 +4,18 @@
 use crate::support;
 
 use rmboost::GeneratorExt;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rmboost::backend::openai::OpenAiBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::backend::retry::Retry;
 use rmboost::{
     BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams, Usage,
 };
 use serde_json::json;
 use support::server::{Reply, Server};
-use support::{dead_port, openai_body, openai_error};
+use support::{dead_port, openai_body, openai_error, quick_retry};
 
 const PATH: &str = "/v1/chat/completions";
 
@@ -32,18 +31,6 @@ fn backend(server: &Server) -> OpenAiBackend {
 
 fn request() -> CompletionRequest {
     CompletionRequest::new(vec![Message::system("be brief"), Message::user("hi")])
-}
-
-/// Retries quickly: 3 attempts, 1 ms waits.
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(3).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .max_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
 }
 
 #[tokio::test]
@@ -296,7 +283,7 @@ async fn error_matrix() {
             Reply::json(c.status, &c.body)
         };
         let server = support::server::Server::replying(vec![reply]);
-        let retry = quick_retry(backend(&server));
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), c.kind, "HTTP {} {}", c.status, c.body);
         assert_eq!(e.status(), Some(c.status));
@@ -329,7 +316,7 @@ async fn malformed_bodies_are_invalid_responses_and_retried() {
         "{\"choices\": 3}",
     ] {
         let server = Server::replying(vec![Reply::text(200, body)]);
-        let retry = quick_retry(backend(&server));
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), BackendErrorKind::InvalidResponse, "{body:?}");
         assert_eq!(server.recorded().len(), 3, "{body:?}");
@@ -423,7 +410,7 @@ async fn retry_honours_retry_after_over_http() {
         .header("retry-after", "1"),
         Reply::json(200, &openai_body("after the wait", "stop")),
     ]);
-    let retry = quick_retry(backend(&server));
+    let retry = quick_retry(backend(&server), 3);
     let start = std::time::Instant::now();
     let out = retry.complete(request()).await.unwrap();
     assert_eq!(out.text, "after the wait");
@@ -460,7 +447,7 @@ async fn connection_refused_is_a_retryable_connection_error() {
         .model("m")
         .build()
         .unwrap();
-    let retry = quick_retry(backend);
+    let retry = quick_retry(backend, 3);
     let e = retry.complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Connection, "{e:?}");
     assert_eq!(retry.stats().attempts(), 3);
@@ -679,7 +666,10 @@ async fn redirects_are_not_followed() {
         .header("x-gateway-token", "gw-secret")
         .build()
         .unwrap();
-    let e = quick_retry(backend).complete(request()).await.unwrap_err();
+    let e = quick_retry(backend, 3)
+        .complete(request())
+        .await
+        .unwrap_err();
     assert!(elsewhere.recorded().is_empty());
     assert_eq!(server.recorded().len(), 1);
     assert!(e.is_fatal() && !e.is_retryable(), "{e}");

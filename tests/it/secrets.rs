@@ -4,15 +4,13 @@
 use crate::support;
 
 use std::error::Error as _;
-use std::num::NonZeroU32;
-use std::time::Duration;
 
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::openai::OpenAiBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::backend::retry::Retry;
 use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
 use support::server::{Reply, Server};
-use support::{anthropic_body, capture_tracing, dead_port, openai_body};
+use support::{anthropic_body, capture_tracing, dead_port, openai_body, quick_retry};
 
 const KEY: &str = "sk-live-SUPERSECRET-0123456789";
 
@@ -29,16 +27,6 @@ fn all_text(e: &BackendError) -> String {
         source = s.source();
     }
     out
-}
-
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(2).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
 }
 
 #[test]
@@ -106,6 +94,7 @@ async fn openai_key_is_sent_but_never_shown() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     let ok = backend.complete(request()).await.unwrap();
     let bearer = format!("Bearer {KEY}");
@@ -153,6 +142,7 @@ async fn anthropic_key_is_sent_but_never_shown() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     assert_eq!(backend.complete(request()).await.unwrap().text, "fine");
     assert_eq!(server.recorded()[0].header("x-api-key"), Some(KEY));
@@ -173,6 +163,7 @@ async fn transport_errors_do_not_show_the_key() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     let e = backend.complete(request()).await.unwrap_err();
     assert!(e.source().is_some());

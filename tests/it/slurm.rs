@@ -17,10 +17,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use rmboost::run::Shard;
-use support::live_tests_required;
 use support::server::Server;
+use support::{live_tests_required, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const INSTALL: &str = "apt-get install -y --no-install-recommends slurmctld slurmd \
                        slurm-client munge (as root; `bash scripts/test.sh` does it)";
 

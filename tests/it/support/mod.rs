@@ -193,6 +193,33 @@ pub fn openai_error(kind: &str, code: Option<&str>, message: &str) -> serde_json
     serde_json::json!({"error": {"message": message, "type": kind, "code": code, "param": null}})
 }
 
+/// Retries quickly: `attempts` in all, 1 ms waits.
+#[cfg(feature = "middleware")]
+pub fn quick_retry<B>(inner: B, attempts: u32) -> rmboost::backend::retry::Retry<B> {
+    use rmboost::backend::retry::{Retry, RetryPolicy};
+    let attempts = std::num::NonZeroU32::new(attempts).unwrap();
+    let policy = RetryPolicy::default()
+        .max_attempts(attempts)
+        .initial_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(1))
+        .jitter(false);
+    Retry::with_policy(inner, policy)
+}
+
+/// The `rmboost` binary of this build.
+#[cfg(feature = "cli")]
+pub const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+
+/// The `rmboost` binary with no log filter and no provider key from this environment.
+#[cfg(feature = "cli")]
+pub fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY");
+    c
+}
+
 /// A loopback port that nothing listens on (bound, then released).
 pub fn dead_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
