@@ -6,13 +6,14 @@
 //! [`rmboost::read_prompts`], [`rmboost::run::run_to_file`] with resume on, [`RmBoost`] over
 //! `Cached<Retry<OpenAiBackend>>` (a cold response cache), a JSONL output file.
 //!
-//! The server runs in this process on its own runtime and threads (named `bench-server`), binds
-//! 127.0.0.1 only, speaks keep-alive HTTP/1.1 (hyper), holds each answer until the configured
-//! latency has passed since the request arrived (on a timer thread with sub-millisecond
-//! precision: tokio's 1 ms timer would add 1-3% to `L`; each point prints the mean delay the
-//! server actually served), and answers ~1 KB: a first response, or, for a request with a
-//! message that contains `</response>`, a different `<response>...</response>` answer (the
-//! fake backend's texts); both with usage.
+//! The server is the tests' loopback server (`tests/it/support/server.rs`): it runs in this
+//! process on its own runtime and threads (named `test-server`), binds 127.0.0.1 only, speaks
+//! keep-alive HTTP/1.1 (hyper), holds each answer until the configured latency has passed since
+//! the request arrived (on a timer thread with sub-millisecond precision: tokio's 1 ms timer
+//! would add 1-3% to `L`; each point prints the mean delay the server actually served), and
+//! answers ~1 KB: a first response, or, for a request with a message that contains
+//! `</response>`, a different `<response>...</response>` answer (the fake backend's texts); both
+//! with usage.
 //!
 //! Each throughput point also says where the time of a call slot goes: the mean time from a
 //! call's start (as the generator makes it) to the server's handler, the served delay, the
@@ -109,31 +110,19 @@
 //! other processes took meanwhile: on a shared machine the figures are pessimistic.
 
 use rmboost::GeneratorExt;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::stream;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rmboost::backend::adaptive::{Adaptive, AdaptiveSnapshot};
 use rmboost::backend::cache::{Cache, Cached};
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::{Retry, RetryStats};
 use rmboost::run::{run_to_file, RunOptions, RunSummary, StopSignal};
-use rmboost::testing::FakeBackend;
 use rmboost::{Prompt, RmBoost};
-use tokio::net::TcpListener;
 
 /// The most one throughput point may take before it is stopped.
 const POINT_DEADLINE: Duration = Duration::from_secs(180);
@@ -146,391 +135,43 @@ const MAX_POINT_PROMPTS: u64 = 200_000;
 const POINT_SECONDS: f64 = 24.0;
 
 // ---------------------------------------------------------------------------------------------
-// The loopback server.
+// The loopback server: the tests' (`tests/it/support/server.rs`).
 
-struct ServerState {
-    /// Down: every request's connection is dropped unanswered, as a killed replica's are.
-    down: std::sync::atomic::AtomicBool,
-    /// When recording: the conversation key of every request (its last user message).
-    keys: Mutex<Option<Vec<u64>>>,
-    latency_us: AtomicU64,
-    /// Each answer's latency is spread evenly over `L` plus or minus this many percent of it
-    /// (drawn from the request's number, so the mean stays `L`); 0: every answer takes `L`.
-    jitter_pct: AtomicU64,
-    jitter_seq: AtomicU64,
-    /// Answer 429 to a request arriving while this many are in flight (0: no limit).
-    cap: AtomicU64,
-    in_flight: AtomicU64,
-    /// Requests answered 429 for the cap (not counted in `requests`).
-    rejected: AtomicU64,
-    /// Requests answered 200 after the latency (torn and empty answers included).
-    requests: AtomicU64,
-    /// Every request that reached the handler, whatever its answer.
-    arrivals: AtomicU64,
-    /// The token bucket, when one is set.
-    bucket: Mutex<Option<TokenBucket>>,
-    /// Requests answered 429 because the bucket was empty.
-    bucket_rejected: AtomicU64,
-    /// The random faults, when a rate is set.
-    faults: Mutex<FaultPlan>,
-    /// Faults served, by [`Fault`] (index: `Fault as usize`).
-    fault_counts: [AtomicU64; FAULTS.len()],
-    connections: AtomicU64,
-    /// Sum of the delays actually served (from the request's arrival to its answer), in
-    /// nanoseconds, so the bench can show that the server keeps to `L`.
-    delay_ns: AtomicU64,
-    timer: PreciseTimer,
-    filler: FakeBackend,
+#[allow(dead_code)]
+#[path = "../tests/it/support/server.rs"]
+mod server;
+
+use server::{since_epoch, Config, Counts, Fault, Server, FAULTS};
+
+/// The bench's server: answers of `response_bytes`, stamped with their times, nothing
+/// recorded; it lives until the process ends.
+fn start_server(threads: usize, response_bytes: usize) -> Server {
+    Server::with(Config {
+        threads,
+        filler: response_bytes,
+        record: false,
+        stamp: true,
+        ..Config::default()
+    })
 }
 
-/// Delays with sub-millisecond precision, for the server's latency.
-///
-/// tokio's timer has a 1 ms resolution and rounds deadlines up, so `sleep(50 ms)` takes about
-/// 50.5 to 51.5 ms: 1 to 3% more than `L`, which would be counted against the client. One
-/// thread keeps the pending deadlines in a heap and waits on a channel with a timeout until
-/// the earliest one (the kernel's timer slack is about 50 us), then wakes its caller.
-#[derive(Clone)]
-struct PreciseTimer {
-    tx: std::sync::mpsc::Sender<(Instant, futures::channel::oneshot::Sender<()>)>,
+/// The mean delay served per answer since the reading `before`.
+fn mean_delay(server: &Server, before: &Counts) -> Duration {
+    let d = server.counts().since(before);
+    Duration::from_nanos(d.delay_ns / d.answered.max(1))
 }
 
-impl PreciseTimer {
-    fn start() -> PreciseTimer {
-        use std::cmp::Reverse;
-        use std::collections::BinaryHeap;
-        let (tx, rx) =
-            std::sync::mpsc::channel::<(Instant, futures::channel::oneshot::Sender<()>)>();
-        std::thread::Builder::new()
-            .name("bench-server-timer".into())
-            .spawn(move || {
-                let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-                let mut seq = 0u64;
-                let mut wakers = std::collections::HashMap::new();
-                loop {
-                    let now = Instant::now();
-                    while let Some(&Reverse((at, id))) = heap.peek() {
-                        if at > now {
-                            break;
-                        }
-                        heap.pop();
-                        if let Some(w) = wakers.remove(&id) {
-                            let _: Result<(), ()> = futures::channel::oneshot::Sender::send(w, ());
-                        }
-                    }
-                    let next = match heap.peek() {
-                        Some(&Reverse((at, _))) => {
-                            rx.recv_timeout(at.saturating_duration_since(now))
-                        }
-                        None => rx
-                            .recv()
-                            .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
-                    };
-                    match next {
-                        Ok((at, waker)) => {
-                            seq += 1;
-                            heap.push(Reverse((at, seq)));
-                            wakers.insert(seq, waker);
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-            })
-            .expect("timer thread");
-        PreciseTimer { tx }
-    }
-
-    async fn sleep_until(&self, at: Instant) {
-        let (waker, done) = futures::channel::oneshot::channel();
-        if self.tx.send((at, waker)).is_ok() {
-            let _ = done.await;
-        }
-    }
-}
-
-/// A server on its own threads; lives until the process ends.
-struct BenchServer {
-    addr: SocketAddr,
-    state: Arc<ServerState>,
-}
-
-impl BenchServer {
-    fn start(threads: usize, response_bytes: usize) -> BenchServer {
-        // The answers of the in-process fake backend: prose-like filler that passes the
-        // response checks (no repetition, first and second responses far apart).
-        let filler = FakeBackend::with_response_len(response_bytes);
-        let state = Arc::new(ServerState {
-            down: Default::default(),
-            keys: Mutex::new(None),
-            latency_us: AtomicU64::new(0),
-            jitter_pct: AtomicU64::new(0),
-            jitter_seq: AtomicU64::new(0),
-            cap: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            arrivals: AtomicU64::new(0),
-            bucket: Mutex::new(None),
-            bucket_rejected: AtomicU64::new(0),
-            faults: Mutex::new(FaultPlan::none()),
-            fault_counts: Default::default(),
-            connections: AtomicU64::new(0),
-            delay_ns: AtomicU64::new(0),
-            timer: PreciseTimer::start(),
-            filler,
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        let st = state.clone();
-        std::thread::Builder::new()
-            .name("bench-server".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(threads.max(1))
-                    .thread_name("bench-server")
-                    .enable_all()
-                    .build()
-                    .expect("server runtime");
-                rt.block_on(async move {
-                    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    tx.send(listener.local_addr().expect("addr")).unwrap();
-                    loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let _ = tcp.set_nodelay(true);
-                        st.connections.fetch_add(1, Ordering::Relaxed);
-                        let st = st.clone();
-                        tokio::spawn(async move {
-                            let svc = service_fn(move |req| handle(req, st.clone()));
-                            let _ = http1::Builder::new()
-                                .keep_alive(true)
-                                .serve_connection(TokioIo::new(tcp), svc)
-                                .await;
-                        });
-                    }
-                });
-            })
-            .expect("server thread");
-        let addr = rx.recv().expect("server address");
-        BenchServer { addr, state }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn set_latency(&self, latency: Duration) {
-        self.state
-            .latency_us
-            .store(latency.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// The mean delay served per request since `before` = (requests, delay_ns) counters.
-    fn mean_delay(&self, before: (u64, u64)) -> Duration {
-        let n = self.requests() - before.0;
-        let ns = self.state.delay_ns.load(Ordering::Relaxed) - before.1;
-        Duration::from_nanos(ns / n.max(1))
-    }
-
-    fn delay_counters(&self) -> (u64, u64) {
-        (self.requests(), self.state.delay_ns.load(Ordering::Relaxed))
-    }
-
-    fn requests(&self) -> u64 {
-        self.state.requests.load(Ordering::Relaxed)
-    }
-
-    /// Requests answered 429 so far.
-    fn rejected(&self) -> u64 {
-        self.state.rejected.load(Ordering::Relaxed)
-    }
-
-    /// Sets the hidden limit on requests in flight (0: none).
-    fn set_cap(&self, cap: u64) {
-        self.state.cap.store(cap, Ordering::Relaxed);
-    }
-
-    /// Connections accepted so far.
-    fn connections(&self) -> u64 {
-        self.state.connections.load(Ordering::Relaxed)
-    }
-
-    /// Fails a share `rate` of the requests that pass the cap and the bucket, at random and
-    /// independently of load, each with a kind drawn evenly from `kinds` (a [`Fault::Hang`]
-    /// lasts `hang`); the draws come from a generator seeded with `seed`. A rate of 0 ends the
-    /// faults.
-    fn set_faults(&self, rate: f64, kinds: &[Fault], hang: Duration, seed: u64) {
-        let kinds: Vec<Fault> = kinds
-            .iter()
-            .copied()
-            .filter(|&k| k != Fault::Hang || !hang.is_zero())
-            .collect();
-        assert!(
-            rate == 0.0 || !kinds.is_empty(),
-            "a fault rate needs at least one fault kind"
-        );
-        *self.state.faults.lock().unwrap() = FaultPlan {
-            rate,
-            kinds,
-            hang,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        };
-    }
-
-    /// Puts a token bucket in front of the server (`None`: none): `per_minute` requests a
-    /// minute, refilled continuously, at most `burst` tokens; it starts full.
-    fn set_bucket(&self, bucket: Option<(u64, u64)>) {
-        *self.state.bucket.lock().unwrap() = bucket.map(|(per_minute, burst)| TokenBucket {
-            per_sec: per_minute as f64 / 60.0,
-            capacity: burst.max(1) as f64,
-            tokens: burst.max(1) as f64,
-            last: Instant::now(),
-        });
-    }
-
-    /// Every counter of the server, to subtract from a later reading.
-    fn counters(&self) -> ServerCounters {
-        let st = &self.state;
-        ServerCounters {
-            arrivals: st.arrivals.load(Ordering::Relaxed),
-            answered: st.requests.load(Ordering::Relaxed),
-            cap_429: st.rejected.load(Ordering::Relaxed),
-            bucket_429: st.bucket_rejected.load(Ordering::Relaxed),
-            faults: std::array::from_fn(|i| st.fault_counts[i].load(Ordering::Relaxed)),
-            delay_ns: st.delay_ns.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// A random fault of the server (see [`BenchServer::set_faults`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    /// 429 with `Retry-After: 1`, at once.
-    TooMany,
-    /// 500, at once.
-    Internal,
-    /// 503, at once.
-    Unavailable,
-    /// The connection is closed without an answer once the request is read.
-    Drop,
-    /// 200 after the latency, with a body cut short: `{"choices": [ {"message": `.
-    Torn,
-    /// 200 after the latency, a valid completion whose content is `""`.
-    Empty,
-    /// No answer for the hang time, then (the latency having passed) a normal answer.
-    Hang,
-}
-
-/// Every fault kind, in the order of [`Fault`]'s discriminants.
-const FAULTS: [Fault; 7] = [
-    Fault::TooMany,
-    Fault::Internal,
-    Fault::Unavailable,
-    Fault::Drop,
-    Fault::Torn,
-    Fault::Empty,
-    Fault::Hang,
-];
-
-impl Fault {
-    fn name(self) -> &'static str {
-        match self {
-            Fault::TooMany => "429",
-            Fault::Internal => "500",
-            Fault::Unavailable => "503",
-            Fault::Drop => "drop",
-            Fault::Torn => "torn",
-            Fault::Empty => "empty",
-            Fault::Hang => "hang",
-        }
-    }
-
-    fn parse(name: &str) -> Fault {
-        FAULTS
-            .into_iter()
-            .find(|f| f.name() == name)
-            .unwrap_or_else(|| {
-                panic!("unknown fault kind {name}: 429, 500, 503, drop, torn, empty, hang")
-            })
-    }
-}
-
-/// The random faults: which share of requests fail and how.
-struct FaultPlan {
-    rate: f64,
-    kinds: Vec<Fault>,
-    hang: Duration,
-    rng: ChaCha8Rng,
-}
-
-impl FaultPlan {
-    fn none() -> FaultPlan {
-        FaultPlan {
-            rate: 0.0,
-            kinds: Vec::new(),
-            hang: Duration::ZERO,
-            rng: ChaCha8Rng::seed_from_u64(0),
-        }
-    }
-
-    /// The fault of the next request, if it gets one, and how long a hang lasts.
-    fn draw(&mut self) -> Option<(Fault, Duration)> {
-        if self.rate <= 0.0 || self.rng.random::<f64>() >= self.rate {
-            return None;
-        }
-        let kind = self.kinds[self.rng.random_range(0..self.kinds.len())];
-        Some((kind, self.hang))
-    }
-}
-
-/// A token bucket refilled continuously, as hosted providers limit requests per minute.
-struct TokenBucket {
-    per_sec: f64,
-    capacity: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// Takes a token, or says in how many whole seconds (at least 1) one will be there.
-    fn take(&mut self, now: Instant) -> Result<(), u64> {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
-        self.tokens = (self.tokens + refill).min(self.capacity);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err((((1.0 - self.tokens) / self.per_sec).ceil() as u64).max(1))
-        }
-    }
-}
-
-/// A reading of the server's counters ([`BenchServer::counters`]).
-#[derive(Debug, Clone, Copy, Default)]
-struct ServerCounters {
-    /// Requests that reached the handler.
-    arrivals: u64,
-    /// Answered 200 after the latency (torn and empty answers included).
-    answered: u64,
-    /// 429s for the cap on requests in flight.
-    cap_429: u64,
-    /// 429s for the token bucket.
-    bucket_429: u64,
-    /// Random faults by kind (index: `Fault as usize`).
-    faults: [u64; FAULTS.len()],
-    delay_ns: u64,
-}
-
-impl ServerCounters {
-    fn since(&self, before: &ServerCounters) -> ServerCounters {
-        ServerCounters {
-            arrivals: self.arrivals - before.arrivals,
+impl Counts {
+    fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            requests: self.requests - before.requests,
             answered: self.answered - before.answered,
+            scripted: self.scripted - before.scripted,
             cap_429: self.cap_429 - before.cap_429,
             bucket_429: self.bucket_429 - before.bucket_429,
             faults: std::array::from_fn(|i| self.faults[i] - before.faults[i]),
             delay_ns: self.delay_ns - before.delay_ns,
+            connections: self.connections - before.connections,
         }
     }
 
@@ -540,7 +181,7 @@ impl ServerCounters {
     }
 
     fn share_429(&self) -> f64 {
-        self.all_429() as f64 / self.arrivals.max(1) as f64
+        self.all_429() as f64 / self.requests.max(1) as f64
     }
 
     fn faults_total(&self) -> u64 {
@@ -555,198 +196,6 @@ impl ServerCounters {
             .collect::<Vec<_>>()
             .join(", ")
     }
-}
-
-/// An error of the service: hyper closes the connection without an answer.
-type Dropped = Box<dyn std::error::Error + Send + Sync>;
-
-/// An OpenAI-style error answer.
-fn error_answer(
-    status: u16,
-    retry_after: Option<u64>,
-    body: &'static str,
-) -> Result<Response<Full<Bytes>>, Dropped> {
-    let mut b = Response::builder()
-        .status(status)
-        .header("content-type", "application/json");
-    if let Some(secs) = retry_after {
-        b = b.header("retry-after", secs.to_string());
-    }
-    Ok(b.body(Full::new(Bytes::from_static(body.as_bytes())))
-        .expect("a valid response"))
-}
-
-/// Answers one request. In this order: a request that arrives while more than the cap are in
-/// flight gets 429 at once (no `Retry-After`); then one that finds the token bucket empty gets
-/// 429 at once with `Retry-After`; then a share of the rest, drawn at random, gets a fault
-/// (429/500/503/drop at once, torn and empty answers after the latency, a hang before it);
-/// the others a normal answer after the latency.
-async fn handle(
-    req: Request<Incoming>,
-    st: Arc<ServerState>,
-) -> Result<Response<Full<Bytes>>, Dropped> {
-    let arrived = Instant::now();
-    /// Leaves the in-flight count when the answer is made.
-    struct Leave<'a>(&'a AtomicU64);
-    impl Drop for Leave<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    if st.down.load(Ordering::Relaxed) {
-        return Err("the replica is down (bench)".into());
-    }
-    st.arrivals.fetch_add(1, Ordering::Relaxed);
-    let in_flight = st.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    let _leave = Leave(&st.in_flight);
-    let cap = st.cap.load(Ordering::Relaxed);
-    // Drain the body (so that the connection stays usable) before any answer.
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    if let Some(keys) = st.keys.lock().unwrap().as_mut() {
-        keys.push(conversation_key(&body));
-    }
-    if cap > 0 && in_flight > cap {
-        st.rejected.fetch_add(1, Ordering::Relaxed);
-        return error_answer(
-            429,
-            None,
-            r#"{"error":{"message":"Too many requests in flight","type":"requests","code":"rate_limit_exceeded"}}"#,
-        );
-    }
-    let bucket = st
-        .bucket
-        .lock()
-        .unwrap()
-        .as_mut()
-        .map(|b| b.take(Instant::now()));
-    if let Some(Err(wait)) = bucket {
-        st.bucket_rejected.fetch_add(1, Ordering::Relaxed);
-        return error_answer(
-            429,
-            Some(wait),
-            r#"{"error":{"message":"Rate limit reached for requests per minute (RPM). Please try again later.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
-        );
-    }
-    let fault = st.faults.lock().unwrap().draw();
-    if let Some((kind, _)) = fault {
-        st.fault_counts[kind as usize].fetch_add(1, Ordering::Relaxed);
-    }
-    match fault {
-        Some((Fault::TooMany, _)) => {
-            return error_answer(
-                429,
-                Some(1),
-                r#"{"error":{"message":"Rate limit reached. Please try again in 1s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
-            );
-        }
-        Some((Fault::Internal, _)) => {
-            return error_answer(
-                500,
-                None,
-                r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#,
-            );
-        }
-        Some((Fault::Unavailable, _)) => {
-            return error_answer(
-                503,
-                None,
-                r#"{"error":{"message":"The engine is currently overloaded, please try again later.","type":"server_error","param":null,"code":null}}"#,
-            );
-        }
-        Some((Fault::Drop, _)) => return Err("a dropped connection (bench fault)".into()),
-        Some((Fault::Hang, hang)) => tokio::time::sleep(hang).await,
-        _ => {}
-    }
-    let mut latency = st.latency_us.load(Ordering::Relaxed);
-    let jitter = st.jitter_pct.load(Ordering::Relaxed);
-    if latency > 0 && jitter > 0 {
-        // splitmix64 of the request's number: a spread that is the same in every run.
-        let mut x = st
-            .jitter_seq
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
-        let u = (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-        latency = (latency as f64 * (1.0 + u * jitter as f64 / 100.0)) as u64;
-    }
-    if latency > 0 {
-        st.timer
-            .sleep_until(arrived + Duration::from_micros(latency))
-            .await;
-    }
-    let json = match fault {
-        Some((Fault::Torn, _)) => r#"{"choices": [ {"message": "#.to_string(),
-        Some((Fault::Empty, _)) => completion_json("", body.len() / 4, arrived),
-        _ => answer(&body, &st.filler, arrived),
-    };
-    st.delay_ns
-        .fetch_add(arrived.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    st.requests.fetch_add(1, Ordering::Relaxed);
-    Ok(Response::builder()
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(json)))
-        .expect("a valid response"))
-}
-
-/// The last user message of a request body, hashed: the prompt, which every call of an
-/// example carries.
-fn conversation_key(body: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let last_user = v["messages"]
-        .as_array()
-        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("");
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    last_user.hash(&mut h);
-    h.finish()
-}
-
-/// Nanoseconds from the process's first call of this function: the server stamps its answers
-/// with when the request arrived and when the answer left, on the clock the client reads.
-fn since_epoch(t: Instant) -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1));
-    t.saturating_duration_since(epoch).as_nanos() as u64
-}
-
-/// The answer to one request body, as a chat completion JSON. Its model name carries when the
-/// request arrived and when the answer was made (`bench-model@<ns>@<ns>`, see [`since_epoch`]).
-fn answer(body: &[u8], filler: &FakeBackend, arrived: Instant) -> String {
-    // The second request's instructions (a system message) ask for `<response>` tags.
-    let second = memchr::memmem::find(body, b"</response>").is_some();
-    let seed = memchr::memmem::find(body, b"\"seed\":")
-        .map(|at| {
-            body[at + 7..]
-                .iter()
-                .take_while(|b| b.is_ascii_digit())
-                .fold(0u64, |n, &d| {
-                    n.wrapping_mul(10).wrapping_add(u64::from(d - b'0'))
-                })
-        })
-        .unwrap_or(0);
-    let text = filler.answer(seed, second);
-    completion_json(&text, body.len() / 4, arrived)
-}
-
-/// A chat completion with `text` (JSON-safe as it is) as its content.
-fn completion_json(text: &str, prompt_tokens: usize, arrived: Instant) -> String {
-    let completion_tokens = text.len() / 4;
-    format!(
-        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion\",\"model\":\"bench-model@{}@{}\",\
-         \"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\
-         \"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\
-         \"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}}}",
-        since_epoch(arrived),
-        since_epoch(Instant::now()),
-        prompt_tokens + completion_tokens
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,7 +298,7 @@ impl CpuMeter {
         CpuMeter {
             wall: Instant::now(),
             process: process_cpu(),
-            server: threads_cpu("bench-server"),
+            server: threads_cpu("test-server"),
             machine: machine_ticks(),
         }
     }
@@ -857,7 +306,7 @@ impl CpuMeter {
     fn stop(&self) -> CpuReport {
         let wall = self.wall.elapsed().as_secs_f64();
         let process = process_cpu() - self.process;
-        let server = threads_cpu("bench-server") - self.server;
+        let server = threads_cpu("test-server") - self.server;
         let (busy, total) = machine_ticks();
         let d_busy = busy.saturating_sub(self.machine.0) as f64 / TICKS;
         let d_total = total.saturating_sub(self.machine.1) as f64 / TICKS;
@@ -994,7 +443,7 @@ impl Args {
                 "--fault-rate" => a.fault_rates = parse_list(&flag, &value()),
                 "--fault-kinds" => {
                     a.fault_kinds =
-                        Some(value().split(',').map(|k| Fault::parse(k.trim())).collect());
+                        Some(value().split(',').map(|k| parse_fault(k.trim())).collect());
                 }
                 "--hang-secs" => a.hang_secs = Some(value().parse().expect("--hang-secs")),
                 "--fault-seed" => a.fault_seed = value().parse().expect("--fault-seed"),
@@ -1028,6 +477,15 @@ impl Args {
         }
         a
     }
+}
+
+fn parse_fault(name: &str) -> Fault {
+    FAULTS
+        .into_iter()
+        .find(|f| f.name() == name)
+        .unwrap_or_else(|| {
+            panic!("unknown fault kind {name}: 429, 500, 503, drop, torn, empty, hang")
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1092,11 +550,7 @@ type CallTimes = (
     Arc<AtomicU64>,
 );
 
-fn generator(
-    server: &BenchServer,
-    cache: Option<&Cache>,
-    concurrency: usize,
-) -> (RmBoost, CallTimes) {
+fn generator(server: &Server, cache: Option<&Cache>, concurrency: usize) -> (RmBoost, CallTimes) {
     let backend = OpenAiBackend::builder()
         .base_url(server.base_url())
         .model("bench-model")
@@ -1146,8 +600,8 @@ fn check(summary: &RunSummary, expected: u64) {
 // ---------------------------------------------------------------------------------------------
 // Modes.
 
-fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
-    server.set_latency(Duration::ZERO);
+fn server_mode(rt: &tokio::runtime::Runtime, server: &Server) {
+    server.set(|c| c.latency = Duration::ZERO);
     let workers = 64;
     let duration = Duration::from_secs(3);
     let max_requests: u64 = 200_000;
@@ -1156,7 +610,7 @@ fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
     let body = format!(
         "{{\"model\":\"bench-model\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"seed\":7}}"
     );
-    let before = server.requests();
+    let before = server.counts().answered;
     let meter = CpuMeter::start();
     let done = Arc::new(AtomicU64::new(0));
     rt.block_on(async {
@@ -1185,7 +639,7 @@ fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
         }
     });
     let cpu = meter.stop();
-    let n = server.requests() - before;
+    let n = server.counts().answered - before;
     let rate = n as f64 / cpu.wall;
     let per_req_us = cpu.server / n.max(1) as f64 * 1e6;
     println!(
@@ -1203,7 +657,7 @@ fn server_mode(rt: &tokio::runtime::Runtime, server: &BenchServer) {
 /// and the machine's.
 fn ceiling_point(
     rt: &tokio::runtime::Runtime,
-    server: &BenchServer,
+    server: &Server,
     concurrency: usize,
     latency: Duration,
     prompts: Option<u64>,
@@ -1211,7 +665,7 @@ fn ceiling_point(
     let ideal = concurrency as f64 / (2.0 * latency.as_secs_f64());
     let n =
         prompts.unwrap_or_else(|| ((ideal * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
-    server.set_latency(latency);
+    server.set(|c| c.latency = latency);
     let client = reqwest::Client::new();
     let url = format!("{}/chat/completions", server.base_url());
     let first = format!(
@@ -1220,7 +674,7 @@ fn ceiling_point(
     let second = format!(
         "{{\"model\":\"bench-model\",\"messages\":[{{\"role\":\"system\",\"content\":\"Answer inside <response></response> tags.\"}},{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"seed\":8}}"
     );
-    let delay_before = server.delay_counters();
+    let delay_before = server.counts();
     let next = Arc::new(AtomicU64::new(0));
     let meter = CpuMeter::start();
     let start = Instant::now();
@@ -1257,7 +711,7 @@ fn ceiling_point(
     let wall = start.elapsed().as_secs_f64();
     let cpu = meter.stop();
     let rate = n as f64 / wall;
-    let served = server.mean_delay(delay_before).as_secs_f64();
+    let served = mean_delay(server, &delay_before).as_secs_f64();
     println!(
         "ceiling C={concurrency:<4} L={}ms n={n:<6} {rate:>8.1} pairs/s = {:>5.1}% of C/(2L)={ideal:.0} \
          ({:.1}% of C/(2 x served delay {:.2} ms)): a bare client, two calls per pair",
@@ -1271,7 +725,7 @@ fn ceiling_point(
 
 fn throughput_point(
     rt: &tokio::runtime::Runtime,
-    server: &BenchServer,
+    server: &Server,
     concurrency: usize,
     latency: Duration,
     prompts: Option<u64>,
@@ -1280,7 +734,7 @@ fn throughput_point(
     let ideal = concurrency as f64 / (2.0 * latency.as_secs_f64());
     let n =
         prompts.unwrap_or_else(|| ((ideal * POINT_SECONDS) as u64).clamp(50, MAX_POINT_PROMPTS));
-    server.set_latency(latency);
+    server.set(|c| c.latency = latency);
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("prompts.jsonl");
     let output = dir.path().join("pairs.jsonl");
@@ -1288,9 +742,7 @@ fn throughput_point(
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
     let (rmb, times) = generator(server, use_cache.then_some(&cache), concurrency);
     let stop = deadline_stop(rt, POINT_DEADLINE);
-    let requests_before = server.requests();
-    let delay_before = server.delay_counters();
-    let connections_before = server.connections();
+    let before = server.counts();
     let meter = CpuMeter::start();
     let writer_before = threads_cpu("rmboost-cache-w");
     let summary = rt
@@ -1311,8 +763,8 @@ fn throughput_point(
     rt.block_on(cache.flush()).expect("cache flush");
     check(&summary, n);
     let rate = summary.examples_per_sec();
-    let requests = server.requests() - requests_before;
-    let connections = server.connections() - connections_before;
+    let d = server.counts().since(&before);
+    let (requests, connections) = (d.answered, d.connections);
     let client_cpu_us =
         (cpu.process - cpu.server) / summary.generation.examples.max(1) as f64 * 1e6;
     println!(
@@ -1334,7 +786,7 @@ fn throughput_point(
         / (2.0 * summary.generation.examples.max(1) as f64);
     let to_ms = times.2.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
     let from_ms = times.3.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6;
-    let served = server.mean_delay(delay_before).as_secs_f64();
+    let served = mean_delay(server, &before).as_secs_f64();
     println!(
         "  {:.1}% of C/(2 x served delay): the client's share, without the server's overshoot \
          of L",
@@ -1344,7 +796,7 @@ fn throughput_point(
         "  server delay served: mean {:.2} ms (L = {} ms); HTTP call as the generator sees it: \
          mean {call_ms:.2} ms (call to server handler {to_ms:.2}, answer to call's end \
          {from_ms:.2}); wall time per call slot: {wall_per_call_ms:.2} ms",
-        server.mean_delay(delay_before).as_secs_f64() * 1e3,
+        served * 1e3,
         latency.as_millis()
     );
     println!("  {cpu}");
@@ -1354,15 +806,17 @@ fn throughput_point(
 /// requests beyond `cap` in flight, through `Retry(Adaptive(..))` or the plain `Retry(..)`.
 fn adaptive_point(
     rt: &tokio::runtime::Runtime,
-    server: &BenchServer,
+    server: &Server,
     concurrency: usize,
     cap: u64,
     latency: Duration,
     n: u64,
     adaptive: bool,
 ) -> (f64, f64) {
-    server.set_latency(latency);
-    server.set_cap(cap);
+    server.set(|c| {
+        c.latency = latency;
+        c.cap = cap;
+    });
     let bound = cap as f64 / (2.0 * latency.as_secs_f64());
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("prompts.jsonl");
@@ -1397,7 +851,7 @@ fn adaptive_point(
         .build()
         .expect("generator");
     let stop = deadline_stop(rt, POINT_DEADLINE);
-    let (answered, rejected) = (server.requests(), server.rejected());
+    let before = server.counts();
     let meter = CpuMeter::start();
     let summary = rt
         .block_on(async {
@@ -1412,9 +866,9 @@ fn adaptive_point(
         })
         .expect("run");
     let cpu = meter.stop();
-    server.set_cap(0);
-    let answered = server.requests() - answered;
-    let rejected = server.rejected() - rejected;
+    server.set(|c| c.cap = 0);
+    let d = server.counts().since(&before);
+    let (answered, rejected) = (d.answered, d.cap_429);
     let share_429 = rejected as f64 / (answered + rejected).max(1) as f64;
     let rate = summary.examples_per_sec();
     println!(
@@ -1450,7 +904,7 @@ fn adaptive_point(
 /// The `adaptive` mode: the same run with and without adaptation, side by side.
 fn adaptive_mode(
     rt: &tokio::runtime::Runtime,
-    server: &BenchServer,
+    server: &Server,
     concurrency: usize,
     cap: u64,
     latency: Duration,
@@ -1508,22 +962,37 @@ struct ServerSetup {
 }
 
 impl ServerSetup {
-    fn apply(&self, server: &BenchServer) {
-        server.set_latency(self.latency);
-        server.set_cap(self.cap);
-        server.set_faults(self.fault_rate, &self.fault_kinds, self.hang, self.seed);
-        server.set_bucket(self.bucket);
-        server
-            .state
-            .jitter_pct
-            .store(self.jitter_pct, Ordering::Relaxed);
+    fn apply(&self, server: &Server) {
+        let kinds: Vec<Fault> = self
+            .fault_kinds
+            .iter()
+            .copied()
+            .filter(|&k| k != Fault::Hang || !self.hang.is_zero())
+            .collect();
+        assert!(
+            self.fault_rate == 0.0 || !kinds.is_empty(),
+            "a fault rate needs at least one fault kind"
+        );
+        server.set(|c| {
+            c.latency = self.latency;
+            c.cap = self.cap;
+            c.fault_rate = self.fault_rate;
+            c.fault_kinds = kinds;
+            c.fault_seed = self.seed;
+            c.hang = self.hang;
+            c.retry_after_secs = 1;
+            c.bucket = self.bucket;
+            c.jitter_pct = self.jitter_pct;
+        });
     }
 
-    fn reset(server: &BenchServer) {
-        server.set_cap(0);
-        server.set_faults(0.0, &[], Duration::ZERO, 0);
-        server.set_bucket(None);
-        server.state.jitter_pct.store(0, Ordering::Relaxed);
+    fn reset(server: &Server) {
+        server.set(|c| {
+            c.cap = 0;
+            c.fault_rate = 0.0;
+            c.bucket = None;
+            c.jitter_pct = 0;
+        });
     }
 
     fn describe(&self) -> String {
@@ -1673,7 +1142,7 @@ struct CliOutcome {
     ids: IdCheck,
     /// The CLI's `--summary-json`, when it wrote one.
     summary: Option<serde_json::Value>,
-    server: ServerCounters,
+    server: Counts,
     /// CPU seconds of the rmboost process.
     client_cpu: f64,
     /// CPU seconds of the server's threads.
@@ -1747,7 +1216,7 @@ impl CliOutcome {
         println!(
             "  {} calls, {} answered 429 ({:.2}%: cap {}, bucket {}, random {}); random faults \
              {}: {}; {}; retries {}, re-asks {}",
-            s.arrivals,
+            s.requests,
             s.all_429(),
             100.0 * s.share_429(),
             s.cap_429,
@@ -1794,12 +1263,7 @@ fn signal(pid: u32, name: &str) {
 
 /// Runs `rmboost generate` over `work` against the server set up as `setup`, and reads what
 /// it did: its output, its summary and the server's counters.
-fn run_cli(
-    server: &BenchServer,
-    setup: &ServerSetup,
-    work: &mut CliWork,
-    run: &CliRun,
-) -> CliOutcome {
+fn run_cli(server: &Server, setup: &ServerSetup, work: &mut CliWork, run: &CliRun) -> CliOutcome {
     work.runs += 1;
     let k = work.runs;
     let summary_path = work.path(&format!("summary-{k}.json"));
@@ -1835,7 +1299,7 @@ fn run_cli(
     }
     let lines_before = work.check_ids().lines;
     setup.apply(server);
-    let before = server.counters();
+    let before = server.counts();
     let cpu = CpuMeter::start();
     let children_before = children_cpu();
     let start = Instant::now();
@@ -1866,7 +1330,7 @@ fn run_cli(
     };
     let wall = (end - start).as_secs_f64();
     let report = cpu.stop();
-    let counters = server.counters().since(&before);
+    let counters = server.counts().since(&before);
     ServerSetup::reset(server);
     let client_cpu = children_cpu() - children_before;
     let status = status.expect("wait for rmboost");
@@ -1981,7 +1445,7 @@ fn bound(c: u64, l: Duration) -> f64 {
 
 /// The `flaky` mode: random faults with no cap, the default CLI and `--fixed-concurrency`
 /// side by side.
-fn flaky_mode(server: &BenchServer, args: &Args) {
+fn flaky_mode(server: &Server, args: &Args) {
     let setup = args.setup(50, 0, 0.10, 120);
     let c = args.concurrency_or(64);
     let n = args.prompts_or(2000);
@@ -2018,7 +1482,7 @@ fn flaky_mode(server: &BenchServer, args: &Args) {
 }
 
 /// The `capped` mode: the hidden cap, at each fault rate (no hangs unless `--hang-secs`).
-fn capped_mode(server: &BenchServer, args: &Args) {
+fn capped_mode(server: &Server, args: &Args) {
     let rates = if args.fault_rates.is_empty() {
         vec![0.0, 0.01, 0.05]
     } else {
@@ -2065,49 +1529,59 @@ fn capped_mode(server: &BenchServer, args: &Args) {
 /// The `replicas` mode: three replicas (the bench server and two more), each answering 429
 /// above 32 calls in flight at L = 50 ms, one CLI run with three `--base-url`s; then the same
 /// with one replica killed a third of the way through.
-fn replicas_mode(server: &BenchServer, args: &Args) {
+fn replicas_mode(server: &Server, args: &Args) {
     let setup = args.setup(50, 32, 0.0, 0);
-    let others: Vec<BenchServer> = (0..2)
-        .map(|_| BenchServer::start(args.server_threads, args.response_bytes))
+    let others: Vec<Server> = (0..2)
+        .map(|_| start_server(args.server_threads, args.response_bytes))
         .collect();
-    let all: Vec<&BenchServer> = std::iter::once(server).chain(others.iter()).collect();
+    let all: Vec<&Server> = std::iter::once(server).chain(others.iter()).collect();
     for s in &all {
         setup.apply(s);
     }
     let c = args.concurrency_or(256);
     let n = args.prompts_or(12_000);
     let one = bound(setup.cap, setup.latency);
-    let urls: Vec<String> = others.iter().map(BenchServer::base_url).collect();
+    let urls: Vec<String> = others.iter().map(Server::base_url).collect();
     println!("replicas: n={n} C={c} 3 x ({})", setup.describe());
 
     // All three healthy.
     for s in &all {
-        *s.state.keys.lock().unwrap() = Some(Vec::new());
+        s.set(|c| c.record = true);
     }
-    let before: Vec<ServerCounters> = all.iter().map(|s| s.counters()).collect();
+    let before: Vec<Counts> = all.iter().map(|s| s.counts()).collect();
     let mut work = CliWork::new(n, args.keep_files);
     let mut run = args.cli_run("replicas healthy", c, false, None);
     run.replicas = urls.clone();
     let out = run_cli(server, &setup, &mut work, &run);
+    for s in &all {
+        s.set(|c| c.record = false);
+    }
     for s in &others {
         setup.apply(s);
     }
     out.print("replicas healthy", Some((3.0 * one, "3 K/(2L)")));
     let (arrivals, cap_429) = all.iter().zip(&before).fold((0, 0), |(a, r), (s, b)| {
-        let d = s.counters().since(b);
-        (a + d.arrivals, r + d.cap_429)
+        let d = s.counts().since(b);
+        (a + d.requests, r + d.cap_429)
     });
-    let mut homes: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();
+    // An example's calls all carry its prompt, the last user message.
+    let mut homes: std::collections::HashMap<String, u8> = std::collections::HashMap::new();
     for (i, s) in all.iter().enumerate() {
-        for k in s.state.keys.lock().unwrap().take().unwrap_or_default() {
-            *homes.entry(k).or_default() |= 1 << i;
+        for r in s.recorded() {
+            let prompt = r.body["messages"]
+                .as_array()
+                .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_string();
+            *homes.entry(prompt).or_default() |= 1 << i;
         }
     }
     let one_home = homes.values().filter(|m| m.count_ones() == 1).count();
     let per: Vec<u64> = all
         .iter()
         .zip(&before)
-        .map(|(s, b)| s.counters().since(b).answered)
+        .map(|(s, b)| s.counts().since(b).answered)
         .collect();
     println!(
         "replicas healthy: {:.1}% of 3 x K/(2L) = {:.0}/s; {:.2}% of calls 429; {:.2}% of {} \
@@ -2124,22 +1598,22 @@ fn replicas_mode(server: &BenchServer, args: &Args) {
     let mut work = CliWork::new(n, args.keep_files);
     let output = work.path("pairs.jsonl");
     let kill_after = Duration::from_secs_f64(n as f64 / (3.0 * one) / 3.0);
-    let victim = Arc::clone(&others[1].state);
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(kill_after);
-        let lines = std::fs::read_to_string(&output)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        victim.down.store(true, Ordering::Relaxed);
-        (Instant::now(), lines as u64)
-    });
     let mut run = args.cli_run("replicas, one killed", c, false, None);
     run.replicas = urls;
     let started = Instant::now();
-    let out = run_cli(server, &setup, &mut work, &run);
-    let ended = Instant::now();
-    let (killed_at, lines_at_kill) = killer.join().expect("killer thread");
-    others[1].state.down.store(false, Ordering::Relaxed);
+    let (out, ended, (killed_at, lines_at_kill)) = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            std::thread::sleep(kill_after);
+            let lines = std::fs::read_to_string(&output)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            others[1].set(|c| c.down = true);
+            (Instant::now(), lines as u64)
+        });
+        let out = run_cli(server, &setup, &mut work, &run);
+        (out, Instant::now(), killer.join().expect("killer thread"))
+    });
+    others[1].set(|c| c.down = false);
     out.print("replicas, one killed", Some((3.0 * one, "3 K/(2L)")));
     let after = (out.ids.lines - lines_at_kill) as f64
         / ended
@@ -2161,7 +1635,7 @@ fn replicas_mode(server: &BenchServer, args: &Args) {
 }
 
 /// The `bucket` mode: a token bucket of R requests a minute at an LLM-like latency.
-fn bucket_mode(server: &BenchServer, args: &Args) {
+fn bucket_mode(server: &Server, args: &Args) {
     let rpm = args.bucket_rpm;
     let burst = args.bucket_burst.unwrap_or((rpm / 60).max(1));
     let mut setup = args.setup(2000, 0, 0.0, 0);
@@ -2182,7 +1656,7 @@ fn bucket_mode(server: &BenchServer, args: &Args) {
         &args.cli_run("bucket default", c, false, None),
     );
     out.print("bucket default", Some((per_sec / 2.0, "R/2")));
-    let let_through = out.server.arrivals - out.server.bucket_429;
+    let let_through = out.server.requests - out.server.bucket_429;
     let calls_per_sec = let_through as f64 / out.wall.max(1e-9);
     println!(
         "bucket: {calls_per_sec:.2} calls/s let through = {:.1}% of {per_sec:.1}/s, {:.2}% of calls \
@@ -2194,7 +1668,7 @@ fn bucket_mode(server: &BenchServer, args: &Args) {
 
 /// The `thirty` mode: 30% faults with long hangs; one run and one rerun (which resumes), each
 /// stopped at the deadline.
-fn thirty_mode(server: &BenchServer, args: &Args) {
+fn thirty_mode(server: &Server, args: &Args) {
     let setup = args.setup(5, 0, 0.30, 120);
     let c = args.concurrency_or(64);
     let n = args.prompts_or(2000);
@@ -2243,12 +1717,12 @@ fn thirty_mode(server: &BenchServer, args: &Args) {
 
 fn memory_point(
     rt: &tokio::runtime::Runtime,
-    server: &BenchServer,
+    server: &Server,
     n: u64,
     concurrency: usize,
     use_cache: bool,
 ) {
-    server.set_latency(Duration::ZERO);
+    server.set(|c| c.latency = Duration::ZERO);
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("pairs.jsonl");
     let cache = Cache::open(dir.path().join("responses.redb")).expect("cache");
@@ -2337,9 +1811,9 @@ fn memory_children(args: &Args, ns: &[u64]) {
 }
 
 /// The `serve` mode: the server alone, for a client in another process (the Python bench).
-fn serve_mode(server: &BenchServer, latency: Duration) -> ! {
+fn serve_mode(server: &Server, latency: Duration) -> ! {
     use std::io::Write;
-    server.set_latency(latency);
+    server.set(|c| c.latency = latency);
     println!("serving {}", server.base_url());
     std::io::stdout().flush().expect("stdout");
     loop {
@@ -2355,7 +1829,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("client runtime");
-    let server = BenchServer::start(args.server_threads, args.response_bytes);
+    let server = start_server(args.server_threads, args.response_bytes);
     let latency = Duration::from_millis(args.latency_ms);
     if args.mode != "memory-one" {
         println!(

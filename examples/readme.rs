@@ -1,5 +1,5 @@
 //! The README's "Use it from Rust" snippet, as a program that compiles and runs: everything below
-//! this header is copied into README.md verbatim, and `tests/examples.rs` fails if the two
+//! this header is copied into README.md verbatim, and `tests/it/examples.rs` fails if the two
 //! differ (it also runs this program against its loopback server).
 //!
 //! ```text

@@ -1,6 +1,5 @@
 //! `Adaptive<B>` (adaptive concurrency, `Retry-After` pauses, circuit breaker) in paused
 //! virtual time, against backends that enforce a hidden limit on calls in flight.
-#![cfg(feature = "middleware")]
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -3,12 +3,10 @@
 //! `rejected`).
 //!
 //! `openai_compatible` (feature `openai`) runs against the loopback OpenAI-compatible test
-//! server of `tests/support`. `quickstart` (feature `local`) runs the real SmolLM2 model in
+//! server of `support`. `quickstart` (feature `local`) runs the real SmolLM2 model in
 //! process: like the other live tests it needs the model that `scripts/setup-test-env.sh`
 //! installs (or `RMBOOST_MODEL`), is skipped with the reason by a plain `cargo test` without
 //! it, and fails instead under `RMBOOST_LIVE_TESTS=required` (`scripts/test.sh`).
-
-mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,7 +16,7 @@ use serde_json::Value;
 /// An example's executable, `target/<profile>/examples/<name>`, up to date.
 ///
 /// A plain `cargo test` builds the examples (those whose required features are on) beside the
-/// test binaries, but `cargo test --test examples` builds only this file, and would leave them
+/// test binaries, but `cargo test --test it` builds only the tests, and would leave them
 /// missing or stale; so the examples are built here once per run, with this test's features and
 /// profile into the same target directory (nothing to do, a second or so, after a plain
 /// `cargo test`).
@@ -211,9 +209,9 @@ fn custom_method_plants_one_mistake_in_the_rejected_answer() {
 #[cfg(feature = "openai")]
 #[test]
 fn openai_compatible_makes_pairs_that_obey_the_construction_rule() {
-    use support::openai_server::OpenAiServer;
+    use crate::support::server::Server;
 
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = Command::new(example("openai_compatible"))
         .env("OPENAI_BASE_URL", server.base_url())
         .env("OPENAI_MODEL", "served-model")
@@ -408,12 +406,12 @@ fn quickstart_runs_the_local_model_on_the_first_bundled_prompts() {
 /// the test and says why; under `RMBOOST_LIVE_TESTS=required` (`scripts/test.sh`) it fails.
 #[cfg(feature = "local")]
 fn live_model(test: &str) -> Option<PathBuf> {
-    let why = match support::model_path() {
+    let why = match crate::support::model_path() {
         Some(m) if m.is_file() => return Some(m),
         Some(m) => format!("model file {} (RMBOOST_MODEL) missing", m.display()),
         None => "no model (RMBOOST_MODEL unset, none in .venv)".to_owned(),
     };
-    if support::live_tests_required() {
+    if crate::support::live_tests_required() {
         panic!(
             "{test}: {why}: run `scripts/setup-test-env.sh` and export the RMBOOST_MODEL line \
              it prints"
@@ -486,9 +484,9 @@ fn the_readme_snippet_is_examples_readme_rs() {
 #[cfg(feature = "openai")]
 #[test]
 fn the_readme_snippet_makes_a_pair() {
-    use support::openai_server::OpenAiServer;
+    use crate::support::server::Server;
 
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = Command::new(example("readme"))
         .env("OPENAI_BASE_URL", server.base_url())
         .env_remove("OPENAI_API_KEY")

@@ -3,9 +3,8 @@
 //! online run against the loopback chat server; faults, a SIGKILL between creating a batch
 //! and recording it, Ctrl-C while polling, `rmboost batch status|cancel`, the cost budget,
 //! and a 5,000-prompt run killed mid-way.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -13,10 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::batch_server::{Api, BatchServer, BatchServerBuilder};
-use support::openai_server::OpenAiServer;
+use support::server::{Api, Config, Server};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const SEED: &str = "7";
 /// The key the test servers require, named with --api-key-env (a custom base URL gets no key
 /// otherwise); it must never be printed.
@@ -24,11 +21,8 @@ const KEY: &str = "sk-batch-test-0123456789-never-print-me";
 const KEY_VAR: &str = "RMBOOST_BATCH_TEST_KEY";
 
 fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env(KEY_VAR, KEY);
+    let mut c = support::cmd();
+    c.env(KEY_VAR, KEY);
     c
 }
 
@@ -58,14 +52,14 @@ fn backend_name(api: Api) -> &'static str {
 }
 
 /// `rmboost generate --batch` against `server`, writing `out`.
-fn batch_cmd(api: Api, server: &BatchServer, input: &Path, out: &Path, size: usize) -> Command {
+fn batch_cmd(api: Api, server: &Server, input: &Path, out: &Path, size: usize) -> Command {
     batch_cmd_polling(api, server, input, out, size, "0.005")
 }
 
 /// [`batch_cmd`] with polls `poll` seconds apart.
 fn batch_cmd_polling(
     api: Api,
-    server: &BatchServer,
+    server: &Server,
     input: &Path,
     out: &Path,
     size: usize,
@@ -87,7 +81,7 @@ fn batch_cmd_polling(
 }
 
 fn online(dir: &Path, input: &Path) -> BTreeMap<String, Row> {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let out = dir.join("online.jsonl");
     let o = cmd()
         .args(["generate", "-i"])
@@ -171,7 +165,7 @@ fn assert_same(batch: &BTreeMap<String, Row>, online: &BTreeMap<String, Row>, te
     }
 }
 
-fn run_to_end(api: Api, server: &BatchServer, dir: &Path, input: &Path, size: usize) -> Output {
+fn run_to_end(api: Api, server: &Server, dir: &Path, input: &Path, size: usize) -> Output {
     let out = dir.join("out.jsonl");
     let o = batch_cmd(api, server, input, &out, size).output().unwrap();
     assert_eq!(
@@ -190,7 +184,7 @@ fn openai_batch_run_equals_the_online_run() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 40);
     let online = online(dir.path(), &input);
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let o = run_to_end(Api::OpenAi, &server, dir.path(), &input, 16);
     let out = dir.path().join("out.jsonl");
     let batch = rows(&out);
@@ -222,7 +216,7 @@ fn anthropic_batch_run_has_the_online_labels_and_aspects() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 30);
     let online = online(dir.path(), &input);
-    let server = BatchServer::start(Api::Anthropic);
+    let server = Server::with(Config::batch(Api::Anthropic));
     run_to_end(Api::Anthropic, &server, dir.path(), &input, 16);
     let out = dir.path().join("out.jsonl");
     assert_same(&rows(&out), &online, false);
@@ -234,21 +228,23 @@ fn anthropic_batch_run_has_the_online_labels_and_aspects() {
         .all(|r| r.header("anthropic-version").is_some()));
 }
 
-fn faults(api: Api) -> BatchServerBuilder {
-    BatchServer::builder(api)
-        .seed(3)
-        .fail_validation_of_batch(1)
-        .errored_one_in(6)
-        .expired_one_in(9)
-        .all_lines_fail_in_batch(3)
-        .poll_5xx_one_in(4)
+fn faults(api: Api) -> Config {
+    Config {
+        seed: 3,
+        fail_validation: vec![1],
+        errored_one_in: Some(6),
+        expired_one_in: Some(9),
+        all_fail: vec![3],
+        poll_5xx_one_in: Some(4),
+        ..Config::batch(api)
+    }
 }
 
 fn faults_end_exactly_once(api: Api) {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 40);
     let online = online(dir.path(), &input);
-    let server = faults(api).start();
+    let server = Server::with(faults(api));
     run_to_end(api, &server, dir.path(), &input, 12);
     let out = dir.path().join("out.jsonl");
     let batch = rows(&out);
@@ -266,7 +262,7 @@ fn faults_end_exactly_once(api: Api) {
     assert_eq!(b["batches_created"], server.batches_created(), "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     let all: String = std::fs::read_to_string(&out).unwrap();
-    assert!(!all.contains(support::batch_server::INJECTED_BATCH));
+    assert!(!all.contains(support::server::INJECTED_BATCH));
 }
 
 #[test]
@@ -298,7 +294,10 @@ fn killed_between_create_and_record(api: Api) {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 20);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::builder(api).hold_creates().start();
+    let server = Server::with(Config {
+        hold_creates: true,
+        ..Config::batch(api)
+    });
     let mut child = batch_cmd(api, &server, &input, &out, 50)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -349,7 +348,7 @@ fn ctrl_c_while_polling_then_status_and_rerun() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 20);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::start(api);
+    let server = Server::with(Config::batch(api));
     // Polls an hour apart: the batch stays in flight.
     let mut slow = batch_cmd_polling(api, &server, &input, &out, 50, "3600");
     slow.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -409,7 +408,7 @@ fn batch_cancel_then_rerun() {
         let dir = tempfile::tempdir().unwrap();
         let input = prompts(dir.path(), 12);
         let out = dir.path().join("out.jsonl");
-        let server = BatchServer::start(api);
+        let server = Server::with(Config::batch(api));
         let mut slow = batch_cmd_polling(api, &server, &input, &out, 50, "3600");
         slow.stdout(Stdio::null()).stderr(Stdio::null());
         let mut child = slow.spawn().unwrap();
@@ -454,7 +453,7 @@ fn batch_needs_an_http_backend_and_the_budget_stops_before_a_wave() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--batch"), "{}", text(&o.stderr));
 
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let o = batch_cmd(Api::OpenAi, &server, &input, &out, 50)
         .args([
             "--price-input",
@@ -486,7 +485,10 @@ fn five_thousand_prompts_killed_mid_run() {
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), N);
     let out = dir.path().join("out.jsonl");
-    let server = BatchServer::builder(api).errored_one_in(50).start();
+    let server = Server::with(Config {
+        errored_one_in: Some(50),
+        ..Config::batch(api)
+    });
     let t0 = Instant::now();
     let mut child = batch_cmd(api, &server, &input, &out, 1000)
         .stdout(Stdio::null())

@@ -1,7 +1,6 @@
 //! `RateLimit<B>` in paused virtual time.
-#![cfg(feature = "middleware")]
 
-mod support;
+use crate::support;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

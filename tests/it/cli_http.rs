@@ -4,28 +4,16 @@
 //!
 //! The llama.cpp test needs `scripts/setup-test-env.sh` to have run (`.ci/run` does); it FAILS,
 //! naming RMBOOST_PYTHON and RMBOOST_MODEL, when python or the model is missing.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::openai_server::OpenAiServer;
-use support::LlamaServer;
-use wiremock::matchers::{body_string_contains, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::server::{Config, Reply, Server};
+use support::{cmd, LlamaServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const KEY: &str = "sk-test-0123456789abcdef-never-print-me";
-
-fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY");
-    c
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -46,7 +34,7 @@ fn prompts(dir: &std::path::Path, n: usize) -> String {
 
 /// `rmboost generate` of `input` into `out` against a mock OpenAI-compatible server (model
 /// `m`, no cache).
-fn generate_against(server: &MockServer, input: &str, out: &std::path::Path) -> Command {
+fn generate_against(server: &Server, input: &str, out: &std::path::Path) -> Command {
     let mut c = cmd();
     c.args(["generate", "-i", input, "-o"])
         .arg(out)
@@ -69,9 +57,10 @@ fn assert_no_key(o: &Output) {
 
 #[test]
 fn permanent_401_is_fatal_with_one_line_and_no_output() {
-    let server = OpenAiServer::builder()
-        .fail_every_request(401, "Incorrect API key provided.")
-        .start();
+    let server = Server::with(Config {
+        fail_every: Some((401, "Incorrect API key provided.".into())),
+        ..Config::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 10);
     let out = dir.path().join("out.jsonl");
@@ -113,17 +102,13 @@ fn permanent_401_is_fatal_with_one_line_and_no_output() {
 
 /// A server that asks to wait a day stops the run with one line on stderr (the `--help`
 /// promise for a fatal error) that says the status and the wait once each.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_day_long_retry_after_is_one_line_that_says_it_once() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(503)
-                .insert_header("retry-after", "86400")
-                .set_body_json(support::openai_error("server_error", None, "busy")),
-        )
-        .mount(&server)
-        .await;
+#[test]
+fn a_day_long_retry_after_is_one_line_that_says_it_once() {
+    let server = Server::replying(vec![Reply::json(
+        503,
+        &support::openai_error("server_error", None, "busy"),
+    )
+    .header("retry-after", "86400")]);
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 3);
     let o = generate_against(&server, &input, &dir.path().join("out.jsonl"))
@@ -271,7 +256,7 @@ fn three_prompts_against_a_real_llama_cpp_server() {
 
 #[test]
 fn a_rerun_is_answered_from_the_response_cache() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 4);
     let out = dir.path().join("out.jsonl");
@@ -377,48 +362,17 @@ fn an_absurd_timeout_is_a_usage_error() {
     }
 }
 
-/// A mock server for one prompt's two calls, in the shape of `provider`'s API; it records
-/// every request (headers included).
-async fn answering_server(provider: &str) -> MockServer {
-    let server = MockServer::start().await;
-    let (path_, first, second) = match provider {
-        "openai" => (
-            "/v1/chat/completions",
-            support::openai_body("A full and careful answer.", "stop"),
-            support::openai_body("<response>A short answer, in brief.</response>", "stop"),
-        ),
-        _ => (
-            "/v1/messages",
-            support::anthropic_body("A full and careful answer.", "end_turn"),
-            support::anthropic_body("<response>A short answer, in brief.</response>", "end_turn"),
-        ),
-    };
-    Mock::given(method("POST"))
-        .and(path(path_))
-        .and(body_string_contains("response>"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(second))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(path_))
-        .respond_with(ResponseTemplate::new(200).set_body_json(first))
-        .with_priority(2)
-        .mount(&server)
-        .await;
-    server
-}
-
 /// The provider's default key variable goes only to the provider's own URL: with a custom
 /// `--base-url` (here plain http), a key is sent only when `--api-key-env` names it.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_default_key_is_not_sent_to_a_custom_base_url() {
+#[test]
+fn the_default_key_is_not_sent_to_a_custom_base_url() {
     for (provider, var, header) in [
         ("openai", "OPENAI_API_KEY", "authorization"),
         ("anthropic", "ANTHROPIC_API_KEY", "x-api-key"),
     ] {
         for explicit in [false, true] {
-            let server = answering_server(provider).await;
+            // Answers both APIs (and records every request, headers included).
+            let server = Server::start();
             let dir = tempfile::tempdir().unwrap();
             let input = prompts(dir.path(), 1);
             let mut c = cmd();
@@ -434,13 +388,10 @@ async fn the_default_key_is_not_sent_to_a_custom_base_url() {
             let o = c.output().unwrap();
             assert_eq!(o.status.code(), Some(0), "{provider}: {}", text(&o.stderr));
             assert_no_key(&o);
-            let requests = server.received_requests().await.unwrap();
+            let requests = server.recorded();
             assert_eq!(requests.len(), 2, "{provider}");
             for r in &requests {
-                let sent = r
-                    .headers
-                    .get(header)
-                    .map(|v| v.to_str().unwrap().to_string());
+                let sent = r.header(header);
                 if explicit {
                     let sent = sent.unwrap_or_else(|| panic!("{provider}: no {header}"));
                     assert!(sent.contains(KEY), "{provider}: {sent}");
@@ -456,19 +407,16 @@ async fn the_default_key_is_not_sent_to_a_custom_base_url() {
 }
 
 /// A custom server that wants a key, when none was configured, says how to send one.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_401_without_a_key_says_how_to_send_one() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(401).set_body_json(support::openai_error(
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                "Missing bearer token.",
-            )),
-        )
-        .mount(&server)
-        .await;
+#[test]
+fn a_401_without_a_key_says_how_to_send_one() {
+    let server = Server::replying(vec![Reply::json(
+        401,
+        &support::openai_error(
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Missing bearer token.",
+        ),
+    )]);
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 1);
     let o = cmd()
@@ -487,28 +435,20 @@ async fn a_401_without_a_key_says_how_to_send_one() {
 
 /// A server reporting `u64::MAX` tokens cannot make the totals overflow (a panic in debug
 /// builds, which tests use): they saturate.
-#[tokio::test(flavor = "multi_thread")]
-async fn absurd_token_counts_saturate() {
-    let server = MockServer::start().await;
+#[test]
+fn absurd_token_counts_saturate() {
     let mut first = support::openai_body("A full and careful answer.", "stop");
     let mut second = support::openai_body("<response>A short answer, in brief.</response>", "stop");
     for b in [&mut first, &mut second] {
         b["usage"] = serde_json::json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX});
     }
-    Mock::given(method("POST"))
-        .and(body_string_contains("response>"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(second))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(first))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    // One example at a time: its first call, then its second.
+    let answers = [Reply::json(200, &first), Reply::json(200, &second)];
+    let server = Server::replying(answers.iter().cycle().take(6).cloned().collect());
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 3);
     let o = generate_against(&server, &input, &dir.path().join("out.jsonl"))
+        .args(["--concurrency", "1"])
         .arg("--summary-json")
         .arg(dir.path().join("s.json"))
         .output()
@@ -524,7 +464,7 @@ async fn absurd_token_counts_saturate() {
 /// One replica that refuses every connection is drained, and every example is still made.
 #[test]
 fn several_base_urls_spread_the_calls_and_route_around_a_dead_replica() {
-    let servers: Vec<OpenAiServer> = (0..3).map(|_| OpenAiServer::start()).collect();
+    let servers: Vec<Server> = (0..3).map(|_| Server::start()).collect();
     let dir = tempfile::tempdir().unwrap();
     let input = prompts(dir.path(), 30);
     // A port nobody listens on: every call to it is refused.
@@ -570,14 +510,14 @@ fn several_base_urls_spread_the_calls_and_route_around_a_dead_replica() {
         assert_eq!(r["calls"].as_u64().unwrap(), server.requests(), "{s}");
         assert!(server.requests() > 0, "every live replica took calls: {s}");
     }
-    let live: u64 = servers.iter().map(OpenAiServer::requests).sum();
+    let live: u64 = servers.iter().map(Server::requests).sum();
     assert_eq!(live, 60, "two calls an example, nothing sent twice: {s}");
     // Both calls of an example went to one server: the servers' first and second calls pair up.
     for server in &servers {
         let (firsts, seconds): (Vec<_>, Vec<_>) = server
             .recorded()
             .into_iter()
-            .partition(|r| !support::openai_server::is_second(&r.body));
+            .partition(|r| !support::server::is_second(&r.body));
         assert_eq!(firsts.len(), seconds.len(), "{s}");
     }
     assert!(stdout.contains("replica"), "{stdout}");

@@ -1,9 +1,8 @@
 //! End-to-end tests of the `rmboost` binary (feature `cli`): the real binary with
 //! `--backend openai` against the loopback OpenAI-compatible test server of `tests/support`
 //! (answers like `FakeBackend`'s; latency and error statuses set per test).
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Read;
@@ -13,20 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::openai_server::{OpenAiServer, REJECTED};
-
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+use support::server::{Config, Fault, Server, REJECTED};
+use support::{cmd, BIN};
 
 /// How long a test waits for something that takes well under a second on an idle machine.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn cmd() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY");
-    c
-}
 
 fn run(args: &[&str]) -> Output {
     cmd().args(args).output().expect("the binary runs")
@@ -228,7 +218,7 @@ fn bad_flags_are_usage_errors() {
 
 #[test]
 fn generates_conversational_pairs_and_a_summary() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 12);
     let out = d.path("out.jsonl");
@@ -276,7 +266,7 @@ fn generates_conversational_pairs_and_a_summary() {
 
 #[test]
 fn limit_then_resume_writes_each_prompt_exactly_once() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 20);
@@ -314,7 +304,7 @@ fn limit_then_resume_writes_each_prompt_exactly_once() {
 
 #[test]
 fn resume_after_a_torn_last_line() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 6);
@@ -334,7 +324,7 @@ fn resume_after_a_torn_last_line() {
 
 #[test]
 fn standard_format_writes_strings() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 3);
     let o = generate(
@@ -358,7 +348,7 @@ fn standard_format_writes_strings() {
 
 #[test]
 fn aspects_from_a_json_file() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 10);
@@ -498,7 +488,7 @@ fn dry_run_shows_requests_and_matches_the_real_run() {
     }
 
     // The same seed gives the same labels and aspects in a real run.
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let o = generate(
         &server.base_url(),
         &[
@@ -530,9 +520,10 @@ fn dry_run_shows_requests_and_matches_the_real_run() {
 
 #[test]
 fn a_bad_key_is_fatal_with_one_line_and_no_output() {
-    let server = OpenAiServer::builder()
-        .fail_every_request(401, "Incorrect API key provided.")
-        .start();
+    let server = Server::with(Config {
+        fail_every: Some((401, "Incorrect API key provided.".into())),
+        ..Config::default()
+    });
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 10);
     let o = generate(&server.base_url(), &["-i", &input, "-o", &d.s("out.jsonl")]);
@@ -568,7 +559,7 @@ fn an_unreachable_server_is_fatal() {
 
 #[test]
 fn unreadable_input_is_fatal() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let o = generate(
         &server.base_url(),
@@ -585,7 +576,10 @@ fn unreadable_input_is_fatal() {
 #[test]
 fn failures_go_to_the_ledger_not_the_output() {
     // One first call in four (by seed) is rejected with 400: a permanent, non-fatal failure.
-    let server = OpenAiServer::builder().reject_first_calls(4).start();
+    let server = Server::with(Config {
+        reject_first_one_in: Some(4),
+        ..Config::default()
+    });
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);
     let o = generate(
@@ -636,7 +630,7 @@ fn failures_go_to_the_ledger_not_the_output() {
 
 #[test]
 fn bad_lines_are_skipped_or_stop_the_run() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let url = server.base_url();
     let d = Dir::new();
     std::fs::write(
@@ -676,7 +670,7 @@ fn bad_lines_are_skipped_or_stop_the_run() {
 
 #[test]
 fn shards_split_the_input() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 30);
     let mut all = Vec::new();
@@ -696,9 +690,10 @@ fn shards_split_the_input() {
 
 #[test]
 fn max_cost_stops_gracefully_and_a_rerun_finishes() {
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_millis(5))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_millis(5),
+        ..Config::default()
+    });
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 200);
@@ -830,9 +825,10 @@ fn drain(
 
 #[test]
 fn ctrl_c_stops_gracefully_then_a_rerun_finishes() {
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_millis(20))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_millis(20),
+        ..Config::default()
+    });
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 300);
@@ -863,9 +859,10 @@ fn ctrl_c_stops_gracefully_then_a_rerun_finishes() {
 #[test]
 fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
     // Answers take a minute: the drain after the first Ctrl-C is still going at the second.
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_secs(60))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_secs(60),
+        ..Config::default()
+    });
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 100);
     let out = d.s("out.jsonl");
@@ -898,9 +895,10 @@ fn a_second_ctrl_c_quits_at_once_leaving_whole_lines() {
 fn progress_lines_when_stderr_is_not_a_terminal() {
     // A line every 5 s: 40 prompts, 4 at a time, two calls each of at least 350 ms make a run
     // of at least 7 s.
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_millis(350))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_millis(350),
+        ..Config::default()
+    });
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);
@@ -938,9 +936,10 @@ fn progress_bar_on_a_terminal() {
         eprintln!("skipped: `script` (util-linux) is not installed");
         return;
     }
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_millis(40))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_millis(40),
+        ..Config::default()
+    });
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 30);
@@ -977,7 +976,7 @@ fn progress_bar_on_a_terminal() {
 
 #[test]
 fn a_baseline_method_runs_and_the_report_reads_its_output() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 4);
     let out = d.s("rlcd.jsonl");
@@ -1028,9 +1027,10 @@ fn a_baseline_method_runs_and_the_report_reads_its_output() {
 /// the file the first run was writing: that run then wrote into an unlinked file and exited 0.)
 #[test]
 fn two_runs_at_once_on_a_new_output_lose_nothing() {
-    let server = OpenAiServer::builder()
-        .latency(Duration::from_millis(40))
-        .start();
+    let server = Server::with(Config {
+        latency: Duration::from_millis(40),
+        ..Config::default()
+    });
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 30);
     let out = d.s("out.jsonl");
@@ -1062,7 +1062,7 @@ fn two_runs_at_once_on_a_new_output_lose_nothing() {
 /// a symlink, a hard link, the summary or the ledger) is refused before anything is written.
 #[test]
 fn the_same_file_under_two_names_is_refused() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("data.jsonl", 4);
     let before = std::fs::read(&input).unwrap();
@@ -1098,7 +1098,7 @@ fn the_same_file_under_two_names_is_refused() {
 /// untouched) instead of appending rows of another shape or recipe.
 #[test]
 fn resume_with_other_settings_is_refused() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 6);
     let out = d.s("out.jsonl");
@@ -1142,7 +1142,7 @@ fn resume_with_other_settings_is_refused() {
 /// `--fixed-concurrency` keeps them fixed. The summary shows the limit's range.
 #[test]
 fn concurrency_adapts_by_default_and_can_be_fixed() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 6);
     for (fixed, name) in [(false, "a"), (true, "f")] {
@@ -1176,10 +1176,12 @@ fn concurrency_adapts_by_default_and_can_be_fixed() {
 /// nobody pauses; every example is still made.
 #[test]
 fn random_faults_neither_lower_the_concurrency_nor_pause_it() {
-    let server = OpenAiServer::builder()
-        .faults(0.10, 3)
-        .retry_after_secs(1)
-        .start();
+    let server = Server::with(Config {
+        fault_rate: 0.10,
+        fault_seed: 3,
+        retry_after_secs: 1,
+        ..Config::default()
+    });
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 150);
     let (out, json) = (d.s("out.jsonl"), d.s("s.json"));
@@ -1203,11 +1205,8 @@ fn random_faults_neither_lower_the_concurrency_nor_pause_it() {
         .expect("the binary runs");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_exactly_once(&rows(&d.path("out.jsonl")), 150);
-    assert!(
-        server.faults()["429_retry_after"] > 0,
-        "{:?}",
-        server.faults()
-    );
+    let counts = server.counts();
+    assert!(counts.faults[Fault::TooMany as usize] > 0, "{counts:?}");
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let c = &s["concurrency"];
     assert!(c["rate_limited"].as_u64().unwrap() > 0, "{s}");
@@ -1223,7 +1222,7 @@ fn random_faults_neither_lower_the_concurrency_nor_pause_it() {
 /// A base URL with credentials in it is never printed: the summary shows it without them.
 #[test]
 fn credentials_in_the_base_url_are_not_printed() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 2);
     let url = server
@@ -1271,7 +1270,7 @@ fn export_writes_a_hub_folder_and_refuses_bad_input() {
     ] {
         assert!(stdout(&o).contains(needle), "export --help lacks {needle}");
     }
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 20);
     let pairs = d.s("pairs.jsonl");
@@ -1367,7 +1366,7 @@ fn four_shards_merged_equal_one_unsharded_run() {
     let o = run(&["merge", "--help"]);
     assert!(o.status.success());
     assert!(stdout(&o).contains("--input") && stdout(&o).contains("Examples:"));
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let url = server.base_url();
     let d = Dir::new();
     let input = d.prompts("in.jsonl", 40);

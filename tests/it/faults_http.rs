@@ -3,9 +3,8 @@
 //! 503, answers slower than the timeout, closed connections, malformed JSON, empty content).
 //! A 2,000-prompt run, rerun for the ledger's failures, ends with every id exactly once, the
 //! draws of a clean run, and no error text in any row.
-#![cfg(all(feature = "openai", feature = "run", feature = "test-util"))]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::collections::HashSet;
@@ -19,9 +18,9 @@ use rmboost::io::FailureLedger;
 use rmboost::run::{run_to_file, RunOptions};
 use rmboost::testing::FakeBackend;
 use rmboost::{read_prompts, RmBoost};
-use support::openai_server::{OpenAiServer, INJECTED_HTTP};
 use support::prompts;
 use support::reliability::{labels_by_id, write_input};
+use support::server::{Config, Server, FAULTS, INJECTED_HTTP};
 
 const N: usize = 2000;
 
@@ -35,11 +34,13 @@ async fn two_thousand_prompts_over_http_with_thirty_percent_faults() {
     let all = prompts(N);
     write_input(&input, &all);
 
-    let server = OpenAiServer::builder()
-        .faults(0.30, 11)
-        .slow(Duration::from_millis(1000))
-        .filler(40)
-        .start();
+    let server = Server::with(Config {
+        fault_rate: 0.30,
+        fault_seed: 11,
+        hang: Duration::from_millis(1000),
+        filler: 40,
+        ..Config::default()
+    });
 
     let backend = OpenAiBackend::builder()
         .base_url(server.base_url())
@@ -115,17 +116,22 @@ async fn two_thousand_prompts_over_http_with_thirty_percent_faults() {
     assert!(!text.contains(INJECTED_HTTP));
     assert!(!text.contains("HTTP 5"));
 
-    let faults = server.faults();
+    let counts = server.counts();
+    let faults: Vec<(&str, u64)> = FAULTS
+        .iter()
+        .map(|f| (f.name(), counts.faults[*f as usize]))
+        .collect();
     for (kind, n) in &faults {
         assert!(*n > 0, "no {kind} fault injected");
     }
-    let share = server.total_faults() as f64 / server.requests() as f64;
+    let injected: u64 = counts.faults.iter().sum();
+    let share = injected as f64 / counts.requests as f64;
     assert!((0.25..0.35).contains(&share), "fault share {share}");
     eprintln!(
-        "FIGURES http: prompts={N} requests={} ok={} injected={} ({:.1}%) by_kind={faults:?} retry_requests={} retry_attempts={} retries={} rate_limited={} retry_failures={} runs={} first_run_failures={:?} reasks={} elapsed={:.1}s",
-        server.requests(),
-        server.ok(),
-        server.total_faults(),
+        "FIGURES http: prompts={N} requests={} answered={} injected={} ({:.1}%) by_kind={faults:?} retry_requests={} retry_attempts={} retries={} rate_limited={} retry_failures={} runs={} first_run_failures={:?} reasks={} elapsed={:.1}s",
+        counts.requests,
+        counts.answered,
+        injected,
         share * 100.0,
         stats.requests(),
         stats.attempts(),

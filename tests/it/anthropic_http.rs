@@ -1,24 +1,21 @@
-//! `AnthropicBackend` against a wiremock server: the wire format and the error matrix.
-#![cfg(feature = "anthropic")]
+//! `AnthropicBackend` against the loopback server's canned answers: the wire format and the
+//! error matrix.
 
-mod support;
+use crate::support;
 
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use rmboost::backend::anthropic::AnthropicBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
 use rmboost::{
     BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams, Usage,
 };
 use serde_json::json;
-use support::{anthropic_body, anthropic_error, dead_port};
-use wiremock::matchers::{body_json, header, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::server::{rfc3339, Reply, Server};
+use support::{anthropic_body, anthropic_error, dead_port, quick_retry};
 
 const PATH: &str = "/v1/messages";
 
-fn backend(server: &MockServer) -> AnthropicBackend {
+fn backend(server: &Server) -> AnthropicBackend {
     AnthropicBackend::builder()
         .base_url(server.uri())
         .model("claude-test")
@@ -32,37 +29,9 @@ fn request() -> CompletionRequest {
     CompletionRequest::new(vec![Message::system("be brief"), Message::user("hi")])
 }
 
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(3).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .max_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
-}
-
 #[tokio::test]
 async fn sends_the_messages_api_shape() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(PATH))
-        .and(header("x-api-key", "sk-ant-test-key"))
-        .and(header("anthropic-version", "2023-06-01"))
-        .and(header("content-type", "application/json"))
-        .and(body_json(json!({
-            "model": "claude-test",
-            "max_tokens": 64,
-            "system": "be brief",
-            "messages": [{"role": "user", "content": "hi"}],
-            "temperature": 0.25,
-            "stop_sequences": ["END"]
-        })))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("hello", "end_turn")))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &anthropic_body("hello", "end_turn"))]);
     let params = SamplingParams::default()
         .temperature(0.25)
         .max_tokens(64)
@@ -75,24 +44,36 @@ async fn sends_the_messages_api_shape() {
     assert_eq!(out.finish_reason, FinishReason::Stop);
     assert_eq!(out.usage, Usage::new(12, 5));
     assert_eq!(out.model, "served-model");
+    let [sent] = &server.recorded()[..] else {
+        panic!("not one request")
+    };
+    assert_eq!((sent.method.as_str(), sent.path.as_str()), ("POST", PATH));
+    assert_eq!(sent.header("x-api-key"), Some("sk-ant-test-key"));
+    assert_eq!(sent.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(sent.header("content-type"), Some("application/json"));
+    let want = json!({
+        "model": "claude-test",
+        "max_tokens": 64,
+        "system": "be brief",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.25,
+        "stop_sequences": ["END"]
+    });
+    assert_eq!(sent.body, want);
 }
 
 #[tokio::test]
 async fn max_tokens_defaults_to_1024() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(body_json(json!({
-            "model": "claude-test", "max_tokens": 1024,
-            "messages": [{"role": "user", "content": "hi"}]
-        })))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("x", "end_turn")))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &anthropic_body("x", "end_turn"))]);
     backend(&server)
         .complete(CompletionRequest::new(vec![Message::user("hi")]))
         .await
         .unwrap();
+    let want = json!({
+        "model": "claude-test", "max_tokens": 1024,
+        "messages": [{"role": "user", "content": "hi"}]
+    });
+    assert_eq!(server.recorded()[0].body, want);
 }
 
 #[tokio::test]
@@ -111,11 +92,7 @@ async fn stop_reasons_and_usage() {
         ("refusal", "", Err(BackendErrorKind::ContentFilter)),
     ];
     for (reason, text, expected) in cases {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body(text, reason)))
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![Reply::json(200, &anthropic_body(text, reason))]);
         match (backend(&server).complete(request()).await, expected) {
             (Ok(c), Ok(want)) => assert_eq!(c.finish_reason, want, "{reason}"),
             (Err(e), Err(want)) => assert_eq!(e.kind(), want, "{reason}"),
@@ -124,16 +101,12 @@ async fn stop_reasons_and_usage() {
     }
 
     // Text blocks are joined, other blocks skipped, cache tokens count as prompt tokens.
-    let server = MockServer::start().await;
     let body = json!({"type": "message", "model": "m", "stop_reason": "end_turn",
         "content": [{"type": "text", "text": "one "}, {"type": "thinking", "thinking": "hmm"},
                     {"type": "text", "text": "two"}],
         "usage": {"input_tokens": 10, "output_tokens": 3, "cache_creation_input_tokens": 5,
                   "cache_read_input_tokens": 2}});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &body)]);
     let c = backend(&server).complete(request()).await.unwrap();
     assert_eq!(c.text, "one two");
     assert_eq!(c.usage, Usage::new(17, 3));
@@ -218,18 +191,14 @@ async fn error_matrix() {
         ),
     ];
     for (status, body, kind, message) in cases {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path(PATH))
-            .respond_with(ResponseTemplate::new(status).set_body_json(&body))
-            .mount(&server)
-            .await;
-        let retry = quick_retry(backend(&server));
+        let server = support::server::Server::replying(vec![Reply::json(status, &body)]);
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), kind, "HTTP {status} {body}");
         assert_eq!(e.status(), Some(status));
         assert!(e.message().contains(message), "{status}: {:?}", e.message());
-        let calls = server.received_requests().await.unwrap().len();
+        let calls = server.recorded().len();
+        assert!(server.recorded().iter().all(|r| r.path == PATH));
         let want = if kind.is_retryable() { 3 } else { 1 };
         assert_eq!(calls, want, "HTTP {status} {body}");
     }
@@ -237,34 +206,26 @@ async fn error_matrix() {
 
 #[tokio::test]
 async fn overloaded_529_with_retry_after_and_reset_headers() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(529)
-                .insert_header("retry-after", "3")
-                .set_body_json(anthropic_error("overloaded_error", "Overloaded")),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(
+        529,
+        &anthropic_error("overloaded_error", "Overloaded"),
+    )
+    .header("retry-after", "3")]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Server);
     assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
 
-    let server = MockServer::start().await;
     let reset = std::time::SystemTime::now() + Duration::from_secs(20);
     let secs = reset
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("anthropic-ratelimit-tokens-remaining", "0")
-                .insert_header("anthropic-ratelimit-tokens-reset", rfc3339(secs).as_str())
-                .set_body_json(anthropic_error("rate_limit_error", "slow down")),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(
+        429,
+        &anthropic_error("rate_limit_error", "slow down"),
+    )
+    .header("anthropic-ratelimit-tokens-remaining", "0")
+    .header("anthropic-ratelimit-tokens-reset", rfc3339(secs))]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::RateLimited);
     let ra = e.retry_after().expect("retry_after from the reset header");
@@ -274,45 +235,16 @@ async fn overloaded_529_with_retry_after_and_reset_headers() {
     );
 }
 
-/// Formats seconds since the epoch as RFC 3339 UTC (test helper, civil-from-days).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[tokio::test]
 async fn malformed_and_error_typed_bodies() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("<html>bad gateway</html>"))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::text(200, "<html>bad gateway</html>")]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::InvalidResponse);
 
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(anthropic_error("overloaded_error", "Overloaded")),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(
+        200,
+        &anthropic_error("overloaded_error", "Overloaded"),
+    )]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Server);
 }
@@ -328,15 +260,9 @@ async fn connection_and_timeout_errors() {
         b.complete(request()).await.unwrap_err().kind(),
         BackendErrorKind::Connection
     );
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(anthropic_body("late", "end_turn"))
-                .set_delay(Duration::from_secs(3)),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![
+        Reply::json(200, &anthropic_body("late", "end_turn")).delay(Duration::from_secs(3))
+    ]);
     let b = AnthropicBackend::builder()
         .base_url(server.uri())
         .model("m")
@@ -392,30 +318,21 @@ fn builder_validates() {
 /// so following it would hand the key to the other host.
 #[tokio::test]
 async fn redirects_are_not_followed_and_the_key_stays_home() {
-    let elsewhere = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(anthropic_body("stolen", "end_turn")),
-        )
-        .mount(&elsewhere)
-        .await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(307).insert_header(
-            "location",
-            format!("{}/v1/messages", elsewhere.uri()).as_str(),
-        ))
-        .mount(&server)
-        .await;
-    let e = quick_retry(backend(&server))
+    let elsewhere = Server::replying(vec![Reply::json(
+        200,
+        &anthropic_body("stolen", "end_turn"),
+    )]);
+    let location = format!("{}/v1/messages", elsewhere.uri());
+    let server = Server::replying(vec![Reply::text(307, "").header("location", location)]);
+    let e = quick_retry(backend(&server), 3)
         .complete(request())
         .await
         .unwrap_err();
     assert!(
-        elsewhere.received_requests().await.unwrap().is_empty(),
+        elsewhere.recorded().is_empty(),
         "the key followed the redirect"
     );
-    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert_eq!(server.recorded().len(), 1);
     assert!(e.is_fatal(), "{e}");
     let host = elsewhere.uri().trim_start_matches("http://").to_string();
     assert!(e.to_string().contains(&host), "{e}");
@@ -425,14 +342,10 @@ async fn redirects_are_not_followed_and_the_key_stays_home() {
 /// Usage counts that would overflow when summed saturate instead.
 #[tokio::test]
 async fn absurd_usage_saturates() {
-    let server = MockServer::start().await;
     let mut body = anthropic_body("hi", "end_turn");
     body["usage"] = json!({"input_tokens": u64::MAX, "output_tokens": 1,
         "cache_creation_input_tokens": 5, "cache_read_input_tokens": u64::MAX});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &body)]);
     let c = backend(&server).complete(request()).await.unwrap();
     assert_eq!(c.usage, Usage::new(u64::MAX, 1));
     assert_eq!(c.usage.total(), u64::MAX);

@@ -1,7 +1,7 @@
 //! The generator's invariants: determinism, bounded concurrency, cancel by drop,
 //! exactly one result per id, the construction rule, label balance, re-asks, fatal errors.
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::collections::{BTreeMap, BTreeSet};

@@ -5,9 +5,8 @@
 //! structure (valid rows, call counts, per-example failures only), not on wording. Token limits
 //! are small so that the suite stays quick on a busy 2-core machine.
 //! Needs `scripts/setup-test-env.sh` (see `tests/llama_server.rs`).
-#![cfg(feature = "openai")]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;

@@ -3,10 +3,9 @@
 //! labels and aspects of an uninterrupted run.
 //!
 //! The child is this test binary itself, run with `RMBOOST_CRASH_CHILD` set: the test
-//! `crash_child` then generates instead of returning at once.
-#![cfg(all(feature = "run", feature = "test-util"))]
+//! `crash::crash_child` then generates instead of returning at once.
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;
@@ -196,10 +195,15 @@ async fn an_idle_cache_makes_its_writes_durable() {
 
 fn child_command(dir: &Path) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "--exact",
+        "crash::crash_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     cmd
 }
 

@@ -1,9 +1,8 @@
 //! Fault injection: about 30% of backend calls fail (429 with Retry-After, 500, 503, timeouts,
 //! connection errors, malformed responses, empty content); a 2,000-prompt run, rerun for the
 //! ledger's failures, ends with every id exactly once and no error text in any row.
-#![cfg(all(feature = "run", feature = "test-util"))]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::collections::HashSet;

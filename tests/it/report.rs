@@ -1,5 +1,4 @@
 //! The dataset report on a hand-built dataset with known answers, and the judge check.
-#![cfg(feature = "test-util")]
 
 use std::io::Write;
 

@@ -1,7 +1,6 @@
 //! The run loop: resume, duplicates, bad lines, shards, the ledger, graceful stop and locking.
-#![cfg(all(feature = "run", feature = "test-util"))]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;

@@ -1,28 +1,25 @@
-//! `OpenAiBackend` against a wiremock server: the wire format, the error matrix, `Retry-After`,
-//! and the retry wrapper over real HTTP.
-#![cfg(feature = "openai")]
+//! `OpenAiBackend` against the loopback server's canned answers: the wire format, the error
+//! matrix, `Retry-After`, and the retry wrapper over real HTTP.
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rmboost::backend::openai::OpenAiBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::backend::retry::Retry;
 use rmboost::{
     BackendErrorKind, CompletionRequest, FinishReason, LlmBackend, Message, SamplingParams, Usage,
 };
 use serde_json::json;
-use support::{dead_port, openai_body, openai_error};
-use wiremock::matchers::{body_partial_json, header, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::server::{Reply, Server};
+use support::{dead_port, openai_body, openai_error, quick_retry};
 
 const PATH: &str = "/v1/chat/completions";
 
-fn backend(server: &MockServer) -> OpenAiBackend {
+fn backend(server: &Server) -> OpenAiBackend {
     OpenAiBackend::builder()
         .base_url(server.uri())
         .model("test-model")
@@ -36,36 +33,9 @@ fn request() -> CompletionRequest {
     CompletionRequest::new(vec![Message::system("be brief"), Message::user("hi")])
 }
 
-/// Retries quickly: 3 attempts, 1 ms waits.
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(3).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .max_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
-}
-
 #[tokio::test]
 async fn sends_the_request_fields_and_maps_the_response() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(PATH))
-        .and(header("authorization", "Bearer sk-test-key"))
-        .and(header("x-gateway", "blue"))
-        .and(header("content-type", "application/json"))
-        .and(body_partial_json(json!({
-            "model": "test-model",
-            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-            "temperature": 0.0, "top_p": 0.5, "max_tokens": 7, "seed": 42, "stop": ["END"],
-            "top_k": 40
-        })))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("hello", "stop")))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &openai_body("hello", "stop"))]);
     let backend = OpenAiBackend::builder()
         .base_url(format!("{}/v1", server.uri()))
         .model("test-model")
@@ -89,20 +59,31 @@ async fn sends_the_request_fields_and_maps_the_response() {
     assert_eq!(out.model, "served-model");
     assert_eq!(backend.name(), "openai");
     assert_eq!(backend.model(), "test-model");
+    let [sent] = &server.recorded()[..] else {
+        panic!("not one request")
+    };
+    assert_eq!((sent.method.as_str(), sent.path.as_str()), ("POST", PATH));
+    assert_eq!(sent.header("authorization"), Some("Bearer sk-test-key"));
+    assert_eq!(sent.header("x-gateway"), Some("blue"));
+    assert_eq!(sent.header("content-type"), Some("application/json"));
+    let want = json!({
+        "model": "test-model",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "temperature": 0.0, "top_p": 0.5, "max_tokens": 7, "seed": 42, "stop": ["END"],
+        "top_k": 40
+    });
+    for (k, v) in want.as_object().unwrap() {
+        assert_eq!(&sent.body[k], v, "{k}");
+    }
 }
 
 #[tokio::test]
 async fn unset_fields_are_not_sent() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("x", "stop")))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &openai_body("x", "stop"))]);
     backend(&server).complete(request()).await.unwrap();
-    let received = server.received_requests().await.unwrap();
-    let body: serde_json::Value = received[0].body_json().unwrap();
-    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    let received = server.recorded();
+    assert_eq!(received[0].path, PATH);
+    let keys: Vec<&String> = received[0].body.as_object().unwrap().keys().collect();
     assert_eq!(keys, vec!["messages", "model"]);
 }
 
@@ -131,13 +112,9 @@ async fn finish_reasons() {
         ),
     ];
     for (reason, text, expected) in cases {
-        let server = MockServer::start().await;
         let mut body = openai_body(text, "stop");
         body["choices"][0]["finish_reason"] = reason.clone();
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(body))
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![Reply::json(200, &body)]);
         let got = backend(&server).complete(request()).await;
         match (got, expected) {
             (Ok(c), Ok(want)) => {
@@ -155,13 +132,9 @@ async fn finish_reasons() {
 
 #[tokio::test]
 async fn refusal_without_content_is_a_content_filter_error() {
-    let server = MockServer::start().await;
     let body = json!({"choices": [{"message": {"role": "assistant", "content": null,
         "refusal": "I can't help with that."}, "finish_reason": "stop"}]});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &body)]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::ContentFilter);
     assert!(e.message().contains("can't help"), "{e}");
@@ -169,12 +142,8 @@ async fn refusal_without_content_is_a_content_filter_error() {
 
 #[tokio::test]
 async fn missing_usage_and_model_default() {
-    let server = MockServer::start().await;
     let body = json!({"choices": [{"message": {"content": "hi"}}]});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &body)]);
     let c = backend(&server).complete(request()).await.unwrap();
     assert_eq!(c.usage, Usage::default());
     assert_eq!(c.model, "test-model");
@@ -308,18 +277,13 @@ async fn error_matrix() {
         case(418, json!({"error": "teapot"}), Other, "teapot"),
     ];
     for c in cases {
-        let server = MockServer::start().await;
-        let template = if c.body.is_null() {
-            ResponseTemplate::new(c.status)
+        let reply = if c.body.is_null() {
+            Reply::text(c.status, "")
         } else {
-            ResponseTemplate::new(c.status).set_body_json(&c.body)
+            Reply::json(c.status, &c.body)
         };
-        Mock::given(method("POST"))
-            .and(path(PATH))
-            .respond_with(template)
-            .mount(&server)
-            .await;
-        let retry = quick_retry(backend(&server));
+        let server = support::server::Server::replying(vec![reply]);
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), c.kind, "HTTP {} {}", c.status, c.body);
         assert_eq!(e.status(), Some(c.status));
@@ -330,7 +294,8 @@ async fn error_matrix() {
             e.message(),
             c.message
         );
-        let calls = server.received_requests().await.unwrap().len();
+        let calls = server.recorded().len();
+        assert!(server.recorded().iter().all(|r| r.path == PATH));
         assert_eq!(
             calls,
             if c.retried { 3 } else { 1 },
@@ -350,33 +315,20 @@ async fn malformed_bodies_are_invalid_responses_and_retried() {
         "{\"choices\": []}",
         "{\"choices\": 3}",
     ] {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(body))
-            .mount(&server)
-            .await;
-        let retry = quick_retry(backend(&server));
+        let server = Server::replying(vec![Reply::text(200, body)]);
+        let retry = quick_retry(backend(&server), 3);
         let e = retry.complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), BackendErrorKind::InvalidResponse, "{body:?}");
-        assert_eq!(
-            server.received_requests().await.unwrap().len(),
-            3,
-            "{body:?}"
-        );
+        assert_eq!(server.recorded().len(), 3, "{body:?}");
     }
 }
 
 #[tokio::test]
 async fn an_error_object_in_a_200_body_is_classified() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_error(
-            "server_error",
-            None,
-            "upstream failed",
-        )))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(
+        200,
+        &openai_error("server_error", None, "upstream failed"),
+    )]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Server);
     assert!(e.message().contains("upstream failed"));
@@ -422,19 +374,14 @@ async fn retry_after_header_forms_are_parsed() {
         ),
     ];
     for (headers, low, high) in cases {
-        let server = MockServer::start().await;
-        let mut template = ResponseTemplate::new(429).set_body_json(openai_error(
-            "requests",
-            Some("rate_limit_exceeded"),
-            "slow down",
-        ));
+        let mut reply = Reply::json(
+            429,
+            &openai_error("requests", Some("rate_limit_exceeded"), "slow down"),
+        );
         for (k, v) in &headers {
-            template = template.insert_header(*k, v.as_str());
+            reply = reply.header(k, v);
         }
-        Mock::given(method("POST"))
-            .respond_with(template)
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![reply]);
         let e = backend(&server).complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), BackendErrorKind::RateLimited);
         let ra = e
@@ -446,11 +393,7 @@ async fn retry_after_header_forms_are_parsed() {
 
 #[tokio::test]
 async fn a_503_with_retry_after_carries_it() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503).insert_header("retry-after", "4"))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::text(503, "").header("retry-after", "4")]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Server);
     assert_eq!(e.retry_after(), Some(Duration::from_secs(4)));
@@ -459,29 +402,15 @@ async fn a_503_with_retry_after_carries_it() {
 /// Real sockets and real time (1 s): the wrapper waits at least what the server asked.
 #[tokio::test]
 async fn retry_honours_retry_after_over_http() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "1")
-                .set_body_json(openai_error(
-                    "requests",
-                    Some("rate_limit_exceeded"),
-                    "slow down",
-                )),
+    let server = Server::replying(vec![
+        Reply::json(
+            429,
+            &openai_error("requests", Some("rate_limit_exceeded"), "slow down"),
         )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(openai_body("after the wait", "stop")),
-        )
-        .with_priority(2)
-        .mount(&server)
-        .await;
-    let retry = quick_retry(backend(&server));
+        .header("retry-after", "1"),
+        Reply::json(200, &openai_body("after the wait", "stop")),
+    ]);
+    let retry = quick_retry(backend(&server), 3);
     let start = std::time::Instant::now();
     let out = retry.complete(request()).await.unwrap();
     assert_eq!(out.text, "after the wait");
@@ -496,15 +425,9 @@ async fn retry_honours_retry_after_over_http() {
 
 #[tokio::test]
 async fn timeouts_are_retryable_timeouts() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(openai_body("late", "stop"))
-                .set_delay(Duration::from_secs(3)),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![
+        Reply::json(200, &openai_body("late", "stop")).delay(Duration::from_secs(3))
+    ]);
     let backend = OpenAiBackend::builder()
         .base_url(server.uri())
         .model("m")
@@ -524,7 +447,7 @@ async fn connection_refused_is_a_retryable_connection_error() {
         .model("m")
         .build()
         .unwrap();
-    let retry = quick_retry(backend);
+    let retry = quick_retry(backend, 3);
     let e = retry.complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::Connection, "{e:?}");
     assert_eq!(retry.stats().attempts(), 3);
@@ -602,11 +525,7 @@ async fn absurd_retry_after_values_are_clamped_not_a_panic() {
         ("x-ratelimit-reset-tokens", "99999999999999999999h"),
     ];
     for (name, value) in cases {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(429).insert_header(name, value))
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![Reply::text(429, "").header(name, value)]);
         let e = backend(&server).complete(request()).await.unwrap_err();
         let ra = e
             .retry_after()
@@ -616,11 +535,7 @@ async fn absurd_retry_after_values_are_clamped_not_a_panic() {
     }
     // Negative and NaN values are ignored.
     for (name, value) in [("retry-after-ms", "-5"), ("retry-after", "NaN")] {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(429).insert_header(name, value))
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![Reply::text(429, "").header(name, value)]);
         let e = backend(&server).complete(request()).await.unwrap_err();
         assert_eq!(e.retry_after(), None, "{name}: {value}");
     }
@@ -741,19 +656,9 @@ async fn a_declared_length_over_the_cap_fails_up_front() {
 /// nothing.
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let elsewhere = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("stolen", "stop")))
-        .mount(&elsewhere)
-        .await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(307).insert_header(
-            "location",
-            format!("{}/v1/chat/completions?token=abc", elsewhere.uri()).as_str(),
-        ))
-        .mount(&server)
-        .await;
+    let elsewhere = Server::replying(vec![Reply::json(200, &openai_body("stolen", "stop"))]);
+    let location = format!("{}/v1/chat/completions?token=abc", elsewhere.uri());
+    let server = Server::replying(vec![Reply::text(307, "").header("location", location)]);
     let backend = OpenAiBackend::builder()
         .base_url(format!("{}/v1", server.uri()))
         .model("m")
@@ -761,9 +666,12 @@ async fn redirects_are_not_followed() {
         .header("x-gateway-token", "gw-secret")
         .build()
         .unwrap();
-    let e = quick_retry(backend).complete(request()).await.unwrap_err();
-    assert!(elsewhere.received_requests().await.unwrap().is_empty());
-    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    let e = quick_retry(backend, 3)
+        .complete(request())
+        .await
+        .unwrap_err();
+    assert!(elsewhere.recorded().is_empty());
+    assert_eq!(server.recorded().len(), 1);
     assert!(e.is_fatal() && !e.is_retryable(), "{e}");
     assert_eq!(e.status(), Some(307));
     let host = elsewhere.uri().trim_start_matches("http://").to_string();
@@ -801,29 +709,20 @@ async fn a_daily_limit_429_is_fatal() {
             "message": "Quota exceeded for metric: generate_content_free_tier_requests, limit: 50, per day"}}),
     ];
     for body in bodies {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(
-                ResponseTemplate::new(429)
-                    .insert_header("retry-after", "3600")
-                    .set_body_json(body.clone()),
-            )
-            .mount(&server)
-            .await;
+        let server = Server::replying(vec![Reply::json(429, &body).header("retry-after", "3600")]);
         let e = backend(&server).complete(request()).await.unwrap_err();
         assert_eq!(e.kind(), BackendErrorKind::QuotaExhausted, "{body}: {e}");
         assert!(e.is_fatal(), "{e}");
     }
     // A per-minute limit stays an ordinary, retryable 429.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).set_body_json(openai_error(
+    let server = Server::replying(vec![Reply::json(
+        429,
+        &openai_error(
             "requests",
             Some("rate_limit_exceeded"),
             "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3.",
-        )))
-        .mount(&server)
-        .await;
+        ),
+    )]);
     let e = backend(&server).complete(request()).await.unwrap_err();
     assert_eq!(e.kind(), BackendErrorKind::RateLimited, "{e}");
 }
@@ -833,19 +732,15 @@ async fn a_daily_limit_429_is_fatal() {
 #[tokio::test]
 async fn twenty_prompts_against_a_spent_daily_limit_stop_promptly() {
     use futures::StreamExt;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "3600")
-                .set_body_json(openai_error(
-                    "requests",
-                    Some("rate_limit_exceeded"),
-                    "Rate limit reached for m on requests per day (RPD): Limit 200, Used 200.",
-                )),
-        )
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(
+        429,
+        &openai_error(
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for m on requests per day (RPD): Limit 200, Used 200.",
+        ),
+    )
+    .header("retry-after", "3600")]);
     let rmb = rmboost::RmBoost::builder()
         .backend(Retry::new(backend(&server)))
         .concurrency(std::num::NonZeroUsize::new(4).unwrap())
@@ -863,7 +758,7 @@ async fn twenty_prompts_against_a_spent_daily_limit_stop_promptly() {
     let chain = format!("{last:?}");
     assert!(chain.contains("requests per day"), "{chain}");
     assert!(results.len() <= 4, "{} results", results.len());
-    assert!(server.received_requests().await.unwrap().len() <= 4);
+    assert!(server.recorded().len() <= 4);
 }
 
 /// Two servers answering under the same model name do not share cached answers; the same
@@ -872,15 +767,8 @@ async fn twenty_prompts_against_a_spent_daily_limit_stop_promptly() {
 #[tokio::test]
 async fn the_cache_key_holds_the_endpoint() {
     use rmboost::backend::cache::{Cache, Cached};
-    let answer = |text: &'static str| async move {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(openai_body(text, "stop")))
-            .mount(&server)
-            .await;
-        server
-    };
-    let (a, b) = (answer("from a").await, answer("from b").await);
+    let answer = |text| Server::replying(vec![Reply::json(200, &openai_body(text, "stop"))]);
+    let (a, b) = (answer("from a"), answer("from b"));
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path().join("c.redb")).unwrap();
     let req = request().with_seed(1);
@@ -901,20 +789,16 @@ async fn the_cache_key_holds_the_endpoint() {
         .unwrap();
     assert_eq!(again.text, "from a");
     assert_eq!((cache.stats().hits, cache.stats().misses), (1, 2));
-    assert_eq!(b.received_requests().await.unwrap().len(), 1);
+    assert_eq!(b.recorded().len(), 1);
 }
 
 /// A server reporting absurd token counts cannot overflow the sums (a panic in debug builds).
 #[tokio::test]
 async fn absurd_usage_saturates() {
     use futures::StreamExt;
-    let server = MockServer::start().await;
     let mut body = openai_body("<response>A fine answer to that.</response>", "stop");
     body["usage"] = json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &body)]);
     let rmb = rmboost::RmBoost::builder()
         .backend(backend(&server))
         .build()
@@ -932,13 +816,9 @@ async fn absurd_usage_saturates() {
 /// The cap is configurable: a body just over it fails, one at it is read.
 #[tokio::test]
 async fn max_response_bytes_is_configurable() {
-    let server = MockServer::start().await;
     let body = serde_json::to_vec(&openai_body(&"x".repeat(10_000), "stop")).unwrap();
     let len = body.len();
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(body, "application/json"))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::bytes(200, "application/json", body)]);
     let with_cap = |cap: usize| {
         OpenAiBackend::builder()
             .base_url(server.uri())
@@ -953,11 +833,7 @@ async fn max_response_bytes_is_configurable() {
     let ok = with_cap(len).complete(request()).await.unwrap();
     assert_eq!(ok.text.len(), 10_000);
     // An error body longer than the cap is cut, not an error of its own: the status decides.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503).set_body_string("y".repeat(200_000)))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::text(503, "y".repeat(200_000))]);
     let e = OpenAiBackend::builder()
         .base_url(server.uri())
         .model("m")
@@ -972,11 +848,7 @@ async fn max_response_bytes_is_configurable() {
 /// A timeout too long for the timer's arithmetic is cut, not a panic.
 #[tokio::test]
 async fn an_endless_timeout_does_not_panic() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("hi", "stop")))
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![Reply::json(200, &openai_body("hi", "stop"))]);
     let backend = OpenAiBackend::builder()
         .base_url(server.uri())
         .model("m")

@@ -2,9 +2,8 @@
 //! here): a second run on the same output, the same file under two names, a resume with other
 //! settings, garbage inside an output, the ledger's compaction, the torn tail, a slow input,
 //! the drain deadline, the cost budget, the unreachable-server stop and the exit statuses.
-#![cfg(all(feature = "run", feature = "test-util", unix))]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::io::Write;

@@ -1,20 +1,16 @@
 //! The API key never shows in Debug, Display, an error's source chain, or tracing output
 //! (captured at TRACE level), even when the server echoes it back.
-#![cfg(all(feature = "openai", feature = "anthropic"))]
 
-mod support;
+use crate::support;
 
 use std::error::Error as _;
-use std::num::NonZeroU32;
-use std::time::Duration;
 
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::openai::OpenAiBackend;
-use rmboost::backend::retry::{Retry, RetryPolicy};
+use rmboost::backend::retry::Retry;
 use rmboost::{BackendError, CompletionRequest, LlmBackend, Message};
-use support::{anthropic_body, capture_tracing, dead_port, openai_body};
-use wiremock::matchers::{header, method};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::server::{Reply, Server};
+use support::{anthropic_body, capture_tracing, dead_port, openai_body, quick_retry};
 
 const KEY: &str = "sk-live-SUPERSECRET-0123456789";
 
@@ -31,16 +27,6 @@ fn all_text(e: &BackendError) -> String {
         source = s.source();
     }
     out
-}
-
-fn quick_retry<B>(inner: B) -> Retry<B> {
-    Retry::with_policy(
-        inner,
-        RetryPolicy::default()
-            .max_attempts(NonZeroU32::new(2).unwrap())
-            .initial_delay(Duration::from_millis(1))
-            .jitter(false),
-    )
 }
 
 #[test]
@@ -64,10 +50,21 @@ fn builders_and_backends_do_not_print_the_key() {
     assert!(!shown.contains(KEY), "{shown}");
 }
 
+/// Runs in a child of this test binary with the variable set: the tests share one process,
+/// whose environment none of them changes.
 #[test]
 fn key_from_the_environment_is_not_printed() {
-    // A variable name unique to this test, so parallel tests do not race on it.
-    std::env::set_var("RMBOOST_TEST_SECRET_KEY_VAR", KEY);
+    if std::env::var_os("RMBOOST_TEST_SECRET_KEY_VAR").is_none() {
+        let name = "secrets::key_from_the_environment_is_not_printed";
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1"])
+            .env("RMBOOST_TEST_SECRET_KEY_VAR", KEY)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && out.contains("1 passed"), "{out}");
+        return;
+    }
     let backend = OpenAiBackend::builder()
         .model("m")
         .api_key_env("RMBOOST_TEST_SECRET_KEY_VAR")
@@ -79,29 +76,17 @@ fn key_from_the_environment_is_not_printed() {
 #[tokio::test]
 async fn openai_key_is_sent_but_never_shown() {
     let (captured, _guard) = capture_tracing();
-    let server = MockServer::start().await;
-    // The key is sent...
-    Mock::given(method("POST"))
-        .and(header("authorization", format!("Bearer {KEY}").as_str()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body("fine", "stop")))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    // ...and then echoed back by a careless server in a 401 and a 500.
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
-            "error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}
-        })))
-        .up_to_n_times(1)
-        .with_priority(2)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500).set_body_string(format!("crash dump: key={KEY}")))
-        .with_priority(3)
-        .mount(&server)
-        .await;
+    // The key is sent, then echoed back by a careless server in a 401 and a 500.
+    let server = Server::replying(vec![
+        Reply::json(200, &openai_body("fine", "stop")),
+        Reply::json(
+            401,
+            &serde_json::json!({
+                "error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}
+            }),
+        ),
+        Reply::text(500, format!("crash dump: key={KEY}")),
+    ]);
     let backend = quick_retry(
         OpenAiBackend::builder()
             .base_url(server.uri())
@@ -109,8 +94,11 @@ async fn openai_key_is_sent_but_never_shown() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     let ok = backend.complete(request()).await.unwrap();
+    let bearer = format!("Bearer {KEY}");
+    assert_eq!(server.recorded()[0].header("authorization"), Some(&*bearer));
     assert_eq!(ok.text, "fine");
     let auth = backend.complete(request()).await.unwrap_err();
     assert!(auth.message().contains("Incorrect API key provided"));
@@ -137,22 +125,16 @@ async fn openai_key_is_sent_but_never_shown() {
 #[tokio::test]
 async fn anthropic_key_is_sent_but_never_shown() {
     let (captured, _guard) = capture_tracing();
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(header("x-api-key", KEY))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body("fine", "end_turn")))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
-            "type": "error",
-            "error": {"type": "authentication_error", "message": format!("invalid x-api-key {KEY}")}
-        })))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = Server::replying(vec![
+        Reply::json(200, &anthropic_body("fine", "end_turn")),
+        Reply::json(
+            401,
+            &serde_json::json!({
+                "type": "error",
+                "error": {"type": "authentication_error", "message": format!("invalid x-api-key {KEY}")}
+            }),
+        ),
+    ]);
     let backend = quick_retry(
         AnthropicBackend::builder()
             .base_url(server.uri())
@@ -160,8 +142,10 @@ async fn anthropic_key_is_sent_but_never_shown() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     assert_eq!(backend.complete(request()).await.unwrap().text, "fine");
+    assert_eq!(server.recorded()[0].header("x-api-key"), Some(KEY));
     let e = backend.complete(request()).await.unwrap_err();
     assert!(!all_text(&e).contains(KEY));
     let log = captured.text();
@@ -179,6 +163,7 @@ async fn transport_errors_do_not_show_the_key() {
             .api_key(KEY)
             .build()
             .unwrap(),
+        2,
     );
     let e = backend.complete(request()).await.unwrap_err();
     assert!(e.source().is_some());

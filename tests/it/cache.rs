@@ -1,6 +1,5 @@
 //! The response cache: a second identical run calls no backend, errors are not cached, clear
 //! works, concurrent callers are served, and the file is locked.
-#![cfg(all(feature = "cache", feature = "test-util"))]
 
 use rmboost::GeneratorExt;
 use std::sync::atomic::{AtomicUsize, Ordering};

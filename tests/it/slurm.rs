@@ -8,9 +8,8 @@
 //! (`RMBOOST_LIVE_TESTS=required`) a missing piece fails the test; a plain `cargo test` skips
 //! it and says why. `--shard auto` with the variables set by hand (no Slurm needed) is tested
 //! here too.
-#![cfg(feature = "cli")]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,10 +17,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use rmboost::run::Shard;
-use support::live_tests_required;
-use support::openai_server::OpenAiServer;
+use support::server::Server;
+use support::{live_tests_required, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rmboost");
 const INSTALL: &str = "apt-get install -y --no-install-recommends slurmctld slurmd \
                        slurm-client munge (as root; `bash scripts/test.sh` does it)";
 
@@ -85,7 +83,7 @@ fn slurm_array_of_four_tasks_generates_every_id_once() {
     if !slurm_available("slurm_array_of_four_tasks_generates_every_id_once") {
         return;
     }
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.jsonl");
     let n = 40;
@@ -166,7 +164,7 @@ fn slurm_array_of_four_tasks_generates_every_id_once() {
 /// set them. Runs everywhere.
 #[test]
 fn shard_auto_takes_the_scheduler_shard_or_says_what_is_missing() {
-    let server = OpenAiServer::start();
+    let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.jsonl");
     let body: String = (1..=12)

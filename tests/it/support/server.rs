@@ -1,21 +1,30 @@
-//! The tests' loopback server of the providers' batch APIs: OpenAI Batch (files + batches) or
-//! Anthropic Message Batches, one API per server.
+//! The one loopback server of the tests and of `benches/throughput.rs`: OpenAI-compatible chat
+//! completions and Anthropic Messages online, and the providers' batch APIs (OpenAI Batch, or
+//! Anthropic Message Batches).
 //!
-//! Answers are the ones [`OpenAiServer`](super::openai_server::OpenAiServer) gives online
-//! (`rmboost::testing::FakeBackend` from the request body: an OpenAI line's `seed`; an
-//! Anthropic request has no seed, so a stable hash of its `params` stands for it), so a batch
-//! run and an online run with the same run seed can be compared.
+//! **Online**, `POST .../chat/completions` and `POST .../messages` are answered as
+//! `rmboost::testing::FakeBackend` answers: the text is derived from the request's `seed` (an
+//! Anthropic request has none: a stable hash of its body stands for it), and a request with a
+//! message mentioning `</response>` (a second-response request) is answered inside `<response>`
+//! tags; usage is counted as the fake counts it (a token per 4 bytes). [`Config`] adds, in this
+//! order: one status for every request; 400 for a seeded share of first-response requests; 429
+//! at once to a request that arrives while more than `cap` are in flight; a token bucket (429
+//! with `Retry-After` when empty); seeded random [`Fault`]s (429 with `Retry-After`, 500 and
+//! 503 at once, a dropped connection, a hang; a torn body or empty content after the latency);
+//! then the latency, measured from the request's arrival on a timer thread with
+//! sub-millisecond precision (tokio's 1 ms timer would add 1-3% to it). Or `replies`: a script
+//! of canned answers to any request, in order, the last one repeated.
 //!
-//! Batches move through their states on each status poll (`GET .../batches/{id}`), or after
-//! each [`BatchServerBuilder::step`] of wall time: OpenAI `validating → in_progress →
-//! finalizing → completed` (or `failed`, `expired`), Anthropic `in_progress → ended`. A cancel
-//! moves to `cancelling`/`canceling`, then `cancelled`/`ended`: if the batch was in progress,
-//! the first half of its lines (in submission order) count as processed, the rest as canceled.
-//! Result lines come back in a seeded shuffled order. A builder injects faults: a failed
-//! validation, errored and expired lines (on a custom_id's first submission only, so a
-//! resubmission succeeds), a batch whose every line fails, 5xx answers to status polls, and
-//! create answers held until the test releases them.
-//!
+//! **Batch APIs** (`batch: Some(api)`, one API per server): answers are the online ones, so a
+//! batch run and an online run with the same run seed can be compared. Batches move through
+//! their states on each status poll (`GET .../batches/{id}`), or after each `step` of wall
+//! time: OpenAI `validating → in_progress → finalizing → completed` (or `failed`, `expired`),
+//! Anthropic `in_progress → ended`. A cancel moves to `cancelling`/`canceling`, then
+//! `cancelled`/`ended`: if the batch was in progress, the first half of its lines (in
+//! submission order) count as processed, the rest as canceled. Result lines come back in a
+//! seeded shuffled order. Faults: a failed validation, errored and expired lines (on a
+//! custom_id's first submission only, so a resubmission succeeds), a batch whose every line
+//! fails, 5xx answers to status polls, and create answers held until the test releases them.
 //! Wire details a client must cope with, as the real services behave:
 //! - OpenAI: line validation happens at upload (`POST /v1/files` answers 400 naming the line);
 //!   an injected validation failure is asynchronous (`failed` with `errors` after
@@ -27,19 +36,21 @@
 //!   validation failure, which then creates nothing). Errored results carry an error response
 //!   (`api_error` or `overloaded_error`). Timestamps are RFC 3339 strings.
 //!
-//! It binds 127.0.0.1 on a free port and serves HTTP/1.1 (hyper) from its own thread and tokio
-//! runtime, so synchronous and async tests alike can use it; it stops when dropped.
+//! It binds 127.0.0.1 on a free port and serves keep-alive HTTP/1.1 (hyper) from threads and a
+//! tokio runtime of its own (named `test-server`), so synchronous tests (that run the `rmboost`
+//! binary), async tests and benches alike can use it; it counts and records every request, and
+//! stops when dropped.
 //!
 //! ```ignore
-//! let server = BatchServer::builder(Api::OpenAi).errored_one_in(5).start();
-//! // rmboost generate ... --backend openai --batch --base-url <server.base_url()>
-//! assert_eq!(server.resubmitted_custom_ids(), 0);
+//! let server = Server::with(Config { latency: Duration::from_millis(20), ..Config::default() });
+//! // rmboost generate ... --backend openai --base-url <server.base_url()> --model test
+//! assert!(server.requests() > 0);
+//! let batches = Server::with(Config { errored_one_in: Some(5), ..Config::batch(Api::OpenAi) });
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -56,10 +67,15 @@ use rmboost::testing::FakeBackend;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
-use super::openai_server::{fake_completion, Recorded};
+/// The text of every injected fault's error body; no output row may contain it.
+pub const INJECTED_HTTP: &str = "injected http fault";
 
-/// The message of every injected line error and validation failure; no output row may
+/// The message of the 400 answers of [`Config::reject_first_one_in`]; no output row may
 /// contain it.
+pub const REJECTED: &str = "rejected by the test server";
+
+/// The message of every injected line error and validation failure of the batch APIs; no
+/// output row may contain it.
 pub const INJECTED_BATCH: &str = "injected batch fault";
 
 /// The OpenAI Batch API's limits on one input file.
@@ -80,167 +96,243 @@ pub enum Api {
     Anthropic,
 }
 
-/// How the server behaves; see [`BatchServer::builder`].
-#[derive(Debug, Clone)]
-pub struct BatchServerBuilder {
-    api: Api,
-    step: Duration,
-    seed: u64,
-    fail_validation: Vec<u64>,
-    errored_one_in: Option<u64>,
-    expired_one_in: Option<u64>,
-    all_fail: Vec<u64>,
-    poll_5xx_one_in: Option<u64>,
-    hold_creates: bool,
-    filler: usize,
-    max_lines: Option<usize>,
-    max_bytes: Option<usize>,
+/// A random fault of the online endpoints (see [`Config::fault_rate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 429 with `Retry-After: <retry_after_secs>`, at once.
+    TooMany,
+    /// 500, at once.
+    Internal,
+    /// 503, at once.
+    Unavailable,
+    /// The connection is closed without an answer once the request is read.
+    Drop,
+    /// 200 after the latency, with a body cut short: `{"choices": [ {"message": `.
+    Torn,
+    /// 200 after the latency, a valid completion whose content is `""`.
+    Empty,
+    /// No answer for `hang`, then (the latency having passed) a normal one.
+    Hang,
 }
 
-impl BatchServerBuilder {
-    /// Advances every batch one state per `step` of wall time instead of one state per status
-    /// poll (default zero: per poll).
-    pub fn step(mut self, d: Duration) -> Self {
-        self.step = d;
-        self
-    }
+/// Every fault kind, in the order of [`Fault`]'s discriminants.
+pub const FAULTS: [Fault; 7] = [
+    Fault::TooMany,
+    Fault::Internal,
+    Fault::Unavailable,
+    Fault::Drop,
+    Fault::Torn,
+    Fault::Empty,
+    Fault::Hang,
+];
 
+impl Fault {
+    pub fn name(self) -> &'static str {
+        ["429", "500", "503", "drop", "torn", "empty", "hang"][self as usize]
+    }
+}
+
+/// How a server answers. [`Server::set`] changes the online settings of a running server; the
+/// batch settings, `filler` and `threads` are read when it starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Online answers wait this long from the request's arrival.
+    pub latency: Duration,
+    /// Each latency is spread evenly over `latency` plus or minus this many percent of it
+    /// (drawn from the request's number, so the mean stays `latency`).
+    pub jitter_pct: u64,
+    /// Length in bytes of the filler of good answers (default 40, as `FakeBackend::new`).
+    pub filler: usize,
+    /// Every online request is answered with this status and an error body carrying this
+    /// message (e.g. 401 for a bad key).
+    pub fail_every: Option<(u16, String)>,
+    /// A first-response request whose seed is a multiple of this is rejected with 400
+    /// ([`REJECTED`]): a permanent, non-fatal failure of about one example in `n`.
+    pub reject_first_one_in: Option<u64>,
+    /// 429 at once (no `Retry-After`) to a request arriving while more than this many are in
+    /// flight (0: no limit).
+    pub cap: u64,
+    /// A token bucket: (requests a minute, burst), refilled continuously, full at the start; a
+    /// request that finds less than one token gets 429 with `Retry-After`.
+    pub bucket: Option<(u64, u64)>,
+    /// The share of online requests (that pass the cap and the bucket) given a fault, drawn
+    /// evenly from `fault_kinds` by a generator seeded with `fault_seed`.
+    pub fault_rate: f64,
+    pub fault_kinds: Vec<Fault>,
+    pub fault_seed: u64,
+    /// How long a [`Fault::Hang`] lasts (default 1.5 s: make it longer than the client's
+    /// timeout).
+    pub hang: Duration,
+    /// The `Retry-After` of [`Fault::TooMany`], in seconds (default 0).
+    pub retry_after_secs: u64,
+    /// Every connection is dropped unanswered, as a killed replica's are.
+    pub down: bool,
+    /// Every request is recorded ([`Server::recorded`]; default on).
+    pub record: bool,
+    /// The model name of online answers carries when the request arrived and when the answer
+    /// was made: `<model>@<ns>@<ns>` on the clock of [`since_epoch`].
+    pub stamp: bool,
+    /// Worker threads of the server's runtime (default 1).
+    pub threads: usize,
+    /// Canned answers to every request (any method and path), in order, the last repeated.
+    pub replies: Vec<Reply>,
+    /// The batch API to serve (`None`: online only).
+    pub batch: Option<Api>,
+    /// Batches advance one state per `step` of wall time instead of one per status poll (zero,
+    /// the default).
+    pub step: Duration,
     /// Seeds the order of result lines, the choice of errored and expired lines and of the
     /// polls answered 5xx (default 1).
-    pub fn seed(mut self, s: u64) -> Self {
-        self.seed = s;
-        self
-    }
-
-    /// The `nth` create request (1-based) fails validation: OpenAI's batch goes `validating →
-    /// failed` with `errors`; Anthropic's create is answered 400 and creates nothing. May be
-    /// called again for more batches.
-    pub fn fail_validation_of_batch(mut self, nth: u64) -> Self {
-        self.fail_validation.push(nth);
-        self
-    }
-
+    pub seed: u64,
+    /// These create requests (1-based) fail validation: OpenAI's batch goes `validating →
+    /// failed` with `errors`; Anthropic's create is answered 400 and creates nothing.
+    pub fail_validation: Vec<u64>,
     /// About one line in `k` errors (chosen from the seed and its custom_id), only on the
     /// custom_id's first submission.
-    pub fn errored_one_in(mut self, k: u64) -> Self {
-        assert!(k > 0);
-        self.errored_one_in = Some(k);
-        self
-    }
-
-    /// About one line in `k` expires (chosen from the seed and its custom_id), only on the
-    /// custom_id's first submission; an OpenAI batch with an expired line ends `expired`.
-    pub fn expired_one_in(mut self, k: u64) -> Self {
-        assert!(k > 0);
-        self.expired_one_in = Some(k);
-        self
-    }
-
-    /// Every line of the `nth` create request's batch (1-based) errors: OpenAI's completes
-    /// with no output file, Anthropic's ends with every result errored.
-    pub fn all_lines_fail_in_batch(mut self, nth: u64) -> Self {
-        self.all_fail.push(nth);
-        self
-    }
-
+    pub errored_one_in: Option<u64>,
+    /// About one line in `k` expires, only on the custom_id's first submission; an OpenAI
+    /// batch with an expired line ends `expired`.
+    pub expired_one_in: Option<u64>,
+    /// Every line of these create requests' batches (1-based) errors: OpenAI's completes with
+    /// no output file, Anthropic's ends with every result errored.
+    pub all_fail: Vec<u64>,
     /// About one status poll in `k` (seeded) is answered 500 or 503 without advancing the
-    /// batch; the next poll of the same batch is never.
-    pub fn poll_5xx_one_in(mut self, k: u64) -> Self {
-        assert!(k > 0);
-        self.poll_5xx_one_in = Some(k);
-        self
-    }
-
+    /// batch; the next poll of the same batch never is.
+    pub poll_5xx_one_in: Option<u64>,
     /// Each create request is recorded (the batch exists, listed and counted), then its answer
-    /// is held until [`BatchServer::release_creates`].
-    pub fn hold_creates(mut self) -> Self {
-        self.hold_creates = true;
-        self
-    }
-
-    /// Length in bytes of the fake answers' filler (default 40, as `FakeBackend::new` and
-    /// `OpenAiServer`).
-    pub fn filler(mut self, len: usize) -> Self {
-        self.filler = len;
-        self
-    }
-
+    /// is held until [`Server::release_creates`].
+    pub hold_creates: bool,
     /// The most lines of an OpenAI input file or requests of an Anthropic batch (default the
     /// API's: 50,000 / 100,000).
-    pub fn max_lines(mut self, n: usize) -> Self {
-        self.max_lines = Some(n);
-        self
-    }
-
+    pub max_lines: Option<usize>,
     /// The most bytes of an OpenAI input file or of an Anthropic create body (default the
     /// API's: 200 MB / 256 MB).
-    pub fn max_bytes(mut self, n: usize) -> Self {
-        self.max_bytes = Some(n);
+    pub max_bytes: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            latency: Duration::ZERO,
+            jitter_pct: 0,
+            filler: 40,
+            fail_every: None,
+            reject_first_one_in: None,
+            cap: 0,
+            bucket: None,
+            fault_rate: 0.0,
+            fault_kinds: FAULTS.to_vec(),
+            fault_seed: 1,
+            hang: Duration::from_millis(1500),
+            retry_after_secs: 0,
+            down: false,
+            record: true,
+            stamp: false,
+            threads: 1,
+            replies: Vec::new(),
+            batch: None,
+            step: Duration::ZERO,
+            seed: 1,
+            fail_validation: Vec::new(),
+            errored_one_in: None,
+            expired_one_in: None,
+            all_fail: Vec::new(),
+            poll_5xx_one_in: None,
+            hold_creates: false,
+            max_lines: None,
+            max_bytes: None,
+        }
+    }
+}
+
+impl Config {
+    /// A server of the batch API `api`, with no faults, one state per poll.
+    pub fn batch(api: Api) -> Config {
+        Config {
+            batch: Some(api),
+            ..Config::default()
+        }
+    }
+}
+
+/// An answer: status, headers, body, and how long to wait before sending it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn bytes(status: u16, content_type: &str, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), content_type.into())],
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn json(status: u16, body: &Value) -> Reply {
+        Reply::bytes(status, "application/json", body.to_string())
+    }
+
+    pub fn text(status: u16, body: impl Into<String>) -> Reply {
+        Reply::bytes(status, "text/plain", body.into())
+    }
+
+    pub fn header(mut self, name: &str, value: impl ToString) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
         self
     }
 
-    /// Binds 127.0.0.1 on a free port and starts serving on a thread of its own.
-    pub fn start(self) -> BatchServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (release, _) = tokio::sync::watch::channel(!self.hold_creates);
-        let state = Arc::new(State {
-            addr,
-            fake: FakeBackend::with_response_len(self.filler),
-            inner: Mutex::new(Inner {
-                rng: ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_ba7c),
-                files: HashMap::new(),
-                batches: Vec::new(),
-                ids: HashMap::new(),
-                creates: 0,
-                requests_submitted: 0,
-                resubmitted: 0,
-                polls: 0,
-                polls_failed: 0,
-                cancels: 0,
-                next_id: 0,
-                recorded: Vec::new(),
-            }),
-            release,
-            config: self,
-        });
-        let (shutdown, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let s = state.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("batch-test-server-{}", addr.port()))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("the test server's runtime");
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stopped => break,
-                            accepted = listener.accept() => {
-                                let Ok((tcp, _)) = accepted else { continue };
-                                let s = s.clone();
-                                tokio::spawn(async move {
-                                    let svc = service_fn(move |req| handle(req, s.clone()));
-                                    let _ = http1::Builder::new()
-                                        .serve_connection(TokioIo::new(tcp), svc)
-                                        .await;
-                                });
-                            }
-                        }
-                    }
-                });
-                // Dropping the runtime drops every connection and held answer.
-            })
-            .expect("spawn the test server's thread");
-        BatchServer {
-            state,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+    pub fn delay(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
     }
+}
+
+/// One request as the server received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The JSON body (`Null` when it is not JSON, and for bodies over 8 MiB).
+    pub body: Value,
+}
+
+impl Recorded {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A reading of the online counters ([`Server::counts`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    /// Every request that reached the server (not `down`), whatever its answer.
+    pub requests: u64,
+    /// Online answers 200 after the latency (torn and empty answers included).
+    pub answered: u64,
+    /// Answers of `fail_every`, `reject_first_one_in` and `replies`.
+    pub scripted: u64,
+    /// 429s for the cap on requests in flight.
+    pub cap_429: u64,
+    /// 429s for the token bucket.
+    pub bucket_429: u64,
+    /// Random faults by kind (index: `Fault as usize`).
+    pub faults: [u64; FAULTS.len()],
+    /// Sum of the delays of the answered requests (from arrival to answer), in nanoseconds.
+    pub delay_ns: u64,
+    /// Connections accepted.
+    pub connections: u64,
 }
 
 /// One batch as the server holds it.
@@ -258,13 +350,13 @@ pub struct BatchInfo {
 }
 
 /// A running server; stops when dropped.
-pub struct BatchServer {
+pub struct Server {
     state: Arc<State>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for BatchServer {
+impl Drop for Server {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -275,28 +367,88 @@ impl Drop for BatchServer {
     }
 }
 
-impl BatchServer {
-    /// A configurable server of `api`; [`BatchServerBuilder::start`] starts it.
-    pub fn builder(api: Api) -> BatchServerBuilder {
-        BatchServerBuilder {
-            api,
-            step: Duration::ZERO,
-            seed: 1,
-            fail_validation: Vec::new(),
-            errored_one_in: None,
-            expired_one_in: None,
-            all_fail: Vec::new(),
-            poll_5xx_one_in: None,
-            hold_creates: false,
-            filler: 40,
-            max_lines: None,
-            max_bytes: None,
-        }
+impl Server {
+    /// A server that answers every online request at once, as `FakeBackend::new()` does.
+    pub fn start() -> Server {
+        Server::with(Config::default())
     }
 
-    /// A server of `api` with the defaults: no faults, one state per poll.
-    pub fn start(api: Api) -> BatchServer {
-        Self::builder(api).start()
+    /// A server answering every request with `replies`, in order, the last one repeated.
+    pub fn replying(replies: Vec<Reply>) -> Server {
+        Server::with(Config {
+            replies,
+            ..Config::default()
+        })
+    }
+
+    /// Binds 127.0.0.1 on a free port and starts serving on threads of its own.
+    pub fn with(config: Config) -> Server {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (release, _) = tokio::sync::watch::channel(!config.hold_creates);
+        let threads = config.threads.max(1);
+        let state = Arc::new(State {
+            addr,
+            fake: FakeBackend::with_response_len(config.filler),
+            live: Mutex::new(Live::new(config.clone())),
+            recorded: Mutex::new(Vec::new()),
+            in_flight: Default::default(),
+            inner: Mutex::new(Inner {
+                rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_ba7c),
+                files: HashMap::new(),
+                batches: Vec::new(),
+                ids: HashMap::new(),
+                creates: 0,
+                requests_submitted: 0,
+                resubmitted: 0,
+                polls: 0,
+                polls_failed: 0,
+                cancels: 0,
+                next_id: 0,
+            }),
+            release,
+            config,
+        });
+        let (shutdown, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let s = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("test-server".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .thread_name("test-server")
+                    .enable_all()
+                    .build()
+                    .expect("the test server's runtime");
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(listener).unwrap();
+                    loop {
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            accepted = listener.accept() => {
+                                let Ok((tcp, _)) = accepted else { continue };
+                                let _ = tcp.set_nodelay(true);
+                                s.live().counts.connections += 1;
+                                let s = s.clone();
+                                tokio::spawn(async move {
+                                    let svc = service_fn(move |req| handle(req, s.clone()));
+                                    let _ = http1::Builder::new()
+                                        .serve_connection(TokioIo::new(tcp), svc)
+                                        .await;
+                                });
+                            }
+                        }
+                    }
+                });
+                // Dropping the runtime drops every connection and held answer.
+            })
+            .expect("spawn the test server's thread");
+        Server {
+            state,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
     }
 
     /// The address it listens on.
@@ -304,12 +456,48 @@ impl BatchServer {
         self.state.addr
     }
 
-    /// The base URL (`http://127.0.0.1:PORT/v1`).
-    pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.state.addr)
+    /// `http://127.0.0.1:PORT`.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.state.addr)
     }
 
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// The base URL (`http://127.0.0.1:PORT/v1`).
+    pub fn base_url(&self) -> String {
+        format!("{}/v1", self.uri())
+    }
+
+    /// Changes the online settings; the fault generator is seeded anew and the token bucket
+    /// starts full.
+    pub fn set(&self, change: impl FnOnce(&mut Config)) {
+        let mut live = self.state.live();
+        let mut config = live.config.clone();
+        change(&mut config);
+        let counts = live.counts;
+        *live = Live::new(config);
+        live.counts = counts;
+    }
+
+    /// The online counters.
+    pub fn counts(&self) -> Counts {
+        self.state.live().counts
+    }
+
+    /// Requests received.
+    pub fn requests(&self) -> u64 {
+        self.counts().requests
+    }
+
+    /// Every request recorded so far, in arrival order.
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.state.recorded.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests have arrived; false after `timeout`.
+    pub fn wait_for_requests(&self, n: u64, timeout: Duration) -> bool {
+        wait(timeout, || self.requests() >= n)
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
         self.state.inner.lock().unwrap()
     }
 
@@ -371,7 +559,7 @@ impl BatchServer {
         self.inner().polls
     }
 
-    /// Status polls answered 500 or 503 by [`BatchServerBuilder::poll_5xx_one_in`].
+    /// Status polls answered 500 or 503 by [`Config::poll_5xx_one_in`].
     pub fn polls_failed(&self) -> u64 {
         self.inner().polls_failed
     }
@@ -381,38 +569,391 @@ impl BatchServer {
         self.inner().cancels
     }
 
-    /// Every request received so far, in arrival order (the body is `Null` for uploads and for
-    /// JSON bodies over 8 MiB).
-    pub fn recorded(&self) -> Vec<Recorded> {
-        self.inner().recorded.clone()
-    }
-
     /// Waits until at least `n` batches were created; false after `timeout`.
     pub fn wait_for_batches(&self, n: u64, timeout: Duration) -> bool {
-        let t0 = Instant::now();
-        while self.batches_created() < n {
-            if t0.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        wait(timeout, || self.batches_created() >= n)
     }
 
-    /// Answers every create held by [`BatchServerBuilder::hold_creates`], and every later one
-    /// at once.
+    /// Answers every create held by [`Config::hold_creates`], and every later one at once.
     pub fn release_creates(&self) {
         self.state.release.send_replace(true);
     }
 }
 
+/// Polls `done` every 5 ms; false if it is still false after `timeout`.
+fn wait(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let t0 = Instant::now();
+    while !done() {
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 // ---------------------------------------------------------------------------------------------
-// State
+// Online answers
+
+/// What [`Server::set`] changes, and the counters of the online answers.
+struct Live {
+    config: Config,
+    rng: ChaCha8Rng,
+    bucket: Option<TokenBucket>,
+    next_reply: usize,
+    jitter_seq: u64,
+    counts: Counts,
+}
+
+impl Live {
+    fn new(config: Config) -> Live {
+        Live {
+            rng: ChaCha8Rng::seed_from_u64(config.fault_seed),
+            bucket: config.bucket.map(|(per_minute, burst)| TokenBucket {
+                per_sec: per_minute as f64 / 60.0,
+                capacity: burst.max(1) as f64,
+                tokens: burst.max(1) as f64,
+                last: Instant::now(),
+            }),
+            config,
+            next_reply: 0,
+            jitter_seq: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    /// The latency of the next answer, spread by the jitter.
+    fn latency(&mut self) -> Duration {
+        let (latency, jitter) = (self.config.latency, self.config.jitter_pct);
+        if latency.is_zero() || jitter == 0 {
+            return latency;
+        }
+        // splitmix64 of the request's number: a spread that is the same in every run.
+        self.jitter_seq += 1;
+        let mut x = self.jitter_seq.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let u = (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        latency.mul_f64(1.0 + u * jitter as f64 / 100.0)
+    }
+}
+
+/// A token bucket refilled continuously, as hosted providers limit requests per minute.
+struct TokenBucket {
+    per_sec: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// Takes a token, or says in how many whole seconds (at least 1) one will be there.
+    fn take(&mut self, now: Instant) -> Result<(), u64> {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.tokens = (self.tokens + refill).min(self.capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / self.per_sec).ceil() as u64).max(1))
+        }
+    }
+}
+
+/// Nanoseconds from the process's first call of this function: the server stamps its answers
+/// with when the request arrived and when the answer left, on the clock the client reads.
+pub fn since_epoch(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1));
+    t.saturating_duration_since(epoch).as_nanos() as u64
+}
+
+/// Sleeps until `at` with sub-millisecond precision: tokio's timer has a 1 ms resolution and
+/// rounds deadlines up, so `sleep(50 ms)` takes about 50.5 to 51.5 ms. One thread of the
+/// process keeps the pending deadlines in a heap and waits on a channel with a timeout until
+/// the earliest one (the kernel's timer slack is about 50 us), then wakes its caller.
+async fn sleep_until(at: Instant) {
+    type Waker = futures::channel::oneshot::Sender<()>;
+    static TIMER: OnceLock<std::sync::mpsc::Sender<(Instant, Waker)>> = OnceLock::new();
+    let timer = TIMER.get_or_init(|| {
+        use std::cmp::Reverse;
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Waker)>();
+        std::thread::Builder::new()
+            .name("test-server-timer".into())
+            .spawn(move || {
+                let mut heap = std::collections::BinaryHeap::new();
+                let mut wakers = HashMap::new();
+                for seq in 0u64.. {
+                    let now = Instant::now();
+                    while let Some(&Reverse((at, id))) = heap.peek() {
+                        if at > now {
+                            break;
+                        }
+                        heap.pop();
+                        if let Some(w) = wakers.remove(&id) {
+                            let _ = Waker::send(w, ());
+                        }
+                    }
+                    let next = match heap.peek() {
+                        Some(&Reverse((at, _))) => rx.recv_timeout(at - now).ok(),
+                        None => rx.recv().ok(),
+                    };
+                    if let Some((at, waker)) = next {
+                        heap.push(Reverse((at, seq)));
+                        wakers.insert(seq, waker);
+                    }
+                }
+            })
+            .expect("the test server's timer thread");
+        tx
+    });
+    let (waker, done) = futures::channel::oneshot::channel();
+    if timer.send((at, waker)).is_ok() {
+        let _ = done.await;
+    }
+}
+
+/// An error of the service: hyper closes the connection without an answer.
+type Dropped = Box<dyn std::error::Error + Send + Sync>;
+
+/// Leaves the in-flight count when the answer is made.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Dropped> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let arrived = Instant::now();
+    {
+        let mut live = state.live();
+        if live.config.down {
+            return Err("the server is down".into());
+        }
+        live.counts.requests += 1;
+    }
+    let in_flight = state.in_flight.fetch_add(1, SeqCst) + 1;
+    let _leave = InFlight(&state.in_flight);
+    let query: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect();
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let request = Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (n.as_str().to_ascii_lowercase(), v)
+            })
+            .collect(),
+        body: if body.len() <= 8 << 20 {
+            serde_json::from_slice(&body).unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        },
+    };
+    let scripted = {
+        let mut live = state.live();
+        if live.config.record {
+            state.recorded.lock().unwrap().push(request.clone());
+        }
+        let n = live.next_reply;
+        live.next_reply += 1;
+        let reply = live
+            .config
+            .replies
+            .get(n)
+            .or(live.config.replies.last())
+            .cloned();
+        live.counts.scripted += u64::from(reply.is_some());
+        reply
+    };
+    let reply = if let Some(reply) = scripted {
+        tokio::time::sleep(reply.delay).await;
+        reply
+    } else if request.path.ends_with("/chat/completions") || request.path.ends_with("/messages") {
+        online(&state, &request, arrived, in_flight)
+            .await
+            .ok_or("a dropped connection (injected fault)")?
+    } else {
+        let (reply, hold) = route(&state, &request, &query, &body);
+        if hold {
+            let mut released = state.release.subscribe();
+            let _ = released.wait_for(|r| *r).await;
+        }
+        reply
+    };
+    let mut response = Response::builder().status(reply.status);
+    for (name, value) in &reply.headers {
+        response = response.header(name, value);
+    }
+    Ok(response
+        .body(Full::new(reply.body))
+        .expect("a valid response"))
+}
+
+/// The answer to an online request; `None` drops the connection.
+async fn online(state: &State, req: &Recorded, arrived: Instant, in_flight: u64) -> Option<Reply> {
+    let body = &req.body;
+    let (fault, latency, hang, retry_after, stamp) = {
+        let mut guard = state.live();
+        let live = &mut *guard;
+        let (c, counts) = (&live.config, &mut live.counts);
+        if let Some((status, message)) = &c.fail_every {
+            counts.scripted += 1;
+            return Some(state.error(*status, message));
+        }
+        let seed = body["seed"].as_u64().unwrap_or(0);
+        if c.reject_first_one_in
+            .is_some_and(|n| !is_second(body) && seed.is_multiple_of(n))
+        {
+            counts.scripted += 1;
+            return Some(state.error(400, REJECTED));
+        }
+        if c.cap > 0 && in_flight > c.cap {
+            counts.cap_429 += 1;
+            return Some(state.error(429, "too many requests in flight"));
+        }
+        if let Some(Err(wait)) = live.bucket.as_mut().map(|b| b.take(Instant::now())) {
+            counts.bucket_429 += 1;
+            let message = "rate limit reached for requests per minute (RPM)";
+            return Some(state.error(429, message).header("retry-after", wait));
+        }
+        let fault = (c.fault_rate > 0.0 && live.rng.random_bool(c.fault_rate))
+            .then(|| c.fault_kinds[live.rng.random_range(0..c.fault_kinds.len())]);
+        if let Some(f) = fault {
+            counts.faults[f as usize] += 1;
+        }
+        let (hang, retry_after, stamp) = (c.hang, c.retry_after_secs, c.stamp);
+        (fault, live.latency(), hang, retry_after, stamp)
+    };
+    let injected = |what: &str| format!("{INJECTED_HTTP}: {what}");
+    match fault {
+        Some(Fault::TooMany) => {
+            let reply = state.error(429, &injected("rate limited"));
+            return Some(reply.header("retry-after", retry_after));
+        }
+        Some(Fault::Internal) => return Some(state.error(500, &injected("500"))),
+        Some(Fault::Unavailable) => return Some(state.error(503, &injected("503"))),
+        Some(Fault::Drop) => return None,
+        Some(Fault::Hang) => tokio::time::sleep(hang).await,
+        _ => {}
+    }
+    if !latency.is_zero() {
+        sleep_until(arrived + latency).await;
+    }
+    let reply = if fault == Some(Fault::Torn) {
+        Reply::bytes(200, "application/json", "{\"choices\": [ {\"message\": ")
+    } else {
+        let anthropic = req.path.ends_with("/messages");
+        let text = match (fault, anthropic) {
+            (Some(Fault::Empty), _) => String::new(),
+            (_, false) => state
+                .fake
+                .answer(body["seed"].as_u64().unwrap_or(0), is_second(body)),
+            (_, true) => state
+                .fake
+                .answer(anthropic_seed(body), anthropic_is_second(body)),
+        };
+        let mut json = if anthropic {
+            anthropic_message(body, &text, 0)
+        } else {
+            completion_body(body, &text)
+        };
+        if stamp {
+            let model = json["model"].as_str().unwrap_or("").to_string();
+            json["model"] = json!(format!(
+                "{model}@{}@{}",
+                since_epoch(arrived),
+                since_epoch(Instant::now())
+            ));
+        }
+        Reply::json(200, &json)
+    };
+    let mut live = state.live();
+    live.counts.answered += 1;
+    live.counts.delay_ns += arrived.elapsed().as_nanos() as u64;
+    Some(reply)
+}
+
+/// Whether a chat-completions request asks for a second response (a message mentions
+/// `</response>`).
+pub fn is_second(request: &Value) -> bool {
+    messages(request).any(|c| c.contains("</response>"))
+}
+
+fn messages(request: &Value) -> impl Iterator<Item = &str> {
+    request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["content"].as_str())
+}
+
+/// The chat completion `fake` gives to this chat-completions request body (text from its
+/// `seed`, usage as the fake counts it): the good online answer, and a batch line's.
+pub fn fake_completion(fake: &FakeBackend, request: &Value) -> Value {
+    let seed = request["seed"].as_u64().unwrap_or(0);
+    completion_body(request, &fake.answer(seed, is_second(request)))
+}
+
+/// A chat completion of `text` to `request`, with its usage.
+fn completion_body(request: &Value, text: &str) -> Value {
+    let prompt_len: usize = messages(request).map(str::len).sum();
+    let (prompt, completion) = ((prompt_len / 4) as u64, (text.len() / 4) as u64);
+    json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": request["model"].as_str().unwrap_or("test"),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch APIs
 
 struct State {
     addr: SocketAddr,
-    config: BatchServerBuilder,
+    /// As started: the batch settings.
+    config: Config,
     fake: FakeBackend,
+    live: Mutex<Live>,
+    recorded: Mutex<Vec<Recorded>>,
+    in_flight: std::sync::atomic::AtomicU64,
+    /// The batch API's files and batches.
     inner: Mutex<Inner>,
     /// True once creates are no longer held.
     release: tokio::sync::watch::Sender<bool>,
@@ -432,7 +973,6 @@ struct Inner {
     polls_failed: u64,
     cancels: u64,
     next_id: u64,
-    recorded: Vec<Recorded>,
 }
 
 impl Inner {
@@ -525,7 +1065,7 @@ fn now_unix() -> u64 {
 }
 
 /// RFC 3339 (UTC, seconds) of a Unix time.
-fn rfc3339(unix: u64) -> String {
+pub fn rfc3339(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -596,9 +1136,8 @@ fn text_len(v: &Value) -> usize {
     }
 }
 
-/// The Messages API response the fake gives to `params`.
-fn anthropic_message(fake: &FakeBackend, params: &Value, n: u64) -> Value {
-    let text = fake.answer(anthropic_seed(params), anthropic_is_second(params));
+/// A Messages API response of `text` to `params`, with its usage.
+fn anthropic_message(params: &Value, text: &str, n: u64) -> Value {
     let prompt_len = text_len(&params["system"])
         + params["messages"]
             .as_array()
@@ -619,8 +1158,12 @@ fn anthropic_message(fake: &FakeBackend, params: &Value, n: u64) -> Value {
 }
 
 impl State {
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap()
+    }
+
     fn api(&self) -> Api {
-        self.config.api
+        self.config.batch.unwrap_or(Api::OpenAi)
     }
 
     fn max_lines(&self) -> usize {
@@ -793,8 +1336,12 @@ impl State {
                 for (line, outcome) in lines.iter().zip(&outcomes) {
                     let n = inner.next();
                     let result = match outcome {
-                        Outcome::Succeeded => json!({"type": "succeeded",
-                            "message": anthropic_message(&self.fake, &line.body, n)}),
+                        Outcome::Succeeded => {
+                            let (seed, second) =
+                                (anthropic_seed(&line.body), anthropic_is_second(&line.body));
+                            let text = self.fake.answer(seed, second);
+                            json!({"type": "succeeded", "message": anthropic_message(&line.body, &text, n)})
+                        }
                         Outcome::Errored(k) => {
                             let kind = if *k == 0 {
                                 "api_error"
@@ -997,11 +1544,12 @@ impl State {
         })
     }
 
-    fn error(&self, status: u16, message: &str) -> Answer {
+    /// An error answer in the shape of the server's API.
+    fn error(&self, status: u16, message: &str) -> Reply {
         let body = match self.api() {
             Api::OpenAi => {
                 let kind = match status {
-                    401 => "invalid_request_error",
+                    429 => "rate_limit_exceeded",
                     400..=499 => "invalid_request_error",
                     _ => "server_error",
                 };
@@ -1019,7 +1567,7 @@ impl State {
                 json!({"type": "error", "error": {"type": kind, "message": message}})
             }
         };
-        Answer::json(status, &body)
+        Reply::json(status, &body)
     }
 }
 
@@ -1032,97 +1580,12 @@ fn jsonl(lines: &[Value]) -> Bytes {
     Bytes::from(out)
 }
 
-// ---------------------------------------------------------------------------------------------
-// HTTP
-
-struct Answer {
-    status: u16,
-    content_type: &'static str,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(status: u16, body: &Value) -> Answer {
-        Answer {
-            status,
-            content_type: "application/json",
-            body: Bytes::from(body.to_string()),
-        }
-    }
-
-    fn raw(content_type: &'static str, body: Bytes) -> Answer {
-        Answer {
-            status: 200,
-            content_type,
-            body,
-        }
-    }
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
-    let query: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
-        })
-        .collect();
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_ascii_lowercase(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    let recorded = Recorded {
-        method,
-        path,
-        headers,
-        body: if body.len() <= 8 << 20 {
-            serde_json::from_slice(&body).unwrap_or(Value::Null)
-        } else {
-            Value::Null
-        },
-    };
-    state.inner.lock().unwrap().recorded.push(recorded.clone());
-    let (answer, hold) = route(&state, &recorded, &query, &body);
-    if hold {
-        let mut released = state.release.subscribe();
-        let _ = released.wait_for(|r| *r).await;
-    }
-    Ok(Response::builder()
-        .status(answer.status)
-        .header("content-type", answer.content_type)
-        .body(Full::new(answer.body))
-        .expect("a valid response"))
-}
-
 /// The answer, and whether to hold it until creates are released.
-fn route(
-    state: &State,
-    req: &Recorded,
-    query: &[(String, String)],
-    body: &Bytes,
-) -> (Answer, bool) {
+fn route(state: &State, req: &Recorded, query: &[(String, String)], body: &Bytes) -> (Reply, bool) {
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    match state.api() {
-        Api::OpenAi => {
+    match state.config.batch {
+        None => (state.error(404, "no such route"), false),
+        Some(Api::OpenAi) => {
             let bearer = req
                 .header("authorization")
                 .and_then(|v| v.strip_prefix("Bearer "))
@@ -1139,7 +1602,7 @@ fn route(
                 ("GET", ["v1", "files", id]) => {
                     let inner = state.inner.lock().unwrap();
                     match inner.files.get(*id) {
-                        Some(f) => (Answer::json(200, &State::file_json(f)), false),
+                        Some(f) => (Reply::json(200, &State::file_json(f)), false),
                         None => (state.error(404, &format!("no such file: {id}")), false),
                     }
                 }
@@ -1147,7 +1610,7 @@ fn route(
                     let inner = state.inner.lock().unwrap();
                     match inner.files.get(*id) {
                         Some(f) => (
-                            Answer::raw("application/octet-stream", f.bytes.clone()),
+                            Reply::bytes(200, "application/octet-stream", f.bytes.clone()),
                             false,
                         ),
                         None => (state.error(404, &format!("no such file: {id}")), false),
@@ -1157,10 +1620,7 @@ fn route(
                     let mut inner = state.inner.lock().unwrap();
                     match inner.files.remove(*id) {
                         Some(_) => (
-                            Answer::json(
-                                200,
-                                &json!({"id": id, "object": "file", "deleted": true}),
-                            ),
+                            Reply::json(200, &json!({"id": id, "object": "file", "deleted": true})),
                             false,
                         ),
                         None => (state.error(404, &format!("no such file: {id}")), false),
@@ -1177,7 +1637,7 @@ fn route(
                 _ => (state.error(404, "no such route"), false),
             }
         }
-        Api::Anthropic => {
+        Some(Api::Anthropic) => {
             if req.header("x-api-key").is_none_or(|k| k.trim().is_empty()) {
                 return (state.error(401, "x-api-key header is required"), false);
             }
@@ -1210,7 +1670,7 @@ fn route(
                     };
                     state.tick(&mut inner, i);
                     match &inner.batches[i].results {
-                        Some(r) => (Answer::raw("application/binary", r.clone()), false),
+                        Some(r) => (Reply::bytes(200, "application/binary", r.clone()), false),
                         None => (
                             state.error(400, &format!("batch {id} has not ended: no results yet")),
                             false,
@@ -1301,7 +1761,7 @@ fn check_chat_body(body: &Value) -> Result<(), String> {
 }
 
 /// `POST /v1/files`: stores a batch input file after checking every line.
-fn upload(state: &State, req: &Recorded, body: &Bytes) -> Answer {
+fn upload(state: &State, req: &Recorded, body: &Bytes) -> Reply {
     let content_type = req.header("content-type").unwrap_or("");
     let fields = match multipart(content_type, body) {
         Ok(f) => f,
@@ -1388,13 +1848,13 @@ fn upload(state: &State, req: &Recorded, body: &Bytes) -> Answer {
         created_at: now_unix(),
         lines,
     };
-    let answer = Answer::json(200, &State::file_json(&file));
+    let answer = Reply::json(200, &State::file_json(&file));
     inner.files.insert(id, file);
     answer
 }
 
 /// `POST /v1/batches`.
-fn openai_create(state: &State, body: &Value) -> Answer {
+fn openai_create(state: &State, body: &Value) -> Reply {
     let Some(file_id) = body["input_file_id"].as_str() else {
         return state.error(400, "input_file_id is required");
     };
@@ -1442,11 +1902,11 @@ fn openai_create(state: &State, body: &Value) -> Answer {
         file_id.to_string(),
         "24h".into(),
     );
-    Answer::json(200, &state.batch_json(&inner.batches[i]))
+    Reply::json(200, &state.batch_json(&inner.batches[i]))
 }
 
 /// `POST /v1/messages/batches`.
-fn anthropic_create(state: &State, body: &Value, len: usize) -> Answer {
+fn anthropic_create(state: &State, body: &Value, len: usize) -> Reply {
     if len > state.max_bytes() {
         return state.error(
             413,
@@ -1546,11 +2006,11 @@ fn anthropic_create(state: &State, body: &Value, len: usize) -> Answer {
         String::new(),
         String::new(),
     );
-    Answer::json(200, &state.batch_json(&inner.batches[i]))
+    Reply::json(200, &state.batch_json(&inner.batches[i]))
 }
 
 /// `GET .../batches/{id}`: a status poll, which may be answered 5xx, else advances the batch.
-fn poll(state: &State, id: &str) -> Answer {
+fn poll(state: &State, id: &str) -> Reply {
     let mut inner = state.inner.lock().unwrap();
     inner.polls += 1;
     let Some(i) = inner.batches.iter().position(|b| b.id == id) else {
@@ -1570,11 +2030,11 @@ fn poll(state: &State, id: &str) -> Answer {
     } else {
         state.tick(&mut inner, i);
     }
-    Answer::json(200, &state.batch_json(&inner.batches[i]))
+    Reply::json(200, &state.batch_json(&inner.batches[i]))
 }
 
 /// `POST .../batches/{id}/cancel`.
-fn cancel(state: &State, id: &str) -> Answer {
+fn cancel(state: &State, id: &str) -> Reply {
     let mut inner = state.inner.lock().unwrap();
     let Some(i) = inner.batches.iter().position(|b| b.id == id) else {
         return state.error(404, &format!("no such batch: {id}"));
@@ -1605,12 +2065,12 @@ fn cancel(state: &State, id: &str) -> Answer {
             );
         }
     }
-    Answer::json(200, &state.batch_json(&inner.batches[i]))
+    Reply::json(200, &state.batch_json(&inner.batches[i]))
 }
 
 /// `GET .../batches`: newest first, `limit` per page, after (older than) or before (newer
 /// than) a batch id.
-fn list(state: &State, limit: Option<&str>, after: Option<&str>, before: Option<&str>) -> Answer {
+fn list(state: &State, limit: Option<&str>, after: Option<&str>, before: Option<&str>) -> Reply {
     let max = match state.api() {
         Api::OpenAi => 100,
         Api::Anthropic => 1000,
@@ -1657,5 +2117,5 @@ fn list(state: &State, limit: Option<&str>, after: Option<&str>, before: Option<
     out.insert("first_id".into(), json!(page.first().map(|b| &b.id)));
     out.insert("last_id".into(), json!(page.last().map(|b| &b.id)));
     out.insert("has_more".into(), json!(has_more));
-    Answer::json(200, &Value::Object(out))
+    Reply::json(200, &Value::Object(out))
 }

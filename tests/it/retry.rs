@@ -1,7 +1,6 @@
 //! `Retry<B>` against a scripted in-process backend, in paused virtual time.
-#![cfg(feature = "middleware")]
 
-mod support;
+use crate::support;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

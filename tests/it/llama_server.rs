@@ -3,9 +3,8 @@
 //!
 //! Needs `scripts/setup-test-env.sh` to have run (`.ci/run` does): the tests FAIL, naming
 //! RMBOOST_PYTHON and RMBOOST_MODEL, when python or the model is missing.
-#![cfg(feature = "openai")]
 
-mod support;
+use crate::support;
 
 use rmboost::GeneratorExt;
 use std::collections::{HashMap, HashSet};

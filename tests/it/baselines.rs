@@ -1,6 +1,5 @@
 //! The baselines with scripted backends: call counts, judge order swapping, inconsistent
 //! verdicts, West-of-N extremes, determinism, the shared stream behaviour.
-#![cfg(feature = "test-util")]
 
 use rmboost::GeneratorExt;
 use std::num::NonZeroUsize;

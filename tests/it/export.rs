@@ -1,9 +1,8 @@
 //! Hub-ready datasets (feature `parquet`): the export folder read back with the parquet crate
 //! and with Hugging Face `datasets` (Python), splits, file naming, the card, bad inputs, and
 //! the merge of shards.
-#![cfg(feature = "parquet")]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs::File;
