@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # setup-test-env.sh prints `export RMBOOST_PYTHON=... RMBOOST_MODEL=...` lines on stdout.
 eval "$(bash scripts/setup-test-env.sh)"
-# The Slurm array test (tests/slurm.rs, scripts/slurm-test.sh) starts a one-node cluster from
+# The Slurm array test (tests/it/slurm.rs, scripts/slurm-test.sh) starts a one-node cluster from
 # Debian's packages: install them when missing and we can (root with apt-get; 13 MB, seconds).
 # Otherwise that test fails, saying how to install them.
 slurm_packages="slurmctld slurmd slurm-client munge"

@@ -3,7 +3,7 @@ answers Anthropic's ``POST /v1/messages``), prompt files,
 and the deterministic answers both the server and the tests' Python backends give.
 
 The server answers ``POST /v1/chat/completions`` as the Rust tests' server does
-(tests/support/openai_server.rs): a first-response request gets ``answer <h> <seed> <words>``;
+(tests/it/support/server.rs): a first-response request gets ``answer <h> <seed> <words>``;
 a second-response request (one whose messages mention ``</response>``, as the default template's
 instructions do) gets ``<response>rewrite <h> <seed> <words></response>``, where ``h`` is a hash
 of the last user message and the words are pseudo-words of two vocabularies that share nothing,
