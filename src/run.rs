@@ -39,7 +39,7 @@
 //!
 //! Memory does not grow with the length of the examples or of the input file, only with its
 //! number of ids: two sets of id hashes (ids already in the output when the run started, ids
-//! seen in this input) of about 18 bytes per id.
+//! seen in this input) of about 25 bytes per id.
 //!
 //! Every id of the input therefore ends up in the output exactly once after any number of
 //! crashes and reruns (ids that keep failing stay in the ledger), and since every random draw of
