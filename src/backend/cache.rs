@@ -98,25 +98,6 @@ const DURABLE_EVERY: Duration = Duration::from_millis(100);
 /// Lookups of recent keys stay in the operating system's page cache anyway.
 const DB_CACHE_BYTES: usize = 8 << 20;
 
-/// Feeds what serde writes straight into the hash, without building the JSON first.
-struct HashWriter(Sha256);
-
-impl std::io::Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.0.update(buf);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The cache key of a request sent to a backend with this
 /// [identity](LlmBackend::identity); see the [module docs](self).
 #[must_use]
@@ -127,7 +108,8 @@ pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
         identity: &'a str,
         request: &'a CompletionRequest,
     }
-    let mut hash = HashWriter(Sha256::new());
+    // Serialised straight into the hash, without building the JSON first.
+    let mut hash = Sha256::new();
     serde_json::to_writer(
         &mut hash,
         &Key {
@@ -137,7 +119,7 @@ pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
         },
     )
     .expect("a request always serialises");
-    hash.0.finalize().into()
+    hash.finalize().into()
 }
 
 /// Counters of a [`Cache`] since it was opened.
