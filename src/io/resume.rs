@@ -176,14 +176,7 @@ impl Resume {
     /// The reader's error.
     pub fn scan_reader(&mut self, mut reader: impl BufRead) -> std::io::Result<()> {
         let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        while super::line::next_nonblank_line(&mut reader, &mut line)? {
             self.lines += 1;
             match line_id(&line) {
                 Some(id) => {
@@ -194,6 +187,7 @@ impl Resume {
                 None => self.unreadable += 1,
             }
         }
+        Ok(())
     }
 
     /// Whether `id` is already done.
