@@ -76,6 +76,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::aspect::AspectSet;
+use crate::checks::similarity;
 use crate::engine::example_rng;
 use crate::error::{Error, ErrorKind};
 use crate::example::PreferenceExample;
@@ -219,15 +220,6 @@ pub struct ReportBuilder {
     failed: HashMap<String, String>,
 }
 
-/// The tokens of a text, as the similarity measures define them (lowercased character by
-/// character, maximal alphanumeric runs).
-fn tokens(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .map(|t| t.chars().flat_map(char::to_lowercase).collect())
-        .collect()
-}
-
 fn ratio(num: f64, den: f64) -> Option<f64> {
     (den > 0.0).then(|| num / den)
 }
@@ -240,7 +232,9 @@ impl ReportBuilder {
     }
 
     fn add_response(&mut self, text: &str) {
-        let toks = tokens(text);
+        let mut lower = String::new();
+        similarity::lower_into(text, &mut lower);
+        let toks: Vec<&str> = similarity::tokens(&lower).collect();
         self.responses += 1;
         self.unigrams += toks.len() as u64;
         self.bigrams += toks.len().saturating_sub(1) as u64;
@@ -248,7 +242,7 @@ impl ReportBuilder {
             self.distinct_bigrams.insert(format!("{} {}", w[0], w[1]));
         }
         for t in toks {
-            self.distinct_unigrams.insert(t);
+            self.distinct_unigrams.insert(t.to_string());
         }
     }
 

@@ -21,11 +21,7 @@
 //! tokens of the original call).
 //!
 //! **Concurrency and durability.** Lookups read the database on the calling task, in
-//! parallel (redb reads block neither each other nor the writer). A lookup of a key the cache
-//! never stored (every lookup of a first run) does not read the database at all: every key
-//! stored, and every key found in the file when it was opened (read in the background;
-//! lookups read the database until that is done), is kept in a Bloom filter of about
-//! 1.25 bytes per key, which rules out nearly all absent keys. Writes are queued, in a bounded
+//! parallel (redb reads block neither each other nor the writer). Writes are queued, in a bounded
 //! queue, to one writer thread that commits whatever has gathered (for up to 20 ms) in one
 //! transaction. At least every 100 ms, and for a flush, a clear or the cache's close, a
 //! commit is made durable (one `fsync` for everything since the last). A call does not wait
@@ -65,16 +61,14 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError,
-};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition, TableError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -82,9 +76,6 @@ use tokio::sync::mpsc;
 use crate::backend::{Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 use crate::Error;
-use filter::KeyFilter;
-
-mod filter;
 
 const TABLE: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("completions_v1");
 const VERSION: &str = "rmboost/cache/v2";
@@ -107,25 +98,6 @@ const DURABLE_EVERY: Duration = Duration::from_millis(100);
 /// Lookups of recent keys stay in the operating system's page cache anyway.
 const DB_CACHE_BYTES: usize = 8 << 20;
 
-/// Feeds what serde writes straight into the hash, without building the JSON first.
-struct HashWriter(Sha256);
-
-impl std::io::Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.0.update(buf);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The cache key of a request sent to a backend with this
 /// [identity](LlmBackend::identity); see the [module docs](self).
 #[must_use]
@@ -136,7 +108,8 @@ pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
         identity: &'a str,
         request: &'a CompletionRequest,
     }
-    let mut hash = HashWriter(Sha256::new());
+    // Serialised straight into the hash, without building the JSON first.
+    let mut hash = Sha256::new();
     serde_json::to_writer(
         &mut hash,
         &Key {
@@ -146,7 +119,7 @@ pub fn cache_key(identity: &str, request: &CompletionRequest) -> [u8; 32] {
         },
     )
     .expect("a request always serialises");
-    hash.0.finalize().into()
+    hash.finalize().into()
 }
 
 /// Counters of a [`Cache`] since it was opened.
@@ -182,8 +155,6 @@ struct Counters {
     misses: AtomicU64,
     stored: AtomicU64,
     errors: AtomicU64,
-    /// Lookups that read the database (the filter could not rule the key out).
-    db_reads: AtomicU64,
 }
 
 /// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at most
@@ -197,44 +168,6 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
     pending: Arc<Pending>,
-    keys: Arc<Keys>,
-    /// The thread that reads the keys stored before the cache was opened into `keys`.
-    scan: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// Every key stored, or queued to be, in a Bloom filter: once `complete`, a key the filter
-/// does not have is a miss without a database read (every lookup of a first run).
-struct Keys {
-    filter: KeyFilter,
-    /// The keys the database held when it was opened are all in the filter.
-    complete: AtomicBool,
-    /// The cache is being dropped: the scan stops.
-    closing: AtomicBool,
-}
-
-impl Keys {
-    fn surely_absent(&self, key: &[u8; 32]) -> bool {
-        self.complete.load(Ordering::Acquire) && !self.filter.may_contain(key)
-    }
-}
-
-/// Reads every stored key into `keys.filter`, then marks it complete. Keys put meanwhile go
-/// into the filter as they are put (see [`Cache::put`]), so none is missed.
-fn scan_keys(db: &Database, keys: &Keys) -> Result<(), String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
-    for (i, entry) in table.iter().map_err(|e| e.to_string())?.enumerate() {
-        if i % 4096 == 0 && keys.closing.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let (key, _) = entry.map_err(|e| e.to_string())?;
-        // A key of another length is never looked up.
-        if let Ok(key) = <[u8; 32]>::try_from(key.value()) {
-            keys.filter.insert(&key);
-        }
-    }
-    keys.complete.store(true, Ordering::Release);
-    Ok(())
 }
 
 fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Vec<u8>>>> {
@@ -246,10 +179,7 @@ impl Drop for Inner {
         // Closing the channel lets the writer commit what is queued and end; joining it
         // releases the database before the file can be opened again.
         self.tx = None;
-        self.keys.closing.store(true, Ordering::Relaxed);
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let scan = self.scan.lock().unwrap_or_else(|p| p.into_inner()).take();
-        for h in [writer, scan].into_iter().flatten() {
+        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
     }
@@ -268,11 +198,6 @@ impl fmt::Debug for Cache {
         f.debug_struct("Cache")
             .field("path", &self.inner.path)
             .field("stats", &self.stats())
-            .field("key_filter_bytes", &self.inner.keys.filter.bytes())
-            .field(
-                "key_filter_complete",
-                &self.inner.keys.complete.load(Ordering::Relaxed),
-            )
             .finish()
     }
 }
@@ -320,39 +245,9 @@ impl Cache {
             })?;
         // Make sure the table exists, so readers never see it missing.
         let txn = db.begin_write().map_err(|e| db_err(path, e))?;
-        let stored = txn
-            .open_table(TABLE)
-            .and_then(|t| Ok(t.len()?))
-            .map_err(|e| db_err(path, e))?;
+        txn.open_table(TABLE).map_err(|e| db_err(path, e))?;
         txn.commit().map_err(|e| db_err(path, e))?;
         let db = Arc::new(db);
-        let stored = usize::try_from(stored).unwrap_or(usize::MAX / 4);
-        let keys = Arc::new(Keys {
-            filter: KeyFilter::with_capacity(stored.saturating_mul(2)),
-            complete: AtomicBool::new(stored == 0),
-            closing: AtomicBool::new(false),
-        });
-        // The keys already stored are read in the background: opening a large cache does not
-        // wait for it, and lookups read the database until it is done.
-        let scan = if stored == 0 {
-            None
-        } else {
-            let (scan_db, scan_keys_) = (db.clone(), keys.clone());
-            let spawned = std::thread::Builder::new()
-                .name("rmboost-cache-scan".into())
-                .spawn(move || {
-                    if let Err(e) = scan_keys(&scan_db, &scan_keys_) {
-                        tracing::warn!(error = %e, "response cache: reading the stored keys failed; lookups read the database");
-                    }
-                });
-            match spawned {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "response cache: no thread to read the stored keys; lookups read the database");
-                    None
-                }
-            }
-        };
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let pending = Arc::new(Pending::default());
@@ -370,8 +265,6 @@ impl Cache {
                 writer: Mutex::new(Some(writer)),
                 counters,
                 pending,
-                keys,
-                scan: Mutex::new(scan),
             }),
         })
     }
@@ -460,11 +353,7 @@ impl Cache {
         let queued = lock(&self.inner.pending).get(&key).cloned();
         let found = match &queued {
             Some(v) => Ok(Some(Cow::Borrowed(&**v))),
-            None if self.inner.keys.surely_absent(&key) => Ok(None),
-            None => {
-                counters.db_reads.fetch_add(1, Ordering::Relaxed);
-                read(&self.inner.db, &key).map(|r| r.map(Cow::Owned))
-            }
+            None => read(&self.inner.db, &key).map(|r| r.map(Cow::Owned)),
         };
         let bytes = match found {
             Ok(Some(b)) => b,
@@ -513,9 +402,6 @@ impl Cache {
         };
         match permit {
             Ok(permit) => {
-                // Into the filter first: a lookup that misses the queue must not skip the
-                // database for a key on its way there.
-                self.inner.keys.filter.insert(&key);
                 lock(&self.inner.pending).insert(key, value.clone());
                 permit.send(Command::Put { key, value });
             }
@@ -835,33 +721,11 @@ mod tests {
         Sha256::digest(i.to_le_bytes()).into()
     }
 
-    fn reads(cache: &Cache) -> u64 {
-        cache.inner.counters.db_reads.load(Ordering::Relaxed)
-    }
-
     #[tokio::test]
-    async fn a_fresh_cache_answers_absent_keys_without_reading_the_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path().join("c.redb")).unwrap();
-        assert!(cache.inner.keys.complete.load(Ordering::Relaxed));
-        for i in 0..1000 {
-            assert!(cache.get(key(i)).await.is_none());
-        }
-        assert_eq!(reads(&cache), 0);
-        // Stored keys are found, queued or committed.
-        cache.put(key(1), &Completion::new("one")).await;
-        assert_eq!(cache.get(key(1)).await.unwrap().text, "one");
-        cache.flush().await.unwrap();
-        assert_eq!(cache.get(key(1)).await.unwrap().text, "one");
-        assert_eq!(reads(&cache), 1);
-        assert_eq!((cache.stats().hits, cache.stats().misses), (2, 1000));
-    }
-
-    #[tokio::test]
-    async fn keys_stored_before_opening_are_found_during_and_after_the_scan() {
+    async fn keys_stored_before_opening_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.redb");
-        let n = 20_000;
+        let n = 2_000;
         {
             let cache = Cache::open(&path).unwrap();
             for i in 0..n {
@@ -869,34 +733,14 @@ mod tests {
             }
         }
         let cache = Cache::open(&path).unwrap();
-        // Right away (the scan may still be running), then once it is done.
-        for i in (0..n).step_by(7) {
+        for i in 0..n {
             assert_eq!(cache.get(key(i)).await.unwrap().text, format!("t{i}"));
         }
-        // Put while the scan may be running: found as well.
-        cache.put(key(n), &Completion::new("new")).await;
-        let start = std::time::Instant::now();
-        while !cache.inner.keys.complete.load(Ordering::Acquire) {
-            assert!(start.elapsed().as_secs() < 60, "the scan never finished");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        for i in 0..=n {
-            assert!(cache.get(key(i)).await.is_some(), "key {i} lost");
-        }
-        // Absent keys: the filter rules out nearly all without a read.
-        let before = reads(&cache);
-        for i in n + 1..n + 10_001 {
-            assert!(cache.get(key(i)).await.is_none());
-        }
-        let extra = reads(&cache) - before;
-        assert!(
-            extra < 500,
-            "{extra} of 10,000 absent keys read the database"
-        );
+        assert!(cache.get(key(n)).await.is_none());
     }
 
     #[tokio::test]
-    async fn dropping_during_the_scan_releases_the_file() {
+    async fn dropping_releases_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.redb");
         {

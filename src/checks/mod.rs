@@ -17,7 +17,7 @@ pub(crate) mod similarity;
 
 use std::sync::OnceLock;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use aho_corasick::AhoCorasick;
 
 use crate::error::UnusableReason;
 
@@ -84,20 +84,6 @@ const META: &[&str] = &[
     "already provided the answer",
 ];
 
-/// Words at least one of which every [`META`] phrase without a `<` contains.
-const META_KEYS: [&str; 10] = [
-    "answer",
-    "response",
-    "version",
-    "aspects",
-    "instructions",
-    "write only",
-    "request",
-    "reference",
-    "your task",
-    "this text",
-];
-
 /// Whether two texts are equal up to white space and letter case (no allocation).
 pub(crate) fn same_text(a: &str, b: &str) -> bool {
     let mut wa = a.split_whitespace();
@@ -121,53 +107,15 @@ pub(crate) fn same_text(a: &str, b: &str) -> bool {
 }
 
 /// The first meta-talk phrase in `text`, ignoring ASCII case.
-///
-/// The text is lowered into a per-thread buffer; SIMD substring scans for the [`META_KEYS`]
-/// words (and `<`) rule out most prose before the automaton runs.
 pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
     static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    thread_local! {
-        static LOWER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    /// One SIMD multi-substring scan where the CPU has one, else a scan per key.
-    enum Keys {
-        Packed(aho_corasick::packed::Searcher),
-        Each(Vec<memchr::memmem::Finder<'static>>),
-    }
-    let keys = KEYS.get_or_init(|| {
-        aho_corasick::packed::Searcher::new(META_KEYS.iter()).map_or_else(
-            || Keys::Each(META_KEYS.iter().map(memchr::memmem::Finder::new).collect()),
-            Keys::Packed,
-        )
+    let phrases = PHRASES.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(META)
+            .expect("the meta-talk phrases are valid patterns")
     });
-    LOWER.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        similarity::ascii_lowercase_into(text, &mut buf);
-        let candidate = memchr::memchr(b'<', &buf).is_some()
-            || match keys {
-                Keys::Packed(s) => s.find(&buf[..]).is_some(),
-                Keys::Each(finders) => finders.iter().any(|k| k.find(&buf).is_some()),
-            };
-        let found = if candidate {
-            let phrases = PHRASES.get_or_init(|| {
-                // A full DFA without prefilter: the phrases start with common English
-                // trigrams, so a prefilter mostly finds false candidates in ordinary prose.
-                AhoCorasick::builder()
-                    .kind(Some(AhoCorasickKind::DFA))
-                    .prefilter(false)
-                    .build(META)
-                    .expect("the meta-talk phrases are valid patterns")
-            });
-            phrases.find(&buf[..]).map(|m| META[m.pattern().as_usize()])
-        } else {
-            None
-        };
-        if buf.capacity() > 1 << 20 {
-            *buf = Vec::new();
-        }
-        found
-    })
+    phrases.find(text).map(|m| META[m.pattern().as_usize()])
 }
 
 /// Content checks on responses, beyond their form: what makes an answer that parses still
@@ -318,12 +266,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meta_keys_cover_every_phrase() {
+    fn every_phrase_is_found() {
         for p in META {
-            assert!(
-                p.contains('<') || META_KEYS.iter().any(|k| p.contains(k)),
-                "{p}"
-            );
             assert_eq!(*p, p.to_ascii_lowercase(), "phrases are lowercase");
             assert_eq!(
                 find_meta(&format!("Fine. {} X", p.to_uppercase())),

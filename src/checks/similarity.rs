@@ -70,7 +70,7 @@ fn hasher() -> foldhash::fast::FixedState {
 }
 
 /// Lowercases `text` into `buf` (character by character).
-fn lower_into(text: &str, buf: &mut String) {
+pub(crate) fn lower_into(text: &str, buf: &mut String) {
     buf.clear();
     if text.is_ascii() {
         buf.push_str(text);
@@ -80,30 +80,18 @@ fn lower_into(text: &str, buf: &mut String) {
     }
 }
 
+/// The tokens of a lowercased text: its maximal runs of alphanumeric characters.
+pub(crate) fn tokens(lower: &str) -> impl Iterator<Item = &str> {
+    lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+}
+
 /// Calls `f` with the hash of every token of `text`, in order; returns the token count.
 fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     lower_into(text, buf);
     let state = hasher();
-    let mut n = 0;
-    if buf.is_ascii() {
-        for t in buf
-            .as_bytes()
-            .split(|b| !b.is_ascii_alphanumeric())
-            .filter(|t| !t.is_empty())
-        {
-            f(state.hash_one(t));
-            n += 1;
-        }
-    } else {
-        for t in buf
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|t| !t.is_empty())
-        {
-            f(state.hash_one(t.as_bytes()));
-            n += 1;
-        }
-    }
-    n
+    tokens(buf).map(|t| f(state.hash_one(t.as_bytes()))).count()
 }
 
 /// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
@@ -165,33 +153,6 @@ const LOW_BYTES: [u64; 9] = {
     t[8] = u64::MAX;
     t
 };
-
-/// Writes `text` into `out` with its ASCII letters lowercased (other bytes as they are), 8
-/// bytes at a time.
-pub(crate) fn ascii_lowercase_into(text: &str, out: &mut Vec<u8>) {
-    let bytes = text.as_bytes();
-    out.clear();
-    out.resize(bytes.len(), 0);
-    let mut dst = out.chunks_exact_mut(8);
-    let mut src = bytes.chunks_exact(8);
-    for (d, c) in (&mut dst).zip(&mut src) {
-        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        d.copy_from_slice(&lowercase_word(x).to_le_bytes());
-    }
-    for (d, c) in dst.into_remainder().iter_mut().zip(src.remainder()) {
-        *d = c.to_ascii_lowercase();
-    }
-}
-
-/// [`u8::to_ascii_lowercase`] on each byte of a word.
-fn lowercase_word(x: u64) -> u64 {
-    // The range test of `alnum_highs` needs bytes below 0x80: test the low 7 bits, and keep
-    // only bytes whose high bit is clear.
-    let low = x & !HIGHS;
-    let at_least = |v: u64, c: u8| v.wrapping_add(ONES * u64::from(0x80 - c)) & HIGHS;
-    let upper = at_least(low, b'A') & !at_least(low, b'Z' + 1) & !x;
-    x | (upper >> 2)
-}
 
 /// The high bit of each byte of `x` (all bytes ASCII) set where the byte is a letter or digit.
 ///
@@ -648,24 +609,6 @@ mod tests {
         let all: String = (0u8..128).map(char::from).collect();
         assert_eq!(fast(&all), fast_model(&all));
         assert_eq!(fast(&all).len(), 3);
-    }
-
-    #[test]
-    fn lowercase_every_byte() {
-        let all: Vec<u8> = (0u8..=255).collect();
-        for start in 0..8 {
-            for (i, chunk) in all[start..].chunks(8).enumerate() {
-                let mut word = [0u8; 8];
-                word[..chunk.len()].copy_from_slice(chunk);
-                let got = lowercase_word(u64::from_le_bytes(word)).to_le_bytes();
-                let want: Vec<u8> = word.iter().map(u8::to_ascii_lowercase).collect();
-                assert_eq!(got.to_vec(), want, "chunk {i} from {start}");
-            }
-        }
-        let mut out = Vec::new();
-        let text = "ÇA Va? HELLO, Wörld [Z] @A `a {z} 12";
-        ascii_lowercase_into(text, &mut out);
-        assert_eq!(out, text.to_ascii_lowercase().into_bytes());
     }
 
     proptest::proptest! {

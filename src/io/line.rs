@@ -110,6 +110,23 @@ impl<R: BufRead> JsonlLines<R> {
     }
 }
 
+/// Reads the next line that is not blank into `line`, as it is (bytes, line ending and all,
+/// with no length limit); `false` at the end of the input.
+pub(crate) fn next_nonblank_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+) -> io::Result<bool> {
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', line)? == 0 {
+            return Ok(false);
+        }
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(true);
+        }
+    }
+}
+
 /// What [`read_bounded_line`] read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Line {

@@ -131,7 +131,7 @@ fn listed(items: &[String], total: u64) -> String {
 /// behind, and never a partial file under the final name. No input is ever modified.
 ///
 /// Memory: about 80 bytes per distinct id (its hash, where it was first seen, and a digest of
-/// its content), plus 18 bytes per prompt id with an input.
+/// its content), plus 25 bytes per prompt id with an input.
 ///
 /// ```
 /// use rmboost::io::{merge, MergeOptions};

@@ -1,9 +1,8 @@
 //! Resume: the compact set of ids already in an output file ([`Resume`], [`IdSet`]) and the
 //! stable id hash ([`IdHash`]) that also assigns ids to shards.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::fs::File;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
@@ -46,68 +45,12 @@ impl IdHash {
     }
 }
 
-/// Hashes an [`IdHash`] by taking its low 64 bits: the value is already a uniform hash, so
-/// hashing it again would only cost time.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached through `Hash for u128` (`write_u128`), but stay correct for anything.
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
-        }
-    }
-
-    fn write_u128(&mut self, i: u128) {
-        self.0 = i as u64;
-    }
-}
-
 /// A set of example ids stored as [`IdHash`]es (exact 128-bit values: two ids are the same
-/// only if their whole hashes are).
-///
-/// Memory: the hashes live in a sorted array (16 bytes per id) with a directory of the array
-/// by the top bits of the hash (at most 1 byte per id); the most recent ids, at most 1/16 of
-/// them, wait in a small hash table (about 17 to 35 bytes each) until they are merged into
-/// the array, in place, when the table is full. So about 17 to 19 bytes per id, about 18 MB
-/// for a million ids, whatever the length of the ids. A merge briefly holds the sorted
-/// recent ids (1 byte per id) and, if the allocator cannot grow the array where it is, a
-/// copy of it (16 bytes per id). Lookups cost one hash table probe and a binary search of a
-/// bucket of about 8 hashes; an insert also moves about 16 hashes on average.
-#[derive(Clone, Default)]
-pub(crate) struct IdSet {
-    /// Sorted and distinct; none of them is in `recent`.
-    sorted: Vec<u128>,
-    /// `index[b]` is the first position in `sorted` of a hash whose top `bits` bits are at
-    /// least `b`; `2^bits + 1` entries, or none while `sorted` is empty.
-    index: Vec<usize>,
-    bits: u32,
-    /// Ids not yet merged into `sorted`.
-    recent: HashSet<IdHash, BuildHasherDefault<IdHasher>>,
-}
-
-/// Recent ids are merged into the sorted array once there are this many, or 1/16 of the
-/// array if more (fewer in unit tests, to merge often).
-const MIN_RECENT: usize = if cfg!(test) { 64 } else { 4096 };
-/// Hashes per directory bucket, on average.
-const BUCKET: usize = 8;
-
-impl std::fmt::Debug for IdSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdSet")
-            .field("len", &self.len())
-            .field("sorted", &self.sorted.len())
-            .field("recent", &self.recent.len())
-            .finish()
-    }
-}
+/// only if their whole hashes are), in a B-tree: about 25 bytes per id whatever the length of
+/// the ids, and no table that doubles (a hash set would hold 17 to 34 bytes per id, and both
+/// tables while it grows).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdSet(BTreeSet<u128>);
 
 impl IdSet {
     /// An empty set.
@@ -123,13 +66,7 @@ impl IdSet {
 
     /// Adds a hash; returns whether it was new.
     pub(crate) fn insert_hash(&mut self, hash: IdHash) -> bool {
-        if self.in_sorted(hash.0) || !self.recent.insert(hash) {
-            return false;
-        }
-        if self.recent.len() >= MIN_RECENT.max(self.sorted.len() / 16) {
-            self.merge();
-        }
-        true
+        self.0.insert(hash.0)
     }
 
     /// Whether `id` is in the set.
@@ -141,79 +78,26 @@ impl IdSet {
     /// Whether the hash is in the set.
     #[must_use]
     pub(crate) fn contains_hash(&self, hash: IdHash) -> bool {
-        self.recent.contains(&hash) || self.in_sorted(hash.0)
+        self.0.contains(&hash.0)
     }
 
     /// How many ids.
     #[must_use]
     pub(crate) fn len(&self) -> usize {
-        self.sorted.len() + self.recent.len()
+        self.0.len()
     }
 
     /// Whether the set is empty.
     #[must_use]
     pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn bucket(&self, hash: u128) -> usize {
-        if self.bits == 0 {
-            0
-        } else {
-            (hash >> (128 - self.bits)) as usize
-        }
-    }
-
-    fn in_sorted(&self, hash: u128) -> bool {
-        if self.sorted.is_empty() {
-            return false;
-        }
-        let b = self.bucket(hash);
-        // About 8 hashes: a scan is as fast as a binary search, without its mispredictions.
-        self.sorted[self.index[b]..self.index[b + 1]].contains(&hash)
-    }
-
-    /// Moves the recent ids into the sorted array and rebuilds the directory.
-    fn merge(&mut self) {
-        let mut new: Vec<u128> = self.recent.drain().map(|h| h.0).collect();
-        new.sort_unstable();
-        let (n, m) = (self.sorted.len(), new.len());
-        self.sorted.reserve_exact(m);
-        self.sorted.resize(n + m, 0);
-        // Merge from the back, so nothing is overwritten before it is moved.
-        let (mut i, mut j) = (n, m);
-        while j > 0 {
-            let k = i + j - 1;
-            if i > 0 && self.sorted[i - 1] > new[j - 1] {
-                self.sorted[k] = self.sorted[i - 1];
-                i -= 1;
-            } else {
-                self.sorted[k] = new[j - 1];
-                j -= 1;
-            }
-        }
-        drop(new);
-        let len = self.sorted.len();
-        self.bits = (len / BUCKET).max(1).ilog2().min(40);
-        let buckets = 1usize << self.bits;
-        self.index.clear();
-        self.index.shrink_to(buckets + 1);
-        self.index.reserve_exact(buckets + 1);
-        let mut pos = 0;
-        for b in 0..buckets {
-            self.index.push(pos);
-            while pos < len && self.bucket(self.sorted[pos]) == b {
-                pos += 1;
-            }
-        }
-        self.index.push(len);
+        self.0.is_empty()
     }
 }
 
 /// The ids already written to an output file, so a rerun skips them.
 ///
 /// Built by [`Resume::scan`], which streams the file line by line and keeps only the hash of
-/// each line's `id` field (about 18 bytes per id). Lines that are not a JSON object
+/// each line's `id` field (about 25 bytes per id). Lines that are not a JSON object
 /// with a string `id` are counted in [`unreadable`](Self::unreadable) and otherwise ignored:
 /// their ids, if any, are generated again.
 #[derive(Debug, Clone, Default)]
@@ -292,14 +176,7 @@ impl Resume {
     /// The reader's error.
     pub fn scan_reader(&mut self, mut reader: impl BufRead) -> std::io::Result<()> {
         let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        while super::line::next_nonblank_line(&mut reader, &mut line)? {
             self.lines += 1;
             match line_id(&line) {
                 Some(id) => {
@@ -310,6 +187,7 @@ impl Resume {
                 None => self.unreadable += 1,
             }
         }
+        Ok(())
     }
 
     /// Whether `id` is already done.
@@ -403,25 +281,22 @@ mod tests {
     }
 
     #[test]
-    fn id_set_basics_and_merges() {
+    fn id_set_basics() {
         let mut s = IdSet::new();
         assert!(s.is_empty() && !s.contains("a"));
         assert!(s.insert("a") && !s.insert("a"));
         assert!(s.contains("a") && !s.contains("b"));
-        // Enough ids for several merges; each is found after every merge.
         let n = 10_000;
         for i in 0..n {
             assert!(s.insert(&format!("id-{i}")), "{i}");
         }
         assert_eq!(s.len(), n + 1);
-        assert!(s.sorted.len() > n / 2, "{s:?}");
         for i in 0..n {
             assert!(s.contains(&format!("id-{i}")), "{i}");
             assert!(!s.insert(&format!("id-{i}")), "{i}");
             assert!(!s.contains(&format!("other-{i}")), "{i}");
         }
         assert_eq!(s.len(), n + 1);
-        assert!(s.sorted.windows(2).all(|w| w[0] < w[1]));
         let c = s.clone();
         assert_eq!(c.len(), s.len());
         assert!(c.contains("id-17") && c.contains("a"));
