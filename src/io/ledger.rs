@@ -192,6 +192,7 @@ impl FailureLedger {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the old ledger is then left as it
     /// was.
+    #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
         let records = Self::read(path)?;

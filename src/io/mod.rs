@@ -33,5 +33,6 @@ pub use ledger::{FailureLedger, FailureRecord};
 pub use merge::{merge, MergeOptions, MergeSummary};
 pub use reader::{read_prompts, PromptReader};
 pub use resume::Resume;
+#[cfg_attr(not(feature = "run"), allow(unused_imports))]
 pub(crate) use resume::{IdHash, IdSet};
 pub use writer::ExampleWriter;

@@ -39,6 +39,7 @@ impl IdHash {
     /// (the first 8 digest bytes, little-endian) modulo `count`. Stable: the same id always
     /// lands in the same shard for the same count. `count` 0 is treated as 1.
     #[must_use]
+    #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn shard(self, count: u32) -> u32 {
         let low = self.0 as u64;
         (low % u64::from(count.max(1))) as u32
@@ -203,6 +204,7 @@ impl Resume {
 
     /// The set of done ids, without copying it.
     #[must_use]
+    #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn into_ids(self) -> IdSet {
         self.ids
     }

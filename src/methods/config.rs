@@ -3,6 +3,7 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+#[cfg(feature = "run")]
 use sha2::{Digest, Sha256};
 
 use super::{Method, Rlaif, Rlcd, RmBoost, WestOfN};
@@ -15,7 +16,7 @@ use crate::label::{Bernoulli, Graded, LabelSampler};
 /// A generation method and its settings as plain values, for programs that choose the method
 /// at run time (a command line, a binding to another language, a config file): one
 /// [`build`](Self::build) makes the [`Generator`], and with the `run` feature
-/// [`recipe`](Self::recipe) records the settings that shape the rows, so that a rerun with
+/// `recipe` records the settings that shape the rows, so that a rerun with
 /// other settings is refused by the run (the `rmboost` command line records the same).
 ///
 /// The defaults are the command line's: RMBoost, the `general` aspects, balanced plain labels,
