@@ -25,6 +25,7 @@ retrying, :class:`ExampleError` to fail only this example; any other exception s
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -398,7 +399,7 @@ def _is_async_backend(backend: Any) -> bool:
             "a backend is rmboost.OpenAI, rmboost.Anthropic, rmboost.Local, or an object with a "
             f"complete(messages, **params) method; got {type(backend).__name__}"
         )
-    return asyncio.iscoroutinefunction(complete)
+    return inspect.iscoroutinefunction(complete)
 
 
 def _aspect(index: int, aspect: Any) -> tuple[str, str]:
