@@ -18,7 +18,8 @@ Rows are dicts with TRL's columns (``prompt``, ``chosen``, ``rejected``) plus ``
 A backend is :class:`OpenAI` (vLLM, llama.cpp, Ollama, SGLang, OpenAI ...), :class:`Anthropic`,
 :class:`Local` (a small model in process, no server or key), or any object of your own with a
 ``complete(messages, **params)`` method, plain or ``async def``, that returns the answer's
-text. Raise :class:`RetryableError` (or :class:`RateLimitedError`) from it for a call worth
+text (or a dict ``{"text": ..., "prompt_tokens": n, "completion_tokens": m}``, so that the
+summary and a cost budget count its tokens). Raise :class:`RetryableError` (or :class:`RateLimitedError`) from it for a call worth
 retrying, :class:`ExampleError` to fail only this example; any other exception stops the run.
 """
 

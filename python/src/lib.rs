@@ -38,6 +38,7 @@ use rmboost::run::{
 use rmboost::{
     async_trait, error_chain, Aspect, Aspects, BackendError, BackendErrorKind, Completion,
     CompletionRequest, ExampleFormat, Generator, LlmBackend, Method, MethodConfig, OutputOrder,
+    Usage,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
@@ -387,18 +388,39 @@ impl PyBackend {
         e
     }
 
-    /// The completion of what `complete` returned: a string.
+    /// The completion of what `complete` returned: the text, or a dict with `text` and the
+    /// call's `prompt_tokens` and `completion_tokens` (counted in the summary and by a cost
+    /// budget).
     fn completion(value: &Bound<'_, PyAny>) -> Result<Completion, BackendError> {
-        value.extract::<String>().map(Completion::new).map_err(|_| {
+        if let Ok(text) = value.extract::<String>() {
+            return Ok(Completion::new(text));
+        }
+        let bad = |what: String| {
             BackendError::stops_run(format!(
-                "a Python backend's complete() must return a str, got {}",
-                value
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
+                "a Python backend's complete() must return a str or a dict with \"text\" (and \
+                 optionally \"prompt_tokens\", \"completion_tokens\"): {what}"
             ))
-        })
+        };
+        let Ok(dict) = value.cast::<PyDict>() else {
+            let name = value.get_type().name().map(|n| n.to_string());
+            return Err(bad(format!("got {}", name.unwrap_or_default())));
+        };
+        let text: String = match dict.get_item("text") {
+            Ok(Some(text)) => text
+                .extract()
+                .map_err(|_| bad("\"text\" is not a str".into()))?,
+            _ => return Err(bad("no \"text\"".into())),
+        };
+        let count = |key: &str| -> Result<u64, BackendError> {
+            match dict.get_item(key) {
+                Ok(Some(n)) if !n.is_none() => n
+                    .extract::<u64>()
+                    .map_err(|_| bad(format!("{key:?} is not a count"))),
+                _ => Ok(0),
+            }
+        };
+        let usage = Usage::new(count("prompt_tokens")?, count("completion_tokens")?);
+        Ok(Completion::new(text).with_usage(usage))
     }
 }
 

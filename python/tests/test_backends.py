@@ -217,3 +217,34 @@ def test_a_child_forked_after_the_runtime_started_makes_its_own():
     # rather than wait forever on the parent's.
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_rows_in_a_forked_child).get(timeout=60) == 2
+
+
+class CountingBackend:
+    """Answers as the sync backend does, and says what each call cost in tokens."""
+
+    def complete(self, messages, **params):
+        return {"text": answer_for(messages, params.get("seed", 0)), "prompt_tokens": 10, "completion_tokens": 3}
+
+
+def test_a_python_backend_reports_its_tokens(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": "q{i}", "prompt": "question {i}?"}}\n' for i in range(6)))
+    summary = rmboost.Generator(CountingBackend(), seed=4).run(prompts, tmp_path / "o.jsonl", progress=False)
+    assert summary["examples"] == 6 and summary["calls"] == 12, summary
+    assert summary["prompt_tokens"] == 120 and summary["completion_tokens"] == 36, summary
+    # The same counts drive a cost budget: $1 per prompt token stops after the first calls.
+    capped = rmboost.Generator(CountingBackend(), seed=4, concurrency=1).run(
+        prompts, tmp_path / "c.jsonl", price_input=1e6, max_cost=25.0, progress=False
+    )
+    assert capped["outcome"] == "cost_limit" and capped["examples"] < 6, capped
+
+    class NoText:
+        def complete(self, messages, **params):
+            return {"prompt_tokens": 1}
+
+    try:
+        list(rmboost.Generator(NoText()).generate(["a?"]))
+    except rmboost.Error as e:
+        assert e.kind == "fatal" and '"text"' in e.message, repr(e)
+    else:
+        raise AssertionError("a dict without text was taken as an answer")
