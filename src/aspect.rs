@@ -326,6 +326,35 @@ impl Aspects {
         }
     }
 
+    /// The set a command line or a config names: a [preset](Self::preset), else a JSON file
+    /// read by [`from_json_file`](Self::from_json_file).
+    ///
+    /// ```
+    /// use rmboost::{Aspects, ErrorKind};
+    ///
+    /// assert_eq!(Aspects::from_spec("general")?.name(), "general");
+    /// assert_eq!(Aspects::from_spec("nope").unwrap_err().kind(), ErrorKind::Config);
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for a word that is neither a preset nor a file (naming the
+    /// presets); otherwise as [`from_json_file`](Self::from_json_file).
+    pub fn from_spec(spec: &str) -> Result<Self, Error> {
+        if let Some(set) = Self::preset(spec) {
+            return Ok(set);
+        }
+        let path = Path::new(spec);
+        if !path.exists() && !spec.contains(['/', '.', '\\']) {
+            return Err(Error::config(format!(
+                "{spec:?}: not a preset ({}) nor a file",
+                Self::PRESETS.join(", ")
+            )));
+        }
+        Self::from_json_file(path)
+    }
+
     /// A preset by name: `qa` (or `long_form_qa`), `ultrafeedback` (or `chat`),
     /// `summarization` (or `summarisation`, `tldr`), `general`.
     #[must_use]

@@ -572,21 +572,11 @@ fn parse_order(py: Python<'_>, order: &str) -> PyResult<OutputOrder> {
 
 /// The aspects of `aspects=`: a preset, a JSON file, or (name, definition) pairs.
 fn aspects_of(py: Python<'_>, aspects: &Bound<'_, PyAny>) -> PyResult<Aspects> {
-    if let Ok(name) = aspects.extract::<String>() {
-        if let Some(set) = Aspects::preset(&name) {
-            return Ok(set);
-        }
-        let path = std::path::Path::new(&name);
-        if !path.exists() && !name.contains(['/', '.', '\\']) {
-            return Err(config_error(
-                py,
-                format!(
-                    "aspects={name:?}: not a preset ({}) nor a file",
-                    Aspects::PRESETS.join(", ")
-                ),
-            ));
-        }
-        return Aspects::from_json_file(path).map_err(|e| py_error(py, &e));
+    if let Ok(spec) = aspects.extract::<String>() {
+        return Aspects::from_spec(&spec).map_err(|e| match e.kind() {
+            rmboost::ErrorKind::Config => config_error(py, format!("aspects: {}", error_chain(&e))),
+            _ => py_error(py, &e),
+        });
     }
     let pairs: Vec<(String, String)> = aspects.extract()?;
     let list = pairs

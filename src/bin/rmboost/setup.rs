@@ -75,20 +75,11 @@ pub(crate) use rmboost::error_chain;
 
 /// The aspect set of `--aspects` and `--aspect-sampling`.
 pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
-    let set = match Aspects::preset(&gen.aspects) {
-        Some(set) => set,
-        None => {
-            let path = std::path::Path::new(&gen.aspects);
-            if !path.exists() && !gen.aspects.contains(['/', '.', '\\']) {
-                return Err(CliError::usage(format!(
-                    "--aspects {}: not a preset ({}) nor a file",
-                    gen.aspects,
-                    Aspects::PRESETS.join(", ")
-                )));
-            }
-            Aspects::from_json_file(path)?
-        }
-    };
+    let set = Aspects::from_spec(&gen.aspects).map_err(|e| match e.kind() {
+        // A word that is neither a preset nor a file is a bad flag; a bad file is not.
+        rmboost::ErrorKind::Config => CliError::usage(format!("--aspects: {}", error_chain(&e))),
+        _ => CliError::from(e),
+    })?;
     match &gen.aspect_sampling {
         None => Ok(set),
         Some(mode) => set
