@@ -4,7 +4,9 @@
 //! Every successful completion is stored in an embedded ACID database (redb) under a key
 //! derived from the request, so a rerun after a crash, or after a change that leaves the
 //! requests as they were (the parser, the output format, the ledger), sends no request twice.
-//! Errors are never stored: a failed call is made again next time.
+//! Errors are never stored: a failed call is made again next time. Nor is an empty answer
+//! (blank text): it is never usable, and a server that sent one by mistake would otherwise
+//! send it again to every rerun, so that the example it belongs to could never be written.
 //!
 //! **Key.** SHA-256 of the JSON of `{"v": "rmboost/cache/v2", "identity": identity,
 //! "request": request}`, where `identity` is the wrapped backend's [`LlmBackend::identity`]
@@ -599,7 +601,8 @@ impl<B: LlmBackend> Cached<B> {
 
 #[async_trait]
 impl<B: LlmBackend> LlmBackend for Cached<B> {
-    /// Answers from the cache, or calls the wrapped backend and stores a success.
+    /// Answers from the cache, or calls the wrapped backend and stores a success that is not
+    /// blank.
     ///
     /// # Errors
     ///
@@ -614,7 +617,9 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
             return Ok(hit);
         }
         let completion = self.inner.complete(request).await?;
-        self.cache.put(key, &completion).await;
+        if !completion.text.trim().is_empty() {
+            self.cache.put(key, &completion).await;
+        }
         Ok(completion)
     }
 

@@ -551,3 +551,64 @@ fn several_base_urls_are_refused_where_one_is_meant() {
         );
     }
 }
+
+/// An empty answer is never stored in the response cache: every answer of the first run is
+/// empty (so every example fails as unusable after its re-asks), the server then heals, and a
+/// rerun with the same cache writes every example instead of replaying the empty answers.
+#[test]
+fn empty_answers_are_not_replayed_from_the_cache_on_a_rerun() {
+    let server = Server::with(Config {
+        fault_rate: 1.0,
+        fault_kinds: vec![support::server::Fault::Empty],
+        ..Config::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let input = prompts(dir.path(), 3);
+    let out = dir.path().join("out.jsonl");
+    let go = || {
+        cmd()
+            .args(["generate", "-i", &input, "-o"])
+            .arg(&out)
+            .args(["--backend", "openai", "--model", "m", "--max-reasks", "1"])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--base-url")
+            .arg(format!("{}/v1", server.uri()))
+            .arg("--summary-json")
+            .arg(dir.path().join("s.json"))
+            .output()
+            .unwrap()
+    };
+    let summary = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap()
+    };
+    let o = go();
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o.stderr));
+    let s = summary();
+    assert_eq!(
+        (s["examples_written"].as_u64(), s["failed"].as_u64()),
+        (Some(0), Some(3)),
+        "{s}"
+    );
+    // The first call of each example, asked twice (one re-ask), all empty.
+    assert_eq!(server.requests(), 6);
+
+    server.set(|c| c.fault_rate = 0.0);
+    let o = go();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let s = summary();
+    assert_eq!(s["examples_written"], 3, "{s}");
+    assert_eq!(s["cache"]["hits"], 0, "an empty answer was cached: {s}");
+    assert_eq!(server.requests(), 6 + 6);
+    let ids: std::collections::BTreeSet<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .into()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+}
