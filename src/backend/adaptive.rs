@@ -123,7 +123,6 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -695,22 +694,6 @@ impl BreakerState {
             BreakerState::HalfOpen => "half-open",
         }
     }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => BreakerState::Open,
-            2 => BreakerState::HalfOpen,
-            _ => BreakerState::Closed,
-        }
-    }
-
-    fn to_u8(self) -> u8 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
 }
 
 impl fmt::Display for BreakerState {
@@ -855,25 +838,15 @@ fn later(now: Instant, d: Duration) -> Instant {
 // Statistics.
 
 /// Counters and gauges of an [`Adaptive`] wrapper, shared through an `Arc` and cheap to read
-/// at any time (relaxed atomics; [`snapshot`](Self::snapshot) reads them all).
+/// at any time: [`snapshot`](Self::snapshot) reads them all at one moment.
 #[derive(Debug)]
-pub struct AdaptiveStats {
-    cap: usize,
-    limit: AtomicUsize,
-    min_limit: AtomicUsize,
-    max_limit: AtomicUsize,
-    in_flight: AtomicUsize,
-    waiting: AtomicUsize,
-    calls: AtomicU64,
-    rate_limited: AtomicU64,
-    congestion: AtomicU64,
-    decreases: AtomicU64,
-    increases: AtomicU64,
-    pauses: AtomicU64,
-    breaker: AtomicU8,
-    breaker_opened: AtomicU64,
+pub struct AdaptiveStats(Mutex<Figures>);
+
+#[derive(Debug)]
+struct Figures {
+    now: AdaptiveSnapshot,
     /// Whether the limit has risen since slow start (or since the start, without one).
-    risen: AtomicBool,
+    risen: bool,
 }
 
 /// All of an [`AdaptiveStats`] at one moment.
@@ -929,152 +902,65 @@ impl AdaptiveSnapshot {
 
 impl AdaptiveStats {
     fn new(config: &AdaptiveConfig) -> Self {
-        AdaptiveStats {
-            cap: config.cap,
-            limit: AtomicUsize::new(config.initial),
-            min_limit: AtomicUsize::new(config.initial),
-            max_limit: AtomicUsize::new(config.initial),
-            in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            calls: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            congestion: AtomicU64::new(0),
-            decreases: AtomicU64::new(0),
-            increases: AtomicU64::new(0),
-            pauses: AtomicU64::new(0),
-            breaker: AtomicU8::new(BreakerState::Closed.to_u8()),
-            breaker_opened: AtomicU64::new(0),
-            risen: AtomicBool::new(false),
-        }
-    }
-
-    /// The most calls in flight the limit may allow.
-    #[must_use]
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
-
-    /// The current limit on calls in flight.
-    #[must_use]
-    pub fn limit(&self) -> usize {
-        self.limit.load(Ordering::Relaxed)
-    }
-
-    /// The lowest the limit has been.
-    #[must_use]
-    pub fn min_limit(&self) -> usize {
-        self.min_limit.load(Ordering::Relaxed)
-    }
-
-    /// The highest the limit has risen to (see [`AdaptiveSnapshot::max_limit`]).
-    #[must_use]
-    pub fn max_limit(&self) -> usize {
-        self.max_limit.load(Ordering::Relaxed)
-    }
-
-    /// Calls running in the inner backend now.
-    #[must_use]
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Calls waiting to be admitted now.
-    #[must_use]
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// Calls that finished with a result.
-    #[must_use]
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
-    /// Calls that were rate limited.
-    #[must_use]
-    pub fn rate_limited(&self) -> u64 {
-        self.rate_limited.load(Ordering::Relaxed)
-    }
-
-    /// Times the answers asking to slow down were judged congestion.
-    #[must_use]
-    pub fn congestion(&self) -> u64 {
-        self.congestion.load(Ordering::Relaxed)
-    }
-
-    /// Times the limit was lowered.
-    #[must_use]
-    pub fn decreases(&self) -> u64 {
-        self.decreases.load(Ordering::Relaxed)
-    }
-
-    /// Times the limit was raised.
-    #[must_use]
-    pub fn increases(&self) -> u64 {
-        self.increases.load(Ordering::Relaxed)
-    }
-
-    /// `Retry-After` pauses started or extended.
-    #[must_use]
-    pub fn pauses(&self) -> u64 {
-        self.pauses.load(Ordering::Relaxed)
-    }
-
-    /// The circuit breaker's state.
-    #[must_use]
-    pub fn breaker(&self) -> BreakerState {
-        BreakerState::from_u8(self.breaker.load(Ordering::Relaxed))
-    }
-
-    /// Times the circuit breaker opened.
-    #[must_use]
-    pub fn breaker_opened(&self) -> u64 {
-        self.breaker_opened.load(Ordering::Relaxed)
+        AdaptiveStats(Mutex::new(Figures {
+            now: AdaptiveSnapshot {
+                cap: config.cap,
+                limit: config.initial,
+                min_limit: config.initial,
+                max_limit: config.initial,
+                in_flight: 0,
+                waiting: 0,
+                calls: 0,
+                rate_limited: 0,
+                congestion: 0,
+                decreases: 0,
+                increases: 0,
+                pauses: 0,
+                breaker: BreakerState::Closed,
+                breaker_opened: 0,
+            },
+            risen: false,
+        }))
     }
 
     /// Every figure at once.
     #[must_use]
     pub fn snapshot(&self) -> AdaptiveSnapshot {
-        AdaptiveSnapshot {
-            cap: self.cap,
-            limit: self.limit(),
-            min_limit: self.min_limit(),
-            max_limit: self.max_limit(),
-            in_flight: self.in_flight(),
-            waiting: self.waiting(),
-            calls: self.calls(),
-            rate_limited: self.rate_limited(),
-            congestion: self.congestion(),
-            decreases: self.decreases(),
-            increases: self.increases(),
-            pauses: self.pauses(),
-            breaker: self.breaker(),
-            breaker_opened: self.breaker_opened(),
-        }
+        self.update(|f| f.now)
     }
 
-    /// Records a new limit (called under the state lock, so the extremes are consistent).
-    /// In slow start the extremes follow the limit: the range is where it settled.
-    fn set_limit(&self, change: Change, slow_start: bool) {
-        self.limit.store(change.to, Ordering::Relaxed);
+    /// Reads or changes the figures (the limiter changes them under its state lock, so they
+    /// are consistent with each other).
+    fn update<T>(&self, f: impl FnOnce(&mut Figures) -> T) -> T {
+        // Nothing panics while holding the lock; recover the figures anyway.
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Figures {
+    /// Records a new limit. In slow start the extremes follow the limit: the range is where
+    /// it settled.
+    fn set_limit(&mut self, change: Change, slow_start: bool) {
+        let now = &mut self.now;
+        now.limit = change.to;
         if change.to < change.from {
-            self.decreases.fetch_add(1, Ordering::Relaxed);
+            now.decreases += 1;
         } else {
-            self.increases.fetch_add(1, Ordering::Relaxed);
+            now.increases += 1;
         }
         if slow_start {
-            self.min_limit.store(change.to, Ordering::Relaxed);
-            self.max_limit.store(change.to, Ordering::Relaxed);
+            now.min_limit = change.to;
+            now.max_limit = change.to;
         } else if change.to < change.from {
-            self.min_limit.fetch_min(change.to, Ordering::Relaxed);
-            if !self.risen.load(Ordering::Relaxed) {
+            now.min_limit = now.min_limit.min(change.to);
+            if !self.risen {
                 // Still descending: the maximum follows the limit down.
-                self.max_limit.store(change.to, Ordering::Relaxed);
+                now.max_limit = change.to;
             }
-        } else if !self.risen.swap(true, Ordering::Relaxed) {
-            self.max_limit.store(change.to, Ordering::Relaxed);
+        } else if !std::mem::replace(&mut self.risen, true) {
+            now.max_limit = change.to;
         } else {
-            self.max_limit.fetch_max(change.to, Ordering::Relaxed);
+            now.max_limit = now.max_limit.max(change.to);
         }
     }
 }
@@ -1199,15 +1085,13 @@ impl State {
                     events.push(Event::BreakerHalfOpen);
                 }
                 self.breaker.phase = BreakerPhase::HalfOpen { probing: true };
-                stats
-                    .breaker
-                    .store(BreakerState::HalfOpen.to_u8(), Ordering::Relaxed);
+                stats.update(|f| f.now.breaker = BreakerState::HalfOpen);
                 probe = true;
             }
             _ => {}
         }
         self.in_flight += 1;
-        stats.in_flight.store(self.in_flight, Ordering::Relaxed);
+        stats.update(|f| f.now.in_flight = self.in_flight);
         let admission = self.aimd.admit();
         let seq = self.breaker.admit();
         debug_assert_eq!(seq, admission.0);
@@ -1273,7 +1157,7 @@ impl Limiter {
                 id,
                 notify: Arc::clone(&notify),
             });
-            self.stats.waiting.store(st.queue.len(), Ordering::Relaxed);
+            self.stats.update(|f| f.now.waiting = st.queue.len());
             (id, notify)
         };
         let mut place = Place {
@@ -1292,7 +1176,7 @@ impl Limiter {
                         Ok(ticket) => {
                             st.queue.pop_front();
                             place.queued = false;
-                            self.stats.waiting.store(st.queue.len(), Ordering::Relaxed);
+                            self.stats.update(|f| f.now.waiting = st.queue.len());
                             // Pass the turn on unless the next one would only wait for a
                             // release (which wakes it).
                             if st.blocked(now) != Some(Block::Full) {
@@ -1326,7 +1210,7 @@ impl Limiter {
         let now = Instant::now();
         let mut st = self.lock();
         st.in_flight -= 1;
-        self.stats.in_flight.store(st.in_flight, Ordering::Relaxed);
+        self.stats.update(|f| f.now.in_flight = st.in_flight);
         match result {
             None => {
                 // Cancelled: no verdict on the backend.
@@ -1335,13 +1219,13 @@ impl Limiter {
                 }
             }
             Some(result) => {
-                self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                self.stats.update(|f| f.now.calls += 1);
                 let (outcome, health) = match result {
                     Ok(_) => (Outcome::Success, Health::Up),
                     Err(e) => {
                         let kind = e.kind();
                         if kind == BackendErrorKind::RateLimited {
-                            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                            self.stats.update(|f| f.now.rate_limited += 1);
                         }
                         let slow_down = kind == BackendErrorKind::RateLimited
                             || (e.is_retryable() && e.retry_after().is_some());
@@ -1364,7 +1248,7 @@ impl Limiter {
                     .aimd
                     .on_result(ticket.admission, ticket.saturated, outcome, now);
                 if verdict.congested {
-                    self.stats.congestion.fetch_add(1, Ordering::Relaxed);
+                    self.stats.update(|f| f.now.congestion += 1);
                 }
                 if verdict.pause {
                     // Many calls were told to slow down: the wait is meant for everyone.
@@ -1378,14 +1262,15 @@ impl Limiter {
                         let until = later(now, pause);
                         if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
                             st.paused_until = Some(until);
-                            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                            self.stats.update(|f| f.now.pauses += 1);
                             events.push(Event::Paused(pause));
                         }
                     }
                 }
                 let change = verdict.change;
                 if let Some(change) = change {
-                    self.stats.set_limit(change, st.aimd.slow_start);
+                    let slow_start = st.aimd.slow_start;
+                    self.stats.update(|f| f.set_limit(change, slow_start));
                     events.push(Event::Limit(change, st.in_flight));
                 }
                 if let Some(event) =
@@ -1396,15 +1281,14 @@ impl Limiter {
                         event,
                         Event::BreakerOpened { .. } | Event::BreakerReopened { .. }
                     ) {
-                        self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                        self.stats.update(|f| f.now.breaker_opened += 1);
                     }
                     events.push(event);
                 }
             }
         }
-        self.stats
-            .breaker
-            .store(st.breaker.state().to_u8(), Ordering::Relaxed);
+        let breaker = st.breaker.state();
+        self.stats.update(|f| f.now.breaker = breaker);
         st.wake_first();
         events
     }
@@ -1427,8 +1311,7 @@ impl Drop for Place<'_> {
             st.queue.remove(at);
             self.limiter
                 .stats
-                .waiting
-                .store(st.queue.len(), Ordering::Relaxed);
+                .update(|f| f.now.waiting = st.queue.len());
             if at == 0 {
                 // It may have been woken for a turn it will not take.
                 st.wake_first();

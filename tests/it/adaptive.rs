@@ -444,7 +444,7 @@ async fn a_fixed_limit_does_not_adapt_but_still_pauses() {
     let (_, resumed, refused) = window_starts(&backend);
     assert!(refused <= 16 + 5, "{refused} calls refused");
     assert!(resumed >= Duration::from_secs(6), "{resumed:?}");
-    assert_eq!(stats.limit(), 16);
+    assert_eq!(stats.snapshot().limit, 16);
 
     // A lone Retry-After does not.
     let t0 = Instant::now();
@@ -533,7 +533,10 @@ async fn drive(
         let (stats, samples) = (Arc::clone(&stats), Arc::clone(&samples));
         tokio::spawn(async move {
             loop {
-                samples.lock().unwrap().push((t0.elapsed(), stats.limit()));
+                samples
+                    .lock()
+                    .unwrap()
+                    .push((t0.elapsed(), stats.snapshot().limit));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -800,15 +803,15 @@ async fn the_breaker_opens_probes_and_closes() {
     let stats = adaptive.stats();
     let t0 = Instant::now();
     for i in 0..5 {
-        assert_eq!(stats.breaker(), BreakerState::Closed);
+        assert_eq!(stats.snapshot().breaker, BreakerState::Closed);
         let e = adaptive.complete(req(i)).await.unwrap_err();
         assert_eq!(
             (e.kind(), e.message()),
             (BackendErrorKind::Connection, "refused")
         );
     }
-    assert_eq!(stats.breaker(), BreakerState::Open);
-    assert_eq!(stats.breaker_opened(), 1);
+    assert_eq!(stats.snapshot().breaker, BreakerState::Open);
+    assert_eq!(stats.snapshot().breaker_opened, 1);
 
     // The backend comes back after 5 s.
     let up = {
@@ -856,9 +859,9 @@ async fn a_dropped_waiter_frees_its_place() {
         adaptive.complete(req(3)),
         async {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let before = stats.waiting();
+            let before = stats.snapshot().waiting;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            (before, stats.waiting())
+            (before, stats.snapshot().waiting)
         }
     );
     assert!(b.is_err(), "1 timed out");
@@ -869,7 +872,10 @@ async fn a_dropped_waiter_frees_its_place() {
     let starts: Vec<(usize, Duration)> = backend.starts().iter().map(|s| (s.id, s.at)).collect();
     let s = Duration::from_secs;
     assert_eq!(starts, vec![(0, s(0)), (2, s(1)), (3, s(2))]);
-    assert_eq!((stats.in_flight(), stats.waiting()), (0, 0));
+    assert_eq!(
+        (stats.snapshot().in_flight, stats.snapshot().waiting),
+        (0, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
