@@ -47,6 +47,7 @@ impl fmt::Debug for Client {
 pub(crate) enum Body {
     None,
     Json(Vec<u8>),
+    #[cfg(feature = "openai")]
     Form(reqwest::multipart::Form),
 }
 
@@ -107,6 +108,7 @@ impl Client {
         let request = match body {
             Body::None => request,
             Body::Json(bytes) => request.body(bytes),
+            #[cfg(feature = "openai")]
             Body::Form(form) => request.multipart(form),
         };
         let (status, headers, text) = http::send(method.as_str(), request, url, max_bytes).await?;

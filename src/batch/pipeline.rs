@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -171,7 +171,8 @@ struct Shared {
     stats: Mutex<BatchStats>,
     /// The calls answered and their tokens (answers saved by an earlier run included).
     meter: CallMeter,
-    fatal: Mutex<Option<BackendError>>,
+    /// The error that stopped the driver, if one did.
+    fatal: OnceLock<BackendError>,
 }
 
 impl Shared {
@@ -180,11 +181,7 @@ impl Shared {
     }
 
     fn fatal(&self) -> Option<BackendError> {
-        self.fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(copy_error)
+        self.fatal.get().map(copy_error)
     }
 }
 
@@ -482,7 +479,7 @@ impl Driver {
                 }
             };
             tracing::error!(error = %fatal, "batch pipeline stopped");
-            *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy_error(&fatal));
+            let _ = self.shared.fatal.set(copy_error(&fatal));
             for w in self.waiters.drain().flat_map(|(_, w)| w) {
                 let _ = w.send(Err(copy_error(&fatal)));
             }
