@@ -112,6 +112,8 @@ use crate::run::Prices;
 #[cfg(feature = "anthropic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "anthropic")))]
 pub mod anthropic;
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+mod client;
 #[cfg(feature = "openai")]
 #[cfg_attr(docsrs, doc(cfg(feature = "openai")))]
 pub mod openai;
@@ -176,22 +178,13 @@ where
         options.meter = Some(backend.meter().clone());
     }
     options.drain_deadline = Some(DRAIN_DEADLINE);
-    let generator = match make_generator(backend, concurrency) {
-        Ok(g) => g,
-        Err(e) => {
-            if let Err(end) = handle.finish(None).await {
-                tracing::warn!(error = %crate::error_chain(&end), "the batch pipeline did not end cleanly");
-            }
-            return Err(e);
+    let result = match make_generator(backend, concurrency) {
+        Ok(generator) => {
+            let generate = move |prompts| generator.generate_boxed(prompts);
+            crate::run::run_to_file(generate, prompts, output, options).await
         }
+        Err(e) => Err(e),
     };
-    let result = crate::run::run_to_file(
-        move |prompts| generator.generate_boxed(prompts),
-        prompts,
-        output,
-        options,
-    )
-    .await;
     let ended = handle.finish(result.as_ref().ok()).await;
     match (result, ended) {
         (Ok(summary), Ok(stats)) => Ok((summary, stats)),
@@ -236,12 +229,7 @@ pub fn custom_id(identity: &str, request: &CompletionRequest) -> String {
     h.update(identity.as_bytes());
     h.update(b"\0");
     h.update(serde_json::to_vec(request).expect("a request serialises"));
-    let digest = h.finalize();
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("{:x}", h.finalize())
 }
 
 /// One request of a batch: the id it is known by in the results, and the request.
@@ -401,96 +389,6 @@ pub struct BatchLimits {
     pub max_requests: usize,
     /// Bytes of the batch's input.
     pub max_bytes: u64,
-}
-
-/// The default cap on one results download of the provider batch APIs: 1 GiB.
-#[cfg(any(feature = "openai", feature = "anthropic"))]
-const DEFAULT_MAX_RESULTS_BYTES: usize = 1 << 30;
-
-/// The sizes a provider batch client keeps to: what one batch may hold (checked before it is
-/// sent) and how much of one results download is read.
-#[cfg(any(feature = "openai", feature = "anthropic"))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ClientLimits {
-    pub(crate) batch: BatchLimits,
-    pub(crate) max_results_bytes: usize,
-}
-
-#[cfg(any(feature = "openai", feature = "anthropic"))]
-impl ClientLimits {
-    /// `batch`, and [`DEFAULT_MAX_RESULTS_BYTES`].
-    pub(crate) const fn new(batch: BatchLimits) -> Self {
-        ClientLimits {
-            batch,
-            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
-        }
-    }
-
-    /// Sets the cap on a results download; at least one byte.
-    pub(crate) fn set_max_results_bytes(&mut self, max: usize) {
-        self.max_results_bytes = max.max(1);
-    }
-
-    /// Refuses a batch of `requests` requests and `bytes` bytes over [`batch`](Self::batch)
-    /// with an [`InvalidRequest`](BackendErrorKind::InvalidRequest) error saying both.
-    pub(crate) fn check(&self, requests: usize, bytes: usize) -> Result<(), BackendError> {
-        if requests > self.batch.max_requests || bytes as u64 > self.batch.max_bytes {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                format!(
-                    "a batch of {requests} requests and {bytes} bytes is over the limits \
-                     ({} requests, {} bytes)",
-                    self.batch.max_requests, self.batch.max_bytes
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The provider clients' shared test: a batch over the limits is refused before anything is
-/// sent (their test clients' base URL is port 1, which would give a connection error
-/// otherwise), naming the sizes and the limits. `submit` sends the requests with a client set
-/// to the limits given and returns its error.
-#[cfg(all(test, any(feature = "openai", feature = "anthropic")))]
-pub(crate) fn assert_refuses_over_limits(
-    submit: impl Fn(BatchLimits, &[BatchRequest], &BatchTag) -> BackendError,
-) {
-    let requests: Vec<BatchRequest> = ["a", "b"]
-        .iter()
-        .map(|id| BatchRequest {
-            custom_id: (*id).to_string(),
-            request: CompletionRequest::new(vec![crate::Message::user("u")]),
-        })
-        .collect();
-    let tag = BatchTag {
-        run: "r".into(),
-        key: "k".into(),
-    };
-    let e = submit(
-        BatchLimits {
-            max_requests: 1,
-            max_bytes: u64::MAX,
-        },
-        &requests,
-        &tag,
-    );
-    assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
-    assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
-    assert!(
-        e.to_string().contains("over the limits (1 requests, "),
-        "{e}"
-    );
-    let e = submit(
-        BatchLimits {
-            max_requests: 10,
-            max_bytes: 20,
-        },
-        &requests[..1],
-        &tag,
-    );
-    assert_eq!(e.kind(), BackendErrorKind::InvalidRequest);
-    assert!(e.to_string().ends_with("(10 requests, 20 bytes)"), "{e}");
 }
 
 /// One provider's batch API; see the [module docs](self).

@@ -23,18 +23,17 @@
 //! ```
 
 use std::borrow::Cow;
-use std::fmt;
 
 use async_trait::async_trait;
-use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::backend::http::{self, ServerError};
 use crate::backend::AnthropicBackend;
+use crate::batch::client::{to_json, Body, Client, DEFAULT_MAX_RESULTS_BYTES};
 use crate::batch::{
-    cancelled_error, check_id, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome,
-    BatchRequest, BatchState, BatchStatus, BatchTag, ClientLimits,
+    cancelled_error, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome, BatchRequest,
+    BatchState, BatchStatus, BatchTag,
 };
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -45,101 +44,41 @@ pub(crate) const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// Anthropic's Message Batches API; see the [module docs](self).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AnthropicBatch {
     backend: AnthropicBackend,
-    limits: ClientLimits,
-}
-
-impl fmt::Debug for AnthropicBatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AnthropicBatch")
-            .field("backend", &self.backend)
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
+    client: Client,
 }
 
 impl AnthropicBatch {
     /// The batch API at the backend's base URL, with its key, headers and model.
     #[must_use]
     pub fn new(backend: AnthropicBackend) -> Self {
-        AnthropicBatch {
-            backend,
-            limits: ClientLimits::new(LIMITS),
-        }
+        let client = Client {
+            http: backend.client.clone(),
+            base: backend.base.clone(),
+            headers: backend.headers(),
+            key: backend.api_key.clone(),
+            no_key_note: backend.no_key_note.clone(),
+            max_response_bytes: backend.max_response_bytes,
+            limits: LIMITS,
+            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+        };
+        AnthropicBatch { backend, client }
     }
 
     /// Other limits per batch. Default: Anthropic's (100,000 requests and 256 MB a batch).
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.limits.batch = limits;
+        self.client.limits = limits;
         self
     }
 
-    /// The most bytes of one results file read. Default: 1 GiB.
+    /// The most bytes of one results file read (at least one). Default: 1 GiB.
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.limits.set_max_results_bytes(max);
+        self.client.max_results_bytes = max.max(1);
         self
-    }
-
-    fn url(&self, path: &str) -> Url {
-        http::join_path(&self.backend.base, path)
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        builder: reqwest::RequestBuilder,
-        url: &Url,
-        max_bytes: usize,
-    ) -> Result<String, BackendError> {
-        let (status, headers, text) = http::send(method, builder, url, max_bytes).await?;
-        if !status.is_success() {
-            return Err(http::status_error(
-                status,
-                &headers,
-                &text,
-                self.backend.api_key.as_ref(),
-                self.backend.no_key_note.as_deref(),
-            ));
-        }
-        Ok(text)
-    }
-
-    async fn get_json<T: for<'de> Deserialize<'de>>(&self, url: Url) -> Result<T, BackendError> {
-        let req = self
-            .backend
-            .client
-            .get(url.clone())
-            .headers(self.backend.headers());
-        let text = self
-            .call("GET", req, &url, self.backend.max_response_bytes)
-            .await?;
-        parse(&text, self.backend.api_key.as_ref())
-    }
-
-    async fn post<T: for<'de> Deserialize<'de>>(
-        &self,
-        url: Url,
-        body: Vec<u8>,
-    ) -> Result<T, BackendError> {
-        let mut headers = self.backend.headers();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            reqwest::header::HeaderValue::from_static("application/json"),
-        );
-        let req = self
-            .backend
-            .client
-            .post(url.clone())
-            .headers(headers)
-            .body(body);
-        let text = self
-            .call("POST", req, &url, self.backend.max_response_bytes)
-            .await?;
-        parse(&text, self.backend.api_key.as_ref())
     }
 
     /// One line of a results file.
@@ -170,13 +109,6 @@ impl AnthropicBatch {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(
-    text: &str,
-    key: Option<&secrecy::SecretString>,
-) -> Result<T, BackendError> {
-    serde_json::from_str(text).map_err(|e| http::invalid_json(e, &http::redact(text, key)))
-}
-
 #[derive(Serialize)]
 struct Params<'a> {
     custom_id: &'a str,
@@ -198,9 +130,7 @@ struct WireResultLine {
 struct WireResult {
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
     message: Option<Value>,
-    #[serde(default)]
     error: Option<Value>,
 }
 
@@ -208,36 +138,19 @@ struct WireResult {
 struct WireBatch {
     id: String,
     processing_status: String,
-    #[serde(default)]
     request_counts: Option<WireCounts>,
-    #[serde(default)]
     results_url: Option<String>,
-    #[serde(default)]
     created_at: Option<Value>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(default)]
 struct WireCounts {
-    #[serde(default)]
     processing: u64,
-    #[serde(default)]
     succeeded: u64,
-    #[serde(default)]
     errored: u64,
-    #[serde(default)]
     canceled: u64,
-    #[serde(default)]
     expired: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct WireList {
-    #[serde(default)]
-    data: Vec<WireBatch>,
-    #[serde(default)]
-    has_more: bool,
-    #[serde(default)]
-    last_id: Option<String>,
 }
 
 impl WireBatch {
@@ -293,7 +206,7 @@ impl BatchApi for AnthropicBatch {
     }
 
     fn limits(&self) -> BatchLimits {
-        self.limits.batch
+        self.client.limits
     }
 
     async fn submit(
@@ -310,38 +223,37 @@ impl BatchApi for AnthropicBatch {
                 })
                 .collect(),
         };
-        let body = serde_json::to_vec(&create).map_err(|e| {
-            BackendError::new(
-                BackendErrorKind::InvalidRequest,
-                format!("a request cannot be written as JSON: {e}"),
-            )
-        })?;
-        self.limits.check(requests.len(), body.len())?;
-        let batch: WireBatch = self.post(self.url("messages/batches"), body).await?;
+        let body = to_json(&create)?;
+        self.client.check(requests.len(), body.len())?;
+        let url = self.client.url("messages/batches");
+        let batch: WireBatch = self.client.json(url, Body::Json(body)).await?;
         Ok(batch.id)
     }
 
     async fn status(&self, id: &str) -> Result<BatchStatus, BackendError> {
-        let url = self.url(&format!("messages/batches/{}", check_id(id)?));
-        self.get_json::<WireBatch>(url).await?.status()
+        let url = self.client.id_url("messages/batches", id, "")?;
+        self.client
+            .json::<WireBatch>(url, Body::None)
+            .await?
+            .status()
     }
 
     async fn results(&self, id: &str) -> Result<Vec<BatchOutcome>, BackendError> {
-        let url = self.url(&format!("messages/batches/{}", check_id(id)?));
-        let batch: WireBatch = self.get_json(url).await?;
+        let url = self.client.id_url("messages/batches", id, "")?;
+        let batch: WireBatch = self.client.json(url, Body::None).await?;
         let Some(results) = batch.results_url.filter(|u| !u.is_empty()) else {
             return Err(BackendError::new(
                 BackendErrorKind::InvalidResponse,
                 format!("batch {id} ended without a results_url"),
             ));
         };
-        let results = self.backend.base.join(&results).map_err(|_| {
+        let base = &self.client.base;
+        let results = base.join(&results).map_err(|_| {
             BackendError::new(
                 BackendErrorKind::InvalidResponse,
                 "the results_url is not a URL",
             )
         })?;
-        let base = &self.backend.base;
         if (
             results.scheme(),
             results.host_str(),
@@ -357,60 +269,23 @@ impl BatchApi for AnthropicBatch {
                 ),
             ));
         }
-        let req = self
-            .backend
-            .client
-            .get(results.clone())
-            .headers(self.backend.headers());
-        let text = self
-            .call("GET", req, &results, self.limits.max_results_bytes)
-            .await?;
         let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match self.outcome(line) {
-                Some(o) => out.push(o),
-                None => {
-                    tracing::warn!(batch = %id, line = i + 1, "unreadable batch result line: skipped")
-                }
-            }
-        }
+        let outcome = |line: &str| self.outcome(line);
+        self.client.results(&results, id, &mut out, outcome).await?;
         Ok(out)
     }
 
     async fn cancel(&self, id: &str) -> Result<BatchStatus, BackendError> {
-        let url = self.url(&format!("messages/batches/{}/cancel", check_id(id)?));
-        let batch: WireBatch = self.post(url, b"{}".to_vec()).await?;
+        let url = self.client.id_url("messages/batches", id, "/cancel")?;
+        let batch: WireBatch = self.client.json(url, Body::Json(b"{}".to_vec())).await?;
         batch.status()
     }
 
     async fn list(&self, _tag: &BatchTag, since: u64) -> Result<Vec<BatchStatus>, BackendError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        for _ in 0..100 {
-            let mut url = self.url("messages/batches");
-            url.query_pairs_mut().append_pair("limit", "100");
-            if let Some(a) = &after {
-                url.query_pairs_mut().append_pair("after_id", a);
-            }
-            let page: WireList = self.get_json(url).await?;
-            let mut older = false;
-            for b in &page.data {
-                let created = b.created();
-                if created != 0 && created < since {
-                    older = true;
-                    continue;
-                }
-                out.push(b.status()?);
-            }
-            match page.last_id {
-                Some(last) if page.has_more && !older => after = Some(last),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let status = |b: WireBatch| b.status();
+        self.client
+            .list("messages/batches", "after_id", since, status)
+            .await
     }
 }
 
@@ -443,7 +318,7 @@ mod tests {
             serde_json::to_value(a.backend.body(&req)).unwrap()
         );
         assert_eq!(
-            a.url("messages/batches").as_str(),
+            a.client.url("messages/batches").as_str(),
             "http://127.0.0.1:1/v1/messages/batches"
         );
     }
@@ -489,20 +364,33 @@ mod tests {
         assert_eq!(s.tag, None);
     }
 
-    /// A batch over the limits is refused before anything is sent (the clients' shared test),
-    /// and the limit setters set what the client keeps to.
+    /// A batch over the limits is refused before anything is sent (the base URL is port 1: a
+    /// connection error otherwise), and the limit setters set what the client keeps to.
     #[test]
     fn batches_over_the_limits_are_refused_before_sending() {
-        crate::batch::assert_refuses_over_limits(|limits, requests, tag| {
-            let api = api().with_limits(limits).max_results_bytes(0);
-            assert_eq!(api.limits(), limits);
-            assert_eq!(api.limits.max_results_bytes, 1);
-            futures::executor::block_on(api.submit(requests, tag)).unwrap_err()
-        });
-        assert_eq!(api().limits(), LIMITS);
+        let limits = BatchLimits {
+            max_requests: 1,
+            max_bytes: u64::MAX,
+        };
+        let small = api().with_limits(limits).max_results_bytes(0);
         assert_eq!(
-            api().limits.max_results_bytes,
-            crate::batch::DEFAULT_MAX_RESULTS_BYTES
+            (small.limits(), small.client.max_results_bytes),
+            (limits, 1)
+        );
+        let request = |id: &str| BatchRequest {
+            custom_id: id.into(),
+            request: CompletionRequest::new(vec![Message::user("u")]),
+        };
+        let tag = BatchTag {
+            run: "r".into(),
+            key: "k".into(),
+        };
+        let e = futures::executor::block_on(small.submit(&[request("a"), request("b")], &tag));
+        let e = e.unwrap_err();
+        assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
+        assert_eq!(
+            (api().limits(), api().client.max_results_bytes),
+            (LIMITS, DEFAULT_MAX_RESULTS_BYTES)
         );
     }
 }

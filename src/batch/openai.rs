@@ -27,19 +27,19 @@
 //! error file), cancel with `POST {base}/batches/{id}/cancel`, list with `GET {base}/batches`.
 
 use std::borrow::Cow;
-use std::fmt;
 
 use async_trait::async_trait;
 use reqwest::header::HeaderMap;
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::backend::http;
 use crate::backend::OpenAiBackend;
+use crate::batch::client::{to_json, Body, Client, DEFAULT_MAX_RESULTS_BYTES};
 use crate::batch::{
     cancelled_error, check_id, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome,
-    BatchRequest, BatchState, BatchStatus, BatchTag, ClientLimits,
+    BatchRequest, BatchState, BatchStatus, BatchTag,
 };
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -53,130 +53,42 @@ pub(crate) const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// OpenAI's Batch API; see the [module docs](self).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct OpenAiBatch {
     backend: OpenAiBackend,
-    limits: ClientLimits,
-}
-
-impl fmt::Debug for OpenAiBatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiBatch")
-            .field("backend", &self.backend)
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
+    client: Client,
 }
 
 impl OpenAiBatch {
     /// The batch API at the backend's base URL, with its key, headers and model.
     #[must_use]
     pub fn new(backend: OpenAiBackend) -> Self {
-        OpenAiBatch {
-            backend,
-            limits: ClientLimits::new(LIMITS),
-        }
+        let client = Client {
+            http: backend.client.clone(),
+            base: backend.base.clone(),
+            headers: backend.headers(),
+            key: backend.api_key.clone(),
+            no_key_note: backend.no_key_note.clone(),
+            max_response_bytes: backend.max_response_bytes,
+            limits: LIMITS,
+            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+        };
+        OpenAiBatch { backend, client }
     }
 
     /// Other limits per batch (a self-hosted runner's). Default: OpenAI's (50,000 requests
     /// and 200 MB a batch).
     #[must_use]
     pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.limits.batch = limits;
+        self.client.limits = limits;
         self
     }
 
-    /// The most bytes of one result file read. Default: 1 GiB.
+    /// The most bytes of one result file read (at least one). Default: 1 GiB.
     #[must_use]
     pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.limits.set_max_results_bytes(max);
+        self.client.max_results_bytes = max.max(1);
         self
-    }
-
-    fn url(&self, path: &str) -> Url {
-        http::join_path(&self.backend.base, path)
-    }
-
-    fn error(&self, status: StatusCode, headers: &HeaderMap, text: &str) -> BackendError {
-        http::status_error(
-            status,
-            headers,
-            text,
-            self.backend.api_key.as_ref(),
-            self.backend.no_key_note.as_deref(),
-        )
-    }
-
-    /// Sends a request and returns its 2xx body (an error otherwise).
-    async fn call(
-        &self,
-        method: &str,
-        builder: reqwest::RequestBuilder,
-        url: &Url,
-        max_bytes: usize,
-    ) -> Result<String, BackendError> {
-        let (status, headers, text) = http::send(method, builder, url, max_bytes).await?;
-        if !status.is_success() {
-            return Err(self.error(status, &headers, &text));
-        }
-        Ok(text)
-    }
-
-    async fn get_json<T: for<'de> Deserialize<'de>>(&self, url: Url) -> Result<T, BackendError> {
-        let req = self
-            .backend
-            .client
-            .get(url.clone())
-            .headers(self.backend.headers());
-        let text = self
-            .call("GET", req, &url, self.backend.max_response_bytes)
-            .await?;
-        parse(&text, self.backend.api_key.as_ref())
-    }
-
-    async fn post_json<T: for<'de> Deserialize<'de>>(
-        &self,
-        url: Url,
-        body: &Value,
-    ) -> Result<T, BackendError> {
-        let req = self
-            .backend
-            .client
-            .post(url.clone())
-            .headers(self.backend.headers())
-            .json(body);
-        let text = self
-            .call("POST", req, &url, self.backend.max_response_bytes)
-            .await?;
-        parse(&text, self.backend.api_key.as_ref())
-    }
-
-    async fn file_lines(
-        &self,
-        file_id: &str,
-        out: &mut Vec<BatchOutcome>,
-    ) -> Result<(), BackendError> {
-        let url = self.url(&format!("files/{}/content", check_id(file_id)?));
-        let req = self
-            .backend
-            .client
-            .get(url.clone())
-            .headers(self.backend.headers());
-        let text = self
-            .call("GET", req, &url, self.limits.max_results_bytes)
-            .await?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match self.outcome(line) {
-                Some(o) => out.push(o),
-                None => {
-                    tracing::warn!(file = %file_id, line = i + 1, "unreadable batch result line: skipped")
-                }
-            }
-        }
-        Ok(())
     }
 
     /// One line of an output or error file.
@@ -230,13 +142,6 @@ fn line_error(e: &WireError, key: Option<&secrecy::SecretString>) -> BackendErro
     )
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(
-    text: &str,
-    key: Option<&secrecy::SecretString>,
-) -> Result<T, BackendError> {
-    serde_json::from_str(text).map_err(|e| http::invalid_json(e, &http::redact(text, key)))
-}
-
 #[derive(Serialize)]
 struct Line<'a> {
     custom_id: &'a str,
@@ -248,24 +153,19 @@ struct Line<'a> {
 #[derive(Debug, Deserialize)]
 struct WireLine {
     custom_id: String,
-    #[serde(default)]
     response: Option<WireLineResponse>,
-    #[serde(default)]
     error: Option<WireError>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireLineResponse {
     status_code: u16,
-    #[serde(default)]
     body: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireError {
-    #[serde(default)]
     code: Option<String>,
-    #[serde(default)]
     message: Option<String>,
 }
 
@@ -278,27 +178,19 @@ struct WireFile {
 struct WireBatch {
     id: String,
     status: String,
-    #[serde(default)]
     created_at: Option<u64>,
-    #[serde(default)]
     output_file_id: Option<String>,
-    #[serde(default)]
     error_file_id: Option<String>,
-    #[serde(default)]
     metadata: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
     request_counts: Option<WireCounts>,
-    #[serde(default)]
     errors: Option<WireErrors>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct WireCounts {
-    #[serde(default)]
     total: u64,
-    #[serde(default)]
     completed: u64,
-    #[serde(default)]
     failed: u64,
 }
 
@@ -310,22 +202,9 @@ struct WireErrors {
 
 #[derive(Debug, Deserialize)]
 struct WireErrorItem {
-    #[serde(default)]
     code: Option<String>,
-    #[serde(default)]
     message: Option<String>,
-    #[serde(default)]
     line: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WireList {
-    #[serde(default)]
-    data: Vec<WireBatch>,
-    #[serde(default)]
-    has_more: bool,
-    #[serde(default)]
-    last_id: Option<String>,
 }
 
 impl WireBatch {
@@ -365,14 +244,14 @@ impl WireBatch {
                 .iter()
                 .take(5)
                 .map(|d| {
-                    let mut s = d.message.clone().unwrap_or_default();
-                    if let Some(c) = &d.code {
-                        s = format!("{c}: {s}");
-                    }
-                    if let Some(l) = d.line {
-                        s = format!("line {l}: {s}");
-                    }
-                    http::truncate(&s, 300)
+                    let line = d.line.map(|l| format!("line {l}: ")).unwrap_or_default();
+                    let code = d
+                        .code
+                        .as_ref()
+                        .map(|c| format!("{c}: "))
+                        .unwrap_or_default();
+                    let message = d.message.as_deref().unwrap_or_default();
+                    http::truncate(&format!("{line}{code}{message}"), 300)
                 })
                 .collect::<Vec<_>>()
                 .join("; ")
@@ -400,7 +279,7 @@ impl BatchApi for OpenAiBatch {
     }
 
     fn limits(&self) -> BatchLimits {
-        self.limits.batch
+        self.client.limits
     }
 
     async fn submit(
@@ -410,21 +289,15 @@ impl BatchApi for OpenAiBatch {
     ) -> Result<String, BackendError> {
         let mut jsonl = Vec::new();
         for r in requests {
-            let line = Line {
+            jsonl.extend(to_json(&Line {
                 custom_id: &r.custom_id,
                 method: "POST",
                 url: ENDPOINT,
                 body: self.backend.body(&r.request),
-            };
-            serde_json::to_writer(&mut jsonl, &line).map_err(|e| {
-                BackendError::new(
-                    BackendErrorKind::InvalidRequest,
-                    format!("a request cannot be written as JSON: {e}"),
-                )
-            })?;
+            })?);
             jsonl.push(b'\n');
         }
-        self.limits.check(requests.len(), jsonl.len())?;
+        self.client.check(requests.len(), jsonl.len())?;
         let part = reqwest::multipart::Part::bytes(jsonl)
             .file_name("rmboost-batch.jsonl")
             .mime_str("application/jsonl")
@@ -432,80 +305,57 @@ impl BatchApi for OpenAiBatch {
         let form = reqwest::multipart::Form::new()
             .text("purpose", "batch")
             .part("file", part);
-        let url = self.url("files");
-        let req = self
-            .backend
+        let file: WireFile = self
             .client
-            .post(url.clone())
-            .headers(self.backend.headers())
-            .multipart(form);
-        let text = self
-            .call("POST", req, &url, self.backend.max_response_bytes)
+            .json(self.client.url("files"), Body::Form(form))
             .await?;
-        let file: WireFile = parse(&text, self.backend.api_key.as_ref())?;
         let body = serde_json::json!({
             "input_file_id": check_id(&file.id)?,
             "endpoint": ENDPOINT,
             "completion_window": "24h",
             "metadata": {"rmboost_run": tag.run, "rmboost_batch": tag.key},
         });
-        let batch: WireBatch = self.post_json(self.url("batches"), &body).await?;
+        let url = self.client.url("batches");
+        let batch: WireBatch = self.client.json(url, Body::Json(to_json(&body)?)).await?;
         Ok(batch.id)
     }
 
     async fn status(&self, id: &str) -> Result<BatchStatus, BackendError> {
-        let url = self.url(&format!("batches/{}", check_id(id)?));
-        self.get_json::<WireBatch>(url).await?.into_status()
+        let url = self.client.id_url("batches", id, "")?;
+        self.client
+            .json::<WireBatch>(url, Body::None)
+            .await?
+            .into_status()
     }
 
     async fn results(&self, id: &str) -> Result<Vec<BatchOutcome>, BackendError> {
-        let url = self.url(&format!("batches/{}", check_id(id)?));
-        let batch: WireBatch = self.get_json(url).await?;
+        let url = self.client.id_url("batches", id, "")?;
+        let batch: WireBatch = self.client.json(url, Body::None).await?;
         let mut out = Vec::new();
-        for file in [&batch.output_file_id, &batch.error_file_id]
+        for file in [batch.output_file_id, batch.error_file_id]
             .into_iter()
             .flatten()
+            .filter(|f| !f.is_empty())
         {
-            if !file.is_empty() {
-                self.file_lines(file, &mut out).await?;
-            }
+            let url = self.client.id_url("files", &file, "/content")?;
+            let outcome = |line: &str| self.outcome(line);
+            self.client.results(&url, &file, &mut out, outcome).await?;
         }
         Ok(out)
     }
 
     async fn cancel(&self, id: &str) -> Result<BatchStatus, BackendError> {
-        let url = self.url(&format!("batches/{}/cancel", check_id(id)?));
-        let batch: WireBatch = self.post_json(url, &serde_json::json!({})).await?;
+        let url = self.client.id_url("batches", id, "/cancel")?;
+        let batch: WireBatch = self.client.json(url, Body::Json(b"{}".to_vec())).await?;
         batch.into_status()
     }
 
     async fn list(&self, tag: &BatchTag, since: u64) -> Result<Vec<BatchStatus>, BackendError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        // Newest first: stop at the first page that reaches past `since`.
-        for _ in 0..100 {
-            let mut url = self.url("batches");
-            url.query_pairs_mut().append_pair("limit", "100");
-            if let Some(a) = &after {
-                url.query_pairs_mut().append_pair("after", a);
-            }
-            let page: WireList = self.get_json(url).await?;
-            let mut older = false;
-            for b in page.data {
-                if b.created_at.is_some_and(|c| c < since) {
-                    older = true;
-                    continue;
-                }
-                let s = b.into_status()?;
-                if s.tag.as_ref().is_some_and(|t| t.run == tag.run) {
-                    out.push(s);
-                }
-            }
-            match page.last_id {
-                Some(last) if page.has_more && !older => after = Some(last),
-                _ => break,
-            }
-        }
+        let mut out = self
+            .client
+            .list("batches", "after", since, WireBatch::into_status)
+            .await?;
+        out.retain(|s| s.tag.as_ref().is_some_and(|t| t.run == tag.run));
         Ok(out)
     }
 }
@@ -528,7 +378,7 @@ mod tests {
     #[test]
     fn urls_sit_under_the_base() {
         assert_eq!(
-            api().url("batches/b1").as_str(),
+            api().client.url("batches/b1").as_str(),
             "http://127.0.0.1:1/v1/batches/b1"
         );
     }
@@ -605,20 +455,33 @@ mod tests {
         assert!(b.into_status().is_err());
     }
 
-    /// A batch over the limits is refused before anything is sent (the clients' shared test),
-    /// and the limit setters set what the client keeps to.
+    /// A batch over the limits is refused before anything is sent (the base URL is port 1: a
+    /// connection error otherwise), and the limit setters set what the client keeps to.
     #[test]
     fn batches_over_the_limits_are_refused_before_sending() {
-        crate::batch::assert_refuses_over_limits(|limits, requests, tag| {
-            let api = api().with_limits(limits).max_results_bytes(0);
-            assert_eq!(api.limits(), limits);
-            assert_eq!(api.limits.max_results_bytes, 1);
-            futures::executor::block_on(api.submit(requests, tag)).unwrap_err()
-        });
-        assert_eq!(api().limits(), LIMITS);
+        let limits = BatchLimits {
+            max_requests: 1,
+            max_bytes: u64::MAX,
+        };
+        let small = api().with_limits(limits).max_results_bytes(0);
         assert_eq!(
-            api().limits.max_results_bytes,
-            crate::batch::DEFAULT_MAX_RESULTS_BYTES
+            (small.limits(), small.client.max_results_bytes),
+            (limits, 1)
+        );
+        let request = |id: &str| BatchRequest {
+            custom_id: id.into(),
+            request: CompletionRequest::new(vec![Message::user("u")]),
+        };
+        let tag = BatchTag {
+            run: "r".into(),
+            key: "k".into(),
+        };
+        let e = futures::executor::block_on(small.submit(&[request("a"), request("b")], &tag));
+        let e = e.unwrap_err();
+        assert!(e.to_string().contains("a batch of 2 requests and "), "{e}");
+        assert_eq!(
+            (api().limits(), api().client.max_results_bytes),
+            (LIMITS, DEFAULT_MAX_RESULTS_BYTES)
         );
     }
 

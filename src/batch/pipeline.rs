@@ -2,11 +2,12 @@
 //! that gathers calls into waves, polls the batches and answers the calls.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -165,15 +166,13 @@ struct Call {
     reply: oneshot::Sender<Result<Completion, BackendError>>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Shared {
     stats: Mutex<BatchStats>,
     /// The calls answered and their tokens (answers saved by an earlier run included).
     meter: CallMeter,
-    fatal: Mutex<Option<BackendError>>,
-    /// Set at the end: no batch was ever recorded and no result saved (the files beside the
-    /// output hold nothing).
-    empty: std::sync::atomic::AtomicBool,
+    /// The error that stopped the driver, if one did.
+    fatal: OnceLock<BackendError>,
 }
 
 impl Shared {
@@ -182,11 +181,7 @@ impl Shared {
     }
 
     fn fatal(&self) -> Option<BackendError> {
-        self.fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(copy_error)
+        self.fatal.get().map(copy_error)
     }
 }
 
@@ -194,38 +189,23 @@ impl Shared {
 /// [module docs](crate::batch).
 /// [`run_batch_to_file`](crate::batch::run_batch_to_file) makes one for the generator it
 /// runs. Cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BatchBackend {
     tx: mpsc::UnboundedSender<Call>,
     shared: Arc<Shared>,
-    name: String,
-    model: String,
-    identity: String,
-}
-
-impl fmt::Debug for BatchBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BatchBackend")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
+    api: Arc<dyn BatchApi>,
 }
 
 /// Ends a batch pipeline and reports its totals; see [`BatchBackend::start`].
 #[derive(Debug)]
 pub(crate) struct BatchHandle {
-    shutdown: Option<oneshot::Sender<()>>,
-    join: tokio::task::JoinHandle<Result<(), Error>>,
+    shutdown: oneshot::Sender<()>,
+    /// The driver's end: whether the files beside the output hold nothing (no batch was ever
+    /// recorded and no result saved).
+    join: tokio::task::JoinHandle<Result<bool, Error>>,
     shared: Arc<Shared>,
     state_path: PathBuf,
     results_path: PathBuf,
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
-    }
 }
 
 impl BatchBackend {
@@ -258,16 +238,7 @@ impl BatchBackend {
         let state_path = StateFile::default_path(output);
         let results_path = StateFile::results_path(output);
         let (log, saved_lines) = ResultsLog::open(&results_path)?;
-        let state = match StateFile::read(&state_path)? {
-            Some(s) if s.api != api.name() => {
-                return Err(Error::config(format!(
-                    "{} records batches of the {} API, not {}: finish or cancel them with \
-                     that backend, or remove the file",
-                    state_path.display(),
-                    s.api,
-                    api.name()
-                )))
-            }
+        let state = match StateFile::read_for(&state_path, &api.name())? {
             Some(s) => s,
             None => {
                 let s = StateFile::new(api.name());
@@ -275,37 +246,27 @@ impl BatchBackend {
                 s
             }
         };
-        let mut saved = HashMap::new();
-        for (id, result) in saved_lines {
-            saved.insert(id, result);
-        }
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let backend = BatchBackend {
             tx,
             shared: shared.clone(),
-            name: api.name().into_owned(),
-            model: api.model().into_owned(),
-            identity: api.identity().into_owned(),
+            api: api.clone(),
         };
-        let max_poll = config.max_poll_interval.max(config.poll_interval);
         let driver = Driver {
             api,
-            config: BatchConfig {
-                max_poll_interval: max_poll,
-                ..config
-            },
+            config,
             state,
             state_path: state_path.clone(),
-            log: Some(log),
+            log,
             shared: shared.clone(),
             waiters: HashMap::new(),
             requests: HashMap::new(),
             queue: Vec::new(),
             attempts: HashMap::new(),
             invalid: HashMap::new(),
-            saved,
+            saved: saved_lines.into_iter().collect(),
             flights: Vec::new(),
             in_flight_ids: HashSet::new(),
             unconfirmed: Vec::new(),
@@ -318,7 +279,7 @@ impl BatchBackend {
         Ok((
             backend,
             BatchHandle {
-                shutdown: Some(shutdown_tx),
+                shutdown: shutdown_tx,
                 join,
                 shared,
                 state_path,
@@ -347,7 +308,7 @@ impl LlmBackend for BatchBackend {
         }
         let (reply, rx) = oneshot::channel();
         let call = Call {
-            custom_id: custom_id(&self.identity, &request),
+            custom_id: custom_id(&self.api.identity(), &request),
             request,
             reply,
         };
@@ -366,17 +327,17 @@ impl LlmBackend for BatchBackend {
     }
 
     fn name(&self) -> Cow<'_, str> {
-        Cow::Owned(format!("{}-batch", self.name))
+        Cow::Owned(format!("{}-batch", self.api.name()))
     }
 
     fn model(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.model)
+        self.api.model()
     }
 
     /// The batch API's identity: the same as the online backend's, so cached and batch
     /// answers are interchangeable.
     fn identity(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.identity)
+        self.api.identity()
     }
 }
 
@@ -394,12 +355,6 @@ impl BatchBackend {
 }
 
 impl BatchHandle {
-    /// The totals so far.
-    #[must_use]
-    pub(crate) fn stats(&self) -> BatchStats {
-        self.shared.stats().clone()
-    }
-
     /// Ends the pipeline after the run returned its `summary`: the driver saves its state and
     /// closes the results log. The state file and the results log are removed when the run
     /// [completed](Outcome::Completed) with no failed example and no batch left in flight
@@ -409,20 +364,15 @@ impl BatchHandle {
     ///
     /// The driver's I/O error (the state or the log could not be written), or an I/O error
     /// removing the files.
-    pub(crate) async fn finish(
-        mut self,
-        summary: Option<&RunSummary>,
-    ) -> Result<BatchStats, Error> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let driver = match (&mut self.join).await {
+    pub(crate) async fn finish(self, summary: Option<&RunSummary>) -> Result<BatchStats, Error> {
+        let _ = self.shutdown.send(());
+        let driver = match self.join.await {
             Ok(r) => r,
             Err(e) => Err(Error::config(format!("the batch driver failed: {e}"))),
         };
-        let stats = self.stats();
-        driver?;
-        let clean = self.shared.empty.load(std::sync::atomic::Ordering::SeqCst)
+        let stats = self.shared.stats().clone();
+        let empty = driver?;
+        let clean = empty
             || summary.is_some_and(|s| {
                 s.outcome == Outcome::Completed
                     && s.generation.failed() == 0
@@ -473,7 +423,7 @@ struct Driver {
     config: BatchConfig,
     state: StateFile,
     state_path: PathBuf,
-    log: Option<ResultsLog>,
+    log: ResultsLog,
     shared: Arc<Shared>,
     /// Callers waiting for each custom_id.
     waiters: HashMap<String, Vec<oneshot::Sender<Result<Completion, BackendError>>>>,
@@ -504,52 +454,18 @@ impl Driver {
         mut self,
         mut rx: mpsc::UnboundedReceiver<Call>,
         mut shutdown: oneshot::Receiver<()>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let stop = self.config.stop.clone();
-        let result = async {
-            let startup = self.startup();
-            tokio::select! {
-                biased;
-                () = stop.wait() => return Ok(()),
-                r = startup => r?,
-            }
-            loop {
-                let wake = self.next_wake();
-                tokio::select! {
-                    biased;
-                    _ = &mut shutdown => break,
-                    () = stop.wait() => break,
-                    call = rx.recv() => match call {
-                        Some(call) => {
-                            self.accept(call);
-                            // Take every call already waiting before acting.
-                            while let Ok(call) = rx.try_recv() {
-                                self.accept(call);
-                            }
-                        }
-                        None => break,
-                    },
-                    () = sleep_until(wake) => {}
-                }
-                let step = self.step();
-                tokio::select! {
-                    biased;
-                    () = stop.wait() => break,
-                    r = step => r?,
-                }
-            }
-            Ok::<(), Halt>(())
-        }
-        .await;
+        // A stop drops the work under way at once.
+        let result = tokio::select! {
+            biased;
+            () = stop.wait() => Ok(()),
+            r = self.drive(&mut rx, &mut shutdown) => r,
+        };
         let in_flight = self.state.batches.iter().filter(|b| !b.downloaded).count() as u64;
         self.shared.stats().in_flight = in_flight;
-        let empty = self.state.batches.is_empty()
-            && self.saved.is_empty()
-            && self.log.as_ref().is_some_and(ResultsLog::is_empty);
-        self.shared
-            .empty
-            .store(empty, std::sync::atomic::Ordering::SeqCst);
-        let mut outcome = Ok(());
+        let empty = self.state.batches.is_empty() && self.saved.is_empty() && self.log.is_empty();
+        let mut outcome = Ok(empty);
         if let Err(halt) = result {
             let fatal = match halt {
                 Halt::Fatal(e) => e,
@@ -563,71 +479,65 @@ impl Driver {
                 }
             };
             tracing::error!(error = %fatal, "batch pipeline stopped");
-            *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy_error(&fatal));
-            for (_, waiters) in self.waiters.drain() {
-                for w in waiters {
-                    let _ = w.send(Err(copy_error(&fatal)));
-                }
+            let _ = self.shared.fatal.set(copy_error(&fatal));
+            for w in self.waiters.drain().flat_map(|(_, w)| w) {
+                let _ = w.send(Err(copy_error(&fatal)));
             }
         }
         if let Err(e) = self.state.write(&self.state_path) {
             outcome = outcome.and(Err(e));
         }
-        if let Some(log) = self.log.take() {
-            if let Err(e) = log.close() {
-                outcome = outcome.and(Err(e));
-            }
+        if let Err(e) = self.log.close() {
+            outcome = outcome.and(Err(e));
         }
         // The waiters left (a stop) are dropped with the driver: their calls wait for the
         // run to drop them.
         outcome
     }
 
-    /// Adopts the intents of an earlier run and polls its batches.
-    async fn startup(&mut self) -> Result<(), Halt> {
-        if self.state.batches.iter().any(|b| b.provider_id.is_none()) {
-            let adopted = self.retrying_adopt().await?;
-            self.shared.stats().adopted += adopted;
-            self.save()?;
-        }
-        let now = Instant::now();
-        for record in self.state.batches.iter().filter(|b| !b.downloaded) {
-            let Some(id) = record.provider_id.clone() else {
-                continue;
-            };
-            if record.custom_ids.is_empty() {
-                continue;
+    /// Starts up, then gathers the calls into waves and polls the batches until shut down.
+    async fn drive(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Call>,
+        shutdown: &mut oneshot::Receiver<()>,
+    ) -> Result<(), Halt> {
+        self.startup().await?;
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = &mut *shutdown => return Ok(()),
+                call = rx.recv() => {
+                    let Some(call) = call else { return Ok(()) };
+                    self.accept(call);
+                    // Take every call already waiting before acting.
+                    while let Ok(call) = rx.try_recv() {
+                        self.accept(call);
+                    }
+                }
+                () = sleep_until(wake) => {}
             }
-            tracing::info!(id = %id, wave = record.wave, "following a batch of an earlier run");
-            self.in_flight_ids.extend(record.custom_ids.iter().cloned());
-            self.flights.push(Flight {
-                key: record.key.clone(),
-                id,
-                custom_ids: record.custom_ids.clone(),
-                wave: record.wave,
-                next_poll: now,
-                interval: self.config.poll_interval,
-                last: record.state,
-                failures: 0,
-                estimate: 0.0,
-            });
+            self.step().await?;
         }
-        let followed = self.flights.len() as u64;
-        let mut st = self.shared.stats();
-        st.adopted = st.adopted.max(followed);
-        Ok(())
     }
 
-    /// Lists the batches to adopt intents, retrying passing failures a few times.
-    async fn retrying_adopt(&mut self) -> Result<u64, Halt> {
+    /// Adopts the intents of an earlier run and polls its batches.
+    async fn startup(&mut self) -> Result<(), Halt> {
+        // Intents are looked for by listing (which leaves none), passing failures retried a
+        // few times.
         let mut wait = self.config.poll_interval.min(Duration::from_secs(5));
-        for attempt in 1.. {
+        let mut attempt = 1;
+        while self.state.batches.iter().any(|b| b.provider_id.is_none()) {
             match adopt_intents(&*self.api, &mut self.state).await {
-                Ok(n) => return Ok(n),
+                Ok(adopted) => {
+                    self.shared.stats().adopted += adopted;
+                    self.save()?;
+                }
                 Err(e) if e.is_retryable() && attempt < self.config.max_attempts.max(3) => {
                     tracing::warn!(error = %e, "listing the batches failed: retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(60));
+                    attempt += 1;
                 }
                 Err(e) => {
                     return Err(Halt::Fatal(BackendError::new(
@@ -641,7 +551,21 @@ impl Driver {
                 }
             }
         }
-        unreachable!("the loop returns")
+        let earlier: Vec<BatchRecord> = self
+            .state
+            .batches
+            .iter()
+            .filter(|b| !b.downloaded && b.provider_id.is_some() && !b.custom_ids.is_empty())
+            .cloned()
+            .collect();
+        for record in earlier {
+            tracing::info!(id = ?record.provider_id, wave = record.wave, "following a batch of an earlier run");
+            self.follow(&record, false, 0.0);
+        }
+        let followed = self.flights.len() as u64;
+        let mut st = self.shared.stats();
+        st.adopted = st.adopted.max(followed);
+        Ok(())
     }
 
     fn save(&self) -> Result<(), Error> {
@@ -651,47 +575,38 @@ impl Driver {
     fn accept(&mut self, call: Call) {
         self.last_arrival = Instant::now();
         let id = call.custom_id;
-        if let Some(result) = self.saved.remove(&id) {
-            match result {
-                Ok(c) => {
-                    self.shared.stats().answered_from_saved += 1;
-                    let _ = call.reply.send(Ok(c));
+        match self.saved.remove(&id) {
+            Some(Ok(c)) => {
+                self.shared.stats().answered_from_saved += 1;
+                let _ = call.reply.send(Ok(c));
+                return;
+            }
+            Some(Err(e)) => {
+                let n = self.attempts.entry(id.clone()).or_insert(1);
+                if !(e.is_retryable() && *n < self.config.max_attempts) {
+                    let _ = call.reply.send(Err(e));
                     return;
                 }
-                Err(e) => {
-                    let n = self.attempts.entry(id.clone()).or_insert(1);
-                    if !(e.is_retryable() && *n < self.config.max_attempts) {
-                        let _ = call.reply.send(Err(e));
-                        return;
-                    }
-                    self.shared.stats().resubmitted += 1;
-                }
+                self.shared.stats().resubmitted += 1;
             }
+            None => {}
         }
         self.waiters.entry(id.clone()).or_default().push(call.reply);
-        if self.requests.contains_key(&id) {
-            return;
-        }
-        self.requests.insert(id.clone(), call.request);
-        if !self.in_flight_ids.contains(&id) {
-            self.queue.push(id);
+        if let Entry::Vacant(slot) = self.requests.entry(id.clone()) {
+            slot.insert(call.request);
+            if !self.in_flight_ids.contains(&id) {
+                self.queue.push(id);
+            }
         }
     }
 
+    /// When the next wave may be due (after the quiet period and any back-off) or the next
+    /// poll is.
     fn next_wake(&self) -> Option<Instant> {
-        let mut wake: Option<Instant> = None;
-        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
-        if !self.queue.is_empty() || !self.unconfirmed.is_empty() {
-            let mut t = self.last_arrival + self.config.quiet_period;
-            if let Some(r) = self.retry_at {
-                t = t.max(r);
-            }
-            at(t);
-        }
-        for f in &self.flights {
-            at(f.next_poll);
-        }
-        wake
+        let quiet = self.last_arrival + self.config.quiet_period;
+        let send = (!self.queue.is_empty() || !self.unconfirmed.is_empty())
+            .then(|| quiet.max(self.retry_at.unwrap_or(quiet)));
+        self.flights.iter().map(|f| f.next_poll).chain(send).min()
     }
 
     /// Sends the wave if it is due, and polls the batches whose time has come.
@@ -746,17 +661,11 @@ impl Driver {
         self.save()?;
         self.retry_at = None;
         for (key, ids) in before {
-            let record = self.state.batches.iter().find(|b| b.key == key).cloned();
-            match record.and_then(|r| r.provider_id.clone().map(|id| (r, id))) {
-                Some((record, id)) => {
-                    self.shared.stats().batches_created += 1;
-                    self.shared.stats().requests_submitted += ids.len() as u64;
-                    self.follow(&record, id, 0.0);
-                }
-                None => {
-                    // Never created: the requests go out in the next wave.
-                    self.queue.extend(ids);
-                }
+            let found = self.state.batches.iter().find(|b| b.key == key);
+            match found.filter(|b| b.provider_id.is_some()).cloned() {
+                Some(record) => self.follow(&record, true, 0.0),
+                // Never created: the requests go out in the next wave.
+                None => self.queue.extend(ids),
             }
         }
         Ok(())
@@ -770,14 +679,24 @@ impl Driver {
         self.retry_at = Some(Instant::now() + wait);
     }
 
-    fn follow(&mut self, record: &BatchRecord, id: String, estimate: f64) {
+    /// Polls the batch of `record` (its provider id known): one this run `created` (counted)
+    /// after the poll interval, one of an earlier run at once.
+    fn follow(&mut self, record: &BatchRecord, created: bool, estimate: f64) {
+        let first_poll = if created {
+            let mut st = self.shared.stats();
+            st.batches_created += 1;
+            st.requests_submitted += record.custom_ids.len() as u64;
+            self.config.poll_interval
+        } else {
+            Duration::ZERO
+        };
         self.in_flight_ids.extend(record.custom_ids.iter().cloned());
         self.flights.push(Flight {
             key: record.key.clone(),
-            id,
+            id: record.provider_id.clone().unwrap_or_default(),
             custom_ids: record.custom_ids.clone(),
             wave: record.wave,
-            next_poll: Instant::now() + self.config.poll_interval,
+            next_poll: Instant::now() + first_poll,
             interval: self.config.poll_interval,
             last: record.state,
             failures: 0,
@@ -910,70 +829,47 @@ impl Driver {
         let tag = self.state.tag(&key);
         let result = self.api.submit(&chunk, &tag).await;
         let result = result.and_then(|id| check_id(&id).map(str::to_string));
-        match result {
+        let e = match result {
             Ok(id) => {
-                let record = {
-                    let r = self
-                        .state
-                        .batches
-                        .iter_mut()
-                        .find(|b| b.key == key)
-                        .expect("the intent was pushed above");
-                    r.provider_id = Some(id.clone());
-                    r.clone()
-                };
+                let intent = self.state.batches.iter_mut().find(|b| b.key == key);
+                let intent = intent.expect("the intent was pushed above");
+                intent.provider_id = Some(id.clone());
+                let record = intent.clone();
                 self.save()?;
                 self.submit_failures = 0;
                 self.chunk_cap = self.chunk_cap.saturating_mul(2);
-                {
-                    let mut st = self.shared.stats();
-                    st.batches_created += 1;
-                    st.requests_submitted += ids.len() as u64;
-                }
                 tracing::info!(wave, id = %id, requests = ids.len(), "batch created");
-                self.follow(&record, id, estimate);
-                Ok(None)
-            }
-            Err(e) if e.is_fatal() => {
-                // An answer refusing the request: the batch was not created.
-                self.state.batches.retain(|b| b.key != key);
-                self.save()?;
-                Err(Halt::Fatal(e))
+                self.follow(&record, true, estimate);
+                return Ok(None);
             }
             Err(e) if e.is_retryable() => {
                 // The batch may exist all the same: look for it before sending again.
                 tracing::warn!(error = %e, "creating a batch failed: looking for it before trying again");
                 self.unconfirmed.push(key);
                 self.back_off();
-                Ok(Some(Vec::new()))
+                return Ok(Some(Vec::new()));
             }
-            Err(e) => {
-                // Refused at creation (a validation the provider makes at once): nothing was
-                // created. The requests go again in halves, down to single requests; a single
-                // request refused twice fails with the provider's message.
-                self.state.batches.retain(|b| b.key != key);
-                self.save()?;
-                self.shared.stats().failed_validation += 1;
-                if ids.len() > 1 {
-                    tracing::warn!(error = %e, requests = ids.len(), "a batch was refused: sending it again in halves");
-                    self.chunk_cap = ids.len() / 2;
-                    self.shared.stats().resubmitted += ids.len() as u64;
-                    return Ok(Some(ids));
-                }
-                let mut back = Vec::new();
-                for id in ids {
-                    let n = self.invalid.entry(id.clone()).or_insert(0);
-                    *n += 1;
-                    if *n >= 2 {
-                        self.fail(&id, copy_error(&e));
-                    } else {
-                        self.shared.stats().resubmitted += 1;
-                        back.push(id);
-                    }
-                }
-                Ok(Some(back))
-            }
+            Err(e) => e,
+        };
+        // An answer refusing the request: the batch was not created.
+        self.state.batches.retain(|b| b.key != key);
+        self.save()?;
+        if e.is_fatal() {
+            return Err(Halt::Fatal(e));
         }
+        // Refused at creation (a validation the provider makes at once). The requests go again
+        // in halves, down to single requests; a single request refused twice fails with the
+        // provider's message.
+        self.shared.stats().failed_validation += 1;
+        if ids.len() > 1 {
+            tracing::warn!(error = %e, requests = ids.len(), "a batch was refused: sending it again in halves");
+            self.chunk_cap = ids.len() / 2;
+            self.shared.stats().resubmitted += ids.len() as u64;
+            return Ok(Some(ids));
+        }
+        Ok(Some(
+            ids.into_iter().filter(|id| self.again(id, &e)).collect(),
+        ))
     }
 
     /// Polls flight `i`; returns whether it is done (results delivered).
@@ -983,24 +879,7 @@ impl Driver {
         self.shared.stats().polls += 1;
         let status = match status {
             Ok(s) => s,
-            Err(e) if e.is_fatal() => return Err(Halt::Fatal(e)),
-            Err(e) => {
-                self.shared.stats().poll_errors += 1;
-                let f = &mut self.flights[i];
-                f.failures += 1;
-                if f.failures >= MAX_POLL_FAILURES {
-                    return Err(Halt::Fatal(BackendError::new(
-                        BackendErrorKind::Fatal,
-                        format!(
-                            "the batch API failed {} polls in a row of batch {id}: {e}",
-                            f.failures
-                        ),
-                    )));
-                }
-                tracing::warn!(error = %e, batch = %id, "polling failed: trying again");
-                f.next_poll = Instant::now() + f.interval.min(Duration::from_secs(60));
-                return Ok(false);
-            }
+            Err(e) => return self.poll_failed(i, e, "polling"),
         };
         let f = &mut self.flights[i];
         f.failures = 0;
@@ -1022,7 +901,8 @@ impl Driver {
             }
             self.save()?;
         } else {
-            f.interval = (f.interval * 3 / 2).min(self.config.max_poll_interval);
+            let max = self.config.max_poll_interval.max(self.config.poll_interval);
+            f.interval = (f.interval * 3 / 2).min(max);
         }
         let f = &mut self.flights[i];
         if !status.state.is_ended() {
@@ -1032,11 +912,33 @@ impl Driver {
         self.collect(i, status).await
     }
 
+    /// After `what` failed for flight `i` with `e`: the run stops on a fatal error or the
+    /// [`MAX_POLL_FAILURES`]th in a row, else flight `i` is polled again soon.
+    fn poll_failed(&mut self, i: usize, e: BackendError, what: &str) -> Result<bool, Halt> {
+        if e.is_fatal() {
+            return Err(Halt::Fatal(e));
+        }
+        self.shared.stats().poll_errors += 1;
+        let f = &mut self.flights[i];
+        f.failures += 1;
+        if f.failures >= MAX_POLL_FAILURES {
+            return Err(Halt::Fatal(BackendError::new(
+                BackendErrorKind::Fatal,
+                format!(
+                    "the batch API failed {} polls in a row of batch {}: {e}",
+                    f.failures, f.id
+                ),
+            )));
+        }
+        tracing::warn!(error = %e, batch = %f.id, "{what} failed: trying again");
+        f.next_poll = Instant::now() + f.interval.min(Duration::from_secs(60));
+        Ok(false)
+    }
+
     /// Reads the results of ended flight `i`, saves them, and answers the callers.
     async fn collect(&mut self, i: usize, status: BatchStatus) -> Result<bool, Halt> {
         let (key, id) = (self.flights[i].key.clone(), self.flights[i].id.clone());
-        let mut expected: HashSet<String> = self.flights[i].custom_ids.iter().cloned().collect();
-        let mut results: Vec<(String, Result<Completion, BackendError>)> = Vec::new();
+        let mut results = Vec::new();
         if status.state == BatchState::Failed {
             self.shared.stats().failed_validation += 1;
             let message = status
@@ -1044,55 +946,41 @@ impl Driver {
                 .clone()
                 .unwrap_or_else(|| "no message".to_string());
             tracing::warn!(batch = %id, %message, "a batch failed validation");
+            let e = BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                format!("the batch failed validation twice: {message}"),
+            );
             for cid in std::mem::take(&mut self.flights[i].custom_ids) {
-                let n = self.invalid.entry(cid.clone()).or_insert(0);
-                *n += 1;
                 self.in_flight_ids.remove(&cid);
-                if *n >= 2 || !self.requests.contains_key(&cid) {
-                    self.fail(
-                        &cid,
-                        BackendError::new(
-                            BackendErrorKind::InvalidRequest,
-                            format!("the batch failed validation twice: {message}"),
-                        ),
-                    );
-                } else {
-                    self.shared.stats().resubmitted += 1;
+                if self.again(&cid, &e) {
                     self.queue.push(cid);
                 }
             }
         } else {
             let outcomes = match self.api.results(&id).await {
                 Ok(o) => o,
-                Err(e) if e.is_fatal() => return Err(Halt::Fatal(e)),
-                Err(e) => {
-                    self.shared.stats().poll_errors += 1;
-                    tracing::warn!(error = %e, batch = %id, "reading the results failed: trying again");
-                    let f = &mut self.flights[i];
-                    f.failures += 1;
-                    f.next_poll = Instant::now() + f.interval.min(Duration::from_secs(60));
-                    return Ok(false);
-                }
+                Err(e) => return self.poll_failed(i, e, "reading the results"),
             };
-            let log = self.log.as_mut().expect("open while the driver runs");
+            let mut expected: HashSet<String> =
+                self.flights[i].custom_ids.iter().cloned().collect();
             for o in outcomes {
-                if !expected.remove(&o.custom_id) {
+                if expected.remove(&o.custom_id) {
+                    results.push((o.custom_id, o.result));
+                } else {
                     tracing::warn!(batch = %id, "a result line for a request not in the batch: ignored");
-                    continue;
                 }
-                log.append(&o.custom_id, &o.result)?;
-                results.push((o.custom_id, o.result));
             }
-            for cid in expected {
-                let e = BackendError::new(
-                    BackendErrorKind::Server,
-                    format!(
-                        "batch {id} ended ({}) without a result for this request",
-                        status.state
-                    ),
-                );
-                log.append(&cid, &Err(copy_error(&e)))?;
-                results.push((cid, Err(e)));
+            let state = status.state;
+            results.extend(expected.into_iter().map(|cid| {
+                let missing =
+                    format!("batch {id} ended ({state}) without a result for this request");
+                (
+                    cid,
+                    Err(BackendError::new(BackendErrorKind::Server, missing)),
+                )
+            }));
+            for (cid, result) in &results {
+                self.log.append(cid, result)?;
             }
         }
         if let Some(r) = self.state.batches.iter_mut().find(|b| b.key == key) {
@@ -1140,6 +1028,19 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Counts a failed validation of `id`: the second one (or one no caller waits for) fails
+    /// it with `e`; returns whether it is sent again.
+    fn again(&mut self, id: &str, e: &BackendError) -> bool {
+        let n = self.invalid.entry(id.to_string()).or_insert(0);
+        *n += 1;
+        if *n >= 2 || !self.requests.contains_key(id) {
+            self.fail(id, copy_error(e));
+            return false;
+        }
+        self.shared.stats().resubmitted += 1;
+        true
     }
 
     fn fail(&mut self, id: &str, e: BackendError) {

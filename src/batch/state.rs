@@ -28,7 +28,6 @@ pub struct BatchRecord {
     pub key: String,
     /// The provider's id, once known (`None`: an intent, written before the batch was
     /// created).
-    #[serde(default)]
     pub provider_id: Option<String>,
     /// When the intent was written (seconds since the Unix epoch): the batch was created at
     /// or after it.
@@ -41,7 +40,6 @@ pub struct BatchRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_ids: Vec<String>,
     /// The last state seen.
-    #[serde(default)]
     pub state: Option<BatchState>,
     /// Whether its results were downloaded and saved in the results log.
     #[serde(default)]
@@ -127,6 +125,21 @@ impl StateFile {
         Ok(Some(state))
     }
 
+    /// [`read`](Self::read), refusing a state of another API than `api`
+    /// ([`ErrorKind::Config`](crate::ErrorKind::Config)).
+    pub(crate) fn read_for(path: &Path, api: &str) -> Result<Option<StateFile>, Error> {
+        let state = Self::read(path)?;
+        if let Some(other) = state.as_ref().filter(|s| s.api != api) {
+            return Err(Error::config(format!(
+                "{} records batches of the {} API, not {api}: finish or cancel them with that \
+                 backend, or remove the file",
+                path.display(),
+                other.api
+            )));
+        }
+        Ok(state)
+    }
+
     /// Writes the state to `path` atomically (a new file synced and renamed over it).
     ///
     /// # Errors
@@ -142,11 +155,6 @@ impl StateFile {
             .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
         crate::io::replace_with(tmp, path)?;
         Ok(())
-    }
-
-    /// The records that may still be running at the provider.
-    pub fn in_flight(&self) -> impl Iterator<Item = &BatchRecord> {
-        self.batches.iter().filter(|b| b.in_flight())
     }
 
     /// The tag of the batch with local key `key`.
@@ -223,21 +231,13 @@ pub async fn cancel_batches(
     output: &Path,
 ) -> Result<Vec<(String, Result<BatchStatus, BackendError>)>, Error> {
     let path = StateFile::default_path(output);
-    let mut state = StateFile::read(&path)?.ok_or_else(|| {
+    let mut state = StateFile::read_for(&path, &api.name())?.ok_or_else(|| {
         Error::config(format!(
             "{} does not exist: no batch run writes {}",
             path.display(),
             output.display()
         ))
     })?;
-    if state.api != api.name() {
-        return Err(Error::config(format!(
-            "{} records batches of the {} API, not {}",
-            path.display(),
-            state.api,
-            api.name()
-        )));
-    }
     adopt_intents(api, &mut state)
         .await
         .map_err(|e| Error::config(format!("cannot list the batches: {e}")))?;
@@ -302,22 +302,15 @@ impl ResultsLog {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_slice::<SavedLine>(line) {
-                Ok(SavedLine {
-                    custom_id,
-                    completion: Some(c),
-                    ..
-                }) => saved.push((custom_id, Ok(c))),
-                Ok(SavedLine {
-                    custom_id,
-                    error: Some(e),
-                    ..
-                }) => {
+            let line = serde_json::from_slice::<SavedLine>(line).ok();
+            match line.map(|l| (l.custom_id, l.completion, l.error)) {
+                Some((id, Some(c), _)) => saved.push((id, Ok(c))),
+                Some((id, None, Some(e))) => {
                     let mut err = BackendError::new(kind_from_str(&e.kind), e.message);
                     if let Some(s) = e.status {
                         err = err.with_status(s);
                     }
-                    saved.push((custom_id, Err(err)));
+                    saved.push((id, Err(err)));
                 }
                 _ => tracing::warn!(
                     path = %path.display(),
@@ -335,21 +328,14 @@ impl ResultsLog {
         custom_id: &str,
         result: &Result<Completion, BackendError>,
     ) -> Result<(), Error> {
-        let line = match result {
-            Ok(c) => SavedLine {
-                custom_id: custom_id.to_string(),
-                completion: Some(c.clone()),
-                error: None,
-            },
-            Err(e) => SavedLine {
-                custom_id: custom_id.to_string(),
-                completion: None,
-                error: Some(SavedError {
-                    kind: e.kind().as_str().to_string(),
-                    message: e.message().to_string(),
-                    status: e.status(),
-                }),
-            },
+        let line = SavedLine {
+            custom_id: custom_id.to_string(),
+            completion: result.as_ref().ok().cloned(),
+            error: result.as_ref().err().map(|e| SavedError {
+                kind: e.kind().as_str().to_string(),
+                message: e.message().to_string(),
+                status: e.status(),
+            }),
         };
         let json = serde_json::to_vec(&line).expect("a result serialises");
         self.file.write_line(&json)
@@ -393,7 +379,7 @@ mod tests {
         s.write(&path).unwrap();
         let back = StateFile::read(&path).unwrap().unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.in_flight().count(), 1);
+        assert!(back.batches[0].in_flight());
         std::fs::write(&path, b"{not json").unwrap();
         let err = StateFile::read(&path).unwrap_err();
         assert!(err.to_string().contains("batches.json"), "{err}");

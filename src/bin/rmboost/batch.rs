@@ -47,23 +47,21 @@ async fn status(t: &BatchTarget) -> Result<u8, CliError> {
             .provider_id
             .clone()
             .unwrap_or_else(|| "(not created yet)".into());
-        let mut state_text = b.state.map_or("-".to_string(), |s| s.to_string());
-        let (mut ok, mut failed) = ("-".to_string(), "-".to_string());
-        if !b.downloaded {
-            if let Some(pid) = &b.provider_id {
-                match api.status(pid).await {
-                    Ok(s) => {
-                        state_text = s.state.to_string();
-                        ok = s.counts.succeeded.to_string();
-                        failed = s.counts.failed.to_string();
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        state_text = format!("? ({})", error_chain(&e));
-                    }
+        let none = || "-".to_string();
+        let (state_text, ok, failed) = match (&b.provider_id, b.downloaded) {
+            (Some(pid), false) => match api.status(pid).await {
+                Ok(s) => (
+                    s.state.to_string(),
+                    s.counts.succeeded.to_string(),
+                    s.counts.failed.to_string(),
+                ),
+                Err(e) => {
+                    failures += 1;
+                    (format!("? ({})", error_chain(&e)), none(), none())
                 }
-            }
-        }
+            },
+            _ => (b.state.map_or_else(none, |s| s.to_string()), none(), none()),
+        };
         println!(
             "{:<5} {:<34} {:>8} {:<12} {:>9} {:>7}  {}",
             b.wave,
