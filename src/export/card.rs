@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::{size_category, ExportSummary};
 use crate::example::ExampleFormat;
+use crate::report::{counts, num, pct};
 
 /// A YAML double-quoted scalar (any text is safe in it).
 fn yaml_str(s: &str) -> String {
@@ -15,14 +16,6 @@ fn cell(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('|', "\\|")
         .replace(['\n', '\r'], " ")
-}
-
-fn pct(x: Option<f64>) -> String {
-    x.map_or_else(|| "n/a".into(), |x| format!("{:.1}%", x * 100.0))
-}
-
-fn num(x: Option<f64>, digits: usize) -> String {
-    x.map_or_else(|| "n/a".into(), |x| format!("{x:.digits$}"))
 }
 
 /// The `dataset_info.features` entries of the columns, as `datasets` reads them.
@@ -197,13 +190,7 @@ pub(crate) fn render_card(summary: &ExportSummary) -> String {
         num(r.cost.mean_calls, 2)
     );
     if !r.aspects.is_empty() {
-        let mut aspects: Vec<_> = r.aspects.iter().collect();
-        aspects.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        let list: Vec<String> = aspects
-            .iter()
-            .map(|(a, n)| format!("{} {n}", cell(a)))
-            .collect();
-        let _ = writeln!(s, "| aspects | {} |", list.join(", "));
+        let _ = writeln!(s, "| aspects | {} |", cell(&counts(&r.aspects)));
     }
     s.push('\n');
 

@@ -3,9 +3,10 @@
 //! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use std::io::BufRead as _;
 
 use futures::stream::StreamExt;
 use rmboost::{ExampleFormat, OutputOrder};
@@ -27,23 +28,6 @@ use crate::summary::{
 use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
 
-/// The prices a batch run is billed at, side by side: the batch price when one is given,
-/// else half the online price when that is known, else 0. `None` when no price is known at
-/// all (then no cost is counted).
-fn billed_prices(
-    online: Option<Prices>,
-    batch_input: Option<f64>,
-    batch_output: Option<f64>,
-) -> Result<Option<Prices>, rmboost::Error> {
-    if online.is_none() && batch_input.is_none() && batch_output.is_none() {
-        return Ok(None);
-    }
-    let half = online.map(rmboost::batch::batch_prices);
-    let input = batch_input.or(half.map(|p| p.input_per_million()));
-    let output = batch_output.or(half.map(|p| p.output_per_million()));
-    Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
-}
-
 /// The prices, the cost budget and the shard of the flags (and the scheduler's variable it
 /// came from, with `--shard auto`).
 type Validated = (
@@ -64,21 +48,20 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
         args.price_output,
         "--price-input/--price-output",
     )?;
-    let batch = price(
-        args.batch_price_input,
-        args.batch_price_output,
-        "--batch-price-input/--batch-price-output",
-    )?;
-    if !args.batch && batch.is_some() {
+    let (input, output) = (args.batch_price_input, args.batch_price_output);
+    if !args.batch && (input.is_some() || output.is_some()) {
         return Err(CliError::usage(
             "--batch-price-input/--batch-price-output need --batch",
         ));
     }
     // Batch runs are billed at batch prices: given, else half the online ones.
+    let half = online.map(rmboost::batch::batch_prices);
     let prices = if args.batch {
-        billed_prices(online, args.batch_price_input, args.batch_price_output).map_err(|e| {
-            CliError::usage(format!("--batch-price-input/--batch-price-output: {e}"))
-        })?
+        price(
+            input.or(half.map(|p| p.input_per_million())),
+            output.or(half.map(|p| p.output_per_million())),
+            "--batch-price-input/--batch-price-output",
+        )?
     } else {
         online
     };
@@ -130,23 +113,15 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
     }
 }
 
-/// How the summary and the log name the shard: `2/4`, or `2/4 from SLURM_ARRAY_TASK_ID`.
-fn shard_text(shard: Shard, source: Option<ShardSource>) -> String {
-    match source {
-        Some(source) => format!("{shard} from {source}"),
-        None => shard.to_string(),
-    }
-}
-
 /// How many examples this run is expected to generate, for the bar (an estimate).
 fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let lines = crate::runner::count_lines(&args.input)?;
+    let lines = count_lines(&args.input)?;
     let mut todo = match shard {
         Some(s) => lines.div_ceil(u64::from(s.count())),
         None => lines,
     };
     if !args.overwrite {
-        todo = todo.saturating_sub(crate::runner::count_lines(&args.output).unwrap_or(0));
+        todo = todo.saturating_sub(count_lines(&args.output).unwrap_or(0));
     }
     Some(match args.limit {
         Some(l) => todo.min(l),
@@ -154,7 +129,17 @@ fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
     })
 }
 
-/// The limit on calls in flight: the one backend's, or the sum over the replicas.
+/// The non-blank lines of a file, for the bar's total.
+fn count_lines(path: &std::path::Path) -> Option<u64> {
+    let mut lines = 0;
+    for line in std::io::BufReader::new(std::fs::File::open(path).ok()?).split(b'\n') {
+        lines += u64::from(!line.ok()?.iter().all(u8::is_ascii_whitespace));
+    }
+    Some(lines)
+}
+
+/// The limit on calls in flight: the one backend's, or the sum over the replicas (of the
+/// figures the bar and the summary show).
 fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSnapshot> {
     if let Some(set) = &stats.replicas {
         let all: Vec<_> = set.stats().into_iter().map(|r| r.limit).collect();
@@ -164,14 +149,9 @@ fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSn
             sum.limit += s.limit;
             sum.min_limit += s.min_limit;
             sum.max_limit += s.max_limit;
-            sum.in_flight += s.in_flight;
-            sum.waiting += s.waiting;
             sum.calls += s.calls;
             sum.rate_limited += s.rate_limited;
             sum.congestion += s.congestion;
-            sum.decreases += s.decreases;
-            sum.increases += s.increases;
-            sum.pauses += s.pauses;
         }
         return Some(sum);
     }
@@ -271,28 +251,25 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
 
     let live = Progress::new();
-    let finished = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(tokio::sync::Notify::new());
+    let (finished, mut done) = tokio::sync::oneshot::channel::<()>();
     let ticker = {
         let live = live.clone();
         let stats = stats.clone();
-        let finished = finished.clone();
-        let wake = wake.clone();
         let batch = batch_backend.clone();
         let mut display = Display::new(args.progress, total);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    () = wake.notified() => {}
-                }
+                let last = tokio::select! {
+                    _ = interval.tick() => false,
+                    _ = &mut done => true,
+                };
                 display.update(
                     &tick(&live.snapshot(), &stats, batch.get(), prices, started),
                     total,
                 );
-                if finished.load(Ordering::SeqCst) {
+                if last {
                     break;
                 }
             }
@@ -358,8 +335,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         }
         (None, None) => unreachable!("a run is online or in batches"),
     };
-    finished.store(true, Ordering::SeqCst);
-    wake.notify_one();
+    let _ = finished.send(());
     let _ = ticker.await;
     drop(ctrl_c);
     if let Some(e) = setup_error {
@@ -406,7 +382,10 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         bad_lines: summary.bad_lines,
         duplicates: summary.duplicates,
         other_shard: summary.other_shard,
-        shard: shard_of_run.map(|(shard, source)| shard_text(shard, source)),
+        shard: shard_of_run.map(|(shard, source)| match source {
+            Some(source) => format!("{shard} from {source}"),
+            None => shard.to_string(),
+        }),
         reasks: summary.generation.reasks,
         retries: stats.retries(),
         calls: summary.calls,
@@ -549,4 +528,17 @@ async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
             .map_err(|e| CliError::fatal(format!("cannot clear the cache: {}", error_chain(&e))))?;
     }
     Ok(Some(cache))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_lines() {
+        let dir = std::env::temp_dir().join(format!("rmboost-cli-count-{}", std::process::id()));
+        std::fs::write(&dir, b"a\n\n  \nb\nc").unwrap();
+        assert_eq!(count_lines(&dir), Some(3));
+        std::fs::remove_file(&dir).unwrap();
+    }
 }

@@ -68,12 +68,7 @@ pub(crate) struct Tick {
 
 impl Tick {
     fn rate(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 {
-            self.processed as f64 / s
-        } else {
-            0.0
-        }
+        self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     fn eta(&self, total: Option<u64>) -> Option<Duration> {
@@ -162,29 +157,19 @@ impl Display {
         match kind {
             ProgressKind::Off => Display::Off,
             ProgressKind::Auto if tty => {
-                let bar = match total {
-                    Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr())
-                        .with_style(
-                            ProgressStyle::with_template(
-                                "{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}",
-                            )
-                            .expect("valid template")
-                            .progress_chars("=> "),
-                        ),
-                    None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-                        .with_style(
-                            ProgressStyle::with_template(
-                                "{spinner} [{elapsed_precise}] {pos} {msg}",
-                            )
-                            .expect("valid template"),
-                        ),
+                let template = match total {
+                    Some(_) => "{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}",
+                    None => "{spinner} [{elapsed_precise}] {pos} {msg}",
                 };
+                let style = ProgressStyle::with_template(template).expect("valid template");
+                let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr())
+                    .with_style(style.progress_chars("=> "));
                 bar.enable_steady_tick(Duration::from_millis(200));
                 *BAR.lock().unwrap_or_else(PoisonError::into_inner) = Some(bar.clone());
                 Display::Bar(bar)
             }
             ProgressKind::Auto | ProgressKind::Log => Display::Lines {
-                every: log_interval(),
+                every: Duration::from_secs(5),
                 last: Duration::ZERO,
                 shown: None,
             },
@@ -235,11 +220,6 @@ fn progress_line(tick: &Tick, total: Option<u64>) -> String {
         ),
         _ => format!("rmboost: {} done, {}", tick.processed, tick.details(total)),
     }
-}
-
-/// Every 5 s.
-fn log_interval() -> Duration {
-    Duration::from_secs(5)
 }
 
 #[cfg(test)]
