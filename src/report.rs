@@ -433,14 +433,16 @@ pub(crate) fn num(x: Option<f64>, digits: usize) -> String {
     x.map_or_else(|| "n/a".into(), |x| format!("{x:.digits$}"))
 }
 
-/// `a 3, b 1`: the counts, largest first.
+/// `a 3, b 1`: the counts, largest first; `none` for none.
 pub(crate) fn counts(map: &BTreeMap<String, u64>) -> String {
     let mut v: Vec<_> = map.iter().collect();
     v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    v.iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let v: Vec<_> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 impl fmt::Display for Report {
@@ -450,11 +452,7 @@ impl fmt::Display for Report {
             "examples:        {} ({} duplicate ids); methods: {}",
             self.examples,
             self.duplicate_ids,
-            if self.methods.is_empty() {
-                "none".into()
-            } else {
-                counts(&self.methods)
-            }
+            counts(&self.methods)
         )?;
         writeln!(
             f,
@@ -494,11 +492,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "aspects:         {}{}",
-            if self.aspects.is_empty() {
-                "none".into()
-            } else {
-                counts(&self.aspects)
-            },
+            counts(&self.aspects),
             if self.examples_without_aspects > 0 {
                 format!("; {} examples without", self.examples_without_aspects)
             } else {

@@ -176,13 +176,11 @@ pub fn split_of(id: &str, test_fraction: f64) -> Split {
     if scaled >= 18_446_744_073_709_551_616.0 {
         return Split::Test;
     }
-    let mut h = Sha256::new();
-    h.update(b"rmboost/split/v1\0");
-    h.update(id.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    let u = u64::from_le_bytes(b);
+    let d = Sha256::new()
+        .chain_update(b"rmboost/split/v1\0")
+        .chain_update(id)
+        .finalize();
+    let u = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
     // For an integer u: u < x  ⟺  u < ⌈x⌉; ⌈x⌉ ≤ 2⁶⁴ - 1 here since x < 2⁶⁴ is a multiple of 2¹¹ at
     // that magnitude.
     if u < scaled.ceil() as u64 {

@@ -19,19 +19,20 @@ use crate::Error;
 /// Rows buffered in memory before they are handed to the Parquet encoder.
 const BATCH_ROWS: usize = 1024;
 
-/// Row-group and file settings of a [`ParquetWriter`]; every setter documents its default.
+/// A row group ends once its encoded size reaches about this many bytes.
+const BYTES_PER_GROUP: usize = 128 << 20;
+
+/// Row-group settings of a [`ParquetWriter`]; every setter documents its default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct ParquetOptions {
     rows_per_group: NonZeroUsize,
-    bytes_per_group: NonZeroUsize,
 }
 
 impl Default for ParquetOptions {
     fn default() -> Self {
         ParquetOptions {
             rows_per_group: NonZeroUsize::new(10_000).expect("non-zero"),
-            bytes_per_group: NonZeroUsize::new(128 << 20).expect("non-zero"),
         }
     }
 }
@@ -47,12 +48,6 @@ impl ParquetOptions {
     /// At most this many rows per row group. Default 10,000.
     pub fn rows_per_group(mut self, rows: NonZeroUsize) -> Self {
         self.rows_per_group = rows;
-        self
-    }
-
-    /// A row group ends once its encoded size reaches about this many bytes. Default 128 MiB.
-    pub fn bytes_per_group(mut self, bytes: NonZeroUsize) -> Self {
-        self.bytes_per_group = bytes;
         self
     }
 }
@@ -307,7 +302,7 @@ impl<W: Write + Send> ParquetWriter<W> {
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(options.rows_per_group.get()))
-            .set_max_row_group_bytes(Some(options.bytes_per_group.get()))
+            .set_max_row_group_bytes(Some(BYTES_PER_GROUP))
             .set_created_by(format!(
                 "rmboost version {} (parquet-rs)",
                 env!("CARGO_PKG_VERSION")
@@ -366,12 +361,6 @@ impl<W: Write + Send> ParquetWriter<W> {
     #[must_use]
     pub fn rows(&self) -> u64 {
         self.rows
-    }
-
-    /// The format of the rows.
-    #[must_use]
-    pub fn format(&self) -> ExampleFormat {
-        self.format
     }
 
     /// About how large the file would be if finished now, in bytes: what is written, plus

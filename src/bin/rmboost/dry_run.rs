@@ -40,7 +40,9 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
             args.gen.method
         )));
     }
-    let rmb = setup::generator(&args.gen, Arc::new(NoModel), OutputOrder::Input)?;
+    let rmb = setup::method_config(&args.gen, OutputOrder::Input)?
+        .rmboost(Arc::new(NoModel))
+        .map_err(|e| CliError::usage(error_chain(&e)))?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
     let stdout = std::io::stdout();

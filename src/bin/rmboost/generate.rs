@@ -2,7 +2,6 @@
 //! display and the final summary. Every policy (file safety, resume checks, the cost budget,
 //! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,9 +21,7 @@ use rmboost::run::{
 };
 
 use crate::setup::{self, error_chain, CliError};
-use crate::summary::{
-    BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Status, Tokens,
-};
+use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Tokens};
 use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
 
@@ -350,35 +347,25 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 
     let summary = live.snapshot();
-    let code = match &result {
-        Ok(s) => setup::exit_status(s),
-        Err(_) => setup::EXIT_FATAL,
+    let status = match (&result, summary.outcome) {
+        (Err(_), _) | (_, Outcome::Unreachable) => Outcome::Failed,
+        (Ok(_), outcome) => outcome,
     };
+    let code = setup::exit_status(status, summary.generation.failed());
     let error = match (&result, summary.outcome) {
         (Err(e), _) => Some(error_chain(e)),
         (Ok(_), Outcome::Unreachable) => summary.message.clone(),
         _ => None,
     };
     let report = Report {
-        status: match (&result, summary.outcome) {
-            (Err(_), _) | (_, Outcome::Unreachable | Outcome::Failed) => Status::Failed,
-            (Ok(_), Outcome::CostLimit) => Status::CostLimit,
-            (Ok(_), Outcome::Interrupted) => Status::Interrupted,
-            (Ok(_), Outcome::LimitReached) => Status::LimitReached,
-            (Ok(_), _) => Status::Completed,
-        },
+        status,
         error: error.clone(),
         examples_written: summary.generation.examples,
         better: summary.generation.better,
         worse: summary.generation.examples - summary.generation.better,
         skipped_done: summary.skipped_done,
         failed: summary.generation.failed(),
-        failures: summary
-            .generation
-            .failures
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), *v))
-            .collect(),
+        failures: summary.generation.failures.clone(),
         bad_lines: summary.bad_lines,
         duplicates: summary.duplicates,
         other_shard: summary.other_shard,
@@ -485,22 +472,15 @@ fn batch_setup(
     Ok((api, config, description))
 }
 
-/// The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost`.
-fn default_cache_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
-    };
-    Some(base.join("rmboost"))
-}
-
 /// The response cache (unless `--no-cache`); a cache that cannot be opened (another run holds
 /// it, a broken file) is reported and skipped, never fatal.
 async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
     if args.no_cache {
         return Ok(None);
     }
-    let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
+    // The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost` on Linux.
+    let default = || dirs::cache_dir().map(|d| d.join("rmboost"));
+    let Some(dir) = args.cache_dir.clone().or_else(default) else {
         tracing::warn!("no cache directory (HOME is not set): running without the response cache");
         return Ok(None);
     };

@@ -4,35 +4,19 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::path::PathBuf;
 
+use rmboost::run::Outcome;
 use serde::Serialize;
 
 use crate::progress::{human_count, human_duration};
 
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Status {
-    /// Every prompt was processed.
-    Completed,
-    /// `--limit` examples were generated (prompts may remain).
-    LimitReached,
-    /// `--max-cost` was reached.
-    CostLimit,
-    /// Ctrl-C.
-    Interrupted,
-    /// A fatal error.
-    Failed,
-}
-
-impl Status {
-    fn text(self) -> &'static str {
-        match self {
-            Status::Completed => "completed",
-            Status::LimitReached => "stopped at --limit",
-            Status::CostLimit => "stopped: --max-cost reached",
-            Status::Interrupted => "interrupted (Ctrl-C)",
-            Status::Failed => "failed",
-        }
+/// How the summary's first line tells how a run ended (in the flags' words).
+fn status_text(status: Outcome) -> &'static str {
+    match status {
+        Outcome::Completed => "completed",
+        Outcome::LimitReached => "stopped at --limit",
+        Outcome::CostLimit => "stopped: --max-cost reached",
+        Outcome::Interrupted => "interrupted (Ctrl-C)",
+        _ => "failed",
     }
 }
 
@@ -107,7 +91,8 @@ pub(crate) struct BatchReport {
 /// Everything the summary shows.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
-    pub(crate) status: Status,
+    /// How the run ended: `unreachable` and errors are `failed`.
+    pub(crate) status: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
     pub(crate) examples_written: u64,
@@ -115,7 +100,7 @@ pub(crate) struct Report {
     pub(crate) worse: u64,
     pub(crate) skipped_done: u64,
     pub(crate) failed: u64,
-    pub(crate) failures: BTreeMap<String, u64>,
+    pub(crate) failures: BTreeMap<&'static str, u64>,
     pub(crate) bad_lines: u64,
     pub(crate) duplicates: u64,
     pub(crate) other_shard: u64,
@@ -269,8 +254,8 @@ impl fmt::Display for Report {
                 ),
             ));
         }
-        write!(f, "rmboost generate: {}", self.status.text())?;
-        if self.failed > 0 && matches!(self.status, Status::Completed | Status::LimitReached) {
+        write!(f, "rmboost generate: {}", status_text(self.status))?;
+        if self.failed > 0 && matches!(self.status, Outcome::Completed | Outcome::LimitReached) {
             write!(
                 f,
                 ", {} examples failed (exit status {}; a rerun retries them)",
