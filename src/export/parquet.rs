@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow_array::builder::OffsetBufferBuilder;
 use arrow_array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -64,37 +64,6 @@ pub struct ParquetStats {
     pub bytes: u64,
 }
 
-/// The Arrow schema of an exported file in `format`: the JSONL's columns, in its order (see
-/// the [module docs](super)).
-pub(crate) fn schema(format: ExampleFormat) -> SchemaRef {
-    let text = |name: &str| Field::new(name, DataType::Utf8, false);
-    let turns = || {
-        DataType::List(Arc::new(Field::new_list_field(
-            DataType::Struct(turn_fields()),
-            true,
-        )))
-    };
-    let conversation = |name: &str| match format {
-        ExampleFormat::Standard => text(name),
-        _ => Field::new(name, turns(), false),
-    };
-    Arc::new(Schema::new(vec![
-        text("id"),
-        conversation("prompt"),
-        conversation("chosen"),
-        conversation("rejected"),
-        text("label"),
-        Field::new("grade", DataType::Utf8, true),
-        Field::new(
-            "aspects",
-            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
-            false,
-        ),
-        Field::new("margin", DataType::Float64, true),
-        text("metadata"),
-    ]))
-}
-
 fn turn_fields() -> Fields {
     Fields::from(vec![
         Field::new("role", DataType::Utf8, false),
@@ -122,8 +91,9 @@ impl Batch {
         self.rows.push((e.clone(), metadata));
     }
 
-    /// The rows as columns (emptying the batch).
-    fn finish(&mut self, schema: &SchemaRef, format: ExampleFormat) -> RecordBatch {
+    /// The rows as columns (emptying the batch): the JSONL's columns in its order, `grade`
+    /// and `margin` nullable (see the [module docs](super)).
+    fn finish(&mut self, format: ExampleFormat) -> RecordBatch {
         let rows = std::mem::take(&mut self.rows);
         self.bytes = 0;
         let text = |f: &dyn Fn(&PreferenceExample) -> &str| -> ArrayRef {
@@ -145,24 +115,32 @@ impl Batch {
             ),
         };
         let aspects = StringArray::from_iter_values(rows.iter().flat_map(|(e, _)| &e.aspects));
-        let columns: Vec<ArrayRef> = vec![
-            text(&|e| &e.id),
-            prompt,
-            answer(&|e| &e.chosen),
-            answer(&|e| &e.rejected),
-            text(&|e| e.label.as_str()),
-            Arc::new(StringArray::from_iter(
-                rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())),
-            )),
-            list(
-                DataType::Utf8,
-                rows.iter().map(|(e, _)| e.aspects.len()),
-                Arc::new(aspects),
+        let grades = StringArray::from_iter(rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())));
+        let aspect_counts = rows.iter().map(|(e, _)| e.aspects.len());
+        let columns: [(&str, ArrayRef, bool); 9] = [
+            ("id", text(&|e| &e.id), false),
+            ("prompt", prompt, false),
+            ("chosen", answer(&|e| &e.chosen), false),
+            ("rejected", answer(&|e| &e.rejected), false),
+            ("label", text(&|e| e.label.as_str()), false),
+            ("grade", Arc::new(grades), true),
+            (
+                "aspects",
+                list(DataType::Utf8, aspect_counts, Arc::new(aspects)),
+                false,
             ),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
+            (
+                "margin",
+                Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
+                true,
+            ),
+            (
+                "metadata",
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
+                false,
+            ),
         ];
-        RecordBatch::try_new(schema.clone(), columns).expect("the columns match the schema")
+        RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
     }
 }
 
@@ -231,7 +209,6 @@ fn turns<'a, T: IntoIterator<Item = (Role, &'a str)>>(rows: impl Iterator<Item =
 /// ```
 pub struct ParquetWriter<W: Write + Send> {
     writer: ArrowWriter<Counting<W>>,
-    schema: SchemaRef,
     batch: Batch,
     format: ExampleFormat,
     rows: u64,
@@ -298,7 +275,7 @@ impl<W: Write + Send> ParquetWriter<W> {
         format: ExampleFormat,
         options: ParquetOptions,
     ) -> Result<Self, Error> {
-        let schema = schema(format);
+        let schema = Batch::default().finish(format).schema();
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(options.rows_per_group.get()))
@@ -313,11 +290,10 @@ impl<W: Write + Send> ParquetWriter<W> {
             inner: out,
             bytes: 0,
         };
-        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props))
-            .map_err(|e| parquet_err(&name, e))?;
+        let writer =
+            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| parquet_err(&name, e))?;
         Ok(ParquetWriter {
             writer,
-            schema,
             batch: Batch::default(),
             format,
             rows: 0,
@@ -351,7 +327,7 @@ impl<W: Write + Send> ParquetWriter<W> {
         if self.batch.rows.is_empty() {
             return Ok(());
         }
-        let batch = self.batch.finish(&self.schema, self.format);
+        let batch = self.batch.finish(self.format);
         self.writer
             .write(&batch)
             .map_err(|e| parquet_err(&self.name, e))

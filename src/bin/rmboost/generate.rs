@@ -112,18 +112,15 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
 
 /// How many examples this run is expected to generate, for the bar (an estimate).
 fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let lines = count_lines(&args.input)?;
-    let mut todo = match shard {
-        Some(s) => lines.div_ceil(u64::from(s.count())),
-        None => lines,
+    let todo = count_lines(&args.input)?.div_ceil(shard.map_or(1, |s| u64::from(s.count())));
+    let done = match args.overwrite {
+        true => 0,
+        false => count_lines(&args.output).unwrap_or(0),
     };
-    if !args.overwrite {
-        todo = todo.saturating_sub(count_lines(&args.output).unwrap_or(0));
-    }
-    Some(match args.limit {
-        Some(l) => todo.min(l),
-        None => todo,
-    })
+    Some(
+        todo.saturating_sub(done)
+            .min(args.limit.unwrap_or(u64::MAX)),
+    )
 }
 
 /// The non-blank lines of a file, for the bar's total.
@@ -484,12 +481,12 @@ async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
         tracing::warn!("no cache directory (HOME is not set): running without the response cache");
         return Ok(None);
     };
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        return Err(CliError::fatal(format!(
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        CliError::fatal(format!(
             "cannot create the cache directory {}: {e}",
             dir.display()
-        )));
-    }
+        ))
+    })?;
     let path = dir.join("responses.redb");
     let cache = match Cache::open(&path) {
         Ok(c) => c,

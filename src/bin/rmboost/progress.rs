@@ -85,33 +85,23 @@ impl Tick {
         } else {
             format!("{:.1} ex/min", rate * 60.0)
         };
-        let mut s = format!(
-            "{rate}, {} failed, {} retries, {} tokens",
-            self.failed,
-            self.retries,
-            human_count(self.tokens)
-        );
-        if self.skipped > 0 {
-            s.push_str(&format!(", {} already done", self.skipped));
-        }
-        if let Some((limit, cap, share)) = self.limit {
-            s.push_str(&format!(
-                ", limit {limit}/{cap}, {:.1}% 429s",
-                100.0 * share
-            ));
-        }
-        if let Some((created, waves, flying)) = self.batch {
-            s.push_str(&format!(
-                ", {created} batches in {waves} waves, {flying} running"
-            ));
-        }
-        if let Some(c) = self.cost {
-            s.push_str(&format!(", ${c:.4}"));
-        }
-        if let Some(eta) = self.eta(total) {
-            s.push_str(&format!(", ETA {}", human_duration(eta)));
-        }
-        s
+        let (failed, retries, tokens) = (self.failed, self.retries, human_count(self.tokens));
+        let parts = [
+            Some(format!(
+                "{rate}, {failed} failed, {retries} retries, {tokens} tokens"
+            )),
+            (self.skipped > 0).then(|| format!("{} already done", self.skipped)),
+            self.limit.map(|(limit, cap, share)| {
+                format!("limit {limit}/{cap}, {:.1}% 429s", 100.0 * share)
+            }),
+            self.batch.map(|(created, waves, flying)| {
+                format!("{created} batches in {waves} waves, {flying} running")
+            }),
+            self.cost.map(|c| format!("${c:.4}")),
+            self.eta(total)
+                .map(|eta| format!("ETA {}", human_duration(eta))),
+        ];
+        parts.into_iter().flatten().collect::<Vec<_>>().join(", ")
     }
 }
 
