@@ -119,8 +119,7 @@ fn params(r: &CompletionRequest) -> String {
 
 fn messages(out: &mut String, r: &CompletionRequest) {
     for m in &r.messages {
-        let _ = writeln!(out, "[{}]", m.role);
-        let _ = writeln!(out, "{}", m.content.trim_end());
+        let _ = writeln!(out, "[{}]\n{}", m.role, m.content.trim_end());
     }
 }
 

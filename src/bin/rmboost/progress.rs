@@ -129,9 +129,8 @@ pub(crate) fn human_duration(d: Duration) -> String {
 /// How progress is shown.
 pub(crate) enum Display {
     Bar(ProgressBar),
-    /// A line every `every` when something changed, and at least once a minute.
+    /// A line every 5 s when something changed, and at least once a minute.
     Lines {
-        every: Duration,
         last: Duration,
         shown: Option<(u64, u64)>,
     },
@@ -159,7 +158,6 @@ impl Display {
                 Display::Bar(bar)
             }
             ProgressKind::Auto | ProgressKind::Log => Display::Lines {
-                every: Duration::from_secs(5),
                 last: Duration::ZERO,
                 shown: None,
             },
@@ -176,10 +174,10 @@ impl Display {
                 bar.set_position(tick.processed);
                 bar.set_message(tick.details(total));
             }
-            Display::Lines { every, last, shown } => {
+            Display::Lines { last, shown } => {
                 let state = Some((tick.processed, tick.tokens));
-                let due = tick.elapsed >= *last + *every;
-                let heartbeat = tick.elapsed >= *last + (*every).max(Duration::from_secs(60));
+                let due = tick.elapsed >= *last + Duration::from_secs(5);
+                let heartbeat = tick.elapsed >= *last + Duration::from_secs(60);
                 if (due && state != *shown) || heartbeat {
                     *last = tick.elapsed;
                     *shown = state;
