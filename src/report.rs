@@ -66,13 +66,14 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
 use rand::RngCore;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::aspect::AspectSet;
@@ -87,7 +88,7 @@ use crate::label::Label;
 pub use crate::checks::{token_jaccard, NEAR_IDENTICAL_JACCARD};
 
 /// Label counts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct LabelBalance {
     /// Examples labelled better.
     pub better: u64,
@@ -98,7 +99,7 @@ pub struct LabelBalance {
 }
 
 /// Response lengths, in characters (Unicode scalar values).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct LengthStats {
     /// Mean length of the chosen responses.
     pub mean_chosen_chars: Option<f64>,
@@ -113,7 +114,7 @@ pub struct LengthStats {
 }
 
 /// Pairs whose responses are nearly the same.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct NearIdentical {
     /// The threshold used ([`NEAR_IDENTICAL_JACCARD`]).
     pub threshold: f64,
@@ -126,7 +127,7 @@ pub struct NearIdentical {
 }
 
 /// Lexical diversity of all responses (chosen and rejected).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Diversity {
     /// Responses counted.
     pub responses: u64,
@@ -139,7 +140,7 @@ pub struct Diversity {
 }
 
 /// Cost of the examples, from their metadata.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Cost {
     /// Mean `metadata.calls` per example.
     pub mean_calls: Option<f64>,
@@ -148,7 +149,7 @@ pub struct Cost {
 }
 
 /// Failures from a ledger.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Failures {
     /// Lines in the ledger.
     pub ledger_lines: u64,
@@ -163,7 +164,7 @@ pub struct Failures {
 }
 
 /// The quality report of a dataset; see the [module docs](self) for what each part measures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Report {
     /// Examples read.
     pub examples: u64,
@@ -194,29 +195,19 @@ pub struct Report {
 /// size can be reported in one pass; memory grows with the number of distinct ids and n-grams.
 #[derive(Debug, Default)]
 pub struct ReportBuilder {
-    examples: u64,
+    /// The counts so far; the ratios are filled in by [`finish`](Self::finish).
+    report: Report,
     ids: HashSet<String>,
-    duplicate_ids: u64,
-    methods: BTreeMap<String, u64>,
-    better: u64,
-    worse: u64,
     chosen_chars: u64,
     rejected_chars: u64,
     chosen_longer: u64,
     equal_len: u64,
-    near_identical: u64,
     jaccard_sum: f64,
-    responses: u64,
-    unigrams: u64,
     bigrams: u64,
     distinct_unigrams: HashSet<String>,
     distinct_bigrams: HashSet<String>,
-    aspects: BTreeMap<String, u64>,
-    without_aspects: u64,
     calls: u64,
-    tokens: u64,
-    ledger: bool,
-    ledger_lines: u64,
+    /// The kind of each failed id's last ledger line.
     failed: HashMap<String, String>,
 }
 
@@ -235,8 +226,8 @@ impl ReportBuilder {
         let mut lower = String::new();
         similarity::lower_into(text, &mut lower);
         let toks: Vec<&str> = similarity::tokens(&lower).collect();
-        self.responses += 1;
-        self.unigrams += toks.len() as u64;
+        self.report.diversity.responses += 1;
+        self.report.diversity.tokens += toks.len() as u64;
         self.bigrams += toks.len().saturating_sub(1) as u64;
         for w in toks.windows(2) {
             self.distinct_bigrams.insert(format!("{} {}", w[0], w[1]));
@@ -248,180 +239,106 @@ impl ReportBuilder {
 
     /// Adds one example.
     pub fn add(&mut self, example: &PreferenceExample) {
-        self.examples += 1;
+        let r = &mut self.report;
+        r.examples += 1;
         if !self.ids.insert(example.id.clone()) {
-            self.duplicate_ids += 1;
+            r.duplicate_ids += 1;
         }
         let method = if example.metadata.method.is_empty() {
             "unknown"
         } else {
             &example.metadata.method
         };
-        *self.methods.entry(method.to_string()).or_default() += 1;
+        *r.methods.entry(method.to_string()).or_default() += 1;
         match example.label {
-            Label::Better => self.better += 1,
-            Label::Worse => self.worse += 1,
+            Label::Better => r.labels.better += 1,
+            Label::Worse => r.labels.worse += 1,
         }
-        let (c, r) = (
+        let (c, r_len) = (
             example.chosen.chars().count() as u64,
             example.rejected.chars().count() as u64,
         );
         self.chosen_chars += c;
-        self.rejected_chars += r;
-        if c > r {
+        self.rejected_chars += r_len;
+        if c > r_len {
             self.chosen_longer += 1;
-        } else if c == r {
+        } else if c == r_len {
             self.equal_len += 1;
         }
         let j = token_jaccard(&example.chosen, &example.rejected);
         self.jaccard_sum += j;
         if j >= NEAR_IDENTICAL_JACCARD {
-            self.near_identical += 1;
+            r.near_identical.pairs += 1;
         }
-        self.add_response(&example.chosen);
-        self.add_response(&example.rejected);
         if example.aspects.is_empty() {
-            self.without_aspects += 1;
+            r.examples_without_aspects += 1;
         }
         for a in &example.aspects {
-            *self.aspects.entry(a.clone()).or_default() += 1;
+            *r.aspects.entry(a.clone()).or_default() += 1;
         }
         self.calls += u64::from(example.metadata.calls);
         if let Some(u) = example.metadata.usage.get("total") {
-            self.tokens = self.tokens.saturating_add(u.total());
+            r.cost.total_tokens = r.cost.total_tokens.saturating_add(u.total());
         }
-    }
-
-    /// Adds one failure-ledger line: the id and the kind of failure. Adding any (even none,
-    /// with [`has_ledger`](Self::has_ledger)) makes the report include a failure section.
-    pub fn add_failure(&mut self, id: &str, kind: &str) {
-        self.ledger_lines += 1;
-        self.failed.insert(id.to_string(), kind.to_string());
-    }
-
-    /// Marks that a (possibly empty) ledger was read, so the report has a failure section.
-    pub fn has_ledger(&mut self) {
-        self.ledger = true;
+        self.add_response(&example.chosen);
+        self.add_response(&example.rejected);
     }
 
     /// The report of everything added.
     #[must_use]
     pub fn finish(self) -> Report {
-        let n = self.examples as f64;
-        let failures = (self.ledger || self.ledger_lines > 0).then(|| {
-            let mut by_kind = BTreeMap::new();
-            let mut failed = 0u64;
-            let mut recovered = 0u64;
+        let mut r = self.report;
+        let n = r.examples as f64;
+        if let Some(f) = &mut r.failures {
             for (id, kind) in &self.failed {
                 if self.ids.contains(id) {
-                    recovered += 1;
+                    f.recovered += 1;
                 } else {
-                    failed += 1;
-                    *by_kind.entry(kind.clone()).or_default() += 1;
+                    f.failed += 1;
+                    *f.by_kind.entry(kind.clone()).or_default() += 1;
                 }
             }
-            Failures {
-                ledger_lines: self.ledger_lines,
-                failed,
-                recovered,
-                by_kind,
-                rate: ratio(failed as f64, (self.ids.len() as u64 + failed) as f64),
-            }
-        });
-        Report {
-            examples: self.examples,
-            duplicate_ids: self.duplicate_ids,
-            methods: self.methods,
-            labels: LabelBalance {
-                better: self.better,
-                worse: self.worse,
-                better_share: ratio(self.better as f64, (self.better + self.worse) as f64),
-            },
-            length: LengthStats {
-                mean_chosen_chars: ratio(self.chosen_chars as f64, n),
-                mean_rejected_chars: ratio(self.rejected_chars as f64, n),
-                ratio: if n > 0.0 {
-                    ratio(self.chosen_chars as f64, self.rejected_chars as f64)
-                } else {
-                    None
-                },
-                chosen_longer_share: ratio(self.chosen_longer as f64, n),
-                equal_share: ratio(self.equal_len as f64, n),
-            },
-            near_identical: NearIdentical {
-                threshold: NEAR_IDENTICAL_JACCARD,
-                pairs: self.near_identical,
-                share: ratio(self.near_identical as f64, n),
-                mean_jaccard: ratio(self.jaccard_sum, n),
-            },
-            diversity: Diversity {
-                responses: self.responses,
-                tokens: self.unigrams,
-                distinct_1: ratio(self.distinct_unigrams.len() as f64, self.unigrams as f64),
-                distinct_2: ratio(self.distinct_bigrams.len() as f64, self.bigrams as f64),
-            },
-            aspects: self.aspects,
-            examples_without_aspects: self.without_aspects,
-            cost: Cost {
-                mean_calls: ratio(self.calls as f64, n),
-                total_tokens: self.tokens,
-            },
-            failures,
+            f.rate = ratio(f.failed as f64, (self.ids.len() as u64 + f.failed) as f64);
         }
-    }
-}
-
-/// Reads preference examples from a JSONL file (either format); an iterator of
-/// `Result<PreferenceExample, Error>`. Blank lines are skipped; a bad line (not an example,
-/// not UTF-8, or longer than 64 MiB) gives an [`ErrorKind::Parse`] naming the file and line,
-/// and reading goes on with the next line.
-#[derive(Debug)]
-pub struct ExampleReader<R> {
-    lines: JsonlLines<R>,
-}
-
-/// Opens a JSONL file of examples.
-///
-/// # Errors
-///
-/// [`ErrorKind::Io`] if the file cannot be opened.
-pub fn read_examples(path: impl AsRef<Path>) -> Result<ExampleReader<BufReader<File>>, Error> {
-    let path = path.as_ref();
-    let file = File::open(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
-    Ok(ExampleReader::new(BufReader::new(file), path))
-}
-
-impl<R: BufRead> ExampleReader<R> {
-    /// Reads from `reader`; `name` is the file name used in errors.
-    pub fn new(reader: R, name: impl Into<PathBuf>) -> Self {
-        ExampleReader {
-            lines: JsonlLines::new(reader, name.into(), MAX_LINE_BYTES),
-        }
-    }
-
-    /// Reads the next non-blank line and parses it with `parse`.
-    fn next_with<T>(
-        &mut self,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<Result<T, Error>> {
-        let line = match self.lines.next_line()? {
-            Ok(line) => line,
-            Err(e) => return Some(Err(e)),
+        let (better, worse) = (r.labels.better, r.labels.worse);
+        r.labels.better_share = ratio(better as f64, (better + worse) as f64);
+        let (chosen, rejected) = (self.chosen_chars as f64, self.rejected_chars as f64);
+        r.length = LengthStats {
+            mean_chosen_chars: ratio(chosen, n),
+            mean_rejected_chars: ratio(rejected, n),
+            ratio: ratio(chosen, rejected).filter(|_| n > 0.0),
+            chosen_longer_share: ratio(self.chosen_longer as f64, n),
+            equal_share: ratio(self.equal_len as f64, n),
         };
-        let parsed = parse(&line.text).map_err(|message| self.lines.err(message));
-        self.lines.recycle(line);
-        Some(parsed)
+        let ni = &mut r.near_identical;
+        ni.threshold = NEAR_IDENTICAL_JACCARD;
+        ni.share = ratio(ni.pairs as f64, n);
+        ni.mean_jaccard = ratio(self.jaccard_sum, n);
+        let d = &mut r.diversity;
+        d.distinct_1 = ratio(self.distinct_unigrams.len() as f64, d.tokens as f64);
+        d.distinct_2 = ratio(self.distinct_bigrams.len() as f64, self.bigrams as f64);
+        r.cost.mean_calls = ratio(self.calls as f64, n);
+        r
     }
 }
 
-impl<R: BufRead> Iterator for ExampleReader<R> {
-    type Item = Result<PreferenceExample, Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_with(|t| {
-            serde_json::from_str(t).map_err(|e| format!("not a preference example: {e}"))
-        })
+/// Parses each non-blank line of the JSONL file at `path` as a `T` and hands it to `add`,
+/// stopping at the first error: [`ErrorKind::Io`] if the file cannot be read,
+/// [`ErrorKind::Parse`] naming the file and line (prefixed with `what`) for a line that is not
+/// a `T`, not UTF-8, or longer than 64 MiB.
+fn read_jsonl<T: DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    mut add: impl FnMut(T),
+) -> Result<(), Error> {
+    let file = File::open(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
+    let mut lines = JsonlLines::new(BufReader::new(file), path.to_path_buf(), MAX_LINE_BYTES);
+    while let Some(line) = lines.next_line() {
+        let line = line?;
+        add(serde_json::from_str(&line.text).map_err(|e| lines.err(format!("{what}: {e}")))?);
+        lines.recycle(line);
     }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -459,7 +376,7 @@ impl Report {
     /// the first line that is not a preference example.
     pub fn from_jsonl(path: impl AsRef<Path>) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
-        add_dataset(&mut b, path.as_ref())?;
+        b.read_dataset(path.as_ref())?;
         Ok(b.finish())
     }
 
@@ -474,62 +391,58 @@ impl Report {
         ledger: impl AsRef<Path>,
     ) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
-        add_dataset(&mut b, path.as_ref())?;
+        b.read_dataset(path.as_ref())?;
         b.read_ledger(ledger)?;
         Ok(b.finish())
     }
 }
 
 impl ReportBuilder {
-    /// Adds every line of a failure-ledger file (and marks that a ledger was read, so the
-    /// report has a failure section even if it is empty).
+    /// Adds every line of a failure-ledger file, and marks that a ledger was read, so the
+    /// report has a failure section even if it is empty.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Io`] if the file cannot be read; [`ErrorKind::Parse`] naming the file
     /// and line of a line without a string or integer `id` and a string `kind`.
     pub fn read_ledger(&mut self, ledger: impl AsRef<Path>) -> Result<(), Error> {
-        let ledger = ledger.as_ref();
-        let file = File::open(ledger).map_err(|source| Error::io(ledger.to_path_buf(), source))?;
-        let mut reader = ExampleReader::new(BufReader::new(file), ledger);
-        self.has_ledger();
-        while let Some(line) = reader.next_with(|t| {
-            serde_json::from_str::<LedgerLine>(t)
-                .map_err(|e| format!("not a failure-ledger line (needs `id` and `kind`): {e}"))
-        }) {
-            let line = line?;
+        let failures = self.report.failures.get_or_insert_with(Failures::default);
+        let what = "not a failure-ledger line (needs `id` and `kind`)";
+        read_jsonl(ledger.as_ref(), what, |line: LedgerLine| {
+            failures.ledger_lines += 1;
             let id = match line.id {
                 LedgerId::Text(s) => s,
                 LedgerId::Number(n) => n.to_string(),
             };
-            self.add_failure(&id, &line.kind);
-        }
-        Ok(())
+            self.failed.insert(id, line.kind);
+        })
+    }
+
+    fn read_dataset(&mut self, path: &Path) -> Result<(), Error> {
+        read_jsonl(path, "not a preference example", |e| self.add(&e))
     }
 }
 
-fn add_dataset(b: &mut ReportBuilder, path: &Path) -> Result<(), Error> {
-    for ex in read_examples(path)? {
-        b.add(&ex?);
-    }
-    Ok(())
-}
-
-fn pct(x: Option<f64>) -> String {
+/// `0.123` → `12.3%`; `n/a` for none.
+pub(crate) fn pct(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".into(), |x| format!("{:.1}%", x * 100.0))
 }
 
-fn num(x: Option<f64>, digits: usize) -> String {
+/// `x` with `digits` decimals; `n/a` for none.
+pub(crate) fn num(x: Option<f64>, digits: usize) -> String {
     x.map_or_else(|| "n/a".into(), |x| format!("{x:.digits$}"))
 }
 
-fn counts(map: &BTreeMap<String, u64>) -> String {
+/// `a 3, b 1`: the counts, largest first; `none` for none.
+pub(crate) fn counts(map: &BTreeMap<String, u64>) -> String {
     let mut v: Vec<_> = map.iter().collect();
     v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    v.iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let v: Vec<_> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 impl fmt::Display for Report {
@@ -539,11 +452,7 @@ impl fmt::Display for Report {
             "examples:        {} ({} duplicate ids); methods: {}",
             self.examples,
             self.duplicate_ids,
-            if self.methods.is_empty() {
-                "none".into()
-            } else {
-                counts(&self.methods)
-            }
+            counts(&self.methods)
         )?;
         writeln!(
             f,
@@ -583,11 +492,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "aspects:         {}{}",
-            if self.aspects.is_empty() {
-                "none".into()
-            } else {
-                counts(&self.aspects)
-            },
+            counts(&self.aspects),
             if self.examples_without_aspects > 0 {
                 format!("; {} examples without", self.examples_without_aspects)
             } else {

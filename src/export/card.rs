@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::{size_category, ExportSummary};
 use crate::example::ExampleFormat;
+use crate::report::{counts, num, pct};
 
 /// A YAML double-quoted scalar (any text is safe in it).
 fn yaml_str(s: &str) -> String {
@@ -15,14 +16,6 @@ fn cell(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('|', "\\|")
         .replace(['\n', '\r'], " ")
-}
-
-fn pct(x: Option<f64>) -> String {
-    x.map_or_else(|| "n/a".into(), |x| format!("{:.1}%", x * 100.0))
-}
-
-fn num(x: Option<f64>, digits: usize) -> String {
-    x.map_or_else(|| "n/a".into(), |x| format!("{x:.digits$}"))
 }
 
 /// The `dataset_info.features` entries of the columns, as `datasets` reads them.
@@ -55,29 +48,30 @@ fn features(format: ExampleFormat) -> String {
 /// public so a program can show or adapt it.
 #[must_use]
 pub(crate) fn render_card(summary: &ExportSummary) -> String {
-    let mut s = String::new();
     let total = summary.rows();
-    // Front matter.
-    s.push_str("---\nconfigs:\n- config_name: default\n  data_files:\n");
+    // Per split: its data files, its size (`datasets` wants `num_bytes` with `num_examples`
+    // and checks only the latter; the Hub puts the in-memory size there, the Parquet size is
+    // what is known here) and its row of the table.
+    let (mut files, mut sizes, mut table) = (String::new(), String::new(), String::new());
     for split in &summary.splits {
+        let (name, rows, bytes) = (split.split, split.rows, split.bytes);
+        let _ = writeln!(files, "  - split: {name}\n    path: data/{name}-*");
         let _ = writeln!(
-            s,
-            "  - split: {}\n    path: data/{}-*",
-            split.split, split.split
+            sizes,
+            "  - name: {name}\n    num_bytes: {bytes}\n    num_examples: {rows}"
+        );
+        let _ = writeln!(
+            table,
+            "| {name} | {rows} | {} | {bytes} |",
+            split.files.len()
         );
     }
+    // Front matter.
+    let mut s = format!("---\nconfigs:\n- config_name: default\n  data_files:\n{files}");
     s.push_str("dataset_info:\n");
     s.push_str(&features(summary.format));
     s.push_str("  splits:\n");
-    for split in &summary.splits {
-        // `datasets` wants `num_bytes` with `num_examples`; it checks only the latter. The
-        // Hub puts the in-memory (Arrow) size there; the Parquet size is what is known here.
-        let _ = writeln!(
-            s,
-            "  - name: {}\n    num_bytes: {}\n    num_examples: {}",
-            split.split, split.bytes, split.rows
-        );
-    }
+    s.push_str(&sizes);
     let _ = writeln!(s, "  download_size: {}", summary.bytes());
     s.push_str(
         "task_categories:\n- text-generation\n- text-classification\ntags:\n- dpo\n- preference\n- reward-modeling\n- rlhf\n- synthetic\n- rmboost\n",
@@ -89,28 +83,18 @@ pub(crate) fn render_card(summary: &ExportSummary) -> String {
     // Title and what it is.
     let _ = writeln!(s, "# {}\n", summary.title.replace(['\n', '\r'], " "));
     let methods: Vec<&str> = summary.report.methods.keys().map(String::as_str).collect();
+    let methods = if methods.is_empty() {
+        "unknown".into()
+    } else {
+        methods.join(", ")
+    };
     let _ = writeln!(
         s,
-        "Synthetic preference pairs made with rmboost (method: {}): {} examples in the {} format of TRL's preference trainers.\n",
-        if methods.is_empty() {
-            "unknown".to_string()
-        } else {
-            methods.join(", ")
-        },
-        total,
+        "Synthetic preference pairs made with rmboost (method: {methods}): {total} examples in the {} format of TRL's preference trainers.\n",
         summary.format
     );
     s.push_str("| split | examples | files | bytes |\n|---|---|---|---|\n");
-    for split in &summary.splits {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            split.split,
-            split.rows,
-            split.files.len(),
-            split.bytes
-        );
-    }
+    s.push_str(&table);
     s.push('\n');
 
     // Recipe and models.
@@ -197,13 +181,7 @@ pub(crate) fn render_card(summary: &ExportSummary) -> String {
         num(r.cost.mean_calls, 2)
     );
     if !r.aspects.is_empty() {
-        let mut aspects: Vec<_> = r.aspects.iter().collect();
-        aspects.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        let list: Vec<String> = aspects
-            .iter()
-            .map(|(a, n)| format!("{} {n}", cell(a)))
-            .collect();
-        let _ = writeln!(s, "| aspects | {} |", list.join(", "));
+        let _ = writeln!(s, "| aspects | {} |", cell(&counts(&r.aspects)));
     }
     s.push('\n');
 

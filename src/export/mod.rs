@@ -176,13 +176,11 @@ pub fn split_of(id: &str, test_fraction: f64) -> Split {
     if scaled >= 18_446_744_073_709_551_616.0 {
         return Split::Test;
     }
-    let mut h = Sha256::new();
-    h.update(b"rmboost/split/v1\0");
-    h.update(id.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    let u = u64::from_le_bytes(b);
+    let d = Sha256::new()
+        .chain_update(b"rmboost/split/v1\0")
+        .chain_update(id)
+        .finalize();
+    let u = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
     // For an integer u: u < x  ⟺  u < ⌈x⌉; ⌈x⌉ ≤ 2⁶⁴ - 1 here since x < 2⁶⁴ is a multiple of 2¹¹ at
     // that magnitude.
     if u < scaled.ceil() as u64 {
@@ -515,30 +513,26 @@ fn first_line_of(path: &Path, id: &str) -> Result<u64, Error> {
 
 /// The settings of a run recipe file (`{"settings": {...}}`), if the file exists.
 fn read_recipe(path: &Path) -> Result<Option<BTreeMap<String, String>>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Recipe {
+        settings: BTreeMap<String, Value>,
+    }
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(path, e)),
     };
-    let value: Value = serde_json::from_slice(&bytes)
+    let recipe: Recipe = serde_json::from_slice(&bytes)
         .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
-    let Some(Value::Object(settings)) = value.get("settings") else {
-        return Err(Error::parse(
-            path,
-            0,
-            "not a run recipe: expected an object with a `settings` object",
-        ));
+    let text = |v: Value| match v {
+        Value::String(s) => s,
+        other => other.to_string(),
     };
     Ok(Some(
-        settings
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), v)
-            })
+        recipe
+            .settings
+            .into_iter()
+            .map(|(k, v)| (k, text(v)))
             .collect(),
     ))
 }
@@ -742,22 +736,15 @@ impl DatasetWriter {
 }
 
 /// A size category of the Hub for `n` examples (`1K<n<10K`, ...).
-pub(crate) fn size_category(n: u64) -> &'static str {
-    const CATS: [(u64, &str); 10] = [
-        (1_000, "n<1K"),
-        (10_000, "1K<n<10K"),
-        (100_000, "10K<n<100K"),
-        (1_000_000, "100K<n<1M"),
-        (10_000_000, "1M<n<10M"),
-        (100_000_000, "10M<n<100M"),
-        (1_000_000_000, "100M<n<1B"),
-        (10_000_000_000, "1B<n<10B"),
-        (100_000_000_000, "10B<n<100B"),
-        (1_000_000_000_000, "100B<n<1T"),
+pub(crate) fn size_category(n: u64) -> String {
+    const BOUNDS: [&str; 10] = [
+        "1K", "10K", "100K", "1M", "10M", "100M", "1B", "10B", "100B", "1T",
     ];
-    CATS.iter()
-        .find(|(limit, _)| n < *limit)
-        .map_or("n>1T", |(_, c)| c)
+    match (0..BOUNDS.len()).find(|&i| n < 1000 * 10u64.pow(i as u32)) {
+        Some(0) => "n<1K".into(),
+        Some(i) => format!("{}<n<{}", BOUNDS[i - 1], BOUNDS[i]),
+        None => "n>1T".into(),
+    }
 }
 
 #[cfg(test)]

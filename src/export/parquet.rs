@@ -5,11 +5,9 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    ArrayBuilder, Float64Builder, ListBuilder, StringBuilder, StructBuilder,
-};
-use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow_array::builder::OffsetBufferBuilder;
+use arrow_array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -21,19 +19,20 @@ use crate::Error;
 /// Rows buffered in memory before they are handed to the Parquet encoder.
 const BATCH_ROWS: usize = 1024;
 
-/// Row-group and file settings of a [`ParquetWriter`]; every setter documents its default.
+/// A row group ends once its encoded size reaches about this many bytes.
+const BYTES_PER_GROUP: usize = 128 << 20;
+
+/// Row-group settings of a [`ParquetWriter`]; every setter documents its default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct ParquetOptions {
     rows_per_group: NonZeroUsize,
-    bytes_per_group: NonZeroUsize,
 }
 
 impl Default for ParquetOptions {
     fn default() -> Self {
         ParquetOptions {
             rows_per_group: NonZeroUsize::new(10_000).expect("non-zero"),
-            bytes_per_group: NonZeroUsize::new(128 << 20).expect("non-zero"),
         }
     }
 }
@@ -51,12 +50,6 @@ impl ParquetOptions {
         self.rows_per_group = rows;
         self
     }
-
-    /// A row group ends once its encoded size reaches about this many bytes. Default 128 MiB.
-    pub fn bytes_per_group(mut self, bytes: NonZeroUsize) -> Self {
-        self.bytes_per_group = bytes;
-        self
-    }
 }
 
 /// What a [`ParquetWriter`] wrote.
@@ -71,37 +64,6 @@ pub struct ParquetStats {
     pub bytes: u64,
 }
 
-/// The Arrow schema of an exported file in `format`: the JSONL's columns, in its order (see
-/// the [module docs](super)).
-pub(crate) fn schema(format: ExampleFormat) -> SchemaRef {
-    let text = |name: &str| Field::new(name, DataType::Utf8, false);
-    let turns = || {
-        DataType::List(Arc::new(Field::new_list_field(
-            DataType::Struct(turn_fields()),
-            true,
-        )))
-    };
-    let conversation = |name: &str| match format {
-        ExampleFormat::Standard => text(name),
-        _ => Field::new(name, turns(), false),
-    };
-    Arc::new(Schema::new(vec![
-        text("id"),
-        conversation("prompt"),
-        conversation("chosen"),
-        conversation("rejected"),
-        text("label"),
-        Field::new("grade", DataType::Utf8, true),
-        Field::new(
-            "aspects",
-            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
-            false,
-        ),
-        Field::new("margin", DataType::Float64, true),
-        text("metadata"),
-    ]))
-}
-
 fn turn_fields() -> Fields {
     Fields::from(vec![
         Field::new("role", DataType::Utf8, false),
@@ -109,86 +71,15 @@ fn turn_fields() -> Fields {
     ])
 }
 
-/// A column of conversations or of texts.
-enum Conversation {
-    Turns(ListBuilder<StructBuilder>),
-    Text(StringBuilder),
-}
-
-impl Conversation {
-    fn new(format: ExampleFormat) -> Self {
-        match format {
-            ExampleFormat::Standard => Conversation::Text(StringBuilder::new()),
-            _ => Conversation::Turns(
-                ListBuilder::new(StructBuilder::from_fields(turn_fields(), BATCH_ROWS)).with_field(
-                    Arc::new(Field::new_list_field(DataType::Struct(turn_fields()), true)),
-                ),
-            ),
-        }
-    }
-
-    fn append<'a>(&mut self, turns: impl IntoIterator<Item = (Role, &'a str)>, text: &str) {
-        match self {
-            Conversation::Text(b) => b.append_value(text),
-            Conversation::Turns(list) => {
-                for (role, content) in turns {
-                    let s = list.values();
-                    s.field_builder::<StringBuilder>(0)
-                        .expect("role column")
-                        .append_value(role.as_str());
-                    s.field_builder::<StringBuilder>(1)
-                        .expect("content column")
-                        .append_value(content);
-                    s.append(true);
-                }
-                list.append(true);
-            }
-        }
-    }
-
-    fn finish(&mut self) -> ArrayRef {
-        match self {
-            Conversation::Text(b) => Arc::new(b.finish()),
-            Conversation::Turns(b) => Arc::new(b.finish()),
-        }
-    }
-}
-
-/// The rows of the current batch, column by column.
-struct Columns {
-    id: StringBuilder,
-    prompt: Conversation,
-    chosen: Conversation,
-    rejected: Conversation,
-    label: StringBuilder,
-    grade: StringBuilder,
-    aspects: ListBuilder<StringBuilder>,
-    margin: Float64Builder,
-    metadata: StringBuilder,
+/// The rows of the current batch: the examples and their metadata as JSON text.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<(PreferenceExample, String)>,
     /// Bytes of text buffered (an estimate of the batch's size).
     bytes: usize,
 }
 
-impl Columns {
-    fn new(format: ExampleFormat) -> Self {
-        Columns {
-            id: StringBuilder::new(),
-            prompt: Conversation::new(format),
-            chosen: Conversation::new(format),
-            rejected: Conversation::new(format),
-            label: StringBuilder::new(),
-            grade: StringBuilder::new(),
-            aspects: ListBuilder::new(StringBuilder::new()),
-            margin: Float64Builder::new(),
-            metadata: StringBuilder::new(),
-            bytes: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.id.len()
-    }
-
+impl Batch {
     fn push(&mut self, e: &PreferenceExample) {
         let metadata =
             serde_json::to_string(&e.metadata).expect("metadata serialises: its keys are strings");
@@ -197,41 +88,91 @@ impl Columns {
             + e.chosen.len()
             + e.rejected.len()
             + metadata.len();
-        self.id.append_value(&e.id);
-        let prompt_turns = e.prompt.iter().map(|m| (m.role, m.content.as_str()));
-        match &mut self.prompt {
-            Conversation::Text(b) => b.append_value(e.prompt_text()),
-            turns => turns.append(prompt_turns, ""),
-        }
-        self.chosen
-            .append([(Role::Assistant, e.chosen.as_str())], &e.chosen);
-        self.rejected
-            .append([(Role::Assistant, e.rejected.as_str())], &e.rejected);
-        self.label.append_value(e.label.as_str());
-        self.grade.append_option(e.grade.map(|g| g.as_str()));
-        for a in &e.aspects {
-            self.aspects.values().append_value(a);
-        }
-        self.aspects.append(true);
-        self.margin.append_option(e.margin);
-        self.metadata.append_value(metadata);
+        self.rows.push((e.clone(), metadata));
     }
 
-    fn finish(&mut self, schema: &SchemaRef) -> RecordBatch {
+    /// The rows as columns (emptying the batch): the JSONL's columns in its order, `grade`
+    /// and `margin` nullable (see the [module docs](super)).
+    fn finish(&mut self, format: ExampleFormat) -> RecordBatch {
+        let rows = std::mem::take(&mut self.rows);
         self.bytes = 0;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.id.finish()),
-            self.prompt.finish(),
-            self.chosen.finish(),
-            self.rejected.finish(),
-            Arc::new(self.label.finish()),
-            Arc::new(self.grade.finish()),
-            Arc::new(self.aspects.finish()),
-            Arc::new(self.margin.finish()),
-            Arc::new(self.metadata.finish()),
+        let text = |f: &dyn Fn(&PreferenceExample) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(e, _)| f(e)),
+            ))
+        };
+        let answer = |f: &dyn Fn(&PreferenceExample) -> &str| match format {
+            ExampleFormat::Standard => text(f),
+            _ => turns(rows.iter().map(|(e, _)| [(Role::Assistant, f(e))])),
+        };
+        let prompt: ArrayRef = match format {
+            ExampleFormat::Standard => Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(e, _)| e.prompt_text()),
+            )),
+            _ => turns(
+                rows.iter()
+                    .map(|(e, _)| e.prompt.iter().map(|m| (m.role, m.content.as_str()))),
+            ),
+        };
+        let aspects = StringArray::from_iter_values(rows.iter().flat_map(|(e, _)| &e.aspects));
+        let grades = StringArray::from_iter(rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())));
+        let aspect_counts = rows.iter().map(|(e, _)| e.aspects.len());
+        let columns: [(&str, ArrayRef, bool); 9] = [
+            ("id", text(&|e| &e.id), false),
+            ("prompt", prompt, false),
+            ("chosen", answer(&|e| &e.chosen), false),
+            ("rejected", answer(&|e| &e.rejected), false),
+            ("label", text(&|e| e.label.as_str()), false),
+            ("grade", Arc::new(grades), true),
+            (
+                "aspects",
+                list(DataType::Utf8, aspect_counts, Arc::new(aspects)),
+                false,
+            ),
+            (
+                "margin",
+                Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
+                true,
+            ),
+            (
+                "metadata",
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
+                false,
+            ),
         ];
-        RecordBatch::try_new(schema.clone(), columns).expect("the columns match the schema")
+        RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
     }
+}
+
+/// A list column of `item`s: each row's length, and the items of all rows in `values`.
+fn list(item: DataType, lengths: impl Iterator<Item = usize>, values: ArrayRef) -> ArrayRef {
+    let mut offsets = OffsetBufferBuilder::new(BATCH_ROWS);
+    lengths.for_each(|n| offsets.push_length(n));
+    let field = Arc::new(Field::new_list_field(item, true));
+    Arc::new(ListArray::new(field, offsets.finish(), values, None))
+}
+
+/// A column of conversations: per row, its turns as {`role`, `content`} structs.
+fn turns<'a, T: IntoIterator<Item = (Role, &'a str)>>(rows: impl Iterator<Item = T>) -> ArrayRef {
+    let (mut lengths, mut roles, mut contents) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        let before = roles.len();
+        for (role, content) in row {
+            roles.push(role.as_str());
+            contents.push(content);
+        }
+        lengths.push(roles.len() - before);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(roles)),
+        Arc::new(StringArray::from(contents)),
+    ];
+    let values = StructArray::new(turn_fields(), columns, None);
+    list(
+        DataType::Struct(turn_fields()),
+        lengths.into_iter(),
+        Arc::new(values),
+    )
 }
 
 /// Writes [`PreferenceExample`]s as the rows of one Parquet file, into any
@@ -268,8 +209,7 @@ impl Columns {
 /// ```
 pub struct ParquetWriter<W: Write + Send> {
     writer: ArrowWriter<Counting<W>>,
-    schema: SchemaRef,
-    columns: Columns,
+    batch: Batch,
     format: ExampleFormat,
     rows: u64,
     name: PathBuf,
@@ -335,11 +275,11 @@ impl<W: Write + Send> ParquetWriter<W> {
         format: ExampleFormat,
         options: ParquetOptions,
     ) -> Result<Self, Error> {
-        let schema = schema(format);
+        let schema = Batch::default().finish(format).schema();
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(options.rows_per_group.get()))
-            .set_max_row_group_bytes(Some(options.bytes_per_group.get()))
+            .set_max_row_group_bytes(Some(BYTES_PER_GROUP))
             .set_created_by(format!(
                 "rmboost version {} (parquet-rs)",
                 env!("CARGO_PKG_VERSION")
@@ -350,12 +290,11 @@ impl<W: Write + Send> ParquetWriter<W> {
             inner: out,
             bytes: 0,
         };
-        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props))
-            .map_err(|e| parquet_err(&name, e))?;
+        let writer =
+            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| parquet_err(&name, e))?;
         Ok(ParquetWriter {
             writer,
-            schema,
-            columns: Columns::new(format),
+            batch: Batch::default(),
             format,
             rows: 0,
             name,
@@ -376,19 +315,19 @@ impl<W: Write + Send> ParquetWriter<W> {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if encoded rows cannot be written to the
     /// destination.
     pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
-        self.columns.push(example);
+        self.batch.push(example);
         self.rows += 1;
-        if self.columns.len() >= BATCH_ROWS || self.columns.bytes >= 16 << 20 {
+        if self.batch.rows.len() >= BATCH_ROWS || self.batch.bytes >= 16 << 20 {
             self.write_batch()?;
         }
         Ok(())
     }
 
     fn write_batch(&mut self) -> Result<(), Error> {
-        if self.columns.len() == 0 {
+        if self.batch.rows.is_empty() {
             return Ok(());
         }
-        let batch = self.columns.finish(&self.schema);
+        let batch = self.batch.finish(self.format);
         self.writer
             .write(&batch)
             .map_err(|e| parquet_err(&self.name, e))
@@ -400,17 +339,11 @@ impl<W: Write + Send> ParquetWriter<W> {
         self.rows
     }
 
-    /// The format of the rows.
-    #[must_use]
-    pub fn format(&self) -> ExampleFormat {
-        self.format
-    }
-
     /// About how large the file would be if finished now, in bytes: what is written, plus
     /// the encoded size of the current row group, plus the text buffered before encoding.
     #[must_use]
     pub fn estimated_bytes(&self) -> u64 {
-        (self.writer.bytes_written() + self.writer.in_progress_size() + self.columns.bytes) as u64
+        (self.writer.bytes_written() + self.writer.in_progress_size() + self.batch.bytes) as u64
     }
 
     /// Writes the last row group and the footer; returns the destination and what was

@@ -49,15 +49,8 @@ impl Staging {
             .create_new(true)
             .open(&pending)
             .map_err(|e| Error::io(&pending, e))?;
-        lock(&marker, &pending)?.ok_or_else(|| {
-            Error::io(
-                &pending,
-                std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    "locked by another process, though just created",
-                ),
-            )
-        })?;
+        // Just created under a name no other export locks: this does not wait.
+        marker.lock().map_err(|e| Error::io(&pending, e))?;
         marker
             .write_all(MARKER_TEXT.as_bytes())
             .map_err(|e| Error::io(&pending, e))?;
@@ -82,16 +75,6 @@ impl Staging {
         #[cfg(not(windows))]
         drop(marker);
         Ok(())
-    }
-}
-
-/// Takes the exclusive lock on `file`: `Some(())` if taken, `None` if another process (or
-/// another open of the file) holds it.
-fn lock(file: &File, path: &Path) -> Result<Option<()>, Error> {
-    match file.try_lock() {
-        Ok(()) => Ok(Some(())),
-        Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(e)) => Err(Error::io(path, e)),
     }
 }
 
@@ -125,8 +108,10 @@ pub(super) fn remove_stale(dir: &Path) -> Result<Vec<PathBuf>, Error> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(&marker_path, e)),
         };
-        if lock(&marker, &marker_path)?.is_none() {
-            continue; // an export is writing it
+        match marker.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => continue, // an export is writing it
+            Err(TryLockError::Error(e)) => return Err(Error::io(&marker_path, e)),
         }
         #[cfg(windows)]
         drop(marker);

@@ -10,8 +10,13 @@ use crate::args::{ExportArgs, MergeArgs};
 use crate::progress;
 use crate::setup::{error_chain, CliError};
 
-fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
+/// `s` for a count other than one.
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// Runs `rmboost export`; returns the exit status.
@@ -48,22 +53,17 @@ pub(crate) fn export(args: &ExportArgs) -> Result<u8, CliError> {
         .splits
         .iter()
         .map(|s| {
-            format!(
-                "{} {} in {} file{}",
-                s.split,
-                s.rows,
-                s.files.len(),
-                if s.files.len() == 1 { "" } else { "s" }
-            )
+            let files = s.files.len();
+            format!("{} {} in {files} file{}", s.split, s.rows, plural(files))
         })
         .collect();
     println!(
-        "exported {} {} examples to {}: {}; {} of Parquet; card {}",
+        "exported {} {} examples to {}: {}; {:.1} MB of Parquet; card {}",
         summary.rows(),
         summary.format,
         summary.dir.display(),
         splits.join(", "),
-        megabytes(summary.bytes()),
+        summary.bytes() as f64 / 1e6,
         summary.dir.join("README.md").display()
     );
     Ok(0)
@@ -86,7 +86,7 @@ pub(crate) fn merge_shards(args: &MergeArgs) -> Result<u8, CliError> {
     let mut line = format!(
         "merged {} shard{} into {}: {} examples",
         args.shards.len(),
-        if args.shards.len() == 1 { "" } else { "s" },
+        plural(args.shards.len()),
         summary.output.display(),
         summary.examples
     );

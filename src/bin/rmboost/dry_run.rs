@@ -40,7 +40,9 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
             args.gen.method
         )));
     }
-    let rmb = setup::generator(&args.gen, Arc::new(NoModel), OutputOrder::Input)?;
+    let rmb = setup::method_config(&args.gen, OutputOrder::Input)?
+        .rmboost(Arc::new(NoModel))
+        .map_err(|e| CliError::usage(error_chain(&e)))?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
     let stdout = std::io::stdout();
@@ -86,19 +88,13 @@ fn json_line(
     first: &CompletionRequest,
     second: &CompletionRequest,
 ) -> String {
-    let aspects: Vec<_> = plan
-        .aspects
-        .aspects
-        .iter()
-        .map(|a| json!({"name": a.name, "definition": a.definition}))
-        .collect();
     json!({
         "id": plan.id,
         "seed": rmb.seed(),
         "label": plan.label.label,
         "grade": plan.label.grade,
         "margin": plan.label.margin,
-        "aspects": aspects,
+        "aspects": plan.aspects.aspects,
         "model_picks": plan.aspects.model_picks,
         "variant": plan.variant,
         "first_seed": plan.first_seed,
@@ -111,29 +107,19 @@ fn json_line(
 }
 
 fn params(r: &CompletionRequest) -> String {
-    let mut s = Vec::new();
-    if let Some(t) = r.temperature {
-        s.push(format!("temperature {t}"));
-    }
-    if let Some(p) = r.top_p {
-        s.push(format!("top_p {p}"));
-    }
-    if let Some(m) = r.max_tokens {
-        s.push(format!("max_tokens {m}"));
-    }
-    if let Some(seed) = r.seed {
-        s.push(format!("seed {seed}"));
-    }
-    if !r.stop.is_empty() {
-        s.push(format!("stop {:?}", r.stop));
-    }
-    s.join(", ")
+    let parts = [
+        r.temperature.map(|t| format!("temperature {t}")),
+        r.top_p.map(|p| format!("top_p {p}")),
+        r.max_tokens.map(|m| format!("max_tokens {m}")),
+        r.seed.map(|seed| format!("seed {seed}")),
+        (!r.stop.is_empty()).then(|| format!("stop {:?}", r.stop)),
+    ];
+    parts.into_iter().flatten().collect::<Vec<_>>().join(", ")
 }
 
 fn messages(out: &mut String, r: &CompletionRequest) {
     for m in &r.messages {
-        let _ = writeln!(out, "[{}]", m.role);
-        let _ = writeln!(out, "{}", m.content.trim_end());
+        let _ = writeln!(out, "[{}]\n{}", m.role, m.content.trim_end());
     }
 }
 
@@ -159,18 +145,11 @@ fn text_block(
         .iter()
         .map(|a| a.name.as_str())
         .collect();
-    match plan.aspects.model_picks {
-        Some(k) => {
-            let _ = writeln!(
-                out,
-                "aspects: the model picks up to {k} of {}",
-                names.join(", ")
-            );
-        }
-        None => {
-            let _ = writeln!(out, "aspects: {}", names.join(", "));
-        }
-    }
+    let names = names.join(", ");
+    let _ = match plan.aspects.model_picks {
+        Some(k) => writeln!(out, "aspects: the model picks up to {k} of {names}"),
+        None => writeln!(out, "aspects: {names}"),
+    };
     let _ = writeln!(out, "variant: {}", plan.variant);
     let _ = writeln!(out, "--- first request ({})", params(first));
     messages(&mut out, first);

@@ -2,10 +2,10 @@
 //! display and the final summary. Every policy (file safety, resume checks, the cost budget,
 //! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use std::io::BufRead as _;
 
 use futures::stream::StreamExt;
 use rmboost::{ExampleFormat, OutputOrder};
@@ -21,28 +21,9 @@ use rmboost::run::{
 };
 
 use crate::setup::{self, error_chain, CliError};
-use crate::summary::{
-    BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Status, Tokens,
-};
+use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Tokens};
 use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use std::num::NonZeroUsize;
-
-/// The prices a batch run is billed at, side by side: the batch price when one is given,
-/// else half the online price when that is known, else 0. `None` when no price is known at
-/// all (then no cost is counted).
-fn billed_prices(
-    online: Option<Prices>,
-    batch_input: Option<f64>,
-    batch_output: Option<f64>,
-) -> Result<Option<Prices>, rmboost::Error> {
-    if online.is_none() && batch_input.is_none() && batch_output.is_none() {
-        return Ok(None);
-    }
-    let half = online.map(rmboost::batch::batch_prices);
-    let input = batch_input.or(half.map(|p| p.input_per_million()));
-    let output = batch_output.or(half.map(|p| p.output_per_million()));
-    Prices::new(input.unwrap_or(0.0), output.unwrap_or(0.0)).map(Some)
-}
 
 /// The prices, the cost budget and the shard of the flags (and the scheduler's variable it
 /// came from, with `--shard auto`).
@@ -64,21 +45,20 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
         args.price_output,
         "--price-input/--price-output",
     )?;
-    let batch = price(
-        args.batch_price_input,
-        args.batch_price_output,
-        "--batch-price-input/--batch-price-output",
-    )?;
-    if !args.batch && batch.is_some() {
+    let (input, output) = (args.batch_price_input, args.batch_price_output);
+    if !args.batch && (input.is_some() || output.is_some()) {
         return Err(CliError::usage(
             "--batch-price-input/--batch-price-output need --batch",
         ));
     }
     // Batch runs are billed at batch prices: given, else half the online ones.
+    let half = online.map(rmboost::batch::batch_prices);
     let prices = if args.batch {
-        billed_prices(online, args.batch_price_input, args.batch_price_output).map_err(|e| {
-            CliError::usage(format!("--batch-price-input/--batch-price-output: {e}"))
-        })?
+        price(
+            input.or(half.map(|p| p.input_per_million())),
+            output.or(half.map(|p| p.output_per_million())),
+            "--batch-price-input/--batch-price-output",
+        )?
     } else {
         online
     };
@@ -130,31 +110,30 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
     }
 }
 
-/// How the summary and the log name the shard: `2/4`, or `2/4 from SLURM_ARRAY_TASK_ID`.
-fn shard_text(shard: Shard, source: Option<ShardSource>) -> String {
-    match source {
-        Some(source) => format!("{shard} from {source}"),
-        None => shard.to_string(),
-    }
-}
-
 /// How many examples this run is expected to generate, for the bar (an estimate).
 fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let lines = crate::runner::count_lines(&args.input)?;
-    let mut todo = match shard {
-        Some(s) => lines.div_ceil(u64::from(s.count())),
-        None => lines,
+    let todo = count_lines(&args.input)?.div_ceil(shard.map_or(1, |s| u64::from(s.count())));
+    let done = match args.overwrite {
+        true => 0,
+        false => count_lines(&args.output).unwrap_or(0),
     };
-    if !args.overwrite {
-        todo = todo.saturating_sub(crate::runner::count_lines(&args.output).unwrap_or(0));
-    }
-    Some(match args.limit {
-        Some(l) => todo.min(l),
-        None => todo,
-    })
+    Some(
+        todo.saturating_sub(done)
+            .min(args.limit.unwrap_or(u64::MAX)),
+    )
 }
 
-/// The limit on calls in flight: the one backend's, or the sum over the replicas.
+/// The non-blank lines of a file, for the bar's total.
+fn count_lines(path: &std::path::Path) -> Option<u64> {
+    let mut lines = 0;
+    for line in std::io::BufReader::new(std::fs::File::open(path).ok()?).split(b'\n') {
+        lines += u64::from(!line.ok()?.iter().all(u8::is_ascii_whitespace));
+    }
+    Some(lines)
+}
+
+/// The limit on calls in flight: the one backend's, or the sum over the replicas (of the
+/// figures the bar and the summary show).
 fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSnapshot> {
     if let Some(set) = &stats.replicas {
         let all: Vec<_> = set.stats().into_iter().map(|r| r.limit).collect();
@@ -164,14 +143,9 @@ fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSn
             sum.limit += s.limit;
             sum.min_limit += s.min_limit;
             sum.max_limit += s.max_limit;
-            sum.in_flight += s.in_flight;
-            sum.waiting += s.waiting;
             sum.calls += s.calls;
             sum.rate_limited += s.rate_limited;
             sum.congestion += s.congestion;
-            sum.decreases += s.decreases;
-            sum.increases += s.increases;
-            sum.pauses += s.pauses;
         }
         return Some(sum);
     }
@@ -271,28 +245,25 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
 
     let live = Progress::new();
-    let finished = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(tokio::sync::Notify::new());
+    let (finished, mut done) = tokio::sync::oneshot::channel::<()>();
     let ticker = {
         let live = live.clone();
         let stats = stats.clone();
-        let finished = finished.clone();
-        let wake = wake.clone();
         let batch = batch_backend.clone();
         let mut display = Display::new(args.progress, total);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    () = wake.notified() => {}
-                }
+                let last = tokio::select! {
+                    _ = interval.tick() => false,
+                    _ = &mut done => true,
+                };
                 display.update(
                     &tick(&live.snapshot(), &stats, batch.get(), prices, started),
                     total,
                 );
-                if finished.load(Ordering::SeqCst) {
+                if last {
                     break;
                 }
             }
@@ -358,8 +329,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         }
         (None, None) => unreachable!("a run is online or in batches"),
     };
-    finished.store(true, Ordering::SeqCst);
-    wake.notify_one();
+    let _ = finished.send(());
     let _ = ticker.await;
     drop(ctrl_c);
     if let Some(e) = setup_error {
@@ -374,39 +344,32 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 
     let summary = live.snapshot();
-    let code = match &result {
-        Ok(s) => setup::exit_status(s),
-        Err(_) => setup::EXIT_FATAL,
+    let status = match (&result, summary.outcome) {
+        (Err(_), _) | (_, Outcome::Unreachable) => Outcome::Failed,
+        (Ok(_), outcome) => outcome,
     };
+    let code = setup::exit_status(status, summary.generation.failed());
     let error = match (&result, summary.outcome) {
         (Err(e), _) => Some(error_chain(e)),
         (Ok(_), Outcome::Unreachable) => summary.message.clone(),
         _ => None,
     };
     let report = Report {
-        status: match (&result, summary.outcome) {
-            (Err(_), _) | (_, Outcome::Unreachable | Outcome::Failed) => Status::Failed,
-            (Ok(_), Outcome::CostLimit) => Status::CostLimit,
-            (Ok(_), Outcome::Interrupted) => Status::Interrupted,
-            (Ok(_), Outcome::LimitReached) => Status::LimitReached,
-            (Ok(_), _) => Status::Completed,
-        },
+        status,
         error: error.clone(),
         examples_written: summary.generation.examples,
         better: summary.generation.better,
         worse: summary.generation.examples - summary.generation.better,
         skipped_done: summary.skipped_done,
         failed: summary.generation.failed(),
-        failures: summary
-            .generation
-            .failures
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), *v))
-            .collect(),
+        failures: summary.generation.failures.clone(),
         bad_lines: summary.bad_lines,
         duplicates: summary.duplicates,
         other_shard: summary.other_shard,
-        shard: shard_of_run.map(|(shard, source)| shard_text(shard, source)),
+        shard: shard_of_run.map(|(shard, source)| match source {
+            Some(source) => format!("{shard} from {source}"),
+            None => shard.to_string(),
+        }),
         reasks: summary.generation.reasks,
         retries: stats.retries(),
         calls: summary.calls,
@@ -506,31 +469,24 @@ fn batch_setup(
     Ok((api, config, description))
 }
 
-/// The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost`.
-fn default_cache_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
-    };
-    Some(base.join("rmboost"))
-}
-
 /// The response cache (unless `--no-cache`); a cache that cannot be opened (another run holds
 /// it, a broken file) is reported and skipped, never fatal.
 async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
     if args.no_cache {
         return Ok(None);
     }
-    let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
+    // The per-user cache directory: `$XDG_CACHE_HOME/rmboost` or `~/.cache/rmboost` on Linux.
+    let default = || dirs::cache_dir().map(|d| d.join("rmboost"));
+    let Some(dir) = args.cache_dir.clone().or_else(default) else {
         tracing::warn!("no cache directory (HOME is not set): running without the response cache");
         return Ok(None);
     };
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        return Err(CliError::fatal(format!(
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        CliError::fatal(format!(
             "cannot create the cache directory {}: {e}",
             dir.display()
-        )));
-    }
+        ))
+    })?;
     let path = dir.join("responses.redb");
     let cache = match Cache::open(&path) {
         Ok(c) => c,
@@ -549,4 +505,17 @@ async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
             .map_err(|e| CliError::fatal(format!("cannot clear the cache: {}", error_chain(&e))))?;
     }
     Ok(Some(cache))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_lines() {
+        let dir = std::env::temp_dir().join(format!("rmboost-cli-count-{}", std::process::id()));
+        std::fs::write(&dir, b"a\n\n  \nb\nc").unwrap();
+        assert_eq!(count_lines(&dir), Some(3));
+        std::fs::remove_file(&dir).unwrap();
+    }
 }

@@ -14,7 +14,6 @@ mod dataset;
 mod dry_run;
 mod generate;
 mod progress;
-mod runner;
 mod setup;
 mod summary;
 
@@ -45,10 +44,8 @@ fn main() -> ExitCode {
 fn report(args: &args::ReportArgs) -> Result<u8, CliError> {
     use rmboost::io::FailureLedger;
     use rmboost::report::Report;
-    let ledger = match &args.ledger {
-        Some(path) => Some(path.clone()),
-        None => Some(FailureLedger::default_path(&args.input)).filter(|p| p.exists()),
-    };
+    let default = || Some(FailureLedger::default_path(&args.input)).filter(|p| p.exists());
+    let ledger = args.ledger.clone().or_else(default);
     let report = match &ledger {
         Some(ledger) => Report::from_jsonl_with_ledger(&args.input, ledger),
         None => Report::from_jsonl(&args.input),
@@ -65,16 +62,16 @@ fn report(args: &args::ReportArgs) -> Result<u8, CliError> {
 }
 
 fn run(cli: Cli) -> Result<u8, CliError> {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))
+    };
     match cli.command {
         Command::DryRun(args) => dry_run::run(&args),
         Command::Report(args) => report(&args),
-        Command::Batch(args) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))?;
-            runtime.block_on(batch::run(*args))
-        }
+        Command::Batch(args) => runtime()?.block_on(batch::run(*args)),
         Command::Export(args) => dataset::export(&args),
         Command::Merge(args) => dataset::merge_shards(&args),
         Command::Generate(args) => {
@@ -83,10 +80,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             // own. A multi-thread runtime only added cross-thread wake-ups: at 256 requests in
             // flight it cost about 30% more CPU per example and 2-3% of throughput (see
             // benches/throughput.rs).
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CliError::fatal(format!("cannot start the async runtime: {e}")))?;
+            let runtime = runtime()?;
             let result = runtime.block_on(generate::run(*args));
             // Do not wait for work a stop left behind (an abandoned in-flight call).
             runtime.shutdown_background();

@@ -68,12 +68,7 @@ pub(crate) struct Tick {
 
 impl Tick {
     fn rate(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 {
-            self.processed as f64 / s
-        } else {
-            0.0
-        }
+        self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     fn eta(&self, total: Option<u64>) -> Option<Duration> {
@@ -90,33 +85,23 @@ impl Tick {
         } else {
             format!("{:.1} ex/min", rate * 60.0)
         };
-        let mut s = format!(
-            "{rate}, {} failed, {} retries, {} tokens",
-            self.failed,
-            self.retries,
-            human_count(self.tokens)
-        );
-        if self.skipped > 0 {
-            s.push_str(&format!(", {} already done", self.skipped));
-        }
-        if let Some((limit, cap, share)) = self.limit {
-            s.push_str(&format!(
-                ", limit {limit}/{cap}, {:.1}% 429s",
-                100.0 * share
-            ));
-        }
-        if let Some((created, waves, flying)) = self.batch {
-            s.push_str(&format!(
-                ", {created} batches in {waves} waves, {flying} running"
-            ));
-        }
-        if let Some(c) = self.cost {
-            s.push_str(&format!(", ${c:.4}"));
-        }
-        if let Some(eta) = self.eta(total) {
-            s.push_str(&format!(", ETA {}", human_duration(eta)));
-        }
-        s
+        let (failed, retries, tokens) = (self.failed, self.retries, human_count(self.tokens));
+        let parts = [
+            Some(format!(
+                "{rate}, {failed} failed, {retries} retries, {tokens} tokens"
+            )),
+            (self.skipped > 0).then(|| format!("{} already done", self.skipped)),
+            self.limit.map(|(limit, cap, share)| {
+                format!("limit {limit}/{cap}, {:.1}% 429s", 100.0 * share)
+            }),
+            self.batch.map(|(created, waves, flying)| {
+                format!("{created} batches in {waves} waves, {flying} running")
+            }),
+            self.cost.map(|c| format!("${c:.4}")),
+            self.eta(total)
+                .map(|eta| format!("ETA {}", human_duration(eta))),
+        ];
+        parts.into_iter().flatten().collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -144,9 +129,8 @@ pub(crate) fn human_duration(d: Duration) -> String {
 /// How progress is shown.
 pub(crate) enum Display {
     Bar(ProgressBar),
-    /// A line every `every` when something changed, and at least once a minute.
+    /// A line every 5 s when something changed, and at least once a minute.
     Lines {
-        every: Duration,
         last: Duration,
         shown: Option<(u64, u64)>,
     },
@@ -162,29 +146,18 @@ impl Display {
         match kind {
             ProgressKind::Off => Display::Off,
             ProgressKind::Auto if tty => {
-                let bar = match total {
-                    Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr())
-                        .with_style(
-                            ProgressStyle::with_template(
-                                "{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}",
-                            )
-                            .expect("valid template")
-                            .progress_chars("=> "),
-                        ),
-                    None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-                        .with_style(
-                            ProgressStyle::with_template(
-                                "{spinner} [{elapsed_precise}] {pos} {msg}",
-                            )
-                            .expect("valid template"),
-                        ),
+                let template = match total {
+                    Some(_) => "{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}",
+                    None => "{spinner} [{elapsed_precise}] {pos} {msg}",
                 };
+                let style = ProgressStyle::with_template(template).expect("valid template");
+                let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr())
+                    .with_style(style.progress_chars("=> "));
                 bar.enable_steady_tick(Duration::from_millis(200));
                 *BAR.lock().unwrap_or_else(PoisonError::into_inner) = Some(bar.clone());
                 Display::Bar(bar)
             }
             ProgressKind::Auto | ProgressKind::Log => Display::Lines {
-                every: log_interval(),
                 last: Duration::ZERO,
                 shown: None,
             },
@@ -201,10 +174,10 @@ impl Display {
                 bar.set_position(tick.processed);
                 bar.set_message(tick.details(total));
             }
-            Display::Lines { every, last, shown } => {
+            Display::Lines { last, shown } => {
                 let state = Some((tick.processed, tick.tokens));
-                let due = tick.elapsed >= *last + *every;
-                let heartbeat = tick.elapsed >= *last + (*every).max(Duration::from_secs(60));
+                let due = tick.elapsed >= *last + Duration::from_secs(5);
+                let heartbeat = tick.elapsed >= *last + Duration::from_secs(60);
                 if (due && state != *shown) || heartbeat {
                     *last = tick.elapsed;
                     *shown = state;
@@ -235,11 +208,6 @@ fn progress_line(tick: &Tick, total: Option<u64>) -> String {
         ),
         _ => format!("rmboost: {} done, {}", tick.processed, tick.details(total)),
     }
-}
-
-/// Every 5 s.
-fn log_interval() -> Duration {
-    Duration::from_secs(5)
 }
 
 #[cfg(test)]

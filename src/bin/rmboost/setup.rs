@@ -1,10 +1,9 @@
 //! Turning flags into library values: aspects, labels, the generator.
 
-use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use rmboost::{Aspects, Generator, LlmBackend, MethodConfig, OutputOrder, RmBoost};
+use rmboost::{Aspects, Generator, LlmBackend, MethodConfig, OutputOrder};
 
 use crate::args::{GenArgs, LabelKind};
 
@@ -19,16 +18,14 @@ const EXIT_EXAMPLES_FAILED: u8 = 4;
 /// Exit status: interrupted (Ctrl-C).
 const EXIT_INTERRUPTED: u8 = 130;
 
-/// The exit status of a run that returned `summary`, so that scripts can tell the endings
-/// apart: 0 every prompt done (or `--limit` reached) with no failed example; 4 the same but
-/// some examples failed; 3 the cost budget was reached; 130 interrupted; 1 the server was
-/// unreachable or the run failed. (2 is for bad flags.)
-pub(crate) fn exit_status(summary: &rmboost::run::RunSummary) -> u8 {
+/// The exit status of a run that ended so with `failed` examples, so that scripts can tell
+/// the endings apart: 0 every prompt done (or `--limit` reached) with no failed example; 4
+/// the same but some examples failed; 3 the cost budget was reached; 130 interrupted; 1 the
+/// server was unreachable or the run failed. (2 is for bad flags.)
+pub(crate) fn exit_status(outcome: rmboost::run::Outcome, failed: u64) -> u8 {
     use rmboost::run::Outcome;
-    match summary.outcome {
-        Outcome::Completed | Outcome::LimitReached if summary.generation.failed() > 0 => {
-            EXIT_EXAMPLES_FAILED
-        }
+    match outcome {
+        Outcome::Completed | Outcome::LimitReached if failed > 0 => EXIT_EXAMPLES_FAILED,
         Outcome::Completed | Outcome::LimitReached => 0,
         Outcome::CostLimit => EXIT_COST_LIMIT,
         Outcome::Interrupted => EXIT_INTERRUPTED,
@@ -37,7 +34,8 @@ pub(crate) fn exit_status(summary: &rmboost::run::RunSummary) -> u8 {
 }
 
 /// An error that ends the program: a one-line message and an exit status.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub(crate) struct CliError {
     pub(crate) code: u8,
     pub(crate) message: String,
@@ -56,12 +54,6 @@ impl CliError {
             code: EXIT_USAGE,
             message: message.into(),
         }
-    }
-}
-
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
     }
 }
 
@@ -103,18 +95,6 @@ pub(crate) fn method_config(gen: &GenArgs, order: OutputOrder) -> Result<MethodC
     config.max_reasks = gen.max_reasks;
     config.samples = gen.samples;
     Ok(config)
-}
-
-/// The RMBoost generator of these flags around `backend` (for `dry-run`, which shows its
-/// plans).
-pub(crate) fn generator(
-    gen: &GenArgs,
-    backend: Arc<dyn LlmBackend>,
-    order: OutputOrder,
-) -> Result<RmBoost, CliError> {
-    method_config(gen, order)?
-        .rmboost(backend)
-        .map_err(|e| CliError::usage(error_chain(&e)))
 }
 
 /// The generator of `--method` around `backend`: RMBoost or a baseline on the same backend,

@@ -1,38 +1,22 @@
 //! The final summary of `rmboost generate`: human-readable on stdout, JSON on request.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::PathBuf;
 
+use rmboost::run::Outcome;
 use serde::Serialize;
 
 use crate::progress::{human_count, human_duration};
 
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Status {
-    /// Every prompt was processed.
-    Completed,
-    /// `--limit` examples were generated (prompts may remain).
-    LimitReached,
-    /// `--max-cost` was reached.
-    CostLimit,
-    /// Ctrl-C.
-    Interrupted,
-    /// A fatal error.
-    Failed,
-}
-
-impl Status {
-    fn text(self) -> &'static str {
-        match self {
-            Status::Completed => "completed",
-            Status::LimitReached => "stopped at --limit",
-            Status::CostLimit => "stopped: --max-cost reached",
-            Status::Interrupted => "interrupted (Ctrl-C)",
-            Status::Failed => "failed",
-        }
+/// How the summary's first line tells how a run ended (in the flags' words).
+fn status_text(status: Outcome) -> &'static str {
+    match status {
+        Outcome::Completed => "completed",
+        Outcome::LimitReached => "stopped at --limit",
+        Outcome::CostLimit => "stopped: --max-cost reached",
+        Outcome::Interrupted => "interrupted (Ctrl-C)",
+        _ => "failed",
     }
 }
 
@@ -107,7 +91,8 @@ pub(crate) struct BatchReport {
 /// Everything the summary shows.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
-    pub(crate) status: Status,
+    /// How the run ended: `unreachable` and errors are `failed`.
+    pub(crate) status: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
     pub(crate) examples_written: u64,
@@ -115,7 +100,7 @@ pub(crate) struct Report {
     pub(crate) worse: u64,
     pub(crate) skipped_done: u64,
     pub(crate) failed: u64,
-    pub(crate) failures: BTreeMap<String, u64>,
+    pub(crate) failures: BTreeMap<&'static str, u64>,
     pub(crate) bad_lines: u64,
     pub(crate) duplicates: u64,
     pub(crate) other_shard: u64,
@@ -157,64 +142,52 @@ pub(crate) struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rows: Vec<(&str, String)> = Vec::new();
-        rows.push((
-            "examples written",
-            format!(
-                "{} ({} better, {} worse)",
-                self.examples_written, self.better, self.worse
+        let (written, better, worse) = (self.examples_written, self.better, self.worse);
+        let mut rows: Vec<(&str, String)> = vec![
+            (
+                "examples written",
+                format!("{written} ({better} better, {worse} worse)"),
             ),
-        ));
-        rows.push((
-            "already done",
-            format!("{} (skipped, resumed from the output)", self.skipped_done),
-        ));
-        let mut failed = self.failed.to_string();
-        if !self.failures.is_empty() {
-            let kinds: Vec<String> = self
-                .failures
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            let _ = write!(failed, " ({})", kinds.join(", "));
-        }
-        rows.push(("failed", failed));
-        if self.bad_lines > 0 {
-            rows.push(("bad input lines", self.bad_lines.to_string()));
-        }
-        if self.duplicates > 0 {
-            rows.push(("duplicate ids", format!("{} (skipped)", self.duplicates)));
-        }
-        if let Some(shard) = &self.shard {
-            rows.push(("shard", shard.clone()));
-        }
-        if self.other_shard > 0 {
-            rows.push(("other shards", self.other_shard.to_string()));
-        }
+            (
+                "already done",
+                format!("{} (skipped, resumed from the output)", self.skipped_done),
+            ),
+        ];
+        let kinds: Vec<String> = self
+            .failures
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        rows.push(match kinds.is_empty() {
+            true => ("failed", self.failed.to_string()),
+            false => ("failed", format!("{} ({})", self.failed, kinds.join(", "))),
+        });
+        let count = |key, n: u64, text: &str| (n > 0).then(|| (key, format!("{n}{text}")));
+        rows.extend(count("bad input lines", self.bad_lines, ""));
+        rows.extend(count("duplicate ids", self.duplicates, " (skipped)"));
+        rows.extend(self.shard.as_ref().map(|shard| ("shard", shard.clone())));
+        rows.extend(count("other shards", self.other_shard, ""));
         rows.push(("re-asks", self.reasks.to_string()));
         rows.push(("retries", self.retries.to_string()));
+        let t = &self.tokens;
+        let (total, prompt, completion) = (t.total, t.prompt, t.completion);
         rows.push((
             "tokens",
             format!(
                 "{} ({} prompt + {} completion) in {} calls to the backend",
-                human_count(self.tokens.total),
-                human_count(self.tokens.prompt),
-                human_count(self.tokens.completion),
+                human_count(total),
+                human_count(prompt),
+                human_count(completion),
                 self.calls
             ),
         ));
-        if let Some(cost) = self.cost {
-            let mut s = format!("${cost:.4}");
-            if let Some(max) = self.max_cost {
-                let _ = write!(s, " (limit ${max:.2})");
-            }
-            rows.push(("cost", s));
-        }
+        rows.extend(self.cost.map(|cost| match self.max_cost {
+            Some(max) => ("cost", format!("${cost:.4} (limit ${max:.2})")),
+            None => ("cost", format!("${cost:.4}")),
+        }));
         rows.push(("speed", format!("{:.2} examples/s", self.examples_per_sec)));
-        rows.push((
-            "wall time",
-            human_duration(std::time::Duration::from_secs_f64(self.wall_time_secs)),
-        ));
+        let wall = std::time::Duration::from_secs_f64(self.wall_time_secs);
+        rows.push(("wall time", human_duration(wall)));
         rows.push(("backend", self.backend.clone()));
         if let Some(c) = &self.concurrency {
             let range = if c.adaptive {
@@ -225,52 +198,47 @@ impl fmt::Display for Report {
             } else {
                 format!("fixed at {}", c.cap)
             };
+            let (limited, calls, congestion) = (c.rate_limited, c.calls, c.congestion);
             rows.push((
                 "concurrency",
-                format!(
-                    "{range}; {} of {} calls answered 429, {} times congestion",
-                    c.rate_limited, c.calls, c.congestion
-                ),
+                format!("{range}; {limited} of {calls} calls answered 429, {congestion} times congestion"),
             ));
         }
-        for r in &self.replicas {
-            rows.push((
+        rows.extend(self.replicas.iter().map(|r| {
+            (
                 "replica",
                 format!(
                     "{}: {} calls, {} failed ({} answered 429), drained {} times, limit {}",
                     r.endpoint, r.calls, r.errors, r.rate_limited, r.drains, r.limit
                 ),
-            ));
-        }
-        if let Some(c) = &self.cache {
-            rows.push((
+            )
+        }));
+        rows.extend(self.cache.as_ref().map(|c| {
+            let (hits, misses, path) = (c.hits, c.misses, c.path.display());
+            let tokens = human_count(c.hit_tokens);
+            (
                 "response cache",
                 format!(
-                    "{} calls answered from the cache ({} tokens not paid for again), {} \
-                     misses ({})",
-                    c.hits,
-                    human_count(c.hit_tokens),
-                    c.misses,
-                    c.path.display()
+                    "{hits} calls answered from the cache ({tokens} tokens not paid for again), \
+                     {misses} misses ({path})"
                 ),
-            ));
-        }
-        if let Some(b) = &self.batch {
-            rows.push(("batches", b.stats.to_string()));
-        }
+            )
+        }));
+        rows.extend(
+            self.batch
+                .as_ref()
+                .map(|b| ("batches", b.stats.to_string())),
+        );
         rows.push(("output", self.output.display().to_string()));
-        if let Some(l) = &self.ledger {
-            rows.push((
+        rows.extend(self.ledger.as_ref().map(|l| {
+            let pending = self.ledger_pending;
+            (
                 "failure ledger",
-                format!(
-                    "{} ({} ids still failing)",
-                    l.display(),
-                    self.ledger_pending
-                ),
-            ));
-        }
-        write!(f, "rmboost generate: {}", self.status.text())?;
-        if self.failed > 0 && matches!(self.status, Status::Completed | Status::LimitReached) {
+                format!("{} ({pending} ids still failing)", l.display()),
+            )
+        }));
+        write!(f, "rmboost generate: {}", status_text(self.status))?;
+        if self.failed > 0 && matches!(self.status, Outcome::Completed | Outcome::LimitReached) {
             write!(
                 f,
                 ", {} examples failed (exit status {}; a rerun retries them)",
