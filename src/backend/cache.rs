@@ -618,17 +618,7 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
         Ok(completion)
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }
 
 #[cfg(test)]

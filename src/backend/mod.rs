@@ -496,6 +496,23 @@ macro_rules! forward_backend {
 
 forward_backend!(Arc<B>, Box<B>, &B);
 
+/// The `name`, `model` and `identity` of a wrapper: those of the backend in its field
+/// `$inner`, so wrapping changes neither metadata nor cache keys.
+macro_rules! forward_names {
+    ($inner:ident) => {
+        fn name(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.name()
+        }
+        fn model(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.model()
+        }
+        fn identity(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.identity()
+        }
+    };
+}
+pub(crate) use forward_names;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,8 +40,6 @@
 //! bound counts the calls and the waits together. The clock is tokio's, so tests can run the
 //! whole schedule in paused virtual time. Design notes: see ARCHITECTURE.md in the repository.
 
-use std::borrow::Cow;
-use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -223,6 +221,7 @@ impl RetryStats {
 /// Every attempt runs in an `info` span `llm_attempt` with the field `attempt` (1-based), so
 /// the inner backend's own span nests under it; each retry logs a `warn` event with the error
 /// and the wait.
+#[derive(Debug)]
 pub struct Retry<B> {
     inner: B,
     policy: RetryPolicy,
@@ -266,15 +265,6 @@ impl<B> Retry<B> {
     #[must_use]
     pub fn into_inner(self) -> B {
         self.inner
-    }
-}
-
-impl<B: fmt::Debug> fmt::Debug for Retry<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Retry")
-            .field("inner", &self.inner)
-            .field("policy", &self.policy)
-            .finish_non_exhaustive()
     }
 }
 
@@ -353,17 +343,7 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
         }
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }
 
 /// The fatal error for a server that asks to wait `wait`, longer than `limit`.
