@@ -2,7 +2,6 @@
 //! `Retry-After` parsing.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -19,25 +18,6 @@ use tracing::Instrument;
 use crate::backend::{Completion, CompletionRequest, FinishReason, LlmBackend, Usage};
 use crate::error::{BackendError, BackendErrorKind, Error};
 
-/// Settings both HTTP backends share.
-#[derive(Clone)]
-pub(crate) struct HttpConfig {
-    pub(crate) base_url: String,
-    pub(crate) model: String,
-    pub(crate) api_key: Option<SecretString>,
-    pub(crate) api_key_env: Option<String>,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) extra_body: serde_json::Map<String, Value>,
-    pub(crate) client: Option<reqwest::Client>,
-    pub(crate) max_response_bytes: usize,
-    /// The provider's own base URL (the default) and the environment variable its key is read
-    /// from when no key source is given and requests go there.
-    pub(crate) default_base_url: &'static str,
-    pub(crate) default_key_env: &'static str,
-}
-
 /// The longest wait a server can ask for ([`retry_after`]) that is kept as it is; a longer
 /// one (`retry-after: 1e300`) is cut to this. One day: a daily limit's reset is the longest
 /// wait a provider legitimately asks for, and it is far beyond any retry policy's limit.
@@ -50,28 +30,12 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 /// The most of an error (non-2xx) body that is read: enough for any error message.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
-impl HttpConfig {
-    pub(crate) fn new(default_base_url: &'static str, default_key_env: &'static str) -> Self {
-        HttpConfig {
-            base_url: default_base_url.to_string(),
-            model: String::new(),
-            api_key: None,
-            api_key_env: None,
-            headers: Vec::new(),
-            timeout: Some(Duration::from_secs(600)),
-            connect_timeout: Duration::from_secs(10),
-            extra_body: serde_json::Map::new(),
-            client: None,
-            max_response_bytes: crate::backend::DEFAULT_MAX_RESPONSE_BYTES,
-            default_base_url,
-            default_key_env,
-        }
-    }
-
+/// What the builder checks and works out for `build`.
+impl<P: Provider> HttpBackendBuilder<P> {
     /// Whether `url` is on the provider's own host (scheme, host and port of the default base
     /// URL), where the default key variable may be sent.
-    pub(crate) fn is_provider_url(&self, url: &Url) -> bool {
-        Url::parse(self.default_base_url).is_ok_and(|d| {
+    fn is_provider_url(&self, url: &Url) -> bool {
+        Url::parse(P::BASE_URL).is_ok_and(|d| {
             d.scheme() == url.scheme()
                 && d.host_str() == url.host_str()
                 && d.port_or_known_default() == url.port_or_known_default()
@@ -83,13 +47,13 @@ impl HttpConfig {
     /// ([`is_provider_url`](Self::is_provider_url)), the one in the provider's default variable
     /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), which must then be set. A custom URL gets no
     /// key unless one is given explicitly: the provider's key is not handed to another server.
-    pub(crate) fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
+    fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
         if let Some(key) = &self.api_key {
             return Ok(Some(key.clone()));
         }
         let var = match &self.api_key_env {
             Some(var) => var.as_str(),
-            None if self.is_provider_url(url) => self.default_key_env,
+            None if self.is_provider_url(url) => P::KEY_ENV,
             None => return Ok(None),
         };
         match std::env::var(var) {
@@ -109,11 +73,7 @@ impl HttpConfig {
     /// Checks the settings every HTTP backend shares and resolves the key for `url` (see
     /// [`resolve_key`](Self::resolve_key)); warns when a key would cross the network
     /// unencrypted.
-    pub(crate) fn checked_key(
-        &self,
-        backend: &str,
-        url: &Url,
-    ) -> Result<Option<SecretString>, Error> {
+    fn checked_key(&self, backend: &str, url: &Url) -> Result<Option<SecretString>, Error> {
         if self.max_response_bytes == 0 {
             return Err(Error::config(format!(
                 "{backend} backend: max_response_bytes must be at least 1"
@@ -133,12 +93,13 @@ impl HttpConfig {
 
     /// The note added to a 401 or 403 when no key was sent: a custom URL gets a key only when
     /// it is named explicitly.
-    pub(crate) fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
+    fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
         (key.is_none() && !self.is_provider_url(url)).then(|| {
             format!(
                 "no API key was sent: a key is sent to a custom base URL only when named with \
                  --api-key-env (api_key_env in code) or given with api_key; {} is sent only to {}",
-                self.default_key_env, self.default_base_url
+                P::KEY_ENV,
+                P::BASE_URL
             )
         })
     }
@@ -147,7 +108,7 @@ impl HttpConfig {
     /// ([`LlmBackend::identity`](crate::LlmBackend::identity)): the backend's name, the
     /// endpoint (without credentials or query), the model, the extra body fields and the names
     /// (not the values, which may be credentials) of the extra headers. Never the key.
-    pub(crate) fn identity(&self, backend: &str, url: &Url, more: &[(&str, &str)]) -> String {
+    fn identity(&self, backend: &str, url: &Url, more: &[(&str, String)]) -> String {
         let mut names: Vec<String> = self
             .headers
             .iter()
@@ -168,7 +129,7 @@ impl HttpConfig {
     }
 
     /// The extra headers, validated.
-    pub(crate) fn header_map(&self) -> Result<HeaderMap, Error> {
+    fn header_map(&self) -> Result<HeaderMap, Error> {
         let mut map = HeaderMap::new();
         for (name, value) in &self.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
@@ -185,7 +146,7 @@ impl HttpConfig {
     /// The shared client: the one given, or a new one with the timeouts that follows no
     /// redirects (the key and the extra headers would go with them to wherever they point;
     /// a 3xx answer is an error instead, see [`redirect_error`]).
-    pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
+    fn make_client(&self) -> Result<reqwest::Client, Error> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -204,7 +165,7 @@ impl HttpConfig {
     }
 
     /// The base URL, checked, without a trailing slash (`/v1` for a base URL without a path).
-    pub(crate) fn base(&self) -> Result<Url, Error> {
+    fn base(&self) -> Result<Url, Error> {
         let mut url = Url::parse(self.base_url.trim())
             .map_err(|e| Error::config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -233,10 +194,10 @@ pub(crate) fn join_path(base: &Url, path: &str) -> Url {
     url
 }
 
-impl fmt::Debug for HttpConfig {
+impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        f.debug_struct("HttpConfig")
+        f.debug_struct("HttpBackendBuilder")
             .field("base_url", &self.base_url)
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
@@ -248,6 +209,7 @@ impl fmt::Debug for HttpConfig {
                 "extra_body_fields",
                 &self.extra_body.keys().collect::<Vec<_>>(),
             )
+            .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
 }
@@ -550,7 +512,7 @@ impl ServerError {
     }
 }
 
-/// Classifies an HTTP error response. `no_key_note` (see [`HttpConfig::no_key_note`]) is added
+/// Classifies an HTTP error response. `no_key_note` (see `HttpBackendBuilder::no_key_note`) is added
 /// to the message of a 401 or 403.
 pub(crate) fn status_error(
     status: StatusCode,
@@ -673,40 +635,35 @@ pub(crate) fn retry_after(
     if !rate_limited {
         return None;
     }
-    // kind -> (remaining is zero, reset)
-    let mut resets: BTreeMap<String, (bool, Duration)> = BTreeMap::new();
+    // The longest reset of a limit whose remaining count is zero, else the shortest reset.
+    let (mut exhausted, mut soonest) = (None, None);
     for (name, value) in headers {
         let name = name.as_str();
         let Ok(value) = value.to_str() else { continue };
         let value = value.trim();
-        if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
-            if let Some(d) = parse_go_duration(value) {
-                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
-            }
+        let (kind, reset) = if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
+            (kind, parse_go_duration(value))
         } else if let Some(kind) = name
             .strip_prefix("anthropic-ratelimit-")
             .and_then(|k| k.strip_suffix("-reset"))
         {
-            if let Some(at) = parse_rfc3339(value) {
-                let d = at
-                    .duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-                    .min(MAX_SERVER_WAIT);
-                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
-            }
-        }
-    }
-    for (kind, entry) in &mut resets {
+            let wait = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
+            (
+                kind,
+                parse_rfc3339(value).map(|at| wait(at).min(MAX_SERVER_WAIT)),
+            )
+        } else {
+            continue;
+        };
+        let Some(reset) = reset else { continue };
         let remaining = get(&format!("x-ratelimit-remaining-{kind}"))
             .or_else(|| get(&format!("anthropic-ratelimit-{kind}-remaining")));
-        entry.0 = remaining.is_some_and(|r| r == "0");
+        if remaining == Some("0") {
+            exhausted = exhausted.max(Some(reset));
+        }
+        soonest = Some(soonest.map_or(reset, |s: Duration| s.min(reset)));
     }
-    let exhausted = resets
-        .values()
-        .filter(|(zero, _)| *zero)
-        .map(|(_, d)| *d)
-        .max();
-    exhausted.or_else(|| resets.values().map(|(_, d)| *d).min())
+    exhausted.or(soonest)
 }
 
 /// A wait of `secs` seconds a server asked for, checked: `None` for a negative or NaN number;
@@ -853,7 +810,16 @@ impl<P: Provider> HttpBackend<P> {
     /// A builder with the defaults (the provider's base URL, no key, no model).
     pub fn builder() -> HttpBackendBuilder<P> {
         HttpBackendBuilder {
-            config: HttpConfig::new(P::BASE_URL, P::KEY_ENV),
+            base_url: P::BASE_URL.to_string(),
+            model: String::new(),
+            api_key: None,
+            api_key_env: None,
+            headers: Vec::new(),
+            timeout: Some(Duration::from_secs(600)),
+            connect_timeout: Duration::from_secs(10),
+            extra_body: serde_json::Map::new(),
+            client: None,
+            max_response_bytes: crate::backend::DEFAULT_MAX_RESPONSE_BYTES,
             provider: P::default(),
         }
     }
@@ -1043,10 +1009,18 @@ impl<M: SerializeMap> Fields<'_, M> {
 
 /// Builds an [`HttpBackend`]. Setters consume and return the builder; [`build`](Self::build)
 /// is the one place an error comes out.
-#[derive(Debug)]
 #[must_use]
 pub struct HttpBackendBuilder<P> {
-    config: HttpConfig,
+    base_url: String,
+    model: String,
+    api_key: Option<SecretString>,
+    api_key_env: Option<String>,
+    headers: Vec<(String, String)>,
+    timeout: Option<Duration>,
+    connect_timeout: Duration,
+    extra_body: serde_json::Map<String, Value>,
+    client: Option<reqwest::Client>,
+    max_response_bytes: usize,
     pub(crate) provider: P,
 }
 
@@ -1057,14 +1031,14 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// ([`openai::DEFAULT_BASE_URL`](crate::backend::openai::DEFAULT_BASE_URL),
     /// [`anthropic::DEFAULT_BASE_URL`](crate::backend::anthropic::DEFAULT_BASE_URL)).
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.config.base_url = url.into();
+        self.base_url = url.into();
         self
     }
 
     /// The model name sent with every request. Required (any non-empty name for servers that
     /// ignore it, such as llama.cpp's).
     pub fn model(mut self, model: impl Into<String>) -> Self {
-        self.config.model = model.into();
+        self.model = model.into();
         self
     }
 
@@ -1073,7 +1047,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// [`api_key_env`](Self::api_key_env). Default: none (see
     /// [`api_key_env`](Self::api_key_env) for where a key then comes from).
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.config.api_key = Some(SecretString::from(key.into()));
+        self.api_key = Some(SecretString::from(key.into()));
         self
     }
 
@@ -1087,14 +1061,14 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// another server unless named here. `build` warns (`tracing`) when a key would go over
     /// plain `http://` to a host that is not loopback.
     pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
-        self.config.api_key_env = Some(var.into());
+        self.api_key_env = Some(var.into());
         self
     }
 
     /// Adds a header sent with every request (a gateway's routing or auth header, an
     /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.headers.push((name.into(), value.into()));
+        self.headers.push((name.into(), value.into()));
         self
     }
 
@@ -1102,14 +1076,14 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// limit. Default 600 s (slow local models need long). Anything over a year is cut to a
     /// year.
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.timeout = timeout.into();
+        self.timeout = timeout.into();
         self
     }
 
     /// The most connecting may take. Default 10 s. Like the
     /// [`timeout`](Self::timeout), anything over a year is cut to a year.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
+        self.connect_timeout = timeout;
         self
     }
 
@@ -1122,7 +1096,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// Default [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES)
     /// (8 MiB, far more than any chat answer); `build` rejects 0.
     pub fn max_response_bytes(mut self, max: usize) -> Self {
-        self.config.max_response_bytes = max;
+        self.max_response_bytes = max;
         self
     }
 
@@ -1130,7 +1104,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata`
     /// or `thinking`, ...). It wins over a field of the same name set from the request.
     pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
-        self.config.extra_body.insert(name.into(), value);
+        self.extra_body.insert(name.into(), value);
         self
     }
 
@@ -1140,7 +1114,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// with them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the
     /// backend then reports a redirect as an error, as with its own client).
     pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.config.client = Some(client);
+        self.client = Some(client);
         self
     }
 
@@ -1154,16 +1128,15 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// named with [`api_key_env`](Self::api_key_env), or the provider's own when no key is
     /// given and requests go to its own host), or the HTTP client cannot be built.
     pub fn build(self) -> Result<HttpBackend<P>, Error> {
-        let HttpBackendBuilder { config, provider } = self;
         let name = P::NAME;
-        if config.model.trim().is_empty() {
+        if self.model.trim().is_empty() {
             return Err(Error::config(format!("{name} backend: no model set")));
         }
-        let mut headers = config.header_map()?;
-        let settings = provider.settings(&mut headers)?;
-        let base = config.base()?;
+        let mut headers = self.header_map()?;
+        let settings = self.provider.settings(&mut headers)?;
+        let base = self.base()?;
         let url = join_path(&base, P::PATH);
-        let api_key = config.checked_key(name, &url)?;
+        let api_key = self.checked_key(name, &url)?;
         if let Some(key) = &api_key {
             let (header, value) = P::key_header(key.expose_secret());
             let mut value = HeaderValue::from_str(&value).map_err(|_| {
@@ -1174,19 +1147,18 @@ impl<P: Provider> HttpBackendBuilder<P> {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Ok(HttpBackend {
-            client: config.client()?,
-            no_key_note: config.no_key_note(&url, api_key.as_ref()),
-            identity: config.identity(name, &url, &settings),
+            client: self.make_client()?,
+            no_key_note: self.no_key_note(&url, api_key.as_ref()),
+            identity: self.identity(name, &url, &settings),
             base,
             url,
-            model: config.model,
+            model: self.model,
             api_key,
             headers,
-            extra_body: config.extra_body,
-            max_response_bytes: config.max_response_bytes,
-            provider,
+            extra_body: self.extra_body,
+            max_response_bytes: self.max_response_bytes,
+            provider: self.provider,
         })
     }
 }
@@ -1232,7 +1204,45 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
-    fn endpoint(c: &HttpConfig, path: &str) -> Result<Url, Error> {
+    type Config = HttpBackendBuilder<Example<0>>;
+
+    /// A provider at `https://api.example.com/v1` whose key variable is
+    /// `RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR` (`N` = 0) or an unset one (1).
+    #[derive(Debug, Clone, Default)]
+    struct Example<const N: usize>;
+
+    impl<const N: usize> Provider for Example<N> {
+        const NAME: &'static str = "example";
+        const PATH: &'static str = "x";
+        const BASE_URL: &'static str = "https://api.example.com/v1";
+        const KEY_ENV: &'static str = [
+            "RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR",
+            "RMBOOST_TEST_SURELY_UNSET",
+        ][N];
+        fn key_header(key: &str) -> (HeaderName, String) {
+            (HeaderName::from_static("x-key"), key.to_string())
+        }
+        fn settings(&self, _: &mut HeaderMap) -> Result<Vec<(&'static str, String)>, Error> {
+            Ok(Vec::new())
+        }
+        fn write_body<M: SerializeMap>(
+            &self,
+            _: &str,
+            _: &CompletionRequest,
+            _: &mut Fields<'_, M>,
+        ) -> Result<(), M::Error> {
+            Ok(())
+        }
+        fn completion(
+            _: &str,
+            _: &str,
+            _: Option<&SecretString>,
+        ) -> Result<Completion, BackendError> {
+            unreachable!()
+        }
+    }
+
+    fn endpoint<P: Provider>(c: &HttpBackendBuilder<P>, path: &str) -> Result<Url, Error> {
         c.base().map(|base| join_path(&base, path))
     }
 
@@ -1402,7 +1412,7 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        let mut c = HttpConfig::new("http://127.0.0.1:8080", "UNUSED_KEY_VAR");
+        let mut c = HttpBackend::<Example<0>>::builder().base_url("http://127.0.0.1:8080");
         assert_eq!(
             endpoint(&c, "chat/completions").unwrap().as_str(),
             "http://127.0.0.1:8080/v1/chat/completions"
@@ -1450,12 +1460,8 @@ mod tests {
     fn default_key_only_for_the_provider_url() {
         const VAR: &str = "RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR";
         std::env::set_var(VAR, "sk-default");
-        let config = |base: &str| {
-            let mut c = HttpConfig::new("https://api.example.com/v1", VAR);
-            c.base_url = base.to_string();
-            c
-        };
-        let key_for = |c: &HttpConfig| {
+        let config = |base: &str| HttpBackend::<Example<0>>::builder().base_url(base);
+        let key_for = |c: &Config| {
             let url = endpoint(&c, "x").unwrap();
             c.resolve_key(&url)
                 .unwrap()
@@ -1487,7 +1493,7 @@ mod tests {
         given.api_key = Some(SecretString::from("sk-given".to_string()));
         assert_eq!(key_for(&given).as_deref(), Some("sk-given"));
         // No key for the provider's own URL is an error naming the variable.
-        let unset = HttpConfig::new("https://api.example.com/v1", "RMBOOST_TEST_SURELY_UNSET");
+        let unset = HttpBackend::<Example<1>>::builder();
         let url = endpoint(&unset, "x").unwrap();
         let err = unset.resolve_key(&url).unwrap_err().to_string();
         assert!(err.contains("RMBOOST_TEST_SURELY_UNSET"), "{err}");

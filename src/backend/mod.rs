@@ -474,6 +474,14 @@ pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend>
     }
 }
 
+/// Locks `mutex`, also when a thread panicked holding it (the data guarded stays usable).
+#[cfg_attr(not(any(feature = "cache", feature = "middleware")), allow(dead_code))]
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 macro_rules! forward_backend {
     ($($ty:ty),*) => {$(
         #[async_trait]
