@@ -1,5 +1,6 @@
-//! Shared plumbing of the HTTP backends: configuration, the client, error classification and
-//! `Retry-After` parsing.
+//! What the HTTP backends share: [`HttpBackend`], which sends a request and reads the answer
+//! for any [`Provider`] (the provider gives its body shape and answer parsing), its builder,
+//! the client, error classification and `Retry-After` parsing.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -781,8 +782,8 @@ pub trait Provider: Clone + Default + fmt::Debug + Send + Sync + 'static {
     ) -> Result<Completion, BackendError>;
 }
 
-/// A backend for one HTTP API: [`OpenAiBackend`](crate::backend::OpenAiBackend) or
-/// [`AnthropicBackend`](crate::backend::AnthropicBackend). Made with
+/// A backend for one HTTP API: `OpenAiBackend` (feature `openai`) or `AnthropicBackend`
+/// (feature `anthropic`). Made with
 /// [`HttpBackend::builder`].
 ///
 /// Cheap to clone: clones share one connection pool.
@@ -915,8 +916,8 @@ impl<P: Provider> LlmBackend for HttpBackend<P> {
     ///
     /// # Errors
     ///
-    /// See the module docs of [`openai`](crate::backend::openai) and
-    /// [`anthropic`](crate::backend::anthropic) for how failures are classified.
+    /// See the module docs of `rmboost::backend::openai` and `rmboost::backend::anthropic`
+    /// for how failures are classified.
     ///
     /// # Cancel safety
     ///
@@ -1028,8 +1029,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// The API's base URL, up to and including the version prefix, e.g.
     /// `http://127.0.0.1:8080/v1`; the provider's path (`/chat/completions`, `/messages`) is
     /// appended. A URL without a path gets `/v1`. Default: the provider's own
-    /// ([`openai::DEFAULT_BASE_URL`](crate::backend::openai::DEFAULT_BASE_URL),
-    /// [`anthropic::DEFAULT_BASE_URL`](crate::backend::anthropic::DEFAULT_BASE_URL)).
+    /// (`openai::DEFAULT_BASE_URL`, `anthropic::DEFAULT_BASE_URL`).
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
         self.base_url = url.into();
         self

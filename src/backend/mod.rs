@@ -72,6 +72,11 @@ pub mod stack;
 pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
+/// The core of the HTTP backends, generic over the provider: `OpenAiBackend` and
+/// `AnthropicBackend` are aliases of it.
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "openai", feature = "anthropic"))))]
+pub use http::{HttpBackend, HttpBackendBuilder};
 pub use meter::{CallMeter, Metered};
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
