@@ -211,7 +211,40 @@ impl Provider for Anthropic {
             let server = ServerError::parse(text).unwrap_or_default();
             return Err(http::body_error(&server, key));
         }
-        wire.into_completion(model)
+        let Some(blocks) = wire.content else {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidResponse,
+                "response has no content",
+            ));
+        };
+        let text: String = blocks
+            .iter()
+            .filter(|b| b.kind == "text")
+            .filter_map(|b| b.text.as_deref())
+            .collect();
+        let finish_reason = match wire.stop_reason.as_deref() {
+            None | Some("end_turn" | "stop_sequence") => FinishReason::Stop,
+            Some("max_tokens") => FinishReason::Length,
+            Some("refusal") => FinishReason::ContentFilter,
+            Some(other) => FinishReason::Other(other.to_string()),
+        };
+        let usage = wire.usage.map_or(Usage::default(), |u| {
+            Usage::new(
+                u.input_tokens
+                    .unwrap_or(0)
+                    .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
+                    .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
+                u.output_tokens.unwrap_or(0),
+            )
+        });
+        http::completion(
+            text,
+            finish_reason,
+            usage,
+            wire.model,
+            model,
+            "the model refused to answer",
+        )
     }
 }
 
@@ -238,45 +271,6 @@ struct WireUsage {
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
-}
-
-impl WireResponse {
-    fn into_completion(self, requested_model: &str) -> Result<Completion, BackendError> {
-        let Some(blocks) = self.content else {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidResponse,
-                "response has no content",
-            ));
-        };
-        let text: String = blocks
-            .iter()
-            .filter(|b| b.kind == "text")
-            .filter_map(|b| b.text.as_deref())
-            .collect();
-        let finish_reason = match self.stop_reason.as_deref() {
-            None | Some("end_turn" | "stop_sequence") => FinishReason::Stop,
-            Some("max_tokens") => FinishReason::Length,
-            Some("refusal") => FinishReason::ContentFilter,
-            Some(other) => FinishReason::Other(other.to_string()),
-        };
-        let usage = self.usage.map_or(Usage::default(), |u| {
-            Usage::new(
-                u.input_tokens
-                    .unwrap_or(0)
-                    .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
-                    .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
-                u.output_tokens.unwrap_or(0),
-            )
-        });
-        http::completion(
-            text,
-            finish_reason,
-            usage,
-            self.model,
-            requested_model,
-            "the model refused to answer",
-        )
-    }
 }
 
 #[cfg(test)]

@@ -445,24 +445,21 @@ impl ServerError {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
+        let fields = |o: &serde_json::Map<String, Value>| ServerError {
+            message: as_text(o.get("message")),
+            kind: as_text(o.get("type")),
+            code: as_text(o.get("code")),
+        };
         match obj.get("error") {
             // OpenAI, Anthropic, llama.cpp: {"error": {"message", "type", "code"}}
-            Some(Value::Object(e)) => Some(ServerError {
-                message: as_text(e.get("message")),
-                kind: as_text(e.get("type")),
-                code: as_text(e.get("code")),
-            }),
+            Some(Value::Object(e)) => Some(fields(e)),
             // Ollama and others: {"error": "text"}
             Some(Value::String(s)) => Some(ServerError {
                 message: Some(s.clone()),
                 ..ServerError::default()
             }),
             // vLLM: {"object": "error", "message", "type", "code"}
-            _ if obj.contains_key("message") => Some(ServerError {
-                message: as_text(obj.get("message")),
-                kind: as_text(obj.get("type")),
-                code: as_text(obj.get("code")),
-            }),
+            _ if obj.contains_key("message") => Some(fields(obj)),
             _ => None,
         }
     }
@@ -1462,7 +1459,7 @@ mod tests {
         std::env::set_var(VAR, "sk-default");
         let config = |base: &str| HttpBackend::<Example<0>>::builder().base_url(base);
         let key_for = |c: &Config| {
-            let url = endpoint(&c, "x").unwrap();
+            let url = endpoint(c, "x").unwrap();
             c.resolve_key(&url)
                 .unwrap()
                 .map(|k| k.expose_secret().to_string())

@@ -172,12 +172,42 @@ impl Provider for OpenAi {
                     .unwrap_or_else(|| http::invalid_json(e, &http::redact(text, key))))
             }
         };
-        if wire.choices.is_empty() {
-            if let Some(err) = server_error() {
-                return Err(err);
-            }
+        let Some(choice) = wire.choices.into_iter().next() else {
+            return Err(server_error().unwrap_or_else(|| {
+                BackendError::new(BackendErrorKind::InvalidResponse, "response has no choices")
+            }));
+        };
+        let (content, refusal) = match choice.message {
+            Some(m) => (m.content, m.refusal),
+            None => (choice.text, None),
+        };
+        let text = content.unwrap_or_default();
+        let finish_reason = match choice.finish_reason.as_deref() {
+            None | Some("stop" | "eos" | "end_turn" | "stop_sequence") => FinishReason::Stop,
+            Some("length" | "max_tokens") => FinishReason::Length,
+            Some("content_filter") => FinishReason::ContentFilter,
+            Some(other) => FinishReason::Other(other.to_string()),
+        };
+        if let Some(refusal) = refusal.filter(|r| text.trim().is_empty() && !r.trim().is_empty()) {
+            return Err(BackendError::new(
+                BackendErrorKind::ContentFilter,
+                format!("the model refused: {}", http::truncate(&refusal, 300)),
+            ));
         }
-        wire.into_completion(model)
+        let usage = wire.usage.map_or(Usage::default(), |u| {
+            Usage::new(
+                u.prompt_tokens.unwrap_or(0),
+                u.completion_tokens.unwrap_or(0),
+            )
+        });
+        http::completion(
+            text,
+            finish_reason,
+            usage,
+            wire.model,
+            model,
+            "the content filter removed the answer",
+        )
     }
 }
 
@@ -207,48 +237,6 @@ struct WireMessage {
 struct WireUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
-}
-
-impl WireResponse {
-    fn into_completion(self, requested_model: &str) -> Result<Completion, BackendError> {
-        let Some(choice) = self.choices.into_iter().next() else {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidResponse,
-                "response has no choices",
-            ));
-        };
-        let (content, refusal) = match choice.message {
-            Some(m) => (m.content, m.refusal),
-            None => (choice.text, None),
-        };
-        let text = content.unwrap_or_default();
-        let finish_reason = match choice.finish_reason.as_deref() {
-            None | Some("stop" | "eos" | "end_turn" | "stop_sequence") => FinishReason::Stop,
-            Some("length" | "max_tokens") => FinishReason::Length,
-            Some("content_filter") => FinishReason::ContentFilter,
-            Some(other) => FinishReason::Other(other.to_string()),
-        };
-        if let Some(refusal) = refusal.filter(|r| text.trim().is_empty() && !r.trim().is_empty()) {
-            return Err(BackendError::new(
-                BackendErrorKind::ContentFilter,
-                format!("the model refused: {}", http::truncate(&refusal, 300)),
-            ));
-        }
-        let usage = self.usage.map_or(Usage::default(), |u| {
-            Usage::new(
-                u.prompt_tokens.unwrap_or(0),
-                u.completion_tokens.unwrap_or(0),
-            )
-        });
-        http::completion(
-            text,
-            finish_reason,
-            usage,
-            self.model,
-            requested_model,
-            "the content filter removed the answer",
-        )
-    }
 }
 
 #[cfg(test)]
@@ -296,21 +284,19 @@ mod tests {
 
     #[test]
     fn wire_mapping() {
-        let w: WireResponse = serde_json::from_str(
+        let c = OpenAi::completion(
             r#"{"model":"x","choices":[{"message":{"content":"hi"},"finish_reason":"length"}],
                "usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            "m",
+            None,
         )
         .unwrap();
-        let c = w.into_completion("m").unwrap();
         assert_eq!(c.finish_reason, FinishReason::Length);
         assert_eq!(c.usage, Usage::new(3, 1));
         assert_eq!(c.model, "x");
-        let w: WireResponse = serde_json::from_str(
-            r#"{"choices":[{"message":{"content":null},"finish_reason":"content_filter"}]}"#,
-        )
-        .unwrap();
+        let w = r#"{"choices":[{"message":{"content":null},"finish_reason":"content_filter"}]}"#;
         assert_eq!(
-            w.into_completion("m").unwrap_err().kind(),
+            OpenAi::completion(w, "m", None).unwrap_err().kind(),
             BackendErrorKind::ContentFilter
         );
     }

@@ -303,43 +303,36 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
             if err.kind() == BackendErrorKind::RateLimited {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
-            if err.is_retryable() {
-                let limit = self.policy.retry_after_limit();
-                if let Some(wait) = err.retry_after().filter(|w| *w > limit) {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let err = too_long(err, wait, limit);
-                    // The caller reports the error; a warning here would say it twice.
-                    tracing::debug!(attempts = attempt, error = %err, "giving up: the server asks to wait too long");
-                    return Err(err);
-                }
-            }
-            if !err.is_retryable() || attempt >= max_attempts {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if err.is_retryable() {
-                    tracing::debug!(attempts = attempt, error = %err, "giving up: attempts exhausted");
-                }
-                return Err(err);
-            }
+            let limit = self.policy.retry_after_limit();
             let delay = self.policy.delay(attempt, err.retry_after());
-            if let Some(budget) = self.policy.max_elapsed {
-                if start.elapsed().saturating_add(delay) > budget {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        attempts = attempt,
+            let over_budget = (self.policy.max_elapsed)
+                .is_some_and(|budget| start.elapsed().saturating_add(delay) > budget);
+            let (why, err) = match err.retry_after() {
+                _ if !err.is_retryable() => ("", err),
+                Some(wait) if wait > limit => (
+                    "the server asks to wait too long",
+                    too_long(err, wait, limit),
+                ),
+                _ if attempt >= max_attempts => ("attempts exhausted", err),
+                _ if over_budget => ("the next wait would pass the time budget", err),
+                _ => {
+                    tracing::warn!(
+                        attempt,
                         error = %err,
-                        "giving up: the next wait would pass the time budget"
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "retrying backend call"
                     );
-                    return Err(err);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                    continue;
                 }
+            };
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            if !why.is_empty() {
+                // The caller reports the error; a warning here would say it twice.
+                tracing::debug!(attempts = attempt, error = %err, "giving up: {why}");
             }
-            tracing::warn!(
-                attempt,
-                error = %err,
-                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                "retrying backend call"
-            );
-            tokio::time::sleep(delay).await;
-            attempt += 1;
+            return Err(err);
         }
     }
 
