@@ -96,6 +96,7 @@ pub type AnthropicBackend = HttpBackend<Anthropic>;
 pub type AnthropicBackendBuilder = HttpBackendBuilder<Anthropic>;
 
 /// A messages request body.
+#[cfg(feature = "batch")]
 pub(crate) type Body<'a> = http::Body<'a, Anthropic>;
 
 /// The settings of an [`AnthropicBackend`] that are Anthropic's own (see

@@ -98,6 +98,7 @@ pub type OpenAiBackend = HttpBackend<OpenAi>;
 pub type OpenAiBackendBuilder = HttpBackendBuilder<OpenAi>;
 
 /// A chat completion request body.
+#[cfg(feature = "batch")]
 pub(crate) type Body<'a> = http::Body<'a, OpenAi>;
 
 /// The settings of an [`OpenAiBackend`] that are OpenAI's own (see
