@@ -70,12 +70,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
-use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition, TableError};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::backend::{lock, Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 use crate::Error;
 
@@ -145,35 +145,36 @@ pub struct CacheStats {
 type Reply = oneshot::Sender<Result<(), String>>;
 
 enum Command {
-    Put { key: [u8; 32], value: Arc<Vec<u8>> },
-    Clear { reply: Reply },
-    Flush { reply: Reply },
+    Put {
+        key: [u8; 32],
+        value: Arc<Vec<u8>>,
+    },
+    /// A durable commit of everything queued before, after clearing the table if `clear`.
+    Sync {
+        clear: bool,
+        reply: Reply,
+    },
 }
 
-#[derive(Default)]
-struct Counters {
+/// What the clones of a [`Cache`] and its writer thread share.
+struct Shared {
+    db: Database,
     hits: AtomicU64,
     hit_tokens: AtomicU64,
     misses: AtomicU64,
     stored: AtomicU64,
     errors: AtomicU64,
+    /// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at
+    /// most the queue plus the batch being committed.
+    pending: Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>,
 }
-
-/// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at most
-/// the queue plus the batch being committed.
-type Pending = Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>;
 
 struct Inner {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     path: PathBuf,
+    /// `None` only while dropping.
     tx: Option<mpsc::Sender<Command>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-    counters: Arc<Counters>,
-    pending: Arc<Pending>,
-}
-
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Vec<u8>>>> {
-    pending.lock().unwrap_or_else(|p| p.into_inner())
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
@@ -181,7 +182,7 @@ impl Drop for Inner {
         // Closing the channel lets the writer commit what is queued and end; joining it
         // releases the database before the file can be opened again.
         self.tx = None;
-        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
     }
@@ -211,16 +212,14 @@ fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
     )
 }
 
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
 /// The stored bytes under `key`, if any.
-fn read(db: &Database, key: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let table = match txn.open_table(TABLE) {
-        Ok(t) => t,
-        Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let value = table.get(&key[..]).map_err(|e| e.to_string())?;
-    Ok(value.map(|v| v.value().to_vec()))
+fn read(db: &Database, key: &[u8; 32]) -> Result<Option<Vec<u8>>, redb::Error> {
+    let table = db.begin_read()?.open_table(TABLE)?;
+    Ok(table.get(&key[..])?.map(|v| v.value().to_vec()))
 }
 
 impl Cache {
@@ -246,27 +245,28 @@ impl Cache {
                 e => db_err(path, e),
             })?;
         // Make sure the table exists, so readers never see it missing.
-        let txn = db.begin_write().map_err(|e| db_err(path, e))?;
-        txn.open_table(TABLE).map_err(|e| db_err(path, e))?;
-        txn.commit().map_err(|e| db_err(path, e))?;
-        let db = Arc::new(db);
+        commit(&db, &[], true).map_err(|e| db_err(path, e))?;
+        let shared = Arc::new(Shared {
+            db,
+            hits: AtomicU64::new(0),
+            hit_tokens: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            pending: Mutex::default(),
+        });
         let (tx, rx) = mpsc::channel(QUEUE);
-        let counters = Arc::new(Counters::default());
-        let pending = Arc::new(Pending::default());
-        let (writer_db, writer_counters, writer_pending) =
-            (db.clone(), counters.clone(), pending.clone());
+        let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("rmboost-cache-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx, &writer_counters, &writer_pending))
+            .spawn(move || writer_loop(&writer_shared, rx))
             .map_err(|e| Error::io(path.to_path_buf(), e))?;
         Ok(Cache {
             inner: Arc::new(Inner {
-                db,
+                shared,
                 path: path.to_path_buf(),
                 tx: Some(tx),
-                writer: Mutex::new(Some(writer)),
-                counters,
-                pending,
+                writer: Some(writer),
             }),
         })
     }
@@ -280,27 +280,33 @@ impl Cache {
     /// The counters since the cache was opened.
     #[must_use]
     pub fn stats(&self) -> CacheStats {
-        let c = &*self.inner.counters;
+        let s = &*self.inner.shared;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
-            hits: c.hits.load(Ordering::Relaxed),
-            hit_tokens: c.hit_tokens.load(Ordering::Relaxed),
-            misses: c.misses.load(Ordering::Relaxed),
-            stored: c.stored.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
+            hits: get(&s.hits),
+            hit_tokens: get(&s.hit_tokens),
+            misses: get(&s.misses),
+            stored: get(&s.stored),
+            errors: get(&s.errors),
         }
     }
 
-    async fn queue(&self, command: Command) -> Result<(), &'static str> {
-        let tx = self.inner.tx.as_ref().ok_or("cache closed")?;
-        tx.send(command).await.map_err(|_| "cache writer stopped")
+    fn tx(&self) -> &mpsc::Sender<Command> {
+        self.inner
+            .tx
+            .as_ref()
+            .expect("set until the cache is dropped")
     }
 
-    /// Queues a command with a reply and waits for the reply, sent once the batch holding it
-    /// (so everything queued before it too) is committed.
-    async fn round_trip(&self, make: impl FnOnce(Reply) -> Command) -> Result<(), String> {
+    /// Queues a durable commit (after clearing the table if `clear`) and waits until it, so
+    /// everything queued before it too, is done.
+    async fn sync(&self, clear: bool) -> Result<(), Error> {
         let (reply, done) = oneshot::channel();
-        self.queue(make(reply)).await?;
-        done.await.map_err(|_| "cache writer stopped".to_string())?
+        // Should the writer be gone, the reply is dropped with the command.
+        let _ = self.tx().send(Command::Sync { clear, reply }).await;
+        done.await
+            .unwrap_or_else(|_| Err("cache writer stopped".to_string()))
+            .map_err(|e| db_err(&self.inner.path, e))
     }
 
     /// Removes every stored completion (and commits what was queued before).
@@ -309,9 +315,7 @@ impl Cache {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the database cannot be written.
     pub async fn clear(&self) -> Result<(), Error> {
-        self.round_trip(|reply| Command::Clear { reply })
-            .await
-            .map_err(|e| db_err(&self.inner.path, e))
+        self.sync(true).await
     }
 
     /// Waits until every completion [`put`](Self::put) before this call is committed.
@@ -321,9 +325,7 @@ impl Cache {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the commit failed (the completions are then not stored; they were
     /// also counted in [`CacheStats::errors`]).
     pub async fn flush(&self) -> Result<(), Error> {
-        self.round_trip(|reply| Command::Flush { reply })
-            .await
-            .map_err(|e| db_err(&self.inner.path, e))
+        self.sync(false).await
     }
 
     /// How many completions are committed (not counting those still queued: see
@@ -333,15 +335,10 @@ impl Cache {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the database cannot be read.
     pub async fn entries(&self) -> Result<u64, Error> {
-        let db = self.inner.db.clone();
+        let shared = self.inner.shared.clone();
         let path = self.inner.path.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            match txn.open_table(TABLE) {
-                Ok(t) => t.len().map_err(|e| e.to_string()),
-                Err(TableError::TableDoesNotExist(_)) => Ok(0),
-                Err(e) => Err(e.to_string()),
-            }
+        tokio::task::spawn_blocking(move || -> Result<u64, redb::Error> {
+            Ok(shared.db.begin_read()?.open_table(TABLE)?.len()?)
         })
         .await
         .map_err(|e| db_err(&path, e))?
@@ -351,37 +348,33 @@ impl Cache {
     /// Looks `key` up; `None` on a miss or a read error (counted in
     /// [`CacheStats::errors`]). Finds completions still queued for the writer too.
     pub async fn get(&self, key: [u8; 32]) -> Option<Completion> {
-        let counters = &*self.inner.counters;
-        let queued = lock(&self.inner.pending).get(&key).cloned();
+        let s = &*self.inner.shared;
+        let queued = lock(&s.pending).get(&key).cloned();
         let found = match &queued {
             Some(v) => Ok(Some(Cow::Borrowed(&**v))),
-            None => read(&self.inner.db, &key).map(|r| r.map(Cow::Owned)),
+            None => read(&s.db, &key).map(|r| r.map(Cow::Owned)),
         };
-        let bytes = match found {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                counters.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.misses.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "response cache: read failed; calling the backend");
-                return None;
-            }
+        let hit = match found {
+            Ok(Some(bytes)) => serde_json::from_slice::<Completion>(&bytes)
+                .map(Some)
+                .map_err(|e| ("unreadable entry", e.to_string())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(("read failed", e.to_string())),
         };
-        match serde_json::from_slice::<Completion>(&bytes) {
-            Ok(c) => {
-                counters.hits.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .hit_tokens
-                    .fetch_add(c.usage.total(), Ordering::Relaxed);
+        match hit {
+            Ok(Some(c)) => {
+                add(&s.hits, 1);
+                add(&s.hit_tokens, c.usage.total());
                 Some(c)
             }
-            Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.misses.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "response cache: unreadable entry; calling the backend");
+            Ok(None) => {
+                add(&s.misses, 1);
+                None
+            }
+            Err((what, e)) => {
+                add(&s.errors, 1);
+                add(&s.misses, 1);
+                tracing::warn!(error = %e, "response cache: {what}; calling the backend");
                 None
             }
         }
@@ -398,29 +391,23 @@ impl Cache {
         // An `Arc<Vec>` rather than `Arc<[u8]>`, which would copy the bytes once more.
         let value = Arc::new(value);
         // Wait for room first, so a caller dropped meanwhile leaves nothing pending.
-        let permit = match self.inner.tx.as_ref() {
-            Some(tx) => tx.reserve().await.map_err(|_| "cache writer stopped"),
-            None => Err("cache closed"),
-        };
-        match permit {
+        match self.tx().reserve().await {
             Ok(permit) => {
-                lock(&self.inner.pending).insert(key, value.clone());
+                lock(&self.inner.shared.pending).insert(key, value.clone());
                 permit.send(Command::Put { key, value });
             }
-            Err(e) => {
-                self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "response cache: write failed");
+            Err(_) => {
+                add(&self.inner.shared.errors, 1);
+                tracing::warn!(
+                    error = "cache writer stopped",
+                    "response cache: write failed"
+                );
             }
         }
     }
 }
 
-fn writer_loop(
-    db: &Database,
-    mut rx: mpsc::Receiver<Command>,
-    counters: &Counters,
-    pending: &Pending,
-) {
+fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // When the last durable commit was, and whether commits since are not durable yet.
     let mut last_durable = Instant::now();
@@ -433,6 +420,7 @@ fn writer_loop(
             }
         }
     };
+    let is_put = |c: &Command| matches!(c, Command::Put { .. });
     loop {
         let next = if undurable {
             recv_until(&mut rx, last_durable + DURABLE_EVERY)
@@ -443,9 +431,9 @@ fn writer_loop(
             Ok(c) => c,
             Err(idle) => {
                 // Nothing more came within the period, or the cache is closing: make what was
-                // committed durable.
+                // committed durable (a durable commit of nothing).
                 if undurable {
-                    if let Err(e) = make_durable(db) {
+                    if let Err(e) = commit(&shared.db, &[], true) {
                         tracing::warn!(error = %e, "response cache: write failed");
                     }
                     undurable = false;
@@ -461,51 +449,40 @@ fn writer_loop(
         drain(&mut rx, &mut batch);
         // Nobody waits for a write: let more gather, so one transaction takes more of them.
         // A flush or clear is served at once.
-        if batch.len() < MAX_BATCH && batch.iter().all(|c| matches!(c, Command::Put { .. })) {
+        if batch.len() < MAX_BATCH && batch.iter().all(is_put) {
             std::thread::sleep(LINGER);
             drain(&mut rx, &mut batch);
         }
+        let puts = batch.iter().filter(|c| is_put(c)).count();
         // Durable at least once per period, and for a flush or a clear (whose callers wait).
-        let durable = last_durable.elapsed() >= DURABLE_EVERY
-            || batch.iter().any(|c| !matches!(c, Command::Put { .. }));
-        let result = commit_batch(db, &batch, durable);
+        let durable = last_durable.elapsed() >= DURABLE_EVERY || puts < batch.len();
+        let result = commit(&shared.db, &batch, durable).map_err(|e| e.to_string());
         if durable {
             last_durable = Instant::now();
             undurable = false;
         } else {
             undurable |= result.is_ok();
         }
-        let puts = batch
-            .iter()
-            .filter(|c| matches!(c, Command::Put { .. }))
-            .count() as u64;
         match &result {
-            Ok(()) => {
-                counters.stored.fetch_add(puts, Ordering::Relaxed);
-            }
+            Ok(()) => add(&shared.stored, puts as u64),
             Err(e) => {
-                counters.errors.fetch_add(puts, Ordering::Relaxed);
+                add(&shared.errors, puts as u64);
                 if puts > 0 {
                     tracing::warn!(error = %e, completions = puts, "response cache: write failed");
                 }
             }
         }
-        if puts > 0 {
-            // Committed (or failed): lookups go to the database again. A newer value queued
-            // for the same key since stays.
-            let mut pending = lock(pending);
-            for cmd in &batch {
-                if let Command::Put { key, value } = cmd {
-                    if pending.get(key).is_some_and(|v| Arc::ptr_eq(v, value)) {
-                        pending.remove(key);
-                    }
-                }
-            }
-        }
+        // Committed (or failed): lookups go to the database again. A newer value queued for
+        // the same key since stays.
+        let mut pending = lock(&shared.pending);
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Put { .. } => {}
-                Command::Clear { reply } | Command::Flush { reply } => {
+                Command::Put { key, value } => {
+                    if pending.get(&key).is_some_and(|v| Arc::ptr_eq(v, &value)) {
+                        pending.remove(&key);
+                    }
+                }
+                Command::Sync { reply, .. } => {
                     let _ = reply.send(result.clone());
                 }
             }
@@ -537,35 +514,27 @@ fn recv_until(rx: &mut mpsc::Receiver<Command>, deadline: Instant) -> Result<Com
     }
 }
 
-/// A durable commit of nothing, which makes the commits before it durable.
-fn make_durable(db: &Database) -> Result<(), String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.commit().map_err(|e| e.to_string())
-}
-
-fn commit_batch(db: &Database, batch: &[Command], durable: bool) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+/// Commits `batch` in one transaction (`durable`: with an `fsync`).
+fn commit(db: &Database, batch: &[Command], durable: bool) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
     if !durable {
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| e.to_string())?;
+        txn.set_durability(redb::Durability::None)?;
     }
     {
-        let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+        let mut table = txn.open_table(TABLE)?;
         for cmd in batch {
             match cmd {
                 Command::Put { key, value } => {
-                    table
-                        .insert(&key[..], &value[..])
-                        .map_err(|e| e.to_string())?;
+                    table.insert(&key[..], &value[..])?;
                 }
-                Command::Clear { .. } => {
-                    table.retain(|_, _| false).map_err(|e| e.to_string())?;
+                Command::Sync { clear: true, .. } => {
+                    table.retain(|_, _| false)?;
                 }
-                Command::Flush { .. } => {}
+                Command::Sync { .. } => {}
             }
         }
     }
-    txn.commit().map_err(|e| e.to_string())
+    Ok(txn.commit()?)
 }
 
 /// A backend whose successful completions are served from, and stored in, a [`Cache`].
@@ -623,17 +592,7 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
         Ok(completion)
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }
 
 #[cfg(test)]

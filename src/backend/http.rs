@@ -1,35 +1,23 @@
-//! Shared plumbing of the HTTP backends: configuration, the client, error classification and
-//! `Retry-After` parsing.
+//! What the HTTP backends share: [`HttpBackend`], which sends a request and reads the answer
+//! for any [`Provider`] (the provider gives its body shape and answer parsing), its builder,
+//! the client, error classification and `Retry-After` parsing.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
+use serde::ser::SerializeMap;
+use serde::Serialize;
 use serde_json::Value;
+use tracing::field::Empty;
+use tracing::Instrument;
 
+use crate::backend::{Completion, CompletionRequest, FinishReason, LlmBackend, Usage};
 use crate::error::{BackendError, BackendErrorKind, Error};
-
-/// Settings both HTTP backends share.
-#[derive(Clone)]
-pub(crate) struct HttpConfig {
-    pub(crate) base_url: String,
-    pub(crate) model: String,
-    pub(crate) api_key: Option<SecretString>,
-    pub(crate) api_key_env: Option<String>,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) extra_body: serde_json::Map<String, Value>,
-    pub(crate) client: Option<reqwest::Client>,
-    pub(crate) max_response_bytes: usize,
-    /// The provider's own base URL (the default) and the environment variable its key is read
-    /// from when no key source is given and requests go there.
-    pub(crate) default_base_url: &'static str,
-    pub(crate) default_key_env: &'static str,
-}
 
 /// The longest wait a server can ask for ([`retry_after`]) that is kept as it is; a longer
 /// one (`retry-after: 1e300`) is cut to this. One day: a daily limit's reset is the longest
@@ -43,28 +31,12 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 /// The most of an error (non-2xx) body that is read: enough for any error message.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
-impl HttpConfig {
-    pub(crate) fn new(default_base_url: &'static str, default_key_env: &'static str) -> Self {
-        HttpConfig {
-            base_url: default_base_url.to_string(),
-            model: String::new(),
-            api_key: None,
-            api_key_env: None,
-            headers: Vec::new(),
-            timeout: Some(Duration::from_secs(600)),
-            connect_timeout: Duration::from_secs(10),
-            extra_body: serde_json::Map::new(),
-            client: None,
-            max_response_bytes: crate::backend::DEFAULT_MAX_RESPONSE_BYTES,
-            default_base_url,
-            default_key_env,
-        }
-    }
-
+/// What the builder checks and works out for `build`.
+impl<P: Provider> HttpBackendBuilder<P> {
     /// Whether `url` is on the provider's own host (scheme, host and port of the default base
     /// URL), where the default key variable may be sent.
-    pub(crate) fn is_provider_url(&self, url: &Url) -> bool {
-        Url::parse(self.default_base_url).is_ok_and(|d| {
+    fn is_provider_url(&self, url: &Url) -> bool {
+        Url::parse(P::BASE_URL).is_ok_and(|d| {
             d.scheme() == url.scheme()
                 && d.host_str() == url.host_str()
                 && d.port_or_known_default() == url.port_or_known_default()
@@ -76,13 +48,13 @@ impl HttpConfig {
     /// ([`is_provider_url`](Self::is_provider_url)), the one in the provider's default variable
     /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), which must then be set. A custom URL gets no
     /// key unless one is given explicitly: the provider's key is not handed to another server.
-    pub(crate) fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
+    fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
         if let Some(key) = &self.api_key {
             return Ok(Some(key.clone()));
         }
         let var = match &self.api_key_env {
             Some(var) => var.as_str(),
-            None if self.is_provider_url(url) => self.default_key_env,
+            None if self.is_provider_url(url) => P::KEY_ENV,
             None => return Ok(None),
         };
         match std::env::var(var) {
@@ -102,11 +74,7 @@ impl HttpConfig {
     /// Checks the settings every HTTP backend shares and resolves the key for `url` (see
     /// [`resolve_key`](Self::resolve_key)); warns when a key would cross the network
     /// unencrypted.
-    pub(crate) fn checked_key(
-        &self,
-        backend: &str,
-        url: &Url,
-    ) -> Result<Option<SecretString>, Error> {
+    fn checked_key(&self, backend: &str, url: &Url) -> Result<Option<SecretString>, Error> {
         if self.max_response_bytes == 0 {
             return Err(Error::config(format!(
                 "{backend} backend: max_response_bytes must be at least 1"
@@ -126,12 +94,13 @@ impl HttpConfig {
 
     /// The note added to a 401 or 403 when no key was sent: a custom URL gets a key only when
     /// it is named explicitly.
-    pub(crate) fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
+    fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
         (key.is_none() && !self.is_provider_url(url)).then(|| {
             format!(
                 "no API key was sent: a key is sent to a custom base URL only when named with \
                  --api-key-env (api_key_env in code) or given with api_key; {} is sent only to {}",
-                self.default_key_env, self.default_base_url
+                P::KEY_ENV,
+                P::BASE_URL
             )
         })
     }
@@ -140,7 +109,7 @@ impl HttpConfig {
     /// ([`LlmBackend::identity`](crate::LlmBackend::identity)): the backend's name, the
     /// endpoint (without credentials or query), the model, the extra body fields and the names
     /// (not the values, which may be credentials) of the extra headers. Never the key.
-    pub(crate) fn identity(&self, backend: &str, url: &Url, more: &[(&str, &str)]) -> String {
+    fn identity(&self, backend: &str, url: &Url, more: &[(&str, String)]) -> String {
         let mut names: Vec<String> = self
             .headers
             .iter()
@@ -161,7 +130,7 @@ impl HttpConfig {
     }
 
     /// The extra headers, validated.
-    pub(crate) fn header_map(&self) -> Result<HeaderMap, Error> {
+    fn header_map(&self) -> Result<HeaderMap, Error> {
         let mut map = HeaderMap::new();
         for (name, value) in &self.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
@@ -178,7 +147,7 @@ impl HttpConfig {
     /// The shared client: the one given, or a new one with the timeouts that follows no
     /// redirects (the key and the extra headers would go with them to wherever they point;
     /// a 3xx answer is an error instead, see [`redirect_error`]).
-    pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
+    fn make_client(&self) -> Result<reqwest::Client, Error> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -196,8 +165,8 @@ impl HttpConfig {
             .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))
     }
 
-    /// `base_url` joined with `path` (`/v1` is added to a base URL without a path).
-    pub(crate) fn endpoint(&self, path: &str) -> Result<Url, Error> {
+    /// The base URL, checked, without a trailing slash (`/v1` for a base URL without a path).
+    fn base(&self) -> Result<Url, Error> {
         let mut url = Url::parse(self.base_url.trim())
             .map_err(|e| Error::config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -206,10 +175,9 @@ impl HttpConfig {
                 self.base_url
             )));
         }
-        if url.path().trim_end_matches('/').is_empty() {
-            url.set_path("/v1");
-        }
-        Ok(join_path(&url, path))
+        let path = url.path().trim_end_matches('/').to_string();
+        url.set_path(if path.is_empty() { "/v1" } else { &path });
+        Ok(url)
     }
 }
 
@@ -227,10 +195,10 @@ pub(crate) fn join_path(base: &Url, path: &str) -> Url {
     url
 }
 
-impl fmt::Debug for HttpConfig {
+impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        f.debug_struct("HttpConfig")
+        f.debug_struct("HttpBackendBuilder")
             .field("base_url", &self.base_url)
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
@@ -242,6 +210,7 @@ impl fmt::Debug for HttpConfig {
                 "extra_body_fields",
                 &self.extra_body.keys().collect::<Vec<_>>(),
             )
+            .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
 }
@@ -285,13 +254,9 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
     }
 }
 
-/// Maps a transport failure (no HTTP response, or a broken body) to an error.
-pub(crate) fn transport_error(err: reqwest::Error, url: &Url) -> BackendError {
-    transport_error_of("POST", err, url)
-}
-
-/// [`transport_error`] of a request with another method.
-fn transport_error_of(method: &str, err: reqwest::Error, url: &Url) -> BackendError {
+/// Maps a transport failure (no HTTP response, or a broken body) of a `method` request to an
+/// error.
+fn transport_error(method: &str, err: reqwest::Error, url: &Url) -> BackendError {
     let where_ = display_url(url);
     let (kind, what) = if err.is_timeout() {
         (BackendErrorKind::Timeout, "timed out")
@@ -316,24 +281,7 @@ pub(crate) fn f32_json(x: f32) -> Value {
         .map_or(Value::Null, Value::Number)
 }
 
-/// Writes one request body field, unless an extra body field of the same name replaces it
-/// (the extra fields are written after the set ones).
-pub(crate) fn body_field<M: serde::ser::SerializeMap, V: serde::Serialize + ?Sized>(
-    map: &mut M,
-    extra: &serde_json::Map<String, Value>,
-    name: &str,
-    value: &V,
-) -> Result<(), M::Error> {
-    if extra.contains_key(name) {
-        Ok(())
-    } else {
-        map.serialize_entry(name, value)
-    }
-}
-
-/// Sends `body` as JSON to `url` and reads the answer as text, at most `max_bytes` of it.
-/// `size_hint` is about how long the JSON is (the messages' text), so the buffer it is written
-/// to is not grown and copied as it is written.
+/// Sends a request built by `request` and reads the answer as text, at most `max_bytes` of it.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
 /// classify ([`status_error`]), except a redirect, which is an error here
@@ -341,59 +289,16 @@ pub(crate) fn body_field<M: serde::ser::SerializeMap, V: serde::Serialize + ?Siz
 /// dropped; its message is in the beginning). A 2xx body longer than `max_bytes` (declared in
 /// `Content-Length`, or found so while reading it in chunks) is an error
 /// ([`too_large`]): nothing past the cap is read or kept.
-pub(crate) async fn post_json(
-    client: &reqwest::Client,
-    url: &Url,
-    mut headers: HeaderMap,
-    body: &(impl serde::Serialize + ?Sized),
-    size_hint: usize,
-    max_bytes: usize,
-) -> Result<(StatusCode, HeaderMap, String), BackendError> {
-    let mut json = Vec::with_capacity(size_hint + size_hint / 16 + 512);
-    serde_json::to_writer(&mut json, body).map_err(|e| {
-        BackendError::new(
-            BackendErrorKind::InvalidRequest,
-            format!("the request body cannot be written as JSON: {e}"),
-        )
-    })?;
-    // As `RequestBuilder::json` does: a content type set in the headers is kept.
-    headers
-        .entry(reqwest::header::CONTENT_TYPE)
-        .or_insert(HeaderValue::from_static("application/json"));
-    let response = client
-        .post(url.clone())
-        .headers(headers)
-        .body(json)
-        .send()
-        .await
-        .map_err(|e| transport_error(e, url))?;
-    read_response("POST", response, url, max_bytes).await
-}
-
-/// Sends a request built by `build` (a GET, a multipart upload, a body-less POST) and reads
-/// the answer as [`post_json`] does: no redirect followed, the body capped at `max_bytes`.
-#[cfg(feature = "batch")]
 pub(crate) async fn send(
     method: &str,
     request: reqwest::RequestBuilder,
     url: &Url,
     max_bytes: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
-    let response = request
+    let mut response = request
         .send()
         .await
-        .map_err(|e| transport_error_of(method, e, url))?;
-    read_response(method, response, url, max_bytes).await
-}
-
-/// Reads a response: a redirect is an error ([`redirect_error`]); of an error body only the
-/// first 64 KiB are read; a 2xx body over `max_bytes` is an error ([`too_large`]).
-async fn read_response(
-    method: &str,
-    mut response: reqwest::Response,
-    url: &Url,
-    max_bytes: usize,
-) -> Result<(StatusCode, HeaderMap, String), BackendError> {
+        .map_err(|e| transport_error(method, e, url))?;
     let status = response.status();
     if status.is_redirection() {
         return Err(redirect_error(status, response.headers(), url));
@@ -419,7 +324,7 @@ async fn read_response(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| transport_error_of(method, e, url))?
+        .map_err(|e| transport_error(method, e, url))?
     {
         let room = limit - bytes.len();
         if chunk.len() > room {
@@ -486,11 +391,8 @@ pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url)
         .and_then(|v| v.to_str().ok())
         .and_then(|loc| url.join(loc.trim()).ok());
     let whither = match &target {
-        Some(t) => match (t.host_str(), t.port()) {
-            (Some(host), Some(port)) => format!("to {}://{host}:{port}", t.scheme()),
-            (Some(host), None) => format!("to {}://{host}", t.scheme()),
-            _ => "to a URL without a host".to_string(),
-        },
+        Some(t) if t.host_str().is_some() => format!("to {}", origin(t)),
+        Some(_) => "to a URL without a host".to_string(),
         None => "without a usable Location".to_string(),
     };
     BackendError::new(
@@ -543,24 +445,21 @@ impl ServerError {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
+        let fields = |o: &serde_json::Map<String, Value>| ServerError {
+            message: as_text(o.get("message")),
+            kind: as_text(o.get("type")),
+            code: as_text(o.get("code")),
+        };
         match obj.get("error") {
             // OpenAI, Anthropic, llama.cpp: {"error": {"message", "type", "code"}}
-            Some(Value::Object(e)) => Some(ServerError {
-                message: as_text(e.get("message")),
-                kind: as_text(e.get("type")),
-                code: as_text(e.get("code")),
-            }),
+            Some(Value::Object(e)) => Some(fields(e)),
             // Ollama and others: {"error": "text"}
             Some(Value::String(s)) => Some(ServerError {
                 message: Some(s.clone()),
                 ..ServerError::default()
             }),
             // vLLM: {"object": "error", "message", "type", "code"}
-            _ if obj.contains_key("message") => Some(ServerError {
-                message: as_text(obj.get("message")),
-                kind: as_text(obj.get("type")),
-                code: as_text(obj.get("code")),
-            }),
+            _ if obj.contains_key("message") => Some(fields(obj)),
             _ => None,
         }
     }
@@ -611,7 +510,7 @@ impl ServerError {
     }
 }
 
-/// Classifies an HTTP error response. `no_key_note` (see [`HttpConfig::no_key_note`]) is added
+/// Classifies an HTTP error response. `no_key_note` (see `HttpBackendBuilder::no_key_note`) is added
 /// to the message of a 401 or 403.
 pub(crate) fn status_error(
     status: StatusCode,
@@ -734,40 +633,35 @@ pub(crate) fn retry_after(
     if !rate_limited {
         return None;
     }
-    // kind -> (remaining is zero, reset)
-    let mut resets: BTreeMap<String, (bool, Duration)> = BTreeMap::new();
+    // The longest reset of a limit whose remaining count is zero, else the shortest reset.
+    let (mut exhausted, mut soonest) = (None, None);
     for (name, value) in headers {
         let name = name.as_str();
         let Ok(value) = value.to_str() else { continue };
         let value = value.trim();
-        if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
-            if let Some(d) = parse_go_duration(value) {
-                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
-            }
+        let (kind, reset) = if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
+            (kind, parse_go_duration(value))
         } else if let Some(kind) = name
             .strip_prefix("anthropic-ratelimit-")
             .and_then(|k| k.strip_suffix("-reset"))
         {
-            if let Some(at) = parse_rfc3339(value) {
-                let d = at
-                    .duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-                    .min(MAX_SERVER_WAIT);
-                resets.entry(kind.to_string()).or_insert((false, d)).1 = d;
-            }
-        }
-    }
-    for (kind, entry) in &mut resets {
+            let wait = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
+            (
+                kind,
+                parse_rfc3339(value).map(|at| wait(at).min(MAX_SERVER_WAIT)),
+            )
+        } else {
+            continue;
+        };
+        let Some(reset) = reset else { continue };
         let remaining = get(&format!("x-ratelimit-remaining-{kind}"))
             .or_else(|| get(&format!("anthropic-ratelimit-{kind}-remaining")));
-        entry.0 = remaining.is_some_and(|r| r == "0");
+        if remaining == Some("0") {
+            exhausted = exhausted.max(Some(reset));
+        }
+        soonest = Some(soonest.map_or(reset, |s: Duration| s.min(reset)));
     }
-    let exhausted = resets
-        .values()
-        .filter(|(zero, _)| *zero)
-        .map(|(_, d)| *d)
-        .max();
-    exhausted.or_else(|| resets.values().map(|(_, d)| *d).min())
+    exhausted.or(soonest)
 }
 
 /// A wait of `secs` seconds a server asked for, checked: `None` for a negative or NaN number;
@@ -849,104 +743,505 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     (at.timestamp() >= 0).then(|| at.into())
 }
 
-/// The builder setters the HTTP backends share, all of which set a field of the builder's
-/// `config: HttpConfig`. Each backend gives the docs of the settings whose meaning is its own
-/// (the base URL's path, the model, example headers and body fields, the default timeout).
-macro_rules! http_config_setters {
-    (
-        base_url: $base_url:literal,
-        model: $model:literal,
-        header: $header:literal,
-        timeout: $timeout:literal,
-        extra_body: $extra_body:literal,
-        client: $client:literal $(,)?
-    ) => {
-        #[doc = $base_url]
-        pub fn base_url(mut self, url: impl Into<String>) -> Self {
-            self.config.base_url = url.into();
-            self
-        }
+/// What one HTTP API adds to the shared core ([`HttpBackend`]): its names, the header its key
+/// goes in, its own settings, its request body and how it reads an answer.
+pub trait Provider: Clone + Default + fmt::Debug + Send + Sync + 'static {
+    /// The backend's name (`openai`, `anthropic`).
+    const NAME: &'static str;
+    /// The endpoint's path under the base URL.
+    const PATH: &'static str;
+    /// The provider's own base URL, the default.
+    const BASE_URL: &'static str;
+    /// The variable the key is read from when none is named, for the provider's own URL only.
+    const KEY_ENV: &'static str;
 
-        #[doc = $model]
-        pub fn model(mut self, model: impl Into<String>) -> Self {
-            self.config.model = model.into();
-            self
-        }
+    /// The header the key goes in, and its value.
+    fn key_header(key: &str) -> (HeaderName, String);
 
-        /// The API key, given in code, sent to whatever base URL is set. It is held in a
-        /// secret wrapper and never printed. Takes precedence over
-        /// [`api_key_env`](Self::api_key_env). Default: none (see
-        /// [`api_key_env`](Self::api_key_env) for where a key then comes from).
-        pub fn api_key(mut self, key: impl Into<String>) -> Self {
-            self.config.api_key = Some(secrecy::SecretString::from(key.into()));
-            self
-        }
+    /// Checks the provider's own settings, adds its fixed headers, and returns those of its
+    /// settings that change the answers (for the identity).
+    fn settings(&self, headers: &mut HeaderMap) -> Result<Vec<(&'static str, String)>, Error>;
 
-        /// Reads the API key from this environment variable when [`build`](Self::build) runs,
-        /// and sends it to whatever base URL is set; `build` fails if it is unset or empty.
-        ///
-        /// Default: when neither this nor [`api_key`](Self::api_key) is given, the provider's
-        /// own variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) is read, and must be set, only
-        /// if requests go to the provider's own host (the default base URL's scheme, host and
-        /// port); a custom base URL then gets no key, so the provider's key is never handed to
-        /// another server unless named here. `build` warns (`tracing`) when a key would go over
-        /// plain `http://` to a host that is not loopback.
-        pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
-            self.config.api_key_env = Some(var.into());
-            self
-        }
+    /// Writes the request's fields of the body (the extra body fields follow).
+    fn write_body<M: SerializeMap>(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+        fields: &mut Fields<'_, M>,
+    ) -> Result<(), M::Error>;
 
-        #[doc = $header]
-        pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-            self.config.headers.push((name.into(), value.into()));
-            self
-        }
-
-        #[doc = $timeout]
-        pub fn timeout(mut self, timeout: impl Into<Option<std::time::Duration>>) -> Self {
-            self.config.timeout = timeout.into();
-            self
-        }
-
-        /// The most connecting may take. Default 10 s. Like the
-        /// [`timeout`](Self::timeout), anything over a year is cut to a year.
-        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
-            self.config.connect_timeout = timeout;
-            self
-        }
-
-        /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the
-        /// rest is dropped). A longer answer, by its `Content-Length` or once the cap is passed
-        /// while reading it in chunks, fails the call with an error of kind
-        /// [`Other`](crate::BackendErrorKind::Other) (not retried, since the same request
-        /// would most likely bring as much again; not fatal) and nothing past the cap is read.
-        /// So a server that streams without end costs at most this much memory per call.
-        /// Default [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES)
-        /// (8 MiB, far more than any chat answer); `build` rejects 0.
-        pub fn max_response_bytes(mut self, max: usize) -> Self {
-            self.config.max_response_bytes = max;
-            self
-        }
-
-        #[doc = $extra_body]
-        pub fn extra_body(mut self, name: impl Into<String>, value: serde_json::Value) -> Self {
-            self.config.extra_body.insert(name.into(), value);
-            self
-        }
-
-        #[doc = $client]
-        pub fn client(mut self, client: reqwest::Client) -> Self {
-            self.config.client = Some(client);
-            self
-        }
-    };
+    /// The completion in a 2xx body (the online answer, or one result of a batch), or the
+    /// error the body carries. `model` is the model asked for; `key` is removed from messages.
+    fn completion(
+        text: &str,
+        model: &str,
+        key: Option<&SecretString>,
+    ) -> Result<Completion, BackendError>;
 }
-pub(crate) use http_config_setters;
+
+/// A backend for one HTTP API: `OpenAiBackend` (feature `openai`) or `AnthropicBackend`
+/// (feature `anthropic`). Made with
+/// [`HttpBackend::builder`].
+///
+/// Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub struct HttpBackend<P> {
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: Url,
+    /// The base URL (up to and including the version prefix), for the batch API.
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
+    pub(crate) base: Url,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<SecretString>,
+    /// The extra headers and the key's header (marked sensitive).
+    headers: HeaderMap,
+    extra_body: serde_json::Map<String, Value>,
+    pub(crate) max_response_bytes: usize,
+    /// Added to a 401 or 403 when no key was sent to a custom URL.
+    pub(crate) no_key_note: Option<String>,
+    /// See [`LlmBackend::identity`].
+    pub(crate) identity: String,
+    provider: P,
+}
+
+impl<P: Provider> HttpBackend<P> {
+    /// A builder with the defaults (the provider's base URL, no key, no model).
+    pub fn builder() -> HttpBackendBuilder<P> {
+        HttpBackendBuilder {
+            base_url: P::BASE_URL.to_string(),
+            model: String::new(),
+            api_key: None,
+            api_key_env: None,
+            headers: Vec::new(),
+            timeout: Some(Duration::from_secs(600)),
+            connect_timeout: Duration::from_secs(10),
+            extra_body: serde_json::Map::new(),
+            client: None,
+            max_response_bytes: crate::backend::DEFAULT_MAX_RESPONSE_BYTES,
+            provider: P::default(),
+        }
+    }
+
+    /// The full URL requests are sent to, as it may be shown in a log or a summary: without
+    /// a user name, password, query or fragment, where credentials may hide.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        display_url(&self.url)
+    }
+
+    /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
+    /// copy of the messages).
+    pub(crate) fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a, P> {
+        Body {
+            backend: self,
+            request,
+        }
+    }
+
+    /// The headers of every request: the extra ones and the key's.
+    pub(crate) fn headers(&self) -> HeaderMap {
+        self.headers.clone()
+    }
+
+    /// The completion in a 2xx body, or the error it carries.
+    pub(crate) fn completion_from_body(&self, text: &str) -> Result<Completion, BackendError> {
+        P::completion(text, &self.model, self.api_key.as_ref())
+    }
+
+    async fn call(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let span = tracing::Span::current();
+        tracing::trace!(messages = ?request.messages, "request");
+        // Sized for the messages, so the buffer is not grown and copied as it is written.
+        let size = request.text_len();
+        let mut json = Vec::with_capacity(size + size / 16 + 512);
+        serde_json::to_writer(&mut json, &self.body(&request)).map_err(|e| {
+            BackendError::new(
+                BackendErrorKind::InvalidRequest,
+                format!("the request body cannot be written as JSON: {e}"),
+            )
+        })?;
+        let mut headers = self.headers();
+        // As `RequestBuilder::json` does: a content type set in the headers is kept.
+        headers
+            .entry(reqwest::header::CONTENT_TYPE)
+            .or_insert(HeaderValue::from_static("application/json"));
+        let post = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .body(json);
+        let (status, headers, text) =
+            send("POST", post, &self.url, self.max_response_bytes).await?;
+        span.record("status", status.as_u16());
+        if !status.is_success() {
+            let key = self.api_key.as_ref();
+            let note = self.no_key_note.as_deref();
+            return Err(status_error(status, &headers, &text, key, note));
+        }
+        let completion = self.completion_from_body(&text)?;
+        span.record(
+            "finish_reason",
+            tracing::field::debug(&completion.finish_reason),
+        );
+        span.record("prompt_tokens", completion.usage.prompt_tokens);
+        span.record("completion_tokens", completion.usage.completion_tokens);
+        tracing::trace!(text = %completion.text, "response");
+        Ok(completion)
+    }
+}
+
+impl<P: Provider> fmt::Debug for HttpBackend<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpBackend")
+            .field("backend", &P::NAME)
+            .field("url", &display_url(&self.url))
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "extra_body_fields",
+                &self.extra_body.keys().collect::<Vec<_>>(),
+            )
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<P: Provider> LlmBackend for HttpBackend<P> {
+    /// Sends one request.
+    ///
+    /// # Errors
+    ///
+    /// See the module docs of `rmboost::backend::openai` and `rmboost::backend::anthropic`
+    /// for how failures are classified.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future aborts the HTTP request; the connection pool stays usable.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
+        let span = tracing::info_span!(
+            "llm_call",
+            backend = P::NAME,
+            model = %self.model,
+            status = Empty,
+            finish_reason = Empty,
+            prompt_tokens = Empty,
+            completion_tokens = Empty,
+        );
+        self.call(request).instrument(span).await
+    }
+
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed(P::NAME)
+    }
+
+    fn model(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.model)
+    }
+
+    /// The name, the endpoint (without credentials or query), the model and every other
+    /// setting that changes the answers (extra body fields, the names of extra headers, ...);
+    /// never the key.
+    fn identity(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.identity)
+    }
+}
+
+/// A request body: the provider's fields, then the extra body fields, which replace set
+/// fields of the same name.
+pub(crate) struct Body<'a, P> {
+    backend: &'a HttpBackend<P>,
+    request: &'a CompletionRequest,
+}
+
+impl<P: Provider> Serialize for Body<'_, P> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let b = self.backend;
+        let mut fields = Fields {
+            map: serializer.serialize_map(None)?,
+            extra: &b.extra_body,
+        };
+        b.provider.write_body(&b.model, self.request, &mut fields)?;
+        for (k, v) in &b.extra_body {
+            fields.map.serialize_entry(k, v)?;
+        }
+        fields.map.end()
+    }
+}
+
+/// The fields of a request body being written; see [`Fields::set`].
+#[derive(Debug)]
+pub struct Fields<'a, M> {
+    map: M,
+    extra: &'a serde_json::Map<String, Value>,
+}
+
+impl<M: SerializeMap> Fields<'_, M> {
+    /// Writes one field, unless an extra body field of the same name replaces it.
+    pub(crate) fn set<V: Serialize + ?Sized>(
+        &mut self,
+        name: &str,
+        value: &V,
+    ) -> Result<(), M::Error> {
+        if self.extra.contains_key(name) {
+            Ok(())
+        } else {
+            self.map.serialize_entry(name, value)
+        }
+    }
+
+    /// Writes a field that is set; an `f32` setting as its shortest decimal (`0.7`, not
+    /// `0.699999988...`) with [`f32_json`].
+    pub(crate) fn opt<V: Serialize>(
+        &mut self,
+        name: &str,
+        value: Option<V>,
+    ) -> Result<(), M::Error> {
+        match value {
+            Some(v) => self.set(name, &v),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Builds an [`HttpBackend`]. Setters consume and return the builder; [`build`](Self::build)
+/// is the one place an error comes out.
+#[must_use]
+pub struct HttpBackendBuilder<P> {
+    base_url: String,
+    model: String,
+    api_key: Option<SecretString>,
+    api_key_env: Option<String>,
+    headers: Vec<(String, String)>,
+    timeout: Option<Duration>,
+    connect_timeout: Duration,
+    extra_body: serde_json::Map<String, Value>,
+    client: Option<reqwest::Client>,
+    max_response_bytes: usize,
+    pub(crate) provider: P,
+}
+
+impl<P: Provider> HttpBackendBuilder<P> {
+    /// The API's base URL, up to and including the version prefix, e.g.
+    /// `http://127.0.0.1:8080/v1`; the provider's path (`/chat/completions`, `/messages`) is
+    /// appended. A URL without a path gets `/v1`. Default: the provider's own
+    /// (`openai::DEFAULT_BASE_URL`, `anthropic::DEFAULT_BASE_URL`).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = url.into();
+        self
+    }
+
+    /// The model name sent with every request. Required (any non-empty name for servers that
+    /// ignore it, such as llama.cpp's).
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = model.into();
+        self
+    }
+
+    /// The API key, given in code, sent to whatever base URL is set. It is held in a
+    /// secret wrapper and never printed. Takes precedence over
+    /// [`api_key_env`](Self::api_key_env). Default: none (see
+    /// [`api_key_env`](Self::api_key_env) for where a key then comes from).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(SecretString::from(key.into()));
+        self
+    }
+
+    /// Reads the API key from this environment variable when [`build`](Self::build) runs,
+    /// and sends it to whatever base URL is set; `build` fails if it is unset or empty.
+    ///
+    /// Default: when neither this nor [`api_key`](Self::api_key) is given, the provider's
+    /// own variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) is read, and must be set, only
+    /// if requests go to the provider's own host (the default base URL's scheme, host and
+    /// port); a custom base URL then gets no key, so the provider's key is never handed to
+    /// another server unless named here. `build` warns (`tracing`) when a key would go over
+    /// plain `http://` to a host that is not loopback.
+    pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
+        self.api_key_env = Some(var.into());
+        self
+    }
+
+    /// Adds a header sent with every request (a gateway's routing or auth header, an
+    /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The most one request may take, from sending to the end of the body; `None` for no
+    /// limit. Default 600 s (slow local models need long). Anything over a year is cut to a
+    /// year.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.timeout = timeout.into();
+        self
+    }
+
+    /// The most connecting may take. Default 10 s. Like the
+    /// [`timeout`](Self::timeout), anything over a year is cut to a year.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the
+    /// rest is dropped). A longer answer, by its `Content-Length` or once the cap is passed
+    /// while reading it in chunks, fails the call with an error of kind
+    /// [`Other`](crate::BackendErrorKind::Other) (not retried, since the same request
+    /// would most likely bring as much again; not fatal) and nothing past the cap is read.
+    /// So a server that streams without end costs at most this much memory per call.
+    /// Default [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES)
+    /// (8 MiB, far more than any chat answer); `build` rejects 0.
+    pub fn max_response_bytes(mut self, max: usize) -> Self {
+        self.max_response_bytes = max;
+        self
+    }
+
+    /// Adds a field to every request body, for server-specific options (`top_k`,
+    /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata`
+    /// or `thinking`, ...). It wins over a field of the same name set from the request.
+    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
+        self.extra_body.insert(name.into(), value);
+        self
+    }
+
+    /// Uses this client instead of building one (to share a pool between backends or set
+    /// proxies and certificates). The timeout settings are then the client's, and so is its
+    /// redirect policy: reqwest's default follows redirects, and the key and extra headers
+    /// with them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the
+    /// backend then reports a redirect as an error, as with its own client).
+    pub fn client(mut self, client: reqwest::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Builds the backend and its HTTP client.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the model is empty, a setting of
+    /// the provider's own is invalid (see its setters), the base URL or a header is invalid,
+    /// `max_response_bytes` is 0, the key's environment variable is unset or empty (the one
+    /// named with [`api_key_env`](Self::api_key_env), or the provider's own when no key is
+    /// given and requests go to its own host), or the HTTP client cannot be built.
+    pub fn build(self) -> Result<HttpBackend<P>, Error> {
+        let name = P::NAME;
+        if self.model.trim().is_empty() {
+            return Err(Error::config(format!("{name} backend: no model set")));
+        }
+        let mut headers = self.header_map()?;
+        let settings = self.provider.settings(&mut headers)?;
+        let base = self.base()?;
+        let url = join_path(&base, P::PATH);
+        let api_key = self.checked_key(name, &url)?;
+        if let Some(key) = &api_key {
+            let (header, value) = P::key_header(key.expose_secret());
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                Error::config(format!(
+                    "{name} backend: the API key contains characters not allowed in a header"
+                ))
+            })?;
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        Ok(HttpBackend {
+            client: self.make_client()?,
+            no_key_note: self.no_key_note(&url, api_key.as_ref()),
+            identity: self.identity(name, &url, &settings),
+            base,
+            url,
+            model: self.model,
+            api_key,
+            headers,
+            extra_body: self.extra_body,
+            max_response_bytes: self.max_response_bytes,
+            provider: self.provider,
+        })
+    }
+}
+
+/// A completion of `text`, unless it has none (apart from white space) because of the token
+/// limit or a filter: then an error of kind [`Length`](BackendErrorKind::Length) or
+/// [`ContentFilter`](BackendErrorKind::ContentFilter) (with `filtered` as its message). The
+/// model is the one the server named, else the one asked for.
+pub(crate) fn completion(
+    text: String,
+    finish_reason: FinishReason,
+    usage: Usage,
+    model: Option<String>,
+    asked: &str,
+    filtered: &str,
+) -> Result<Completion, BackendError> {
+    if text.trim().is_empty() {
+        match finish_reason {
+            FinishReason::Length => {
+                return Err(BackendError::new(
+                    BackendErrorKind::Length,
+                    "the token limit was reached before any text",
+                ))
+            }
+            FinishReason::ContentFilter => {
+                return Err(BackendError::new(BackendErrorKind::ContentFilter, filtered))
+            }
+            _ => {}
+        }
+    }
+    Ok(Completion {
+        text,
+        finish_reason,
+        usage,
+        model: model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| asked.to_string()),
+    })
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    type Config = HttpBackendBuilder<Example<0>>;
+
+    /// A provider at `https://api.example.com/v1` whose key variable is
+    /// `RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR` (`N` = 0) or an unset one (1).
+    #[derive(Debug, Clone, Default)]
+    struct Example<const N: usize>;
+
+    impl<const N: usize> Provider for Example<N> {
+        const NAME: &'static str = "example";
+        const PATH: &'static str = "x";
+        const BASE_URL: &'static str = "https://api.example.com/v1";
+        const KEY_ENV: &'static str = [
+            "RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR",
+            "RMBOOST_TEST_SURELY_UNSET",
+        ][N];
+        fn key_header(key: &str) -> (HeaderName, String) {
+            (HeaderName::from_static("x-key"), key.to_string())
+        }
+        fn settings(&self, _: &mut HeaderMap) -> Result<Vec<(&'static str, String)>, Error> {
+            Ok(Vec::new())
+        }
+        fn write_body<M: SerializeMap>(
+            &self,
+            _: &str,
+            _: &CompletionRequest,
+            _: &mut Fields<'_, M>,
+        ) -> Result<(), M::Error> {
+            Ok(())
+        }
+        fn completion(
+            _: &str,
+            _: &str,
+            _: Option<&SecretString>,
+        ) -> Result<Completion, BackendError> {
+            unreachable!()
+        }
+    }
+
+    fn endpoint<P: Provider>(c: &HttpBackendBuilder<P>, path: &str) -> Result<Url, Error> {
+        c.base().map(|base| join_path(&base, path))
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -1114,27 +1409,27 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        let mut c = HttpConfig::new("http://127.0.0.1:8080", "UNUSED_KEY_VAR");
+        let mut c = HttpBackend::<Example<0>>::builder().base_url("http://127.0.0.1:8080");
         assert_eq!(
-            c.endpoint("chat/completions").unwrap().as_str(),
+            endpoint(&c, "chat/completions").unwrap().as_str(),
             "http://127.0.0.1:8080/v1/chat/completions"
         );
         c.base_url = "http://h/v1/".into();
         assert_eq!(
-            c.endpoint("messages").unwrap().as_str(),
+            endpoint(&c, "messages").unwrap().as_str(),
             "http://h/v1/messages"
         );
         c.base_url = "http://h/openai/v1".into();
         assert_eq!(
-            c.endpoint("/chat/completions").unwrap().as_str(),
+            endpoint(&c, "/chat/completions").unwrap().as_str(),
             "http://h/openai/v1/chat/completions"
         );
         c.base_url = "http://h//".into();
-        assert_eq!(c.endpoint("x").unwrap().as_str(), "http://h/v1/x");
+        assert_eq!(endpoint(&c, "x").unwrap().as_str(), "http://h/v1/x");
         c.base_url = "ftp://h".into();
-        assert!(c.endpoint("x").is_err());
+        assert!(endpoint(&c, "x").is_err());
         c.base_url = "not a url".into();
-        assert!(c.endpoint("x").is_err());
+        assert!(endpoint(&c, "x").is_err());
     }
 
     #[test]
@@ -1162,13 +1457,9 @@ mod tests {
     fn default_key_only_for_the_provider_url() {
         const VAR: &str = "RMBOOST_TEST_HTTP_DEFAULT_KEY_VAR";
         std::env::set_var(VAR, "sk-default");
-        let config = |base: &str| {
-            let mut c = HttpConfig::new("https://api.example.com/v1", VAR);
-            c.base_url = base.to_string();
-            c
-        };
-        let key_for = |c: &HttpConfig| {
-            let url = c.endpoint("x").unwrap();
+        let config = |base: &str| HttpBackend::<Example<0>>::builder().base_url(base);
+        let key_for = |c: &Config| {
+            let url = endpoint(c, "x").unwrap();
             c.resolve_key(&url)
                 .unwrap()
                 .map(|k| k.expose_secret().to_string())
@@ -1199,17 +1490,19 @@ mod tests {
         given.api_key = Some(SecretString::from("sk-given".to_string()));
         assert_eq!(key_for(&given).as_deref(), Some("sk-given"));
         // No key for the provider's own URL is an error naming the variable.
-        let unset = HttpConfig::new("https://api.example.com/v1", "RMBOOST_TEST_SURELY_UNSET");
-        let url = unset.endpoint("x").unwrap();
+        let unset = HttpBackend::<Example<1>>::builder();
+        let url = endpoint(&unset, "x").unwrap();
         let err = unset.resolve_key(&url).unwrap_err().to_string();
         assert!(err.contains("RMBOOST_TEST_SURELY_UNSET"), "{err}");
         // The note for a 401 without a key, on a custom URL only.
         let custom = config("http://127.0.0.1:8080/v1");
-        let url = custom.endpoint("x").unwrap();
+        let url = endpoint(&custom, "x").unwrap();
         let note = custom.no_key_note(&url, None).unwrap();
         assert!(note.contains("--api-key-env"), "{note}");
         let own = config("https://api.example.com/v1");
-        assert!(own.no_key_note(&own.endpoint("x").unwrap(), None).is_none());
+        assert!(own
+            .no_key_note(&endpoint(&own, "x").unwrap(), None)
+            .is_none());
     }
 
     #[test]

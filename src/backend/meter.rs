@@ -22,7 +22,6 @@
 //! # }
 //! ```
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -131,17 +130,7 @@ impl<B: LlmBackend> LlmBackend for Metered<B> {
         result
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }
 
 #[cfg(test)]

@@ -72,6 +72,11 @@ pub mod stack;
 pub use adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "anthropic")]
 pub use anthropic::AnthropicBackend;
+/// The core of the HTTP backends, generic over the provider: `OpenAiBackend` and
+/// `AnthropicBackend` are aliases of it.
+#[cfg(any(feature = "openai", feature = "anthropic"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "openai", feature = "anthropic"))))]
+pub use http::{HttpBackend, HttpBackendBuilder};
 pub use meter::{CallMeter, Metered};
 #[cfg(feature = "openai")]
 pub use openai::OpenAiBackend;
@@ -474,6 +479,14 @@ pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend>
     }
 }
 
+/// Locks `mutex`, also when a thread panicked holding it (the data guarded stays usable).
+#[cfg_attr(not(any(feature = "cache", feature = "middleware")), allow(dead_code))]
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 macro_rules! forward_backend {
     ($($ty:ty),*) => {$(
         #[async_trait]
@@ -495,6 +508,23 @@ macro_rules! forward_backend {
 }
 
 forward_backend!(Arc<B>, Box<B>, &B);
+
+/// The `name`, `model` and `identity` of a wrapper: those of the backend in its field
+/// `$inner`, so wrapping changes neither metadata nor cache keys.
+macro_rules! forward_names {
+    ($inner:ident) => {
+        fn name(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.name()
+        }
+        fn model(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.model()
+        }
+        fn identity(&self) -> std::borrow::Cow<'_, str> {
+            self.$inner.identity()
+        }
+    };
+}
+pub(crate) use forward_names;
 
 #[cfg(test)]
 mod tests {

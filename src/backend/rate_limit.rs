@@ -34,8 +34,6 @@
 //!
 //! The clock is tokio's, so tests can run the limiter in paused virtual time.
 
-use std::borrow::Cow;
-use std::fmt;
 use std::num::NonZeroU32;
 use std::ops::Add;
 use std::time::Duration;
@@ -90,6 +88,7 @@ type Limiter =
     governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
 
 /// One bucket and its capacity.
+#[derive(Debug)]
 struct Bucket {
     limiter: Limiter,
     capacity: NonZeroU32,
@@ -130,6 +129,7 @@ impl Bucket {
 ///
 /// With neither limit set it passes calls straight through. `name()` and `model()` are the
 /// inner backend's.
+#[derive(Debug)]
 pub struct RateLimit<B> {
     inner: B,
     requests: Option<Bucket>,
@@ -188,23 +188,6 @@ impl<B> RateLimit<B> {
     }
 }
 
-impl<B: fmt::Debug> fmt::Debug for RateLimit<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("inner", &self.inner)
-            .field(
-                "requests_per_minute",
-                &self.requests.as_ref().map(|b| b.capacity),
-            )
-            .field(
-                "tokens_per_minute",
-                &self.tokens.as_ref().map(|b| b.capacity),
-            )
-            .field("default_max_tokens", &self.default_max_tokens)
-            .finish()
-    }
-}
-
 #[async_trait]
 impl<B: LlmBackend> LlmBackend for RateLimit<B> {
     /// Waits for both limits, then calls the inner backend.
@@ -227,15 +210,5 @@ impl<B: LlmBackend> LlmBackend for RateLimit<B> {
         self.inner.complete(request).await
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }

@@ -68,7 +68,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats};
-use super::{Completion, CompletionRequest, LlmBackend, Role};
+use super::{lock, Completion, CompletionRequest, LlmBackend, Role};
 use crate::error::{BackendError, BackendErrorKind};
 
 /// Outage errors in a row that drain a replica.
@@ -107,17 +107,6 @@ struct Health {
     pause: Duration,
     /// A probe is in flight (only one at a time).
     probing: bool,
-}
-
-/// What a call may do with a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Use {
-    /// Healthy: take it.
-    Take,
-    /// Drained and its pause passed: take it as the probe.
-    Probe,
-    /// Drained: pass it by.
-    Skip,
 }
 
 /// One replica's totals, from [`Replicas::stats`]. Serialises to JSON.
@@ -179,18 +168,6 @@ impl Replicas {
         self
     }
 
-    /// How many replicas there are.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.replicas.len()
-    }
-
-    /// Whether there is none.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.replicas.is_empty()
-    }
-
     /// Each replica's totals so far, in the order they were added.
     #[must_use]
     pub fn stats(&self) -> Vec<ReplicaStats> {
@@ -223,11 +200,8 @@ impl Replicas {
         let now = Instant::now();
         let order = self.order(key);
         for &i in &order {
-            let r = &self.replicas[i];
-            match r.availability(now) {
-                Use::Take => return (i, false),
-                Use::Probe => return (i, true),
-                Use::Skip => {}
+            if let Some(probe) = self.replicas[i].availability(now) {
+                return (i, probe);
             }
         }
         // Every replica is drained: the one back soonest (the call will most likely fail and
@@ -242,16 +216,18 @@ impl Replicas {
 }
 
 impl Replica {
-    fn availability(&self, now: Instant) -> Use {
+    /// Whether a call may take this replica: `None` when it is drained (pass it by),
+    /// `Some(probe)` when it may, as the probe of a drained replica whose pause passed if
+    /// `probe`.
+    fn availability(&self, now: Instant) -> Option<bool> {
         let mut h = lock(&self.health);
         match h.drained_until {
-            Some(until) if until > now => Use::Skip,
-            Some(_) if h.probing => Use::Skip,
+            Some(until) if until > now || h.probing => None,
             Some(_) => {
                 h.probing = true;
-                Use::Probe
+                Some(true)
             }
-            None => Use::Take,
+            None => Some(false),
         }
     }
 
@@ -273,9 +249,6 @@ impl Replica {
             }
         };
         let mut h = lock(&self.health);
-        if probe {
-            h.probing = false;
-        }
         if !outage {
             if result.is_ok() {
                 h.failures = 0;
@@ -324,10 +297,6 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl fmt::Debug for Replicas {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.replicas.iter().map(|r| r.name.as_str()).collect();
@@ -355,12 +324,12 @@ impl LlmBackend for Replicas {
         }
         let (i, probe) = self.pick(affinity_key(&request));
         let replica = &self.replicas[i];
-        let guard = ProbeGuard {
+        // Frees the probe slot once the answer is learnt from, or if the call is dropped.
+        let _probe = ProbeGuard {
             replica,
             armed: probe,
         };
         let result = replica.backend.complete(request).await;
-        std::mem::forget(guard);
         replica.record(&result, probe);
         result
     }
@@ -386,7 +355,7 @@ impl LlmBackend for Replicas {
     }
 }
 
-/// Frees the probe slot of a probe dropped before its answer.
+/// Frees the probe slot of a probe when the call ends, answered or dropped.
 struct ProbeGuard<'a> {
     replica: &'a Replica,
     armed: bool,

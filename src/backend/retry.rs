@@ -40,8 +40,6 @@
 //! bound counts the calls and the waits together. The clock is tokio's, so tests can run the
 //! whole schedule in paused virtual time. Design notes: see ARCHITECTURE.md in the repository.
 
-use std::borrow::Cow;
-use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -223,6 +221,7 @@ impl RetryStats {
 /// Every attempt runs in an `info` span `llm_attempt` with the field `attempt` (1-based), so
 /// the inner backend's own span nests under it; each retry logs a `warn` event with the error
 /// and the wait.
+#[derive(Debug)]
 pub struct Retry<B> {
     inner: B,
     policy: RetryPolicy,
@@ -269,15 +268,6 @@ impl<B> Retry<B> {
     }
 }
 
-impl<B: fmt::Debug> fmt::Debug for Retry<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Retry")
-            .field("inner", &self.inner)
-            .field("policy", &self.policy)
-            .finish_non_exhaustive()
-    }
-}
-
 #[async_trait]
 impl<B: LlmBackend> LlmBackend for Retry<B> {
     /// Calls the inner backend until it succeeds, fails permanently, or the budget runs out.
@@ -313,57 +303,40 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
             if err.kind() == BackendErrorKind::RateLimited {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
-            if err.is_retryable() {
-                let limit = self.policy.retry_after_limit();
-                if let Some(wait) = err.retry_after().filter(|w| *w > limit) {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let err = too_long(err, wait, limit);
-                    // The caller reports the error; a warning here would say it twice.
-                    tracing::debug!(attempts = attempt, error = %err, "giving up: the server asks to wait too long");
-                    return Err(err);
-                }
-            }
-            if !err.is_retryable() || attempt >= max_attempts {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if err.is_retryable() {
-                    tracing::debug!(attempts = attempt, error = %err, "giving up: attempts exhausted");
-                }
-                return Err(err);
-            }
+            let limit = self.policy.retry_after_limit();
             let delay = self.policy.delay(attempt, err.retry_after());
-            if let Some(budget) = self.policy.max_elapsed {
-                if start.elapsed().saturating_add(delay) > budget {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        attempts = attempt,
+            let over_budget = (self.policy.max_elapsed)
+                .is_some_and(|budget| start.elapsed().saturating_add(delay) > budget);
+            let (why, err) = match err.retry_after() {
+                _ if !err.is_retryable() => ("", err),
+                Some(wait) if wait > limit => (
+                    "the server asks to wait too long",
+                    too_long(err, wait, limit),
+                ),
+                _ if attempt >= max_attempts => ("attempts exhausted", err),
+                _ if over_budget => ("the next wait would pass the time budget", err),
+                _ => {
+                    tracing::warn!(
+                        attempt,
                         error = %err,
-                        "giving up: the next wait would pass the time budget"
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "retrying backend call"
                     );
-                    return Err(err);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                    continue;
                 }
+            };
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            if !why.is_empty() {
+                // The caller reports the error; a warning here would say it twice.
+                tracing::debug!(attempts = attempt, error = %err, "giving up: {why}");
             }
-            tracing::warn!(
-                attempt,
-                error = %err,
-                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                "retrying backend call"
-            );
-            tokio::time::sleep(delay).await;
-            attempt += 1;
+            return Err(err);
         }
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }
 
 /// The fatal error for a server that asks to wait `wait`, longer than `limit`.

