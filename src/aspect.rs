@@ -23,7 +23,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -65,23 +64,23 @@ pub trait AspectSet: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
 }
 
-impl<T: AspectSet + ?Sized> AspectSet for Arc<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
+/// `Arc<T>`, `Box<T>` and `&T` implement a sampler trait (one `sample` method, such as
+/// [`AspectSet`] or [`LabelSampler`](crate::LabelSampler)) by forwarding to `T`.
+macro_rules! forward_sample {
+    ($trait:ident -> $out:ty) => {
+        $crate::aspect::forward_sample!(@ $trait, $out, std::sync::Arc<T>, Box<T>, &T);
+    };
+    (@ $trait:ident, $out:ty, $($ty:ty),*) => {$(
+        impl<T: $trait + ?Sized> $trait for $ty {
+            fn sample(&self, rng: &mut dyn rand::RngCore) -> $out {
+                (**self).sample(rng)
+            }
+        }
+    )*};
 }
+pub(crate) use forward_sample;
 
-impl<T: AspectSet + ?Sized> AspectSet for Box<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: AspectSet + ?Sized> AspectSet for &T {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
-}
+forward_sample!(AspectSet -> AspectDraw);
 
 /// How an [`Aspects`] set chooses the aspects of each example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,6 @@
 //! `margin` column TRL's reward trainer reads.
 
 use std::fmt;
-use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -95,23 +94,7 @@ pub trait LabelSampler: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw;
 }
 
-impl<T: LabelSampler + ?Sized> LabelSampler for Arc<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: LabelSampler + ?Sized> LabelSampler for Box<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: LabelSampler + ?Sized> LabelSampler for &T {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
+crate::aspect::forward_sample!(LabelSampler -> LabelDraw);
 
 fn check_probability(what: &str, p: f64) -> Result<(), Error> {
     if (0.0..=1.0).contains(&p) {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
-use crate::checks::ResponseChecks;
+use crate::checks::{find_all_ci, tag_content, ResponseChecks};
 use crate::error::UnusableReason;
 use crate::label::{Grade, Label, LabelDraw};
 
@@ -303,17 +303,6 @@ impl PromptTemplate for DefaultTemplate {
     }
 }
 
-/// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
-/// that has no case (all our tags start with `<`), which lets the scan jump between candidates.
-fn find_all_ci(hay: &str, needle: &str) -> Vec<usize> {
-    let h = hay.as_bytes();
-    let n = needle.as_bytes();
-    debug_assert!(!n.is_empty() && !n[0].is_ascii_alphabetic());
-    memchr::memchr_iter(n[0], h)
-        .filter(|&at| h.len() - at >= n.len() && h[at..at + n.len()].eq_ignore_ascii_case(n))
-        .collect()
-}
-
 const OPEN: &str = "<response>";
 const CLOSE: &str = "</response>";
 
@@ -377,13 +366,8 @@ fn strip_preamble(text: &str) -> &str {
 }
 
 fn parse_picked(raw: &str, draw: &AspectDraw, k: usize) -> Option<Vec<String>> {
-    let open = *find_all_ci(raw, "<aspects>").first()?;
-    let start = open + "<aspects>".len();
-    let end = find_all_ci(&raw[start..], "</aspects>")
-        .first()
-        .map_or(raw.len(), |e| start + e);
     let mut picked: Vec<String> = Vec::new();
-    for part in raw[start..end].split([',', ';', '\n']) {
+    for part in tag_content(raw, "aspects", false)?.split([',', ';', '\n']) {
         let part = part.trim().trim_start_matches('-').trim();
         if let Some(a) = draw
             .aspects

@@ -7,7 +7,7 @@
 //!   different, tagged answer.
 
 use std::collections::VecDeque;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -305,7 +305,7 @@ impl FakeBackend {
         } else {
             "answer "
         });
-        push_hex(&mut t, seed);
+        let _ = write!(t, "{seed:016x}");
         t.push(' ');
         t.push_str(filler);
         if second {
@@ -343,13 +343,6 @@ impl LlmBackend for FakeBackend {
 
     fn model(&self) -> std::borrow::Cow<'_, str> {
         "fake".into()
-    }
-}
-
-fn push_hex(s: &mut String, v: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..16).rev() {
-        s.push(HEX[((v >> (i * 4)) & 0xf) as usize] as char);
     }
 }
 

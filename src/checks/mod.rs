@@ -118,6 +118,29 @@ pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
     phrases.find(text).map(|m| META[m.pattern().as_usize()])
 }
 
+/// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
+/// that has no case (all our tags start with `<`), which lets the scan jump between candidates.
+pub(crate) fn find_all_ci(hay: &str, needle: &str) -> Vec<usize> {
+    let h = hay.as_bytes();
+    let n = needle.as_bytes();
+    debug_assert!(!n.is_empty() && !n[0].is_ascii_alphabetic());
+    memchr::memchr_iter(n[0], h)
+        .filter(|&at| h.len() - at >= n.len() && h[at..at + n.len()].eq_ignore_ascii_case(n))
+        .collect()
+}
+
+/// The content of a `<tag>` in `raw` (the last one if `last`, else the first) up to its
+/// closing tag, or to the end if there is none; tags are matched ignoring ASCII case.
+pub(crate) fn tag_content<'a>(raw: &'a str, tag: &str, last: bool) -> Option<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let opens = find_all_ci(raw, &open);
+    let start = if last { opens.last() } else { opens.first() }? + open.len();
+    let end = find_all_ci(&raw[start..], &close)
+        .first()
+        .map_or(raw.len(), |e| start + e);
+    Some(&raw[start..end])
+}
+
 /// Content checks on responses, beyond their form: what makes an answer that parses still
 /// useless as half of a preference pair.
 ///

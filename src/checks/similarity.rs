@@ -23,33 +23,12 @@
 //! happens for texts of a size seen before.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 
 /// Trigram statistics are only meaningful for texts of at least this many tokens.
 pub(crate) const TRIGRAM_MIN_TOKENS: usize = 20;
 
-/// A value that is already a good 64-bit hash goes through unchanged.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type HashSet64 = HashSet<u64, BuildHasherDefault<PassThrough>>;
+type HashSet64 = foldhash::HashSet<u64>;
 
 #[derive(Default)]
 struct Scratch {
@@ -452,28 +431,7 @@ fn estimate(ones: u32, bits: usize) -> f64 {
 /// Prose has many distinct tokens, so the bound usually settles the question from the token
 /// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
 pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
-    BITMAPS.with(|s| {
-        let s = &mut *s.borrow_mut();
-        let bits = bitmap_bits(text.len());
-        let shift = 64 - bits.trailing_zeros();
-        let Bitmaps {
-            lower,
-            tokens,
-            grams,
-        } = s;
-        let map = reset(tokens, bits);
-        let mut ones = 0u32;
-        let n = for_each_token_fast(text, lower, |h| {
-            ones += u32::from(set_bit(map, shift, h));
-        });
-        let share = trigram_share(text, lower, grams, bits, n, ones, min_share);
-        // Scratch grown for an unusually long text is not kept for the thread.
-        let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
-        if kept > 4 * KEEP_BYTES {
-            *s = Bitmaps::default();
-        }
-        share
-    })
+    pair_stats(text, "", None, Some(min_share)).1
 }
 
 /// The distinct trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
