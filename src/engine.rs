@@ -465,8 +465,27 @@ impl Common {
     }
 }
 
-/// The builder setters of [`Common`] every method's builder shares.
+/// The builder setters of [`Common`] every method's builder shares; `(policy)` adds the
+/// baselines' `backend` and `params`.
 macro_rules! common_setters {
+    (policy) => {
+        /// The policy backend, which writes the responses (and by default also judges or
+        /// scores them, for RLAIF and West-of-N). Required.
+        pub fn backend(mut self, backend: impl crate::LlmBackend + 'static) -> Self {
+            self.common.backend = Some(crate::backend::shared(backend));
+            self
+        }
+
+        /// Sampling of the policy's responses. Default:
+        /// [`default_first_params`](crate::engine::default_first_params). Use a temperature
+        /// above 0 so that samples of one prompt differ.
+        pub fn params(mut self, params: crate::SamplingParams) -> Self {
+            self.common.params = params;
+            self
+        }
+
+        crate::engine::common_setters!();
+    };
     () => {
         /// How many examples run at once (each makes its calls one after another, so this is
         /// also the most backend calls in flight). Default: 8.

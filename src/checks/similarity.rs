@@ -23,7 +23,6 @@
 //! happens for texts of a size seen before.
 
 use std::cell::RefCell;
-use std::hash::BuildHasher;
 
 /// Trigram statistics are only meaningful for texts of at least this many tokens.
 pub(crate) const TRIGRAM_MIN_TOKENS: usize = 20;
@@ -43,10 +42,6 @@ thread_local! {
 
 /// Larger scratch buffers than this are dropped after use rather than kept for the thread.
 const KEEP_BYTES: usize = 1 << 20;
-
-fn hasher() -> foldhash::fast::FixedState {
-    foldhash::fast::FixedState::with_seed(0x726d_626f_6f73_7431)
-}
 
 /// Lowercases `text` into `buf` (character by character).
 pub(crate) fn lower_into(text: &str, buf: &mut String) {
@@ -69,8 +64,7 @@ pub(crate) fn tokens(lower: &str) -> impl Iterator<Item = &str> {
 /// Calls `f` with the hash of every token of `text`, in order; returns the token count.
 fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     lower_into(text, buf);
-    let state = hasher();
-    tokens(buf).map(|t| f(state.hash_one(t.as_bytes()))).count()
+    tokens(buf).map(|t| f(hash_token(t.as_bytes(), 0))).count()
 }
 
 /// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
@@ -89,20 +83,21 @@ const HIGHS: u64 = ONES * 0x80;
 /// `0x20`, the ASCII lowercase bit, in every byte.
 const CASE: u64 = ONES * 0x20;
 
-/// The hot path's hash of one ASCII token, from its bytes (letters and digits, any case): 8
-/// lowercased bytes at a time, little-endian, each full word folded in by [`fold_mul`], the
-/// last partial word (zero-padded) with the length.
-#[cfg(test)]
-fn hash_token(token: &[u8]) -> u64 {
+/// The hash of one token from its bytes: 8 bytes at a time, little-endian, each ored with
+/// `case` ([`CASE`] lowercases an ASCII token of letters and digits in any case; 0 takes an
+/// already lowercased token as it is, so both give a lowercase ASCII token the same hash),
+/// each full word folded in by [`fold_mul`], the last partial word (zero-padded) with the
+/// length. The hot path's [`hash_span`] computes the same from whole-word loads.
+fn hash_token(token: &[u8], case: u64) -> u64 {
     let mut h = 0u64;
     let mut chunks = token.chunks_exact(8);
     for c in &mut chunks {
-        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | CASE), MUL);
+        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | case), MUL);
     }
     let rest = chunks.remainder();
     let mut last = [0u8; 8];
     last[..rest.len()].copy_from_slice(rest);
-    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest.len()]);
+    let word = u64::from_le_bytes(last) | (case & LOW_BYTES[rest.len()]);
     finish_token(h, word, token.len())
 }
 
@@ -168,9 +163,8 @@ fn block_mask(block: &[u8]) -> u64 {
     mask
 }
 
-/// [`for_each_token`] for the hot path: the same tokens, hashed by [`hash_token`]'s scheme
-/// (so its hashes are not comparable with `for_each_token`'s). ASCII text is classified 8
-/// bytes at a time and each token is hashed from whole-word loads, without a lowercased
+/// [`for_each_token`] for the hot path: the same tokens and hashes. ASCII text is classified
+/// 8 bytes at a time and each token is hashed from whole-word loads, without a lowercased
 /// copy; other text goes through `for_each_token`.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     if !text.is_ascii() {
@@ -260,18 +254,12 @@ fn trigram(a: u64, b: u64, c: u64) -> u64 {
     fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
 }
 
-/// Fills `set` with the token hashes of `text`, from the ASCII tokenizer when `ascii` (the
-/// two tokenizers hash differently, so both texts of a pair must use the same one).
-fn token_set(text: &str, ascii: bool, buf: &mut String, set: &mut HashSet64) {
+/// Fills `set` with the token hashes of `text`.
+fn token_set(text: &str, buf: &mut String, set: &mut HashSet64) {
     set.clear();
-    let insert = |h| {
+    for_each_token_fast(text, buf, |h| {
         set.insert(h);
-    };
-    if ascii {
-        for_each_token_fast(text, buf, insert);
-    } else {
-        for_each_token(text, buf, insert);
-    }
+    });
 }
 
 fn jaccard_of(a: &HashSet64, b: &HashSet64) -> f64 {
@@ -361,9 +349,8 @@ pub(crate) fn pair_stats(
 pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        let ascii = a.is_ascii() && b.is_ascii();
-        token_set(a, ascii, &mut s.lower, &mut s.a);
-        token_set(b, ascii, &mut s.lower, &mut s.b);
+        token_set(a, &mut s.lower, &mut s.a);
+        token_set(b, &mut s.lower, &mut s.b);
         let j = jaccard_of(&s.a, &s.b);
         trim(s);
         j
@@ -540,7 +527,7 @@ mod tests {
         text.as_bytes()
             .split(|b| !b.is_ascii_alphanumeric())
             .filter(|t| !t.is_empty())
-            .map(hash_token)
+            .map(|t| hash_token(t, CASE))
             .collect()
     }
 

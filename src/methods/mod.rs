@@ -91,7 +91,7 @@ pub use rlaif::{OnInconsistent, Rlaif, RlaifBuilder};
 pub use rlcd::{Rlcd, RlcdBuilder};
 pub use west_of_n::{WestOfN, WestOfNBuilder};
 
-use crate::engine::{Common, ExampleStream, Generator};
+use crate::engine::{ExampleStream, Generator};
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 
@@ -177,8 +177,6 @@ trait Draw: fmt::Debug + Send + Sync + Sized + 'static {
     const METHOD: Method;
     type Plan: Send + 'static;
 
-    fn common(&self) -> &Common;
-
     /// Every random draw of the example, from [`example_rng`](crate::example_rng).
     fn plan(&self, prompt: Prompt) -> Self::Plan;
 
@@ -199,7 +197,8 @@ fn start<D: Draw>(
     settings.clone().run(plan).instrument(span)
 }
 
-/// The public side of each method: `$ty` wraps its built settings, an `Arc<$settings>`.
+/// The public side of each method: `$ty` wraps its built settings, an `Arc<$settings>` with a
+/// `common` field.
 macro_rules! impl_generator {
     ($($ty:ty => $settings:ty),*) => {$(
         impl $ty {
@@ -222,13 +221,13 @@ macro_rules! impl_generator {
             /// The run seed.
             #[must_use]
             pub fn seed(&self) -> u64 {
-                self.0.common().seed
+                self.0.common.seed
             }
 
             /// The concurrency.
             #[must_use]
             pub fn concurrency(&self) -> NonZeroUsize {
-                self.0.common().concurrency
+                self.0.common.concurrency
             }
         }
 
@@ -247,7 +246,7 @@ macro_rules! impl_generator {
                 prompts: BoxStream<'static, Result<Prompt, Error>>,
             ) -> ExampleStream {
                 let settings = self.0.clone();
-                let c = settings.common();
+                let c = &settings.common;
                 ExampleStream::drive(prompts, c.concurrency, c.order, move |p| start(&settings, p))
             }
         }

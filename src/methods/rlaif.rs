@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet};
-use crate::backend::{CompletionRequest, LlmBackend, SamplingParams};
+use crate::backend::{CompletionRequest, LlmBackend};
 use crate::engine::{accept_distinct, common_setters, example_rng, names, Common, Example};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
@@ -74,18 +74,11 @@ pub struct RlaifBuilder {
     judge_backend: Option<Arc<dyn LlmBackend>>,
     criteria: Arc<dyn AspectSet>,
     on_inconsistent: OnInconsistent,
-    common: Common,
+    pub(super) common: Common,
 }
 
 impl RlaifBuilder {
-    common_setters!();
-
-    /// The policy backend that writes both samples (and judges, unless a judge is set).
-    /// Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.common.backend = Some(crate::backend::shared(backend));
-        self
-    }
+    common_setters!(policy);
 
     /// The judge, as configured. Default: a [`Judge`] on the policy backend (or on
     /// [`judge_backend`](Self::judge_backend)) with [`max_reasks`](Self::max_reasks) re-asks.
@@ -104,14 +97,6 @@ impl RlaifBuilder {
     /// [`Aspects::general`](crate::Aspects::general).
     pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
         self.criteria = Arc::new(criteria);
-        self
-    }
-
-    /// Sampling of the two samples. Default:
-    /// [`default_first_params`](crate::engine::default_first_params). Use a temperature above
-    /// 0 so that they differ.
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.common.params = params;
         self
     }
 
@@ -174,10 +159,6 @@ fn preferred(verdict: Verdict, a_is: u8) -> Option<u8> {
 impl Draw for RlaifBuilder {
     const METHOD: Method = Method::Rlaif;
     type Plan = Plan;
-
-    fn common(&self) -> &Common {
-        &self.common
-    }
 
     fn plan(&self, prompt: Prompt) -> Plan {
         let mut rng = example_rng(self.common.seed, &prompt.id);

@@ -6,7 +6,7 @@ use rand::RngCore;
 
 use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet, Aspects};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::backend::{CompletionRequest, Message};
 use crate::checks::check_response;
 use crate::engine::{
     accept_distinct, common_setters, example_rng, names, render_aspects, with_system, Common,
@@ -56,29 +56,16 @@ pub struct Rlcd(pub(super) Arc<RlcdBuilder>);
 #[must_use = "a builder does nothing until build() is called"]
 pub struct RlcdBuilder {
     aspects: Arc<dyn AspectSet>,
-    common: Common,
+    pub(super) common: Common,
 }
 
 impl RlcdBuilder {
-    common_setters!();
-
-    /// The backend for both calls. Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.common.backend = Some(crate::backend::shared(backend));
-        self
-    }
+    common_setters!(policy);
 
     /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
     /// In "model picks" mode all listed aspects are used.
     pub fn aspects(mut self, aspects: impl AspectSet + 'static) -> Self {
         self.aspects = Arc::new(aspects);
-        self
-    }
-
-    /// Sampling of both responses. Default:
-    /// [`default_first_params`](crate::engine::default_first_params).
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.common.params = params;
         self
     }
 
@@ -156,10 +143,6 @@ impl Rlcd {
 impl Draw for RlcdBuilder {
     const METHOD: Method = Method::Rlcd;
     type Plan = Plan;
-
-    fn common(&self) -> &Common {
-        &self.common
-    }
 
     fn plan(&self, prompt: Prompt) -> Plan {
         let mut rng = example_rng(self.common.seed, &prompt.id);

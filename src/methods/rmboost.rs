@@ -82,7 +82,7 @@ pub struct RmBoostBuilder {
     template: Arc<dyn PromptTemplate>,
     second_params: SamplingParams,
     /// The first call's backend and sampling among the rest.
-    common: Common,
+    pub(super) common: Common,
 }
 
 impl RmBoostBuilder {
@@ -210,10 +210,6 @@ impl RmBoost {
 impl Draw for RmBoostBuilder {
     const METHOD: Method = Method::RmBoost;
     type Plan = ExamplePlan;
-
-    fn common(&self) -> &Common {
-        &self.common
-    }
 
     fn plan(&self, prompt: Prompt) -> ExamplePlan {
         let mut rng = example_rng(self.common.seed, &prompt.id);

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet};
-use crate::backend::{CompletionRequest, LlmBackend, SamplingParams};
+use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::same_text;
 use crate::engine::{accept_distinct, ask, common_setters, example_rng, names, Common, Example};
 use crate::error::{Error, UnusableReason};
@@ -70,17 +70,11 @@ pub struct WestOfNBuilder {
     criteria: Arc<dyn AspectSet>,
     n: usize,
     allow_ties: bool,
-    common: Common,
+    pub(super) common: Common,
 }
 
 impl WestOfNBuilder {
-    common_setters!();
-
-    /// The policy backend that writes the N samples. Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.common.backend = Some(crate::backend::shared(backend));
-        self
-    }
+    common_setters!(policy);
 
     /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
     /// [`max_reasks`](Self::max_reasks) times).
@@ -99,14 +93,6 @@ impl WestOfNBuilder {
     /// [`Aspects::general`](crate::Aspects::general).
     pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
         self.criteria = Arc::new(criteria);
-        self
-    }
-
-    /// Sampling of the N samples. Default:
-    /// [`default_first_params`](crate::engine::default_first_params). Use a temperature above
-    /// 0 so that the samples differ.
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.common.params = params;
         self
     }
 
@@ -188,10 +174,6 @@ fn extremes(scores: &[(usize, f64)]) -> (usize, usize) {
 impl Draw for WestOfNBuilder {
     const METHOD: Method = Method::WestOfN;
     type Plan = Plan;
-
-    fn common(&self) -> &Common {
-        &self.common
-    }
 
     fn plan(&self, prompt: Prompt) -> Plan {
         let mut rng = example_rng(self.common.seed, &prompt.id);
