@@ -407,14 +407,12 @@ struct WireExample {
     metadata: ExampleMetadata,
 }
 
-fn response_text<E: serde::de::Error>(field: &str, v: TextOrMessages) -> Result<String, E> {
+fn response_text(field: &str, v: TextOrMessages) -> Result<String, String> {
     match v {
         TextOrMessages::Text(t) => Ok(t),
         TextOrMessages::Messages(ms) => match <[Message; 1]>::try_from(ms) {
             Ok([m]) if m.role == Role::Assistant => Ok(m.content),
-            _ => Err(E::custom(format!(
-                "{field} must be a string or one assistant message"
-            ))),
+            _ => Err(format!("{field} must be a string or one assistant message")),
         },
     }
 }
@@ -433,10 +431,8 @@ impl WireExample {
         let example = PreferenceExample {
             id: self.id,
             prompt,
-            chosen: response_text("chosen", self.chosen)
-                .map_err(|e: serde_json::Error| e.to_string())?,
-            rejected: response_text("rejected", self.rejected)
-                .map_err(|e: serde_json::Error| e.to_string())?,
+            chosen: response_text("chosen", self.chosen)?,
+            rejected: response_text("rejected", self.rejected)?,
             label: self.label,
             grade: self.grade,
             aspects: self.aspects,

@@ -175,21 +175,16 @@ impl Draw for RlaifBuilder {
     }
 
     async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let Plan {
-            mut ex,
-            criteria,
-            seeds,
-            judge_seeds,
-        } = plan;
+        let mut ex = plan.ex;
         let policy = &**self.common.backend();
         let req = CompletionRequest::new(ex.prompt.clone()).with_params(&self.common.params);
         let first = ex
-            .ask(policy, "first", &req, seeds[0], |raw| {
+            .ask(policy, "first", &req, plan.seeds[0], |raw| {
                 accept_distinct(raw, &[])
             })
             .await?;
         let second = ex
-            .ask(policy, "second", &req, seeds[1], |raw| {
+            .ask(policy, "second", &req, plan.seeds[1], |raw| {
                 accept_distinct(raw, &[&first])
             })
             .await?;
@@ -197,11 +192,11 @@ impl Draw for RlaifBuilder {
         let judge = self.judge.as_ref().expect("build() set the judge");
         let (mut verdicts, mut judge_calls) = (Vec::with_capacity(2), 0);
         for (a, b, seed) in [
-            (&first, &second, judge_seeds[0]),
-            (&second, &first, judge_seeds[1]),
+            (&first, &second, plan.judge_seeds[0]),
+            (&second, &first, plan.judge_seeds[1]),
         ] {
             let v = judge
-                .compare(&ex.id, "judge", &ex.prompt, a, b, &criteria, seed)
+                .compare(&ex.id, "judge", &ex.prompt, a, b, &plan.criteria, seed)
                 .await?;
             ex.add("judge", &v);
             judge_calls += v.calls;
@@ -238,7 +233,7 @@ impl Draw for RlaifBuilder {
         } else {
             Label::Worse
         });
-        Ok(ex.finish(first, second, label, names(&criteria)))
+        Ok(ex.finish(first, second, label, names(&plan.criteria)))
     }
 }
 

@@ -153,27 +153,23 @@ impl Draw for RlcdBuilder {
     }
 
     async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let Plan {
-            mut ex,
-            aspects,
-            seeds,
-        } = plan;
+        let mut ex = plan.ex;
         let backend = &**self.common.backend();
-        let [neg_req, pos_req] = self.requests(&aspects, &ex.prompt);
+        let [neg_req, pos_req] = self.requests(&plan.aspects, &ex.prompt);
         let negative = ex
-            .ask(backend, "negative", &neg_req, seeds[0], |raw| {
+            .ask(backend, "negative", &neg_req, plan.seeds[0], |raw| {
                 let text = raw.trim();
                 check_response(text, "")?;
                 Ok(text.to_string())
             })
             .await?;
         let positive = ex
-            .ask(backend, "positive", &pos_req, seeds[1], |raw| {
+            .ask(backend, "positive", &pos_req, plan.seeds[1], |raw| {
                 accept_distinct(raw, &[&negative])
             })
             .await?;
         let label = LabelDraw::plain(Label::Better);
-        Ok(ex.finish(negative, positive, label, names(&aspects)))
+        Ok(ex.finish(negative, positive, label, names(&plan.aspects)))
     }
 }
 

@@ -233,29 +233,28 @@ impl Draw for RmBoostBuilder {
     }
 
     async fn run(self: Arc<Self>, plan: ExamplePlan) -> Result<PreferenceExample, Error> {
-        let ExamplePlan {
-            id,
-            prompt,
-            extra,
-            first_seed,
-            second_seed,
-            label,
-            aspects,
-            variant,
-        } = plan;
         let (template, c) = (&*self.template, &self.common);
-        let input = PromptInput::Messages(prompt);
-        let mut ex = Example::new(Self::METHOD.as_str(), c, Prompt { id, input, extra });
+        let prompt = Prompt {
+            id: plan.id,
+            input: PromptInput::Messages(plan.prompt),
+            extra: plan.extra,
+        };
+        let mut ex = Example::new(Self::METHOD.as_str(), c, prompt);
         let first_req =
             CompletionRequest::new(template.first_request(&ex.prompt)).with_params(&c.params);
         let first = ex
-            .ask(&**c.backend(), "first", &first_req, first_seed, |raw| {
-                template.accept_first(raw)
-            })
+            .ask(
+                &**c.backend(),
+                "first",
+                &first_req,
+                plan.first_seed,
+                |raw| template.accept_first(raw),
+            )
             .await?;
         drop(first_req);
 
-        let ctx = SecondContext::new(&ex.prompt, &first, &label, &aspects).with_variant(variant);
+        let ctx = SecondContext::new(&ex.prompt, &first, &plan.label, &plan.aspects)
+            .with_variant(plan.variant);
         let second_req =
             CompletionRequest::new(template.second_request(&ctx)).with_params(&self.second_params);
         let backend = &**self.second_backend.as_ref().expect("build() checked it");
@@ -266,7 +265,7 @@ impl Draw for RmBoostBuilder {
             "second",
             &second_req,
             None,
-            second_seed,
+            plan.second_seed,
             c.max_reasks,
             accept,
         )
@@ -276,7 +275,7 @@ impl Draw for RmBoostBuilder {
         let second = second.value;
         let aspects = second
             .picked_aspects
-            .unwrap_or_else(|| names(&aspects.aspects));
-        Ok(ex.finish(first, second.text, label, aspects))
+            .unwrap_or_else(|| names(&plan.aspects.aspects));
+        Ok(ex.finish(first, second.text, plan.label, aspects))
     }
 }

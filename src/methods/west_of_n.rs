@@ -190,17 +190,12 @@ impl Draw for WestOfNBuilder {
     }
 
     async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let Plan {
-            mut ex,
-            criteria,
-            sample_seeds,
-            score_seeds,
-        } = plan;
+        let mut ex = plan.ex;
         let (n, c) = (self.n, &self.common);
         let req = CompletionRequest::new(ex.prompt.clone()).with_params(&c.params);
         // Distinct samples as (generation index, text).
         let mut samples: Vec<(usize, String)> = Vec::with_capacity(n);
-        for (i, &seed) in sample_seeds.iter().enumerate() {
+        for (i, &seed) in plan.sample_seeds.iter().enumerate() {
             let accept = |raw: &str| accept_distinct(raw, &[]);
             let a = ask(
                 &**c.backend(),
@@ -235,8 +230,8 @@ impl Draw for WestOfNBuilder {
                 prompt: &ex.prompt,
                 response: text,
                 index: *i,
-                criteria: &criteria,
-                seed: score_seeds[*i],
+                criteria: &plan.criteria,
+                seed: plan.score_seeds[*i],
             };
             let s = scorer.score(request).await?;
             if !s.score.is_finite() {
@@ -274,10 +269,10 @@ impl Draw for WestOfNBuilder {
         } else {
             Label::Worse
         });
-        let mut texts: Vec<Option<String>> = samples.into_iter().map(|(_, t)| Some(t)).collect();
-        let earlier = texts[earlier].take().expect("a distinct sample");
-        let later = texts[later].take().expect("the other distinct sample");
-        Ok(ex.finish(earlier, later, label, names(&criteria)))
+        // The later first, so that taking it out moves nothing before it.
+        let later = samples.swap_remove(later).1;
+        let earlier = samples.swap_remove(earlier).1;
+        Ok(ex.finish(earlier, later, label, names(&plan.criteria)))
     }
 }
 
