@@ -197,23 +197,16 @@ impl Aspects {
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
         let name = name.into();
         for (i, a) in aspects.iter().enumerate() {
-            if a.name.trim().is_empty() {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].name is empty"
-                )));
-            }
-            if a.definition.trim().is_empty() {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].definition ({}) is empty",
-                    a.name
-                )));
-            }
-            if aspects[..i].iter().any(|b| b.name == a.name) {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].name {:?} appears twice",
-                    a.name
-                )));
-            }
+            let why = if a.name.trim().is_empty() {
+                format!("aspects[{i}].name is empty")
+            } else if a.definition.trim().is_empty() {
+                format!("aspects[{i}].definition ({}) is empty", a.name)
+            } else if aspects[..i].iter().any(|b| b.name == a.name) {
+                format!("aspects[{i}].name {:?} appears twice", a.name)
+            } else {
+                continue;
+            };
+            return Err(Error::config(format!("aspect set {name:?}: {why}")));
         }
         if aspects.is_empty() {
             return Err(Error::config(format!("aspect set {name:?} has no aspects")));

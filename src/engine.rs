@@ -21,7 +21,6 @@ use sha2::{Digest, Sha256};
 
 use crate::aspect::Aspect;
 use crate::backend::{CompletionRequest, LlmBackend, Message, Role, SamplingParams, Usage};
-use crate::checks::same_text;
 use crate::error::{Error, UnusableReason};
 use crate::example::{ExampleMetadata, PreferenceExample, Prompt};
 use crate::label::{Label, LabelDraw};
@@ -555,19 +554,6 @@ pub(crate) fn names(aspects: &[Aspect]) -> Vec<String> {
     aspects.iter().map(|a| a.name.clone()).collect()
 }
 
-/// Accepts a non-empty response that differs from each of `others` (after normalising white
-/// space and case).
-pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, UnusableReason> {
-    let text = raw.trim();
-    if text.is_empty() {
-        return Err(UnusableReason::Empty);
-    }
-    if others.iter().any(|o| same_text(text, o)) {
-        return Err(UnusableReason::SameAsFirst);
-    }
-    Ok(text.to_string())
-}
-
 /// One example under way: its id and prompt, the re-ask limit, and the metadata its calls add
 /// to, call group by call group.
 pub(crate) struct Example {
@@ -686,15 +672,5 @@ mod tests {
             merged,
             vec![Message::system("S\n\ntheirs"), Message::user("u")]
         );
-    }
-
-    #[test]
-    fn distinct() {
-        assert_eq!(accept_distinct(" ", &[]), Err(UnusableReason::Empty));
-        assert_eq!(
-            accept_distinct("Hello  World", &["hello world"]),
-            Err(UnusableReason::SameAsFirst)
-        );
-        assert_eq!(accept_distinct(" hi ", &["ho"]).unwrap(), "hi");
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
-use crate::checks::{find_all_ci, tag_content, ResponseChecks};
+use crate::checks::{accept_distinct, find_all_ci, tag_content, ResponseChecks};
 use crate::error::UnusableReason;
 use crate::label::{Grade, Label, LabelDraw};
 
@@ -97,12 +97,7 @@ pub trait PromptTemplate: Send + Sync + fmt::Debug {
     ///
     /// The reason the text cannot serve as a first response; the generator re-asks.
     fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
-        let text = raw.trim();
-        if text.is_empty() {
-            Err(UnusableReason::Empty)
-        } else {
-            Ok(text.to_string())
-        }
+        accept_distinct(raw, &[])
     }
 
     /// The messages of the second-response request.
@@ -200,12 +195,9 @@ impl DefaultTemplate {
 
 impl PromptTemplate for DefaultTemplate {
     fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
-        let text = raw.trim();
-        if text.is_empty() {
-            return Err(UnusableReason::Empty);
-        }
-        self.checks.check_first(text)?;
-        Ok(text.to_string())
+        let text = accept_distinct(raw, &[])?;
+        self.checks.check_first(&text)?;
+        Ok(text)
     }
 
     fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {

@@ -106,6 +106,19 @@ pub(crate) fn same_text(a: &str, b: &str) -> bool {
     }
 }
 
+/// Accepts a non-empty response that differs from each of `others` (after normalising white
+/// space and case).
+pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, UnusableReason> {
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err(UnusableReason::Empty);
+    }
+    if others.iter().any(|o| same_text(text, o)) {
+        return Err(UnusableReason::SameAsFirst);
+    }
+    Ok(text.to_string())
+}
+
 /// The first meta-talk phrase in `text`, ignoring ASCII case.
 pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
     static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
@@ -230,12 +243,16 @@ impl ResponseChecks {
     ///
     /// [`UnusableReason::Repetitive`].
     pub fn check_first(&self, text: &str) -> Result<(), UnusableReason> {
-        let Some(min) = self.min_distinct_trigrams else {
+        if self.min_distinct_trigrams.is_none() {
             return Ok(());
-        };
-        let stats = similarity::distinct_trigram_share(text, min);
-        match stats {
-            Some(share) if share < min => Err(UnusableReason::Repetitive),
+        }
+        self.check_share(similarity::pair_stats(text, "", None, self.min_distinct_trigrams).1)
+    }
+
+    /// Rejects a distinct-trigram share below the limit.
+    fn check_share(&self, share: Option<f64>) -> Result<(), UnusableReason> {
+        match (self.min_distinct_trigrams, share) {
+            (Some(min), Some(share)) if share < min => Err(UnusableReason::Repetitive),
             _ => Ok(()),
         }
     }
@@ -265,12 +282,7 @@ impl ResponseChecks {
         if near_identical {
             return Err(UnusableReason::NearIdentical);
         }
-        if let (Some(min), Some(share)) = (self.min_distinct_trigrams, share) {
-            if share < min {
-                return Err(UnusableReason::Repetitive);
-            }
-        }
-        Ok(())
+        self.check_share(share)
     }
 }
 
@@ -287,6 +299,16 @@ pub fn check_response(text: &str, first: &str) -> Result<(), UnusableReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct() {
+        assert_eq!(accept_distinct(" ", &[]), Err(UnusableReason::Empty));
+        assert_eq!(
+            accept_distinct("Hello  World", &["hello world"]),
+            Err(UnusableReason::SameAsFirst)
+        );
+        assert_eq!(accept_distinct(" hi ", &["ho"]).unwrap(), "hi");
+    }
 
     #[test]
     fn every_phrase_is_found() {

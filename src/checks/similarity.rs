@@ -12,8 +12,8 @@
 //! Tokens and trigrams are compared by 64-bit hashes with fixed seeds, so results are
 //! deterministic. [`token_jaccard`], the one similarity measure (the response checks reject a
 //! near-identical pair with it and the report counts them with it), is exact up to 64-bit
-//! hash collisions: two hash sets, reused per thread. [`distinct_trigram_share`] (the
-//! repetition check, run on every response) *estimates* its figure with bitmaps and linear
+//! hash collisions: two hash sets, reused per thread. The distinct trigram share (the
+//! repetition check, run on every response, [`pair_stats`]) *estimates* its figure with bitmaps and linear
 //! counting: each token or trigram sets one bit of a bitmap with at least 16 bits per possible
 //! token, and a set's size is read from the share of bits left unset; it stays within about
 //! 0.01 of the exact share for answers of ordinary length, and often settles the question from
@@ -281,8 +281,9 @@ fn trim(s: &mut Scratch) {
 
 /// What the checks of a second response need, from one pass over it: whether its token
 /// Jaccard similarity with `reference` is at least `limit` (exactly `token_jaccard(text,
-/// reference) >= limit`), and its distinct trigram share as [`distinct_trigram_share`] gives
-/// it; each only when asked for.
+/// reference) >= limit`), and its distinct trigram share at least to the point of showing it is
+/// at least `min_share` (see [`trigram_share`]); each only when asked for. A first response is
+/// checked with an empty `reference` and no `limit`.
 ///
 /// Nearly every pair is settled without hash sets, from two bitmaps and part of
 /// `reference`: `J = |A ∩ B| / |A ∪ B| <= |B| / (|B| + |A \ B|)`, which grows with `|B|`, so it
@@ -409,20 +410,14 @@ fn estimate(ones: u32, bits: usize) -> f64 {
     m * (m / zeros).ln()
 }
 
-/// The distinct word-trigram share of `text` (`None` below [`TRIGRAM_MIN_TOKENS`] tokens),
-/// estimated with bitmaps (see the [module docs](self)), or a lower bound of it when that is
-/// enough to show the share is at least `min_share`.
+/// The distinct word-trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
+/// `bits` bits; `None` below [`TRIGRAM_MIN_TOKENS`] tokens), estimated with bitmaps (see the
+/// [module docs](self)), or a lower bound of it when that shows it is at least `min_share`.
 ///
 /// The bound: every distinct token but the last two starts a trigram of its own, so a text of
 /// `n` tokens with `d` distinct ones has at least `d - 2` distinct trigrams among its `n - 2`.
 /// Prose has many distinct tokens, so the bound usually settles the question from the token
 /// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
-pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
-    pair_stats(text, "", None, Some(min_share)).1
-}
-
-/// The distinct trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
-/// `bits` bits), or the lower bound of it when that shows it is at least `min_share`.
 fn trigram_share(
     text: &str,
     lower: &mut String,
@@ -460,6 +455,10 @@ fn trigram_share(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
+        pair_stats(text, "", None, Some(min_share)).1
+    }
 
     /// The plain definition, with owned strings and std sets.
     fn jaccard_model(a: &str, b: &str) -> f64 {

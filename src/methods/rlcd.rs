@@ -7,10 +7,9 @@ use rand::RngCore;
 use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet, Aspects};
 use crate::backend::{CompletionRequest, Message};
-use crate::checks::check_response;
+use crate::checks::{accept_distinct, check_response};
 use crate::engine::{
-    accept_distinct, common_setters, example_rng, names, render_aspects, with_system, Common,
-    Example,
+    common_setters, example_rng, names, render_aspects, with_system, Common, Example,
 };
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
