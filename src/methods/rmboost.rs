@@ -126,7 +126,8 @@ impl RmBoostBuilder {
 
     common_setters!();
 
-    /// Sampling of the first response. Default: [`default_first_params`].
+    /// Sampling of the first response. Default:
+    /// [`default_first_params`](crate::engine::default_first_params).
     pub fn first_params(mut self, params: SamplingParams) -> Self {
         self.common.params = params;
         self
