@@ -285,23 +285,17 @@ impl FakeBackend {
     /// exactly as this backend does.
     #[must_use]
     pub fn answer(&self, seed: u64, second: bool) -> String {
-        let filler = if second {
-            &self.second_filler
+        let mut t =
+            String::with_capacity(self.first_filler.len().max(self.second_filler.len()) + 48);
+        let _ = if second {
+            write!(
+                t,
+                "<response>rewrite {seed:016x} {}</response>",
+                self.second_filler
+            )
         } else {
-            &self.first_filler
+            write!(t, "answer {seed:016x} {}", self.first_filler)
         };
-        let mut t = String::with_capacity(filler.len() + 48);
-        t.push_str(if second {
-            "<response>rewrite "
-        } else {
-            "answer "
-        });
-        let _ = write!(t, "{seed:016x}");
-        t.push(' ');
-        t.push_str(filler);
-        if second {
-            t.push_str("</response>");
-        }
         t
     }
 }
