@@ -23,7 +23,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -65,23 +64,23 @@ pub trait AspectSet: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
 }
 
-impl<T: AspectSet + ?Sized> AspectSet for Arc<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
+/// `Arc<T>`, `Box<T>` and `&T` implement a sampler trait (one `sample` method, such as
+/// [`AspectSet`] or [`LabelSampler`](crate::LabelSampler)) by forwarding to `T`.
+macro_rules! forward_sample {
+    ($trait:ident -> $out:ty) => {
+        $crate::aspect::forward_sample!(@ $trait, $out, std::sync::Arc<T>, Box<T>, &T);
+    };
+    (@ $trait:ident, $out:ty, $($ty:ty),*) => {$(
+        impl<T: $trait + ?Sized> $trait for $ty {
+            fn sample(&self, rng: &mut dyn rand::RngCore) -> $out {
+                (**self).sample(rng)
+            }
+        }
+    )*};
 }
+pub(crate) use forward_sample;
 
-impl<T: AspectSet + ?Sized> AspectSet for Box<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: AspectSet + ?Sized> AspectSet for &T {
-    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        (**self).sample(rng)
-    }
-}
+forward_sample!(AspectSet -> AspectDraw);
 
 /// How an [`Aspects`] set chooses the aspects of each example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,23 +197,16 @@ impl Aspects {
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
         let name = name.into();
         for (i, a) in aspects.iter().enumerate() {
-            if a.name.trim().is_empty() {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].name is empty"
-                )));
-            }
-            if a.definition.trim().is_empty() {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].definition ({}) is empty",
-                    a.name
-                )));
-            }
-            if aspects[..i].iter().any(|b| b.name == a.name) {
-                return Err(Error::config(format!(
-                    "aspect set {name:?}: aspects[{i}].name {:?} appears twice",
-                    a.name
-                )));
-            }
+            let why = if a.name.trim().is_empty() {
+                format!("aspects[{i}].name is empty")
+            } else if a.definition.trim().is_empty() {
+                format!("aspects[{i}].definition ({}) is empty", a.name)
+            } else if aspects[..i].iter().any(|b| b.name == a.name) {
+                format!("aspects[{i}].name {:?} appears twice", a.name)
+            } else {
+                continue;
+            };
+            return Err(Error::config(format!("aspect set {name:?}: {why}")));
         }
         if aspects.is_empty() {
             return Err(Error::config(format!("aspect set {name:?} has no aspects")));

@@ -17,15 +17,14 @@ use std::task::{Context, Poll};
 use futures::stream::{self, BoxStream, Stream, StreamExt};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::aspect::Aspect;
 use crate::backend::{CompletionRequest, LlmBackend, Message, Role, SamplingParams, Usage};
-use crate::checks::same_text;
 use crate::error::{Error, UnusableReason};
 use crate::example::{ExampleMetadata, PreferenceExample, Prompt};
-use crate::label::Label;
+use crate::label::{Label, LabelDraw};
+
 /// The order in which a stream yields results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -209,23 +208,10 @@ pub(crate) struct Answer<T> {
     pub(crate) reasks: u32,
 }
 
-/// Sends `base` (with seed `seed + attempt`) until `accept` takes the answer or `max_reasks`
-/// re-asks are used up.
-pub(crate) async fn ask<T>(
-    backend: &dyn LlmBackend,
-    id: &str,
-    call: &'static str,
-    base: &CompletionRequest,
-    seed: u64,
-    max_reasks: u32,
-    accept: impl FnMut(&str) -> Result<T, UnusableReason>,
-) -> Result<Answer<T>, Error> {
-    ask_with(backend, id, call, base, None, seed, max_reasks, accept).await
-}
-
-/// Like [`ask`], sending `reask` instead of `base` for every re-ask when given.
+/// Sends `base` (with seed `seed + attempt`; `reask` instead of `base` for every re-ask when
+/// given) until `accept` takes the answer or `max_reasks` re-asks are used up.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn ask_with<T>(
+pub(crate) async fn ask<T>(
     backend: &dyn LlmBackend,
     id: &str,
     call: &'static str,
@@ -427,9 +413,19 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Settings every method shares.
+/// A backend in a `Debug` dump: its name, never its settings (which may hold a key).
+impl fmt::Debug for dyn LlmBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.name(), f)
+    }
+}
+
+/// Settings every built-in method shares: the backend of its calls and their sampling (each
+/// builder sets these with setters of its own), and those of [`common_setters`].
 #[derive(Debug, Clone)]
 pub(crate) struct Common {
+    pub(crate) backend: Option<Arc<dyn LlmBackend>>,
+    pub(crate) params: SamplingParams,
     pub(crate) concurrency: NonZeroUsize,
     pub(crate) order: OutputOrder,
     pub(crate) seed: u64,
@@ -439,6 +435,8 @@ pub(crate) struct Common {
 impl Default for Common {
     fn default() -> Self {
         Common {
+            backend: None,
+            params: default_first_params(),
             concurrency: NonZeroUsize::new(8).expect("8 is not zero"),
             order: OutputOrder::default(),
             seed: 0,
@@ -447,8 +445,46 @@ impl Default for Common {
     }
 }
 
-/// The builder setters of [`Common`], shared by the baselines' builders.
+impl Common {
+    /// The backend. A builder's `build()` refuses to build without one, so a built method has it.
+    pub(crate) fn backend(&self) -> &Arc<dyn LlmBackend> {
+        self.backend.as_ref().expect("build() checked the backend")
+    }
+
+    /// What a baseline's `build()` checks: a backend, and sampling values in range.
+    pub(crate) fn check(&self, method: &str) -> Result<(), Error> {
+        if self.backend.is_none() {
+            return Err(Error::config(format!(
+                "{method}: no backend: call backend()"
+            )));
+        }
+        self.params
+            .validate(&format!("{method} params"))
+            .map_err(Error::config)
+    }
+}
+
+/// The builder setters of [`Common`] every method's builder shares; `(policy)` adds the
+/// baselines' `backend` and `params`.
 macro_rules! common_setters {
+    (policy) => {
+        /// The policy backend, which writes the responses (and by default also judges or
+        /// scores them, for RLAIF and West-of-N). Required.
+        pub fn backend(mut self, backend: impl crate::LlmBackend + 'static) -> Self {
+            self.common.backend = Some(crate::backend::shared(backend));
+            self
+        }
+
+        /// Sampling of the policy's responses. Default:
+        /// [`default_first_params`](crate::engine::default_first_params). Use a temperature
+        /// above 0 so that samples of one prompt differ.
+        pub fn params(mut self, params: crate::SamplingParams) -> Self {
+            self.common.params = params;
+            self
+        }
+
+        crate::engine::common_setters!();
+    };
     () => {
         /// How many examples run at once (each makes its calls one after another, so this is
         /// also the most backend calls in flight). Default: 8.
@@ -476,30 +512,15 @@ macro_rules! common_setters {
             self.common.max_reasks = max_reasks;
             self
         }
-    };
-}
-pub(crate) use common_setters;
 
-/// The stream every built-in method makes ([`Generator::generate_boxed`]), for a type with
-/// `inner: Arc<Inner>` (whose `common` is a [`Common`]), a `plan(&self, Prompt)` that makes
-/// every draw, and an async `$run(Arc<Inner>, plan)`.
-macro_rules! stream_methods {
-    ($run:path) => {
-        pub(crate) fn stream(
-            &self,
-            prompts: futures::stream::BoxStream<'static, Result<$crate::Prompt, $crate::Error>>,
-        ) -> $crate::engine::ExampleStream {
-            let this = self.clone();
-            let c = &self.inner.common;
-            $crate::engine::ExampleStream::drive(prompts, c.concurrency, c.order, move |p| {
-                // Draws happen here, synchronously, before the first await.
-                let plan = this.plan(p);
-                $run(this.inner.clone(), plan)
-            })
+        /// All the shared settings at once ([`MethodConfig`](crate::MethodConfig)).
+        pub(crate) fn with_common(mut self, common: crate::engine::Common) -> Self {
+            self.common = common;
+            self
         }
     };
 }
-pub(crate) use stream_methods;
+pub(crate) use common_setters;
 
 /// `system` as the first message of `prompt`, merged into a system message already there.
 pub(crate) fn with_system(system: &str, prompt: &[Message]) -> Vec<Message> {
@@ -528,40 +549,66 @@ pub(crate) fn render_aspects(aspects: &[Aspect], out: &mut String) {
     }
 }
 
-/// Accepts a non-empty response that differs from each of `others` (after normalising white
-/// space and case).
-pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, UnusableReason> {
-    let text = raw.trim();
-    if text.is_empty() {
-        return Err(UnusableReason::Empty);
-    }
-    if others.iter().any(|o| same_text(text, o)) {
-        return Err(UnusableReason::SameAsFirst);
-    }
-    Ok(text.to_string())
+/// The aspects' names.
+pub(crate) fn names(aspects: &[Aspect]) -> Vec<String> {
+    aspects.iter().map(|a| a.name.clone()).collect()
 }
 
-/// Collects metadata call group by call group.
-pub(crate) struct Meta {
-    md: ExampleMetadata,
+/// One example under way: its id and prompt, the re-ask limit, and the metadata its calls add
+/// to, call group by call group.
+pub(crate) struct Example {
+    pub(crate) id: String,
+    pub(crate) prompt: Vec<Message>,
+    pub(crate) metadata: ExampleMetadata,
     total: Usage,
+    max_reasks: u32,
 }
 
-impl Meta {
-    pub(crate) fn new(method: &str, seed: u64, input: Map<String, Value>) -> Self {
-        Meta {
-            md: ExampleMetadata {
+impl Example {
+    /// Starts the example of `prompt` for `method` with `common`'s seed and re-ask limit.
+    pub(crate) fn new(method: &str, common: &Common, prompt: Prompt) -> Self {
+        let Prompt { id, input, extra } = prompt;
+        Example {
+            id,
+            prompt: input.into_messages(),
+            metadata: ExampleMetadata {
                 method: method.into(),
-                seed,
-                input,
+                seed: common.seed,
+                input: extra,
                 ..ExampleMetadata::default()
             },
             total: Usage::default(),
+            max_reasks: common.max_reasks,
         }
     }
 
-    /// Adds a call group (summing with an earlier group of the same name).
-    pub(crate) fn add_raw(
+    /// Sends `req` to `backend` until `accept` takes the answer (see [`ask`]) and records what
+    /// that took under `call`.
+    pub(crate) async fn ask<T>(
+        &mut self,
+        backend: &dyn LlmBackend,
+        call: &'static str,
+        req: &CompletionRequest,
+        seed: u64,
+        accept: impl FnMut(&str) -> Result<T, UnusableReason>,
+    ) -> Result<T, Error> {
+        let answer = ask(
+            backend,
+            &self.id,
+            call,
+            req,
+            None,
+            seed,
+            self.max_reasks,
+            accept,
+        )
+        .await?;
+        self.add(call, &answer);
+        Ok(answer.value)
+    }
+
+    /// Records a call group (summing with an earlier group of the same name).
+    pub(crate) fn record(
         &mut self,
         group: &str,
         calls: u32,
@@ -569,33 +616,46 @@ impl Meta {
         usage: Usage,
         model: &str,
     ) {
-        self.md.calls += calls;
-        self.md.reasks += reasks;
-        *self.md.usage.entry(group.to_string()).or_default() += usage;
+        let md = &mut self.metadata;
+        md.calls += calls;
+        md.reasks += reasks;
+        *md.usage.entry(group.to_string()).or_default() += usage;
         self.total += usage;
-        let slot = self.md.models.entry(group.to_string()).or_default();
+        let slot = md.models.entry(group.to_string()).or_default();
         if !model.is_empty() {
             *slot = model.to_string();
         }
     }
 
-    pub(crate) fn add<T>(&mut self, group: &str, answer: &Answer<T>) {
-        self.add_raw(
-            group,
-            answer.calls,
-            answer.reasks,
-            answer.usage,
-            &answer.model,
-        );
+    pub(crate) fn add<T>(&mut self, group: &str, a: &Answer<T>) {
+        self.record(group, a.calls, a.reasks, a.usage, &a.model);
     }
 
-    pub(crate) fn extra(&mut self, key: &str, value: Value) {
-        self.md.extra.insert(key.to_string(), value);
-    }
-
-    pub(crate) fn finish(mut self) -> ExampleMetadata {
-        self.md.usage.insert("total".into(), self.total);
-        self.md
+    /// The finished example by the construction rule: label better → chosen = the later
+    /// response, worse → chosen = the earlier one.
+    pub(crate) fn finish(
+        mut self,
+        earlier: String,
+        later: String,
+        label: LabelDraw,
+        aspects: Vec<String>,
+    ) -> PreferenceExample {
+        let (chosen, rejected) = match label.label {
+            Label::Better => (later, earlier),
+            Label::Worse => (earlier, later),
+        };
+        self.metadata.usage.insert("total".into(), self.total);
+        PreferenceExample {
+            id: self.id,
+            prompt: self.prompt,
+            chosen,
+            rejected,
+            label: label.label,
+            grade: label.grade,
+            aspects,
+            margin: label.margin,
+            metadata: self.metadata,
+        }
     }
 }
 
@@ -612,15 +672,5 @@ mod tests {
             merged,
             vec![Message::system("S\n\ntheirs"), Message::user("u")]
         );
-    }
-
-    #[test]
-    fn distinct() {
-        assert_eq!(accept_distinct(" ", &[]), Err(UnusableReason::Empty));
-        assert_eq!(
-            accept_distinct("Hello  World", &["hello world"]),
-            Err(UnusableReason::SameAsFirst)
-        );
-        assert_eq!(accept_distinct(" hi ", &["ho"]).unwrap(), "hi");
     }
 }

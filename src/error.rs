@@ -143,6 +143,7 @@ impl fmt::Display for BackendErrorKind {
 ///
 /// The message is the server's own explanation where there is one; backends must never put a
 /// key or other secret into it.
+#[derive(Debug)]
 pub struct BackendError {
     kind: BackendErrorKind,
     message: String,
@@ -271,23 +272,6 @@ impl BackendError {
     }
 }
 
-impl fmt::Debug for BackendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("BackendError");
-        d.field("kind", &self.kind).field("message", &self.message);
-        if let Some(status) = self.status {
-            d.field("status", &status);
-        }
-        if let Some(ra) = self.retry_after {
-            d.field("retry_after", &ra);
-        }
-        if let Some(source) = &self.source {
-            d.field("source", source);
-        }
-        d.finish()
-    }
-}
-
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.kind)?;
@@ -317,44 +301,35 @@ impl StdError for BackendError {
 }
 
 /// Why the second (or first) response of an example could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
 pub enum UnusableReason {
     /// Nothing was left after parsing.
+    #[error("empty response")]
     Empty,
     /// The second response is the same as the first (after normalising white space and case).
+    #[error("second response identical to the first")]
     SameAsFirst,
     /// The second response differs from the first only in a few words: its token Jaccard
     /// similarity with the first is at or above the limit
     /// ([`ResponseChecks::max_similarity`](crate::checks::ResponseChecks::max_similarity)).
     /// Such a pair carries no reliable preference.
+    #[error("second response nearly identical to the first")]
     NearIdentical,
     /// The text repeats itself: too few of its word trigrams are distinct
     /// ([`ResponseChecks::min_distinct_trigrams`](crate::checks::ResponseChecks::min_distinct_trigrams)).
     /// Small models stuck in a loop produce these.
+    #[error("response repeats itself")]
     Repetitive,
     /// The text talks about the task ("here is a worse version") instead of answering.
+    #[error("meta-talk instead of a response: {0}")]
     MetaTalk(String),
     /// The backend stopped for a reason that leaves no usable text.
+    #[error("response cut off before any usable text")]
     Truncated,
     /// A template-specific reason.
+    #[error("{0}")]
     Other(String),
-}
-
-impl fmt::Display for UnusableReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UnusableReason::Empty => f.write_str("empty response"),
-            UnusableReason::SameAsFirst => f.write_str("second response identical to the first"),
-            UnusableReason::NearIdentical => {
-                f.write_str("second response nearly identical to the first")
-            }
-            UnusableReason::Repetitive => f.write_str("response repeats itself"),
-            UnusableReason::MetaTalk(what) => write!(f, "meta-talk instead of a response: {what}"),
-            UnusableReason::Truncated => f.write_str("response cut off before any usable text"),
-            UnusableReason::Other(what) => f.write_str(what),
-        }
-    }
 }
 
 /// What kind of failure an [`Error`] is; see [`Error::kind`].
@@ -420,56 +395,58 @@ impl fmt::Display for ErrorKind {
 /// assert_eq!(e.to_string(), "i/o error on pairs.jsonl");
 /// assert_eq!(error_chain(&e), "i/o error on pairs.jsonl: disk full");
 /// ```
-pub struct Error {
-    inner: Box<Inner>,
-}
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Error(Box<Repr>);
 
-struct Inner {
-    kind: ErrorKind,
-    /// The example's id (backend and unusable errors).
-    id: Option<String>,
-    /// Which call (`"first"`, `"second"`, `"judge"`, ...).
-    call: &'static str,
-    /// Config and parse messages; what is wrong.
-    message: String,
-    path: Option<PathBuf>,
-    line: u64,
-    attempts: u32,
-    reason: Option<UnusableReason>,
-    source: Option<Source>,
-}
-
-enum Source {
-    Backend(BackendError),
-    Io(std::io::Error),
-    Other(BoxError),
+/// What an [`Error`] holds, by kind: its `Display` describes this layer only, and its cause is
+/// the `source`.
+#[derive(Debug, thiserror::Error)]
+enum Repr {
+    /// `call` names the call (`"first"`, `"second"`, `"judge"`, ...).
+    #[error("example {id}: {call} call failed")]
+    Backend {
+        id: String,
+        call: &'static str,
+        source: BackendError,
+    },
+    #[error("example {id}: no usable {call} response after {attempts} attempts (last: {reason})")]
+    Unusable {
+        id: String,
+        call: &'static str,
+        attempts: u32,
+        reason: UnusableReason,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("i/o error on {}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {message}", .path.display())]
+    Parse {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
+    #[error("local model: {message}")]
+    Model {
+        message: String,
+        source: Option<BoxError>,
+    },
 }
 
 impl Error {
-    fn new(kind: ErrorKind) -> Self {
-        Error {
-            inner: Box::new(Inner {
-                kind,
-                id: None,
-                call: "",
-                message: String::new(),
-                path: None,
-                line: 0,
-                attempts: 0,
-                reason: None,
-                source: None,
-            }),
-        }
+    fn new(repr: Repr) -> Self {
+        Error(Box::new(repr))
     }
 
     /// A failed backend call for example `id`; `call` names it (`"first"`, `"second"`,
     /// `"judge"`, ...).
     pub fn backend(id: impl Into<String>, call: &'static str, source: BackendError) -> Self {
-        let mut e = Error::new(ErrorKind::Backend);
-        e.inner.id = Some(id.into());
-        e.inner.call = call;
-        e.inner.source = Some(Source::Backend(source));
-        e
+        let id = id.into();
+        Error::new(Repr::Backend { id, call, source })
     }
 
     /// No usable answer for `call` of example `id` after `attempts` answers; `reason` is why
@@ -480,79 +457,93 @@ impl Error {
         attempts: u32,
         reason: UnusableReason,
     ) -> Self {
-        let mut e = Error::new(ErrorKind::Unusable);
-        e.inner.id = Some(id.into());
-        e.inner.call = call;
-        e.inner.attempts = attempts;
-        e.inner.reason = Some(reason);
-        e
+        let id = id.into();
+        Error::new(Repr::Unusable {
+            id,
+            call,
+            attempts,
+            reason,
+        })
     }
 
     /// An invalid setting; the message names it.
     pub fn config(message: impl Into<String>) -> Self {
-        let mut e = Error::new(ErrorKind::Config);
-        e.inner.message = message.into();
-        e
+        Error::new(Repr::Config(message.into()))
     }
 
     /// A failed read or write of `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        let mut e = Error::new(ErrorKind::Io);
-        e.inner.path = Some(path.into());
-        e.inner.source = Some(Source::Io(source));
-        e
+        let path = path.into();
+        Error::new(Repr::Io { path, source })
     }
 
     /// An invalid line `line` (1-based; 0 for a whole JSON file) of `path`; the message says
     /// what is wrong, naming the field where there is one.
     pub fn parse(path: impl Into<PathBuf>, line: u64, message: impl Into<String>) -> Self {
-        let mut e = Error::new(ErrorKind::Parse);
-        e.inner.path = Some(path.into());
-        e.inner.line = line;
-        e.inner.message = message.into();
-        e
+        let (path, message) = (path.into(), message.into());
+        Error::new(Repr::Parse {
+            path,
+            line,
+            message,
+        })
     }
 
     /// The in-process model could not be had: `message` says what (several lines are fine,
     /// [`error_chain`] puts them on one), `source` why, where there is a cause.
     #[cfg_attr(not(feature = "local"), allow(dead_code))]
     pub(crate) fn model(message: impl Into<String>, source: Option<BoxError>) -> Self {
-        let mut e = Error::new(ErrorKind::Model);
-        e.inner.message = message.into();
-        e.inner.source = source.map(Source::Other);
-        e
+        let message = message.into();
+        Error::new(Repr::Model { message, source })
     }
 
     /// The message of a config or parse error (what is wrong), without the file and line.
     pub(crate) fn message(&self) -> &str {
-        &self.inner.message
+        match &*self.0 {
+            Repr::Config(message) | Repr::Parse { message, .. } | Repr::Model { message, .. } => {
+                message
+            }
+            _ => "",
+        }
     }
 
     /// What kind of failure this is.
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
-        self.inner.kind
+        match &*self.0 {
+            Repr::Backend { .. } => ErrorKind::Backend,
+            Repr::Unusable { .. } => ErrorKind::Unusable,
+            Repr::Config(_) => ErrorKind::Config,
+            Repr::Io { .. } => ErrorKind::Io,
+            Repr::Parse { .. } => ErrorKind::Parse,
+            Repr::Model { .. } => ErrorKind::Model,
+        }
     }
 
     /// The id of the example this error is about, if it is about one.
     #[must_use]
     pub fn example_id(&self) -> Option<&str> {
-        self.inner.id.as_deref()
+        self.example_call().map(|(id, _)| id)
     }
 
     /// Which call failed (`"first"`, `"second"`, `"judge"`, ...), for backend and unusable
     /// errors.
     #[must_use]
     pub fn call(&self) -> Option<&'static str> {
-        matches!(self.inner.kind, ErrorKind::Backend | ErrorKind::Unusable)
-            .then_some(self.inner.call)
+        self.example_call().map(|(_, call)| call)
+    }
+
+    fn example_call(&self) -> Option<(&str, &'static str)> {
+        match &*self.0 {
+            Repr::Backend { id, call, .. } | Repr::Unusable { id, call, .. } => Some((id, call)),
+            _ => None,
+        }
     }
 
     /// The backend's error, for a [`ErrorKind::Backend`] error.
     #[must_use]
     pub fn backend_error(&self) -> Option<&BackendError> {
-        match &self.inner.source {
-            Some(Source::Backend(b)) => Some(b),
+        match &*self.0 {
+            Repr::Backend { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -560,26 +551,35 @@ impl Error {
     /// Why the last answer was rejected, for an [`ErrorKind::Unusable`] error.
     #[must_use]
     pub fn unusable_reason(&self) -> Option<&UnusableReason> {
-        self.inner.reason.as_ref()
+        match &*self.0 {
+            Repr::Unusable { reason, .. } => Some(reason),
+            _ => None,
+        }
     }
 
     /// The file, for I/O and parse errors.
     #[must_use]
     pub fn path(&self) -> Option<&std::path::Path> {
-        self.inner.path.as_deref()
+        match &*self.0 {
+            Repr::Io { path, .. } | Repr::Parse { path, .. } => Some(path),
+            _ => None,
+        }
     }
 
     /// The 1-based line, for parse errors (0: the whole file).
     #[must_use]
     pub fn line(&self) -> Option<u64> {
-        (self.inner.kind == ErrorKind::Parse).then_some(self.inner.line)
+        match &*self.0 {
+            Repr::Parse { line, .. } => Some(*line),
+            _ => None,
+        }
     }
 
     /// The operating system's error, for I/O errors.
     #[must_use]
     pub fn io_error(&self) -> Option<&std::io::Error> {
-        match &self.inner.source {
-            Some(Source::Io(e)) => Some(e),
+        match &*self.0 {
+            Repr::Io { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -589,7 +589,7 @@ impl Error {
     /// configuration.
     #[must_use]
     pub fn is_fatal(&self) -> bool {
-        match self.inner.kind {
+        match self.kind() {
             ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_fatal),
             ErrorKind::Config | ErrorKind::Model => true,
             _ => false,
@@ -607,7 +607,7 @@ impl Error {
     /// class.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        match self.inner.kind {
+        match self.kind() {
             ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_retryable),
             _ => false,
         }
@@ -619,79 +619,7 @@ impl Error {
     pub fn kind_str(&self) -> &'static str {
         match self.backend_error() {
             Some(b) => b.kind().as_str(),
-            None => self.inner.kind.as_str(),
-        }
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &*self.inner;
-        let id = i.id.as_deref().unwrap_or("");
-        let path = || {
-            i.path
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""))
-                .display()
-        };
-        match i.kind {
-            ErrorKind::Backend => write!(f, "example {id}: {} call failed", i.call),
-            ErrorKind::Unusable => {
-                write!(
-                    f,
-                    "example {id}: no usable {} response after {} attempts",
-                    i.call, i.attempts
-                )?;
-                if let Some(reason) = &i.reason {
-                    write!(f, " (last: {reason})")?;
-                }
-                Ok(())
-            }
-            ErrorKind::Config => write!(f, "invalid configuration: {}", i.message),
-            ErrorKind::Io => write!(f, "i/o error on {}", path()),
-            ErrorKind::Parse => write!(f, "{}:{}: {}", path(), i.line, i.message),
-            ErrorKind::Model => write!(f, "local model: {}", i.message),
-        }
-    }
-}
-
-impl fmt::Debug for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &*self.inner;
-        let mut d = f.debug_struct("Error");
-        d.field("kind", &i.kind);
-        if let Some(id) = &i.id {
-            d.field("id", id).field("call", &i.call);
-        }
-        if !i.message.is_empty() {
-            d.field("message", &i.message);
-        }
-        if let Some(p) = &i.path {
-            d.field("path", p);
-        }
-        if i.kind == ErrorKind::Parse {
-            d.field("line", &i.line);
-        }
-        if let Some(r) = &i.reason {
-            d.field("attempts", &i.attempts).field("reason", r);
-        }
-        match &i.source {
-            Some(Source::Backend(b)) => d.field("source", b),
-            Some(Source::Io(e)) => d.field("source", e),
-            Some(Source::Other(e)) => d.field("source", e),
-            None => &mut d,
-        };
-        d.finish()
-    }
-}
-
-impl StdError for Error {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match &self.inner.source {
-            Some(Source::Backend(b)) => Some(b),
-            Some(Source::Io(e)) => Some(e),
-            Some(Source::Other(e)) => Some(&**e),
-            None => None,
+            None => self.kind().as_str(),
         }
     }
 }

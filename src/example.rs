@@ -88,13 +88,9 @@ impl Prompt {
                 }
             }
         }
-        let digest = h.finalize();
-        let mut s = String::with_capacity(16);
-        for b in &digest[..8] {
-            use fmt::Write;
-            let _ = write!(s, "{b:02x}");
-        }
-        s
+        let digest: [u8; 32] = h.finalize().into();
+        let head: [u8; 8] = digest[..8].try_into().expect("8 of 32 bytes");
+        format!("{:016x}", u64::from_be_bytes(head))
     }
 
     /// The stable id: given in the input, or derived from a hash of the content
@@ -384,6 +380,16 @@ enum TextOrMessages {
     Messages(Vec<Message>),
 }
 
+impl TextOrMessages {
+    /// The format whose lines hold a field of this shape.
+    fn format(&self) -> ExampleFormat {
+        match self {
+            TextOrMessages::Text(_) => ExampleFormat::Standard,
+            TextOrMessages::Messages(_) => ExampleFormat::Conversational,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct WireExample {
     id: String,
@@ -401,14 +407,12 @@ struct WireExample {
     metadata: ExampleMetadata,
 }
 
-fn response_text<E: serde::de::Error>(field: &str, v: TextOrMessages) -> Result<String, E> {
+fn response_text(field: &str, v: TextOrMessages) -> Result<String, String> {
     match v {
         TextOrMessages::Text(t) => Ok(t),
         TextOrMessages::Messages(ms) => match <[Message; 1]>::try_from(ms) {
             Ok([m]) if m.role == Role::Assistant => Ok(m.content),
-            _ => Err(E::custom(format!(
-                "{field} must be a string or one assistant message"
-            ))),
+            _ => Err(format!("{field} must be a string or one assistant message")),
         },
     }
 }
@@ -416,10 +420,7 @@ fn response_text<E: serde::de::Error>(field: &str, v: TextOrMessages) -> Result<
 impl WireExample {
     /// The example, and the format its line was written in (from the shape of `prompt`).
     fn into_example(self) -> Result<(PreferenceExample, ExampleFormat), String> {
-        let format = match self.prompt {
-            TextOrMessages::Text(_) => ExampleFormat::Standard,
-            TextOrMessages::Messages(_) => ExampleFormat::Conversational,
-        };
+        let format = self.prompt.format();
         let prompt = match self.prompt {
             TextOrMessages::Text(t) => vec![Message::user(t)],
             TextOrMessages::Messages(ms) => {
@@ -430,10 +431,8 @@ impl WireExample {
         let example = PreferenceExample {
             id: self.id,
             prompt,
-            chosen: response_text("chosen", self.chosen)
-                .map_err(|e: serde_json::Error| e.to_string())?,
-            rejected: response_text("rejected", self.rejected)
-                .map_err(|e: serde_json::Error| e.to_string())?,
+            chosen: response_text("chosen", self.chosen)?,
+            rejected: response_text("rejected", self.rejected)?,
             label: self.label,
             grade: self.grade,
             aspects: self.aspects,
@@ -459,16 +458,12 @@ impl<'de> Deserialize<'de> for PreferenceExample {
 /// same shape as `prompt`.
 pub(crate) fn parse_example_line(text: &str) -> Result<(PreferenceExample, ExampleFormat), String> {
     let wire: WireExample = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let shape = |v: &TextOrMessages| match v {
-        TextOrMessages::Text(_) => ExampleFormat::Standard,
-        TextOrMessages::Messages(_) => ExampleFormat::Conversational,
-    };
-    let prompt = shape(&wire.prompt);
+    let prompt = wire.prompt.format();
     for (field, v) in [("chosen", &wire.chosen), ("rejected", &wire.rejected)] {
-        if shape(v) != prompt {
+        if v.format() != prompt {
             return Err(format!(
                 "`{field}` is {} but `prompt` is {}: a line is either conversational or standard",
-                shape_name(shape(v)),
+                shape_name(v.format()),
                 shape_name(prompt)
             ));
         }

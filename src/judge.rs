@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::aspect::{Aspect, AspectSampling, Aspects};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams, Usage};
-use crate::engine::{ask_with, render_aspects, Answer};
+use crate::checks::tag_content;
+use crate::engine::{ask, render_aspects, Answer};
 use crate::error::{Error, UnusableReason};
 
 /// The default judging criteria: every aspect of [`Aspects::general`].
@@ -165,21 +166,11 @@ impl fmt::Display for Verdict {
 /// let text = &req.messages.last().unwrap().content;
 /// assert!(text.find("<answer_a>\n7").unwrap() < text.find("<answer_b>\n8").unwrap());
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Judge {
     backend: Arc<dyn LlmBackend>,
     params: SamplingParams,
     max_reasks: u32,
-}
-
-impl fmt::Debug for Judge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Judge")
-            .field("backend", &self.backend.name())
-            .field("params", &self.params)
-            .field("max_reasks", &self.max_reasks)
-            .finish()
-    }
 }
 
 /// The lowest temperature of a judge's re-ask (see [`Judge::max_reasks`]).
@@ -300,14 +291,40 @@ impl Judge {
             .with_params(&self.params)
     }
 
-    /// The request of a re-ask: at a temperature of at least [`REASK_TEMPERATURE`], since a
-    /// greedy judge would only repeat its unreadable answer. `None` when `req` is hot enough.
-    fn reask_request(&self, req: &CompletionRequest) -> Option<CompletionRequest> {
-        (req.temperature.is_some_and(|t| t < REASK_TEMPERATURE)).then(|| {
-            let mut hot = req.clone();
-            hot.temperature = Some(REASK_TEMPERATURE);
-            hot
-        })
+    /// Sends `req` with backend seed `seed` (re-ask `n` uses `seed + n`) until `parse` reads
+    /// its answer. A re-ask goes out at a temperature of at least [`REASK_TEMPERATURE`], since
+    /// a greedy judge would only repeat its unreadable answer.
+    async fn ask<T>(
+        &self,
+        id: &str,
+        call: &'static str,
+        req: CompletionRequest,
+        seed: u64,
+        parse: fn(&str) -> Option<T>,
+        what: &str,
+    ) -> Result<Answer<T>, Error> {
+        let hot = req
+            .temperature
+            .is_some_and(|t| t < REASK_TEMPERATURE)
+            .then(|| {
+                let mut hot = req.clone();
+                hot.temperature = Some(REASK_TEMPERATURE);
+                hot
+            });
+        let accept = |raw: &str| {
+            parse(raw).ok_or_else(|| UnusableReason::Other(format!("no readable {what}")))
+        };
+        ask(
+            &*self.backend,
+            id,
+            call,
+            &req,
+            hot.as_ref(),
+            seed,
+            self.max_reasks,
+            accept,
+        )
+        .await
     }
 
     /// Asks for a verdict on (`a`, `b`) with backend seed `seed` (re-ask `n` uses `seed + n`).
@@ -323,63 +340,17 @@ impl Judge {
         seed: u64,
     ) -> Result<Answer<Verdict>, Error> {
         let req = self.compare_request(prompt, a, b, criteria);
-        let reask = self.reask_request(&req);
-        ask_with(
-            &*self.backend,
-            id,
-            call,
-            &req,
-            reask.as_ref(),
-            seed,
-            self.max_reasks,
-            |raw| {
-                parse_verdict(raw)
-                    .ok_or_else(|| UnusableReason::Other("no readable verdict".into()))
-            },
-        )
-        .await
-    }
-
-    pub(crate) async fn score_one(
-        &self,
-        id: &str,
-        call: &'static str,
-        prompt: &[Message],
-        response: &str,
-        criteria: &[Aspect],
-        seed: u64,
-    ) -> Result<Answer<f64>, Error> {
-        let req = self.score_request(prompt, response, criteria);
-        let reask = self.reask_request(&req);
-        ask_with(
-            &*self.backend,
-            id,
-            call,
-            &req,
-            reask.as_ref(),
-            seed,
-            self.max_reasks,
-            |raw| {
-                parse_score(raw)
-                    .ok_or_else(|| UnusableReason::Other("no readable 1-10 score".into()))
-            },
-        )
-        .await
+        self.ask(id, call, req, seed, parse_verdict, "verdict")
+            .await
     }
 }
 
 #[async_trait]
 impl Scorer for Judge {
-    async fn score(&self, request: ScoreRequest<'_>) -> Result<Scored, Error> {
+    async fn score(&self, r: ScoreRequest<'_>) -> Result<Scored, Error> {
+        let req = self.score_request(r.prompt, r.response, r.criteria);
         let a = self
-            .score_one(
-                request.id,
-                "score",
-                request.prompt,
-                request.response,
-                request.criteria,
-                request.seed,
-            )
+            .ask(r.id, "score", req, r.seed, parse_score, "1-10 score")
             .await?;
         Ok(Scored {
             score: a.value,
@@ -393,28 +364,6 @@ impl Scorer for Judge {
     fn name(&self) -> Cow<'_, str> {
         Cow::Borrowed("llm-judge")
     }
-}
-
-/// Byte offsets of `needle` (ASCII) in `hay`, ignoring ASCII case.
-fn find_ci(hay: &str, needle: &str) -> Vec<usize> {
-    let (h, n) = (hay.as_bytes(), needle.as_bytes());
-    if n.is_empty() || h.len() < n.len() {
-        return Vec::new();
-    }
-    (0..=h.len() - n.len())
-        .filter(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
-        .collect()
-}
-
-/// The content of the last `<tag>` (to its closing tag, or to the end if there is none).
-fn last_tag<'a>(raw: &'a str, tag: &str) -> Option<&'a str> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let start = *find_ci(raw, &open).last()? + open.len();
-    let end = find_ci(&raw[start..], &close)
-        .first()
-        .map_or(raw.len(), |e| start + e);
-    Some(&raw[start..end])
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -445,6 +394,15 @@ fn classify(s: &str) -> Option<Verdict> {
     }
 }
 
+/// The text after the last of `leads` in `hay` (the one that starts last).
+fn after_last<'a>(hay: &'a str, leads: &[&str]) -> Option<&'a str> {
+    let (i, lead) = leads
+        .iter()
+        .filter_map(|l| hay.rfind(l).map(|i| (i, l)))
+        .max_by_key(|(i, _)| *i)?;
+    Some(&hay[i + lead.len()..])
+}
+
 /// Reads a judge's pairwise verdict out of its raw answer.
 ///
 /// Tried in order: the last `<verdict>...</verdict>` (closing tag optional); the last `[[A]]`,
@@ -454,7 +412,7 @@ fn classify(s: &str) -> Option<Verdict> {
 /// gives A, B or a tie.
 #[must_use]
 pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
-    if let Some(inner) = last_tag(raw, "verdict") {
+    if let Some(inner) = tag_content(raw, "verdict", true) {
         if let Some(v) = classify(inner) {
             return Some(v);
         }
@@ -495,14 +453,8 @@ pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
         "i prefer",
         "i choose",
     ];
-    if let Some((i, lead)) = LEADS
-        .iter()
-        .filter_map(|l| lower.rfind(l).map(|i| (i, *l)))
-        .max_by_key(|(i, _)| *i)
-    {
-        if let Some(v) = classify(&lower[i + lead.len()..]) {
-            return Some(v);
-        }
+    if let Some(v) = after_last(&lower, LEADS).and_then(classify) {
+        return Some(v);
     }
     let says = |side: &str| {
         ["answer", "response"].iter().any(|noun| {
@@ -520,11 +472,14 @@ pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
 /// The number at the start of `s` (after spaces, `*`, `:`, quotes, brackets).
 fn leading_number(s: &str) -> Option<f64> {
     let s = s.trim_start_matches(|c: char| c.is_whitespace() || "*:=\"'`[(#-".contains(c));
-    let end = s
-        .char_indices()
+    s[..number_len(s)].trim_end_matches('.').parse().ok()
+}
+
+/// The length of the digits (with a decimal point after the first) that `s` starts with.
+fn number_len(s: &str) -> usize {
+    s.char_indices()
         .find(|&(i, c)| !(c.is_ascii_digit() || (c == '.' && i > 0)))
-        .map_or(s.len(), |(i, _)| i);
-    s[..end].trim_end_matches('.').parse().ok()
+        .map_or(s.len(), |(i, _)| i)
 }
 
 /// The number just before byte `at` (skipping spaces).
@@ -549,7 +504,7 @@ fn number_before(s: &str, at: usize) -> Option<f64> {
 #[must_use]
 pub(crate) fn parse_score(raw: &str) -> Option<f64> {
     let in_range = |x: f64| (1.0..=10.0).contains(&x).then_some(x);
-    if let Some(inner) = last_tag(raw, "score") {
+    if let Some(inner) = tag_content(raw, "score", true) {
         return leading_number(inner).and_then(in_range);
     }
     let lower = raw.to_lowercase();
@@ -567,14 +522,8 @@ pub(crate) fn parse_score(raw: &str) -> Option<f64> {
         "score of",
         "rating of",
     ];
-    if let Some((i, lead)) = leads
-        .iter()
-        .filter_map(|l| lower.rfind(l).map(|i| (i, *l)))
-        .max_by_key(|(i, _)| *i)
-    {
-        if let Some(x) = leading_number(&lower[i + lead.len()..]) {
-            return in_range(x);
-        }
+    if let Some(x) = after_last(&lower, &leads).and_then(leading_number) {
+        return in_range(x);
     }
     // Last resort: the only number in the text ("The answer is 6.", "7 - clear and right").
     let numbers = all_numbers(&lower);
@@ -590,10 +539,7 @@ fn all_numbers(s: &str) -> Vec<f64> {
     let mut rest = s;
     while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
         let tail = &rest[start..];
-        let len = tail
-            .char_indices()
-            .find(|&(i, c)| !(c.is_ascii_digit() || (c == '.' && i > 0)))
-            .map_or(tail.len(), |(i, _)| i);
+        let len = number_len(tail);
         if let Ok(x) = tail[..len].trim_end_matches('.').parse() {
             out.push(x);
         }

@@ -6,7 +6,6 @@
 //! `margin` column TRL's reward trainer reads.
 
 use std::fmt;
-use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -95,23 +94,7 @@ pub trait LabelSampler: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw;
 }
 
-impl<T: LabelSampler + ?Sized> LabelSampler for Arc<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: LabelSampler + ?Sized> LabelSampler for Box<T> {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
-
-impl<T: LabelSampler + ?Sized> LabelSampler for &T {
-    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        (**self).sample(rng)
-    }
-}
+crate::aspect::forward_sample!(LabelSampler -> LabelDraw);
 
 fn check_probability(what: &str, p: f64) -> Result<(), Error> {
     if (0.0..=1.0).contains(&p) {
@@ -211,22 +194,17 @@ impl Graded {
 
 impl Default for Graded {
     fn default() -> Self {
-        Graded {
-            p_better: 0.5,
-            p_much: 0.5,
-            margin_slightly: 1.0,
-            margin_much: 3.0,
-        }
+        Graded::new(0.5, 0.5).expect("0.5 is a probability")
     }
 }
 
 impl LabelSampler for Graded {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        let label = if rng.random_bool(self.p_better) {
-            Label::Better
-        } else {
-            Label::Worse
-        };
+        let label = Bernoulli {
+            p_better: self.p_better,
+        }
+        .sample(rng)
+        .label;
         let (grade, margin) = if rng.random_bool(self.p_much) {
             (Grade::Much, self.margin_much)
         } else {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
-use crate::checks::ResponseChecks;
+use crate::checks::{accept_distinct, find_all_ci, tag_content, ResponseChecks};
 use crate::error::UnusableReason;
 use crate::label::{Grade, Label, LabelDraw};
 
@@ -97,12 +97,7 @@ pub trait PromptTemplate: Send + Sync + fmt::Debug {
     ///
     /// The reason the text cannot serve as a first response; the generator re-asks.
     fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
-        let text = raw.trim();
-        if text.is_empty() {
-            Err(UnusableReason::Empty)
-        } else {
-            Ok(text.to_string())
-        }
+        accept_distinct(raw, &[])
     }
 
     /// The messages of the second-response request.
@@ -200,12 +195,9 @@ impl DefaultTemplate {
 
 impl PromptTemplate for DefaultTemplate {
     fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
-        let text = raw.trim();
-        if text.is_empty() {
-            return Err(UnusableReason::Empty);
-        }
-        self.checks.check_first(text)?;
-        Ok(text.to_string())
+        let text = accept_distinct(raw, &[])?;
+        self.checks.check_first(&text)?;
+        Ok(text)
     }
 
     fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {
@@ -303,17 +295,6 @@ impl PromptTemplate for DefaultTemplate {
     }
 }
 
-/// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
-/// that has no case (all our tags start with `<`), which lets the scan jump between candidates.
-fn find_all_ci(hay: &str, needle: &str) -> Vec<usize> {
-    let h = hay.as_bytes();
-    let n = needle.as_bytes();
-    debug_assert!(!n.is_empty() && !n[0].is_ascii_alphabetic());
-    memchr::memchr_iter(n[0], h)
-        .filter(|&at| h.len() - at >= n.len() && h[at..at + n.len()].eq_ignore_ascii_case(n))
-        .collect()
-}
-
 const OPEN: &str = "<response>";
 const CLOSE: &str = "</response>";
 
@@ -377,13 +358,8 @@ fn strip_preamble(text: &str) -> &str {
 }
 
 fn parse_picked(raw: &str, draw: &AspectDraw, k: usize) -> Option<Vec<String>> {
-    let open = *find_all_ci(raw, "<aspects>").first()?;
-    let start = open + "<aspects>".len();
-    let end = find_all_ci(&raw[start..], "</aspects>")
-        .first()
-        .map_or(raw.len(), |e| start + e);
     let mut picked: Vec<String> = Vec::new();
-    for part in raw[start..end].split([',', ';', '\n']) {
+    for part in tag_content(raw, "aspects", false)?.split([',', ';', '\n']) {
         let part = part.trim().trim_start_matches('-').trim();
         if let Some(a) = draw
             .aspects

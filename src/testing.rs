@@ -7,7 +7,7 @@
 //!   different, tagged answer.
 
 use std::collections::VecDeque;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,13 +25,13 @@ struct Script {
     requests: Vec<CompletionRequest>,
 }
 
+#[derive(Default)]
 struct Shared {
     script: Mutex<Script>,
     fallback: Option<Box<Responder>>,
     latency: Option<Duration>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    calls: AtomicUsize,
 }
 
 /// A backend that replays a script; cheap to clone, and every clone shares the same script,
@@ -59,9 +59,10 @@ pub struct ScriptedBackend {
 
 impl fmt::Debug for ScriptedBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (queued, calls) = (self.remaining(), self.calls());
         f.debug_struct("ScriptedBackend")
-            .field("queued", &self.lock().queue.len())
-            .field("calls", &self.calls())
+            .field("queued", &queued)
+            .field("calls", &calls)
             .field("latency", &self.shared.latency)
             .finish_non_exhaustive()
     }
@@ -74,45 +75,36 @@ impl Default for ScriptedBackend {
 }
 
 impl ScriptedBackend {
-    fn build(fallback: Option<Box<Responder>>, latency: Option<Duration>) -> Self {
-        ScriptedBackend {
-            shared: Arc::new(Shared {
-                script: Mutex::new(Script::default()),
-                fallback,
-                latency,
-                in_flight: AtomicUsize::new(0),
-                max_in_flight: AtomicUsize::new(0),
-                calls: AtomicUsize::new(0),
-            }),
-        }
+    fn build(fallback: Option<Box<Responder>>) -> Self {
+        let shared = Arc::new(Shared {
+            fallback,
+            ..Shared::default()
+        });
+        ScriptedBackend { shared }
     }
 
     /// An empty script: a call with nothing queued fails with a permanent
     /// [`BackendErrorKind::Other`] error saying the script is exhausted.
     #[must_use]
     pub fn new() -> Self {
-        Self::build(None, None)
+        Self::build(None)
     }
 
     /// A backend that answers with `f` whenever nothing is queued.
     pub fn from_fn(
         f: impl Fn(&CompletionRequest) -> Result<Completion, BackendError> + Send + Sync + 'static,
     ) -> Self {
-        Self::build(Some(Box::new(f)), None)
+        Self::build(Some(Box::new(f)))
     }
 
     /// The same script with every call first waiting `latency` (tokio time, so paused-clock
     /// tests stay instant). Call before cloning or queueing.
     #[must_use]
-    pub fn with_latency(self, latency: Duration) -> Self {
-        let shared = Arc::try_unwrap(self.shared)
-            .unwrap_or_else(|_| panic!("with_latency must be called before the backend is cloned"));
-        ScriptedBackend {
-            shared: Arc::new(Shared {
-                latency: Some(latency),
-                ..shared
-            }),
-        }
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("with_latency must be called before the backend is cloned")
+            .latency = Some(latency);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Script> {
@@ -143,7 +135,7 @@ impl ScriptedBackend {
     /// How many calls were made.
     #[must_use]
     pub fn calls(&self) -> usize {
-        self.shared.calls.load(Ordering::SeqCst)
+        self.lock().requests.len()
     }
 
     /// How many calls are running now.
@@ -177,7 +169,6 @@ impl Drop for InFlight<'_> {
 impl LlmBackend for ScriptedBackend {
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
         let s = &*self.shared;
-        s.calls.fetch_add(1, Ordering::SeqCst);
         let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         s.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let _guard = InFlight(&s.in_flight);
@@ -294,23 +285,17 @@ impl FakeBackend {
     /// exactly as this backend does.
     #[must_use]
     pub fn answer(&self, seed: u64, second: bool) -> String {
-        let filler = if second {
-            &self.second_filler
+        let mut t =
+            String::with_capacity(self.first_filler.len().max(self.second_filler.len()) + 48);
+        let _ = if second {
+            write!(
+                t,
+                "<response>rewrite {seed:016x} {}</response>",
+                self.second_filler
+            )
         } else {
-            &self.first_filler
+            write!(t, "answer {seed:016x} {}", self.first_filler)
         };
-        let mut t = String::with_capacity(filler.len() + 48);
-        t.push_str(if second {
-            "<response>rewrite "
-        } else {
-            "answer "
-        });
-        push_hex(&mut t, seed);
-        t.push(' ');
-        t.push_str(filler);
-        if second {
-            t.push_str("</response>");
-        }
         t
     }
 }
@@ -329,12 +314,7 @@ impl LlmBackend for FakeBackend {
         let prompt_len: usize = request.messages.iter().map(|m| m.content.len()).sum();
         let text = self.answer(seed, second);
         let usage = Usage::new((prompt_len / 4) as u64, (text.len() / 4) as u64);
-        Ok(Completion {
-            text,
-            finish_reason: crate::backend::FinishReason::Stop,
-            usage,
-            model: "fake".into(),
-        })
+        Ok(Completion::new(text).with_usage(usage).with_model("fake"))
     }
 
     fn name(&self) -> std::borrow::Cow<'_, str> {
@@ -343,13 +323,6 @@ impl LlmBackend for FakeBackend {
 
     fn model(&self) -> std::borrow::Cow<'_, str> {
         "fake".into()
-    }
-}
-
-fn push_hex(s: &mut String, v: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..16).rev() {
-        s.push(HEX[((v >> (i * 4)) & 0xf) as usize] as char);
     }
 }
 

@@ -106,6 +106,19 @@ pub(crate) fn same_text(a: &str, b: &str) -> bool {
     }
 }
 
+/// Accepts a non-empty response that differs from each of `others` (after normalising white
+/// space and case).
+pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, UnusableReason> {
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err(UnusableReason::Empty);
+    }
+    if others.iter().any(|o| same_text(text, o)) {
+        return Err(UnusableReason::SameAsFirst);
+    }
+    Ok(text.to_string())
+}
+
 /// The first meta-talk phrase in `text`, ignoring ASCII case.
 pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
     static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
@@ -116,6 +129,29 @@ pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
             .expect("the meta-talk phrases are valid patterns")
     });
     phrases.find(text).map(|m| META[m.pattern().as_usize()])
+}
+
+/// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
+/// that has no case (all our tags start with `<`), which lets the scan jump between candidates.
+pub(crate) fn find_all_ci(hay: &str, needle: &str) -> Vec<usize> {
+    let h = hay.as_bytes();
+    let n = needle.as_bytes();
+    debug_assert!(!n.is_empty() && !n[0].is_ascii_alphabetic());
+    memchr::memchr_iter(n[0], h)
+        .filter(|&at| h.len() - at >= n.len() && h[at..at + n.len()].eq_ignore_ascii_case(n))
+        .collect()
+}
+
+/// The content of a `<tag>` in `raw` (the last one if `last`, else the first) up to its
+/// closing tag, or to the end if there is none; tags are matched ignoring ASCII case.
+pub(crate) fn tag_content<'a>(raw: &'a str, tag: &str, last: bool) -> Option<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let opens = find_all_ci(raw, &open);
+    let start = if last { opens.last() } else { opens.first() }? + open.len();
+    let end = find_all_ci(&raw[start..], &close)
+        .first()
+        .map_or(raw.len(), |e| start + e);
+    Some(&raw[start..end])
 }
 
 /// Content checks on responses, beyond their form: what makes an answer that parses still
@@ -207,12 +243,16 @@ impl ResponseChecks {
     ///
     /// [`UnusableReason::Repetitive`].
     pub fn check_first(&self, text: &str) -> Result<(), UnusableReason> {
-        let Some(min) = self.min_distinct_trigrams else {
+        if self.min_distinct_trigrams.is_none() {
             return Ok(());
-        };
-        let stats = similarity::distinct_trigram_share(text, min);
-        match stats {
-            Some(share) if share < min => Err(UnusableReason::Repetitive),
+        }
+        self.check_share(similarity::pair_stats(text, "", None, self.min_distinct_trigrams).1)
+    }
+
+    /// Rejects a distinct-trigram share below the limit.
+    fn check_share(&self, share: Option<f64>) -> Result<(), UnusableReason> {
+        match (self.min_distinct_trigrams, share) {
+            (Some(min), Some(share)) if share < min => Err(UnusableReason::Repetitive),
             _ => Ok(()),
         }
     }
@@ -242,12 +282,7 @@ impl ResponseChecks {
         if near_identical {
             return Err(UnusableReason::NearIdentical);
         }
-        if let (Some(min), Some(share)) = (self.min_distinct_trigrams, share) {
-            if share < min {
-                return Err(UnusableReason::Repetitive);
-            }
-        }
-        Ok(())
+        self.check_share(share)
     }
 }
 
@@ -264,6 +299,16 @@ pub fn check_response(text: &str, first: &str) -> Result<(), UnusableReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct() {
+        assert_eq!(accept_distinct(" ", &[]), Err(UnusableReason::Empty));
+        assert_eq!(
+            accept_distinct("Hello  World", &["hello world"]),
+            Err(UnusableReason::SameAsFirst)
+        );
+        assert_eq!(accept_distinct(" hi ", &["ho"]).unwrap(), "hi");
+    }
 
     #[test]
     fn every_phrase_is_found() {

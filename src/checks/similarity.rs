@@ -12,8 +12,8 @@
 //! Tokens and trigrams are compared by 64-bit hashes with fixed seeds, so results are
 //! deterministic. [`token_jaccard`], the one similarity measure (the response checks reject a
 //! near-identical pair with it and the report counts them with it), is exact up to 64-bit
-//! hash collisions: two hash sets, reused per thread. [`distinct_trigram_share`] (the
-//! repetition check, run on every response) *estimates* its figure with bitmaps and linear
+//! hash collisions: two hash sets, reused per thread. The distinct trigram share (the
+//! repetition check, run on every response, [`pair_stats`]) *estimates* its figure with bitmaps and linear
 //! counting: each token or trigram sets one bit of a bitmap with at least 16 bits per possible
 //! token, and a set's size is read from the share of bits left unset; it stays within about
 //! 0.01 of the exact share for answers of ordinary length, and often settles the question from
@@ -23,33 +23,11 @@
 //! happens for texts of a size seen before.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 /// Trigram statistics are only meaningful for texts of at least this many tokens.
 pub(crate) const TRIGRAM_MIN_TOKENS: usize = 20;
 
-/// A value that is already a good 64-bit hash goes through unchanged.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type HashSet64 = HashSet<u64, BuildHasherDefault<PassThrough>>;
+type HashSet64 = foldhash::HashSet<u64>;
 
 #[derive(Default)]
 struct Scratch {
@@ -64,10 +42,6 @@ thread_local! {
 
 /// Larger scratch buffers than this are dropped after use rather than kept for the thread.
 const KEEP_BYTES: usize = 1 << 20;
-
-fn hasher() -> foldhash::fast::FixedState {
-    foldhash::fast::FixedState::with_seed(0x726d_626f_6f73_7431)
-}
 
 /// Lowercases `text` into `buf` (character by character).
 pub(crate) fn lower_into(text: &str, buf: &mut String) {
@@ -90,8 +64,7 @@ pub(crate) fn tokens(lower: &str) -> impl Iterator<Item = &str> {
 /// Calls `f` with the hash of every token of `text`, in order; returns the token count.
 fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     lower_into(text, buf);
-    let state = hasher();
-    tokens(buf).map(|t| f(state.hash_one(t.as_bytes()))).count()
+    tokens(buf).map(|t| f(hash_token(t.as_bytes(), 0))).count()
 }
 
 /// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
@@ -110,20 +83,21 @@ const HIGHS: u64 = ONES * 0x80;
 /// `0x20`, the ASCII lowercase bit, in every byte.
 const CASE: u64 = ONES * 0x20;
 
-/// The hot path's hash of one ASCII token, from its bytes (letters and digits, any case): 8
-/// lowercased bytes at a time, little-endian, each full word folded in by [`fold_mul`], the
-/// last partial word (zero-padded) with the length.
-#[cfg(test)]
-fn hash_token(token: &[u8]) -> u64 {
+/// The hash of one token from its bytes: 8 bytes at a time, little-endian, each ored with
+/// `case` ([`CASE`] lowercases an ASCII token of letters and digits in any case; 0 takes an
+/// already lowercased token as it is, so both give a lowercase ASCII token the same hash),
+/// each full word folded in by [`fold_mul`], the last partial word (zero-padded) with the
+/// length. The hot path's [`hash_span`] computes the same from whole-word loads.
+fn hash_token(token: &[u8], case: u64) -> u64 {
     let mut h = 0u64;
     let mut chunks = token.chunks_exact(8);
     for c in &mut chunks {
-        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | CASE), MUL);
+        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | case), MUL);
     }
     let rest = chunks.remainder();
     let mut last = [0u8; 8];
     last[..rest.len()].copy_from_slice(rest);
-    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest.len()]);
+    let word = u64::from_le_bytes(last) | (case & LOW_BYTES[rest.len()]);
     finish_token(h, word, token.len())
 }
 
@@ -189,9 +163,8 @@ fn block_mask(block: &[u8]) -> u64 {
     mask
 }
 
-/// [`for_each_token`] for the hot path: the same tokens, hashed by [`hash_token`]'s scheme
-/// (so its hashes are not comparable with `for_each_token`'s). ASCII text is classified 8
-/// bytes at a time and each token is hashed from whole-word loads, without a lowercased
+/// [`for_each_token`] for the hot path: the same tokens and hashes. ASCII text is classified
+/// 8 bytes at a time and each token is hashed from whole-word loads, without a lowercased
 /// copy; other text goes through `for_each_token`.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     if !text.is_ascii() {
@@ -281,18 +254,12 @@ fn trigram(a: u64, b: u64, c: u64) -> u64 {
     fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
 }
 
-/// Fills `set` with the token hashes of `text`, from the ASCII tokenizer when `ascii` (the
-/// two tokenizers hash differently, so both texts of a pair must use the same one).
-fn token_set(text: &str, ascii: bool, buf: &mut String, set: &mut HashSet64) {
+/// Fills `set` with the token hashes of `text`.
+fn token_set(text: &str, buf: &mut String, set: &mut HashSet64) {
     set.clear();
-    let insert = |h| {
+    for_each_token_fast(text, buf, |h| {
         set.insert(h);
-    };
-    if ascii {
-        for_each_token_fast(text, buf, insert);
-    } else {
-        for_each_token(text, buf, insert);
-    }
+    });
 }
 
 fn jaccard_of(a: &HashSet64, b: &HashSet64) -> f64 {
@@ -314,8 +281,9 @@ fn trim(s: &mut Scratch) {
 
 /// What the checks of a second response need, from one pass over it: whether its token
 /// Jaccard similarity with `reference` is at least `limit` (exactly `token_jaccard(text,
-/// reference) >= limit`), and its distinct trigram share as [`distinct_trigram_share`] gives
-/// it; each only when asked for.
+/// reference) >= limit`), and its distinct trigram share at least to the point of showing it is
+/// at least `min_share` (see [`trigram_share`]); each only when asked for. A first response is
+/// checked with an empty `reference` and no `limit`.
 ///
 /// Nearly every pair is settled without hash sets, from two bitmaps and part of
 /// `reference`: `J = |A ∩ B| / |A ∪ B| <= |B| / (|B| + |A \ B|)`, which grows with `|B|`, so it
@@ -382,9 +350,8 @@ pub(crate) fn pair_stats(
 pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        let ascii = a.is_ascii() && b.is_ascii();
-        token_set(a, ascii, &mut s.lower, &mut s.a);
-        token_set(b, ascii, &mut s.lower, &mut s.b);
+        token_set(a, &mut s.lower, &mut s.a);
+        token_set(b, &mut s.lower, &mut s.b);
         let j = jaccard_of(&s.a, &s.b);
         trim(s);
         j
@@ -443,41 +410,14 @@ fn estimate(ones: u32, bits: usize) -> f64 {
     m * (m / zeros).ln()
 }
 
-/// The distinct word-trigram share of `text` (`None` below [`TRIGRAM_MIN_TOKENS`] tokens),
-/// estimated with bitmaps (see the [module docs](self)), or a lower bound of it when that is
-/// enough to show the share is at least `min_share`.
+/// The distinct word-trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
+/// `bits` bits; `None` below [`TRIGRAM_MIN_TOKENS`] tokens), estimated with bitmaps (see the
+/// [module docs](self)), or a lower bound of it when that shows it is at least `min_share`.
 ///
 /// The bound: every distinct token but the last two starts a trigram of its own, so a text of
 /// `n` tokens with `d` distinct ones has at least `d - 2` distinct trigrams among its `n - 2`.
 /// Prose has many distinct tokens, so the bound usually settles the question from the token
 /// bitmap alone and the trigram pass is skipped; a loop has few, and gets the full count.
-pub(crate) fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
-    BITMAPS.with(|s| {
-        let s = &mut *s.borrow_mut();
-        let bits = bitmap_bits(text.len());
-        let shift = 64 - bits.trailing_zeros();
-        let Bitmaps {
-            lower,
-            tokens,
-            grams,
-        } = s;
-        let map = reset(tokens, bits);
-        let mut ones = 0u32;
-        let n = for_each_token_fast(text, lower, |h| {
-            ones += u32::from(set_bit(map, shift, h));
-        });
-        let share = trigram_share(text, lower, grams, bits, n, ones, min_share);
-        // Scratch grown for an unusually long text is not kept for the thread.
-        let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
-        if kept > 4 * KEEP_BYTES {
-            *s = Bitmaps::default();
-        }
-        share
-    })
-}
-
-/// The distinct trigram share of `text` (`n` tokens, `ones` bits set in a token bitmap of
-/// `bits` bits), or the lower bound of it when that shows it is at least `min_share`.
 fn trigram_share(
     text: &str,
     lower: &mut String,
@@ -515,6 +455,10 @@ fn trigram_share(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn distinct_trigram_share(text: &str, min_share: f64) -> Option<f64> {
+        pair_stats(text, "", None, Some(min_share)).1
+    }
 
     /// The plain definition, with owned strings and std sets.
     fn jaccard_model(a: &str, b: &str) -> f64 {
@@ -582,7 +526,7 @@ mod tests {
         text.as_bytes()
             .split(|b| !b.is_ascii_alphanumeric())
             .filter(|t| !t.is_empty())
-            .map(hash_token)
+            .map(|t| hash_token(t, CASE))
             .collect()
     }
 

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{Method, Rlaif, Rlcd, RmBoost, WestOfN};
 use crate::aspect::Aspects;
 use crate::backend::{shared, LlmBackend, SamplingParams};
-use crate::engine::{default_first_params, default_second_params, Generator, OutputOrder};
+use crate::engine::{default_first_params, default_second_params, Common, Generator, OutputOrder};
 use crate::error::Error;
 use crate::label::{Bernoulli, Graded, LabelSampler};
 
@@ -96,39 +96,20 @@ impl MethodConfig {
     /// West-of-N samples), naming it; or if the method cannot be built from these settings.
     pub fn build(&self, backend: impl LlmBackend + 'static) -> Result<Arc<dyn Generator>, Error> {
         let backend = shared(backend);
-        let (first, _) = self.params();
+        let common = self.common(backend.clone());
         Ok(match self.method {
             Method::RmBoost => Arc::new(self.rmboost(backend)?),
             Method::Rlcd => Arc::new(
                 Rlcd::builder()
-                    .backend(backend)
+                    .with_common(common)
                     .aspects(self.aspects.clone())
-                    .params(first)
-                    .concurrency(self.concurrency)
-                    .order(self.order)
-                    .seed(self.seed)
-                    .max_reasks(self.max_reasks)
                     .build()?,
             ),
-            Method::Rlaif => Arc::new(
-                Rlaif::builder()
-                    .backend(backend)
-                    .params(first)
-                    .concurrency(self.concurrency)
-                    .order(self.order)
-                    .seed(self.seed)
-                    .max_reasks(self.max_reasks)
-                    .build()?,
-            ),
+            Method::Rlaif => Arc::new(Rlaif::builder().with_common(common).build()?),
             Method::WestOfN => Arc::new(
                 WestOfN::builder()
-                    .backend(backend)
+                    .with_common(common)
                     .n(self.samples)
-                    .params(first)
-                    .concurrency(self.concurrency)
-                    .order(self.order)
-                    .seed(self.seed)
-                    .max_reasks(self.max_reasks)
                     .build()?,
             ),
         })
@@ -147,29 +128,35 @@ impl MethodConfig {
         } else {
             Arc::new(Bernoulli::new(self.p_better)?)
         };
-        let (first, second) = self.params();
+        let backend = shared(backend);
         RmBoost::builder()
+            .with_common(self.common(backend.clone()))
             .backend(backend)
             .aspects(self.aspects.clone())
             .labels(labels)
-            .concurrency(self.concurrency)
-            .order(self.order)
-            .seed(self.seed)
-            .first_params(first)
-            .second_params(second)
-            .max_reasks(self.max_reasks)
+            .second_params(self.params(default_second_params()))
             .build()
     }
 
-    /// The sampling of first (and baseline) calls and of RMBoost's second call.
-    fn params(&self) -> (SamplingParams, SamplingParams) {
-        let mut first = default_first_params().temperature(self.temperature);
-        let mut second = default_second_params().temperature(self.temperature);
-        if let Some(n) = self.max_tokens {
-            first = first.max_tokens(n);
-            second = second.max_tokens(n);
+    /// `base` with these settings' temperature and token limit.
+    fn params(&self, base: SamplingParams) -> SamplingParams {
+        let params = base.temperature(self.temperature);
+        match self.max_tokens {
+            Some(n) => params.max_tokens(n),
+            None => params,
         }
-        (first, second)
+    }
+
+    /// The settings every method shares, with the sampling of first (and baseline) calls.
+    fn common(&self, backend: Arc<dyn LlmBackend>) -> Common {
+        Common {
+            backend: Some(backend),
+            params: self.params(default_first_params()),
+            concurrency: self.concurrency,
+            order: self.order,
+            seed: self.seed,
+            max_reasks: self.max_reasks,
+        }
     }
 
     /// The settings that shape the rows, for [`RunOptions::recipe`](crate::run::RunOptions::recipe):

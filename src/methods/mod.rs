@@ -76,11 +76,14 @@ mod rmboost;
 mod west_of_n;
 
 use std::fmt;
+use std::future::Future;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 pub use self::rmboost::{ExamplePlan, RmBoost, RmBoostBuilder};
 pub use config::MethodConfig;
@@ -90,7 +93,7 @@ pub use west_of_n::{WestOfN, WestOfNBuilder};
 
 use crate::engine::{ExampleStream, Generator};
 use crate::error::Error;
-use crate::example::Prompt;
+use crate::example::{PreferenceExample, Prompt};
 
 /// A generation method: RMBoost or one of the paper's baselines.
 ///
@@ -167,11 +170,70 @@ impl FromStr for Method {
     }
 }
 
+/// What a built-in method supplies: its settings (the builder it was built from) draw one
+/// example's plan, synchronously, and run it; the stream, `generate_one` and the
+/// [`Generator`] impl are shared.
+trait Draw: fmt::Debug + Send + Sync + Sized + 'static {
+    const METHOD: Method;
+    type Plan: Send + 'static;
+
+    /// Every random draw of the example, from [`example_rng`](crate::example_rng).
+    fn plan(&self, prompt: Prompt) -> Self::Plan;
+
+    fn run(
+        self: Arc<Self>,
+        plan: Self::Plan,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send;
+}
+
+/// The future of one example: drawn now, before the first await, so that the draws do not
+/// depend on the order in which examples finish.
+fn start<D: Draw>(
+    settings: &Arc<D>,
+    prompt: Prompt,
+) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
+    let span = tracing::debug_span!("rmboost.example", method = %D::METHOD, id = %prompt.id);
+    let plan = settings.plan(prompt);
+    settings.clone().run(plan).instrument(span)
+}
+
+/// The public side of each method: `$ty` wraps its built settings, an `Arc<$settings>` with a
+/// `common` field.
 macro_rules! impl_generator {
-    ($($ty:ty => $method:expr),*) => {$(
+    ($($ty:ty => $settings:ty),*) => {$(
+        impl $ty {
+            /// Generates the example of one prompt.
+            ///
+            /// # Errors
+            ///
+            /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed,
+            /// [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if an answer stayed unusable
+            /// after every re-ask or the method could not make a pair of its answers (see the
+            /// type's docs); both carry the prompt's id.
+            ///
+            /// # Cancel safety
+            ///
+            /// Dropping the future abandons the example; nothing is written anywhere.
+            pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
+                start(&self.0, prompt).await
+            }
+
+            /// The run seed.
+            #[must_use]
+            pub fn seed(&self) -> u64 {
+                self.0.common.seed
+            }
+
+            /// The concurrency.
+            #[must_use]
+            pub fn concurrency(&self) -> NonZeroUsize {
+                self.0.common.concurrency
+            }
+        }
+
         impl Generator for $ty {
             fn method(&self) -> &str {
-                $method.as_str()
+                <$settings as Draw>::METHOD.as_str()
             }
             fn seed(&self) -> u64 {
                 <$ty>::seed(self)
@@ -183,17 +245,19 @@ macro_rules! impl_generator {
                 &self,
                 prompts: BoxStream<'static, Result<Prompt, Error>>,
             ) -> ExampleStream {
-                self.stream(prompts)
+                let settings = self.0.clone();
+                let c = &settings.common;
+                ExampleStream::drive(prompts, c.concurrency, c.order, move |p| start(&settings, p))
             }
         }
     )*};
 }
 
 impl_generator!(
-    RmBoost => Method::RmBoost,
-    Rlcd => Method::Rlcd,
-    Rlaif => Method::Rlaif,
-    WestOfN => Method::WestOfN
+    RmBoost => RmBoostBuilder,
+    Rlcd => RlcdBuilder,
+    Rlaif => RlaifBuilder,
+    WestOfN => WestOfNBuilder
 );
 
 #[cfg(test)]

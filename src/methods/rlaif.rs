@@ -1,23 +1,19 @@
 //! RLAIF: two samples of the policy, an LLM judge asked in both orders.
 
-use std::fmt;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use rand::RngCore;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::Method;
+use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
-use crate::engine::{
-    accept_distinct, ask, common_setters, default_first_params, example_rng, stream_methods,
-    Common, Meta,
-};
+use crate::backend::{CompletionRequest, LlmBackend};
+use crate::checks::accept_distinct;
+use crate::engine::{common_setters, example_rng, names, Common, Example};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, Verdict};
-use crate::label::Label;
+use crate::label::{Label, LabelDraw};
 
 /// What [`Rlaif`] does when the two judgements disagree (position bias or ties).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -29,15 +25,6 @@ pub enum OnInconsistent {
     /// Keep it, with the winner of the first decisive judgement (the (A, B) order first), and
     /// `metadata.judge.consistent = false`. Two ties still fail: there is no winner.
     Keep,
-}
-
-struct Inner {
-    policy: Arc<dyn LlmBackend>,
-    judge: Judge,
-    criteria: Arc<dyn AspectSet>,
-    params: SamplingParams,
-    on_inconsistent: OnInconsistent,
-    common: Common,
 }
 
 /// The RLAIF baseline: two samples of the policy with different seeds, and an LLM [`Judge`]
@@ -76,58 +63,23 @@ struct Inner {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct Rlaif {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for Rlaif {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &*self.inner;
-        f.debug_struct("Rlaif")
-            .field("policy", &i.policy.name())
-            .field("judge", &i.judge)
-            .field("criteria", &i.criteria)
-            .field("params", &i.params)
-            .field("on_inconsistent", &i.on_inconsistent)
-            .field("common", &i.common)
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Rlaif(pub(super) Arc<RlaifBuilder>);
 
 /// Builds an [`Rlaif`]; from [`Rlaif::builder`].
+#[derive(Debug)]
 #[must_use = "a builder does nothing until build() is called"]
 pub struct RlaifBuilder {
-    policy: Option<Arc<dyn LlmBackend>>,
+    /// Set by `build()` when not given.
     judge: Option<Judge>,
     judge_backend: Option<Arc<dyn LlmBackend>>,
     criteria: Arc<dyn AspectSet>,
-    params: SamplingParams,
     on_inconsistent: OnInconsistent,
-    common: Common,
-}
-
-impl fmt::Debug for RlaifBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RlaifBuilder")
-            .field("has_backend", &self.policy.is_some())
-            .field("judge", &self.judge)
-            .field("on_inconsistent", &self.on_inconsistent)
-            .field("common", &self.common)
-            .finish_non_exhaustive()
-    }
+    pub(super) common: Common,
 }
 
 impl RlaifBuilder {
-    common_setters!();
-
-    /// The policy backend that writes both samples (and judges, unless a judge is set).
-    /// Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        let backend = crate::backend::shared(backend);
-        self.policy = Some(backend);
-        self
-    }
+    common_setters!(policy);
 
     /// The judge, as configured. Default: a [`Judge`] on the policy backend (or on
     /// [`judge_backend`](Self::judge_backend)) with [`max_reasks`](Self::max_reasks) re-asks.
@@ -149,13 +101,6 @@ impl RlaifBuilder {
         self
     }
 
-    /// Sampling of the two samples. Default: [`default_first_params`]. Use a temperature above
-    /// 0 so that they differ.
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.params = params;
-        self
-    }
-
     /// What to do with inconsistent verdicts. Default: [`OnInconsistent::Drop`].
     pub fn on_inconsistent(mut self, policy: OnInconsistent) -> Self {
         self.on_inconsistent = policy;
@@ -168,39 +113,23 @@ impl RlaifBuilder {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given or a sampling value (of the policy or the
     /// judge) is out of range.
-    pub fn build(self) -> Result<Rlaif, Error> {
-        let policy = self
-            .policy
-            .ok_or_else(|| Error::config("rlaif: no backend: call backend()"))?;
-        self.params
-            .validate("rlaif params")
-            .map_err(Error::config)?;
-        let judge = match self.judge {
-            Some(j) => j,
-            None => Judge::new(self.judge_backend.unwrap_or_else(|| policy.clone()))
-                .max_reasks(self.common.max_reasks),
-        };
+    pub fn build(mut self) -> Result<Rlaif, Error> {
+        self.common.check("rlaif")?;
+        let judge = self.judge.take().unwrap_or_else(|| {
+            let backend = self.judge_backend.take();
+            Judge::new(backend.unwrap_or_else(|| self.common.backend().clone()))
+                .max_reasks(self.common.max_reasks)
+        });
         judge.validate("rlaif judge params")?;
-        Ok(Rlaif {
-            inner: Arc::new(Inner {
-                policy,
-                judge,
-                criteria: self.criteria,
-                params: self.params,
-                on_inconsistent: self.on_inconsistent,
-                common: self.common,
-            }),
-        })
+        self.judge = Some(judge);
+        Ok(Rlaif(Arc::new(self)))
     }
 }
 
-struct Plan {
-    id: String,
-    prompt: Vec<Message>,
-    extra: serde_json::Map<String, Value>,
+pub(super) struct Plan {
+    ex: Example,
     criteria: Vec<Aspect>,
-    first_seed: u64,
-    second_seed: u64,
+    seeds: [u64; 2],
     judge_seeds: [u64; 2],
 }
 
@@ -210,61 +139,13 @@ impl Rlaif {
     /// seed 0, up to 3 re-asks.
     pub fn builder() -> RlaifBuilder {
         RlaifBuilder {
-            policy: None,
             judge: None,
             judge_backend: None,
             criteria: Arc::new(default_criteria()),
-            params: default_first_params(),
             on_inconsistent: OnInconsistent::default(),
             common: Common::default(),
         }
     }
-
-    /// The run seed.
-    #[must_use]
-    pub fn seed(&self) -> u64 {
-        self.inner.common.seed
-    }
-
-    /// The concurrency.
-    #[must_use]
-    pub fn concurrency(&self) -> NonZeroUsize {
-        self.inner.common.concurrency
-    }
-
-    fn plan(&self, prompt: Prompt) -> Plan {
-        let inner = &*self.inner;
-        let mut rng = example_rng(inner.common.seed, &prompt.id);
-        let first_seed = rng.next_u64();
-        let second_seed = rng.next_u64();
-        let judge_seeds = [rng.next_u64(), rng.next_u64()];
-        let criteria = inner.criteria.sample(&mut rng).aspects;
-        let Prompt { id, input, extra } = prompt;
-        let prompt = input.into_messages();
-        Plan {
-            id,
-            prompt,
-            extra,
-            criteria,
-            first_seed,
-            second_seed,
-            judge_seeds,
-        }
-    }
-
-    /// Generates the example of one prompt.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed; [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a sample stayed empty (or
-    /// sample 2 stayed identical to sample 1), the judge gave no readable verdict after every
-    /// re-ask, or the verdicts were inconsistent (see [`OnInconsistent`]); all carry the id.
-    pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
-        let plan = self.plan(prompt);
-        run(self.inner.clone(), plan).await
-    }
-
-    stream_methods!(run);
 }
 
 /// Which sample (1 or 2) a verdict prefers, given which sample was shown as A.
@@ -276,112 +157,85 @@ fn preferred(verdict: Verdict, a_is: u8) -> Option<u8> {
     }
 }
 
-async fn run(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let span = tracing::debug_span!("rmboost.rlaif", id = %plan.id);
-    tracing::Instrument::instrument(run_inner(inner, plan), span).await
-}
+impl Draw for RlaifBuilder {
+    const METHOD: Method = Method::Rlaif;
+    type Plan = Plan;
 
-async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let c = &inner.common;
-    let req = CompletionRequest::new(plan.prompt.clone()).with_params(&inner.params);
-    let policy = &*inner.policy;
-    let first = ask(
-        policy,
-        &plan.id,
-        "first",
-        &req,
-        plan.first_seed,
-        c.max_reasks,
-        |raw| accept_distinct(raw, &[]),
-    )
-    .await?;
-    let second = ask(
-        policy,
-        &plan.id,
-        "second",
-        &req,
-        plan.second_seed,
-        c.max_reasks,
-        |raw| accept_distinct(raw, &[&first.value]),
-    )
-    .await?;
-    drop(req);
-    let (s1, s2) = (&first.value, &second.value);
-    let ab = inner
-        .judge
-        .compare(
-            &plan.id,
-            "judge",
-            &plan.prompt,
-            s1,
-            s2,
-            &plan.criteria,
-            plan.judge_seeds[0],
-        )
-        .await?;
-    let ba = inner
-        .judge
-        .compare(
-            &plan.id,
-            "judge",
-            &plan.prompt,
-            s2,
-            s1,
-            &plan.criteria,
-            plan.judge_seeds[1],
-        )
-        .await?;
-    let (p_ab, p_ba) = (preferred(ab.value, 1), preferred(ba.value, 2));
-    let consistent = p_ab.is_some() && p_ab == p_ba;
-    let winner = match (consistent, inner.on_inconsistent) {
-        (true, _) | (false, OnInconsistent::Keep) => p_ab.or(p_ba),
-        (false, OnInconsistent::Drop) => None,
-    };
-    let Some(winner) = winner else {
-        let why = if p_ab.is_none() && p_ba.is_none() {
-            "judge verdicts tie in both orders".to_string()
-        } else {
-            format!(
-                "inconsistent judge verdicts: {} with sample 1 as A, {} with sample 2 as A",
-                ab.value, ba.value
-            )
+    fn plan(&self, prompt: Prompt) -> Plan {
+        let mut rng = example_rng(self.common.seed, &prompt.id);
+        let seeds = [rng.next_u64(), rng.next_u64()];
+        let judge_seeds = [rng.next_u64(), rng.next_u64()];
+        let criteria = self.criteria.sample(&mut rng).aspects;
+        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        Plan {
+            ex,
+            criteria,
+            seeds,
+            judge_seeds,
+        }
+    }
+
+    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
+        let mut ex = plan.ex;
+        let policy = &**self.common.backend();
+        let req = CompletionRequest::new(ex.prompt.clone()).with_params(&self.common.params);
+        let first = ex
+            .ask(policy, "first", &req, plan.seeds[0], |raw| {
+                accept_distinct(raw, &[])
+            })
+            .await?;
+        let second = ex
+            .ask(policy, "second", &req, plan.seeds[1], |raw| {
+                accept_distinct(raw, &[&first])
+            })
+            .await?;
+        drop(req);
+        let judge = self.judge.as_ref().expect("build() set the judge");
+        let (mut verdicts, mut judge_calls) = (Vec::with_capacity(2), 0);
+        for (a, b, seed) in [
+            (&first, &second, plan.judge_seeds[0]),
+            (&second, &first, plan.judge_seeds[1]),
+        ] {
+            let v = judge
+                .compare(&ex.id, "judge", &ex.prompt, a, b, &plan.criteria, seed)
+                .await?;
+            ex.add("judge", &v);
+            judge_calls += v.calls;
+            verdicts.push(v.value);
+        }
+        let (ab, ba) = (verdicts[0], verdicts[1]);
+        let (p_ab, p_ba) = (preferred(ab, 1), preferred(ba, 2));
+        let consistent = p_ab.is_some() && p_ab == p_ba;
+        let winner = match (consistent, self.on_inconsistent) {
+            (true, _) | (false, OnInconsistent::Keep) => p_ab.or(p_ba),
+            (false, OnInconsistent::Drop) => None,
         };
-        return Err(Error::unusable(
-            plan.id,
-            "judge",
-            ab.calls + ba.calls,
-            UnusableReason::Other(why),
-        ));
-    };
-    let mut meta = Meta::new(Method::Rlaif.as_str(), c.seed, plan.extra);
-    meta.add("first", &first);
-    meta.add("second", &second);
-    meta.add("judge", &ab);
-    meta.add("judge", &ba);
-    meta.extra(
-        "judge",
-        json!({
-            "verdicts": [ab.value.as_str(), ba.value.as_str()],
-            "consistent": consistent,
-            "winner": winner,
-        }),
-    );
-    let (chosen, rejected, label) = if winner == 2 {
-        (second.value, first.value, Label::Better)
-    } else {
-        (first.value, second.value, Label::Worse)
-    };
-    Ok(PreferenceExample {
-        id: plan.id,
-        prompt: plan.prompt,
-        chosen,
-        rejected,
-        label,
-        grade: None,
-        aspects: plan.criteria.into_iter().map(|a| a.name).collect(),
-        margin: None,
-        metadata: meta.finish(),
-    })
+        let Some(winner) = winner else {
+            let why = if p_ab.is_none() && p_ba.is_none() {
+                "judge verdicts tie in both orders".to_string()
+            } else {
+                format!(
+                    "inconsistent judge verdicts: {ab} with sample 1 as A, {ba} with sample 2 as A"
+                )
+            };
+            let why = UnusableReason::Other(why);
+            return Err(Error::unusable(ex.id, "judge", judge_calls, why));
+        };
+        ex.metadata.extra.insert(
+            "judge".into(),
+            json!({
+                "verdicts": [ab.as_str(), ba.as_str()],
+                "consistent": consistent,
+                "winner": winner,
+            }),
+        );
+        let label = LabelDraw::plain(if winner == 2 {
+            Label::Better
+        } else {
+            Label::Worse
+        });
+        Ok(ex.finish(first, second, label, names(&plan.criteria)))
+    }
 }
 
 #[cfg(test)]

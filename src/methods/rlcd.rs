@@ -1,30 +1,19 @@
 //! RLCD: contrasting system prompts built from the drawn aspects.
 
-use std::fmt;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use rand::RngCore;
-use serde_json::Value;
 
-use super::Method;
+use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet, Aspects};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
-use crate::checks::check_response;
+use crate::backend::{CompletionRequest, Message};
+use crate::checks::{accept_distinct, check_response};
 use crate::engine::{
-    accept_distinct, ask, common_setters, default_first_params, example_rng, render_aspects,
-    stream_methods, with_system, Common, Meta,
+    common_setters, example_rng, names, render_aspects, with_system, Common, Example,
 };
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
-use crate::label::Label;
-
-struct Inner {
-    backend: Arc<dyn LlmBackend>,
-    aspects: Arc<dyn AspectSet>,
-    params: SamplingParams,
-    common: Common,
-}
+use crate::label::{Label, LabelDraw};
 
 /// The RLCD baseline (contrastive distillation): for each prompt, one response under a system
 /// prompt that pushes towards good behaviour on the drawn aspects (chosen) and one under a
@@ -58,61 +47,24 @@ struct Inner {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct Rlcd {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for Rlcd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &*self.inner;
-        f.debug_struct("Rlcd")
-            .field("backend", &i.backend.name())
-            .field("aspects", &i.aspects)
-            .field("params", &i.params)
-            .field("common", &i.common)
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Rlcd(pub(super) Arc<RlcdBuilder>);
 
 /// Builds an [`Rlcd`]; from [`Rlcd::builder`].
+#[derive(Debug)]
 #[must_use = "a builder does nothing until build() is called"]
 pub struct RlcdBuilder {
-    backend: Option<Arc<dyn LlmBackend>>,
     aspects: Arc<dyn AspectSet>,
-    params: SamplingParams,
-    common: Common,
-}
-
-impl fmt::Debug for RlcdBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RlcdBuilder")
-            .field("has_backend", &self.backend.is_some())
-            .field("common", &self.common)
-            .finish_non_exhaustive()
-    }
+    pub(super) common: Common,
 }
 
 impl RlcdBuilder {
-    common_setters!();
-
-    /// The backend for both calls. Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        let backend = crate::backend::shared(backend);
-        self.backend = Some(backend);
-        self
-    }
+    common_setters!(policy);
 
     /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
     /// In "model picks" mode all listed aspects are used.
     pub fn aspects(mut self, aspects: impl AspectSet + 'static) -> Self {
         self.aspects = Arc::new(aspects);
-        self
-    }
-
-    /// Sampling of both responses. Default: [`default_first_params`].
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.params = params;
         self
     }
 
@@ -122,17 +74,15 @@ impl RlcdBuilder {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given or a sampling value is out of range.
     pub fn build(self) -> Result<Rlcd, Error> {
-        let backend = self
-            .backend
-            .ok_or_else(|| Error::config("rlcd: no backend: call backend()"))?;
-        self.params.validate("rlcd params").map_err(Error::config)?;
-        Ok(Rlcd {
-            inner: Arc::new(Inner {
-                backend,
-                aspects: self.aspects,
-                params: self.params,
-                common: self.common,
-            }),
+        self.common.check("rlcd")?;
+        Ok(Rlcd(Arc::new(self)))
+    }
+
+    /// The two requests, negative then positive, without seeds.
+    fn requests(&self, aspects: &[Aspect], prompt: &[Message]) -> [CompletionRequest; 2] {
+        [negative_system, positive_system].map(|system| {
+            CompletionRequest::new(with_system(&system(aspects), prompt))
+                .with_params(&self.common.params)
         })
     }
 }
@@ -163,13 +113,10 @@ fn negative_system(aspects: &[Aspect]) -> String {
     s
 }
 
-struct Plan {
-    id: String,
-    prompt: Vec<Message>,
-    extra: serde_json::Map<String, Value>,
+pub(super) struct Plan {
+    ex: Example,
     aspects: Vec<Aspect>,
-    negative_seed: u64,
-    positive_seed: u64,
+    seeds: [u64; 2],
 }
 
 impl Rlcd {
@@ -177,40 +124,8 @@ impl Rlcd {
     /// completion order, seed 0, up to 3 re-asks.
     pub fn builder() -> RlcdBuilder {
         RlcdBuilder {
-            backend: None,
             aspects: Arc::new(Aspects::general()),
-            params: default_first_params(),
             common: Common::default(),
-        }
-    }
-
-    /// The run seed.
-    #[must_use]
-    pub fn seed(&self) -> u64 {
-        self.inner.common.seed
-    }
-
-    /// The concurrency.
-    #[must_use]
-    pub fn concurrency(&self) -> NonZeroUsize {
-        self.inner.common.concurrency
-    }
-
-    fn plan(&self, prompt: Prompt) -> Plan {
-        let inner = &*self.inner;
-        let mut rng = example_rng(inner.common.seed, &prompt.id);
-        let negative_seed = rng.next_u64();
-        let positive_seed = rng.next_u64();
-        let aspects = inner.aspects.sample(&mut rng).aspects;
-        let Prompt { id, input, extra } = prompt;
-        let prompt = input.into_messages();
-        Plan {
-            id,
-            prompt,
-            extra,
-            aspects,
-            negative_seed,
-            positive_seed,
         }
     }
 
@@ -218,84 +133,43 @@ impl Rlcd {
     /// seeds): what a dry run shows.
     #[must_use]
     pub fn requests(&self, prompt: Prompt) -> [CompletionRequest; 2] {
-        let plan = self.plan(prompt);
-        let p = &self.inner.params;
-        [
-            CompletionRequest::new(with_system(&negative_system(&plan.aspects), &plan.prompt))
-                .with_params(p)
-                .with_seed(plan.negative_seed),
-            CompletionRequest::new(with_system(&positive_system(&plan.aspects), &plan.prompt))
-                .with_params(p)
-                .with_seed(plan.positive_seed),
-        ]
+        let plan = self.0.plan(prompt);
+        let [neg, pos] = self.0.requests(&plan.aspects, &plan.ex.prompt);
+        [neg.with_seed(plan.seeds[0]), pos.with_seed(plan.seeds[1])]
     }
-
-    /// Generates the example of one prompt.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed, [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a response stayed unusable
-    /// after every re-ask; both carry the prompt's id.
-    pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
-        let plan = self.plan(prompt);
-        run(self.inner.clone(), plan).await
-    }
-
-    stream_methods!(run);
 }
 
-async fn run(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let span = tracing::debug_span!("rmboost.rlcd", id = %plan.id);
-    tracing::Instrument::instrument(run_inner(inner, plan), span).await
-}
+impl Draw for RlcdBuilder {
+    const METHOD: Method = Method::Rlcd;
+    type Plan = Plan;
 
-async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let c = &inner.common;
-    let neg_req =
-        CompletionRequest::new(with_system(&negative_system(&plan.aspects), &plan.prompt))
-            .with_params(&inner.params);
-    let negative = ask(
-        &*inner.backend,
-        &plan.id,
-        "negative",
-        &neg_req,
-        plan.negative_seed,
-        c.max_reasks,
-        |raw| {
-            let text = raw.trim();
-            check_response(text, "")?;
-            Ok(text.to_string())
-        },
-    )
-    .await?;
-    drop(neg_req);
-    let pos_req =
-        CompletionRequest::new(with_system(&positive_system(&plan.aspects), &plan.prompt))
-            .with_params(&inner.params);
-    let positive = ask(
-        &*inner.backend,
-        &plan.id,
-        "positive",
-        &pos_req,
-        plan.positive_seed,
-        c.max_reasks,
-        |raw| accept_distinct(raw, &[&negative.value]),
-    )
-    .await?;
-    let mut meta = Meta::new(Method::Rlcd.as_str(), c.seed, plan.extra);
-    meta.add("negative", &negative);
-    meta.add("positive", &positive);
-    Ok(PreferenceExample {
-        id: plan.id,
-        prompt: plan.prompt,
-        chosen: positive.value,
-        rejected: negative.value,
-        label: Label::Better,
-        grade: None,
-        aspects: plan.aspects.into_iter().map(|a| a.name).collect(),
-        margin: None,
-        metadata: meta.finish(),
-    })
+    fn plan(&self, prompt: Prompt) -> Plan {
+        let mut rng = example_rng(self.common.seed, &prompt.id);
+        let seeds = [rng.next_u64(), rng.next_u64()];
+        let aspects = self.aspects.sample(&mut rng).aspects;
+        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        Plan { ex, aspects, seeds }
+    }
+
+    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
+        let mut ex = plan.ex;
+        let backend = &**self.common.backend();
+        let [neg_req, pos_req] = self.requests(&plan.aspects, &ex.prompt);
+        let negative = ex
+            .ask(backend, "negative", &neg_req, plan.seeds[0], |raw| {
+                let text = raw.trim();
+                check_response(text, "")?;
+                Ok(text.to_string())
+            })
+            .await?;
+        let positive = ex
+            .ask(backend, "positive", &pos_req, plan.seeds[1], |raw| {
+                accept_distinct(raw, &[&negative])
+            })
+            .await?;
+        let label = LabelDraw::plain(Label::Better);
+        Ok(ex.finish(negative, positive, label, names(&plan.aspects)))
+    }
 }
 
 #[cfg(test)]

@@ -1,33 +1,19 @@
 //! West-of-N: N samples, scored one by one; the best is chosen and the worst rejected.
 
-use std::fmt;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use rand::RngCore;
 use serde_json::{json, Value};
 
-use super::Method;
+use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
-use crate::engine::{
-    accept_distinct, ask, common_setters, default_first_params, example_rng, stream_methods,
-    Common, Meta,
-};
+use crate::backend::{CompletionRequest, LlmBackend};
+use crate::checks::{accept_distinct, same_text};
+use crate::engine::{ask, common_setters, example_rng, names, Common, Example};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, ScoreRequest, Scorer};
-use crate::label::Label;
-
-struct Inner {
-    backend: Arc<dyn LlmBackend>,
-    scorer: Arc<dyn Scorer>,
-    criteria: Arc<dyn AspectSet>,
-    params: SamplingParams,
-    n: usize,
-    allow_ties: bool,
-    common: Common,
-}
+use crate::label::{Label, LabelDraw};
 
 /// The West-of-N baseline: N samples of the policy with distinct seeds, each scored by a
 /// [`Scorer`] (by default an LLM [`Judge`] on the same backend, 1–10); the best is chosen and
@@ -72,58 +58,23 @@ struct Inner {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct WestOfN {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for WestOfN {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &*self.inner;
-        f.debug_struct("WestOfN")
-            .field("backend", &i.backend.name())
-            .field("scorer", &i.scorer)
-            .field("criteria", &i.criteria)
-            .field("params", &i.params)
-            .field("n", &i.n)
-            .field("allow_ties", &i.allow_ties)
-            .field("common", &i.common)
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct WestOfN(pub(super) Arc<WestOfNBuilder>);
 
 /// Builds a [`WestOfN`]; from [`WestOfN::builder`].
+#[derive(Debug)]
 #[must_use = "a builder does nothing until build() is called"]
 pub struct WestOfNBuilder {
-    backend: Option<Arc<dyn LlmBackend>>,
+    /// Set by `build()` when not given.
     scorer: Option<Arc<dyn Scorer>>,
     criteria: Arc<dyn AspectSet>,
-    params: SamplingParams,
     n: usize,
     allow_ties: bool,
-    common: Common,
-}
-
-impl fmt::Debug for WestOfNBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WestOfNBuilder")
-            .field("has_backend", &self.backend.is_some())
-            .field("scorer", &self.scorer)
-            .field("n", &self.n)
-            .field("common", &self.common)
-            .finish_non_exhaustive()
-    }
+    pub(super) common: Common,
 }
 
 impl WestOfNBuilder {
-    common_setters!();
-
-    /// The policy backend that writes the N samples. Required.
-    pub fn backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        let backend = crate::backend::shared(backend);
-        self.backend = Some(backend);
-        self
-    }
+    common_setters!(policy);
 
     /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
     /// [`max_reasks`](Self::max_reasks) times).
@@ -145,13 +96,6 @@ impl WestOfNBuilder {
         self
     }
 
-    /// Sampling of the N samples. Default: [`default_first_params`]. Use a temperature above 0
-    /// so that the samples differ.
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.params = params;
-        self
-    }
-
     /// How many samples per prompt; at least 2. Default: 4.
     pub fn n(mut self, n: usize) -> Self {
         self.n = n;
@@ -170,41 +114,23 @@ impl WestOfNBuilder {
     /// # Errors
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) if no backend was given, `n < 2`, or a sampling value is out of range.
-    pub fn build(self) -> Result<WestOfN, Error> {
-        let backend = self
-            .backend
-            .ok_or_else(|| Error::config("west-of-n: no backend: call backend()"))?;
+    pub fn build(mut self) -> Result<WestOfN, Error> {
+        self.common.check("west-of-n")?;
         if self.n < 2 {
             return Err(Error::config(format!(
                 "west-of-n: n must be at least 2, got {}",
                 self.n
             )));
         }
-        self.params
-            .validate("west-of-n params")
-            .map_err(Error::config)?;
-        let scorer = match self.scorer {
-            Some(s) => s,
-            None => Arc::new(Judge::new(backend.clone()).max_reasks(self.common.max_reasks)),
-        };
-        Ok(WestOfN {
-            inner: Arc::new(Inner {
-                backend,
-                scorer,
-                criteria: self.criteria,
-                params: self.params,
-                n: self.n,
-                allow_ties: self.allow_ties,
-                common: self.common,
-            }),
-        })
+        let c = &self.common;
+        let judge = || Arc::new(Judge::new(c.backend().clone()).max_reasks(c.max_reasks)) as _;
+        self.scorer = Some(self.scorer.take().unwrap_or_else(judge));
+        Ok(WestOfN(Arc::new(self)))
     }
 }
 
-struct Plan {
-    id: String,
-    prompt: Vec<Message>,
-    extra: serde_json::Map<String, Value>,
+pub(super) struct Plan {
+    ex: Example,
     criteria: Vec<Aspect>,
     sample_seeds: Vec<u64>,
     score_seeds: Vec<u64>,
@@ -215,64 +141,19 @@ impl WestOfN {
     /// criteria, concurrency 8, completion order, seed 0, up to 3 re-asks, ties rejected.
     pub fn builder() -> WestOfNBuilder {
         WestOfNBuilder {
-            backend: None,
             scorer: None,
             criteria: Arc::new(default_criteria()),
-            params: default_first_params(),
             n: 4,
             allow_ties: false,
             common: Common::default(),
         }
     }
 
-    /// The run seed.
-    #[must_use]
-    pub fn seed(&self) -> u64 {
-        self.inner.common.seed
-    }
-
-    /// The concurrency.
-    #[must_use]
-    pub fn concurrency(&self) -> NonZeroUsize {
-        self.inner.common.concurrency
-    }
-
     /// Samples per prompt.
     #[must_use]
     pub fn n(&self) -> usize {
-        self.inner.n
+        self.0.n
     }
-
-    fn plan(&self, prompt: Prompt) -> Plan {
-        let inner = &*self.inner;
-        let mut rng = example_rng(inner.common.seed, &prompt.id);
-        let criteria = inner.criteria.sample(&mut rng).aspects;
-        let sample_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
-        let score_seeds = (0..inner.n).map(|_| rng.next_u64()).collect();
-        let Prompt { id, input, extra } = prompt;
-        let prompt = input.into_messages();
-        Plan {
-            id,
-            prompt,
-            extra,
-            criteria,
-            sample_seeds,
-            score_seeds,
-        }
-    }
-
-    /// Generates the example of one prompt.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) if a call failed; [`ErrorKind::Unusable`](crate::ErrorKind::Unusable) if a sample stayed empty, fewer
-    /// than 2 distinct samples remain, or all scores tie (unless allowed); all carry the id.
-    pub async fn generate_one(&self, prompt: Prompt) -> Result<PreferenceExample, Error> {
-        let plan = self.plan(prompt);
-        run(self.inner.clone(), plan).await
-    }
-
-    stream_methods!(run);
 }
 
 /// Best = earliest with the top score; worst = latest with the bottom score.
@@ -290,113 +171,109 @@ fn extremes(scores: &[(usize, f64)]) -> (usize, usize) {
     (best, worst)
 }
 
-async fn run(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let span = tracing::debug_span!("rmboost.west_of_n", id = %plan.id);
-    tracing::Instrument::instrument(run_inner(inner, plan), span).await
-}
+impl Draw for WestOfNBuilder {
+    const METHOD: Method = Method::WestOfN;
+    type Plan = Plan;
 
-async fn run_inner(inner: Arc<Inner>, plan: Plan) -> Result<PreferenceExample, Error> {
-    let c = &inner.common;
-    let mut meta = Meta::new(Method::WestOfN.as_str(), c.seed, plan.extra);
-    let req = CompletionRequest::new(plan.prompt.clone()).with_params(&inner.params);
-    // Distinct samples as (generation index, text).
-    let mut samples: Vec<(usize, String)> = Vec::with_capacity(inner.n);
-    for (i, &seed) in plan.sample_seeds.iter().enumerate() {
-        let a = ask(
-            &*inner.backend,
-            &plan.id,
-            "sample",
-            &req,
-            seed,
-            c.max_reasks,
-            |raw| accept_distinct(raw, &[]),
-        )
-        .await?;
-        meta.add("samples", &a);
-        if !samples
-            .iter()
-            .any(|(_, t)| crate::checks::same_text(t, &a.value))
-        {
-            samples.push((i, a.value));
+    fn plan(&self, prompt: Prompt) -> Plan {
+        let mut rng = example_rng(self.common.seed, &prompt.id);
+        let criteria = self.criteria.sample(&mut rng).aspects;
+        let sample_seeds = (0..self.n).map(|_| rng.next_u64()).collect();
+        let score_seeds = (0..self.n).map(|_| rng.next_u64()).collect();
+        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        Plan {
+            ex,
+            criteria,
+            sample_seeds,
+            score_seeds,
         }
     }
-    if samples.len() < 2 {
-        return Err(Error::unusable(
-            plan.id,
-            "samples",
-            inner.n as u32,
-            UnusableReason::Other(format!(
-                "only {} distinct response among {} samples",
-                samples.len(),
-                inner.n
-            )),
-        ));
-    }
-    let mut scores: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
-    for (i, text) in &samples {
-        let s = inner
-            .scorer
-            .score(ScoreRequest {
-                id: &plan.id,
-                prompt: &plan.prompt,
+
+    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
+        let mut ex = plan.ex;
+        let (n, c) = (self.n, &self.common);
+        let req = CompletionRequest::new(ex.prompt.clone()).with_params(&c.params);
+        // Distinct samples as (generation index, text).
+        let mut samples: Vec<(usize, String)> = Vec::with_capacity(n);
+        for (i, &seed) in plan.sample_seeds.iter().enumerate() {
+            let accept = |raw: &str| accept_distinct(raw, &[]);
+            let a = ask(
+                &**c.backend(),
+                &ex.id,
+                "sample",
+                &req,
+                None,
+                seed,
+                c.max_reasks,
+                accept,
+            )
+            .await?;
+            ex.add("samples", &a);
+            if !samples.iter().any(|(_, t)| same_text(t, &a.value)) {
+                samples.push((i, a.value));
+            }
+        }
+        if samples.len() < 2 {
+            let why = format!("only {} distinct response among {n} samples", samples.len());
+            return Err(Error::unusable(
+                ex.id,
+                "samples",
+                n as u32,
+                UnusableReason::Other(why),
+            ));
+        }
+        let scorer = self.scorer.as_ref().expect("build() set the scorer");
+        let mut scores: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
+        for (i, text) in &samples {
+            let request = ScoreRequest {
+                id: &ex.id,
+                prompt: &ex.prompt,
                 response: text,
                 index: *i,
                 criteria: &plan.criteria,
                 seed: plan.score_seeds[*i],
-            })
-            .await?;
-        if !s.score.is_finite() {
-            return Err(Error::unusable(
-                plan.id,
-                "score",
-                1,
-                UnusableReason::Other(format!("the scorer returned {} for sample {i}", s.score)),
-            ));
+            };
+            let s = scorer.score(request).await?;
+            if !s.score.is_finite() {
+                let why = format!("the scorer returned {} for sample {i}", s.score);
+                return Err(Error::unusable(
+                    ex.id,
+                    "score",
+                    1,
+                    UnusableReason::Other(why),
+                ));
+            }
+            ex.record("score", s.calls, s.reasks, s.usage, &s.model);
+            scores.push((*i, s.score));
         }
-        meta.add_raw("score", s.calls, s.reasks, s.usage, &s.model);
-        scores.push((*i, s.score));
+        let (best, worst) = extremes(&scores);
+        let top = scores[best].1;
+        if top == scores[worst].1 && !self.allow_ties {
+            let why = format!("all {} distinct samples scored {top}", scores.len());
+            let why = UnusableReason::Other(why);
+            return Err(Error::unusable(ex.id, "score", scores.len() as u32, why));
+        }
+        let mut all: Vec<Value> = vec![Value::Null; n];
+        for &(i, s) in &scores {
+            all[i] = json!(s);
+        }
+        let extra = &mut ex.metadata.extra;
+        extra.insert("scores".into(), Value::Array(all));
+        extra.insert("chosen_index".into(), json!(scores[best].0));
+        extra.insert("rejected_index".into(), json!(scores[worst].0));
+        extra.insert("scorer".into(), json!(scorer.name()));
+        // The two in generation order; the label says whether the later one was chosen.
+        let (earlier, later) = (best.min(worst), best.max(worst));
+        let label = LabelDraw::plain(if best == later {
+            Label::Better
+        } else {
+            Label::Worse
+        });
+        // The later first, so that taking it out moves nothing before it.
+        let later = samples.swap_remove(later).1;
+        let earlier = samples.swap_remove(earlier).1;
+        Ok(ex.finish(earlier, later, label, names(&plan.criteria)))
     }
-    let (best, worst) = extremes(&scores);
-    if scores[best].1 == scores[worst].1 && !inner.allow_ties {
-        return Err(Error::unusable(
-            plan.id,
-            "score",
-            scores.len() as u32,
-            UnusableReason::Other(format!(
-                "all {} distinct samples scored {}",
-                scores.len(),
-                scores[best].1
-            )),
-        ));
-    }
-    let (chosen_idx, rejected_idx) = (scores[best].0, scores[worst].0);
-    let mut all: Vec<Value> = vec![Value::Null; inner.n];
-    for &(i, s) in &scores {
-        all[i] = json!(s);
-    }
-    meta.extra("scores", Value::Array(all));
-    meta.extra("chosen_index", json!(chosen_idx));
-    meta.extra("rejected_index", json!(rejected_idx));
-    meta.extra("scorer", json!(inner.scorer.name()));
-    let label = if chosen_idx > rejected_idx {
-        Label::Better
-    } else {
-        Label::Worse
-    };
-    let mut texts: Vec<Option<String>> = samples.into_iter().map(|(_, t)| Some(t)).collect();
-    let chosen = texts[best].take().expect("best is a distinct sample");
-    let rejected = texts[worst].take().expect("worst differs from best");
-    Ok(PreferenceExample {
-        id: plan.id,
-        prompt: plan.prompt,
-        chosen,
-        rejected,
-        label,
-        grade: None,
-        aspects: plan.criteria.into_iter().map(|a| a.name).collect(),
-        margin: None,
-        metadata: meta.finish(),
-    })
 }
 
 #[cfg(test)]
