@@ -118,7 +118,6 @@
 //! Design notes and measurements (why these rules, why not a semaphore): see ARCHITECTURE.md
 //! in the repository.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -1443,17 +1442,7 @@ impl<B: LlmBackend> LlmBackend for Adaptive<B> {
         result
     }
 
-    fn name(&self) -> Cow<'_, str> {
-        self.inner.name()
-    }
-
-    fn model(&self) -> Cow<'_, str> {
-        self.inner.model()
-    }
-
-    fn identity(&self) -> Cow<'_, str> {
-        self.inner.identity()
-    }
+    super::forward_names!(inner);
 }
 
 #[cfg(test)]
