@@ -16,8 +16,9 @@ use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
-    ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, CostBudget, ExistingOutput,
-    Outcome, Prices, Progress, RunOptions, RunSummary, Shard, ShardSource, StopSignal,
+    ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, BadLinePolicy,
+    CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary, Shard,
+    ShardSource, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
@@ -138,22 +139,6 @@ fn shard_text(shard: Shard, source: Option<ShardSource>) -> String {
     }
 }
 
-/// How many examples this run is expected to generate, for the bar (an estimate).
-fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let lines = crate::runner::count_lines(&args.input)?;
-    let mut todo = match shard {
-        Some(s) => lines.div_ceil(u64::from(s.count())),
-        None => lines,
-    };
-    if !args.overwrite {
-        todo = todo.saturating_sub(crate::runner::count_lines(&args.output).unwrap_or(0));
-    }
-    Some(match args.limit {
-        Some(l) => todo.min(l),
-        None => todo,
-    })
-}
-
 /// The limit on calls in flight: the one backend's, or the sum over the replicas.
 fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSnapshot> {
     if let Some(set) = &stats.replicas {
@@ -265,41 +250,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .map(|(built, _)| built.stats.clone())
         .unwrap_or_default();
     let batch_backend: Arc<OnceLock<BatchBackend>> = Arc::new(OnceLock::new());
-    let total = expected_total(&args, shard);
-
-    let ctrl_c = stop_on_ctrl_c(stop.clone())
-        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
-
     let live = Progress::new();
-    let finished = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let ticker = {
-        let live = live.clone();
-        let stats = stats.clone();
-        let finished = finished.clone();
-        let wake = wake.clone();
-        let batch = batch_backend.clone();
-        let mut display = Display::new(args.progress, total);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(100));
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    () = wake.notified() => {}
-                }
-                display.update(
-                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
-                    total,
-                );
-                if finished.load(Ordering::SeqCst) {
-                    break;
-                }
-            }
-            display.finish();
-        })
-    };
-
     let mut options = RunOptions::new()
         .format(match args.format {
             FormatKind::Conversational => ExampleFormat::Conversational,
@@ -329,6 +280,40 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let Some(limit) = args.limit {
         options = options.limit(limit);
     }
+    let total = expected_examples(&args.output, &options);
+
+    let ctrl_c = stop_on_ctrl_c(stop.clone())
+        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
+
+    let finished = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let ticker = {
+        let live = live.clone();
+        let stats = stats.clone();
+        let finished = finished.clone();
+        let wake = wake.clone();
+        let batch = batch_backend.clone();
+        let mut display = Display::new(args.progress, total);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(100));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    () = wake.notified() => {}
+                }
+                display.update(
+                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
+                    total,
+                );
+                if finished.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            display.finish();
+        })
+    };
+
     let mut setup_error = None;
     let result = match (online, batch) {
         (Some((built, generator)), _) => {

@@ -14,7 +14,6 @@ mod dataset;
 mod dry_run;
 mod generate;
 mod progress;
-mod runner;
 mod setup;
 mod summary;
 
