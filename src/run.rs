@@ -71,10 +71,10 @@
 //! Design notes and memory measurements: see ARCHITECTURE.md in the repository.
 
 use std::fmt;
-use std::io::Write as _;
+use std::future::Future;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -88,36 +88,45 @@ use crate::backend::meter::CallMeter;
 use crate::backend::Usage;
 use crate::engine::Summary;
 use crate::example::{ExampleFormat, PreferenceExample, Prompt};
+pub use crate::io::append::ensure_distinct_files;
+use crate::io::append::{if_exists, remove_if_exists, sidecar, write_replacing};
 use crate::io::{FailureLedger, IdHash, IdSet, OutputFile, Resume, SyncPolicy};
 use crate::{BackendErrorKind, Error, ErrorKind};
 
-/// A one-way flag that can be awaited.
+/// Locks `m`, whatever a panic left in it (every value kept here stays valid).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A one-way flag that can be awaited: setting it drops the sender, which completes the
+/// receiver every waiter holds a clone of.
+#[derive(Debug)]
 struct Flag {
-    set: AtomicBool,
     tx: Mutex<Option<oneshot::Sender<()>>>,
     rx: Shared<oneshot::Receiver<()>>,
 }
 
-impl Flag {
-    fn new() -> Self {
+impl Default for Flag {
+    fn default() -> Self {
         let (tx, rx) = oneshot::channel();
         Flag {
-            set: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
             rx: rx.shared(),
         }
     }
+}
 
+impl Flag {
     fn set(&self) {
-        self.set.store(true, Ordering::SeqCst);
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(tx) = tx {
-            let _ = tx.send(());
-        }
+        lock(&self.tx).take();
     }
 
     fn is_set(&self) -> bool {
-        self.set.load(Ordering::SeqCst)
+        lock(&self.tx).is_none()
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.rx.clone().map(drop)
     }
 }
 
@@ -127,43 +136,23 @@ impl Flag {
 /// examples in flight (within [`RunOptions::drain_deadline`]); [`abort`](Self::abort) asks it
 /// to drop the examples in flight and return at once (they are generated again by the next
 /// run). Either can be called from any thread, any number of times.
-#[derive(Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StopSignal {
     inner: Arc<StopInner>,
 }
 
+#[derive(Debug, Default)]
 struct StopInner {
     stop: Flag,
     abort: Flag,
     reason: Mutex<Option<(Outcome, Option<String>)>>,
 }
 
-impl fmt::Debug for StopSignal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StopSignal")
-            .field("stopped", &self.is_stopped())
-            .field("aborted", &self.is_aborted())
-            .finish()
-    }
-}
-
-impl Default for StopSignal {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl StopSignal {
     /// A signal not yet given.
     #[must_use]
     pub fn new() -> Self {
-        StopSignal {
-            inner: Arc::new(StopInner {
-                stop: Flag::new(),
-                abort: Flag::new(),
-                reason: Mutex::new(None),
-            }),
-        }
+        Self::default()
     }
 
     /// Asks for a graceful stop: no new prompts, the examples in flight finish.
@@ -173,31 +162,24 @@ impl StopSignal {
 
     /// Asks for a graceful stop for a reason a run should end with: a run given this signal
     /// ends with `outcome` (and `message` in [`RunSummary::message`]) instead of
-    /// [`Outcome::Interrupted`]. The first reason given wins. Used by the batch pipeline to
-    /// stop a run on its cost budget ([`Outcome::CostLimit`]).
+    /// [`Outcome::Interrupted`]. The first reason given wins. Used by the run itself on its
+    /// cost budget and when the server stays unreachable, and by the batch pipeline to stop a
+    /// run on its cost budget ([`Outcome::CostLimit`]).
     pub fn stop_with(&self, outcome: Outcome, message: Option<String>) {
-        self.inner
-            .reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert((outcome, message));
+        lock(&self.inner.reason).get_or_insert((outcome, message));
         self.stop();
     }
 
     /// The reason given with [`stop_with`](Self::stop_with), if any.
     #[must_use]
     pub fn reason(&self) -> Option<(Outcome, Option<String>)> {
-        self.inner
-            .reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.inner.reason).clone()
     }
 
     /// Asks for an immediate stop: the examples in flight are dropped (implies
     /// [`stop`](Self::stop)).
     pub fn abort(&self) {
-        self.inner.stop.set();
+        self.stop();
         self.inner.abort.set();
     }
 
@@ -218,11 +200,8 @@ impl StopSignal {
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future has no effect.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let rx = self.inner.stop.rx.clone();
-        async move {
-            let _ = rx.await;
-        }
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.stop.wait()
     }
 
     /// Completes once an immediate stop is asked for.
@@ -230,11 +209,8 @@ impl StopSignal {
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future has no effect.
-    pub fn wait_abort(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let rx = self.inner.abort.rx.clone();
-        async move {
-            let _ = rx.await;
-        }
+    pub fn wait_abort(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.abort.wait()
     }
 }
 
@@ -243,48 +219,31 @@ impl StopSignal {
 ///
 /// The process is never ended here: a run given this signal returns (with
 /// [`RunSummary::outcome`] [`Outcome::Interrupted`]) and the program decides what to do (the
-/// `rmboost` command exits with status 130). On Unix the handler is in place when this
-/// returns, and it listens until the returned [`CtrlC`] is dropped. Must be called inside a
-/// tokio runtime.
+/// `rmboost` command exits with status 130). The handler is in place when this returns, and
+/// it listens until the returned [`CtrlC`] is dropped. Must be called inside a tokio runtime.
 ///
 /// # Errors
 ///
 /// The operating system's error if the signal handler cannot be installed.
 pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<CtrlC> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigint = signal(SignalKind::interrupt())?;
-        Ok(CtrlC::spawn(async move {
-            if sigint.recv().await.is_none() {
-                return;
-            }
-            tracing::warn!(
-                "stopping: finishing the examples in flight (Ctrl-C again to drop them and stop now)"
-            );
-            stop.stop();
-            if sigint.recv().await.is_some() {
-                tracing::warn!("stopping now: dropping the examples in flight");
-                stop.abort();
-            }
-        }))
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(CtrlC::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_err() {
-                return;
-            }
-            tracing::warn!(
-                "stopping: finishing the examples in flight (Ctrl-C again to drop them and stop now)"
-            );
-            stop.stop();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("stopping now: dropping the examples in flight");
-                stop.abort();
-            }
-        }))
-    }
+    let mut ctrl_c = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    #[cfg(windows)]
+    let mut ctrl_c = tokio::signal::windows::ctrl_c()?;
+    let task = tokio::spawn(async move {
+        if ctrl_c.recv().await.is_none() {
+            return;
+        }
+        tracing::warn!(
+            "stopping: finishing the examples in flight (Ctrl-C again to drop them and stop now)"
+        );
+        stop.stop();
+        if ctrl_c.recv().await.is_some() {
+            tracing::warn!("stopping now: dropping the examples in flight");
+            stop.abort();
+        }
+    });
+    Ok(CtrlC { task })
 }
 
 /// Ctrl-C turned into a run's stop signal ([`stop_on_ctrl_c`]), for as long as this is kept.
@@ -292,14 +251,6 @@ pub fn stop_on_ctrl_c(stop: StopSignal) -> std::io::Result<CtrlC> {
 #[must_use = "Ctrl-C is listened for only while this is kept"]
 pub struct CtrlC {
     task: tokio::task::JoinHandle<()>,
-}
-
-impl CtrlC {
-    fn spawn(listen: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
-        CtrlC {
-            task: tokio::spawn(listen),
-        }
-    }
 }
 
 impl Drop for CtrlC {
@@ -610,62 +561,51 @@ fn slurm_vars(var: &dyn Fn(&str) -> Option<String>) -> String {
 fn slurm_shard(id: &str, var: &dyn Fn(&str) -> Option<String>) -> Result<Shard, Error> {
     let number = |name: &str| var(name).map(|v| scheduler_number(name, &v)).transpose();
     let id_value = scheduler_number(SLURM_ID, id)?;
-    let count = number(SLURM_COUNT)?;
-    let min = number(SLURM_MIN)?;
-    let max = number(SLURM_MAX)?;
+    let (count, min, max) = (number(SLURM_COUNT)?, number(SLURM_MIN)?, number(SLURM_MAX)?);
     let step = number(SLURM_STEP)?.unwrap_or(1);
-    let bad = |why: &str| {
-        Error::config(format!(
-            "the Slurm array variables do not make a shard ({SLURM_ID}={id}, {}): {why}",
-            slurm_vars(var)
-        ))
-    };
-    if step == 0 {
-        return Err(bad("a step of 0"));
-    }
-    if count == Some(0) {
-        return Err(bad("a count of 0"));
-    }
-    let (index, count) = match (min, max) {
-        (Some(min), Some(max)) => {
-            if min > max || id_value < min || id_value > max {
-                return Err(bad("the task ID is outside MIN..=MAX"));
-            }
-            if (id_value - min) % step != 0 || (max - min) % step != 0 {
-                return Err(bad("the task ID or MAX is not on the step from MIN"));
-            }
+    let why = match (min, max, count) {
+        _ if step == 0 => "a step of 0".to_string(),
+        _ if count == Some(0) => "a count of 0".to_string(),
+        (Some(min), Some(max), _) if min > max || id_value < min || id_value > max => {
+            "the task ID is outside MIN..=MAX".to_string()
+        }
+        (Some(min), Some(max), _) if (id_value - min) % step != 0 || (max - min) % step != 0 => {
+            "the task ID or MAX is not on the step from MIN".to_string()
+        }
+        (Some(min), Some(max), count) => {
             let span = (max - min) / step + 1;
-            if count.is_some_and(|c| c != span) {
-                return Err(bad(
-                    "the array is not an evenly spaced range (a list such as --array=1,2,5?); \
-                     give it as a range, --array=0-N or with a step, --array=0-N:S",
-                ));
+            if count.is_none_or(|c| c == span) {
+                return Ok(Shard {
+                    index: (id_value - min) / step,
+                    count: span,
+                });
             }
-            ((id_value - min) / step, span)
+            "the array is not an evenly spaced range (a list such as --array=1,2,5?); give it \
+             as a range, --array=0-N or with a step, --array=0-N:S"
+                .to_string()
         }
-        (None, None) => {
-            let Some(count) = count else {
-                return Err(bad(&format!(
-                    "the array's size is unknown: {SLURM_COUNT} or {SLURM_MIN} and {SLURM_MAX} \
-                     must be set"
-                )));
-            };
-            if step != 1 {
-                return Err(bad(&format!(
-                    "a stepped array needs {SLURM_MIN} and {SLURM_MAX}"
-                )));
-            }
-            if id_value >= count {
-                return Err(bad(&format!(
-                    "the task ID is not below the count (without {SLURM_MIN}, the array must \
-                     start at 0: --array=0-N)"
-                )));
-            }
-            (id_value, count)
+        (None, None, None) => format!(
+            "the array's size is unknown: {SLURM_COUNT} or {SLURM_MIN} and {SLURM_MAX} must be set"
+        ),
+        (None, None, _) if step != 1 => {
+            format!("a stepped array needs {SLURM_MIN} and {SLURM_MAX}")
         }
-        _ => return Err(bad(&format!("{SLURM_MIN} and {SLURM_MAX} go together"))),
+        (None, None, Some(count)) if id_value < count => {
+            return Ok(Shard {
+                index: id_value,
+                count,
+            })
+        }
+        (None, None, Some(_)) => format!(
+            "the task ID is not below the count (without {SLURM_MIN}, the array must start at \
+             0: --array=0-N)"
+        ),
+        _ => format!("{SLURM_MIN} and {SLURM_MAX} go together"),
     };
-    Ok(Shard { index, count })
+    Err(Error::config(format!(
+        "the Slurm array variables do not make a shard ({SLURM_ID}={id}, {}): {why}",
+        slurm_vars(var)
+    )))
 }
 
 /// How many bad-line and duplicate messages a summary keeps.
@@ -889,14 +829,14 @@ impl fmt::Display for RunSummary {
             "{}; {} read, {} already done, {} duplicates, {} bad lines",
             self.generation, self.read, self.skipped_done, self.duplicates, self.bad_lines
         )?;
-        if self.other_shard > 0 {
-            write!(f, ", {} in other shards", self.other_shard)?;
-        }
-        if self.dropped_in_flight > 0 {
-            write!(f, ", {} dropped in flight", self.dropped_in_flight)?;
-        }
-        if self.ledger_pending > 0 {
-            write!(f, ", {} still failing (ledger)", self.ledger_pending)?;
+        for (n, what) in [
+            (self.other_shard, "in other shards"),
+            (self.dropped_in_flight, "dropped in flight"),
+            (self.ledger_pending, "still failing (ledger)"),
+        ] {
+            if n > 0 {
+                write!(f, ", {n} {what}")?;
+            }
         }
         write!(
             f,
@@ -929,11 +869,11 @@ impl Progress {
     /// The totals so far.
     #[must_use]
     pub fn snapshot(&self) -> RunSummary {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.inner).clone()
     }
 
     fn set(&self, summary: &RunSummary) {
-        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = summary.clone();
+        *lock(&self.inner) = summary.clone();
     }
 }
 
@@ -974,7 +914,7 @@ impl Recipe {
     /// `OUT.run.json` beside a file without the `.jsonl` extension).
     #[must_use]
     pub fn default_path(output: &Path) -> PathBuf {
-        crate::io::sidecar(output, ".run.json")
+        sidecar(output, ".run.json")
     }
 
     /// `name: a (recorded) vs b (now)` for every setting both name with different values.
@@ -987,21 +927,6 @@ impl Recipe {
             })
             .collect()
     }
-}
-
-/// Refuses when two of the named paths are the same file: compared by identity (device and
-/// inode), so `data.jsonl` and `./data.jsonl`, a symlink or a hard link are caught; a path
-/// that does not exist yet is compared by its canonical directory and file name.
-///
-/// [`run_to_file`] checks its input (when given with [`RunOptions::input`]), output, ledger
-/// and recipe; a program that writes more files beside a run (a summary) checks them with
-/// this before the run starts.
-///
-/// # Errors
-///
-/// [`ErrorKind::Config`] naming both roles and the paths.
-pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
-    crate::io::ensure_distinct_files(files)
 }
 
 /// Settings of [`run_to_file`]; every setter documents its default.
@@ -1036,6 +961,20 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 /// The default of [`RunOptions::stop_when_unreachable`].
 pub const DEFAULT_UNREACHABLE_AFTER: u64 = 16;
 
+/// Builder setters that each store their argument, or a value made from it, in a field:
+/// `name(arg: Type) => field = value;`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$field = $value;
+                self
+            }
+        )*
+    };
+}
+
 impl RunOptions {
     /// The defaults.
     pub fn new() -> Self {
@@ -1058,112 +997,56 @@ impl RunOptions {
         }
     }
 
-    /// The output format. Default: [`ExampleFormat::Conversational`].
-    pub fn format(mut self, format: ExampleFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// When the output and ledger are synced to disk. Default: [`SyncPolicy::default`].
-    pub fn sync(mut self, sync: SyncPolicy) -> Self {
-        self.sync = sync;
-        self
-    }
-
-    /// What to do with examples already in the output. Default: [`ExistingOutput::Resume`].
-    pub fn existing(mut self, existing: ExistingOutput) -> Self {
-        self.existing = existing;
-        self
-    }
-
-    /// What to do with a bad input line. Default: [`BadLinePolicy::Skip`].
-    pub fn bad_lines(mut self, policy: BadLinePolicy) -> Self {
-        self.bad_lines = policy;
-        self
-    }
-
-    /// Only generate the ids of this shard. Default: all ids.
-    pub fn shard(mut self, shard: Shard) -> Self {
-        self.shard = Some(shard);
-        self
-    }
-
-    /// The failure ledger's path. Default: [`FailureLedger::default_path`] of the output
-    /// (`PAIRS.failures.jsonl` beside `PAIRS.jsonl`).
-    pub fn ledger(mut self, path: impl Into<PathBuf>) -> Self {
-        self.ledger = Some(path.into());
-        self
-    }
-
-    /// The input file the prompts come from, so the run can refuse an output, ledger or
-    /// recipe that is the same file (see [`ensure_distinct_files`]). Default: not known.
-    pub fn input(mut self, path: impl Into<PathBuf>) -> Self {
-        self.input = Some(path.into());
-        self
-    }
-
-    /// The settings the rows are made with, recorded beside the output and checked on
-    /// resume (see [`Recipe`]). Default: only the format is recorded and checked.
-    pub fn recipe(mut self, recipe: Recipe) -> Self {
-        self.recipe = Some(recipe);
-        self
-    }
-
-    /// After a stop, how long to wait for the examples in flight before dropping them (they
-    /// are generated again by the next run); `None` waits for them all. Default:
-    /// [`DEFAULT_DRAIN_DEADLINE`] (60 s).
-    pub fn drain_deadline(mut self, deadline: Option<Duration>) -> Self {
-        self.drain_deadline = deadline;
-        self
-    }
-
-    /// Hand at most `limit` prompts to the generator in this run. Default: no limit.
-    pub fn limit(mut self, limit: u64) -> Self {
-        self.limit = Some(limit);
-        self
-    }
-
-    /// The signal that stops the run. Default: a signal nobody else holds.
-    pub fn stop_signal(mut self, stop: StopSignal) -> Self {
-        self.stop = stop;
-        self
-    }
-
-    /// A view updated after every result. Default: none.
-    pub fn progress(mut self, progress: Progress) -> Self {
-        self.progress = Some(progress);
-        self
-    }
-
-    /// The meter of the backend (see [`Metered`](crate::backend::meter::Metered)): the
-    /// summary then counts every call and token the provider bills (re-asks and failed
-    /// examples included), and the [budget](Self::max_cost) uses it. Default: none (the
-    /// summary counts the tokens of the examples written).
-    pub fn meter(mut self, meter: CallMeter) -> Self {
-        self.meter = Some(meter);
-        self
-    }
-
-    /// A cost budget: once the metered usage costs the budget's most or more at its prices,
-    /// the run takes no new prompts, finishes the examples in flight and ends with
-    /// [`Outcome::CostLimit`]. Needs a [meter](Self::meter) (a batch run has its own);
-    /// checked after every result and every 100 ms. Default: none.
-    pub fn max_cost(mut self, budget: CostBudget) -> Self {
-        self.budget = Some((budget.prices, budget.max));
-        self
-    }
-
-    /// Stop the run (gracefully, with [`Outcome::Unreachable`]) once this many examples in a
-    /// row failed because the server could not be reached or timed out (after the backend's
-    /// own retries), instead of failing every remaining prompt the same way; `None` never
-    /// stops. Default: [`DEFAULT_UNREACHABLE_AFTER`] (16).
-    pub fn stop_when_unreachable(mut self, after: Option<u64>) -> Self {
-        self.unreachable_after = after;
-        self
+    setters! {
+        /// The output format. Default: [`ExampleFormat::Conversational`].
+        format(format: ExampleFormat) => format = format;
+        /// When the output and ledger are synced to disk. Default: [`SyncPolicy::default`].
+        sync(sync: SyncPolicy) => sync = sync;
+        /// What to do with examples already in the output. Default: [`ExistingOutput::Resume`].
+        existing(existing: ExistingOutput) => existing = existing;
+        /// What to do with a bad input line. Default: [`BadLinePolicy::Skip`].
+        bad_lines(policy: BadLinePolicy) => bad_lines = policy;
+        /// Only generate the ids of this shard. Default: all ids.
+        shard(shard: Shard) => shard = Some(shard);
+        /// The failure ledger's path. Default: [`FailureLedger::default_path`] of the output
+        /// (`PAIRS.failures.jsonl` beside `PAIRS.jsonl`).
+        ledger(path: impl Into<PathBuf>) => ledger = Some(path.into());
+        /// The input file the prompts come from, so the run can refuse an output, ledger or
+        /// recipe that is the same file (see [`ensure_distinct_files`]). Default: not known.
+        input(path: impl Into<PathBuf>) => input = Some(path.into());
+        /// The settings the rows are made with, recorded beside the output and checked on
+        /// resume (see [`Recipe`]). Default: only the format is recorded and checked.
+        recipe(recipe: Recipe) => recipe = Some(recipe);
+        /// After a stop, how long to wait for the examples in flight before dropping them (they
+        /// are generated again by the next run); `None` waits for them all. Default:
+        /// [`DEFAULT_DRAIN_DEADLINE`] (60 s).
+        drain_deadline(deadline: Option<Duration>) => drain_deadline = deadline;
+        /// Hand at most `limit` prompts to the generator in this run. Default: no limit.
+        limit(limit: u64) => limit = Some(limit);
+        /// The signal that stops the run. Default: a signal nobody else holds.
+        stop_signal(stop: StopSignal) => stop = stop;
+        /// A view updated after every result. Default: none.
+        progress(progress: Progress) => progress = Some(progress);
+        /// The meter of the backend (see [`Metered`](crate::backend::meter::Metered)): the
+        /// summary then counts every call and token the provider bills (re-asks and failed
+        /// examples included), and the [budget](Self::max_cost) uses it. Default: none (the
+        /// summary counts the tokens of the examples written).
+        meter(meter: CallMeter) => meter = Some(meter);
+        /// A cost budget: once the metered usage costs the budget's most or more at its prices,
+        /// the run takes no new prompts, finishes the examples in flight and ends with
+        /// [`Outcome::CostLimit`]. Needs a [meter](Self::meter) (a batch run has its own);
+        /// checked after every result and every 100 ms. Default: none.
+        max_cost(budget: CostBudget) => budget = Some((budget.prices, budget.max));
+        /// Stop the run (gracefully, with [`Outcome::Unreachable`]) once this many examples in a
+        /// row failed because the server could not be reached or timed out (after the backend's
+        /// own retries), instead of failing every remaining prompt the same way; `None` never
+        /// stops. Default: [`DEFAULT_UNREACHABLE_AFTER`] (16).
+        stop_when_unreachable(after: Option<u64>) => unreachable_after = after;
     }
 }
 
 /// What the input filter shares with the writing loop.
+#[derive(Default)]
 struct Admission {
     done: IdSet,
     seen: IdSet,
@@ -1174,97 +1057,53 @@ struct Admission {
     stop_error: Option<Error>,
 }
 
-enum Admit {
-    Take(Prompt),
-    Skip,
-    End,
-}
-
 impl Admission {
-    fn admit(&mut self, item: Result<Prompt, Error>) -> Admit {
+    /// What becomes of the next input item: `Some(Some(prompt))` is generated, `Some(None)`
+    /// is passed over, `None` ends the input.
+    fn admit(&mut self, item: Result<Prompt, Error>) -> Option<Option<Prompt>> {
+        let s = &mut self.summary;
         let prompt = match item {
             Ok(p) => p,
-            Err(e) if e.kind() == ErrorKind::Parse => {
-                self.summary.bad_lines += 1;
-                tracing::warn!(error = %e, "bad input line");
-                if self.summary.bad_line_messages.len() < MAX_MESSAGES {
-                    self.summary.bad_line_messages.push(e.to_string());
-                }
-                return match self.policy {
-                    BadLinePolicy::Skip => Admit::Skip,
-                    BadLinePolicy::Stop => {
-                        self.stop_error = Some(e);
-                        Admit::End
-                    }
-                };
-            }
             Err(e) => {
-                // Reading itself failed: nothing after it can be trusted.
+                if e.kind() == ErrorKind::Parse {
+                    s.bad_lines += 1;
+                    tracing::warn!(error = %e, "bad input line");
+                    if s.bad_line_messages.len() < MAX_MESSAGES {
+                        s.bad_line_messages.push(e.to_string());
+                    }
+                    if self.policy == BadLinePolicy::Skip {
+                        return Some(None);
+                    }
+                }
+                // A bad line under `BadLinePolicy::Stop`, or reading itself failed: nothing
+                // after it can be trusted.
                 self.stop_error = Some(e);
-                return Admit::End;
+                return None;
             }
         };
-        if self.limit.is_some_and(|l| self.summary.scheduled >= l) {
-            return Admit::End;
-        }
-        self.summary.read += 1;
-        let hash = IdHash::of(&prompt.id);
-        if let Some(shard) = self.shard {
-            if hash.shard(shard.count) != shard.index {
-                self.summary.other_shard += 1;
-                return Admit::Skip;
-            }
-        }
-        if !self.seen.insert_hash(hash) {
-            self.summary.duplicates += 1;
-            tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
-            if self.summary.duplicate_ids.len() < MAX_MESSAGES {
-                self.summary.duplicate_ids.push(prompt.id);
-            }
-            return Admit::Skip;
-        }
-        if self.done.contains_hash(hash) {
-            self.summary.skipped_done += 1;
-            return Admit::Skip;
-        }
-        self.summary.scheduled += 1;
-        Admit::Take(prompt)
-    }
-}
-
-fn lock(m: &Mutex<Admission>) -> MutexGuard<'_, Admission> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Counts examples in a row that failed to reach the server.
-struct Watchdog {
-    threshold: Option<u64>,
-    in_a_row: u64,
-}
-
-impl Watchdog {
-    /// Observes one result; returns the message to stop with once the threshold is reached.
-    fn observe(&mut self, result: &Result<PreferenceExample, Error>) -> Option<String> {
-        let threshold = self.threshold?;
-        let source = result.as_ref().err().and_then(Error::backend_error);
-        let unreachable = source.is_some_and(|s| {
-            matches!(
-                s.kind(),
-                BackendErrorKind::Connection | BackendErrorKind::Timeout
-            )
-        });
-        if !unreachable {
-            self.in_a_row = 0;
+        if self.limit.is_some_and(|l| s.scheduled >= l) {
             return None;
         }
-        self.in_a_row += 1;
-        (self.in_a_row == threshold).then(|| {
-            format!(
-                "the model server is unreachable ({} calls in a row failed): {}",
-                self.in_a_row,
-                crate::error_chain(source.expect("an unreachable result has a source"))
-            )
-        })
+        s.read += 1;
+        let hash = IdHash::of(&prompt.id);
+        if self
+            .shard
+            .is_some_and(|sh| hash.shard(sh.count) != sh.index)
+        {
+            s.other_shard += 1;
+        } else if !self.seen.insert_hash(hash) {
+            s.duplicates += 1;
+            tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
+            if s.duplicate_ids.len() < MAX_MESSAGES {
+                s.duplicate_ids.push(prompt.id);
+            }
+        } else if self.done.contains_hash(hash) {
+            s.skipped_done += 1;
+        } else {
+            s.scheduled += 1;
+            return Some(Some(prompt));
+        }
+        Some(None)
     }
 }
 
@@ -1275,33 +1114,26 @@ fn check_recipe(
     output: &Path,
     recipe: &Recipe,
     has_examples: bool,
-    first_line: Option<&[u8]>,
 ) -> Result<bool, Error> {
-    let recorded: Option<Recipe> = match std::fs::read(path) {
-        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+    let recorded: Option<Recipe> = if_exists(path, std::fs::read)?
+        .map(|bytes| serde_json::from_slice(&bytes))
+        .transpose()
+        .map_err(|e| {
             Error::parse(
                 path,
                 e.line() as u64,
                 format!("not a run recipe ({e}); remove it to record this run's settings"),
             )
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io(path, e)),
-    };
+        })?;
     if has_examples {
-        let diffs = match &recorded {
-            Some(old) => old.differences(recipe),
-            // An output from before recipes were recorded: compare the shape of its rows.
-            None => {
-                let shape = first_line.and_then(ExampleFormat::of_line);
-                match (shape, recipe.get("format")) {
-                    (Some(old), Some(now)) if old.as_str() != now => {
-                        vec![format!("format was `{}`, now `{now}`", old.as_str())]
-                    }
-                    _ => Vec::new(),
-                }
-            }
-        };
+        // An output from before recipes were recorded: only the shape of its rows is known.
+        let old = recorded
+            .clone()
+            .unwrap_or_else(|| match first_line_format(output) {
+                Some(format) => Recipe::new().with("format", format.as_str()),
+                None => Recipe::new(),
+            });
+        let diffs = old.differences(recipe);
         if !diffs.is_empty() {
             return Err(Error::config(format!(
                 "{} holds examples made with other settings ({}): rerun with the same settings \
@@ -1310,32 +1142,71 @@ fn check_recipe(
                 diffs.join("; ")
             )));
         }
-        if recorded.is_some() {
-            return Ok(false);
-        }
-    } else if recorded.as_ref() == Some(recipe) {
+    }
+    // Kept when examples were made with it, or when it is this run's already.
+    if recorded
+        .as_ref()
+        .is_some_and(|r| has_examples || r == recipe)
+    {
         return Ok(false);
     }
-    let mut tmp = crate::io::temp_beside(path)?;
-    let json = serde_json::to_vec_pretty(recipe).expect("a recipe serialises");
-    tmp.as_file_mut()
-        .write_all(&json)
-        .and_then(|()| tmp.as_file_mut().write_all(b"\n"))
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
-    crate::io::replace_with(tmp, path)?;
+    let mut json = serde_json::to_vec_pretty(recipe).expect("a recipe serialises");
+    json.push(b'\n');
+    write_replacing(path, &json)?;
     Ok(recorded.is_none())
 }
 
-/// The first non-blank line of a file (at most 1 MiB of it), to see the shape of its rows.
-fn first_line(path: &Path) -> Option<Vec<u8>> {
-    use std::io::{BufReader, Read};
+/// The format of the first non-blank line of a file (read from at most 1 MiB of it).
+fn first_line_format(path: &Path) -> Option<ExampleFormat> {
+    use std::io::Read;
     let file = std::fs::File::open(path).ok()?;
     let mut reader = BufReader::new(file.take(1 << 20));
     let mut line = Vec::new();
-    crate::io::line::next_nonblank_line(&mut reader, &mut line)
-        .ok()?
-        .then_some(line)
+    crate::io::line::next_nonblank_line(&mut reader, &mut line).ok()?;
+    ExampleFormat::of_line(&line)
+}
+
+/// The non-blank lines of a file (one line in memory at a time).
+fn count_lines(path: &Path) -> Option<u64> {
+    let mut reader = BufReader::with_capacity(1 << 16, std::fs::File::open(path).ok()?);
+    let (mut lines, mut line) = (0, Vec::new());
+    while crate::io::line::next_nonblank_line(&mut reader, &mut line).ok()? {
+        lines += 1;
+    }
+    Some(lines)
+}
+
+/// How many examples a run with `options` into `output` is expected to write, for a progress
+/// bar's total: the non-blank lines of the [input](RunOptions::input), divided among the
+/// [shards](RunOptions::shard), less the lines already in the output (unless it is
+/// [overwritten](ExistingOutput::Overwrite)), and at most the [limit](RunOptions::limit).
+/// An estimate: bad lines, duplicates and failures are not foreseen. `None` when no input
+/// was given or it cannot be read.
+///
+/// ```
+/// use rmboost::run::{expected_examples, RunOptions, Shard};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let input = dir.path().join("prompts.jsonl");
+/// std::fs::write(&input, "{\"prompt\": \"a\"}\n\n{\"prompt\": \"b\"}\n{\"prompt\": \"c\"}\n").unwrap();
+/// let out = dir.path().join("pairs.jsonl");
+/// assert_eq!(expected_examples(&out, &RunOptions::new()), None);
+/// let options = RunOptions::new().input(&input);
+/// assert_eq!(expected_examples(&out, &options), Some(3));
+/// assert_eq!(expected_examples(&out, &options.clone().limit(2)), Some(2));
+/// assert_eq!(expected_examples(&out, &options.shard(Shard::new(0, 2)?)), Some(2));
+/// # Ok::<(), rmboost::Error>(())
+/// ```
+#[must_use]
+pub fn expected_examples(output: impl AsRef<Path>, options: &RunOptions) -> Option<u64> {
+    let mut todo = count_lines(options.input.as_deref()?)?;
+    if let Some(shard) = options.shard {
+        todo = todo.div_ceil(u64::from(shard.count));
+    }
+    if options.existing != ExistingOutput::Overwrite {
+        todo = todo.saturating_sub(count_lines(output.as_ref()).unwrap_or(0));
+    }
+    Some(options.limit.map_or(todo, |l| todo.min(l)))
 }
 
 /// Runs a generation into the JSONL file `output`; see the [module docs](self).
@@ -1408,22 +1279,18 @@ where
         .clone()
         .unwrap_or_else(|| FailureLedger::default_path(output));
     let recipe_path = Recipe::default_path(output);
-    let mut files: Vec<(&str, &Path)> = vec![
+    let mut files = vec![
         ("output", output),
-        ("failure ledger", &ledger_path),
-        ("run recipe", &recipe_path),
+        ("failure ledger", ledger_path.as_path()),
+        ("run recipe", recipe_path.as_path()),
     ];
-    if let Some(input) = &options.input {
-        files.push(("input", input));
-    }
+    files.extend(options.input.as_deref().map(|input| ("input", input)));
     ensure_distinct_files(&files)?;
-    if let Some((_, max)) = options.budget {
-        check_max_cost(max)?;
-        if options.meter.is_none() {
-            return Err(Error::config(
-                "a cost budget needs the backend's meter (RunOptions::meter)",
-            ));
-        }
+    // The budget itself was checked by `CostBudget::new`.
+    if options.budget.is_some() && options.meter.is_none() {
+        return Err(Error::config(
+            "a cost budget needs the backend's meter (RunOptions::meter)",
+        ));
     }
     let recipe = options
         .recipe
@@ -1432,46 +1299,28 @@ where
         .with("format", options.format.as_str());
 
     let mut out = OutputFile::open(output, options.format, options.sync)?;
+    if options.existing == ExistingOutput::Overwrite {
+        out.file.truncate()?;
+        remove_if_exists(&ledger_path)?;
+    }
+    let resume = Resume::scan(output)?;
+    if options.existing == ExistingOutput::Fail && resume.lines() > 0 {
+        return Err(Error::config(format!(
+            "{} already has {} lines; resume or overwrite it",
+            output.display(),
+            resume.lines()
+        )));
+    }
     let mut summary = RunSummary {
         torn_bytes: out.repair().torn_bytes,
+        resumed: resume.len() as u64,
         ..RunSummary::default()
-    };
-    let resume = match options.existing {
-        ExistingOutput::Resume => Resume::scan(output)?,
-        ExistingOutput::Overwrite => {
-            out.truncate()?;
-            remove_if_exists(&ledger_path)?;
-            Resume::new()
-        }
-        ExistingOutput::Fail => {
-            let r = Resume::scan(output)?;
-            if r.lines() > 0 {
-                return Err(Error::config(format!(
-                    "{} already has {} lines; resume or overwrite it",
-                    output.display(),
-                    r.lines()
-                )));
-            }
-            r
-        }
     };
     if resume.unreadable() > 0 {
         summary.garbage_lines = out.set_aside_unreadable()?;
     }
     let has_examples = resume.lines() > resume.unreadable();
-    let first = if has_examples {
-        first_line(output)
-    } else {
-        None
-    };
-    let recipe_created = check_recipe(
-        &recipe_path,
-        output,
-        &recipe,
-        has_examples,
-        first.as_deref(),
-    )?;
-    summary.resumed = resume.len() as u64;
+    let recipe_created = check_recipe(&recipe_path, output, &recipe, has_examples)?;
     tracing::info!(
         path = %output.display(),
         resumed = summary.resumed,
@@ -1499,131 +1348,90 @@ where
         stop_error: None,
     }));
 
-    let stop = options.stop.clone();
+    let stop = &options.stop;
     let filter_state = admission.clone();
     let filtered = prompts
         .take_until(stop.wait())
         .scan((), move |(), item| {
-            let next = match lock(&filter_state).admit(item) {
-                Admit::Take(p) => Some(Some(Ok(p))),
-                Admit::Skip => Some(None),
-                Admit::End => None,
-            };
-            future::ready(next)
+            future::ready(lock(&filter_state).admit(item))
         })
-        .filter_map(future::ready)
+        .filter_map(|prompt| future::ready(prompt.map(Ok)))
         .boxed();
 
     let budget = options.budget;
-    let meter = options.meter.clone();
     let metered = |s: &mut RunSummary| {
-        if let Some(m) = &meter {
+        if let Some(m) = &options.meter {
             s.calls = m.calls();
             s.usage = m.usage();
         } else {
             s.calls = s.generation.calls;
             s.usage = s.generation.usage;
         }
-        if let Some((prices, _)) = budget {
-            s.cost = Some(prices.cost(s.usage));
-        }
+        s.cost = budget.map(|(prices, _)| prices.cost(s.usage));
     };
     let mut results = Box::pin(generate(filtered));
     let mut ledger: Option<FailureLedger> = None;
     let mut fatal: Option<Error> = None;
     let mut io_error: Option<Error> = None;
-    let mut stopped_by: Option<(Outcome, Option<String>)> = None;
-    let mut watchdog = Watchdog {
-        threshold: options.unreachable_after.filter(|&n| n > 0),
-        in_a_row: 0,
-    };
+    let mut in_a_row = 0;
     let mut received: u64 = 0;
     let mut stop_seen = false;
     let mut deadline = pin!(future::Fuse::<tokio::time::Sleep>::terminated());
-    let mut cost_tick = budget.map(|_| {
-        let mut i = tokio::time::interval(Duration::from_millis(100));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    let abort = stop.wait_abort();
-    tokio::pin!(abort);
+    let mut cost_tick = tokio::time::interval(Duration::from_millis(100));
+    cost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stop_wait = stop.wait();
-        let tick = async {
-            match &mut cost_tick {
-                Some(i) => {
-                    i.tick().await;
-                }
-                None => future::pending::<()>().await,
-            }
-        };
         tokio::select! {
             biased;
-            () = &mut abort => {
+            () = stop.wait_abort() => {
                 tracing::warn!("stopping now: dropping the examples in flight");
                 break;
             }
             item = results.next() => {
                 let Some(item) = item else { break };
                 received += 1;
+                // Examples in a row that failed to reach the server.
+                let unreachable = item.as_ref().err().and_then(Error::backend_error).filter(|e| {
+                    matches!(e.kind(), BackendErrorKind::Connection | BackendErrorKind::Timeout)
+                });
+                in_a_row = if unreachable.is_some() { in_a_row + 1 } else { 0 };
+                if let Some(e) = unreachable.filter(|_| options.unreachable_after == Some(in_a_row)) {
+                    let message = format!(
+                        "the model server is unreachable ({in_a_row} calls in a row failed): {}",
+                        crate::error_chain(e)
+                    );
+                    tracing::info!(%message, "stopping the run");
+                    stop.stop_with(Outcome::Unreachable, Some(message));
+                }
                 let mut st = lock(&admission);
-                if let Some(message) = watchdog.observe(&item) {
-                    if stopped_by.is_none() {
-                        tracing::info!(%message, "stopping the run");
-                        stopped_by = Some((Outcome::Unreachable, Some(message)));
-                        stop.stop();
+                if let Ok(example) = &item {
+                    if let Err(e) = out.write(example) {
+                        io_error = Some(e);
+                        break;
+                    }
+                    if failed_before.contains(&example.id) {
+                        st.done.insert(&example.id);
                     }
                 }
-                match item {
-                    Ok(example) => {
-                        if let Err(e) = out.write(&example) {
-                            io_error = Some(e);
+                st.summary.generation.record(&item);
+                if let Err(e) = item {
+                    let chain = crate::error_chain(&e);
+                    if e.is_fatal() {
+                        // Returned to the caller, who reports it: not logged twice.
+                        tracing::debug!(error = %chain, "fatal error: stopping the run");
+                        fatal = Some(e);
+                        break;
+                    }
+                    tracing::warn!(error = %chain, "example failed");
+                    if let Some(id) = e.example_id() {
+                        if let Err(err) = record_failure(&mut ledger, &ledger_path, options.sync, id, &e) {
+                            io_error = Some(err);
                             break;
                         }
-                        if !failed_before.is_empty() && failed_before.contains(&example.id) {
-                            st.done.insert(&example.id);
-                        }
-                        st.summary.generation.record(&Ok(example));
-                    }
-                    Err(e) => {
-                        let result: Result<PreferenceExample, Error> = Err(e);
-                        st.summary.generation.record(&result);
-                        let Err(e) = result else { unreachable!("built as Err above") };
-                        let chain = crate::error_chain(&e);
-                        if e.is_fatal() {
-                            // Returned to the caller, who reports it: not logged twice.
-                            tracing::debug!(error = %chain, "fatal error: stopping the run");
-                            fatal = Some(e);
-                            break;
-                        }
-                        tracing::warn!(error = %chain, "example failed");
-                        if let Some(id) = e.example_id() {
-                            if let Err(err) = record_failure(&mut ledger, &ledger_path, options.sync, id, &e) {
-                                io_error = Some(err);
-                                break;
-                            }
-                        }
                     }
                 }
-                metered(&mut st.summary);
-                if over_budget(&st.summary, budget) && stopped_by.is_none() {
-                    tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
-                    stopped_by = Some((Outcome::CostLimit, None));
-                    stop.stop();
-                }
-                progress.set(&st.summary);
             }
-            () = tick => {
-                let mut st = lock(&admission);
-                metered(&mut st.summary);
-                if over_budget(&st.summary, budget) && stopped_by.is_none() {
-                    tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
-                    stopped_by = Some((Outcome::CostLimit, None));
-                    stop.stop();
-                }
-                progress.set(&st.summary);
-            }
-            () = stop_wait, if !stop_seen => {
+            _ = cost_tick.tick(), if budget.is_some() => {}
+            () = stop.wait(), if !stop_seen => {
                 stop_seen = true;
                 tracing::info!("stop requested: finishing the examples in flight");
                 if let Some(d) = options.drain_deadline {
@@ -1635,47 +1443,47 @@ where
                 break;
             }
         }
+        let mut st = lock(&admission);
+        metered(&mut st.summary);
+        let spent =
+            matches!((budget, st.summary.cost), (Some((_, max)), Some(cost)) if cost >= max);
+        if spent && stop.reason().is_none() {
+            tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
+            stop.stop_with(Outcome::CostLimit, None);
+        }
+        progress.set(&st.summary);
     }
     // Dropping the stream cancels whatever is still in flight.
     drop(results);
 
-    let (mut summary, done, stop_error) = {
-        let mut st = lock(&admission);
-        (
-            std::mem::take(&mut st.summary),
-            std::mem::take(&mut st.done),
-            st.stop_error.take(),
-        )
-    };
+    let Admission {
+        mut summary,
+        done,
+        stop_error,
+        ..
+    } = std::mem::take(&mut *lock(&admission));
     metered(&mut summary);
     summary.dropped_in_flight = summary.scheduled.saturating_sub(received);
-    let stopped_by = stopped_by.or_else(|| stop.reason());
+    let stopped_by = stop.reason();
     summary.interrupted = stop.is_stopped() && stopped_by.is_none();
-    if let Some(l) = ledger {
-        if let Err(e) = l.close() {
+    let mut keep_error = |result: Result<(), Error>| {
+        if let Err(e) = result {
             io_error.get_or_insert(e);
         }
+    };
+    if let Some(l) = ledger {
+        keep_error(l.close());
     }
     // Compacted while the output's lock is still held: no other run can append meanwhile.
-    match FailureLedger::compact(&ledger_path, &done) {
-        Ok(pending) => summary.ledger_pending = pending,
-        Err(e) => {
-            io_error.get_or_insert(e);
+    keep_error(FailureLedger::compact(&ledger_path, &done).map(|n| summary.ledger_pending = n));
+    keep_error(out.file.remove_if_created_and_empty().and_then(|removed| {
+        summary.output_removed = removed;
+        if removed && recipe_created {
+            remove_if_exists(&recipe_path)
+        } else {
+            Ok(())
         }
-    }
-    match out.close_and_remove_if_new_and_empty() {
-        Ok(removed) => {
-            summary.output_removed = removed;
-            if removed && recipe_created {
-                if let Err(e) = remove_if_exists(&recipe_path) {
-                    io_error.get_or_insert(e);
-                }
-            }
-        }
-        Err(e) => {
-            io_error.get_or_insert(e);
-        }
-    }
+    }));
     (summary.outcome, summary.message) = match stopped_by {
         Some(reason) => reason,
         None if summary.interrupted => (Outcome::Interrupted, None),
@@ -1693,10 +1501,6 @@ where
     }
 }
 
-fn over_budget(summary: &RunSummary, budget: Option<(Prices, f64)>) -> bool {
-    matches!((budget, summary.cost), (Some((_, max)), Some(cost)) if cost >= max)
-}
-
 fn record_failure(
     ledger: &mut Option<FailureLedger>,
     path: &Path,
@@ -1709,14 +1513,6 @@ fn record_failure(
         None => ledger.insert(FailureLedger::open(path, sync)?),
     };
     l.record(id, error)
-}
-
-fn remove_if_exists(path: &Path) -> Result<(), Error> {
-    match std::fs::remove_file(path) {
-        Ok(()) => crate::io::sync_parent(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::io(path, source)),
-    }
 }
 
 #[cfg(test)]
@@ -1903,6 +1699,15 @@ mod tests {
         // Empty values count as unset.
         let e = shard(None, &[(SLURM_ID, ""), (K8S_INDEX, " ")]).unwrap_err();
         assert!(e.contains("no shard from a scheduler"), "{e}");
+    }
+
+    #[test]
+    fn counts_non_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.jsonl");
+        std::fs::write(&path, b"a\n\n  \nb\nc").unwrap();
+        assert_eq!(count_lines(&path), Some(3));
+        assert_eq!(count_lines(&dir.path().join("none")), None);
     }
 
     #[test]

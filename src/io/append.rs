@@ -1,9 +1,13 @@
 //! Crash-safe JSONL files: `AppendFile` (locked, append-only, one whole line per write, torn
-//! last line repaired on open), [`OutputFile`] (examples) and the [`SyncPolicy`] they follow.
+//! last line repaired on open), [`OutputFile`] (examples) and the [`SyncPolicy`] they follow,
+//! and the helpers every file written beside an output uses (replacement files, removal,
+//! same-file checks, side-file names).
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::ErrorKind::{AlreadyExists, NotFound, WouldBlock};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::example::{ExampleFormat, PreferenceExample};
@@ -29,11 +33,12 @@ pub enum SyncPolicy {
     /// `fsync` after `lines` lines or when `interval` has passed since the last sync
     /// (checked at each write), whichever comes first, and at close.
     ///
-    /// The periodic syncs run on a thread of the file's own, so a write never waits for the
-    /// disk (an `fsync` can take milliseconds, and a run's writer is the task that drives
-    /// every example in flight). A sync asked for while one is still queued is covered by it.
-    /// A failed background sync is reported by the next write, `AppendFile::sync` or
-    /// `AppendFile::close`. The final sync at close is made before `close` returns.
+    /// The periodic syncs run on a thread of their own, so a write never waits for the disk
+    /// (an `fsync` can take milliseconds, and a run's writer is the task that drives every
+    /// example in flight). A sync that falls due while the previous one still runs is started
+    /// by the first write after that one ends. A failed background sync is reported by the
+    /// write that starts the next one, `AppendFile::sync` or `AppendFile::close`. The final
+    /// sync at close is made before `close` returns.
     Periodic {
         /// Lines between syncs (0 means no line limit).
         lines: u64,
@@ -76,6 +81,7 @@ pub struct Repair {
 ///
 /// The lock is released when the value is dropped (or the process dies).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "run"), allow(dead_code))]
 pub(crate) struct AppendFile {
     file: File,
     path: PathBuf,
@@ -84,87 +90,30 @@ pub(crate) struct AppendFile {
     policy: SyncPolicy,
     unsynced: u64,
     last_sync: Instant,
-    repair: Repair,
+    /// What [`open`](Self::open) repaired.
+    pub(crate) repair: Repair,
     lines: u64,
-    syncer: Option<Syncer>,
-}
-
-/// The background `fsync` thread of a [`SyncPolicy::Periodic`] file.
-#[derive(Debug)]
-struct Syncer {
-    /// Capacity 1: a request made while one is queued is covered by that one.
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-    error: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Syncer {
-    fn start(file: &File) -> std::io::Result<Syncer> {
-        let file = file.try_clone()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let slot = error.clone();
-        let handle = std::thread::Builder::new()
-            .name("rmboost-fsync".into())
-            .spawn(move || {
-                for () in rx {
-                    if let Err(e) = file.sync_data() {
-                        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(e);
-                    }
-                }
-            })?;
-        Ok(Syncer {
-            tx: Some(tx),
-            error,
-            handle: Some(handle),
-        })
-    }
-
-    fn request(&self) {
-        if let Some(tx) = &self.tx {
-            // Full: a sync is queued and not started yet, so it will cover this data too.
-            let _ = tx.try_send(());
-        }
-    }
-
-    fn take_error(&self) -> Option<std::io::Error> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// Waits for the queued sync, if any, and stops the thread.
-    fn stop(&mut self) -> Option<std::io::Error> {
-        self.tx = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        self.take_error()
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    /// The background `fsync` of a [`SyncPolicy::Periodic`] file, on a clone of the handle.
+    syncing: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::io(path.to_path_buf(), source)
 }
 
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
+    parent.unwrap_or(Path::new("."))
+}
+
 /// Puts the directory entry of `path` (a create, a rename, a removal) on disk: `fsync` of the
 /// parent directory. A no-op where directories cannot be opened (Windows).
 pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
     #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(dir, e))?;
-    }
+    File::open(parent_dir(path))
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(parent_dir(path), e))?;
     #[cfg(not(unix))]
     let _ = path;
     Ok(())
@@ -173,10 +122,6 @@ pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
 /// A new file beside `path` with a random name (created with `O_EXCL`, so a symlink planted
 /// at a guessable name is never followed), for writing a replacement of `path`.
 pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, Error> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(path.file_name().unwrap_or_default());
     prefix.push(".");
@@ -188,57 +133,107 @@ pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, Error>
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
+    let dir = parent_dir(path);
     builder.tempfile_in(dir).map_err(|e| io_err(dir, e))
 }
 
-/// Renames `tmp` over `path`, keeping the permissions `path` had, and syncs the directory.
-/// `tmp` must be synced already.
+/// Syncs `tmp` and renames it over `path`, keeping the permissions `path` had, and syncs the
+/// directory: a crash at any point leaves either the old file or the new one.
 pub(crate) fn replace_with(tmp: tempfile::NamedTempFile, path: &Path) -> Result<File, Error> {
     if let Ok(m) = std::fs::metadata(path) {
         tmp.as_file()
             .set_permissions(m.permissions())
             .map_err(|e| io_err(tmp.path(), e))?;
     }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| io_err(tmp.path(), e))?;
     let file = tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     sync_parent(path)?;
     Ok(file)
 }
 
+/// Replaces `path` with `bytes` through a new file beside it ([`replace_with`]).
+pub(crate) fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes).map_err(|e| io_err(tmp.path(), e))?;
+    replace_with(tmp, path).map(drop)
+}
+
+/// Removes `path` if it exists, and syncs the directory.
+pub(crate) fn remove_if_exists(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == NotFound => Ok(()),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+/// What `read` (`File::open`, `std::fs::read`) gives for `path`; `None` if it does not exist.
+pub(crate) fn if_exists<'p, T>(
+    path: &'p Path,
+    read: impl FnOnce(&'p Path) -> std::io::Result<T>,
+) -> Result<Option<T>, Error> {
+    match read(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == NotFound => Ok(None),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+/// Appends to the side file `path` (`<file>.torn`, `<file>.garbage`) what `write` writes,
+/// and syncs it.
+fn append_aside(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    let mut side = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    write(&mut side)
+        .and_then(|()| side.sync_data())
+        .map_err(|e| io_err(path, e))?;
+    sync_parent(path)
+}
+
 /// Refuses when two of the named paths are the same file: compared by identity (device and
-/// inode); a path that does not exist yet is compared by its canonical directory and file
-/// name. The error is an [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles.
-pub(crate) fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
+/// inode), so `data.jsonl` and `./data.jsonl`, a symlink or a hard link are caught; a path
+/// that does not exist yet is compared by its canonical directory and file name.
+///
+/// [`run_to_file`](crate::run::run_to_file) checks its input (when given with
+/// [`RunOptions::input`](crate::run::RunOptions::input)), output, ledger and recipe; a
+/// program that writes more files beside a run (a summary) checks them with this before the
+/// run starts.
+///
+/// # Errors
+///
+/// [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles and the paths.
+#[cfg_attr(not(feature = "run"), allow(unreachable_pub))]
+pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
+    #[derive(PartialEq)]
     enum Id {
         File(same_file::Handle),
         Path(PathBuf),
     }
-    let identify = |p: &Path| -> Option<Id> {
-        if let Ok(h) = same_file::Handle::from_path(p) {
-            return Some(Id::File(h));
-        }
-        let parent = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let dir = std::fs::canonicalize(parent).ok()?;
-        Some(Id::Path(dir.join(p.file_name()?)))
+    let identify = |p: &Path| match same_file::Handle::from_path(p) {
+        Ok(h) => Some(Id::File(h)),
+        Err(_) => Some(Id::Path(
+            std::fs::canonicalize(parent_dir(p))
+                .ok()?
+                .join(p.file_name()?),
+        )),
     };
     let ids: Vec<Option<Id>> = files.iter().map(|(_, p)| identify(p)).collect();
-    for i in 0..files.len() {
-        for j in i + 1..files.len() {
-            let same = match (&ids[i], &ids[j]) {
-                (Some(Id::File(a)), Some(Id::File(b))) => a == b,
-                (Some(Id::Path(a)), Some(Id::Path(b))) => a == b,
-                _ => false,
-            };
-            if same {
-                let ((ra, pa), (rb, pb)) = (files[i], files[j]);
-                return Err(Error::config(format!(
-                    "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
-                    pa.display(),
-                    pb.display()
-                )));
-            }
+    for (i, a) in ids.iter().enumerate() {
+        if let Some(j) = (i + 1..ids.len()).find(|&j| a.is_some() && ids[j] == *a) {
+            let ((ra, pa), (rb, pb)) = (files[i], files[j]);
+            return Err(Error::config(format!(
+                "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
+                pa.display(),
+                pb.display()
+            )));
         }
     }
     Ok(())
@@ -247,12 +242,8 @@ pub(crate) fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error
 /// `PAIRS<suffix>` beside `PAIRS.jsonl` (`PAIRS.jsonl<suffix>` for a file without the
 /// `.jsonl` extension).
 pub(crate) fn sidecar(output: &Path, suffix: &str) -> PathBuf {
-    match (output.extension(), output.file_stem()) {
-        (Some(ext), Some(stem)) if ext == "jsonl" => {
-            let mut name = stem.to_os_string();
-            name.push(suffix);
-            output.with_file_name(name)
-        }
+    match output.extension() {
+        Some(ext) if ext == "jsonl" => with_suffix(&output.with_extension(""), suffix),
         _ => with_suffix(output, suffix),
     }
 }
@@ -264,6 +255,7 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+#[cfg_attr(not(feature = "run"), allow(dead_code))]
 impl AppendFile {
     /// Opens (creating if needed) `path` for appending, locks it, and repairs a torn last line.
     ///
@@ -279,24 +271,16 @@ impl AppendFile {
         // run remove it again (see `remove_if_created_and_empty`).
         let (mut file, created) = match options.clone().create_new(true).open(path) {
             Ok(f) => (f, true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(e) if e.kind() == AlreadyExists => {
                 (options.open(path).map_err(|e| io_err(path, e))?, false)
             }
             Err(e) => return Err(io_err(path, e)),
         };
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(io_err(
-                    path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::WouldBlock,
-                        "locked: another run is writing this file",
-                    ),
-                ))
-            }
-            Err(TryLockError::Error(e)) => return Err(io_err(path, e)),
-        }
+        let busy = "locked: another run is writing this file";
+        file.try_lock().map_err(|e| match e {
+            TryLockError::WouldBlock => io_err(path, std::io::Error::new(WouldBlock, busy)),
+            TryLockError::Error(e) => io_err(path, e),
+        })?;
         if created {
             sync_parent(path)?;
         }
@@ -310,24 +294,20 @@ impl AppendFile {
             last_sync: Instant::now(),
             repair,
             lines: 0,
-            syncer: None,
+            syncing: None,
         })
     }
 
     /// The file's path.
     #[must_use]
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// What [`open`](Self::open) repaired.
-    #[must_use]
-    pub(crate) fn repair(&self) -> &Repair {
-        &self.repair
-    }
-
     /// Lines written through this handle.
     #[must_use]
+    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
     pub(crate) fn lines(&self) -> u64 {
         self.lines
     }
@@ -343,41 +323,47 @@ impl AppendFile {
         if line.contains(&b'\n') {
             return Err(Error::config("a JSONL line must not contain a newline"));
         }
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line);
-        buf.push(b'\n');
-        self.write_raw(&buf)
+        self.write_raw(&[line, b"\n"].concat())
     }
 
     /// `buf` must be one whole line ending in `\n`.
     fn write_raw(&mut self, buf: &[u8]) -> Result<(), Error> {
         debug_assert!(buf.ends_with(b"\n"));
-        if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_error) {
-            return Err(io_err(&self.path, e));
-        }
         self.file
             .write_all(buf)
             .map_err(|e| io_err(&self.path, e))?;
         self.lines += 1;
         self.unsynced += 1;
         match self.policy {
-            SyncPolicy::Always => self.sync()?,
-            SyncPolicy::Periodic { lines, interval } => {
-                if (lines > 0 && self.unsynced >= lines) || self.last_sync.elapsed() >= interval {
-                    if self.syncer.is_none() {
-                        self.syncer =
-                            Some(Syncer::start(&self.file).map_err(|e| io_err(&self.path, e))?);
-                    }
-                    if let Some(syncer) = &self.syncer {
-                        syncer.request();
-                    }
-                    self.unsynced = 0;
-                    self.last_sync = Instant::now();
+            SyncPolicy::Always => self.sync(),
+            SyncPolicy::Periodic { lines, interval }
+                if (lines > 0 && self.unsynced >= lines)
+                    || self.last_sync.elapsed() >= interval =>
+            {
+                if self.syncing.as_ref().is_some_and(|h| !h.is_finished()) {
+                    return Ok(()); // started by a write after it ends
                 }
+                self.join_sync()?;
+                let file = self.file.try_clone().map_err(|e| io_err(&self.path, e))?;
+                let spawned = std::thread::Builder::new()
+                    .name("rmboost-fsync".into())
+                    .spawn(move || file.sync_data());
+                self.syncing = Some(spawned.map_err(|e| io_err(&self.path, e))?);
+                self.unsynced = 0;
+                self.last_sync = Instant::now();
+                Ok(())
             }
-            SyncPolicy::OnClose => {}
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Waits for the background sync, if any; its error.
+    fn join_sync(&mut self) -> Result<(), Error> {
+        match self.syncing.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => Err(io_err(&self.path, e)),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            _ => Ok(()),
+        }
     }
 
     /// Puts everything written so far on disk (`fsync` of the data).
@@ -386,11 +372,9 @@ impl AppendFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the sync fails.
     pub(crate) fn sync(&mut self) -> Result<(), Error> {
-        if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_error) {
-            return Err(io_err(&self.path, e));
-        }
-        // Whatever a background sync has not covered yet is covered by this one.
-        if self.unsynced > 0 || self.syncer.is_some() {
+        // A background sync covers what was written before it started.
+        self.join_sync()?;
+        if self.unsynced > 0 {
             self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
         }
         self.unsynced = 0;
@@ -419,29 +403,22 @@ impl AppendFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be inspected or removed.
     pub(crate) fn remove_if_created_and_empty(mut self) -> Result<bool, Error> {
-        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
-            return Err(io_err(&self.path, e));
-        }
-        self.syncer = None;
+        self.join_sync()?;
         let len = self
             .file
             .metadata()
             .map_err(|e| io_err(&self.path, e))?
             .len();
-        if !self.created || len > 0 || !self.still_at_path() {
+        // Whether `path` still names the file this handle holds (not replaced or removed).
+        let ours = self.file.try_clone().and_then(same_file::Handle::from_file);
+        let still_at_path = ours
+            .is_ok_and(|ours| same_file::Handle::from_path(&self.path).is_ok_and(|h| h == ours));
+        if !self.created || len > 0 || !still_at_path {
             return Ok(false);
         }
         std::fs::remove_file(&self.path).map_err(|e| io_err(&self.path, e))?;
         sync_parent(&self.path)?;
         Ok(true)
-    }
-
-    /// Whether `path` still names the file this handle holds (not replaced or removed).
-    fn still_at_path(&self) -> bool {
-        let Ok(ours) = self.file.try_clone().and_then(same_file::Handle::from_file) else {
-            return false;
-        };
-        same_file::Handle::from_path(&self.path).is_ok_and(|h| h == ours)
     }
 
     /// Rewrites the file without the lines `keep` rejects, appending those to `aside` first;
@@ -453,69 +430,43 @@ impl AppendFile {
         mut keep: impl FnMut(&[u8]) -> bool,
         aside: &Path,
     ) -> Result<u64, Error> {
-        use std::io::{BufRead, BufReader};
-        let mut reader = self.file.try_clone().map_err(|e| io_err(&self.path, e))?;
-        reader
-            .seek(SeekFrom::Start(0))
-            .map_err(|e| io_err(&self.path, e))?;
-        let mut reader = BufReader::with_capacity(1 << 16, reader);
-        let mut tmp = temp_beside(&self.path)?;
+        let path = self.path.clone();
+        let io = |e| io_err(&path, e);
+        let reader = File::open(&path).map_err(io)?;
+        let mut tmp = temp_beside(&path)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
         let mut bad: Vec<u8> = Vec::new();
         let mut set_aside = 0u64;
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| io_err(&self.path, e))?;
-            if n == 0 {
-                break;
-            }
-            if line.iter().all(u8::is_ascii_whitespace) || keep(&line) {
-                out.write_all(&line).map_err(|e| io_err(&self.path, e))?;
+        // Every line ends with `\n`: a torn last line was cut at open.
+        for line in BufReader::with_capacity(1 << 16, reader).split(b'\n') {
+            let mut line = line.map_err(io)?;
+            let kept = line.iter().all(u8::is_ascii_whitespace) || keep(&line);
+            line.push(b'\n');
+            if kept {
+                out.write_all(&line).map_err(io)?;
             } else {
                 set_aside += 1;
                 bad.extend_from_slice(&line);
-                if !bad.ends_with(b"\n") {
-                    bad.push(b'\n');
-                }
             }
         }
-        out.flush().map_err(|e| io_err(&self.path, e))?;
+        out.flush().map_err(io)?;
         drop(out);
         if set_aside == 0 {
             return Ok(0);
         }
-        let mut side = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(aside)
-            .map_err(|e| io_err(aside, e))?;
-        side.write_all(&bad)
-            .and_then(|()| side.sync_all())
-            .map_err(|e| io_err(aside, e))?;
-        sync_parent(aside)?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| io_err(tmp.path(), e))?;
+        append_aside(aside, |side| side.write_all(&bad))?;
         tmp.as_file().try_lock().map_err(|e| {
-            io_err(
-                &self.path,
-                std::io::Error::other(format!("cannot lock the rewritten file: {e}")),
-            )
+            io(std::io::Error::other(format!(
+                "cannot lock the rewritten file: {e}"
+            )))
         })?;
-        let mut file = replace_with(tmp, &self.path)?;
-        file.seek(SeekFrom::End(0))
-            .map_err(|e| io_err(&self.path, e))?;
-        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
-            return Err(io_err(&self.path, e));
-        }
-        self.syncer = None;
+        let mut file = replace_with(tmp, &path)?;
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        self.join_sync()?;
         // The old handle (and its lock) goes only now, after the new file holds the path.
         self.file = file;
         tracing::warn!(
-            path = %self.path.display(),
+            path = %path.display(),
             lines = set_aside,
             saved_to = %aside.display(),
             "moved unreadable lines out of the file"
@@ -529,35 +480,34 @@ impl AppendFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the final sync fails.
     pub(crate) fn close(mut self) -> Result<(), Error> {
-        if let Some(e) = self.syncer.as_mut().and_then(Syncer::stop) {
-            return Err(io_err(&self.path, e));
-        }
-        self.syncer = None;
         self.sync()
+    }
+}
+
+impl Drop for AppendFile {
+    /// Waits for a background sync: its clone of the handle holds the lock too.
+    fn drop(&mut self) {
+        let _ = self.join_sync();
     }
 }
 
 /// Cuts a last line without its newline off `file`, saving it to `<path>.torn`.
 fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
-    let len = file.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
-    if len == 0 {
-        return Ok(Repair::default());
-    }
+    let io = |e| io_err(path, e);
+    let len = file.seek(SeekFrom::End(0)).map_err(io)?;
     // Scan backwards in blocks for the last newline.
     const BLOCK: u64 = 64 * 1024;
-    let mut end = len;
-    let mut keep = 0u64; // length of the prefix that ends with the last newline
-    let mut block = vec![0u8; BLOCK as usize];
-    'scan: while end > 0 {
+    let mut block = vec![0u8; BLOCK.min(len) as usize];
+    let (mut end, mut keep) = (len, 0); // `keep`: the length up to the last newline
+    while end > 0 {
         let start = end.saturating_sub(BLOCK);
-        let n = (end - start) as usize;
+        let block = &mut block[..(end - start) as usize];
         file.seek(SeekFrom::Start(start))
-            .map_err(|e| io_err(path, e))?;
-        file.read_exact(&mut block[..n])
-            .map_err(|e| io_err(path, e))?;
-        if let Some(i) = block[..n].iter().rposition(|&b| b == b'\n') {
+            .and_then(|_| file.read_exact(block))
+            .map_err(io)?;
+        if let Some(i) = memchr::memrchr(b'\n', block) {
             keep = start + i as u64 + 1;
-            break 'scan;
+            break;
         }
         end = start;
     }
@@ -568,20 +518,14 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
     let torn_path = with_suffix(path, ".torn");
     // Save the torn bytes before cutting them, so nothing is ever lost; copied through a
     // small buffer, whatever their length.
-    file.seek(SeekFrom::Start(keep))
-        .map_err(|e| io_err(path, e))?;
-    let mut side = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&torn_path)
-        .map_err(|e| io_err(&torn_path, e))?;
-    std::io::copy(&mut (&mut *file).take(torn_len), &mut side)
-        .and_then(|_| side.write_all(b"\n"))
-        .and_then(|()| side.sync_data())
-        .map_err(|e| io_err(&torn_path, e))?;
-    sync_parent(&torn_path)?;
-    file.set_len(keep).map_err(|e| io_err(path, e))?;
-    file.sync_data().map_err(|e| io_err(path, e))?;
+    file.seek(SeekFrom::Start(keep)).map_err(io)?;
+    append_aside(&torn_path, |side| {
+        std::io::copy(&mut (&mut *file).take(torn_len), side)?;
+        side.write_all(b"\n")
+    })?;
+    file.set_len(keep)
+        .and_then(|()| file.sync_data())
+        .map_err(io)?;
     tracing::warn!(
         path = %path.display(),
         torn_bytes = torn_len,
@@ -612,9 +556,8 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
 /// ```
 #[derive(Debug)]
 pub struct OutputFile {
-    file: AppendFile,
+    pub(crate) file: AppendFile,
     format: ExampleFormat,
-    buf: Vec<u8>,
 }
 
 impl OutputFile {
@@ -631,7 +574,6 @@ impl OutputFile {
         Ok(OutputFile {
             file: AppendFile::open(path, policy)?,
             format,
-            buf: Vec::with_capacity(4096),
         })
     }
 
@@ -641,41 +583,15 @@ impl OutputFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write or a due sync fails.
     pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
-        self.buf.clear();
-        serde_json::to_writer(&mut self.buf, &example.formatted(self.format))
-            .expect("serialising an example cannot fail: all keys are strings");
-        self.buf.push(b'\n');
-        let buf = std::mem::take(&mut self.buf);
-        let result = self.file.write_raw(&buf);
-        self.buf = buf;
-        result
-    }
-
-    /// Empties the file (keeping the lock).
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if truncating fails.
-    pub fn truncate(&mut self) -> Result<(), Error> {
-        self.file.truncate()
-    }
-
-    /// Examples written through this handle.
-    #[must_use]
-    pub fn written(&self) -> u64 {
-        self.file.lines()
+        let mut line = example.to_json_line(self.format);
+        line.push('\n');
+        self.file.write_raw(line.as_bytes())
     }
 
     /// What opening the file repaired.
     #[must_use]
     pub fn repair(&self) -> &Repair {
-        self.file.repair()
-    }
-
-    /// The file's path.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        self.file.path()
+        &self.file.repair
     }
 
     /// See `AppendFile::sync`.
@@ -687,31 +603,6 @@ impl OutputFile {
         self.file.sync()
     }
 
-    /// Moves the lines without a readable `id` (garbage a power loss can leave in the
-    /// middle of a file) to `<file>.garbage`, so downstream loaders never meet them; returns
-    /// how many. The file is rewritten beside itself and renamed over, under the lock.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the file
-    /// is then left as it was.
-    pub fn set_aside_unreadable(&mut self) -> Result<u64, Error> {
-        let aside = with_suffix(self.file.path(), ".garbage");
-        self.file
-            .set_aside(|line| super::resume::line_id(line).is_some(), &aside)
-    }
-
-    /// Closes the file and removes it if this open created it and nothing was written to it
-    /// (leaving no empty file behind a run that made nothing); a file another run created,
-    /// or that this run did not lock, is never removed. Returns whether it was removed.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be inspected or removed.
-    pub fn close_and_remove_if_new_and_empty(self) -> Result<bool, Error> {
-        self.file.remove_if_created_and_empty()
-    }
-
     /// Syncs and closes the file, releasing the lock.
     ///
     /// # Errors
@@ -719,6 +610,16 @@ impl OutputFile {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the final sync fails.
     pub fn close(self) -> Result<(), Error> {
         self.file.close()
+    }
+
+    /// Moves the lines without a readable `id` (garbage a power loss can leave in the
+    /// middle of a file) to `<file>.garbage`, so downstream loaders never meet them; returns
+    /// how many. The file is rewritten beside itself and renamed over, under the lock.
+    #[cfg_attr(not(feature = "run"), allow(dead_code))]
+    pub(crate) fn set_aside_unreadable(&mut self) -> Result<u64, Error> {
+        let aside = with_suffix(&self.file.path, ".garbage");
+        self.file
+            .set_aside(|line| super::resume::line_id(line).is_some(), &aside)
     }
 }
 
@@ -737,13 +638,13 @@ mod tests {
         let mut f = AppendFile::open(&path, policy).unwrap();
         f.write_line(b"{\"id\":\"a\"}").unwrap();
         f.write_line(b"{\"id\":\"b\"}").unwrap();
-        assert!(f.syncer.is_none(), "no sync due yet");
+        assert!(f.syncing.is_none(), "no sync due yet");
         for i in 0..1000 {
             f.write_line(format!("{{\"id\":\"{i}\"}}").as_bytes())
                 .unwrap();
         }
         assert!(
-            f.syncer.is_some(),
+            f.syncing.is_some(),
             "the period passed: the sync thread runs"
         );
         f.sync().unwrap();
@@ -770,7 +671,7 @@ mod tests {
         )
         .unwrap();
         let mut f = AppendFile::open(&path, SyncPolicy::Always).unwrap();
-        assert_eq!(f.repair().torn_bytes, 14);
+        assert_eq!(f.repair.torn_bytes, 14);
         f.write_line(b"{\"id\":\"c\"}").unwrap();
         f.close().unwrap();
         assert_eq!(
@@ -783,7 +684,7 @@ mod tests {
         );
         // A clean file needs no repair.
         let f = AppendFile::open(&path, SyncPolicy::OnClose).unwrap();
-        assert_eq!(f.repair(), &Repair::default());
+        assert_eq!(f.repair, Repair::default());
     }
 
     #[test]
@@ -792,7 +693,7 @@ mod tests {
         let path = dir.path().join("o.jsonl");
         std::fs::write(&path, vec![b'x'; 200_000]).unwrap();
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
-        assert_eq!(f.repair().torn_bytes, 200_000);
+        assert_eq!(f.repair.torn_bytes, 200_000);
         drop(f);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
 
@@ -800,7 +701,7 @@ mod tests {
         content.extend(vec![b'y'; 150_000]);
         std::fs::write(&path, &content).unwrap();
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
-        assert_eq!(f.repair().torn_bytes, 150_000);
+        assert_eq!(f.repair.torn_bytes, 150_000);
         drop(f);
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"id\":\"a\"}\n");
     }

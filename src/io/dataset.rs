@@ -84,50 +84,31 @@ impl<R: BufRead> DatasetReader<R> {
     /// `\r\n`); default 64 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
-        self.lines.set_max_line_bytes(max);
+        self.lines.max_line_bytes = max;
         self
-    }
-
-    /// The format of the file: that of its first example, once read.
-    #[must_use]
-    pub fn format(&self) -> Option<ExampleFormat> {
-        self.format.map(|(f, _)| f)
-    }
-
-    /// The file name used in errors.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        self.lines.path()
-    }
-
-    fn err(&self, message: impl Into<String>) -> Error {
-        self.lines.err(message)
     }
 
     fn parse(&mut self, text: &str, ended: bool) -> Result<DatasetLine, Error> {
         let (example, format) = match parse_example_line(text) {
             Ok(parsed) => parsed,
             Err(_) if !ended => {
-                return Err(self.err(
+                return Err(self.lines.err(
                     "torn last line: the file ends inside a line that is not a whole example \
                      (a run that was killed leaves one); rerun the same `rmboost generate` \
                      command to repair and finish the file, or remove the line",
                 ))
             }
-            Err(e) => return Err(self.err(format!("not a preference example: {e}"))),
+            Err(e) => return Err(self.lines.err(format!("not a preference example: {e}"))),
         };
-        match self.format {
-            None => self.format = Some((format, self.lines.line())),
-            Some((first, at)) if first != format => {
-                return Err(self.err(format!(
-                    "a {format} example in a {first} file (line {at} is {first}): one file \
-                     holds one format; regenerate the odd lines or split the file"
-                )))
-            }
-            Some(_) => {}
+        let (first, at) = *self.format.get_or_insert((format, self.lines.line));
+        if first != format {
+            return Err(self.lines.err(format!(
+                "a {format} example in a {first} file (line {at} is {first}): one file \
+                 holds one format; regenerate the odd lines or split the file"
+            )));
         }
         Ok(DatasetLine {
-            line: self.lines.line(),
+            line: self.lines.line,
             format,
             example,
             text: text.to_string(),
@@ -139,13 +120,11 @@ impl<R: BufRead> Iterator for DatasetReader<R> {
     type Item = Result<DatasetLine, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let line = match self.lines.next_line()? {
-            Ok(line) => line,
-            Err(e) => return Some(Err(e)),
-        };
-        let result = self.parse(line.text.trim_end_matches('\r'), line.ended);
-        self.lines.recycle(line);
-        Some(result)
+        Some(
+            self.lines
+                .next_line()?
+                .and_then(|line| self.parse(line.text.trim_end_matches('\r'), line.ended)),
+        )
     }
 }
 

@@ -1,14 +1,15 @@
 //! The failure ledger: [`FailureLedger`] and its [`FailureRecord`]s.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::append::{replace_with, sync_parent, temp_beside, with_suffix, AppendFile, SyncPolicy};
+use super::append::{
+    if_exists, remove_if_exists, sidecar, write_replacing, AppendFile, SyncPolicy,
+};
 use super::resume::IdSet;
 use crate::{error_chain, Error};
 
@@ -96,14 +97,7 @@ impl FailureLedger {
     /// (any other name gets `.failures.jsonl` appended).
     #[must_use]
     pub fn default_path(output: &Path) -> PathBuf {
-        match (output.extension(), output.file_stem()) {
-            (Some(ext), Some(stem)) if ext == "jsonl" => {
-                let mut name = stem.to_os_string();
-                name.push(".failures.jsonl");
-                output.with_file_name(name)
-            }
-            _ => with_suffix(output, ".failures.jsonl"),
-        }
+        sidecar(output, ".failures.jsonl")
     }
 
     /// Opens (creating if needed) the ledger for appending; see [`OutputFile::open`](super::OutputFile::open).
@@ -117,35 +111,15 @@ impl FailureLedger {
         })
     }
 
-    /// Appends a record.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write fails.
-    pub fn append(&mut self, record: &FailureRecord) -> Result<(), Error> {
-        let line = serde_json::to_vec(record).expect("a failure record always serialises");
-        self.file.write_line(&line)
-    }
-
     /// Records that the example `id` failed with `error`.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the write fails.
     pub fn record(&mut self, id: &str, error: &Error) -> Result<(), Error> {
-        self.append(&FailureRecord::new(id, error))
-    }
-
-    /// Records appended through this handle.
-    #[must_use]
-    pub fn records(&self) -> u64 {
-        self.file.lines()
-    }
-
-    /// The ledger's path.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        self.file.path()
+        let line = serde_json::to_vec(&FailureRecord::new(id, error))
+            .expect("a failure record always serialises");
+        self.file.write_line(&line)
     }
 
     /// Syncs and closes the ledger.
@@ -165,18 +139,13 @@ impl FailureLedger {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file exists but cannot be read.
     pub fn read(path: impl AsRef<Path>) -> Result<Vec<FailureRecord>, Error> {
         let path = path.as_ref();
-        let io = |source| Error::io(path.to_path_buf(), source);
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io(e)),
+        let Some(file) = if_exists(path, std::fs::File::open)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for line in BufReader::new(file).split(b'\n') {
-            let line = line.map_err(io)?;
-            if let Ok(r) = serde_json::from_slice::<FailureRecord>(&line) {
-                out.push(r);
-            }
+            let line = line.map_err(|e| Error::io(path, e))?;
+            out.extend(serde_json::from_slice::<FailureRecord>(&line).ok());
         }
         Ok(out)
     }
@@ -195,21 +164,12 @@ impl FailureLedger {
     #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
-        let records = Self::read(path)?;
-        if records.is_empty() {
-            if path.exists() {
-                std::fs::remove_file(path)
-                    .map_err(|source| Error::io(path.to_path_buf(), source))?;
-                sync_parent(path)?;
-            }
-            return Ok(0);
-        }
         let mut order: Vec<FailureRecord> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        for r in records {
-            if done.contains(&r.id) {
-                continue;
-            }
+        for r in Self::read(path)?
+            .into_iter()
+            .filter(|r| !done.contains(&r.id))
+        {
             match index.get(&r.id) {
                 Some(&i) => {
                     let runs = order[i].runs.saturating_add(r.runs);
@@ -222,8 +182,7 @@ impl FailureLedger {
             }
         }
         if order.is_empty() {
-            std::fs::remove_file(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
-            sync_parent(path)?;
+            remove_if_exists(path)?;
             return Ok(0);
         }
         let mut buf = Vec::new();
@@ -231,14 +190,7 @@ impl FailureLedger {
             serde_json::to_writer(&mut buf, r).expect("a failure record always serialises");
             buf.push(b'\n');
         }
-        // A fresh random name beside the ledger (never a fixed name another process or a
-        // planted symlink could hold), synced, then renamed over it.
-        let mut tmp = temp_beside(path)?;
-        tmp.as_file_mut()
-            .write_all(&buf)
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
-        replace_with(tmp, path)?;
+        write_replacing(path, &buf)?;
         Ok(order.len() as u64)
     }
 }

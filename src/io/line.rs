@@ -2,7 +2,7 @@
 //! [`DatasetReader`](super::DatasetReader)), and the numbered, checked text lines both parse.
 
 use std::io::{self, BufRead};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::Error;
 
@@ -15,10 +15,13 @@ pub(crate) const MAX_LINE_BYTES: usize = 64 << 20;
 #[derive(Debug)]
 pub(crate) struct JsonlLines<R> {
     reader: R,
-    path: PathBuf,
-    line: u64,
+    /// The file name used in errors.
+    pub(crate) path: PathBuf,
+    /// The number of the last line read (1-based; 0 before the first).
+    pub(crate) line: u64,
     buf: Vec<u8>,
-    max_line_bytes: usize,
+    /// The longest line accepted, in bytes, not counting its line ending.
+    pub(crate) max_line_bytes: usize,
     done: bool,
 }
 
@@ -41,21 +44,6 @@ impl<R: BufRead> JsonlLines<R> {
         }
     }
 
-    /// Sets the longest line accepted, in bytes, not counting its line ending.
-    pub(crate) fn set_max_line_bytes(&mut self, max: usize) {
-        self.max_line_bytes = max;
-    }
-
-    /// The file name used in errors.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The number of the last line read (1-based; 0 before the first).
-    pub(crate) fn line(&self) -> u64 {
-        self.line
-    }
-
     /// A parse error at the last line read.
     pub(crate) fn err(&self, message: impl Into<String>) -> Error {
         Error::parse(self.path.clone(), self.line, message)
@@ -65,43 +53,36 @@ impl<R: BufRead> JsonlLines<R> {
     /// goes on after it); `None` at the end of the input, and after an I/O error (which is
     /// returned once, as [`ErrorKind::Io`](crate::ErrorKind::Io)).
     pub(crate) fn next_line(&mut self) -> Option<Result<TextLine, Error>> {
-        if self.done {
-            return None;
-        }
-        loop {
-            let ended =
-                match read_bounded_line(&mut self.reader, &mut self.buf, self.max_line_bytes) {
-                    Ok(Line::Eof) => {
-                        self.done = true;
-                        return None;
-                    }
-                    Ok(Line::Ended) => true,
-                    Ok(Line::Unended) => false,
-                    Ok(Line::TooLong) => {
-                        self.line += 1;
-                        return Some(Err(self.err(format!(
-                            "line longer than the {} byte limit",
-                            self.max_line_bytes
-                        ))));
-                    }
-                    Err(source) => {
-                        self.done = true;
-                        return Some(Err(Error::io(self.path.clone(), source)));
-                    }
-                };
+        while !self.done {
+            let max = self.max_line_bytes;
+            let ended = match read_bounded_line(&mut self.reader, &mut self.buf, max) {
+                Ok(Line::Eof) => break,
+                Ok(Line::TooLong) => Err(format!("line longer than the {max} byte limit")),
+                Ok(line) => Ok(line == Line::Ended),
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(Error::io(self.path.clone(), source)));
+                }
+            };
             self.line += 1;
-            match String::from_utf8(std::mem::take(&mut self.buf)) {
-                Err(e) => {
-                    let at = e.utf8_error().valid_up_to();
-                    self.buf = e.into_bytes();
+            let text = match (ended, std::str::from_utf8(&self.buf)) {
+                (Err(message), _) => return Some(Err(self.err(message))),
+                (Ok(_), Err(e)) => {
+                    let at = e.valid_up_to();
                     return Some(Err(
                         self.err(format!("invalid UTF-8 at byte {at} of the line"))
                     ));
                 }
-                Ok(text) if text.trim().is_empty() => self.buf = text.into_bytes(),
-                Ok(text) => return Some(Ok(TextLine { text, ended })),
-            }
+                (Ok(_), Ok(text)) if text.trim().is_empty() => continue,
+                (Ok(ended), Ok(text)) => TextLine {
+                    text: text.to_owned(),
+                    ended,
+                },
+            };
+            return Some(Ok(text));
         }
+        self.done = true;
+        None
     }
 
     /// Gives a line's buffer back for the next read (saves an allocation per line).
@@ -142,7 +123,7 @@ pub(crate) enum Line {
     TooLong,
 }
 
-/// Reads one line from `reader` into `buf` (cleared first), holding at most `max + 1` bytes of
+/// Reads one line from `reader` into `buf` (cleared first), holding at most `max + 2` bytes of
 /// it in memory whatever the length of the line.
 ///
 /// The line ending is `\n` or `\r\n` and is not part of the line: a line is accepted when it
@@ -160,51 +141,26 @@ pub(crate) fn read_bounded_line<R: BufRead + ?Sized>(
     max: usize,
 ) -> io::Result<Line> {
     buf.clear();
-    // Room for the line and a `\r` that may turn out to be the start of its ending.
-    let room = max.saturating_add(1);
-    let mut any = false;
-    let mut too_long = false;
-    loop {
-        let available = match reader.fill_buf() {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if available.is_empty() {
-            if !any {
-                return Ok(Line::Eof);
-            }
-            if too_long || buf.len() > max {
-                buf.clear();
-                return Ok(Line::TooLong);
-            }
-            return Ok(Line::Unended);
-        }
-        any = true;
-        let (body, used, found) = match memchr::memchr(b'\n', available) {
-            Some(i) => (&available[..i], i + 1, true),
-            None => (available, available.len(), false),
-        };
-        if !too_long {
-            if body.len() > room - buf.len() {
-                too_long = true;
-                buf.clear();
-            } else {
-                buf.extend_from_slice(body);
-            }
-        }
-        reader.consume(used);
-        if found {
-            if !too_long && buf.last() == Some(&b'\r') {
-                buf.pop();
-            }
-            if too_long || buf.len() > max {
-                buf.clear();
-                return Ok(Line::TooLong);
-            }
-            return Ok(Line::Ended);
-        }
+    // Room for the line and its `\r\n`.
+    let room = max.saturating_add(2) as u64;
+    if io::Read::take(&mut *reader, room).read_until(b'\n', buf)? == 0 {
+        return Ok(Line::Eof);
     }
+    let ended = buf.last() == Some(&b'\n');
+    if ended {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    } else if buf.len() as u64 == room {
+        // Out of room before the line's end: read past the rest of it.
+        reader.skip_until(b'\n')?;
+    }
+    if buf.len() > max {
+        buf.clear();
+        return Ok(Line::TooLong);
+    }
+    Ok(if ended { Line::Ended } else { Line::Unended })
 }
 
 #[cfg(test)]

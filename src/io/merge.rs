@@ -1,15 +1,15 @@
 //! Joining the outputs of a sharded run: [`merge`].
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use super::append::{ensure_distinct_files, replace_with, sidecar, sync_parent, temp_beside};
+use super::append::{
+    ensure_distinct_files, if_exists, remove_if_exists, replace_with, sidecar, temp_beside,
+    write_replacing,
+};
 use super::dataset::read_dataset;
 use super::line::{JsonlLines, MAX_LINE_BYTES};
 use super::reader::read_prompts;
@@ -83,27 +83,18 @@ impl MergeSummary {
     pub const MAX_LISTED: usize = 10;
 }
 
-/// Where an id was first seen, and a digest of its example.
+/// Where an id was first seen, and a digest of its example (its [`IdHash`]).
 struct Seen {
     shard: usize,
     line: u64,
     digest: u128,
 }
 
-fn digest(text: &str) -> u128 {
-    let d = Sha256::digest(text.as_bytes());
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    u128::from_le_bytes(b)
-}
-
 fn listed(items: &[String], total: u64) -> String {
-    let more = total.saturating_sub(items.len() as u64);
-    let mut s = items.join(", ");
-    if more > 0 {
-        s.push_str(&format!(" (and {more} more)"));
+    match total.saturating_sub(items.len() as u64) {
+        0 => items.join(", "),
+        more => format!("{} (and {more} more)", items.join(", ")),
     }
-    s
 }
 
 /// Merges the example files of a sharded run (`rmboost generate --shard I/N`) into one file,
@@ -131,7 +122,8 @@ fn listed(items: &[String], total: u64) -> String {
 /// behind, and never a partial file under the final name. No input is ever modified.
 ///
 /// Memory: about 80 bytes per distinct id (its hash, where it was first seen, and a digest of
-/// its content), plus 25 bytes per prompt id with an input.
+/// its content), plus 25 bytes per prompt id with an input, and the ledger lines of the ids
+/// that still failed.
 ///
 /// ```
 /// use rmboost::io::{merge, MergeOptions};
@@ -169,41 +161,34 @@ pub fn merge<P: AsRef<Path>>(
     }
     let out_ledger = sidecar(output, ".failures.jsonl");
     let out_recipe = sidecar(output, ".run.json");
-    let ledgers: Vec<PathBuf> = shards
+    let ledgers: Vec<_> = shards
         .iter()
         .map(|s| sidecar(s, ".failures.jsonl"))
         .collect();
-    let recipes: Vec<PathBuf> = shards.iter().map(|s| sidecar(s, ".run.json")).collect();
+    let recipes: Vec<_> = shards.iter().map(|s| sidecar(s, ".run.json")).collect();
 
     // The files written must not be any file read, and no shard may be given twice.
-    let written = [
-        ("output", output),
-        ("output's failure ledger", out_ledger.as_path()),
-        ("output's recipe", out_recipe.as_path()),
+    let mut files: Vec<(String, &Path)> = vec![
+        ("output".into(), output),
+        ("output's failure ledger".into(), out_ledger.as_path()),
+        ("output's recipe".into(), out_recipe.as_path()),
     ];
-    let mut read: Vec<(String, &Path)> = Vec::new();
-    if let Some(input) = &options.input {
-        read.push(("input".into(), input));
-    }
+    files.extend(
+        options
+            .input
+            .as_deref()
+            .map(|input| ("input".into(), input)),
+    );
     for (i, shard) in shards.iter().enumerate() {
-        read.push((format!("shard {}", i + 1), shard));
+        files.push((format!("shard {}", i + 1), shard));
         for (what, path) in [("ledger", &ledgers[i]), ("recipe", &recipes[i])] {
             if path.exists() {
-                read.push((format!("{what} of shard {}", i + 1), path));
+                files.push((format!("{what} of shard {}", i + 1), path));
             }
         }
     }
-    for w in written {
-        for (role, path) in &read {
-            ensure_distinct_files(&[w, (role.as_str(), *path)])?;
-        }
-    }
-    for i in 0..shards.len() {
-        for j in i + 1..shards.len() {
-            let (a, b) = (format!("shard {}", i + 1), format!("shard {}", j + 1));
-            ensure_distinct_files(&[(a.as_str(), shards[i]), (b.as_str(), shards[j])])?;
-        }
-    }
+    let files: Vec<(&str, &Path)> = files.iter().map(|(r, p)| (r.as_str(), *p)).collect();
+    ensure_distinct_files(&files)?;
     if !options.overwrite && output.exists() {
         return Err(Error::config(format!(
             "{} already exists: give a new output file, or overwrite it (--force)",
@@ -223,50 +208,41 @@ pub fn merge<P: AsRef<Path>>(
     for (i, shard) in shards.iter().enumerate() {
         for row in read_dataset(shard)? {
             let row = row?;
-            match first_format {
-                None => first_format = Some((row.format, i)),
-                Some((f, at)) if f != row.format => {
-                    return Err(Error::parse(
-                        *shard,
-                        row.line,
-                        format!(
-                            "a {} example, but {} is {f}: merge shards of one run",
-                            row.format,
-                            shards[at].display()
-                        ),
-                    ))
-                }
-                Some(_) => {}
+            let (first, at) = *first_format.get_or_insert((row.format, i));
+            if first != row.format {
+                return Err(Error::parse(
+                    *shard,
+                    row.line,
+                    format!(
+                        "a {} example, but {} is {first}: merge shards of one run",
+                        row.format,
+                        shards[at].display()
+                    ),
+                ));
             }
-            let content = digest(&row.example.to_json_line(row.format));
-            match seen.entry(IdHash::of(&row.example.id).0) {
-                Entry::Occupied(e) => {
-                    let first = e.get();
-                    if first.digest != content {
-                        return Err(Error::config(format!(
-                            "{}:{}: id `{}` is also at {}:{} with different content: these \
-                             are not shards of one run, or one was regenerated with other \
-                             settings",
-                            shard.display(),
-                            row.line,
-                            row.example.id,
-                            shards[first.shard].display(),
-                            first.line
-                        )));
-                    }
-                    summary.duplicates += 1;
-                }
-                Entry::Vacant(e) => {
-                    e.insert(Seen {
-                        shard: i,
-                        line: row.line,
-                        digest: content,
-                    });
-                    out.write_all(row.text.as_bytes())
-                        .and_then(|()| out.write_all(b"\n"))
-                        .map_err(|e| Error::io(output, e))?;
-                    summary.examples += 1;
-                }
+            let content = IdHash::of(&row.example.to_json_line(row.format)).0;
+            let first = seen.entry(IdHash::of(&row.example.id).0).or_insert(Seen {
+                shard: i,
+                line: row.line,
+                digest: content,
+            });
+            if (first.shard, first.line) == (i, row.line) {
+                out.write_all(row.text.as_bytes())
+                    .and_then(|()| out.write_all(b"\n"))
+                    .map_err(|e| Error::io(output, e))?;
+                summary.examples += 1;
+            } else if first.digest == content {
+                summary.duplicates += 1;
+            } else {
+                return Err(Error::config(format!(
+                    "{}:{}: id `{}` is also at {}:{} with different content: these are not \
+                     shards of one run, or one was regenerated with other settings",
+                    shard.display(),
+                    row.line,
+                    row.example.id,
+                    shards[first.shard].display(),
+                    first.line
+                )));
             }
         }
     }
@@ -274,14 +250,12 @@ pub fn merge<P: AsRef<Path>>(
     drop(out);
     summary.format = first_format.map(|(f, _)| f);
 
-    // Ledgers: lines of ids that are in no output.
+    // Ledgers: lines of ids that are in no output (a list of failures: kept in memory).
     let mut failed = IdSet::new();
-    let mut ledger_tmp = None;
+    let mut failed_lines = Vec::new();
     for path in &ledgers {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(file) = if_exists(path, std::fs::File::open)? else {
+            continue;
         };
         let mut lines = JsonlLines::new(BufReader::new(file), path.clone(), MAX_LINE_BYTES);
         while let Some(line) = lines.next_line() {
@@ -289,17 +263,12 @@ pub fn merge<P: AsRef<Path>>(
             let Some(id) = super::resume::line_id(line.as_bytes()) else {
                 return Err(lines.err("not a failure-ledger line (needs a string or integer `id`)"));
             };
-            if seen.contains_key(&IdHash::of(&id).0) {
-                continue; // it failed once and succeeded later
+            // An id that failed once and succeeded later is done.
+            if !seen.contains_key(&IdHash::of(&id).0) {
+                failed.insert(&id);
+                failed_lines.extend_from_slice(line.as_bytes());
+                failed_lines.push(b'\n');
             }
-            failed.insert(&id);
-            if ledger_tmp.is_none() {
-                ledger_tmp = Some(BufWriter::new(temp_beside(&out_ledger)?));
-            }
-            let w = ledger_tmp.as_mut().expect("just set");
-            w.write_all(line.as_bytes())
-                .and_then(|()| w.write_all(b"\n"))
-                .map_err(|e| Error::io(&out_ledger, e))?;
         }
     }
     summary.failed = failed.len() as u64;
@@ -308,20 +277,15 @@ pub fn merge<P: AsRef<Path>>(
     let mut recipe: Option<Value> = None;
     let mut all_have = true;
     for path in &recipes {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                all_have = false;
-                continue;
-            }
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(bytes) = if_exists(path, std::fs::read)? else {
+            all_have = false;
+            continue;
         };
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
         match &recipe {
             None => recipe = Some(value),
-            Some(r) if *r != value => summary.recipes_differ = true,
-            Some(_) => {}
+            Some(r) => summary.recipes_differ |= *r != value,
         }
     }
     let recipe = recipe.filter(|_| all_have && !summary.recipes_differ);
@@ -332,47 +296,23 @@ pub fn merge<P: AsRef<Path>>(
     }
 
     // Everything checked out: put the files in place, the output last.
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
-    match ledger_tmp {
-        Some(w) => {
-            let t = w
-                .into_inner()
-                .map_err(|e| Error::io(&out_ledger, e.into_error()))?;
-            t.as_file()
-                .sync_all()
-                .map_err(|e| Error::io(&out_ledger, e))?;
-            replace_with(t, &out_ledger)?;
-            summary.ledger = Some(out_ledger);
-        }
-        None => remove_stale(&out_ledger)?,
-    }
-    match recipe {
-        Some(value) => {
-            let mut t = temp_beside(&out_recipe)?;
-            let mut json = serde_json::to_vec_pretty(&value).expect("JSON serialises");
-            json.push(b'\n');
-            t.as_file_mut()
-                .write_all(&json)
-                .and_then(|()| t.as_file().sync_all())
-                .map_err(|e| Error::io(&out_recipe, e))?;
-            replace_with(t, &out_recipe)?;
-            summary.recipe = Some(out_recipe);
-        }
-        None => remove_stale(&out_recipe)?,
-    }
+    summary.ledger = write_or_remove(out_ledger, Some(failed_lines).filter(|l| !l.is_empty()))?;
+    let recipe = recipe.map(|value| {
+        let mut json = serde_json::to_vec_pretty(&value).expect("JSON serialises");
+        json.push(b'\n');
+        json
+    });
+    summary.recipe = write_or_remove(out_recipe, recipe)?;
     replace_with(tmp, output)?;
     Ok(summary)
 }
 
-/// Removes a ledger or recipe left beside an overwritten output by an earlier merge: it would
-/// describe other data.
-fn remove_stale(path: &Path) -> Result<(), Error> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_parent(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
+/// Writes `bytes` to `path` (then `Some(path)`), or without any removes `path`: a ledger or
+/// recipe left beside an overwritten output by an earlier merge would describe other data.
+fn write_or_remove(path: PathBuf, bytes: Option<Vec<u8>>) -> Result<Option<PathBuf>, Error> {
+    match bytes {
+        Some(bytes) => write_replacing(&path, &bytes).map(|()| Some(path)),
+        None => remove_if_exists(&path).map(|()| None),
     }
 }
 
@@ -399,10 +339,8 @@ fn check_input(
             Err(e) => return Err(e),
         };
         let hash = IdHash::of(&prompt.id);
-        if !prompts.insert_hash(hash) {
-            continue; // a duplicate input id: the run kept the first
-        }
-        if !seen.contains_key(&hash.0) && !failed.contains_hash(hash) {
+        // A duplicate input id is one prompt: the run kept the first.
+        if prompts.insert_hash(hash) && !seen.contains_key(&hash.0) && !failed.contains_hash(hash) {
             missing_count += 1;
             if missing.len() < MergeSummary::MAX_LISTED {
                 missing.push(prompt.id);

@@ -12,7 +12,7 @@
 //! - a file is locked while it is open for writing, so two runs cannot append to it at once;
 //! - a [`SyncPolicy`] says when lines are forced to disk.
 
-mod append;
+pub(crate) mod append;
 mod dataset;
 mod ledger;
 pub(crate) mod line;
@@ -21,12 +21,10 @@ mod reader;
 mod resume;
 mod writer;
 
-#[cfg(any(feature = "run", feature = "parquet"))]
+#[cfg(any(feature = "batch", feature = "parquet"))]
 pub(crate) use append::sidecar;
 #[cfg(feature = "batch")]
-pub(crate) use append::AppendFile;
-#[cfg(feature = "run")]
-pub(crate) use append::{ensure_distinct_files, replace_with, sync_parent, temp_beside};
+pub(crate) use append::{replace_with, sync_parent, temp_beside, AppendFile};
 pub use append::{OutputFile, Repair, SyncPolicy};
 pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use ledger::{FailureLedger, FailureRecord};

@@ -47,7 +47,7 @@ impl<R: BufRead> PromptReader<R> {
     /// `\r\n`); default 16 MiB. A longer line is an error.
     #[must_use]
     pub fn max_line_bytes(mut self, max: usize) -> Self {
-        self.lines.set_max_line_bytes(max);
+        self.lines.max_line_bytes = max;
         self
     }
 
@@ -69,7 +69,7 @@ impl<R: BufRead> PromptReader<R> {
     {
         use futures::{SinkExt, StreamExt};
         let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Prompt, Error>>(64);
-        let path = self.lines.path().to_path_buf();
+        let path = self.lines.path.clone();
         let spawned = std::thread::Builder::new()
             .name("rmboost-input".into())
             .spawn(move || {
@@ -88,56 +88,7 @@ impl<R: BufRead> PromptReader<R> {
     /// The number of the last line read (1-based; 0 before the first).
     #[must_use]
     pub fn line(&self) -> u64 {
-        self.lines.line()
-    }
-
-    fn err(&self, message: impl Into<String>) -> Error {
-        self.lines.err(message)
-    }
-
-    fn parse(&self, text: &str) -> Result<Prompt, Error> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| self.err(format!("invalid JSON at column {}: {e}", e.column())))?;
-        let Value::Object(mut obj) = value else {
-            return Err(self.err("expected a JSON object"));
-        };
-        let id = match obj.remove("id") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if !s.is_empty() => Some(s),
-            Some(Value::String(_)) => return Err(self.err("field `id` is empty")),
-            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
-            Some(_) => return Err(self.err("field `id` must be a string or an integer")),
-        };
-        let input = match (obj.remove("prompt"), obj.remove("messages")) {
-            (Some(_), Some(_)) => {
-                return Err(self.err("give either `prompt` or `messages`, not both"))
-            }
-            (None, None) => {
-                return Err(self.err("missing field `prompt` (or `messages`)"));
-            }
-            (Some(Value::String(s)), None) => {
-                if s.trim().is_empty() {
-                    return Err(self.err("field `prompt` is empty"));
-                }
-                PromptInput::Text(s)
-            }
-            (Some(_), None) => return Err(self.err("field `prompt` must be a string")),
-            (None, Some(m)) => {
-                let messages: Vec<Message> = serde_json::from_value(m).map_err(|e| {
-                    self.err(format!(
-                        "field `messages` must be a list of {{\"role\", \"content\"}}: {e}"
-                    ))
-                })?;
-                check_messages(&messages).map_err(|m| self.err(format!("field {m}")))?;
-                PromptInput::Messages(messages)
-            }
-        };
-        let id = id.unwrap_or_else(|| Prompt::content_id(&input));
-        Ok(Prompt {
-            id,
-            input,
-            extra: Map::from_iter(obj),
-        })
+        self.lines.line
     }
 }
 
@@ -145,14 +96,48 @@ impl<R: BufRead> Iterator for PromptReader<R> {
     type Item = Result<Prompt, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let line = match self.lines.next_line()? {
-            Ok(line) => line,
-            Err(e) => return Some(Err(e)),
-        };
-        let result = self.parse(line.text.trim());
-        self.lines.recycle(line);
-        Some(result)
+        Some(self.lines.next_line()?.and_then(|line| {
+            parse_prompt(line.text.trim()).map_err(|message| self.lines.err(message))
+        }))
     }
+}
+
+/// A prompt record, or what is wrong with it.
+fn parse_prompt(text: &str) -> Result<Prompt, String> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))?;
+    let Value::Object(mut obj) = value else {
+        return Err("expected a JSON object".into());
+    };
+    let id = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(Value::String(_)) => return Err("field `id` is empty".into()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        Some(_) => return Err("field `id` must be a string or an integer".into()),
+    };
+    let input = match (obj.remove("prompt"), obj.remove("messages")) {
+        (Some(_), Some(_)) => return Err("give either `prompt` or `messages`, not both".into()),
+        (None, None) => return Err("missing field `prompt` (or `messages`)".into()),
+        (Some(Value::String(s)), None) if s.trim().is_empty() => {
+            return Err("field `prompt` is empty".into())
+        }
+        (Some(Value::String(s)), None) => PromptInput::Text(s),
+        (Some(_), None) => return Err("field `prompt` must be a string".into()),
+        (None, Some(m)) => {
+            let messages: Vec<Message> = serde_json::from_value(m).map_err(|e| {
+                format!("field `messages` must be a list of {{\"role\", \"content\"}}: {e}")
+            })?;
+            check_messages(&messages).map_err(|m| format!("field {m}"))?;
+            PromptInput::Messages(messages)
+        }
+    };
+    let id = id.unwrap_or_else(|| Prompt::content_id(&input));
+    Ok(Prompt {
+        id,
+        input,
+        extra: Map::from_iter(obj),
+    })
 }
 
 #[cfg(test)]

@@ -2,11 +2,11 @@
 //! stable id hash ([`IdHash`]) that also assigns ids to shards.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::Error;
@@ -87,12 +87,6 @@ impl IdSet {
     pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
-
-    /// Whether the set is empty.
-    #[must_use]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// The ids already written to an output file, so a rerun skips them.
@@ -109,35 +103,18 @@ pub struct Resume {
     unreadable: u64,
 }
 
-#[derive(Deserialize)]
-struct IdOnly {
-    // Other fields are read past without being kept.
-    id: IdValue,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum IdValue {
-    Text(String),
-    Int(i64),
-    Uint(u64),
-}
-
-impl IdValue {
-    fn into_string(self) -> String {
-        match self {
-            IdValue::Text(s) => s,
-            IdValue::Int(i) => i.to_string(),
-            IdValue::Uint(u) => u.to_string(),
-        }
-    }
-}
-
-/// The `id` of one JSON line, if it has one.
+/// The `id` of one JSON line (a string or an integer), if it has one.
 pub(crate) fn line_id(line: &[u8]) -> Option<String> {
-    serde_json::from_slice::<IdOnly>(line)
-        .ok()
-        .map(|r| r.id.into_string())
+    #[derive(Deserialize)]
+    struct IdOnly {
+        // Other fields are read past without being kept.
+        id: Value,
+    }
+    match serde_json::from_slice::<IdOnly>(line).ok()?.id {
+        Value::String(s) => Some(s),
+        Value::Number(n) if !n.is_f64() => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 impl Resume {
@@ -158,15 +135,12 @@ impl Resume {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file exists but cannot be read.
     pub fn scan(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resume::new()),
-            Err(source) => return Err(Error::io(path.to_path_buf(), source)),
-        };
         let mut resume = Resume::new();
-        resume
-            .scan_reader(BufReader::with_capacity(1 << 16, file))
-            .map_err(|source| Error::io(path.to_path_buf(), source))?;
+        if let Some(file) = super::append::if_exists(path, std::fs::File::open)? {
+            resume
+                .scan_reader(BufReader::with_capacity(1 << 16, file))
+                .map_err(|source| Error::io(path.to_path_buf(), source))?;
+        }
         Ok(resume)
     }
 
@@ -180,11 +154,7 @@ impl Resume {
         while super::line::next_nonblank_line(&mut reader, &mut line)? {
             self.lines += 1;
             match line_id(&line) {
-                Some(id) => {
-                    if !self.ids.insert(&id) {
-                        self.duplicates += 1;
-                    }
-                }
+                Some(id) => self.duplicates += u64::from(!self.ids.insert(&id)),
                 None => self.unreadable += 1,
             }
         }
@@ -195,11 +165,6 @@ impl Resume {
     #[must_use]
     pub fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
-    }
-
-    /// Marks `id` done; returns whether it was new.
-    pub fn insert(&mut self, id: &str) -> bool {
-        self.ids.insert(id)
     }
 
     /// The set of done ids, without copying it.
@@ -218,7 +183,7 @@ impl Resume {
     /// Whether no id was found.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.ids.len() == 0
     }
 
     /// Non-blank lines scanned.
@@ -285,7 +250,7 @@ mod tests {
     #[test]
     fn id_set_basics() {
         let mut s = IdSet::new();
-        assert!(s.is_empty() && !s.contains("a"));
+        assert!(s.len() == 0 && !s.contains("a"));
         assert!(s.insert("a") && !s.insert("a"));
         assert!(s.contains("a") && !s.contains("b"));
         let n = 10_000;

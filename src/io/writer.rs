@@ -8,13 +8,12 @@ use crate::Error;
 
 /// Writes examples as JSON lines in one of the two formats.
 ///
-/// Each example is serialised into a buffer first and written with one `write_all`, so a
+/// Each example is serialised into a line first and written with one `write_all`, so a
 /// reader of the file never sees half a line unless the process dies mid-write.
 #[derive(Debug)]
 pub struct ExampleWriter<W: Write> {
     out: W,
     format: ExampleFormat,
-    buf: Vec<u8>,
     written: u64,
     name: PathBuf,
 }
@@ -26,7 +25,6 @@ impl<W: Write> ExampleWriter<W> {
         ExampleWriter {
             out,
             format,
-            buf: Vec::with_capacity(4096),
             written: 0,
             name: PathBuf::from("<output>"),
         }
@@ -45,12 +43,10 @@ impl<W: Write> ExampleWriter<W> {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) with the underlying writer's error.
     pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
-        self.buf.clear();
-        serde_json::to_writer(&mut self.buf, &example.formatted(self.format))
-            .expect("serialising an example cannot fail: all keys are strings");
-        self.buf.push(b'\n');
+        let mut line = example.to_json_line(self.format);
+        line.push('\n');
         self.out
-            .write_all(&self.buf)
+            .write_all(line.as_bytes())
             .map_err(|e| Error::io(self.name.clone(), e))?;
         self.written += 1;
         Ok(())

@@ -5,8 +5,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use std::io::BufRead as _;
-
 use futures::stream::StreamExt;
 use rmboost::{ExampleFormat, OutputOrder};
 
@@ -16,8 +14,9 @@ use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
-    ensure_distinct_files, run_to_file, stop_on_ctrl_c, BadLinePolicy, CostBudget, ExistingOutput,
-    Outcome, Prices, Progress, RunOptions, RunSummary, Shard, ShardSource, StopSignal,
+    ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, BadLinePolicy,
+    CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary, Shard,
+    ShardSource, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
@@ -108,28 +107,6 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
                 .map_err(|e| CliError::usage(format!("--shard: {e}")))
         }
     }
-}
-
-/// How many examples this run is expected to generate, for the bar (an estimate).
-fn expected_total(args: &GenerateArgs, shard: Option<Shard>) -> Option<u64> {
-    let todo = count_lines(&args.input)?.div_ceil(shard.map_or(1, |s| u64::from(s.count())));
-    let done = match args.overwrite {
-        true => 0,
-        false => count_lines(&args.output).unwrap_or(0),
-    };
-    Some(
-        todo.saturating_sub(done)
-            .min(args.limit.unwrap_or(u64::MAX)),
-    )
-}
-
-/// The non-blank lines of a file, for the bar's total.
-fn count_lines(path: &std::path::Path) -> Option<u64> {
-    let mut lines = 0;
-    for line in std::io::BufReader::new(std::fs::File::open(path).ok()?).split(b'\n') {
-        lines += u64::from(!line.ok()?.iter().all(u8::is_ascii_whitespace));
-    }
-    Some(lines)
 }
 
 /// The limit on calls in flight: the one backend's, or the sum over the replicas (of the
@@ -239,38 +216,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .map(|(built, _)| built.stats.clone())
         .unwrap_or_default();
     let batch_backend: Arc<OnceLock<BatchBackend>> = Arc::new(OnceLock::new());
-    let total = expected_total(&args, shard);
-
-    let ctrl_c = stop_on_ctrl_c(stop.clone())
-        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
-
     let live = Progress::new();
-    let (finished, mut done) = tokio::sync::oneshot::channel::<()>();
-    let ticker = {
-        let live = live.clone();
-        let stats = stats.clone();
-        let batch = batch_backend.clone();
-        let mut display = Display::new(args.progress, total);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(100));
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let last = tokio::select! {
-                    _ = interval.tick() => false,
-                    _ = &mut done => true,
-                };
-                display.update(
-                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
-                    total,
-                );
-                if last {
-                    break;
-                }
-            }
-            display.finish();
-        })
-    };
-
     let mut options = RunOptions::new()
         .format(match args.format {
             FormatKind::Conversational => ExampleFormat::Conversational,
@@ -300,6 +246,37 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let Some(limit) = args.limit {
         options = options.limit(limit);
     }
+    let total = expected_examples(&args.output, &options);
+
+    let ctrl_c = stop_on_ctrl_c(stop.clone())
+        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
+
+    let (finished, mut done) = tokio::sync::oneshot::channel::<()>();
+    let ticker = {
+        let live = live.clone();
+        let stats = stats.clone();
+        let batch = batch_backend.clone();
+        let mut display = Display::new(args.progress, total);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(100));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let last = tokio::select! {
+                    _ = interval.tick() => false,
+                    _ = &mut done => true,
+                };
+                display.update(
+                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
+                    total,
+                );
+                if last {
+                    break;
+                }
+            }
+            display.finish();
+        })
+    };
+
     let mut setup_error = None;
     let result = match (online, batch) {
         (Some((built, generator)), _) => {
@@ -505,17 +482,4 @@ async fn open_cache(args: &GenerateArgs) -> Result<Option<Cache>, CliError> {
             .map_err(|e| CliError::fatal(format!("cannot clear the cache: {}", error_chain(&e))))?;
     }
     Ok(Some(cache))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_lines() {
-        let dir = std::env::temp_dir().join(format!("rmboost-cli-count-{}", std::process::id()));
-        std::fs::write(&dir, b"a\n\n  \nb\nc").unwrap();
-        assert_eq!(count_lines(&dir), Some(3));
-        std::fs::remove_file(&dir).unwrap();
-    }
 }
