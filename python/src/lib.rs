@@ -13,7 +13,7 @@
 //! before it generates); a child forked after that makes its own.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -806,7 +806,6 @@ impl Engine {
                 meter,
             )
         };
-        let expected = expected(&input, &output, shard, limit, overwrite);
         let prompts = rmboost::read_prompts(&input)
             .map_err(|e| py_error(py, &e))?
             .into_stream();
@@ -836,6 +835,7 @@ impl Engine {
         if let Some(budget) = budget {
             options = options.max_cost(budget);
         }
+        let expected = rmboost::run::expected_examples(&output, &options);
         let rt = runtime()?;
         let task = rt.spawn(async move {
             let result = run_to_file(
@@ -909,34 +909,6 @@ impl Engine {
         let stacked = self.stacked(py, event_loop, cache)?;
         self.config.build(stacked).map_err(|e| py_error(py, &e))
     }
-}
-
-/// How many examples a run is expected to make, for the progress bar (an estimate).
-fn expected(
-    input: &std::path::Path,
-    output: &std::path::Path,
-    shard: Option<Shard>,
-    limit: Option<u64>,
-    overwrite: bool,
-) -> Option<u64> {
-    let count = |path: &std::path::Path| -> Option<u64> {
-        let file = std::fs::File::open(path).ok()?;
-        let mut n = 0;
-        for line in BufReader::new(file).split(b'\n') {
-            if !line.ok()?.iter().all(u8::is_ascii_whitespace) {
-                n += 1;
-            }
-        }
-        Some(n)
-    };
-    let mut todo = count(input)?;
-    if let Some(s) = shard {
-        todo = todo.div_ceil(u64::from(s.count()));
-    }
-    if !overwrite {
-        todo = todo.saturating_sub(count(output).unwrap_or(0));
-    }
-    Some(limit.map_or(todo, |l| todo.min(l)))
 }
 
 /// A generation in progress: rows as JSON lines, failed examples as `rmboost.Error` values.
