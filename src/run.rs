@@ -961,6 +961,21 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 /// The default of [`RunOptions::stop_when_unreachable`].
 pub const DEFAULT_UNREACHABLE_AFTER: u64 = 16;
 
+/// How many examples in a row may fail to reach the server before a run with `concurrency`
+/// examples in flight stops ([`RunOptions::stop_when_unreachable`]): as many as run at once,
+/// and at least 3. A server that goes away fails every example in flight together, so one
+/// such round says it is gone; fewer than 3 would stop a run at a single unlucky example.
+/// The command line and the Python package use it.
+///
+/// ```
+/// assert_eq!(rmboost::run::unreachable_after(64), 64);
+/// assert_eq!(rmboost::run::unreachable_after(1), 3);
+/// ```
+#[must_use]
+pub fn unreachable_after(concurrency: usize) -> u64 {
+    u64::try_from(concurrency).unwrap_or(u64::MAX).max(3)
+}
+
 /// Builder setters that each store their argument, or a value made from it, in a field:
 /// `name(arg: Type) => field = value;`.
 macro_rules! setters {

@@ -825,7 +825,9 @@ impl Engine {
             .stop_signal(stop.clone())
             .progress(progress.clone())
             .meter(meter)
-            .stop_when_unreachable(Some((self.config.concurrency.get() as u64).max(3)));
+            .stop_when_unreachable(Some(rmboost::run::unreachable_after(
+                self.config.concurrency.get(),
+            )));
         if let Some(shard) = shard {
             options = options.shard(shard);
         }

@@ -14,9 +14,9 @@ use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::Cache;
 use rmboost::io::FailureLedger;
 use rmboost::run::{
-    ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, BadLinePolicy,
-    CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary, Shard,
-    ShardSource, StopSignal,
+    ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, unreachable_after,
+    BadLinePolicy, CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary,
+    Shard, ShardSource, StopSignal,
 };
 
 use crate::setup::{self, error_chain, CliError};
@@ -236,7 +236,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .recipe(setup::method_config(&args.gen, order)?.recipe())
         .stop_signal(stop.clone())
         .progress(live.clone())
-        .stop_when_unreachable(Some((args.gen.concurrency as u64).max(3)));
+        .stop_when_unreachable(Some(unreachable_after(args.gen.concurrency)));
     if let Some(budget) = budget {
         options = options.max_cost(budget);
     }
