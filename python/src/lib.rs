@@ -109,67 +109,19 @@ fn seconds(py: Python<'_>, what: &str, secs: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(secs).map_err(|e| config_error(py, format!("{what}: {e}")))
 }
 
-/// An OpenAI-compatible server (see the stub's docstring).
-#[pyclass(module = "rmboost", frozen)]
-struct OpenAI {
+/// What the HTTP backends share: the built backend, its model and endpoint, and the
+/// constructor's keywords for pickling (no key: only the variable's name). [`OpenAI`] and
+/// [`Anthropic`] extend it with their constructors.
+#[pyclass(module = "rmboost", name = "_HttpBackend", subclass, frozen)]
+struct HttpBackend {
     backend: Arc<dyn LlmBackend>,
     model: String,
     endpoint: String,
-    /// The constructor's keywords, for pickling (no key: only the variable's name).
     settings: Py<PyDict>,
 }
 
 #[pymethods]
-impl OpenAI {
-    #[new]
-    #[pyo3(signature = (*, model, base_url=None, api_key_env=None, timeout=120.0, extra_body=None, headers=None))]
-    fn new(
-        py: Python<'_>,
-        model: String,
-        base_url: Option<String>,
-        api_key_env: Option<String>,
-        timeout: f64,
-        extra_body: Option<Bound<'_, PyDict>>,
-        headers: Option<BTreeMap<String, String>>,
-    ) -> PyResult<Self> {
-        let settings = PyDict::new(py);
-        settings.set_item("model", &model)?;
-        settings.set_item("base_url", &base_url)?;
-        settings.set_item("api_key_env", &api_key_env)?;
-        settings.set_item("timeout", timeout)?;
-        settings.set_item("extra_body", &extra_body)?;
-        settings.set_item("headers", &headers)?;
-        let mut b = OpenAiBackend::builder()
-            .model(&model)
-            .timeout(seconds(py, "timeout", timeout)?);
-        if let Some(url) = base_url {
-            b = b.base_url(url);
-        }
-        if let Some(var) = api_key_env {
-            b = b.api_key_env(var);
-        }
-        for (name, value) in headers.unwrap_or_default() {
-            b = b.header(name, value);
-        }
-        if let Some(extra) = extra_body {
-            let json = py.import("json")?;
-            for (name, value) in extra.iter() {
-                let name: String = name.extract()?;
-                let text: String = json.call_method1("dumps", (value,))?.extract()?;
-                let value = serde_json::from_str(&text)
-                    .map_err(|e| config_error(py, format!("extra_body[{name:?}]: {e}")))?;
-                b = b.extra_body(name, value);
-            }
-        }
-        let backend = b.build().map_err(|e| py_error(py, &e))?;
-        Ok(OpenAI {
-            endpoint: backend.endpoint(),
-            model,
-            backend: Arc::new(backend),
-            settings: settings.unbind(),
-        })
-    }
-
+impl HttpBackend {
     /// Pickles as its constructor's keywords (`datasets` hashes the generator it is given).
     fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> (Bound<'py, PyTuple>, Bound<'py, PyDict>) {
         (PyTuple::empty(py), self.settings.bind(py).clone())
@@ -185,23 +137,96 @@ impl OpenAI {
         &self.endpoint
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "rmboost.OpenAI(model={:?}, endpoint={:?})",
-            self.model, self.endpoint
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let me = slf.get();
+        Ok(format!(
+            "rmboost.{}(model={:?}, endpoint={:?})",
+            slf.get_type().name()?,
+            me.model,
+            me.endpoint
+        ))
+    }
+}
+
+/// Applies the keywords both HTTP backends take to `$builder`, records them in `$settings`,
+/// builds, and gives the [`HttpBackend`] to extend. (The builders are one generic type whose
+/// provider parameter cannot be named outside the library, hence a macro, not a function.)
+macro_rules! http_backend {
+    ($py:ident, $builder:expr, $settings:ident, $model:ident, $base_url:ident, $api_key_env:ident, $timeout:ident, $headers:ident) => {{
+        $settings.set_item("model", &$model)?;
+        $settings.set_item("base_url", &$base_url)?;
+        $settings.set_item("api_key_env", &$api_key_env)?;
+        $settings.set_item("timeout", $timeout)?;
+        $settings.set_item("headers", &$headers)?;
+        let mut b = $builder
+            .model(&$model)
+            .timeout(seconds($py, "timeout", $timeout)?);
+        if let Some(url) = $base_url {
+            b = b.base_url(url);
+        }
+        if let Some(var) = $api_key_env {
+            b = b.api_key_env(var);
+        }
+        for (name, value) in $headers.unwrap_or_default() {
+            b = b.header(name, value);
+        }
+        let backend = b.build().map_err(|e| py_error($py, &e))?;
+        PyClassInitializer::from(HttpBackend {
+            endpoint: backend.endpoint(),
+            model: $model,
+            backend: Arc::new(backend),
+            settings: $settings.unbind(),
+        })
+    }};
+}
+
+/// An OpenAI-compatible server (see the stub's docstring).
+#[pyclass(module = "rmboost", extends = HttpBackend, frozen)]
+struct OpenAI;
+
+#[pymethods]
+impl OpenAI {
+    #[new]
+    #[pyo3(signature = (*, model, base_url=None, api_key_env=None, timeout=120.0, extra_body=None, headers=None))]
+    fn new(
+        py: Python<'_>,
+        model: String,
+        base_url: Option<String>,
+        api_key_env: Option<String>,
+        timeout: f64,
+        extra_body: Option<Bound<'_, PyDict>>,
+        headers: Option<BTreeMap<String, String>>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let settings = PyDict::new(py);
+        settings.set_item("extra_body", &extra_body)?;
+        let mut b = OpenAiBackend::builder();
+        if let Some(extra) = extra_body {
+            let json = py.import("json")?;
+            for (name, value) in extra.iter() {
+                let name: String = name.extract()?;
+                let text: String = json.call_method1("dumps", (value,))?.extract()?;
+                let value = serde_json::from_str(&text)
+                    .map_err(|e| config_error(py, format!("extra_body[{name:?}]: {e}")))?;
+                b = b.extra_body(name, value);
+            }
+        }
+        let base = http_backend!(
+            py,
+            b,
+            settings,
+            model,
+            base_url,
+            api_key_env,
+            timeout,
+            headers
+        );
+        Ok(base.add_subclass(OpenAI))
     }
 }
 
 /// Anthropic's Messages API.
-#[pyclass(module = "rmboost", frozen)]
-struct Anthropic {
-    backend: Arc<dyn LlmBackend>,
-    model: String,
-    endpoint: String,
-    /// The constructor's keywords, for pickling.
-    settings: Py<PyDict>,
-}
+#[pyclass(module = "rmboost", extends = HttpBackend, frozen)]
+struct Anthropic;
 
 #[pymethods]
 impl Anthropic {
@@ -214,54 +239,20 @@ impl Anthropic {
         api_key_env: Option<String>,
         timeout: f64,
         headers: Option<BTreeMap<String, String>>,
-    ) -> PyResult<Self> {
+    ) -> PyResult<PyClassInitializer<Self>> {
         let settings = PyDict::new(py);
-        settings.set_item("model", &model)?;
-        settings.set_item("base_url", &base_url)?;
-        settings.set_item("api_key_env", &api_key_env)?;
-        settings.set_item("timeout", timeout)?;
-        settings.set_item("headers", &headers)?;
-        let mut b = AnthropicBackend::builder()
-            .model(&model)
-            .timeout(seconds(py, "timeout", timeout)?);
-        if let Some(url) = base_url {
-            b = b.base_url(url);
-        }
-        if let Some(var) = api_key_env {
-            b = b.api_key_env(var);
-        }
-        for (name, value) in headers.unwrap_or_default() {
-            b = b.header(name, value);
-        }
-        let backend = b.build().map_err(|e| py_error(py, &e))?;
-        Ok(Anthropic {
-            endpoint: backend.endpoint(),
+        let b = AnthropicBackend::builder();
+        let base = http_backend!(
+            py,
+            b,
+            settings,
             model,
-            backend: Arc::new(backend),
-            settings: settings.unbind(),
-        })
-    }
-
-    /// Pickles as its constructor's keywords.
-    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> (Bound<'py, PyTuple>, Bound<'py, PyDict>) {
-        (PyTuple::empty(py), self.settings.bind(py).clone())
-    }
-
-    #[getter]
-    fn model(&self) -> &str {
-        &self.model
-    }
-
-    #[getter]
-    fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "rmboost.Anthropic(model={:?}, endpoint={:?})",
-            self.model, self.endpoint
-        )
+            base_url,
+            api_key_env,
+            timeout,
+            headers
+        );
+        Ok(base.add_subclass(Anthropic))
     }
 }
 
@@ -660,12 +651,8 @@ impl Engine {
                     .ok_or_else(|| config_error(py, "tokens_per_minute must be at least 1"))
             })
             .transpose()?;
-        let backend = if let Ok(b) = backend.cast::<OpenAI>() {
-            let b = b.get();
-            Backend::Http(b.backend.clone(), b.__repr__())
-        } else if let Ok(b) = backend.cast::<Anthropic>() {
-            let b = b.get();
-            Backend::Http(b.backend.clone(), b.__repr__())
+        let backend = if let Ok(b) = backend.cast::<HttpBackend>() {
+            Backend::Http(b.get().backend.clone(), HttpBackend::__repr__(b)?)
         } else if let Ok(b) = backend.cast::<Local>() {
             let b = b.get();
             Backend::Local(b.backend.clone(), b.__repr__())

@@ -51,6 +51,22 @@ def test_backend_reprs_never_show_the_key(monkeypatch, server):
     assert openai.endpoint.startswith(server.base_url), openai.endpoint
 
 
+def test_http_backends_pickle_as_their_keywords_without_the_key(monkeypatch, server):
+    import pickle
+
+    monkeypatch.setenv("RMBOOST_TEST_KEY", SECRET)
+    openai = rmboost.OpenAI(model="m", base_url=server.base_url, api_key_env="RMBOOST_TEST_KEY", extra_body={"top_k": 5})
+    anthropic = rmboost.Anthropic(model="c", base_url=server.base_url, api_key_env="RMBOOST_TEST_KEY")
+    for backend, name in ((openai, "OpenAI"), (anthropic, "Anthropic")):
+        data = pickle.dumps(backend)
+        assert SECRET.encode() not in data
+        copy = pickle.loads(data)
+        assert type(copy) is type(backend)
+        assert repr(copy) == repr(backend)
+        assert repr(backend) == f"rmboost.{name}(model={backend.model!r}, endpoint={backend.endpoint!r})".replace("'", '"')
+    assert b"top_k" in pickle.dumps(openai)
+
+
 def test_a_named_missing_key_is_a_config_error(monkeypatch, server):
     monkeypatch.delenv("RMBOOST_TEST_NO_SUCH_KEY", raising=False)
     with pytest.raises(rmboost.Error) as info:
