@@ -27,7 +27,7 @@ use std::path::Path;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ErrorKind};
+use crate::Error;
 
 /// One quality aspect: a short name and a one-line definition shown to the model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,23 +64,29 @@ pub trait AspectSet: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
 }
 
-/// `Arc<T>`, `Box<T>` and `&T` implement a sampler trait (one `sample` method, such as
-/// [`AspectSet`] or [`LabelSampler`](crate::LabelSampler)) by forwarding to `T`.
-macro_rules! forward_sample {
-    ($trait:ident -> $out:ty) => {
-        $crate::aspect::forward_sample!(@ $trait, $out, std::sync::Arc<T>, Box<T>, &T);
+/// `Arc<T>`, `Box<T>` and `&T` implement one of the crate's traits (such as [`AspectSet`],
+/// [`LabelSampler`](crate::LabelSampler) or [`PromptTemplate`](crate::PromptTemplate)) by
+/// forwarding each listed method to `T`.
+macro_rules! forward_impls {
+    ($trait:ident $methods:tt) => {
+        $crate::aspect::forward_impls!(@impls $trait $methods std::sync::Arc<T>, Box<T>, &T);
     };
-    (@ $trait:ident, $out:ty, $($ty:ty),*) => {$(
+    (@impls $trait:ident $methods:tt $($ty:ty),*) => {$(
         impl<T: $trait + ?Sized> $trait for $ty {
-            fn sample(&self, rng: &mut dyn rand::RngCore) -> $out {
-                (**self).sample(rng)
-            }
+            $crate::aspect::forward_impls!(@methods $methods);
+        }
+    )*};
+    (@methods { $(fn $m:ident(&self $(, $a:ident: $t:ty)*) -> $out:ty;)* }) => {$(
+        fn $m(&self $(, $a: $t)*) -> $out {
+            (**self).$m($($a),*)
         }
     )*};
 }
-pub(crate) use forward_sample;
+pub(crate) use forward_impls;
 
-forward_sample!(AspectSet -> AspectDraw);
+forward_impls!(AspectSet {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
+});
 
 /// How an [`Aspects`] set chooses the aspects of each example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,31 +143,23 @@ impl std::str::FromStr for AspectSampling {
     /// [`ErrorKind::Config`] naming the accepted forms.
     fn from_str(s: &str) -> Result<Self, Error> {
         let mode = s.trim().to_ascii_lowercase().replace('_', "-");
-        let bad = || {
+        let num = |t: &str| t.trim().parse::<usize>().ok();
+        let parsed = match mode.strip_prefix("model-picks") {
+            _ if mode == "all" => Some(AspectSampling::All),
+            Some("") => Some(AspectSampling::ModelPicks { max: 3 }),
+            Some(rest) => {
+                (rest.strip_prefix(':').and_then(num)).map(|max| AspectSampling::ModelPicks { max })
+            }
+            None => {
+                let (min, max) = mode.split_once('-').unwrap_or((&mode, &mode));
+                (num(min).zip(num(max))).map(|(min, max)| AspectSampling::Subset { min, max })
+            }
+        };
+        parsed.ok_or_else(|| {
             Error::config(format!(
                 "unknown aspect sampling `{s}`: use all, K, MIN-MAX or model-picks[:K]"
             ))
-        };
-        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
-        if mode == "all" {
-            return Ok(AspectSampling::All);
-        }
-        if let Some(rest) = mode.strip_prefix("model-picks") {
-            let max = match rest.strip_prefix(':') {
-                Some(k) => num(k)?,
-                None if rest.is_empty() => 3,
-                None => return Err(bad()),
-            };
-            return Ok(AspectSampling::ModelPicks { max });
-        }
-        if let Some((a, b)) = mode.split_once('-') {
-            return Ok(AspectSampling::Subset {
-                min: num(a)?,
-                max: num(b)?,
-            });
-        }
-        let k = num(&mode)?;
-        Ok(AspectSampling::Subset { min: k, max: k })
+        })
     }
 }
 
@@ -298,24 +296,21 @@ impl Aspects {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "custom".into());
-        let with_path = |e: Error| match e.kind() {
-            ErrorKind::Config => Error::config(format!("{}: {}", path.display(), e.message())),
-            _ => e,
-        };
-        match parsed {
-            AspectsFile::List(list) => Aspects::custom(stem, list).map_err(with_path),
+        let (name, aspects, sampling) = match parsed {
+            AspectsFile::List(list) => (None, list, None),
             AspectsFile::Object {
                 name,
                 aspects,
                 sampling,
-            } => {
-                let set = Aspects::custom(name.unwrap_or(stem), aspects).map_err(with_path)?;
-                match sampling {
-                    Some(s) => set.with_sampling(s).map_err(with_path),
-                    None => Ok(set),
-                }
-            }
-        }
+            } => (name, aspects, sampling),
+        };
+        let set = Aspects::custom(name.unwrap_or(stem), aspects);
+        let set = match sampling {
+            Some(s) => set.and_then(|set| set.with_sampling(s)),
+            None => set,
+        };
+        // Both checks give configuration errors; name the file in them.
+        set.map_err(|e| Error::config(format!("{}: {}", path.display(), e.message())))
     }
 
     /// The set a command line or a config names: a [preset](Self::preset), else a JSON file
