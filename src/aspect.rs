@@ -193,28 +193,7 @@ impl Aspects {
     /// [`ErrorKind::Config`] if the list is empty, a name or definition is blank, or two aspects
     /// share a name.
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
-        let name = name.into();
-        for (i, a) in aspects.iter().enumerate() {
-            let why = if a.name.trim().is_empty() {
-                format!("aspects[{i}].name is empty")
-            } else if a.definition.trim().is_empty() {
-                format!("aspects[{i}].definition ({}) is empty", a.name)
-            } else if aspects[..i].iter().any(|b| b.name == a.name) {
-                format!("aspects[{i}].name {:?} appears twice", a.name)
-            } else {
-                continue;
-            };
-            return Err(Error::config(format!("aspect set {name:?}: {why}")));
-        }
-        if aspects.is_empty() {
-            return Err(Error::config(format!("aspect set {name:?} has no aspects")));
-        }
-        let max = aspects.len().min(3);
-        Ok(Aspects {
-            name,
-            aspects,
-            sampling: AspectSampling::Subset { min: 1, max },
-        })
+        Self::checked(name.into(), aspects, None).map_err(Error::config)
     }
 
     /// Sets the sampling mode.
@@ -222,21 +201,53 @@ impl Aspects {
     /// # Errors
     ///
     /// [`ErrorKind::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
-    pub fn with_sampling(mut self, sampling: AspectSampling) -> Result<Self, Error> {
-        let n = self.aspects.len();
-        let bad = match sampling {
+    pub fn with_sampling(self, sampling: AspectSampling) -> Result<Self, Error> {
+        Self::checked(self.name, self.aspects, Some(sampling)).map_err(Error::config)
+    }
+
+    /// The set, or what is wrong with it (naming the set and the field): the checks of
+    /// [`custom`](Self::custom) and [`with_sampling`](Self::with_sampling). No sampling mode
+    /// means custom's default, a subset of 1 to 3.
+    fn checked(
+        name: String,
+        aspects: Vec<Aspect>,
+        sampling: Option<AspectSampling>,
+    ) -> Result<Self, String> {
+        let n = aspects.len();
+        let sampling = sampling.unwrap_or(AspectSampling::Subset {
+            min: 1,
+            max: n.min(3),
+        });
+        if n == 0 {
+            return Err(format!("aspect set {name:?} has no aspects"));
+        }
+        let fault = aspects.iter().enumerate().find_map(|(i, a)| {
+            if a.name.trim().is_empty() {
+                Some(format!("aspects[{i}].name is empty"))
+            } else if a.definition.trim().is_empty() {
+                Some(format!("aspects[{i}].definition ({}) is empty", a.name))
+            } else if aspects[..i].iter().any(|b| b.name == a.name) {
+                Some(format!("aspects[{i}].name {:?} appears twice", a.name))
+            } else {
+                None
+            }
+        });
+        let fault = fault.or_else(|| match sampling {
             AspectSampling::All => None,
             AspectSampling::Subset { min, max } => (min == 0 || min > max || max > n)
                 .then(|| format!("subset size {min}..={max} must satisfy 1 <= min <= max <= {n}")),
             AspectSampling::ModelPicks { max } => {
                 (max == 0 || max > n).then(|| format!("model_picks max {max} must be in 1..={n}"))
             }
-        };
-        if let Some(why) = bad {
-            return Err(Error::config(format!("aspect set {:?}: {why}", self.name)));
+        });
+        match fault {
+            Some(why) => Err(format!("aspect set {name:?}: {why}")),
+            None => Ok(Aspects {
+                name,
+                aspects,
+                sampling,
+            }),
         }
-        self.sampling = sampling;
-        Ok(self)
     }
 
     /// Sets the sampling mode from its text form (`all`, `K`, `MIN-MAX`, `model-picks[:K]`,
@@ -304,13 +315,8 @@ impl Aspects {
                 sampling,
             } => (name, aspects, sampling),
         };
-        let set = Aspects::custom(name.unwrap_or(stem), aspects);
-        let set = match sampling {
-            Some(s) => set.and_then(|set| set.with_sampling(s)),
-            None => set,
-        };
-        // Both checks give configuration errors; name the file in them.
-        set.map_err(|e| Error::config(format!("{}: {}", path.display(), e.message())))
+        Self::checked(name.unwrap_or(stem), aspects, sampling)
+            .map_err(|why| Error::config(format!("{}: {why}", path.display())))
     }
 
     /// The set a command line or a config names: a [preset](Self::preset), else a JSON file
@@ -479,24 +485,22 @@ impl Default for Aspects {
 
 impl AspectSet for Aspects {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        match self.sampling {
-            AspectSampling::All => AspectDraw {
-                aspects: self.aspects.clone(),
-                model_picks: None,
-            },
-            AspectSampling::ModelPicks { max } => AspectDraw {
-                aspects: self.aspects.clone(),
-                model_picks: Some(max),
-            },
+        let (aspects, model_picks) = match self.sampling {
+            AspectSampling::All => (self.aspects.clone(), None),
+            AspectSampling::ModelPicks { max } => (self.aspects.clone(), Some(max)),
             AspectSampling::Subset { min, max } => {
                 let k = rng.random_range(min..=max);
                 let mut idx = rand::seq::index::sample(rng, self.aspects.len(), k).into_vec();
                 idx.sort_unstable();
-                AspectDraw {
-                    aspects: idx.into_iter().map(|i| self.aspects[i].clone()).collect(),
-                    model_picks: None,
-                }
+                (
+                    idx.into_iter().map(|i| self.aspects[i].clone()).collect(),
+                    None,
+                )
             }
+        };
+        AspectDraw {
+            aspects,
+            model_picks,
         }
     }
 }

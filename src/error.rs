@@ -415,14 +415,6 @@ impl Error {
         Error(Box::new(Repr::Model(message.into(), source)))
     }
 
-    /// The message of a config or parse error (what is wrong), without the file and line.
-    pub(crate) fn message(&self) -> &str {
-        match &*self.0 {
-            Repr::Config(message) | Repr::Parse(.., message) | Repr::Model(message, _) => message,
-            _ => "",
-        }
-    }
-
     /// What kind of failure this is.
     #[must_use]
     pub fn kind(&self) -> ErrorKind {

@@ -232,13 +232,10 @@ impl ExampleFormat {
     /// or a string); `None` if the line is not an example.
     #[must_use]
     pub fn of_line(line: &[u8]) -> Option<Self> {
-        #[derive(serde::Deserialize)]
-        struct Shape {
-            prompt: serde_json::Value,
-        }
-        match serde_json::from_slice::<Shape>(line).ok()?.prompt {
-            serde_json::Value::Array(_) => Some(ExampleFormat::Conversational),
-            serde_json::Value::String(_) => Some(ExampleFormat::Standard),
+        let line: Value = serde_json::from_slice(line).ok()?;
+        match line.get("prompt")? {
+            Value::Array(_) => Some(ExampleFormat::Conversational),
+            Value::String(_) => Some(ExampleFormat::Standard),
             _ => None,
         }
     }

@@ -132,8 +132,8 @@ impl LabelSampler for Bernoulli {
 pub struct Graded {
     direction: Bernoulli,
     p_much: f64,
-    margin_slightly: f64,
-    margin_much: f64,
+    /// The margins written for "slightly" and "much".
+    margins: (f64, f64),
 }
 
 impl Graded {
@@ -148,8 +148,7 @@ impl Graded {
         Ok(Graded {
             direction,
             p_much,
-            margin_slightly: 1.0,
-            margin_much: 3.0,
+            margins: (1.0, 3.0),
         })
     }
 
@@ -164,8 +163,7 @@ impl Graded {
                 "graded margins must be finite, positive and slightly <= much, got {slightly} and {much}"
             )));
         }
-        self.margin_slightly = slightly;
-        self.margin_much = much;
+        self.margins = (slightly, much);
         Ok(self)
     }
 }
@@ -180,9 +178,9 @@ impl LabelSampler for Graded {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
         let label = self.direction.sample(rng).label;
         let (grade, margin) = if rng.random_bool(self.p_much) {
-            (Grade::Much, self.margin_much)
+            (Grade::Much, self.margins.1)
         } else {
-            (Grade::Slightly, self.margin_slightly)
+            (Grade::Slightly, self.margins.0)
         };
         LabelDraw {
             label,

@@ -238,13 +238,10 @@ impl PromptTemplate for DefaultTemplate {
     ) -> Result<ParsedResponse, UnusableReason> {
         let text = extract_response(raw);
         self.checks.check_second(text, ctx.first)?;
-        let picked_aspects = ctx
-            .aspects
-            .model_picks
-            .and_then(|k| parse_picked(raw, ctx.aspects, k));
+        let picks = ctx.aspects.model_picks;
         Ok(ParsedResponse {
             text: text.to_string(),
-            picked_aspects,
+            picked_aspects: picks.and_then(|k| parse_picked(raw, ctx.aspects, k)),
         })
     }
 }
@@ -275,8 +272,7 @@ pub fn extract_response(raw: &str) -> &str {
 }
 
 /// Drops a first line such as "Here is a better answer:" and quotes around the whole text.
-fn strip_preamble(text: &str) -> &str {
-    let mut text = text;
+fn strip_preamble(mut text: &str) -> &str {
     if let Some((first, rest)) = text.split_once('\n') {
         let f = first.trim().to_ascii_lowercase();
         let chatty = f.len() < 120
