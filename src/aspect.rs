@@ -27,7 +27,7 @@ use std::path::Path;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ErrorKind};
+use crate::Error;
 
 /// One quality aspect: a short name and a one-line definition shown to the model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,23 +64,29 @@ pub trait AspectSet: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
 }
 
-/// `Arc<T>`, `Box<T>` and `&T` implement a sampler trait (one `sample` method, such as
-/// [`AspectSet`] or [`LabelSampler`](crate::LabelSampler)) by forwarding to `T`.
-macro_rules! forward_sample {
-    ($trait:ident -> $out:ty) => {
-        $crate::aspect::forward_sample!(@ $trait, $out, std::sync::Arc<T>, Box<T>, &T);
+/// `Arc<T>`, `Box<T>` and `&T` implement one of the crate's traits (such as [`AspectSet`],
+/// [`LabelSampler`](crate::LabelSampler) or [`PromptTemplate`](crate::PromptTemplate)) by
+/// forwarding each listed method to `T`.
+macro_rules! forward_impls {
+    ($trait:ident $methods:tt) => {
+        $crate::aspect::forward_impls!(@impls $trait $methods std::sync::Arc<T>, Box<T>, &T);
     };
-    (@ $trait:ident, $out:ty, $($ty:ty),*) => {$(
+    (@impls $trait:ident $methods:tt $($ty:ty),*) => {$(
         impl<T: $trait + ?Sized> $trait for $ty {
-            fn sample(&self, rng: &mut dyn rand::RngCore) -> $out {
-                (**self).sample(rng)
-            }
+            $crate::aspect::forward_impls!(@methods $methods);
+        }
+    )*};
+    (@methods { $(fn $m:ident(&self $(, $a:ident: $t:ty)*) -> $out:ty;)* }) => {$(
+        fn $m(&self $(, $a: $t)*) -> $out {
+            (**self).$m($($a),*)
         }
     )*};
 }
-pub(crate) use forward_sample;
+pub(crate) use forward_impls;
 
-forward_sample!(AspectSet -> AspectDraw);
+forward_impls!(AspectSet {
+    fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw;
+});
 
 /// How an [`Aspects`] set chooses the aspects of each example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,31 +143,23 @@ impl std::str::FromStr for AspectSampling {
     /// [`ErrorKind::Config`] naming the accepted forms.
     fn from_str(s: &str) -> Result<Self, Error> {
         let mode = s.trim().to_ascii_lowercase().replace('_', "-");
-        let bad = || {
+        let num = |t: &str| t.trim().parse::<usize>().ok();
+        let parsed = match mode.strip_prefix("model-picks") {
+            _ if mode == "all" => Some(AspectSampling::All),
+            Some("") => Some(AspectSampling::ModelPicks { max: 3 }),
+            Some(rest) => {
+                (rest.strip_prefix(':').and_then(num)).map(|max| AspectSampling::ModelPicks { max })
+            }
+            None => {
+                let (min, max) = mode.split_once('-').unwrap_or((&mode, &mode));
+                (num(min).zip(num(max))).map(|(min, max)| AspectSampling::Subset { min, max })
+            }
+        };
+        parsed.ok_or_else(|| {
             Error::config(format!(
                 "unknown aspect sampling `{s}`: use all, K, MIN-MAX or model-picks[:K]"
             ))
-        };
-        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
-        if mode == "all" {
-            return Ok(AspectSampling::All);
-        }
-        if let Some(rest) = mode.strip_prefix("model-picks") {
-            let max = match rest.strip_prefix(':') {
-                Some(k) => num(k)?,
-                None if rest.is_empty() => 3,
-                None => return Err(bad()),
-            };
-            return Ok(AspectSampling::ModelPicks { max });
-        }
-        if let Some((a, b)) = mode.split_once('-') {
-            return Ok(AspectSampling::Subset {
-                min: num(a)?,
-                max: num(b)?,
-            });
-        }
-        let k = num(&mode)?;
-        Ok(AspectSampling::Subset { min: k, max: k })
+        })
     }
 }
 
@@ -195,28 +193,7 @@ impl Aspects {
     /// [`ErrorKind::Config`] if the list is empty, a name or definition is blank, or two aspects
     /// share a name.
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
-        let name = name.into();
-        for (i, a) in aspects.iter().enumerate() {
-            let why = if a.name.trim().is_empty() {
-                format!("aspects[{i}].name is empty")
-            } else if a.definition.trim().is_empty() {
-                format!("aspects[{i}].definition ({}) is empty", a.name)
-            } else if aspects[..i].iter().any(|b| b.name == a.name) {
-                format!("aspects[{i}].name {:?} appears twice", a.name)
-            } else {
-                continue;
-            };
-            return Err(Error::config(format!("aspect set {name:?}: {why}")));
-        }
-        if aspects.is_empty() {
-            return Err(Error::config(format!("aspect set {name:?} has no aspects")));
-        }
-        let max = aspects.len().min(3);
-        Ok(Aspects {
-            name,
-            aspects,
-            sampling: AspectSampling::Subset { min: 1, max },
-        })
+        Self::checked(name.into(), aspects, None).map_err(Error::config)
     }
 
     /// Sets the sampling mode.
@@ -224,21 +201,53 @@ impl Aspects {
     /// # Errors
     ///
     /// [`ErrorKind::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
-    pub fn with_sampling(mut self, sampling: AspectSampling) -> Result<Self, Error> {
-        let n = self.aspects.len();
-        let bad = match sampling {
+    pub fn with_sampling(self, sampling: AspectSampling) -> Result<Self, Error> {
+        Self::checked(self.name, self.aspects, Some(sampling)).map_err(Error::config)
+    }
+
+    /// The set, or what is wrong with it (naming the set and the field): the checks of
+    /// [`custom`](Self::custom) and [`with_sampling`](Self::with_sampling). No sampling mode
+    /// means custom's default, a subset of 1 to 3.
+    fn checked(
+        name: String,
+        aspects: Vec<Aspect>,
+        sampling: Option<AspectSampling>,
+    ) -> Result<Self, String> {
+        let n = aspects.len();
+        let sampling = sampling.unwrap_or(AspectSampling::Subset {
+            min: 1,
+            max: n.min(3),
+        });
+        if n == 0 {
+            return Err(format!("aspect set {name:?} has no aspects"));
+        }
+        let fault = aspects.iter().enumerate().find_map(|(i, a)| {
+            if a.name.trim().is_empty() {
+                Some(format!("aspects[{i}].name is empty"))
+            } else if a.definition.trim().is_empty() {
+                Some(format!("aspects[{i}].definition ({}) is empty", a.name))
+            } else if aspects[..i].iter().any(|b| b.name == a.name) {
+                Some(format!("aspects[{i}].name {:?} appears twice", a.name))
+            } else {
+                None
+            }
+        });
+        let fault = fault.or_else(|| match sampling {
             AspectSampling::All => None,
             AspectSampling::Subset { min, max } => (min == 0 || min > max || max > n)
                 .then(|| format!("subset size {min}..={max} must satisfy 1 <= min <= max <= {n}")),
             AspectSampling::ModelPicks { max } => {
                 (max == 0 || max > n).then(|| format!("model_picks max {max} must be in 1..={n}"))
             }
-        };
-        if let Some(why) = bad {
-            return Err(Error::config(format!("aspect set {:?}: {why}", self.name)));
+        });
+        match fault {
+            Some(why) => Err(format!("aspect set {name:?}: {why}")),
+            None => Ok(Aspects {
+                name,
+                aspects,
+                sampling,
+            }),
         }
-        self.sampling = sampling;
-        Ok(self)
     }
 
     /// Sets the sampling mode from its text form (`all`, `K`, `MIN-MAX`, `model-picks[:K]`,
@@ -298,24 +307,16 @@ impl Aspects {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "custom".into());
-        let with_path = |e: Error| match e.kind() {
-            ErrorKind::Config => Error::config(format!("{}: {}", path.display(), e.message())),
-            _ => e,
-        };
-        match parsed {
-            AspectsFile::List(list) => Aspects::custom(stem, list).map_err(with_path),
+        let (name, aspects, sampling) = match parsed {
+            AspectsFile::List(list) => (None, list, None),
             AspectsFile::Object {
                 name,
                 aspects,
                 sampling,
-            } => {
-                let set = Aspects::custom(name.unwrap_or(stem), aspects).map_err(with_path)?;
-                match sampling {
-                    Some(s) => set.with_sampling(s).map_err(with_path),
-                    None => Ok(set),
-                }
-            }
-        }
+            } => (name, aspects, sampling),
+        };
+        Self::checked(name.unwrap_or(stem), aspects, sampling)
+            .map_err(|why| Error::config(format!("{}: {why}", path.display())))
     }
 
     /// The set a command line or a config names: a [preset](Self::preset), else a JSON file
@@ -484,24 +485,22 @@ impl Default for Aspects {
 
 impl AspectSet for Aspects {
     fn sample(&self, rng: &mut dyn RngCore) -> AspectDraw {
-        match self.sampling {
-            AspectSampling::All => AspectDraw {
-                aspects: self.aspects.clone(),
-                model_picks: None,
-            },
-            AspectSampling::ModelPicks { max } => AspectDraw {
-                aspects: self.aspects.clone(),
-                model_picks: Some(max),
-            },
+        let (aspects, model_picks) = match self.sampling {
+            AspectSampling::All => (self.aspects.clone(), None),
+            AspectSampling::ModelPicks { max } => (self.aspects.clone(), Some(max)),
             AspectSampling::Subset { min, max } => {
                 let k = rng.random_range(min..=max);
                 let mut idx = rand::seq::index::sample(rng, self.aspects.len(), k).into_vec();
                 idx.sort_unstable();
-                AspectDraw {
-                    aspects: idx.into_iter().map(|i| self.aspects[i].clone()).collect(),
-                    model_picks: None,
-                }
+                (
+                    idx.into_iter().map(|i| self.aspects[i].clone()).collect(),
+                    None,
+                )
             }
+        };
+        AspectDraw {
+            aspects,
+            model_picks,
         }
     }
 }

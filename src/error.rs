@@ -11,41 +11,76 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A boxed error that can cross threads.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
+/// A fieldless enum whose variants each have a stable snake_case name: `ALL` lists the
+/// variants, `as_str` gives the name and `Display` writes it. The caller gives the derives.
+macro_rules! named_enum {
+    ($(#[$attr:meta])* pub enum $name:ident {
+        $($(#[$vattr:meta])* $variant:ident = $text:literal,)*
+    }) => {
+        $(#[$attr])*
+        pub enum $name {
+            $($(#[$vattr])* $variant,)*
+        }
+
+        impl $name {
+            /// Every variant, in order (for reading an [`as_str`](Self::as_str) name back).
+            #[allow(dead_code)]
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            /// The stable snake_case name, as files, ledgers and summaries write it.
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
+named_enum! {
 /// What kind of failure a backend call met; decides whether it is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BackendErrorKind {
     /// The server asked us to slow down (HTTP 429 without an exhausted quota). Retryable.
-    RateLimited,
+    RateLimited = "rate_limited",
     /// The call took longer than allowed. Retryable.
-    Timeout,
+    Timeout = "timeout",
     /// The connection could not be made or broke. Retryable.
-    Connection,
+    Connection = "connection",
     /// The server failed (HTTP 5xx, overloaded). Retryable.
-    Server,
+    Server = "server",
     /// The backend cannot answer now but may soon: busy, restarting, out of memory for the
     /// moment. Retryable; what [`BackendError::retryable`] makes.
-    Unavailable,
+    Unavailable = "unavailable",
     /// The response could not be understood (malformed JSON, missing fields). Retryable:
     /// proxies and overloaded servers produce these now and then.
-    InvalidResponse,
+    InvalidResponse = "invalid_response",
     /// The key is missing, wrong or lacks permission (HTTP 401, 403). Permanent and fatal.
-    Authentication,
+    Authentication = "authentication",
     /// The account's quota or credit is exhausted. Permanent and fatal.
-    QuotaExhausted,
+    QuotaExhausted = "quota_exhausted",
     /// The model or endpoint does not exist (HTTP 404). Permanent and fatal.
-    NotFound,
+    NotFound = "not_found",
     /// The server rejected this request (HTTP 400, 413, 422: too long, bad parameter).
     /// Permanent for this request, but other requests may succeed.
-    InvalidRequest,
+    InvalidRequest = "invalid_request",
     /// The provider's content filter refused or cut the answer. Permanent for this request.
-    ContentFilter,
+    ContentFilter = "content_filter",
     /// The answer hit the token limit and is unusable as it is. Permanent for this request.
-    Length,
+    Length = "length",
     /// The backend itself failed in a way that will not change on retry (a local model that
     /// cannot run, a configuration error): the run stops. What [`BackendError::stops_run`]
     /// makes. Permanent and fatal.
-    Fatal,
+    Fatal = "fatal",
     /// The server asked us to wait longer than the retry policy is willing to (an hourly or
     /// daily limit, a maintenance window): see `backend::RetryPolicy::max_retry_after`
     /// (feature `middleware`). Not retried, and fatal: every later request would be told the
@@ -55,44 +90,21 @@ pub enum BackendErrorKind {
     ///
     /// A kind of its own rather than [`QuotaExhausted`](Self::QuotaExhausted): the account
     /// need not be out of anything (a `503` with `Retry-After: 3600` is a maintenance window).
-    RetryAfterTooLong,
+    RetryAfterTooLong = "retry_after_too_long",
     /// Anything else. Permanent for this request: the example fails, the run goes on. What
     /// [`BackendError::fails_example`] makes.
-    Other,
+    Other = "other",
+}
 }
 
 impl BackendErrorKind {
-    /// Every kind, for reading a saved [`as_str`](Self::as_str) name back.
-    #[cfg_attr(not(feature = "batch"), allow(dead_code))]
-    pub(crate) const ALL: &'static [BackendErrorKind] = &[
-        BackendErrorKind::RateLimited,
-        BackendErrorKind::Timeout,
-        BackendErrorKind::Connection,
-        BackendErrorKind::Server,
-        BackendErrorKind::Unavailable,
-        BackendErrorKind::InvalidResponse,
-        BackendErrorKind::Authentication,
-        BackendErrorKind::QuotaExhausted,
-        BackendErrorKind::NotFound,
-        BackendErrorKind::InvalidRequest,
-        BackendErrorKind::ContentFilter,
-        BackendErrorKind::Length,
-        BackendErrorKind::Fatal,
-        BackendErrorKind::RetryAfterTooLong,
-        BackendErrorKind::Other,
-    ];
-
     /// Whether a call that failed this way may succeed if sent again.
     #[must_use]
     pub fn is_retryable(self) -> bool {
+        use BackendErrorKind::*;
         matches!(
             self,
-            BackendErrorKind::RateLimited
-                | BackendErrorKind::Timeout
-                | BackendErrorKind::Connection
-                | BackendErrorKind::Server
-                | BackendErrorKind::Unavailable
-                | BackendErrorKind::InvalidResponse
+            RateLimited | Timeout | Connection | Server | Unavailable | InvalidResponse
         )
     }
 
@@ -100,42 +112,11 @@ impl BackendErrorKind {
     /// model), so a run should stop at once rather than fail example after example.
     #[must_use]
     pub fn is_fatal(self) -> bool {
+        use BackendErrorKind::*;
         matches!(
             self,
-            BackendErrorKind::Authentication
-                | BackendErrorKind::QuotaExhausted
-                | BackendErrorKind::NotFound
-                | BackendErrorKind::Fatal
-                | BackendErrorKind::RetryAfterTooLong
+            Authentication | QuotaExhausted | NotFound | Fatal | RetryAfterTooLong
         )
-    }
-
-    /// A stable snake_case name, used in failure ledgers and summaries.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendErrorKind::RateLimited => "rate_limited",
-            BackendErrorKind::Timeout => "timeout",
-            BackendErrorKind::Connection => "connection",
-            BackendErrorKind::Server => "server",
-            BackendErrorKind::Unavailable => "unavailable",
-            BackendErrorKind::InvalidResponse => "invalid_response",
-            BackendErrorKind::Authentication => "authentication",
-            BackendErrorKind::QuotaExhausted => "quota_exhausted",
-            BackendErrorKind::NotFound => "not_found",
-            BackendErrorKind::InvalidRequest => "invalid_request",
-            BackendErrorKind::ContentFilter => "content_filter",
-            BackendErrorKind::Length => "length",
-            BackendErrorKind::Fatal => "fatal",
-            BackendErrorKind::RetryAfterTooLong => "retry_after_too_long",
-            BackendErrorKind::Other => "other",
-        }
-    }
-}
-
-impl fmt::Display for BackendErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -143,7 +124,7 @@ impl fmt::Display for BackendErrorKind {
 ///
 /// The message is the server's own explanation where there is one; backends must never put a
 /// key or other secret into it.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub struct BackendError {
     kind: BackendErrorKind,
     message: String,
@@ -292,14 +273,6 @@ impl fmt::Display for BackendError {
     }
 }
 
-impl StdError for BackendError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn StdError + 'static))
-    }
-}
-
 /// Why the second (or first) response of an example could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
@@ -332,49 +305,30 @@ pub enum UnusableReason {
     Other(String),
 }
 
+named_enum! {
 /// What kind of failure an [`Error`] is; see [`Error::kind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
     /// A backend call for an example failed (after whatever retries its wrapper made); the
     /// [`BackendError`] is [`Error::backend_error`].
-    Backend,
+    Backend = "backend",
     /// The model's answers stayed unusable after every allowed re-ask; the last reason is
     /// [`Error::unusable_reason`].
-    Unusable,
+    Unusable = "unusable",
     /// The builder, a flag or a configuration value is invalid, or a run's settings do not
     /// match the output it would append to.
-    Config,
+    Config = "config",
     /// A file could not be read or written ([`Error::path`] names it; the operating system's
     /// error is the [`source`](std::error::Error::source)).
-    Io,
+    Io = "io",
     /// A line of a JSONL file (or a JSON file) is invalid ([`Error::path`] and
     /// [`Error::line`] name it).
-    Parse,
+    Parse = "parse",
     /// The in-process model could not be found, fetched, loaded or started (feature `local`);
     /// the message lists what was tried and how to fix it.
-    Model,
+    Model = "model",
 }
-
-impl ErrorKind {
-    /// A stable snake_case name.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Backend => "backend",
-            ErrorKind::Unusable => "unusable",
-            ErrorKind::Config => "config",
-            ErrorKind::Io => "io",
-            ErrorKind::Parse => "parse",
-            ErrorKind::Model => "model",
-        }
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Everything that can go wrong in this crate.
@@ -403,50 +357,28 @@ pub struct Error(Box<Repr>);
 /// the `source`.
 #[derive(Debug, thiserror::Error)]
 enum Repr {
-    /// `call` names the call (`"first"`, `"second"`, `"judge"`, ...).
-    #[error("example {id}: {call} call failed")]
-    Backend {
-        id: String,
-        call: &'static str,
-        source: BackendError,
-    },
-    #[error("example {id}: no usable {call} response after {attempts} attempts (last: {reason})")]
-    Unusable {
-        id: String,
-        call: &'static str,
-        attempts: u32,
-        reason: UnusableReason,
-    },
+    /// The example's id, the call's name (`"first"`, `"second"`, `"judge"`, ...), the error.
+    #[error("example {0}: {1} call failed")]
+    Backend(String, &'static str, #[source] BackendError),
+    /// The example's id, the call's name, the answers tried, why the last was rejected.
+    #[error("example {0}: no usable {1} response after {2} attempts (last: {3})")]
+    Unusable(String, &'static str, u32, UnusableReason),
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("i/o error on {}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}:{line}: {message}", .path.display())]
-    Parse {
-        path: PathBuf,
-        line: u64,
-        message: String,
-    },
-    #[error("local model: {message}")]
-    Model {
-        message: String,
-        source: Option<BoxError>,
-    },
+    #[error("i/o error on {}", .0.display())]
+    Io(PathBuf, #[source] std::io::Error),
+    /// The file, the line (0: the whole file), what is wrong.
+    #[error("{path}:{1}: {2}", path = .0.display())]
+    Parse(PathBuf, u64, String),
+    #[error("local model: {0}")]
+    Model(String, #[source] Option<BoxError>),
 }
 
 impl Error {
-    fn new(repr: Repr) -> Self {
-        Error(Box::new(repr))
-    }
-
     /// A failed backend call for example `id`; `call` names it (`"first"`, `"second"`,
     /// `"judge"`, ...).
     pub fn backend(id: impl Into<String>, call: &'static str, source: BackendError) -> Self {
-        let id = id.into();
-        Error::new(Repr::Backend { id, call, source })
+        Error(Box::new(Repr::Backend(id.into(), call, source)))
     }
 
     /// No usable answer for `call` of example `id` after `attempts` answers; `reason` is why
@@ -457,65 +389,42 @@ impl Error {
         attempts: u32,
         reason: UnusableReason,
     ) -> Self {
-        let id = id.into();
-        Error::new(Repr::Unusable {
-            id,
-            call,
-            attempts,
-            reason,
-        })
+        Error(Box::new(Repr::Unusable(id.into(), call, attempts, reason)))
     }
 
     /// An invalid setting; the message names it.
     pub fn config(message: impl Into<String>) -> Self {
-        Error::new(Repr::Config(message.into()))
+        Error(Box::new(Repr::Config(message.into())))
     }
 
     /// A failed read or write of `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        let path = path.into();
-        Error::new(Repr::Io { path, source })
+        Error(Box::new(Repr::Io(path.into(), source)))
     }
 
     /// An invalid line `line` (1-based; 0 for a whole JSON file) of `path`; the message says
     /// what is wrong, naming the field where there is one.
     pub fn parse(path: impl Into<PathBuf>, line: u64, message: impl Into<String>) -> Self {
-        let (path, message) = (path.into(), message.into());
-        Error::new(Repr::Parse {
-            path,
-            line,
-            message,
-        })
+        Error(Box::new(Repr::Parse(path.into(), line, message.into())))
     }
 
     /// The in-process model could not be had: `message` says what (several lines are fine,
     /// [`error_chain`] puts them on one), `source` why, where there is a cause.
     #[cfg_attr(not(feature = "local"), allow(dead_code))]
     pub(crate) fn model(message: impl Into<String>, source: Option<BoxError>) -> Self {
-        let message = message.into();
-        Error::new(Repr::Model { message, source })
-    }
-
-    /// The message of a config or parse error (what is wrong), without the file and line.
-    pub(crate) fn message(&self) -> &str {
-        match &*self.0 {
-            Repr::Config(message) | Repr::Parse { message, .. } | Repr::Model { message, .. } => {
-                message
-            }
-            _ => "",
-        }
+        Error(Box::new(Repr::Model(message.into(), source)))
     }
 
     /// What kind of failure this is.
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match &*self.0 {
-            Repr::Backend { .. } => ErrorKind::Backend,
-            Repr::Unusable { .. } => ErrorKind::Unusable,
+            Repr::Backend(..) => ErrorKind::Backend,
+            Repr::Unusable(..) => ErrorKind::Unusable,
             Repr::Config(_) => ErrorKind::Config,
-            Repr::Io { .. } => ErrorKind::Io,
-            Repr::Parse { .. } => ErrorKind::Parse,
-            Repr::Model { .. } => ErrorKind::Model,
+            Repr::Io(..) => ErrorKind::Io,
+            Repr::Parse(..) => ErrorKind::Parse,
+            Repr::Model(..) => ErrorKind::Model,
         }
     }
 
@@ -534,7 +443,7 @@ impl Error {
 
     fn example_call(&self) -> Option<(&str, &'static str)> {
         match &*self.0 {
-            Repr::Backend { id, call, .. } | Repr::Unusable { id, call, .. } => Some((id, call)),
+            Repr::Backend(id, call, _) | Repr::Unusable(id, call, ..) => Some((id, call)),
             _ => None,
         }
     }
@@ -543,7 +452,7 @@ impl Error {
     #[must_use]
     pub fn backend_error(&self) -> Option<&BackendError> {
         match &*self.0 {
-            Repr::Backend { source, .. } => Some(source),
+            Repr::Backend(.., source) => Some(source),
             _ => None,
         }
     }
@@ -552,7 +461,7 @@ impl Error {
     #[must_use]
     pub fn unusable_reason(&self) -> Option<&UnusableReason> {
         match &*self.0 {
-            Repr::Unusable { reason, .. } => Some(reason),
+            Repr::Unusable(.., reason) => Some(reason),
             _ => None,
         }
     }
@@ -561,7 +470,7 @@ impl Error {
     #[must_use]
     pub fn path(&self) -> Option<&std::path::Path> {
         match &*self.0 {
-            Repr::Io { path, .. } | Repr::Parse { path, .. } => Some(path),
+            Repr::Io(path, _) | Repr::Parse(path, ..) => Some(path),
             _ => None,
         }
     }
@@ -570,7 +479,7 @@ impl Error {
     #[must_use]
     pub fn line(&self) -> Option<u64> {
         match &*self.0 {
-            Repr::Parse { line, .. } => Some(*line),
+            Repr::Parse(_, line, _) => Some(*line),
             _ => None,
         }
     }
@@ -579,7 +488,7 @@ impl Error {
     #[must_use]
     pub fn io_error(&self) -> Option<&std::io::Error> {
         match &*self.0 {
-            Repr::Io { source, .. } => Some(source),
+            Repr::Io(_, source) => Some(source),
             _ => None,
         }
     }
@@ -589,9 +498,9 @@ impl Error {
     /// configuration.
     #[must_use]
     pub fn is_fatal(&self) -> bool {
-        match self.kind() {
-            ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_fatal),
-            ErrorKind::Config | ErrorKind::Model => true,
+        match &*self.0 {
+            Repr::Backend(.., source) => source.is_fatal(),
+            Repr::Config(_) | Repr::Model(..) => true,
             _ => false,
         }
     }
@@ -607,20 +516,15 @@ impl Error {
     /// class.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        match self.kind() {
-            ErrorKind::Backend => self.backend_error().is_some_and(BackendError::is_retryable),
-            _ => false,
-        }
+        self.backend_error().is_some_and(BackendError::is_retryable)
     }
 
     /// A stable snake_case name of the kind of failure, for ledgers and summaries: the
     /// [`BackendErrorKind`] name for backend errors, else the [`ErrorKind`] name.
     #[must_use]
     pub fn kind_str(&self) -> &'static str {
-        match self.backend_error() {
-            Some(b) => b.kind().as_str(),
-            None => self.kind().as_str(),
-        }
+        self.backend_error()
+            .map_or(self.kind().as_str(), |b| b.kind().as_str())
     }
 }
 

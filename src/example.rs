@@ -2,10 +2,8 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::de::Error as _;
-use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -35,21 +33,12 @@ pub struct Prompt {
 impl Prompt {
     /// A plain-text prompt whose id is derived from its content.
     pub fn new(text: impl Into<String>) -> Self {
-        let input = PromptInput::Text(text.into());
-        Prompt {
-            id: Self::content_id(&input),
-            input,
-            extra: Map::new(),
-        }
+        Self::of(None, PromptInput::Text(text.into()))
     }
 
     /// A plain-text prompt with a given id.
     pub fn with_id(id: impl Into<String>, text: impl Into<String>) -> Self {
-        Prompt {
-            id: id.into(),
-            input: PromptInput::Text(text.into()),
-            extra: Map::new(),
-        }
+        Self::of(Some(id.into()), PromptInput::Text(text.into()))
     }
 
     /// A chat prompt; the id is `id`, or derived from the content when `None`.
@@ -60,12 +49,16 @@ impl Prompt {
     /// user turn.
     pub fn from_messages(id: Option<String>, messages: Vec<Message>) -> Result<Self, Error> {
         check_messages(&messages).map_err(Error::config)?;
-        let input = PromptInput::Messages(messages);
-        Ok(Prompt {
+        Ok(Self::of(id, PromptInput::Messages(messages)))
+    }
+
+    /// A prompt with no other fields; the id is `id`, or derived from the content when `None`.
+    fn of(id: Option<String>, input: PromptInput) -> Self {
+        Prompt {
             id: id.unwrap_or_else(|| Self::content_id(&input)),
             input,
             extra: Map::new(),
-        })
+        }
     }
 
     /// The id derived from content: the first 16 hex digits of the SHA-256 of the prompt text
@@ -209,6 +202,7 @@ pub struct PreferenceExample {
     pub metadata: ExampleMetadata,
 }
 
+crate::error::named_enum! {
 /// The two JSONL shapes of an example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -216,10 +210,11 @@ pub enum ExampleFormat {
     /// `prompt` is a list of messages, `chosen` and `rejected` are one-message assistant lists
     /// (TRL's conversational preference format). The default.
     #[default]
-    Conversational,
+    Conversational = "conversational",
     /// `prompt`, `chosen` and `rejected` are plain strings (TRL's standard format). A chat
     /// prompt of more than one message is written as `role: content` blocks.
-    Standard,
+    Standard = "standard",
+}
 }
 
 impl ExampleFormat {
@@ -233,34 +228,16 @@ impl ExampleFormat {
         }
     }
 
-    /// The name: `conversational` or `standard`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExampleFormat::Conversational => "conversational",
-            ExampleFormat::Standard => "standard",
-        }
-    }
-
     /// The format of one written example line, from the type of its `prompt` field (a list
     /// or a string); `None` if the line is not an example.
     #[must_use]
     pub fn of_line(line: &[u8]) -> Option<Self> {
-        #[derive(serde::Deserialize)]
-        struct Shape {
-            prompt: serde_json::Value,
-        }
-        match serde_json::from_slice::<Shape>(line).ok()?.prompt {
-            serde_json::Value::Array(_) => Some(ExampleFormat::Conversational),
-            serde_json::Value::String(_) => Some(ExampleFormat::Standard),
+        let line: Value = serde_json::from_slice(line).ok()?;
+        match line.get("prompt")? {
+            Value::Array(_) => Some(ExampleFormat::Conversational),
+            Value::String(_) => Some(ExampleFormat::Standard),
             _ => None,
         }
-    }
-}
-
-impl fmt::Display for ExampleFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -282,19 +259,10 @@ impl std::str::FromStr for ExampleFormat {
 }
 
 impl PreferenceExample {
-    /// A view that serialises the example in `format`.
-    #[must_use]
-    pub fn formatted(&self, format: ExampleFormat) -> Formatted<'_> {
-        Formatted {
-            example: self,
-            format,
-        }
-    }
-
     /// One JSON line (no trailing newline) in `format`.
     #[must_use]
     pub fn to_json_line(&self, format: ExampleFormat) -> String {
-        serde_json::to_string(&self.formatted(format))
+        serde_json::to_string(&self.wire(format))
             .expect("serialising an example cannot fail: all keys are strings")
     }
 
@@ -304,83 +272,61 @@ impl PreferenceExample {
         match self.prompt.as_slice() {
             [only] if only.role == Role::User => Cow::Borrowed(&only.content),
             many => {
-                let mut s = String::new();
-                for (i, m) in many.iter().enumerate() {
-                    if i > 0 {
-                        s.push_str("\n\n");
-                    }
-                    s.push_str(m.role.as_str());
-                    s.push_str(": ");
-                    s.push_str(&m.content);
-                }
-                Cow::Owned(s)
+                let blocks: Vec<String> = many
+                    .iter()
+                    .map(|m| format!("{}: {}", m.role.as_str(), m.content))
+                    .collect();
+                Cow::Owned(blocks.join("\n\n"))
             }
         }
     }
-}
 
-/// An example paired with the format to write it in; implements [`Serialize`].
-#[derive(Debug, Clone, Copy)]
-pub struct Formatted<'a> {
-    example: &'a PreferenceExample,
-    format: ExampleFormat,
-}
-
-#[derive(Serialize)]
-struct AssistantTurn<'a> {
-    role: Role,
-    content: &'a str,
-}
-
-impl Serialize for Formatted<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.example;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", &e.id)?;
-        match self.format {
-            ExampleFormat::Conversational => {
-                let turn = |content| {
-                    [AssistantTurn {
-                        role: Role::Assistant,
-                        content,
-                    }]
-                };
-                m.serialize_entry("prompt", &e.prompt)?;
-                m.serialize_entry("chosen", &turn(&e.chosen))?;
-                m.serialize_entry("rejected", &turn(&e.rejected))?;
-            }
-            ExampleFormat::Standard => {
-                m.serialize_entry("prompt", &e.prompt_text())?;
-                m.serialize_entry("chosen", &e.chosen)?;
-                m.serialize_entry("rejected", &e.rejected)?;
-            }
+    /// The example's line in `format`, borrowing its fields.
+    fn wire(&self, format: ExampleFormat) -> WireExample<'_> {
+        let turn = |t: &str| TextOrMessages::Messages(vec![Message::assistant(t)].into());
+        let (prompt, chosen, rejected) = match format {
+            ExampleFormat::Conversational => (
+                TextOrMessages::Messages(Cow::Borrowed(&self.prompt)),
+                turn(&self.chosen),
+                turn(&self.rejected),
+            ),
+            ExampleFormat::Standard => (
+                TextOrMessages::Text(self.prompt_text()),
+                TextOrMessages::Text(self.chosen.as_str().into()),
+                TextOrMessages::Text(self.rejected.as_str().into()),
+            ),
+        };
+        WireExample {
+            id: Cow::Borrowed(&self.id),
+            prompt,
+            chosen,
+            rejected,
+            label: self.label,
+            grade: self.grade,
+            aspects: Cow::Borrowed(&self.aspects),
+            margin: self.margin,
+            metadata: Cow::Borrowed(&self.metadata),
         }
-        m.serialize_entry("label", &e.label)?;
-        if let Some(g) = e.grade {
-            m.serialize_entry("grade", &g)?;
-        }
-        m.serialize_entry("aspects", &e.aspects)?;
-        m.serialize_entry("margin", &e.margin)?;
-        m.serialize_entry("metadata", &e.metadata)?;
-        m.end()
     }
 }
 
 impl Serialize for PreferenceExample {
     /// Serialises in the conversational format.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.formatted(ExampleFormat::Conversational).serialize(s)
+        self.wire(ExampleFormat::Conversational).serialize(s)
     }
 }
 
-#[derive(Deserialize)]
+/// `prompt`, `chosen` or `rejected` of a line: a string (standard) or messages
+/// (conversational).
+#[derive(Serialize, Deserialize)]
 #[serde(untagged)]
-enum TextOrMessages {
-    Text(String),
-    Messages(Vec<Message>),
+enum TextOrMessages<'a> {
+    Text(Cow<'a, str>),
+    Messages(Cow<'a, [Message]>),
 }
 
-impl TextOrMessages {
+impl TextOrMessages<'_> {
     /// The format whose lines hold a field of this shape.
     fn format(&self) -> ExampleFormat {
         match self {
@@ -388,36 +334,38 @@ impl TextOrMessages {
             TextOrMessages::Messages(_) => ExampleFormat::Conversational,
         }
     }
-}
 
-#[derive(Deserialize)]
-struct WireExample {
-    id: String,
-    prompt: TextOrMessages,
-    chosen: TextOrMessages,
-    rejected: TextOrMessages,
-    label: Label,
-    #[serde(default)]
-    grade: Option<Grade>,
-    #[serde(default)]
-    aspects: Vec<String>,
-    #[serde(default)]
-    margin: Option<f64>,
-    #[serde(default)]
-    metadata: ExampleMetadata,
-}
-
-fn response_text(field: &str, v: TextOrMessages) -> Result<String, String> {
-    match v {
-        TextOrMessages::Text(t) => Ok(t),
-        TextOrMessages::Messages(ms) => match <[Message; 1]>::try_from(ms) {
-            Ok([m]) if m.role == Role::Assistant => Ok(m.content),
-            _ => Err(format!("{field} must be a string or one assistant message")),
-        },
+    /// The response text of `field`: a string, or one assistant message.
+    fn into_response(self, field: &str) -> Result<String, String> {
+        match self {
+            TextOrMessages::Text(t) => Ok(t.into_owned()),
+            TextOrMessages::Messages(ms) => match <[Message; 1]>::try_from(ms.into_owned()) {
+                Ok([m]) if m.role == Role::Assistant => Ok(m.content),
+                _ => Err(format!("{field} must be a string or one assistant message")),
+            },
+        }
     }
 }
 
-impl WireExample {
+/// One example line in either format: what is written and what is read.
+#[derive(Serialize, Deserialize)]
+struct WireExample<'a> {
+    id: Cow<'a, str>,
+    prompt: TextOrMessages<'a>,
+    chosen: TextOrMessages<'a>,
+    rejected: TextOrMessages<'a>,
+    label: Label,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grade: Option<Grade>,
+    #[serde(default)]
+    aspects: Cow<'a, [String]>,
+    #[serde(default)]
+    margin: Option<f64>,
+    #[serde(default)]
+    metadata: Cow<'a, ExampleMetadata>,
+}
+
+impl WireExample<'_> {
     /// The example, and the format its line was written in (from the shape of `prompt`).
     fn into_example(self) -> Result<(PreferenceExample, ExampleFormat), String> {
         let format = self.prompt.format();
@@ -425,19 +373,19 @@ impl WireExample {
             TextOrMessages::Text(t) => vec![Message::user(t)],
             TextOrMessages::Messages(ms) => {
                 check_messages(&ms).map_err(|m| format!("prompt: {m}"))?;
-                ms
+                ms.into_owned()
             }
         };
         let example = PreferenceExample {
-            id: self.id,
+            id: self.id.into_owned(),
             prompt,
-            chosen: response_text("chosen", self.chosen)?,
-            rejected: response_text("rejected", self.rejected)?,
+            chosen: self.chosen.into_response("chosen")?,
+            rejected: self.rejected.into_response("rejected")?,
             label: self.label,
             grade: self.grade,
-            aspects: self.aspects,
+            aspects: self.aspects.into_owned(),
             margin: self.margin,
-            metadata: self.metadata,
+            metadata: self.metadata.into_owned(),
         };
         Ok((example, format))
     }
@@ -458,24 +406,21 @@ impl<'de> Deserialize<'de> for PreferenceExample {
 /// same shape as `prompt`.
 pub(crate) fn parse_example_line(text: &str) -> Result<(PreferenceExample, ExampleFormat), String> {
     let wire: WireExample = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let shape = |f| match f {
+        ExampleFormat::Conversational => "a list of messages",
+        ExampleFormat::Standard => "a string",
+    };
     let prompt = wire.prompt.format();
     for (field, v) in [("chosen", &wire.chosen), ("rejected", &wire.rejected)] {
         if v.format() != prompt {
             return Err(format!(
                 "`{field}` is {} but `prompt` is {}: a line is either conversational or standard",
-                shape_name(v.format()),
-                shape_name(prompt)
+                shape(v.format()),
+                shape(prompt)
             ));
         }
     }
     wire.into_example()
-}
-
-fn shape_name(format: ExampleFormat) -> &'static str {
-    match format {
-        ExampleFormat::Conversational => "a list of messages",
-        ExampleFormat::Standard => "a string",
-    }
 }
 
 #[cfg(test)]

@@ -12,52 +12,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+crate::error::named_enum! {
 /// Whether the second response must be better or worse than the first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Label {
     /// The second response is better: chosen = second, rejected = first.
-    Better,
+    Better = "better",
     /// The second response is worse: chosen = first, rejected = second.
-    Worse,
+    Worse = "worse",
+}
 }
 
-impl Label {
-    /// `"better"` or `"worse"`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Label::Better => "better",
-            Label::Worse => "worse",
-        }
-    }
-}
-
-impl fmt::Display for Label {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
+crate::error::named_enum! {
 /// How much better or worse, for graded labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Grade {
     /// A small but clear difference.
-    Slightly,
+    Slightly = "slightly",
     /// A large difference.
-    Much,
+    Much = "much",
 }
-
-impl Grade {
-    /// `"slightly"` or `"much"`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Grade::Slightly => "slightly",
-            Grade::Much => "much",
-        }
-    }
 }
 
 /// One drawn label: the direction, optionally a grade, and the margin to write.
@@ -94,7 +70,9 @@ pub trait LabelSampler: Send + Sync + fmt::Debug {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw;
 }
 
-crate::aspect::forward_sample!(LabelSampler -> LabelDraw);
+crate::aspect::forward_impls!(LabelSampler {
+    fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw;
+});
 
 fn check_probability(what: &str, p: f64) -> Result<(), Error> {
     if (0.0..=1.0).contains(&p) {
@@ -152,10 +130,10 @@ impl LabelSampler for Bernoulli {
 /// [`Graded::margins`]; the default is `p_better = p_much = 0.5`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Graded {
-    p_better: f64,
+    direction: Bernoulli,
     p_much: f64,
-    margin_slightly: f64,
-    margin_much: f64,
+    /// The margins written for "slightly" and "much".
+    margins: (f64, f64),
 }
 
 impl Graded {
@@ -165,13 +143,12 @@ impl Graded {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a probability is not in `[0, 1]`.
     pub fn new(p_better: f64, p_much: f64) -> Result<Self, Error> {
-        check_probability("p_better", p_better)?;
+        let direction = Bernoulli::new(p_better)?;
         check_probability("p_much", p_much)?;
         Ok(Graded {
-            p_better,
+            direction,
             p_much,
-            margin_slightly: 1.0,
-            margin_much: 3.0,
+            margins: (1.0, 3.0),
         })
     }
 
@@ -186,8 +163,7 @@ impl Graded {
                 "graded margins must be finite, positive and slightly <= much, got {slightly} and {much}"
             )));
         }
-        self.margin_slightly = slightly;
-        self.margin_much = much;
+        self.margins = (slightly, much);
         Ok(self)
     }
 }
@@ -200,15 +176,11 @@ impl Default for Graded {
 
 impl LabelSampler for Graded {
     fn sample(&self, rng: &mut dyn RngCore) -> LabelDraw {
-        let label = Bernoulli {
-            p_better: self.p_better,
-        }
-        .sample(rng)
-        .label;
+        let label = self.direction.sample(rng).label;
         let (grade, margin) = if rng.random_bool(self.p_much) {
-            (Grade::Much, self.margin_much)
+            (Grade::Much, self.margins.1)
         } else {
-            (Grade::Slightly, self.margin_slightly)
+            (Grade::Slightly, self.margins.0)
         };
         LabelDraw {
             label,

@@ -15,13 +15,12 @@
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
 use crate::checks::{accept_distinct, find_all_ci, tag_content, ResponseChecks};
 use crate::error::UnusableReason;
-use crate::label::{Grade, Label, LabelDraw};
+use crate::label::{Label, LabelDraw};
 
 /// What a template needs to write (and check) the second response of one example.
 #[derive(Debug, Clone, Copy)]
@@ -116,33 +115,14 @@ pub trait PromptTemplate: Send + Sync + fmt::Debug {
     ) -> Result<ParsedResponse, UnusableReason>;
 }
 
-macro_rules! forward_template {
-    ($($ty:ty),*) => {$(
-        impl<T: PromptTemplate + ?Sized> PromptTemplate for $ty {
-            fn variants(&self) -> usize {
-                (**self).variants()
-            }
-            fn first_request(&self, prompt: &[Message]) -> Vec<Message> {
-                (**self).first_request(prompt)
-            }
-            fn accept_first(&self, raw: &str) -> Result<String, UnusableReason> {
-                (**self).accept_first(raw)
-            }
-            fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {
-                (**self).second_request(ctx)
-            }
-            fn parse_second(
-                &self,
-                raw: &str,
-                ctx: &SecondContext<'_>,
-            ) -> Result<ParsedResponse, UnusableReason> {
-                (**self).parse_second(raw, ctx)
-            }
-        }
-    )*};
-}
-
-forward_template!(Arc<T>, Box<T>, &T);
+crate::aspect::forward_impls!(PromptTemplate {
+    fn variants(&self) -> usize;
+    fn first_request(&self, prompt: &[Message]) -> Vec<Message>;
+    fn accept_first(&self, raw: &str) -> Result<String, UnusableReason>;
+    fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message>;
+    fn parse_second(&self, raw: &str, ctx: &SecondContext<'_>)
+        -> Result<ParsedResponse, UnusableReason>;
+});
 
 /// The crate's template: the method's structure in our own wording, tuned to work even with
 /// small models.
@@ -201,78 +181,52 @@ impl PromptTemplate for DefaultTemplate {
     }
 
     fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {
-        let better = ctx.label.label == Label::Better;
-        let degree = match ctx.label.grade {
-            Some(Grade::Slightly) => "slightly ",
-            Some(Grade::Much) => "much ",
-            None => "",
-        };
-        let direction = if better { "better" } else { "worse" };
+        let (label, picks) = (ctx.label.label, ctx.aspects.model_picks);
+        let degree = ctx.label.grade.map(|g| format!("{g} ")).unwrap_or_default();
         // The prompt's own system message, if any, stays first; the conversation follows as is.
         let (own_system, conversation) = match ctx.prompt.split_first() {
-            Some((m, rest)) if m.role == Role::System => (Some(m.content.as_str()), rest),
-            _ => (None, ctx.prompt),
+            Some((m, rest)) if m.role == Role::System => (format!("{}\n\n", m.content), rest),
+            _ => (String::new(), ctx.prompt),
         };
-        let mut u = String::with_capacity(1024 + ctx.first.len() + own_system.map_or(0, str::len));
-        if let Some(own) = own_system {
-            u.push_str(own);
-            u.push_str("\n\n");
-        }
-        u.push_str(
-            "You are answering the user's request that follows, for a dataset that teaches a \
-             model to tell good answers from bad ones. Here is a reference answer to the same \
-             request:\n<reference>\n",
-        );
-        u.push_str(ctx.first);
-        u.push_str("\n</reference>\n\n");
-        match ctx.aspects.model_picks {
-            Some(k) => {
-                let _ = writeln!(
-                    u,
-                    "Your answer must be {degree}{direction} than the reference answer. Choose at \
-                     most {k} of these quality aspects and make the difference lie in them:"
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    u,
-                    "Your answer must be {degree}{direction} than the reference answer in these \
-                     quality aspects:"
-                );
-            }
-        }
+        let choose = match picks {
+            Some(k) => format!(
+                ". Choose at most {k} of these quality aspects and make the difference lie in them"
+            ),
+            None => " in these quality aspects".to_string(),
+        };
+        let mut aspects = String::new();
         for a in &ctx.aspects.aspects {
-            let _ = writeln!(u, "- {}: {}", a.name, a.definition);
+            let _ = writeln!(aspects, "- {}: {}", a.name, a.definition);
         }
-        u.push('\n');
-        if better {
-            u.push_str(
+        let change = match label {
+            Label::Better => {
                 "Keep what the reference does well and fix its weaknesses in those aspects. \
-                 Your answer must be complete and stand on its own.",
-            );
-        } else {
-            u.push_str(
+                 Your answer must be complete and stand on its own."
+            }
+            Label::Worse => {
                 "Make your answer clearly weaker in those aspects while it still reads as a \
                  sincere, fluent, on-topic answer: for example leave out something needed, get a \
                  detail wrong, or drift from the point, whichever fits the aspects. No gibberish, \
-                 no repetition and no exaggeration.",
-            );
-        }
-        u.push_str(
-            " Use your own words rather than copying the reference, and never mention the \
-             reference, these instructions, or that anything was changed. Reply to the user \
-             directly. ",
+                 no repetition and no exaggeration."
+            }
+        };
+        let give = match picks {
+            Some(_) => {
+                "First name the aspects you chose as <aspects>name, name</aspects>. Then give"
+            }
+            None => "Give",
+        };
+        let system = format!(
+            "{own_system}You are answering the user's request that follows, for a dataset that \
+             teaches a model to tell good answers from bad ones. Here is a reference answer to \
+             the same request:\n<reference>\n{first}\n</reference>\n\nYour answer must be \
+             {degree}{label} than the reference answer{choose}:\n{aspects}\n{change} Use your \
+             own words rather than copying the reference, and never mention the reference, these \
+             instructions, or that anything was changed. Reply to the user directly. {give} your \
+             answer, and nothing else, between <response> and </response>.",
+            first = ctx.first
         );
-        if ctx.aspects.model_picks.is_some() {
-            u.push_str(
-                "First name the aspects you chose as <aspects>name, name</aspects>. Then give ",
-            );
-        } else {
-            u.push_str("Give ");
-        }
-        u.push_str("your answer, and nothing else, between <response> and </response>.");
-        let mut messages = Vec::with_capacity(conversation.len() + 1);
-        messages.push(Message::system(u));
+        let mut messages = vec![Message::system(system)];
         messages.extend_from_slice(conversation);
         messages
     }
@@ -284,13 +238,10 @@ impl PromptTemplate for DefaultTemplate {
     ) -> Result<ParsedResponse, UnusableReason> {
         let text = extract_response(raw);
         self.checks.check_second(text, ctx.first)?;
-        let picked_aspects = ctx
-            .aspects
-            .model_picks
-            .and_then(|k| parse_picked(raw, ctx.aspects, k));
+        let picks = ctx.aspects.model_picks;
         Ok(ParsedResponse {
             text: text.to_string(),
-            picked_aspects,
+            picked_aspects: picks.and_then(|k| parse_picked(raw, ctx.aspects, k)),
         })
     }
 }
@@ -305,36 +256,23 @@ const CLOSE: &str = "</response>";
 pub fn extract_response(raw: &str) -> &str {
     let opens = find_all_ci(raw, OPEN);
     let closes = find_all_ci(raw, CLOSE);
-    if !opens.is_empty() {
-        let mut best = "";
-        for &o in &opens {
-            let start = o + OPEN.len();
-            let end = closes
-                .iter()
-                .copied()
-                .find(|&c| c >= start)
-                .unwrap_or(raw.len());
-            let candidate = raw[start..end].trim();
-            // "... between <response> and </response>" echoed from the instructions.
-            if candidate.eq_ignore_ascii_case("and") {
-                continue;
-            }
-            if candidate.len() > best.len() {
-                best = candidate;
-            }
-        }
-        return best;
+    if opens.is_empty() {
+        return strip_preamble(closes.first().map_or(raw, |&c| &raw[..c]).trim());
     }
-    let body = match closes.first() {
-        Some(&c) => &raw[..c],
-        None => raw,
-    };
-    strip_preamble(body.trim())
+    opens
+        .iter()
+        .map(|&o| {
+            let start = o + OPEN.len();
+            let end = closes.iter().copied().find(|&c| c >= start);
+            raw[start..end.unwrap_or(raw.len())].trim()
+        })
+        // "... between <response> and </response>" echoed from the instructions.
+        .filter(|candidate| !candidate.eq_ignore_ascii_case("and"))
+        .fold("", |best, c| if c.len() > best.len() { c } else { best })
 }
 
 /// Drops a first line such as "Here is a better answer:" and quotes around the whole text.
-fn strip_preamble(text: &str) -> &str {
-    let mut text = text;
+fn strip_preamble(mut text: &str) -> &str {
     if let Some((first, rest)) = text.split_once('\n') {
         let f = first.trim().to_ascii_lowercase();
         let chatty = f.len() < 120
@@ -361,14 +299,12 @@ fn parse_picked(raw: &str, draw: &AspectDraw, k: usize) -> Option<Vec<String>> {
     let mut picked: Vec<String> = Vec::new();
     for part in tag_content(raw, "aspects", false)?.split([',', ';', '\n']) {
         let part = part.trim().trim_start_matches('-').trim();
-        if let Some(a) = draw
+        let offered = draw
             .aspects
             .iter()
-            .find(|a| a.name.eq_ignore_ascii_case(part))
-        {
-            if !picked.contains(&a.name) && picked.len() < k {
-                picked.push(a.name.clone());
-            }
+            .find(|a| a.name.eq_ignore_ascii_case(part));
+        if let Some(a) = offered.filter(|a| !picked.contains(&a.name) && picked.len() < k) {
+            picked.push(a.name.clone());
         }
     }
     (!picked.is_empty()).then_some(picked)
