@@ -241,16 +241,6 @@ pub(crate) enum BackendKind {
     Anthropic,
 }
 
-impl BackendKind {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            BackendKind::Local => "local",
-            BackendKind::Openai => "openai",
-            BackendKind::Anthropic => "anthropic",
-        }
-    }
-}
-
 /// How labels are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LabelKind {

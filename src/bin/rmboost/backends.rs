@@ -8,7 +8,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmboost::backend::adaptive::{AdaptiveConfig, AdaptiveStats};
+use rmboost::backend::adaptive::{AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats};
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::cache::Cache;
 use rmboost::backend::local::LocalBackend;
@@ -22,7 +22,7 @@ use rmboost::batch::BatchApi;
 use rmboost::LlmBackend;
 
 use crate::args::{BackendArgs, BackendKind};
-use crate::setup::{error_chain, CliError};
+use crate::setup::CliError;
 
 /// Live statistics of the wrappers, for progress and the summary.
 #[derive(Clone, Default)]
@@ -39,6 +39,25 @@ impl BackendStats {
     /// Transport retries made.
     pub(crate) fn retries(&self) -> u64 {
         self.retry.as_ref().map_or(0, |r| r.retries())
+    }
+
+    /// The limit on calls in flight: the one backend's, or the sum over the replicas (of the
+    /// figures the bar and the summary show).
+    pub(crate) fn limit(&self) -> Option<AdaptiveSnapshot> {
+        let Some(set) = &self.replicas else {
+            return self.adaptive.as_ref().map(|a| a.snapshot());
+        };
+        let all = set.stats().into_iter().map(|r| r.limit);
+        all.reduce(|mut sum, s| {
+            sum.cap += s.cap;
+            sum.limit += s.limit;
+            sum.min_limit += s.min_limit;
+            sum.max_limit += s.max_limit;
+            sum.calls += s.calls;
+            sum.rate_limited += s.rate_limited;
+            sum.congestion += s.congestion;
+            sum
+        })
     }
 }
 
@@ -59,9 +78,28 @@ fn local(args: &BackendArgs) -> Result<LocalBackend, CliError> {
     if let Some(path) = &args.model_path {
         builder = builder.model_path(path);
     }
-    builder
-        .build()
-        .map_err(|e| CliError::fatal(error_chain(&e)))
+    Ok(builder.build()?)
+}
+
+/// The HTTP backend `$builder` makes with the flags' model, base URL `$url`, key variable and
+/// timeout, and its endpoint as shown.
+macro_rules! http_backend {
+    ($builder:expr, $args:expr, $url:expr) => {{
+        let (args, url): (&BackendArgs, Option<&str>) = ($args, $url);
+        let mut b = $builder.model(model(args, url)?).timeout(timeout(args)?);
+        if let Some(url) = url {
+            b = b.base_url(url);
+        }
+        // The library picks the provider's default variable (`OPENAI_API_KEY`, ...) itself,
+        // and only for the provider's own URL: a `--base-url` gets a key only when
+        // `--api-key-env` names it.
+        if let Some(var) = &args.api_key_env {
+            b = b.api_key_env(var);
+        }
+        let b = b.build()?;
+        let endpoint = b.endpoint();
+        (b, endpoint)
+    }};
 }
 
 /// Builds the backend of `args` inside the library's `Stack`: the meter, the response cache
@@ -73,7 +111,6 @@ pub(crate) fn build(
     concurrency: usize,
     cache: Option<Cache>,
 ) -> Result<Built, CliError> {
-    let kind = args.backend.unwrap_or(BackendKind::Local);
     timeout(args)?;
     let cap = NonZeroUsize::new(concurrency)
         .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
@@ -83,10 +120,10 @@ pub(crate) fn build(
     }
     let urls = base_urls(args)?;
     let mut replicas = None;
-    let (stacked, description) = match (kind, urls.len()) {
-        (BackendKind::Local, 0) => {
+    let (stacked, description) = match (args.backend.unwrap_or(BackendKind::Local), &urls[..]) {
+        (BackendKind::Local, []) => {
             let backend = local(args)?;
-            let description = description(kind, &backend.model(), None);
+            let description = describe(&backend, None);
             (stack.build(backend), description)
         }
         (BackendKind::Local, _) => {
@@ -94,22 +131,21 @@ pub(crate) fn build(
                 "--base-url is for --backend openai or anthropic (the local model runs here)",
             ))
         }
-        (_, 0 | 1) => {
+        (kind, [] | [_]) => {
             let (backend, endpoint) = http(kind, args, urls.first().map(String::as_str))?;
-            let description = description(kind, &backend.model(), Some(endpoint));
+            let description = describe(&*backend, Some(&endpoint));
             let stack = online(stack, args)?.adaptive(limit(args, cap)?);
             (stack.build(backend), description)
         }
-        (_, n) => {
+        (kind, _) => {
             // Several replicas of one model: each has its own limit, inside the retry.
             let mut set = Replicas::new(limit(args, cap)?);
-            let mut model = String::new();
+            let mut description = String::new();
             for url in &urls {
                 let (backend, endpoint) = http(kind, args, Some(url))?;
-                model = backend.model().into_owned();
+                description = format!("{} on {} replicas", describe(&*backend, None), urls.len());
                 set = set.replica(endpoint, backend);
             }
-            let description = format!("{} on {n} replicas", description(kind, &model, None));
             replicas = Some(set.clone());
             (online(stack, args)?.build(set), description)
         }
@@ -134,13 +170,11 @@ fn http(
 ) -> Result<(Box<dyn LlmBackend>, String), CliError> {
     Ok(match kind {
         BackendKind::Anthropic => {
-            let b = anthropic(args, url)?;
-            let endpoint = b.endpoint();
+            let (b, endpoint) = http_backend!(AnthropicBackend::builder(), args, url);
             (Box::new(b), endpoint)
         }
         _ => {
-            let b = openai(args, url)?;
-            let endpoint = b.endpoint();
+            let (b, endpoint) = http_backend!(OpenAiBackend::builder(), args, url);
             (Box::new(b), endpoint)
         }
     })
@@ -183,44 +217,46 @@ pub(crate) fn batch_api(
         args.model = Some("-".to_string());
     }
     timeout(&args)?;
-    let kind = args.backend.unwrap_or(BackendKind::Local);
-    let urls = base_urls(&args)?;
-    if urls.len() > 1 {
-        return Err(CliError::usage(
-            "--batch and `rmboost batch` take one --base-url (a provider's batch API)",
-        ));
-    }
-    let url = urls.first().map(String::as_str);
-    let batch = |model: &str, endpoint: String| {
-        format!("{} (batch API)", description(kind, model, Some(endpoint)))
+    let url = match &base_urls(&args)?[..] {
+        [] => None,
+        [url] => Some(url.clone()),
+        _ => {
+            return Err(CliError::usage(
+                "--batch and `rmboost batch` take one --base-url (a provider's batch API)",
+            ))
+        }
     };
-    match kind {
-        BackendKind::Openai => {
-            let backend = openai(&args, url)?;
-            let described = batch(&backend.model(), backend.endpoint());
-            Ok((Arc::new(OpenAiBatch::new(backend)), described))
-        }
-        BackendKind::Anthropic => {
-            let backend = anthropic(&args, url)?;
-            let described = batch(&backend.model(), backend.endpoint());
-            Ok((Arc::new(AnthropicBatch::new(backend)), described))
-        }
-        BackendKind::Local => Err(CliError::usage(
-            "--batch needs --backend openai or --backend anthropic (the local model has no \
-             batch API)",
-        )),
-    }
+    let (url, args) = (url.as_deref(), &args);
+    let (api, description): (Arc<dyn BatchApi>, _) =
+        match args.backend {
+            Some(BackendKind::Openai) => {
+                let (b, endpoint) = http_backend!(OpenAiBackend::builder(), args, url);
+                let description = describe(&b, Some(&endpoint));
+                (Arc::new(OpenAiBatch::new(b)), description)
+            }
+            Some(BackendKind::Anthropic) => {
+                let (b, endpoint) = http_backend!(AnthropicBackend::builder(), args, url);
+                let description = describe(&b, Some(&endpoint));
+                (Arc::new(AnthropicBatch::new(b)), description)
+            }
+            _ => return Err(CliError::usage(
+                "--batch needs --backend openai or --backend anthropic (the local model has no \
+                 batch API)",
+            )),
+        };
+    Ok((api, format!("{description} (batch API)")))
 }
 
 /// `name / model at endpoint` for the summary (the endpoint never holds credentials).
-fn description(kind: BackendKind, model: &str, endpoint: Option<String>) -> String {
+fn describe(backend: &dyn LlmBackend, endpoint: Option<&str>) -> String {
+    let model = backend.model();
     let model = if model.is_empty() {
         String::new()
     } else {
         format!(" / {model}")
     };
     let at = endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
-    format!("{}{model}{at}", kind.name())
+    format!("{}{model}{at}", backend.name())
 }
 
 /// `--timeout` as a duration: a positive number of seconds (checked for every backend, also
@@ -236,7 +272,7 @@ fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
 }
 
 /// The URLs of `--base-url` (repeatable) and `--base-url-file`, in that order.
-pub(crate) fn base_urls(args: &BackendArgs) -> Result<Vec<String>, CliError> {
+fn base_urls(args: &BackendArgs) -> Result<Vec<String>, CliError> {
     let mut urls = args.base_url.clone();
     if let Some(path) = &args.base_url_file {
         let text = std::fs::read_to_string(path)
@@ -257,44 +293,17 @@ pub(crate) fn base_urls(args: &BackendArgs) -> Result<Vec<String>, CliError> {
     Ok(urls)
 }
 
-fn openai(args: &BackendArgs, url: Option<&str>) -> Result<OpenAiBackend, CliError> {
-    let model =
-        match (&args.model, url) {
-            (Some(m), _) => m.clone(),
-            // Servers such as llama.cpp's answer with their one model whatever the name.
-            (None, Some(_)) => "default".to_string(),
-            (None, None) => return Err(CliError::usage(
-                "--backend openai needs --model (and --base-url for a server other than OpenAI)",
-            )),
-        };
-    let mut b = OpenAiBackend::builder()
-        .model(model)
-        .timeout(timeout(args)?);
-    if let Some(url) = url {
-        b = b.base_url(url);
+/// The model of `--model`. Without it, openai at a `--base-url` asks for `default`: servers
+/// such as llama.cpp's answer with their one model whatever the name.
+fn model(args: &BackendArgs, url: Option<&str>) -> Result<String, CliError> {
+    match (&args.model, args.backend, url) {
+        (Some(model), _, _) => Ok(model.clone()),
+        (None, Some(BackendKind::Anthropic), _) => {
+            Err(CliError::usage("--backend anthropic needs --model"))
+        }
+        (None, _, Some(_)) => Ok("default".to_string()),
+        (None, _, None) => Err(CliError::usage(
+            "--backend openai needs --model (and --base-url for a server other than OpenAI)",
+        )),
     }
-    // The library picks the provider's default variable (`OPENAI_API_KEY`, ...) itself, and
-    // only for the provider's own URL: a `--base-url` gets a key only when `--api-key-env`
-    // names it.
-    if let Some(var) = &args.api_key_env {
-        b = b.api_key_env(var);
-    }
-    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
-}
-
-fn anthropic(args: &BackendArgs, url: Option<&str>) -> Result<AnthropicBackend, CliError> {
-    let Some(model) = &args.model else {
-        return Err(CliError::usage("--backend anthropic needs --model"));
-    };
-    let mut b = AnthropicBackend::builder()
-        .model(model.clone())
-        .timeout(timeout(args)?);
-    if let Some(url) = url {
-        b = b.base_url(url);
-    }
-    // As for openai.
-    if let Some(var) = &args.api_key_env {
-        b = b.api_key_env(var);
-    }
-    b.build().map_err(|e| CliError::fatal(error_chain(&e)))
 }

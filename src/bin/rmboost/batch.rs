@@ -4,31 +4,36 @@
 use crate::args::{BatchAction, BatchArgs, BatchTarget};
 use crate::backends;
 use crate::setup::{error_chain, CliError};
-use rmboost::batch::StateFile;
+use rmboost::batch::{BatchApi, StateFile};
 
-/// Runs `rmboost batch`; returns the exit status.
+/// Runs `rmboost batch`; returns the exit status: 1 when a provider call failed.
 pub(crate) async fn run(args: BatchArgs) -> Result<u8, CliError> {
-    match args.action {
-        BatchAction::Status(t) => status(&t).await,
-        BatchAction::Cancel(t) => cancel(&t).await,
-    }
-}
-
-fn read_state(t: &BatchTarget) -> Result<Option<StateFile>, CliError> {
+    let (BatchAction::Status(t) | BatchAction::Cancel(t)) = &args.action;
     let path = StateFile::default_path(&t.output);
-    StateFile::read(&path).map_err(|e| CliError::fatal(error_chain(&e)))
-}
-
-async fn status(t: &BatchTarget) -> Result<u8, CliError> {
-    let Some(state) = read_state(t)? else {
-        println!(
-            "no batch run recorded for {} ({} does not exist: none ran, or the run finished)",
-            t.output.display(),
-            StateFile::default_path(&t.output).display()
-        );
+    let Some(state) = StateFile::read(&path)? else {
+        match args.action {
+            BatchAction::Status(_) => println!(
+                "no batch run recorded for {} ({} does not exist: none ran, or the run finished)",
+                t.output.display(),
+                path.display()
+            ),
+            BatchAction::Cancel(_) => {
+                println!("nothing to cancel: {} does not exist", path.display())
+            }
+        }
         return Ok(0);
     };
     let (api, _) = backends::batch_api(&t.backend, true)?;
+    let failures = match args.action {
+        BatchAction::Status(_) => status(t, &state, &*api).await?,
+        BatchAction::Cancel(_) => cancel(t, &*api).await?,
+    };
+    Ok(u8::from(failures > 0))
+}
+
+/// Prints the batches of `state` with the live status of those not yet collected; returns
+/// how many could not be asked.
+async fn status(t: &BatchTarget, state: &StateFile, api: &dyn BatchApi) -> Result<usize, CliError> {
     if state.api != api.name() {
         return Err(CliError::usage(format!(
             "the batches of {} were made with --backend {}",
@@ -78,21 +83,12 @@ async fn status(t: &BatchTarget) -> Result<u8, CliError> {
         "{} batches, {pending} not yet collected (rerun the generate command to collect them)",
         state.batches.len()
     );
-    Ok(if failures > 0 { 1 } else { 0 })
+    Ok(failures)
 }
 
-async fn cancel(t: &BatchTarget) -> Result<u8, CliError> {
-    if read_state(t)?.is_none() {
-        println!(
-            "nothing to cancel: {} does not exist",
-            StateFile::default_path(&t.output).display()
-        );
-        return Ok(0);
-    }
-    let (api, _) = backends::batch_api(&t.backend, true)?;
-    let results = rmboost::batch::cancel_batches(&*api, &t.output)
-        .await
-        .map_err(|e| CliError::fatal(error_chain(&e)))?;
+/// Cancels the batches still running; returns how many could not be cancelled.
+async fn cancel(t: &BatchTarget, api: &dyn BatchApi) -> Result<usize, CliError> {
+    let results = rmboost::batch::cancel_batches(api, &t.output).await?;
     let mut failures = 0;
     for (id, r) in &results {
         match r {
@@ -108,5 +104,5 @@ async fn cancel(t: &BatchTarget) -> Result<u8, CliError> {
          what they finished and sends the rest again",
         results.len() - failures
     );
-    Ok(if failures > 0 { 1 } else { 0 })
+    Ok(failures)
 }

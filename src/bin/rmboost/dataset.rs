@@ -83,40 +83,31 @@ pub(crate) fn merge_shards(args: &MergeArgs) -> Result<u8, CliError> {
     if summary.recipes_differ {
         progress::notice("warning: the shards' recipes differ: none was written beside the output");
     }
-    let mut line = format!(
-        "merged {} shard{} into {}: {} examples",
+    let skipped = summary.bad_input_lines;
+    let parts = [
+        (summary.duplicates > 0)
+            .then(|| format!(" ({} identical duplicates kept once)", summary.duplicates)),
+        summary
+            .ledger
+            .as_ref()
+            .map(|ledger| format!("; {} failed ids in {}", summary.failed, ledger.display())),
+        summary
+            .recipe
+            .as_ref()
+            .map(|recipe| format!("; recipe {}", recipe.display())),
+        summary
+            .prompts
+            .map(|prompts| format!("; every one of the {prompts} prompts is accounted for")),
+        (summary.prompts.is_some() && skipped > 0)
+            .then(|| format!(" ({skipped} bad input lines skipped)")),
+    ];
+    println!(
+        "merged {} shard{} into {}: {} examples{}",
         args.shards.len(),
         plural(args.shards.len()),
         summary.output.display(),
-        summary.examples
+        summary.examples,
+        parts.into_iter().flatten().collect::<String>()
     );
-    if summary.duplicates > 0 {
-        line.push_str(&format!(
-            " ({} identical duplicates kept once)",
-            summary.duplicates
-        ));
-    }
-    if let Some(ledger) = &summary.ledger {
-        line.push_str(&format!(
-            "; {} failed ids in {}",
-            summary.failed,
-            ledger.display()
-        ));
-    }
-    if let Some(recipe) = &summary.recipe {
-        line.push_str(&format!("; recipe {}", recipe.display()));
-    }
-    if let Some(prompts) = summary.prompts {
-        line.push_str(&format!(
-            "; every one of the {prompts} prompts is accounted for"
-        ));
-        if summary.bad_input_lines > 0 {
-            line.push_str(&format!(
-                " ({} bad input lines skipped)",
-                summary.bad_input_lines
-            ));
-        }
-    }
-    println!("{line}");
     Ok(0)
 }

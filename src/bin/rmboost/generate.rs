@@ -2,34 +2,35 @@
 //! display and the final summary. Every policy (file safety, resume checks, the cost budget,
 //! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
+use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::StreamExt;
-use rmboost::{ExampleFormat, OutputOrder};
-
-use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
-use crate::backends::{self, BackendStats};
-use crate::progress::{self, Display, Tick};
 use rmboost::backend::cache::Cache;
+use rmboost::batch::{run_batch_to_file, BatchApi, BatchBackend, BatchConfig, StateFile};
 use rmboost::io::FailureLedger;
 use rmboost::run::{
     ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, unreachable_after,
     BadLinePolicy, CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary,
     Shard, ShardSource, StopSignal,
 };
+use rmboost::{ExampleFormat, Generator, OutputOrder};
 
+use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind, ProgressKind};
+use crate::backends::{self, BackendStats, Built};
+use crate::progress::{self, Display, Tick};
 use crate::setup::{self, error_chain, CliError};
 use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Tokens};
-use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
-use std::num::NonZeroUsize;
 
-/// The prices, the cost budget and the shard of the flags (and the scheduler's variable it
-/// came from, with `--shard auto`).
+/// The prices, the cost budget, the shard of the flags (and the scheduler's variable it came
+/// from, with `--shard auto`) and, with `--batch`, the batch settings.
 type Validated = (
     Option<Prices>,
     Option<CostBudget>,
     Option<(Shard, Option<ShardSource>)>,
+    Option<BatchConfig>,
 );
 
 fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
@@ -76,17 +77,30 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
     if args.limit == Some(0) {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    if args.batch {
-        if args.batch_size == 0 {
-            return Err(CliError::usage("--batch-size must be at least 1"));
-        }
-        if !(args.poll_secs.is_finite() && args.poll_secs > 0.0) {
-            return Err(CliError::usage(
-                "--poll-secs must be a positive number of seconds",
-            ));
-        }
+    let batch = if args.batch {
+        Some(batch_config(args)?)
+    } else {
+        None
+    };
+    Ok((prices, budget, shard(args)?, batch))
+}
+
+/// The settings of a `--batch` run.
+fn batch_config(args: &GenerateArgs) -> Result<BatchConfig, CliError> {
+    let size = NonZeroUsize::new(args.batch_size)
+        .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
+    if !(args.poll_secs.is_finite() && args.poll_secs > 0.0) {
+        return Err(CliError::usage(
+            "--poll-secs must be a positive number of seconds",
+        ));
     }
-    Ok((prices, budget, shard(args)?))
+    let poll = Duration::try_from_secs_f64(args.poll_secs)
+        .map_err(|e| CliError::usage(format!("--poll-secs: {e}")))?;
+    Ok(BatchConfig::new()
+        .batch_size(size)
+        .poll_interval(poll)
+        .max_poll_interval((poll * 20).min(poll + Duration::from_secs(600)))
+        .max_attempts(args.backend.retries.saturating_add(1)))
 }
 
 /// The shard of `--shard I/N` or `--shard auto` (the scheduler's, `--shards`).
@@ -109,26 +123,6 @@ fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, Cl
     }
 }
 
-/// The limit on calls in flight: the one backend's, or the sum over the replicas (of the
-/// figures the bar and the summary show).
-fn limits(stats: &BackendStats) -> Option<rmboost::backend::adaptive::AdaptiveSnapshot> {
-    if let Some(set) = &stats.replicas {
-        let all: Vec<_> = set.stats().into_iter().map(|r| r.limit).collect();
-        let mut sum = *all.first()?;
-        for s in &all[1..] {
-            sum.cap += s.cap;
-            sum.limit += s.limit;
-            sum.min_limit += s.min_limit;
-            sum.max_limit += s.max_limit;
-            sum.calls += s.calls;
-            sum.rate_limited += s.rate_limited;
-            sum.congestion += s.congestion;
-        }
-        return Some(sum);
-    }
-    stats.adaptive.as_ref().map(|a| a.snapshot())
-}
-
 fn tick(
     p: &RunSummary,
     stats: &BackendStats,
@@ -145,7 +139,9 @@ fn tick(
         tokens: usage.total(),
         cost: prices.map(|pr| pr.cost(usage)),
         elapsed: t0.elapsed(),
-        limit: limits(stats).map(|s| (s.limit, s.cap, s.rate_limited_share())),
+        limit: stats
+            .limit()
+            .map(|s| (s.limit, s.cap, s.rate_limited_share())),
         batch: batch.map(|b| {
             let s = b.stats();
             (s.batches_created, s.waves, s.in_flight)
@@ -153,11 +149,39 @@ fn tick(
     }
 }
 
+/// Drives `run` to its end, showing `tick()` every 100 ms meanwhile and once at the end.
+async fn with_progress<T>(
+    run: impl Future<Output = T>,
+    kind: ProgressKind,
+    total: Option<u64>,
+    tick: impl Fn() -> Tick,
+) -> T {
+    let mut display = Display::new(kind, total);
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            _ = interval.tick() => display.update(&tick(), total),
+        }
+    };
+    display.update(&tick(), total);
+    display.finish();
+    result
+}
+
+/// An online run: the backend in its wrappers (and the cache), and the generator. A batch
+/// run: the batch API and its settings; the library makes its backend when the run starts.
+enum Mode {
+    Online(Built, Arc<dyn Generator>),
+    Batch(Arc<dyn BatchApi>, BatchConfig),
+}
+
 /// Runs `rmboost generate`; returns the exit status.
 pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let started = Instant::now();
-    let (prices, budget, shard_of_run) = validate(&args)?;
-    let shard = shard_of_run.map(|(shard, _)| shard);
+    let (prices, budget, shard_of_run, batch_config) = validate(&args)?;
     if let Some((shard, Some(source))) = shard_of_run {
         // The tasks' logs say which shard each took, before anything else can go wrong.
         let value = std::env::var(source.variable()).unwrap_or_default();
@@ -176,19 +200,16 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .clone()
         .unwrap_or_else(|| FailureLedger::default_path(&args.output));
     let mut files = vec![
-        ("input", args.input.as_path()),
-        ("output", args.output.as_path()),
-        ("failure ledger", ledger_path.as_path()),
+        ("input", args.input.clone()),
+        ("output", args.output.clone()),
+        ("failure ledger", ledger_path.clone()),
     ];
-    if let Some(summary) = &args.summary_json {
-        files.push(("summary", summary.as_path()));
-    }
-    let state_path = StateFile::default_path(&args.output);
-    let results_path = StateFile::results_path(&args.output);
+    files.extend(args.summary_json.clone().map(|p| ("summary", p)));
     if args.batch {
-        files.push(("batch state", state_path.as_path()));
-        files.push(("batch results", results_path.as_path()));
+        files.push(("batch state", StateFile::default_path(&args.output)));
+        files.push(("batch results", StateFile::results_path(&args.output)));
     }
+    let files: Vec<_> = files.iter().map(|(what, p)| (*what, p.as_path())).collect();
     ensure_distinct_files(&files).map_err(|e| CliError::usage(error_chain(&e)))?;
     let prompts = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
@@ -198,24 +219,20 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
-    // An online run: the backend in its wrappers (and the cache), and the generator. A batch
-    // run: the batch API and its settings; the library makes its backend when the run starts.
-    let (online, batch, description, cache) = if args.batch {
+    let (mode, description, cache) = match batch_config {
         // Batch results are kept beside the output (PAIRS.batch-results.jsonl), not cached.
-        let (api, config, description) = batch_setup(&args)?;
-        (None, Some((api, config)), description, None)
-    } else {
-        let cache = open_cache(&args).await?;
-        let built = backends::build(&args.backend, args.gen.concurrency, cache.clone())?;
-        let generator = setup::method_generator(&args.gen, built.backend.clone(), order)?;
-        let description = built.description.clone();
-        (Some((built, generator)), None, description, cache)
+        Some(config) => {
+            let (api, description) = backends::batch_api(&args.backend, false)?;
+            (Mode::Batch(api, config), description, None)
+        }
+        None => {
+            let cache = open_cache(&args).await?;
+            let built = backends::build(&args.backend, args.gen.concurrency, cache.clone())?;
+            let generator = setup::method_generator(&args.gen, built.backend.clone(), order)?;
+            let description = built.description.clone();
+            (Mode::Online(built, generator), description, cache)
+        }
     };
-    let stats = online
-        .as_ref()
-        .map(|(built, _)| built.stats.clone())
-        .unwrap_or_default();
-    let batch_backend: Arc<OnceLock<BatchBackend>> = Arc::new(OnceLock::new());
     let live = Progress::new();
     let mut options = RunOptions::new()
         .format(match args.format {
@@ -240,7 +257,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     if let Some(budget) = budget {
         options = options.max_cost(budget);
     }
-    if let Some(shard) = shard {
+    if let Some((shard, _)) = shard_of_run {
         options = options.shard(shard);
     }
     if let Some(limit) = args.limit {
@@ -250,48 +267,23 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
 
     let ctrl_c = stop_on_ctrl_c(stop.clone())
         .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
-
-    let (finished, mut done) = tokio::sync::oneshot::channel::<()>();
-    let ticker = {
-        let live = live.clone();
-        let stats = stats.clone();
-        let batch = batch_backend.clone();
-        let mut display = Display::new(args.progress, total);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(100));
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let last = tokio::select! {
-                    _ = interval.tick() => false,
-                    _ = &mut done => true,
-                };
-                display.update(
-                    &tick(&live.snapshot(), &stats, batch.get(), prices, started),
-                    total,
-                );
-                if last {
-                    break;
-                }
-            }
-            display.finish();
-        })
-    };
-
+    let batch_backend = OnceLock::new();
     let mut setup_error = None;
-    let result = match (online, batch) {
-        (Some((built, generator)), _) => {
-            run_to_file(
+    let (result, stats) = match mode {
+        Mode::Online(built, generator) => {
+            let run = run_to_file(
                 move |prompts| generator.generate_boxed(prompts).boxed(),
                 prompts,
                 &args.output,
                 options.meter(built.meter.clone()),
-            )
-            .await
+            );
+            let stats = built.stats;
+            let tick = || tick(&live.snapshot(), &stats, None, prices, started);
+            (with_progress(run, args.progress, total, tick).await, stats)
         }
-        (None, Some((api, config))) => {
-            let slot = batch_backend.clone();
+        Mode::Batch(api, config) => {
             let make = |backend: BatchBackend, concurrency: NonZeroUsize| {
-                let _ = slot.set(backend.clone());
+                let _ = batch_backend.set(backend.clone());
                 let mut gen = args.gen.clone();
                 gen.concurrency = concurrency.get();
                 setup::method_generator(&gen, Arc::new(backend), order).map_err(|e| {
@@ -300,19 +292,25 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
                     error
                 })
             };
-            run_batch_to_file(api, config, make, prompts, &args.output, options)
-                .await
-                .map(|(summary, _)| summary)
+            let run = run_batch_to_file(api, config, make, prompts, &args.output, options);
+            let stats = BackendStats::default();
+            let tick = || {
+                tick(
+                    &live.snapshot(),
+                    &stats,
+                    batch_backend.get(),
+                    prices,
+                    started,
+                )
+            };
+            let result = with_progress(run, args.progress, total, tick).await;
+            (result.map(|(summary, _)| summary), stats)
         }
-        (None, None) => unreachable!("a run is online or in batches"),
     };
-    let _ = finished.send(());
-    let _ = ticker.await;
     drop(ctrl_c);
     if let Some(e) = setup_error {
         return Err(e);
     }
-    let batch_stats = batch_backend.get().map(BatchBackend::stats);
     if let Some(cache) = &cache {
         // A call returns once its completion is queued: commit the last ones now.
         if let Err(e) = cache.flush().await {
@@ -321,16 +319,12 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     }
 
     let summary = live.snapshot();
-    let status = match (&result, summary.outcome) {
-        (Err(_), _) | (_, Outcome::Unreachable) => Outcome::Failed,
-        (Ok(_), outcome) => outcome,
+    let (status, error) = match (&result, summary.outcome) {
+        (Err(e), _) => (Outcome::Failed, Some(error_chain(e))),
+        (Ok(_), Outcome::Unreachable) => (Outcome::Failed, summary.message.clone()),
+        (Ok(_), outcome) => (outcome, None),
     };
     let code = setup::exit_status(status, summary.generation.failed());
-    let error = match (&result, summary.outcome) {
-        (Err(e), _) => Some(error_chain(e)),
-        (Ok(_), Outcome::Unreachable) => summary.message.clone(),
-        _ => None,
-    };
     let report = Report {
         status,
         error: error.clone(),
@@ -376,7 +370,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         ledger: ledger_path.exists().then_some(ledger_path),
         ledger_pending: summary.ledger_pending,
         bad_line_messages: summary.bad_line_messages.clone(),
-        concurrency: limits(&stats).map(|s| ConcurrencyReport {
+        concurrency: stats.limit().map(|s| ConcurrencyReport {
             adaptive: !args.backend.fixed_concurrency,
             cap: s.cap,
             limit: s.limit,
@@ -388,33 +382,32 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         }),
         replicas: stats
             .replicas
-            .as_ref()
-            .map(|set| {
-                set.stats()
-                    .into_iter()
-                    .map(|r| ReplicaReport {
-                        endpoint: r.name,
-                        calls: r.calls,
-                        errors: r.errors,
-                        rate_limited: r.limit.rate_limited,
-                        drains: r.drains,
-                        limit: r.limit.limit,
-                    })
-                    .collect()
+            .iter()
+            .flat_map(|set| set.stats())
+            .map(|r| ReplicaReport {
+                endpoint: r.name,
+                calls: r.calls,
+                errors: r.errors,
+                rate_limited: r.limit.rate_limited,
+                drains: r.drains,
+                limit: r.limit.limit,
             })
-            .unwrap_or_default(),
-        batch: batch_stats.map(|stats| BatchReport {
-            resume_hint: (stats.in_flight > 0).then(|| {
-                format!(
-                    "{} batches still run at the provider: rerun the same command to collect \
+            .collect(),
+        batch: batch_backend
+            .get()
+            .map(BatchBackend::stats)
+            .map(|stats| BatchReport {
+                resume_hint: (stats.in_flight > 0).then(|| {
+                    format!(
+                        "{} batches still run at the provider: rerun the same command to collect \
                      them, or cancel them with `rmboost batch cancel -o {}` (and the same \
                      --backend, --base-url and --api-key-env)",
-                    stats.in_flight,
-                    args.output.display()
-                )
+                        stats.in_flight,
+                        args.output.display()
+                    )
+                }),
+                stats,
             }),
-            stats,
-        }),
     };
     print!("{report}");
     if let Some(path) = &args.summary_json {
@@ -426,24 +419,6 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         Some(message) => Err(CliError { code, message }),
         None => Ok(code),
     }
-}
-
-/// The batch API of a `--batch` run, its settings and its description for the summary.
-fn batch_setup(
-    args: &GenerateArgs,
-) -> Result<(Arc<dyn rmboost::batch::BatchApi>, BatchConfig, String), CliError> {
-    let (api, description) = backends::batch_api(&args.backend, false)?;
-    let size = NonZeroUsize::new(args.batch_size)
-        .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
-    let poll = Duration::try_from_secs_f64(args.poll_secs)
-        .map_err(|e| CliError::usage(format!("--poll-secs: {e}")))?;
-    let max_poll = (poll * 20).min(poll + Duration::from_secs(600));
-    let config = BatchConfig::new()
-        .batch_size(size)
-        .poll_interval(poll)
-        .max_poll_interval(max_poll)
-        .max_attempts(args.backend.retries.saturating_add(1));
-    Ok((api, config, description))
 }
 
 /// The response cache (unless `--no-cache`); a cache that cannot be opened (another run holds

@@ -49,8 +49,7 @@ fn report(args: &args::ReportArgs) -> Result<u8, CliError> {
     let report = match &ledger {
         Some(ledger) => Report::from_jsonl_with_ledger(&args.input, ledger),
         None => Report::from_jsonl(&args.input),
-    }
-    .map_err(|e| CliError::fatal(setup::error_chain(&e)))?;
+    }?;
     if args.json {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::fatal(format!("cannot write the report: {e}")))?;

@@ -66,7 +66,7 @@ impl From<rmboost::Error> for CliError {
 pub(crate) use rmboost::error_chain;
 
 /// The aspect set of `--aspects` and `--aspect-sampling`.
-pub(crate) fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
+fn aspects(gen: &GenArgs) -> Result<Aspects, CliError> {
     let set = Aspects::from_spec(&gen.aspects).map_err(|e| match e.kind() {
         // A word that is neither a preset nor a file is a bad flag; a bad file is not.
         rmboost::ErrorKind::Config => CliError::usage(format!("--aspects: {}", error_chain(&e))),
