@@ -435,73 +435,57 @@ pub(crate) fn num(x: Option<f64>, digits: usize) -> String {
 
 /// `a 3, b 1`: the counts, largest first; `none` for none.
 pub(crate) fn counts(map: &BTreeMap<String, u64>) -> String {
-    let mut v: Vec<_> = map.iter().collect();
-    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    let v: Vec<_> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
+    if map.is_empty() {
+        return "none".into();
     }
+    // A stable sort of the map's entries (in key order): ties stay in key order.
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+    let v: Vec<_> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    v.join(", ")
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        let (b, l, ni, d) = (
+            &self.labels,
+            &self.length,
+            &self.near_identical,
+            &self.diversity,
+        );
+        let without = match self.examples_without_aspects {
+            0 => String::new(),
+            n => format!("; {n} examples without"),
+        };
+        write!(
             f,
-            "examples:        {} ({} duplicate ids); methods: {}",
+            "examples:        {} ({} duplicate ids); methods: {}\n\
+             labels:          better {}, worse {} ({} better)\n\
+             length (chars):  chosen {} vs rejected {} on average, ratio {}; chosen longer in {} of pairs, equal in {}\n\
+             near-identical:  {} pairs ({}) with token Jaccard >= {}; mean Jaccard {}\n\
+             diversity:       distinct-1 {}, distinct-2 {} over {} responses ({} tokens)\n\
+             aspects:         {}{without}\n\
+             cost:            {} calls per example, {} tokens",
             self.examples,
             self.duplicate_ids,
-            counts(&self.methods)
-        )?;
-        writeln!(
-            f,
-            "labels:          better {}, worse {} ({} better)",
-            self.labels.better,
-            self.labels.worse,
-            pct(self.labels.better_share)
-        )?;
-        let l = &self.length;
-        writeln!(
-            f,
-            "length (chars):  chosen {} vs rejected {} on average, ratio {}; chosen longer in {} of pairs, equal in {}",
+            counts(&self.methods),
+            b.better,
+            b.worse,
+            pct(b.better_share),
             num(l.mean_chosen_chars, 1),
             num(l.mean_rejected_chars, 1),
             num(l.ratio, 3),
             pct(l.chosen_longer_share),
-            pct(l.equal_share)
-        )?;
-        let ni = &self.near_identical;
-        writeln!(
-            f,
-            "near-identical:  {} pairs ({}) with token Jaccard >= {}; mean Jaccard {}",
+            pct(l.equal_share),
             ni.pairs,
             pct(ni.share),
             ni.threshold,
-            num(ni.mean_jaccard, 3)
-        )?;
-        let d = &self.diversity;
-        writeln!(
-            f,
-            "diversity:       distinct-1 {}, distinct-2 {} over {} responses ({} tokens)",
+            num(ni.mean_jaccard, 3),
             num(d.distinct_1, 3),
             num(d.distinct_2, 3),
             d.responses,
-            d.tokens
-        )?;
-        writeln!(
-            f,
-            "aspects:         {}{}",
+            d.tokens,
             counts(&self.aspects),
-            if self.examples_without_aspects > 0 {
-                format!("; {} examples without", self.examples_without_aspects)
-            } else {
-                String::new()
-            }
-        )?;
-        write!(
-            f,
-            "cost:            {} calls per example, {} tokens",
             num(self.cost.mean_calls, 2),
             self.cost.total_tokens
         )?;
@@ -608,6 +592,7 @@ impl fmt::Display for JudgeAgreement {
 /// # }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct JudgeCheck {
     judge: Judge,
     k: usize,
@@ -632,7 +617,6 @@ impl JudgeCheck {
     }
 
     /// A check with this judge (its re-ask setting is ignored: the check never re-asks).
-    #[must_use]
     pub fn with_judge(judge: Judge) -> Self {
         JudgeCheck {
             judge: judge.max_reasks(0),
@@ -643,32 +627,15 @@ impl JudgeCheck {
         }
     }
 
-    /// How many examples to judge (all of them if there are fewer). Default: 100.
-    #[must_use]
-    pub fn k(mut self, k: usize) -> Self {
-        self.k = k;
-        self
-    }
-
-    /// The seed of the sample and of the judge calls. Default: 0.
-    #[must_use]
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// How many examples are judged at once. Default: 8.
-    #[must_use]
-    pub fn concurrency(mut self, concurrency: NonZeroUsize) -> Self {
-        self.concurrency = concurrency;
-        self
-    }
-
-    /// The criteria shown to the judge. Default: all of the general aspects.
-    #[must_use]
-    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
-        self.criteria = Arc::new(criteria);
-        self
+    crate::checks::setters! {
+        /// How many examples to judge (all of them if there are fewer). Default: 100.
+        k(k: usize) => k = k;
+        /// The seed of the sample and of the judge calls. Default: 0.
+        seed(seed: u64) => seed = seed;
+        /// How many examples are judged at once. Default: 8.
+        concurrency(concurrency: NonZeroUsize) => concurrency = concurrency;
+        /// The criteria shown to the judge. Default: all of the general aspects.
+        criteria(criteria: impl AspectSet + 'static) => criteria = Arc::new(criteria);
     }
 
     /// The indices of the examples a dataset of `len` examples would be checked on, sorted.
@@ -721,30 +688,23 @@ impl JudgeCheck {
         let seeds = [rng.next_u64(), rng.next_u64()];
         let criteria = self.criteria.sample(&mut rng).aspects;
         let (c, r) = (&ex.chosen, &ex.rejected);
-        let first = self
-            .judge
-            .compare(&ex.id, "judge", &ex.prompt, c, r, &criteria, seeds[0])
-            .await;
-        let second = self
-            .judge
-            .compare(&ex.id, "judge", &ex.prompt, r, c, &criteria, seeds[1])
-            .await;
-        let mut verdicts = [None, None];
-        let mut failed = false;
-        let mut unreadable = false;
-        for (slot, res) in verdicts.iter_mut().zip([first, second]) {
-            match res {
-                Ok(a) => *slot = Some(a.value),
+        // Each judgement: its verdict, or whether it was unreadable (else it failed).
+        let mut verdicts = Vec::with_capacity(2);
+        for (a, b, seed) in [(c, r, seeds[0]), (r, c, seeds[1])] {
+            let judged = self
+                .judge
+                .compare(&ex.id, "judge", &ex.prompt, a, b, &criteria, seed);
+            verdicts.push(match judged.await {
+                Ok(v) => Ok(v.value),
                 Err(e) if e.is_fatal() => return Err(e),
-                Err(e) if e.kind() == ErrorKind::Unusable => unreadable = true,
-                Err(_) => failed = true,
-            }
+                Err(e) => Err(e.kind() == ErrorKind::Unusable),
+            });
         }
-        Ok(match verdicts {
-            _ if failed => Outcome::Failed,
-            _ if unreadable => Outcome::Unreadable,
-            [Some(Verdict::A), Some(Verdict::B)] => Outcome::Agree,
-            [Some(Verdict::B), Some(Verdict::A)] => Outcome::Disagree(ex.id.clone()),
+        Ok(match verdicts[..] {
+            [Err(false), _] | [_, Err(false)] => Outcome::Failed,
+            [Err(true), _] | [_, Err(true)] => Outcome::Unreadable,
+            [Ok(Verdict::A), Ok(Verdict::B)] => Outcome::Agree,
+            [Ok(Verdict::B), Ok(Verdict::A)] => Outcome::Disagree(ex.id.clone()),
             _ => Outcome::Inconsistent,
         })
     }

@@ -15,7 +15,7 @@
 
 pub(crate) mod similarity;
 
-use std::sync::OnceLock;
+use std::sync::LazyLock;
 
 use aho_corasick::AhoCorasick;
 
@@ -25,20 +25,22 @@ use crate::error::UnusableReason;
 /// of [`ResponseChecks::max_similarity`] and the report's threshold.
 pub const NEAR_IDENTICAL_JACCARD: f64 = 0.9;
 
-/// The token Jaccard similarity of two texts, the one measure of the crate: the response checks reject a near-identical pair with it and
-/// the [report](crate::report) counts near-identical pairs with it, so the two never disagree: tokens are maximal runs of alphanumeric characters,
-/// lowercased.
-///
-/// ```
-/// use rmboost::checks::token_jaccard;
-///
-/// assert_eq!(token_jaccard("The cat sat.", "the CAT sat"), 1.0);
-/// assert_eq!(token_jaccard("a b", "b c"), 1.0 / 3.0);
-/// ```
-#[must_use]
-pub fn token_jaccard(a: &str, b: &str) -> f64 {
-    similarity::token_jaccard(a, b)
+pub use similarity::token_jaccard;
+
+/// Builder setters that each store their argument, or a value made from it, in a field:
+/// `name(arg: Type) => field = value;` (the builders of the checks, the report and the export).
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$field = $value;
+                self
+            }
+        )*
+    };
 }
+pub(crate) use setters;
 
 /// Phrases that show the model talked about the task instead of answering it.
 const META: &[&str] = &[
@@ -84,26 +86,15 @@ const META: &[&str] = &[
     "already provided the answer",
 ];
 
-/// Whether two texts are equal up to white space and letter case (no allocation).
+/// Whether two texts are equal up to white space and letter case (no allocation): their
+/// words, lowercased, each followed by one space (no lowercase letter is white space).
 pub(crate) fn same_text(a: &str, b: &str) -> bool {
-    let mut wa = a.split_whitespace();
-    let mut wb = b.split_whitespace();
-    loop {
-        match (wa.next(), wb.next()) {
-            (None, None) => return true,
-            (Some(x), Some(y)) => {
-                if x != y
-                    && !x
-                        .chars()
-                        .flat_map(char::to_lowercase)
-                        .eq(y.chars().flat_map(char::to_lowercase))
-                {
-                    return false;
-                }
-            }
-            _ => return false,
-        }
+    fn words(s: &str) -> impl Iterator<Item = char> + '_ {
+        s.split_whitespace()
+            .flat_map(|w| w.chars().chain([' ']))
+            .flat_map(char::to_lowercase)
     }
+    words(a).eq(words(b))
 }
 
 /// Accepts a non-empty response that differs from each of `others` (after normalising white
@@ -121,14 +112,13 @@ pub(crate) fn accept_distinct(raw: &str, others: &[&str]) -> Result<String, Unus
 
 /// The first meta-talk phrase in `text`, ignoring ASCII case.
 pub(crate) fn find_meta(text: &str) -> Option<&'static str> {
-    static PHRASES: OnceLock<AhoCorasick> = OnceLock::new();
-    let phrases = PHRASES.get_or_init(|| {
+    static PHRASES: LazyLock<AhoCorasick> = LazyLock::new(|| {
         AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .build(META)
             .expect("the meta-talk phrases are valid patterns")
     });
-    phrases.find(text).map(|m| META[m.pattern().as_usize()])
+    PHRASES.find(text).map(|m| META[m.pattern().as_usize()])
 }
 
 /// Byte offsets of `needle` in `hay`, ignoring ASCII case. `needle` must start with a byte
@@ -209,20 +199,15 @@ impl ResponseChecks {
         }
     }
 
-    /// Rejects a second response whose token Jaccard similarity with the first is at least
-    /// `limit`; `None` turns the check off. Default 0.9. A limit above 1 never rejects.
-    #[must_use]
-    pub fn max_similarity(mut self, limit: Option<f64>) -> Self {
-        self.max_similarity = limit;
-        self
-    }
-
-    /// Rejects a response of at least 20 tokens whose share of distinct word trigrams is below
-    /// `share`; `None` turns the check off. Default 0.5.
-    #[must_use]
-    pub fn min_distinct_trigrams(mut self, share: Option<f64>) -> Self {
-        self.min_distinct_trigrams = share;
-        self
+    setters! {
+        /// Rejects a second response whose token Jaccard similarity with the first is at least
+        /// `limit`; `None` turns the check off. Default 0.9. A limit above 1 never rejects.
+        #[must_use]
+        max_similarity(limit: Option<f64>) => max_similarity = limit;
+        /// Rejects a response of at least 20 tokens whose share of distinct word trigrams is
+        /// below `share`; `None` turns the check off. Default 0.5.
+        #[must_use]
+        min_distinct_trigrams(share: Option<f64>) => min_distinct_trigrams = share;
     }
 
     /// The similarity limit in use.
@@ -243,18 +228,7 @@ impl ResponseChecks {
     ///
     /// [`UnusableReason::Repetitive`].
     pub fn check_first(&self, text: &str) -> Result<(), UnusableReason> {
-        if self.min_distinct_trigrams.is_none() {
-            return Ok(());
-        }
-        self.check_share(similarity::pair_stats(text, "", None, self.min_distinct_trigrams).1)
-    }
-
-    /// Rejects a distinct-trigram share below the limit.
-    fn check_share(&self, share: Option<f64>) -> Result<(), UnusableReason> {
-        match (self.min_distinct_trigrams, share) {
-            (Some(min), Some(share)) if share < min => Err(UnusableReason::Repetitive),
-            _ => Ok(()),
-        }
+        self.check_content(text, "", None)
     }
 
     /// Checks a second response against the first: empty, meta-talk, the same text,
@@ -273,16 +247,29 @@ impl ResponseChecks {
         if same_text(text, first) {
             return Err(UnusableReason::SameAsFirst);
         }
-        if self.max_similarity.is_none() && self.min_distinct_trigrams.is_none() {
+        self.check_content(text, first, self.max_similarity)
+    }
+
+    /// Rejects a `text` whose similarity with `reference` reaches `limit`, then one whose
+    /// distinct-trigram share is below the limit: one pass over the text for both (the
+    /// similarity is exact; see `similarity`).
+    fn check_content(
+        &self,
+        text: &str,
+        reference: &str,
+        limit: Option<f64>,
+    ) -> Result<(), UnusableReason> {
+        let min_share = self.min_distinct_trigrams;
+        if limit.is_none() && min_share.is_none() {
             return Ok(());
         }
-        // One pass over the text for both; the similarity is exact (see `similarity`).
-        let (near_identical, share) =
-            similarity::pair_stats(text, first, self.max_similarity, self.min_distinct_trigrams);
-        if near_identical {
-            return Err(UnusableReason::NearIdentical);
+        match similarity::pair_stats(text, reference, limit, min_share) {
+            (true, _) => Err(UnusableReason::NearIdentical),
+            (_, Some(share)) if min_share.is_some_and(|min| share < min) => {
+                Err(UnusableReason::Repetitive)
+            }
+            _ => Ok(()),
         }
-        self.check_share(share)
     }
 }
 

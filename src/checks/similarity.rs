@@ -25,23 +25,38 @@
 use std::cell::RefCell;
 
 /// Trigram statistics are only meaningful for texts of at least this many tokens.
-pub(crate) const TRIGRAM_MIN_TOKENS: usize = 20;
+const TRIGRAM_MIN_TOKENS: usize = 20;
 
 type HashSet64 = foldhash::HashSet<u64>;
 
+/// The per-thread scratch space: a lowercased copy of a non-ASCII text, the two token sets of
+/// [`token_jaccard`], the two bitmaps of [`pair_stats`].
 #[derive(Default)]
 struct Scratch {
     lower: String,
     a: HashSet64,
     b: HashSet64,
+    tokens: Vec<u64>,
+    grams: Vec<u64>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Larger scratch buffers than this are dropped after use rather than kept for the thread.
-const KEEP_BYTES: usize = 1 << 20;
+/// Runs `f` on this thread's scratch space, which is dropped afterwards if it holds more than
+/// about 4 MB (so that one huge text does not pin memory for the thread's life).
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        let out = f(s);
+        let sets = s.a.capacity() + s.b.capacity() + s.tokens.capacity() + s.grams.capacity();
+        if s.lower.capacity() + 8 * sets > 4 << 20 {
+            *s = Scratch::default();
+        }
+        out
+    })
+}
 
 /// Lowercases `text` into `buf` (character by character).
 pub(crate) fn lower_into(text: &str, buf: &mut String) {
@@ -61,21 +76,6 @@ pub(crate) fn tokens(lower: &str) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Calls `f` with the hash of every token of `text`, in order; returns the token count.
-fn for_each_token(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
-    lower_into(text, buf);
-    tokens(buf).map(|t| f(hash_token(t.as_bytes(), 0))).count()
-}
-
-/// A 64-bit finaliser (the one of MurmurHash3): every input bit affects every output bit.
-fn fmix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
 /// `0x01` in every byte.
 const ONES: u64 = 0x0101_0101_0101_0101;
 /// `0x80` in every byte.
@@ -83,22 +83,11 @@ const HIGHS: u64 = ONES * 0x80;
 /// `0x20`, the ASCII lowercase bit, in every byte.
 const CASE: u64 = ONES * 0x20;
 
-/// The hash of one token from its bytes: 8 bytes at a time, little-endian, each ored with
-/// `case` ([`CASE`] lowercases an ASCII token of letters and digits in any case; 0 takes an
-/// already lowercased token as it is, so both give a lowercase ASCII token the same hash),
-/// each full word folded in by [`fold_mul`], the last partial word (zero-padded) with the
-/// length. The hot path's [`hash_span`] computes the same from whole-word loads.
+/// The hash of one token from its bytes ([`hash_span`] of all of it): `case` [`CASE`]
+/// lowercases an ASCII token of letters and digits in any case; 0 takes an already lowercased
+/// token as it is, so both give a lowercase ASCII token the same hash.
 fn hash_token(token: &[u8], case: u64) -> u64 {
-    let mut h = 0u64;
-    let mut chunks = token.chunks_exact(8);
-    for c in &mut chunks {
-        h = fold_mul(h ^ (u64::from_le_bytes(c.try_into().unwrap()) | case), MUL);
-    }
-    let rest = chunks.remainder();
-    let mut last = [0u8; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    let word = u64::from_le_bytes(last) | (case & LOW_BYTES[rest.len()]);
-    finish_token(h, word, token.len())
+    hash_span(token, 0, token.len(), case)
 }
 
 /// Odd constants (digits of pi) for [`fold_mul`].
@@ -116,17 +105,10 @@ fn finish_token(h: u64, word: u64, len: usize) -> u64 {
     fold_mul(h ^ word ^ SEED, MUL ^ len as u64)
 }
 
-/// `LOW_BYTES[n]` masks the low `n` bytes of a word.
-const LOW_BYTES: [u64; 9] = {
-    let mut t = [0u64; 9];
-    let mut n = 1;
-    while n < 8 {
-        t[n] = (1u64 << (8 * n)) - 1;
-        n += 1;
-    }
-    t[8] = u64::MAX;
-    t
-};
+/// The mask of the low `n` bytes of a word, `n < 8`.
+fn low_bytes(n: usize) -> u64 {
+    (1u64 << (8 * n)) - 1
+}
 
 /// The high bit of each byte of `x` (all bytes ASCII) set where the byte is a letter or digit.
 ///
@@ -163,20 +145,23 @@ fn block_mask(block: &[u8]) -> u64 {
     mask
 }
 
-/// [`for_each_token`] for the hot path: the same tokens and hashes. ASCII text is classified
-/// 8 bytes at a time and each token is hashed from whole-word loads, without a lowercased
-/// copy; other text goes through `for_each_token`.
+/// Calls `f` with the hash of every token of `text`, in order; returns the token count. ASCII
+/// text is classified 8 bytes at a time and each token is hashed from whole-word loads,
+/// without a lowercased copy; other text is lowercased into `buf` and split by [`tokens`],
+/// with the same hashes.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
-    if !text.is_ascii() {
-        return for_each_token(text, buf, f);
-    }
     let mut n = 0;
-    let _ = buf;
-    for_each_token_until(text, |h| {
+    let mut count = |h| {
         n += 1;
         f(h);
         true
-    });
+    };
+    if text.is_ascii() {
+        for_each_token_until(text, count);
+    } else {
+        lower_into(text, buf);
+        tokens(buf).for_each(|t| _ = count(hash_token(t.as_bytes(), 0)));
+    }
     n
 }
 
@@ -185,6 +170,7 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
 fn for_each_token_until(text: &str, mut f: impl FnMut(u64) -> bool) -> bool {
     debug_assert!(text.is_ascii());
     let bytes = text.as_bytes();
+    let span = |start, end| hash_span(bytes, start, end, CASE);
     // The start of a token that runs on past the block read so far.
     let mut open: Option<usize> = None;
     for (b, block) in bytes.chunks(64).enumerate() {
@@ -197,7 +183,7 @@ fn for_each_token_until(text: &str, mut f: impl FnMut(u64) -> bool) -> bool {
                 continue;
             }
             open = None;
-            if !f(hash_span(bytes, start, base + run)) {
+            if !f(span(start, base + run)) {
                 return true;
             }
             // Clears the run of ones at the bottom.
@@ -212,71 +198,49 @@ fn for_each_token_until(text: &str, mut f: impl FnMut(u64) -> bool) -> bool {
                 open = Some(base + s);
                 break;
             }
-            if !f(hash_span(bytes, base + s, base + e)) {
+            if !f(span(base + s, base + e)) {
                 return true;
             }
             mask &= past;
         }
     }
-    if let Some(start) = open {
-        return !f(hash_span(bytes, start, bytes.len()));
-    }
-    false
+    open.is_some_and(|start| !f(span(start, bytes.len())))
 }
 
-/// [`hash_token`] of `bytes[start..end]`, a token of ASCII letters and digits, read with
-/// whole-word loads where the text has 8 bytes left.
+/// The hash of the token `bytes[start..end]`: 8 bytes at a time, little-endian, each ored
+/// with `case`, each full word folded in by [`fold_mul`], the last partial word (zero-padded)
+/// with the length; read with whole-word loads where the text has 8 bytes left.
 #[inline]
-fn hash_span(bytes: &[u8], start: usize, end: usize) -> u64 {
+fn hash_span(bytes: &[u8], start: usize, end: usize, case: u64) -> u64 {
     let len = end - start;
     // Most tokens: shorter than a word, with a word of text left to load.
     if len < 8 && bytes.len() - start >= 8 {
         let word = u64::from_le_bytes(bytes[start..start + 8].try_into().expect("8 bytes"));
-        return finish_token(0, (word | CASE) & LOW_BYTES[len & 7], len);
+        return finish_token(0, (word | case) & low_bytes(len), len);
     }
     let mut h = 0u64;
     let mut at = start;
     while end - at >= 8 {
         let word = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        h = fold_mul(h ^ (word | CASE), MUL);
+        h = fold_mul(h ^ (word | case), MUL);
         at += 8;
     }
     let rest = end - at;
     let mut last = [0u8; 8];
     last[..rest].copy_from_slice(&bytes[at..end]);
-    let word = u64::from_le_bytes(last) | (CASE & LOW_BYTES[rest & 7]);
-    finish_token(h, word, len)
+    finish_token(h, u64::from_le_bytes(last) | (case & low_bytes(rest)), len)
 }
 
-/// The hash of a trigram from its tokens' hashes. Order matters: (x, y, z) and (y, x, z) are
+/// The hash of a trigram from its tokens' hashes, mixed by the finaliser of MurmurHash3
+/// (every input bit affects every output bit). Order matters: (x, y, z) and (y, x, z) are
 /// different trigrams.
 fn trigram(a: u64, b: u64, c: u64) -> u64 {
-    fmix(a.rotate_left(43) ^ b.rotate_left(21) ^ c)
-}
-
-/// Fills `set` with the token hashes of `text`.
-fn token_set(text: &str, buf: &mut String, set: &mut HashSet64) {
-    set.clear();
-    for_each_token_fast(text, buf, |h| {
-        set.insert(h);
-    });
-}
-
-fn jaccard_of(a: &HashSet64, b: &HashSet64) -> f64 {
-    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    let common = small.iter().filter(|h| large.contains(h)).count();
-    let union = a.len() + b.len() - common;
-    if union == 0 {
-        1.0
-    } else {
-        common as f64 / union as f64
-    }
-}
-
-fn trim(s: &mut Scratch) {
-    if s.lower.capacity() > KEEP_BYTES {
-        *s = Scratch::default();
-    }
+    let mut x = a.rotate_left(43) ^ b.rotate_left(21) ^ c;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
 }
 
 /// What the checks of a second response need, from one pass over it: whether its token
@@ -299,25 +263,19 @@ pub(crate) fn pair_stats(
     min_share: Option<f64>,
 ) -> (bool, Option<f64>) {
     let ascii = text.is_ascii() && reference.is_ascii();
-    let (proven_below, share) = BITMAPS.with(|s| {
-        let s = &mut *s.borrow_mut();
+    let (proven_below, share) = with_scratch(|s| {
         let bits = bitmap_bits(text.len().max(reference.len()));
         let shift = 64 - bits.trailing_zeros();
-        let Bitmaps {
-            lower,
-            tokens,
-            grams,
-        } = s;
-        let in_text = reset(tokens, bits);
+        let in_text = reset(&mut s.tokens, bits);
         let mut ones = 0u32;
-        let n = for_each_token_fast(text, lower, |h| {
+        let n = for_each_token_fast(text, &mut s.lower, |h| {
             ones += u32::from(set_bit(in_text, shift, h));
         });
         let proven_below = match limit {
             Some(l) if ascii && l > 0.0 && l <= 1.0 => {
                 // A hair of margin, so rounding in `1 / l` never decides a pair at the limit.
                 let stop_after = n as f64 * (1.0 / l - 1.0) * (1.0 + 1e-9) + 1e-9;
-                let counted = reset(grams, bits);
+                let counted = reset(&mut s.grams, bits);
                 let mut outside = 0usize;
                 for_each_token_until(reference, |h| {
                     let (word, bit) = bit_of(shift, h);
@@ -330,11 +288,8 @@ pub(crate) fn pair_stats(
             }
             _ => false,
         };
-        let share = min_share.and_then(|min| trigram_share(text, lower, grams, bits, n, ones, min));
-        let kept = s.lower.capacity() + 8 * (s.tokens.capacity() + s.grams.capacity());
-        if kept > 4 * KEEP_BYTES {
-            *s = Bitmaps::default();
-        }
+        let share = min_share
+            .and_then(|min| trigram_share(text, &mut s.lower, &mut s.grams, bits, n, ones, min));
         (proven_below, share)
     });
     let near_identical = match limit {
@@ -346,27 +301,37 @@ pub(crate) fn pair_stats(
     (near_identical, share)
 }
 
-/// The token Jaccard similarity of two texts (see the [module docs](self)).
-pub(crate) fn token_jaccard(a: &str, b: &str) -> f64 {
-    SCRATCH.with(|s| {
-        let s = &mut *s.borrow_mut();
-        token_set(a, &mut s.lower, &mut s.a);
-        token_set(b, &mut s.lower, &mut s.b);
-        let j = jaccard_of(&s.a, &s.b);
-        trim(s);
-        j
+/// The token Jaccard similarity of two texts, the one measure of the crate: the response
+/// checks reject a near-identical pair with it and the [report](crate::report) counts
+/// near-identical pairs with it, so the two never disagree. Tokens are maximal runs of
+/// alphanumeric characters, lowercased; two texts without tokens have a similarity of 1.
+///
+/// ```
+/// use rmboost::checks::token_jaccard;
+///
+/// assert_eq!(token_jaccard("The cat sat.", "the CAT sat"), 1.0);
+/// assert_eq!(token_jaccard("a b", "b c"), 1.0 / 3.0);
+/// ```
+#[must_use]
+pub fn token_jaccard(a: &str, b: &str) -> f64 {
+    with_scratch(|s| {
+        for (text, set) in [(a, &mut s.a), (b, &mut s.b)] {
+            set.clear();
+            for_each_token_fast(text, &mut s.lower, |h| _ = set.insert(h));
+        }
+        let (small, large) = if s.a.len() <= s.b.len() {
+            (&s.a, &s.b)
+        } else {
+            (&s.b, &s.a)
+        };
+        let common = small.iter().filter(|h| large.contains(h)).count();
+        let union = s.a.len() + s.b.len() - common;
+        if union == 0 {
+            1.0
+        } else {
+            common as f64 / union as f64
+        }
     })
-}
-
-#[derive(Default)]
-struct Bitmaps {
-    lower: String,
-    tokens: Vec<u64>,
-    grams: Vec<u64>,
-}
-
-thread_local! {
-    static BITMAPS: RefCell<Bitmaps> = RefCell::new(Bitmaps::default());
 }
 
 /// Bits for texts of at most `bytes` bytes: a power of two, at least 16 per possible token

@@ -107,7 +107,7 @@ mod staging;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -117,6 +117,7 @@ pub(crate) use self::card::render_card;
 pub use self::parquet::{ParquetOptions, ParquetStats, ParquetWriter};
 use self::staging::Staging;
 use crate::example::{ExampleFormat, PreferenceExample};
+use crate::io::append::{if_exists, sync_parent, write_replacing};
 use crate::io::{read_dataset, sidecar, IdSet};
 use crate::report::{Report, ReportBuilder};
 use crate::Error;
@@ -169,21 +170,14 @@ impl std::fmt::Display for Split {
 /// ```
 #[must_use]
 pub fn split_of(id: &str, test_fraction: f64) -> Split {
-    if test_fraction.is_nan() || test_fraction <= 0.0 {
-        return Split::Train;
-    }
-    let scaled = test_fraction * 18_446_744_073_709_551_616.0; // × 2⁶⁴, exact
-    if scaled >= 18_446_744_073_709_551_616.0 {
-        return Split::Test;
-    }
     let d = Sha256::new()
         .chain_update(b"rmboost/split/v1\0")
         .chain_update(id)
         .finalize();
     let u = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
-    // For an integer u: u < x  ⟺  u < ⌈x⌉; ⌈x⌉ ≤ 2⁶⁴ - 1 here since x < 2⁶⁴ is a multiple of 2¹¹ at
-    // that magnitude.
-    if u < scaled.ceil() as u64 {
+    // × 2⁶⁴ is exact; for an integer u, u < x ⟺ u < ⌈x⌉, and the cast to u128 is exact for
+    // ⌈x⌉ below 2¹²⁸ (it saturates above, and takes NaN and negatives to 0).
+    if u128::from(u) < (test_fraction * 2f64.powi(64)).ceil() as u128 {
         Split::Test
     } else {
         Split::Train
@@ -281,38 +275,27 @@ impl DatasetExport {
         }
     }
 
-    /// The share of examples in the `test` split, in `[0, 1]` ([`split_of`]). Default 0: a
-    /// `train` split only.
-    pub fn test_fraction(mut self, fraction: f64) -> Self {
-        self.test_fraction = fraction;
-        self
-    }
-
-    /// At most this many rows per file. Default: no limit (files are bounded by
-    /// [`bytes_per_file`](Self::bytes_per_file)).
-    pub fn rows_per_file(mut self, rows: u64) -> Self {
-        self.rows_per_file = rows;
-        self
-    }
-
-    /// A file ends once it reaches about this many bytes (checked every thousand rows or
-    /// so). Default 256 MiB.
-    pub fn bytes_per_file(mut self, bytes: u64) -> Self {
-        self.bytes_per_file = bytes;
-        self
-    }
-
-    /// Row-group sizes. Default [`ParquetOptions::default`].
-    pub fn parquet_options(mut self, options: ParquetOptions) -> Self {
-        self.parquet = options;
-        self
-    }
-
-    /// Whether a folder that is not empty may be written into, replacing its `data/` and
-    /// `README.md`. Default `false`: such a folder is refused.
-    pub fn overwrite(mut self, overwrite: bool) -> Self {
-        self.overwrite = overwrite;
-        self
+    crate::checks::setters! {
+        /// The share of examples in the `test` split, in `[0, 1]` ([`split_of`]). Default 0: a
+        /// `train` split only.
+        test_fraction(fraction: f64) => test_fraction = fraction;
+        /// At most this many rows per file. Default: no limit (files are bounded by
+        /// [`bytes_per_file`](Self::bytes_per_file)).
+        rows_per_file(rows: u64) => rows_per_file = rows;
+        /// A file ends once it reaches about this many bytes (checked every thousand rows or
+        /// so). Default 256 MiB.
+        bytes_per_file(bytes: u64) => bytes_per_file = bytes;
+        /// Row-group sizes. Default [`ParquetOptions::default`].
+        parquet_options(options: ParquetOptions) => parquet = options;
+        /// Whether a folder that is not empty may be written into, replacing its `data/` and
+        /// `README.md`. Default `false`: such a folder is refused.
+        overwrite(overwrite: bool) => overwrite = overwrite;
+        /// A failure ledger to count failures from, for the card's failure rate. Default: none,
+        /// or for [`from_jsonl`](Self::from_jsonl) the ledger beside the file
+        /// (`PAIRS.failures.jsonl`) when there is one.
+        ledger(path: impl Into<PathBuf>) => ledger = Some(path.into());
+        /// The title of the card. Default: the folder's name.
+        title(title: impl Into<String>) => title = Some(title.into());
     }
 
     /// The settings the data was made with, for the card. Default: none, or for
@@ -322,43 +305,9 @@ impl DatasetExport {
         mut self,
         settings: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        self.recipe = Some(
-            settings
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        );
+        let settings = settings.into_iter().map(|(k, v)| (k.into(), v.into()));
+        self.recipe = Some(settings.collect());
         self
-    }
-
-    /// A failure ledger to count failures from, for the card's failure rate. Default: none,
-    /// or for [`from_jsonl`](Self::from_jsonl) the ledger beside the file
-    /// (`PAIRS.failures.jsonl`) when there is one.
-    pub fn ledger(mut self, path: impl Into<PathBuf>) -> Self {
-        self.ledger = Some(path.into());
-        self
-    }
-
-    /// The title of the card. Default: the folder's name.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    fn validate(&self) -> Result<(), Error> {
-        if !(0.0..=1.0).contains(&self.test_fraction) {
-            return Err(Error::config(format!(
-                "test fraction {}: expected a number from 0 to 1",
-                self.test_fraction
-            )));
-        }
-        if self.rows_per_file == 0 {
-            return Err(Error::config("rows per file: expected at least 1"));
-        }
-        if self.bytes_per_file == 0 {
-            return Err(Error::config("bytes per file: expected at least 1"));
-        }
-        Ok(())
     }
 
     /// Starts writing the folder, for examples in `format`; write them with
@@ -376,7 +325,18 @@ impl DatasetExport {
     /// if the folder cannot be created or written, a ledger given cannot be read, or a
     /// killed export's staging folder cannot be removed.
     pub fn create(self, format: ExampleFormat) -> Result<DatasetWriter, Error> {
-        self.validate()?;
+        if !(0.0..=1.0).contains(&self.test_fraction) {
+            return Err(Error::config(format!(
+                "test fraction {}: expected a number from 0 to 1",
+                self.test_fraction
+            )));
+        }
+        if self.rows_per_file == 0 {
+            return Err(Error::config("rows per file: expected at least 1"));
+        }
+        if self.bytes_per_file == 0 {
+            return Err(Error::config("bytes per file: expected at least 1"));
+        }
         let dir = &self.dir;
         match std::fs::metadata(dir) {
             Ok(m) if !m.is_dir() => {
@@ -418,7 +378,7 @@ impl DatasetExport {
             settings: self,
             format,
             staging,
-            splits: [OpenSplit::default(), OpenSplit::default()],
+            splits: Default::default(),
             ids: IdSet::new(),
             report,
             models: BTreeMap::new(),
@@ -441,27 +401,22 @@ impl DatasetExport {
     /// folder after an error.
     pub fn from_jsonl(mut self, input: impl AsRef<Path>) -> Result<ExportSummary, Error> {
         let input = input.as_ref();
-        self.validate()?;
-        // Probe the format (and that the file opens) before touching the folder.
-        let mut probe = read_dataset(input)?;
-        let format = match probe.next() {
-            Some(Ok(row)) => row.format,
-            Some(Err(e)) => return Err(e),
-            None => ExampleFormat::Conversational,
-        };
-        drop(probe);
+        // The first line's format (and that the file opens) before touching the folder.
+        let mut rows = read_dataset(input)?;
+        let first = rows.next().transpose()?;
+        let format = first
+            .as_ref()
+            .map_or(ExampleFormat::Conversational, |row| row.format);
         self.refuse_own_files(input)?;
         if self.recipe.is_none() {
             self.recipe = read_recipe(&sidecar(input, ".run.json"))?;
         }
-        if self.ledger.is_none() {
-            let ledger = sidecar(input, ".failures.jsonl");
-            if ledger.is_file() {
-                self.ledger = Some(ledger);
-            }
+        let ledger = sidecar(input, ".failures.jsonl");
+        if self.ledger.is_none() && ledger.is_file() {
+            self.ledger = Some(ledger);
         }
         let mut writer = self.create(format)?;
-        for row in read_dataset(input)? {
+        for row in first.into_iter().map(Ok).chain(rows) {
             let row = row?;
             if writer.ids.contains(&row.example.id) {
                 let first = first_line_of(input, &row.example.id)?;
@@ -517,32 +472,24 @@ fn read_recipe(path: &Path) -> Result<Option<BTreeMap<String, String>>, Error> {
     struct Recipe {
         settings: BTreeMap<String, Value>,
     }
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
+    let Some(bytes) = if_exists(path, std::fs::read)? else {
+        return Ok(None);
     };
     let recipe: Recipe = serde_json::from_slice(&bytes)
         .map_err(|e| Error::parse(path, e.line() as u64, format!("not a run recipe: {e}")))?;
-    let text = |v: Value| match v {
-        Value::String(s) => s,
-        other => other.to_string(),
-    };
-    Ok(Some(
-        recipe
-            .settings
-            .into_iter()
-            .map(|(k, v)| (k, text(v)))
-            .collect(),
-    ))
+    let settings = recipe.settings.into_iter().map(|(k, v)| match v {
+        Value::String(s) => (k, s),
+        other => (k, other.to_string()),
+    });
+    Ok(Some(settings.collect()))
 }
 
-/// The files of one split: the one being written and those done.
+/// The files of one split: the one being written, and the stats of those done (the `i`th at
+/// [`DatasetWriter::staged`]`(split, i)`).
 #[derive(Default)]
 struct OpenSplit {
     current: Option<ParquetWriter<BufWriter<File>>>,
-    /// Finished files: their staging path and stats.
-    done: Vec<(PathBuf, ParquetStats)>,
+    done: Vec<ParquetStats>,
 }
 
 /// Writes the examples of an export one at a time ([`DatasetExport::create`]); [`finish`]
@@ -570,16 +517,6 @@ impl std::fmt::Debug for DatasetWriter {
     }
 }
 
-fn sync_dir(path: &Path) -> Result<(), Error> {
-    #[cfg(unix)]
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(path, e))?;
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
-}
-
 impl DatasetWriter {
     /// Adds one example to its split.
     ///
@@ -595,27 +532,18 @@ impl DatasetWriter {
                 example.id
             )));
         }
-        let split = split_of(&example.id, self.settings.test_fraction);
-        let index = split as usize;
-        if self.splits[index].current.is_none() {
-            self.open(split)?;
-        }
-        let open = &mut self.splits[index];
-        let writer = open.current.as_mut().expect("just opened");
+        let settings = &self.settings;
+        let (rows, bytes) = (settings.rows_per_file, settings.bytes_per_file);
+        let split = split_of(&example.id, settings.test_fraction);
+        let writer = self.open(split)?;
         writer.write(example)?;
-        if writer.rows() >= self.settings.rows_per_file
-            || writer.estimated_bytes() >= self.settings.bytes_per_file
-        {
+        if writer.rows() >= rows || writer.estimated_bytes() >= bytes {
             self.close(split)?;
         }
         self.report.add(example);
         for (call, model) in &example.metadata.models {
-            *self
-                .models
-                .entry(call.clone())
-                .or_default()
-                .entry(model.clone())
-                .or_default() += 1;
+            let models = self.models.entry(call.clone()).or_default();
+            *models.entry(model.clone()).or_default() += 1;
         }
         Ok(())
     }
@@ -626,26 +554,26 @@ impl DatasetWriter {
         self.ids.len() as u64
     }
 
+    /// Where the `i`th file of `split` is written.
     fn staged(&self, split: Split, i: usize) -> PathBuf {
-        self.staging
-            .path()
-            .join("data")
-            .join(format!("{split}-{i}.parquet.partial"))
+        let name = format!("data/{split}-{i}.parquet.partial");
+        self.staging.path().join(name)
     }
 
-    fn open(&mut self, split: Split) -> Result<(), Error> {
-        let path = self.staged(split, self.splits[split as usize].done.len());
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let writer = ParquetWriter::with_options(
-            BufWriter::with_capacity(1 << 20, file),
-            self.format,
-            self.settings.parquet,
-        )?
-        .named(&path);
-        self.splits[split as usize].current = Some(writer);
-        Ok(())
+    /// The file of `split` being written, started if there is none.
+    fn open(&mut self, split: Split) -> Result<&mut ParquetWriter<BufWriter<File>>, Error> {
+        let i = split as usize;
+        if self.splits[i].current.is_none() {
+            let path = self.staged(split, self.splits[i].done.len());
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let out = BufWriter::with_capacity(1 << 20, file);
+            let writer = ParquetWriter::with_options(out, self.format, self.settings.parquet)?;
+            self.splits[i].current = Some(writer.named(&path));
+        }
+        Ok(self.splits[i].current.as_mut().expect("just opened"))
     }
 
+    /// Ends the file of `split` being written, if any.
     fn close(&mut self, split: Split) -> Result<(), Error> {
         let path = self.staged(split, self.splits[split as usize].done.len());
         let open = &mut self.splits[split as usize];
@@ -657,7 +585,7 @@ impl DatasetWriter {
             .into_inner()
             .map_err(|e| Error::io(&path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&path, e))?;
-        open.done.push((path, stats));
+        open.done.push(stats);
         Ok(())
     }
 
@@ -668,39 +596,33 @@ impl DatasetWriter {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if a file cannot be written or moved.
     pub fn finish(mut self) -> Result<ExportSummary, Error> {
+        // An empty dataset still gets a (row-less) train file, so that it loads.
+        if self.rows() == 0 {
+            self.open(Split::Train)?;
+        }
+        let mut splits = Vec::new();
+        let mut last = PathBuf::new();
         for split in Split::ALL {
             self.close(split)?;
-        }
-        // An empty dataset still gets a (row-less) train file, so that it loads.
-        if self.splits.iter().all(|s| s.done.is_empty()) {
-            self.open(Split::Train)?;
-            self.close(Split::Train)?;
-        }
-        let data = self.staging.path().join("data");
-        let mut splits = Vec::new();
-        for split in Split::ALL {
             let done = &self.splits[split as usize].done;
-            if done.is_empty() {
-                continue;
+            let (n, mut files) = (done.len(), Vec::new());
+            for i in 0..n {
+                let name = format!("data/{split}-{i:05}-of-{n:05}.parquet");
+                let staged = self.staged(split, i);
+                last = self.staging.path().join(&name);
+                std::fs::rename(&staged, &last).map_err(|e| Error::io(&staged, e))?;
+                files.push(name);
             }
-            let n = done.len();
-            let mut summary = SplitSummary {
-                split,
-                rows: 0,
-                files: Vec::new(),
-                bytes: 0,
-            };
-            for (i, (path, stats)) in done.iter().enumerate() {
-                let name = format!("{split}-{i:05}-of-{n:05}.parquet");
-                let target = data.join(&name);
-                std::fs::rename(path, &target).map_err(|e| Error::io(path, e))?;
-                summary.rows += stats.rows;
-                summary.bytes += stats.bytes;
-                summary.files.push(format!("data/{name}"));
+            if n > 0 {
+                splits.push(SplitSummary {
+                    split,
+                    rows: done.iter().map(|s| s.rows).sum(),
+                    files,
+                    bytes: done.iter().map(|s| s.bytes).sum(),
+                });
             }
-            splits.push(summary);
         }
-        sync_dir(&data)?;
+        sync_parent(&last)?;
         let summary = ExportSummary {
             dir: self.settings.dir.clone(),
             format: self.format,
@@ -711,25 +633,21 @@ impl DatasetWriter {
             models: std::mem::take(&mut self.models),
             title: self.title.clone(),
         };
-        let card_path = self.staging.path().join("README.md");
-        let mut card = File::create(&card_path).map_err(|e| Error::io(&card_path, e))?;
-        card.write_all(render_card(&summary).as_bytes())
-            .and_then(|()| card.sync_all())
-            .map_err(|e| Error::io(&card_path, e))?;
-        sync_dir(self.staging.path())?;
+        let card = self.staging.path().join("README.md");
+        write_replacing(&card, render_card(&summary).as_bytes())?;
 
         // Into place: the old data/ (with --force) goes into the staging folder, removed
         // with it; then the new data/, then the card.
         let dir = &self.settings.dir;
-        let final_data = dir.join("data");
+        let (data, final_data) = (self.staging.path().join("data"), dir.join("data"));
         if final_data.exists() {
             let old = self.staging.path().join("old-data");
             std::fs::rename(&final_data, &old).map_err(|e| Error::io(&final_data, e))?;
         }
         std::fs::rename(&data, &final_data).map_err(|e| Error::io(&final_data, e))?;
         let final_card = dir.join("README.md");
-        std::fs::rename(&card_path, &final_card).map_err(|e| Error::io(&final_card, e))?;
-        sync_dir(dir)?;
+        std::fs::rename(&card, &final_card).map_err(|e| Error::io(&final_card, e))?;
+        sync_parent(&final_card)?;
         self.staging.close()?;
         Ok(summary)
     }

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::OffsetBufferBuilder;
@@ -10,6 +10,7 @@ use arrow_array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, S
 use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
+use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 
 use crate::backend::Role;
@@ -45,10 +46,9 @@ impl ParquetOptions {
         Self::default()
     }
 
-    /// At most this many rows per row group. Default 10,000.
-    pub fn rows_per_group(mut self, rows: NonZeroUsize) -> Self {
-        self.rows_per_group = rows;
-        self
+    crate::checks::setters! {
+        /// At most this many rows per row group. Default 10,000.
+        rows_per_group(rows: NonZeroUsize) => rows_per_group = rows;
     }
 }
 
@@ -64,84 +64,58 @@ pub struct ParquetStats {
     pub bytes: u64,
 }
 
-fn turn_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("role", DataType::Utf8, false),
-        Field::new("content", DataType::Utf8, false),
-    ])
-}
+/// A buffered row: the example and its metadata as JSON text.
+type Row = (PreferenceExample, String);
 
-/// The rows of the current batch: the examples and their metadata as JSON text.
-#[derive(Default)]
-struct Batch {
-    rows: Vec<(PreferenceExample, String)>,
-    /// Bytes of text buffered (an estimate of the batch's size).
-    bytes: usize,
-}
-
-impl Batch {
-    fn push(&mut self, e: &PreferenceExample) {
-        let metadata =
-            serde_json::to_string(&e.metadata).expect("metadata serialises: its keys are strings");
-        self.bytes += e.id.len()
-            + e.prompt.iter().map(|m| m.content.len()).sum::<usize>()
-            + e.chosen.len()
-            + e.rejected.len()
-            + metadata.len();
-        self.rows.push((e.clone(), metadata));
-    }
-
-    /// The rows as columns (emptying the batch): the JSONL's columns in its order, `grade`
-    /// and `margin` nullable (see the [module docs](super)).
-    fn finish(&mut self, format: ExampleFormat) -> RecordBatch {
-        let rows = std::mem::take(&mut self.rows);
-        self.bytes = 0;
-        let text = |f: &dyn Fn(&PreferenceExample) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(e, _)| f(e)),
-            ))
-        };
-        let answer = |f: &dyn Fn(&PreferenceExample) -> &str| match format {
-            ExampleFormat::Standard => text(f),
-            _ => turns(rows.iter().map(|(e, _)| [(Role::Assistant, f(e))])),
-        };
-        let prompt: ArrayRef = match format {
-            ExampleFormat::Standard => Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(e, _)| e.prompt_text()),
-            )),
-            _ => turns(
-                rows.iter()
-                    .map(|(e, _)| e.prompt.iter().map(|m| (m.role, m.content.as_str()))),
-            ),
-        };
-        let aspects = StringArray::from_iter_values(rows.iter().flat_map(|(e, _)| &e.aspects));
-        let grades = StringArray::from_iter(rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())));
-        let aspect_counts = rows.iter().map(|(e, _)| e.aspects.len());
-        let columns: [(&str, ArrayRef, bool); 9] = [
-            ("id", text(&|e| &e.id), false),
-            ("prompt", prompt, false),
-            ("chosen", answer(&|e| &e.chosen), false),
-            ("rejected", answer(&|e| &e.rejected), false),
-            ("label", text(&|e| e.label.as_str()), false),
-            ("grade", Arc::new(grades), true),
-            (
-                "aspects",
-                list(DataType::Utf8, aspect_counts, Arc::new(aspects)),
-                false,
-            ),
-            (
-                "margin",
-                Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
-                true,
-            ),
-            (
-                "metadata",
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
-                false,
-            ),
-        ];
-        RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
-    }
+/// The rows as columns: the JSONL's columns in its order, `grade` and `margin` nullable (see
+/// the [module docs](super)).
+fn record_batch(rows: &[Row], format: ExampleFormat) -> RecordBatch {
+    let standard = format == ExampleFormat::Standard;
+    let text = |f: &dyn Fn(&PreferenceExample) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(e, _)| f(e)),
+        ))
+    };
+    let answer = |f: &dyn Fn(&PreferenceExample) -> &str| match standard {
+        true => text(f),
+        false => turns(rows.iter().map(|(e, _)| [(Role::Assistant, f(e))])),
+    };
+    let prompt: ArrayRef = match standard {
+        true => Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(e, _)| e.prompt_text()),
+        )),
+        false => turns(
+            rows.iter()
+                .map(|(e, _)| e.prompt.iter().map(|m| (m.role, m.content.as_str()))),
+        ),
+    };
+    let aspects = StringArray::from_iter_values(rows.iter().flat_map(|(e, _)| &e.aspects));
+    let grades = StringArray::from_iter(rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())));
+    let aspect_counts = rows.iter().map(|(e, _)| e.aspects.len());
+    let columns: [(&str, ArrayRef, bool); 9] = [
+        ("id", text(&|e| &e.id), false),
+        ("prompt", prompt, false),
+        ("chosen", answer(&|e| &e.chosen), false),
+        ("rejected", answer(&|e| &e.rejected), false),
+        ("label", text(&|e| e.label.as_str()), false),
+        ("grade", Arc::new(grades), true),
+        (
+            "aspects",
+            list(DataType::Utf8, aspect_counts, Arc::new(aspects)),
+            false,
+        ),
+        (
+            "margin",
+            Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
+            true,
+        ),
+        (
+            "metadata",
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
+            false,
+        ),
+    ];
+    RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
 }
 
 /// A list column of `item`s: each row's length, and the items of all rows in `values`.
@@ -163,13 +137,17 @@ fn turns<'a, T: IntoIterator<Item = (Role, &'a str)>>(rows: impl Iterator<Item =
         }
         lengths.push(roles.len() - before);
     }
+    let fields = Fields::from(vec![
+        Field::new("role", DataType::Utf8, false),
+        Field::new("content", DataType::Utf8, false),
+    ]);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(roles)),
         Arc::new(StringArray::from(contents)),
     ];
-    let values = StructArray::new(turn_fields(), columns, None);
+    let values = StructArray::new(fields.clone(), columns, None);
     list(
-        DataType::Struct(turn_fields()),
+        DataType::Struct(fields),
         lengths.into_iter(),
         Arc::new(values),
     )
@@ -209,7 +187,9 @@ fn turns<'a, T: IntoIterator<Item = (Role, &'a str)>>(rows: impl Iterator<Item =
 /// ```
 pub struct ParquetWriter<W: Write + Send> {
     writer: ArrowWriter<Counting<W>>,
-    batch: Batch,
+    /// The rows not yet encoded, and the bytes of their text (an estimate of their size).
+    batch: Vec<Row>,
+    batch_bytes: usize,
     format: ExampleFormat,
     rows: u64,
     name: PathBuf,
@@ -243,16 +223,16 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-fn parquet_err(name: &std::path::Path, e: parquet::errors::ParquetError) -> Error {
-    match e {
-        parquet::errors::ParquetError::External(inner) => {
-            match inner.downcast::<std::io::Error>() {
-                Ok(io) => Error::io(name, *io),
-                Err(other) => Error::io(name, std::io::Error::other(other)),
-            }
-        }
-        other => Error::io(name, std::io::Error::other(other)),
-    }
+/// An error of the encoder as an I/O error of the destination `name` (the destination's own
+/// error when it is one).
+fn parquet_err(name: &Path, e: ParquetError) -> Error {
+    let io = match e {
+        ParquetError::External(inner) => inner
+            .downcast::<std::io::Error>()
+            .map_or_else(std::io::Error::other, |io| *io),
+        other => std::io::Error::other(other),
+    };
+    Error::io(name, io)
 }
 
 impl<W: Write + Send> ParquetWriter<W> {
@@ -275,7 +255,6 @@ impl<W: Write + Send> ParquetWriter<W> {
         format: ExampleFormat,
         options: ParquetOptions,
     ) -> Result<Self, Error> {
-        let schema = Batch::default().finish(format).schema();
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(options.rows_per_group.get()))
@@ -290,22 +269,23 @@ impl<W: Write + Send> ParquetWriter<W> {
             inner: out,
             bytes: 0,
         };
+        let schema = record_batch(&[], format).schema();
         let writer =
             ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| parquet_err(&name, e))?;
         Ok(ParquetWriter {
             writer,
-            batch: Batch::default(),
+            batch: Vec::with_capacity(BATCH_ROWS),
+            batch_bytes: 0,
             format,
             rows: 0,
             name,
         })
     }
 
-    /// The name errors give for the destination (a path; default `<parquet>`).
-    #[must_use]
-    pub fn named(mut self, name: impl Into<PathBuf>) -> Self {
-        self.name = name.into();
-        self
+    crate::checks::setters! {
+        /// The name errors give for the destination (a path; default `<parquet>`).
+        #[must_use]
+        named(name: impl Into<PathBuf>) => name = name.into();
     }
 
     /// Adds one example as one row.
@@ -314,20 +294,29 @@ impl<W: Write + Send> ParquetWriter<W> {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if encoded rows cannot be written to the
     /// destination.
-    pub fn write(&mut self, example: &PreferenceExample) -> Result<(), Error> {
-        self.batch.push(example);
+    pub fn write(&mut self, e: &PreferenceExample) -> Result<(), Error> {
+        let metadata =
+            serde_json::to_string(&e.metadata).expect("metadata serialises: its keys are strings");
+        self.batch_bytes += e.id.len()
+            + e.prompt.iter().map(|m| m.content.len()).sum::<usize>()
+            + e.chosen.len()
+            + e.rejected.len()
+            + metadata.len();
+        self.batch.push((e.clone(), metadata));
         self.rows += 1;
-        if self.batch.rows.len() >= BATCH_ROWS || self.batch.bytes >= 16 << 20 {
+        if self.batch.len() >= BATCH_ROWS || self.batch_bytes >= 16 << 20 {
             self.write_batch()?;
         }
         Ok(())
     }
 
     fn write_batch(&mut self) -> Result<(), Error> {
-        if self.batch.rows.is_empty() {
+        if self.batch.is_empty() {
             return Ok(());
         }
-        let batch = self.batch.finish(self.format);
+        let batch = record_batch(&self.batch, self.format);
+        self.batch.clear();
+        self.batch_bytes = 0;
         self.writer
             .write(&batch)
             .map_err(|e| parquet_err(&self.name, e))
@@ -343,7 +332,7 @@ impl<W: Write + Send> ParquetWriter<W> {
     /// the encoded size of the current row group, plus the text buffered before encoding.
     #[must_use]
     pub fn estimated_bytes(&self) -> u64 {
-        (self.writer.bytes_written() + self.writer.in_progress_size() + self.batch.bytes) as u64
+        (self.writer.bytes_written() + self.writer.in_progress_size() + self.batch_bytes) as u64
     }
 
     /// Writes the last row group and the footer; returns the destination and what was
@@ -354,17 +343,13 @@ impl<W: Write + Send> ParquetWriter<W> {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the rest of the file cannot be written.
     pub fn finish(mut self) -> Result<(W, ParquetStats), Error> {
         self.write_batch()?;
-        self.writer
-            .flush()
-            .map_err(|e| parquet_err(&self.name, e))?;
+        let name = &self.name;
+        self.writer.flush().map_err(|e| parquet_err(name, e))?;
         let row_groups = self.writer.flushed_row_groups().len();
         // Writes the footer once (`ArrowWriter::finish` and then `into_inner` would write it
         // twice).
-        let mut out = self
-            .writer
-            .into_inner()
-            .map_err(|e| parquet_err(&self.name, e))?;
-        out.flush().map_err(|e| Error::io(&self.name, e))?;
+        let mut out = self.writer.into_inner().map_err(|e| parquet_err(name, e))?;
+        out.flush().map_err(|e| Error::io(name, e))?;
         let stats = ParquetStats {
             rows: self.rows,
             row_groups,

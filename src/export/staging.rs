@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::io::append::if_exists;
 use crate::Error;
 
 /// The start of a staging folder's name.
@@ -102,11 +103,9 @@ pub(super) fn remove_stale(dir: &Path) -> Result<Vec<PathBuf>, Error> {
         if !std::fs::symlink_metadata(&marker_path).is_ok_and(|m| m.is_file()) {
             continue;
         }
-        let marker = match File::open(&marker_path) {
-            Ok(file) => file,
-            // Removed meanwhile (its export finished, or another export cleaned up).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(&marker_path, e)),
+        // None: removed meanwhile (its export finished, or another export cleaned up).
+        let Some(marker) = if_exists(&marker_path, File::open)? else {
+            continue;
         };
         match marker.try_lock() {
             Ok(()) => {}
