@@ -194,13 +194,12 @@ impl ExampleStream {
     }
 }
 
-/// What one response took: the accepted text, calls made and answers rejected.
+/// What one response took: the accepted text and the calls made (all but the last rejected).
 pub(crate) struct Answer<T> {
     pub(crate) value: T,
     pub(crate) usage: Usage,
     pub(crate) model: String,
     pub(crate) calls: u32,
-    pub(crate) reasks: u32,
 }
 
 /// Sends `base` (re-ask `n` with its seed + `n`, and `reask` instead of `base` when given)
@@ -232,14 +231,12 @@ pub(crate) async fn ask<T>(
         let calls = attempt + 1;
         match accept(&completion.text) {
             Ok(value) => {
-                let reasks = attempt;
                 return Ok(Answer {
                     value,
                     usage,
                     model,
                     calls,
-                    reasks,
-                });
+                })
             }
             Err(reason) if attempt >= max_reasks => {
                 return Err(Error::unusable(id.to_string(), call, calls, reason));
@@ -609,7 +606,7 @@ impl Example {
     }
 
     pub(crate) fn add<T>(&mut self, group: &str, a: &Answer<T>) {
-        self.record(group, a.calls, a.reasks, a.usage, &a.model);
+        self.record(group, a.calls, a.calls - 1, a.usage, &a.model);
     }
 
     /// The finished example by the construction rule: label better → chosen = the later

@@ -176,14 +176,24 @@ pub struct Judge {
 /// The lowest temperature of a judge's re-ask (see [`Judge::max_reasks`]).
 pub const REASK_TEMPERATURE: f32 = 0.7;
 
-const COMPARE_SYSTEM: &str = "You are an impartial judge of answer quality. You read a request \
-and two answers to it and decide which answer is better. Judge only what the answers say and \
-how well they serve the request: which one comes first and which one is longer are no reasons \
-to prefer it.";
+/// A pairwise judgement's system prompt, task and closing question.
+const COMPARE: [&str; 3] = [
+    "You are an impartial judge of answer quality. You read a request and two answers to it and \
+     decide which answer is better. Judge only what the answers say and how well they serve the \
+     request: which one comes first and which one is longer are no reasons to prefer it.",
+    "Compare two answers",
+    "Which answer is better on these criteria? Reply with the verdict only: A if answer A is \
+     better, B if answer B is better, or tie if neither is.",
+];
 
-const SCORE_SYSTEM: &str = "You are a strict, impartial judge of answer quality. You read a \
-request and one answer to it and rate the answer. Length alone is no reason for a higher or a \
-lower rating.";
+/// A rating's system prompt, task and closing question.
+const SCORE: [&str; 3] = [
+    "You are a strict, impartial judge of answer quality. You read a request and one answer to \
+     it and rate the answer. Length alone is no reason for a higher or a lower rating.",
+    "Rate the answer",
+    "Rate the answer from 1 (very poor) to 10 (excellent) on these criteria. Reply with the \
+     rating only: one whole number from 1 to 10.",
+];
 
 impl Judge {
     /// A judge on `backend` with temperature 0, at most 256 tokens, and 2 re-asks.
@@ -235,13 +245,10 @@ impl Judge {
         criteria: &[Aspect],
     ) -> CompletionRequest {
         self.request(
-            COMPARE_SYSTEM,
-            "Compare two answers",
+            COMPARE,
             prompt,
             criteria,
-            &[("Answer A", "answer_a", a), ("Answer B", "answer_b", b)],
-            "Which answer is better on these criteria? Reply with the verdict only: A if answer \
-             A is better, B if answer B is better, or tie if neither is.",
+            &[("Answer A", a), ("Answer B", b)],
         )
     }
 
@@ -255,29 +262,20 @@ impl Judge {
         response: &str,
         criteria: &[Aspect],
     ) -> CompletionRequest {
-        self.request(
-            SCORE_SYSTEM,
-            "Rate the answer",
-            prompt,
-            criteria,
-            &[("Answer", "answer", response)],
-            "Rate the answer from 1 (very poor) to 10 (excellent) on these criteria. Reply with \
-             the rating only: one whole number from 1 to 10.",
-        )
+        self.request(SCORE, prompt, criteria, &[("Answer", response)])
     }
 
     /// The request of `system` and a user message: `task` on `criteria`, the request of
-    /// `prompt`, each answer as (title, tag, text), then `question`.
+    /// `prompt`, each answer under its title (`Answer A` between `<answer_a>` tags), then
+    /// `question`.
     fn request(
         &self,
-        system: &str,
-        task: &str,
+        [system, task, question]: [&str; 3],
         prompt: &[Message],
         criteria: &[Aspect],
-        answers: &[(&str, &str, &str)],
-        question: &str,
+        answers: &[(&str, &str)],
     ) -> CompletionRequest {
-        let len: usize = answers.iter().map(|(_, _, text)| text.len()).sum();
+        let len: usize = answers.iter().map(|(_, text)| text.len()).sum();
         let mut u = String::with_capacity(512 + len);
         let _ = writeln!(u, "{task} to the request below on these criteria:");
         render_aspects(criteria, &mut u);
@@ -291,7 +289,8 @@ impl Judge {
             }
         }
         u.push_str("\n</request>\n\n");
-        for (title, tag, text) in answers {
+        for (title, text) in answers {
+            let tag = title.to_lowercase().replace(' ', "_");
             let _ = write!(u, "{title}:\n<{tag}>\n{text}\n</{tag}>\n\n");
         }
         u.push_str(question);
@@ -347,7 +346,7 @@ impl Scorer for Judge {
         Ok(Scored {
             score: a.value,
             calls: a.calls,
-            reasks: a.reasks,
+            reasks: a.calls - 1,
             usage: a.usage,
             model: a.model,
         })
@@ -408,21 +407,7 @@ fn after_last<'a>(hay: &'a str, leads: &[&str]) -> Option<&'a str> {
 /// gives A, B or a tie.
 #[must_use]
 pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
-    if let Some(inner) = tag_content(raw, "verdict", true) {
-        if let Some(v) = classify(inner) {
-            return Some(v);
-        }
-    }
-    let lower = raw.to_lowercase();
-    if let Some((_, k)) = last_of(&lower, &["[[a]]", "[[b]]", "[[c]]", "[[tie]]"]) {
-        return Some([Verdict::A, Verdict::B, Verdict::Tie, Verdict::Tie][k]);
-    }
-    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
-    if words(trimmed).len() <= 2 {
-        if let Some(v) = classify(trimmed) {
-            return Some(v);
-        }
-    }
+    use Verdict::{Tie, A, B};
     const LEADS: &[&str] = &[
         "verdict:",
         "verdict is",
@@ -439,20 +424,24 @@ pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
         "i prefer",
         "i choose",
     ];
-    if let Some(v) = after_last(&lower, LEADS).and_then(classify) {
-        return Some(v);
-    }
+    let lower = raw.to_lowercase();
+    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
     let says = |side: &str| {
         ["answer", "response"].iter().any(|noun| {
             lower.contains(&format!("{noun} {side} is better"))
                 || lower.contains(&format!("{noun} {side} is the better"))
         })
     };
-    match (says("a"), says("b")) {
-        (true, false) => Some(Verdict::A),
-        (false, true) => Some(Verdict::B),
-        _ => None,
-    }
+    let brackets = ["[[a]]", "[[b]]", "[[c]]", "[[tie]]"];
+    (tag_content(raw, "verdict", true).and_then(classify))
+        .or_else(|| last_of(&lower, &brackets).map(|(_, k)| [A, B, Tie, Tie][k]))
+        .or_else(|| (words(trimmed).len() <= 2).then(|| classify(trimmed))?)
+        .or_else(|| after_last(&lower, LEADS).and_then(classify))
+        .or_else(|| match (says("a"), says("b")) {
+            (true, false) => Some(A),
+            (false, true) => Some(B),
+            _ => None,
+        })
 }
 
 /// Whether `c` ends a number (digits with an optional decimal part).

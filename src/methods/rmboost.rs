@@ -155,13 +155,13 @@ impl RmBoostBuilder {
                 "no backend for the second response: call second_backend()",
             ));
         }
-        let params = [
-            ("first_params", &self.common.params),
-            ("second_params", &self.second_params),
-        ];
-        for (name, p) in params {
-            p.validate(name).map_err(Error::config)?;
-        }
+        self.common
+            .params
+            .validate("first_params")
+            .map_err(Error::config)?;
+        self.second_params
+            .validate("second_params")
+            .map_err(Error::config)?;
         if self.template.variants() == 0 {
             return Err(Error::config("template has zero variants"));
         }
