@@ -217,7 +217,7 @@ pub(crate) async fn ask<T>(
     let mut model = String::new();
     let seed = base.seed.unwrap_or(0);
     let mut attempt = 0;
-    loop {
+    let value = loop {
         let request = reask.filter(|_| attempt > 0).unwrap_or(base).clone();
         let request = request.with_seed(seed.wrapping_add(u64::from(attempt)));
         let completion = backend
@@ -228,23 +228,22 @@ pub(crate) async fn ask<T>(
         if !completion.model.is_empty() {
             model = completion.model;
         }
-        let calls = attempt + 1;
         match accept(&completion.text) {
-            Ok(value) => {
-                return Ok(Answer {
-                    value,
-                    usage,
-                    model,
-                    calls,
-                })
-            }
+            Ok(value) => break value,
             Err(reason) if attempt >= max_reasks => {
-                return Err(Error::unusable(id.to_string(), call, calls, reason));
+                return Err(Error::unusable(id.to_string(), call, attempt + 1, reason));
             }
             Err(reason) => tracing::debug!(id, call, attempt, %reason, "unusable answer"),
         }
         attempt += 1;
-    }
+    };
+    let calls = attempt + 1;
+    Ok(Answer {
+        value,
+        usage,
+        model,
+        calls,
+    })
 }
 
 /// A generation method ready to run: turns prompts into a stream of preference examples.
