@@ -8,7 +8,7 @@
 //! the first await), keeps at most `concurrency` futures in flight, passes input errors
 //! through in place, and ends after a fatal error.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,14 +73,14 @@ pub fn default_second_params() -> SamplingParams {
 /// all in-flight work.
 #[must_use = "streams do nothing unless polled"]
 pub struct ExampleStream {
-    inner: BoxStream<'static, Result<PreferenceExample, Error>>,
-    done: bool,
+    /// `None` once the stream has ended.
+    inner: Option<BoxStream<'static, Result<PreferenceExample, Error>>>,
 }
 
 impl fmt::Debug for ExampleStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExampleStream")
-            .field("done", &self.done)
+            .field("done", &self.inner.is_none())
             .finish_non_exhaustive()
     }
 }
@@ -89,34 +89,30 @@ impl Stream for ExampleStream {
     type Item = Result<PreferenceExample, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
-        }
-        let item = futures::ready!(self.inner.poll_next_unpin(cx));
-        match &item {
-            None => self.done = true,
-            Some(Err(e)) if e.is_fatal() => {
-                self.done = true;
-                // Drop in-flight work now rather than when the stream is dropped.
-                self.inner = stream::empty().boxed();
-            }
-            Some(_) => {}
+        };
+        let item = futures::ready!(inner.poll_next_unpin(cx));
+        if item
+            .as_ref()
+            .is_none_or(|r| r.as_ref().is_err_and(Error::is_fatal))
+        {
+            // Drop in-flight work now rather than when the stream is dropped.
+            self.inner = None;
         }
         Poll::Ready(item)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        if self.done {
-            (0, Some(0))
-        } else {
-            (0, self.inner.size_hint().1)
-        }
+        self.inner
+            .as_ref()
+            .map_or((0, Some(0)), |s| (0, s.size_hint().1))
     }
 }
 
 impl futures::stream::FusedStream for ExampleStream {
     fn is_terminated(&self) -> bool {
-        self.done
+        self.inner.is_none()
     }
 }
 
@@ -131,8 +127,7 @@ impl ExampleStream {
         S: Stream<Item = Result<PreferenceExample, Error>> + Send + 'static,
     {
         ExampleStream {
-            inner: stream.boxed(),
-            done: false,
+            inner: Some(stream.boxed()),
         }
     }
 
@@ -199,38 +194,32 @@ impl ExampleStream {
     }
 }
 
-/// What one response took: the accepted text, calls made and answers rejected.
+/// What one response took: the accepted text and the calls made (all but the last rejected).
 pub(crate) struct Answer<T> {
     pub(crate) value: T,
     pub(crate) usage: Usage,
     pub(crate) model: String,
     pub(crate) calls: u32,
-    pub(crate) reasks: u32,
 }
 
-/// Sends `base` (with seed `seed + attempt`; `reask` instead of `base` for every re-ask when
-/// given) until `accept` takes the answer or `max_reasks` re-asks are used up.
-#[allow(clippy::too_many_arguments)]
+/// Sends `base` (re-ask `n` with its seed + `n`, and `reask` instead of `base` when given)
+/// until `accept` takes the answer or `max_reasks` re-asks are used up.
 pub(crate) async fn ask<T>(
     backend: &dyn LlmBackend,
     id: &str,
     call: &'static str,
     base: &CompletionRequest,
     reask: Option<&CompletionRequest>,
-    seed: u64,
     max_reasks: u32,
     mut accept: impl FnMut(&str) -> Result<T, UnusableReason>,
 ) -> Result<Answer<T>, Error> {
     let mut usage = Usage::default();
     let mut model = String::new();
-    let mut attempt: u32 = 0;
-    loop {
-        let request = match reask {
-            Some(r) if attempt > 0 => r,
-            _ => base,
-        }
-        .clone()
-        .with_seed(seed.wrapping_add(u64::from(attempt)));
+    let seed = base.seed.unwrap_or(0);
+    let mut attempt = 0;
+    let value = loop {
+        let request = reask.filter(|_| attempt > 0).unwrap_or(base).clone();
+        let request = request.with_seed(seed.wrapping_add(u64::from(attempt)));
         let completion = backend
             .complete(request)
             .await
@@ -240,24 +229,21 @@ pub(crate) async fn ask<T>(
             model = completion.model;
         }
         match accept(&completion.text) {
-            Ok(value) => {
-                return Ok(Answer {
-                    value,
-                    usage,
-                    model,
-                    calls: attempt + 1,
-                    reasks: attempt,
-                })
+            Ok(value) => break value,
+            Err(reason) if attempt >= max_reasks => {
+                return Err(Error::unusable(id.to_string(), call, attempt + 1, reason));
             }
-            Err(reason) => {
-                tracing::debug!(id, call, attempt, %reason, "unusable answer");
-                if attempt >= max_reasks {
-                    return Err(Error::unusable(id.to_string(), call, attempt + 1, reason));
-                }
-                attempt += 1;
-            }
+            Err(reason) => tracing::debug!(id, call, attempt, %reason, "unusable answer"),
         }
-    }
+        attempt += 1;
+    };
+    let calls = attempt + 1;
+    Ok(Answer {
+        value,
+        usage,
+        model,
+        calls,
+    })
 }
 
 /// A generation method ready to run: turns prompts into a stream of preference examples.
@@ -524,16 +510,12 @@ pub(crate) use common_setters;
 
 /// `system` as the first message of `prompt`, merged into a system message already there.
 pub(crate) fn with_system(system: &str, prompt: &[Message]) -> Vec<Message> {
-    let mut out = Vec::with_capacity(prompt.len() + 1);
-    match prompt.split_first() {
-        Some((first, rest)) if first.role == Role::System => {
-            out.push(Message::system(format!("{system}\n\n{}", first.content)));
-            out.extend_from_slice(rest);
+    let mut out = prompt.to_vec();
+    match out.first_mut() {
+        Some(first) if first.role == Role::System => {
+            first.content = format!("{system}\n\n{}", first.content);
         }
-        _ => {
-            out.push(Message::system(system));
-            out.extend_from_slice(prompt);
-        }
+        _ => out.insert(0, Message::system(system)),
     }
     out
 }
@@ -541,11 +523,7 @@ pub(crate) fn with_system(system: &str, prompt: &[Message]) -> Vec<Message> {
 /// `- name: definition` lines.
 pub(crate) fn render_aspects(aspects: &[Aspect], out: &mut String) {
     for a in aspects {
-        out.push_str("- ");
-        out.push_str(&a.name);
-        out.push_str(": ");
-        out.push_str(&a.definition);
-        out.push('\n');
+        let _ = writeln!(out, "- {}: {}", a.name, a.definition);
     }
 }
 
@@ -582,27 +560,26 @@ impl Example {
         }
     }
 
-    /// Sends `req` to `backend` until `accept` takes the answer (see [`ask`]) and records what
-    /// that took under `call`.
+    /// Sends `req` to `backend` until `accept` takes the answer (see [`ask`]); records nothing.
+    pub(crate) async fn call<T>(
+        &self,
+        backend: &dyn LlmBackend,
+        call: &'static str,
+        req: &CompletionRequest,
+        accept: impl FnMut(&str) -> Result<T, UnusableReason>,
+    ) -> Result<Answer<T>, Error> {
+        ask(backend, &self.id, call, req, None, self.max_reasks, accept).await
+    }
+
+    /// [`call`](Self::call), with what it took recorded under `call`.
     pub(crate) async fn ask<T>(
         &mut self,
         backend: &dyn LlmBackend,
         call: &'static str,
         req: &CompletionRequest,
-        seed: u64,
         accept: impl FnMut(&str) -> Result<T, UnusableReason>,
     ) -> Result<T, Error> {
-        let answer = ask(
-            backend,
-            &self.id,
-            call,
-            req,
-            None,
-            seed,
-            self.max_reasks,
-            accept,
-        )
-        .await?;
+        let answer = self.call(backend, call, req, accept).await?;
         self.add(call, &answer);
         Ok(answer.value)
     }
@@ -628,7 +605,7 @@ impl Example {
     }
 
     pub(crate) fn add<T>(&mut self, group: &str, a: &Answer<T>) {
-        self.record(group, a.calls, a.reasks, a.usage, &a.model);
+        self.record(group, a.calls, a.calls - 1, a.usage, &a.model);
     }
 
     /// The finished example by the construction rule: label better → chosen = the later

@@ -176,29 +176,24 @@ pub struct Judge {
 /// The lowest temperature of a judge's re-ask (see [`Judge::max_reasks`]).
 pub const REASK_TEMPERATURE: f32 = 0.7;
 
-const COMPARE_SYSTEM: &str = "You are an impartial judge of answer quality. You read a request \
-and two answers to it and decide which answer is better. Judge only what the answers say and \
-how well they serve the request: which one comes first and which one is longer are no reasons \
-to prefer it.";
+/// A pairwise judgement's system prompt, task and closing question.
+const COMPARE: [&str; 3] = [
+    "You are an impartial judge of answer quality. You read a request and two answers to it and \
+     decide which answer is better. Judge only what the answers say and how well they serve the \
+     request: which one comes first and which one is longer are no reasons to prefer it.",
+    "Compare two answers",
+    "Which answer is better on these criteria? Reply with the verdict only: A if answer A is \
+     better, B if answer B is better, or tie if neither is.",
+];
 
-const SCORE_SYSTEM: &str = "You are a strict, impartial judge of answer quality. You read a \
-request and one answer to it and rate the answer. Length alone is no reason for a higher or a \
-lower rating.";
-
-fn render_request(prompt: &[Message], out: &mut String) {
-    out.push_str("Request:\n<request>\n");
-    if let [only] = prompt {
-        out.push_str(&only.content);
-    } else {
-        for (i, m) in prompt.iter().enumerate() {
-            if i > 0 {
-                out.push_str("\n\n");
-            }
-            let _ = write!(out, "[{}]\n{}", m.role, m.content);
-        }
-    }
-    out.push_str("\n</request>\n\n");
-}
+/// A rating's system prompt, task and closing question.
+const SCORE: [&str; 3] = [
+    "You are a strict, impartial judge of answer quality. You read a request and one answer to \
+     it and rate the answer. Length alone is no reason for a higher or a lower rating.",
+    "Rate the answer",
+    "Rate the answer from 1 (very poor) to 10 (excellent) on these criteria. Reply with the \
+     rating only: one whole number from 1 to 10.",
+];
 
 impl Judge {
     /// A judge on `backend` with temperature 0, at most 256 tokens, and 2 re-asks.
@@ -249,21 +244,12 @@ impl Judge {
         b: &str,
         criteria: &[Aspect],
     ) -> CompletionRequest {
-        let mut u = String::with_capacity(512 + a.len() + b.len());
-        u.push_str("Compare two answers to the request below on these criteria:\n");
-        render_aspects(criteria, &mut u);
-        u.push('\n');
-        render_request(prompt, &mut u);
-        u.push_str("Answer A:\n<answer_a>\n");
-        u.push_str(a);
-        u.push_str("\n</answer_a>\n\nAnswer B:\n<answer_b>\n");
-        u.push_str(b);
-        u.push_str(
-            "\n</answer_b>\n\nWhich answer is better on these criteria? Reply with the verdict \
-             only: A if answer A is better, B if answer B is better, or tie if neither is.",
-        );
-        CompletionRequest::new(vec![Message::system(COMPARE_SYSTEM), Message::user(u)])
-            .with_params(&self.params)
+        self.request(
+            COMPARE,
+            prompt,
+            criteria,
+            &[("Answer A", a), ("Answer B", b)],
+        )
     }
 
     /// The request asking for a 1–10 rating of `response` (between `<answer>` tags) to
@@ -276,55 +262,60 @@ impl Judge {
         response: &str,
         criteria: &[Aspect],
     ) -> CompletionRequest {
-        let mut u = String::with_capacity(512 + response.len());
-        u.push_str("Rate the answer to the request below on these criteria:\n");
+        self.request(SCORE, prompt, criteria, &[("Answer", response)])
+    }
+
+    /// The request of `system` and a user message: `task` on `criteria`, the request of
+    /// `prompt`, each answer under its title (`Answer A` between `<answer_a>` tags), then
+    /// `question`.
+    fn request(
+        &self,
+        [system, task, question]: [&str; 3],
+        prompt: &[Message],
+        criteria: &[Aspect],
+        answers: &[(&str, &str)],
+    ) -> CompletionRequest {
+        let len: usize = answers.iter().map(|(_, text)| text.len()).sum();
+        let mut u = String::with_capacity(512 + len);
+        let _ = writeln!(u, "{task} to the request below on these criteria:");
         render_aspects(criteria, &mut u);
-        u.push('\n');
-        render_request(prompt, &mut u);
-        u.push_str("Answer:\n<answer>\n");
-        u.push_str(response);
-        u.push_str(
-            "\n</answer>\n\nRate the answer from 1 (very poor) to 10 (excellent) on these \
-             criteria. Reply with the rating only: one whole number from 1 to 10.",
-        );
-        CompletionRequest::new(vec![Message::system(SCORE_SYSTEM), Message::user(u)])
+        u.push_str("\nRequest:\n<request>\n");
+        if let [only] = prompt {
+            u.push_str(&only.content);
+        } else {
+            for (i, m) in prompt.iter().enumerate() {
+                let gap = if i > 0 { "\n\n" } else { "" };
+                let _ = write!(u, "{gap}[{}]\n{}", m.role, m.content);
+            }
+        }
+        u.push_str("\n</request>\n\n");
+        for (title, text) in answers {
+            let tag = title.to_lowercase().replace(' ', "_");
+            let _ = write!(u, "{title}:\n<{tag}>\n{text}\n</{tag}>\n\n");
+        }
+        u.push_str(question);
+        CompletionRequest::new(vec![Message::system(system), Message::user(u)])
             .with_params(&self.params)
     }
 
-    /// Sends `req` with backend seed `seed` (re-ask `n` uses `seed + n`) until `parse` reads
-    /// its answer. A re-ask goes out at a temperature of at least [`REASK_TEMPERATURE`], since
-    /// a greedy judge would only repeat its unreadable answer.
+    /// Sends `req` (re-ask `n` with its seed + `n`) until `parse` reads its answer. A re-ask
+    /// goes out at a temperature of at least [`REASK_TEMPERATURE`], since a greedy judge would
+    /// only repeat its unreadable answer.
     async fn ask<T>(
         &self,
         id: &str,
         call: &'static str,
         req: CompletionRequest,
-        seed: u64,
         parse: fn(&str) -> Option<T>,
         what: &str,
     ) -> Result<Answer<T>, Error> {
-        let hot = req
-            .temperature
-            .is_some_and(|t| t < REASK_TEMPERATURE)
-            .then(|| {
-                let mut hot = req.clone();
-                hot.temperature = Some(REASK_TEMPERATURE);
-                hot
-            });
+        let mut hot = req.clone();
+        hot.temperature = hot.temperature.map(|t| t.max(REASK_TEMPERATURE));
         let accept = |raw: &str| {
             parse(raw).ok_or_else(|| UnusableReason::Other(format!("no readable {what}")))
         };
-        ask(
-            &*self.backend,
-            id,
-            call,
-            &req,
-            hot.as_ref(),
-            seed,
-            self.max_reasks,
-            accept,
-        )
-        .await
+        let (backend, max_reasks) = (&*self.backend, self.max_reasks);
+        ask(backend, id, call, &req, Some(&hot), max_reasks, accept).await
     }
 
     /// Asks for a verdict on (`a`, `b`) with backend seed `seed` (re-ask `n` uses `seed + n`).
@@ -339,9 +330,8 @@ impl Judge {
         criteria: &[Aspect],
         seed: u64,
     ) -> Result<Answer<Verdict>, Error> {
-        let req = self.compare_request(prompt, a, b, criteria);
-        self.ask(id, call, req, seed, parse_verdict, "verdict")
-            .await
+        let req = self.compare_request(prompt, a, b, criteria).with_seed(seed);
+        self.ask(id, call, req, parse_verdict, "verdict").await
     }
 }
 
@@ -349,13 +339,14 @@ impl Judge {
 impl Scorer for Judge {
     async fn score(&self, r: ScoreRequest<'_>) -> Result<Scored, Error> {
         let req = self.score_request(r.prompt, r.response, r.criteria);
+        let req = req.with_seed(r.seed);
         let a = self
-            .ask(r.id, "score", req, r.seed, parse_score, "1-10 score")
+            .ask(r.id, "score", req, parse_score, "1-10 score")
             .await?;
         Ok(Scored {
             score: a.value,
             calls: a.calls,
-            reasks: a.reasks,
+            reasks: a.calls - 1,
             usage: a.usage,
             model: a.model,
         })
@@ -394,13 +385,17 @@ fn classify(s: &str) -> Option<Verdict> {
     }
 }
 
-/// The text after the last of `leads` in `hay` (the one that starts last).
+/// Where the last of `leads` in `hay` (the one that starts last) starts, and which it is.
+fn last_of(hay: &str, leads: &[&str]) -> Option<(usize, usize)> {
+    let found = leads.iter().enumerate();
+    found
+        .filter_map(|(k, l)| hay.rfind(l).map(|i| (i, k)))
+        .max()
+}
+
+/// The text after the last of `leads` in `hay`.
 fn after_last<'a>(hay: &'a str, leads: &[&str]) -> Option<&'a str> {
-    let (i, lead) = leads
-        .iter()
-        .filter_map(|l| hay.rfind(l).map(|i| (i, l)))
-        .max_by_key(|(i, _)| *i)?;
-    Some(&hay[i + lead.len()..])
+    last_of(hay, leads).map(|(i, k)| &hay[i + leads[k].len()..])
 }
 
 /// Reads a judge's pairwise verdict out of its raw answer.
@@ -412,31 +407,7 @@ fn after_last<'a>(hay: &'a str, leads: &[&str]) -> Option<&'a str> {
 /// gives A, B or a tie.
 #[must_use]
 pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
-    if let Some(inner) = tag_content(raw, "verdict", true) {
-        if let Some(v) = classify(inner) {
-            return Some(v);
-        }
-    }
-    let lower = raw.to_lowercase();
-    let brackets = [
-        ("[[a]]", Verdict::A),
-        ("[[b]]", Verdict::B),
-        ("[[c]]", Verdict::Tie),
-        ("[[tie]]", Verdict::Tie),
-    ];
-    if let Some((_, v)) = brackets
-        .iter()
-        .filter_map(|(p, v)| lower.rfind(p).map(|i| (i, *v)))
-        .max_by_key(|(i, _)| *i)
-    {
-        return Some(v);
-    }
-    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
-    if words(trimmed).len() <= 2 {
-        if let Some(v) = classify(trimmed) {
-            return Some(v);
-        }
-    }
+    use Verdict::{Tie, A, B};
     const LEADS: &[&str] = &[
         "verdict:",
         "verdict is",
@@ -453,45 +424,44 @@ pub(crate) fn parse_verdict(raw: &str) -> Option<Verdict> {
         "i prefer",
         "i choose",
     ];
-    if let Some(v) = after_last(&lower, LEADS).and_then(classify) {
-        return Some(v);
-    }
+    let lower = raw.to_lowercase();
+    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
     let says = |side: &str| {
         ["answer", "response"].iter().any(|noun| {
             lower.contains(&format!("{noun} {side} is better"))
                 || lower.contains(&format!("{noun} {side} is the better"))
         })
     };
-    match (says("a"), says("b")) {
-        (true, false) => Some(Verdict::A),
-        (false, true) => Some(Verdict::B),
-        _ => None,
-    }
+    let brackets = ["[[a]]", "[[b]]", "[[c]]", "[[tie]]"];
+    (tag_content(raw, "verdict", true).and_then(classify))
+        .or_else(|| last_of(&lower, &brackets).map(|(_, k)| [A, B, Tie, Tie][k]))
+        .or_else(|| (words(trimmed).len() <= 2).then(|| classify(trimmed))?)
+        .or_else(|| after_last(&lower, LEADS).and_then(classify))
+        .or_else(|| match (says("a"), says("b")) {
+            (true, false) => Some(A),
+            (false, true) => Some(B),
+            _ => None,
+        })
+}
+
+/// Whether `c` ends a number (digits with an optional decimal part).
+fn not_number(c: char) -> bool {
+    !(c.is_ascii_digit() || c == '.')
 }
 
 /// The number at the start of `s` (after spaces, `*`, `:`, quotes, brackets).
 fn leading_number(s: &str) -> Option<f64> {
     let s = s.trim_start_matches(|c: char| c.is_whitespace() || "*:=\"'`[(#-".contains(c));
-    s[..number_len(s)].trim_end_matches('.').parse().ok()
-}
-
-/// The length of the digits (with a decimal point after the first) that `s` starts with.
-fn number_len(s: &str) -> usize {
-    s.char_indices()
-        .find(|&(i, c)| !(c.is_ascii_digit() || (c == '.' && i > 0)))
-        .map_or(s.len(), |(i, _)| i)
+    let run = s.split(not_number).next().filter(|r| !r.starts_with('.'))?;
+    run.trim_end_matches('.').parse().ok()
 }
 
 /// The number just before byte `at` (skipping spaces).
 fn number_before(s: &str, at: usize) -> Option<f64> {
     let head = s[..at].trim_end();
-    let start = head
-        .char_indices()
-        .rev()
-        .take_while(|&(_, c)| c.is_ascii_digit() || c == '.')
-        .last()
-        .map(|(i, _)| i)?;
-    head[start..].parse().ok()
+    head[head.trim_end_matches(|c| !not_number(c)).len()..]
+        .parse()
+        .ok()
 }
 
 /// Reads a 1–10 score out of a judge's raw answer.
@@ -508,8 +478,7 @@ pub(crate) fn parse_score(raw: &str) -> Option<f64> {
         return leading_number(inner).and_then(in_range);
     }
     let lower = raw.to_lowercase();
-    let outs = ["/10", "/ 10", "out of 10"];
-    if let Some(i) = outs.iter().filter_map(|p| lower.rfind(p)).max() {
+    if let Some((i, _)) = last_of(&lower, &["/10", "/ 10", "out of 10"]) {
         if let Some(x) = number_before(&lower, i) {
             return in_range(x);
         }
@@ -533,19 +502,11 @@ pub(crate) fn parse_score(raw: &str) -> Option<f64> {
     }
 }
 
-/// Every number in `s` (digits with an optional decimal part).
+/// Every number in `s`.
 fn all_numbers(s: &str) -> Vec<f64> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
-        let tail = &rest[start..];
-        let len = number_len(tail);
-        if let Ok(x) = tail[..len].trim_end_matches('.').parse() {
-            out.push(x);
-        }
-        rest = &tail[len..];
-    }
-    out
+    let runs = s.split(not_number);
+    runs.filter_map(|r| r.trim_matches('.').parse().ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ struct Shared {
 /// assert_eq!(backend.requests().len(), 2);
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ScriptedBackend {
     shared: Arc<Shared>,
 }
@@ -68,33 +68,24 @@ impl fmt::Debug for ScriptedBackend {
     }
 }
 
-impl Default for ScriptedBackend {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl ScriptedBackend {
-    fn build(fallback: Option<Box<Responder>>) -> Self {
-        let shared = Arc::new(Shared {
-            fallback,
-            ..Shared::default()
-        });
-        ScriptedBackend { shared }
-    }
-
     /// An empty script: a call with nothing queued fails with a permanent
     /// [`BackendErrorKind::Other`] error saying the script is exhausted.
     #[must_use]
     pub fn new() -> Self {
-        Self::build(None)
+        Self::default()
     }
 
     /// A backend that answers with `f` whenever nothing is queued.
     pub fn from_fn(
         f: impl Fn(&CompletionRequest) -> Result<Completion, BackendError> + Send + Sync + 'static,
     ) -> Self {
-        Self::build(Some(Box::new(f)))
+        let fallback = Some(Box::new(f) as Box<Responder>);
+        let shared = Arc::new(Shared {
+            fallback,
+            ..Shared::default()
+        });
+        ScriptedBackend { shared }
     }
 
     /// The same script with every call first waiting `latency` (tokio time, so paused-clock

@@ -140,11 +140,9 @@ impl MethodConfig {
 
     /// `base` with these settings' temperature and token limit.
     fn params(&self, base: SamplingParams) -> SamplingParams {
-        let params = base.temperature(self.temperature);
-        match self.max_tokens {
-            Some(n) => params.max_tokens(n),
-            None => params,
-        }
+        let mut params = base.temperature(self.temperature);
+        params.max_tokens = self.max_tokens.or(params.max_tokens);
+        params
     }
 
     /// The settings every method shares, with the sampling of first (and baseline) calls.

@@ -135,12 +135,8 @@ impl Method {
     /// The name written into `metadata.method`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
-        match self {
-            Method::RmBoost => "rmboost",
-            Method::Rlcd => "rlcd",
-            Method::Rlaif => "rlaif",
-            Method::WestOfN => "west-of-n",
-        }
+        // In the order of the variants.
+        ["rmboost", "rlcd", "rlaif", "west-of-n"][self as usize]
     }
 }
 
@@ -170,31 +166,27 @@ impl FromStr for Method {
     }
 }
 
-/// What a built-in method supplies: its settings (the builder it was built from) draw one
-/// example's plan, synchronously, and run it; the stream, `generate_one` and the
-/// [`Generator`] impl are shared.
+/// What a built-in method supplies: its settings (the builder it was built from) start one
+/// example; the stream, `generate_one` and the [`Generator`] impl are shared.
 trait Draw: fmt::Debug + Send + Sync + Sized + 'static {
     const METHOD: Method;
-    type Plan: Send + 'static;
 
-    /// Every random draw of the example, from [`example_rng`](crate::example_rng).
-    fn plan(&self, prompt: Prompt) -> Self::Plan;
-
-    fn run(
+    /// Makes every random draw of the example now, from [`example_rng`](crate::example_rng),
+    /// before the first await (so that the draws do not depend on the order in which examples
+    /// finish), and returns the future that makes its calls.
+    fn example(
         self: Arc<Self>,
-        plan: Self::Plan,
-    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send;
+        prompt: Prompt,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static;
 }
 
-/// The future of one example: drawn now, before the first await, so that the draws do not
-/// depend on the order in which examples finish.
+/// The future of one example, in its tracing span.
 fn start<D: Draw>(
     settings: &Arc<D>,
     prompt: Prompt,
 ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
     let span = tracing::debug_span!("rmboost.example", method = %D::METHOD, id = %prompt.id);
-    let plan = settings.plan(prompt);
-    settings.clone().run(plan).instrument(span)
+    settings.clone().example(prompt).instrument(span)
 }
 
 /// The public side of each method: `$ty` wraps its built settings, an `Arc<$settings>` with a

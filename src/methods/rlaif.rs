@@ -1,12 +1,13 @@
 //! RLAIF: two samples of the policy, an LLM judge asked in both orders.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rand::RngCore;
 use serde_json::json;
 
 use super::{Draw, Method};
-use crate::aspect::{Aspect, AspectSet};
+use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::accept_distinct;
 use crate::engine::{common_setters, example_rng, names, Common, Example};
@@ -126,13 +127,6 @@ impl RlaifBuilder {
     }
 }
 
-pub(super) struct Plan {
-    ex: Example,
-    criteria: Vec<Aspect>,
-    seeds: [u64; 2],
-    judge_seeds: [u64; 2],
-}
-
 impl Rlaif {
     /// A builder with the defaults: no backend yet, the judge on the policy backend, the
     /// general criteria, inconsistent verdicts dropped, concurrency 8, completion order,
@@ -159,82 +153,76 @@ fn preferred(verdict: Verdict, a_is: u8) -> Option<u8> {
 
 impl Draw for RlaifBuilder {
     const METHOD: Method = Method::Rlaif;
-    type Plan = Plan;
 
-    fn plan(&self, prompt: Prompt) -> Plan {
+    fn example(
+        self: Arc<Self>,
+        prompt: Prompt,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
         let mut rng = example_rng(self.common.seed, &prompt.id);
         let seeds = [rng.next_u64(), rng.next_u64()];
         let judge_seeds = [rng.next_u64(), rng.next_u64()];
         let criteria = self.criteria.sample(&mut rng).aspects;
-        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
-        Plan {
-            ex,
-            criteria,
-            seeds,
-            judge_seeds,
-        }
-    }
-
-    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let mut ex = plan.ex;
-        let policy = &**self.common.backend();
-        let req = CompletionRequest::new(ex.prompt.clone()).with_params(&self.common.params);
-        let first = ex
-            .ask(policy, "first", &req, plan.seeds[0], |raw| {
-                accept_distinct(raw, &[])
-            })
-            .await?;
-        let second = ex
-            .ask(policy, "second", &req, plan.seeds[1], |raw| {
-                accept_distinct(raw, &[&first])
-            })
-            .await?;
-        drop(req);
-        let judge = self.judge.as_ref().expect("build() set the judge");
-        let (mut verdicts, mut judge_calls) = (Vec::with_capacity(2), 0);
-        for (a, b, seed) in [
-            (&first, &second, plan.judge_seeds[0]),
-            (&second, &first, plan.judge_seeds[1]),
-        ] {
-            let v = judge
-                .compare(&ex.id, "judge", &ex.prompt, a, b, &plan.criteria, seed)
+        let mut ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        async move {
+            let policy = &**self.common.backend();
+            let req = seeds.map(|seed| {
+                CompletionRequest::new(ex.prompt.clone())
+                    .with_params(&self.common.params)
+                    .with_seed(seed)
+            });
+            let first = ex
+                .ask(policy, "first", &req[0], |raw| accept_distinct(raw, &[]))
                 .await?;
-            ex.add("judge", &v);
-            judge_calls += v.calls;
-            verdicts.push(v.value);
-        }
-        let (ab, ba) = (verdicts[0], verdicts[1]);
-        let (p_ab, p_ba) = (preferred(ab, 1), preferred(ba, 2));
-        let consistent = p_ab.is_some() && p_ab == p_ba;
-        let winner = match (consistent, self.on_inconsistent) {
-            (true, _) | (false, OnInconsistent::Keep) => p_ab.or(p_ba),
-            (false, OnInconsistent::Drop) => None,
-        };
-        let Some(winner) = winner else {
-            let why = if p_ab.is_none() && p_ba.is_none() {
-                "judge verdicts tie in both orders".to_string()
-            } else {
-                format!(
-                    "inconsistent judge verdicts: {ab} with sample 1 as A, {ba} with sample 2 as A"
-                )
+            let second = ex
+                .ask(policy, "second", &req[1], |raw| {
+                    accept_distinct(raw, &[&first])
+                })
+                .await?;
+            drop(req);
+            let judge = self.judge.as_ref().expect("build() set the judge");
+            let judge_calls = ex.metadata.calls;
+            let mut verdicts = [Verdict::Tie; 2];
+            for (k, (a, b)) in [(&first, &second), (&second, &first)]
+                .into_iter()
+                .enumerate()
+            {
+                let v = judge
+                    .compare(&ex.id, "judge", &ex.prompt, a, b, &criteria, judge_seeds[k])
+                    .await?;
+                ex.add("judge", &v);
+                verdicts[k] = v.value;
+            }
+            let [ab, ba] = verdicts;
+            let (p_ab, p_ba) = (preferred(ab, 1), preferred(ba, 2));
+            let consistent = p_ab.is_some() && p_ab == p_ba;
+            let keep = consistent || self.on_inconsistent == OnInconsistent::Keep;
+            let Some(winner) = p_ab.or(p_ba).filter(|_| keep) else {
+                let why = if p_ab.is_none() && p_ba.is_none() {
+                    "judge verdicts tie in both orders".to_string()
+                } else {
+                    format!(
+                        "inconsistent judge verdicts: {ab} with sample 1 as A, {ba} with sample 2 as A"
+                    )
+                };
+                let calls = ex.metadata.calls - judge_calls;
+                let why = UnusableReason::Other(why);
+                return Err(Error::unusable(ex.id, "judge", calls, why));
             };
-            let why = UnusableReason::Other(why);
-            return Err(Error::unusable(ex.id, "judge", judge_calls, why));
-        };
-        ex.metadata.extra.insert(
-            "judge".into(),
-            json!({
-                "verdicts": [ab.as_str(), ba.as_str()],
-                "consistent": consistent,
-                "winner": winner,
-            }),
-        );
-        let label = LabelDraw::plain(if winner == 2 {
-            Label::Better
-        } else {
-            Label::Worse
-        });
-        Ok(ex.finish(first, second, label, names(&plan.criteria)))
+            ex.metadata.extra.insert(
+                "judge".into(),
+                json!({
+                    "verdicts": [ab.as_str(), ba.as_str()],
+                    "consistent": consistent,
+                    "winner": winner,
+                }),
+            );
+            let label = if winner == 2 {
+                Label::Better
+            } else {
+                Label::Worse
+            };
+            Ok(ex.finish(first, second, LabelDraw::plain(label), names(&criteria)))
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! RLCD: contrasting system prompts built from the drawn aspects.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rand::RngCore;
 
 use super::{Draw, Method};
 use crate::aspect::{Aspect, AspectSet, Aspects};
-use crate::backend::{CompletionRequest, Message};
+use crate::backend::CompletionRequest;
 use crate::checks::{accept_distinct, check_response};
 use crate::engine::{
     common_setters, example_rng, names, render_aspects, with_system, Common, Example,
@@ -78,12 +79,20 @@ impl RlcdBuilder {
         Ok(Rlcd(Arc::new(self)))
     }
 
-    /// The two requests, negative then positive, without seeds.
-    fn requests(&self, aspects: &[Aspect], prompt: &[Message]) -> [CompletionRequest; 2] {
-        [negative_system, positive_system].map(|system| {
-            CompletionRequest::new(with_system(&system(aspects), prompt))
+    /// The example of `prompt` with its two requests, negative then positive, and the drawn
+    /// aspects' names.
+    fn requests(&self, prompt: Prompt) -> (Example, [CompletionRequest; 2], Vec<String>) {
+        let mut rng = example_rng(self.common.seed, &prompt.id);
+        let seeds = [rng.next_u64(), rng.next_u64()];
+        let aspects = self.aspects.sample(&mut rng).aspects;
+        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        let systems = [negative_system, positive_system];
+        let requests = std::array::from_fn(|k| {
+            CompletionRequest::new(with_system(&systems[k](&aspects), &ex.prompt))
                 .with_params(&self.common.params)
-        })
+                .with_seed(seeds[k])
+        });
+        (ex, requests, names(&aspects))
     }
 }
 
@@ -113,12 +122,6 @@ fn negative_system(aspects: &[Aspect]) -> String {
     s
 }
 
-pub(super) struct Plan {
-    ex: Example,
-    aspects: Vec<Aspect>,
-    seeds: [u64; 2],
-}
-
 impl Rlcd {
     /// A builder with the defaults: no backend yet, the general aspects, concurrency 8,
     /// completion order, seed 0, up to 3 re-asks.
@@ -133,42 +136,35 @@ impl Rlcd {
     /// seeds): what a dry run shows.
     #[must_use]
     pub fn requests(&self, prompt: Prompt) -> [CompletionRequest; 2] {
-        let plan = self.0.plan(prompt);
-        let [neg, pos] = self.0.requests(&plan.aspects, &plan.ex.prompt);
-        [neg.with_seed(plan.seeds[0]), pos.with_seed(plan.seeds[1])]
+        self.0.requests(prompt).1
     }
 }
 
 impl Draw for RlcdBuilder {
     const METHOD: Method = Method::Rlcd;
-    type Plan = Plan;
 
-    fn plan(&self, prompt: Prompt) -> Plan {
-        let mut rng = example_rng(self.common.seed, &prompt.id);
-        let seeds = [rng.next_u64(), rng.next_u64()];
-        let aspects = self.aspects.sample(&mut rng).aspects;
-        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
-        Plan { ex, aspects, seeds }
-    }
-
-    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let mut ex = plan.ex;
-        let backend = &**self.common.backend();
-        let [neg_req, pos_req] = self.requests(&plan.aspects, &ex.prompt);
-        let negative = ex
-            .ask(backend, "negative", &neg_req, plan.seeds[0], |raw| {
-                let text = raw.trim();
-                check_response(text, "")?;
-                Ok(text.to_string())
-            })
-            .await?;
-        let positive = ex
-            .ask(backend, "positive", &pos_req, plan.seeds[1], |raw| {
-                accept_distinct(raw, &[&negative])
-            })
-            .await?;
-        let label = LabelDraw::plain(Label::Better);
-        Ok(ex.finish(negative, positive, label, names(&plan.aspects)))
+    fn example(
+        self: Arc<Self>,
+        prompt: Prompt,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
+        let (mut ex, [neg_req, pos_req], aspects) = self.requests(prompt);
+        async move {
+            let backend = &**self.common.backend();
+            let negative = ex
+                .ask(backend, "negative", &neg_req, |raw| {
+                    let text = raw.trim();
+                    check_response(text, "")?;
+                    Ok(text.to_string())
+                })
+                .await?;
+            let positive = ex
+                .ask(backend, "positive", &pos_req, |raw| {
+                    accept_distinct(raw, &[&negative])
+                })
+                .await?;
+            let label = LabelDraw::plain(Label::Better);
+            Ok(ex.finish(negative, positive, label, aspects))
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! [`RmBoost`]: the builder, the per-example pipeline and the stream of examples.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rand::{Rng, RngCore};
@@ -7,9 +8,7 @@ use rand::{Rng, RngCore};
 use super::{Draw, Method};
 use crate::aspect::{AspectDraw, AspectSet, Aspects};
 use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
-use crate::engine::{
-    ask, common_setters, default_second_params, example_rng, names, Common, Example,
-};
+use crate::engine::{common_setters, default_second_params, example_rng, names, Common, Example};
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt, PromptInput};
 use crate::label::{Bernoulli, LabelDraw, LabelSampler};
@@ -156,13 +155,13 @@ impl RmBoostBuilder {
                 "no backend for the second response: call second_backend()",
             ));
         }
-        let params = [
-            ("first_params", &self.common.params),
-            ("second_params", &self.second_params),
-        ];
-        for (name, p) in params {
-            p.validate(name).map_err(Error::config)?;
-        }
+        self.common
+            .params
+            .validate("first_params")
+            .map_err(Error::config)?;
+        self.second_params
+            .validate("second_params")
+            .map_err(Error::config)?;
         if self.template.variants() == 0 {
             return Err(Error::config("template has zero variants"));
         }
@@ -194,24 +193,19 @@ impl RmBoost {
     /// The first-response request the plan leads to (what a dry run shows).
     #[must_use]
     pub fn first_request(&self, plan: &ExamplePlan) -> CompletionRequest {
-        CompletionRequest::new(self.0.template.first_request(&plan.prompt))
-            .with_params(&self.0.common.params)
-            .with_seed(plan.first_seed)
+        self.0.first_request(&plan.prompt, plan.first_seed)
     }
 
     /// The second-response request for the plan and a first response.
     #[must_use]
     pub fn second_request(&self, plan: &ExamplePlan, first: &str) -> CompletionRequest {
-        CompletionRequest::new(self.0.template.second_request(&plan.second_context(first)))
-            .with_params(&self.0.second_params)
-            .with_seed(plan.second_seed)
+        self.0
+            .second_request(&plan.second_context(first), plan.second_seed)
     }
 }
 
-impl Draw for RmBoostBuilder {
-    const METHOD: Method = Method::RmBoost;
-    type Plan = ExamplePlan;
-
+impl RmBoostBuilder {
+    /// Every draw of the example of `prompt`.
     fn plan(&self, prompt: Prompt) -> ExamplePlan {
         let mut rng = example_rng(self.common.seed, &prompt.id);
         let first_seed = rng.next_u64();
@@ -233,50 +227,54 @@ impl Draw for RmBoostBuilder {
         }
     }
 
-    async fn run(self: Arc<Self>, plan: ExamplePlan) -> Result<PreferenceExample, Error> {
-        let (template, c) = (&*self.template, &self.common);
-        let prompt = Prompt {
-            id: plan.id,
-            input: PromptInput::Messages(plan.prompt),
-            extra: plan.extra,
-        };
-        let mut ex = Example::new(Self::METHOD.as_str(), c, prompt);
-        let first_req =
-            CompletionRequest::new(template.first_request(&ex.prompt)).with_params(&c.params);
-        let first = ex
-            .ask(
-                &**c.backend(),
-                "first",
-                &first_req,
-                plan.first_seed,
-                |raw| template.accept_first(raw),
-            )
-            .await?;
-        drop(first_req);
+    fn first_request(&self, prompt: &[Message], seed: u64) -> CompletionRequest {
+        CompletionRequest::new(self.template.first_request(prompt))
+            .with_params(&self.common.params)
+            .with_seed(seed)
+    }
 
-        let ctx = SecondContext::new(&ex.prompt, &first, &plan.label, &plan.aspects)
-            .with_variant(plan.variant);
-        let second_req =
-            CompletionRequest::new(template.second_request(&ctx)).with_params(&self.second_params);
-        let backend = &**self.second_backend.as_ref().expect("build() checked it");
-        let accept = |raw: &str| template.parse_second(raw, &ctx);
-        let second = ask(
-            backend,
-            &ex.id,
-            "second",
-            &second_req,
-            None,
-            plan.second_seed,
-            c.max_reasks,
-            accept,
-        )
-        .await?;
-        drop(second_req);
-        ex.add("second", &second);
-        let second = second.value;
-        let aspects = second
-            .picked_aspects
-            .unwrap_or_else(|| names(&plan.aspects.aspects));
-        Ok(ex.finish(first, second.text, plan.label, aspects))
+    fn second_request(&self, ctx: &SecondContext<'_>, seed: u64) -> CompletionRequest {
+        CompletionRequest::new(self.template.second_request(ctx))
+            .with_params(&self.second_params)
+            .with_seed(seed)
+    }
+}
+
+impl Draw for RmBoostBuilder {
+    const METHOD: Method = Method::RmBoost;
+
+    fn example(
+        self: Arc<Self>,
+        prompt: Prompt,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
+        let plan = self.plan(prompt);
+        async move {
+            let (template, c) = (&*self.template, &self.common);
+            let ExamplePlan {
+                id, prompt, extra, ..
+            } = plan;
+            let input = PromptInput::Messages(prompt);
+            let mut ex = Example::new(Self::METHOD.as_str(), c, Prompt { id, input, extra });
+            let req = self.first_request(&ex.prompt, plan.first_seed);
+            let first = ex
+                .ask(&**c.backend(), "first", &req, |raw| {
+                    template.accept_first(raw)
+                })
+                .await?;
+            drop(req);
+            let ctx = SecondContext::new(&ex.prompt, &first, &plan.label, &plan.aspects)
+                .with_variant(plan.variant);
+            let req = self.second_request(&ctx, plan.second_seed);
+            let backend = &**self.second_backend.as_ref().expect("build() checked it");
+            let accept = |raw: &str| template.parse_second(raw, &ctx);
+            let second = ex.call(backend, "second", &req, accept).await?;
+            drop(req);
+            ex.add("second", &second);
+            let second = second.value;
+            let aspects = second
+                .picked_aspects
+                .unwrap_or_else(|| names(&plan.aspects.aspects));
+            Ok(ex.finish(first, second.text, plan.label, aspects))
+        }
     }
 }

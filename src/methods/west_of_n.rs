@@ -1,15 +1,16 @@
 //! West-of-N: N samples, scored one by one; the best is chosen and the worst rejected.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rand::RngCore;
 use serde_json::{json, Value};
 
 use super::{Draw, Method};
-use crate::aspect::{Aspect, AspectSet};
+use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::{accept_distinct, same_text};
-use crate::engine::{ask, common_setters, example_rng, names, Common, Example};
+use crate::engine::{common_setters, example_rng, names, Common, Example};
 use crate::error::{Error, UnusableReason};
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, ScoreRequest, Scorer};
@@ -129,13 +130,6 @@ impl WestOfNBuilder {
     }
 }
 
-pub(super) struct Plan {
-    ex: Example,
-    criteria: Vec<Aspect>,
-    sample_seeds: Vec<u64>,
-    score_seeds: Vec<u64>,
-}
-
 impl WestOfN {
     /// A builder with the defaults: no backend yet, the judge scorer, n = 4, the general
     /// criteria, concurrency 8, completion order, seed 0, up to 3 re-asks, ties rejected.
@@ -157,122 +151,98 @@ impl WestOfN {
 }
 
 /// Best = earliest with the top score; worst = latest with the bottom score.
-fn extremes(scores: &[(usize, f64)]) -> (usize, usize) {
-    let mut best = 0;
-    let mut worst = 0;
-    for (k, &(_, s)) in scores.iter().enumerate() {
-        if s > scores[best].1 {
-            best = k;
+fn extremes(scores: impl IntoIterator<Item = f64>) -> (usize, usize) {
+    let (mut best, mut worst) = ((0, f64::NEG_INFINITY), (0, f64::INFINITY));
+    for (k, s) in scores.into_iter().enumerate() {
+        if s > best.1 {
+            best = (k, s);
         }
-        if s <= scores[worst].1 {
-            worst = k;
+        if s <= worst.1 {
+            worst = (k, s);
         }
     }
-    (best, worst)
+    (best.0, worst.0)
 }
 
 impl Draw for WestOfNBuilder {
     const METHOD: Method = Method::WestOfN;
-    type Plan = Plan;
 
-    fn plan(&self, prompt: Prompt) -> Plan {
+    fn example(
+        self: Arc<Self>,
+        prompt: Prompt,
+    ) -> impl Future<Output = Result<PreferenceExample, Error>> + Send + 'static {
         let mut rng = example_rng(self.common.seed, &prompt.id);
         let criteria = self.criteria.sample(&mut rng).aspects;
-        let sample_seeds = (0..self.n).map(|_| rng.next_u64()).collect();
-        let score_seeds = (0..self.n).map(|_| rng.next_u64()).collect();
-        let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
-        Plan {
-            ex,
-            criteria,
-            sample_seeds,
-            score_seeds,
-        }
-    }
-
-    async fn run(self: Arc<Self>, plan: Plan) -> Result<PreferenceExample, Error> {
-        let mut ex = plan.ex;
-        let (n, c) = (self.n, &self.common);
-        let req = CompletionRequest::new(ex.prompt.clone()).with_params(&c.params);
-        // Distinct samples as (generation index, text).
-        let mut samples: Vec<(usize, String)> = Vec::with_capacity(n);
-        for (i, &seed) in plan.sample_seeds.iter().enumerate() {
-            let accept = |raw: &str| accept_distinct(raw, &[]);
-            let a = ask(
-                &**c.backend(),
-                &ex.id,
-                "sample",
-                &req,
-                None,
-                seed,
-                c.max_reasks,
-                accept,
-            )
-            .await?;
-            ex.add("samples", &a);
-            if !samples.iter().any(|(_, t)| same_text(t, &a.value)) {
-                samples.push((i, a.value));
+        let sample_seeds: Vec<u64> = (0..self.n).map(|_| rng.next_u64()).collect();
+        let score_seeds: Vec<u64> = (0..self.n).map(|_| rng.next_u64()).collect();
+        let mut ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
+        async move {
+            let (n, c) = (self.n, &self.common);
+            let req = CompletionRequest::new(ex.prompt.clone()).with_params(&c.params);
+            // Distinct samples as (generation index, text, score).
+            let mut samples: Vec<(usize, String, f64)> = Vec::with_capacity(n);
+            for (i, seed) in sample_seeds.into_iter().enumerate() {
+                let req = req.clone().with_seed(seed);
+                let accept = |raw: &str| accept_distinct(raw, &[]);
+                let a = ex.call(&**c.backend(), "sample", &req, accept).await?;
+                ex.add("samples", &a);
+                if !samples.iter().any(|(_, t, _)| same_text(t, &a.value)) {
+                    samples.push((i, a.value, 0.0));
+                }
             }
-        }
-        if samples.len() < 2 {
-            let why = format!("only {} distinct response among {n} samples", samples.len());
-            return Err(Error::unusable(
-                ex.id,
-                "samples",
-                n as u32,
-                UnusableReason::Other(why),
-            ));
-        }
-        let scorer = self.scorer.as_ref().expect("build() set the scorer");
-        let mut scores: Vec<(usize, f64)> = Vec::with_capacity(samples.len());
-        for (i, text) in &samples {
-            let request = ScoreRequest {
-                id: &ex.id,
-                prompt: &ex.prompt,
-                response: text,
-                index: *i,
-                criteria: &plan.criteria,
-                seed: plan.score_seeds[*i],
+            drop(req);
+            if samples.len() < 2 {
+                let why = format!("only {} distinct response among {n} samples", samples.len());
+                let why = UnusableReason::Other(why);
+                return Err(Error::unusable(ex.id, "samples", n as u32, why));
+            }
+            let scorer = self.scorer.as_ref().expect("build() set the scorer");
+            for (i, text, score) in &mut samples {
+                let request = ScoreRequest {
+                    id: &ex.id,
+                    prompt: &ex.prompt,
+                    response: text,
+                    index: *i,
+                    criteria: &criteria,
+                    seed: score_seeds[*i],
+                };
+                let s = scorer.score(request).await?;
+                if !s.score.is_finite() {
+                    let why = format!("the scorer returned {} for sample {i}", s.score);
+                    let why = UnusableReason::Other(why);
+                    return Err(Error::unusable(ex.id, "score", 1, why));
+                }
+                ex.record("score", s.calls, s.reasks, s.usage, &s.model);
+                *score = s.score;
+            }
+            let (best, worst) = extremes(samples.iter().map(|s| s.2));
+            let top = samples[best].2;
+            if top == samples[worst].2 && !self.allow_ties {
+                let why = format!("all {} distinct samples scored {top}", samples.len());
+                let why = UnusableReason::Other(why);
+                return Err(Error::unusable(ex.id, "score", samples.len() as u32, why));
+            }
+            let mut all = vec![Value::Null; n];
+            for (i, _, s) in &samples {
+                all[*i] = json!(s);
+            }
+            let extra = &mut ex.metadata.extra;
+            extra.insert("scores".into(), Value::Array(all));
+            extra.insert("chosen_index".into(), json!(samples[best].0));
+            extra.insert("rejected_index".into(), json!(samples[worst].0));
+            extra.insert("scorer".into(), json!(scorer.name()));
+            // The two in generation order; the label says whether the later one was chosen.
+            let (earlier, later) = (best.min(worst), best.max(worst));
+            let label = if best == later {
+                Label::Better
+            } else {
+                Label::Worse
             };
-            let s = scorer.score(request).await?;
-            if !s.score.is_finite() {
-                let why = format!("the scorer returned {} for sample {i}", s.score);
-                return Err(Error::unusable(
-                    ex.id,
-                    "score",
-                    1,
-                    UnusableReason::Other(why),
-                ));
-            }
-            ex.record("score", s.calls, s.reasks, s.usage, &s.model);
-            scores.push((*i, s.score));
+            // The later first, so that taking it out moves nothing before it.
+            let later = samples.swap_remove(later).1;
+            let earlier = samples.swap_remove(earlier).1;
+            Ok(ex.finish(earlier, later, LabelDraw::plain(label), names(&criteria)))
         }
-        let (best, worst) = extremes(&scores);
-        let top = scores[best].1;
-        if top == scores[worst].1 && !self.allow_ties {
-            let why = format!("all {} distinct samples scored {top}", scores.len());
-            let why = UnusableReason::Other(why);
-            return Err(Error::unusable(ex.id, "score", scores.len() as u32, why));
-        }
-        let mut all: Vec<Value> = vec![Value::Null; n];
-        for &(i, s) in &scores {
-            all[i] = json!(s);
-        }
-        let extra = &mut ex.metadata.extra;
-        extra.insert("scores".into(), Value::Array(all));
-        extra.insert("chosen_index".into(), json!(scores[best].0));
-        extra.insert("rejected_index".into(), json!(scores[worst].0));
-        extra.insert("scorer".into(), json!(scorer.name()));
-        // The two in generation order; the label says whether the later one was chosen.
-        let (earlier, later) = (best.min(worst), best.max(worst));
-        let label = LabelDraw::plain(if best == later {
-            Label::Better
-        } else {
-            Label::Worse
-        });
-        // The later first, so that taking it out moves nothing before it.
-        let later = samples.swap_remove(later).1;
-        let earlier = samples.swap_remove(earlier).1;
-        Ok(ex.finish(earlier, later, label, names(&plan.criteria)))
     }
 }
 
@@ -284,8 +254,8 @@ mod tests {
 
     #[test]
     fn tie_breaking() {
-        assert_eq!(extremes(&[(0, 5.0), (1, 5.0), (2, 5.0)]), (0, 2));
-        assert_eq!(extremes(&[(0, 1.0), (1, 9.0), (2, 9.0), (3, 1.0)]), (1, 3));
-        assert_eq!(extremes(&[(0, 9.0), (2, 1.0)]), (0, 1));
+        assert_eq!(extremes([5.0, 5.0, 5.0]), (0, 2));
+        assert_eq!(extremes([1.0, 9.0, 9.0, 1.0]), (1, 3));
+        assert_eq!(extremes([9.0, 1.0]), (0, 1));
     }
 }
