@@ -399,13 +399,8 @@ struct Verdict {
 #[derive(Debug, Clone)]
 struct Aimd {
     limit: usize,
-    cap: usize,
-    min: usize,
-    adaptive: bool,
-    factor: f64,
-    increase_after: u32,
-    recovery_increase_after: u32,
-    cooldown: Duration,
+    /// The settings (`initial` is only where `limit` started).
+    c: AdaptiveConfig,
     /// Bumped by every change of the limit; only calls admitted in the current epoch are
     /// counted in its window.
     epoch: u64,
@@ -439,13 +434,7 @@ impl Aimd {
     fn new(c: &AdaptiveConfig) -> Self {
         Aimd {
             limit: c.initial,
-            cap: c.cap,
-            min: c.min,
-            adaptive: c.adaptive,
-            factor: c.decrease_factor,
-            increase_after: c.increase_after,
-            recovery_increase_after: c.recovery_increase_after,
-            cooldown: c.cooldown,
+            c: c.clone(),
             epoch: 0,
             began: Began::Down,
             epoch_start: 0,
@@ -541,7 +530,7 @@ impl Aimd {
         let undo = self.just_raised();
         self.slowed.clear();
         self.slow_start = false;
-        if !self.adaptive || self.limit <= self.min {
+        if !self.c.adaptive || self.limit <= self.c.min {
             return None;
         }
         let from = self.limit;
@@ -559,9 +548,9 @@ impl Aimd {
                 if self.no_cut_before.is_some_and(|t| now < t) {
                     return None;
                 }
-                self.limit = Self::decreased(from, self.factor, self.min);
+                self.limit = Self::decreased(from, self.c.decrease_factor, self.c.min);
                 self.recovery_target = from - 1;
-                self.no_cut_before = now.checked_add(self.cooldown);
+                self.no_cut_before = now.checked_add(self.c.cooldown);
                 // The levels just below the cut are where trouble starts: probe them slowly.
                 self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
             }
@@ -578,16 +567,16 @@ impl Aimd {
     /// slots to spare says nothing about a higher limit, and counting it would let the limit
     /// run up while callers are few (in retry back-off, say) and then let them all in at once.
     fn on_success(&mut self, saturated: bool) -> Option<Change> {
-        if !self.adaptive || !saturated || self.limit >= self.cap {
+        if !self.c.adaptive || !saturated || self.limit >= self.c.cap {
             return None;
         }
         self.successes += 1;
         let needed = if self.slow_start {
             1
         } else if self.limit < self.recovery_target {
-            self.recovery_increase_after
+            self.c.recovery_increase_after
         } else {
-            self.increase_after.saturating_mul(self.backoff)
+            self.c.increase_after.saturating_mul(self.backoff)
         };
         if self.successes < needed {
             return None;
@@ -652,9 +641,8 @@ enum BreakerPhase {
 
 #[derive(Debug, Clone)]
 struct Breaker {
-    threshold: Option<u32>,
-    pause: Duration,
-    max_pause: Duration,
+    /// The settings (`breaker_*` are the breaker's).
+    c: AdaptiveConfig,
     /// The pause the next opening uses.
     next_pause: Duration,
     /// Outage errors in a row while closed.
@@ -683,9 +671,7 @@ enum Health {
 impl Breaker {
     fn new(c: &AdaptiveConfig) -> Self {
         Breaker {
-            threshold: c.breaker_threshold,
-            pause: c.breaker_pause,
-            max_pause: c.breaker_max_pause,
+            c: c.clone(),
             next_pause: c.breaker_pause,
             failures: 0,
             down: Recent::default(),
@@ -710,7 +696,7 @@ impl Breaker {
     /// Records the result of call `seq`; `probe` says whether it was the half-open probe.
     /// Returns the event of a state change.
     fn on_result(&mut self, health: Health, seq: u64, probe: bool, now: Instant) -> Option<Event> {
-        let threshold = self.threshold?;
+        let threshold = self.c.breaker_threshold?;
         match (self.phase, health) {
             (BreakerPhase::Closed, Health::Up) => {
                 self.failures = 0;
@@ -739,7 +725,7 @@ impl Breaker {
                 self.failures = 0;
                 self.down.clear();
                 self.since = self.down.admitted;
-                self.next_pause = self.pause;
+                self.next_pause = self.c.breaker_pause;
                 Some(Event::BreakerClosed)
             }
             (BreakerPhase::HalfOpen { .. }, Health::Down) if probe => {
@@ -757,7 +743,7 @@ impl Breaker {
         self.phase = BreakerPhase::Open {
             until: later(now, pause),
         };
-        self.next_pause = pause.saturating_mul(2).min(self.max_pause);
+        self.next_pause = pause.saturating_mul(2).min(self.c.breaker_max_pause);
         pause
     }
 

@@ -62,13 +62,13 @@ type Limiter = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMi
 
 /// One bucket and its capacity.
 #[derive(Debug)]
-struct Bucket {
+pub(super) struct Bucket {
     limiter: Limiter,
     capacity: NonZeroU32,
 }
 
 impl Bucket {
-    fn per_minute(capacity: NonZeroU32) -> Self {
+    pub(super) fn per_minute(capacity: NonZeroU32) -> Self {
         Bucket {
             limiter: Limiter::direct_with_clock(
                 Quota::per_minute(capacity),
@@ -108,8 +108,8 @@ impl Bucket {
 #[derive(Debug)]
 pub struct RateLimit<B> {
     inner: B,
-    requests: Option<Bucket>,
-    tokens: Option<Bucket>,
+    pub(super) requests: Option<Bucket>,
+    pub(super) tokens: Option<Bucket>,
     default_max_tokens: u32,
 }
 

@@ -51,7 +51,7 @@ use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "cache")]
 use super::cache::{Cache, Cached};
 use super::meter::{CallMeter, Metered};
-use super::rate_limit::RateLimit;
+use super::rate_limit::{Bucket, RateLimit};
 use super::retry::{Retry, RetryPolicy, RetryStats};
 use super::{setters, Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
@@ -98,12 +98,8 @@ impl Stack {
         let mut inner: Box<dyn LlmBackend> = Box::new(backend);
         if self.rpm.is_some() || self.tpm.is_some() {
             let mut limited = RateLimit::new(inner);
-            if let Some(rpm) = self.rpm {
-                limited = limited.requests_per_minute(rpm);
-            }
-            if let Some(tpm) = self.tpm {
-                limited = limited.tokens_per_minute(tpm);
-            }
+            limited.requests = self.rpm.map(Bucket::per_minute);
+            limited.tokens = self.tpm.map(Bucket::per_minute);
             inner = Box::new(limited);
         }
         let mut adaptive_stats = None;
