@@ -129,7 +129,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::backend::{lock, setters, Completion, CompletionRequest, LlmBackend};
 use crate::error::{BackendError, BackendErrorKind};
 
 // ---------------------------------------------------------------------------------------------
@@ -189,18 +189,6 @@ impl AdaptiveConfig {
             initial: None,
         }
     }
-
-    /// The most calls in flight.
-    #[must_use]
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
-
-    /// Whether the limit adapts (false: it stays at the cap).
-    #[must_use]
-    pub fn is_adaptive(&self) -> bool {
-        self.adaptive
-    }
 }
 
 /// Builds an [`AdaptiveConfig`]; [`build`](Self::build) checks the values.
@@ -212,93 +200,52 @@ pub struct AdaptiveConfigBuilder {
 }
 
 impl AdaptiveConfigBuilder {
-    /// The limit at the start. Default: the cap or 16, whichever is lower (the cap with
-    /// [`adaptive(false)`](Self::adaptive)). Below the cap the limit starts in *slow start*:
-    /// each success that took the last free slot raises it by one, which doubles it every
-    /// round of calls, until the first congestion (as TCP starts). Starting at the cap instead
-    /// sends that many calls at once into a server that may take far fewer, and every one it
-    /// refuses is a 429 on the run's count.
-    pub fn initial_limit(mut self, initial: NonZeroUsize) -> Self {
-        self.initial = Some(initial.get());
-        self
-    }
-
-    /// The lowest the limit goes. Default 1.
-    pub fn min_limit(mut self, min: NonZeroUsize) -> Self {
-        self.config.min = min.get();
-        self
-    }
-
-    /// Whether the limit adapts. Default true. With false the limit stays at the initial
-    /// limit (the cap by default), while the `Retry-After` pauses of congestion, the circuit
-    /// breaker and the statistics work as usual: a fixed concurrency that still stops for an
-    /// outage and for a server that tells every call to wait.
-    pub fn adaptive(mut self, adaptive: bool) -> Self {
-        self.config.adaptive = adaptive;
-        self
-    }
-
-    /// What congestion multiplies the limit by (rounded down, at least one less), unless it
-    /// came right after an increase (which is then only taken back). Default 0.85; must be
-    /// in `(0, 1)`. The cut can be gentle because noise does not cause one: congestion is a
-    /// server that refused many of the calls sent.
-    pub fn decrease_factor(mut self, factor: f64) -> Self {
-        self.config.decrease_factor = factor;
-        self
-    }
-
-    /// How many successes raise the limit by one (at or above the level known to work; a
-    /// failed step above it doubles this for the next, up to 8 times). Default 25.
-    pub fn increase_after(mut self, successes: NonZeroU32) -> Self {
-        self.config.increase_after = successes.get();
-        self
-    }
-
-    /// How many successes raise the limit by one while it is below the last level that met
-    /// congestion (the limit a cut came from, or a step taken back): the levels below it are
-    /// known to have worked, so the limit climbs back quickly and then probes above them at
-    /// the [`increase_after`](Self::increase_after) pace. Default 2; set it equal to
-    /// `increase_after` for plain AIMD. Must not exceed `increase_after`.
-    pub fn recovery_increase_after(mut self, successes: NonZeroU32) -> Self {
-        self.config.recovery_increase_after = successes.get();
-        self
-    }
-
-    /// After a cut, how long until congestion may cut again. Default 20 ms. The epoch guard
-    /// (only calls admitted after the cut can cut again) is what keeps a burst of 429s to one
-    /// cut; the cool-down only spaces cuts out a little more, for servers whose count lags.
-    pub fn cooldown(mut self, cooldown: Duration) -> Self {
-        self.config.cooldown = cooldown;
-        self
-    }
-
-    /// The longest a `Retry-After` that came with congestion pauses admission of every call;
-    /// longer ones are cut to this. Default 60 s.
-    pub fn max_pause(mut self, max_pause: Duration) -> Self {
-        self.config.max_pause = max_pause;
-        self
-    }
-
-    /// How many server errors, connection failures or timeouts in a row open the circuit
-    /// breaker, when they are also at least three quarters of the last results (a window of
-    /// four times this, at most 64); `None` turns the breaker off. Default 5.
-    pub fn breaker_threshold(mut self, failures: Option<NonZeroU32>) -> Self {
-        self.config.breaker_threshold = failures.map(NonZeroU32::get);
-        self
-    }
-
-    /// How long the breaker stays open the first time, before it lets a probe through.
-    /// Default 2 s; must not be zero.
-    pub fn breaker_pause(mut self, pause: Duration) -> Self {
-        self.config.breaker_pause = pause;
-        self
-    }
-
-    /// The longest the breaker stays open: each failed probe doubles the pause up to this.
-    /// Default 60 s; must be at least the [`breaker_pause`](Self::breaker_pause).
-    pub fn breaker_max_pause(mut self, pause: Duration) -> Self {
-        self.config.breaker_max_pause = pause;
-        self
+    setters! {
+        /// The limit at the start. Default: the cap or 16, whichever is lower (the cap with
+        /// [`adaptive(false)`](Self::adaptive)). Below the cap the limit starts in *slow start*:
+        /// each success that took the last free slot raises it by one, which doubles it every
+        /// round of calls, until the first congestion (as TCP starts). Starting at the cap instead
+        /// sends that many calls at once into a server that may take far fewer, and every one it
+        /// refuses is a 429 on the run's count.
+        initial_limit(initial: NonZeroUsize) => initial = Some(initial.get());
+        /// The lowest the limit goes. Default 1.
+        min_limit(min: NonZeroUsize) => config.min = min.get();
+        /// Whether the limit adapts. Default true. With false the limit stays at the initial
+        /// limit (the cap by default), while the `Retry-After` pauses of congestion, the circuit
+        /// breaker and the statistics work as usual: a fixed concurrency that still stops for an
+        /// outage and for a server that tells every call to wait.
+        adaptive(adaptive: bool) => config.adaptive = adaptive;
+        /// What congestion multiplies the limit by (rounded down, at least one less), unless it
+        /// came right after an increase (which is then only taken back). Default 0.85; must be
+        /// in `(0, 1)`. The cut can be gentle because noise does not cause one: congestion is a
+        /// server that refused many of the calls sent.
+        decrease_factor(factor: f64) => config.decrease_factor = factor;
+        /// How many successes raise the limit by one (at or above the level known to work; a
+        /// failed step above it doubles this for the next, up to 8 times). Default 25.
+        increase_after(successes: NonZeroU32) => config.increase_after = successes.get();
+        /// How many successes raise the limit by one while it is below the last level that met
+        /// congestion (the limit a cut came from, or a step taken back): the levels below it are
+        /// known to have worked, so the limit climbs back quickly and then probes above them at
+        /// the [`increase_after`](Self::increase_after) pace. Default 2; set it equal to
+        /// `increase_after` for plain AIMD. Must not exceed `increase_after`.
+        recovery_increase_after(n: NonZeroU32) => config.recovery_increase_after = n.get();
+        /// After a cut, how long until congestion may cut again. Default 20 ms. The epoch guard
+        /// (only calls admitted after the cut can cut again) is what keeps a burst of 429s to one
+        /// cut; the cool-down only spaces cuts out a little more, for servers whose count lags.
+        cooldown(cooldown: Duration) => config.cooldown = cooldown;
+        /// The longest a `Retry-After` that came with congestion pauses admission of every call;
+        /// longer ones are cut to this. Default 60 s.
+        max_pause(max_pause: Duration) => config.max_pause = max_pause;
+        /// How many server errors, connection failures or timeouts in a row open the circuit
+        /// breaker, when they are also at least three quarters of the last results (a window of
+        /// four times this, at most 64); `None` turns the breaker off. Default 5.
+        breaker_threshold(n: Option<NonZeroU32>) => config.breaker_threshold = n.map(NonZeroU32::get);
+        /// How long the breaker stays open the first time, before it lets a probe through.
+        /// Default 2 s; must not be zero.
+        breaker_pause(pause: Duration) => config.breaker_pause = pause;
+        /// The longest the breaker stays open: each failed probe doubles the pause up to this.
+        /// Default 60 s; must be at least the [`breaker_pause`](Self::breaker_pause).
+        breaker_max_pause(pause: Duration) => config.breaker_max_pause = pause;
     }
 
     /// Checks the settings.
@@ -316,46 +263,40 @@ impl AdaptiveConfigBuilder {
         } else {
             c.cap
         });
-        let err = |m: String| {
-            Err(crate::Error::config(format!(
+        let (f, day) = (c.decrease_factor, Duration::from_secs(86_400));
+        let (cap, min, initial) = (c.cap, c.min, c.initial);
+        let (recovery, increase) = (c.recovery_increase_after, c.increase_after);
+        let (pause, max) = (c.breaker_pause, c.breaker_max_pause);
+        let problems = [
+            (
+                !(f > 0.0 && f < 1.0),
+                format!("decrease_factor must be in (0, 1), got {f}"),
+            ),
+            (min > cap, format!("min_limit {min} is above the cap {cap}")),
+            (
+                initial > cap || initial < min,
+                format!("initial_limit {initial} is outside [min_limit {min}, cap {cap}]"),
+            ),
+            (
+                recovery > increase,
+                format!("recovery_increase_after {recovery} exceeds increase_after {increase}"),
+            ),
+            (pause.is_zero(), "breaker_pause must not be zero".into()),
+            (
+                pause > max,
+                format!("breaker_pause {pause:?} is above breaker_max_pause {max:?}"),
+            ),
+            (
+                c.max_pause > day || max > day || c.cooldown > day,
+                "cooldown, max_pause and breaker_max_pause must be at most a day".into(),
+            ),
+        ];
+        match problems.into_iter().find(|(bad, _)| *bad) {
+            Some((_, m)) => Err(crate::Error::config(format!(
                 "invalid adaptive concurrency setting: {m}"
-            )))
-        };
-        if !(c.decrease_factor > 0.0 && c.decrease_factor < 1.0) {
-            return err(format!(
-                "decrease_factor must be in (0, 1), got {}",
-                c.decrease_factor
-            ));
+            ))),
+            None => Ok(c),
         }
-        if c.min > c.cap {
-            return err(format!("min_limit {} is above the cap {}", c.min, c.cap));
-        }
-        if c.initial > c.cap || c.initial < c.min {
-            return err(format!(
-                "initial_limit {} is outside [min_limit {}, cap {}]",
-                c.initial, c.min, c.cap
-            ));
-        }
-        if c.recovery_increase_after > c.increase_after {
-            return err(format!(
-                "recovery_increase_after {} exceeds increase_after {}",
-                c.recovery_increase_after, c.increase_after
-            ));
-        }
-        if c.breaker_pause.is_zero() {
-            return err("breaker_pause must not be zero".into());
-        }
-        if c.breaker_pause > c.breaker_max_pause {
-            return err(format!(
-                "breaker_pause {:?} is above breaker_max_pause {:?}",
-                c.breaker_pause, c.breaker_max_pause
-            ));
-        }
-        const DAY: Duration = Duration::from_secs(86_400);
-        if c.max_pause > DAY || c.breaker_max_pause > DAY || c.cooldown > DAY {
-            return err("cooldown, max_pause and breaker_max_pause must be at most a day".into());
-        }
-        Ok(c)
     }
 }
 
@@ -458,13 +399,8 @@ struct Verdict {
 #[derive(Debug, Clone)]
 struct Aimd {
     limit: usize,
-    cap: usize,
-    min: usize,
-    adaptive: bool,
-    factor: f64,
-    increase_after: u32,
-    recovery_increase_after: u32,
-    cooldown: Duration,
+    /// The settings (`initial` is only where `limit` started).
+    c: AdaptiveConfig,
     /// Bumped by every change of the limit; only calls admitted in the current epoch are
     /// counted in its window.
     epoch: u64,
@@ -498,13 +434,7 @@ impl Aimd {
     fn new(c: &AdaptiveConfig) -> Self {
         Aimd {
             limit: c.initial,
-            cap: c.cap,
-            min: c.min,
-            adaptive: c.adaptive,
-            factor: c.decrease_factor,
-            increase_after: c.increase_after,
-            recovery_increase_after: c.recovery_increase_after,
-            cooldown: c.cooldown,
+            c: c.clone(),
             epoch: 0,
             began: Began::Down,
             epoch_start: 0,
@@ -600,7 +530,7 @@ impl Aimd {
         let undo = self.just_raised();
         self.slowed.clear();
         self.slow_start = false;
-        if !self.adaptive || self.limit <= self.min {
+        if !self.c.adaptive || self.limit <= self.c.min {
             return None;
         }
         let from = self.limit;
@@ -618,9 +548,9 @@ impl Aimd {
                 if self.no_cut_before.is_some_and(|t| now < t) {
                     return None;
                 }
-                self.limit = Self::decreased(from, self.factor, self.min);
+                self.limit = Self::decreased(from, self.c.decrease_factor, self.c.min);
                 self.recovery_target = from - 1;
-                self.no_cut_before = now.checked_add(self.cooldown);
+                self.no_cut_before = now.checked_add(self.c.cooldown);
                 // The levels just below the cut are where trouble starts: probe them slowly.
                 self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
             }
@@ -637,16 +567,16 @@ impl Aimd {
     /// slots to spare says nothing about a higher limit, and counting it would let the limit
     /// run up while callers are few (in retry back-off, say) and then let them all in at once.
     fn on_success(&mut self, saturated: bool) -> Option<Change> {
-        if !self.adaptive || !saturated || self.limit >= self.cap {
+        if !self.c.adaptive || !saturated || self.limit >= self.c.cap {
             return None;
         }
         self.successes += 1;
         let needed = if self.slow_start {
             1
         } else if self.limit < self.recovery_target {
-            self.recovery_increase_after
+            self.c.recovery_increase_after
         } else {
-            self.increase_after.saturating_mul(self.backoff)
+            self.c.increase_after.saturating_mul(self.backoff)
         };
         if self.successes < needed {
             return None;
@@ -671,10 +601,11 @@ impl Aimd {
 // The circuit breaker.
 
 /// The state of an [`Adaptive`] wrapper's circuit breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BreakerState {
     /// Calls are admitted (subject to the limit).
+    #[default]
     Closed,
     /// After a run of outage errors: no call is admitted until the pause has passed.
     Open,
@@ -710,9 +641,8 @@ enum BreakerPhase {
 
 #[derive(Debug, Clone)]
 struct Breaker {
-    threshold: Option<u32>,
-    pause: Duration,
-    max_pause: Duration,
+    /// The settings (`breaker_*` are the breaker's).
+    c: AdaptiveConfig,
     /// The pause the next opening uses.
     next_pause: Duration,
     /// Outage errors in a row while closed.
@@ -741,9 +671,7 @@ enum Health {
 impl Breaker {
     fn new(c: &AdaptiveConfig) -> Self {
         Breaker {
-            threshold: c.breaker_threshold,
-            pause: c.breaker_pause,
-            max_pause: c.breaker_max_pause,
+            c: c.clone(),
             next_pause: c.breaker_pause,
             failures: 0,
             down: Recent::default(),
@@ -768,7 +696,7 @@ impl Breaker {
     /// Records the result of call `seq`; `probe` says whether it was the half-open probe.
     /// Returns the event of a state change.
     fn on_result(&mut self, health: Health, seq: u64, probe: bool, now: Instant) -> Option<Event> {
-        let threshold = self.threshold?;
+        let threshold = self.c.breaker_threshold?;
         match (self.phase, health) {
             (BreakerPhase::Closed, Health::Up) => {
                 self.failures = 0;
@@ -797,7 +725,7 @@ impl Breaker {
                 self.failures = 0;
                 self.down.clear();
                 self.since = self.down.admitted;
-                self.next_pause = self.pause;
+                self.next_pause = self.c.breaker_pause;
                 Some(Event::BreakerClosed)
             }
             (BreakerPhase::HalfOpen { .. }, Health::Down) if probe => {
@@ -815,7 +743,7 @@ impl Breaker {
         self.phase = BreakerPhase::Open {
             until: later(now, pause),
         };
-        self.next_pause = pause.saturating_mul(2).min(self.max_pause);
+        self.next_pause = pause.saturating_mul(2).min(self.c.breaker_max_pause);
         pause
     }
 
@@ -839,8 +767,9 @@ fn later(now: Instant, d: Duration) -> Instant {
 /// Counters and gauges of an [`Adaptive`] wrapper, shared through an `Arc` and cheap to read
 /// at any time: [`snapshot`](Self::snapshot) reads them all at one moment.
 #[derive(Debug)]
-pub struct AdaptiveStats(Mutex<Figures>);
+pub struct AdaptiveStats(Mutex<State>);
 
+/// The counters; the gauges are read from the limiter's state.
 #[derive(Debug)]
 struct Figures {
     now: AdaptiveSnapshot,
@@ -849,7 +778,7 @@ struct Figures {
 }
 
 /// All of an [`AdaptiveStats`] at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AdaptiveSnapshot {
     /// The most calls in flight the limit may allow (the configured concurrency).
@@ -900,39 +829,17 @@ impl AdaptiveSnapshot {
 }
 
 impl AdaptiveStats {
-    fn new(config: &AdaptiveConfig) -> Self {
-        AdaptiveStats(Mutex::new(Figures {
-            now: AdaptiveSnapshot {
-                cap: config.cap,
-                limit: config.initial,
-                min_limit: config.initial,
-                max_limit: config.initial,
-                in_flight: 0,
-                waiting: 0,
-                calls: 0,
-                rate_limited: 0,
-                congestion: 0,
-                decreases: 0,
-                increases: 0,
-                pauses: 0,
-                breaker: BreakerState::Closed,
-                breaker_opened: 0,
-            },
-            risen: false,
-        }))
-    }
-
     /// Every figure at once.
     #[must_use]
     pub fn snapshot(&self) -> AdaptiveSnapshot {
-        self.update(|f| f.now)
-    }
-
-    /// Reads or changes the figures (the limiter changes them under its state lock, so they
-    /// are consistent with each other).
-    fn update<T>(&self, f: impl FnOnce(&mut Figures) -> T) -> T {
-        // Nothing panics while holding the lock; recover the figures anyway.
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        let st = lock(&self.0);
+        AdaptiveSnapshot {
+            limit: st.aimd.limit,
+            in_flight: st.in_flight,
+            waiting: st.queue.len(),
+            breaker: st.breaker.state(),
+            ..st.figures.now
+        }
     }
 }
 
@@ -941,7 +848,6 @@ impl Figures {
     /// it settled.
     fn set_limit(&mut self, change: Change, slow_start: bool) {
         let now = &mut self.now;
-        now.limit = change.to;
         if change.to < change.from {
             now.decreases += 1;
         } else {
@@ -995,18 +901,18 @@ impl Event {
             }
             Event::Paused(pause) => tracing::info!(
                 backend,
-                pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                pause_ms = super::millis(pause),
                 "congestion with Retry-After: admission of every call paused"
             ),
             Event::BreakerOpened { failures, pause } => tracing::warn!(
                 backend,
                 failures,
-                pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                pause_ms = super::millis(pause),
                 "circuit breaker opened: admission paused after failures in a row"
             ),
             Event::BreakerReopened { pause } => tracing::warn!(
                 backend,
-                pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                pause_ms = super::millis(pause),
                 "circuit breaker probe failed: reopened"
             ),
             Event::BreakerHalfOpen => {
@@ -1019,11 +925,15 @@ impl Event {
     }
 }
 
+#[derive(Debug)]
 struct Waiter {
     id: u64,
     notify: Arc<Notify>,
 }
 
+/// Everything the limiter knows, under one lock: the limit, the breaker, the queue and the
+/// counters.
+#[derive(Debug)]
 struct State {
     aimd: Aimd,
     breaker: Breaker,
@@ -1032,6 +942,7 @@ struct State {
     paused_until: Option<Instant>,
     queue: VecDeque<Waiter>,
     next_id: u64,
+    figures: Figures,
 }
 
 /// Why a call cannot be admitted now.
@@ -1068,29 +979,19 @@ impl State {
     }
 
     /// Admits a call at `now` if it may go.
-    fn try_admit(
-        &mut self,
-        now: Instant,
-        stats: &AdaptiveStats,
-        events: &mut Vec<Event>,
-    ) -> Result<Ticket, Block> {
+    fn try_admit(&mut self, now: Instant, events: &mut Vec<Event>) -> Result<Ticket, Block> {
         if let Some(block) = self.blocked(now) {
             return Err(block);
         }
-        let mut probe = false;
-        match self.breaker.phase {
-            BreakerPhase::Open { .. } | BreakerPhase::HalfOpen { probing: false } => {
-                if matches!(self.breaker.phase, BreakerPhase::Open { .. }) {
-                    events.push(Event::BreakerHalfOpen);
-                }
-                self.breaker.phase = BreakerPhase::HalfOpen { probing: true };
-                stats.update(|f| f.now.breaker = BreakerState::HalfOpen);
-                probe = true;
-            }
-            _ => {}
+        // Not blocked and not closed: the pause is over, or the last probe was cancelled.
+        let probe = self.breaker.phase != BreakerPhase::Closed;
+        if matches!(self.breaker.phase, BreakerPhase::Open { .. }) {
+            events.push(Event::BreakerHalfOpen);
+        }
+        if probe {
+            self.breaker.phase = BreakerPhase::HalfOpen { probing: true };
         }
         self.in_flight += 1;
-        stats.update(|f| f.now.in_flight = self.in_flight);
         let admission = self.aimd.admit();
         let seq = self.breaker.admit();
         debug_assert_eq!(seq, admission.0);
@@ -1110,30 +1011,38 @@ impl State {
 }
 
 struct Limiter {
-    state: Mutex<State>,
+    /// The state, shared with the callers of [`Adaptive::stats`].
     stats: Arc<AdaptiveStats>,
     max_pause: Duration,
 }
 
 impl Limiter {
     fn new(config: &AdaptiveConfig) -> Self {
+        let figures = Figures {
+            now: AdaptiveSnapshot {
+                cap: config.cap,
+                min_limit: config.initial,
+                max_limit: config.initial,
+                ..AdaptiveSnapshot::default()
+            },
+            risen: false,
+        };
         Limiter {
-            state: Mutex::new(State {
+            stats: Arc::new(AdaptiveStats(Mutex::new(State {
                 aimd: Aimd::new(config),
                 breaker: Breaker::new(config),
                 in_flight: 0,
                 paused_until: None,
                 queue: VecDeque::new(),
                 next_id: 0,
-            }),
-            stats: Arc::new(AdaptiveStats::new(config)),
+                figures,
+            }))),
             max_pause: config.max_pause,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while holding the lock; recover the state anyway.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.stats.0)
     }
 
     /// Waits for admission, in arrival order.
@@ -1145,8 +1054,8 @@ impl Limiter {
         let (id, notify) = {
             let mut st = self.lock();
             if st.queue.is_empty() {
-                if let Ok(ticket) = st.try_admit(Instant::now(), &self.stats, events) {
-                    return Permit::new(self, ticket);
+                if let Ok(ticket) = st.try_admit(Instant::now(), events) {
+                    return self.permit(ticket);
                 }
             }
             let id = st.next_id;
@@ -1156,7 +1065,6 @@ impl Limiter {
                 id,
                 notify: Arc::clone(&notify),
             });
-            self.stats.update(|f| f.now.waiting = st.queue.len());
             (id, notify)
         };
         let mut place = Place {
@@ -1171,17 +1079,16 @@ impl Limiter {
                     None
                 } else {
                     let now = Instant::now();
-                    match st.try_admit(now, &self.stats, events) {
+                    match st.try_admit(now, events) {
                         Ok(ticket) => {
                             st.queue.pop_front();
                             place.queued = false;
-                            self.stats.update(|f| f.now.waiting = st.queue.len());
                             // Pass the turn on unless the next one would only wait for a
                             // release (which wakes it).
                             if st.blocked(now) != Some(Block::Full) {
                                 st.wake_first();
                             }
-                            return Permit::new(self, ticket);
+                            return self.permit(ticket);
                         }
                         Err(Block::Until(t)) => Some(t),
                         Err(Block::Full) => None,
@@ -1199,7 +1106,14 @@ impl Limiter {
         }
     }
 
-    /// Records the result of an admitted call and frees its slot.
+    fn permit(&self, ticket: Ticket) -> Permit<'_> {
+        Permit {
+            limiter: self,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// Records the result of an admitted call (`None`: it was cancelled) and frees its slot.
     fn finish(
         &self,
         ticket: Ticket,
@@ -1207,88 +1121,67 @@ impl Limiter {
     ) -> Vec<Event> {
         let mut events = Vec::new();
         let now = Instant::now();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.in_flight -= 1;
-        self.stats.update(|f| f.now.in_flight = st.in_flight);
-        match result {
-            None => {
-                // Cancelled: no verdict on the backend.
-                if ticket.probe {
-                    st.breaker.probe_cancelled();
-                }
+        st.wake_first();
+        let Some(result) = result else {
+            // Cancelled: no verdict on the backend.
+            if ticket.probe {
+                st.breaker.probe_cancelled();
             }
-            Some(result) => {
-                self.stats.update(|f| f.now.calls += 1);
-                let (outcome, health) = match result {
-                    Ok(_) => (Outcome::Success, Health::Up),
-                    Err(e) => {
-                        let kind = e.kind();
-                        if kind == BackendErrorKind::RateLimited {
-                            self.stats.update(|f| f.now.rate_limited += 1);
-                        }
-                        let slow_down = kind == BackendErrorKind::RateLimited
-                            || (e.is_retryable() && e.retry_after().is_some());
-                        let health = match kind {
-                            BackendErrorKind::Server
-                            | BackendErrorKind::Unavailable
-                            | BackendErrorKind::Connection
-                            | BackendErrorKind::Timeout => Health::Down,
-                            _ => Health::Up,
-                        };
-                        let outcome = if slow_down {
-                            Outcome::SlowDown
-                        } else {
-                            Outcome::Other
-                        };
-                        (outcome, health)
-                    }
-                };
-                let verdict = st
-                    .aimd
-                    .on_result(ticket.admission, ticket.saturated, outcome, now);
-                if verdict.congested {
-                    self.stats.update(|f| f.now.congestion += 1);
-                }
-                if verdict.pause {
-                    // Many calls were told to slow down: the wait is meant for everyone.
-                    let after = result
-                        .as_ref()
-                        .err()
-                        .filter(|e| e.is_retryable())
-                        .and_then(BackendError::retry_after);
-                    if let Some(after) = after {
-                        let pause = after.min(self.max_pause);
-                        let until = later(now, pause);
-                        if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
-                            st.paused_until = Some(until);
-                            self.stats.update(|f| f.now.pauses += 1);
-                            events.push(Event::Paused(pause));
-                        }
-                    }
-                }
-                let change = verdict.change;
-                if let Some(change) = change {
-                    let slow_start = st.aimd.slow_start;
-                    self.stats.update(|f| f.set_limit(change, slow_start));
-                    events.push(Event::Limit(change, st.in_flight));
-                }
-                if let Some(event) =
-                    st.breaker
-                        .on_result(health, ticket.admission.0, ticket.probe, now)
-                {
-                    if matches!(
-                        event,
-                        Event::BreakerOpened { .. } | Event::BreakerReopened { .. }
-                    ) {
-                        self.stats.update(|f| f.now.breaker_opened += 1);
-                    }
-                    events.push(event);
-                }
+            return events;
+        };
+        let figures = &mut st.figures.now;
+        figures.calls += 1;
+        let err = result.as_ref().err();
+        let kind = err.map(BackendError::kind);
+        let rate_limited = kind == Some(BackendErrorKind::RateLimited);
+        figures.rate_limited += u64::from(rate_limited);
+        let outcome = match err {
+            None => Outcome::Success,
+            Some(e) if rate_limited || (e.is_retryable() && e.retry_after().is_some()) => {
+                Outcome::SlowDown
+            }
+            Some(_) => Outcome::Other,
+        };
+        let verdict = st
+            .aimd
+            .on_result(ticket.admission, ticket.saturated, outcome, now);
+        figures.congestion += u64::from(verdict.congested);
+        // Many calls were told to slow down: the wait is meant for everyone.
+        let after = err.filter(|e| verdict.pause && e.is_retryable());
+        if let Some(pause) = after.and_then(BackendError::retry_after) {
+            let pause = pause.min(self.max_pause);
+            let until = later(now, pause);
+            if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
+                st.paused_until = Some(until);
+                figures.pauses += 1;
+                events.push(Event::Paused(pause));
             }
         }
-        let breaker = st.breaker.state();
-        self.stats.update(|f| f.now.breaker = breaker);
-        st.wake_first();
+        if let Some(change) = verdict.change {
+            st.figures.set_limit(change, st.aimd.slow_start);
+            events.push(Event::Limit(change, st.in_flight));
+        }
+        use BackendErrorKind::{Connection, Server, Timeout, Unavailable};
+        let health = if matches!(kind, Some(Server | Unavailable | Connection | Timeout)) {
+            Health::Down
+        } else {
+            Health::Up
+        };
+        let breaker = st
+            .breaker
+            .on_result(health, ticket.admission.0, ticket.probe, now);
+        if let Some(event) = breaker {
+            if matches!(
+                event,
+                Event::BreakerOpened { .. } | Event::BreakerReopened { .. }
+            ) {
+                st.figures.now.breaker_opened += 1;
+            }
+            events.push(event);
+        }
         events
     }
 }
@@ -1308,9 +1201,6 @@ impl Drop for Place<'_> {
         let mut st = self.limiter.lock();
         if let Some(at) = st.queue.iter().position(|w| w.id == self.id) {
             st.queue.remove(at);
-            self.limiter
-                .stats
-                .update(|f| f.now.waiting = st.queue.len());
             if at == 0 {
                 // It may have been woken for a turn it will not take.
                 st.wake_first();
@@ -1322,29 +1212,21 @@ impl Drop for Place<'_> {
 /// An admitted call's slot; frees it when finished or dropped.
 struct Permit<'a> {
     limiter: &'a Limiter,
-    ticket: Ticket,
-    done: bool,
+    /// Taken when the call's result is recorded.
+    ticket: Option<Ticket>,
 }
 
-impl<'a> Permit<'a> {
-    fn new(limiter: &'a Limiter, ticket: Ticket) -> Self {
-        Permit {
-            limiter,
-            ticket,
-            done: false,
-        }
-    }
-
+impl Permit<'_> {
     fn finish(mut self, result: &Result<Completion, BackendError>) -> Vec<Event> {
-        self.done = true;
-        self.limiter.finish(self.ticket, Some(result))
+        let ticket = self.ticket.take().expect("a permit is finished once");
+        self.limiter.finish(ticket, Some(result))
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.limiter.finish(self.ticket, None);
+        if let Some(ticket) = self.ticket.take() {
+            self.limiter.finish(ticket, None);
         }
     }
 }
@@ -1361,7 +1243,6 @@ impl Drop for Permit<'_> {
 /// each with the field `backend` (the inner backend's name).
 pub struct Adaptive<B> {
     inner: B,
-    config: AdaptiveConfig,
     limiter: Limiter,
 }
 
@@ -1376,7 +1257,6 @@ impl<B> Adaptive<B> {
         Adaptive {
             inner,
             limiter: Limiter::new(&config),
-            config,
         }
     }
 
@@ -1385,31 +1265,12 @@ impl<B> Adaptive<B> {
     pub fn stats(&self) -> Arc<AdaptiveStats> {
         Arc::clone(&self.limiter.stats)
     }
-
-    /// The settings in use.
-    #[must_use]
-    pub fn config(&self) -> &AdaptiveConfig {
-        &self.config
-    }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
 impl<B: fmt::Debug> fmt::Debug for Adaptive<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Adaptive")
             .field("inner", &self.inner)
-            .field("config", &self.config)
             .field("stats", &self.limiter.stats.snapshot())
             .finish()
     }

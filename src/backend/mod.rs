@@ -199,25 +199,16 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Sets the temperature.
-    #[must_use]
-    pub fn temperature(mut self, temperature: f32) -> Self {
-        self.temperature = Some(temperature);
-        self
-    }
-
-    /// Sets top-p.
-    #[must_use]
-    pub fn top_p(mut self, top_p: f32) -> Self {
-        self.top_p = Some(top_p);
-        self
-    }
-
-    /// Sets the token limit.
-    #[must_use]
-    pub fn max_tokens(mut self, max_tokens: u32) -> Self {
-        self.max_tokens = Some(max_tokens);
-        self
+    setters! {
+        /// Sets the temperature.
+        #[must_use]
+        temperature(t: f32) => temperature = Some(t);
+        /// Sets top-p.
+        #[must_use]
+        top_p(p: f32) => top_p = Some(p);
+        /// Sets the token limit.
+        #[must_use]
+        max_tokens(n: u32) => max_tokens = Some(n);
     }
 
     /// Adds a stop sequence.
@@ -254,7 +245,7 @@ impl SamplingParams {
 /// One completion call: the conversation so far, sampling settings, seed and stop sequences.
 ///
 /// Taken by value by [`LlmBackend::complete`], so wrappers can pass it on without cloning.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CompletionRequest {
     /// The conversation, oldest first; the model answers the last message.
@@ -281,11 +272,7 @@ impl CompletionRequest {
     pub fn new(messages: Vec<Message>) -> Self {
         CompletionRequest {
             messages,
-            temperature: None,
-            top_p: None,
-            max_tokens: None,
-            seed: None,
-            stop: Vec::new(),
+            ..Self::default()
         }
     }
 
@@ -305,11 +292,10 @@ impl CompletionRequest {
         self
     }
 
-    /// Sets the seed.
-    #[must_use]
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
-        self
+    setters! {
+        /// Sets the seed.
+        #[must_use]
+        with_seed(seed: u64) => seed = Some(seed);
     }
 }
 
@@ -398,25 +384,16 @@ impl Completion {
         }
     }
 
-    /// Sets the finish reason.
-    #[must_use]
-    pub fn with_finish_reason(mut self, reason: FinishReason) -> Self {
-        self.finish_reason = reason;
-        self
-    }
-
-    /// Sets the usage.
-    #[must_use]
-    pub fn with_usage(mut self, usage: Usage) -> Self {
-        self.usage = usage;
-        self
-    }
-
-    /// Sets the model name.
-    #[must_use]
-    pub fn with_model(mut self, model: impl Into<String>) -> Self {
-        self.model = model.into();
-        self
+    setters! {
+        /// Sets the finish reason.
+        #[must_use]
+        with_finish_reason(reason: FinishReason) => finish_reason = reason;
+        /// Sets the usage.
+        #[must_use]
+        with_usage(usage: Usage) => usage = usage;
+        /// Sets the model name.
+        #[must_use]
+        with_model(model: impl Into<String>) => model = model.into();
     }
 }
 
@@ -480,6 +457,12 @@ pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend>
 }
 
 /// Locks `mutex`, also when a thread panicked holding it (the data guarded stays usable).
+/// A duration in whole milliseconds (saturating), for log fields.
+#[cfg(feature = "middleware")]
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg_attr(not(any(feature = "cache", feature = "middleware")), allow(dead_code))]
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -525,6 +508,20 @@ macro_rules! forward_names {
     };
 }
 pub(crate) use forward_names;
+
+/// Builder setters: `name(arg: Type) => field = value;` writes
+/// `pub fn name(mut self, arg: Type) -> Self { self.field = value; self }` (attributes and doc
+/// comments before it go on the method).
+macro_rules! setters {
+    ($($(#[$attr:meta])* $name:ident($arg:ident: $ty:ty) => $($field:ident).+ = $value:expr;)*) => {$(
+        $(#[$attr])*
+        pub fn $name(mut self, $arg: $ty) -> Self {
+            self.$($field).+ = $value;
+            self
+        }
+    )*};
+}
+pub(crate) use setters;
 
 #[cfg(test)]
 mod tests {

@@ -35,69 +35,45 @@
 //! The clock is tokio's, so tests can run the limiter in paused virtual time.
 
 use std::num::NonZeroU32;
-use std::ops::Add;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use governor::clock::{Clock, Reference};
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 
-use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::backend::{setters, Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 
-/// A point on tokio's clock, for governor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct TokioInstant(tokio::time::Instant);
-
-impl Add<Nanos> for TokioInstant {
-    type Output = Self;
-    fn add(self, other: Nanos) -> Self {
-        TokioInstant(self.0 + Duration::from(other))
-    }
-}
-
-impl Reference for TokioInstant {
-    fn duration_since(&self, earlier: Self) -> Nanos {
-        Nanos::from(self.0.saturating_duration_since(earlier.0))
-    }
-
-    fn saturating_sub(&self, duration: Nanos) -> Self {
-        TokioInstant(
-            self.0
-                .checked_sub(Duration::from(duration))
-                .unwrap_or(self.0),
-        )
-    }
-}
-
-/// tokio's clock (paused and advanced in tests), for governor.
-#[derive(Debug, Clone, Copy, Default)]
-struct TokioClock;
+/// tokio's clock (paused and advanced in tests), for governor: the time since the bucket was
+/// made.
+#[derive(Debug, Clone)]
+struct TokioClock(tokio::time::Instant);
 
 impl Clock for TokioClock {
-    type Instant = TokioInstant;
-    fn now(&self) -> TokioInstant {
-        TokioInstant(tokio::time::Instant::now())
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.0.elapsed()
     }
 }
 
-type Limiter =
-    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
+type Limiter = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// One bucket and its capacity.
 #[derive(Debug)]
-struct Bucket {
+pub(super) struct Bucket {
     limiter: Limiter,
     capacity: NonZeroU32,
 }
 
 impl Bucket {
-    fn per_minute(capacity: NonZeroU32) -> Self {
+    pub(super) fn per_minute(capacity: NonZeroU32) -> Self {
         Bucket {
-            limiter: Limiter::direct_with_clock(Quota::per_minute(capacity), TokioClock),
+            limiter: Limiter::direct_with_clock(
+                Quota::per_minute(capacity),
+                TokioClock(tokio::time::Instant::now()),
+            ),
             capacity,
         }
     }
@@ -114,7 +90,7 @@ impl Bucket {
             match self.limiter.check_n(n) {
                 Ok(Ok(())) => return,
                 Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(TokioClock.now());
+                    let wait = not_until.wait_time_from(self.limiter.clock().now());
                     tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
                 }
                 // Cannot happen: n is clamped to the capacity.
@@ -132,8 +108,8 @@ impl Bucket {
 #[derive(Debug)]
 pub struct RateLimit<B> {
     inner: B,
-    requests: Option<Bucket>,
-    tokens: Option<Bucket>,
+    pub(super) requests: Option<Bucket>,
+    pub(super) tokens: Option<Bucket>,
     default_max_tokens: u32,
 }
 
@@ -148,25 +124,16 @@ impl<B> RateLimit<B> {
         }
     }
 
-    /// Allows at most this many calls per minute (a minute's worth may go at once).
-    #[must_use]
-    pub fn requests_per_minute(mut self, rpm: NonZeroU32) -> Self {
-        self.requests = Some(Bucket::per_minute(rpm));
-        self
-    }
-
-    /// Allows at most this many (estimated) tokens per minute, prompt and answer together.
-    #[must_use]
-    pub fn tokens_per_minute(mut self, tpm: NonZeroU32) -> Self {
-        self.tokens = Some(Bucket::per_minute(tpm));
-        self
-    }
-
-    /// The answer length assumed for requests without `max_tokens`. Default 1024.
-    #[must_use]
-    pub fn default_max_tokens(mut self, max_tokens: u32) -> Self {
-        self.default_max_tokens = max_tokens;
-        self
+    setters! {
+        /// Allows at most this many calls per minute (a minute's worth may go at once).
+        #[must_use]
+        requests_per_minute(rpm: NonZeroU32) => requests = Some(Bucket::per_minute(rpm));
+        /// Allows at most this many (estimated) tokens per minute, prompt and answer together.
+        #[must_use]
+        tokens_per_minute(tpm: NonZeroU32) => tokens = Some(Bucket::per_minute(tpm));
+        /// The answer length assumed for requests without `max_tokens`. Default 1024.
+        #[must_use]
+        default_max_tokens(max_tokens: u32) => default_max_tokens = max_tokens;
     }
 
     /// The token estimate charged for `request` (see the [module docs](self)).
@@ -179,12 +146,6 @@ impl<B> RateLimit<B> {
             .sum();
         let prompt = (chars as u64).div_ceil(4) + 4 * request.messages.len() as u64;
         prompt + u64::from(request.max_tokens.unwrap_or(self.default_max_tokens))
-    }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
     }
 }
 

@@ -59,7 +59,6 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,7 +66,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats};
+use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveSnapshot};
 use super::{lock, Completion, CompletionRequest, LlmBackend, Role};
 use crate::error::{BackendError, BackendErrorKind};
 
@@ -90,15 +89,15 @@ pub struct Replicas {
 struct Replica {
     name: String,
     backend: Adaptive<Box<dyn LlmBackend>>,
-    limit: Arc<AdaptiveStats>,
     health: Mutex<Health>,
-    calls: AtomicU64,
-    errors: AtomicU64,
-    drains: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Health {
+    /// The totals of [`ReplicaStats`].
+    calls: u64,
+    errors: u64,
+    drains: u64,
     /// Outage errors in a row.
     failures: u32,
     /// Drained until then; `None` when healthy.
@@ -153,17 +152,16 @@ impl Replicas {
             .expect("add every replica before cloning the Replicas");
         replicas.push(Replica {
             name: name.into(),
-            limit: backend.stats(),
             backend,
             health: Mutex::new(Health {
+                calls: 0,
+                errors: 0,
+                drains: 0,
                 failures: 0,
                 drained_until: None,
                 pause: FIRST_PAUSE,
                 probing: false,
             }),
-            calls: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            drains: AtomicU64::new(0),
         });
         self
     }
@@ -174,13 +172,16 @@ impl Replicas {
         let now = Instant::now();
         self.replicas
             .iter()
-            .map(|r| ReplicaStats {
-                name: r.name.clone(),
-                calls: r.calls.load(Ordering::Relaxed),
-                errors: r.errors.load(Ordering::Relaxed),
-                drains: r.drains.load(Ordering::Relaxed),
-                drained: lock(&r.health).drained_until.is_some_and(|t| t > now),
-                limit: r.limit.snapshot(),
+            .map(|r| {
+                let h = lock(&r.health);
+                ReplicaStats {
+                    name: r.name.clone(),
+                    calls: h.calls,
+                    errors: h.errors,
+                    drains: h.drains,
+                    drained: h.drained_until.is_some_and(|t| t > now),
+                    limit: r.backend.stats().snapshot(),
+                }
             })
             .collect()
     }
@@ -233,22 +234,15 @@ impl Replica {
 
     /// Learns from a call's result.
     fn record(&self, result: &Result<Completion, BackendError>, probe: bool) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let outage = match result {
-            Ok(_) => false,
-            Err(e) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                matches!(
-                    e.kind(),
-                    BackendErrorKind::Connection
-                        | BackendErrorKind::Timeout
-                        | BackendErrorKind::Server
-                        | BackendErrorKind::Unavailable
-                        | BackendErrorKind::InvalidResponse
-                )
-            }
-        };
+        use BackendErrorKind::{Connection, InvalidResponse, Server, Timeout, Unavailable};
         let mut h = lock(&self.health);
+        h.calls += 1;
+        h.errors += u64::from(result.is_err());
+        let kind = result.as_ref().err().map(BackendError::kind);
+        let outage = matches!(
+            kind,
+            Some(Connection | Timeout | Server | Unavailable | InvalidResponse)
+        );
         if !outage {
             if result.is_ok() {
                 h.failures = 0;
@@ -267,7 +261,7 @@ impl Replica {
             h.drained_until = Some(Instant::now() + pause);
             h.pause = (pause * 2).min(MAX_PAUSE);
             if !drained {
-                self.drains.fetch_add(1, Ordering::Relaxed);
+                h.drains += 1;
                 tracing::warn!(
                     replica = %self.name,
                     pause_secs = pause.as_secs_f64(),

@@ -50,7 +50,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{Completion, CompletionRequest, LlmBackend};
+use crate::backend::{setters, Completion, CompletionRequest, LlmBackend};
 use crate::error::{BackendError, BackendErrorKind};
 
 /// How [`Retry`] waits and when it gives up.
@@ -89,63 +89,41 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The most calls made for one request, the first included. Default 6; 1 disables retries.
-    #[must_use]
-    pub fn max_attempts(mut self, max_attempts: NonZeroU32) -> Self {
-        self.max_attempts = max_attempts;
-        self
-    }
-
-    /// The cap on the wait before the first retry; it doubles for each later one. Default 500 ms.
-    #[must_use]
-    pub fn initial_delay(mut self, delay: Duration) -> Self {
-        self.initial_delay = delay;
-        self
-    }
-
-    /// The most the exponential wait grows to. Default 30 s. A longer `Retry-After` from the
-    /// server still wins.
-    #[must_use]
-    pub fn max_delay(mut self, delay: Duration) -> Self {
-        self.max_delay = delay;
-        self
-    }
-
-    /// The most time one request may take, all attempts and waits together, measured from the
-    /// first call. `None` means no limit. Default 300 s.
-    #[must_use]
-    pub fn max_elapsed(mut self, max_elapsed: Option<Duration>) -> Self {
-        self.max_elapsed = max_elapsed;
-        self
-    }
-
-    /// The longest `Retry-After` the wrapper waits for. A failed call whose server asks for a
-    /// longer wait (or a longer one than [`max_elapsed`](Self::max_elapsed)) is not retried:
-    /// it comes back at once as a fatal
-    /// [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error, since every later
-    /// request would be told to wait too. Default [`DEFAULT_MAX_RETRY_AFTER`] (120 s).
-    #[must_use]
-    pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
-        self
+    setters! {
+        /// The most calls made for one request, the first included. Default 6; 1 disables retries.
+        #[must_use]
+        max_attempts(max_attempts: NonZeroU32) => max_attempts = max_attempts;
+        /// The cap on the wait before the first retry; it doubles for each later one. Default 500 ms.
+        #[must_use]
+        initial_delay(delay: Duration) => initial_delay = delay;
+        /// The most the exponential wait grows to. Default 30 s. A longer `Retry-After` from the
+        /// server still wins.
+        #[must_use]
+        max_delay(delay: Duration) => max_delay = delay;
+        /// The most time one request may take, all attempts and waits together, measured from the
+        /// first call. `None` means no limit. Default 300 s.
+        #[must_use]
+        max_elapsed(max_elapsed: Option<Duration>) => max_elapsed = max_elapsed;
+        /// The longest `Retry-After` the wrapper waits for. A failed call whose server asks for a
+        /// longer wait (or a longer one than [`max_elapsed`](Self::max_elapsed)) is not retried:
+        /// it comes back at once as a fatal
+        /// [`RetryAfterTooLong`](BackendErrorKind::RetryAfterTooLong) error, since every later
+        /// request would be told to wait too. Default [`DEFAULT_MAX_RETRY_AFTER`] (120 s).
+        #[must_use]
+        max_retry_after(max: Duration) => max_retry_after = max;
+        /// Whether to draw the wait at random from `[0, d]` (full jitter, the default) or always
+        /// wait `d`.
+        #[must_use]
+        jitter(jitter: bool) => jitter = jitter;
     }
 
     /// The longest `Retry-After` waited for: [`max_retry_after`](Self::max_retry_after), but
     /// never more than [`max_elapsed`](Self::max_elapsed).
     #[must_use]
     pub fn retry_after_limit(&self) -> Duration {
-        match self.max_elapsed {
-            Some(budget) => self.max_retry_after.min(budget),
-            None => self.max_retry_after,
-        }
-    }
-
-    /// Whether to draw the wait at random from `[0, d]` (full jitter, the default) or always
-    /// wait `d`.
-    #[must_use]
-    pub fn jitter(mut self, jitter: bool) -> Self {
-        self.jitter = jitter;
-        self
+        self.max_elapsed.map_or(self.max_retry_after, |budget| {
+            self.max_retry_after.min(budget)
+        })
     }
 
     /// The upper end of the wait before retry number `retry` (1-based), before jitter.
@@ -248,24 +226,6 @@ impl<B> Retry<B> {
     pub fn stats(&self) -> Arc<RetryStats> {
         Arc::clone(&self.stats)
     }
-
-    /// The policy in use.
-    #[must_use]
-    pub fn policy(&self) -> &RetryPolicy {
-        &self.policy
-    }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
 #[async_trait]
@@ -319,7 +279,7 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
                     tracing::warn!(
                         attempt,
                         error = %err,
-                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        delay_ms = super::millis(delay),
                         "retrying backend call"
                     );
                     tokio::time::sleep(delay).await;

@@ -51,9 +51,9 @@ use super::adaptive::{Adaptive, AdaptiveConfig, AdaptiveStats};
 #[cfg(feature = "cache")]
 use super::cache::{Cache, Cached};
 use super::meter::{CallMeter, Metered};
-use super::rate_limit::RateLimit;
+use super::rate_limit::{Bucket, RateLimit};
 use super::retry::{Retry, RetryPolicy, RetryStats};
-use super::{Completion, CompletionRequest, LlmBackend};
+use super::{setters, Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 
 /// The wrappers to put around a backend, named in any order, built in the one that works (see
@@ -75,39 +75,22 @@ impl Stack {
         Self::default()
     }
 
-    /// Answers requests seen before from `cache`, and stores new answers in it.
-    #[cfg(feature = "cache")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
-    pub fn cache(mut self, cache: Cache) -> Self {
-        self.cache = Some(cache);
-        self
-    }
-
-    /// Retries failed calls by `policy`.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some(policy);
-        self
-    }
-
-    /// Bounds the calls in flight by `config`: an adaptive limit up to its cap, or a fixed one
-    /// ([`AdaptiveConfigBuilder::adaptive`](crate::backend::adaptive::AdaptiveConfigBuilder::adaptive)),
-    /// with `Retry-After` pauses and a circuit breaker.
-    pub fn adaptive(mut self, config: AdaptiveConfig) -> Self {
-        self.adaptive = Some(config);
-        self
-    }
-
-    /// At most `rpm` requests a minute (every attempt counts).
-    pub fn requests_per_minute(mut self, rpm: NonZeroU32) -> Self {
-        self.rpm = Some(rpm);
-        self
-    }
-
-    /// At most `tpm` tokens a minute, estimated before each call (see
-    /// [`RateLimit::estimate_tokens`]).
-    pub fn tokens_per_minute(mut self, tpm: NonZeroU32) -> Self {
-        self.tpm = Some(tpm);
-        self
+    setters! {
+        /// Answers requests seen before from `cache`, and stores new answers in it.
+        #[cfg(feature = "cache")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+        cache(cache: Cache) => cache = Some(cache);
+        /// Retries failed calls by `policy`.
+        retry(policy: RetryPolicy) => retry = Some(policy);
+        /// Bounds the calls in flight by `config`: an adaptive limit up to its cap, or a fixed
+        /// one ([`AdaptiveConfigBuilder::adaptive`](crate::backend::adaptive::AdaptiveConfigBuilder::adaptive)),
+        /// with `Retry-After` pauses and a circuit breaker.
+        adaptive(config: AdaptiveConfig) => adaptive = Some(config);
+        /// At most `rpm` requests a minute (every attempt counts).
+        requests_per_minute(rpm: NonZeroU32) => rpm = Some(rpm);
+        /// At most `tpm` tokens a minute, estimated before each call (see
+        /// [`RateLimit::estimate_tokens`]).
+        tokens_per_minute(tpm: NonZeroU32) => tpm = Some(tpm);
     }
 
     /// Wraps `backend`.
@@ -115,12 +98,8 @@ impl Stack {
         let mut inner: Box<dyn LlmBackend> = Box::new(backend);
         if self.rpm.is_some() || self.tpm.is_some() {
             let mut limited = RateLimit::new(inner);
-            if let Some(rpm) = self.rpm {
-                limited = limited.requests_per_minute(rpm);
-            }
-            if let Some(tpm) = self.tpm {
-                limited = limited.tokens_per_minute(tpm);
-            }
+            limited.requests = self.rpm.map(Bucket::per_minute);
+            limited.tokens = self.tpm.map(Bucket::per_minute);
             inner = Box::new(limited);
         }
         let mut adaptive_stats = None;
