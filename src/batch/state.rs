@@ -2,7 +2,6 @@
 //! and the results log (`PAIRS.batch-results.jsonl`).
 
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -103,10 +102,8 @@ impl StateFile {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if it cannot be read,
     /// [`ErrorKind::Parse`](crate::ErrorKind::Parse) if it is not a state file.
     pub fn read(path: &Path) -> Result<Option<StateFile>, Error> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(bytes) = crate::io::append::if_exists(path, std::fs::read)? else {
+            return Ok(None);
         };
         let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
             Error::parse(
@@ -146,15 +143,9 @@ impl StateFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if it cannot be written.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let mut tmp = crate::io::temp_beside(path)?;
-        let json = serde_json::to_vec(self).expect("a batch state serialises");
-        tmp.as_file_mut()
-            .write_all(&json)
-            .and_then(|()| tmp.as_file_mut().write_all(b"\n"))
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
-        crate::io::replace_with(tmp, path)?;
-        Ok(())
+        let mut json = serde_json::to_vec(self).expect("a batch state serialises");
+        json.push(b'\n');
+        crate::io::append::write_replacing(path, &json)
     }
 
     /// The tag of the batch with local key `key`.
@@ -355,6 +346,7 @@ impl ResultsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn state_round_trips_and_writes_atomically() {
