@@ -17,12 +17,13 @@ use tokio::time::Instant;
 
 use crate::backend::meter::CallMeter;
 use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
-use crate::batch::state::{adopt_intents, now_secs, ResultsLog};
+use crate::batch::state::{adopt_intents, append_result, now_secs, open_results};
 use crate::batch::{
     check_id, copy_error, custom_id, BatchApi, BatchRecord, BatchRequest, BatchState, BatchStatus,
     StateFile,
 };
 use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::io::AppendFile;
 use crate::run::{Outcome, Prices, RunSummary, StopSignal};
 
 /// Polls of one batch that may fail in a row (5xx, connection) before the run stops.
@@ -225,7 +226,7 @@ impl BatchBackend {
         }
         let state_path = StateFile::default_path(output);
         let results_path = StateFile::results_path(output);
-        let (log, saved) = ResultsLog::open(&results_path)?;
+        let (log, saved) = open_results(&results_path)?;
         let state = StateFile::read_for(&state_path, &api.name())?;
         let state = state.unwrap_or_else(|| StateFile::new(api.name()));
         state.write(&state_path)?;
@@ -387,7 +388,8 @@ struct Driver {
     config: BatchConfig,
     state: StateFile,
     state_path: PathBuf,
-    log: ResultsLog,
+    /// The results log (`PAIRS.batch-results.jsonl`).
+    log: AppendFile,
     shared: Arc<Shared>,
     /// The custom_ids callers wait for.
     pending: HashMap<String, Pending>,
@@ -425,7 +427,8 @@ impl Driver {
             r = self.drive(&mut rx, &mut shutdown) => r,
         };
         self.count_in_flight();
-        let empty = self.state.batches.is_empty() && self.saved.is_empty() && self.log.is_empty();
+        let log = std::fs::metadata(self.log.path()).map_or(1, |m| m.len()) + self.log.lines();
+        let empty = self.state.batches.is_empty() && self.saved.is_empty() && log == 0;
         if let Err(fatal) = result {
             tracing::error!(error = %fatal, "batch pipeline stopped");
             let _ = self.shared.fatal.set(copy_error(&fatal));
@@ -921,7 +924,7 @@ impl Driver {
                 (cid, Err(BackendError::server(missing)))
             }));
             for (cid, result) in &results {
-                let written = self.log.append(cid, result);
+                let written = append_result(&mut self.log, cid, result);
                 self.kept(written)?;
             }
         }
