@@ -17,7 +17,7 @@
 //! The generator calls [`complete`](crate::LlmBackend::complete) as it would online; each call
 //! waits in a collector. The collector is sent as one wave when it holds
 //! [`batch_size`](BatchConfig::batch_size) requests, or when no new request arrived for a
-//! [quiet period](BatchConfig::quiet_period) (every live example is waiting). Give the
+//! quiet period of 200 ms (every live example is waiting). Give the
 //! generator a concurrency of about twice the batch size ([`BatchConfig::concurrency`]):
 //! the first calls of the next chunk of prompts then go out while the second calls of the
 //! previous chunk wait. When a batch ends, the accepted first answers ask their second calls,
@@ -178,24 +178,17 @@ where
         options.meter = Some(backend.meter().clone());
     }
     options.drain_deadline = Some(DRAIN_DEADLINE);
-    let result = match make_generator(backend, concurrency) {
-        Ok(generator) => {
-            let generate = move |prompts| generator.generate_boxed(prompts);
-            crate::run::run_to_file(generate, prompts, output, options).await
-        }
-        Err(e) => Err(e),
-    };
-    let ended = handle.finish(result.as_ref().ok()).await;
-    match (result, ended) {
-        (Ok(summary), Ok(stats)) => Ok((summary, stats)),
-        (Ok(_), Err(e)) => Err(e),
-        (Err(e), ended) => {
-            if let Err(end) = ended {
-                tracing::warn!(error = %crate::error_chain(&end), "the batch pipeline did not end cleanly");
-            }
-            Err(e)
-        }
+    let result = async {
+        let generator = make_generator(backend, concurrency)?;
+        let generate = move |prompts| generator.generate_boxed(prompts);
+        crate::run::run_to_file(generate, prompts, output, options).await
     }
+    .await;
+    let ended = handle.finish(result.as_ref().ok()).await;
+    if let (Err(_), Err(end)) = (&result, &ended) {
+        tracing::warn!(error = %crate::error_chain(end), "the batch pipeline did not end cleanly");
+    }
+    Ok((result?, ended?))
 }
 
 /// The share of the online price the providers charge for batches (OpenAI and Anthropic
@@ -367,19 +360,13 @@ pub struct BatchOutcome {
 /// The error of a line that expired before it ran.
 #[must_use]
 pub fn expired_error() -> BackendError {
-    BackendError::new(
-        BackendErrorKind::Timeout,
-        "the batch's completion window passed before this request ran",
-    )
+    BackendError::timeout("the batch's completion window passed before this request ran")
 }
 
 /// The error of a line cancelled before it ran.
 #[must_use]
 pub fn cancelled_error() -> BackendError {
-    BackendError::new(
-        BackendErrorKind::Server,
-        "the batch was cancelled before this request ran",
-    )
+    BackendError::server("the batch was cancelled before this request ran")
 }
 
 /// What one batch may hold.

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::backend::http::{self, ServerError};
 use crate::backend::AnthropicBackend;
-use crate::batch::client::{to_json, Body, Client, DEFAULT_MAX_RESULTS_BYTES};
+use crate::batch::client::{self, to_json, Body, Client};
 use crate::batch::{
     cancelled_error, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome, BatchRequest,
     BatchState, BatchStatus, BatchTag,
@@ -54,16 +54,7 @@ impl AnthropicBatch {
     /// The batch API at the backend's base URL, with its key, headers and model.
     #[must_use]
     pub fn new(backend: AnthropicBackend) -> Self {
-        let client = Client {
-            http: backend.client.clone(),
-            base: backend.base.clone(),
-            headers: backend.headers(),
-            key: backend.api_key.clone(),
-            no_key_note: backend.no_key_note.clone(),
-            max_response_bytes: backend.max_response_bytes,
-            limits: LIMITS,
-            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
-        };
+        let client = Client::new(&backend, LIMITS);
         AnthropicBatch { backend, client }
     }
 
@@ -166,17 +157,14 @@ impl WireBatch {
 
     fn status(&self) -> Result<BatchStatus, BackendError> {
         let c = self.request_counts.unwrap_or_default();
-        let state = match self.processing_status.as_str() {
-            "in_progress" => BatchState::InProgress,
-            "canceling" => BatchState::Cancelling,
-            "ended" if c.canceled > 0 => BatchState::Cancelled,
-            "ended" => BatchState::Ended,
-            other => {
-                return Err(BackendError::new(
-                    BackendErrorKind::InvalidResponse,
-                    format!("unknown processing_status {:?}", http::truncate(other, 40)),
-                ))
-            }
+        let states = [
+            ("in_progress", BatchState::InProgress),
+            ("canceling", BatchState::Cancelling),
+            ("ended", BatchState::Ended),
+        ];
+        let state = match client::state(&states, &self.processing_status)? {
+            BatchState::Ended if c.canceled > 0 => BatchState::Cancelled,
+            state => state,
         };
         let failed = c.errored + c.canceled + c.expired;
         let counts = BatchCounts {
@@ -254,12 +242,7 @@ impl BatchApi for AnthropicBatch {
                 "the results_url is not a URL",
             )
         })?;
-        if (
-            results.scheme(),
-            results.host_str(),
-            results.port_or_known_default(),
-        ) != (base.scheme(), base.host_str(), base.port_or_known_default())
-        {
+        if results.origin() != base.origin() {
             return Err(BackendError::new(
                 BackendErrorKind::Fatal,
                 format!(
@@ -292,6 +275,7 @@ impl BatchApi for AnthropicBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::client::DEFAULT_MAX_RESULTS_BYTES;
     use crate::{CompletionRequest, Message};
 
     fn api() -> AnthropicBatch {

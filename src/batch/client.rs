@@ -4,14 +4,14 @@
 
 use std::fmt;
 
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use reqwest::{Method, Url};
+use reqwest::header::{HeaderMap, CONTENT_TYPE};
+use reqwest::Url;
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::http;
-use crate::batch::{check_id, BatchLimits, BatchOutcome, BatchStatus};
+use crate::backend::http::{self, HttpBackend, Provider};
+use crate::batch::{check_id, BatchLimits, BatchOutcome, BatchState, BatchStatus};
 use crate::error::{BackendError, BackendErrorKind};
 
 /// The default cap on one results download: 1 GiB.
@@ -62,6 +62,18 @@ struct Page<W> {
     last_id: Option<String>,
 }
 
+/// The state named `name` in a provider's `table` of its names, or an
+/// [`InvalidResponse`](BackendErrorKind::InvalidResponse) error naming it.
+pub(crate) fn state(table: &[(&str, BatchState)], name: &str) -> Result<BatchState, BackendError> {
+    let found = table.iter().find(|(n, _)| *n == name).map(|&(_, s)| s);
+    found.ok_or_else(|| {
+        BackendError::new(
+            BackendErrorKind::InvalidResponse,
+            format!("unknown batch status {:?}", http::truncate(name, 40)),
+        )
+    })
+}
+
 /// `value` as JSON, or an [`InvalidRequest`](BackendErrorKind::InvalidRequest) error.
 pub(crate) fn to_json(value: &impl Serialize) -> Result<Vec<u8>, BackendError> {
     serde_json::to_vec(value).map_err(|e| {
@@ -73,6 +85,20 @@ pub(crate) fn to_json(value: &impl Serialize) -> Result<Vec<u8>, BackendError> {
 }
 
 impl Client {
+    /// The client of `backend`'s batch API: its HTTP client, base URL, headers and key.
+    pub(crate) fn new<P: Provider>(backend: &HttpBackend<P>, limits: BatchLimits) -> Self {
+        Client {
+            http: backend.client.clone(),
+            base: backend.base.clone(),
+            headers: backend.headers(),
+            key: backend.api_key.clone(),
+            no_key_note: backend.no_key_note.clone(),
+            max_response_bytes: backend.max_response_bytes,
+            limits,
+            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
+        }
+    }
+
     pub(crate) fn url(&self, path: &str) -> Url {
         http::join_path(&self.base, path)
     }
@@ -90,28 +116,19 @@ impl Client {
         body: Body,
         max_bytes: usize,
     ) -> Result<String, BackendError> {
-        let method = if matches!(body, Body::None) {
-            Method::GET
-        } else {
-            Method::POST
-        };
-        let mut headers = self.headers.clone();
-        if matches!(body, Body::Json(_)) {
-            headers
-                .entry(CONTENT_TYPE)
-                .or_insert(HeaderValue::from_static("application/json"));
-        }
-        let request = self
-            .http
-            .request(method.clone(), url.clone())
-            .headers(headers);
-        let request = match body {
-            Body::None => request,
-            Body::Json(bytes) => request.body(bytes),
+        let (method, request) = match body {
+            Body::None => ("GET", self.http.get(url.clone())),
+            Body::Json(bytes) => {
+                let post = self.http.post(url.clone());
+                let post = post.header(CONTENT_TYPE, "application/json").body(bytes);
+                ("POST", post)
+            }
             #[cfg(feature = "openai")]
-            Body::Form(form) => request.multipart(form),
+            Body::Form(form) => ("POST", self.http.post(url.clone()).multipart(form)),
         };
-        let (status, headers, text) = http::send(method.as_str(), request, url, max_bytes).await?;
+        // The backend's headers replace those set above (a content type of its own is kept).
+        let request = request.headers(self.headers.clone());
+        let (status, headers, text) = http::send(method, request, url, max_bytes).await?;
         if !status.is_success() {
             return Err(http::status_error(
                 status,

@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use crate::backend::http;
 use crate::backend::OpenAiBackend;
-use crate::batch::client::{to_json, Body, Client, DEFAULT_MAX_RESULTS_BYTES};
+use crate::batch::client::{self, to_json, Body, Client};
 use crate::batch::{
     cancelled_error, check_id, expired_error, BatchApi, BatchCounts, BatchLimits, BatchOutcome,
     BatchRequest, BatchState, BatchStatus, BatchTag,
@@ -52,6 +52,18 @@ pub(crate) const LIMITS: BatchLimits = BatchLimits {
     max_bytes: 200_000_000,
 };
 
+/// OpenAI's batch statuses.
+const STATES: [(&str, BatchState); 8] = [
+    ("validating", BatchState::Validating),
+    ("in_progress", BatchState::InProgress),
+    ("finalizing", BatchState::Finalizing),
+    ("completed", BatchState::Ended),
+    ("failed", BatchState::Failed),
+    ("expired", BatchState::Expired),
+    ("cancelling", BatchState::Cancelling),
+    ("cancelled", BatchState::Cancelled),
+];
+
 /// OpenAI's Batch API; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct OpenAiBatch {
@@ -63,16 +75,7 @@ impl OpenAiBatch {
     /// The batch API at the backend's base URL, with its key, headers and model.
     #[must_use]
     pub fn new(backend: OpenAiBackend) -> Self {
-        let client = Client {
-            http: backend.client.clone(),
-            base: backend.base.clone(),
-            headers: backend.headers(),
-            key: backend.api_key.clone(),
-            no_key_note: backend.no_key_note.clone(),
-            max_response_bytes: backend.max_response_bytes,
-            limits: LIMITS,
-            max_results_bytes: DEFAULT_MAX_RESULTS_BYTES,
-        };
+        let client = Client::new(&backend, LIMITS);
         OpenAiBatch { backend, client }
     }
 
@@ -209,22 +212,7 @@ struct WireErrorItem {
 
 impl WireBatch {
     fn into_status(self) -> Result<BatchStatus, BackendError> {
-        let state = match self.status.as_str() {
-            "validating" => BatchState::Validating,
-            "in_progress" => BatchState::InProgress,
-            "finalizing" => BatchState::Finalizing,
-            "completed" => BatchState::Ended,
-            "failed" => BatchState::Failed,
-            "expired" => BatchState::Expired,
-            "cancelling" => BatchState::Cancelling,
-            "cancelled" => BatchState::Cancelled,
-            other => {
-                return Err(BackendError::new(
-                    BackendErrorKind::InvalidResponse,
-                    format!("unknown batch status {:?}", http::truncate(other, 40)),
-                ))
-            }
-        };
+        let state = client::state(&STATES, &self.status)?;
         let counts = self
             .request_counts
             .map_or(BatchCounts::default(), |c| BatchCounts {
@@ -363,6 +351,7 @@ impl BatchApi for OpenAiBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::client::DEFAULT_MAX_RESULTS_BYTES;
     use crate::{CompletionRequest, FinishReason, Message};
 
     fn api() -> OpenAiBatch {

@@ -17,24 +17,27 @@ use tokio::time::Instant;
 
 use crate::backend::meter::CallMeter;
 use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
-use crate::batch::state::{adopt_intents, now_secs, ResultsLog};
+use crate::batch::state::{adopt_intents, append_result, now_secs, open_results};
 use crate::batch::{
     check_id, copy_error, custom_id, BatchApi, BatchRecord, BatchRequest, BatchState, BatchStatus,
     StateFile,
 };
 use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::io::AppendFile;
 use crate::run::{Outcome, Prices, RunSummary, StopSignal};
 
 /// Polls of one batch that may fail in a row (5xx, connection) before the run stops.
 const MAX_POLL_FAILURES: u32 = 30;
+
+/// The collector is also sent once no request has arrived for this long (every live example
+/// is waiting).
+const QUIET_PERIOD: Duration = Duration::from_millis(200);
 
 /// Settings of a [`BatchBackend`]; every setter documents its default.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct BatchConfig {
     batch_size: NonZeroUsize,
-    depth: NonZeroUsize,
-    quiet_period: Duration,
     poll_interval: Duration,
     max_poll_interval: Duration,
     max_attempts: u32,
@@ -55,8 +58,6 @@ impl BatchConfig {
     pub fn new() -> Self {
         BatchConfig {
             batch_size: NonZeroUsize::new(1000).expect("not zero"),
-            depth: NonZeroUsize::new(2).expect("not zero"),
-            quiet_period: Duration::from_millis(200),
             poll_interval: Duration::from_secs(30),
             max_poll_interval: Duration::from_secs(600),
             max_attempts: 6,
@@ -72,24 +73,11 @@ impl BatchConfig {
         self
     }
 
-    /// How many chunks of `batch_size` examples are live at once (the pipeline depth): see
-    /// [`concurrency`](Self::concurrency). Default 2.
-    pub fn depth(mut self, depth: NonZeroUsize) -> Self {
-        self.depth = depth;
-        self
-    }
-
-    /// The generator's concurrency for this pipeline: `batch_size × depth`.
+    /// The generator's concurrency for this pipeline: twice `batch_size`, so that two chunks
+    /// of examples are live at once.
     #[must_use]
     pub fn concurrency(&self) -> NonZeroUsize {
-        self.batch_size.saturating_mul(self.depth)
-    }
-
-    /// The collector is also sent once no request has arrived for this long (every live
-    /// example is waiting). Default 200 ms.
-    pub fn quiet_period(mut self, d: Duration) -> Self {
-        self.quiet_period = d;
-        self
+        self.batch_size.saturating_add(self.batch_size.get())
     }
 
     /// The first wait between two polls of a batch; it grows by half while the batch's state
@@ -163,8 +151,10 @@ impl fmt::Display for BatchStats {
 struct Call {
     custom_id: String,
     request: CompletionRequest,
-    reply: oneshot::Sender<Result<Completion, BackendError>>,
+    reply: Reply,
 }
+
+type Reply = oneshot::Sender<Result<Completion, BackendError>>;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -204,8 +194,7 @@ pub(crate) struct BatchHandle {
     /// recorded and no result saved).
     join: tokio::task::JoinHandle<Result<bool, Error>>,
     shared: Arc<Shared>,
-    state_path: PathBuf,
-    results_path: PathBuf,
+    paths: [PathBuf; 2],
 }
 
 impl BatchBackend {
@@ -237,18 +226,13 @@ impl BatchBackend {
         }
         let state_path = StateFile::default_path(output);
         let results_path = StateFile::results_path(output);
-        let (log, saved_lines) = ResultsLog::open(&results_path)?;
-        let state = match StateFile::read_for(&state_path, &api.name())? {
-            Some(s) => s,
-            None => {
-                let s = StateFile::new(api.name());
-                s.write(&state_path)?;
-                s
-            }
-        };
+        let (log, saved) = open_results(&results_path)?;
+        let state = StateFile::read_for(&state_path, &api.name())?;
+        let state = state.unwrap_or_else(|| StateFile::new(api.name()));
+        state.write(&state_path)?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (shutdown, shutdown_rx) = oneshot::channel();
         let backend = BatchBackend {
             tx,
             shared: shared.clone(),
@@ -257,35 +241,32 @@ impl BatchBackend {
         let driver = Driver {
             api,
             config,
+            earlier: state.batches.iter().map(|b| b.key.clone()).collect(),
             state,
             state_path: state_path.clone(),
             log,
             shared: shared.clone(),
-            waiters: HashMap::new(),
-            requests: HashMap::new(),
+            pending: HashMap::new(),
             queue: Vec::new(),
-            attempts: HashMap::new(),
-            invalid: HashMap::new(),
-            saved: saved_lines.into_iter().collect(),
+            saved: saved.into_iter().collect(),
             flights: Vec::new(),
             in_flight_ids: HashSet::new(),
-            unconfirmed: Vec::new(),
             last_arrival: Instant::now(),
             retry_at: None,
             submit_failures: 0,
+            list_failures: 0,
             chunk_cap: usize::MAX,
+            io_error: None,
         };
         let join = tokio::spawn(driver.run(rx, shutdown_rx));
-        Ok((
-            backend,
-            BatchHandle {
-                shutdown: shutdown_tx,
-                join,
-                shared,
-                state_path,
-                results_path,
-            },
-        ))
+        let paths = [results_path, state_path];
+        let handle = BatchHandle {
+            shutdown,
+            join,
+            shared,
+            paths,
+        };
+        Ok((backend, handle))
     }
 }
 
@@ -366,56 +347,40 @@ impl BatchHandle {
     /// removing the files.
     pub(crate) async fn finish(self, summary: Option<&RunSummary>) -> Result<BatchStats, Error> {
         let _ = self.shutdown.send(());
-        let driver = match self.join.await {
-            Ok(r) => r,
-            Err(e) => Err(Error::config(format!("the batch driver failed: {e}"))),
-        };
+        let empty = self
+            .join
+            .await
+            .map_err(|e| Error::config(format!("the batch driver failed: {e}")))??;
         let stats = self.shared.stats().clone();
-        let empty = driver?;
-        let clean = empty
-            || summary.is_some_and(|s| {
-                s.outcome == Outcome::Completed
-                    && s.generation.failed() == 0
-                    && stats.in_flight == 0
-            });
-        if clean {
-            for path in [&self.results_path, &self.state_path] {
-                match std::fs::remove_file(path) {
-                    Ok(()) => crate::io::sync_parent(path)?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(path, e)),
-                }
+        let clean = summary.is_some_and(|s| {
+            s.outcome == Outcome::Completed && s.generation.failed() == 0 && stats.in_flight == 0
+        });
+        if empty || clean {
+            for path in &self.paths {
+                crate::io::append::remove_if_exists(path)?;
             }
         }
         Ok(stats)
     }
 }
 
-/// One batch being polled.
+/// What the driver holds for a custom_id callers wait for (queued or in flight).
+struct Pending {
+    request: CompletionRequest,
+    waiters: Vec<Reply>,
+    /// Lines sent whose result was an error.
+    attempts: u32,
+    /// Whether a batch holding it failed validation once.
+    invalid: bool,
+}
+
+/// One batch being polled (its record, with the provider's id, is in the state).
 struct Flight {
     key: String,
-    id: String,
-    custom_ids: Vec<String>,
-    wave: u64,
     next_poll: Instant,
     interval: Duration,
-    last: Option<BatchState>,
     failures: u32,
     estimate: f64,
-}
-
-/// Why the driver stopped early.
-enum Halt {
-    /// A fatal error: every caller gets it.
-    Fatal(BackendError),
-    /// The state or the log could not be written.
-    Io(Error),
-}
-
-impl From<Error> for Halt {
-    fn from(e: Error) -> Self {
-        Halt::Io(e)
-    }
 }
 
 struct Driver {
@@ -423,30 +388,29 @@ struct Driver {
     config: BatchConfig,
     state: StateFile,
     state_path: PathBuf,
-    log: ResultsLog,
+    /// The results log (`PAIRS.batch-results.jsonl`).
+    log: AppendFile,
     shared: Arc<Shared>,
-    /// Callers waiting for each custom_id.
-    waiters: HashMap<String, Vec<oneshot::Sender<Result<Completion, BackendError>>>>,
-    /// The request of each custom_id queued or in flight with a caller.
-    requests: HashMap<String, CompletionRequest>,
+    /// The custom_ids callers wait for.
+    pending: HashMap<String, Pending>,
     /// custom_ids waiting for the next wave.
     queue: Vec<String>,
-    /// Lines sent per custom_id whose result was an error.
-    attempts: HashMap<String, u32>,
-    /// Validation failures per custom_id.
-    invalid: HashMap<String, u32>,
     /// Results with no caller yet (saved by an earlier run, or of an adopted batch).
     saved: HashMap<String, Result<Completion, BackendError>>,
     flights: Vec<Flight>,
     in_flight_ids: HashSet<String>,
-    /// Keys of batches whose creation failed in a way that may have created them.
-    unconfirmed: Vec<String>,
+    /// The keys of the batches an earlier run recorded.
+    earlier: HashSet<String>,
     last_arrival: Instant,
     /// No submission before this (after a failed one).
     retry_at: Option<Instant>,
     submit_failures: u32,
+    /// Listings that failed in a row.
+    list_failures: u32,
     /// The most requests per batch, lowered when the provider refuses a batch as too large.
     chunk_cap: usize,
+    /// The error writing the state or the log that stopped the driver.
+    io_error: Option<Error>,
 }
 
 impl Driver {
@@ -462,48 +426,41 @@ impl Driver {
             () = stop.wait() => Ok(()),
             r = self.drive(&mut rx, &mut shutdown) => r,
         };
-        let in_flight = self.state.batches.iter().filter(|b| !b.downloaded).count() as u64;
-        self.shared.stats().in_flight = in_flight;
-        let empty = self.state.batches.is_empty() && self.saved.is_empty() && self.log.is_empty();
-        let mut outcome = Ok(empty);
-        if let Err(halt) = result {
-            let fatal = match halt {
-                Halt::Fatal(e) => e,
-                Halt::Io(e) => {
-                    let b = BackendError::new(
-                        BackendErrorKind::Fatal,
-                        format!("the batch state cannot be kept: {}", crate::error_chain(&e)),
-                    );
-                    outcome = Err(e);
-                    b
-                }
-            };
+        self.count_in_flight();
+        let log = std::fs::metadata(self.log.path()).map_or(1, |m| m.len()) + self.log.lines();
+        let empty = self.state.batches.is_empty() && self.saved.is_empty() && log == 0;
+        if let Err(fatal) = result {
             tracing::error!(error = %fatal, "batch pipeline stopped");
             let _ = self.shared.fatal.set(copy_error(&fatal));
-            for w in self.waiters.drain().flat_map(|(_, w)| w) {
-                let _ = w.send(Err(copy_error(&fatal)));
+            for p in self.pending.drain().map(|(_, p)| p) {
+                for w in p.waiters {
+                    let _ = w.send(Err(copy_error(&fatal)));
+                }
             }
         }
-        if let Err(e) = self.state.write(&self.state_path) {
-            outcome = outcome.and(Err(e));
-        }
-        if let Err(e) = self.log.close() {
-            outcome = outcome.and(Err(e));
-        }
+        let saved = self.state.write(&self.state_path);
+        let closed = self.log.close();
         // The waiters left (a stop) are dropped with the driver: their calls wait for the
         // run to drop them.
-        outcome
+        match self.io_error {
+            Some(e) => Err(e),
+            None => saved.and(closed).map(|()| empty),
+        }
     }
 
-    /// Starts up, then gathers the calls into waves and polls the batches until shut down.
+    /// Follows the batches of an earlier run, then gathers the calls into waves and polls the
+    /// batches until shut down.
     async fn drive(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Call>,
         shutdown: &mut oneshot::Receiver<()>,
-    ) -> Result<(), Halt> {
-        self.startup().await?;
+    ) -> Result<(), BackendError> {
+        let earlier = self.state.batches.iter();
+        let earlier = earlier.filter(|b| !b.downloaded && b.provider_id.is_some());
+        for key in earlier.map(|b| b.key.clone()).collect::<Vec<_>>() {
+            self.follow(&key);
+        }
         loop {
-            let wake = self.next_wake();
             tokio::select! {
                 biased;
                 _ = &mut *shutdown => return Ok(()),
@@ -515,157 +472,154 @@ impl Driver {
                         self.accept(call);
                     }
                 }
-                () = sleep_until(wake) => {}
+                () = tokio::time::sleep_until(self.next_wake()) => {}
             }
             self.step().await?;
         }
     }
 
-    /// Adopts the intents of an earlier run and polls its batches.
-    async fn startup(&mut self) -> Result<(), Halt> {
-        // Intents are looked for by listing (which leaves none), passing failures retried a
-        // few times.
-        let mut wait = self.config.poll_interval.min(Duration::from_secs(5));
-        let mut attempt = 1;
-        while self.state.batches.iter().any(|b| b.provider_id.is_none()) {
-            match adopt_intents(&*self.api, &mut self.state).await {
-                Ok(adopted) => {
-                    self.shared.stats().adopted += adopted;
-                    self.save()?;
-                }
-                Err(e) if e.is_retryable() && attempt < self.config.max_attempts.max(3) => {
-                    tracing::warn!(error = %e, "listing the batches failed: retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(60));
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(Halt::Fatal(BackendError::new(
-                        e.kind(),
-                        format!(
-                            "cannot list the batches to find those created just before the \
-                             last run stopped (nothing is sent until they are found): {}",
-                            e.message()
-                        ),
-                    )))
-                }
-            }
-        }
-        let earlier: Vec<BatchRecord> = self
-            .state
-            .batches
-            .iter()
-            .filter(|b| !b.downloaded && b.provider_id.is_some() && !b.custom_ids.is_empty())
-            .cloned()
-            .collect();
-        for record in earlier {
-            tracing::info!(id = ?record.provider_id, wave = record.wave, "following a batch of an earlier run");
-            self.follow(&record, false, 0.0);
-        }
-        let followed = self.flights.len() as u64;
-        let mut st = self.shared.stats();
-        st.adopted = st.adopted.max(followed);
-        Ok(())
+    /// Counts the batches whose results are not saved (followed, or not confirmed).
+    fn count_in_flight(&self) {
+        let in_flight = self.state.batches.iter().filter(|b| !b.downloaded).count();
+        self.shared.stats().in_flight = in_flight as u64;
     }
 
-    fn save(&self) -> Result<(), Error> {
-        self.state.write(&self.state_path)
+    fn save(&mut self) -> Result<(), BackendError> {
+        let written = self.state.write(&self.state_path);
+        self.kept(written)
+    }
+
+    /// `written`, an I/O error kept for [`run`](Self::run) to return and turned into the
+    /// fatal error that stops the driver.
+    fn kept(&mut self, written: Result<(), Error>) -> Result<(), BackendError> {
+        written.map_err(|e| {
+            let message = format!("the batch state cannot be kept: {}", crate::error_chain(&e));
+            self.io_error = Some(e);
+            BackendError::new(BackendErrorKind::Fatal, message)
+        })
+    }
+
+    /// The record of a batch being followed.
+    fn record(&mut self, key: &str) -> &mut BatchRecord {
+        let record = self.state.batches.iter_mut().find(|b| b.key == key);
+        record.expect("a batch followed is recorded")
+    }
+
+    /// Whether a batch's creation is not confirmed (an intent without a provider id: written
+    /// just before a crash, or a creation that failed in a way that may have created it).
+    fn has_intents(&self) -> bool {
+        self.state.batches.iter().any(|b| b.provider_id.is_none())
     }
 
     fn accept(&mut self, call: Call) {
         self.last_arrival = Instant::now();
-        let id = call.custom_id;
-        match self.saved.remove(&id) {
+        let mut attempts = 0;
+        match self.saved.remove(&call.custom_id) {
             Some(Ok(c)) => {
                 self.shared.stats().answered_from_saved += 1;
                 let _ = call.reply.send(Ok(c));
                 return;
             }
-            Some(Err(e)) => {
-                let n = self.attempts.entry(id.clone()).or_insert(1);
-                if !(e.is_retryable() && *n < self.config.max_attempts) {
-                    let _ = call.reply.send(Err(e));
-                    return;
-                }
+            Some(Err(e)) if !(e.is_retryable() && 1 < self.config.max_attempts) => {
+                let _ = call.reply.send(Err(e));
+                return;
+            }
+            Some(Err(_)) => {
+                attempts = 1;
                 self.shared.stats().resubmitted += 1;
             }
             None => {}
         }
-        self.waiters.entry(id.clone()).or_default().push(call.reply);
-        if let Entry::Vacant(slot) = self.requests.entry(id.clone()) {
-            slot.insert(call.request);
-            if !self.in_flight_ids.contains(&id) {
-                self.queue.push(id);
+        match self.pending.entry(call.custom_id) {
+            Entry::Occupied(mut p) => p.get_mut().waiters.push(call.reply),
+            Entry::Vacant(slot) => {
+                if !self.in_flight_ids.contains(slot.key()) {
+                    self.queue.push(slot.key().clone());
+                }
+                slot.insert(Pending {
+                    request: call.request,
+                    waiters: vec![call.reply],
+                    attempts,
+                    invalid: false,
+                });
             }
         }
     }
 
     /// When the next wave may be due (after the quiet period and any back-off) or the next
-    /// poll is.
-    fn next_wake(&self) -> Option<Instant> {
-        let quiet = self.last_arrival + self.config.quiet_period;
-        let send = (!self.queue.is_empty() || !self.unconfirmed.is_empty())
+    /// poll is (an hour from now if nothing waits).
+    fn next_wake(&self) -> Instant {
+        let quiet = self.last_arrival + QUIET_PERIOD;
+        let send = (!self.queue.is_empty() || self.has_intents())
             .then(|| quiet.max(self.retry_at.unwrap_or(quiet)));
-        self.flights.iter().map(|f| f.next_poll).chain(send).min()
+        let next = self.flights.iter().map(|f| f.next_poll).chain(send).min();
+        next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
 
     /// Sends the wave if it is due, and polls the batches whose time has come.
-    async fn step(&mut self) -> Result<(), Halt> {
+    async fn step(&mut self) -> Result<(), BackendError> {
         let now = Instant::now();
         let due = self.retry_at.is_none_or(|r| now >= r)
-            && (!self.unconfirmed.is_empty()
+            && (self.has_intents()
                 || self.queue.len() >= self.config.batch_size.get()
-                || (!self.queue.is_empty() && now >= self.last_arrival + self.config.quiet_period));
+                || (!self.queue.is_empty() && now >= self.last_arrival + QUIET_PERIOD));
         if due {
-            self.resolve_unconfirmed().await?;
+            self.resolve_intents().await?;
             if !self.queue.is_empty() && self.retry_at.is_none() {
                 self.send_wave().await?;
             }
         }
-        let mut i = 0;
-        while i < self.flights.len() {
-            if self.flights[i].next_poll <= Instant::now() && self.poll(i).await? {
-                self.flights.swap_remove(i);
-            } else {
-                i += 1;
+        let flights = std::mem::take(&mut self.flights);
+        let (due, rest): (Vec<_>, Vec<_>) = flights.into_iter().partition(|f| f.next_poll <= now);
+        self.flights = rest;
+        for f in due {
+            if let Some(f) = self.poll(f).await? {
+                self.flights.push(f);
             }
         }
-        self.shared.stats().in_flight = (self.flights.len() + self.unconfirmed.len()) as u64;
+        self.count_in_flight();
         Ok(())
     }
 
-    /// After a creation that failed in a way that may have created the batch: finds it by
-    /// listing (then follows it) or sends its requests again.
-    async fn resolve_unconfirmed(&mut self) -> Result<(), Halt> {
-        if self.unconfirmed.is_empty() {
-            return Ok(());
-        }
-        let keys = std::mem::take(&mut self.unconfirmed);
-        let before: HashMap<String, Vec<String>> = self
-            .state
-            .batches
-            .iter()
-            .filter(|b| keys.contains(&b.key))
+    /// Looks for the batches of the intents by listing: each one found is followed, the
+    /// requests of the others go in the next wave. Nothing is sent until they are all found or
+    /// known not to exist; a listing that fails is tried again later, and after
+    /// `max_attempts` (at least 3) failures in a row the run stops.
+    async fn resolve_intents(&mut self) -> Result<(), BackendError> {
+        let intents: Vec<(String, Vec<String>)> = (self.state.batches.iter())
+            .filter(|b| b.provider_id.is_none())
             .map(|b| (b.key.clone(), b.custom_ids.clone()))
             .collect();
+        if intents.is_empty() {
+            return Ok(());
+        }
         match adopt_intents(&*self.api, &mut self.state).await {
-            Ok(_) => {}
-            Err(e) if e.is_fatal() => return Err(Halt::Fatal(e)),
+            Ok(_) => self.list_failures = 0,
             Err(e) => {
+                self.list_failures += 1;
+                if e.is_fatal() || self.list_failures >= self.config.max_attempts.max(3) {
+                    return Err(BackendError::new(
+                        e.kind(),
+                        format!(
+                            "cannot list the batches to find those whose creation was not \
+                             confirmed (nothing is sent until they are found): {}",
+                            e.message()
+                        ),
+                    ));
+                }
                 tracing::warn!(error = %e, "listing the batches failed: trying again later");
-                self.unconfirmed = keys;
                 self.back_off();
                 return Ok(());
             }
         }
         self.save()?;
         self.retry_at = None;
-        for (key, ids) in before {
-            let found = self.state.batches.iter().find(|b| b.key == key);
-            match found.filter(|b| b.provider_id.is_some()).cloned() {
-                Some(record) => self.follow(&record, true, 0.0),
+        for (key, ids) in intents {
+            if self.state.batches.iter().any(|b| b.key == key) {
+                self.follow(&key);
+            } else {
                 // Never created: the requests go out in the next wave.
-                None => self.queue.extend(ids),
+                self.queue.extend(ids);
             }
         }
         Ok(())
@@ -679,65 +633,67 @@ impl Driver {
         self.retry_at = Some(Instant::now() + wait);
     }
 
-    /// Polls the batch of `record` (its provider id known): one this run `created` (counted)
-    /// after the poll interval, one of an earlier run at once.
-    fn follow(&mut self, record: &BatchRecord, created: bool, estimate: f64) {
-        let first_poll = if created {
-            let mut st = self.shared.stats();
+    /// Polls the batch of `key` (its provider id known): one this run created (counted) after
+    /// the poll interval, one of an earlier run (adopted) at once.
+    fn follow(&mut self, key: &str) {
+        let created = !self.earlier.contains(key);
+        let record = self.state.batches.iter().find(|b| b.key == key);
+        let record = record.expect("a batch followed is recorded");
+        let estimate = self.estimate(&record.custom_ids);
+        self.in_flight_ids.extend(record.custom_ids.iter().cloned());
+        let mut st = self.shared.stats();
+        if created {
             st.batches_created += 1;
             st.requests_submitted += record.custom_ids.len() as u64;
+        } else {
+            st.adopted += 1;
+            tracing::info!(id = ?record.provider_id, wave = record.wave, "following a batch of an earlier run");
+        }
+        let first_poll = if created {
             self.config.poll_interval
         } else {
             Duration::ZERO
         };
-        self.in_flight_ids.extend(record.custom_ids.iter().cloned());
         self.flights.push(Flight {
-            key: record.key.clone(),
-            id: record.provider_id.clone().unwrap_or_default(),
-            custom_ids: record.custom_ids.clone(),
-            wave: record.wave,
+            key: key.to_string(),
             next_poll: Instant::now() + first_poll,
             interval: self.config.poll_interval,
-            last: record.state,
             failures: 0,
             estimate,
         });
     }
 
-    /// The estimated cost of sending `ids`, at the budget's prices.
-    fn estimate(&self, prices: Prices, ids: &[String]) -> f64 {
+    /// The estimated cost of sending `ids`, at the budget's prices (0 without a budget).
+    fn estimate(&self, ids: &[String]) -> f64 {
+        let Some((prices, _)) = &self.config.budget else {
+            return 0.0;
+        };
         let mut usage = Usage::default();
-        for id in ids {
-            if let Some(r) = self.requests.get(id) {
-                let bytes = serde_json::to_vec(r).map_or(0, |v| v.len() as u64);
-                usage += Usage::new(bytes / 4, u64::from(r.max_tokens.unwrap_or(1024)));
-            }
+        for r in ids.iter().filter_map(|id| self.pending.get(id)) {
+            let bytes = serde_json::to_vec(&r.request).map_or(0, |v| v.len() as u64);
+            usage += Usage::new(bytes / 4, u64::from(r.request.max_tokens.unwrap_or(1024)));
         }
         prices.cost(usage)
     }
 
     /// Sends the queue as one wave (several batches if the limits ask for it).
-    async fn send_wave(&mut self) -> Result<(), Halt> {
+    async fn send_wave(&mut self) -> Result<(), BackendError> {
         let mut ids = std::mem::take(&mut self.queue);
-        // A request whose every caller is gone and has no other use is still sent: its
-        // result is saved for a rerun.
+        // A request whose every caller is gone is still sent: its result is saved for a rerun.
         let mut seen = HashSet::new();
-        ids.retain(|id| self.requests.contains_key(id) && seen.insert(id.clone()));
+        ids.retain(|id| {
+            self.pending.contains_key(id)
+                && !self.in_flight_ids.contains(id)
+                && seen.insert(id.clone())
+        });
         if ids.is_empty() {
             return Ok(());
         }
         if let Some((prices, max)) = &self.config.budget {
             let spent = prices.cost(self.shared.meter.usage());
             let flying: f64 = self.flights.iter().map(|f| f.estimate).sum();
-            let wave = self.estimate(*prices, &ids);
+            let wave = self.estimate(&ids);
             if spent + flying + wave > *max {
-                tracing::warn!(
-                    spent,
-                    in_flight = flying,
-                    wave,
-                    max,
-                    "cost budget: the next wave is not sent"
-                );
                 self.queue = ids;
                 self.shared.stats().cost_limited = true;
                 self.config.stop.stop_with(
@@ -763,8 +719,8 @@ impl Driver {
         let mut bytes = 0u64;
         for id in ids {
             let request = BatchRequest {
-                custom_id: id.clone(),
-                request: self.requests[&id].clone(),
+                request: self.pending[&id].request.clone(),
+                custom_id: id,
             };
             let size = self.api.request_bytes(&request);
             let full = chunks
@@ -794,8 +750,7 @@ impl Driver {
         rest.append(&mut self.queue);
         self.queue = rest;
         if sent > 0 {
-            let mut st = self.shared.stats();
-            st.waves += 1;
+            self.shared.stats().waves += 1;
             tracing::info!(wave, batches = sent, "wave sent");
         }
         Ok(())
@@ -806,14 +761,11 @@ impl Driver {
         &mut self,
         chunk: Vec<BatchRequest>,
         wave: u64,
-    ) -> Result<Option<Vec<String>>, Halt> {
+    ) -> Result<Option<Vec<String>>, BackendError> {
         let key = format!("{:016x}", rand::random::<u64>());
         let ids: Vec<String> = chunk.iter().map(|r| r.custom_id.clone()).collect();
-        let estimate = match &self.config.budget {
-            Some((prices, _)) => self.estimate(*prices, &ids),
-            None => 0.0,
-        };
-        let record = BatchRecord {
+        // The intent is on disk before the batch can exist.
+        self.state.batches.push(BatchRecord {
             key: key.clone(),
             provider_id: None,
             intent_at: now_secs(),
@@ -822,30 +774,22 @@ impl Driver {
             custom_ids: ids.clone(),
             state: None,
             downloaded: false,
-        };
-        // The intent is on disk before the batch can exist.
-        self.state.batches.push(record);
+        });
         self.save()?;
-        let tag = self.state.tag(&key);
-        let result = self.api.submit(&chunk, &tag).await;
-        let result = result.and_then(|id| check_id(&id).map(str::to_string));
-        let e = match result {
+        let result = self.api.submit(&chunk, &self.state.tag(&key)).await;
+        let e = match result.and_then(|id| check_id(&id).map(str::to_string)) {
             Ok(id) => {
-                let intent = self.state.batches.iter_mut().find(|b| b.key == key);
-                let intent = intent.expect("the intent was pushed above");
-                intent.provider_id = Some(id.clone());
-                let record = intent.clone();
+                tracing::info!(wave, id = %id, requests = ids.len(), "batch created");
+                self.record(&key).provider_id = Some(id);
                 self.save()?;
                 self.submit_failures = 0;
                 self.chunk_cap = self.chunk_cap.saturating_mul(2);
-                tracing::info!(wave, id = %id, requests = ids.len(), "batch created");
-                self.follow(&record, true, estimate);
+                self.follow(&key);
                 return Ok(None);
             }
             Err(e) if e.is_retryable() => {
                 // The batch may exist all the same: look for it before sending again.
                 tracing::warn!(error = %e, "creating a batch failed: looking for it before trying again");
-                self.unconfirmed.push(key);
                 self.back_off();
                 return Ok(Some(Vec::new()));
             }
@@ -855,7 +799,7 @@ impl Driver {
         self.state.batches.retain(|b| b.key != key);
         self.save()?;
         if e.is_fatal() {
-            return Err(Halt::Fatal(e));
+            return Err(e);
         }
         // Refused at creation (a validation the provider makes at once). The requests go again
         // in halves, down to single requests; a single request refused twice fails with the
@@ -872,20 +816,21 @@ impl Driver {
         ))
     }
 
-    /// Polls flight `i`; returns whether it is done (results delivered).
-    async fn poll(&mut self, i: usize) -> Result<bool, Halt> {
-        let id = self.flights[i].id.clone();
+    /// Polls flight `f`; returns it unless its batch is done (results delivered).
+    async fn poll(&mut self, mut f: Flight) -> Result<Option<Flight>, BackendError> {
+        let record = self.record(&f.key);
+        let (id, wave, last) = (record.provider_id.clone(), record.wave, record.state);
+        let id = id.unwrap_or_default();
         let status = self.api.status(&id).await;
         self.shared.stats().polls += 1;
         let status = match status {
             Ok(s) => s,
-            Err(e) => return self.poll_failed(i, e, "polling"),
+            Err(e) => return self.poll_failed(f, &id, e, "polling"),
         };
-        let f = &mut self.flights[i];
         f.failures = 0;
-        if f.last != Some(status.state) {
+        if last != Some(status.state) {
             tracing::info!(
-                wave = f.wave,
+                wave,
                 batch = %id,
                 state = %status.state,
                 succeeded = status.counts.succeeded,
@@ -893,76 +838,78 @@ impl Driver {
                 total = status.counts.total,
                 "batch state"
             );
-            f.last = Some(status.state);
-            f.interval = self.config.poll_interval;
-            let key = f.key.clone();
-            if let Some(r) = self.state.batches.iter_mut().find(|b| b.key == key) {
-                r.state = Some(status.state);
-            }
+            self.record(&f.key).state = Some(status.state);
             self.save()?;
+            f.interval = self.config.poll_interval;
         } else {
             let max = self.config.max_poll_interval.max(self.config.poll_interval);
             f.interval = (f.interval * 3 / 2).min(max);
         }
-        let f = &mut self.flights[i];
         if !status.state.is_ended() {
             f.next_poll = Instant::now() + f.interval;
-            return Ok(false);
+            return Ok(Some(f));
         }
-        self.collect(i, status).await
+        self.collect(f, &id, status).await
     }
 
-    /// After `what` failed for flight `i` with `e`: the run stops on a fatal error or the
-    /// [`MAX_POLL_FAILURES`]th in a row, else flight `i` is polled again soon.
-    fn poll_failed(&mut self, i: usize, e: BackendError, what: &str) -> Result<bool, Halt> {
+    /// After `what` failed for flight `f` (batch `id`) with `e`: the run stops on a fatal
+    /// error or the [`MAX_POLL_FAILURES`]th in a row, else `f` is polled again soon.
+    fn poll_failed(
+        &mut self,
+        mut f: Flight,
+        id: &str,
+        e: BackendError,
+        what: &str,
+    ) -> Result<Option<Flight>, BackendError> {
         if e.is_fatal() {
-            return Err(Halt::Fatal(e));
+            return Err(e);
         }
         self.shared.stats().poll_errors += 1;
-        let f = &mut self.flights[i];
         f.failures += 1;
         if f.failures >= MAX_POLL_FAILURES {
-            return Err(Halt::Fatal(BackendError::new(
+            return Err(BackendError::new(
                 BackendErrorKind::Fatal,
                 format!(
-                    "the batch API failed {} polls in a row of batch {}: {e}",
-                    f.failures, f.id
+                    "the batch API failed {} polls in a row of batch {id}: {e}",
+                    f.failures
                 ),
-            )));
+            ));
         }
-        tracing::warn!(error = %e, batch = %f.id, "{what} failed: trying again");
+        tracing::warn!(error = %e, batch = %id, "{what} failed: trying again");
         f.next_poll = Instant::now() + f.interval.min(Duration::from_secs(60));
-        Ok(false)
+        Ok(Some(f))
     }
 
-    /// Reads the results of ended flight `i`, saves them, and answers the callers.
-    async fn collect(&mut self, i: usize, status: BatchStatus) -> Result<bool, Halt> {
-        let (key, id) = (self.flights[i].key.clone(), self.flights[i].id.clone());
+    /// Reads the results of the ended batch of flight `f`, saves them, and answers the
+    /// callers.
+    async fn collect(
+        &mut self,
+        f: Flight,
+        id: &str,
+        status: BatchStatus,
+    ) -> Result<Option<Flight>, BackendError> {
         let mut results = Vec::new();
+        let custom_ids = self.record(&f.key).custom_ids.clone();
         if status.state == BatchState::Failed {
             self.shared.stats().failed_validation += 1;
-            let message = status
-                .message
-                .clone()
-                .unwrap_or_else(|| "no message".to_string());
+            let message = status.message.as_deref().unwrap_or("no message");
             tracing::warn!(batch = %id, %message, "a batch failed validation");
             let e = BackendError::new(
                 BackendErrorKind::InvalidRequest,
                 format!("the batch failed validation twice: {message}"),
             );
-            for cid in std::mem::take(&mut self.flights[i].custom_ids) {
+            for cid in custom_ids {
                 self.in_flight_ids.remove(&cid);
                 if self.again(&cid, &e) {
                     self.queue.push(cid);
                 }
             }
         } else {
-            let outcomes = match self.api.results(&id).await {
+            let outcomes = match self.api.results(id).await {
                 Ok(o) => o,
-                Err(e) => return self.poll_failed(i, e, "reading the results"),
+                Err(e) => return self.poll_failed(f, id, e, "reading the results"),
             };
-            let mut expected: HashSet<String> =
-                self.flights[i].custom_ids.iter().cloned().collect();
+            let mut expected: HashSet<String> = custom_ids.into_iter().collect();
             for o in outcomes {
                 if expected.remove(&o.custom_id) {
                     results.push((o.custom_id, o.result));
@@ -974,87 +921,71 @@ impl Driver {
             results.extend(expected.into_iter().map(|cid| {
                 let missing =
                     format!("batch {id} ended ({state}) without a result for this request");
-                (
-                    cid,
-                    Err(BackendError::new(BackendErrorKind::Server, missing)),
-                )
+                (cid, Err(BackendError::server(missing)))
             }));
             for (cid, result) in &results {
-                self.log.append(cid, result)?;
+                let written = append_result(&mut self.log, cid, result);
+                self.kept(written)?;
             }
         }
-        if let Some(r) = self.state.batches.iter_mut().find(|b| b.key == key) {
-            r.downloaded = true;
-            r.state = Some(status.state);
-            r.custom_ids = Vec::new();
-        }
+        let record = self.record(&f.key);
+        record.downloaded = true;
+        record.state = Some(status.state);
+        record.custom_ids = Vec::new();
         self.save()?;
         for (cid, result) in results {
-            self.in_flight_ids.remove(&cid);
             self.deliver(cid, result);
         }
-        Ok(true)
+        Ok(None)
     }
 
+    /// Answers the callers of `id` with its result, or sends it again (a retryable error,
+    /// attempts left); a result no caller waits for is kept for one that may come.
     fn deliver(&mut self, id: String, result: Result<Completion, BackendError>) {
-        match result {
-            Ok(c) => {
-                self.attempts.remove(&id);
-                self.requests.remove(&id);
-                match self.waiters.remove(&id) {
-                    Some(waiters) => {
-                        for w in waiters {
-                            let _ = w.send(Ok(c.clone()));
-                        }
-                    }
-                    None => {
-                        self.saved.insert(id, Ok(c));
-                    }
-                }
-            }
-            Err(e) => {
-                let n = self.attempts.entry(id.clone()).or_insert(0);
-                *n += 1;
-                if e.is_retryable()
-                    && *n < self.config.max_attempts
-                    && self.requests.contains_key(&id)
-                {
-                    self.shared.stats().resubmitted += 1;
-                    self.queue.push(id);
-                } else if self.waiters.contains_key(&id) {
-                    self.fail(&id, e);
-                } else {
-                    self.saved.insert(id, Err(e));
-                }
+        self.in_flight_ids.remove(&id);
+        let Some(p) = self.pending.get_mut(&id) else {
+            self.saved.insert(id, result);
+            return;
+        };
+        if let Err(e) = &result {
+            p.attempts += 1;
+            if e.is_retryable() && p.attempts < self.config.max_attempts {
+                self.shared.stats().resubmitted += 1;
+                self.queue.push(id);
+                return;
             }
         }
+        self.answer(&id, &result);
     }
 
     /// Counts a failed validation of `id`: the second one (or one no caller waits for) fails
     /// it with `e`; returns whether it is sent again.
     fn again(&mut self, id: &str, e: &BackendError) -> bool {
-        let n = self.invalid.entry(id.to_string()).or_insert(0);
-        *n += 1;
-        if *n >= 2 || !self.requests.contains_key(id) {
-            self.fail(id, copy_error(e));
-            return false;
-        }
-        self.shared.stats().resubmitted += 1;
-        true
-    }
-
-    fn fail(&mut self, id: &str, e: BackendError) {
-        self.requests.remove(id);
-        self.attempts.remove(id);
-        for w in self.waiters.remove(id).unwrap_or_default() {
-            let _ = w.send(Err(copy_error(&e)));
+        match self.pending.get_mut(id) {
+            Some(p) if !p.invalid => {
+                p.invalid = true;
+                self.shared.stats().resubmitted += 1;
+                true
+            }
+            _ => {
+                self.answer(id, &Err(copy_error(e)));
+                false
+            }
         }
     }
-}
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
+    /// Answers every caller of `id` with `result`.
+    fn answer(&mut self, id: &str, result: &Result<Completion, BackendError>) {
+        for w in self
+            .pending
+            .remove(id)
+            .map(|p| p.waiters)
+            .unwrap_or_default()
+        {
+            let _ = w.send(match result {
+                Ok(c) => Ok(c.clone()),
+                Err(e) => Err(copy_error(e)),
+            });
+        }
     }
 }

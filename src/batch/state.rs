@@ -2,7 +2,6 @@
 //! and the results log (`PAIRS.batch-results.jsonl`).
 
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -103,10 +102,8 @@ impl StateFile {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if it cannot be read,
     /// [`ErrorKind::Parse`](crate::ErrorKind::Parse) if it is not a state file.
     pub fn read(path: &Path) -> Result<Option<StateFile>, Error> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(bytes) = crate::io::append::if_exists(path, std::fs::read)? else {
+            return Ok(None);
         };
         let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
             Error::parse(
@@ -146,15 +143,9 @@ impl StateFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if it cannot be written.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let mut tmp = crate::io::temp_beside(path)?;
-        let json = serde_json::to_vec(self).expect("a batch state serialises");
-        tmp.as_file_mut()
-            .write_all(&json)
-            .and_then(|()| tmp.as_file_mut().write_all(b"\n"))
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
-        crate::io::replace_with(tmp, path)?;
-        Ok(())
+        let mut json = serde_json::to_vec(self).expect("a batch state serialises");
+        json.push(b'\n');
+        crate::io::append::write_replacing(path, &json)
     }
 
     /// The tag of the batch with local key `key`.
@@ -285,76 +276,60 @@ fn kind_from_str(s: &str) -> BackendErrorKind {
 /// A saved result: the custom_id and its completion or error.
 pub(crate) type Saved = (String, Result<Completion, BackendError>);
 
-/// The results log: every result downloaded, appended as soon as it is, locked while open.
-pub(crate) struct ResultsLog {
-    file: AppendFile,
+/// Opens (creating) the results log at `path` (every result downloaded, appended as soon as it
+/// is, locked while open), repairs a torn last line, and reads the results saved so far (a
+/// later line for the same id wins; unreadable lines are skipped with a warning).
+pub(crate) fn open_results(path: &Path) -> Result<(AppendFile, Vec<Saved>), Error> {
+    let file = AppendFile::open(path, SyncPolicy::Always)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut saved = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let line = serde_json::from_slice::<SavedLine>(line).ok();
+        match line.map(|l| (l.custom_id, l.completion, l.error)) {
+            Some((id, Some(c), _)) => saved.push((id, Ok(c))),
+            Some((id, None, Some(e))) => {
+                let mut err = BackendError::new(kind_from_str(&e.kind), e.message);
+                if let Some(s) = e.status {
+                    err = err.with_status(s);
+                }
+                saved.push((id, Err(err)));
+            }
+            _ => tracing::warn!(
+                path = %path.display(),
+                line = i + 1,
+                "unreadable line in the batch results log: skipped"
+            ),
+        }
+    }
+    Ok((file, saved))
 }
 
-impl ResultsLog {
-    /// Opens (creating) the log at `path`, locks it, repairs a torn last line, and reads the
-    /// results saved so far (a later line for the same id wins; unreadable lines are skipped
-    /// with a warning).
-    pub(crate) fn open(path: &Path) -> Result<(Self, Vec<Saved>), Error> {
-        let file = AppendFile::open(path, SyncPolicy::Always)?;
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut saved = Vec::new();
-        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let line = serde_json::from_slice::<SavedLine>(line).ok();
-            match line.map(|l| (l.custom_id, l.completion, l.error)) {
-                Some((id, Some(c), _)) => saved.push((id, Ok(c))),
-                Some((id, None, Some(e))) => {
-                    let mut err = BackendError::new(kind_from_str(&e.kind), e.message);
-                    if let Some(s) = e.status {
-                        err = err.with_status(s);
-                    }
-                    saved.push((id, Err(err)));
-                }
-                _ => tracing::warn!(
-                    path = %path.display(),
-                    line = i + 1,
-                    "unreadable line in the batch results log: skipped"
-                ),
-            }
-        }
-        Ok((ResultsLog { file }, saved))
-    }
-
-    /// Appends one result.
-    pub(crate) fn append(
-        &mut self,
-        custom_id: &str,
-        result: &Result<Completion, BackendError>,
-    ) -> Result<(), Error> {
-        let line = SavedLine {
-            custom_id: custom_id.to_string(),
-            completion: result.as_ref().ok().cloned(),
-            error: result.as_ref().err().map(|e| SavedError {
-                kind: e.kind().as_str().to_string(),
-                message: e.message().to_string(),
-                status: e.status(),
-            }),
-        };
-        let json = serde_json::to_vec(&line).expect("a result serialises");
-        self.file.write_line(&json)
-    }
-
-    /// Whether the log holds no line (none before this run, none written by it).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.file.lines() == 0 && std::fs::metadata(self.file.path()).is_ok_and(|m| m.len() == 0)
-    }
-
-    /// Syncs and closes the log.
-    pub(crate) fn close(self) -> Result<(), Error> {
-        self.file.close()
-    }
+/// Appends one result to the results `log`.
+pub(crate) fn append_result(
+    log: &mut AppendFile,
+    custom_id: &str,
+    result: &Result<Completion, BackendError>,
+) -> Result<(), Error> {
+    let line = SavedLine {
+        custom_id: custom_id.to_string(),
+        completion: result.as_ref().ok().cloned(),
+        error: result.as_ref().err().map(|e| SavedError {
+            kind: e.kind().as_str().to_string(),
+            message: e.message().to_string(),
+            status: e.status(),
+        }),
+    };
+    let json = serde_json::to_vec(&line).expect("a result serialises");
+    log.write_line(&json)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn state_round_trips_and_writes_atomically() {
@@ -389,16 +364,17 @@ mod tests {
     fn results_log_keeps_completions_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let (mut log, saved) = ResultsLog::open(&path).unwrap();
+        let (mut log, saved) = open_results(&path).unwrap();
         assert!(saved.is_empty());
-        log.append("a", &Ok(Completion::new("hi"))).unwrap();
-        log.append(
+        append_result(&mut log, "a", &Ok(Completion::new("hi"))).unwrap();
+        append_result(
+            &mut log,
             "b",
             &Err(BackendError::new(BackendErrorKind::InvalidRequest, "bad").with_status(400)),
         )
         .unwrap();
         // A second open is refused while the first holds the lock.
-        assert!(ResultsLog::open(&path).is_err());
+        assert!(open_results(&path).is_err());
         log.close().unwrap();
         // A torn last line (a crash mid-write) is cut, the rest read.
         let mut f = std::fs::OpenOptions::new()
@@ -407,7 +383,7 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"custom_id\":\"c\",\"compl").unwrap();
         drop(f);
-        let (_log, saved) = ResultsLog::open(&path).unwrap();
+        let (_log, saved) = open_results(&path).unwrap();
         assert_eq!(saved.len(), 2);
         assert_eq!(saved[0].1.as_ref().unwrap().text, "hi");
         let e = saved[1].1.as_ref().unwrap_err();

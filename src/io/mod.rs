@@ -24,7 +24,7 @@ mod writer;
 #[cfg(any(feature = "batch", feature = "parquet"))]
 pub(crate) use append::sidecar;
 #[cfg(feature = "batch")]
-pub(crate) use append::{replace_with, sync_parent, temp_beside, AppendFile};
+pub(crate) use append::AppendFile;
 pub use append::{OutputFile, Repair, SyncPolicy};
 pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use ledger::{FailureLedger, FailureRecord};
