@@ -114,6 +114,19 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// Builder setters (every builder of the crate): `name(arg: Type) => field = value;` writes
+/// `pub fn name(mut self, arg: Type) -> Self { self.field = value; self }` (attributes and doc
+/// comments before it go on the method).
+macro_rules! setters {
+    ($($(#[$attr:meta])* $name:ident($arg:ident: $ty:ty) => $($field:ident).+ = $value:expr;)*) => {$(
+        $(#[$attr])*
+        pub fn $name(mut self, $arg: $ty) -> Self {
+            self.$($field).+ = $value;
+            self
+        }
+    )*};
+}
+
 pub mod aspect;
 pub mod backend;
 #[cfg(feature = "batch")]

@@ -627,7 +627,7 @@ impl JudgeCheck {
         }
     }
 
-    crate::checks::setters! {
+    setters! {
         /// How many examples to judge (all of them if there are fewer). Default: 100.
         k(k: usize) => k = k;
         /// The seed of the sample and of the judge calls. Default: 0.

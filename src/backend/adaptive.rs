@@ -129,7 +129,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::{lock, setters, Completion, CompletionRequest, LlmBackend};
+use crate::backend::{lock, Completion, CompletionRequest, LlmBackend};
 use crate::error::{BackendError, BackendErrorKind};
 
 // ---------------------------------------------------------------------------------------------

@@ -509,20 +509,6 @@ macro_rules! forward_names {
 }
 pub(crate) use forward_names;
 
-/// Builder setters: `name(arg: Type) => field = value;` writes
-/// `pub fn name(mut self, arg: Type) -> Self { self.field = value; self }` (attributes and doc
-/// comments before it go on the method).
-macro_rules! setters {
-    ($($(#[$attr:meta])* $name:ident($arg:ident: $ty:ty) => $($field:ident).+ = $value:expr;)*) => {$(
-        $(#[$attr])*
-        pub fn $name(mut self, $arg: $ty) -> Self {
-            self.$($field).+ = $value;
-            self
-        }
-    )*};
-}
-pub(crate) use setters;
-
 #[cfg(test)]
 mod tests {
     use super::*;

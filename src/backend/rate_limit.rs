@@ -43,7 +43,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 
-use crate::backend::{setters, Completion, CompletionRequest, LlmBackend};
+use crate::backend::{Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 
 /// tokio's clock (paused and advanced in tests), for governor: the time since the bucket was

@@ -50,7 +50,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{setters, Completion, CompletionRequest, LlmBackend};
+use crate::backend::{Completion, CompletionRequest, LlmBackend};
 use crate::error::{BackendError, BackendErrorKind};
 
 /// How [`Retry`] waits and when it gives up.

@@ -53,7 +53,7 @@ use super::cache::{Cache, Cached};
 use super::meter::{CallMeter, Metered};
 use super::rate_limit::{Bucket, RateLimit};
 use super::retry::{Retry, RetryPolicy, RetryStats};
-use super::{setters, Completion, CompletionRequest, LlmBackend};
+use super::{Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
 
 /// The wrappers to put around a backend, named in any order, built in the one that works (see

@@ -27,21 +27,6 @@ pub const NEAR_IDENTICAL_JACCARD: f64 = 0.9;
 
 pub use similarity::token_jaccard;
 
-/// Builder setters that each store their argument, or a value made from it, in a field:
-/// `name(arg: Type) => field = value;` (the builders of the checks, the report and the export).
-macro_rules! setters {
-    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
-        $(
-            $(#[$doc])*
-            pub fn $name(mut self, $arg: $ty) -> Self {
-                self.$field = $value;
-                self
-            }
-        )*
-    };
-}
-pub(crate) use setters;
-
 /// Phrases that show the model talked about the task instead of answering it.
 const META: &[&str] = &[
     "existing answer",

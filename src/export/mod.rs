@@ -275,7 +275,7 @@ impl DatasetExport {
         }
     }
 
-    crate::checks::setters! {
+    setters! {
         /// The share of examples in the `test` split, in `[0, 1]` ([`split_of`]). Default 0: a
         /// `train` split only.
         test_fraction(fraction: f64) => test_fraction = fraction;

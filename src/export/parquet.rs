@@ -46,7 +46,7 @@ impl ParquetOptions {
         Self::default()
     }
 
-    crate::checks::setters! {
+    setters! {
         /// At most this many rows per row group. Default 10,000.
         rows_per_group(rows: NonZeroUsize) => rows_per_group = rows;
     }
@@ -282,7 +282,7 @@ impl<W: Write + Send> ParquetWriter<W> {
         })
     }
 
-    crate::checks::setters! {
+    setters! {
         /// The name errors give for the destination (a path; default `<parquet>`).
         #[must_use]
         named(name: impl Into<PathBuf>) => name = name.into();
