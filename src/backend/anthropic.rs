@@ -75,7 +75,7 @@
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::SecretString;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::backend::http::{self, Fields, HttpBackend, HttpBackendBuilder, Provider, ServerError};
 use crate::backend::{Completion, CompletionRequest, Message, Role, Usage};
@@ -129,15 +129,6 @@ impl AnthropicBackendBuilder {
     }
 }
 
-/// The messages of a conversation but its system messages.
-struct NonSystem<'a>(&'a [Message]);
-
-impl Serialize for NonSystem<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().filter(|m| m.role != Role::System))
-    }
-}
-
 impl Provider for Anthropic {
     const NAME: &'static str = "anthropic";
     const PATH: &'static str = "messages";
@@ -175,25 +166,19 @@ impl Provider for Anthropic {
         r: &CompletionRequest,
         fields: &mut Fields<'_, M>,
     ) -> Result<(), M::Error> {
-        fields.set("model", model)?;
+        fields.set("model", Some(model))?;
+        fields.set("max_tokens", r.max_tokens.or(Some(self.default_max_tokens)))?;
+        let (system, messages): (Vec<&Message>, Vec<&Message>) =
+            r.messages.iter().partition(|m| m.role == Role::System);
+        let system: Vec<&str> = system.iter().map(|m| m.content.as_str()).collect();
         fields.set(
-            "max_tokens",
-            &r.max_tokens.unwrap_or(self.default_max_tokens),
-        )?;
-        let system: Vec<&str> = r
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::System)
-            .map(|m| m.content.as_str())
-            .collect();
-        fields.opt(
             "system",
             Some(system.join("\n\n")).filter(|_| !system.is_empty()),
         )?;
-        fields.set("messages", &NonSystem(&r.messages))?;
-        fields.opt("temperature", r.temperature)?;
-        fields.opt("top_p", r.top_p)?;
-        fields.opt("stop_sequences", Some(&r.stop).filter(|s| !s.is_empty()))
+        fields.set("messages", Some(messages))?;
+        fields.set("temperature", r.temperature)?;
+        fields.set("top_p", r.top_p)?;
+        fields.set("stop_sequences", Some(&r.stop).filter(|s| !s.is_empty()))
     }
 
     /// The completion in a 2xx Messages API body (the online answer, or the `message` of a

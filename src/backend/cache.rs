@@ -141,10 +141,8 @@ pub struct CacheStats {
 }
 
 enum Command {
-    Put {
-        key: [u8; 32],
-        value: Arc<Vec<u8>>,
-    },
+    /// A completion's JSON under its key.
+    Put([u8; 32], Arc<Vec<u8>>),
     /// A durable commit of everything queued before, after clearing the table if `clear`.
     Sync {
         clear: bool,
@@ -317,35 +315,30 @@ impl Cache {
     pub async fn get(&self, key: [u8; 32]) -> Option<Completion> {
         let s = &*self.inner.shared;
         let queued = lock(&s.pending).get(&key).cloned();
-        let found = match queued {
-            Some(v) => Ok(Some(Vec::clone(&v))),
-            None => read(&s.db, &key).map_err(|e| ("read failed", e.to_string())),
+        let parse = |b: &[u8]| {
+            let parsed = serde_json::from_slice::<Completion>(b);
+            parsed.map_err(|e| ("unreadable entry", e.to_string()))
         };
-        let hit = found.and_then(|bytes| {
-            let parsed = bytes.map(|b| serde_json::from_slice::<Completion>(&b));
-            parsed
-                .transpose()
-                .map_err(|e| ("unreadable entry", e.to_string()))
+        let found = match queued {
+            Some(v) => parse(&v).map(Some),
+            None => read(&s.db, &key)
+                .map_err(|e| ("read failed", e.to_string()))
+                .and_then(|b| b.as_deref().map(parse).transpose()),
+        };
+        let hit = found.unwrap_or_else(|(what, e)| {
+            lock(&s.stats).errors += 1;
+            tracing::warn!(error = %e, "response cache: {what}; calling the backend");
+            None
         });
         let mut stats = lock(&s.stats);
-        match hit {
-            Ok(Some(c)) => {
+        match &hit {
+            Some(c) => {
                 stats.hits += 1;
                 stats.hit_tokens += c.usage.total();
-                Some(c)
             }
-            Ok(None) => {
-                stats.misses += 1;
-                None
-            }
-            Err((what, e)) => {
-                stats.errors += 1;
-                stats.misses += 1;
-                drop(stats);
-                tracing::warn!(error = %e, "response cache: {what}; calling the backend");
-                None
-            }
+            None => stats.misses += 1,
         }
+        hit
     }
 
     /// Queues `completion` to be stored under `key`; returns once it is queued, not once it
@@ -362,7 +355,7 @@ impl Cache {
         match self.inner.tx.reserve().await {
             Ok(permit) => {
                 lock(&self.inner.shared.pending).insert(key, value.clone());
-                permit.send(Command::Put { key, value });
+                permit.send(Command::Put(key, value));
             }
             Err(_) => {
                 lock(&self.inner.shared.stats).errors += 1;
@@ -385,7 +378,7 @@ fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
             batch.push(c);
         }
     };
-    let is_put = |c: &Command| matches!(c, Command::Put { .. });
+    let is_put = |c: &Command| matches!(c, Command::Put(..));
     loop {
         // While a commit is not durable, wait no longer than until it must be.
         let next = if undurable {
@@ -430,7 +423,7 @@ fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
         let mut pending = lock(&shared.pending);
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Put { key, value } => {
+                Command::Put(key, value) => {
                     if pending.get(&key).is_some_and(|v| Arc::ptr_eq(v, &value)) {
                         pending.remove(&key);
                     }
@@ -467,7 +460,7 @@ fn commit(db: &Database, batch: &[Command], durable: bool) -> Result<(), redb::E
     let mut table = txn.open_table(TABLE)?;
     for cmd in batch {
         match cmd {
-            Command::Put { key, value } => drop(table.insert(&key[..], &value[..])?),
+            Command::Put(key, value) => drop(table.insert(&key[..], &value[..])?),
             Command::Sync { clear: true, .. } => table.retain(|_, _| false)?,
             Command::Sync { .. } => {}
         }

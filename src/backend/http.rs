@@ -264,10 +264,8 @@ pub(crate) async fn send(
     url: &Url,
     max_bytes: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| transport_error(method, e, url))?;
+    let failed = |e| transport_error(method, e, url);
+    let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
     // Moved out, not copied (`content_length` is the body's, not read from the headers).
     let headers = std::mem::take(response.headers_mut());
@@ -286,11 +284,7 @@ pub(crate) async fn send(
     }
     let mut bytes = Vec::with_capacity(declared.map_or(16 << 10, |len| len as usize).min(limit));
     // Read chunk by chunk, so a body that never ends (or a huge one) costs at most the cap.
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| transport_error(method, e, url))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
         let room = limit - bytes.len();
         if chunk.len() > room {
             if ok {
@@ -865,27 +859,18 @@ pub struct Fields<'a, M> {
 }
 
 impl<M: SerializeMap> Fields<'_, M> {
-    /// Writes one field, unless an extra body field of the same name replaces it.
-    pub(crate) fn set<V: Serialize + ?Sized>(
-        &mut self,
-        name: &str,
-        value: &V,
-    ) -> Result<(), M::Error> {
-        if self.extra.contains_key(name) {
-            Ok(())
-        } else {
-            self.map.serialize_entry(name, value)
-        }
-    }
-
-    /// Writes a field that is set (an `f32` setting as its shortest decimal, `0.7`, as
-    /// `serde_json` writes an `f32`).
-    pub(crate) fn opt<V: Serialize>(
+    /// Writes one field if it is set (`Some`), unless an extra body field of the same name
+    /// replaces it. An `f32` setting is written as its shortest decimal (`0.7`), as
+    /// `serde_json` writes an `f32`.
+    pub(crate) fn set<V: Serialize>(
         &mut self,
         name: &str,
         value: Option<V>,
     ) -> Result<(), M::Error> {
-        value.map_or(Ok(()), |v| self.set(name, &v))
+        match value {
+            Some(v) if !self.extra.contains_key(name) => self.map.serialize_entry(name, &v),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -150,13 +150,13 @@ impl Provider for OpenAi {
         r: &CompletionRequest,
         fields: &mut Fields<'_, M>,
     ) -> Result<(), M::Error> {
-        fields.set("model", model)?;
-        fields.set("messages", &r.messages)?;
-        fields.opt("temperature", r.temperature)?;
-        fields.opt("top_p", r.top_p)?;
-        fields.opt(&self.max_tokens_field, r.max_tokens)?;
-        fields.opt("seed", r.seed)?;
-        fields.opt("stop", Some(&r.stop).filter(|s| !s.is_empty()))
+        fields.set("model", Some(model))?;
+        fields.set("messages", Some(&r.messages))?;
+        fields.set("temperature", r.temperature)?;
+        fields.set("top_p", r.top_p)?;
+        fields.set(&self.max_tokens_field, r.max_tokens)?;
+        fields.set("seed", r.seed)?;
+        fields.set("stop", Some(&r.stop).filter(|s| !s.is_empty()))
     }
 
     /// The completion in a 2xx chat completion body (the online answer, or one line of a
