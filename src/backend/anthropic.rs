@@ -32,11 +32,13 @@
 //!
 //! # Stop reasons
 //!
-//! `end_turn` and `stop_sequence` map to [`FinishReason::Stop`], `max_tokens` to
-//! [`FinishReason::Length`], `refusal` to [`FinishReason::ContentFilter`], anything else to
-//! [`FinishReason::Other`]. As for the OpenAI backend, a `Length` or `ContentFilter` answer
-//! with text is returned as a completion, and one without text is an error of kind
-//! [`Length`](BackendErrorKind::Length) or [`ContentFilter`](BackendErrorKind::ContentFilter).
+//! `end_turn` and `stop_sequence` map to [`FinishReason::Stop`](crate::FinishReason::Stop),
+//! `max_tokens` to [`Length`](crate::FinishReason::Length), `refusal` to
+//! [`ContentFilter`](crate::FinishReason::ContentFilter) (OpenAI's words for these, which the
+//! two backends share, too), anything else to [`Other`](crate::FinishReason::Other). As for the
+//! OpenAI backend, a `Length` or `ContentFilter` answer with text is returned as a completion,
+//! and one without text is an error of kind [`Length`](BackendErrorKind::Length) or
+//! [`ContentFilter`](BackendErrorKind::ContentFilter).
 //! `prompt_tokens` counts `input_tokens` plus the cache creation and cache read tokens.
 //!
 //! # Errors
@@ -73,10 +75,10 @@
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use secrecy::SecretString;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::backend::http::{self, Fields, HttpBackend, HttpBackendBuilder, Provider, ServerError};
-use crate::backend::{Completion, CompletionRequest, FinishReason, Message, Role, Usage};
+use crate::backend::{Completion, CompletionRequest, Message, Role, Usage};
 use crate::error::{BackendError, BackendErrorKind, Error};
 
 /// The default base URL, Anthropic's API.
@@ -118,26 +120,12 @@ impl Default for Anthropic {
 }
 
 impl AnthropicBackendBuilder {
-    /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
-    pub fn version(mut self, version: impl Into<String>) -> Self {
-        self.provider.version = version.into();
-        self
-    }
-
-    /// The `max_tokens` sent when a request sets none (the API requires one). Default 1024;
-    /// `build` rejects 0.
-    pub fn default_max_tokens(mut self, max_tokens: u32) -> Self {
-        self.provider.default_max_tokens = max_tokens;
-        self
-    }
-}
-
-/// The messages of a conversation but its system messages.
-struct NonSystem<'a>(&'a [Message]);
-
-impl Serialize for NonSystem<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().filter(|m| m.role != Role::System))
+    http::setters! {
+        /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
+        version(self, version: impl Into<String>) self.provider.version = version.into();
+        /// The `max_tokens` sent when a request sets none (the API requires one). Default 1024;
+        /// `build` rejects 0.
+        default_max_tokens(self, max_tokens: u32) self.provider.default_max_tokens = max_tokens;
     }
 }
 
@@ -178,25 +166,19 @@ impl Provider for Anthropic {
         r: &CompletionRequest,
         fields: &mut Fields<'_, M>,
     ) -> Result<(), M::Error> {
-        fields.set("model", model)?;
+        fields.set("model", Some(model))?;
+        fields.set("max_tokens", r.max_tokens.or(Some(self.default_max_tokens)))?;
+        let (system, messages): (Vec<&Message>, Vec<&Message>) =
+            r.messages.iter().partition(|m| m.role == Role::System);
+        let system: Vec<&str> = system.iter().map(|m| m.content.as_str()).collect();
         fields.set(
-            "max_tokens",
-            &r.max_tokens.unwrap_or(self.default_max_tokens),
-        )?;
-        let system: Vec<&str> = r
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::System)
-            .map(|m| m.content.as_str())
-            .collect();
-        fields.opt(
             "system",
             Some(system.join("\n\n")).filter(|_| !system.is_empty()),
         )?;
-        fields.set("messages", &NonSystem(&r.messages))?;
-        fields.opt("temperature", r.temperature.map(http::f32_json))?;
-        fields.opt("top_p", r.top_p.map(http::f32_json))?;
-        fields.opt("stop_sequences", Some(&r.stop).filter(|s| !s.is_empty()))
+        fields.set("messages", Some(messages))?;
+        fields.set("temperature", r.temperature)?;
+        fields.set("top_p", r.top_p)?;
+        fields.set("stop_sequences", Some(&r.stop).filter(|s| !s.is_empty()))
     }
 
     /// The completion in a 2xx Messages API body (the online answer, or the `message` of a
@@ -223,12 +205,6 @@ impl Provider for Anthropic {
             .filter(|b| b.kind == "text")
             .filter_map(|b| b.text.as_deref())
             .collect();
-        let finish_reason = match wire.stop_reason.as_deref() {
-            None | Some("end_turn" | "stop_sequence") => FinishReason::Stop,
-            Some("max_tokens") => FinishReason::Length,
-            Some("refusal") => FinishReason::ContentFilter,
-            Some(other) => FinishReason::Other(other.to_string()),
-        };
         let usage = wire.usage.map_or(Usage::default(), |u| {
             Usage::new(
                 u.input_tokens
@@ -240,7 +216,7 @@ impl Provider for Anthropic {
         });
         http::completion(
             text,
-            finish_reason,
+            wire.stop_reason.as_deref(),
             usage,
             wire.model,
             model,

@@ -59,11 +59,9 @@
 //!
 //! Design notes and measurements: see ARCHITECTURE.md in the repository.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -142,28 +140,20 @@ pub struct CacheStats {
     pub errors: u64,
 }
 
-type Reply = oneshot::Sender<Result<(), String>>;
-
 enum Command {
-    Put {
-        key: [u8; 32],
-        value: Arc<Vec<u8>>,
-    },
+    /// A completion's JSON under its key.
+    Put([u8; 32], Arc<Vec<u8>>),
     /// A durable commit of everything queued before, after clearing the table if `clear`.
     Sync {
         clear: bool,
-        reply: Reply,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
 /// What the clones of a [`Cache`] and its writer thread share.
 struct Shared {
     db: Database,
-    hits: AtomicU64,
-    hit_tokens: AtomicU64,
-    misses: AtomicU64,
-    stored: AtomicU64,
-    errors: AtomicU64,
+    stats: Mutex<CacheStats>,
     /// Completions queued but not yet committed, so a lookup finds them meanwhile. Holds at
     /// most the queue plus the batch being committed.
     pending: Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>,
@@ -172,17 +162,19 @@ struct Shared {
 struct Inner {
     shared: Arc<Shared>,
     path: PathBuf,
-    /// `None` only while dropping.
-    tx: Option<mpsc::Sender<Command>>,
-    writer: Option<JoinHandle<()>>,
+    tx: mpsc::Sender<Command>,
+    /// Dropped after `tx` (fields are dropped in order): the closed channel lets the writer
+    /// commit what is queued and end.
+    _writer: Writer,
 }
 
-impl Drop for Inner {
+/// The writer thread, joined when dropped, which releases the database before the file can
+/// be opened again.
+struct Writer(Option<JoinHandle<()>>);
+
+impl Drop for Writer {
     fn drop(&mut self) {
-        // Closing the channel lets the writer commit what is queued and end; joining it
-        // releases the database before the file can be opened again.
-        self.tx = None;
-        if let Some(h) = self.writer.take() {
+        if let Some(h) = self.0.take() {
             let _ = h.join();
         }
     }
@@ -210,10 +202,6 @@ fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
         path.to_path_buf(),
         std::io::Error::other(format!("response cache: {e}")),
     )
-}
-
-fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// The stored bytes under `key`, if any.
@@ -248,11 +236,7 @@ impl Cache {
         commit(&db, &[], true).map_err(|e| db_err(path, e))?;
         let shared = Arc::new(Shared {
             db,
-            hits: AtomicU64::new(0),
-            hit_tokens: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            stored: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            stats: Mutex::default(),
             pending: Mutex::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -265,8 +249,8 @@ impl Cache {
             inner: Arc::new(Inner {
                 shared,
                 path: path.to_path_buf(),
-                tx: Some(tx),
-                writer: Some(writer),
+                tx,
+                _writer: Writer(Some(writer)),
             }),
         })
     }
@@ -280,22 +264,7 @@ impl Cache {
     /// The counters since the cache was opened.
     #[must_use]
     pub fn stats(&self) -> CacheStats {
-        let s = &*self.inner.shared;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CacheStats {
-            hits: get(&s.hits),
-            hit_tokens: get(&s.hit_tokens),
-            misses: get(&s.misses),
-            stored: get(&s.stored),
-            errors: get(&s.errors),
-        }
-    }
-
-    fn tx(&self) -> &mpsc::Sender<Command> {
-        self.inner
-            .tx
-            .as_ref()
-            .expect("set until the cache is dropped")
+        *lock(&self.inner.shared.stats)
     }
 
     /// Queues a durable commit (after clearing the table if `clear`) and waits until it, so
@@ -303,10 +272,10 @@ impl Cache {
     async fn sync(&self, clear: bool) -> Result<(), Error> {
         let (reply, done) = oneshot::channel();
         // Should the writer be gone, the reply is dropped with the command.
-        let _ = self.tx().send(Command::Sync { clear, reply }).await;
+        let _ = self.inner.tx.send(Command::Sync { clear, reply }).await;
         done.await
             .unwrap_or_else(|_| Err("cache writer stopped".to_string()))
-            .map_err(|e| db_err(&self.inner.path, e))
+            .map_err(|e| db_err(self.path(), e))
     }
 
     /// Removes every stored completion (and commits what was queued before).
@@ -329,20 +298,16 @@ impl Cache {
     }
 
     /// How many completions are committed (not counting those still queued: see
-    /// [`flush`](Self::flush)).
+    /// [`flush`](Self::flush)). A read of the table's header, on the calling task.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the database cannot be read.
     pub async fn entries(&self) -> Result<u64, Error> {
-        let shared = self.inner.shared.clone();
-        let path = self.inner.path.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64, redb::Error> {
-            Ok(shared.db.begin_read()?.open_table(TABLE)?.len()?)
-        })
-        .await
-        .map_err(|e| db_err(&path, e))?
-        .map_err(|e| db_err(&path, e))
+        let db = &self.inner.shared.db;
+        let count =
+            || -> Result<u64, redb::Error> { Ok(db.begin_read()?.open_table(TABLE)?.len()?) };
+        count().map_err(|e| db_err(self.path(), e))
     }
 
     /// Looks `key` up; `None` on a miss or a read error (counted in
@@ -350,34 +315,30 @@ impl Cache {
     pub async fn get(&self, key: [u8; 32]) -> Option<Completion> {
         let s = &*self.inner.shared;
         let queued = lock(&s.pending).get(&key).cloned();
-        let found = match &queued {
-            Some(v) => Ok(Some(Cow::Borrowed(&**v))),
-            None => read(&s.db, &key).map(|r| r.map(Cow::Owned)),
+        let parse = |b: &[u8]| {
+            let parsed = serde_json::from_slice::<Completion>(b);
+            parsed.map_err(|e| ("unreadable entry", e.to_string()))
         };
-        let hit = match found {
-            Ok(Some(bytes)) => serde_json::from_slice::<Completion>(&bytes)
-                .map(Some)
-                .map_err(|e| ("unreadable entry", e.to_string())),
-            Ok(None) => Ok(None),
-            Err(e) => Err(("read failed", e.to_string())),
+        let found = match queued {
+            Some(v) => parse(&v).map(Some),
+            None => read(&s.db, &key)
+                .map_err(|e| ("read failed", e.to_string()))
+                .and_then(|b| b.as_deref().map(parse).transpose()),
         };
-        match hit {
-            Ok(Some(c)) => {
-                add(&s.hits, 1);
-                add(&s.hit_tokens, c.usage.total());
-                Some(c)
+        let hit = found.unwrap_or_else(|(what, e)| {
+            lock(&s.stats).errors += 1;
+            tracing::warn!(error = %e, "response cache: {what}; calling the backend");
+            None
+        });
+        let mut stats = lock(&s.stats);
+        match &hit {
+            Some(c) => {
+                stats.hits += 1;
+                stats.hit_tokens += c.usage.total();
             }
-            Ok(None) => {
-                add(&s.misses, 1);
-                None
-            }
-            Err((what, e)) => {
-                add(&s.errors, 1);
-                add(&s.misses, 1);
-                tracing::warn!(error = %e, "response cache: {what}; calling the backend");
-                None
-            }
+            None => stats.misses += 1,
         }
+        hit
     }
 
     /// Queues `completion` to be stored under `key`; returns once it is queued, not once it
@@ -391,13 +352,13 @@ impl Cache {
         // An `Arc<Vec>` rather than `Arc<[u8]>`, which would copy the bytes once more.
         let value = Arc::new(value);
         // Wait for room first, so a caller dropped meanwhile leaves nothing pending.
-        match self.tx().reserve().await {
+        match self.inner.tx.reserve().await {
             Ok(permit) => {
                 lock(&self.inner.shared.pending).insert(key, value.clone());
-                permit.send(Command::Put { key, value });
+                permit.send(Command::Put(key, value));
             }
             Err(_) => {
-                add(&self.inner.shared.errors, 1);
+                lock(&self.inner.shared.stats).errors += 1;
                 tracing::warn!(
                     error = "cache writer stopped",
                     "response cache: write failed"
@@ -410,66 +371,51 @@ impl Cache {
 fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // When the last durable commit was, and whether commits since are not durable yet.
-    let mut last_durable = Instant::now();
-    let mut undurable = false;
+    let (mut last_durable, mut undurable) = (Instant::now(), false);
     let drain = |rx: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>| {
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
+            let Ok(c) = rx.try_recv() else { break };
+            batch.push(c);
         }
     };
-    let is_put = |c: &Command| matches!(c, Command::Put { .. });
+    let is_put = |c: &Command| matches!(c, Command::Put(..));
     loop {
+        // While a commit is not durable, wait no longer than until it must be.
         let next = if undurable {
             recv_until(&mut rx, last_durable + DURABLE_EVERY)
         } else {
-            rx.blocking_recv().ok_or(Idle::Closed)
+            rx.blocking_recv()
         };
-        let first = match next {
-            Ok(c) => c,
-            Err(idle) => {
-                // Nothing more came within the period, or the cache is closing: make what was
-                // committed durable (a durable commit of nothing).
-                if undurable {
-                    if let Err(e) = commit(&shared.db, &[], true) {
-                        tracing::warn!(error = %e, "response cache: write failed");
-                    }
-                    undurable = false;
-                    last_durable = Instant::now();
-                }
-                match idle {
-                    Idle::Timeout => continue,
-                    Idle::Closed => return,
+        match next {
+            Some(c) => {
+                batch.push(c);
+                drain(&mut rx, &mut batch);
+                // Nobody waits for a write: let more gather, so one transaction takes more
+                // of them. A flush or clear is served at once.
+                if batch.len() < MAX_BATCH && batch.iter().all(is_put) {
+                    std::thread::sleep(LINGER);
+                    drain(&mut rx, &mut batch);
                 }
             }
-        };
-        batch.push(first);
-        drain(&mut rx, &mut batch);
-        // Nobody waits for a write: let more gather, so one transaction takes more of them.
-        // A flush or clear is served at once.
-        if batch.len() < MAX_BATCH && batch.iter().all(is_put) {
-            std::thread::sleep(LINGER);
-            drain(&mut rx, &mut batch);
+            // The cache is closed and every commit is durable.
+            None if !undurable => return,
+            // The period is over (or the cache is closing): a durable commit of nothing.
+            None => {}
         }
         let puts = batch.iter().filter(|c| is_put(c)).count();
         // Durable at least once per period, and for a flush or a clear (whose callers wait).
-        let durable = last_durable.elapsed() >= DURABLE_EVERY || puts < batch.len();
+        let durable =
+            batch.is_empty() || puts < batch.len() || last_durable.elapsed() >= DURABLE_EVERY;
         let result = commit(&shared.db, &batch, durable).map_err(|e| e.to_string());
         if durable {
             last_durable = Instant::now();
-            undurable = false;
-        } else {
-            undurable |= result.is_ok();
         }
+        undurable = !durable && (undurable || result.is_ok());
         match &result {
-            Ok(()) => add(&shared.stored, puts as u64),
+            Ok(()) => lock(&shared.stats).stored += puts as u64,
             Err(e) => {
-                add(&shared.errors, puts as u64);
-                if puts > 0 {
-                    tracing::warn!(error = %e, completions = puts, "response cache: write failed");
-                }
+                lock(&shared.stats).errors += puts as u64;
+                tracing::warn!(error = %e, completions = puts, "response cache: write failed");
             }
         }
         // Committed (or failed): lookups go to the database again. A newer value queued for
@@ -477,7 +423,7 @@ fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
         let mut pending = lock(&shared.pending);
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Put { key, value } => {
+                Command::Put(key, value) => {
                     if pending.get(&key).is_some_and(|v| Arc::ptr_eq(v, &value)) {
                         pending.remove(&key);
                     }
@@ -490,27 +436,18 @@ fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
     }
 }
 
-/// Why no command came.
-enum Idle {
-    Timeout,
-    Closed,
-}
-
-/// The next command, waiting until `deadline` at most. The writer only waits this way while a
-/// commit is not yet durable (for up to [`DURABLE_EVERY`]), so polling at a few milliseconds
-/// costs nothing that matters.
-fn recv_until(rx: &mut mpsc::Receiver<Command>, deadline: Instant) -> Result<Command, Idle> {
+/// The next command, waiting until `deadline` at most; `None` then, or once the cache is
+/// closed. The writer only waits this way while a commit is not yet durable (for up to
+/// [`DURABLE_EVERY`]), so polling at a few milliseconds costs nothing that matters.
+fn recv_until(rx: &mut mpsc::Receiver<Command>, deadline: Instant) -> Option<Command> {
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
         match rx.try_recv() {
-            Ok(c) => return Ok(c),
-            Err(mpsc::error::TryRecvError::Disconnected) => return Err(Idle::Closed),
-            Err(mpsc::error::TryRecvError::Empty) => {}
+            Err(mpsc::error::TryRecvError::Empty) if !left.is_zero() => {
+                std::thread::sleep(left.min(Duration::from_millis(5)));
+            }
+            next => return next.ok(),
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Idle::Timeout);
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(5)));
     }
 }
 
@@ -520,20 +457,15 @@ fn commit(db: &Database, batch: &[Command], durable: bool) -> Result<(), redb::E
     if !durable {
         txn.set_durability(redb::Durability::None)?;
     }
-    {
-        let mut table = txn.open_table(TABLE)?;
-        for cmd in batch {
-            match cmd {
-                Command::Put { key, value } => {
-                    table.insert(&key[..], &value[..])?;
-                }
-                Command::Sync { clear: true, .. } => {
-                    table.retain(|_, _| false)?;
-                }
-                Command::Sync { .. } => {}
-            }
+    let mut table = txn.open_table(TABLE)?;
+    for cmd in batch {
+        match cmd {
+            Command::Put(key, value) => drop(table.insert(&key[..], &value[..])?),
+            Command::Sync { clear: true, .. } => table.retain(|_, _| false)?,
+            Command::Sync { .. } => {}
         }
     }
+    drop(table);
     Ok(txn.commit()?)
 }
 
@@ -599,6 +531,7 @@ impl<B: LlmBackend> LlmBackend for Cached<B> {
 mod tests {
     use super::*;
     use crate::backend::Message;
+    use std::borrow::Cow;
 
     #[test]
     fn key_depends_on_everything() {

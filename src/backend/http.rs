@@ -3,7 +3,9 @@
 //! the client, error classification and `Retry-After` parsing.
 
 use std::borrow::Cow;
+use std::env::VarError;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -31,16 +33,25 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 /// The most of an error (non-2xx) body that is read: enough for any error message.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
+/// Builder setters, each written `name(self, arg: Type, ...) statement;` under its doc
+/// comment: the method takes and returns the builder, changed by the statement.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($this:ident, $($arg:ident: $ty:ty),+) $body:expr;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut $this, $($arg: $ty),+) -> Self {
+            $body;
+            $this
+        }
+    )*};
+}
+pub(crate) use setters;
+
 /// What the builder checks and works out for `build`.
 impl<P: Provider> HttpBackendBuilder<P> {
     /// Whether `url` is on the provider's own host (scheme, host and port of the default base
     /// URL), where the default key variable may be sent.
     fn is_provider_url(&self, url: &Url) -> bool {
-        Url::parse(P::BASE_URL).is_ok_and(|d| {
-            d.scheme() == url.scheme()
-                && d.host_str() == url.host_str()
-                && d.port_or_known_default() == url.port_or_known_default()
-        })
+        Url::parse(P::BASE_URL).is_ok_and(|d| d.origin() == url.origin())
     }
 
     /// The key to send to `url`: the one given in code, else the one in the variable named with
@@ -58,38 +69,16 @@ impl<P: Provider> HttpBackendBuilder<P> {
             None => return Ok(None),
         };
         match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim().to_string()))),
-            Ok(_) => Err(Error::config(format!(
-                "environment variable {var} is empty"
-            ))),
-            Err(std::env::VarError::NotPresent) => Err(Error::config(format!(
+            Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim()))),
+            Ok(_) => Err(format!("environment variable {var} is empty")),
+            Err(VarError::NotPresent) => Err(format!(
                 "environment variable {var} (the API key) is not set"
-            ))),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::config(format!(
-                "environment variable {var} is not valid UTF-8"
-            ))),
+            )),
+            Err(VarError::NotUnicode(_)) => {
+                Err(format!("environment variable {var} is not valid UTF-8"))
+            }
         }
-    }
-
-    /// Checks the settings every HTTP backend shares and resolves the key for `url` (see
-    /// [`resolve_key`](Self::resolve_key)); warns when a key would cross the network
-    /// unencrypted.
-    fn checked_key(&self, backend: &str, url: &Url) -> Result<Option<SecretString>, Error> {
-        if self.max_response_bytes == 0 {
-            return Err(Error::config(format!(
-                "{backend} backend: max_response_bytes must be at least 1"
-            )));
-        }
-        let key = self.resolve_key(url)?;
-        if key.is_some() && url.scheme() == "http" && !is_loopback(url) {
-            tracing::warn!(
-                backend,
-                url = %display_url(url),
-                "the API key is sent over plain http to a host that is not loopback: anyone on \
-                 the way can read it; use https"
-            );
-        }
-        Ok(key)
+        .map_err(Error::config)
     }
 
     /// The note added to a 401 or 403 when no key was sent: a custom URL gets a key only when
@@ -123,9 +112,7 @@ impl<P: Provider> HttpBackendBuilder<P> {
             self.model,
             Value::Object(self.extra_body.clone()),
         );
-        for (k, v) in more {
-            out.push_str(&format!(" {k}={v:?}"));
-        }
+        out.extend(more.iter().map(|(k, v)| format!(" {k}={v:?}")));
         out
     }
 
@@ -135,11 +122,9 @@ impl<P: Provider> HttpBackendBuilder<P> {
         for (name, value) in &self.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
-            let mut v = HeaderValue::from_str(value)
+            let value = HeaderValue::from_str(value)
                 .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
-            // Values may be credentials (a gateway's token): keep them out of Debug output.
-            v.set_sensitive(true);
-            map.append(header, v);
+            map.append(header, value);
         }
         Ok(map)
     }
@@ -153,7 +138,6 @@ impl<P: Provider> HttpBackendBuilder<P> {
         }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout.min(MAX_TIMEOUT))
-            .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("rmboost/", env!("CARGO_PKG_VERSION")));
@@ -198,6 +182,7 @@ pub(crate) fn join_path(base: &Url, path: &str) -> Url {
 impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&String> = self.extra_body.keys().collect();
         f.debug_struct("HttpBackendBuilder")
             .field("base_url", &self.base_url)
             .field("model", &self.model)
@@ -206,10 +191,7 @@ impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
             .field("headers", &header_names)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
-            .field(
-                "extra_body_fields",
-                &self.extra_body.keys().collect::<Vec<_>>(),
-            )
+            .field("extra_body_fields", &extra)
             .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
@@ -219,10 +201,8 @@ impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
 pub(crate) fn is_loopback(url: &Url) -> bool {
     url.host_str().is_some_and(|host| {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        let ip = host.parse::<IpAddr>();
+        host.eq_ignore_ascii_case("localhost") || ip.is_ok_and(|ip| ip.is_loopback())
     })
 }
 
@@ -238,10 +218,8 @@ pub(crate) fn display_url(url: &Url) -> String {
 
 /// Removes the key from a text a server sent back, should it echo it.
 pub(crate) fn redact(text: &str, key: Option<&SecretString>) -> String {
-    match key {
-        Some(key) if !key.expose_secret().is_empty() => {
-            text.replace(key.expose_secret(), "[redacted]")
-        }
+    match key.map(ExposeSecret::expose_secret) {
+        Some(key) if !key.is_empty() => text.replace(key, "[redacted]"),
         _ => text.to_string(),
     }
 }
@@ -257,7 +235,6 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
 /// Maps a transport failure (no HTTP response, or a broken body) of a `method` request to an
 /// error.
 fn transport_error(method: &str, err: reqwest::Error, url: &Url) -> BackendError {
-    let where_ = display_url(url);
     let (kind, what) = if err.is_timeout() {
         (BackendErrorKind::Timeout, "timed out")
     } else if err.is_connect() {
@@ -269,16 +246,8 @@ fn transport_error(method: &str, err: reqwest::Error, url: &Url) -> BackendError
     } else {
         (BackendErrorKind::Connection, "request failed")
     };
-    BackendError::new(kind, format!("{what}: {method} {where_}")).with_source(err.without_url())
-}
-
-/// An `f32` setting as JSON, written as its shortest decimal (`0.7`, not `0.699999988...`).
-pub(crate) fn f32_json(x: f32) -> Value {
-    x.to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
+    BackendError::new(kind, format!("{what}: {method} {}", display_url(url)))
+        .with_source(err.without_url())
 }
 
 /// Sends a request built by `request` and reads the answer as text, at most `max_bytes` of it.
@@ -295,40 +264,30 @@ pub(crate) async fn send(
     url: &Url,
     max_bytes: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| transport_error(method, e, url))?;
+    let failed = |e| transport_error(method, e, url);
+    let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
+    // Moved out, not copied (`content_length` is the body's, not read from the headers).
+    let headers = std::mem::take(response.headers_mut());
     if status.is_redirection() {
-        return Err(redirect_error(status, response.headers(), url));
+        return Err(redirect_error(status, &headers, url));
     }
-    // Only an error's headers are read (for `Retry-After`): a success's are not copied.
-    let (headers, limit) = if status.is_success() {
-        (HeaderMap::new(), max_bytes)
+    let ok = status.is_success();
+    let limit = if ok {
+        max_bytes
     } else {
-        (
-            response.headers().clone(),
-            max_bytes.min(MAX_ERROR_BODY_BYTES),
-        )
+        max_bytes.min(MAX_ERROR_BODY_BYTES)
     };
     let declared = response.content_length();
-    if status.is_success() {
-        if let Some(len) = declared.filter(|&len| len > max_bytes as u64) {
-            return Err(too_large(max_bytes, Some(len)));
-        }
+    if let Some(len) = declared.filter(|&len| ok && len > max_bytes as u64) {
+        return Err(too_large(max_bytes, Some(len)));
     }
-    let capacity = declared.map_or(16 << 10, |len| usize::try_from(len).unwrap_or(limit));
-    let mut bytes = Vec::with_capacity(capacity.min(limit));
+    let mut bytes = Vec::with_capacity(declared.map_or(16 << 10, |len| len as usize).min(limit));
     // Read chunk by chunk, so a body that never ends (or a huge one) costs at most the cap.
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| transport_error(method, e, url))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
         let room = limit - bytes.len();
         if chunk.len() > room {
-            if status.is_success() {
+            if ok {
                 return Err(too_large(max_bytes, None));
             }
             // An error body: its beginning is enough to classify it.
@@ -368,17 +327,14 @@ pub(crate) fn too_large(max_bytes: usize, declared: Option<u64>) -> BackendError
 
 /// A byte count for messages: `8 MiB`, `1.5 KiB`, `300 bytes`.
 fn human_bytes(n: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (size, unit) in UNITS {
-        if n >= size {
-            return if n.is_multiple_of(size) {
-                format!("{} {unit}", n / size)
-            } else {
-                format!("{:.1} {unit}", n as f64 / size as f64)
-            };
-        }
+    match [(30, "GiB"), (20, "MiB"), (10, "KiB")]
+        .into_iter()
+        .find(|&(shift, _)| n >> shift > 0)
+    {
+        Some((shift, unit)) if n.trailing_zeros() >= shift => format!("{} {unit}", n >> shift),
+        Some((shift, unit)) => format!("{:.1} {unit}", n as f64 / (1u64 << shift) as f64),
+        None => format!("{n} bytes"),
     }
-    format!("{n} bytes")
 }
 
 /// The error for a 3xx answer, which is not followed: kind
@@ -391,7 +347,7 @@ pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url)
         .and_then(|v| v.to_str().ok())
         .and_then(|loc| url.join(loc.trim()).ok());
     let whither = match &target {
-        Some(t) if t.host_str().is_some() => format!("to {}", origin(t)),
+        Some(t) if t.host_str().is_some() => format!("to {}", t.origin().ascii_serialization()),
         Some(_) => "to a URL without a host".to_string(),
         None => "without a usable Location".to_string(),
     };
@@ -401,19 +357,10 @@ pub(crate) fn redirect_error(status: StatusCode, headers: &HeaderMap, url: &Url)
             "the server at {} answered with a redirect {whither}; redirects are not followed \
              (the API key and headers would go with them): set the base URL to where the API \
              really is",
-            origin(url)
+            url.origin().ascii_serialization()
         ),
     )
     .with_status(status.as_u16())
-}
-
-/// `scheme://host:port` of a URL, for messages.
-fn origin(url: &Url) -> String {
-    match (url.host_str(), url.port()) {
-        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
-        (Some(host), None) => format!("{}://{host}", url.scheme()),
-        _ => display_url(url),
-    }
 }
 
 /// The error for a 2xx body that is not the JSON we expect.
@@ -438,11 +385,10 @@ pub(crate) struct ServerError {
 
 impl ServerError {
     pub(crate) fn parse(body: &str) -> Option<ServerError> {
-        let value: Value = serde_json::from_str(body).ok()?;
-        let obj = value.as_object()?;
-        let as_text = |v: Option<&Value>| match v {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
+        let obj: serde_json::Map<String, Value> = serde_json::from_str(body).ok()?;
+        let as_text = |v: Option<&Value>| match v? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
             _ => None,
         };
         let fields = |o: &serde_json::Map<String, Value>| ServerError {
@@ -459,8 +405,7 @@ impl ServerError {
                 ..ServerError::default()
             }),
             // vLLM: {"object": "error", "message", "type", "code"}
-            _ if obj.contains_key("message") => Some(fields(obj)),
-            _ => None,
+            _ => obj.contains_key("message").then(|| fields(&obj)),
         }
     }
 
@@ -487,26 +432,21 @@ impl ServerError {
                 Some("insufficient_quota" | "billing_error" | "billing_hard_limit_reached")
             )
         });
-        if structured {
-            return true;
-        }
         // A per-minute "quota" (some gateways word their rate limits that way) passes.
-        if self.says(&[
+        let passing = [
             "per minute",
             "per second",
             "rate_limit_error",
             "rate_limit_exceeded",
-        ]) {
-            return false;
-        }
-        self.says(&[
-            "insufficient_quota",
+        ];
+        let spent = [
             "quota",
             "billing",
             "credit balance",
             "insufficient credit",
             "out of credits",
-        ])
+        ];
+        structured || (!self.says(&passing) && self.says(&spent))
     }
 }
 
@@ -520,16 +460,11 @@ pub(crate) fn status_error(
     no_key_note: Option<&str>,
 ) -> BackendError {
     let server = ServerError::parse(body).unwrap_or_default();
-    let message = match &server.message {
-        Some(m) if !m.trim().is_empty() => m.clone(),
-        _ => {
-            let reason = status.canonical_reason().unwrap_or("no message");
-            if body.trim().is_empty() {
-                reason.to_string()
-            } else {
-                format!("{reason}: {}", truncate(body.trim(), 300))
-            }
-        }
+    let reason = status.canonical_reason().unwrap_or("no message");
+    let message = match (&server.message, body.trim()) {
+        (Some(m), _) if !m.trim().is_empty() => m.clone(),
+        (_, "") => reason.to_string(),
+        (_, body) => format!("{reason}: {}", truncate(body, 300)),
     };
     let mut message = redact(&truncate(&message, 1000), key);
     let code = status.as_u16();
@@ -549,16 +484,13 @@ pub(crate) fn status_error(
         401 | 403 => BackendErrorKind::Authentication,
         404 => BackendErrorKind::NotFound,
         408 => BackendErrorKind::Timeout,
-        409 | 425 => BackendErrorKind::Server,
-        500..=599 => BackendErrorKind::Server,
-        _ => match server.kind.as_deref() {
-            // Anthropic's own status for an overloaded API, and error types on odd statuses.
-            Some("overloaded_error" | "api_error") => BackendErrorKind::Server,
-            Some("rate_limit_error") => BackendErrorKind::RateLimited,
-            Some("timeout_error") => BackendErrorKind::Timeout,
-            _ if code == 529 => BackendErrorKind::Server,
-            _ => BackendErrorKind::Other,
-        },
+        409 | 425 | 500..=599 => BackendErrorKind::Server,
+        // An odd status: the error type in the body, if it names one.
+        _ => server
+            .kind
+            .as_deref()
+            .and_then(type_kind)
+            .unwrap_or(BackendErrorKind::Other),
     };
     let mut err = BackendError::new(kind, message).with_status(code);
     // A spent limit's reset time is worth reporting even though it is not waited for.
@@ -573,25 +505,34 @@ pub(crate) fn status_error(
 /// Classifies an error object carried in a 2xx body (a proxy or a server that reports errors
 /// with status 200).
 pub(crate) fn body_error(server: &ServerError, key: Option<&SecretString>) -> BackendError {
-    let kind = match server.kind.as_deref().or(server.code.as_deref()) {
-        _ if server.quota_exhausted() => BackendErrorKind::QuotaExhausted,
-        // A daily limit, as for a 429 (see `status_error`).
-        _ if server.daily_limit() && server.says(&["rate_limit", "rate limit"]) => {
-            BackendErrorKind::QuotaExhausted
-        }
-        Some("rate_limit_error" | "rate_limit_exceeded") => BackendErrorKind::RateLimited,
-        Some("overloaded_error" | "api_error" | "server_error") => BackendErrorKind::Server,
-        Some("authentication_error" | "permission_error") => BackendErrorKind::Authentication,
-        Some("not_found_error") => BackendErrorKind::NotFound,
-        Some("invalid_request_error" | "request_too_large") => BackendErrorKind::InvalidRequest,
-        Some("timeout_error") => BackendErrorKind::Timeout,
-        _ => BackendErrorKind::InvalidResponse,
+    // A spent quota, or a daily limit as for a 429 (see `status_error`).
+    let spent = server.daily_limit() && server.says(&["rate_limit", "rate limit"]);
+    let kind = if server.quota_exhausted() || spent {
+        BackendErrorKind::QuotaExhausted
+    } else {
+        let name = server.kind.as_deref().or(server.code.as_deref());
+        name.and_then(type_kind)
+            .unwrap_or(BackendErrorKind::InvalidResponse)
     };
     let message = server
         .message
         .as_deref()
         .unwrap_or("error in a successful response");
     BackendError::new(kind, redact(&truncate(message, 1000), key))
+}
+
+/// The kind of error an error object's `type` (or `code`) names, if it is one of the
+/// providers' error types.
+fn type_kind(name: &str) -> Option<BackendErrorKind> {
+    Some(match name {
+        "rate_limit_error" | "rate_limit_exceeded" => BackendErrorKind::RateLimited,
+        "overloaded_error" | "api_error" | "server_error" => BackendErrorKind::Server,
+        "authentication_error" | "permission_error" => BackendErrorKind::Authentication,
+        "not_found_error" => BackendErrorKind::NotFound,
+        "invalid_request_error" | "request_too_large" => BackendErrorKind::InvalidRequest,
+        "timeout_error" => BackendErrorKind::Timeout,
+        _ => return None,
+    })
 }
 
 /// How long the server asked us to wait.
@@ -606,97 +547,49 @@ pub(crate) fn retry_after(
     now: SystemTime,
     rate_limited: bool,
 ) -> Option<Duration> {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
+    let get = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let until = |at: SystemTime| {
+        at.duration_since(now)
+            .unwrap_or_default()
+            .min(MAX_SERVER_WAIT)
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if let Some(d) = server_wait(ms / 1000.0) {
-            return Some(d);
-        }
+    let asked = get("retry-after-ms")
+        .and_then(|ms| server_wait(ms.parse::<f64>().ok()? / 1000.0))
+        .or_else(|| {
+            let v = get("retry-after")?;
+            let date = |_| httpdate::parse_http_date(v).ok().map(until);
+            v.parse::<f64>().map_or_else(date, server_wait)
+        });
+    if asked.is_some() || !rate_limited {
+        return asked;
     }
-    if let Some(v) = get("retry-after") {
-        if let Ok(secs) = v.parse::<f64>() {
-            if let Some(d) = server_wait(secs) {
-                return Some(d);
-            }
-        } else if let Ok(when) = httpdate::parse_http_date(v) {
-            return Some(
-                when.duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-                    .min(MAX_SERVER_WAIT),
-            );
-        }
-    }
-    if !rate_limited {
-        return None;
-    }
-    // The longest reset of a limit whose remaining count is zero, else the shortest reset.
-    let (mut exhausted, mut soonest) = (None, None);
-    for (name, value) in headers {
-        let name = name.as_str();
-        let Ok(value) = value.to_str() else { continue };
-        let value = value.trim();
-        let (kind, reset) = if let Some(kind) = name.strip_prefix("x-ratelimit-reset-") {
-            (kind, parse_go_duration(value))
-        } else if let Some(kind) = name
-            .strip_prefix("anthropic-ratelimit-")
-            .and_then(|k| k.strip_suffix("-reset"))
-        {
-            let wait = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
-            (
-                kind,
-                parse_rfc3339(value).map(|at| wait(at).min(MAX_SERVER_WAIT)),
-            )
-        } else {
-            continue;
-        };
-        let Some(reset) = reset else { continue };
-        let remaining = get(&format!("x-ratelimit-remaining-{kind}"))
-            .or_else(|| get(&format!("anthropic-ratelimit-{kind}-remaining")));
-        if remaining == Some("0") {
-            exhausted = exhausted.max(Some(reset));
-        }
-        soonest = Some(soonest.map_or(reset, |s: Duration| s.min(reset)));
-    }
-    exhausted.or(soonest)
+    // Each reset header's wait, and whether its limit's remaining count is zero.
+    let resets: Vec<(Duration, bool)> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let (name, value) = (name.as_str(), value.to_str().ok()?);
+            let (kind, reset) = match name.strip_prefix("x-ratelimit-reset-") {
+                Some(kind) => (kind, parse_go_duration(value)?),
+                None => {
+                    let kind = name.strip_prefix("anthropic-ratelimit-")?;
+                    (kind.strip_suffix("-reset")?, until(parse_rfc3339(value)?))
+                }
+            };
+            let remaining = get(&format!("x-ratelimit-remaining-{kind}"))
+                .or_else(|| get(&format!("anthropic-ratelimit-{kind}-remaining")));
+            Some((reset, remaining == Some("0")))
+        })
+        .collect();
+    let exhausted = resets.iter().filter(|r| r.1).map(|r| r.0).max();
+    exhausted.or_else(|| resets.iter().map(|r| r.0).min())
 }
 
 /// A wait of `secs` seconds a server asked for, checked: `None` for a negative or NaN number;
 /// cut to [`MAX_SERVER_WAIT`] when longer, infinity included (never the panic of
 /// `Duration::from_secs_f64` on a value past `u64::MAX` seconds).
 pub(crate) fn server_wait(secs: f64) -> Option<Duration> {
-    if secs.is_nan() || secs < 0.0 {
-        return None;
-    }
-    Some(
-        Duration::try_from_secs_f64(secs)
-            .unwrap_or(MAX_SERVER_WAIT)
-            .min(MAX_SERVER_WAIT),
-    )
-}
-
-/// The length of the number at the start of `text`: digits and dots, then an exponent
-/// (`e300`, `E-3`) if one follows.
-fn number_len(text: &str) -> usize {
-    let b = text.as_bytes();
-    let mut i = b
-        .iter()
-        .position(|c| !(c.is_ascii_digit() || *c == b'.'))
-        .unwrap_or(b.len());
-    if i > 0 && matches!(b.get(i), Some(b'e' | b'E')) {
-        let mut j = i + 1;
-        if matches!(b.get(j), Some(b'+' | b'-')) {
-            j += 1;
-        }
-        let digits = b[j..].iter().take_while(|c| c.is_ascii_digit()).count();
-        if digits > 0 {
-            i = j + digits;
-        }
-    }
-    i
+    let wait = Duration::try_from_secs_f64(secs).unwrap_or(MAX_SERVER_WAIT);
+    (secs >= 0.0).then(|| wait.min(MAX_SERVER_WAIT))
 }
 
 /// Parses durations like `1s`, `6m0s`, `20ms`, `1h2m3.5s` (the OpenAI reset headers), and a
@@ -707,21 +600,17 @@ fn number_len(text: &str) -> usize {
 /// refuse a bare number and exponents (`1e3ms`), and refuse an overflow that this cuts.
 pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
     if let Ok(secs) = rest.parse::<f64>() {
         return server_wait(secs);
     }
-    let mut total = 0f64;
+    let mut total = (!rest.is_empty()).then_some(0f64)?;
     while !rest.is_empty() {
-        let num_len = number_len(rest);
-        let number: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
+        // A number (with its exponent: no unit has an `e`), then its unit.
+        let unit = rest.find(|c: char| !(c.is_ascii_digit() || ".eE+-".contains(c)));
+        let (number, tail) = rest.split_at(unit.unwrap_or(rest.len()));
+        let end = tail.find(|c: char| c.is_ascii_digit() || c == '.');
+        let (unit, tail) = tail.split_at(end.unwrap_or(tail.len()));
+        let scale = match unit {
             "h" => 3600.0,
             "m" => 60.0,
             "s" => 1.0,
@@ -730,8 +619,8 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
             "ns" => 1e-9,
             _ => return None,
         };
-        total += number * scale;
-        rest = &rest[unit_len..];
+        total += number.parse::<f64>().ok()? * scale;
+        rest = tail;
     }
     server_wait(total)
 }
@@ -832,10 +721,7 @@ impl<P: Provider> HttpBackend<P> {
     /// The JSON body of `request`, serialised straight from it (no intermediate JSON tree, no
     /// copy of the messages).
     pub(crate) fn body<'a>(&'a self, request: &'a CompletionRequest) -> Body<'a, P> {
-        Body {
-            backend: self,
-            request,
-        }
+        Body(self, request)
     }
 
     /// The headers of every request: the extra ones and the key's.
@@ -892,16 +778,14 @@ impl<P: Provider> HttpBackend<P> {
 
 impl<P: Provider> fmt::Debug for HttpBackend<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra: Vec<&String> = self.extra_body.keys().collect();
         f.debug_struct("HttpBackend")
             .field("backend", &P::NAME)
             .field("url", &display_url(&self.url))
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field(
-                "extra_body_fields",
-                &self.extra_body.keys().collect::<Vec<_>>(),
-            )
+            .field("extra_body_fields", &extra)
             .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
@@ -950,19 +834,16 @@ impl<P: Provider> LlmBackend for HttpBackend<P> {
 
 /// A request body: the provider's fields, then the extra body fields, which replace set
 /// fields of the same name.
-pub(crate) struct Body<'a, P> {
-    backend: &'a HttpBackend<P>,
-    request: &'a CompletionRequest,
-}
+pub(crate) struct Body<'a, P>(&'a HttpBackend<P>, &'a CompletionRequest);
 
 impl<P: Provider> Serialize for Body<'_, P> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let b = self.backend;
+        let Body(b, request) = *self;
         let mut fields = Fields {
             map: serializer.serialize_map(None)?,
             extra: &b.extra_body,
         };
-        b.provider.write_body(&b.model, self.request, &mut fields)?;
+        b.provider.write_body(&b.model, request, &mut fields)?;
         for (k, v) in &b.extra_body {
             fields.map.serialize_entry(k, v)?;
         }
@@ -978,29 +859,17 @@ pub struct Fields<'a, M> {
 }
 
 impl<M: SerializeMap> Fields<'_, M> {
-    /// Writes one field, unless an extra body field of the same name replaces it.
-    pub(crate) fn set<V: Serialize + ?Sized>(
-        &mut self,
-        name: &str,
-        value: &V,
-    ) -> Result<(), M::Error> {
-        if self.extra.contains_key(name) {
-            Ok(())
-        } else {
-            self.map.serialize_entry(name, value)
-        }
-    }
-
-    /// Writes a field that is set; an `f32` setting as its shortest decimal (`0.7`, not
-    /// `0.699999988...`) with [`f32_json`].
-    pub(crate) fn opt<V: Serialize>(
+    /// Writes one field if it is set (`Some`), unless an extra body field of the same name
+    /// replaces it. An `f32` setting is written as its shortest decimal (`0.7`), as
+    /// `serde_json` writes an `f32`.
+    pub(crate) fn set<V: Serialize>(
         &mut self,
         name: &str,
         value: Option<V>,
     ) -> Result<(), M::Error> {
         match value {
-            Some(v) => self.set(name, &v),
-            None => Ok(()),
+            Some(v) if !self.extra.contains_key(name) => self.map.serialize_entry(name, &v),
+            _ => Ok(()),
         }
     }
 }
@@ -1023,96 +892,59 @@ pub struct HttpBackendBuilder<P> {
 }
 
 impl<P: Provider> HttpBackendBuilder<P> {
-    /// The API's base URL, up to and including the version prefix, e.g.
-    /// `http://127.0.0.1:8080/v1`; the provider's path (`/chat/completions`, `/messages`) is
-    /// appended. A URL without a path gets `/v1`. Default: the provider's own
-    /// (`openai::DEFAULT_BASE_URL`, `anthropic::DEFAULT_BASE_URL`).
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = url.into();
-        self
-    }
-
-    /// The model name sent with every request. Required (any non-empty name for servers that
-    /// ignore it, such as llama.cpp's).
-    pub fn model(mut self, model: impl Into<String>) -> Self {
-        self.model = model.into();
-        self
-    }
-
-    /// The API key, given in code, sent to whatever base URL is set. It is held in a
-    /// secret wrapper and never printed. Takes precedence over
-    /// [`api_key_env`](Self::api_key_env). Default: none (see
-    /// [`api_key_env`](Self::api_key_env) for where a key then comes from).
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(SecretString::from(key.into()));
-        self
-    }
-
-    /// Reads the API key from this environment variable when [`build`](Self::build) runs,
-    /// and sends it to whatever base URL is set; `build` fails if it is unset or empty.
-    ///
-    /// Default: when neither this nor [`api_key`](Self::api_key) is given, the provider's
-    /// own variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) is read, and must be set, only
-    /// if requests go to the provider's own host (the default base URL's scheme, host and
-    /// port); a custom base URL then gets no key, so the provider's key is never handed to
-    /// another server unless named here. `build` warns (`tracing`) when a key would go over
-    /// plain `http://` to a host that is not loopback.
-    pub fn api_key_env(mut self, var: impl Into<String>) -> Self {
-        self.api_key_env = Some(var.into());
-        self
-    }
-
-    /// Adds a header sent with every request (a gateway's routing or auth header, an
-    /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// The most one request may take, from sending to the end of the body; `None` for no
-    /// limit. Default 600 s (slow local models need long). Anything over a year is cut to a
-    /// year.
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
-        self
-    }
-
-    /// The most connecting may take. Default 10 s. Like the
-    /// [`timeout`](Self::timeout), anything over a year is cut to a year.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the
-    /// rest is dropped). A longer answer, by its `Content-Length` or once the cap is passed
-    /// while reading it in chunks, fails the call with an error of kind
-    /// [`Other`](crate::BackendErrorKind::Other) (not retried, since the same request
-    /// would most likely bring as much again; not fatal) and nothing past the cap is read.
-    /// So a server that streams without end costs at most this much memory per call.
-    /// Default [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES)
-    /// (8 MiB, far more than any chat answer); `build` rejects 0.
-    pub fn max_response_bytes(mut self, max: usize) -> Self {
-        self.max_response_bytes = max;
-        self
-    }
-
-    /// Adds a field to every request body, for server-specific options (`top_k`,
-    /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata`
-    /// or `thinking`, ...). It wins over a field of the same name set from the request.
-    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
-        self.extra_body.insert(name.into(), value);
-        self
-    }
-
-    /// Uses this client instead of building one (to share a pool between backends or set
-    /// proxies and certificates). The timeout settings are then the client's, and so is its
-    /// redirect policy: reqwest's default follows redirects, and the key and extra headers
-    /// with them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the
-    /// backend then reports a redirect as an error, as with its own client).
-    pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.client = Some(client);
-        self
+    setters! {
+        /// The API's base URL, up to and including the version prefix, e.g.
+        /// `http://127.0.0.1:8080/v1`; the provider's path (`/chat/completions`, `/messages`) is
+        /// appended. A URL without a path gets `/v1`. Default: the provider's own
+        /// (`openai::DEFAULT_BASE_URL`, `anthropic::DEFAULT_BASE_URL`).
+        base_url(self, url: impl Into<String>) self.base_url = url.into();
+        /// The model name sent with every request. Required (any non-empty name for servers that
+        /// ignore it, such as llama.cpp's).
+        model(self, model: impl Into<String>) self.model = model.into();
+        /// The API key, given in code, sent to whatever base URL is set. It is held in a secret
+        /// wrapper and never printed. Takes precedence over [`api_key_env`](Self::api_key_env).
+        /// Default: none (see [`api_key_env`](Self::api_key_env) for where a key then comes from).
+        api_key(self, key: impl Into<String>) self.api_key = Some(SecretString::from(key.into()));
+        /// Reads the API key from this environment variable when [`build`](Self::build) runs, and
+        /// sends it to whatever base URL is set; `build` fails if it is unset or empty.
+        ///
+        /// Default: when neither this nor [`api_key`](Self::api_key) is given, the provider's own
+        /// variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) is read, and must be set, only if
+        /// requests go to the provider's own host (the default base URL's scheme, host and port); a
+        /// custom base URL then gets no key, so the provider's key is never handed to another
+        /// server unless named here. `build` warns (`tracing`) when a key would go over plain
+        /// `http://` to a host that is not loopback.
+        api_key_env(self, var: impl Into<String>) self.api_key_env = Some(var.into());
+        /// The most one request may take, from sending to the end of the body; `None` for no limit.
+        /// Default 600 s (slow local models need long). Anything over a year is cut to a year.
+        timeout(self, timeout: impl Into<Option<Duration>>) self.timeout = timeout.into();
+        /// The most connecting may take. Default 10 s. Like the [`timeout`](Self::timeout),
+        /// anything over a year is cut to a year.
+        connect_timeout(self, timeout: Duration) self.connect_timeout = timeout;
+        /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the rest
+        /// is dropped). A longer answer, by its `Content-Length` or once the cap is passed while
+        /// reading it in chunks, fails the call with an error of kind
+        /// [`Other`](crate::BackendErrorKind::Other) (not retried, since the same request would
+        /// most likely bring as much again; not fatal) and nothing past the cap is read. So a
+        /// server that streams without end costs at most this much memory per call. Default
+        /// [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES) (8 MiB, far
+        /// more than any chat answer); `build` rejects 0.
+        max_response_bytes(self, max: usize) self.max_response_bytes = max;
+        /// Uses this client instead of building one (to share a pool between backends or set
+        /// proxies and certificates). The timeout settings are then the client's, and so is its
+        /// redirect policy: reqwest's default follows redirects, and the key and extra headers with
+        /// them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the backend then
+        /// reports a redirect as an error, as with its own client).
+        client(self, client: reqwest::Client) self.client = Some(client);
+        /// Adds a header sent with every request (a gateway's routing or auth header, an
+        /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
+        header(self, name: impl Into<String>, value: impl Into<String>)
+            self.headers.push((name.into(), value.into()));
+        /// Adds a field to every request body, for server-specific options (`top_k`,
+        /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata` or
+        /// `thinking`, ...). It wins over a field of the same name set from the request.
+        extra_body(self, name: impl Into<String>, value: Value)
+            self.extra_body.insert(name.into(), value);
     }
 
     /// Builds the backend and its HTTP client.
@@ -1133,17 +965,31 @@ impl<P: Provider> HttpBackendBuilder<P> {
         let settings = self.provider.settings(&mut headers)?;
         let base = self.base()?;
         let url = join_path(&base, P::PATH);
-        let api_key = self.checked_key(name, &url)?;
+        if self.max_response_bytes == 0 {
+            return Err(Error::config(format!(
+                "{name} backend: max_response_bytes must be at least 1"
+            )));
+        }
+        let api_key = self.resolve_key(&url)?;
+        if api_key.is_some() && url.scheme() == "http" && !is_loopback(&url) {
+            tracing::warn!(
+                backend = name,
+                url = %display_url(&url),
+                "the API key is sent over plain http to a host that is not loopback: anyone on \
+                 the way can read it; use https"
+            );
+        }
         if let Some(key) = &api_key {
             let (header, value) = P::key_header(key.expose_secret());
-            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            let value = HeaderValue::from_str(&value).map_err(|_| {
                 Error::config(format!(
                     "{name} backend: the API key contains characters not allowed in a header"
                 ))
             })?;
-            value.set_sensitive(true);
             headers.insert(header, value);
         }
+        // Values may be credentials (the key, a gateway's token): keep them out of Debug output.
+        headers.values_mut().for_each(|v| v.set_sensitive(true));
         Ok(HttpBackend {
             client: self.make_client()?,
             no_key_note: self.no_key_note(&url, api_key.as_ref()),
@@ -1164,36 +1010,42 @@ impl<P: Provider> HttpBackendBuilder<P> {
 /// limit or a filter: then an error of kind [`Length`](BackendErrorKind::Length) or
 /// [`ContentFilter`](BackendErrorKind::ContentFilter) (with `filtered` as its message). The
 /// model is the one the server named, else the one asked for.
+///
+/// The finish reason is the server's word for it, in either provider's terms: none, `stop`,
+/// `eos`, `end_turn` or `stop_sequence` is [`FinishReason::Stop`]; `length` or `max_tokens`
+/// is `Length`; `content_filter` or `refusal` is `ContentFilter`; any other is `Other`.
 pub(crate) fn completion(
     text: String,
-    finish_reason: FinishReason,
+    reason: Option<&str>,
     usage: Usage,
     model: Option<String>,
     asked: &str,
     filtered: &str,
 ) -> Result<Completion, BackendError> {
-    if text.trim().is_empty() {
-        match finish_reason {
-            FinishReason::Length => {
-                return Err(BackendError::new(
-                    BackendErrorKind::Length,
-                    "the token limit was reached before any text",
-                ))
-            }
-            FinishReason::ContentFilter => {
-                return Err(BackendError::new(BackendErrorKind::ContentFilter, filtered))
-            }
-            _ => {}
+    let finish_reason = match reason {
+        None | Some("stop" | "eos" | "end_turn" | "stop_sequence") => FinishReason::Stop,
+        Some("length" | "max_tokens") => FinishReason::Length,
+        Some("content_filter" | "refusal") => FinishReason::ContentFilter,
+        Some(other) => FinishReason::Other(other.to_string()),
+    };
+    let empty = text.trim().is_empty();
+    match finish_reason {
+        FinishReason::Length if empty => Err(BackendError::new(
+            BackendErrorKind::Length,
+            "the token limit was reached before any text",
+        )),
+        FinishReason::ContentFilter if empty => {
+            Err(BackendError::new(BackendErrorKind::ContentFilter, filtered))
         }
+        _ => Ok(Completion {
+            text,
+            finish_reason,
+            usage,
+            model: model
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| asked.to_string()),
+        }),
     }
-    Ok(Completion {
-        text,
-        finish_reason,
-        usage,
-        model: model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| asked.to_string()),
-    })
 }
 
 #[cfg(test)]
@@ -1547,9 +1399,10 @@ mod tests {
 
     #[test]
     fn f32_settings_are_written_short() {
-        assert_eq!(serde_json::to_string(&f32_json(0.7)).unwrap(), "0.7");
-        assert_eq!(serde_json::to_string(&f32_json(0.0)).unwrap(), "0.0");
-        assert_eq!(f32_json(f32::NAN), Value::Null);
+        // As serde_json writes an `f32`, which the request bodies rely on.
+        assert_eq!(serde_json::to_string(&0.7f32).unwrap(), "0.7");
+        assert_eq!(serde_json::to_string(&0.0f32).unwrap(), "0.0");
+        assert_eq!(serde_json::to_string(&f32::NAN).unwrap(), "null");
     }
 
     #[test]

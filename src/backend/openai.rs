@@ -31,9 +31,10 @@
 //!
 //! # Truncated and filtered answers
 //!
-//! A response whose `finish_reason` is `length` or `content_filter` is returned as a
-//! [`Completion`] with that [`FinishReason`] when it has any text (apart from white space), so
-//! the caller decides whether a cut-off answer is usable. When it has no text, it is an error
+//! A response whose `finish_reason` is `length` or `content_filter` (or Anthropic's words for
+//! these, `max_tokens` and `refusal`, which the two backends share) is returned as a
+//! [`Completion`] with that [`FinishReason`](crate::FinishReason) when it has any text (apart
+//! from white space), so the caller decides whether a cut-off answer is usable. When it has no text, it is an error
 //! of kind [`Length`](BackendErrorKind::Length) or
 //! [`ContentFilter`](BackendErrorKind::ContentFilter) (a `refusal` with no content is a
 //! `ContentFilter` error too). Neither is retried by [`Retry`](super::retry::Retry).
@@ -81,7 +82,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::backend::http::{self, Fields, HttpBackend, HttpBackendBuilder, Provider, ServerError};
-use crate::backend::{Completion, CompletionRequest, FinishReason, Usage};
+use crate::backend::{Completion, CompletionRequest, Usage};
 use crate::error::{BackendError, BackendErrorKind, Error};
 
 /// The default base URL, OpenAI's own API.
@@ -117,11 +118,11 @@ impl Default for OpenAi {
 }
 
 impl OpenAiBackendBuilder {
-    /// The name of the field the token limit is sent in. Default `max_tokens`; OpenAI's
-    /// reasoning models want `max_completion_tokens`. `build` rejects an empty name.
-    pub fn max_tokens_field(mut self, name: impl Into<String>) -> Self {
-        self.provider.max_tokens_field = name.into();
-        self
+    http::setters! {
+        /// The name of the field the token limit is sent in. Default `max_tokens`; OpenAI's
+        /// reasoning models want `max_completion_tokens`. `build` rejects an empty name.
+        max_tokens_field(self, name: impl Into<String>)
+            self.provider.max_tokens_field = name.into();
     }
 }
 
@@ -149,13 +150,13 @@ impl Provider for OpenAi {
         r: &CompletionRequest,
         fields: &mut Fields<'_, M>,
     ) -> Result<(), M::Error> {
-        fields.set("model", model)?;
-        fields.set("messages", &r.messages)?;
-        fields.opt("temperature", r.temperature.map(http::f32_json))?;
-        fields.opt("top_p", r.top_p.map(http::f32_json))?;
-        fields.opt(&self.max_tokens_field, r.max_tokens)?;
-        fields.opt("seed", r.seed)?;
-        fields.opt("stop", Some(&r.stop).filter(|s| !s.is_empty()))
+        fields.set("model", Some(model))?;
+        fields.set("messages", Some(&r.messages))?;
+        fields.set("temperature", r.temperature)?;
+        fields.set("top_p", r.top_p)?;
+        fields.set(&self.max_tokens_field, r.max_tokens)?;
+        fields.set("seed", r.seed)?;
+        fields.set("stop", Some(&r.stop).filter(|s| !s.is_empty()))
     }
 
     /// The completion in a 2xx chat completion body (the online answer, or one line of a
@@ -166,13 +167,9 @@ impl Provider for OpenAi {
         key: Option<&SecretString>,
     ) -> Result<Completion, BackendError> {
         let server_error = || ServerError::parse(text).map(|s| http::body_error(&s, key));
-        let wire: WireResponse = match serde_json::from_str(text) {
-            Ok(wire) => wire,
-            Err(e) => {
-                return Err(server_error()
-                    .unwrap_or_else(|| http::invalid_json(e, &http::redact(text, key))))
-            }
-        };
+        let wire: WireResponse = serde_json::from_str(text).map_err(|e| {
+            server_error().unwrap_or_else(|| http::invalid_json(e, &http::redact(text, key)))
+        })?;
         let Some(choice) = wire.choices.into_iter().next() else {
             return Err(server_error().unwrap_or_else(|| {
                 BackendError::new(BackendErrorKind::InvalidResponse, "response has no choices")
@@ -183,12 +180,6 @@ impl Provider for OpenAi {
             None => (choice.text, None),
         };
         let text = content.unwrap_or_default();
-        let finish_reason = match choice.finish_reason.as_deref() {
-            None | Some("stop" | "eos" | "end_turn" | "stop_sequence") => FinishReason::Stop,
-            Some("length" | "max_tokens") => FinishReason::Length,
-            Some("content_filter") => FinishReason::ContentFilter,
-            Some(other) => FinishReason::Other(other.to_string()),
-        };
         if let Some(refusal) = refusal.filter(|r| text.trim().is_empty() && !r.trim().is_empty()) {
             return Err(BackendError::new(
                 BackendErrorKind::ContentFilter,
@@ -203,7 +194,7 @@ impl Provider for OpenAi {
         });
         http::completion(
             text,
-            finish_reason,
+            choice.finish_reason.as_deref(),
             usage,
             wire.model,
             model,
@@ -243,7 +234,7 @@ struct WireUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Message;
+    use crate::{FinishReason, Message};
     use serde_json::{json, Value};
 
     #[test]
@@ -262,7 +253,9 @@ mod tests {
             seed: Some(3),
             stop: vec!["END".into()],
         };
-        let body = serde_json::to_value(backend.body(&req)).unwrap();
+        // As sent: an `f32` is written as its shortest decimal only by the JSON writer.
+        let body: Value =
+            serde_json::from_slice(&serde_json::to_vec(&backend.body(&req)).unwrap()).unwrap();
         assert_eq!(
             body,
             json!({"model": "m", "messages": [{"role": "system", "content": "s"},
