@@ -120,12 +120,12 @@ impl Default for Anthropic {
 }
 
 impl AnthropicBackendBuilder {
-    http::setters! {
+    setters! {
         /// The `anthropic-version` header. Default [`DEFAULT_VERSION`].
-        version(self, version: impl Into<String>) self.provider.version = version.into();
+        version(version: impl Into<String>) => provider.version = version.into();
         /// The `max_tokens` sent when a request sets none (the API requires one). Default 1024;
         /// `build` rejects 0.
-        default_max_tokens(self, max_tokens: u32) self.provider.default_max_tokens = max_tokens;
+        default_max_tokens(max_tokens: u32) => provider.default_max_tokens = max_tokens;
     }
 }
 

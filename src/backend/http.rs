@@ -33,19 +33,6 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 /// The most of an error (non-2xx) body that is read: enough for any error message.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
-/// Builder setters, each written `name(self, arg: Type, ...) statement;` under its doc
-/// comment: the method takes and returns the builder, changed by the statement.
-macro_rules! setters {
-    ($($(#[$doc:meta])* $name:ident($this:ident, $($arg:ident: $ty:ty),+) $body:expr;)*) => {$(
-        $(#[$doc])*
-        pub fn $name(mut $this, $($arg: $ty),+) -> Self {
-            $body;
-            $this
-        }
-    )*};
-}
-pub(crate) use setters;
-
 /// What the builder checks and works out for `build`.
 impl<P: Provider> HttpBackendBuilder<P> {
     /// Whether `url` is on the provider's own host (scheme, host and port of the default base
@@ -897,14 +884,14 @@ impl<P: Provider> HttpBackendBuilder<P> {
         /// `http://127.0.0.1:8080/v1`; the provider's path (`/chat/completions`, `/messages`) is
         /// appended. A URL without a path gets `/v1`. Default: the provider's own
         /// (`openai::DEFAULT_BASE_URL`, `anthropic::DEFAULT_BASE_URL`).
-        base_url(self, url: impl Into<String>) self.base_url = url.into();
+        base_url(url: impl Into<String>) => base_url = url.into();
         /// The model name sent with every request. Required (any non-empty name for servers that
         /// ignore it, such as llama.cpp's).
-        model(self, model: impl Into<String>) self.model = model.into();
+        model(model: impl Into<String>) => model = model.into();
         /// The API key, given in code, sent to whatever base URL is set. It is held in a secret
         /// wrapper and never printed. Takes precedence over [`api_key_env`](Self::api_key_env).
         /// Default: none (see [`api_key_env`](Self::api_key_env) for where a key then comes from).
-        api_key(self, key: impl Into<String>) self.api_key = Some(SecretString::from(key.into()));
+        api_key(key: impl Into<String>) => api_key = Some(SecretString::from(key.into()));
         /// Reads the API key from this environment variable when [`build`](Self::build) runs, and
         /// sends it to whatever base URL is set; `build` fails if it is unset or empty.
         ///
@@ -914,13 +901,13 @@ impl<P: Provider> HttpBackendBuilder<P> {
         /// custom base URL then gets no key, so the provider's key is never handed to another
         /// server unless named here. `build` warns (`tracing`) when a key would go over plain
         /// `http://` to a host that is not loopback.
-        api_key_env(self, var: impl Into<String>) self.api_key_env = Some(var.into());
+        api_key_env(var: impl Into<String>) => api_key_env = Some(var.into());
         /// The most one request may take, from sending to the end of the body; `None` for no limit.
         /// Default 600 s (slow local models need long). Anything over a year is cut to a year.
-        timeout(self, timeout: impl Into<Option<Duration>>) self.timeout = timeout.into();
+        timeout(timeout: impl Into<Option<Duration>>) => timeout = timeout.into();
         /// The most connecting may take. Default 10 s. Like the [`timeout`](Self::timeout),
         /// anything over a year is cut to a year.
-        connect_timeout(self, timeout: Duration) self.connect_timeout = timeout;
+        connect_timeout(timeout: Duration) => connect_timeout = timeout;
         /// The most bytes of a response body read (error bodies: at most 64 KiB of them, the rest
         /// is dropped). A longer answer, by its `Content-Length` or once the cap is passed while
         /// reading it in chunks, fails the call with an error of kind
@@ -929,22 +916,28 @@ impl<P: Provider> HttpBackendBuilder<P> {
         /// server that streams without end costs at most this much memory per call. Default
         /// [`DEFAULT_MAX_RESPONSE_BYTES`](crate::backend::DEFAULT_MAX_RESPONSE_BYTES) (8 MiB, far
         /// more than any chat answer); `build` rejects 0.
-        max_response_bytes(self, max: usize) self.max_response_bytes = max;
+        max_response_bytes(max: usize) => max_response_bytes = max;
         /// Uses this client instead of building one (to share a pool between backends or set
         /// proxies and certificates). The timeout settings are then the client's, and so is its
         /// redirect policy: reqwest's default follows redirects, and the key and extra headers with
         /// them, so build it with `.redirect(reqwest::redirect::Policy::none())` (the backend then
         /// reports a redirect as an error, as with its own client).
-        client(self, client: reqwest::Client) self.client = Some(client);
-        /// Adds a header sent with every request (a gateway's routing or auth header, an
-        /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
-        header(self, name: impl Into<String>, value: impl Into<String>)
-            self.headers.push((name.into(), value.into()));
-        /// Adds a field to every request body, for server-specific options (`top_k`,
-        /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata` or
-        /// `thinking`, ...). It wins over a field of the same name set from the request.
-        extra_body(self, name: impl Into<String>, value: Value)
-            self.extra_body.insert(name.into(), value);
+        client(client: reqwest::Client) => client = Some(client);
+    }
+
+    /// Adds a header sent with every request (a gateway's routing or auth header, an
+    /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds a field to every request body, for server-specific options (`top_k`,
+    /// `repetition_penalty`, `response_format`, vLLM's `guided_json`, Anthropic's `metadata` or
+    /// `thinking`, ...). It wins over a field of the same name set from the request.
+    pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
+        self.extra_body.insert(name.into(), value);
+        self
     }
 
     /// Builds the backend and its HTTP client.

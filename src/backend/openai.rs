@@ -118,11 +118,10 @@ impl Default for OpenAi {
 }
 
 impl OpenAiBackendBuilder {
-    http::setters! {
+    setters! {
         /// The name of the field the token limit is sent in. Default `max_tokens`; OpenAI's
         /// reasoning models want `max_completion_tokens`. `build` rejects an empty name.
-        max_tokens_field(self, name: impl Into<String>)
-            self.provider.max_tokens_field = name.into();
+        max_tokens_field(name: impl Into<String>) => provider.max_tokens_field = name.into();
     }
 }
 
