@@ -101,32 +101,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A one-way flag that can be awaited: setting it drops the sender, which completes the
 /// receiver every waiter holds a clone of.
 #[derive(Debug)]
-struct Flag {
-    tx: Mutex<Option<oneshot::Sender<()>>>,
-    rx: Shared<oneshot::Receiver<()>>,
-}
+struct Flag(
+    Mutex<Option<oneshot::Sender<()>>>,
+    Shared<oneshot::Receiver<()>>,
+);
 
 impl Default for Flag {
     fn default() -> Self {
         let (tx, rx) = oneshot::channel();
-        Flag {
-            tx: Mutex::new(Some(tx)),
-            rx: rx.shared(),
-        }
+        Flag(Mutex::new(Some(tx)), rx.shared())
     }
 }
 
 impl Flag {
     fn set(&self) {
-        lock(&self.tx).take();
+        lock(&self.0).take();
     }
 
     fn is_set(&self) -> bool {
-        lock(&self.tx).is_none()
+        lock(&self.0).is_none()
     }
 
     fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.rx.clone().map(drop)
+        self.1.clone().map(drop)
     }
 }
 
@@ -725,12 +722,6 @@ impl CostBudget {
         Ok(CostBudget { prices, max })
     }
 
-    /// The prices.
-    #[must_use]
-    pub fn prices(&self) -> Prices {
-        self.prices
-    }
-
     /// The most the run may spend.
     #[must_use]
     pub fn max(&self) -> f64 {
@@ -871,10 +862,6 @@ impl Progress {
     pub fn snapshot(&self) -> RunSummary {
         lock(&self.inner).clone()
     }
-
-    fn set(&self, summary: &RunSummary) {
-        *lock(&self.inner) = summary.clone();
-    }
 }
 
 /// The settings a dataset was made with, recorded beside the output
@@ -915,17 +902,6 @@ impl Recipe {
     #[must_use]
     pub fn default_path(output: &Path) -> PathBuf {
         sidecar(output, ".run.json")
-    }
-
-    /// `name: a (recorded) vs b (now)` for every setting both name with different values.
-    fn differences(&self, now: &Recipe) -> Vec<String> {
-        self.settings
-            .iter()
-            .filter_map(|(k, old)| match now.settings.get(k) {
-                Some(new) if new != old => Some(format!("{k} was `{old}`, now `{new}`")),
-                _ => None,
-            })
-            .collect()
     }
 }
 
@@ -1060,68 +1036,6 @@ impl RunOptions {
     }
 }
 
-/// What the input filter shares with the writing loop.
-#[derive(Default)]
-struct Admission {
-    done: IdSet,
-    seen: IdSet,
-    summary: RunSummary,
-    shard: Option<Shard>,
-    policy: BadLinePolicy,
-    limit: Option<u64>,
-    stop_error: Option<Error>,
-}
-
-impl Admission {
-    /// What becomes of the next input item: `Some(Some(prompt))` is generated, `Some(None)`
-    /// is passed over, `None` ends the input.
-    fn admit(&mut self, item: Result<Prompt, Error>) -> Option<Option<Prompt>> {
-        let s = &mut self.summary;
-        let prompt = match item {
-            Ok(p) => p,
-            Err(e) => {
-                if e.kind() == ErrorKind::Parse {
-                    s.bad_lines += 1;
-                    tracing::warn!(error = %e, "bad input line");
-                    if s.bad_line_messages.len() < MAX_MESSAGES {
-                        s.bad_line_messages.push(e.to_string());
-                    }
-                    if self.policy == BadLinePolicy::Skip {
-                        return Some(None);
-                    }
-                }
-                // A bad line under `BadLinePolicy::Stop`, or reading itself failed: nothing
-                // after it can be trusted.
-                self.stop_error = Some(e);
-                return None;
-            }
-        };
-        if self.limit.is_some_and(|l| s.scheduled >= l) {
-            return None;
-        }
-        s.read += 1;
-        let hash = IdHash::of(&prompt.id);
-        if self
-            .shard
-            .is_some_and(|sh| hash.shard(sh.count) != sh.index)
-        {
-            s.other_shard += 1;
-        } else if !self.seen.insert_hash(hash) {
-            s.duplicates += 1;
-            tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
-            if s.duplicate_ids.len() < MAX_MESSAGES {
-                s.duplicate_ids.push(prompt.id);
-            }
-        } else if self.done.contains_hash(hash) {
-            s.skipped_done += 1;
-        } else {
-            s.scheduled += 1;
-            return Some(Some(prompt));
-        }
-        Some(None)
-    }
-}
-
 /// Checks the recipe recorded beside the output against this run's, or records it.
 /// Returns whether this run created the recipe file.
 fn check_recipe(
@@ -1142,13 +1056,16 @@ fn check_recipe(
         })?;
     if has_examples {
         // An output from before recipes were recorded: only the shape of its rows is known.
-        let old = recorded
-            .clone()
-            .unwrap_or_else(|| match first_line_format(output) {
-                Some(format) => Recipe::new().with("format", format.as_str()),
-                None => Recipe::new(),
-            });
-        let diffs = old.differences(recipe);
+        let old = recorded.clone().unwrap_or_else(|| {
+            let format = first_line_format(output);
+            format.map_or_else(Recipe::new, |f| Recipe::new().with("format", f.as_str()))
+        });
+        let diffs: Vec<String> = (old.settings.iter())
+            .filter_map(|(k, old)| match recipe.settings.get(k) {
+                Some(new) if new != old => Some(format!("{k} was `{old}`, now `{new}`")),
+                _ => None,
+            })
+            .collect();
         if !diffs.is_empty() {
             return Err(Error::config(format!(
                 "{} holds examples made with other settings ({}): rerun with the same settings \
@@ -1266,22 +1183,22 @@ where
     P: Stream<Item = Result<Prompt, Error>> + Send + 'static,
 {
     let progress = options.progress.clone().unwrap_or_default();
-    let result = run_inner(generate, prompts, output.as_ref(), options, &progress).await;
+    let result = run_inner(generate, prompts, output.as_ref(), options, &progress.inner).await;
     if let Err(e) = &result {
-        let mut s = progress.snapshot();
+        let mut s = lock(&progress.inner);
         s.outcome = Outcome::Failed;
         s.message = Some(crate::error_chain(e));
-        progress.set(&s);
     }
     result
 }
 
+/// [`run_to_file`]; the totals live in `live` (the [`Progress`]) from the start of the loop.
 async fn run_inner<F, S, P>(
     generate: F,
     prompts: P,
     output: &Path,
     options: RunOptions,
-    progress: &Progress,
+    live: &Arc<Mutex<RunSummary>>,
 ) -> Result<RunSummary, Error>
 where
     F: FnOnce(BoxStream<'static, Result<Prompt, Error>>) -> S,
@@ -1326,14 +1243,15 @@ where
             resume.lines()
         )));
     }
-    let mut summary = RunSummary {
-        torn_bytes: out.repair().torn_bytes,
+    let summary = RunSummary {
+        torn_bytes: out.torn_bytes(),
         resumed: resume.len() as u64,
+        garbage_lines: match resume.unreadable() {
+            0 => 0,
+            _ => out.set_aside_unreadable()?,
+        },
         ..RunSummary::default()
     };
-    if resume.unreadable() > 0 {
-        summary.garbage_lines = out.set_aside_unreadable()?;
-    }
     let has_examples = resume.lines() > resume.unreadable();
     let recipe_created = check_recipe(&recipe_path, output, &recipe, has_examples)?;
     tracing::info!(
@@ -1343,191 +1261,202 @@ where
         garbage_lines = summary.garbage_lines,
         "run starting"
     );
+    *lock(live) = summary;
 
-    // Compaction at the end drops the ledger records of ids that are done. Of the ids written
-    // by this run, only those with a record from an earlier run can have one (an id is
-    // generated once per run), so only they are added to `done`: remembering every written id
-    // would double the memory per id (`seen` has them all already).
-    let mut failed_before = IdSet::new();
+    // The ids the ledger must keep at the end: those of earlier runs not done yet, and those
+    // failing in this one, less those this run writes (memory only for failed ids).
+    let done = resume.into_ids();
+    let mut pending = IdSet::new();
     for record in FailureLedger::read(&ledger_path)? {
-        failed_before.insert(&record.id);
+        if !done.contains(&record.id) {
+            pending.insert(&record.id);
+        }
     }
 
-    let admission = Arc::new(Mutex::new(Admission {
-        done: resume.into_ids(),
-        seen: IdSet::new(),
-        summary,
-        shard: options.shard,
-        policy: options.bad_lines,
-        limit: options.limit,
-        stop_error: None,
-    }));
-
+    // What becomes of each input item: the generator gets it (`Some(Some)`), it is passed
+    // over (`Some(None)`), or the input ends there (`None`).
     let stop = &options.stop;
-    let filter_state = admission.clone();
+    let stop_error = Arc::new(Mutex::new(None));
+    let (shard, policy, limit) = (options.shard, options.bad_lines, options.limit);
+    let (filter_live, filter_error) = (live.clone(), stop_error.clone());
+    let mut seen = IdSet::new();
+    let mut admit = move |item: Result<Prompt, Error>| {
+        let s = &mut *lock(&filter_live);
+        let prompt = match item {
+            Ok(_) if limit.is_some_and(|l| s.scheduled >= l) => return None,
+            Ok(p) => p,
+            Err(e) => {
+                if e.kind() == ErrorKind::Parse {
+                    s.bad_lines += 1;
+                    tracing::warn!(error = %e, "bad input line");
+                    if s.bad_line_messages.len() < MAX_MESSAGES {
+                        s.bad_line_messages.push(e.to_string());
+                    }
+                    if policy == BadLinePolicy::Skip {
+                        return Some(None);
+                    }
+                }
+                // A bad line under `BadLinePolicy::Stop`, or reading itself failed: nothing
+                // after it can be trusted.
+                *lock(&filter_error) = Some(e);
+                return None;
+            }
+        };
+        s.read += 1;
+        let hash = IdHash::of(&prompt.id);
+        if shard.is_some_and(|sh| hash.shard(sh.count) != sh.index) {
+            s.other_shard += 1;
+        } else if !seen.insert(hash) {
+            s.duplicates += 1;
+            tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
+            if s.duplicate_ids.len() < MAX_MESSAGES {
+                s.duplicate_ids.push(prompt.id);
+            }
+        } else if done.contains(hash) {
+            s.skipped_done += 1;
+        } else {
+            s.scheduled += 1;
+            return Some(Some(prompt));
+        }
+        Some(None)
+    };
     let filtered = prompts
         .take_until(stop.wait())
-        .scan((), move |(), item| {
-            future::ready(lock(&filter_state).admit(item))
-        })
+        .scan((), move |(), item| future::ready(admit(item)))
         .filter_map(|prompt| future::ready(prompt.map(Ok)))
         .boxed();
 
     let budget = options.budget;
     let metered = |s: &mut RunSummary| {
         if let Some(m) = &options.meter {
-            s.calls = m.calls();
-            s.usage = m.usage();
+            (s.calls, s.usage) = (m.calls(), m.usage());
         } else {
-            s.calls = s.generation.calls;
-            s.usage = s.generation.usage;
+            (s.calls, s.usage) = (s.generation.calls, s.generation.usage);
         }
         s.cost = budget.map(|(prices, _)| prices.cost(s.usage));
     };
     let mut results = Box::pin(generate(filtered));
     let mut ledger: Option<FailureLedger> = None;
-    let mut fatal: Option<Error> = None;
-    let mut io_error: Option<Error> = None;
-    let mut in_a_row = 0;
-    let mut received: u64 = 0;
-    let mut stop_seen = false;
+    let (mut in_a_row, mut received, mut stop_seen) = (0, 0u64, false);
     let mut deadline = pin!(future::Fuse::<tokio::time::Sleep>::terminated());
     let mut cost_tick = tokio::time::interval(Duration::from_millis(100));
     cost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.wait_abort() => {
-                tracing::warn!("stopping now: dropping the examples in flight");
-                break;
-            }
-            item = results.next() => {
-                let Some(item) = item else { break };
-                received += 1;
-                // Examples in a row that failed to reach the server.
-                let unreachable = item.as_ref().err().and_then(Error::backend_error).filter(|e| {
-                    matches!(e.kind(), BackendErrorKind::Connection | BackendErrorKind::Timeout)
-                });
-                in_a_row = if unreachable.is_some() { in_a_row + 1 } else { 0 };
-                if let Some(e) = unreachable.filter(|_| options.unreachable_after == Some(in_a_row)) {
-                    let message = format!(
-                        "the model server is unreachable ({in_a_row} calls in a row failed): {}",
-                        crate::error_chain(e)
-                    );
-                    tracing::info!(%message, "stopping the run");
-                    stop.stop_with(Outcome::Unreachable, Some(message));
+    // `Err`: the output or the ledger failed; `Ok(Some)`: the generator's fatal error.
+    let ended: Result<Option<Error>, Error> = async {
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.wait_abort() => {
+                    tracing::warn!("stopping now: dropping the examples in flight");
+                    break;
                 }
-                let mut st = lock(&admission);
-                if let Ok(example) = &item {
-                    if let Err(e) = out.write(example) {
-                        io_error = Some(e);
-                        break;
+                item = results.next() => {
+                    let Some(item) = item else { break };
+                    received += 1;
+                    // Examples in a row that failed to reach the server.
+                    let unreachable = item.as_ref().err().and_then(Error::backend_error).filter(|e| {
+                        matches!(e.kind(), BackendErrorKind::Connection | BackendErrorKind::Timeout)
+                    });
+                    in_a_row = if unreachable.is_some() { in_a_row + 1 } else { 0 };
+                    if let Some(e) = unreachable.filter(|_| options.unreachable_after == Some(in_a_row)) {
+                        let message = format!(
+                            "the model server is unreachable ({in_a_row} calls in a row failed): {}",
+                            crate::error_chain(e)
+                        );
+                        tracing::info!(%message, "stopping the run");
+                        stop.stop_with(Outcome::Unreachable, Some(message));
                     }
-                    if failed_before.contains(&example.id) {
-                        st.done.insert(&example.id);
+                    if let Ok(example) = &item {
+                        out.write(example)?;
+                        pending.remove(&example.id);
                     }
-                }
-                st.summary.generation.record(&item);
-                if let Err(e) = item {
+                    lock(live).generation.record(&item);
+                    let Err(e) = item else { continue };
                     let chain = crate::error_chain(&e);
                     if e.is_fatal() {
                         // Returned to the caller, who reports it: not logged twice.
                         tracing::debug!(error = %chain, "fatal error: stopping the run");
-                        fatal = Some(e);
-                        break;
+                        return Ok(Some(e));
                     }
                     tracing::warn!(error = %chain, "example failed");
                     if let Some(id) = e.example_id() {
-                        if let Err(err) = record_failure(&mut ledger, &ledger_path, options.sync, id, &e) {
-                            io_error = Some(err);
-                            break;
-                        }
+                        pending.insert(id);
+                        let l = match &mut ledger {
+                            Some(l) => l,
+                            None => ledger.insert(FailureLedger::open(&ledger_path, options.sync)?),
+                        };
+                        l.record(id, &e)?;
                     }
                 }
-            }
-            _ = cost_tick.tick(), if budget.is_some() => {}
-            () = stop.wait(), if !stop_seen => {
-                stop_seen = true;
-                tracing::info!("stop requested: finishing the examples in flight");
-                if let Some(d) = options.drain_deadline {
-                    deadline.set(tokio::time::sleep(d).fuse());
+                _ = cost_tick.tick(), if budget.is_some() => {}
+                () = stop.wait(), if !stop_seen => {
+                    stop_seen = true;
+                    tracing::info!("stop requested: finishing the examples in flight");
+                    if let Some(d) = options.drain_deadline {
+                        deadline.set(tokio::time::sleep(d).fuse());
+                    }
+                }
+                () = &mut deadline => {
+                    tracing::warn!("drain deadline passed: dropping the examples in flight");
+                    break;
                 }
             }
-            () = &mut deadline => {
-                tracing::warn!("drain deadline passed: dropping the examples in flight");
-                break;
+            let s = &mut *lock(live);
+            metered(s);
+            let spent = matches!((budget, s.cost), (Some((_, max)), Some(cost)) if cost >= max);
+            if spent && stop.reason().is_none() {
+                tracing::warn!(cost = ?s.cost, "cost budget reached: finishing the examples in flight");
+                stop.stop_with(Outcome::CostLimit, None);
             }
         }
-        let mut st = lock(&admission);
-        metered(&mut st.summary);
-        let spent =
-            matches!((budget, st.summary.cost), (Some((_, max)), Some(cost)) if cost >= max);
-        if spent && stop.reason().is_none() {
-            tracing::warn!(cost = ?st.summary.cost, "cost budget reached: finishing the examples in flight");
-            stop.stop_with(Outcome::CostLimit, None);
-        }
-        progress.set(&st.summary);
+        Ok(None)
     }
+    .await;
     // Dropping the stream cancels whatever is still in flight.
     drop(results);
 
-    let Admission {
-        mut summary,
-        done,
-        stop_error,
-        ..
-    } = std::mem::take(&mut *lock(&admission));
-    metered(&mut summary);
-    summary.dropped_in_flight = summary.scheduled.saturating_sub(received);
-    let stopped_by = stop.reason();
-    summary.interrupted = stop.is_stopped() && stopped_by.is_none();
-    let mut keep_error = |result: Result<(), Error>| {
-        if let Err(e) = result {
-            io_error.get_or_insert(e);
-        }
-    };
-    if let Some(l) = ledger {
-        keep_error(l.close());
-    }
+    let closed = ledger.map_or(Ok(()), FailureLedger::close);
     // Compacted while the output's lock is still held: no other run can append meanwhile.
-    keep_error(FailureLedger::compact(&ledger_path, &done).map(|n| summary.ledger_pending = n));
-    keep_error(out.file.remove_if_created_and_empty().and_then(|removed| {
-        summary.output_removed = removed;
+    let compacted = FailureLedger::compact(&ledger_path, &pending);
+    let removed = out.file.remove_if_created_and_empty().and_then(|removed| {
         if removed && recipe_created {
-            remove_if_exists(&recipe_path)
-        } else {
-            Ok(())
+            remove_if_exists(&recipe_path)?;
         }
-    }));
-    (summary.outcome, summary.message) = match stopped_by {
-        Some(reason) => reason,
-        None if summary.interrupted => (Outcome::Interrupted, None),
-        None if options.limit.is_some_and(|l| summary.scheduled >= l) => {
-            (Outcome::LimitReached, None)
-        }
-        None => (Outcome::Completed, None),
+        Ok(removed)
+    });
+    let stopped_by = stop.reason();
+    let summary = {
+        let s = &mut *lock(live);
+        metered(s);
+        s.dropped_in_flight = s.scheduled.saturating_sub(received);
+        s.interrupted = stop.is_stopped() && stopped_by.is_none();
+        s.ledger_pending = *compacted.as_ref().unwrap_or(&0);
+        s.output_removed = *removed.as_ref().unwrap_or(&false);
+        (s.outcome, s.message) = match stopped_by {
+            Some(reason) => reason,
+            None if s.interrupted => (Outcome::Interrupted, None),
+            None if limit.is_some_and(|l| s.scheduled >= l) => (Outcome::LimitReached, None),
+            None => (Outcome::Completed, None),
+        };
+        s.elapsed = started.elapsed();
+        s.clone()
     };
-    summary.elapsed = started.elapsed();
-    progress.set(&summary);
     tracing::info!(%summary, "run finished");
-    match io_error.or(fatal).or(stop_error) {
+    let (io_error, fatal) = match ended {
+        Ok(fatal) => (None, fatal),
+        Err(e) => (Some(e), None),
+    };
+    let stop_error = lock(&stop_error).take();
+    match io_error
+        .or(closed.err())
+        .or(compacted.err())
+        .or(removed.err())
+        .or(fatal)
+        .or(stop_error)
+    {
         Some(e) => Err(e),
         None => Ok(summary),
     }
-}
-
-fn record_failure(
-    ledger: &mut Option<FailureLedger>,
-    path: &Path,
-    sync: SyncPolicy,
-    id: &str,
-    error: &Error,
-) -> Result<(), Error> {
-    let l = match ledger {
-        Some(l) => l,
-        None => ledger.insert(FailureLedger::open(path, sync)?),
-    };
-    l.record(id, error)
 }
 
 #[cfg(test)]

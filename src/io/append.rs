@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::resume::line_id;
 use crate::example::{ExampleFormat, PreferenceExample};
 use crate::Error;
 
@@ -59,21 +60,12 @@ impl Default for SyncPolicy {
     }
 }
 
-/// What opening an existing file found and repaired.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Repair {
-    /// Bytes after the last newline (a line torn by a crash) that were cut off.
-    pub torn_bytes: u64,
-    /// Where the cut bytes were saved (`<file>.torn`, appended to), when there were any.
-    pub torn_path: Option<PathBuf>,
-}
-
 /// An append-only JSONL file held under an exclusive lock.
 ///
 /// - [`open`](Self::open) takes an exclusive advisory lock (`flock`/`LockFileEx`), so two runs
 ///   cannot write the same file at once: the second gets an error at open.
 /// - On open, a last line without its newline (torn by a crash mid-write) is cut off and the
-///   cut bytes are appended to `<file>.torn`; [`repair`](Self::repair) reports how many.
+///   cut bytes are appended to `<file>.torn`; `torn_bytes` says how many.
 /// - [`write_line`](Self::write_line) writes the line and its newline with one `write_all`
 ///   on a file opened in append mode; lines are never interleaved or half-visible to a later
 ///   open.
@@ -90,8 +82,9 @@ pub(crate) struct AppendFile {
     policy: SyncPolicy,
     unsynced: u64,
     last_sync: Instant,
-    /// What [`open`](Self::open) repaired.
-    pub(crate) repair: Repair,
+    /// Bytes of a torn last line that [`open`](Self::open) cut off (and saved to
+    /// `<file>.torn`).
+    pub(crate) torn_bytes: u64,
     lines: u64,
     /// The background `fsync` of a [`SyncPolicy::Periodic`] file, on a clone of the handle.
     syncing: Option<JoinHandle<std::io::Result<()>>>,
@@ -212,22 +205,16 @@ fn append_aside(
 /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming both roles and the paths.
 #[cfg_attr(not(feature = "run"), allow(unreachable_pub))]
 pub fn ensure_distinct_files(files: &[(&str, &Path)]) -> Result<(), Error> {
-    #[derive(PartialEq)]
-    enum Id {
-        File(same_file::Handle),
-        Path(PathBuf),
-    }
-    let identify = |p: &Path| match same_file::Handle::from_path(p) {
-        Ok(h) => Some(Id::File(h)),
-        Err(_) => Some(Id::Path(
-            std::fs::canonicalize(parent_dir(p))
-                .ok()?
-                .join(p.file_name()?),
-        )),
+    // A file's identity, else the canonical path it would have (`None`: cannot tell).
+    let identify = |p: &Path| {
+        same_file::Handle::from_path(p).map_err(|_| {
+            let dir = std::fs::canonicalize(parent_dir(p)).ok()?;
+            Some(dir.join(p.file_name()?))
+        })
     };
-    let ids: Vec<Option<Id>> = files.iter().map(|(_, p)| identify(p)).collect();
+    let ids: Vec<_> = files.iter().map(|(_, p)| identify(p)).collect();
     for (i, a) in ids.iter().enumerate() {
-        if let Some(j) = (i + 1..ids.len()).find(|&j| a.is_some() && ids[j] == *a) {
+        if let Some(j) = (i + 1..ids.len()).find(|&j| *a != Err(None) && ids[j] == *a) {
             let ((ra, pa), (rb, pb)) = (files[i], files[j]);
             return Err(Error::config(format!(
                 "the {ra} ({}) and the {rb} ({}) are the same file: give each its own path",
@@ -284,7 +271,7 @@ impl AppendFile {
         if created {
             sync_parent(path)?;
         }
-        let repair = repair_torn_tail(&mut file, path)?;
+        let torn_bytes = repair_torn_tail(&mut file, path)?;
         Ok(AppendFile {
             file,
             path: path.to_path_buf(),
@@ -292,7 +279,7 @@ impl AppendFile {
             policy,
             unsynced: 0,
             last_sync: Instant::now(),
-            repair,
+            torn_bytes,
             lines: 0,
             syncing: None,
         })
@@ -394,8 +381,8 @@ impl AppendFile {
             .map_err(|e| io_err(&self.path, e))
     }
 
-    /// Removes the file if this open created it, it is still empty, and `path` still names
-    /// it; the lock is held until the file is gone, so no other run can have opened it for
+    /// Syncs the file, then removes it if this open created it, it is still empty, and `path`
+    /// still names it; the lock is held until the file is gone, so no other run can have opened it for
     /// writing in between. Returns whether it was removed. Leaves no empty file behind a run
     /// that wrote nothing, and never removes a file another run created or holds.
     ///
@@ -403,7 +390,7 @@ impl AppendFile {
     ///
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be inspected or removed.
     pub(crate) fn remove_if_created_and_empty(mut self) -> Result<bool, Error> {
-        self.join_sync()?;
+        self.sync()?;
         let len = self
             .file
             .metadata()
@@ -419,59 +406,6 @@ impl AppendFile {
         std::fs::remove_file(&self.path).map_err(|e| io_err(&self.path, e))?;
         sync_parent(&self.path)?;
         Ok(true)
-    }
-
-    /// Rewrites the file without the lines `keep` rejects, appending those to `aside` first;
-    /// returns how many were set aside. The replacement is written beside the file, synced,
-    /// locked and renamed over it, so a crash at any point leaves either the old file or the
-    /// new one, and the lock is never released on the path.
-    pub(crate) fn set_aside(
-        &mut self,
-        mut keep: impl FnMut(&[u8]) -> bool,
-        aside: &Path,
-    ) -> Result<u64, Error> {
-        let path = self.path.clone();
-        let io = |e| io_err(&path, e);
-        let reader = File::open(&path).map_err(io)?;
-        let mut tmp = temp_beside(&path)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
-        let mut bad: Vec<u8> = Vec::new();
-        let mut set_aside = 0u64;
-        // Every line ends with `\n`: a torn last line was cut at open.
-        for line in BufReader::with_capacity(1 << 16, reader).split(b'\n') {
-            let mut line = line.map_err(io)?;
-            let kept = line.iter().all(u8::is_ascii_whitespace) || keep(&line);
-            line.push(b'\n');
-            if kept {
-                out.write_all(&line).map_err(io)?;
-            } else {
-                set_aside += 1;
-                bad.extend_from_slice(&line);
-            }
-        }
-        out.flush().map_err(io)?;
-        drop(out);
-        if set_aside == 0 {
-            return Ok(0);
-        }
-        append_aside(aside, |side| side.write_all(&bad))?;
-        tmp.as_file().try_lock().map_err(|e| {
-            io(std::io::Error::other(format!(
-                "cannot lock the rewritten file: {e}"
-            )))
-        })?;
-        let mut file = replace_with(tmp, &path)?;
-        file.seek(SeekFrom::End(0)).map_err(io)?;
-        self.join_sync()?;
-        // The old handle (and its lock) goes only now, after the new file holds the path.
-        self.file = file;
-        tracing::warn!(
-            path = %path.display(),
-            lines = set_aside,
-            saved_to = %aside.display(),
-            "moved unreadable lines out of the file"
-        );
-        Ok(set_aside)
     }
 
     /// Syncs and closes the file, releasing the lock.
@@ -491,8 +425,9 @@ impl Drop for AppendFile {
     }
 }
 
-/// Cuts a last line without its newline off `file`, saving it to `<path>.torn`.
-fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
+/// Cuts a last line without its newline off `file`, saving it to `<path>.torn`; returns its
+/// length.
+fn repair_torn_tail(file: &mut File, path: &Path) -> Result<u64, Error> {
     let io = |e| io_err(path, e);
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
     // Scan backwards in blocks for the last newline.
@@ -512,7 +447,7 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
         end = start;
     }
     if keep == len {
-        return Ok(Repair::default());
+        return Ok(0);
     }
     let torn_len = len - keep;
     let torn_path = with_suffix(path, ".torn");
@@ -532,10 +467,7 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> Result<Repair, Error> {
         saved_to = %torn_path.display(),
         "cut a torn last line left by an interrupted run"
     );
-    Ok(Repair {
-        torn_bytes: torn_len,
-        torn_path: Some(torn_path),
-    })
+    Ok(torn_len)
 }
 
 /// A crash-safe JSONL output file of examples: an `AppendFile` plus the format.
@@ -588,10 +520,11 @@ impl OutputFile {
         self.file.write_raw(line.as_bytes())
     }
 
-    /// What opening the file repaired.
+    /// Bytes of a torn last line (a crash mid-write) cut off when the file was opened, and
+    /// appended to `<file>.torn`.
     #[must_use]
-    pub fn repair(&self) -> &Repair {
-        &self.file.repair
+    pub fn torn_bytes(&self) -> u64 {
+        self.file.torn_bytes
     }
 
     /// See `AppendFile::sync`.
@@ -614,12 +547,54 @@ impl OutputFile {
 
     /// Moves the lines without a readable `id` (garbage a power loss can leave in the
     /// middle of a file) to `<file>.garbage`, so downstream loaders never meet them; returns
-    /// how many. The file is rewritten beside itself and renamed over, under the lock.
+    /// how many. The replacement is written beside the file, synced, locked and renamed over
+    /// it, so a crash at any point leaves either the old file or the new one, and the lock is
+    /// never released on the path.
     #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn set_aside_unreadable(&mut self) -> Result<u64, Error> {
-        let aside = with_suffix(&self.file.path, ".garbage");
-        self.file
-            .set_aside(|line| super::resume::line_id(line).is_some(), &aside)
+        let path = self.file.path.clone();
+        let io = |e| io_err(&path, e);
+        let reader = File::open(&path).map_err(io)?;
+        let mut tmp = temp_beside(&path)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
+        let mut bad: Vec<u8> = Vec::new();
+        let mut set_aside = 0u64;
+        // Every line ends with `\n`: a torn last line was cut at open.
+        for line in BufReader::with_capacity(1 << 16, reader).split(b'\n') {
+            let mut line = line.map_err(io)?;
+            let kept = line.iter().all(u8::is_ascii_whitespace) || line_id(&line).is_some();
+            line.push(b'\n');
+            if kept {
+                out.write_all(&line).map_err(io)?;
+            } else {
+                set_aside += 1;
+                bad.extend_from_slice(&line);
+            }
+        }
+        out.flush().map_err(io)?;
+        drop(out);
+        if set_aside == 0 {
+            return Ok(0);
+        }
+        let aside = with_suffix(&path, ".garbage");
+        append_aside(&aside, |side| side.write_all(&bad))?;
+        tmp.as_file().try_lock().map_err(|e| {
+            io(std::io::Error::other(format!(
+                "cannot lock the rewritten file: {e}"
+            )))
+        })?;
+        let mut file = replace_with(tmp, &path)?;
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        self.file.join_sync()?;
+        // The old handle (and its lock) goes only now, after the new file holds the path.
+        self.file.file = file;
+        tracing::warn!(
+            path = %path.display(),
+            lines = set_aside,
+            saved_to = %aside.display(),
+            "moved unreadable lines out of the file"
+        );
+        Ok(set_aside)
     }
 }
 
@@ -671,7 +646,7 @@ mod tests {
         )
         .unwrap();
         let mut f = AppendFile::open(&path, SyncPolicy::Always).unwrap();
-        assert_eq!(f.repair.torn_bytes, 14);
+        assert_eq!(f.torn_bytes, 14);
         f.write_line(b"{\"id\":\"c\"}").unwrap();
         f.close().unwrap();
         assert_eq!(
@@ -684,7 +659,7 @@ mod tests {
         );
         // A clean file needs no repair.
         let f = AppendFile::open(&path, SyncPolicy::OnClose).unwrap();
-        assert_eq!(f.repair, Repair::default());
+        assert_eq!(f.torn_bytes, 0);
     }
 
     #[test]
@@ -693,7 +668,7 @@ mod tests {
         let path = dir.path().join("o.jsonl");
         std::fs::write(&path, vec![b'x'; 200_000]).unwrap();
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
-        assert_eq!(f.repair.torn_bytes, 200_000);
+        assert_eq!(f.torn_bytes, 200_000);
         drop(f);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
 
@@ -701,7 +676,7 @@ mod tests {
         content.extend(vec![b'y'; 150_000]);
         std::fs::write(&path, &content).unwrap();
         let f = AppendFile::open(&path, SyncPolicy::default()).unwrap();
-        assert_eq!(f.repair.torn_bytes, 150_000);
+        assert_eq!(f.torn_bytes, 150_000);
         drop(f);
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"id\":\"a\"}\n");
     }

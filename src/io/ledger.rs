@@ -151,7 +151,7 @@ impl FailureLedger {
     }
 
     /// Rewrites the ledger at `path` keeping one record (the latest, `runs` summed) for each
-    /// id not in `done`; returns how many remain. A ledger left empty is removed. The ledger
+    /// id in `pending`; returns how many remain. A ledger left empty is removed. The ledger
     /// must not be open for appending (close it first); `run::run_to_file` compacts
     /// it while it still holds the output's lock, so no other run can append meanwhile.
     ///
@@ -162,36 +162,36 @@ impl FailureLedger {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if reading, writing or renaming fails; the old ledger is then left as it
     /// was.
     #[cfg_attr(not(feature = "run"), allow(dead_code))]
-    pub(crate) fn compact(path: impl AsRef<Path>, done: &IdSet) -> Result<u64, Error> {
+    pub(crate) fn compact(path: impl AsRef<Path>, pending: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
-        let mut order: Vec<FailureRecord> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut kept: Vec<FailureRecord> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         for r in Self::read(path)?
             .into_iter()
-            .filter(|r| !done.contains(&r.id))
+            .filter(|r| pending.contains(&r.id))
         {
-            match index.get(&r.id) {
-                Some(&i) => {
-                    let runs = order[i].runs.saturating_add(r.runs);
-                    order[i] = FailureRecord { runs, ..r };
+            let i = *at.entry(r.id.clone()).or_insert(kept.len());
+            match kept.get_mut(i) {
+                Some(k) => {
+                    *k = FailureRecord {
+                        runs: k.runs.saturating_add(r.runs),
+                        ..r
+                    }
                 }
-                None => {
-                    index.insert(r.id.clone(), order.len());
-                    order.push(r);
-                }
+                None => kept.push(r),
             }
         }
-        if order.is_empty() {
+        if kept.is_empty() {
             remove_if_exists(path)?;
             return Ok(0);
         }
         let mut buf = Vec::new();
-        for r in &order {
+        for r in &kept {
             serde_json::to_writer(&mut buf, r).expect("a failure record always serialises");
             buf.push(b'\n');
         }
         write_replacing(path, &buf)?;
-        Ok(order.len() as u64)
+        Ok(kept.len() as u64)
     }
 }
 
@@ -247,16 +247,15 @@ mod tests {
             l.record(id, &err(id)).unwrap();
         }
         l.close().unwrap();
-        let mut done = IdSet::new();
-        done.insert("b");
-        assert_eq!(FailureLedger::compact(&path, &done).unwrap(), 2);
+        let mut pending = IdSet::new();
+        pending.insert("a");
+        pending.insert("c");
+        assert_eq!(FailureLedger::compact(&path, &pending).unwrap(), 2);
         let rs = FailureLedger::read(&path).unwrap();
         assert_eq!(rs.len(), 2);
         assert_eq!((rs[0].id.as_str(), rs[0].runs), ("a", 2));
         assert_eq!((rs[1].id.as_str(), rs[1].runs), ("c", 1));
-        done.insert("a");
-        done.insert("c");
-        assert_eq!(FailureLedger::compact(&path, &done).unwrap(), 0);
+        assert_eq!(FailureLedger::compact(&path, &IdSet::new()).unwrap(), 0);
         assert!(!path.exists());
     }
 }

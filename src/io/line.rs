@@ -55,31 +55,28 @@ impl<R: BufRead> JsonlLines<R> {
     pub(crate) fn next_line(&mut self) -> Option<Result<TextLine, Error>> {
         while !self.done {
             let max = self.max_line_bytes;
-            let ended = match read_bounded_line(&mut self.reader, &mut self.buf, max) {
+            let line = match read_bounded_line(&mut self.reader, &mut self.buf, max) {
                 Ok(Line::Eof) => break,
-                Ok(Line::TooLong) => Err(format!("line longer than the {max} byte limit")),
-                Ok(line) => Ok(line == Line::Ended),
+                Ok(line) => line,
                 Err(source) => {
                     self.done = true;
                     return Some(Err(Error::io(self.path.clone(), source)));
                 }
             };
             self.line += 1;
-            let text = match (ended, std::str::from_utf8(&self.buf)) {
-                (Err(message), _) => return Some(Err(self.err(message))),
-                (Ok(_), Err(e)) => {
-                    let at = e.valid_up_to();
-                    return Some(Err(
-                        self.err(format!("invalid UTF-8 at byte {at} of the line"))
-                    ));
-                }
-                (Ok(_), Ok(text)) if text.trim().is_empty() => continue,
-                (Ok(ended), Ok(text)) => TextLine {
+            let text = match std::str::from_utf8(&self.buf) {
+                _ if line == Line::TooLong => Err(format!("line longer than the {max} byte limit")),
+                Err(e) => Err(format!(
+                    "invalid UTF-8 at byte {} of the line",
+                    e.valid_up_to()
+                )),
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => Ok(TextLine {
                     text: text.to_owned(),
-                    ended,
-                },
+                    ended: line == Line::Ended,
+                }),
             };
-            return Some(Ok(text));
+            return Some(text.map_err(|message| self.err(message)));
         }
         self.done = true;
         None

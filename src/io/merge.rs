@@ -340,7 +340,7 @@ fn check_input(
         };
         let hash = IdHash::of(&prompt.id);
         // A duplicate input id is one prompt: the run kept the first.
-        if prompts.insert_hash(hash) && !seen.contains_key(&hash.0) && !failed.contains_hash(hash) {
+        if prompts.insert(hash) && !seen.contains_key(&hash.0) && !failed.contains(hash) {
             missing_count += 1;
             if missing.len() < MergeSummary::MAX_LISTED {
                 missing.push(prompt.id);
@@ -358,7 +358,7 @@ fn check_input(
     }
     let mut extra: Vec<(usize, u64)> = seen
         .iter()
-        .filter(|(h, _)| !prompts.contains_hash(IdHash(**h)))
+        .filter(|(h, _)| !prompts.contains(IdHash(**h)))
         .map(|(_, s)| (s.shard, s.line))
         .collect();
     if !extra.is_empty() {

@@ -25,7 +25,7 @@ mod writer;
 pub(crate) use append::sidecar;
 #[cfg(feature = "batch")]
 pub(crate) use append::AppendFile;
-pub use append::{OutputFile, Repair, SyncPolicy};
+pub use append::{OutputFile, SyncPolicy};
 pub use dataset::{read_dataset, DatasetLine, DatasetReader};
 pub use ledger::{FailureLedger, FailureRecord};
 pub use merge::{merge, MergeOptions, MergeSummary};

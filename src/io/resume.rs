@@ -53,6 +53,12 @@ impl IdHash {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct IdSet(BTreeSet<u128>);
 
+impl<S: AsRef<str> + ?Sized> From<&S> for IdHash {
+    fn from(id: &S) -> Self {
+        IdHash::of(id.as_ref())
+    }
+}
+
 impl IdSet {
     /// An empty set.
     #[must_use]
@@ -60,26 +66,21 @@ impl IdSet {
         Self::default()
     }
 
-    /// Adds `id`; returns whether it was new.
-    pub(crate) fn insert(&mut self, id: &str) -> bool {
-        self.insert_hash(IdHash::of(id))
+    /// Adds an id (or its hash); returns whether it was new.
+    pub(crate) fn insert(&mut self, id: impl Into<IdHash>) -> bool {
+        self.0.insert(id.into().0)
     }
 
-    /// Adds a hash; returns whether it was new.
-    pub(crate) fn insert_hash(&mut self, hash: IdHash) -> bool {
-        self.0.insert(hash.0)
+    /// Removes an id (or its hash).
+    #[cfg_attr(not(feature = "run"), allow(dead_code))]
+    pub(crate) fn remove(&mut self, id: impl Into<IdHash>) {
+        self.0.remove(&id.into().0);
     }
 
-    /// Whether `id` is in the set.
+    /// Whether an id (or its hash) is in the set.
     #[must_use]
-    pub(crate) fn contains(&self, id: &str) -> bool {
-        self.contains_hash(IdHash::of(id))
-    }
-
-    /// Whether the hash is in the set.
-    #[must_use]
-    pub(crate) fn contains_hash(&self, hash: IdHash) -> bool {
-        self.0.contains(&hash.0)
+    pub(crate) fn contains(&self, id: impl Into<IdHash>) -> bool {
+        self.0.contains(&id.into().0)
     }
 
     /// How many ids.
@@ -277,13 +278,13 @@ mod tests {
         let mut model = std::collections::HashSet::new();
         for i in 0..4_000u128 {
             for h in [i, i << 64, (i << 100) | 5, u128::MAX - i] {
-                assert_eq!(s.insert_hash(IdHash(h)), model.insert(h), "{h:x}");
+                assert_eq!(s.insert(IdHash(h)), model.insert(h), "{h:x}");
             }
         }
         assert_eq!(s.len(), model.len());
         for i in 0..6_000u128 {
             for h in [i, i << 64, (i << 100) | 5, u128::MAX - i, i << 1 | 1 << 90] {
-                assert_eq!(s.contains_hash(IdHash(h)), model.contains(&h), "{h:x}");
+                assert_eq!(s.contains(IdHash(h)), model.contains(&h), "{h:x}");
             }
         }
     }
@@ -304,14 +305,14 @@ mod tests {
                     _ => IdHash::of(&x.to_string()).0,
                 };
                 if insert {
-                    proptest::prop_assert_eq!(s.insert_hash(IdHash(h)), model.insert(h));
+                    proptest::prop_assert_eq!(s.insert(IdHash(h)), model.insert(h));
                 } else {
-                    proptest::prop_assert_eq!(s.contains_hash(IdHash(h)), model.contains(&h));
+                    proptest::prop_assert_eq!(s.contains(IdHash(h)), model.contains(&h));
                 }
                 proptest::prop_assert_eq!(s.len(), model.len());
             }
             for h in &model {
-                proptest::prop_assert!(s.contains_hash(IdHash(*h)));
+                proptest::prop_assert!(s.contains(IdHash(*h)));
             }
         }
     }

@@ -14,7 +14,6 @@ use crate::Error;
 pub struct ExampleWriter<W: Write> {
     out: W,
     format: ExampleFormat,
-    written: u64,
     name: PathBuf,
 }
 
@@ -25,7 +24,6 @@ impl<W: Write> ExampleWriter<W> {
         ExampleWriter {
             out,
             format,
-            written: 0,
             name: PathBuf::from("<output>"),
         }
     }
@@ -47,9 +45,7 @@ impl<W: Write> ExampleWriter<W> {
         line.push('\n');
         self.out
             .write_all(line.as_bytes())
-            .map_err(|e| Error::io(self.name.clone(), e))?;
-        self.written += 1;
-        Ok(())
+            .map_err(|e| Error::io(self.name.clone(), e))
     }
 
     /// Flushes the underlying writer.
@@ -61,18 +57,6 @@ impl<W: Write> ExampleWriter<W> {
         self.out
             .flush()
             .map_err(|e| Error::io(self.name.clone(), e))
-    }
-
-    /// How many examples were written.
-    #[must_use]
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// The format.
-    #[must_use]
-    pub fn format(&self) -> ExampleFormat {
-        self.format
     }
 
     /// Flushes and returns the underlying writer.
