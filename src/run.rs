@@ -952,20 +952,6 @@ pub fn unreachable_after(concurrency: usize) -> u64 {
     u64::try_from(concurrency).unwrap_or(u64::MAX).max(3)
 }
 
-/// Builder setters that each store their argument, or a value made from it, in a field:
-/// `name(arg: Type) => field = value;`.
-macro_rules! setters {
-    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
-        $(
-            $(#[$doc])*
-            pub fn $name(mut self, $arg: $ty) -> Self {
-                self.$field = $value;
-                self
-            }
-        )*
-    };
-}
-
 impl RunOptions {
     /// The defaults.
     pub fn new() -> Self {
