@@ -140,7 +140,7 @@ impl std::str::FromStr for AspectSampling {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] naming the accepted forms.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the accepted forms.
     fn from_str(s: &str) -> Result<Self, Error> {
         let mode = s.trim().to_ascii_lowercase().replace('_', "-");
         let num = |t: &str| t.trim().parse::<usize>().ok();
@@ -190,8 +190,8 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if the list is empty, a name or definition is blank, or two aspects
-    /// share a name.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if the list is empty, a name or definition
+    /// is blank, or two aspects share a name.
     pub fn custom(name: impl Into<String>, aspects: Vec<Aspect>) -> Result<Self, Error> {
         Self::checked(name.into(), aspects, None).map_err(Error::config)
     }
@@ -200,7 +200,8 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if a size is 0, `min > max`, or `max` exceeds the number of aspects.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) if a size is 0, `min > max`, or `max`
+    /// exceeds the number of aspects.
     pub fn with_sampling(self, sampling: AspectSampling) -> Result<Self, Error> {
         Self::checked(self.name, self.aspects, Some(sampling)).map_err(Error::config)
     }
@@ -267,8 +268,8 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] for text that is not a sampling mode, or sizes that do not fit
-    /// the set.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for text that is not a sampling mode, or
+    /// sizes that do not fit the set.
     pub fn with_sampling_mode(self, mode: &str) -> Result<Self, Error> {
         let sampling = match mode.parse::<AspectSampling>()? {
             AspectSampling::ModelPicks { max } if !mode.contains(':') => {
@@ -287,8 +288,9 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`] if the file cannot be read, [`ErrorKind::Parse`] (naming the file, line and
-    /// field) if it is not such JSON, [`ErrorKind::Config`] if the set is invalid (see
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the file cannot be read,
+    /// [`ErrorKind::Parse`](crate::ErrorKind::Parse) (naming the file, line and field) if it is not
+    /// such JSON, [`ErrorKind::Config`](crate::ErrorKind::Config) if the set is invalid (see
     /// [`Aspects::custom`]).
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
@@ -332,8 +334,8 @@ impl Aspects {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] for a word that is neither a preset nor a file (naming the
-    /// presets); otherwise as [`from_json_file`](Self::from_json_file).
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for a word that is neither a preset nor a
+    /// file (naming the presets); otherwise as [`from_json_file`](Self::from_json_file).
     pub fn from_spec(spec: &str) -> Result<Self, Error> {
         if let Some(set) = Self::preset(spec) {
             return Ok(set);
