@@ -1357,21 +1357,23 @@ where
                         pending.remove(&example.id);
                     }
                     lock(live).generation.record(&item);
-                    let Err(e) = item else { continue };
-                    let chain = crate::error_chain(&e);
-                    if e.is_fatal() {
-                        // Returned to the caller, who reports it: not logged twice.
-                        tracing::debug!(error = %chain, "fatal error: stopping the run");
-                        return Ok(Some(e));
-                    }
-                    tracing::warn!(error = %chain, "example failed");
-                    if let Some(id) = e.example_id() {
-                        pending.insert(id);
-                        let l = match &mut ledger {
-                            Some(l) => l,
-                            None => ledger.insert(FailureLedger::open(&ledger_path, options.sync)?),
-                        };
-                        l.record(id, &e)?;
+                    // (No `continue` past the budget check below on success.)
+                    if let Err(e) = item {
+                        let chain = crate::error_chain(&e);
+                        if e.is_fatal() {
+                            // Returned to the caller, who reports it: not logged twice.
+                            tracing::debug!(error = %chain, "fatal error: stopping the run");
+                            return Ok(Some(e));
+                        }
+                        tracing::warn!(error = %chain, "example failed");
+                        if let Some(id) = e.example_id() {
+                            pending.insert(id);
+                            let l = match &mut ledger {
+                                Some(l) => l,
+                                None => ledger.insert(FailureLedger::open(&ledger_path, options.sync)?),
+                            };
+                            l.record(id, &e)?;
+                        }
                     }
                 }
                 _ = cost_tick.tick(), if budget.is_some() => {}

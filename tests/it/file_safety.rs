@@ -414,6 +414,39 @@ async fn the_drain_after_a_stop_has_a_deadline() {
     }
 }
 
+/// The budget is checked after every example, not only on a timer: with instant answers and
+/// one example at a time, the run stops right after the example that reached it.
+#[tokio::test]
+async fn the_cost_budget_stops_right_after_the_example_that_reaches_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let (backend, meter) = Metered::new(FakeBackend::new());
+    let rmb = RmBoost::builder()
+        .backend(backend)
+        .concurrency(std::num::NonZeroUsize::MIN)
+        .build()
+        .unwrap();
+    let prices = Prices::new(1000.0, 1000.0).unwrap();
+    let s = run(
+        &rmb,
+        prompts(500),
+        &out,
+        RunOptions::new()
+            .meter(meter)
+            .max_cost(CostBudget::new(prices, 1.0).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.outcome, Outcome::CostLimit);
+    let (cost, examples) = (s.cost.unwrap(), s.generation.examples);
+    let per_example = cost / examples as f64;
+    // The examples before the one that reached the budget cost less than it.
+    assert!(
+        (cost - per_example) < 1.0 + per_example,
+        "{examples} examples cost {cost}: the run went on past the budget"
+    );
+}
+
 /// The cost budget stops the run gracefully from the backend's meter.
 #[tokio::test]
 async fn the_cost_budget_stops_the_run() {
