@@ -152,7 +152,10 @@ impl HttpBackend {
 /// builds, and gives the [`HttpBackend`] to extend. (The builders are one generic type whose
 /// provider parameter cannot be named outside the library, hence a macro, not a function.)
 macro_rules! http_backend {
-    ($py:ident, $builder:expr, $settings:ident, $model:ident, $base_url:ident, $api_key_env:ident, $timeout:ident, $headers:ident) => {{
+    (
+        $py:ident, $builder:expr, $settings:ident,
+        $model:ident, $base_url:ident, $api_key_env:ident, $timeout:ident, $headers:ident
+    ) => {{
         $settings.set_item("model", &$model)?;
         $settings.set_item("base_url", &$base_url)?;
         $settings.set_item("api_key_env", &$api_key_env)?;
