@@ -68,74 +68,6 @@ impl<P: Provider> HttpBackendBuilder<P> {
         .map_err(Error::config)
     }
 
-    /// The note added to a 401 or 403 when no key was sent: a custom URL gets a key only when
-    /// it is named explicitly.
-    fn no_key_note(&self, url: &Url, key: Option<&SecretString>) -> Option<String> {
-        (key.is_none() && !self.is_provider_url(url)).then(|| {
-            format!(
-                "no API key was sent: a key is sent to a custom base URL only when named with \
-                 --api-key-env (api_key_env in code) or given with api_key; {} is sent only to {}",
-                P::KEY_ENV,
-                P::BASE_URL
-            )
-        })
-    }
-
-    /// What decides the answers of a backend with these settings, for cache keys
-    /// ([`LlmBackend::identity`](crate::LlmBackend::identity)): the backend's name, the
-    /// endpoint (without credentials or query), the model, the extra body fields and the names
-    /// (not the values, which may be credentials) of the extra headers. Never the key.
-    fn identity(&self, backend: &str, url: &Url, more: &[(&str, String)]) -> String {
-        let mut names: Vec<String> = self
-            .headers
-            .iter()
-            .map(|(n, _)| n.to_ascii_lowercase())
-            .collect();
-        names.sort();
-        names.dedup();
-        let mut out = format!(
-            "{backend} {} model={:?} extra_body={} header_names={names:?}",
-            display_url(url),
-            self.model,
-            Value::Object(self.extra_body.clone()),
-        );
-        out.extend(more.iter().map(|(k, v)| format!(" {k}={v:?}")));
-        out
-    }
-
-    /// The extra headers, validated.
-    fn header_map(&self) -> Result<HeaderMap, Error> {
-        let mut map = HeaderMap::new();
-        for (name, value) in &self.headers {
-            let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
-            map.append(header, value);
-        }
-        Ok(map)
-    }
-
-    /// The shared client: the one given, or a new one with the timeouts that follows no
-    /// redirects (the key and the extra headers would go with them to wherever they point;
-    /// a 3xx answer is an error instead, see [`redirect_error`]).
-    fn make_client(&self) -> Result<reqwest::Client, Error> {
-        if let Some(client) = &self.client {
-            return Ok(client.clone());
-        }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(self.connect_timeout.min(MAX_TIMEOUT))
-            .tcp_keepalive(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("rmboost/", env!("CARGO_PKG_VERSION")));
-        if let Some(timeout) = self.timeout {
-            builder = builder.timeout(timeout.min(MAX_TIMEOUT));
-        }
-        builder
-            .build()
-            .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))
-    }
-
     /// The base URL, checked, without a trailing slash (`/v1` for a base URL without a path).
     fn base(&self) -> Result<Url, Error> {
         let mut url = Url::parse(self.base_url.trim())
@@ -164,24 +96,6 @@ pub(crate) fn join_path(base: &Url, path: &str) -> Url {
         path.trim_start_matches('/')
     ));
     url
-}
-
-impl<P: fmt::Debug> fmt::Debug for HttpBackendBuilder<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let extra: Vec<&String> = self.extra_body.keys().collect();
-        f.debug_struct("HttpBackendBuilder")
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .field("api_key_env", &self.api_key_env)
-            .field("headers", &header_names)
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("extra_body_fields", &extra)
-            .field("provider", &self.provider)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
@@ -437,8 +351,8 @@ impl ServerError {
     }
 }
 
-/// Classifies an HTTP error response. `no_key_note` (see `HttpBackendBuilder::no_key_note`) is added
-/// to the message of a 401 or 403.
+/// Classifies an HTTP error response. `no_key_note` (see [`HttpBackend`]'s field of that name)
+/// is added to the message of a 401 or 403.
 pub(crate) fn status_error(
     status: StatusCode,
     headers: &HeaderMap,
@@ -862,14 +776,17 @@ impl<M: SerializeMap> Fields<'_, M> {
 }
 
 /// Builds an [`HttpBackend`]. Setters consume and return the builder; [`build`](Self::build)
-/// is the one place an error comes out.
+/// is the one place an error comes out. Its `Debug` shows neither the key nor the extra
+/// headers' values.
+#[derive(Debug)]
 #[must_use]
 pub struct HttpBackendBuilder<P> {
     base_url: String,
     model: String,
     api_key: Option<SecretString>,
     api_key_env: Option<String>,
-    headers: Vec<(String, String)>,
+    /// The extra headers; the values may be credentials.
+    headers: Vec<(String, SecretString)>,
     timeout: Option<Duration>,
     connect_timeout: Duration,
     extra_body: serde_json::Map<String, Value>,
@@ -928,7 +845,8 @@ impl<P: Provider> HttpBackendBuilder<P> {
     /// Adds a header sent with every request (a gateway's routing or auth header, an
     /// organisation id, `anthropic-beta`). Values are treated as sensitive and not printed.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
+        self.headers
+            .push((name.into(), SecretString::from(value.into())));
         self
     }
 
@@ -954,7 +872,14 @@ impl<P: Provider> HttpBackendBuilder<P> {
         if self.model.trim().is_empty() {
             return Err(Error::config(format!("{name} backend: no model set")));
         }
-        let mut headers = self.header_map()?;
+        let mut headers = HeaderMap::new();
+        for (header, value) in &self.headers {
+            let name = HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| Error::config(format!("invalid header name {header:?}")))?;
+            let value = HeaderValue::from_str(value.expose_secret())
+                .map_err(|_| Error::config(format!("invalid value for header {header}")))?;
+            headers.append(name, value);
+        }
         let settings = self.provider.settings(&mut headers)?;
         let base = self.base()?;
         let url = join_path(&base, P::PATH);
@@ -983,10 +908,50 @@ impl<P: Provider> HttpBackendBuilder<P> {
         }
         // Values may be credentials (the key, a gateway's token): keep them out of Debug output.
         headers.values_mut().for_each(|v| v.set_sensitive(true));
+        // A custom URL gets a key only when it is named explicitly: say so on a 401 or 403.
+        let no_key_note = (api_key.is_none() && !self.is_provider_url(&url)).then(|| {
+            format!(
+                "no API key was sent: a key is sent to a custom base URL only when named with \
+                 --api-key-env (api_key_env in code) or given with api_key; {} is sent only to {}",
+                P::KEY_ENV,
+                P::BASE_URL
+            )
+        });
+        // What decides the answers, for cache keys: the endpoint (without credentials or
+        // query), the model, the extra body fields, the names (not the values, which may be
+        // credentials) of the extra headers and the provider's settings. Never the key.
+        let mut header_names: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        header_names.sort();
+        header_names.dedup();
+        let mut identity = format!(
+            "{name} {} model={:?} extra_body={} header_names={header_names:?}",
+            display_url(&url),
+            self.model,
+            Value::Object(self.extra_body.clone()),
+        );
+        identity.extend(settings.iter().map(|(k, v)| format!(" {k}={v:?}")));
+        // Without a client given, one that follows no redirects (the key and the extra headers
+        // would go with them to wherever they point; a 3xx answer is an error instead, see
+        // [`redirect_error`]). No timeout is a year's, as good as none.
+        let client = match self.client {
+            Some(client) => client,
+            None => reqwest::Client::builder()
+                .connect_timeout(self.connect_timeout.min(MAX_TIMEOUT))
+                .timeout(self.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT))
+                .tcp_keepalive(Duration::from_secs(60))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("rmboost/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?,
+        };
         Ok(HttpBackend {
-            client: self.make_client()?,
-            no_key_note: self.no_key_note(&url, api_key.as_ref()),
-            identity: self.identity(name, &url, &settings),
+            client,
+            no_key_note,
+            identity,
             base,
             url,
             model: self.model,
@@ -1340,14 +1305,17 @@ mod tests {
         let err = unset.resolve_key(&url).unwrap_err().to_string();
         assert!(err.contains("RMBOOST_TEST_SURELY_UNSET"), "{err}");
         // The note for a 401 without a key, on a custom URL only.
-        let custom = config("http://127.0.0.1:8080/v1");
-        let url = endpoint(&custom, "x").unwrap();
-        let note = custom.no_key_note(&url, None).unwrap();
+        let custom = config("http://127.0.0.1:8080/v1")
+            .model("m")
+            .build()
+            .unwrap();
+        let note = custom.no_key_note.unwrap();
         assert!(note.contains("--api-key-env"), "{note}");
-        let own = config("https://api.example.com/v1");
-        assert!(own
-            .no_key_note(&endpoint(&own, "x").unwrap(), None)
-            .is_none());
+        let own = config("https://api.example.com/v1")
+            .model("m")
+            .build()
+            .unwrap();
+        assert!(own.no_key_note.is_none());
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub use stack::{Stack, Stacked};
 pub mod cache;
 
 use std::borrow::Cow;
-use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -111,35 +111,19 @@ pub mod local;
 #[cfg(any(feature = "openai", feature = "anthropic"))]
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
 
+crate::error::named_enum! {
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Role {
     /// Instructions that frame the conversation.
-    System,
+    System = "system",
     /// The person asking.
-    User,
+    User = "user",
     /// The model answering.
-    Assistant,
+    Assistant = "assistant",
 }
-
-impl Role {
-    /// The lowercase wire name (`"system"`, `"user"`, `"assistant"`).
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One chat message: a role and its text, in the shape TRL and the chat APIs use.
@@ -220,17 +204,16 @@ impl SamplingParams {
 
     /// Checks the values are in range; `what` names the setting in the error.
     pub(crate) fn validate(&self, what: &str) -> Result<(), String> {
-        if let Some(t) = self.temperature {
-            if !t.is_finite() || t < 0.0 {
-                return Err(format!(
-                    "{what}: temperature must be a finite number >= 0, got {t}"
-                ));
-            }
+        if let Some(t) = self.temperature.filter(|t| !t.is_finite() || *t < 0.0) {
+            return Err(format!(
+                "{what}: temperature must be a finite number >= 0, got {t}"
+            ));
         }
-        if let Some(p) = self.top_p {
-            if !p.is_finite() || p <= 0.0 || p > 1.0 {
-                return Err(format!("{what}: top_p must be in (0, 1], got {p}"));
-            }
+        if let Some(p) = self
+            .top_p
+            .filter(|p| !p.is_finite() || *p <= 0.0 || *p > 1.0)
+        {
+            return Err(format!("{what}: top_p must be in (0, 1], got {p}"));
         }
         if self.max_tokens == Some(0) {
             return Err(format!("{what}: max_tokens must be at least 1"));
@@ -456,19 +439,36 @@ pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend>
     }
 }
 
-/// Locks `mutex`, also when a thread panicked holding it (the data guarded stays usable).
 /// A duration in whole milliseconds (saturating), for log fields.
 #[cfg(feature = "middleware")]
 pub(crate) fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Locks `mutex`, also when a thread panicked holding it (the data guarded stays usable).
 #[cfg_attr(not(any(feature = "cache", feature = "middleware")), allow(dead_code))]
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// The `name`, `model` and `identity` of a wrapper: those of the backend it reaches with
+/// `self.$inner` (a field, or `deref()`), so wrapping changes neither metadata nor cache keys.
+macro_rules! forward_names {
+    ($($inner:tt)+) => {
+        fn name(&self) -> std::borrow::Cow<'_, str> {
+            self.$($inner)+.name()
+        }
+        fn model(&self) -> std::borrow::Cow<'_, str> {
+            self.$($inner)+.model()
+        }
+        fn identity(&self) -> std::borrow::Cow<'_, str> {
+            self.$($inner)+.identity()
+        }
+    };
+}
+pub(crate) use forward_names;
 
 macro_rules! forward_backend {
     ($($ty:ty),*) => {$(
@@ -477,37 +477,12 @@ macro_rules! forward_backend {
             async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
                 (**self).complete(request).await
             }
-            fn name(&self) -> Cow<'_, str> {
-                (**self).name()
-            }
-            fn model(&self) -> Cow<'_, str> {
-                (**self).model()
-            }
-            fn identity(&self) -> Cow<'_, str> {
-                (**self).identity()
-            }
+            forward_names!(deref());
         }
     )*};
 }
 
 forward_backend!(Arc<B>, Box<B>, &B);
-
-/// The `name`, `model` and `identity` of a wrapper: those of the backend in its field
-/// `$inner`, so wrapping changes neither metadata nor cache keys.
-macro_rules! forward_names {
-    ($inner:ident) => {
-        fn name(&self) -> std::borrow::Cow<'_, str> {
-            self.$inner.name()
-        }
-        fn model(&self) -> std::borrow::Cow<'_, str> {
-            self.$inner.model()
-        }
-        fn identity(&self) -> std::borrow::Cow<'_, str> {
-            self.$inner.identity()
-        }
-    };
-}
-pub(crate) use forward_names;
 
 #[cfg(test)]
 mod tests {
