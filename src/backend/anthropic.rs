@@ -194,12 +194,9 @@ impl Provider for Anthropic {
             let server = ServerError::parse(text).unwrap_or_default();
             return Err(http::body_error(&server, key));
         }
-        let Some(blocks) = wire.content else {
-            return Err(BackendError::new(
-                BackendErrorKind::InvalidResponse,
-                "response has no content",
-            ));
-        };
+        let blocks = wire.content.ok_or_else(|| {
+            BackendError::new(BackendErrorKind::InvalidResponse, "response has no content")
+        })?;
         let text: String = blocks
             .iter()
             .filter(|b| b.kind == "text")

@@ -33,57 +33,6 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 /// The most of an error (non-2xx) body that is read: enough for any error message.
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
-/// What the builder checks and works out for `build`.
-impl<P: Provider> HttpBackendBuilder<P> {
-    /// Whether `url` is on the provider's own host (scheme, host and port of the default base
-    /// URL), where the default key variable may be sent.
-    fn is_provider_url(&self, url: &Url) -> bool {
-        Url::parse(P::BASE_URL).is_ok_and(|d| d.origin() == url.origin())
-    }
-
-    /// The key to send to `url`: the one given in code, else the one in the variable named with
-    /// `api_key_env`, else, only when `url` is the provider's own
-    /// ([`is_provider_url`](Self::is_provider_url)), the one in the provider's default variable
-    /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), which must then be set. A custom URL gets no
-    /// key unless one is given explicitly: the provider's key is not handed to another server.
-    fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
-        if let Some(key) = &self.api_key {
-            return Ok(Some(key.clone()));
-        }
-        let var = match &self.api_key_env {
-            Some(var) => var.as_str(),
-            None if self.is_provider_url(url) => P::KEY_ENV,
-            None => return Ok(None),
-        };
-        match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim()))),
-            Ok(_) => Err(format!("environment variable {var} is empty")),
-            Err(VarError::NotPresent) => Err(format!(
-                "environment variable {var} (the API key) is not set"
-            )),
-            Err(VarError::NotUnicode(_)) => {
-                Err(format!("environment variable {var} is not valid UTF-8"))
-            }
-        }
-        .map_err(Error::config)
-    }
-
-    /// The base URL, checked, without a trailing slash (`/v1` for a base URL without a path).
-    fn base(&self) -> Result<Url, Error> {
-        let mut url = Url::parse(self.base_url.trim())
-            .map_err(|e| Error::config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::config(format!(
-                "base URL {:?} must start with http:// or https://",
-                self.base_url
-            )));
-        }
-        let path = url.path().trim_end_matches('/').to_string();
-        url.set_path(if path.is_empty() { "/v1" } else { &path });
-        Ok(url)
-    }
-}
-
 /// `base` with `path` added to its path after exactly one `/`, whatever slashes `base` ends
 /// with and `path` starts with (unlike [`Url::join`], which drops the last segment of a base
 /// without a trailing slash). The endpoints of the online backends and of the batch APIs are
@@ -133,24 +82,6 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
     }
 }
 
-/// Maps a transport failure (no HTTP response, or a broken body) of a `method` request to an
-/// error.
-fn transport_error(method: &str, err: reqwest::Error, url: &Url) -> BackendError {
-    let (kind, what) = if err.is_timeout() {
-        (BackendErrorKind::Timeout, "timed out")
-    } else if err.is_connect() {
-        (BackendErrorKind::Connection, "could not connect")
-    } else if err.is_body() || err.is_decode() {
-        (BackendErrorKind::Connection, "failed reading the response")
-    } else if err.is_builder() {
-        (BackendErrorKind::Fatal, "could not build the request")
-    } else {
-        (BackendErrorKind::Connection, "request failed")
-    };
-    BackendError::new(kind, format!("{what}: {method} {}", display_url(url)))
-        .with_source(err.without_url())
-}
-
 /// Sends a request built by `request` and reads the answer as text, at most `max_bytes` of it.
 ///
 /// Returns the status, the headers and the body; a status other than 2xx is the caller's to
@@ -165,7 +96,22 @@ pub(crate) async fn send(
     url: &Url,
     max_bytes: usize,
 ) -> Result<(StatusCode, HeaderMap, String), BackendError> {
-    let failed = |e| transport_error(method, e, url);
+    // A transport failure: no HTTP response, or a broken body.
+    let failed = |err: reqwest::Error| {
+        let (kind, what) = if err.is_timeout() {
+            (BackendErrorKind::Timeout, "timed out")
+        } else if err.is_connect() {
+            (BackendErrorKind::Connection, "could not connect")
+        } else if err.is_body() || err.is_decode() {
+            (BackendErrorKind::Connection, "failed reading the response")
+        } else if err.is_builder() {
+            (BackendErrorKind::Fatal, "could not build the request")
+        } else {
+            (BackendErrorKind::Connection, "request failed")
+        };
+        BackendError::new(kind, format!("{what}: {method} {}", display_url(url)))
+            .with_source(err.without_url())
+    };
     let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
     // Moved out, not copied (`content_length` is the body's, not read from the headers).
@@ -199,10 +145,8 @@ pub(crate) async fn send(
     }
     // Valid UTF-8 (every JSON body) is moved into the string as it is; anything else is
     // decoded lossily, as `Response::text` would.
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    };
+    let text = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     Ok((status, headers, text))
 }
 
@@ -639,7 +583,7 @@ impl<P: Provider> HttpBackend<P> {
         let span = tracing::Span::current();
         tracing::trace!(messages = ?request.messages, "request");
         // Sized for the messages, so the buffer is not grown and copied as it is written.
-        let size = request.text_len();
+        let size: usize = request.messages.iter().map(|m| m.content.len()).sum();
         let mut json = Vec::with_capacity(size + size / 16 + 512);
         serde_json::to_writer(&mut json, &self.body(&request)).map_err(|e| {
             BackendError::new(
@@ -856,6 +800,54 @@ impl<P: Provider> HttpBackendBuilder<P> {
     pub fn extra_body(mut self, name: impl Into<String>, value: Value) -> Self {
         self.extra_body.insert(name.into(), value);
         self
+    }
+
+    /// Whether `url` is on the provider's own host (scheme, host and port of the default base
+    /// URL), where the default key variable may be sent.
+    fn is_provider_url(&self, url: &Url) -> bool {
+        Url::parse(P::BASE_URL).is_ok_and(|d| d.origin() == url.origin())
+    }
+
+    /// The key to send to `url`: the one given in code, else the one in the variable named with
+    /// `api_key_env`, else, only when `url` is the provider's own
+    /// ([`is_provider_url`](Self::is_provider_url)), the one in the provider's default variable
+    /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), which must then be set. A custom URL gets no
+    /// key unless one is given explicitly: the provider's key is not handed to another server.
+    fn resolve_key(&self, url: &Url) -> Result<Option<SecretString>, Error> {
+        if let Some(key) = &self.api_key {
+            return Ok(Some(key.clone()));
+        }
+        let var = match &self.api_key_env {
+            Some(var) => var.as_str(),
+            None if self.is_provider_url(url) => P::KEY_ENV,
+            None => return Ok(None),
+        };
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(SecretString::from(v.trim()))),
+            Ok(_) => Err(format!("environment variable {var} is empty")),
+            Err(VarError::NotPresent) => Err(format!(
+                "environment variable {var} (the API key) is not set"
+            )),
+            Err(VarError::NotUnicode(_)) => {
+                Err(format!("environment variable {var} is not valid UTF-8"))
+            }
+        }
+        .map_err(Error::config)
+    }
+
+    /// The base URL, checked, without a trailing slash (`/v1` for a base URL without a path).
+    fn base(&self) -> Result<Url, Error> {
+        let mut url = Url::parse(self.base_url.trim())
+            .map_err(|e| Error::config(format!("invalid base URL {:?}: {e}", self.base_url)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::config(format!(
+                "base URL {:?} must start with http:// or https://",
+                self.base_url
+            )));
+        }
+        let path = url.path().trim_end_matches('/').to_string();
+        url.set_path(if path.is_empty() { "/v1" } else { &path });
+        Ok(url)
     }
 
     /// Builds the backend and its HTTP client.

@@ -259,12 +259,6 @@ impl CompletionRequest {
         }
     }
 
-    /// The bytes of text in the messages: about how long the request is as JSON.
-    #[cfg_attr(not(any(feature = "openai", feature = "anthropic")), allow(dead_code))]
-    pub(crate) fn text_len(&self) -> usize {
-        self.messages.iter().map(|m| m.content.len()).sum()
-    }
-
     /// Copies the sampling settings of `params` into this request.
     #[must_use]
     pub fn with_params(mut self, params: &SamplingParams) -> Self {
@@ -429,13 +423,9 @@ pub trait LlmBackend: Send + Sync {
 /// `backend` behind an `Arc`, without a second one when it is an `Arc<dyn LlmBackend>`
 /// already: so every builder takes any backend, a shared one included, through one setter.
 pub(crate) fn shared<B: LlmBackend + 'static>(backend: B) -> Arc<dyn LlmBackend> {
-    let any: Box<dyn std::any::Any> = Box::new(backend);
-    match any.downcast::<Arc<dyn LlmBackend>>() {
-        Ok(arc) => *arc,
-        Err(any) => match any.downcast::<B>() {
-            Ok(b) => Arc::new(*b),
-            Err(_) => unreachable!("the box holds a B"),
-        },
+    match (&backend as &dyn std::any::Any).downcast_ref::<Arc<dyn LlmBackend>>() {
+        Some(arc) => Arc::clone(arc),
+        None => Arc::new(backend),
     }
 }
 
