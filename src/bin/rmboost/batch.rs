@@ -48,10 +48,7 @@ async fn status(t: &BatchTarget, state: &StateFile, api: &dyn BatchApi) -> Resul
     );
     let mut failures = 0;
     for b in &state.batches {
-        let id = b
-            .provider_id
-            .clone()
-            .unwrap_or_else(|| "(not created yet)".into());
+        let id = b.provider_id.as_deref().unwrap_or("(not created yet)");
         let none = || "-".to_string();
         let (state_text, ok, failed) = match (&b.provider_id, b.downloaded) {
             (Some(pid), false) => match api.status(pid).await {
