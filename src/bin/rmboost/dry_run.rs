@@ -44,8 +44,7 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         .map_err(|e| CliError::usage(error_chain(&e)))?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = std::io::stdout().lock();
     let mut shown = 0usize;
     let mut bad = 0u64;
     for item in reader {

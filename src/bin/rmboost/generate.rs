@@ -200,17 +200,19 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         }
         None => {
             let cache = open_cache(&args).await?;
-            let built = backends::build(&args.backend, config.concurrency, cache.clone())?;
+            let (backend, stats, description) =
+                backends::build(&args.backend, config.concurrency, cache.clone())?;
+            let meter = backend.meter().clone();
             let generator = config
-                .build(built.backend)
+                .build(backend)
                 .map_err(|e| CliError::usage(error_chain(&e)))?;
             let run = run_to_file(
                 move |prompts| generator.generate_boxed(prompts).boxed(),
                 prompts,
                 &args.output,
-                options.meter(built.meter),
+                options.meter(meter),
             );
-            (run.boxed_local(), built.stats, built.description, cache)
+            (run.boxed_local(), stats, description, cache)
         }
     };
     let ctrl_c = stop_on_ctrl_c(stop.clone())
