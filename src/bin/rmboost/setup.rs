@@ -12,6 +12,7 @@ use crate::args::{GenArgs, LabelKind};
 pub(crate) const EXIT_FATAL: u8 = 1;
 /// Exit status: bad flags (what clap uses too).
 pub(crate) const EXIT_USAGE: u8 = 2;
+
 /// The exit status of a run that ended so with `failed` examples, so that scripts can tell
 /// the endings apart: 0 every prompt done (or `--limit` reached) with no failed example; 4
 /// the same but some examples failed (a rerun retries them); 3 the cost budget was reached;
