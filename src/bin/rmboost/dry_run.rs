@@ -2,12 +2,11 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::Arc;
 
 use rmboost::methods::ExamplePlan;
 use rmboost::{
     async_trait, BackendError, BackendErrorKind, Completion, CompletionRequest, LlmBackend,
-    OutputOrder, RmBoost,
+    OutputOrder,
 };
 use serde_json::json;
 
@@ -41,12 +40,11 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         )));
     }
     let rmb = setup::method_config(&args.gen, OutputOrder::Input)?
-        .rmboost(Arc::new(NoModel))
+        .rmboost(NoModel)
         .map_err(|e| CliError::usage(error_chain(&e)))?;
     let reader = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = std::io::stdout().lock();
     let mut shown = 0usize;
     let mut bad = 0u64;
     for item in reader {
@@ -67,7 +65,22 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         let first = rmb.first_request(&plan);
         let second = rmb.second_request(&plan, FIRST_PLACEHOLDER);
         let text = if args.json {
-            json_line(&rmb, &plan, &first, &second)
+            json!({
+                "id": plan.id,
+                "seed": rmb.seed(),
+                "label": plan.label.label,
+                "grade": plan.label.grade,
+                "margin": plan.label.margin,
+                "aspects": plan.aspects.aspects,
+                "model_picks": plan.aspects.model_picks,
+                "variant": plan.variant,
+                "first_seed": plan.first_seed,
+                "second_seed": plan.second_seed,
+                "first_request": &first,
+                "second_request": &second,
+                "first_placeholder": FIRST_PLACEHOLDER,
+            })
+            .to_string()
         } else {
             text_block(shown, &plan, &first, &second)
         };
@@ -80,30 +93,6 @@ pub(crate) fn run(args: &DryRunArgs) -> Result<u8, CliError> {
         crate::progress::notice("rmboost: the input has no prompts");
     }
     Ok(0)
-}
-
-fn json_line(
-    rmb: &RmBoost,
-    plan: &ExamplePlan,
-    first: &CompletionRequest,
-    second: &CompletionRequest,
-) -> String {
-    json!({
-        "id": plan.id,
-        "seed": rmb.seed(),
-        "label": plan.label.label,
-        "grade": plan.label.grade,
-        "margin": plan.label.margin,
-        "aspects": plan.aspects.aspects,
-        "model_picks": plan.aspects.model_picks,
-        "variant": plan.variant,
-        "first_seed": plan.first_seed,
-        "second_seed": plan.second_seed,
-        "first_request": first,
-        "second_request": second,
-        "first_placeholder": FIRST_PLACEHOLDER,
-    })
-    .to_string()
 }
 
 fn params(r: &CompletionRequest) -> String {

@@ -2,38 +2,31 @@
 //! display and the final summary. Every policy (file safety, resume checks, the cost budget,
 //! the unreachable-server stop, Ctrl-C, exit statuses) is the library's `rmboost::run`.
 
-use std::future::Future;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use futures::future::FutureExt;
 use futures::stream::StreamExt;
 use rmboost::backend::cache::Cache;
-use rmboost::batch::{run_batch_to_file, BatchApi, BatchBackend, BatchConfig, StateFile};
+use rmboost::batch::{run_batch_to_file, BatchBackend, BatchConfig, StateFile};
 use rmboost::io::FailureLedger;
 use rmboost::run::{
     ensure_distinct_files, expected_examples, run_to_file, stop_on_ctrl_c, unreachable_after,
-    BadLinePolicy, CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, RunSummary,
-    Shard, ShardSource, StopSignal,
+    BadLinePolicy, CostBudget, ExistingOutput, Outcome, Prices, Progress, RunOptions, Shard,
+    StopSignal,
 };
-use rmboost::{ExampleFormat, Generator, OutputOrder};
+use rmboost::{ExampleFormat, OutputOrder};
 
-use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind, ProgressKind};
-use crate::backends::{self, BackendStats, Built};
+use crate::args::{BadLineKind, FormatKind, GenerateArgs, OrderKind};
+use crate::backends::{self, BackendStats};
 use crate::progress::{self, Display, Tick};
 use crate::setup::{self, error_chain, CliError};
 use crate::summary::{BatchReport, CacheReport, ConcurrencyReport, ReplicaReport, Report, Tokens};
 
-/// The prices, the cost budget, the shard of the flags (and the scheduler's variable it came
-/// from, with `--shard auto`) and, with `--batch`, the batch settings.
-type Validated = (
-    Option<Prices>,
-    Option<CostBudget>,
-    Option<(Shard, Option<ShardSource>)>,
-    Option<BatchConfig>,
-);
-
-fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
+/// Runs `rmboost generate`; returns the exit status.
+pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
+    let started = Instant::now();
     let price = |i: Option<f64>, o: Option<f64>, flags: &str| match (i, o) {
         (None, None) => Ok(None),
         (i, o) => Prices::new(i.unwrap_or(0.0), o.unwrap_or(0.0))
@@ -46,19 +39,18 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
         "--price-input/--price-output",
     )?;
     let (input, output) = (args.batch_price_input, args.batch_price_output);
-    if !args.batch && (input.is_some() || output.is_some()) {
-        return Err(CliError::usage(
-            "--batch-price-input/--batch-price-output need --batch",
-        ));
-    }
-    // Batch runs are billed at batch prices: given, else half the online ones.
-    let half = online.map(rmboost::batch::batch_prices);
     let prices = if args.batch {
+        // Batch runs are billed at batch prices: given, else half the online ones.
+        let half = online.map(rmboost::batch::batch_prices);
         price(
             input.or(half.map(|p| p.input_per_million())),
             output.or(half.map(|p| p.output_per_million())),
             "--batch-price-input/--batch-price-output",
         )?
+    } else if input.is_some() || output.is_some() {
+        return Err(CliError::usage(
+            "--batch-price-input/--batch-price-output need --batch",
+        ));
     } else {
         online
     };
@@ -77,119 +69,48 @@ fn validate(args: &GenerateArgs) -> Result<Validated, CliError> {
     if args.limit == Some(0) {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    let batch = if args.batch {
-        Some(batch_config(args)?)
+    // The settings of a `--batch` run.
+    let batch_config = if args.batch {
+        let size = NonZeroUsize::new(args.batch_size)
+            .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
+        let poll = setup::seconds(args.poll_secs, "--poll-secs")?;
+        Some(
+            BatchConfig::new()
+                .batch_size(size)
+                .poll_interval(poll)
+                .max_poll_interval((poll * 20).min(poll + Duration::from_secs(600)))
+                .max_attempts(args.backend.retries.saturating_add(1)),
+        )
     } else {
         None
     };
-    Ok((prices, budget, shard(args)?, batch))
-}
-
-/// The settings of a `--batch` run.
-fn batch_config(args: &GenerateArgs) -> Result<BatchConfig, CliError> {
-    let size = NonZeroUsize::new(args.batch_size)
-        .ok_or_else(|| CliError::usage("--batch-size must be at least 1"))?;
-    if !(args.poll_secs.is_finite() && args.poll_secs > 0.0) {
-        return Err(CliError::usage(
-            "--poll-secs must be a positive number of seconds",
-        ));
-    }
-    let poll = Duration::try_from_secs_f64(args.poll_secs)
-        .map_err(|e| CliError::usage(format!("--poll-secs: {e}")))?;
-    Ok(BatchConfig::new()
-        .batch_size(size)
-        .poll_interval(poll)
-        .max_poll_interval((poll * 20).min(poll + Duration::from_secs(600)))
-        .max_attempts(args.backend.retries.saturating_add(1)))
-}
-
-/// The shard of `--shard I/N` or `--shard auto` (the scheduler's, `--shards`).
-fn shard(args: &GenerateArgs) -> Result<Option<(Shard, Option<ShardSource>)>, CliError> {
-    match args.shard.as_deref().map(str::trim) {
-        None => Ok(None),
-        Some("auto") => Shard::from_scheduler(args.shards)
-            .map(|(shard, source)| Some((shard, Some(source))))
-            .map_err(|e| CliError::usage(format!("--shard auto: {}", error_chain(&e)))),
-        Some(spec) => {
-            if args.shards.is_some() {
-                return Err(CliError::usage(
-                    "--shards goes with --shard auto (--shard I/N names the count itself)",
-                ));
-            }
-            spec.parse::<Shard>()
-                .map(|shard| Some((shard, None)))
-                .map_err(|e| CliError::usage(format!("--shard: {e}")))
+    // The shard of `--shard I/N` or `--shard auto` (the scheduler's, `--shards`), and how the
+    // summary names it.
+    let shard_of_run = match args.shard.as_deref().map(str::trim) {
+        None => None,
+        Some("auto") => {
+            let (shard, source) = Shard::from_scheduler(args.shards)
+                .map_err(|e| CliError::usage(format!("--shard auto: {}", error_chain(&e))))?;
+            // The tasks' logs say which shard each took, before anything else can go wrong.
+            let value = std::env::var(source.variable()).unwrap_or_default();
+            progress::notice(&format!(
+                "rmboost: shard {shard} from {source}={}",
+                value.trim()
+            ));
+            Some((shard, format!("{shard} from {source}")))
         }
-    }
-}
-
-fn tick(
-    p: &RunSummary,
-    stats: &BackendStats,
-    batch: Option<&BatchBackend>,
-    prices: Option<Prices>,
-    t0: Instant,
-) -> Tick {
-    let usage = p.usage;
-    Tick {
-        processed: p.generation.examples + p.generation.failed(),
-        failed: p.generation.failed(),
-        skipped: p.skipped_done,
-        retries: stats.retries(),
-        tokens: usage.total(),
-        cost: prices.map(|pr| pr.cost(usage)),
-        elapsed: t0.elapsed(),
-        limit: stats
-            .limit()
-            .map(|s| (s.limit, s.cap, s.rate_limited_share())),
-        batch: batch.map(|b| {
-            let s = b.stats();
-            (s.batches_created, s.waves, s.in_flight)
-        }),
-    }
-}
-
-/// Drives `run` to its end, showing `tick()` every 100 ms meanwhile and once at the end.
-async fn with_progress<T>(
-    run: impl Future<Output = T>,
-    kind: ProgressKind,
-    total: Option<u64>,
-    tick: impl Fn() -> Tick,
-) -> T {
-    let mut display = Display::new(kind, total);
-    let mut interval = tokio::time::interval(Duration::from_millis(100));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(run);
-    let result = loop {
-        tokio::select! {
-            result = &mut run => break result,
-            _ = interval.tick() => display.update(&tick(), total),
+        Some(_) if args.shards.is_some() => {
+            return Err(CliError::usage(
+                "--shards goes with --shard auto (--shard I/N names the count itself)",
+            ))
+        }
+        Some(spec) => {
+            let shard = spec
+                .parse::<Shard>()
+                .map_err(|e| CliError::usage(format!("--shard: {e}")))?;
+            Some((shard, shard.to_string()))
         }
     };
-    display.update(&tick(), total);
-    display.finish();
-    result
-}
-
-/// An online run: the backend in its wrappers (and the cache), and the generator. A batch
-/// run: the batch API and its settings; the library makes its backend when the run starts.
-enum Mode {
-    Online(Built, Arc<dyn Generator>),
-    Batch(Arc<dyn BatchApi>, BatchConfig),
-}
-
-/// Runs `rmboost generate`; returns the exit status.
-pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
-    let started = Instant::now();
-    let (prices, budget, shard_of_run, batch_config) = validate(&args)?;
-    if let Some((shard, Some(source))) = shard_of_run {
-        // The tasks' logs say which shard each took, before anything else can go wrong.
-        let value = std::env::var(source.variable()).unwrap_or_default();
-        progress::notice(&format!(
-            "rmboost: shard {shard} from {source}={}",
-            value.trim()
-        ));
-    }
     if args.no_cache && (args.clear_cache || args.cache_dir.is_some()) {
         return Err(CliError::usage(
             "--no-cache cannot be combined with --clear-cache or --cache-dir",
@@ -199,40 +120,27 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         .ledger
         .clone()
         .unwrap_or_else(|| FailureLedger::default_path(&args.output));
+    let state = StateFile::default_path(&args.output);
+    let results = StateFile::results_path(&args.output);
     let mut files = vec![
-        ("input", args.input.clone()),
-        ("output", args.output.clone()),
-        ("failure ledger", ledger_path.clone()),
+        ("input", &*args.input),
+        ("output", &*args.output),
+        ("failure ledger", &*ledger_path),
     ];
-    files.extend(args.summary_json.clone().map(|p| ("summary", p)));
+    files.extend(args.summary_json.as_deref().map(|p| ("summary", p)));
     if args.batch {
-        files.push(("batch state", StateFile::default_path(&args.output)));
-        files.push(("batch results", StateFile::results_path(&args.output)));
+        files.extend([("batch state", &*state), ("batch results", &*results)]);
     }
-    let files: Vec<_> = files.iter().map(|(what, p)| (*what, p.as_path())).collect();
     ensure_distinct_files(&files).map_err(|e| CliError::usage(error_chain(&e)))?;
     let prompts = rmboost::read_prompts(&args.input)
         .map_err(|e| CliError::fatal(format!("cannot read the input: {}", error_chain(&e))))?
         .into_stream();
-    let stop = StopSignal::new();
     let order = match args.order {
         OrderKind::Completion => OutputOrder::Completion,
         OrderKind::Input => OutputOrder::Input,
     };
-    let (mode, description, cache) = match batch_config {
-        // Batch results are kept beside the output (PAIRS.batch-results.jsonl), not cached.
-        Some(config) => {
-            let (api, description) = backends::batch_api(&args.backend, false)?;
-            (Mode::Batch(api, config), description, None)
-        }
-        None => {
-            let cache = open_cache(&args).await?;
-            let built = backends::build(&args.backend, args.gen.concurrency, cache.clone())?;
-            let generator = setup::method_generator(&args.gen, built.backend.clone(), order)?;
-            let description = built.description.clone();
-            (Mode::Online(built, generator), description, cache)
-        }
-    };
+    let config = setup::method_config(&args.gen, order)?;
+    let stop = StopSignal::new();
     let live = Progress::new();
     let mut options = RunOptions::new()
         .format(match args.format {
@@ -250,63 +158,97 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         })
         .ledger(ledger_path.clone())
         .input(args.input.clone())
-        .recipe(setup::method_config(&args.gen, order)?.recipe())
+        .recipe(config.recipe())
         .stop_signal(stop.clone())
         .progress(live.clone())
         .stop_when_unreachable(Some(unreachable_after(args.gen.concurrency)));
     if let Some(budget) = budget {
         options = options.max_cost(budget);
     }
-    if let Some((shard, _)) = shard_of_run {
-        options = options.shard(shard);
+    if let Some((shard, _)) = &shard_of_run {
+        options = options.shard(*shard);
     }
     if let Some(limit) = args.limit {
         options = options.limit(limit);
     }
     let total = expected_examples(&args.output, &options);
 
-    let ctrl_c = stop_on_ctrl_c(stop.clone())
-        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
+    // An online run: the backend in its wrappers (and the cache), and the generator. A batch
+    // run: the batch API; the library makes its backend (and then the generator) when the run
+    // starts. Batch results are kept beside the output (PAIRS.batch-results.jsonl), not cached.
     let batch_backend = OnceLock::new();
     let mut setup_error = None;
-    let (result, stats) = match mode {
-        Mode::Online(built, generator) => {
+    let (mut run, stats, description, cache) = match batch_config {
+        Some(batch_config) => {
+            let (api, description) = backends::batch_api(&args.backend, false)?;
+            let make = |backend: BatchBackend, concurrency: NonZeroUsize| {
+                let _ = batch_backend.set(backend.clone());
+                let mut config = config.clone();
+                config.concurrency = concurrency;
+                config.build(backend).inspect_err(|e| {
+                    setup_error = Some(CliError::usage(error_chain(e)));
+                })
+            };
+            let run = run_batch_to_file(api, batch_config, make, prompts, &args.output, options);
+            let run = run.map(|result| result.map(|(summary, _)| summary));
+            (
+                run.boxed_local(),
+                BackendStats::default(),
+                description,
+                None,
+            )
+        }
+        None => {
+            let cache = open_cache(&args).await?;
+            let (backend, stats, description) =
+                backends::build(&args.backend, config.concurrency, cache.clone())?;
+            let meter = backend.meter().clone();
+            let generator = config
+                .build(backend)
+                .map_err(|e| CliError::usage(error_chain(&e)))?;
             let run = run_to_file(
                 move |prompts| generator.generate_boxed(prompts).boxed(),
                 prompts,
                 &args.output,
-                options.meter(built.meter.clone()),
+                options.meter(meter),
             );
-            let stats = built.stats;
-            let tick = || tick(&live.snapshot(), &stats, None, prices, started);
-            (with_progress(run, args.progress, total, tick).await, stats)
-        }
-        Mode::Batch(api, config) => {
-            let make = |backend: BatchBackend, concurrency: NonZeroUsize| {
-                let _ = batch_backend.set(backend.clone());
-                let mut gen = args.gen.clone();
-                gen.concurrency = concurrency.get();
-                setup::method_generator(&gen, Arc::new(backend), order).map_err(|e| {
-                    let error = rmboost::Error::config(e.message.clone());
-                    setup_error = Some(e);
-                    error
-                })
-            };
-            let run = run_batch_to_file(api, config, make, prompts, &args.output, options);
-            let stats = BackendStats::default();
-            let tick = || {
-                tick(
-                    &live.snapshot(),
-                    &stats,
-                    batch_backend.get(),
-                    prices,
-                    started,
-                )
-            };
-            let result = with_progress(run, args.progress, total, tick).await;
-            (result.map(|(summary, _)| summary), stats)
+            (run.boxed_local(), stats, description, cache)
         }
     };
+    let ctrl_c = stop_on_ctrl_c(stop.clone())
+        .map_err(|e| CliError::fatal(format!("cannot handle Ctrl-C: {e}")))?;
+    let tick = || {
+        let p = live.snapshot();
+        Tick {
+            processed: p.generation.examples + p.generation.failed(),
+            failed: p.generation.failed(),
+            skipped: p.skipped_done,
+            retries: stats.retries(),
+            tokens: p.usage.total(),
+            cost: prices.map(|pr| pr.cost(p.usage)),
+            elapsed: started.elapsed(),
+            limit: stats
+                .limit()
+                .map(|s| (s.limit, s.cap, s.rate_limited_share())),
+            batch: batch_backend.get().map(|b| {
+                let s = b.stats();
+                (s.batches_created, s.waves, s.in_flight)
+            }),
+        }
+    };
+    // Drive the run to its end, showing `tick()` every 100 ms meanwhile and once at the end.
+    let mut display = Display::new(args.progress, total);
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            _ = interval.tick() => display.update(&tick(), total),
+        }
+    };
+    drop(run);
+    display.update(&tick(), total);
+    display.finish();
     drop(ctrl_c);
     if let Some(e) = setup_error {
         return Err(e);
@@ -327,7 +269,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
     let code = setup::exit_status(status, summary.generation.failed());
     let report = Report {
         status,
-        error: error.clone(),
+        error,
         examples_written: summary.generation.examples,
         better: summary.generation.better,
         worse: summary.generation.examples - summary.generation.better,
@@ -337,10 +279,7 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         bad_lines: summary.bad_lines,
         duplicates: summary.duplicates,
         other_shard: summary.other_shard,
-        shard: shard_of_run.map(|(shard, source)| match source {
-            Some(source) => format!("{shard} from {source}"),
-            None => shard.to_string(),
-        }),
+        shard: shard_of_run.map(|(_, text)| text),
         reasks: summary.generation.reasks,
         retries: stats.retries(),
         calls: summary.calls,
@@ -415,10 +354,9 @@ pub(crate) async fn run(args: GenerateArgs) -> Result<u8, CliError> {
         std::fs::write(path, json + "\n")
             .map_err(|e| CliError::fatal(format!("cannot write {}: {e}", path.display())))?;
     }
-    match error {
-        Some(message) => Err(CliError { code, message }),
-        None => Ok(code),
-    }
+    report
+        .error
+        .map_or(Ok(code), |message| Err(CliError { code, message }))
 }
 
 /// The response cache (unless `--no-cache`); a cache that cannot be opened (another run holds

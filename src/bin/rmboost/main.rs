@@ -45,8 +45,7 @@ fn report(args: &args::ReportArgs) -> Result<u8, CliError> {
     use rmboost::io::FailureLedger;
     use rmboost::report::Report;
     let default = || Some(FailureLedger::default_path(&args.input)).filter(|p| p.exists());
-    let ledger = args.ledger.clone().or_else(default);
-    let report = match &ledger {
+    let report = match &args.ledger.clone().or_else(default) {
         Some(ledger) => Report::from_jsonl_with_ledger(&args.input, ledger),
         None => Report::from_jsonl(&args.input),
     }?;

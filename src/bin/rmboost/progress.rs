@@ -11,16 +11,13 @@ use tracing_subscriber::EnvFilter;
 /// The bar on screen, if any; log lines and notices are printed through it.
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
-fn current_bar() -> Option<ProgressBar> {
-    BAR.lock().unwrap_or_else(PoisonError::into_inner).clone()
-}
-
 /// Writes to stderr, hiding the bar for the moment of the write.
 struct ThroughBar;
 
 impl Write for ThroughBar {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match current_bar() {
+        let bar = BAR.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match bar {
             Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
             None => std::io::stderr().write_all(buf)?,
         }
@@ -45,8 +42,7 @@ pub(crate) fn init_tracing() {
 
 /// Prints one line on stderr without tearing the bar.
 pub(crate) fn notice(line: &str) {
-    let mut w = ThroughBar;
-    let _ = w.write_all(format!("{line}\n").as_bytes());
+    let _ = ThroughBar.write_all(format!("{line}\n").as_bytes());
 }
 
 /// One sample of a run's counters.
@@ -67,19 +63,12 @@ pub(crate) struct Tick {
 }
 
 impl Tick {
-    fn rate(&self) -> f64 {
-        self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    fn eta(&self, total: Option<u64>) -> Option<Duration> {
-        let left = total?.saturating_sub(self.processed);
-        let rate = self.rate();
-        (rate > 0.0 && self.processed > 0).then(|| Duration::from_secs_f64(left as f64 / rate))
-    }
-
     /// "3.1 ex/s, 2 failed, 0 retries, 12.3k tokens, $0.0123, ETA 1m 05s"
     fn details(&self, total: Option<u64>) -> String {
-        let rate = self.rate();
+        let rate = self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let left = total.filter(|_| rate > 0.0 && self.processed > 0);
+        let eta =
+            left.map(|t| Duration::from_secs_f64(t.saturating_sub(self.processed) as f64 / rate));
         let rate = if rate >= 1.0 || rate == 0.0 {
             format!("{rate:.1} ex/s")
         } else {
@@ -98,8 +87,7 @@ impl Tick {
                 format!("{created} batches in {waves} waves, {flying} running")
             }),
             self.cost.map(|c| format!("${c:.4}")),
-            self.eta(total)
-                .map(|eta| format!("ETA {}", human_duration(eta))),
+            eta.map(|eta| format!("ETA {}", human_duration(eta))),
         ];
         parts.into_iter().flatten().collect::<Vec<_>>().join(", ")
     }

@@ -9,17 +9,6 @@ use serde::Serialize;
 
 use crate::progress::{human_count, human_duration};
 
-/// How the summary's first line tells how a run ended (in the flags' words).
-fn status_text(status: Outcome) -> &'static str {
-    match status {
-        Outcome::Completed => "completed",
-        Outcome::LimitReached => "stopped at --limit",
-        Outcome::CostLimit => "stopped: --max-cost reached",
-        Outcome::Interrupted => "interrupted (Ctrl-C)",
-        _ => "failed",
-    }
-}
-
 /// Token counts.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(crate) struct Tokens {
@@ -237,7 +226,15 @@ impl fmt::Display for Report {
                 format!("{} ({pending} ids still failing)", l.display()),
             )
         }));
-        write!(f, "rmboost generate: {}", status_text(self.status))?;
+        // How the run ended, in the flags' words.
+        let status = match self.status {
+            Outcome::Completed => "completed",
+            Outcome::LimitReached => "stopped at --limit",
+            Outcome::CostLimit => "stopped: --max-cost reached",
+            Outcome::Interrupted => "interrupted (Ctrl-C)",
+            _ => "failed",
+        };
+        write!(f, "rmboost generate: {status}")?;
         if self.failed > 0 && matches!(self.status, Outcome::Completed | Outcome::LimitReached) {
             write!(
                 f,
@@ -246,10 +243,8 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f)?;
-        if let Some(e) = &self.error {
-            writeln!(f, "  {:<18}{e}", "error")?;
-        }
-        for (k, v) in rows {
+        let error = self.error.clone().map(|e| ("error", e));
+        for (k, v) in error.into_iter().chain(rows) {
             writeln!(f, "  {k:<18}{v}")?;
         }
         for m in &self.bad_line_messages {
