@@ -62,11 +62,10 @@ pub struct RlcdBuilder {
 impl RlcdBuilder {
     common_setters!(policy);
 
-    /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
-    /// In "model picks" mode all listed aspects are used.
-    pub fn aspects(mut self, aspects: impl AspectSet + 'static) -> Self {
-        self.aspects = Arc::new(aspects);
-        self
+    setters! {
+        /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
+        /// In "model picks" mode all listed aspects are used.
+        aspects(aspects: impl AspectSet + 'static) => aspects = Arc::new(aspects);
     }
 
     /// Validates the settings and builds the generator.

@@ -77,37 +77,24 @@ pub struct WestOfNBuilder {
 impl WestOfNBuilder {
     common_setters!(policy);
 
-    /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
-    /// [`max_reasks`](Self::max_reasks) times).
-    pub fn scorer(mut self, scorer: impl Scorer + 'static) -> Self {
-        self.scorer = Some(Arc::new(scorer));
-        self
+    setters! {
+        /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
+        /// [`max_reasks`](Self::max_reasks) times).
+        scorer(scorer: impl Scorer + 'static) => scorer = Some(Arc::new(scorer));
+        /// The criteria shown to the scorer, drawn per example. Default: all of
+        /// [`Aspects::general`](crate::Aspects::general).
+        criteria(criteria: impl AspectSet + 'static) => criteria = Arc::new(criteria);
+        /// How many samples per prompt; at least 2. Default: 4.
+        n(n: usize) => n = n;
+        /// Whether an example whose samples all scored the same is kept (chosen = the earliest,
+        /// rejected = the latest). Default: `false`, it fails: such a pair carries no preference.
+        allow_ties(allow: bool) => allow_ties = allow;
     }
 
     /// Scores with an LLM [`Judge`] on this backend (a shorthand for
     /// `scorer(Judge::new(backend))`).
     pub fn judge_backend(self, backend: impl LlmBackend + 'static) -> Self {
         self.scorer(Judge::new(backend))
-    }
-
-    /// The criteria shown to the scorer, drawn per example. Default: all of
-    /// [`Aspects::general`](crate::Aspects::general).
-    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
-        self.criteria = Arc::new(criteria);
-        self
-    }
-
-    /// How many samples per prompt; at least 2. Default: 4.
-    pub fn n(mut self, n: usize) -> Self {
-        self.n = n;
-        self
-    }
-
-    /// Whether an example whose samples all scored the same is kept (chosen = the earliest,
-    /// rejected = the latest). Default: `false`, it fails: such a pair carries no preference.
-    pub fn allow_ties(mut self, allow: bool) -> Self {
-        self.allow_ties = allow;
-        self
     }
 
     /// Validates the settings and builds the generator.
