@@ -573,6 +573,11 @@ impl Example {
         self.record(group, a.calls, a.calls - 1, a.usage, &a.model);
     }
 
+    /// The example's failure: its `calls` answers under `call` make no pair, for reason `why`.
+    pub(crate) fn fail(self, call: &'static str, calls: u32, why: String) -> Error {
+        Error::unusable(self.id, call, calls, UnusableReason::Other(why))
+    }
+
     /// The finished example by the construction rule: label better → chosen = the later
     /// response, worse → chosen = the earlier one.
     pub(crate) fn finish(

@@ -11,7 +11,7 @@ use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::accept_distinct;
 use crate::engine::{common_setters, example_rng, names, Common, Example};
-use crate::error::{Error, UnusableReason};
+use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, Verdict};
 use crate::label::{Label, LabelDraw};
@@ -193,8 +193,7 @@ impl Draw for RlaifBuilder {
                     )
                 };
                 let calls = ex.metadata.calls - judge_calls;
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "judge", calls, why));
+                return Err(ex.fail("judge", calls, why));
             };
             ex.metadata.extra.insert(
                 "judge".into(),

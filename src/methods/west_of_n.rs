@@ -11,7 +11,7 @@ use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::{accept_distinct, same_text};
 use crate::engine::{common_setters, example_rng, names, Common, Example};
-use crate::error::{Error, UnusableReason};
+use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, ScoreRequest, Scorer};
 use crate::label::{Label, LabelDraw};
@@ -180,8 +180,7 @@ impl Draw for WestOfNBuilder {
             drop(req);
             if samples.len() < 2 {
                 let why = format!("only {} distinct response among {n} samples", samples.len());
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "samples", n as u32, why));
+                return Err(ex.fail("samples", n as u32, why));
             }
             let scorer = self.scorer.as_ref().expect("build() set the scorer");
             for (i, text, score) in &mut samples {
@@ -196,8 +195,7 @@ impl Draw for WestOfNBuilder {
                 let s = scorer.score(request).await?;
                 if !s.score.is_finite() {
                     let why = format!("the scorer returned {} for sample {i}", s.score);
-                    let why = UnusableReason::Other(why);
-                    return Err(Error::unusable(ex.id, "score", 1, why));
+                    return Err(ex.fail("score", 1, why));
                 }
                 ex.record("score", s.calls, s.reasks, s.usage, &s.model);
                 *score = s.score;
@@ -206,8 +204,7 @@ impl Draw for WestOfNBuilder {
             let top = samples[best].2;
             if top == samples[worst].2 && !self.allow_ties {
                 let why = format!("all {} distinct samples scored {top}", samples.len());
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "score", samples.len() as u32, why));
+                return Err(ex.fail("score", samples.len() as u32, why));
             }
             let mut all = vec![Value::Null; n];
             for (i, _, s) in &samples {
