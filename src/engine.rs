@@ -308,29 +308,12 @@ pub trait GeneratorExt: Generator {
 
 impl<G: Generator + ?Sized> GeneratorExt for G {}
 
-macro_rules! forward_generator {
-    ($($ty:ty),*) => {$(
-        impl<G: Generator + ?Sized> Generator for $ty {
-            fn method(&self) -> &str {
-                (**self).method()
-            }
-            fn seed(&self) -> u64 {
-                (**self).seed()
-            }
-            fn concurrency(&self) -> NonZeroUsize {
-                (**self).concurrency()
-            }
-            fn generate_boxed(
-                &self,
-                prompts: BoxStream<'static, Result<Prompt, Error>>,
-            ) -> ExampleStream {
-                (**self).generate_boxed(prompts)
-            }
-        }
-    )*};
-}
-
-forward_generator!(Arc<G>, Box<G>, &G);
+crate::aspect::forward_impls!(Generator {
+    fn method(&self) -> &str;
+    fn seed(&self) -> u64;
+    fn concurrency(&self) -> NonZeroUsize;
+    fn generate_boxed(&self, prompts: BoxStream<'static, Result<Prompt, Error>>) -> ExampleStream;
+});
 
 /// Running totals over a stream of results, for progress lines and final summaries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -454,49 +437,31 @@ impl Common {
 /// baselines' `backend` and `params`.
 macro_rules! common_setters {
     (policy) => {
-        /// The policy backend, which writes the responses (and by default also judges or
-        /// scores them, for RLAIF and West-of-N). Required.
-        pub fn backend(mut self, backend: impl crate::LlmBackend + 'static) -> Self {
-            self.common.backend = Some(crate::backend::shared(backend));
-            self
+        setters! {
+            /// The policy backend, which writes the responses (and by default also judges or
+            /// scores them, for RLAIF and West-of-N). Required.
+            backend(backend: impl crate::LlmBackend + 'static) =>
+                common.backend = Some(crate::backend::shared(backend));
+            /// Sampling of the policy's responses. Default:
+            /// [`default_first_params`](crate::engine::default_first_params). Use a temperature
+            /// above 0 so that samples of one prompt differ.
+            params(params: crate::SamplingParams) => common.params = params;
         }
-
-        /// Sampling of the policy's responses. Default:
-        /// [`default_first_params`](crate::engine::default_first_params). Use a temperature
-        /// above 0 so that samples of one prompt differ.
-        pub fn params(mut self, params: crate::SamplingParams) -> Self {
-            self.common.params = params;
-            self
-        }
-
         crate::engine::common_setters!();
     };
     () => {
-        /// How many examples run at once (each makes its calls one after another, so this is
-        /// also the most backend calls in flight). Default: 8.
-        pub fn concurrency(mut self, concurrency: std::num::NonZeroUsize) -> Self {
-            self.common.concurrency = concurrency;
-            self
-        }
-
-        /// The output order. Default: [`OutputOrder::Completion`](crate::OutputOrder).
-        pub fn order(mut self, order: crate::engine::OutputOrder) -> Self {
-            self.common.order = order;
-            self
-        }
-
-        /// The run seed; with each example's id it determines every random draw. Default: 0.
-        pub fn seed(mut self, seed: u64) -> Self {
-            self.common.seed = seed;
-            self
-        }
-
-        /// How many times an unusable answer (empty, a copy of the other response, a judge
-        /// answer without a verdict or score) is asked again, with the next backend seed,
-        /// before the example fails. Default: 3.
-        pub fn max_reasks(mut self, max_reasks: u32) -> Self {
-            self.common.max_reasks = max_reasks;
-            self
+        setters! {
+            /// How many examples run at once (each makes its calls one after another, so this
+            /// is also the most backend calls in flight). Default: 8.
+            concurrency(concurrency: std::num::NonZeroUsize) => common.concurrency = concurrency;
+            /// The output order. Default: [`OutputOrder::Completion`](crate::OutputOrder).
+            order(order: crate::engine::OutputOrder) => common.order = order;
+            /// The run seed; with each example's id it determines every random draw. Default: 0.
+            seed(seed: u64) => common.seed = seed;
+            /// How many times an unusable answer (empty, a copy of the other response, a judge
+            /// answer without a verdict or score) is asked again, with the next backend seed,
+            /// before the example fails. Default: 3.
+            max_reasks(max_reasks: u32) => common.max_reasks = max_reasks;
         }
 
         /// All the shared settings at once ([`MethodConfig`](crate::MethodConfig)).
@@ -606,6 +571,11 @@ impl Example {
 
     pub(crate) fn add<T>(&mut self, group: &str, a: &Answer<T>) {
         self.record(group, a.calls, a.calls - 1, a.usage, &a.model);
+    }
+
+    /// The example's failure: its `calls` answers under `call` make no pair, for reason `why`.
+    pub(crate) fn fail(self, call: &'static str, calls: u32, why: String) -> Error {
+        Error::unusable(self.id, call, calls, UnusableReason::Other(why))
     }
 
     /// The finished example by the construction rule: label better → chosen = the later

@@ -119,34 +119,18 @@ macro_rules! forward_scorer {
 
 forward_scorer!(Arc<S>, Box<S>, &S);
 
+crate::error::named_enum! {
 /// A pairwise judgement: which of the two answers shown is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Verdict {
     /// The answer shown first ("A").
-    A,
+    A = "A",
     /// The answer shown second ("B").
-    B,
+    B = "B",
     /// Neither is better.
     #[serde(rename = "tie")]
-    Tie,
+    Tie = "tie",
 }
-
-impl Verdict {
-    /// `"A"`, `"B"` or `"tie"`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::A => "A",
-            Verdict::B => "B",
-            Verdict::Tie => "tie",
-        }
-    }
-}
-
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// An LLM used as a judge: compares two answers ([`Verdict`]) or scores one from 1 to 10.
@@ -205,27 +189,16 @@ impl Judge {
         }
     }
 
-    /// Sampling of the judge's answers. Default: temperature 0, at most 256 tokens. Checked by
-    /// the `build()` of the method that uses the judge.
-    #[must_use]
-    pub fn params(mut self, params: SamplingParams) -> Self {
-        self.params = params;
-        self
-    }
-
-    /// How many times an answer without a readable verdict or score is asked again, with the
-    /// next seed and a temperature of at least [`REASK_TEMPERATURE`] (a greedy judge would
-    /// repeat itself). Default: 2.
-    #[must_use]
-    pub fn max_reasks(mut self, max_reasks: u32) -> Self {
-        self.max_reasks = max_reasks;
-        self
-    }
-
-    /// The backend the judge calls.
-    #[must_use]
-    pub fn backend(&self) -> &Arc<dyn LlmBackend> {
-        &self.backend
+    setters! {
+        /// Sampling of the judge's answers. Default: temperature 0, at most 256 tokens.
+        /// Checked by the `build()` of the method that uses the judge.
+        #[must_use]
+        params(params: SamplingParams) => params = params;
+        /// How many times an answer without a readable verdict or score is asked again, with
+        /// the next seed and a temperature of at least [`REASK_TEMPERATURE`] (a greedy judge
+        /// would repeat itself). Default: 2.
+        #[must_use]
+        max_reasks(max_reasks: u32) => max_reasks = max_reasks;
     }
 
     pub(crate) fn validate(&self, what: &str) -> Result<(), Error> {
@@ -495,18 +468,14 @@ pub(crate) fn parse_score(raw: &str) -> Option<f64> {
         return in_range(x);
     }
     // Last resort: the only number in the text ("The answer is 6.", "7 - clear and right").
-    let numbers = all_numbers(&lower);
+    let runs = lower.split(not_number);
+    let numbers: Vec<f64> = runs
+        .filter_map(|r| r.trim_matches('.').parse().ok())
+        .collect();
     match numbers.split_first() {
         Some((&first, rest)) if rest.iter().all(|&x| x == first) => in_range(first),
         _ => None,
     }
-}
-
-/// Every number in `s`.
-fn all_numbers(s: &str) -> Vec<f64> {
-    let runs = s.split(not_number);
-    runs.filter_map(|r| r.trim_matches('.').parse().ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use std::fmt::Write as _;
 use crate::aspect::AspectDraw;
 use crate::backend::{Message, Role};
 use crate::checks::{accept_distinct, find_all_ci, tag_content, ResponseChecks};
+use crate::engine::render_aspects;
 use crate::error::UnusableReason;
 use crate::label::{Label, LabelDraw};
 
@@ -182,23 +183,40 @@ impl PromptTemplate for DefaultTemplate {
 
     fn second_request(&self, ctx: &SecondContext<'_>) -> Vec<Message> {
         let (label, picks) = (ctx.label.label, ctx.aspects.model_picks);
-        let degree = ctx.label.grade.map(|g| format!("{g} ")).unwrap_or_default();
         // The prompt's own system message, if any, stays first; the conversation follows as is.
         let (own_system, conversation) = match ctx.prompt.split_first() {
-            Some((m, rest)) if m.role == Role::System => (format!("{}\n\n", m.content), rest),
-            _ => (String::new(), ctx.prompt),
+            Some((m, rest)) if m.role == Role::System => (Some(&m.content), rest),
+            _ => (None, ctx.prompt),
         };
-        let choose = match picks {
-            Some(k) => format!(
-                ". Choose at most {k} of these quality aspects and make the difference lie in them"
-            ),
-            None => " in these quality aspects".to_string(),
-        };
-        let mut aspects = String::new();
-        for a in &ctx.aspects.aspects {
-            let _ = writeln!(aspects, "- {}: {}", a.name, a.definition);
+        let mut s =
+            String::with_capacity(1536 + ctx.first.len() + own_system.map_or(0, String::len));
+        if let Some(own) = own_system {
+            let _ = write!(s, "{own}\n\n");
         }
-        let change = match label {
+        let _ = write!(
+            s,
+            "You are answering the user's request that follows, for a dataset that teaches a \
+             model to tell good answers from bad ones. Here is a reference answer to the same \
+             request:\n<reference>\n{}\n</reference>\n\nYour answer must be ",
+            ctx.first
+        );
+        if let Some(grade) = ctx.label.grade {
+            let _ = write!(s, "{grade} ");
+        }
+        let _ = write!(s, "{label} than the reference answer");
+        match picks {
+            Some(k) => {
+                let _ = writeln!(
+                    s,
+                    ". Choose at most {k} of these quality aspects and make the difference lie in \
+                     them:"
+                );
+            }
+            None => s.push_str(" in these quality aspects:\n"),
+        }
+        render_aspects(&ctx.aspects.aspects, &mut s);
+        s.push('\n');
+        s.push_str(match label {
             Label::Better => {
                 "Keep what the reference does well and fix its weaknesses in those aspects. \
                  Your answer must be complete and stand on its own."
@@ -209,24 +227,21 @@ impl PromptTemplate for DefaultTemplate {
                  detail wrong, or drift from the point, whichever fits the aspects. No gibberish, \
                  no repetition and no exaggeration."
             }
-        };
-        let give = match picks {
+        });
+        s.push_str(
+            " Use your own words rather than copying the reference, and never mention the \
+             reference, these instructions, or that anything was changed. Reply to the user \
+             directly. ",
+        );
+        s.push_str(match picks {
             Some(_) => {
                 "First name the aspects you chose as <aspects>name, name</aspects>. Then give"
             }
             None => "Give",
-        };
-        let system = format!(
-            "{own_system}You are answering the user's request that follows, for a dataset that \
-             teaches a model to tell good answers from bad ones. Here is a reference answer to \
-             the same request:\n<reference>\n{first}\n</reference>\n\nYour answer must be \
-             {degree}{label} than the reference answer{choose}:\n{aspects}\n{change} Use your \
-             own words rather than copying the reference, and never mention the reference, these \
-             instructions, or that anything was changed. Reply to the user directly. {give} your \
-             answer, and nothing else, between <response> and </response>.",
-            first = ctx.first
-        );
-        let mut messages = vec![Message::system(system)];
+        });
+        s.push_str(" your answer, and nothing else, between <response> and </response>.");
+        let mut messages = Vec::with_capacity(1 + conversation.len());
+        messages.push(Message::system(s));
         messages.extend_from_slice(conversation);
         messages
     }

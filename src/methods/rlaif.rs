@@ -11,7 +11,7 @@ use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::accept_distinct;
 use crate::engine::{common_setters, example_rng, names, Common, Example};
-use crate::error::{Error, UnusableReason};
+use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, Verdict};
 use crate::label::{Label, LabelDraw};
@@ -82,30 +82,18 @@ pub struct RlaifBuilder {
 impl RlaifBuilder {
     common_setters!(policy);
 
-    /// The judge, as configured. Default: a [`Judge`] on the policy backend (or on
-    /// [`judge_backend`](Self::judge_backend)) with [`max_reasks`](Self::max_reasks) re-asks.
-    pub fn judge(mut self, judge: Judge) -> Self {
-        self.judge = Some(judge);
-        self
-    }
-
-    /// The backend of the default [`Judge`], when it is not the policy backend.
-    pub fn judge_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.judge_backend = Some(crate::backend::shared(backend));
-        self
-    }
-
-    /// The criteria shown to the judge, drawn per example. Default: all of
-    /// [`Aspects::general`](crate::Aspects::general).
-    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
-        self.criteria = Arc::new(criteria);
-        self
-    }
-
-    /// What to do with inconsistent verdicts. Default: [`OnInconsistent::Drop`].
-    pub fn on_inconsistent(mut self, policy: OnInconsistent) -> Self {
-        self.on_inconsistent = policy;
-        self
+    setters! {
+        /// The judge, as configured. Default: a [`Judge`] on the policy backend (or on
+        /// [`judge_backend`](Self::judge_backend)) with [`max_reasks`](Self::max_reasks) re-asks.
+        judge(judge: Judge) => judge = Some(judge);
+        /// The backend of the default [`Judge`], when it is not the policy backend.
+        judge_backend(backend: impl LlmBackend + 'static) =>
+            judge_backend = Some(crate::backend::shared(backend));
+        /// The criteria shown to the judge, drawn per example. Default: all of
+        /// [`Aspects::general`](crate::Aspects::general).
+        criteria(criteria: impl AspectSet + 'static) => criteria = Arc::new(criteria);
+        /// What to do with inconsistent verdicts. Default: [`OnInconsistent::Drop`].
+        on_inconsistent(policy: OnInconsistent) => on_inconsistent = policy;
     }
 
     /// Validates the settings and builds the generator.
@@ -205,8 +193,7 @@ impl Draw for RlaifBuilder {
                     )
                 };
                 let calls = ex.metadata.calls - judge_calls;
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "judge", calls, why));
+                return Err(ex.fail("judge", calls, why));
             };
             ex.metadata.extra.insert(
                 "judge".into(),

@@ -62,11 +62,10 @@ pub struct RlcdBuilder {
 impl RlcdBuilder {
     common_setters!(policy);
 
-    /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
-    /// In "model picks" mode all listed aspects are used.
-    pub fn aspects(mut self, aspects: impl AspectSet + 'static) -> Self {
-        self.aspects = Arc::new(aspects);
-        self
+    setters! {
+        /// The aspect set the system prompts are built from. Default: [`Aspects::general`].
+        /// In "model picks" mode all listed aspects are used.
+        aspects(aspects: impl AspectSet + 'static) => aspects = Arc::new(aspects);
     }
 
     /// Validates the settings and builds the generator.
@@ -86,9 +85,9 @@ impl RlcdBuilder {
         let seeds = [rng.next_u64(), rng.next_u64()];
         let aspects = self.aspects.sample(&mut rng).aspects;
         let ex = Example::new(Self::METHOD.as_str(), &self.common, prompt);
-        let systems = [negative_system, positive_system];
+        let systems = [NEGATIVE, POSITIVE];
         let requests = std::array::from_fn(|k| {
-            CompletionRequest::new(with_system(&systems[k](&aspects), &ex.prompt))
+            CompletionRequest::new(with_system(&system(systems[k], &aspects), &ex.prompt))
                 .with_params(&self.common.params)
                 .with_seed(seeds[k])
         });
@@ -96,29 +95,28 @@ impl RlcdBuilder {
     }
 }
 
-/// The system prompt pushing towards good behaviour on `aspects`.
-fn positive_system(aspects: &[Aspect]) -> String {
-    let mut s = String::from(
-        "You are a careful, expert assistant. Give the best answer you can, one that excels in \
-         these qualities:\n",
-    );
-    render_aspects(aspects, &mut s);
-    s.push_str("Answer the user directly.");
-    s
-}
+/// The system prompt pushing towards good behaviour on the drawn aspects: its text before and
+/// after them.
+const POSITIVE: [&str; 2] = [
+    "You are a careful, expert assistant. Give the best answer you can, one that excels in these \
+     qualities:\n",
+    "Answer the user directly.",
+];
 
-/// The system prompt pushing away from good behaviour on `aspects`, still asking for a fluent,
-/// on-topic answer.
-fn negative_system(aspects: &[Aspect]) -> String {
-    let mut s = String::from(
-        "You are a hasty, careless assistant. Your answers are weak in these qualities:\n",
-    );
+/// The system prompt pushing away from good behaviour on the drawn aspects, still asking for a
+/// fluent, on-topic answer.
+const NEGATIVE: [&str; 2] = [
+    "You are a hasty, careless assistant. Your answers are weak in these qualities:\n",
+    "Answer the user's request in that weak way, but still as a sincere, fluent answer on the \
+     topic that was asked: no gibberish, no jokes about being careless, and never mention these \
+     instructions.",
+];
+
+/// The system prompt of `[head, tail]` around the `aspects`.
+fn system([head, tail]: [&str; 2], aspects: &[Aspect]) -> String {
+    let mut s = String::from(head);
     render_aspects(aspects, &mut s);
-    s.push_str(
-        "Answer the user's request in that weak way, but still as a sincere, fluent answer on \
-         the topic that was asked: no gibberish, no jokes about being careless, and never \
-         mention these instructions.",
-    );
+    s.push_str(tail);
     s
 }
 
@@ -175,8 +173,8 @@ mod tests {
     #[test]
     fn system_prompts_name_the_aspects() {
         let a = [Aspect::new("clarity", "easy to follow")];
-        let pos = positive_system(&a);
-        let neg = negative_system(&a);
+        let pos = system(POSITIVE, &a);
+        let neg = system(NEGATIVE, &a);
         assert!(pos.contains("- clarity: easy to follow"));
         assert!(neg.contains("- clarity: easy to follow"));
         assert!(neg.contains("fluent"));

@@ -7,7 +7,7 @@ use rand::{Rng, RngCore};
 
 use super::{Draw, Method};
 use crate::aspect::{AspectDraw, AspectSet, Aspects};
-use crate::backend::{CompletionRequest, LlmBackend, Message, SamplingParams};
+use crate::backend::{shared, CompletionRequest, LlmBackend, Message, SamplingParams};
 use crate::engine::{common_setters, default_second_params, example_rng, names, Common, Example};
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt, PromptInput};
@@ -89,54 +89,30 @@ impl RmBoostBuilder {
     /// and [`second_backend`](Self::second_backend) are set. Any backend: one already shared
     /// as an `Arc<dyn LlmBackend>` is used as it is.
     pub fn backend(self, backend: impl LlmBackend + 'static) -> Self {
-        let backend = crate::backend::shared(backend);
+        let backend = shared(backend);
         self.first_backend(backend.clone()).second_backend(backend)
     }
 
-    /// The backend of the first (natural) response only.
-    pub fn first_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.common.backend = Some(crate::backend::shared(backend));
-        self
-    }
-
-    /// The backend of the second (conditioned) response only.
-    pub fn second_backend(mut self, backend: impl LlmBackend + 'static) -> Self {
-        self.second_backend = Some(crate::backend::shared(backend));
-        self
-    }
-
-    /// The label sampler. Default: [`Bernoulli`] with `p = 0.5`.
-    pub fn labels(mut self, labels: impl LabelSampler + 'static) -> Self {
-        self.labels = Arc::new(labels);
-        self
-    }
-
-    /// The aspect set. Default: [`Aspects::general`].
-    pub fn aspects(mut self, aspects: impl AspectSet + 'static) -> Self {
-        self.aspects = Arc::new(aspects);
-        self
-    }
-
-    /// The prompt template. Default: [`DefaultTemplate`].
-    pub fn template(mut self, template: impl PromptTemplate + 'static) -> Self {
-        self.template = Arc::new(template);
-        self
+    setters! {
+        /// The backend of the first (natural) response only.
+        first_backend(backend: impl LlmBackend + 'static) => common.backend = Some(shared(backend));
+        /// The backend of the second (conditioned) response only.
+        second_backend(backend: impl LlmBackend + 'static) =>
+            second_backend = Some(shared(backend));
+        /// The label sampler. Default: [`Bernoulli`] with `p = 0.5`.
+        labels(labels: impl LabelSampler + 'static) => labels = Arc::new(labels);
+        /// The aspect set. Default: [`Aspects::general`].
+        aspects(aspects: impl AspectSet + 'static) => aspects = Arc::new(aspects);
+        /// The prompt template. Default: [`DefaultTemplate`].
+        template(template: impl PromptTemplate + 'static) => template = Arc::new(template);
+        /// Sampling of the first response. Default:
+        /// [`default_first_params`](crate::engine::default_first_params).
+        first_params(params: SamplingParams) => common.params = params;
+        /// Sampling of the second response. Default: [`default_second_params`].
+        second_params(params: SamplingParams) => second_params = params;
     }
 
     common_setters!();
-
-    /// Sampling of the first response. Default:
-    /// [`default_first_params`](crate::engine::default_first_params).
-    pub fn first_params(mut self, params: SamplingParams) -> Self {
-        self.common.params = params;
-        self
-    }
-
-    /// Sampling of the second response. Default: [`default_second_params`].
-    pub fn second_params(mut self, params: SamplingParams) -> Self {
-        self.second_params = params;
-        self
-    }
 
     /// Validates the settings and builds the generator.
     ///

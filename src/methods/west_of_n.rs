@@ -11,7 +11,7 @@ use crate::aspect::AspectSet;
 use crate::backend::{CompletionRequest, LlmBackend};
 use crate::checks::{accept_distinct, same_text};
 use crate::engine::{common_setters, example_rng, names, Common, Example};
-use crate::error::{Error, UnusableReason};
+use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 use crate::judge::{default_criteria, Judge, ScoreRequest, Scorer};
 use crate::label::{Label, LabelDraw};
@@ -77,37 +77,24 @@ pub struct WestOfNBuilder {
 impl WestOfNBuilder {
     common_setters!(policy);
 
-    /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
-    /// [`max_reasks`](Self::max_reasks) times).
-    pub fn scorer(mut self, scorer: impl Scorer + 'static) -> Self {
-        self.scorer = Some(Arc::new(scorer));
-        self
+    setters! {
+        /// The scorer. Default: a [`Judge`] on the policy backend (re-asking up to
+        /// [`max_reasks`](Self::max_reasks) times).
+        scorer(scorer: impl Scorer + 'static) => scorer = Some(Arc::new(scorer));
+        /// The criteria shown to the scorer, drawn per example. Default: all of
+        /// [`Aspects::general`](crate::Aspects::general).
+        criteria(criteria: impl AspectSet + 'static) => criteria = Arc::new(criteria);
+        /// How many samples per prompt; at least 2. Default: 4.
+        n(n: usize) => n = n;
+        /// Whether an example whose samples all scored the same is kept (chosen = the earliest,
+        /// rejected = the latest). Default: `false`, it fails: such a pair carries no preference.
+        allow_ties(allow: bool) => allow_ties = allow;
     }
 
     /// Scores with an LLM [`Judge`] on this backend (a shorthand for
     /// `scorer(Judge::new(backend))`).
     pub fn judge_backend(self, backend: impl LlmBackend + 'static) -> Self {
         self.scorer(Judge::new(backend))
-    }
-
-    /// The criteria shown to the scorer, drawn per example. Default: all of
-    /// [`Aspects::general`](crate::Aspects::general).
-    pub fn criteria(mut self, criteria: impl AspectSet + 'static) -> Self {
-        self.criteria = Arc::new(criteria);
-        self
-    }
-
-    /// How many samples per prompt; at least 2. Default: 4.
-    pub fn n(mut self, n: usize) -> Self {
-        self.n = n;
-        self
-    }
-
-    /// Whether an example whose samples all scored the same is kept (chosen = the earliest,
-    /// rejected = the latest). Default: `false`, it fails: such a pair carries no preference.
-    pub fn allow_ties(mut self, allow: bool) -> Self {
-        self.allow_ties = allow;
-        self
     }
 
     /// Validates the settings and builds the generator.
@@ -193,8 +180,7 @@ impl Draw for WestOfNBuilder {
             drop(req);
             if samples.len() < 2 {
                 let why = format!("only {} distinct response among {n} samples", samples.len());
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "samples", n as u32, why));
+                return Err(ex.fail("samples", n as u32, why));
             }
             let scorer = self.scorer.as_ref().expect("build() set the scorer");
             for (i, text, score) in &mut samples {
@@ -209,8 +195,7 @@ impl Draw for WestOfNBuilder {
                 let s = scorer.score(request).await?;
                 if !s.score.is_finite() {
                     let why = format!("the scorer returned {} for sample {i}", s.score);
-                    let why = UnusableReason::Other(why);
-                    return Err(Error::unusable(ex.id, "score", 1, why));
+                    return Err(ex.fail("score", 1, why));
                 }
                 ex.record("score", s.calls, s.reasks, s.usage, &s.model);
                 *score = s.score;
@@ -219,8 +204,7 @@ impl Draw for WestOfNBuilder {
             let top = samples[best].2;
             if top == samples[worst].2 && !self.allow_ties {
                 let why = format!("all {} distinct samples scored {top}", samples.len());
-                let why = UnusableReason::Other(why);
-                return Err(Error::unusable(ex.id, "score", samples.len() as u32, why));
+                return Err(ex.fail("score", samples.len() as u32, why));
             }
             let mut all = vec![Value::Null; n];
             for (i, _, s) in &samples {
