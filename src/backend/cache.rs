@@ -486,18 +486,6 @@ impl<B: LlmBackend> Cached<B> {
     pub fn new(inner: B, cache: Cache) -> Self {
         Cached { inner, cache }
     }
-
-    /// The cache.
-    #[must_use]
-    pub fn cache(&self) -> &Cache {
-        &self.cache
-    }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
 }
 
 #[async_trait]

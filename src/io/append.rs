@@ -90,10 +90,6 @@ pub(crate) struct AppendFile {
     syncing: Option<JoinHandle<std::io::Result<()>>>,
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::io(path.to_path_buf(), source)
-}
-
 /// The directory `path` is in (`.` for a bare file name).
 fn parent_dir(path: &Path) -> &Path {
     let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -106,7 +102,7 @@ pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
     #[cfg(unix)]
     File::open(parent_dir(path))
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(parent_dir(path), e))?;
+        .map_err(|e| Error::io(parent_dir(path), e))?;
     #[cfg(not(unix))]
     let _ = path;
     Ok(())
@@ -127,7 +123,7 @@ pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, Error>
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
     let dir = parent_dir(path);
-    builder.tempfile_in(dir).map_err(|e| io_err(dir, e))
+    builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Syncs `tmp` and renames it over `path`, keeping the permissions `path` had, and syncs the
@@ -136,12 +132,12 @@ pub(crate) fn replace_with(tmp: tempfile::NamedTempFile, path: &Path) -> Result<
     if let Ok(m) = std::fs::metadata(path) {
         tmp.as_file()
             .set_permissions(m.permissions())
-            .map_err(|e| io_err(tmp.path(), e))?;
+            .map_err(|e| Error::io(tmp.path(), e))?;
     }
     tmp.as_file()
         .sync_all()
-        .map_err(|e| io_err(tmp.path(), e))?;
-    let file = tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    let file = tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     sync_parent(path)?;
     Ok(file)
 }
@@ -149,17 +145,13 @@ pub(crate) fn replace_with(tmp: tempfile::NamedTempFile, path: &Path) -> Result<
 /// Replaces `path` with `bytes` through a new file beside it ([`replace_with`]).
 pub(crate) fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let mut tmp = temp_beside(path)?;
-    tmp.write_all(bytes).map_err(|e| io_err(tmp.path(), e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
     replace_with(tmp, path).map(drop)
 }
 
 /// Removes `path` if it exists, and syncs the directory.
 pub(crate) fn remove_if_exists(path: &Path) -> Result<(), Error> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_parent(path),
-        Err(e) if e.kind() == NotFound => Ok(()),
-        Err(e) => Err(io_err(path, e)),
-    }
+    if_exists(path, std::fs::remove_file)?.map_or(Ok(()), |()| sync_parent(path))
 }
 
 /// What `read` (`File::open`, `std::fs::read`) gives for `path`; `None` if it does not exist.
@@ -170,7 +162,7 @@ pub(crate) fn if_exists<'p, T>(
     match read(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == NotFound => Ok(None),
-        Err(e) => Err(io_err(path, e)),
+        Err(e) => Err(Error::io(path, e)),
     }
 }
 
@@ -184,10 +176,10 @@ fn append_aside(
         .append(true)
         .create(true)
         .open(path)
-        .map_err(|e| io_err(path, e))?;
+        .map_err(|e| Error::io(path, e))?;
     write(&mut side)
         .and_then(|()| side.sync_data())
-        .map_err(|e| io_err(path, e))?;
+        .map_err(|e| Error::io(path, e))?;
     sync_parent(path)
 }
 
@@ -259,14 +251,14 @@ impl AppendFile {
         let (mut file, created) = match options.clone().create_new(true).open(path) {
             Ok(f) => (f, true),
             Err(e) if e.kind() == AlreadyExists => {
-                (options.open(path).map_err(|e| io_err(path, e))?, false)
+                (options.open(path).map_err(|e| Error::io(path, e))?, false)
             }
-            Err(e) => return Err(io_err(path, e)),
+            Err(e) => return Err(Error::io(path, e)),
         };
         let busy = "locked: another run is writing this file";
         file.try_lock().map_err(|e| match e {
-            TryLockError::WouldBlock => io_err(path, std::io::Error::new(WouldBlock, busy)),
-            TryLockError::Error(e) => io_err(path, e),
+            TryLockError::WouldBlock => Error::io(path, std::io::Error::new(WouldBlock, busy)),
+            TryLockError::Error(e) => Error::io(path, e),
         })?;
         if created {
             sync_parent(path)?;
@@ -318,7 +310,7 @@ impl AppendFile {
         debug_assert!(buf.ends_with(b"\n"));
         self.file
             .write_all(buf)
-            .map_err(|e| io_err(&self.path, e))?;
+            .map_err(|e| Error::io(&self.path, e))?;
         self.lines += 1;
         self.unsynced += 1;
         match self.policy {
@@ -331,11 +323,14 @@ impl AppendFile {
                     return Ok(()); // started by a write after it ends
                 }
                 self.join_sync()?;
-                let file = self.file.try_clone().map_err(|e| io_err(&self.path, e))?;
+                let file = self
+                    .file
+                    .try_clone()
+                    .map_err(|e| Error::io(&self.path, e))?;
                 let spawned = std::thread::Builder::new()
                     .name("rmboost-fsync".into())
                     .spawn(move || file.sync_data());
-                self.syncing = Some(spawned.map_err(|e| io_err(&self.path, e))?);
+                self.syncing = Some(spawned.map_err(|e| Error::io(&self.path, e))?);
                 self.unsynced = 0;
                 self.last_sync = Instant::now();
                 Ok(())
@@ -347,7 +342,7 @@ impl AppendFile {
     /// Waits for the background sync, if any; its error.
     fn join_sync(&mut self) -> Result<(), Error> {
         match self.syncing.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => Err(io_err(&self.path, e)),
+            Some(Ok(Err(e))) => Err(Error::io(&self.path, e)),
             Some(Err(panic)) => std::panic::resume_unwind(panic),
             _ => Ok(()),
         }
@@ -362,7 +357,9 @@ impl AppendFile {
         // A background sync covers what was written before it started.
         self.join_sync()?;
         if self.unsynced > 0 {
-            self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
+            self.file
+                .sync_data()
+                .map_err(|e| Error::io(&self.path, e))?;
         }
         self.unsynced = 0;
         self.last_sync = Instant::now();
@@ -378,7 +375,7 @@ impl AppendFile {
         self.file
             .set_len(0)
             .and_then(|()| self.file.sync_all())
-            .map_err(|e| io_err(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Syncs the file, then removes it if this open created it, it is still empty, and `path`
@@ -394,7 +391,7 @@ impl AppendFile {
         let len = self
             .file
             .metadata()
-            .map_err(|e| io_err(&self.path, e))?
+            .map_err(|e| Error::io(&self.path, e))?
             .len();
         // Whether `path` still names the file this handle holds (not replaced or removed).
         let ours = self.file.try_clone().and_then(same_file::Handle::from_file);
@@ -403,7 +400,7 @@ impl AppendFile {
         if !self.created || len > 0 || !still_at_path {
             return Ok(false);
         }
-        std::fs::remove_file(&self.path).map_err(|e| io_err(&self.path, e))?;
+        std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))?;
         sync_parent(&self.path)?;
         Ok(true)
     }
@@ -428,7 +425,7 @@ impl Drop for AppendFile {
 /// Cuts a last line without its newline off `file`, saving it to `<path>.torn`; returns its
 /// length.
 fn repair_torn_tail(file: &mut File, path: &Path) -> Result<u64, Error> {
-    let io = |e| io_err(path, e);
+    let io = |e| Error::io(path, e);
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
     // Scan backwards in blocks for the last newline.
     const BLOCK: u64 = 64 * 1024;
@@ -553,7 +550,7 @@ impl OutputFile {
     #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn set_aside_unreadable(&mut self) -> Result<u64, Error> {
         let path = self.file.path.clone();
-        let io = |e| io_err(&path, e);
+        let io = |e| Error::io(&path, e);
         let reader = File::open(&path).map_err(io)?;
         let mut tmp = temp_beside(&path)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut());
