@@ -198,10 +198,7 @@ impl fmt::Debug for Cache {
 }
 
 fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::io(
-        path.to_path_buf(),
-        std::io::Error::other(format!("response cache: {e}")),
-    )
+    Error::io(path, std::io::Error::other(format!("response cache: {e}")))
 }
 
 /// The stored bytes under `key`, if any.
@@ -224,7 +221,7 @@ impl Cache {
             .create(path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => Error::io(
-                    path.to_path_buf(),
+                    path,
                     std::io::Error::new(
                         std::io::ErrorKind::WouldBlock,
                         "response cache is open in another process",
@@ -244,7 +241,7 @@ impl Cache {
         let writer = std::thread::Builder::new()
             .name("rmboost-cache-writer".into())
             .spawn(move || writer_loop(&writer_shared, rx))
-            .map_err(|e| Error::io(path.to_path_buf(), e))?;
+            .map_err(|e| Error::io(path, e))?;
         Ok(Cache {
             inner: Arc::new(Inner {
                 shared,
@@ -485,18 +482,6 @@ impl<B: LlmBackend> Cached<B> {
     /// Wraps `inner` with `cache`.
     pub fn new(inner: B, cache: Cache) -> Self {
         Cached { inner, cache }
-    }
-
-    /// The cache.
-    #[must_use]
-    pub fn cache(&self) -> &Cache {
-        &self.cache
-    }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
     }
 }
 

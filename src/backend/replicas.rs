@@ -92,7 +92,7 @@ struct Replica {
     health: Mutex<Health>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Health {
     /// The totals of [`ReplicaStats`].
     calls: u64,
@@ -154,13 +154,8 @@ impl Replicas {
             name: name.into(),
             backend,
             health: Mutex::new(Health {
-                calls: 0,
-                errors: 0,
-                drains: 0,
-                failures: 0,
-                drained_until: None,
                 pause: FIRST_PAUSE,
-                probing: false,
+                ..Health::default()
             }),
         });
         self

@@ -58,18 +58,13 @@ impl AnthropicBatch {
         AnthropicBatch { backend, client }
     }
 
-    /// Other limits per batch. Default: Anthropic's (100,000 requests and 256 MB a batch).
-    #[must_use]
-    pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.client.limits = limits;
-        self
-    }
-
-    /// The most bytes of one results file read (at least one). Default: 1 GiB.
-    #[must_use]
-    pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.client.max_results_bytes = max.max(1);
-        self
+    setters! {
+        /// Other limits per batch. Default: Anthropic's (100,000 requests and 256 MB a batch).
+        #[must_use]
+        with_limits(limits: BatchLimits) => client.limits = limits;
+        /// The most bytes of one results file read (at least one). Default: 1 GiB.
+        #[must_use]
+        max_results_bytes(max: usize) => client.max_results_bytes = max.max(1);
     }
 
     /// One line of a results file.

@@ -79,19 +79,14 @@ impl OpenAiBatch {
         OpenAiBatch { backend, client }
     }
 
-    /// Other limits per batch (a self-hosted runner's). Default: OpenAI's (50,000 requests
-    /// and 200 MB a batch).
-    #[must_use]
-    pub fn with_limits(mut self, limits: BatchLimits) -> Self {
-        self.client.limits = limits;
-        self
-    }
-
-    /// The most bytes of one result file read (at least one). Default: 1 GiB.
-    #[must_use]
-    pub fn max_results_bytes(mut self, max: usize) -> Self {
-        self.client.max_results_bytes = max.max(1);
-        self
+    setters! {
+        /// Other limits per batch (a self-hosted runner's). Default: OpenAI's (50,000 requests
+        /// and 200 MB a batch).
+        #[must_use]
+        with_limits(limits: BatchLimits) => client.limits = limits;
+        /// The most bytes of one result file read (at least one). Default: 1 GiB.
+        #[must_use]
+        max_results_bytes(max: usize) => client.max_results_bytes = max.max(1);
     }
 
     /// One line of an output or error file.
@@ -166,10 +161,12 @@ struct WireLineResponse {
     body: Option<Value>,
 }
 
+/// A failed line's error, or one of a batch's errors (with the input `line` it is about).
 #[derive(Debug, Deserialize)]
 struct WireError {
     code: Option<String>,
     message: Option<String>,
+    line: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,14 +197,7 @@ struct WireCounts {
 #[derive(Debug, Deserialize)]
 struct WireErrors {
     #[serde(default)]
-    data: Vec<WireErrorItem>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WireErrorItem {
-    code: Option<String>,
-    message: Option<String>,
-    line: Option<u64>,
+    data: Vec<WireError>,
 }
 
 impl WireBatch {
@@ -223,10 +213,9 @@ impl WireBatch {
             });
         let meta = self.metadata.unwrap_or_default();
         let text = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_string);
-        let tag = match (text("rmboost_run"), text("rmboost_batch")) {
-            (Some(run), Some(key)) => Some(BatchTag { run, key }),
-            _ => None,
-        };
+        let tag = text("rmboost_run")
+            .zip(text("rmboost_batch"))
+            .map(|(run, key)| BatchTag { run, key });
         let message = self.errors.filter(|e| !e.data.is_empty()).map(|e| {
             e.data
                 .iter()

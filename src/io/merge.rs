@@ -31,20 +31,16 @@ impl MergeOptions {
         Self::default()
     }
 
-    /// The prompt file the shards were generated from. When set, [`merge`] checks that every
-    /// prompt of it is in the merged output once or in a shard's failure ledger, and that
-    /// every example's id is one of its prompts. Ids are derived exactly as the run derives
-    /// them (the `id` field, or a hash of the content when it has none). Default: none.
-    pub fn input(mut self, path: impl Into<PathBuf>) -> Self {
-        self.input = Some(path.into());
-        self
-    }
-
-    /// Replace an output (and its ledger and recipe) that already exist. Default: `false`,
-    /// an existing output is an error. The shards and the input are never overwritten.
-    pub fn overwrite(mut self, overwrite: bool) -> Self {
-        self.overwrite = overwrite;
-        self
+    setters! {
+        /// The prompt file the shards were generated from. When set, [`merge`] checks that
+        /// every prompt of it is in the merged output once or in a shard's failure ledger, and
+        /// that every example's id is one of its prompts. Ids are derived exactly as the run
+        /// derives them (the `id` field, or a hash of the content when it has none). Default:
+        /// none.
+        input(path: impl Into<PathBuf>) => input = Some(path.into());
+        /// Replace an output (and its ledger and recipe) that already exist. Default: `false`,
+        /// an existing output is an error. The shards and the input are never overwritten.
+        overwrite(overwrite: bool) => overwrite = overwrite;
     }
 }
 
