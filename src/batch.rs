@@ -244,27 +244,29 @@ pub struct BatchTag {
     pub key: String,
 }
 
+crate::error::named_enum! {
 /// Where a batch is in its life, in words common to the providers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum BatchState {
     /// The input is being checked (OpenAI `validating`).
-    Validating,
+    Validating = "validating",
     /// Requests are being processed.
-    InProgress,
+    InProgress = "in_progress",
     /// Processing is over, the results are being prepared (OpenAI `finalizing`).
-    Finalizing,
+    Finalizing = "finalizing",
     /// Ended: every request has a result (OpenAI `completed`, Anthropic `ended`).
-    Ended,
+    Ended = "ended",
     /// The input failed validation: no request ran (OpenAI `failed`).
-    Failed,
+    Failed = "failed",
     /// The completion window passed; unfinished requests expired (OpenAI `expired`).
-    Expired,
+    Expired = "expired",
     /// Being cancelled.
-    Cancelling,
+    Cancelling = "cancelling",
     /// Cancelled; unfinished requests were cancelled.
-    Cancelled,
+    Cancelled = "cancelled",
+}
 }
 
 impl BatchState {
@@ -275,27 +277,6 @@ impl BatchState {
             self,
             BatchState::Ended | BatchState::Failed | BatchState::Expired | BatchState::Cancelled
         )
-    }
-
-    /// A short snake_case name.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BatchState::Validating => "validating",
-            BatchState::InProgress => "in_progress",
-            BatchState::Finalizing => "finalizing",
-            BatchState::Ended => "ended",
-            BatchState::Failed => "failed",
-            BatchState::Expired => "expired",
-            BatchState::Cancelling => "cancelling",
-            BatchState::Cancelled => "cancelled",
-        }
-    }
-}
-
-impl fmt::Display for BatchState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -8,7 +8,7 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::backend::meter::CallMeter;
 use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
-use crate::batch::state::{adopt_intents, append_result, now_secs, open_results};
+use crate::batch::state::{adopt_intents, append_result, open_results};
 use crate::batch::{
     check_id, copy_error, custom_id, BatchApi, BatchRecord, BatchRequest, BatchState, BatchStatus,
     StateFile,
@@ -66,11 +66,20 @@ impl BatchConfig {
         }
     }
 
-    /// Requests per wave: the collector is sent once it holds this many (a wave is split
-    /// further under the provider's [limits](crate::batch::BatchLimits)). Default 1000.
-    pub fn batch_size(mut self, n: NonZeroUsize) -> Self {
-        self.batch_size = n;
-        self
+    setters! {
+        /// Requests per wave: the collector is sent once it holds this many (a wave is split
+        /// further under the provider's [limits](crate::batch::BatchLimits)). Default 1000.
+        batch_size(n: NonZeroUsize) => batch_size = n;
+        /// The first wait between two polls of a batch; it grows by half while the batch's
+        /// state does not change, up to [`max_poll_interval`](Self::max_poll_interval).
+        /// Default 30 s.
+        poll_interval(d: Duration) => poll_interval = d;
+        /// The longest wait between two polls. Default 600 s (never less than the poll
+        /// interval).
+        max_poll_interval(d: Duration) => max_poll_interval = d;
+        /// The most times a request is sent when its line errors or expires (the online retry
+        /// limit). Default 6; at least 1.
+        max_attempts(n: u32) => max_attempts = n.max(1);
     }
 
     /// The generator's concurrency for this pipeline: twice `batch_size`, so that two chunks
@@ -78,27 +87,6 @@ impl BatchConfig {
     #[must_use]
     pub fn concurrency(&self) -> NonZeroUsize {
         self.batch_size.saturating_add(self.batch_size.get())
-    }
-
-    /// The first wait between two polls of a batch; it grows by half while the batch's state
-    /// does not change, up to [`max_poll_interval`](Self::max_poll_interval). Default 30 s.
-    pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll_interval = d;
-        self
-    }
-
-    /// The longest wait between two polls. Default 600 s (never less than the poll
-    /// interval).
-    pub fn max_poll_interval(mut self, d: Duration) -> Self {
-        self.max_poll_interval = d;
-        self
-    }
-
-    /// The most times a request is sent when its line errors or expires (the online retry
-    /// limit). Default 6; at least 1.
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
     }
 }
 
@@ -169,10 +157,6 @@ impl Shared {
     fn stats(&self) -> std::sync::MutexGuard<'_, BatchStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn fatal(&self) -> Option<BackendError> {
-        self.fatal.get().map(copy_error)
-    }
 }
 
 /// An [`LlmBackend`] that sends its calls through a [`BatchApi`]; see the
@@ -198,6 +182,17 @@ pub(crate) struct BatchHandle {
 }
 
 impl BatchBackend {
+    /// The totals so far (for a progress display).
+    #[must_use]
+    pub fn stats(&self) -> BatchStats {
+        self.shared.stats().clone()
+    }
+
+    /// The calls answered so far and their tokens.
+    pub(crate) fn meter(&self) -> &CallMeter {
+        &self.shared.meter
+    }
+
     /// Starts the pipeline of a run writing `output`: reads (or creates) its
     /// [`StateFile`], opens and locks its results log, and spawns the driver task (on the
     /// current tokio runtime). Batches of an earlier run are adopted and their results
@@ -284,9 +279,6 @@ impl LlmBackend for BatchBackend {
     /// Dropping the future drops the wait; the request is still sent (its result is saved for
     /// a rerun). After a stop the future never completes: the run's drain deadline drops it.
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
-        if let Some(e) = self.shared.fatal() {
-            return Err(e);
-        }
         let (reply, rx) = oneshot::channel();
         let call = Call {
             custom_id: custom_id(&self.api.identity(), &request),
@@ -299,8 +291,8 @@ impl LlmBackend for BatchBackend {
                 return result;
             }
         }
-        if let Some(e) = self.shared.fatal() {
-            return Err(e);
+        if let Some(e) = self.shared.fatal.get() {
+            return Err(copy_error(e));
         }
         // The pipeline stopped (Ctrl-C, the cost budget, the end of the run): this call waits
         // for a rerun; the run drops it.
@@ -319,19 +311,6 @@ impl LlmBackend for BatchBackend {
     /// answers are interchangeable.
     fn identity(&self) -> Cow<'_, str> {
         self.api.identity()
-    }
-}
-
-impl BatchBackend {
-    /// The totals so far (for a progress display).
-    #[must_use]
-    pub fn stats(&self) -> BatchStats {
-        self.shared.stats().clone()
-    }
-
-    /// The calls answered so far and their tokens.
-    pub(crate) fn meter(&self) -> &CallMeter {
-        &self.shared.meter
     }
 }
 
@@ -432,10 +411,8 @@ impl Driver {
         if let Err(fatal) = result {
             tracing::error!(error = %fatal, "batch pipeline stopped");
             let _ = self.shared.fatal.set(copy_error(&fatal));
-            for p in self.pending.drain().map(|(_, p)| p) {
-                for w in p.waiters {
-                    let _ = w.send(Err(copy_error(&fatal)));
-                }
+            for w in self.pending.drain().flat_map(|(_, p)| p.waiters) {
+                let _ = w.send(Err(copy_error(&fatal)));
             }
         }
         let saved = self.state.write(&self.state_path);
@@ -586,15 +563,11 @@ impl Driver {
     /// known not to exist; a listing that fails is tried again later, and after
     /// `max_attempts` (at least 3) failures in a row the run stops.
     async fn resolve_intents(&mut self) -> Result<(), BackendError> {
-        let intents: Vec<(String, Vec<String>)> = (self.state.batches.iter())
-            .filter(|b| b.provider_id.is_none())
-            .map(|b| (b.key.clone(), b.custom_ids.clone()))
-            .collect();
-        if intents.is_empty() {
+        if !self.has_intents() {
             return Ok(());
         }
-        match adopt_intents(&*self.api, &mut self.state).await {
-            Ok(_) => self.list_failures = 0,
+        let (adopted, lost) = match adopt_intents(&*self.api, &mut self.state).await {
+            Ok(found) => found,
             Err(e) => {
                 self.list_failures += 1;
                 if e.is_fatal() || self.list_failures >= self.config.max_attempts.max(3) {
@@ -611,17 +584,15 @@ impl Driver {
                 self.back_off();
                 return Ok(());
             }
-        }
+        };
+        self.list_failures = 0;
         self.save()?;
         self.retry_at = None;
-        for (key, ids) in intents {
-            if self.state.batches.iter().any(|b| b.key == key) {
-                self.follow(&key);
-            } else {
-                // Never created: the requests go out in the next wave.
-                self.queue.extend(ids);
-            }
+        for key in adopted {
+            self.follow(&key);
         }
+        // Never created: the requests go out in the next wave.
+        self.queue.extend(lost);
         Ok(())
     }
 
@@ -649,14 +620,9 @@ impl Driver {
             st.adopted += 1;
             tracing::info!(id = ?record.provider_id, wave = record.wave, "following a batch of an earlier run");
         }
-        let first_poll = if created {
-            self.config.poll_interval
-        } else {
-            Duration::ZERO
-        };
         self.flights.push(Flight {
             key: key.to_string(),
-            next_poll: Instant::now() + first_poll,
+            next_poll: Instant::now() + self.config.poll_interval * u32::from(created),
             interval: self.config.poll_interval,
             failures: 0,
             estimate,
@@ -768,7 +734,9 @@ impl Driver {
         self.state.batches.push(BatchRecord {
             key: key.clone(),
             provider_id: None,
-            intent_at: now_secs(),
+            intent_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             wave,
             requests: ids.len() as u64,
             custom_ids: ids.clone(),
@@ -976,12 +944,7 @@ impl Driver {
 
     /// Answers every caller of `id` with `result`.
     fn answer(&mut self, id: &str, result: &Result<Completion, BackendError>) {
-        for w in self
-            .pending
-            .remove(id)
-            .map(|p| p.waiters)
-            .unwrap_or_default()
-        {
+        for w in self.pending.remove(id).into_iter().flat_map(|p| p.waiters) {
             let _ = w.send(match result {
                 Ok(c) => Ok(c.clone()),
                 Err(e) => Err(copy_error(e)),

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,13 +10,6 @@ use crate::backend::Completion;
 use crate::batch::{BatchApi, BatchState, BatchStatus, BatchTag};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::io::{AppendFile, SyncPolicy};
-
-/// Seconds since the Unix epoch.
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// One batch of a run, as recorded in the [`StateFile`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,7 +152,8 @@ impl StateFile {
 
 /// Looks for the batches of the intents of `state` (records without a provider id) among
 /// those the provider lists, and records the id of each one found. An intent not found is
-/// removed (its batch was never created). Returns how many were adopted.
+/// removed (its batch was never created). Returns the keys of the batches adopted and the
+/// `custom_id`s of the intents removed.
 ///
 /// A batch is matched by its tag where the provider keeps one; otherwise by creation time (not
 /// before the intent) and request count, each listed batch adopted at most once and never
@@ -168,7 +161,7 @@ impl StateFile {
 pub(crate) async fn adopt_intents(
     api: &dyn BatchApi,
     state: &mut StateFile,
-) -> Result<u64, BackendError> {
+) -> Result<(Vec<String>, Vec<String>), BackendError> {
     let Some(since) = state
         .batches
         .iter()
@@ -176,7 +169,7 @@ pub(crate) async fn adopt_intents(
         .map(|b| b.intent_at)
         .min()
     else {
-        return Ok(0);
+        return Ok(Default::default());
     };
     let probe = state.tag("");
     // A minute of slack for clocks that disagree.
@@ -186,7 +179,7 @@ pub(crate) async fn adopt_intents(
         .iter()
         .filter_map(|b| b.provider_id.clone())
         .collect();
-    let mut adopted = 0;
+    let (mut adopted, mut lost) = (Vec::new(), Vec::new());
     for record in state.batches.iter_mut().filter(|b| b.provider_id.is_none()) {
         let found = listed.iter().find(|s| {
             !taken.contains(&s.id)
@@ -197,16 +190,18 @@ pub(crate) async fn adopt_intents(
                     }
                 }
         });
-        if let Some(s) = found {
-            tracing::info!(key = %record.key, id = %s.id, "adopted a batch created before a crash");
-            taken.insert(s.id.clone());
-            record.provider_id = Some(s.id.clone());
-            record.state = Some(s.state);
-            adopted += 1;
-        }
+        let Some(s) = found else {
+            lost.append(&mut record.custom_ids);
+            continue;
+        };
+        tracing::info!(key = %record.key, id = %s.id, "adopted a batch created before a crash");
+        taken.insert(s.id.clone());
+        record.provider_id = Some(s.id.clone());
+        record.state = Some(s.state);
+        adopted.push(record.key.clone());
     }
     state.batches.retain(|b| b.provider_id.is_some());
-    Ok(adopted)
+    Ok((adopted, lost))
 }
 
 /// Cancels the batches of the run writing `output` that may still be running (an intent is
