@@ -75,7 +75,7 @@ use std::future::Future;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
@@ -85,7 +85,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::meter::CallMeter;
-use crate::backend::Usage;
+use crate::backend::{lock, Usage};
 use crate::engine::Summary;
 use crate::example::{ExampleFormat, PreferenceExample, Prompt};
 pub use crate::io::append::ensure_distinct_files;
@@ -93,23 +93,18 @@ use crate::io::append::{if_exists, remove_if_exists, sidecar, write_replacing};
 use crate::io::{FailureLedger, IdHash, IdSet, OutputFile, Resume, SyncPolicy};
 use crate::{BackendErrorKind, Error, ErrorKind};
 
-/// Locks `m`, whatever a panic left in it (every value kept here stays valid).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A one-way flag that can be awaited: setting it drops the sender, which completes the
-/// receiver every waiter holds a clone of.
-#[derive(Debug)]
+/// A cloneable one-way flag that can be awaited: setting it drops the sender, which completes
+/// the receiver every waiter holds a clone of.
+#[derive(Debug, Clone)]
 struct Flag(
-    Mutex<Option<oneshot::Sender<()>>>,
+    Arc<Mutex<Option<oneshot::Sender<()>>>>,
     Shared<oneshot::Receiver<()>>,
 );
 
 impl Default for Flag {
     fn default() -> Self {
         let (tx, rx) = oneshot::channel();
-        Flag(Mutex::new(Some(tx)), rx.shared())
+        Flag(Arc::new(Mutex::new(Some(tx))), rx.shared())
     }
 }
 
@@ -135,15 +130,13 @@ impl Flag {
 /// run). Either can be called from any thread, any number of times.
 #[derive(Debug, Clone, Default)]
 pub struct StopSignal {
-    inner: Arc<StopInner>,
-}
-
-#[derive(Debug, Default)]
-struct StopInner {
     stop: Flag,
     abort: Flag,
-    reason: Mutex<Option<(Outcome, Option<String>)>>,
+    reason: Arc<Mutex<Option<Reason>>>,
 }
+
+/// The outcome and message of [`StopSignal::stop_with`].
+type Reason = (Outcome, Option<String>);
 
 impl StopSignal {
     /// A signal not yet given.
@@ -154,7 +147,7 @@ impl StopSignal {
 
     /// Asks for a graceful stop: no new prompts, the examples in flight finish.
     pub fn stop(&self) {
-        self.inner.stop.set();
+        self.stop.set();
     }
 
     /// Asks for a graceful stop for a reason a run should end with: a run given this signal
@@ -163,33 +156,33 @@ impl StopSignal {
     /// cost budget and when the server stays unreachable, and by the batch pipeline to stop a
     /// run on its cost budget ([`Outcome::CostLimit`]).
     pub fn stop_with(&self, outcome: Outcome, message: Option<String>) {
-        lock(&self.inner.reason).get_or_insert((outcome, message));
+        lock(&self.reason).get_or_insert((outcome, message));
         self.stop();
     }
 
     /// The reason given with [`stop_with`](Self::stop_with), if any.
     #[must_use]
     pub fn reason(&self) -> Option<(Outcome, Option<String>)> {
-        lock(&self.inner.reason).clone()
+        lock(&self.reason).clone()
     }
 
     /// Asks for an immediate stop: the examples in flight are dropped (implies
     /// [`stop`](Self::stop)).
     pub fn abort(&self) {
         self.stop();
-        self.inner.abort.set();
+        self.abort.set();
     }
 
     /// Whether a stop (graceful or not) was asked for.
     #[must_use]
     pub fn is_stopped(&self) -> bool {
-        self.inner.stop.is_set()
+        self.stop.is_set()
     }
 
     /// Whether an immediate stop was asked for.
     #[must_use]
     pub fn is_aborted(&self) -> bool {
-        self.inner.abort.is_set()
+        self.abort.is_set()
     }
 
     /// Completes once a stop is asked for (at once if it already was).
@@ -198,16 +191,7 @@ impl StopSignal {
     ///
     /// Cancel safe: dropping the future has no effect.
     pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.inner.stop.wait()
-    }
-
-    /// Completes once an immediate stop is asked for.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: dropping the future has no effect.
-    pub fn wait_abort(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.inner.abort.wait()
+        self.stop.wait()
     }
 }
 
@@ -324,92 +308,7 @@ impl Shard {
     pub fn contains(&self, id: &str) -> bool {
         IdHash::of(id).shard(self.count) == self.index
     }
-}
 
-impl fmt::Display for Shard {
-    /// `I/N`, the form [`FromStr`](std::str::FromStr) reads back.
-    ///
-    /// ```
-    /// use rmboost::run::Shard;
-    ///
-    /// let s = Shard::new(2, 4)?;
-    /// assert_eq!(s.to_string(), "2/4");
-    /// assert_eq!(s.to_string().parse::<Shard>()?, s);
-    /// # Ok::<(), rmboost::Error>(())
-    /// ```
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-impl std::str::FromStr for Shard {
-    type Err = Error;
-
-    /// Parses `I/N` (0-based index `I` of `N` shards; spaces around the numbers are allowed).
-    ///
-    /// ```
-    /// use rmboost::run::Shard;
-    ///
-    /// let s: Shard = " 1 / 4".parse()?;
-    /// assert_eq!((s.index(), s.count()), (1, 4));
-    /// assert!("4/4".parse::<Shard>().is_err());
-    /// assert!("1/0".parse::<Shard>().is_err());
-    /// assert!("x".parse::<Shard>().is_err());
-    /// # Ok::<(), rmboost::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] if `s` is not two numbers with
-    /// `N >= 1` and `I < N`.
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || {
-            Error::config(format!(
-                "shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"
-            ))
-        };
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let index = i.trim().parse().map_err(|_| bad())?;
-        let count = n.trim().parse().map_err(|_| bad())?;
-        Shard::new(index, count).map_err(|_| bad())
-    }
-}
-
-/// Where [`Shard::from_scheduler`] found the shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ShardSource {
-    /// A task of a Slurm job array (`sbatch --array`): `SLURM_ARRAY_TASK_ID`.
-    SlurmArray,
-    /// A pod of a Kubernetes Indexed Job (`completionMode: Indexed`): `JOB_COMPLETION_INDEX`.
-    KubernetesIndexedJob,
-}
-
-impl ShardSource {
-    /// The environment variable the index came from.
-    #[must_use]
-    pub fn variable(self) -> &'static str {
-        match self {
-            ShardSource::SlurmArray => SLURM_ID,
-            ShardSource::KubernetesIndexedJob => K8S_INDEX,
-        }
-    }
-}
-
-impl std::fmt::Display for ShardSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.variable())
-    }
-}
-
-const SLURM_ID: &str = "SLURM_ARRAY_TASK_ID";
-const SLURM_COUNT: &str = "SLURM_ARRAY_TASK_COUNT";
-const SLURM_MIN: &str = "SLURM_ARRAY_TASK_MIN";
-const SLURM_MAX: &str = "SLURM_ARRAY_TASK_MAX";
-const SLURM_STEP: &str = "SLURM_ARRAY_TASK_STEP";
-const K8S_INDEX: &str = "JOB_COMPLETION_INDEX";
-
-impl Shard {
     /// The shard of this process from the scheduler that started it, read from the
     /// environment: a Slurm job array task or a Kubernetes Indexed Job pod. `shards` is the
     /// number of shards when the caller knows it (`rmboost generate --shards N`); Kubernetes
@@ -530,6 +429,89 @@ impl Shard {
         )))
     }
 }
+
+impl fmt::Display for Shard {
+    /// `I/N`, the form [`FromStr`](std::str::FromStr) reads back.
+    ///
+    /// ```
+    /// use rmboost::run::Shard;
+    ///
+    /// let s = Shard::new(2, 4)?;
+    /// assert_eq!(s.to_string(), "2/4");
+    /// assert_eq!(s.to_string().parse::<Shard>()?, s);
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
+    /// Parses `I/N` (0-based index `I` of `N` shards; spaces around the numbers are allowed).
+    ///
+    /// ```
+    /// use rmboost::run::Shard;
+    ///
+    /// let s: Shard = " 1 / 4".parse()?;
+    /// assert_eq!((s.index(), s.count()), (1, 4));
+    /// assert!("4/4".parse::<Shard>().is_err());
+    /// assert!("1/0".parse::<Shard>().is_err());
+    /// assert!("x".parse::<Shard>().is_err());
+    /// # Ok::<(), rmboost::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] if `s` is not two numbers with
+    /// `N >= 1` and `I < N`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || {
+            Error::config(format!(
+                "shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index = i.trim().parse().map_err(|_| bad())?;
+        let count = n.trim().parse().map_err(|_| bad())?;
+        Shard::new(index, count).map_err(|_| bad())
+    }
+}
+
+/// Where [`Shard::from_scheduler`] found the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShardSource {
+    /// A task of a Slurm job array (`sbatch --array`): `SLURM_ARRAY_TASK_ID`.
+    SlurmArray,
+    /// A pod of a Kubernetes Indexed Job (`completionMode: Indexed`): `JOB_COMPLETION_INDEX`.
+    KubernetesIndexedJob,
+}
+
+impl ShardSource {
+    /// The environment variable the index came from.
+    #[must_use]
+    pub fn variable(self) -> &'static str {
+        match self {
+            ShardSource::SlurmArray => SLURM_ID,
+            ShardSource::KubernetesIndexedJob => K8S_INDEX,
+        }
+    }
+}
+
+impl std::fmt::Display for ShardSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.variable())
+    }
+}
+
+const SLURM_ID: &str = "SLURM_ARRAY_TASK_ID";
+const SLURM_COUNT: &str = "SLURM_ARRAY_TASK_COUNT";
+const SLURM_MIN: &str = "SLURM_ARRAY_TASK_MIN";
+const SLURM_MAX: &str = "SLURM_ARRAY_TASK_MAX";
+const SLURM_STEP: &str = "SLURM_ARRAY_TASK_STEP";
+const K8S_INDEX: &str = "JOB_COMPLETION_INDEX";
 
 /// A scheduler variable's value as a number.
 fn scheduler_number(name: &str, value: &str) -> Result<u32, Error> {
@@ -1168,283 +1150,265 @@ where
     S: Stream<Item = Result<PreferenceExample, Error>> + Send,
     P: Stream<Item = Result<Prompt, Error>> + Send + 'static,
 {
-    let progress = options.progress.clone().unwrap_or_default();
-    let result = run_inner(generate, prompts, output.as_ref(), options, &progress.inner).await;
+    let (output, progress) = (
+        output.as_ref(),
+        options.progress.clone().unwrap_or_default(),
+    );
+    // The totals live in `live` (the `Progress`) from the start of the loop.
+    let live = &progress.inner;
+    let result: Result<RunSummary, Error> = async {
+        let started = Instant::now();
+        let ledger_path = options
+            .ledger
+            .clone()
+            .unwrap_or_else(|| FailureLedger::default_path(output));
+        let recipe_path = Recipe::default_path(output);
+        let mut files = vec![
+            ("output", output),
+            ("failure ledger", ledger_path.as_path()),
+            ("run recipe", recipe_path.as_path()),
+        ];
+        files.extend(options.input.as_deref().map(|input| ("input", input)));
+        ensure_distinct_files(&files)?;
+        // The budget itself was checked by `CostBudget::new`.
+        if options.budget.is_some() && options.meter.is_none() {
+            return Err(Error::config(
+                "a cost budget needs the backend's meter (RunOptions::meter)",
+            ));
+        }
+        let recipe = options
+            .recipe
+            .clone()
+            .unwrap_or_default()
+            .with("format", options.format.as_str());
+
+        let mut out = OutputFile::open(output, options.format, options.sync)?;
+        if options.existing == ExistingOutput::Overwrite {
+            out.file.truncate()?;
+            remove_if_exists(&ledger_path)?;
+        }
+        let resume = Resume::scan(output)?;
+        if options.existing == ExistingOutput::Fail && resume.lines() > 0 {
+            return Err(Error::config(format!(
+                "{} already has {} lines; resume or overwrite it",
+                output.display(),
+                resume.lines()
+            )));
+        }
+        let summary = RunSummary {
+            torn_bytes: out.torn_bytes(),
+            resumed: resume.len() as u64,
+            garbage_lines: match resume.unreadable() {
+                0 => 0,
+                _ => out.set_aside_unreadable()?,
+            },
+            ..RunSummary::default()
+        };
+        let has_examples = resume.lines() > resume.unreadable();
+        let recipe_created = check_recipe(&recipe_path, output, &recipe, has_examples)?;
+        tracing::info!(
+            path = %output.display(),
+            resumed = summary.resumed,
+            torn_bytes = summary.torn_bytes,
+            garbage_lines = summary.garbage_lines,
+            "run starting"
+        );
+        *lock(live) = summary;
+
+        // The ids the ledger must keep at the end: those of earlier runs not done yet, and those
+        // failing in this one, less those this run writes (memory only for failed ids).
+        let done = resume.into_ids();
+        let mut pending = IdSet::new();
+        for record in FailureLedger::read(&ledger_path)?.iter().filter(|r| !done.contains(&r.id)) {
+            pending.insert(&record.id);
+        }
+
+        // What becomes of each input item: the generator gets it (`Some(Some)`), it is passed
+        // over (`Some(None)`), or the input ends there (`None`).
+        let stop = &options.stop;
+        let stop_error = Arc::new(Mutex::new(None));
+        let (shard, policy, limit) = (options.shard, options.bad_lines, options.limit);
+        let (filter_live, filter_error) = (live.clone(), stop_error.clone());
+        let mut seen = IdSet::new();
+        let mut admit = move |item: Result<Prompt, Error>| {
+            let s = &mut *lock(&filter_live);
+            let prompt = match item {
+                Ok(_) if limit.is_some_and(|l| s.scheduled >= l) => return None,
+                Ok(p) => p,
+                Err(e) => {
+                    if e.kind() == ErrorKind::Parse {
+                        s.bad_lines += 1;
+                        tracing::warn!(error = %e, "bad input line");
+                        if s.bad_line_messages.len() < MAX_MESSAGES {
+                            s.bad_line_messages.push(e.to_string());
+                        }
+                        if policy == BadLinePolicy::Skip {
+                            return Some(None);
+                        }
+                    }
+                    // A bad line under `BadLinePolicy::Stop`, or reading itself failed: nothing
+                    // after it can be trusted.
+                    *lock(&filter_error) = Some(e);
+                    return None;
+                }
+            };
+            s.read += 1;
+            let hash = IdHash::of(&prompt.id);
+            if shard.is_some_and(|sh| hash.shard(sh.count) != sh.index) {
+                s.other_shard += 1;
+            } else if !seen.insert(hash) {
+                s.duplicates += 1;
+                tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
+                if s.duplicate_ids.len() < MAX_MESSAGES {
+                    s.duplicate_ids.push(prompt.id);
+                }
+            } else if done.contains(hash) {
+                s.skipped_done += 1;
+            } else {
+                s.scheduled += 1;
+                return Some(Some(prompt));
+            }
+            Some(None)
+        };
+        let filtered = prompts
+            .take_until(stop.wait())
+            .scan((), move |(), item| future::ready(admit(item)))
+            .filter_map(|prompt| future::ready(prompt.map(Ok)))
+            .boxed();
+
+        let budget = options.budget;
+        let metered = |s: &mut RunSummary| {
+            (s.calls, s.usage) = match &options.meter {
+                Some(m) => (m.calls(), m.usage()),
+                None => (s.generation.calls, s.generation.usage),
+            };
+            s.cost = budget.map(|(prices, _)| prices.cost(s.usage));
+        };
+        let mut results = Box::pin(generate(filtered));
+        let mut ledger: Option<FailureLedger> = None;
+        let (mut in_a_row, mut received, mut stop_seen) = (0, 0u64, false);
+        let mut deadline = pin!(future::Fuse::<tokio::time::Sleep>::terminated());
+        let mut cost_tick = tokio::time::interval(Duration::from_millis(100));
+        cost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // `Err`: the output or the ledger failed; `Ok(Some)`: the generator's fatal error.
+        let ended: Result<Option<Error>, Error> = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.abort.wait() => {
+                        tracing::warn!("stopping now: dropping the examples in flight");
+                        break;
+                    }
+                    item = results.next() => {
+                        let Some(item) = item else { break };
+                        received += 1;
+                        // Examples in a row that failed to reach the server.
+                        let unreachable = item.as_ref().err().and_then(Error::backend_error).filter(|e| {
+                            matches!(e.kind(), BackendErrorKind::Connection | BackendErrorKind::Timeout)
+                        });
+                        in_a_row = if unreachable.is_some() { in_a_row + 1 } else { 0 };
+                        if let Some(e) = unreachable.filter(|_| options.unreachable_after == Some(in_a_row)) {
+                            let message = format!(
+                                "the model server is unreachable ({in_a_row} calls in a row failed): {}",
+                                crate::error_chain(e)
+                            );
+                            tracing::info!(%message, "stopping the run");
+                            stop.stop_with(Outcome::Unreachable, Some(message));
+                        }
+                        if let Ok(example) = &item {
+                            out.write(example)?;
+                            pending.remove(&example.id);
+                        }
+                        lock(live).generation.record(&item);
+                        // (No `continue` past the budget check below on success.)
+                        if let Err(e) = item {
+                            let chain = crate::error_chain(&e);
+                            if e.is_fatal() {
+                                // Returned to the caller, who reports it: not logged twice.
+                                tracing::debug!(error = %chain, "fatal error: stopping the run");
+                                return Ok(Some(e));
+                            }
+                            tracing::warn!(error = %chain, "example failed");
+                            if let Some(id) = e.example_id() {
+                                pending.insert(id);
+                                let l = match &mut ledger {
+                                    Some(l) => l,
+                                    None => ledger.insert(FailureLedger::open(&ledger_path, options.sync)?),
+                                };
+                                l.record(id, &e)?;
+                            }
+                        }
+                    }
+                    _ = cost_tick.tick(), if budget.is_some() => {}
+                    () = stop.wait(), if !stop_seen => {
+                        stop_seen = true;
+                        tracing::info!("stop requested: finishing the examples in flight");
+                        if let Some(d) = options.drain_deadline {
+                            deadline.set(tokio::time::sleep(d).fuse());
+                        }
+                    }
+                    () = &mut deadline => {
+                        tracing::warn!("drain deadline passed: dropping the examples in flight");
+                        break;
+                    }
+                }
+                let s = &mut *lock(live);
+                metered(s);
+                let spent = matches!((budget, s.cost), (Some((_, max)), Some(cost)) if cost >= max);
+                if spent && stop.reason().is_none() {
+                    tracing::warn!(cost = ?s.cost, "cost budget reached: finishing the examples in flight");
+                    stop.stop_with(Outcome::CostLimit, None);
+                }
+            }
+            Ok(None)
+        }
+        .await;
+        // Dropping the stream cancels whatever is still in flight.
+        drop(results);
+
+        let closed = ledger.map_or(Ok(()), FailureLedger::close);
+        // Compacted while the output's lock is still held: no other run can append meanwhile.
+        let compacted = FailureLedger::compact(&ledger_path, &pending);
+        let removed = out.file.remove_if_created_and_empty().and_then(|removed| {
+            if removed && recipe_created {
+                remove_if_exists(&recipe_path)?;
+            }
+            Ok(removed)
+        });
+        let stopped_by = stop.reason();
+        let summary = {
+            let s = &mut *lock(live);
+            metered(s);
+            s.dropped_in_flight = s.scheduled.saturating_sub(received);
+            s.interrupted = stop.is_stopped() && stopped_by.is_none();
+            s.ledger_pending = *compacted.as_ref().unwrap_or(&0);
+            s.output_removed = *removed.as_ref().unwrap_or(&false);
+            (s.outcome, s.message) = match stopped_by {
+                Some(reason) => reason,
+                None if s.interrupted => (Outcome::Interrupted, None),
+                None if limit.is_some_and(|l| s.scheduled >= l) => (Outcome::LimitReached, None),
+                None => (Outcome::Completed, None),
+            };
+            s.elapsed = started.elapsed();
+            s.clone()
+        };
+        tracing::info!(%summary, "run finished");
+        let (io_error, fatal) = ended.map_or_else(|e| (Some(e), None), |fatal| (None, fatal));
+        io_error
+            .or(closed.err())
+            .or(compacted.err())
+            .or(removed.err())
+            .or(fatal)
+            .or_else(|| lock(&stop_error).take())
+            .map_or(Ok(summary), Err)
+    }
+    .await;
     if let Err(e) = &result {
-        let mut s = lock(&progress.inner);
+        let mut s = lock(live);
         s.outcome = Outcome::Failed;
         s.message = Some(crate::error_chain(e));
     }
     result
-}
-
-/// [`run_to_file`]; the totals live in `live` (the [`Progress`]) from the start of the loop.
-async fn run_inner<F, S, P>(
-    generate: F,
-    prompts: P,
-    output: &Path,
-    options: RunOptions,
-    live: &Arc<Mutex<RunSummary>>,
-) -> Result<RunSummary, Error>
-where
-    F: FnOnce(BoxStream<'static, Result<Prompt, Error>>) -> S,
-    S: Stream<Item = Result<PreferenceExample, Error>> + Send,
-    P: Stream<Item = Result<Prompt, Error>> + Send + 'static,
-{
-    let started = Instant::now();
-    let ledger_path = options
-        .ledger
-        .clone()
-        .unwrap_or_else(|| FailureLedger::default_path(output));
-    let recipe_path = Recipe::default_path(output);
-    let mut files = vec![
-        ("output", output),
-        ("failure ledger", ledger_path.as_path()),
-        ("run recipe", recipe_path.as_path()),
-    ];
-    files.extend(options.input.as_deref().map(|input| ("input", input)));
-    ensure_distinct_files(&files)?;
-    // The budget itself was checked by `CostBudget::new`.
-    if options.budget.is_some() && options.meter.is_none() {
-        return Err(Error::config(
-            "a cost budget needs the backend's meter (RunOptions::meter)",
-        ));
-    }
-    let recipe = options
-        .recipe
-        .clone()
-        .unwrap_or_default()
-        .with("format", options.format.as_str());
-
-    let mut out = OutputFile::open(output, options.format, options.sync)?;
-    if options.existing == ExistingOutput::Overwrite {
-        out.file.truncate()?;
-        remove_if_exists(&ledger_path)?;
-    }
-    let resume = Resume::scan(output)?;
-    if options.existing == ExistingOutput::Fail && resume.lines() > 0 {
-        return Err(Error::config(format!(
-            "{} already has {} lines; resume or overwrite it",
-            output.display(),
-            resume.lines()
-        )));
-    }
-    let summary = RunSummary {
-        torn_bytes: out.torn_bytes(),
-        resumed: resume.len() as u64,
-        garbage_lines: match resume.unreadable() {
-            0 => 0,
-            _ => out.set_aside_unreadable()?,
-        },
-        ..RunSummary::default()
-    };
-    let has_examples = resume.lines() > resume.unreadable();
-    let recipe_created = check_recipe(&recipe_path, output, &recipe, has_examples)?;
-    tracing::info!(
-        path = %output.display(),
-        resumed = summary.resumed,
-        torn_bytes = summary.torn_bytes,
-        garbage_lines = summary.garbage_lines,
-        "run starting"
-    );
-    *lock(live) = summary;
-
-    // The ids the ledger must keep at the end: those of earlier runs not done yet, and those
-    // failing in this one, less those this run writes (memory only for failed ids).
-    let done = resume.into_ids();
-    let mut pending = IdSet::new();
-    for record in FailureLedger::read(&ledger_path)? {
-        if !done.contains(&record.id) {
-            pending.insert(&record.id);
-        }
-    }
-
-    // What becomes of each input item: the generator gets it (`Some(Some)`), it is passed
-    // over (`Some(None)`), or the input ends there (`None`).
-    let stop = &options.stop;
-    let stop_error = Arc::new(Mutex::new(None));
-    let (shard, policy, limit) = (options.shard, options.bad_lines, options.limit);
-    let (filter_live, filter_error) = (live.clone(), stop_error.clone());
-    let mut seen = IdSet::new();
-    let mut admit = move |item: Result<Prompt, Error>| {
-        let s = &mut *lock(&filter_live);
-        let prompt = match item {
-            Ok(_) if limit.is_some_and(|l| s.scheduled >= l) => return None,
-            Ok(p) => p,
-            Err(e) => {
-                if e.kind() == ErrorKind::Parse {
-                    s.bad_lines += 1;
-                    tracing::warn!(error = %e, "bad input line");
-                    if s.bad_line_messages.len() < MAX_MESSAGES {
-                        s.bad_line_messages.push(e.to_string());
-                    }
-                    if policy == BadLinePolicy::Skip {
-                        return Some(None);
-                    }
-                }
-                // A bad line under `BadLinePolicy::Stop`, or reading itself failed: nothing
-                // after it can be trusted.
-                *lock(&filter_error) = Some(e);
-                return None;
-            }
-        };
-        s.read += 1;
-        let hash = IdHash::of(&prompt.id);
-        if shard.is_some_and(|sh| hash.shard(sh.count) != sh.index) {
-            s.other_shard += 1;
-        } else if !seen.insert(hash) {
-            s.duplicates += 1;
-            tracing::warn!(id = %prompt.id, "duplicate id in the input: keeping the first");
-            if s.duplicate_ids.len() < MAX_MESSAGES {
-                s.duplicate_ids.push(prompt.id);
-            }
-        } else if done.contains(hash) {
-            s.skipped_done += 1;
-        } else {
-            s.scheduled += 1;
-            return Some(Some(prompt));
-        }
-        Some(None)
-    };
-    let filtered = prompts
-        .take_until(stop.wait())
-        .scan((), move |(), item| future::ready(admit(item)))
-        .filter_map(|prompt| future::ready(prompt.map(Ok)))
-        .boxed();
-
-    let budget = options.budget;
-    let metered = |s: &mut RunSummary| {
-        if let Some(m) = &options.meter {
-            (s.calls, s.usage) = (m.calls(), m.usage());
-        } else {
-            (s.calls, s.usage) = (s.generation.calls, s.generation.usage);
-        }
-        s.cost = budget.map(|(prices, _)| prices.cost(s.usage));
-    };
-    let mut results = Box::pin(generate(filtered));
-    let mut ledger: Option<FailureLedger> = None;
-    let (mut in_a_row, mut received, mut stop_seen) = (0, 0u64, false);
-    let mut deadline = pin!(future::Fuse::<tokio::time::Sleep>::terminated());
-    let mut cost_tick = tokio::time::interval(Duration::from_millis(100));
-    cost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // `Err`: the output or the ledger failed; `Ok(Some)`: the generator's fatal error.
-    let ended: Result<Option<Error>, Error> = async {
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.wait_abort() => {
-                    tracing::warn!("stopping now: dropping the examples in flight");
-                    break;
-                }
-                item = results.next() => {
-                    let Some(item) = item else { break };
-                    received += 1;
-                    // Examples in a row that failed to reach the server.
-                    let unreachable = item.as_ref().err().and_then(Error::backend_error).filter(|e| {
-                        matches!(e.kind(), BackendErrorKind::Connection | BackendErrorKind::Timeout)
-                    });
-                    in_a_row = if unreachable.is_some() { in_a_row + 1 } else { 0 };
-                    if let Some(e) = unreachable.filter(|_| options.unreachable_after == Some(in_a_row)) {
-                        let message = format!(
-                            "the model server is unreachable ({in_a_row} calls in a row failed): {}",
-                            crate::error_chain(e)
-                        );
-                        tracing::info!(%message, "stopping the run");
-                        stop.stop_with(Outcome::Unreachable, Some(message));
-                    }
-                    if let Ok(example) = &item {
-                        out.write(example)?;
-                        pending.remove(&example.id);
-                    }
-                    lock(live).generation.record(&item);
-                    // (No `continue` past the budget check below on success.)
-                    if let Err(e) = item {
-                        let chain = crate::error_chain(&e);
-                        if e.is_fatal() {
-                            // Returned to the caller, who reports it: not logged twice.
-                            tracing::debug!(error = %chain, "fatal error: stopping the run");
-                            return Ok(Some(e));
-                        }
-                        tracing::warn!(error = %chain, "example failed");
-                        if let Some(id) = e.example_id() {
-                            pending.insert(id);
-                            let l = match &mut ledger {
-                                Some(l) => l,
-                                None => ledger.insert(FailureLedger::open(&ledger_path, options.sync)?),
-                            };
-                            l.record(id, &e)?;
-                        }
-                    }
-                }
-                _ = cost_tick.tick(), if budget.is_some() => {}
-                () = stop.wait(), if !stop_seen => {
-                    stop_seen = true;
-                    tracing::info!("stop requested: finishing the examples in flight");
-                    if let Some(d) = options.drain_deadline {
-                        deadline.set(tokio::time::sleep(d).fuse());
-                    }
-                }
-                () = &mut deadline => {
-                    tracing::warn!("drain deadline passed: dropping the examples in flight");
-                    break;
-                }
-            }
-            let s = &mut *lock(live);
-            metered(s);
-            let spent = matches!((budget, s.cost), (Some((_, max)), Some(cost)) if cost >= max);
-            if spent && stop.reason().is_none() {
-                tracing::warn!(cost = ?s.cost, "cost budget reached: finishing the examples in flight");
-                stop.stop_with(Outcome::CostLimit, None);
-            }
-        }
-        Ok(None)
-    }
-    .await;
-    // Dropping the stream cancels whatever is still in flight.
-    drop(results);
-
-    let closed = ledger.map_or(Ok(()), FailureLedger::close);
-    // Compacted while the output's lock is still held: no other run can append meanwhile.
-    let compacted = FailureLedger::compact(&ledger_path, &pending);
-    let removed = out.file.remove_if_created_and_empty().and_then(|removed| {
-        if removed && recipe_created {
-            remove_if_exists(&recipe_path)?;
-        }
-        Ok(removed)
-    });
-    let stopped_by = stop.reason();
-    let summary = {
-        let s = &mut *lock(live);
-        metered(s);
-        s.dropped_in_flight = s.scheduled.saturating_sub(received);
-        s.interrupted = stop.is_stopped() && stopped_by.is_none();
-        s.ledger_pending = *compacted.as_ref().unwrap_or(&0);
-        s.output_removed = *removed.as_ref().unwrap_or(&false);
-        (s.outcome, s.message) = match stopped_by {
-            Some(reason) => reason,
-            None if s.interrupted => (Outcome::Interrupted, None),
-            None if limit.is_some_and(|l| s.scheduled >= l) => (Outcome::LimitReached, None),
-            None => (Outcome::Completed, None),
-        };
-        s.elapsed = started.elapsed();
-        s.clone()
-    };
-    tracing::info!(%summary, "run finished");
-    let (io_error, fatal) = match ended {
-        Ok(fatal) => (None, fatal),
-        Err(e) => (Some(e), None),
-    };
-    let stop_error = lock(&stop_error).take();
-    match io_error
-        .or(closed.err())
-        .or(compacted.err())
-        .or(removed.err())
-        .or(fatal)
-        .or(stop_error)
-    {
-        Some(e) => Err(e),
-        None => Ok(summary),
-    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@
 use std::collections::VecDeque;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
+use crate::backend::{lock, Completion, CompletionRequest, LlmBackend, Usage};
 use crate::error::{BackendError, BackendErrorKind};
 
 type Responder = dyn Fn(&CompletionRequest) -> Result<Completion, BackendError> + Send + Sync;
@@ -59,10 +59,9 @@ pub struct ScriptedBackend {
 
 impl fmt::Debug for ScriptedBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (queued, calls) = (self.remaining(), self.calls());
         f.debug_struct("ScriptedBackend")
-            .field("queued", &queued)
-            .field("calls", &calls)
+            .field("queued", &self.remaining())
+            .field("calls", &self.calls())
             .field("latency", &self.shared.latency)
             .finish_non_exhaustive()
     }
@@ -98,10 +97,6 @@ impl ScriptedBackend {
         self
     }
 
-    fn lock(&self) -> MutexGuard<'_, Script> {
-        self.shared.script.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Queues a successful answer with this text.
     pub fn push_text(&self, text: impl Into<String>) {
         self.push_completion(Completion::new(text).with_model("scripted"));
@@ -109,24 +104,24 @@ impl ScriptedBackend {
 
     /// Queues a completion.
     pub fn push_completion(&self, completion: Completion) {
-        self.lock().queue.push_back(Ok(completion));
+        lock(&self.shared.script).queue.push_back(Ok(completion));
     }
 
     /// Queues an error.
     pub fn push_error(&self, error: BackendError) {
-        self.lock().queue.push_back(Err(error));
+        lock(&self.shared.script).queue.push_back(Err(error));
     }
 
     /// Every request received so far, in arrival order.
     #[must_use]
     pub fn requests(&self) -> Vec<CompletionRequest> {
-        self.lock().requests.clone()
+        lock(&self.shared.script).requests.clone()
     }
 
     /// How many calls were made.
     #[must_use]
     pub fn calls(&self) -> usize {
-        self.lock().requests.len()
+        lock(&self.shared.script).requests.len()
     }
 
     /// How many calls are running now.
@@ -144,7 +139,7 @@ impl ScriptedBackend {
     /// How many queued answers are left.
     #[must_use]
     pub fn remaining(&self) -> usize {
-        self.lock().queue.len()
+        lock(&self.shared.script).queue.len()
     }
 }
 
@@ -164,22 +159,20 @@ impl LlmBackend for ScriptedBackend {
         s.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let _guard = InFlight(&s.in_flight);
         let queued = {
-            let mut script = self.lock();
+            let mut script = lock(&self.shared.script);
             script.requests.push(request.clone());
             script.queue.pop_front()
         };
         if let Some(latency) = s.latency {
             tokio::time::sleep(latency).await;
         }
-        match queued {
-            Some(answer) => answer,
-            None => match &s.fallback {
-                Some(f) => f(&request),
-                None => Err(BackendError::new(
-                    BackendErrorKind::Other,
-                    "scripted backend: script exhausted",
-                )),
-            },
+        match (queued, &s.fallback) {
+            (Some(answer), _) => answer,
+            (None, Some(f)) => f(&request),
+            (None, None) => Err(BackendError::new(
+                BackendErrorKind::Other,
+                "scripted backend: script exhausted",
+            )),
         }
     }
 

@@ -142,12 +142,10 @@ impl FailureLedger {
         let Some(file) = if_exists(path, std::fs::File::open)? else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
-        for line in BufReader::new(file).split(b'\n') {
-            let line = line.map_err(|e| Error::io(path, e))?;
-            out.extend(serde_json::from_slice::<FailureRecord>(&line).ok());
-        }
-        Ok(out)
+        (BufReader::new(file).split(b'\n'))
+            .filter_map(|line| line.map(|l| serde_json::from_slice(&l).ok()).transpose())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::io(path, e))
     }
 
     /// Rewrites the ledger at `path` keeping one record (the latest, `runs` summed) for each
@@ -164,21 +162,18 @@ impl FailureLedger {
     #[cfg_attr(not(feature = "run"), allow(dead_code))]
     pub(crate) fn compact(path: impl AsRef<Path>, pending: &IdSet) -> Result<u64, Error> {
         let path = path.as_ref();
-        let mut kept: Vec<FailureRecord> = Vec::new();
-        let mut at: HashMap<String, usize> = HashMap::new();
-        for r in Self::read(path)?
+        let (mut kept, mut at) = (Vec::<FailureRecord>::new(), HashMap::new());
+        for mut r in Self::read(path)?
             .into_iter()
             .filter(|r| pending.contains(&r.id))
         {
+            // The latest record of an id, in the place of its first, with the runs summed.
             let i = *at.entry(r.id.clone()).or_insert(kept.len());
-            match kept.get_mut(i) {
-                Some(k) => {
-                    *k = FailureRecord {
-                        runs: k.runs.saturating_add(r.runs),
-                        ..r
-                    }
-                }
-                None => kept.push(r),
+            if i < kept.len() {
+                r.runs = r.runs.saturating_add(kept[i].runs);
+                kept[i] = r;
+            } else {
+                kept.push(r);
             }
         }
         if kept.is_empty() {
