@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::meter::CallMeter;
-use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
+use crate::backend::{lock, Completion, CompletionRequest, LlmBackend, Usage};
 use crate::batch::state::{adopt_intents, append_result, open_results};
 use crate::batch::{
     check_id, copy_error, custom_id, BatchApi, BatchRecord, BatchRequest, BatchState, BatchStatus,
@@ -153,12 +153,6 @@ struct Shared {
     fatal: OnceLock<BackendError>,
 }
 
-impl Shared {
-    fn stats(&self) -> std::sync::MutexGuard<'_, BatchStats> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// An [`LlmBackend`] that sends its calls through a [`BatchApi`]; see the
 /// [module docs](crate::batch).
 /// [`run_batch_to_file`](crate::batch::run_batch_to_file) makes one for the generator it
@@ -185,7 +179,7 @@ impl BatchBackend {
     /// The totals so far (for a progress display).
     #[must_use]
     pub fn stats(&self) -> BatchStats {
-        self.shared.stats().clone()
+        lock(&self.shared.stats).clone()
     }
 
     /// The calls answered so far and their tokens.
@@ -330,7 +324,7 @@ impl BatchHandle {
             .join
             .await
             .map_err(|e| Error::config(format!("the batch driver failed: {e}")))??;
-        let stats = self.shared.stats().clone();
+        let stats = lock(&self.shared.stats).clone();
         let clean = summary.is_some_and(|s| {
             s.outcome == Outcome::Completed && s.generation.failed() == 0 && stats.in_flight == 0
         });
@@ -458,7 +452,7 @@ impl Driver {
     /// Counts the batches whose results are not saved (followed, or not confirmed).
     fn count_in_flight(&self) {
         let in_flight = self.state.batches.iter().filter(|b| !b.downloaded).count();
-        self.shared.stats().in_flight = in_flight as u64;
+        lock(&self.shared.stats).in_flight = in_flight as u64;
     }
 
     fn save(&mut self) -> Result<(), BackendError> {
@@ -493,7 +487,7 @@ impl Driver {
         let mut attempts = 0;
         match self.saved.remove(&call.custom_id) {
             Some(Ok(c)) => {
-                self.shared.stats().answered_from_saved += 1;
+                lock(&self.shared.stats).answered_from_saved += 1;
                 let _ = call.reply.send(Ok(c));
                 return;
             }
@@ -503,7 +497,7 @@ impl Driver {
             }
             Some(Err(_)) => {
                 attempts = 1;
-                self.shared.stats().resubmitted += 1;
+                lock(&self.shared.stats).resubmitted += 1;
             }
             None => {}
         }
@@ -612,7 +606,7 @@ impl Driver {
         let record = record.expect("a batch followed is recorded");
         let estimate = self.estimate(&record.custom_ids);
         self.in_flight_ids.extend(record.custom_ids.iter().cloned());
-        let mut st = self.shared.stats();
+        let mut st = lock(&self.shared.stats);
         if created {
             st.batches_created += 1;
             st.requests_submitted += record.custom_ids.len() as u64;
@@ -661,7 +655,7 @@ impl Driver {
             let wave = self.estimate(&ids);
             if spent + flying + wave > *max {
                 self.queue = ids;
-                self.shared.stats().cost_limited = true;
+                lock(&self.shared.stats).cost_limited = true;
                 self.config.stop.stop_with(
                     Outcome::CostLimit,
                     Some(format!(
@@ -716,7 +710,7 @@ impl Driver {
         rest.append(&mut self.queue);
         self.queue = rest;
         if sent > 0 {
-            self.shared.stats().waves += 1;
+            lock(&self.shared.stats).waves += 1;
             tracing::info!(wave, batches = sent, "wave sent");
         }
         Ok(())
@@ -772,11 +766,11 @@ impl Driver {
         // Refused at creation (a validation the provider makes at once). The requests go again
         // in halves, down to single requests; a single request refused twice fails with the
         // provider's message.
-        self.shared.stats().failed_validation += 1;
+        lock(&self.shared.stats).failed_validation += 1;
         if ids.len() > 1 {
             tracing::warn!(error = %e, requests = ids.len(), "a batch was refused: sending it again in halves");
             self.chunk_cap = ids.len() / 2;
-            self.shared.stats().resubmitted += ids.len() as u64;
+            lock(&self.shared.stats).resubmitted += ids.len() as u64;
             return Ok(Some(ids));
         }
         Ok(Some(
@@ -790,7 +784,7 @@ impl Driver {
         let (id, wave, last) = (record.provider_id.clone(), record.wave, record.state);
         let id = id.unwrap_or_default();
         let status = self.api.status(&id).await;
-        self.shared.stats().polls += 1;
+        lock(&self.shared.stats).polls += 1;
         let status = match status {
             Ok(s) => s,
             Err(e) => return self.poll_failed(f, &id, e, "polling"),
@@ -832,7 +826,7 @@ impl Driver {
         if e.is_fatal() {
             return Err(e);
         }
-        self.shared.stats().poll_errors += 1;
+        lock(&self.shared.stats).poll_errors += 1;
         f.failures += 1;
         if f.failures >= MAX_POLL_FAILURES {
             return Err(BackendError::new(
@@ -859,7 +853,7 @@ impl Driver {
         let mut results = Vec::new();
         let custom_ids = self.record(&f.key).custom_ids.clone();
         if status.state == BatchState::Failed {
-            self.shared.stats().failed_validation += 1;
+            lock(&self.shared.stats).failed_validation += 1;
             let message = status.message.as_deref().unwrap_or("no message");
             tracing::warn!(batch = %id, %message, "a batch failed validation");
             let e = BackendError::new(
@@ -918,7 +912,7 @@ impl Driver {
         if let Err(e) = &result {
             p.attempts += 1;
             if e.is_retryable() && p.attempts < self.config.max_attempts {
-                self.shared.stats().resubmitted += 1;
+                lock(&self.shared.stats).resubmitted += 1;
                 self.queue.push(id);
                 return;
             }
@@ -932,7 +926,7 @@ impl Driver {
         match self.pending.get_mut(id) {
             Some(p) if !p.invalid => {
                 p.invalid = true;
-                self.shared.stats().resubmitted += 1;
+                lock(&self.shared.stats).resubmitted += 1;
                 true
             }
             _ => {
