@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow_array::builder::OffsetBufferBuilder;
 use arrow_array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields};
+use arrow_schema::{DataType, Field, Fields, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
@@ -116,6 +116,11 @@ fn record_batch(rows: &[Row], format: ExampleFormat) -> RecordBatch {
         ),
     ];
     RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
+}
+
+/// The columns' names and types (those of [`record_batch`]).
+pub(super) fn schema(format: ExampleFormat) -> SchemaRef {
+    record_batch(&[], format).schema()
 }
 
 /// A list column of `item`s: each row's length, and the items of all rows in `values`.
@@ -269,9 +274,8 @@ impl<W: Write + Send> ParquetWriter<W> {
             inner: out,
             bytes: 0,
         };
-        let schema = record_batch(&[], format).schema();
-        let writer =
-            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| parquet_err(&name, e))?;
+        let writer = ArrowWriter::try_new(out, schema(format), Some(props))
+            .map_err(|e| parquet_err(&name, e))?;
         Ok(ParquetWriter {
             writer,
             batch: Vec::with_capacity(BATCH_ROWS),
