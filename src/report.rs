@@ -204,8 +204,9 @@ pub struct ReportBuilder {
     equal_len: u64,
     jaccard_sum: f64,
     bigrams: u64,
-    distinct_unigrams: HashSet<String>,
-    distinct_bigrams: HashSet<String>,
+    /// Token hashes (those of [`token_jaccard`]), and pairs of them.
+    distinct_unigrams: HashSet<u64>,
+    distinct_bigrams: HashSet<(u64, u64)>,
     calls: u64,
     /// The kind of each failed id's last ledger line.
     failed: HashMap<String, String>,
@@ -223,27 +224,23 @@ impl ReportBuilder {
     }
 
     fn add_response(&mut self, text: &str) {
-        let mut lower = String::new();
-        similarity::lower_into(text, &mut lower);
-        let toks: Vec<&str> = similarity::tokens(&lower).collect();
+        let mut prev = None;
+        let n = similarity::token_hashes(text, |h| {
+            self.distinct_unigrams.insert(h);
+            if let Some(p) = prev.replace(h) {
+                self.distinct_bigrams.insert((p, h));
+            }
+        });
         self.report.diversity.responses += 1;
-        self.report.diversity.tokens += toks.len() as u64;
-        self.bigrams += toks.len().saturating_sub(1) as u64;
-        for w in toks.windows(2) {
-            self.distinct_bigrams.insert(format!("{} {}", w[0], w[1]));
-        }
-        for t in toks {
-            self.distinct_unigrams.insert(t.to_string());
-        }
+        self.report.diversity.tokens += n as u64;
+        self.bigrams += n.saturating_sub(1) as u64;
     }
 
     /// Adds one example.
     pub fn add(&mut self, example: &PreferenceExample) {
         let r = &mut self.report;
         r.examples += 1;
-        if !self.ids.insert(example.id.clone()) {
-            r.duplicate_ids += 1;
-        }
+        r.duplicate_ids += u64::from(!self.ids.insert(example.id.clone()));
         let method = if example.metadata.method.is_empty() {
             "unknown"
         } else {
@@ -260,19 +257,12 @@ impl ReportBuilder {
         );
         self.chosen_chars += c;
         self.rejected_chars += r_len;
-        if c > r_len {
-            self.chosen_longer += 1;
-        } else if c == r_len {
-            self.equal_len += 1;
-        }
+        self.chosen_longer += u64::from(c > r_len);
+        self.equal_len += u64::from(c == r_len);
         let j = token_jaccard(&example.chosen, &example.rejected);
         self.jaccard_sum += j;
-        if j >= NEAR_IDENTICAL_JACCARD {
-            r.near_identical.pairs += 1;
-        }
-        if example.aspects.is_empty() {
-            r.examples_without_aspects += 1;
-        }
+        r.near_identical.pairs += u64::from(j >= NEAR_IDENTICAL_JACCARD);
+        r.examples_without_aspects += u64::from(example.aspects.is_empty());
         for a in &example.aspects {
             *r.aspects.entry(a.clone()).or_default() += 1;
         }
@@ -375,9 +365,7 @@ impl Report {
     /// [`ErrorKind::Io`] if the file cannot be read; [`ErrorKind::Parse`] naming the file and line at
     /// the first line that is not a preference example.
     pub fn from_jsonl(path: impl AsRef<Path>) -> Result<Report, Error> {
-        let mut b = ReportBuilder::new();
-        b.read_dataset(path.as_ref())?;
-        Ok(b.finish())
+        Self::read(path.as_ref(), None)
     }
 
     /// The report of a JSONL dataset and its failure ledger.
@@ -390,9 +378,15 @@ impl Report {
         path: impl AsRef<Path>,
         ledger: impl AsRef<Path>,
     ) -> Result<Report, Error> {
+        Self::read(path.as_ref(), Some(ledger.as_ref()))
+    }
+
+    fn read(path: &Path, ledger: Option<&Path>) -> Result<Report, Error> {
         let mut b = ReportBuilder::new();
-        b.read_dataset(path.as_ref())?;
-        b.read_ledger(ledger)?;
+        read_jsonl(path, "not a preference example", |e| b.add(&e))?;
+        if let Some(ledger) = ledger {
+            b.read_ledger(ledger)?;
+        }
         Ok(b.finish())
     }
 }
@@ -416,10 +410,6 @@ impl ReportBuilder {
             };
             self.failed.insert(id, line.kind);
         })
-    }
-
-    fn read_dataset(&mut self, path: &Path) -> Result<(), Error> {
-        read_jsonl(path, "not a preference example", |e| self.add(&e))
     }
 }
 
@@ -601,14 +591,6 @@ pub struct JudgeCheck {
     criteria: Arc<dyn AspectSet>,
 }
 
-enum Outcome {
-    Agree,
-    Disagree(String),
-    Inconsistent,
-    Unreadable,
-    Failed,
-}
-
 impl JudgeCheck {
     /// A check with a default [`Judge`] on `backend`, K = 100, seed 0, concurrency 8, and all
     /// of [`Aspects::general`](crate::Aspects::general) as criteria.
@@ -664,16 +646,17 @@ impl JudgeCheck {
         };
         let mut results = stream::iter(picked.into_iter().map(|i| self.check_one(&examples[i])))
             .buffered(self.concurrency.get());
-        while let Some(outcome) = results.next().await {
-            match outcome? {
-                Outcome::Agree => out.agree += 1,
-                Outcome::Disagree(id) => {
+        while let Some(judged) = results.next().await {
+            let (id, verdicts) = judged?;
+            match verdicts {
+                [Err(false), _] | [_, Err(false)] => out.failed += 1,
+                [Err(true), _] | [_, Err(true)] => out.unreadable += 1,
+                [Ok(Verdict::A), Ok(Verdict::B)] => out.agree += 1,
+                [Ok(Verdict::B), Ok(Verdict::A)] => {
                     out.disagree += 1;
-                    out.disagreeing_ids.push(id);
+                    out.disagreeing_ids.push(id.to_string());
                 }
-                Outcome::Inconsistent => out.inconsistent += 1,
-                Outcome::Unreadable => out.unreadable += 1,
-                Outcome::Failed => out.failed += 1,
+                _ => out.inconsistent += 1,
             }
         }
         let decided = (out.agree + out.disagree) as f64;
@@ -682,30 +665,31 @@ impl JudgeCheck {
         Ok(out)
     }
 
-    async fn check_one(&self, ex: &PreferenceExample) -> Result<Outcome, Error> {
+    /// The two judgements of `ex`, (chosen, rejected) then (rejected, chosen): each its
+    /// verdict, or whether it was unreadable (else it failed).
+    async fn check_one<'e>(
+        &self,
+        ex: &'e PreferenceExample,
+    ) -> Result<(&'e str, [Result<Verdict, bool>; 2]), Error> {
         // Draws first: the criteria and both judge seeds.
         let mut rng = example_rng(self.seed, &ex.id);
         let seeds = [rng.next_u64(), rng.next_u64()];
         let criteria = self.criteria.sample(&mut rng).aspects;
         let (c, r) = (&ex.chosen, &ex.rejected);
-        // Each judgement: its verdict, or whether it was unreadable (else it failed).
-        let mut verdicts = Vec::with_capacity(2);
-        for (a, b, seed) in [(c, r, seeds[0]), (r, c, seeds[1])] {
+        let mut verdicts = [Err(false), Err(false)];
+        for (v, (a, b, seed)) in verdicts
+            .iter_mut()
+            .zip([(c, r, seeds[0]), (r, c, seeds[1])])
+        {
             let judged = self
                 .judge
                 .compare(&ex.id, "judge", &ex.prompt, a, b, &criteria, seed);
-            verdicts.push(match judged.await {
+            *v = match judged.await {
                 Ok(v) => Ok(v.value),
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => Err(e.kind() == ErrorKind::Unusable),
-            });
+            };
         }
-        Ok(match verdicts[..] {
-            [Err(false), _] | [_, Err(false)] => Outcome::Failed,
-            [Err(true), _] | [_, Err(true)] => Outcome::Unreadable,
-            [Ok(Verdict::A), Ok(Verdict::B)] => Outcome::Agree,
-            [Ok(Verdict::B), Ok(Verdict::A)] => Outcome::Disagree(ex.id.clone()),
-            _ => Outcome::Inconsistent,
-        })
+        Ok((&ex.id, verdicts))
     }
 }

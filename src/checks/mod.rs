@@ -201,12 +201,6 @@ impl ResponseChecks {
         self.max_similarity
     }
 
-    /// The distinct-trigram share limit in use.
-    #[must_use]
-    pub fn trigram_limit(&self) -> Option<f64> {
-        self.min_distinct_trigrams
-    }
-
     /// Checks a first response (already trimmed and not empty): rejects repetition.
     ///
     /// # Errors

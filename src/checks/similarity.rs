@@ -58,37 +58,12 @@ fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     })
 }
 
-/// Lowercases `text` into `buf` (character by character).
-pub(crate) fn lower_into(text: &str, buf: &mut String) {
-    buf.clear();
-    if text.is_ascii() {
-        buf.push_str(text);
-        buf.make_ascii_lowercase();
-    } else {
-        buf.extend(text.chars().flat_map(char::to_lowercase));
-    }
-}
-
-/// The tokens of a lowercased text: its maximal runs of alphanumeric characters.
-pub(crate) fn tokens(lower: &str) -> impl Iterator<Item = &str> {
-    lower
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty())
-}
-
 /// `0x01` in every byte.
 const ONES: u64 = 0x0101_0101_0101_0101;
 /// `0x80` in every byte.
 const HIGHS: u64 = ONES * 0x80;
 /// `0x20`, the ASCII lowercase bit, in every byte.
 const CASE: u64 = ONES * 0x20;
-
-/// The hash of one token from its bytes ([`hash_span`] of all of it): `case` [`CASE`]
-/// lowercases an ASCII token of letters and digits in any case; 0 takes an already lowercased
-/// token as it is, so both give a lowercase ASCII token the same hash.
-fn hash_token(token: &[u8], case: u64) -> u64 {
-    hash_span(token, 0, token.len(), case)
-}
 
 /// Odd constants (digits of pi) for [`fold_mul`].
 const MUL: u64 = 0x243f_6a88_85a3_08d3;
@@ -147,8 +122,8 @@ fn block_mask(block: &[u8]) -> u64 {
 
 /// Calls `f` with the hash of every token of `text`, in order; returns the token count. ASCII
 /// text is classified 8 bytes at a time and each token is hashed from whole-word loads,
-/// without a lowercased copy; other text is lowercased into `buf` and split by [`tokens`],
-/// with the same hashes.
+/// without a lowercased copy; other text is lowercased into `buf` character by character and
+/// split into maximal runs of alphanumeric characters, with the same hashes.
 fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> usize {
     let mut n = 0;
     let mut count = |h| {
@@ -159,10 +134,19 @@ fn for_each_token_fast(text: &str, buf: &mut String, mut f: impl FnMut(u64)) -> 
     if text.is_ascii() {
         for_each_token_until(text, count);
     } else {
-        lower_into(text, buf);
-        tokens(buf).for_each(|t| _ = count(hash_token(t.as_bytes(), 0)));
+        buf.clear();
+        buf.extend(text.chars().flat_map(char::to_lowercase));
+        buf.split(|c: char| !c.is_alphanumeric())
+            .filter(|t| !t.is_empty())
+            .for_each(|t| _ = count(hash_span(t.as_bytes(), 0, t.len(), 0)));
     }
     n
+}
+
+/// Calls `f` with the hash of every token of `text` (those [`token_jaccard`] compares), in
+/// order; returns the token count. The dataset report counts distinct n-grams with it.
+pub(crate) fn token_hashes(text: &str, f: impl FnMut(u64)) -> usize {
+    with_scratch(|s| for_each_token_fast(text, &mut s.lower, f))
 }
 
 /// The ASCII tokenizer of [`for_each_token_fast`] (`text` must be ASCII), stopping when `f`
@@ -209,7 +193,9 @@ fn for_each_token_until(text: &str, mut f: impl FnMut(u64) -> bool) -> bool {
 
 /// The hash of the token `bytes[start..end]`: 8 bytes at a time, little-endian, each ored
 /// with `case`, each full word folded in by [`fold_mul`], the last partial word (zero-padded)
-/// with the length; read with whole-word loads where the text has 8 bytes left.
+/// with the length; read with whole-word loads where the text has 8 bytes left. `case`
+/// [`CASE`] lowercases an ASCII token of letters and digits in any case; 0 takes an already
+/// lowercased token as it is, so both give a lowercase ASCII token the same hash.
 #[inline]
 fn hash_span(bytes: &[u8], start: usize, end: usize, case: u64) -> u64 {
     let len = end - start;
@@ -491,7 +477,7 @@ mod tests {
         text.as_bytes()
             .split(|b| !b.is_ascii_alphanumeric())
             .filter(|t| !t.is_empty())
-            .map(|t| hash_token(t, CASE))
+            .map(|t| hash_span(t, 0, t.len(), CASE))
             .collect()
     }
 

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use arrow_schema::DataType;
+
 use super::{size_category, ExportSummary, Split};
 use crate::example::ExampleFormat;
 use crate::report::{counts, num, pct};
@@ -16,6 +18,26 @@ fn cell(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('|', "\\|")
         .replace(['\n', '\r'], " ")
+}
+
+/// A column type as `datasets` names it: `dtype: string`, `list: string`, or a list of
+/// structs with their fields.
+fn feature(t: &DataType) -> String {
+    match t {
+        DataType::Utf8 => "dtype: string".into(),
+        DataType::Float64 => "dtype: float64".into(),
+        DataType::List(item) => match item.data_type() {
+            DataType::Struct(fields) => fields.iter().fold("list:".into(), |s, f| {
+                format!(
+                    "{s}\n    - name: {}\n      {}",
+                    f.name(),
+                    feature(f.data_type())
+                )
+            }),
+            other => feature(other).replace("dtype", "list"),
+        },
+        other => unreachable!("the export has no {other} column"),
+    }
 }
 
 /// Renders the dataset card of an export: YAML front matter that the Hub and `datasets` read
@@ -41,16 +63,11 @@ pub(crate) fn render_card(summary: &ExportSummary) -> String {
         );
         let _ = writeln!(table, "| {name} | {rows} | {n} | {bytes} |");
     }
-    // The `dataset_info.features` of the columns, as `datasets` reads them.
+    // The `dataset_info.features` of the Parquet columns, as `datasets` reads them.
     let mut features = String::new();
-    for name in ["prompt", "chosen", "rejected"] {
-        let _ = match format {
-            ExampleFormat::Standard => writeln!(features, "  - name: {name}\n    dtype: string"),
-            _ => writeln!(
-                features,
-                "  - name: {name}\n    list:\n    - name: role\n      dtype: string\n    - name: content\n      dtype: string"
-            ),
-        };
+    for field in super::parquet::schema(format).fields() {
+        let (name, feature) = (field.name(), feature(field.data_type()));
+        let _ = writeln!(features, "  - name: {name}\n    {feature}");
     }
     let (download, size) = (summary.bytes(), size_category(total));
     let (pretty, title) = (
@@ -145,19 +162,7 @@ configs:
   data_files:
 {files}dataset_info:
   features:
-  - name: id
-    dtype: string
-{features}  - name: label
-    dtype: string
-  - name: grade
-    dtype: string
-  - name: aspects
-    list: string
-  - name: margin
-    dtype: float64
-  - name: metadata
-    dtype: string
-  splits:
+{features}  splits:
 {sizes}  download_size: {download}
 task_categories:
 - text-generation

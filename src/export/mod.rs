@@ -122,33 +122,17 @@ use crate::io::{read_dataset, sidecar, IdSet};
 use crate::report::{Report, ReportBuilder};
 use crate::Error;
 
-/// The split an example belongs to.
+crate::error::named_enum! {
+/// The split an example belongs to; [`as_str`](Self::as_str) gives its name on the Hub and in
+/// file names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Split {
     /// Training data.
-    Train,
+    Train = "train",
     /// Held-out data.
-    Test,
+    Test = "test",
 }
-
-impl Split {
-    /// `train` or `test`, the split's name on the Hub and in file names.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Test => "test",
-        }
-    }
-
-    const ALL: [Split; 2] = [Split::Train, Split::Test];
-}
-
-impl std::fmt::Display for Split {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// The split of `id` with a share `test_fraction` of test examples: `Test` when the first 8
@@ -331,35 +315,29 @@ impl DatasetExport {
                 self.test_fraction
             )));
         }
-        if self.rows_per_file == 0 {
-            return Err(Error::config("rows per file: expected at least 1"));
-        }
-        if self.bytes_per_file == 0 {
-            return Err(Error::config("bytes per file: expected at least 1"));
+        for (n, what) in [(self.rows_per_file, "rows"), (self.bytes_per_file, "bytes")] {
+            if n == 0 {
+                return Err(Error::config(format!(
+                    "{what} per file: expected at least 1"
+                )));
+            }
         }
         let dir = &self.dir;
-        match std::fs::metadata(dir) {
-            Ok(m) if !m.is_dir() => {
-                return Err(Error::config(format!(
-                    "{} is a file: export into a folder",
-                    dir.display()
-                )))
-            }
-            Ok(_) => {
-                staging::remove_stale(dir)?;
-                let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-                if entries.next().is_some() && !self.overwrite {
-                    return Err(Error::config(format!(
-                        "{} is not empty: export into a new or empty folder, or replace its \
-                         data/ and README.md (--force)",
-                        dir.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            }
-            Err(e) => return Err(Error::io(dir, e)),
+        if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::config(format!(
+                "{} is a file: export into a folder",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        staging::remove_stale(dir)?;
+        let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        if entries.next().is_some() && !self.overwrite {
+            return Err(Error::config(format!(
+                "{} is not empty: export into a new or empty folder, or replace its \
+                 data/ and README.md (--force)",
+                dir.display()
+            )));
         }
         let staging = Staging::create(dir)?;
         let data = staging.path().join("data");
@@ -486,7 +464,7 @@ fn read_recipe(path: &Path) -> Result<Option<BTreeMap<String, String>>, Error> {
 
 /// The files of one split: the one being written, and the stats of those done (the `i`th at
 /// [`DatasetWriter::staged`]`(split, i)`).
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct OpenSplit {
     current: Option<ParquetWriter<BufWriter<File>>>,
     done: Vec<ParquetStats>,
@@ -496,6 +474,7 @@ struct OpenSplit {
 /// puts the folder in place.
 ///
 /// [`finish`]: DatasetWriter::finish
+#[derive(Debug)]
 pub struct DatasetWriter {
     settings: DatasetExport,
     format: ExampleFormat,
@@ -505,16 +484,6 @@ pub struct DatasetWriter {
     report: ReportBuilder,
     models: BTreeMap<String, BTreeMap<String, u64>>,
     title: String,
-}
-
-impl std::fmt::Debug for DatasetWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatasetWriter")
-            .field("dir", &self.settings.dir)
-            .field("format", &self.format)
-            .field("examples", &self.ids.len())
-            .finish_non_exhaustive()
-    }
 }
 
 impl DatasetWriter {
@@ -602,7 +571,7 @@ impl DatasetWriter {
         }
         let mut splits = Vec::new();
         let mut last = PathBuf::new();
-        for split in Split::ALL {
+        for &split in Split::ALL {
             self.close(split)?;
             let done = &self.splits[split as usize].done;
             let (n, mut files) = (done.len(), Vec::new());

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::OffsetBufferBuilder;
-use arrow_array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields};
+use arrow_array::{
+    Array, ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray,
+};
+use arrow_schema::{DataType, Field, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
@@ -71,51 +73,48 @@ type Row = (PreferenceExample, String);
 /// the [module docs](super)).
 fn record_batch(rows: &[Row], format: ExampleFormat) -> RecordBatch {
     let standard = format == ExampleFormat::Standard;
-    let text = |f: &dyn Fn(&PreferenceExample) -> &str| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|(e, _)| f(e)),
-        ))
-    };
-    let answer = |f: &dyn Fn(&PreferenceExample) -> &str| match standard {
+    let text = |f: &dyn Fn(&Row) -> &str| strings(rows.iter().map(f));
+    let answer = |f: &dyn Fn(&Row) -> &str| match standard {
         true => text(f),
-        false => turns(rows.iter().map(|(e, _)| [(Role::Assistant, f(e))])),
+        false => turns(rows.iter().map(|row| [(Role::Assistant, f(row))])),
     };
-    let prompt: ArrayRef = match standard {
-        true => Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|(e, _)| e.prompt_text()),
-        )),
+    let prompt = match standard {
+        true => strings(rows.iter().map(|(e, _)| e.prompt_text())),
         false => turns(
             rows.iter()
                 .map(|(e, _)| e.prompt.iter().map(|m| (m.role, m.content.as_str()))),
         ),
     };
-    let aspects = StringArray::from_iter_values(rows.iter().flat_map(|(e, _)| &e.aspects));
     let grades = StringArray::from_iter(rows.iter().map(|(e, _)| e.grade.map(|g| g.as_str())));
-    let aspect_counts = rows.iter().map(|(e, _)| e.aspects.len());
+    let aspects = strings(rows.iter().flat_map(|(e, _)| &e.aspects));
+    let aspects = list(
+        DataType::Utf8,
+        rows.iter().map(|(e, _)| e.aspects.len()),
+        aspects,
+    );
+    let margins = Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin));
     let columns: [(&str, ArrayRef, bool); 9] = [
-        ("id", text(&|e| &e.id), false),
+        ("id", text(&|(e, _)| &e.id), false),
         ("prompt", prompt, false),
-        ("chosen", answer(&|e| &e.chosen), false),
-        ("rejected", answer(&|e| &e.rejected), false),
-        ("label", text(&|e| e.label.as_str()), false),
+        ("chosen", answer(&|(e, _)| &e.chosen), false),
+        ("rejected", answer(&|(e, _)| &e.rejected), false),
+        ("label", text(&|(e, _)| e.label.as_str()), false),
         ("grade", Arc::new(grades), true),
-        (
-            "aspects",
-            list(DataType::Utf8, aspect_counts, Arc::new(aspects)),
-            false,
-        ),
-        (
-            "margin",
-            Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.margin))),
-            true,
-        ),
-        (
-            "metadata",
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, m)| m))),
-            false,
-        ),
+        ("aspects", aspects, false),
+        ("margin", Arc::new(margins), true),
+        ("metadata", text(&|(_, m)| m), false),
     ];
     RecordBatch::try_from_iter_with_nullable(columns).expect("columns of one length")
+}
+
+/// A string column of `values`.
+fn strings<S: AsRef<str>>(values: impl Iterator<Item = S>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(values))
+}
+
+/// The columns' names and types (those of [`record_batch`]).
+pub(super) fn schema(format: ExampleFormat) -> SchemaRef {
+    record_batch(&[], format).schema()
 }
 
 /// A list column of `item`s: each row's length, and the items of all rows in `values`.
@@ -137,17 +136,13 @@ fn turns<'a, T: IntoIterator<Item = (Role, &'a str)>>(rows: impl Iterator<Item =
         }
         lengths.push(roles.len() - before);
     }
-    let fields = Fields::from(vec![
-        Field::new("role", DataType::Utf8, false),
-        Field::new("content", DataType::Utf8, false),
+    let field = |name| Arc::new(Field::new(name, DataType::Utf8, false));
+    let values = StructArray::from(vec![
+        (field("role"), strings(roles.into_iter())),
+        (field("content"), strings(contents.into_iter())),
     ]);
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(roles)),
-        Arc::new(StringArray::from(contents)),
-    ];
-    let values = StructArray::new(fields.clone(), columns, None);
     list(
-        DataType::Struct(fields),
+        values.data_type().clone(),
         lengths.into_iter(),
         Arc::new(values),
     )
@@ -269,9 +264,8 @@ impl<W: Write + Send> ParquetWriter<W> {
             inner: out,
             bytes: 0,
         };
-        let schema = record_batch(&[], format).schema();
-        let writer =
-            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| parquet_err(&name, e))?;
+        let writer = ArrowWriter::try_new(out, schema(format), Some(props))
+            .map_err(|e| parquet_err(&name, e))?;
         Ok(ParquetWriter {
             writer,
             batch: Vec::with_capacity(BATCH_ROWS),

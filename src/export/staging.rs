@@ -26,6 +26,7 @@ const MARKER_TEXT: &str = "This folder is an unfinished `rmboost export`. The ne
 the folder around it removes it when no export is writing it.\n";
 
 /// A staging folder, removed when dropped (or by [`close`](Self::close)).
+#[derive(Debug)]
 pub(super) struct Staging {
     // Declared first so that it is closed first when dropped: an open file cannot be removed
     // on every platform.
@@ -67,16 +68,23 @@ impl Staging {
 
     /// Removes the folder and everything in it.
     pub(super) fn close(self) -> Result<(), Error> {
-        let Staging { marker, dir } = self;
-        let path = dir.path().to_path_buf();
-        // Where an open file can be removed, the lock is kept until the folder is gone.
-        #[cfg(windows)]
-        drop(marker);
-        dir.close().map_err(|e| Error::io(path, e))?;
-        #[cfg(not(windows))]
-        drop(marker);
-        Ok(())
+        let path = self.dir.path().to_path_buf();
+        remove_holding(self.marker, || {
+            self.dir.close().map_err(|e| Error::io(path, e))
+        })
     }
+}
+
+/// Runs `remove` (of the folder `marker` is in), then closes `marker`; where an open file
+/// cannot be removed, closes it first. So the lock is kept until the folder is gone wherever
+/// that can be.
+fn remove_holding<T>(marker: File, remove: impl FnOnce() -> T) -> T {
+    #[cfg(windows)]
+    drop(marker);
+    let out = remove();
+    #[cfg(not(windows))]
+    drop(marker);
+    out
 }
 
 /// Removes the staging folders in `dir` that an export which died left behind: those named
@@ -112,15 +120,7 @@ pub(super) fn remove_stale(dir: &Path) -> Result<Vec<PathBuf>, Error> {
             Err(TryLockError::WouldBlock) => continue, // an export is writing it
             Err(TryLockError::Error(e)) => return Err(Error::io(&marker_path, e)),
         }
-        #[cfg(windows)]
-        drop(marker);
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&path, e)),
-        }
-        #[cfg(not(windows))]
-        drop(marker);
+        remove_holding(marker, || if_exists(&path, std::fs::remove_dir_all))?;
         tracing::info!(
             folder = %path.display(),
             "removed the staging folder of an export that did not finish"
