@@ -484,11 +484,7 @@ impl Aimd {
             }
         }
         Verdict {
-            change: if outcome == Outcome::Success {
-                self.on_success(saturated)
-            } else {
-                None
-            },
+            change: self.on_success(outcome == Outcome::Success && saturated),
             ..Verdict::default()
         }
     }
@@ -537,10 +533,11 @@ impl Aimd {
         self.new_epoch(Began::Down, from)
     }
 
-    /// A call succeeded (whatever epoch it was admitted in: a success is a success).
-    /// `saturated` says whether the limit was reached when it was admitted: a success with
-    /// slots to spare says nothing about a higher limit, and counting it would let the limit
-    /// run up while callers are few (in retry back-off, say) and then let them all in at once.
+    /// A call finished; `saturated`: it succeeded (whatever epoch it was admitted in: a
+    /// success is a success) and the limit was reached when it was admitted. Nothing else
+    /// counts: a success with slots to spare says nothing about a higher limit, and counting
+    /// it would let the limit run up while callers are few (in retry back-off, say) and then
+    /// let them all in at once.
     fn on_success(&mut self, saturated: bool) -> Option<Change> {
         if !self.c.adaptive || !saturated || self.limit >= self.c.cap {
             return None;
@@ -737,11 +734,8 @@ impl AdaptiveSnapshot {
     /// `rate_limited / calls`: the share of calls answered 429 (0 before any call).
     #[must_use]
     pub fn rate_limited_share(&self) -> f64 {
-        if self.calls == 0 {
-            0.0
-        } else {
-            self.rate_limited as f64 / self.calls as f64
-        }
+        // Before any call both are 0.
+        self.rate_limited as f64 / self.calls.max(1) as f64
     }
 }
 

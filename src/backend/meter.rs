@@ -46,9 +46,6 @@ struct Counts {
 }
 
 fn add(counter: &AtomicU64, n: u64) {
-    if n == 0 {
-        return;
-    }
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
         Some(v.saturating_add(n))
     });
