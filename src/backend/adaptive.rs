@@ -122,7 +122,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -305,13 +305,13 @@ impl AdaptiveConfigBuilder {
 
 /// Of the calls of one window, the share answered "slow down" at or above which that is
 /// congestion rather than noise: one in four (numerator, denominator).
-const CONGESTED_SHARE: (u32, u32) = (1, 4);
+const CONGESTED_SHARE: (u64, u64) = (1, 4);
 /// Slow-down answers one window needs before it can be congestion, in an epoch that began
 /// with a cut (or at the start): five, so that a random 5% of 429s almost never adds up.
-const CUT_EVIDENCE: u32 = 5;
+const CUT_EVIDENCE: u64 = 5;
 /// The same in an epoch that began with an increase: two, because undoing one step costs
 /// little and a probe above the real limit should cost few 429s.
-const UNDO_EVIDENCE: u32 = 2;
+const UNDO_EVIDENCE: u64 = 2;
 /// The window is the calls admitted last: as many as the limit (one round of the pipeline),
 /// at least this many...
 const MIN_WINDOW: u64 = 16;
@@ -347,15 +347,13 @@ impl Recent {
         }
     }
 
-    /// How many of the last `n` calls (at most 64) are marked.
-    fn count(&self, n: u64) -> u64 {
+    /// How many of the last `n` calls (at most 64, and only those numbered `since` or later)
+    /// are marked, if they are at least the share `num / den` of those calls.
+    fn share(&self, since: u64, n: u64, (num, den): (u64, u64)) -> Option<u64> {
+        let n = n.min(self.admitted - since);
         let mask = if n >= 64 { u64::MAX } else { (1 << n) - 1 };
-        u64::from((self.bits & mask).count_ones())
-    }
-
-    /// Forgets the marks (a new epoch, a closed breaker); the numbering goes on.
-    fn clear(&mut self) {
-        self.bits = 0;
+        let marked = u64::from((self.bits & mask).count_ones());
+        (marked * den >= n * num).then_some(marked)
     }
 }
 /// Where the limit starts when it adapts, if the cap is higher (see
@@ -401,11 +399,9 @@ struct Aimd {
     limit: usize,
     /// The settings (`initial` is only where `limit` started).
     c: AdaptiveConfig,
-    /// Bumped by every change of the limit; only calls admitted in the current epoch are
-    /// counted in its window.
-    epoch: u64,
     began: Began,
-    /// The number of the first call admitted in this epoch.
+    /// The number of the first call admitted in this epoch (the limit's last change): only
+    /// calls admitted since are counted in its window.
     epoch_start: u64,
     /// Which of the last calls were answered "slow down".
     slowed: Recent,
@@ -435,7 +431,6 @@ impl Aimd {
         Aimd {
             limit: c.initial,
             c: c.clone(),
-            epoch: 0,
             began: Began::Down,
             epoch_start: 0,
             slowed: Recent::default(),
@@ -454,47 +449,43 @@ impl Aimd {
         cut.min(limit.saturating_sub(1)).max(min)
     }
 
-    fn new_epoch(&mut self, began: Began) {
-        self.epoch += 1;
+    /// The limit changed from `from`: a new epoch begins. Returns the change.
+    fn new_epoch(&mut self, began: Began, from: usize) -> Option<Change> {
         self.began = began;
         self.epoch_start = self.slowed.admitted;
-        self.slowed.clear();
+        self.slowed.bits = 0;
         self.successes = 0;
+        Some(Change {
+            from,
+            to: self.limit,
+        })
     }
 
-    /// A call is admitted: its number and the epoch it belongs to.
-    fn admit(&mut self) -> (u64, u64) {
-        (self.slowed.admit(), self.epoch)
-    }
-
-    /// Call `seq`, admitted in `epoch`, finished at `now` with `outcome`; `saturated` says
+    /// Call `seq` (numbered by `slowed`) finished at `now` with `outcome`; `saturated` says
     /// whether the limit was reached when it was admitted.
-    fn on_result(
-        &mut self,
-        (seq, epoch): (u64, u64),
-        saturated: bool,
-        outcome: Outcome,
-        now: Instant,
-    ) -> Verdict {
-        if epoch == self.epoch && outcome == Outcome::SlowDown {
+    fn on_result(&mut self, seq: u64, saturated: bool, outcome: Outcome, now: Instant) -> Verdict {
+        if seq >= self.epoch_start && outcome == Outcome::SlowDown {
             self.slowed.mark(seq);
-            if self.congested() {
+            // Congestion: enough slow-down answers, and at least the congestion share of the
+            // calls the window sent.
+            let raised = self.just_raised();
+            let evidence = if raised { UNDO_EVIDENCE } else { CUT_EVIDENCE };
+            let slowed = self
+                .slowed
+                .share(self.epoch_start, self.window(), CONGESTED_SHARE);
+            if slowed.is_some_and(|n| n >= evidence) {
                 // Two answers after a step up are enough to take the step back, not to make
                 // every call wait.
-                let pause = !self.just_raised();
                 return Verdict {
-                    change: self.back_off(now),
+                    change: self.back_off(raised, now),
                     congested: true,
-                    pause,
+                    pause: !raised,
                 };
             }
         }
         Verdict {
-            change: (outcome == Outcome::Success)
-                .then(|| self.on_success(saturated))
-                .flatten(),
-            congested: false,
-            pause: false,
+            change: self.on_success(outcome == Outcome::Success && saturated),
+            ..Verdict::default()
         }
     }
 
@@ -510,62 +501,43 @@ impl Aimd {
             && self.slowed.admitted - self.epoch_start <= self.window()
     }
 
-    /// Whether the window's slow-down answers are congestion: enough of them, and at least
-    /// the congestion share of the calls the window sent.
-    fn congested(&self) -> bool {
-        let evidence = if self.just_raised() {
-            UNDO_EVIDENCE
-        } else {
-            CUT_EVIDENCE
-        };
-        let window = self.window().min(self.slowed.admitted - self.epoch_start);
-        let slowed = self.slowed.count(window);
-        let (num, den) = CONGESTED_SHARE;
-        slowed >= u64::from(evidence) && slowed * u64::from(den) >= window * u64::from(num)
-    }
-
-    /// Congestion: undo the increase that began this epoch, or cut. The window starts again
-    /// whatever happens, so the next verdict needs new evidence.
-    fn back_off(&mut self, now: Instant) -> Option<Change> {
-        let undo = self.just_raised();
-        self.slowed.clear();
+    /// Congestion: undo the increase that began this epoch (`undo`: it came within the first
+    /// window after it), or cut. The window starts again whatever happens, so the next verdict
+    /// needs new evidence.
+    fn back_off(&mut self, undo: bool, now: Instant) -> Option<Change> {
+        self.slowed.bits = 0;
         self.slow_start = false;
         if !self.c.adaptive || self.limit <= self.c.min {
             return None;
         }
         let from = self.limit;
-        match self.began {
+        let slower_probes = match self.began {
+            // The step up is what the server refused: take it back (the level below is the
+            // one that works).
             Began::Up { probe } if undo => {
-                // The step up is what the server refused: take it back, and remember that
-                // the level below is the one that works.
                 self.limit -= 1;
-                self.recovery_target = self.limit;
-                if probe {
-                    self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
-                }
+                probe
             }
+            _ if self.no_cut_before.is_some_and(|t| now < t) => return None,
             _ => {
-                if self.no_cut_before.is_some_and(|t| now < t) {
-                    return None;
-                }
                 self.limit = Self::decreased(from, self.c.decrease_factor, self.c.min);
-                self.recovery_target = from - 1;
                 self.no_cut_before = now.checked_add(self.c.cooldown);
                 // The levels just below the cut are where trouble starts: probe them slowly.
-                self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
+                true
             }
+        };
+        self.recovery_target = from - 1;
+        if slower_probes {
+            self.backoff = (self.backoff * 2).min(MAX_PROBE_BACKOFF);
         }
-        self.new_epoch(Began::Down);
-        Some(Change {
-            from,
-            to: self.limit,
-        })
+        self.new_epoch(Began::Down, from)
     }
 
-    /// A call succeeded (whatever epoch it was admitted in: a success is a success).
-    /// `saturated` says whether the limit was reached when it was admitted: a success with
-    /// slots to spare says nothing about a higher limit, and counting it would let the limit
-    /// run up while callers are few (in retry back-off, say) and then let them all in at once.
+    /// A call finished; `saturated`: it succeeded (whatever epoch it was admitted in: a
+    /// success is a success) and the limit was reached when it was admitted. Nothing else
+    /// counts: a success with slots to spare says nothing about a higher limit, and counting
+    /// it would let the limit run up while callers are few (in retry back-off, say) and then
+    /// let them all in at once.
     fn on_success(&mut self, saturated: bool) -> Option<Change> {
         if !self.c.adaptive || !saturated || self.limit >= self.c.cap {
             return None;
@@ -587,56 +559,28 @@ impl Aimd {
         }
         let from = self.limit;
         self.limit += 1;
-        self.new_epoch(Began::Up {
-            probe: !self.slow_start && from >= self.recovery_target,
-        });
-        Some(Change {
-            from,
-            to: self.limit,
-        })
+        let probe = !self.slow_start && from >= self.recovery_target;
+        self.new_epoch(Began::Up { probe }, from)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The circuit breaker.
 
+crate::error::named_enum! {
 /// The state of an [`Adaptive`] wrapper's circuit breaker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BreakerState {
     /// Calls are admitted (subject to the limit).
     #[default]
-    Closed,
+    Closed = "closed",
     /// After a run of outage errors: no call is admitted until the pause has passed.
-    Open,
+    Open = "open",
     /// The pause has passed: one call (the probe) is let through to see whether the backend is
     /// back.
-    HalfOpen,
+    HalfOpen = "half_open",
 }
-
-impl BreakerState {
-    /// A lowercase name (`"closed"`, `"open"`, `"half-open"`).
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half-open",
-        }
-    }
-}
-
-impl fmt::Display for BreakerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BreakerPhase {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { probing: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -651,22 +595,17 @@ struct Breaker {
     down: Recent,
     /// The number of the first call admitted since the breaker last closed.
     since: u64,
-    phase: BreakerPhase,
+    state: BreakerState,
+    /// While open: the end of the pause.
+    until: Instant,
+    /// While half open: the probe is out.
+    probing: bool,
 }
 
 /// Of the calls admitted last (four times the threshold, at most 64), the share that failed
 /// with an outage error at or above which a streak of them opens the breaker: three in four
 /// (numerator, denominator).
-const OUTAGE_SHARE: (u32, u32) = (3, 4);
-
-/// What a finished call says about the backend's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Health {
-    /// It answered (a success, or an error that is not an outage).
-    Up,
-    /// A server error, a connection failure or a timeout.
-    Down,
-}
+const OUTAGE_SHARE: (u64, u64) = (3, 4);
 
 impl Breaker {
     fn new(c: &AdaptiveConfig) -> Self {
@@ -676,42 +615,28 @@ impl Breaker {
             failures: 0,
             down: Recent::default(),
             since: 0,
-            phase: BreakerPhase::Closed,
+            state: BreakerState::Closed,
+            until: Instant::now(),
+            probing: false,
         }
     }
 
-    fn state(&self) -> BreakerState {
-        match self.phase {
-            BreakerPhase::Closed => BreakerState::Closed,
-            BreakerPhase::Open { .. } => BreakerState::Open,
-            BreakerPhase::HalfOpen { .. } => BreakerState::HalfOpen,
-        }
-    }
-
-    /// A call is admitted; returns its number.
-    fn admit(&mut self) -> u64 {
-        self.down.admit()
-    }
-
-    /// Records the result of call `seq`; `probe` says whether it was the half-open probe.
+    /// Records the result of call `seq`: `down` says whether it failed with a server error,
+    /// a connection failure or a timeout, `probe` whether it was the half-open probe.
     /// Returns the event of a state change.
-    fn on_result(&mut self, health: Health, seq: u64, probe: bool, now: Instant) -> Option<Event> {
+    fn on_result(&mut self, down: bool, seq: u64, probe: bool, now: Instant) -> Option<Event> {
         let threshold = self.c.breaker_threshold?;
-        match (self.phase, health) {
-            (BreakerPhase::Closed, Health::Up) => {
+        match (self.state, down) {
+            (BreakerState::Closed, false) => {
                 self.failures = 0;
                 None
             }
-            (BreakerPhase::Closed, Health::Down) => {
+            (BreakerState::Closed, true) => {
                 self.failures += 1;
                 self.down.mark(seq);
-                let window = u64::from(threshold.saturating_mul(4))
-                    .min(MAX_WINDOW)
-                    .min(self.down.admitted - self.since);
-                let (num, den) = OUTAGE_SHARE;
-                if self.failures < threshold
-                    || self.down.count(window) * u64::from(den) < window * u64::from(num)
-                {
+                let window = u64::from(threshold.saturating_mul(4)).min(MAX_WINDOW);
+                let outage = self.down.share(self.since, window, OUTAGE_SHARE).is_some();
+                if self.failures < threshold || !outage {
                     return None;
                 }
                 let pause = self.open(now);
@@ -720,15 +645,15 @@ impl Breaker {
                     pause,
                 })
             }
-            (BreakerPhase::HalfOpen { .. }, Health::Up) if probe => {
-                self.phase = BreakerPhase::Closed;
+            (BreakerState::HalfOpen, false) if probe => {
+                self.state = BreakerState::Closed;
                 self.failures = 0;
-                self.down.clear();
+                self.down.bits = 0;
                 self.since = self.down.admitted;
                 self.next_pause = self.c.breaker_pause;
                 Some(Event::BreakerClosed)
             }
-            (BreakerPhase::HalfOpen { .. }, Health::Down) if probe => {
+            (BreakerState::HalfOpen, true) if probe => {
                 let pause = self.open(now);
                 Some(Event::BreakerReopened { pause })
             }
@@ -740,18 +665,15 @@ impl Breaker {
     /// Opens the breaker for the next pause and doubles the one after.
     fn open(&mut self, now: Instant) -> Duration {
         let pause = self.next_pause;
-        self.phase = BreakerPhase::Open {
-            until: later(now, pause),
-        };
+        self.state = BreakerState::Open;
+        self.until = later(now, pause);
         self.next_pause = pause.saturating_mul(2).min(self.c.breaker_max_pause);
         pause
     }
 
     /// The probe was cancelled before it had a result: let another one through.
     fn probe_cancelled(&mut self) {
-        if let BreakerPhase::HalfOpen { probing: true } = self.phase {
-            self.phase = BreakerPhase::HalfOpen { probing: false };
-        }
+        self.probing = false;
     }
 }
 
@@ -765,17 +687,9 @@ fn later(now: Instant, d: Duration) -> Instant {
 // Statistics.
 
 /// Counters and gauges of an [`Adaptive`] wrapper, shared through an `Arc` and cheap to read
-/// at any time: [`snapshot`](Self::snapshot) reads them all at one moment.
-#[derive(Debug)]
+/// at any time: [`snapshot`](Self::snapshot) reads them all at one moment. It is also the
+/// limiter: its lock guards the limit, the breaker and the queue.
 pub struct AdaptiveStats(Mutex<State>);
-
-/// The counters; the gauges are read from the limiter's state.
-#[derive(Debug)]
-struct Figures {
-    now: AdaptiveSnapshot,
-    /// Whether the limit has risen since slow start (or since the start, without one).
-    risen: bool,
-}
 
 /// All of an [`AdaptiveStats`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -820,53 +734,14 @@ impl AdaptiveSnapshot {
     /// `rate_limited / calls`: the share of calls answered 429 (0 before any call).
     #[must_use]
     pub fn rate_limited_share(&self) -> f64 {
-        if self.calls == 0 {
-            0.0
-        } else {
-            self.rate_limited as f64 / self.calls as f64
-        }
+        // Before any call both are 0.
+        self.rate_limited as f64 / self.calls.max(1) as f64
     }
 }
 
-impl AdaptiveStats {
-    /// Every figure at once.
-    #[must_use]
-    pub fn snapshot(&self) -> AdaptiveSnapshot {
-        let st = lock(&self.0);
-        AdaptiveSnapshot {
-            limit: st.aimd.limit,
-            in_flight: st.in_flight,
-            waiting: st.queue.len(),
-            breaker: st.breaker.state(),
-            ..st.figures.now
-        }
-    }
-}
-
-impl Figures {
-    /// Records a new limit. In slow start the extremes follow the limit: the range is where
-    /// it settled.
-    fn set_limit(&mut self, change: Change, slow_start: bool) {
-        let now = &mut self.now;
-        if change.to < change.from {
-            now.decreases += 1;
-        } else {
-            now.increases += 1;
-        }
-        if slow_start {
-            now.min_limit = change.to;
-            now.max_limit = change.to;
-        } else if change.to < change.from {
-            now.min_limit = now.min_limit.min(change.to);
-            if !self.risen {
-                // Still descending: the maximum follows the limit down.
-                now.max_limit = change.to;
-            }
-        } else if !std::mem::replace(&mut self.risen, true) {
-            now.max_limit = change.to;
-        } else {
-            now.max_limit = now.max_limit.max(change.to);
-        }
+impl fmt::Debug for AdaptiveStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.snapshot().fmt(f)
     }
 }
 
@@ -925,24 +800,20 @@ impl Event {
     }
 }
 
-#[derive(Debug)]
-struct Waiter {
-    id: u64,
-    notify: Arc<Notify>,
-}
-
 /// Everything the limiter knows, under one lock: the limit, the breaker, the queue and the
 /// counters.
-#[derive(Debug)]
 struct State {
     aimd: Aimd,
     breaker: Breaker,
     in_flight: usize,
     /// No admission before this instant (a `Retry-After`).
     paused_until: Option<Instant>,
-    queue: VecDeque<Waiter>,
-    next_id: u64,
-    figures: Figures,
+    /// The waiters, first come first: each one's own wake-up, which is also who it is.
+    queue: VecDeque<Arc<Notify>>,
+    /// The counters; the gauges are read from the fields above.
+    figures: AdaptiveSnapshot,
+    /// Whether the limit has risen since slow start (or since the start, without one).
+    risen: bool,
 }
 
 /// Why a call cannot be admitted now.
@@ -954,12 +825,11 @@ enum Block {
     Full,
 }
 
-/// What an admitted call carries: the epoch it was admitted in, whether it took the last
-/// slot the limit allowed, and whether it is the probe.
+/// What an admitted call carries: its number, whether it took the last slot the limit
+/// allowed, and whether it is the probe.
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
-    /// The call's number and the epoch it was admitted in.
-    admission: (u64, u64),
+    seq: u64,
     saturated: bool,
     probe: bool,
 }
@@ -967,15 +837,13 @@ struct Ticket {
 impl State {
     /// Why a call could not be admitted at `now`, without changing anything.
     fn blocked(&self, now: Instant) -> Option<Block> {
-        if let Some(t) = self.paused_until.filter(|&t| now < t) {
-            return Some(Block::Until(t));
+        let b = &self.breaker;
+        match self.paused_until {
+            Some(t) if now < t => Some(Block::Until(t)),
+            _ if b.state == BreakerState::Open && now < b.until => Some(Block::Until(b.until)),
+            _ if b.state == BreakerState::HalfOpen && b.probing => Some(Block::Full),
+            _ => (self.in_flight >= self.aimd.limit).then_some(Block::Full),
         }
-        match self.breaker.phase {
-            BreakerPhase::Open { until } if now < until => return Some(Block::Until(until)),
-            BreakerPhase::HalfOpen { probing: true } => return Some(Block::Full),
-            _ => {}
-        }
-        (self.in_flight >= self.aimd.limit).then_some(Block::Full)
     }
 
     /// Admits a call at `now` if it may go.
@@ -984,19 +852,19 @@ impl State {
             return Err(block);
         }
         // Not blocked and not closed: the pause is over, or the last probe was cancelled.
-        let probe = self.breaker.phase != BreakerPhase::Closed;
-        if matches!(self.breaker.phase, BreakerPhase::Open { .. }) {
+        let probe = self.breaker.state != BreakerState::Closed;
+        if self.breaker.state == BreakerState::Open {
             events.push(Event::BreakerHalfOpen);
         }
         if probe {
-            self.breaker.phase = BreakerPhase::HalfOpen { probing: true };
+            self.breaker.state = BreakerState::HalfOpen;
+            self.breaker.probing = true;
         }
         self.in_flight += 1;
-        let admission = self.aimd.admit();
-        let seq = self.breaker.admit();
-        debug_assert_eq!(seq, admission.0);
+        // The two windows number the calls alike.
+        self.breaker.down.admit();
         Ok(Ticket {
-            admission,
+            seq: self.aimd.slowed.admit(),
             saturated: self.in_flight >= self.aimd.limit,
             probe,
         })
@@ -1005,44 +873,23 @@ impl State {
     /// Wakes the first waiter, if any, to look again.
     fn wake_first(&self) {
         if let Some(w) = self.queue.front() {
-            w.notify.notify_one();
+            w.notify_one();
         }
     }
 }
 
-struct Limiter {
-    /// The state, shared with the callers of [`Adaptive::stats`].
-    stats: Arc<AdaptiveStats>,
-    max_pause: Duration,
-}
-
-impl Limiter {
-    fn new(config: &AdaptiveConfig) -> Self {
-        let figures = Figures {
-            now: AdaptiveSnapshot {
-                cap: config.cap,
-                min_limit: config.initial,
-                max_limit: config.initial,
-                ..AdaptiveSnapshot::default()
-            },
-            risen: false,
-        };
-        Limiter {
-            stats: Arc::new(AdaptiveStats(Mutex::new(State {
-                aimd: Aimd::new(config),
-                breaker: Breaker::new(config),
-                in_flight: 0,
-                paused_until: None,
-                queue: VecDeque::new(),
-                next_id: 0,
-                figures,
-            }))),
-            max_pause: config.max_pause,
+impl AdaptiveStats {
+    /// Every figure at once.
+    #[must_use]
+    pub fn snapshot(&self) -> AdaptiveSnapshot {
+        let st = lock(&self.0);
+        AdaptiveSnapshot {
+            limit: st.aimd.limit,
+            in_flight: st.in_flight,
+            waiting: st.queue.len(),
+            breaker: st.breaker.state,
+            ..st.figures
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.stats.0)
     }
 
     /// Waits for admission, in arrival order.
@@ -1051,51 +898,46 @@ impl Limiter {
     /// wake-up it may have had to the next waiter); once admitted, the [`Permit`] frees the
     /// slot when dropped.
     async fn acquire(&self, events: &mut Vec<Event>) -> Permit<'_> {
-        let (id, notify) = {
-            let mut st = self.lock();
+        let notify = {
+            let mut st = lock(&self.0);
             if st.queue.is_empty() {
                 if let Ok(ticket) = st.try_admit(Instant::now(), events) {
                     return self.permit(ticket);
                 }
             }
-            let id = st.next_id;
-            st.next_id += 1;
             let notify = Arc::new(Notify::new());
-            st.queue.push_back(Waiter {
-                id,
-                notify: Arc::clone(&notify),
-            });
-            (id, notify)
+            st.queue.push_back(Arc::clone(&notify));
+            notify
         };
         let mut place = Place {
-            limiter: self,
-            id,
+            stats: self,
+            notify,
             queued: true,
         };
         loop {
             let deadline = {
-                let mut st = self.lock();
-                if st.queue.front().map(|w| w.id) != Some(id) {
-                    None
-                } else {
-                    let now = Instant::now();
-                    match st.try_admit(now, events) {
-                        Ok(ticket) => {
-                            st.queue.pop_front();
-                            place.queued = false;
-                            // Pass the turn on unless the next one would only wait for a
-                            // release (which wakes it).
-                            if st.blocked(now) != Some(Block::Full) {
-                                st.wake_first();
-                            }
-                            return self.permit(ticket);
+                let mut st = lock(&self.0);
+                let now = Instant::now();
+                let first = st
+                    .queue
+                    .front()
+                    .is_some_and(|w| Arc::ptr_eq(w, &place.notify));
+                match first.then(|| st.try_admit(now, events)) {
+                    Some(Ok(ticket)) => {
+                        st.queue.pop_front();
+                        place.queued = false;
+                        // Pass the turn on unless the next one would only wait for a
+                        // release (which wakes it).
+                        if st.blocked(now) != Some(Block::Full) {
+                            st.wake_first();
                         }
-                        Err(Block::Until(t)) => Some(t),
-                        Err(Block::Full) => None,
+                        return self.permit(ticket);
                     }
+                    Some(Err(Block::Until(t))) => Some(t),
+                    _ => None,
                 }
             };
-            let notified = pin!(notify.notified());
+            let notified = pin!(place.notify.notified());
             match deadline {
                 Some(t) => {
                     let sleep = pin!(tokio::time::sleep_until(t));
@@ -1108,20 +950,50 @@ impl Limiter {
 
     fn permit(&self, ticket: Ticket) -> Permit<'_> {
         Permit {
-            limiter: self,
-            ticket: Some(ticket),
+            stats: self,
+            ticket,
+            finished: false,
         }
     }
+}
 
-    /// Records the result of an admitted call (`None`: it was cancelled) and frees its slot.
-    fn finish(
-        &self,
-        ticket: Ticket,
-        result: Option<&Result<Completion, BackendError>>,
-    ) -> Vec<Event> {
-        let mut events = Vec::new();
+/// A waiter's place in the queue; leaving it (by drop) hands the turn on.
+struct Place<'a> {
+    stats: &'a AdaptiveStats,
+    notify: Arc<Notify>,
+    queued: bool,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.queued {
+            return;
+        }
+        let mut st = lock(&self.stats.0);
+        if let Some(at) = st.queue.iter().position(|w| Arc::ptr_eq(w, &self.notify)) {
+            st.queue.remove(at);
+            if at == 0 {
+                // It may have been woken for a turn it will not take.
+                st.wake_first();
+            }
+        }
+    }
+}
+
+/// An admitted call's slot; frees it when finished or dropped.
+struct Permit<'a> {
+    stats: &'a AdaptiveStats,
+    ticket: Ticket,
+    finished: bool,
+}
+
+impl Permit<'_> {
+    /// Records the result of the call (`None`: it was cancelled) and frees its slot.
+    fn finish(&mut self, result: Option<&Result<Completion, BackendError>>) -> Vec<Event> {
+        self.finished = true;
+        let (ticket, mut events) = (self.ticket, Vec::new());
         let now = Instant::now();
-        let mut guard = self.lock();
+        let mut guard = lock(&self.stats.0);
         let st = &mut *guard;
         st.in_flight -= 1;
         st.wake_first();
@@ -1132,7 +1004,7 @@ impl Limiter {
             }
             return events;
         };
-        let figures = &mut st.figures.now;
+        let figures = &mut st.figures;
         figures.calls += 1;
         let err = result.as_ref().err();
         let kind = err.map(BackendError::kind);
@@ -1147,12 +1019,12 @@ impl Limiter {
         };
         let verdict = st
             .aimd
-            .on_result(ticket.admission, ticket.saturated, outcome, now);
+            .on_result(ticket.seq, ticket.saturated, outcome, now);
         figures.congestion += u64::from(verdict.congested);
         // Many calls were told to slow down: the wait is meant for everyone.
         let after = err.filter(|e| verdict.pause && e.is_retryable());
         if let Some(pause) = after.and_then(BackendError::retry_after) {
-            let pause = pause.min(self.max_pause);
+            let pause = pause.min(st.aimd.c.max_pause);
             let until = later(now, pause);
             if !pause.is_zero() && st.paused_until.is_none_or(|t| t < until) {
                 st.paused_until = Some(until);
@@ -1160,73 +1032,43 @@ impl Limiter {
                 events.push(Event::Paused(pause));
             }
         }
-        if let Some(change) = verdict.change {
-            st.figures.set_limit(change, st.aimd.slow_start);
+        if let Some(change @ Change { from, to }) = verdict.change {
+            // In slow start (only ever rises) the extremes follow the limit: the range is
+            // where it settled.
+            if to < from {
+                figures.decreases += 1;
+                figures.min_limit = figures.min_limit.min(to);
+                if !st.risen {
+                    // Still descending: the maximum follows the limit down.
+                    figures.max_limit = to;
+                }
+            } else {
+                figures.increases += 1;
+                if st.aimd.slow_start {
+                    figures.min_limit = to;
+                } else {
+                    st.risen = true;
+                }
+                figures.max_limit = figures.max_limit.max(to);
+            }
             events.push(Event::Limit(change, st.in_flight));
         }
         use BackendErrorKind::{Connection, Server, Timeout, Unavailable};
-        let health = if matches!(kind, Some(Server | Unavailable | Connection | Timeout)) {
-            Health::Down
-        } else {
-            Health::Up
-        };
-        let breaker = st
-            .breaker
-            .on_result(health, ticket.admission.0, ticket.probe, now);
+        let down = matches!(kind, Some(Server | Unavailable | Connection | Timeout));
+        let breaker = st.breaker.on_result(down, ticket.seq, ticket.probe, now);
         if let Some(event) = breaker {
-            if matches!(
-                event,
-                Event::BreakerOpened { .. } | Event::BreakerReopened { .. }
-            ) {
-                st.figures.now.breaker_opened += 1;
-            }
+            // Opened or reopened (else it closed).
+            figures.breaker_opened += u64::from(st.breaker.state == BreakerState::Open);
             events.push(event);
         }
         events
     }
 }
 
-/// A waiter's place in the queue; leaving it (by drop) hands the turn on.
-struct Place<'a> {
-    limiter: &'a Limiter,
-    id: u64,
-    queued: bool,
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        if !self.queued {
-            return;
-        }
-        let mut st = self.limiter.lock();
-        if let Some(at) = st.queue.iter().position(|w| w.id == self.id) {
-            st.queue.remove(at);
-            if at == 0 {
-                // It may have been woken for a turn it will not take.
-                st.wake_first();
-            }
-        }
-    }
-}
-
-/// An admitted call's slot; frees it when finished or dropped.
-struct Permit<'a> {
-    limiter: &'a Limiter,
-    /// Taken when the call's result is recorded.
-    ticket: Option<Ticket>,
-}
-
-impl Permit<'_> {
-    fn finish(mut self, result: &Result<Completion, BackendError>) -> Vec<Event> {
-        let ticket = self.ticket.take().expect("a permit is finished once");
-        self.limiter.finish(ticket, Some(result))
-    }
-}
-
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            self.limiter.finish(ticket, None);
+        if !self.finished {
+            self.finish(None);
         }
     }
 }
@@ -1241,9 +1083,10 @@ impl Drop for Permit<'_> {
 /// `name()` and `model()` are the inner backend's. Limit changes are `tracing` events (`info`
 /// for a cut, `debug` for a rise), as are pauses and breaker changes (`warn` when it opens),
 /// each with the field `backend` (the inner backend's name).
+#[derive(Debug)]
 pub struct Adaptive<B> {
     inner: B,
-    limiter: Limiter,
+    stats: Arc<AdaptiveStats>,
 }
 
 impl<B> Adaptive<B> {
@@ -1254,25 +1097,31 @@ impl<B> Adaptive<B> {
 
     /// Wraps `inner` with these settings.
     pub fn with_config(inner: B, config: AdaptiveConfig) -> Self {
+        let figures = AdaptiveSnapshot {
+            cap: config.cap,
+            min_limit: config.initial,
+            max_limit: config.initial,
+            ..AdaptiveSnapshot::default()
+        };
+        let state = State {
+            aimd: Aimd::new(&config),
+            breaker: Breaker::new(&config),
+            in_flight: 0,
+            paused_until: None,
+            queue: VecDeque::new(),
+            figures,
+            risen: false,
+        };
         Adaptive {
             inner,
-            limiter: Limiter::new(&config),
+            stats: Arc::new(AdaptiveStats(Mutex::new(state))),
         }
     }
 
     /// The shared statistics; they keep changing after this call.
     #[must_use]
     pub fn stats(&self) -> Arc<AdaptiveStats> {
-        Arc::clone(&self.limiter.stats)
-    }
-}
-
-impl<B: fmt::Debug> fmt::Debug for Adaptive<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Adaptive")
-            .field("inner", &self.inner)
-            .field("stats", &self.limiter.stats.snapshot())
-            .finish()
+        Arc::clone(&self.stats)
     }
 }
 
@@ -1292,12 +1141,12 @@ impl<B: LlmBackend> LlmBackend for Adaptive<B> {
     /// cancelled probe lets another probe through).
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
         let mut events = Vec::new();
-        let permit = self.limiter.acquire(&mut events).await;
-        for event in events.drain(..) {
+        let mut permit = self.stats.acquire(&mut events).await;
+        for event in events {
             event.emit(&self.inner.name());
         }
         let result = self.inner.complete(request).await;
-        for event in permit.finish(&result) {
+        for event in permit.finish(Some(&result)) {
             event.emit(&self.inner.name());
         }
         result
@@ -1359,7 +1208,7 @@ mod tests {
     /// `n` calls admitted at once, then answered "slow down" in turn at `now`; the changes
     /// they made.
     fn slow_downs(a: &mut Aimd, n: usize, now: Instant) -> Vec<Change> {
-        let calls: Vec<_> = (0..n).map(|_| a.admit()).collect();
+        let calls: Vec<_> = (0..n).map(|_| a.slowed.admit()).collect();
         calls
             .into_iter()
             .filter_map(|c| a.on_result(c, true, Outcome::SlowDown, now).change)
@@ -1368,7 +1217,7 @@ mod tests {
 
     /// One call admitted and answered with `outcome`.
     fn one(a: &mut Aimd, saturated: bool, outcome: Outcome, now: Instant) -> Verdict {
-        let call = a.admit();
+        let call = a.slowed.admit();
         a.on_result(call, saturated, outcome, now)
     }
 
@@ -1431,7 +1280,7 @@ mod tests {
         // The share is of the calls sent, not of the answers: 64 calls go out at once and the
         // five that fail come back first: 5 of 64 is not congestion.
         let mut a = aimd(64);
-        let calls: Vec<_> = (0..64).map(|_| a.admit()).collect();
+        let calls: Vec<_> = (0..64).map(|_| a.slowed.admit()).collect();
         for &c in &calls[..5] {
             assert_eq!(
                 a.on_result(c, true, Outcome::SlowDown, t),
@@ -1444,7 +1293,7 @@ mod tests {
     fn one_cut_per_epoch_and_cooldown() {
         let mut a = aimd(256);
         let t0 = Instant::now();
-        let old = a.admit();
+        let old = a.slowed.admit();
         assert_eq!(
             slow_downs(&mut a, 200, t0),
             vec![Change { from: 256, to: 217 }]
@@ -1456,7 +1305,7 @@ mod tests {
         );
         assert_eq!(a.limit, 217);
         // Calls of the new epoch inside the cool-down do not cut either...
-        assert_ne!(old.1, a.epoch);
+        assert!(old < a.epoch_start);
         let v = one(&mut a, true, Outcome::SlowDown, t0);
         assert_eq!(v, Verdict::default());
         assert!(slow_downs(&mut a, 10, t0 + Duration::from_millis(10)).is_empty());
@@ -1609,9 +1458,18 @@ mod tests {
     }
 
     /// One call admitted and answered.
-    fn answer(b: &mut Breaker, health: Health, probe: bool, now: Instant) -> Option<Event> {
-        let seq = b.admit();
-        b.on_result(health, seq, probe, now)
+    fn answer(b: &mut Breaker, down: bool, probe: bool, now: Instant) -> Option<Event> {
+        let seq = b.down.admit();
+        b.on_result(down, seq, probe, now)
+    }
+
+    const DOWN: bool = true;
+    const UP: bool = false;
+
+    /// The pause has passed and the probe went out.
+    fn probing(b: &mut Breaker) {
+        b.state = BreakerState::HalfOpen;
+        b.probing = true;
     }
 
     #[test]
@@ -1624,44 +1482,41 @@ mod tests {
             .unwrap();
         let mut b = Breaker::new(&config);
         let t = Instant::now();
-        assert_eq!(answer(&mut b, Health::Down, false, t), None);
-        assert_eq!(answer(&mut b, Health::Up, false, t), None);
-        assert_eq!(answer(&mut b, Health::Down, false, t), None);
-        assert_eq!(answer(&mut b, Health::Down, false, t), None);
+        assert_eq!(answer(&mut b, DOWN, false, t), None);
+        assert_eq!(answer(&mut b, UP, false, t), None);
+        assert_eq!(answer(&mut b, DOWN, false, t), None);
+        assert_eq!(answer(&mut b, DOWN, false, t), None);
         assert_eq!(
-            answer(&mut b, Health::Down, false, t),
+            answer(&mut b, DOWN, false, t),
             Some(Event::BreakerOpened {
                 failures: 3,
                 pause: Duration::from_secs(1)
             })
         );
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.state, BreakerState::Open);
         // Late results of calls admitted before do nothing.
-        assert_eq!(answer(&mut b, Health::Up, false, t), None);
-        assert_eq!(b.state(), BreakerState::Open);
-        b.phase = BreakerPhase::HalfOpen { probing: true };
+        assert_eq!(answer(&mut b, UP, false, t), None);
+        assert_eq!(b.state, BreakerState::Open);
+        probing(&mut b);
         assert_eq!(
-            answer(&mut b, Health::Down, true, t),
+            answer(&mut b, DOWN, true, t),
             Some(Event::BreakerReopened {
                 pause: Duration::from_secs(2)
             })
         );
-        b.phase = BreakerPhase::HalfOpen { probing: true };
+        probing(&mut b);
         // Doubling stops at the maximum.
         assert_eq!(
-            answer(&mut b, Health::Down, true, t),
+            answer(&mut b, DOWN, true, t),
             Some(Event::BreakerReopened {
                 pause: Duration::from_secs(3)
             })
         );
-        b.phase = BreakerPhase::HalfOpen { probing: true };
+        probing(&mut b);
         b.probe_cancelled();
-        assert_eq!(b.phase, BreakerPhase::HalfOpen { probing: false });
-        b.phase = BreakerPhase::HalfOpen { probing: true };
-        assert_eq!(
-            answer(&mut b, Health::Up, true, t),
-            Some(Event::BreakerClosed)
-        );
+        assert_eq!((b.state, b.probing), (BreakerState::HalfOpen, false));
+        probing(&mut b);
+        assert_eq!(answer(&mut b, UP, true, t), Some(Event::BreakerClosed));
         assert_eq!(b.next_pause, Duration::from_secs(1));
     }
 
@@ -1671,27 +1526,23 @@ mod tests {
         let t = Instant::now();
         // 15 successes, then 14 timeouts together (one bad connection): 14 of the last 20.
         for _ in 0..15 {
-            assert_eq!(answer(&mut b, Health::Up, false, t), None);
+            assert_eq!(answer(&mut b, UP, false, t), None);
         }
         for _ in 0..14 {
-            assert_eq!(answer(&mut b, Health::Down, false, t), None);
+            assert_eq!(answer(&mut b, DOWN, false, t), None);
         }
         // The fifteenth makes three quarters of the window: an outage.
         assert!(matches!(
-            answer(&mut b, Health::Down, false, t),
+            answer(&mut b, DOWN, false, t),
             Some(Event::BreakerOpened { failures: 15, .. })
         ));
         // A failure share of 30% in streaks of 6, after a first success, never opens it.
         let mut b = Breaker::new(&AdaptiveConfig::new(nz(8)));
         for i in 0..10_000 {
-            let health = if (i + 10) % 20 < 6 {
-                Health::Down
-            } else {
-                Health::Up
-            };
+            let health = if (i + 10) % 20 < 6 { DOWN } else { UP };
             assert_eq!(answer(&mut b, health, false, t), None, "{i}");
         }
-        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.state, BreakerState::Closed);
     }
 
     #[test]

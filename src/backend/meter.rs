@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use crate::backend::{Completion, CompletionRequest, LlmBackend, Usage};
 use crate::error::BackendError;
 
-/// Calls and tokens counted by a [`Metered`] backend. Cheap to clone; every clone reads the
-/// same counts. Counts saturate at `u64::MAX` (a server may report absurd token counts).
+/// Calls and tokens counted by a [`Metered`] backend, from zero ([`Default`]). Cheap to clone;
+/// every clone reads the same counts. Counts saturate at `u64::MAX` (a server may report absurd token counts).
 #[derive(Debug, Clone, Default)]
 pub struct CallMeter {
     counts: Arc<Counts>,
@@ -46,21 +46,12 @@ struct Counts {
 }
 
 fn add(counter: &AtomicU64, n: u64) {
-    if n == 0 {
-        return;
-    }
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
         Some(v.saturating_add(n))
     });
 }
 
 impl CallMeter {
-    /// A meter at zero.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Calls made (answered or failed).
     #[must_use]
     pub fn calls(&self) -> u64 {
@@ -106,19 +97,12 @@ pub struct Metered<B> {
 impl<B> Metered<B> {
     /// Wraps `inner`; returns the wrapper and its meter.
     pub fn new(inner: B) -> (Self, CallMeter) {
-        let meter = CallMeter::new();
-        (Self::with_meter(inner, meter.clone()), meter)
-    }
-
-    /// Wraps `inner`, counting into `meter` (which other wrappers may share).
-    pub fn with_meter(inner: B, meter: CallMeter) -> Self {
-        Metered { inner, meter }
-    }
-
-    /// The meter.
-    #[must_use]
-    pub fn meter(&self) -> &CallMeter {
-        &self.meter
+        let meter = CallMeter::default();
+        let metered = Metered {
+            inner,
+            meter: meter.clone(),
+        };
+        (metered, meter)
     }
 }
 
@@ -139,7 +123,7 @@ mod tests {
 
     #[test]
     fn counts_saturate() {
-        let meter = CallMeter::new();
+        let meter = CallMeter::default();
         let big = Completion::new("x").with_usage(Usage::new(u64::MAX, u64::MAX - 1));
         meter.record(&Ok(big.clone()));
         meter.record(&Ok(big));

@@ -41,7 +41,7 @@ use async_trait::async_trait;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::Quota;
+use governor::{InsufficientCapacity, Quota};
 
 use crate::backend::{Completion, CompletionRequest, LlmBackend};
 use crate::error::BackendError;
@@ -60,41 +60,38 @@ impl Clock for TokioClock {
 
 type Limiter = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
-/// One bucket and its capacity.
+/// One bucket, whose capacity is a minute's allowance.
 #[derive(Debug)]
-pub(super) struct Bucket {
-    limiter: Limiter,
-    capacity: NonZeroU32,
-}
+pub(super) struct Bucket(Limiter);
 
 impl Bucket {
     pub(super) fn per_minute(capacity: NonZeroU32) -> Self {
-        Bucket {
-            limiter: Limiter::direct_with_clock(
-                Quota::per_minute(capacity),
-                TokioClock(tokio::time::Instant::now()),
-            ),
-            capacity,
-        }
+        let clock = TokioClock(tokio::time::Instant::now());
+        Bucket(Limiter::direct_with_clock(
+            Quota::per_minute(capacity),
+            clock,
+        ))
     }
 
-    /// Waits until `n` cells (clamped to the capacity) conform, then takes them.
+    /// Waits until `n` cells (at most the capacity) conform, then takes them.
     ///
     /// Cancel safe: cells are only taken when the check succeeds.
     async fn acquire(&self, n: u64) {
-        let n = u32::try_from(n)
-            .unwrap_or(u32::MAX)
-            .min(self.capacity.get());
-        let Some(n) = NonZeroU32::new(n) else { return };
+        let Some(mut n) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
+            return;
+        };
         loop {
-            match self.limiter.check_n(n) {
+            match self.0.check_n(n) {
                 Ok(Ok(())) => return,
                 Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(self.limiter.clock().now());
+                    let wait = not_until.wait_time_from(self.0.clock().now());
                     tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
                 }
-                // Cannot happen: n is clamped to the capacity.
-                Err(_) => return,
+                // More than the whole allowance: charged as the whole allowance.
+                Err(InsufficientCapacity(capacity)) => match NonZeroU32::new(capacity) {
+                    Some(capacity) => n = capacity,
+                    None => return,
+                },
             }
         }
     }

@@ -155,7 +155,6 @@ impl RetryPolicy {
 pub struct RetryStats {
     requests: AtomicU64,
     attempts: AtomicU64,
-    retries: AtomicU64,
     rate_limited: AtomicU64,
     failures: AtomicU64,
 }
@@ -173,10 +172,12 @@ impl RetryStats {
         self.attempts.load(Ordering::Relaxed)
     }
 
-    /// Calls that were retries (`attempts - requests`, once all requests have finished).
+    /// Calls that were retries: `attempts - requests`.
     #[must_use]
     pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
+        // A request counts its first attempt right after itself (no await between); attempts
+        // are read first, so a request starting in between is not read as a retry.
+        self.attempts().saturating_sub(self.requests())
     }
 
     /// Failed attempts whose error was [`RateLimited`](crate::BackendErrorKind::RateLimited).
@@ -247,19 +248,12 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, BackendError> {
         let start = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let max_attempts = self.policy.max_attempts.get();
         let mut attempt: u32 = 1;
         loop {
             self.stats.attempts.fetch_add(1, Ordering::Relaxed);
-            if attempt > 1 {
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            }
             let span = tracing::info_span!("llm_attempt", attempt);
             let result = self.inner.complete(request.clone()).instrument(span).await;
-            let err = match result {
-                Ok(completion) => return Ok(completion),
-                Err(err) => err,
-            };
+            let Err(err) = result else { return result };
             if err.kind() == BackendErrorKind::RateLimited {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
@@ -273,7 +267,7 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
                     "the server asks to wait too long",
                     too_long(err, wait, limit),
                 ),
-                _ if attempt >= max_attempts => ("attempts exhausted", err),
+                _ if attempt >= self.policy.max_attempts.get() => ("attempts exhausted", err),
                 _ if over_budget => ("the next wait would pass the time budget", err),
                 _ => {
                     tracing::warn!(
@@ -303,23 +297,19 @@ impl<B: LlmBackend> LlmBackend for Retry<B> {
 fn too_long(err: BackendError, wait: Duration, limit: Duration) -> BackendError {
     // The wait, the status and the server's own words are the source's: said once, in the
     // chain (`error_chain`), where the source follows this message.
+    // The limit as whole seconds (`3600 s`), or with a decimal under ten seconds.
+    let limit = if limit < Duration::from_secs(10) {
+        format!("{:.1}", limit.as_secs_f64())
+    } else {
+        limit.as_secs().to_string()
+    };
     let message = format!(
-        "the server asks to wait longer than the retry policy waits ({}); stopping (rerun later \
-         to resume)",
-        secs(limit)
+        "the server asks to wait longer than the retry policy waits ({limit} s); stopping \
+         (rerun later to resume)"
     );
     BackendError::new(BackendErrorKind::RetryAfterTooLong, message)
         .with_retry_after(wait)
         .with_source(err)
-}
-
-/// A duration as whole seconds (`3600 s`), or with a decimal under ten seconds.
-fn secs(d: Duration) -> String {
-    if d < Duration::from_secs(10) {
-        format!("{:.1} s", d.as_secs_f64())
-    } else {
-        format!("{} s", d.as_secs())
-    }
 }
 
 #[cfg(test)]
