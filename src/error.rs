@@ -11,10 +11,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A boxed error that can cross threads.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
-/// A fieldless enum whose variants each have a stable snake_case name: `ALL` lists the
-/// variants, `as_str` gives the name and `Display` writes it. The caller gives the derives.
+/// A fieldless enum whose variants each have a stable name: `ALL` lists the
+/// variants (crate-private unless the call starts with `pub ALL;`), `as_str` gives the name and
+/// `Display` writes it. The caller gives the derives.
 macro_rules! named_enum {
-    ($(#[$attr:meta])* pub enum $name:ident {
+    ($(#[$attr:meta])* pub enum $($rest:tt)*) => {
+        $crate::error::named_enum!(pub(crate) ALL; $(#[$attr])* pub enum $($rest)*);
+    };
+    ($all:vis ALL; $(#[$attr:meta])* pub enum $name:ident {
         $($(#[$vattr:meta])* $variant:ident = $text:literal,)*
     }) => {
         $(#[$attr])*
@@ -23,11 +27,12 @@ macro_rules! named_enum {
         }
 
         impl $name {
-            /// Every variant, in order (for reading an [`as_str`](Self::as_str) name back).
+            /// Every variant, in a stable order (a slice, so that adding a variant breaks no
+            /// one).
             #[allow(dead_code)]
-            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),*];
+            $all const ALL: &'static [$name] = &[$($name::$variant),*];
 
-            /// The stable snake_case name, as files, ledgers and summaries write it.
+            /// The stable name, as files, ledgers and summaries write it.
             #[must_use]
             pub fn as_str(self) -> &'static str {
                 match self {

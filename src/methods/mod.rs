@@ -95,6 +95,7 @@ use crate::engine::{ExampleStream, Generator};
 use crate::error::Error;
 use crate::example::{PreferenceExample, Prompt};
 
+crate::error::named_enum! { pub ALL;
 /// A generation method: RMBoost or one of the paper's baselines.
 ///
 /// Parses from and prints as the name written into each example's `metadata.method`:
@@ -114,36 +115,14 @@ use crate::example::{PreferenceExample, Prompt};
 pub enum Method {
     /// Preference-conditional multi-aspect generation ([`RmBoost`]).
     #[serde(rename = "rmboost")]
-    RmBoost,
+    RmBoost = "rmboost",
     /// Contrasting system prompts ([`Rlcd`]).
-    Rlcd,
+    Rlcd = "rlcd",
     /// Two samples and an LLM judge ([`Rlaif`]).
-    Rlaif,
+    Rlaif = "rlaif",
     /// N samples, best and worst by score ([`WestOfN`]).
-    WestOfN,
+    WestOfN = "west-of-n",
 }
-
-impl Method {
-    /// Every method, in a stable order (a slice, so that adding a method breaks no one).
-    pub const ALL: &'static [Method] = &[
-        Method::RmBoost,
-        Method::Rlcd,
-        Method::Rlaif,
-        Method::WestOfN,
-    ];
-
-    /// The name written into `metadata.method`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        // In the order of the variants.
-        ["rmboost", "rlcd", "rlaif", "west-of-n"][self as usize]
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 impl FromStr for Method {
