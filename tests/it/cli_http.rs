@@ -318,6 +318,26 @@ fn a_rerun_is_answered_from_the_response_cache() {
     );
     assert_no_key(&o);
 
+    // A bad method flag is refused before --clear-cache runs: the cache stays.
+    let o = cmd()
+        .args(["generate", "-i", &input, "-o"])
+        .arg(&out)
+        .args(["--backend", "openai", "--model", "gpt-test", "--overwrite"])
+        .args(["--clear-cache", "--aspects", "no-such-set"])
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--base-url")
+        .arg(server.base_url())
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no-such-set"), "{err}");
+    assert_eq!(go().status.code(), Some(0));
+    assert_eq!(summary()["cache"]["hits"], 8, "{}", summary());
+    assert_eq!(server.requests(), calls);
+
     // --clear-cache empties it first.
     let o = cmd()
         .args(["generate", "-i", &input, "-o"])
