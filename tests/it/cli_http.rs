@@ -318,19 +318,24 @@ fn a_rerun_is_answered_from_the_response_cache() {
     );
     assert_no_key(&o);
 
+    // `--clear-cache` with more flags.
+    let clear = |more: &[&str]| {
+        cmd()
+            .args(["generate", "-i", &input, "-o"])
+            .arg(&out)
+            .args(["--backend", "openai", "--model", "gpt-test", "--overwrite"])
+            .arg("--clear-cache")
+            .args(more)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--base-url")
+            .arg(server.base_url())
+            .env("OPENAI_API_KEY", KEY)
+            .output()
+            .unwrap()
+    };
     // A bad method flag is refused before --clear-cache runs: the cache stays.
-    let o = cmd()
-        .args(["generate", "-i", &input, "-o"])
-        .arg(&out)
-        .args(["--backend", "openai", "--model", "gpt-test", "--overwrite"])
-        .args(["--clear-cache", "--aspects", "no-such-set"])
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--base-url")
-        .arg(server.base_url())
-        .env("OPENAI_API_KEY", KEY)
-        .output()
-        .unwrap();
+    let o = clear(&["--aspects", "no-such-set"]);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("no-such-set"), "{err}");
@@ -339,24 +344,7 @@ fn a_rerun_is_answered_from_the_response_cache() {
     assert_eq!(server.requests(), calls);
 
     // --clear-cache empties it first.
-    let o = cmd()
-        .args(["generate", "-i", &input, "-o"])
-        .arg(&out)
-        .args([
-            "--backend",
-            "openai",
-            "--model",
-            "gpt-test",
-            "--overwrite",
-            "--clear-cache",
-        ])
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--base-url")
-        .arg(server.base_url())
-        .env("OPENAI_API_KEY", KEY)
-        .output()
-        .unwrap();
+    let o = clear(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(server.requests(), calls + 8);
 }
