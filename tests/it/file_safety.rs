@@ -414,6 +414,12 @@ async fn the_drain_after_a_stop_has_a_deadline() {
     }
 }
 
+/// A budget of 1.0 at 1000 per million tokens (prompt or completion): each example's calls
+/// cost a few hundredths.
+fn budget() -> CostBudget {
+    CostBudget::new(Prices::new(1000.0, 1000.0).unwrap(), 1.0).unwrap()
+}
+
 /// The budget is checked after every example, not only on a timer: with instant answers and
 /// one example at a time, the run stops right after the example that reached it.
 #[tokio::test]
@@ -426,14 +432,11 @@ async fn the_cost_budget_stops_right_after_the_example_that_reaches_it() {
         .concurrency(std::num::NonZeroUsize::MIN)
         .build()
         .unwrap();
-    let prices = Prices::new(1000.0, 1000.0).unwrap();
     let s = run(
         &rmb,
         prompts(500),
         &out,
-        RunOptions::new()
-            .meter(meter)
-            .max_cost(CostBudget::new(prices, 1.0).unwrap()),
+        RunOptions::new().meter(meter).max_cost(budget()),
     )
     .await
     .unwrap();
@@ -454,15 +457,11 @@ async fn the_cost_budget_stops_the_run() {
     let out = dir.path().join("pairs.jsonl");
     let (backend, meter) = Metered::new(FakeBackend::new().with_latency(Duration::from_millis(2)));
     let rmb = RmBoost::builder().backend(backend).build().unwrap();
-    // A million tokens cost 1000: each example's calls cost a few hundredths.
-    let prices = Prices::new(1000.0, 1000.0).unwrap();
     let s = run(
         &rmb,
         prompts(500),
         &out,
-        RunOptions::new()
-            .meter(meter.clone())
-            .max_cost(CostBudget::new(prices, 1.0).unwrap()),
+        RunOptions::new().meter(meter.clone()).max_cost(budget()),
     )
     .await
     .unwrap();
@@ -472,14 +471,9 @@ async fn the_cost_budget_stops_the_run() {
     assert!(s.generation.examples > 0 && s.generation.examples < 500);
     assert_eq!(s.calls, meter.calls());
     // The budget without a meter is a configuration error.
-    let err = run(
-        &rmb,
-        prompts(1),
-        &out,
-        RunOptions::new().max_cost(CostBudget::new(prices, 1.0).unwrap()),
-    )
-    .await
-    .unwrap_err();
+    let err = run(&rmb, prompts(1), &out, RunOptions::new().max_cost(budget()))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["outcome"], "cost_limit");
